@@ -1,0 +1,64 @@
+#include "apps/ptk/cli.h"
+
+#include <iostream>
+
+#include "core/config/recipe.h"
+#include "core/util/error.h"
+
+namespace po = boost::program_options;
+
+namespace ptk::cli {
+
+CommandLine::CommandLine(std::string name, std::string usage, std::string about)
+    : name_(std::move(name)), usage_(std::move(usage)), about_(std::move(about)), flags_("Flags", 100, 50) {
+  flags_.add_options()("help,h", "print this help and exit")(
+      "threads", po::value<int>(&threads_)->default_value(0),
+      "CPU threads; 0 = $OMP_NUM_THREADS, else every core");
+}
+
+void CommandLine::accept_recipe(std::vector<config::Section*> sections) {
+  takes_recipe_ = true;
+  sections_ = std::move(sections);
+  flags_.add_options()("recipe", po::value<std::string>(&recipe_),
+                       "recipe JSON (comments, trailing commas and \"base\": \"other.json\" allowed)");
+}
+
+bool CommandLine::parse(int argc, char** argv) {
+  po::options_description hidden;
+  hidden.add_options()("override", po::value<std::vector<std::string>>(), "");
+  po::options_description all;
+  all.add(flags_).add(hidden);
+  po::positional_options_description pos;
+  pos.add("override", -1);
+  try {
+    po::store(po::command_line_parser(argc, argv).options(all).positional(pos).run(), vm_);
+    if (vm_.count("help")) {
+      print_help(std::cout);
+      return false;
+    }
+    po::notify(vm_);
+  } catch (const po::error& e) {
+    throw UsageError("ptk " + name_ + ": " + e.what() + "\n---> HINT: ptk " + name_ + " --help");
+  }
+  if (vm_.count("override")) {
+    overrides_ = vm_["override"].as<std::vector<std::string>>();
+    for (auto& ov : overrides_) {
+      if (!takes_recipe_)
+        throw UsageError("ptk " + name_ + ": unexpected argument `" + ov + "`\n---> HINT: ptk " + name_ + " --help");
+      if (ov.find('=') == std::string::npos)
+        throw UsageError("ptk " + name_ + ": `" + ov +
+                         "` is neither a flag nor a key.path=value override\n---> HINT: ptk " + name_ + " --help");
+    }
+  }
+  return true;
+}
+
+void CommandLine::print_help(std::ostream& os) const {
+  os << "usage: " << usage_ << "\n\n" << about_ << "\n\n" << flags_;
+  if (takes_recipe_) {
+    os << "\nRecipe keys (set in the recipe file or as key.path=value after the flags):\n";
+    config::print_help(os, sections_);
+  }
+}
+
+}  // namespace ptk::cli

@@ -1,0 +1,65 @@
+// `ptk` entry point: dispatches to a subcommand and turns errors into messages and exit codes
+// (0 ok, 1 error, 2 usage / not built). Not command logic.
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <iostream>
+#include <string>
+
+#include "apps/ptk/commands.h"
+#include "core/util/error.h"
+#include "core/util/strings.h"
+
+namespace {
+
+void print_usage(std::ostream& os) {
+  os << "ptk — post-training toolkit for Qwen2.5 models (SFT, DPO, GRPO) on LibTorch\n\n"
+        "usage: ptk <command> [--recipe FILE] [flags] [key.path=value ...]\n"
+        "       ptk <command> --help\n\ncommands:\n";
+  for (const auto& c : ptk::app::commands()) {
+    std::string name = c.name;
+    os << "  " << name << std::string(name.size() < 15 ? 15 - name.size() : 1, ' ') << c.summary
+       << (c.run ? "" : "  [not built yet]") << "\n";
+  }
+  os << "\nSee README.md for the quick start and the status of each command.\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
+    print_usage(std::cout);
+    return argc < 2 ? 2 : 0;
+  }
+  if (!std::strcmp(argv[1], "--version")) {
+    std::cout << "ptk 0.1.0\n";
+    return 0;
+  }
+  std::string name = argv[1];
+  for (const auto& c : ptk::app::commands()) {
+    if (name != c.name) continue;
+    if (!c.run) {
+      std::cerr << "ptk " << name << ": not built yet (" << c.summary
+                << ").\nSee the status table in README.md for what works today.\n";
+      return 2;
+    }
+    try {
+      return c.run(argc - 1, argv + 1);
+    } catch (const ptk::UsageError& e) {
+      std::cerr << "error: " << e.what() << "\n";
+      return 2;
+    } catch (const ptk::Error& e) {
+      std::cerr << "error: " << e.what() << "\n";
+      return 1;
+    } catch (const std::exception& e) {
+      std::cerr << "internal error in ptk " << name << ": " << e.what() << "\n";
+      return 1;
+    }
+  }
+  std::vector<std::string> names;
+  for (const auto& c : ptk::app::commands()) names.push_back(c.name);
+  std::string hint = ptk::nearest(name, names);
+  std::cerr << "ptk: unknown command `" << name << "`" << (hint.empty() ? "" : " (did you mean `" + hint + "`?)")
+            << "\n---> HINT: ptk --help lists the commands\n";
+  return 2;
+}

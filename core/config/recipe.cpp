@@ -1,0 +1,554 @@
+#include "core/config/recipe.h"
+
+#include <rapidjson/document.h>
+
+#include <algorithm>
+#include <cmath>
+#include <ostream>
+#include <set>
+#include <sstream>
+
+#include "core/util/error.h"
+#include "core/util/fs.h"
+#include "core/util/json.h"
+#include "core/util/strings.h"
+
+namespace ptk::config {
+namespace {
+
+using rapidjson::Value;
+using Alloc = rapidjson::Document::AllocatorType;
+
+std::string join_path(const std::string& a, const std::string& b) { return a.empty() ? b : a + "." + b; }
+
+std::vector<std::string> split_path(const std::string& path) {
+  std::vector<std::string> parts;
+  std::string cur;
+  for (char c : path) {
+    if (c == '.') {
+      parts.push_back(cur);
+      cur.clear();
+    } else {
+      cur += c;
+    }
+  }
+  parts.push_back(cur);
+  return parts;
+}
+
+// Records `origin` for every leaf under `v` (objects are walked, anything else is a leaf).
+void mark_origin(const Value& v, const std::string& path, const std::string& origin,
+                 std::map<std::string, std::string>* out) {
+  if (v.IsObject() && v.MemberCount() > 0) {
+    for (auto it = v.MemberBegin(); it != v.MemberEnd(); ++it)
+      mark_origin(it->value, join_path(path, it->name.GetString()), origin, out);
+  } else if (!path.empty()) {
+    // A leaf replaces anything recorded beneath it.
+    for (auto it = out->lower_bound(path + "."); it != out->end() && it->first.rfind(path + ".", 0) == 0;)
+      it = out->erase(it);
+    (*out)[path] = origin;
+  }
+}
+
+// Deep merge: objects merge key by key; anything else replaces.
+void merge_into(Value& dst, const Value& src, Alloc& a) {
+  for (auto it = src.MemberBegin(); it != src.MemberEnd(); ++it) {
+    auto d = dst.FindMember(it->name);
+    if (d != dst.MemberEnd() && d->value.IsObject() && it->value.IsObject()) {
+      merge_into(d->value, it->value, a);
+    } else if (d != dst.MemberEnd()) {
+      d->value.CopyFrom(it->value, a);
+    } else {
+      Value k(it->name, a);
+      Value v(it->value, a);
+      dst.AddMember(k, v, a);
+    }
+  }
+}
+
+void load_chain(const std::string& path, RecipeJson* out, std::vector<std::string>* stack) {
+  if (std::find(stack->begin(), stack->end(), path) != stack->end()) {
+    std::string chain;
+    for (auto& s : *stack) chain += s + " -> ";
+    throw Error("recipe base cycle: " + chain + path);
+  }
+  stack->push_back(path);
+  rapidjson::Document doc = json::parse_file(path, json::Syntax::kRelaxed);
+  if (!doc.IsObject()) throw Error(path + ": a recipe must be a JSON object, got " + json::type_name(doc));
+  auto base = doc.FindMember("base");
+  if (base != doc.MemberEnd()) {
+    if (!base->value.IsString())
+      throw Error(path + ": `base` must be a string (a recipe path relative to this file), got " +
+                  json::type_name(base->value));
+    std::string base_path = resolve_path(parent_dir(path), base->value.GetString());
+    if (!path_exists(base_path))
+      throw Error(path + ": `base` names " + base_path + ", which does not exist");
+    load_chain(base_path, out, stack);
+    doc.RemoveMember("base");
+  }
+  merge_into(out->doc, doc, out->doc.GetAllocator());
+  mark_origin(doc, "", path, &out->origin);
+  stack->pop_back();
+}
+
+void apply_override(const std::string& ov, RecipeJson* out) {
+  auto eq = ov.find('=');
+  if (eq == std::string::npos || eq == 0)
+    throw UsageError("override `" + ov + "` is not of the form key.path=value (e.g. optim.lr=1e-5)");
+  std::string key = ov.substr(0, eq);
+  std::string text = ov.substr(eq + 1);
+  Alloc& a = out->doc.GetAllocator();
+  Value val;
+  // JSON when it parses (numbers, bools, lists, quoted strings); otherwise the raw text as a string.
+  rapidjson::Document parsed;
+  parsed.Parse(text.c_str(), text.size());
+  if (!parsed.HasParseError() && !text.empty()) {
+    val.CopyFrom(parsed, a);
+  } else {
+    val.SetString(text.c_str(), static_cast<rapidjson::SizeType>(text.size()), a);
+  }
+  Value* cur = &out->doc;
+  auto parts = split_path(key);
+  for (size_t i = 0; i < parts.size(); ++i) {
+    if (parts[i].empty()) throw UsageError("override `" + ov + "` has an empty key component");
+    bool last = i + 1 == parts.size();
+    auto m = cur->FindMember(parts[i].c_str());
+    if (m == cur->MemberEnd()) {
+      Value k(parts[i].c_str(), a);
+      Value v;
+      if (last) {
+        v.CopyFrom(val, a);
+      } else {
+        v.SetObject();
+      }
+      cur->AddMember(k, v, a);
+      m = cur->FindMember(parts[i].c_str());
+    } else if (last) {
+      m->value.CopyFrom(val, a);
+    } else if (!m->value.IsObject()) {
+      throw UsageError("override `" + ov + "`: " + parts[i] + " is a " + json::type_name(m->value) +
+                       " in the recipe, not a section");
+    }
+    cur = &m->value;
+  }
+  mark_origin(*cur, key, "command line", &out->origin);
+}
+
+std::string show(const Value& v) {
+  std::string s = json::to_string(v);
+  if (s.size() > 60) s = s.substr(0, 57) + "...";
+  return s;
+}
+
+// Binds one section from its JSON object and records every problem.
+class ReadVisitor : public Visitor {
+ public:
+  ReadVisitor(const Value* obj, std::string prefix, const RecipeJson& json, std::vector<std::string>* errors)
+      : obj_(obj), prefix_(std::move(prefix)), json_(json), errors_(errors) {}
+
+  void opt(bool& v, const char* name, bool, const char*) override {
+    if (auto* x = find(name)) {
+      if (x->IsBool()) v = x->GetBool();
+      else bad(name, *x, "a bool (true or false)");
+    }
+  }
+  void opt(int64_t& v, const char* name, int64_t, const char*) override {
+    if (auto* x = find(name)) {
+      if (x->IsInt64()) v = x->GetInt64();
+      else if (x->IsNumber() && std::floor(x->GetDouble()) == x->GetDouble() && std::fabs(x->GetDouble()) < 9e15)
+        v = static_cast<int64_t>(x->GetDouble());
+      else bad(name, *x, "an integer");
+    }
+  }
+  void opt(double& v, const char* name, double, const char*) override {
+    if (auto* x = find(name)) {
+      if (x->IsNumber()) v = x->GetDouble();
+      else bad(name, *x, "a number");
+    }
+  }
+  void opt(std::string& v, const char* name, const char*, const char*) override {
+    if (auto* x = find(name)) {
+      if (x->IsString()) v = x->GetString();
+      else bad(name, *x, "a string");
+    }
+  }
+  void opt(std::vector<double>& v, const char* name, std::vector<double>, const char*) override {
+    if (auto* x = find(name)) {
+      bool ok = x->IsArray();
+      if (ok)
+        for (auto& e : x->GetArray()) ok = ok && e.IsNumber();
+      if (!ok) return bad(name, *x, "a list of numbers");
+      v.clear();
+      for (auto& e : x->GetArray()) v.push_back(e.GetDouble());
+    }
+  }
+  void opt(std::vector<std::string>& v, const char* name, std::vector<std::string>, const char*) override {
+    if (auto* x = find(name)) {
+      if (x->IsString()) {
+        v = {x->GetString()};
+        return;
+      }
+      bool ok = x->IsArray();
+      if (ok)
+        for (auto& e : x->GetArray()) ok = ok && e.IsString();
+      if (!ok) return bad(name, *x, "a string or a list of strings");
+      v.clear();
+      for (auto& e : x->GetArray()) v.push_back(e.GetString());
+    }
+  }
+  void choice(std::string& v, const char* name, const char*, std::initializer_list<const char*> choices,
+              const char*) override {
+    if (auto* x = find(name)) {
+      std::string all;
+      std::vector<std::string> cands;
+      for (auto* c : choices) {
+        all += (all.empty() ? "" : " | ") + std::string(c);
+        cands.emplace_back(c);
+      }
+      if (!x->IsString()) return bad(name, *x, "one of " + all);
+      std::string s = x->GetString();
+      if (std::find(cands.begin(), cands.end(), s) == cands.end()) {
+        std::string hint = nearest(s, cands);
+        errors_->push_back(where(name) + ": \"" + s + "\" is not one of " + all +
+                           (hint.empty() ? "" : " (did you mean \"" + hint + "\"?)"));
+        return;
+      }
+      v = s;
+    }
+  }
+  void required(std::string& v, const char* name, const char* help) override {
+    if (!find(name)) {
+      missing(name, help);
+      return;
+    }
+    opt(v, name, "", help);
+  }
+  void required(std::vector<DataSource>& v, const char* name, const char* help) override {
+    if (!find(name)) {
+      missing(name, help);
+      return;
+    }
+    opt(v, name, help);
+  }
+  void opt(std::vector<DataSource>& v, const char* name, const char*) override {
+    const Value* x = find(name);
+    if (!x) return;
+    const char* expected = "a path, or a list of paths / {\"path\": ..., \"weight\": ...} objects";
+    std::vector<DataSource> out;
+    auto one = [&](const Value& e) -> bool {
+      if (e.IsString()) {
+        out.push_back({e.GetString(), 1.0});
+        return true;
+      }
+      if (!e.IsObject()) return false;
+      DataSource ds;
+      for (auto it = e.MemberBegin(); it != e.MemberEnd(); ++it) {
+        std::string k = it->name.GetString();
+        if (k == "path" && it->value.IsString()) ds.path = it->value.GetString();
+        else if (k == "weight" && it->value.IsNumber() && it->value.GetDouble() > 0) ds.weight = it->value.GetDouble();
+        else return false;
+      }
+      if (ds.path.empty()) return false;
+      out.push_back(ds);
+      return true;
+    };
+    bool ok = true;
+    if (x->IsArray()) {
+      for (auto& e : x->GetArray()) ok = ok && one(e);
+    } else {
+      ok = one(*x);
+    }
+    if (!ok) return bad(name, *x, expected);
+    v = std::move(out);
+  }
+
+ private:
+  const Value* find(const char* name) {
+    if (!obj_ || !obj_->IsObject()) return nullptr;
+    auto m = obj_->FindMember(name);
+    return m == obj_->MemberEnd() ? nullptr : &m->value;
+  }
+  std::string where(const char* name) const {
+    std::string key = join_path(prefix_, name);
+    auto o = json_.origin.lower_bound(key);
+    std::string from;
+    if (o != json_.origin.end() && (o->first == key || o->first.rfind(key + ".", 0) == 0)) from = o->second;
+    return (from.empty() ? std::string() : from + ": ") + key;
+  }
+  void bad(const char* name, const Value& x, const std::string& expected) {
+    errors_->push_back(where(name) + ": expected " + expected + ", got " + json::type_name(x) + " " + show(x));
+  }
+  void missing(const char* name, const char* help) {
+    std::string from = json_.file.empty() ? "" : json_.file + ": ";
+    errors_->push_back(from + "missing required key " + join_path(prefix_, name) + " (" + help + ")");
+  }
+
+  const Value* obj_;
+  std::string prefix_;
+  const RecipeJson& json_;
+  std::vector<std::string>* errors_;
+};
+
+// Collects declared keys of a section.
+class KeyVisitor : public Visitor {
+ public:
+  explicit KeyVisitor(std::string prefix) : prefix_(std::move(prefix)) {}
+  std::vector<std::string> keys;
+  void opt(bool&, const char* n, bool, const char*) override { add(n); }
+  void opt(int64_t&, const char* n, int64_t, const char*) override { add(n); }
+  void opt(double&, const char* n, double, const char*) override { add(n); }
+  void opt(std::string&, const char* n, const char*, const char*) override { add(n); }
+  void opt(std::vector<double>&, const char* n, std::vector<double>, const char*) override { add(n); }
+  void opt(std::vector<std::string>&, const char* n, std::vector<std::string>, const char*) override { add(n); }
+  void choice(std::string&, const char* n, const char*, std::initializer_list<const char*>, const char*) override {
+    add(n);
+  }
+  void required(std::string&, const char* n, const char*) override { add(n); }
+  void required(std::vector<DataSource>&, const char* n, const char*) override { add(n); }
+  void opt(std::vector<DataSource>&, const char* n, const char*) override { add(n); }
+
+ private:
+  void add(const char* n) { keys.push_back(join_path(prefix_, n)); }
+  std::string prefix_;
+};
+
+// Writes current values as JSON.
+class WriteVisitor : public Visitor {
+ public:
+  WriteVisitor(Value* obj, Alloc& a) : obj_(obj), a_(a) {}
+  void opt(bool& v, const char* n, bool, const char*) override { put(n, Value(v)); }
+  void opt(int64_t& v, const char* n, int64_t, const char*) override { put(n, Value(static_cast<int64_t>(v))); }
+  void opt(double& v, const char* n, double, const char*) override { put(n, Value(v)); }
+  void opt(std::string& v, const char* n, const char*, const char*) override { put(n, str(v)); }
+  void opt(std::vector<double>& v, const char* n, std::vector<double>, const char*) override {
+    Value arr(rapidjson::kArrayType);
+    for (double d : v) arr.PushBack(Value(d), a_);
+    put(n, std::move(arr));
+  }
+  void opt(std::vector<std::string>& v, const char* n, std::vector<std::string>, const char*) override {
+    Value arr(rapidjson::kArrayType);
+    for (auto& s : v) arr.PushBack(str(s), a_);
+    put(n, std::move(arr));
+  }
+  void choice(std::string& v, const char* n, const char*, std::initializer_list<const char*>, const char*) override {
+    put(n, str(v));
+  }
+  void required(std::string& v, const char* n, const char*) override { put(n, str(v)); }
+  void required(std::vector<DataSource>& v, const char* n, const char* h) override { opt(v, n, h); }
+  void opt(std::vector<DataSource>& v, const char* n, const char*) override {
+    Value arr(rapidjson::kArrayType);
+    for (auto& d : v) {
+      Value o(rapidjson::kObjectType);
+      o.AddMember("path", str(d.path), a_);
+      o.AddMember("weight", Value(d.weight), a_);
+      arr.PushBack(o, a_);
+    }
+    put(n, std::move(arr));
+  }
+
+ private:
+  Value str(const std::string& s) { return Value(s.c_str(), static_cast<rapidjson::SizeType>(s.size()), a_); }
+  void put(const char* n, Value v) { obj_->AddMember(Value(n, a_), v, a_); }
+  Value* obj_;
+  Alloc& a_;
+};
+
+// One help line per option.
+class HelpVisitor : public Visitor {
+ public:
+  HelpVisitor(std::ostream& os, std::string prefix) : os_(os), prefix_(std::move(prefix)) {}
+  void opt(bool&, const char* n, bool d, const char* h) override { line(n, "bool", d ? "true" : "false", h); }
+  void opt(int64_t&, const char* n, int64_t d, const char* h) override { line(n, "int", std::to_string(d), h); }
+  void opt(double&, const char* n, double d, const char* h) override {
+    std::ostringstream s;
+    s << d;
+    line(n, "float", s.str(), h);
+  }
+  void opt(std::string&, const char* n, const char* d, const char* h) override {
+    line(n, "string", std::string("\"") + d + "\"", h);
+  }
+  void opt(std::vector<double>&, const char* n, std::vector<double> d, const char* h) override {
+    std::ostringstream s;
+    s << "[";
+    for (size_t i = 0; i < d.size(); ++i) s << (i ? ", " : "") << d[i];
+    s << "]";
+    line(n, "floats", s.str(), h);
+  }
+  void opt(std::vector<std::string>&, const char* n, std::vector<std::string> d, const char* h) override {
+    std::string s = "[";
+    for (size_t i = 0; i < d.size(); ++i) s += (i ? ", \"" : "\"") + d[i] + "\"";
+    line(n, "strings", s + "]", h);
+  }
+  void choice(std::string&, const char* n, const char* d, std::initializer_list<const char*> c,
+              const char* h) override {
+    std::string all;
+    for (auto* x : c) all += (all.empty() ? "" : "|") + std::string(x);
+    line(n, all, std::string("\"") + d + "\"", h);
+  }
+  void required(std::string&, const char* n, const char* h) override { line(n, "string", "required", h); }
+  void required(std::vector<DataSource>&, const char* n, const char* h) override { line(n, "sources", "required", h); }
+  void opt(std::vector<DataSource>&, const char* n, const char* h) override { line(n, "sources", "[]", h); }
+
+ private:
+  void line(const char* n, const std::string& type, const std::string& def, const char* help) {
+    std::string key = join_path(prefix_, n);
+    os_ << "  " << key;
+    size_t w = key.size() + 2;
+    os_ << std::string(w < 30 ? 30 - w : 1, ' ') << "(" << type << ", default " << def << ")\n";
+    os_ << "      " << help << "\n";
+  }
+  std::ostream& os_;
+  std::string prefix_;
+};
+
+const Value* find_section(const Value& root, const std::string& name) {
+  if (name.empty()) return &root;
+  const Value* cur = &root;
+  for (auto& p : split_path(name)) {
+    if (!cur->IsObject()) return nullptr;
+    auto m = cur->FindMember(p.c_str());
+    if (m == cur->MemberEnd()) return nullptr;
+    cur = &m->value;
+  }
+  return cur;
+}
+
+// Reports keys in the JSON that no section declares.
+void check_unknown(const Value& v, const std::string& path, const std::set<std::string>& keys,
+                   const std::set<std::string>& sections, const std::vector<std::string>& key_list,
+                   const RecipeJson& json, std::vector<std::string>* errors) {
+  for (auto it = v.MemberBegin(); it != v.MemberEnd(); ++it) {
+    std::string p = join_path(path, it->name.GetString());
+    if (keys.count(p)) continue;
+    if (sections.count(p)) {
+      if (it->value.IsObject()) {
+        check_unknown(it->value, p, keys, sections, key_list, json, errors);
+      } else {
+        auto o = json.origin.find(p);
+        errors->push_back((o != json.origin.end() ? o->second + ": " : std::string()) + p +
+                          ": expected a section (object), got " + json::type_name(it->value));
+      }
+      continue;
+    }
+    // Unknown: name the file that set it and the nearest valid key.
+    auto o = json.origin.lower_bound(p);
+    std::string from;
+    if (o != json.origin.end() && (o->first == p || o->first.rfind(p + ".", 0) == 0)) from = o->second;
+    std::vector<std::string> cands(key_list.begin(), key_list.end());
+    for (auto& s : sections)
+      if (!s.empty()) cands.push_back(s);
+    std::string hint = nearest(p, cands);
+    if (hint.empty()) {
+      // Try the last component against keys of the same section.
+      std::string leaf = it->name.GetString();
+      for (auto& k : key_list) {
+        auto dot = k.rfind('.');
+        std::string kl = dot == std::string::npos ? k : k.substr(dot + 1);
+        if (edit_distance(leaf, kl) <= std::max<size_t>(1, leaf.size() / 4)) {
+          hint = k;
+          break;
+        }
+      }
+    }
+    errors->push_back((from.empty() ? "" : from + ": ") + "unknown key " + p +
+                      (hint.empty() ? "" : " (did you mean " + hint + "?)"));
+  }
+}
+
+}  // namespace
+
+RecipeJson load_recipe(const std::string& path, const std::vector<std::string>& overrides) {
+  RecipeJson out;
+  out.file = path;
+  if (!path.empty()) {
+    if (!path_exists(path)) throw Error("recipe " + path + " does not exist");
+    std::vector<std::string> stack;
+    load_chain(path, &out, &stack);
+  }
+  for (auto& ov : overrides) apply_override(ov, &out);
+  return out;
+}
+
+void bind_recipe(const RecipeJson& json, const std::vector<Section*>& sections) {
+  std::vector<std::string> errors;
+  std::set<std::string> keys, section_names;
+  std::vector<std::string> key_list;
+  for (Section* s : sections) {
+    set_defaults(*s);
+    section_names.insert(s->name());
+    // Parent sections of dotted ones ("grpo" for "grpo.reward") are sections too.
+    std::string n = s->name();
+    for (auto dot = n.rfind('.'); dot != std::string::npos; dot = n.rfind('.')) {
+      n = n.substr(0, dot);
+      section_names.insert(n);
+    }
+    KeyVisitor kv(s->name());
+    s->visit(kv);
+    for (auto& k : kv.keys) {
+      keys.insert(k);
+      key_list.push_back(k);
+    }
+  }
+  for (Section* s : sections) {
+    const Value* obj = find_section(json.doc, s->name());
+    if (obj && !obj->IsObject()) continue;  // reported by check_unknown
+    ReadVisitor rv(obj, s->name(), json, &errors);
+    s->visit(rv);
+  }
+  check_unknown(json.doc, "", keys, section_names, key_list, json, &errors);
+  if (errors.empty()) {
+    Errors cross;
+    for (Section* s : sections) s->validate(cross);
+    for (auto& e : cross.items) errors.push_back((json.file.empty() ? "" : json.file + ": ") + e);
+  }
+  if (!errors.empty()) {
+    std::string msg = std::to_string(errors.size()) + (errors.size() == 1 ? " error" : " errors") + " in recipe" +
+                      (json.file.empty() ? "" : " " + json.file) + ":";
+    for (auto& e : errors) msg += "\n  - " + e;
+    msg += "\n---> HINT: `ptk <command> --help` lists every key with its type and default.";
+    throw Error(msg);
+  }
+}
+
+std::string resolved_json(const std::vector<Section*>& sections) {
+  rapidjson::Document doc;
+  doc.SetObject();
+  auto& a = doc.GetAllocator();
+  for (Section* s : sections) {
+    Value* obj = &doc;
+    std::string n = s->name();
+    if (!n.empty()) {
+      for (auto& p : split_path(n)) {
+        auto m = obj->FindMember(p.c_str());
+        if (m == obj->MemberEnd()) {
+          obj->AddMember(Value(p.c_str(), a), Value(rapidjson::kObjectType), a);
+          m = obj->FindMember(p.c_str());
+        }
+        obj = &m->value;
+      }
+    }
+    WriteVisitor wv(obj, a);
+    s->visit(wv);
+  }
+  return json::to_string(doc, true) + "\n";
+}
+
+void print_help(std::ostream& os, const std::vector<Section*>& sections) {
+  for (Section* s : sections) {
+    os << "\n[" << (*s->name() ? s->name() : "top level") << "] " << s->help() << "\n";
+    HelpVisitor hv(os, s->name());
+    s->visit(hv);
+  }
+}
+
+std::vector<std::string> all_keys(const std::vector<Section*>& sections) {
+  std::vector<std::string> out;
+  for (Section* s : sections) {
+    KeyVisitor kv(s->name());
+    s->visit(kv);
+    out.insert(out.end(), kv.keys.begin(), kv.keys.end());
+  }
+  return out;
+}
+
+}  // namespace ptk::config

@@ -1,0 +1,107 @@
+#include "core/config/sections.h"
+
+#include <filesystem>
+
+namespace ptk::config {
+
+namespace {
+std::string q(const std::string& s) { return "\"" + s + "\""; }
+}  // namespace
+
+void RunSection::visit(Visitor& v) {
+  v.opt(dir, "dir", "", "output folder; empty = runs/<recipe file name>, so a rerun finds its checkpoints");
+  v.opt(seed, "seed", 1234, "the one seed that data order, init and sampling derive from");
+  v.opt(threads, "threads", 0, "CPU threads; 0 = $OMP_NUM_THREADS or else every core");
+}
+void RunSection::validate(Errors& e) const {
+  if (threads < 0) e.add("run.threads must be >= 0, got " + std::to_string(threads));
+}
+
+void ModelSection::visit(Visitor& v) {
+  v.opt(path, "path", "", "Hugging Face model folder (config.json + *.safetensors) to start from");
+  v.opt(config, "config", "", "a config.json for random init (instead of model.path)");
+  v.choice(dtype, "dtype", "auto", {"auto", "float32", "bfloat16"},
+           "parameter dtype; auto = float32 on CPU (bf16 is emulated there, ~3x slower), bfloat16 on GPU");
+}
+void ModelSection::validate(Errors& e) const {
+  if (!path.empty() && !config.empty())
+    e.add("model.path (" + q(path) + ") and model.config (" + q(config) + ") are exclusive: set one");
+}
+
+void TokenizerSection::visit(Visitor& v) {
+  v.opt(path, "path", "", "tokenizer folder or tokenizer.json; empty = model.path");
+  v.choice(chat_template, "chat_template", "auto", {"auto", "qwen2.5", "chatml"},
+           "chat renderer; auto = recognise tokenizer_config.json's chat_template");
+}
+
+void DataSection::visit(Visitor& v) {
+  v.opt(train, "train", "training files or globs: \"a.jsonl\" or [{\"path\": \"a*.jsonl\", \"weight\": 2}]");
+  v.opt(eval, "eval", "held-out files or globs, same form as data.train");
+  v.opt(max_seq_len, "max_seq_len", 2048, "tokens per row; longer records are truncated (counted)");
+  v.opt(packing, "packing", true, "pack several documents per row (attention never crosses them)");
+  v.choice(on_error, "on_error", "fail", {"fail", "skip"},
+           "bad record policy: fail stops before training; skip counts and lists every skipped line");
+}
+void DataSection::validate(Errors& e) const {
+  if (max_seq_len < 2) e.add("data.max_seq_len must be >= 2, got " + std::to_string(max_seq_len));
+}
+
+void TrainSection::visit(Visitor& v) {
+  v.opt(epochs, "epochs", 1, "passes over data.train (max_steps wins when both are set)");
+  v.opt(max_steps, "max_steps", -1, "optimizer steps; -1 = from epochs");
+  v.opt(micro_batch_size, "micro_batch_size", 1, "rows per forward/backward; higher uses more memory");
+  v.opt(grad_accum, "grad_accum", 1, "micro-batches per optimizer step");
+  v.opt(eval_every, "eval_every", 0, "steps between evaluations; 0 = only at the end");
+  v.opt(log_every, "log_every", 1, "steps between progress lines (metrics.jsonl gets every step)");
+}
+void TrainSection::validate(Errors& e) const {
+  if (epochs < 1 && max_steps < 1)
+    e.add("train.epochs (" + std::to_string(epochs) + ") or train.max_steps (" + std::to_string(max_steps) +
+          ") must be >= 1");
+  if (micro_batch_size < 1) e.add("train.micro_batch_size must be >= 1, got " + std::to_string(micro_batch_size));
+  if (grad_accum < 1) e.add("train.grad_accum must be >= 1, got " + std::to_string(grad_accum));
+  if (eval_every < 0) e.add("train.eval_every must be >= 0, got " + std::to_string(eval_every));
+  if (log_every < 1) e.add("train.log_every must be >= 1, got " + std::to_string(log_every));
+}
+
+void OptimSection::visit(Visitor& v) {
+  v.opt(lr, "lr", 1e-5, "peak learning rate (after warmup)");
+  v.opt(min_lr, "min_lr", 0.0, "floor the schedule decays to (the Qwen2.5 report's SFT: 7e-6 -> 7e-7)");
+  v.choice(schedule, "schedule", "cosine", {"constant", "linear", "cosine"}, "decay after warmup");
+  v.opt(warmup_steps, "warmup_steps", 0, "linear warmup steps from 0 to optim.lr");
+  v.opt(weight_decay, "weight_decay", 0.0, "decoupled (AdamW) decay; never applied to norms and biases");
+  v.opt(betas, "betas", {0.9, 0.999}, "AdamW (beta1, beta2)");
+  v.opt(eps, "eps", 1e-8, "AdamW epsilon");
+  v.opt(clip_grad_norm, "clip_grad_norm", 1.0, "clip by global L2 norm; 0 = no clipping");
+}
+void OptimSection::validate(Errors& e) const {
+  if (!(lr > 0)) e.add("optim.lr must be > 0, got " + std::to_string(lr));
+  if (min_lr < 0 || min_lr > lr)
+    e.add("optim.min_lr must be in [0, optim.lr]: min_lr=" + std::to_string(min_lr) + " lr=" + std::to_string(lr));
+  if (betas.size() != 2 || betas[0] < 0 || betas[0] >= 1 || betas[1] < 0 || betas[1] >= 1)
+    e.add("optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.95]");
+  if (warmup_steps < 0) e.add("optim.warmup_steps must be >= 0, got " + std::to_string(warmup_steps));
+  if (weight_decay < 0) e.add("optim.weight_decay must be >= 0, got " + std::to_string(weight_decay));
+  if (clip_grad_norm < 0) e.add("optim.clip_grad_norm must be >= 0, got " + std::to_string(clip_grad_norm));
+}
+
+void CheckpointSection::visit(Visitor& v) {
+  v.opt(every, "every", 0, "steps between checkpoints; 0 = only final/");
+  v.opt(keep_last, "keep_last", 2, "newest checkpoints kept in checkpoints/ (older ones are deleted)");
+}
+void CheckpointSection::validate(Errors& e) const {
+  if (every < 0) e.add("checkpoint.every must be >= 0, got " + std::to_string(every));
+  if (keep_last < 1) e.add("checkpoint.keep_last must be >= 1, got " + std::to_string(keep_last));
+}
+
+void RootSection::visit(Visitor& v) {
+  v.opt(resume, "resume", "auto",
+        "auto = continue from the newest complete checkpoint in run.dir; never; or a checkpoint path");
+}
+
+std::string default_run_dir(const std::string& recipe_file) {
+  std::string stem = recipe_file.empty() ? "adhoc" : std::filesystem::path(recipe_file).stem().string();
+  return "runs/" + stem;
+}
+
+}  // namespace ptk::config

@@ -1,0 +1,104 @@
+// The recipe sections every stage shares (DESIGN.md, "Recipe keys every stage shares"). Defaults
+// live in sections.cpp's visit() and nowhere else. Stage sections (sft, dpo, ...) live in the stages.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/config/options.h"
+
+namespace ptk::config {
+
+struct RunSection : Section {
+  std::string dir;   // "" = runs/<recipe file name>
+  int64_t seed;
+  int64_t threads;   // 0 = OMP_NUM_THREADS, else all cores
+  const char* name() const override { return "run"; }
+  const char* help() const override { return "where outputs go, the seed, threads"; }
+  void visit(Visitor& v) override;
+  void validate(Errors& e) const override;
+};
+
+struct ModelSection : Section {
+  std::string path;    // HF folder to start from
+  std::string config;  // config.json for random init
+  std::string dtype;   // auto | float32 | bfloat16
+  const char* name() const override { return "model"; }
+  const char* help() const override { return "the model to start from"; }
+  void visit(Visitor& v) override;
+  void validate(Errors& e) const override;
+};
+
+struct TokenizerSection : Section {
+  std::string path;           // "" = model.path
+  std::string chat_template;  // auto | qwen2.5 | chatml
+  const char* name() const override { return "tokenizer"; }
+  const char* help() const override { return "tokenizer files and chat template"; }
+  void visit(Visitor& v) override;
+};
+
+struct DataSection : Section {
+  std::vector<DataSource> train, eval;
+  int64_t max_seq_len;
+  bool packing;
+  std::string on_error;  // fail | skip
+  const char* name() const override { return "data"; }
+  const char* help() const override { return "training and evaluation data"; }
+  void visit(Visitor& v) override;
+  void validate(Errors& e) const override;
+};
+
+struct TrainSection : Section {
+  int64_t epochs, max_steps, micro_batch_size, grad_accum, eval_every, log_every;
+  const char* name() const override { return "train"; }
+  const char* help() const override { return "the step loop"; }
+  void visit(Visitor& v) override;
+  void validate(Errors& e) const override;
+};
+
+struct OptimSection : Section {
+  double lr, min_lr, weight_decay, clip_grad_norm, eps;
+  std::string schedule;  // constant | linear | cosine
+  int64_t warmup_steps;
+  std::vector<double> betas;
+  const char* name() const override { return "optim"; }
+  const char* help() const override { return "AdamW and its learning-rate schedule"; }
+  void visit(Visitor& v) override;
+  void validate(Errors& e) const override;
+};
+
+struct CheckpointSection : Section {
+  int64_t every, keep_last;
+  const char* name() const override { return "checkpoint"; }
+  const char* help() const override { return "checkpoint cadence"; }
+  void visit(Visitor& v) override;
+  void validate(Errors& e) const override;
+};
+
+// Top-level keys.
+struct RootSection : Section {
+  std::string resume;  // auto | never | a checkpoint path
+  const char* name() const override { return ""; }
+  const char* help() const override { return "top-level keys (`base` is read by the loader)"; }
+  void visit(Visitor& v) override;
+};
+
+// The shared sections of a training stage, in help order. A stage adds its own section(s).
+struct TrainingRecipe {
+  RootSection root;
+  RunSection run;
+  ModelSection model;
+  TokenizerSection tokenizer;
+  DataSection data;
+  TrainSection train;
+  OptimSection optim;
+  CheckpointSection checkpoint;
+  std::vector<Section*> sections() {
+    return {&root, &run, &model, &tokenizer, &data, &train, &optim, &checkpoint};
+  }
+};
+
+// runs/<recipe file name without .json> when run.dir is empty.
+std::string default_run_dir(const std::string& recipe_file);
+
+}  // namespace ptk::config

@@ -1,0 +1,2 @@
+// Anchor translation unit for the precompiled header target.
+#include "core/runtime/pch.h"

@@ -1,0 +1,32 @@
+// Process start-up: thread count, BLAS check, device, and the one banner line every command prints.
+// Not a config loader: callers pass the thread request they resolved from flags and recipes.
+#pragma once
+#include <string>
+
+namespace ptk::runtime {
+
+struct Info {
+  std::string ptk_version;
+  std::string torch_version;
+  std::string device;   // "cpu" or "cuda:0 (NVIDIA H100 ...)"
+  int threads = 1;
+  std::string threads_from;  // "flag", "OMP_NUM_THREADS", "cores"
+  std::string blas;     // "OpenBLAS 0.3.21 ..." | "reference BLAS (slow)" | ...
+  bool slow_blas = false;
+};
+
+// Sets LibTorch's intra-op threads: `requested` > 0 wins, else OMP_NUM_THREADS, else every core
+// this process may run on. Detects the BLAS actually loaded. Safe to call more than once.
+Info init(int requested_threads);
+
+// "ptk 0.1.0 | LibTorch 1.13.1 | cpu | 2 threads (cores) | BLAS OpenBLAS 0.3.21"
+std::string banner(const Info& info);
+
+// init() + prints the banner (and a loud warning for a reference BLAS) to stderr.
+Info init_and_announce(int requested_threads);
+
+// Peak resident set size of this process, bytes (VmHWM).
+size_t peak_rss_bytes();
+size_t current_rss_bytes();
+
+}  // namespace ptk::runtime

@@ -1,0 +1,27 @@
+// File helpers with the crash-safety ptk promises: atomic replace (temp file, fsync, rename,
+// fsync of the folder). Not an mmap wrapper (see core/checkpoint).
+#pragma once
+#include <string>
+#include <string_view>
+
+namespace ptk {
+
+// Whole file as bytes; throws ptk::Error naming the path and errno text.
+std::string read_file(const std::string& path);
+
+// Writes `data` to `path` atomically: a crash leaves either the old file or the new one.
+void write_file_atomic(const std::string& path, std::string_view data);
+
+// fsync a file or a folder by path (folders: makes a rename durable).
+void fsync_path(const std::string& path);
+
+// mkdir -p; throws on failure.
+void make_dirs(const std::string& path);
+
+bool path_exists(const std::string& path);
+
+// Folder of `path` ("." when none); `path` relative to `base_dir` unless absolute.
+std::string parent_dir(const std::string& path);
+std::string resolve_path(const std::string& base_dir, const std::string& path);
+
+}  // namespace ptk

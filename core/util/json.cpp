@@ -1,0 +1,73 @@
+#include "core/util/json.h"
+
+#include <rapidjson/error/en.h>
+#include <rapidjson/prettywriter.h>
+#include <rapidjson/stringbuffer.h>
+#include <rapidjson/writer.h>
+
+#include "core/util/error.h"
+#include "core/util/fs.h"
+
+namespace ptk::json {
+
+void line_col(std::string_view text, size_t offset, size_t* line, size_t* col) {
+  size_t l = 1, c = 1;
+  for (size_t i = 0; i < offset && i < text.size(); ++i) {
+    if (text[i] == '\n') {
+      ++l;
+      c = 1;
+    } else {
+      ++c;
+    }
+  }
+  *line = l;
+  *col = c;
+}
+
+rapidjson::Document parse(std::string_view text, const std::string& origin, Syntax syntax) {
+  rapidjson::Document doc;
+  constexpr unsigned kRelaxed = rapidjson::kParseCommentsFlag | rapidjson::kParseTrailingCommasFlag |
+                                rapidjson::kParseNanAndInfFlag | rapidjson::kParseValidateEncodingFlag;
+  constexpr unsigned kStrict = rapidjson::kParseValidateEncodingFlag;
+  if (syntax == Syntax::kRelaxed) {
+    doc.Parse<kRelaxed>(text.data(), text.size());
+  } else {
+    doc.Parse<kStrict>(text.data(), text.size());
+  }
+  if (doc.HasParseError()) {
+    size_t line, col;
+    line_col(text, doc.GetErrorOffset(), &line, &col);
+    throw Error(origin + ":" + std::to_string(line) + ":" + std::to_string(col) +
+                ": invalid JSON: " + rapidjson::GetParseError_En(doc.GetParseError()));
+  }
+  return doc;
+}
+
+rapidjson::Document parse_file(const std::string& path, Syntax syntax) {
+  return parse(read_file(path), path, syntax);
+}
+
+std::string to_string(const rapidjson::Value& v, bool pretty) {
+  rapidjson::StringBuffer buf;
+  if (pretty) {
+    rapidjson::PrettyWriter<rapidjson::StringBuffer> w(buf);
+    w.SetIndent(' ', 2);
+    w.SetFormatOptions(rapidjson::kFormatSingleLineArray);
+    v.Accept(w);
+  } else {
+    rapidjson::Writer<rapidjson::StringBuffer> w(buf);
+    v.Accept(w);
+  }
+  return std::string(buf.GetString(), buf.GetSize());
+}
+
+const char* type_name(const rapidjson::Value& v) {
+  if (v.IsObject()) return "object";
+  if (v.IsArray()) return "array";
+  if (v.IsString()) return "string";
+  if (v.IsNumber()) return "number";
+  if (v.IsBool()) return "bool";
+  return "null";
+}
+
+}  // namespace ptk::json

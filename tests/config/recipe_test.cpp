@@ -1,0 +1,225 @@
+// Recipe loading: relaxed JSON, base inheritance, overrides, typed binding and error messages.
+#include <gtest/gtest.h>
+
+#include "core/config/recipe.h"
+#include "core/config/sections.h"
+#include "core/util/error.h"
+#include "tests/support/test_util.h"
+
+namespace ptk::config {
+namespace {
+
+using test::TempDir;
+
+// Binds and returns the error text ("" when it binds).
+std::string bind_error(const std::string& path, const std::vector<std::string>& overrides, TrainingRecipe* r) {
+  try {
+    bind_recipe(load_recipe(path, overrides), r->sections());
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Recipe, DefaultsWithoutFile) {
+  TrainingRecipe r;
+  EXPECT_EQ(bind_error("", {}, &r), "");
+  EXPECT_DOUBLE_EQ(r.optim.lr, 1e-5);
+  EXPECT_EQ(r.optim.schedule, "cosine");
+  EXPECT_EQ(r.root.resume, "auto");
+  ASSERT_EQ(r.optim.betas.size(), 2u);
+  EXPECT_DOUBLE_EQ(r.optim.betas[1], 0.999);
+}
+
+TEST(Recipe, CommentsTrailingCommasAndBaseInheritance) {
+  TempDir d;
+  d.write("base.json", R"({
+    // shared settings
+    "optim": {"lr": 2e-5, "schedule": "linear", "betas": [0.9, 0.95],},
+    /* block comment */
+    "train": {"micro_batch_size": 4},
+  })");
+  std::string child = d.write("sub/child.json", R"({
+    "base": "../base.json",
+    "optim": {"lr": 7e-6},   // overrides only lr
+    "data": {"train": ["a.jsonl", {"path": "b*.jsonl", "weight": 2}]},
+  })");
+  TrainingRecipe r;
+  ASSERT_EQ(bind_error(child, {}, &r), "");
+  EXPECT_DOUBLE_EQ(r.optim.lr, 7e-6);
+  EXPECT_EQ(r.optim.schedule, "linear");  // from base
+  EXPECT_DOUBLE_EQ(r.optim.betas[1], 0.95);
+  EXPECT_EQ(r.train.micro_batch_size, 4);
+  ASSERT_EQ(r.data.train.size(), 2u);
+  EXPECT_EQ(r.data.train[1].path, "b*.jsonl");
+  EXPECT_DOUBLE_EQ(r.data.train[1].weight, 2.0);
+}
+
+TEST(Recipe, OverridesOfEveryType) {
+  TempDir d;
+  std::string f = d.write("r.json", R"({"optim": {"lr": 1e-4}})");
+  TrainingRecipe r;
+  ASSERT_EQ(bind_error(f,
+                       {"optim.lr=3e-5", "train.max_steps=12", "data.packing=false", "model.path=/m/x",
+                        "optim.betas=[0.8,0.9]", "data.train=[\"x.jsonl\",\"y.jsonl\"]", "resume=never"},
+                       &r),
+            "");
+  EXPECT_DOUBLE_EQ(r.optim.lr, 3e-5);
+  EXPECT_EQ(r.train.max_steps, 12);
+  EXPECT_FALSE(r.data.packing);
+  EXPECT_EQ(r.model.path, "/m/x");
+  EXPECT_DOUBLE_EQ(r.optim.betas[0], 0.8);
+  ASSERT_EQ(r.data.train.size(), 2u);
+  EXPECT_EQ(r.data.train[1].path, "y.jsonl");
+  EXPECT_EQ(r.root.resume, "never");
+}
+
+TEST(Recipe, UnknownKeyNamesKeyFileAndNearest) {
+  TempDir d;
+  std::string f = d.write("r.json", R"({"optim": {"lrr": 1e-4}})");
+  TrainingRecipe r;
+  std::string err = bind_error(f, {}, &r);
+  EXPECT_NE(err.find("unknown key optim.lrr"), std::string::npos) << err;
+  EXPECT_NE(err.find(f), std::string::npos) << err;
+  EXPECT_NE(err.find("did you mean optim.lr?"), std::string::npos) << err;
+}
+
+TEST(Recipe, UnknownSectionSuggestsSection) {
+  TempDir d;
+  std::string f = d.write("r.json", R"({"optm": {"lr": 1e-4}})");
+  TrainingRecipe r;
+  std::string err = bind_error(f, {}, &r);
+  EXPECT_NE(err.find("unknown key optm"), std::string::npos) << err;
+  EXPECT_NE(err.find("did you mean optim?"), std::string::npos) << err;
+}
+
+TEST(Recipe, UnknownKeyFromBaseNamesTheBaseFile) {
+  TempDir d;
+  std::string base = d.write("base.json", R"({"train": {"grad_acum": 2}})");
+  std::string f = d.write("r.json", R"({"base": "base.json", "optim": {"lr": 1e-4}})");
+  TrainingRecipe r;
+  std::string err = bind_error(f, {}, &r);
+  EXPECT_NE(err.find(base + ": unknown key train.grad_acum (did you mean train.grad_accum?)"), std::string::npos)
+      << err;
+}
+
+TEST(Recipe, UnknownKeyFromCommandLine) {
+  TrainingRecipe r;
+  std::string err = bind_error("", {"train.max_step=3"}, &r);
+  EXPECT_NE(err.find("command line: unknown key train.max_step (did you mean train.max_steps?)"),
+            std::string::npos)
+      << err;
+}
+
+TEST(Recipe, WrongTypeNamesPathAndExpectedType) {
+  TempDir d;
+  std::string f = d.write("r.json", R"({"optim": {"lr": "fast"}, "train": {"micro_batch_size": 1.5},
+                                        "data": {"packing": 1}})");
+  TrainingRecipe r;
+  std::string err = bind_error(f, {}, &r);
+  EXPECT_NE(err.find("optim.lr: expected a number, got string \"fast\""), std::string::npos) << err;
+  EXPECT_NE(err.find("train.micro_batch_size: expected an integer, got number 1.5"), std::string::npos) << err;
+  EXPECT_NE(err.find("data.packing: expected a bool"), std::string::npos) << err;
+  // All errors of the recipe come together.
+  EXPECT_NE(err.find("3 errors in recipe"), std::string::npos) << err;
+}
+
+TEST(Recipe, BadChoiceSuggestsNearest) {
+  TrainingRecipe r;
+  std::string err = bind_error("", {"optim.schedule=cosin"}, &r);
+  EXPECT_NE(err.find("optim.schedule: \"cosin\" is not one of constant | linear | cosine (did you mean \"cosine\"?)"),
+            std::string::npos)
+      << err;
+}
+
+TEST(Recipe, SectionMustBeObject) {
+  TrainingRecipe r;
+  std::string err = bind_error("", {"optim=3"}, &r);
+  EXPECT_NE(err.find("optim: expected a section (object), got number"), std::string::npos) << err;
+}
+
+// A section with a required key, as stages declare them.
+struct NeedsData : Section {
+  std::vector<DataSource> train;
+  std::string verifier;
+  const char* name() const override { return "needs"; }
+  const char* help() const override { return "test"; }
+  void visit(Visitor& v) override {
+    v.required(train, "train", "training files");
+    v.required(verifier, "verifier", "answer checker name");
+  }
+};
+
+TEST(Recipe, MissingRequiredKeysAreNamed) {
+  NeedsData s;
+  std::string err;
+  try {
+    bind_recipe(load_recipe("", {}), {&s});
+  } catch (const Error& e) {
+    err = e.what();
+  }
+  EXPECT_NE(err.find("missing required key needs.train (training files)"), std::string::npos) << err;
+  EXPECT_NE(err.find("missing required key needs.verifier"), std::string::npos) << err;
+  EXPECT_NE(err.find("2 errors"), std::string::npos) << err;
+}
+
+TEST(Recipe, CrossFieldValidationQuotesValues) {
+  TrainingRecipe r;
+  std::string err = bind_error("", {"optim.lr=1e-5", "optim.min_lr=1e-4", "model.path=a", "model.config=b"}, &r);
+  EXPECT_NE(err.find("optim.min_lr must be in [0, optim.lr]"), std::string::npos) << err;
+  EXPECT_NE(err.find("model.path (\"a\") and model.config (\"b\") are exclusive"), std::string::npos) << err;
+}
+
+TEST(Recipe, InvalidJsonReportsLineAndColumn) {
+  TempDir d;
+  std::string f = d.write("r.json", "{\n  \"optim\": {\"lr\": 1e-4\n}\n");
+  TrainingRecipe r;
+  std::string err = bind_error(f, {}, &r);
+  EXPECT_NE(err.find(f + ":4:1: invalid JSON"), std::string::npos) << err;
+}
+
+TEST(Recipe, BaseCycleAndMissingBase) {
+  TempDir d;
+  d.write("a.json", R"({"base": "b.json"})");
+  std::string b = d.write("b.json", R"({"base": "a.json"})");
+  TrainingRecipe r;
+  EXPECT_NE(bind_error(b, {}, &r).find("recipe base cycle"), std::string::npos);
+  std::string c = d.write("c.json", R"({"base": "nope.json"})");
+  EXPECT_NE(bind_error(c, {}, &r).find("nope.json, which does not exist"), std::string::npos);
+}
+
+TEST(Recipe, MalformedOverride) {
+  TrainingRecipe r;
+  EXPECT_NE(bind_error("", {"optim.lr"}, &r).find("not of the form key.path=value"), std::string::npos);
+  EXPECT_NE(bind_error("", {"optim..lr=1"}, &r).find("empty key component"), std::string::npos);
+}
+
+TEST(Recipe, ResolvedRecipeRoundTrips) {
+  TrainingRecipe a;
+  ASSERT_EQ(bind_error("", {"optim.lr=3e-5", "data.train=x.jsonl", "run.seed=7"}, &a), "");
+  std::string resolved = resolved_json(a.sections());
+  TempDir d;
+  std::string f = d.write("resolved.json", resolved);
+  TrainingRecipe b;
+  ASSERT_EQ(bind_error(f, {}, &b), "") << resolved;
+  EXPECT_EQ(resolved_json(b.sections()), resolved);
+  EXPECT_DOUBLE_EQ(b.optim.lr, 3e-5);
+  EXPECT_EQ(b.run.seed, 7);
+  EXPECT_EQ(b.data.train.at(0).path, "x.jsonl");
+}
+
+TEST(Recipe, HelpListsEveryKey) {
+  TrainingRecipe r;
+  std::ostringstream os;
+  print_help(os, r.sections());
+  for (auto& k : all_keys(r.sections())) EXPECT_NE(os.str().find("  " + k), std::string::npos) << k;
+  EXPECT_NE(os.str().find("constant|linear|cosine"), std::string::npos);
+}
+
+TEST(Recipe, DefaultRunDirIsRecipeName) {
+  EXPECT_EQ(default_run_dir("recipes/tiny/sft.json"), "runs/sft");
+  EXPECT_EQ(default_run_dir(""), "runs/adhoc");
+}
+
+}  // namespace
+}  // namespace ptk::config
