@@ -1,0 +1,134 @@
+#include "core/optim/adamw.h"
+
+#include <ATen/Parallel.h>
+#include <torch/torch.h>
+
+#include <cmath>
+
+#include "core/util/error.h"
+
+namespace ptk::optim {
+
+bool is_no_decay(const std::string& name) {
+  auto ends_with = [&](const char* s) {
+    std::string suf(s);
+    return name.size() >= suf.size() && name.compare(name.size() - suf.size(), suf.size(), suf) == 0;
+  };
+  return ends_with(".bias") || ends_with("norm.weight") || ends_with("layernorm.weight");
+}
+
+AdamW::AdamW(NamedTensors params, AdamWOptions opt) : params_(std::move(params)), opt_(opt) {
+  torch::NoGradGuard ng;
+  for (auto& [name, p] : params_) {
+    Slot s;
+    auto f32 = p.options().dtype(torch::kFloat32);
+    s.exp_avg = torch::zeros(p.sizes(), f32);
+    s.exp_avg_sq = torch::zeros(p.sizes(), f32);
+    if (p.scalar_type() != torch::kFloat32) s.master = p.detach().to(torch::kFloat32).clone();
+    s.weight_decay = (!opt_.decay_norms_and_biases && is_no_decay(name)) ? 0.0 : opt_.weight_decay;
+    slots_.push_back(std::move(s));
+  }
+}
+
+void AdamW::zero_grad() {
+  for (auto& [name, p] : params_) {
+    if (p.grad().defined()) p.mutable_grad().reset();
+  }
+}
+
+namespace {
+
+// One pass over fp32 contiguous CPU memory: the same arithmetic, in the same order, as
+// torch.optim.AdamW's single-tensor path (mul_, lerp_, mul_/addcmul_, sqrt/div/add, addcdiv_).
+void fused_adamw_cpu(float* p, const float* g, float* m, float* v, int64_t n, float decay_mul, float one_minus_b1,
+                     float b2, float one_minus_b2, float bc2_sqrt, float eps, float neg_step_size) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float pi = p[i] * decay_mul;
+      float gi = g[i];
+      float mi = m[i];
+      mi = mi + one_minus_b1 * (gi - mi);  // lerp with weight < 0.5
+      float vi = v[i] * b2 + one_minus_b2 * gi * gi;
+      float denom = std::sqrt(vi) / bc2_sqrt + eps;
+      p[i] = pi + neg_step_size * (mi / denom);
+      m[i] = mi;
+      v[i] = vi;
+    }
+  });
+}
+
+}  // namespace
+
+void AdamW::step(double lr) {
+  torch::NoGradGuard ng;
+  ++step_;
+  const double b1 = opt_.beta1, b2 = opt_.beta2;
+  const double bc1 = 1.0 - std::pow(b1, static_cast<double>(step_));
+  const double bc2 = 1.0 - std::pow(b2, static_cast<double>(step_));
+  const double step_size = lr / bc1;
+  const double bc2_sqrt = std::sqrt(bc2);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    at::Tensor& p = params_[i].second;
+    Slot& s = slots_[i];
+    if (!p.grad().defined()) continue;
+    at::Tensor grad = p.grad();
+    at::Tensor w = s.master.defined() ? s.master : p;  // the fp32 weights being updated
+    if (grad.scalar_type() != torch::kFloat32) grad = grad.to(torch::kFloat32);
+    const double decay_mul = 1.0 - lr * s.weight_decay;
+    bool fusable = fused_ && w.device().is_cpu() && w.is_contiguous() && grad.is_contiguous() &&
+                   grad.device().is_cpu();
+    if (fusable) {
+      fused_adamw_cpu(w.data_ptr<float>(), grad.data_ptr<float>(), s.exp_avg.data_ptr<float>(),
+                      s.exp_avg_sq.data_ptr<float>(), w.numel(), static_cast<float>(decay_mul),
+                      static_cast<float>(1.0 - b1), static_cast<float>(b2), static_cast<float>(1.0 - b2),
+                      static_cast<float>(bc2_sqrt), static_cast<float>(opt_.eps), static_cast<float>(-step_size));
+    } else {
+      if (s.weight_decay != 0.0) w.mul_(decay_mul);
+      s.exp_avg.lerp_(grad, 1.0 - b1);
+      s.exp_avg_sq.mul_(b2).addcmul_(grad, grad, 1.0 - b2);
+      at::Tensor denom = (s.exp_avg_sq.sqrt() / bc2_sqrt).add_(opt_.eps);
+      w.addcdiv_(s.exp_avg, denom, -step_size);
+    }
+    if (s.master.defined()) p.copy_(s.master);
+  }
+}
+
+NamedTensors AdamW::state() const {
+  NamedTensors out;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const auto& name = params_[i].first;
+    out.emplace_back("exp_avg." + name, slots_[i].exp_avg);
+    out.emplace_back("exp_avg_sq." + name, slots_[i].exp_avg_sq);
+    if (slots_[i].master.defined()) out.emplace_back("master." + name, slots_[i].master);
+  }
+  return out;
+}
+
+void AdamW::load_state(const NamedTensors& tensors, int64_t step) {
+  torch::NoGradGuard ng;
+  std::unordered_map<std::string, const at::Tensor*> by_name;
+  for (auto& [n, t] : tensors) by_name[n] = &t;
+  auto take = [&](const std::string& key, at::Tensor& dst) {
+    auto it = by_name.find(key);
+    if (it == by_name.end())
+      throw Error("optimizer state has no tensor " + key +
+                  "\n---> HINT: the checkpoint was written for another model or optimizer; resume=never starts fresh");
+    const at::Tensor& src = *it->second;
+    if (src.sizes() != dst.sizes())
+      throw Error("optimizer state " + key + " has shape " + c10::str(src.sizes()) + ", the model needs " +
+                  c10::str(dst.sizes()));
+    dst.copy_(src);
+  };
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const auto& name = params_[i].first;
+    take("exp_avg." + name, slots_[i].exp_avg);
+    take("exp_avg_sq." + name, slots_[i].exp_avg_sq);
+    if (slots_[i].master.defined()) {
+      take("master." + name, slots_[i].master);
+      params_[i].second.detach().copy_(slots_[i].master);
+    }
+  }
+  step_ = step;
+}
+
+}  // namespace ptk::optim

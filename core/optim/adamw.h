@@ -1,0 +1,60 @@
+// AdamW equal to torch.optim.AdamW (decoupled weight decay, bias-corrected moments), with fp32
+// master weights and moments whatever the parameters' dtype (bf16 mixed precision), and a fused
+// one-pass CPU kernel for fp32. Not a scheduler (schedule.h) nor a gradient clipper (clip.h).
+// Threading: one owner thread; step() parallelises internally.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace ptk::optim {
+
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+
+struct AdamWOptions {
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  // TRL/HF Trainer exclude biases and norm weights from decay; torch's default decays everything.
+  bool decay_norms_and_biases = false;
+};
+
+// True for names HF Trainer keeps out of weight decay: biases and (RMS/Layer)Norm weights.
+bool is_no_decay(const std::string& name);
+
+class AdamW {
+ public:
+  // `params` are the model's parameters (leaf tensors with requires_grad); they are updated in place.
+  AdamW(NamedTensors params, AdamWOptions opt);
+
+  // One update with learning rate `lr`, reading each parameter's .grad(); a parameter without a
+  // gradient is skipped (as torch does).
+  void step(double lr);
+  void zero_grad();
+
+  int64_t steps() const { return step_; }
+  const AdamWOptions& options() const { return opt_; }
+  const NamedTensors& params() const { return params_; }
+
+  // State for checkpoints: "exp_avg.<name>", "exp_avg_sq.<name>" and, for non-fp32 parameters,
+  // "master.<name>" (fp32), plus the step count. load_state() refuses missing or mis-shaped entries.
+  NamedTensors state() const;
+  void load_state(const NamedTensors& tensors, int64_t step);
+
+  // The reference path (unfused tensor ops); for tests of the fused kernel.
+  void set_fused(bool fused) { fused_ = fused; }
+
+ private:
+  struct Slot {
+    at::Tensor exp_avg, exp_avg_sq, master;  // fp32; master undefined when the param is fp32
+    double weight_decay;
+  };
+  NamedTensors params_;
+  std::vector<Slot> slots_;
+  AdamWOptions opt_;
+  int64_t step_ = 0;
+  bool fused_ = true;
+};
+
+}  // namespace ptk::optim
