@@ -1,0 +1,540 @@
+// Qwen2 forward (packed / padded / cached), loading, saving and random init. The exact attention
+// runs one causal attention per document; the fused one calls SDPA where LibTorch has it.
+// Not the loss and not sampling (see the trainer's chunked loss op and rollout/).
+#include "core/model/qwen2.h"
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <set>
+
+#include "core/model/kv_cache.h"
+#include "core/runtime/torch_compat.h"
+#include "core/util/error.h"
+
+namespace ptk::model {
+namespace {
+
+using checkpoint::Qwen2Config;
+
+// A run of tokens [start, start + len) of one row that attend to each other causally.
+struct Segment {
+  int64_t start;
+  int64_t len;
+};
+
+std::string shape_str(at::IntArrayRef s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  // transformers: variance in float32, then back to the input dtype before the weight.
+  auto h = x.to(at::kFloat);
+  h = h * at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return w * h.to(x.scalar_type());
+}
+
+at::Tensor rotate_half(const at::Tensor& x) {
+  int64_t half = x.size(-1) / 2;
+  return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+}
+
+bool use_fused(AttentionBackend b, const at::Tensor& x) {
+#if PTK_HAVE_SDPA
+  if (b == AttentionBackend::kFused) return true;
+  if (b == AttentionBackend::kAuto) return x.is_cuda();
+#endif
+  (void)b;
+  (void)x;
+  return false;
+}
+
+at::Tensor causal_mask(int64_t q_len, int64_t k_len, const at::Tensor& like) {
+  // (q_len, k_len): query i (the last q_len of k_len positions) sees keys j <= k_len - q_len + i.
+  return at::full({q_len, k_len}, -std::numeric_limits<float>::infinity(), like.options().dtype(at::kFloat))
+      .triu(k_len - q_len + 1);
+}
+
+// q (heads, Lq, D), k/v (kv_heads, Lk, D) -> (heads, Lq, D); queries are the last Lq of the Lk
+// positions, causal. Batched variants take a leading batch dim: q (N, heads, Lq, D).
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool fused) {
+  const bool batched = q.dim() == 4;
+  const int64_t heads = q.size(-3), kv = k.size(-3), g = heads / kv, lq = q.size(-2), lk = k.size(-2),
+                d = q.size(-1);
+#if PTK_HAVE_SDPA
+  if (fused) {
+    // SDPA wants as many K/V heads as query heads: expand the groups (a copy, fused kernels only).
+    std::vector<int64_t> grouped(k.sizes().begin(), k.sizes().end()), flat = grouped;
+    grouped.insert(grouped.end() - 2, g);  // (.., kv, g, Lk, D)
+    flat[flat.size() - 3] = heads;         // (.., heads, Lk, D)
+    auto kk = k.unsqueeze(-3).expand(grouped).reshape(flat);
+    auto vv = v.unsqueeze(-3).expand(grouped).reshape(flat);
+    if (lq == lk) return at::scaled_dot_product_attention(q, kk, vv, {}, 0.0, /*is_causal=*/true);
+    return at::scaled_dot_product_attention(q, kk, vv, causal_mask(lq, lk, q).to(q.scalar_type()), 0.0, false);
+  }
+#endif
+  (void)fused;
+  // Grouped-query attention without copying K/V: heads -> (kv_heads, group).
+  at::Tensor qg = batched ? q.view({q.size(0), kv, g, lq, d}) : q.view({kv, g, lq, d});
+  at::Tensor scores = at::matmul(qg, k.unsqueeze(-3).transpose(-1, -2)) / std::sqrt(static_cast<double>(d));
+  scores = scores + causal_mask(lq, lk, q);  // promotes to float32 for the softmax
+  auto p = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
+  auto out = at::matmul(p, v.unsqueeze(-3));  // (.., kv, g, Lq, D)
+  return batched ? out.reshape({q.size(0), heads, lq, d}) : out.reshape({heads, lq, d});
+}
+
+// Segments of every row from the input's mask or doc_lengths; true when every row is one segment
+// starting at 0 (right padding or none), where one batched causal attention is exact.
+std::vector<std::vector<Segment>> segments_of(const ForwardInput& in, int64_t B, int64_t T, bool* simple) {
+  std::vector<std::vector<Segment>> segs(B);
+  *simple = true;
+  if (!in.doc_lengths.empty()) {
+    PTK_CHECK(static_cast<int64_t>(in.doc_lengths.size()) == B,
+              "doc_lengths has " + std::to_string(in.doc_lengths.size()) + " rows but input_ids has " +
+                  std::to_string(B));
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t s = 0;
+      for (int64_t len : in.doc_lengths[b]) {
+        PTK_CHECK(len > 0, "doc_lengths row " + std::to_string(b) + " has a document of length " + std::to_string(len));
+        segs[b].push_back({s, len});
+        s += len;
+      }
+      PTK_CHECK(s <= T, "doc_lengths row " + std::to_string(b) + " sums to " + std::to_string(s) +
+                            ", more than the row's " + std::to_string(T) + " tokens");
+      if (segs[b].size() != 1) *simple = false;
+    }
+    return segs;
+  }
+  if (!in.attention_mask.defined()) {
+    for (auto& r : segs) r.push_back({0, T});
+    return segs;
+  }
+  auto m = in.attention_mask.to(at::kCPU, at::kLong).contiguous();
+  PTK_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == T,
+            "attention_mask has shape " + shape_str(m.sizes()) + ", input_ids " + shape_str({B, T}));
+  auto acc = m.accessor<int64_t, 2>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t first = -1, last = -1, count = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      PTK_CHECK(acc[b][t] == 0 || acc[b][t] == 1, "attention_mask holds a value other than 0 or 1 in row " +
+                                                       std::to_string(b));
+      if (acc[b][t]) {
+        if (first < 0) first = t;
+        last = t;
+        ++count;
+      }
+    }
+    if (count == 0) {
+      *simple = false;  // an all-padding row attends to nothing
+      continue;
+    }
+    PTK_CHECK(count == last - first + 1, "attention_mask row " + std::to_string(b) +
+                                             " has holes; ptk takes left or right padding (contiguous ones), or "
+                                             "doc_lengths for packed rows");
+    segs[b].push_back({first, count});
+    if (first != 0) *simple = false;
+  }
+  return segs;
+}
+
+at::Tensor default_positions(const ForwardInput& in, int64_t B, int64_t T, const at::TensorOptions& o) {
+  if (!in.doc_lengths.empty()) {
+    std::vector<int64_t> pos(B * T, 0);
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t t = 0;
+      for (int64_t len : in.doc_lengths[b])
+        for (int64_t i = 0; i < len && t < T; ++i) pos[b * T + t++] = i;
+    }
+    return at::tensor(pos, at::kLong).view({B, T}).to(o.device());
+  }
+  if (in.attention_mask.defined()) return positions_from_mask(in.attention_mask).to(o.device());
+  return at::arange(T, o.dtype(at::kLong)).unsqueeze(0).expand({B, T});
+}
+
+at::Tensor normal_init(at::IntArrayRef size, double std, at::Generator& gen) {
+  return at::normal(0.0, std, size, gen, at::TensorOptions().dtype(at::kFloat));
+}
+
+}  // namespace
+
+// ---- RoPE --------------------------------------------------------------------------------------
+
+std::pair<at::Tensor, double> rope_inv_freq(const Qwen2Config& c) {
+  const int64_t d = c.head_dim;
+  // transformers: 1.0 / (base ** (arange(0, dim, 2).float() / dim)), all in float32.
+  auto exps = at::arange(0, d, 2, at::kLong).to(at::kFloat) / static_cast<double>(d);
+  auto pos_freqs = at::pow(c.rope_theta, exps);
+  auto inv_freq = at::reciprocal(pos_freqs);
+  if (!c.rope_scaling || c.rope_scaling->type != "yarn") return {inv_freq, 1.0};
+  // YaRN (transformers' _compute_yarn_parameters; arXiv:2309.00071).
+  const auto& y = *c.rope_scaling;
+  const double factor = y.factor;
+  const double orig = y.original_max_position_embeddings > 0 ? y.original_max_position_embeddings
+                                                             : c.max_position_embeddings;
+  const double attention = y.attention_factor ? *y.attention_factor : (factor <= 1 ? 1.0 : 0.1 * std::log(factor) + 1.0);
+  auto correction_dim = [&](double rotations) {
+    return (d * std::log(orig / (rotations * 2 * M_PI))) / (2 * std::log(c.rope_theta));
+  };
+  double low = std::max(std::floor(correction_dim(y.beta_fast)), 0.0);
+  double high = std::min(std::ceil(correction_dim(y.beta_slow)), static_cast<double>(d - 1));
+  if (low == high) high += 0.001;
+  auto ramp = ((at::arange(d / 2, at::kFloat) - low) / (high - low)).clamp(0, 1);
+  auto extrapolation_factor = 1 - ramp;
+  auto inv_interp = at::reciprocal(factor * pos_freqs);
+  inv_freq = inv_interp * (1 - extrapolation_factor) + inv_freq * extrapolation_factor;
+  return {inv_freq, attention};
+}
+
+std::pair<at::Tensor, at::Tensor> rope_cos_sin(const Qwen2Config& c, const at::Tensor& positions) {
+  auto [inv_freq, scale] = rope_inv_freq(c);
+  auto freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq.to(positions.device());  // (P..., D/2)
+  auto emb = at::cat({freqs, freqs}, -1);
+  auto cos = emb.cos(), sin = emb.sin();
+  if (scale != 1.0) {
+    cos = cos * scale;
+    sin = sin * scale;
+  }
+  return {cos, sin};
+}
+
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  auto c = cos.unsqueeze(1).to(x.scalar_type()), s = sin.unsqueeze(1).to(x.scalar_type());
+  return x * c + rotate_half(x) * s;
+}
+
+at::Tensor positions_from_mask(const at::Tensor& attention_mask) {
+  auto m = attention_mask.to(at::kLong);
+  return (m.cumsum(-1) - 1).masked_fill(m == 0, 1);
+}
+
+at::Tensor last_token_index(const at::Tensor& attention_mask) {
+  auto m = attention_mask.to(at::kLong);
+  const int64_t T = m.size(-1);
+  // Largest t with mask 1: argmax over t * mask (ties impossible: t is distinct).
+  return (m * at::arange(T, m.options())).argmax(-1);
+}
+
+// ---- model -------------------------------------------------------------------------------------
+
+checkpoint::NamedTensors Qwen2Model::named_parameters() const {
+  checkpoint::NamedTensors out;
+  out.emplace_back("model.embed_tokens.weight", embed_tokens_);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const auto& l = layers_[i];
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    out.emplace_back(p + "self_attn.q_proj.weight", l.q_proj_w);
+    out.emplace_back(p + "self_attn.q_proj.bias", l.q_proj_b);
+    out.emplace_back(p + "self_attn.k_proj.weight", l.k_proj_w);
+    out.emplace_back(p + "self_attn.k_proj.bias", l.k_proj_b);
+    out.emplace_back(p + "self_attn.v_proj.weight", l.v_proj_w);
+    out.emplace_back(p + "self_attn.v_proj.bias", l.v_proj_b);
+    out.emplace_back(p + "self_attn.o_proj.weight", l.o_proj_w);
+    out.emplace_back(p + "mlp.gate_proj.weight", l.gate_proj_w);
+    out.emplace_back(p + "mlp.up_proj.weight", l.up_proj_w);
+    out.emplace_back(p + "mlp.down_proj.weight", l.down_proj_w);
+    out.emplace_back(p + "input_layernorm.weight", l.input_layernorm);
+    out.emplace_back(p + "post_attention_layernorm.weight", l.post_attention_layernorm);
+  }
+  out.emplace_back("model.norm.weight", norm_);
+  if (score_.defined()) {
+    out.emplace_back("score.weight", score_);
+  } else if (!config_.tie_word_embeddings) {
+    out.emplace_back("lm_head.weight", lm_head_);
+  }
+  return out;
+}
+
+namespace {
+// Points every parameter field at the tensor `f` returns for its HF name.
+template <class F>
+void assign_all(Qwen2Model& m, int64_t layers, bool lm_head, bool score, F&& f) {
+  m.embed_tokens_ = f("model.embed_tokens.weight");
+  m.layers_.resize(layers);
+  for (int64_t i = 0; i < layers; ++i) {
+    auto& l = m.layers_[i];
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    l.q_proj_w = f(p + "self_attn.q_proj.weight");
+    l.q_proj_b = f(p + "self_attn.q_proj.bias");
+    l.k_proj_w = f(p + "self_attn.k_proj.weight");
+    l.k_proj_b = f(p + "self_attn.k_proj.bias");
+    l.v_proj_w = f(p + "self_attn.v_proj.weight");
+    l.v_proj_b = f(p + "self_attn.v_proj.bias");
+    l.o_proj_w = f(p + "self_attn.o_proj.weight");
+    l.gate_proj_w = f(p + "mlp.gate_proj.weight");
+    l.up_proj_w = f(p + "mlp.up_proj.weight");
+    l.down_proj_w = f(p + "mlp.down_proj.weight");
+    l.input_layernorm = f(p + "input_layernorm.weight");
+    l.post_attention_layernorm = f(p + "post_attention_layernorm.weight");
+  }
+  m.norm_ = f("model.norm.weight");
+  if (lm_head) m.lm_head_ = f("lm_head.weight");
+  if (score) m.score_ = f("score.weight");
+}
+
+// Expected shape of every HF parameter name of a config.
+std::vector<int64_t> expected_shape(const Qwen2Config& c, const std::string& name) {
+  const int64_t H = c.hidden_size, I = c.intermediate_size, D = c.head_dim, q = c.num_attention_heads * D,
+                kv = c.num_key_value_heads * D;
+  auto ends = [&](const char* s) {
+    std::string suf(s);
+    return name.size() >= suf.size() && name.compare(name.size() - suf.size(), suf.size(), suf) == 0;
+  };
+  if (name == "model.embed_tokens.weight" || name == "lm_head.weight") return {c.vocab_size, H};
+  if (name == "score.weight") return {c.num_labels, H};
+  if (name == "model.norm.weight" || ends("layernorm.weight")) return {H};
+  if (ends("q_proj.weight")) return {q, H};
+  if (ends("q_proj.bias")) return {q};
+  if (ends("k_proj.weight") || ends("v_proj.weight")) return {kv, H};
+  if (ends("k_proj.bias") || ends("v_proj.bias")) return {kv};
+  if (ends("o_proj.weight")) return {H, q};
+  if (ends("gate_proj.weight") || ends("up_proj.weight")) return {I, H};
+  if (ends("down_proj.weight")) return {H, I};
+  return {};
+}
+}  // namespace
+
+Qwen2Model Qwen2Model::from_pretrained(const std::string& dir, const LoadOptions& options) {
+  Qwen2Model m;
+  m.config_ = checkpoint::read_config(dir);
+  const auto& c = m.config_;
+  auto tensors = checkpoint::read_checkpoint_tensors(dir);
+  const bool score = c.has_score_head();
+  const bool lm_head = !score && !c.tie_word_embeddings;
+  std::set<std::string> used;
+  assign_all(m, c.num_hidden_layers, lm_head, score, [&](const std::string& name) {
+    auto it = tensors.find(name);
+    if (it == tensors.end())
+      throw Error(dir + ": the checkpoint has no tensor '" + name + "', which config.json (" + c.architecture + ", " +
+                  std::to_string(c.num_hidden_layers) + " layers" + (c.tie_word_embeddings ? ", tied" : "") +
+                  ") requires.\n---> HINT: the folder is incomplete or config.json belongs to another model.");
+    auto want = expected_shape(c, name);
+    if (it->second.sizes() != at::IntArrayRef(want))
+      throw Error(dir + ": tensor '" + name + "' has shape " + shape_str(it->second.sizes()) + " but config.json implies " +
+                  shape_str(want));
+    if (!at::isFloatingType(it->second.scalar_type()))
+      throw Error(dir + ": tensor '" + name + "' has non-floating dtype " + c10::toString(it->second.scalar_type()));
+    used.insert(name);
+    // Same dtype on CPU: the tensor stays a view of the mapped file (no copy).
+    return it->second.to(options.device, options.dtype);
+  });
+  for (const auto& [name, t] : tensors) {
+    if (used.count(name)) continue;
+    if (name.find("rotary_emb.inv_freq") != std::string::npos) continue;  // old exports keep the buffer
+    if (name == "lm_head.weight" && c.tie_word_embeddings) continue;     // tied: transformers ignores it too
+    if (name == "lm_head.weight" && score) continue;                      // a causal LM exported with a score head
+    throw Error(dir + ": unexpected tensor '" + name + "' for " + c.architecture +
+                "\n---> HINT: check config.json's architectures and tie_word_embeddings.");
+  }
+  return m;
+}
+
+Qwen2Model Qwen2Model::from_config(const Qwen2Config& config, uint64_t seed, const LoadOptions& options) {
+  Qwen2Model m;
+  m.config_ = config;
+  const auto& c = m.config_;
+  auto gen = at::detail::createCPUGenerator(seed);
+  const bool score = c.has_score_head();
+  assign_all(m, c.num_hidden_layers, !score && !c.tie_word_embeddings, score, [&](const std::string& name) {
+    auto shape = expected_shape(c, name);
+    at::Tensor t;
+    if (name.find("norm") != std::string::npos) {
+      t = at::ones(shape, at::kFloat);
+    } else if (name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0) {
+      t = at::zeros(shape, at::kFloat);
+    } else {
+      t = normal_init(shape, c.initializer_range, gen);
+    }
+    return t.to(options.device, options.dtype);
+  });
+  m.config_.raw_json.clear();
+  return m;
+}
+
+void Qwen2Model::set_requires_grad(bool on) {
+  for (auto& [name, t] : named_parameters()) t.set_requires_grad(on);
+}
+
+Qwen2Model Qwen2Model::clone() const {
+  Qwen2Model m = *this;
+  auto src = named_parameters();
+  std::map<std::string, at::Tensor> copies;
+  for (const auto& [name, t] : src) copies[name] = t.detach().clone();
+  assign_all(m, config_.num_hidden_layers, lm_head_.defined(), score_.defined(),
+             [&](const std::string& name) { return copies.at(name); });
+  return m;
+}
+
+void Qwen2Model::to(at::Device device, at::ScalarType dtype) {
+  std::map<std::string, at::Tensor> moved;
+  for (const auto& [name, t] : named_parameters()) {
+    auto x = t.detach().to(device, dtype);
+    x.set_requires_grad(t.requires_grad());
+    moved[name] = x;
+  }
+  assign_all(*this, config_.num_hidden_layers, lm_head_.defined(), score_.defined(),
+             [&](const std::string& name) { return moved.at(name); });
+}
+
+at::Tensor Qwen2Model::logits(const at::Tensor& hidden) const { return at::linear(hidden, lm_head_weight()); }
+
+at::Tensor Qwen2Model::score(const at::Tensor& hidden, const at::Tensor& index) const {
+  if (!score_.defined())
+    throw Error("this model has no score head (config.json architectures is " + config_.architecture +
+                ", not Qwen2ForSequenceClassification)");
+  auto rows = at::arange(hidden.size(0), index.options().dtype(at::kLong).device(hidden.device()));
+  auto h = hidden.index({rows, index.to(hidden.device(), at::kLong)});  // (B, H)
+  return at::linear(h, score_).squeeze(-1);                              // (B)
+}
+
+ForwardOutput Qwen2Model::forward(const ForwardInput& in, const ForwardOptions& options) const {
+  const auto& c = config_;
+  PTK_CHECK(in.input_ids.defined() && in.input_ids.dim() == 2, "input_ids must be a (B, T) tensor");
+  PTK_CHECK(!(in.attention_mask.defined() && !in.doc_lengths.empty()),
+            "give either attention_mask (padded rows) or doc_lengths (packed rows), not both");
+  const int64_t B = in.input_ids.size(0), T = in.input_ids.size(1), H = c.hidden_size, D = c.head_dim,
+                nh = c.num_attention_heads, nkv = c.num_key_value_heads;
+  auto ids = in.input_ids.to(embed_tokens_.device(), at::kLong);
+  if (ids.numel() > 0) {
+    int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
+    PTK_CHECK(lo >= 0 && hi < c.vocab_size, "input_ids hold token " + std::to_string(lo < 0 ? lo : hi) +
+                                                " outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
+  }
+  bool simple = true;
+  auto segs = segments_of(in, B, T, &simple);
+  auto positions = in.positions.defined() ? in.positions.to(ids.device(), at::kLong)
+                                          : default_positions(in, B, T, ids.options());
+  PTK_CHECK(positions.sizes() == ids.sizes(), "positions has shape " + shape_str(positions.sizes()) +
+                                                  ", input_ids " + shape_str(ids.sizes()));
+  auto [cos, sin] = rope_cos_sin(c, positions);  // (B, T, D) float32
+  const bool fused = use_fused(options.backend, embed_tokens_);
+
+  ForwardOutput out;
+  at::Tensor x = at::embedding(embed_tokens_, ids);  // (B, T, H)
+  if (options.layer_outputs) out.layer_outputs.push_back(x);
+  for (const auto& l : layers_) {
+    auto h = rms_norm(x, l.input_layernorm, c.rms_norm_eps);
+    auto q = at::linear(h, l.q_proj_w, l.q_proj_b).view({B, T, nh, D}).transpose(1, 2);   // (B, nh, T, D)
+    auto k = at::linear(h, l.k_proj_w, l.k_proj_b).view({B, T, nkv, D}).transpose(1, 2);  // (B, nkv, T, D)
+    auto v = at::linear(h, l.v_proj_w, l.v_proj_b).view({B, T, nkv, D}).transpose(1, 2);  // (B, nkv, T, D)
+    q = apply_rope(q, cos, sin);
+    k = apply_rope(k, cos, sin);
+    at::Tensor a;  // (B, nh, T, D)
+    if (simple) {
+      a = attend(q, k, v, fused);  // one document per row from position 0: the row's causal mask
+    } else {
+      std::vector<at::Tensor> rows;
+      for (int64_t b = 0; b < B; ++b) {
+        std::vector<at::Tensor> parts;
+        int64_t t = 0;
+        for (const auto& s : segs[b]) {
+          if (s.start > t) parts.push_back(at::zeros({nh, s.start - t, D}, q.options()));
+          parts.push_back(attend(q[b].narrow(1, s.start, s.len), k[b].narrow(1, s.start, s.len),
+                                 v[b].narrow(1, s.start, s.len), fused));
+          t = s.start + s.len;
+        }
+        if (t < T) parts.push_back(at::zeros({nh, T - t, D}, q.options()));
+        rows.push_back(parts.size() == 1 ? parts[0] : at::cat(parts, 1));
+      }
+      a = at::stack(rows, 0);
+    }
+    a = a.transpose(1, 2).reshape({B, T, nh * D});
+    x = x + at::linear(a, l.o_proj_w);
+    h = rms_norm(x, l.post_attention_layernorm, c.rms_norm_eps);
+    x = x + at::linear(at::silu(at::linear(h, l.gate_proj_w)) * at::linear(h, l.up_proj_w), l.down_proj_w);
+    if (options.layer_outputs) out.layer_outputs.push_back(x);
+  }
+  out.hidden = rms_norm(x, norm_, c.rms_norm_eps);
+  if (options.logits) out.logits = logits(out.hidden);
+  (void)H;
+  return out;
+}
+
+at::Tensor Qwen2Model::forward_cached(const at::Tensor& ids_in, const std::vector<int64_t>& slots,
+                                      const std::vector<int64_t>& n_new, KVCache& cache,
+                                      AttentionBackend backend) const {
+  at::NoGradGuard no_grad;
+  const auto& c = config_;
+  PTK_CHECK(ids_in.dim() == 2, "forward_cached: ids must be (R, T)");
+  const int64_t R = ids_in.size(0), T = ids_in.size(1), D = c.head_dim, nh = c.num_attention_heads,
+                nkv = c.num_key_value_heads;
+  PTK_CHECK(static_cast<int64_t>(slots.size()) == R && static_cast<int64_t>(n_new.size()) == R,
+            "forward_cached: slots and n_new need one entry per row of ids");
+  PTK_CHECK(cache.num_layers() == c.num_hidden_layers, "forward_cached: the cache was built for another config");
+  std::set<int64_t> distinct(slots.begin(), slots.end());
+  PTK_CHECK(static_cast<int64_t>(distinct.size()) == R, "forward_cached: a slot appears twice in one call");
+  bool all_decode = true;
+  for (int64_t r = 0; r < R; ++r) {
+    PTK_CHECK(n_new[r] >= 1 && n_new[r] <= T, "forward_cached: n_new[" + std::to_string(r) + "] = " +
+                                                  std::to_string(n_new[r]) + " must be in [1, " + std::to_string(T) + "]");
+    PTK_CHECK(cache.length(slots[r]) + n_new[r] <= cache.max_len(),
+              "forward_cached: slot " + std::to_string(slots[r]) + " holds " + std::to_string(cache.length(slots[r])) +
+                  " tokens; " + std::to_string(n_new[r]) + " more exceed max_len " + std::to_string(cache.max_len()) +
+                  "\n---> HINT: raise the cache's max_len (prompt + max_new_tokens).");
+    if (n_new[r] != 1) all_decode = false;
+  }
+  auto dev = embed_tokens_.device();
+  auto ids = ids_in.to(dev, at::kLong);
+  std::vector<int64_t> base(R);
+  for (int64_t r = 0; r < R; ++r) base[r] = cache.length(slots[r]);
+  auto positions = at::tensor(base, at::kLong).to(dev).unsqueeze(1) + at::arange(T, ids.options()).unsqueeze(0);
+  auto [cos, sin] = rope_cos_sin(c, positions);  // (R, T, D)
+  const bool fused = use_fused(backend, embed_tokens_);
+  // Decode over a contiguous ascending run of slots reads the cache in place with one batched op.
+  bool contiguous = all_decode;
+  for (int64_t r = 1; r < R && contiguous; ++r) contiguous = slots[r] == slots[0] + r;
+  int64_t max_k = 0;
+  for (int64_t r = 0; r < R; ++r) max_k = std::max(max_k, base[r] + n_new[r]);
+
+  at::Tensor x = at::embedding(embed_tokens_, ids);  // (R, T, H)
+  for (int64_t li = 0; li < c.num_hidden_layers; ++li) {
+    const auto& l = layers_[li];
+    auto h = rms_norm(x, l.input_layernorm, c.rms_norm_eps);
+    auto q = apply_rope(at::linear(h, l.q_proj_w, l.q_proj_b).view({R, T, nh, D}).transpose(1, 2), cos, sin);
+    auto k = apply_rope(at::linear(h, l.k_proj_w, l.k_proj_b).view({R, T, nkv, D}).transpose(1, 2), cos, sin);
+    auto v = at::linear(h, l.v_proj_w, l.v_proj_b).view({R, T, nkv, D}).transpose(1, 2);
+    auto K = cache.keys(li), V = cache.values(li);  // (S, nkv, T_max, D)
+    for (int64_t r = 0; r < R; ++r) {
+      K[slots[r]].narrow(1, base[r], n_new[r]).copy_(k[r].narrow(1, 0, n_new[r]));
+      V[slots[r]].narrow(1, base[r], n_new[r]).copy_(v[r].narrow(1, 0, n_new[r]));
+    }
+    at::Tensor a;  // (R, nh, T, D)
+    if (contiguous) {
+      auto Kr = K.narrow(0, slots[0], R).narrow(2, 0, max_k);  // (R, nkv, max_k, D)
+      auto Vr = V.narrow(0, slots[0], R).narrow(2, 0, max_k);
+      auto qg = q.reshape({R, nkv, nh / nkv, 1, D});
+      auto scores = at::matmul(qg, Kr.unsqueeze(2).transpose(-1, -2)) / std::sqrt(static_cast<double>(D));
+      // Key j of row r is visible when j < base[r] + 1: a (R, max_k) key mask, not (T, T).
+      auto lens = at::tensor(base, at::kLong).to(dev) + 1;
+      auto invisible = at::arange(max_k, ids.options()).unsqueeze(0) >= lens.unsqueeze(1);  // (R, max_k)
+      scores = scores.to(at::kFloat).masked_fill(invisible.view({R, 1, 1, 1, max_k}),
+                                                 -std::numeric_limits<float>::infinity());
+      auto p = at::softmax(scores, -1).to(q.scalar_type());
+      a = at::matmul(p, Vr.unsqueeze(2)).reshape({R, nh, 1, D});
+    } else {
+      std::vector<at::Tensor> rows;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t lk = base[r] + n_new[r];
+        auto o = attend(q[r].narrow(1, 0, n_new[r]), K[slots[r]].narrow(1, 0, lk), V[slots[r]].narrow(1, 0, lk), fused);
+        if (n_new[r] < T) o = at::cat({o, at::zeros({nh, T - n_new[r], D}, o.options())}, 1);
+        rows.push_back(o);
+      }
+      a = at::stack(rows, 0);
+    }
+    a = a.transpose(1, 2).reshape({R, T, nh * D});
+    x = x + at::linear(a, l.o_proj_w);
+    h = rms_norm(x, l.post_attention_layernorm, c.rms_norm_eps);
+    x = x + at::linear(at::silu(at::linear(h, l.gate_proj_w)) * at::linear(h, l.up_proj_w), l.down_proj_w);
+  }
+  for (int64_t r = 0; r < R; ++r) cache.set_length(slots[r], base[r] + n_new[r]);
+  auto last = at::tensor(n_new, at::kLong).to(dev) - 1;
+  auto h_last = x.index({at::arange(R, ids.options()), last});  // (R, H)
+  return logits(rms_norm(h_last, norm_, c.rms_norm_eps));       // (R, V)
+}
+
+void Qwen2Model::save_pretrained(const std::string& dir, const checkpoint::SaveOptions& options) const {
+  checkpoint::save_checkpoint(dir, config_, named_parameters(), options);
+}
+
+}  // namespace ptk::model

@@ -1,0 +1,157 @@
+// The Qwen2 / Qwen2.5 decoder in LibTorch, numerically matching HF transformers' Qwen2ForCausalLM
+// (and the score head of Qwen2ForSequenceClassification): RMSNorm, RoPE (rotate_half layout,
+// optional static YaRN), grouped-query attention with q/k/v bias, SwiGLU MLP, tied embeddings.
+// Not a trainer, not a loss (a later op computes it chunked from hidden states), not a sampler.
+//
+// Parameters are plain named at::Tensor fields (no torch::nn::Module): named_parameters() lists
+// them under their HF names, which is what the optimizer and the checkpoint writer use.
+//
+// Threading and ownership: a Qwen2Model is a handle to its tensors. Copying the struct shares the
+// tensors (cheap, aliasing); clone() is the deep copy (e.g. a frozen DPO reference). forward() does
+// not modify the model and may run on several threads at once; changing parameters (optimizer
+// steps) while another thread runs forward is the caller's race.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/checkpoint/checkpoint.h"  // NamedTensors, SaveOptions
+#include "core/checkpoint/hf_config.h"   // Qwen2Config
+
+namespace ptk::model {
+
+using checkpoint::Qwen2Config;
+
+class KVCache;  // core/model/kv_cache.h
+
+struct Qwen2Layer {
+  at::Tensor input_layernorm;           // (H)
+  at::Tensor q_proj_w, q_proj_b;        // (heads*D, H), (heads*D)
+  at::Tensor k_proj_w, k_proj_b;        // (kv_heads*D, H), (kv_heads*D)
+  at::Tensor v_proj_w, v_proj_b;        // (kv_heads*D, H), (kv_heads*D)
+  at::Tensor o_proj_w;                  // (H, heads*D), no bias
+  at::Tensor post_attention_layernorm;  // (H)
+  at::Tensor gate_proj_w, up_proj_w;    // (I, H)
+  at::Tensor down_proj_w;               // (H, I)
+};
+
+// Which attention kernel runs. kExact: one causal attention per document with explicit matmuls
+// (the reference; CPU default). kFused: at::scaled_dot_product_attention per document (LibTorch
+// 2.x, PTK_HAVE_SDPA); where unavailable it falls back to kExact. kAuto: kFused on CUDA when
+// available, otherwise kExact.
+enum class AttentionBackend { kAuto, kExact, kFused };
+
+// One batch. Rows hold either padded sequences (attention_mask) or packed documents
+// (doc_lengths); give at most one of the two. Attention never crosses a document boundary and
+// never attends to padding; no (T, T) mask over a whole row is ever built.
+struct ForwardInput {
+  at::Tensor input_ids;  // (B, T) int64
+  // (B, T) int64. Undefined: derived. With attention_mask: cumsum(mask) - 1 (padding gets 1, as
+  // HF generate). With doc_lengths: restarting at 0 in every document. With neither: 0..T-1.
+  at::Tensor positions;
+  // (B, T) {0,1} (any integer or bool dtype); each row's ones must be contiguous (left or right
+  // padding). Undefined: every token is real.
+  at::Tensor attention_mask;
+  // Per row, the lengths of the documents packed into it from position 0 (cu_seqlens-style);
+  // tokens past their sum are padding. Empty: not packed.
+  std::vector<std::vector<int64_t>> doc_lengths;
+};
+
+struct ForwardOptions {
+  // true: return logits (B, T, V). false: only `hidden` (the final-norm output, lm_head's input),
+  // so a chunked loss never materialises [tokens x vocab] logits.
+  bool logits = true;
+  // Also return the embedding output and every decoder layer's output (for reference tests).
+  bool layer_outputs = false;
+  AttentionBackend backend = AttentionBackend::kAuto;
+};
+
+struct ForwardOutput {
+  at::Tensor logits;  // (B, T, V) when options.logits; rows at padding are not meaningful
+  at::Tensor hidden;  // (B, T, H) output of the final RMSNorm
+  // When options.layer_outputs: [0] embeddings, [1 + i] output of decoder layer i, each (B, T, H).
+  std::vector<at::Tensor> layer_outputs;
+};
+
+struct LoadOptions {
+  // Parameter dtype: float32 (bf16/f16 checkpoints upcast, exactly) or bfloat16 / float16 (kept).
+  at::ScalarType dtype = at::kFloat;
+  // Where the parameters live. Weights stay memory-mapped (zero-copy) only on CPU when the
+  // checkpoint dtype equals `dtype`.
+  at::Device device = at::kCPU;
+};
+
+class Qwen2Model {
+ public:
+  Qwen2Model() = default;
+
+  // Loads a Hugging Face folder (config.json + model.safetensors or sharded index). Refuses a
+  // missing, extra or mis-shaped tensor by name. Works for every Qwen2 / Qwen2.5 size.
+  static Qwen2Model from_pretrained(const std::string& dir, const LoadOptions& options = {});
+  // Random weights from a config alone (normal(0, initializer_range), zero biases, unit norms), as
+  // transformers' _init_weights; seeded, so the same seed gives the same model.
+  static Qwen2Model from_config(const Qwen2Config& config, uint64_t seed, const LoadOptions& options = {});
+
+  const Qwen2Config& config() const { return config_; }
+  bool has_score_head() const { return score_.defined(); }
+
+  // (name, tensor) in HF names and save_pretrained order: model.embed_tokens.weight,
+  // model.layers.{i}.*, model.norm.weight, then lm_head.weight (untied only) or score.weight.
+  checkpoint::NamedTensors named_parameters() const;
+  // Marks every parameter as requiring grad (or not).
+  void set_requires_grad(bool on);
+  // Deep copy (new storage); the copy has no grad and no shared tensors with this one.
+  Qwen2Model clone() const;
+  // Moves / casts every parameter.
+  void to(at::Device device, at::ScalarType dtype);
+
+  ForwardOutput forward(const ForwardInput& input, const ForwardOptions& options = {}) const;
+
+  // lm_head over hidden states: (..., H) -> (..., V). Uses embed_tokens when tied.
+  at::Tensor logits(const at::Tensor& hidden) const;
+  const at::Tensor& lm_head_weight() const { return config_.tie_word_embeddings ? embed_tokens_ : lm_head_; }
+  // Reward score (Qwen2ForSequenceClassification): score.weight applied to hidden[b, index[b]].
+  // hidden (B, T, H), index (B) int64 -> (B). Throws when the folder has no score head.
+  at::Tensor score(const at::Tensor& hidden, const at::Tensor& index) const;
+
+  // Cached forward for generation: appends the first n_new[r] tokens of ids row r to cache slot
+  // slots[r] (prefill when n_new > 1, decode when 1) at positions length(slot) + t, attends over
+  // each slot's own history, advances the slot lengths, and returns the logits at each row's last
+  // appended token: (R, V). ids (R, T) int64, T >= max(n_new). Throws when a slot would overflow.
+  // Not thread-safe with respect to `cache`.
+  at::Tensor forward_cached(const at::Tensor& ids, const std::vector<int64_t>& slots,
+                            const std::vector<int64_t>& n_new, KVCache& cache,
+                            AttentionBackend backend = AttentionBackend::kAuto) const;
+
+  // Saves an HF folder that transformers and vLLM load unchanged (see checkpoint::save_checkpoint).
+  void save_pretrained(const std::string& dir, const checkpoint::SaveOptions& options = {}) const;
+
+  // Direct access for ops and LoRA later: (V, H), per-layer weights, (H), (V, H) / (1, H).
+  at::Tensor embed_tokens_;
+  std::vector<Qwen2Layer> layers_;
+  at::Tensor norm_;
+  at::Tensor lm_head_;  // undefined when tied
+  at::Tensor score_;    // (1, H); defined only for Qwen2ForSequenceClassification
+
+ private:
+  Qwen2Config config_;
+};
+
+// ---- building blocks, exposed for tests and fused ops ------------------------------------------
+
+// Inverse frequencies (D/2) float32, as transformers computes them (YaRN-scaled when configured),
+// and the factor cos/sin are multiplied by (1 unless YaRN).
+std::pair<at::Tensor, double> rope_inv_freq(const Qwen2Config& config);
+// cos and sin tables for positions (any shape P...) -> (P..., D) float32, layout cat(freqs, freqs).
+std::pair<at::Tensor, at::Tensor> rope_cos_sin(const Qwen2Config& config, const at::Tensor& positions);
+// x*cos + rotate_half(x)*sin. x (B, heads, T, D); cos/sin (B, T, D).
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+// Derived positions for an attention mask: cumsum(mask) - 1, padding set to 1 (HF generate). (B, T)
+at::Tensor positions_from_mask(const at::Tensor& attention_mask);
+// Index of the last real token of each row (B) for a (B, T) mask: where score() reads.
+at::Tensor last_token_index(const at::Tensor& attention_mask);
+
+}  // namespace ptk::model
