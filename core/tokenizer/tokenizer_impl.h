@@ -1,0 +1,89 @@
+// Internal to core/tokenizer: the state behind Tokenizer's pimpl (BPE model, added-token matcher,
+// pre-tokenizer, special ids, chat settings). Not a public header: include tokenizer.h instead.
+#pragma once
+#include <absl/container/flat_hash_map.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/tokenizer/pretokenizer.h"
+#include "core/tokenizer/tokenizer.h"
+
+namespace ptk::tokenizer {
+
+struct AddedToken {
+  std::string content;
+  TokenId id = kNoToken;
+  bool special = false, lstrip = false, rstrip = false, single_word = false, normalized = false;
+  std::string bytes;  // what decode() emits for it (ByteLevel decoder applied to content)
+};
+
+// aho-corasick's LeftmostLongest over a small set of literal patterns (added tokens).
+class AddedMatcher {
+ public:
+  void build(std::vector<std::pair<std::string, int>> patterns);  // (content, index into added)
+  bool empty() const { return patterns_.empty(); }
+  // First match at or after `from`: leftmost start, then longest. False when none.
+  bool find(std::string_view text, size_t from, size_t* b, size_t* e, int* which) const;
+
+ private:
+  std::vector<std::pair<std::string, int>> patterns_;  // sorted by first byte, then length desc
+  uint16_t first_[256][2] = {};                         // [begin, end) into patterns_ per first byte
+  int distinct_first_ = 0;
+  unsigned char only_first_ = 0;
+};
+
+// Byte-level BPE as HF's models::bpe::BPE with dropout off.
+struct BpeModel {
+  absl::flat_hash_map<std::string, TokenId> vocab;  // vocabulary form ("Ġhello")
+  std::vector<std::string> id_to_token;             // vocabulary form, "" for holes
+  std::vector<std::string> id_bytes;                // the bytes a token decodes to
+  absl::flat_hash_map<uint64_t, uint64_t> merges;   // (left << 32 | right) -> (rank << 32 | merged id)
+  TokenId byte_id[256];                             // id of each byte's alphabet character, or kNoToken
+  TokenId unk = kNoToken;
+  bool fuse_unk = false;
+  bool ignore_merges = false;
+
+  // Appends the ids of one pre-token (raw bytes; byte-level mapping is implicit). `cache_uid`
+  // identifies the owning tokenizer in the calling thread's word cache.
+  void encode_word(std::string_view word, uint64_t cache_uid, std::vector<TokenId>* out) const;
+};
+
+struct Tokenizer::Impl {
+  BpeModel bpe;
+  std::vector<AddedToken> added;
+  absl::flat_hash_map<TokenId, int> added_by_id;
+  absl::flat_hash_map<std::string, int> added_by_content;
+  AddedMatcher raw_matcher, normalized_matcher;
+  bool nfc = false;
+  std::unique_ptr<RegexSplitter> splitter;  // nullptr: the whole piece is one word
+  size_t vocab_size = 0;
+  uint64_t uid = 0;  // keys the per-thread word cache
+
+  TokenId eos = kNoToken, pad = kNoToken, im_start = kNoToken, im_end = kNoToken;
+
+  // Chat: what `auto` resolved to, or why it could not.
+  ChatTemplate chat = ChatTemplate::kQwen25;
+  std::string chat_error;
+  std::string default_system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
+
+  // Encodes valid UTF-8 `text`, appending to `ids`; when `starts` is given, appends each token's
+  // start byte in `text` (exact except inside a line that NFC changed: then the line's start).
+  void encode_into(std::string_view text, std::vector<TokenId>* ids, std::vector<uint32_t>* starts) const;
+  void encode_plain(std::string_view piece, uint32_t base, std::vector<TokenId>* ids,
+                    std::vector<uint32_t>* starts) const;
+  void encode_normalized(std::string_view piece, uint32_t base, std::vector<TokenId>* ids,
+                         std::vector<uint32_t>* starts) const;
+};
+
+}  // namespace ptk::tokenizer
+
+namespace ptk::tokenizer {
+// chat.cpp: sets impl->chat / chat_error / default_system from the requested renderer and the
+// chat_template text of tokenizer_config.json (nullptr when there is none).
+void resolve_chat_template(Tokenizer::Impl* impl, ChatTemplate requested, const std::string* template_text,
+                           const std::string& origin);
+}  // namespace ptk::tokenizer
