@@ -1,0 +1,209 @@
+// ptk::dist::Comm on loopback: world size 1 without a process group, torchrun environment parsing,
+// every collective with 2 Gloo ranks (each rank is this binary re-run as a child), and a peer that
+// dies making the survivor fail with a clear error within the timeout instead of hanging.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <thread>
+
+#include "core/dist/comm.h"
+#include "core/util/error.h"
+#include "core/util/fs.h"
+#include "tests/dist/spawn.h"
+#include "tests/support/test_util.h"
+
+namespace ptk::dist {
+namespace {
+
+std::string scenario() {
+  const char* s = std::getenv("PTK_DIST_SCENARIO");
+  return s ? s : "";
+}
+
+TEST(Comm, WorldSizeOneIsTheIdentity) {
+  Comm c;
+  EXPECT_EQ(c.world_size(), 1);
+  EXPECT_EQ(c.rank(), 0);
+  EXPECT_EQ(c.backend(), "none");
+  auto t = torch::tensor({1.0f, 2.0f});
+  c.all_reduce(t, ReduceOp::kAvg);
+  EXPECT_TRUE(torch::equal(t, torch::tensor({1.0f, 2.0f})));
+  auto g = c.all_gather(t);
+  EXPECT_EQ(g.sizes(), (std::vector<int64_t>{1, 2}));
+  EXPECT_TRUE(torch::equal(g[0], t));
+  c.all_reduce_async(t).wait();
+  c.broadcast(t);
+  c.barrier();
+  EXPECT_EQ(c.all_reduce(3.5, ReduceOp::kSum), 3.5);
+  EXPECT_EQ(c.broadcast(std::string("abc")), "abc");
+}
+
+TEST(Comm, EnvironmentParsing) {
+  if (!scenario().empty()) GTEST_SKIP() << "worker process";
+  auto set = [](const char* k, const char* v) {
+    if (v) setenv(k, v, 1);
+    else unsetenv(k);
+  };
+  for (const char* k : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"})
+    set(k, nullptr);
+  Env e = env_from_environment();
+  EXPECT_EQ(e.world_size, 1);
+  EXPECT_EQ(e.rank, 0);
+  set("WORLD_SIZE", "2");
+  try {
+    env_from_environment();
+    ADD_FAILURE() << "WORLD_SIZE=2 without RANK was accepted";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("RANK is not set"), std::string::npos) << err.what();
+  }
+  set("RANK", "1");
+  set("MASTER_ADDR", "10.0.0.1");
+  set("MASTER_PORT", "x12");
+  EXPECT_THROW(env_from_environment(), Error);
+  set("MASTER_PORT", "1234");
+  e = env_from_environment();
+  EXPECT_EQ(e.rank, 1);
+  EXPECT_EQ(e.local_rank, 1);
+  EXPECT_EQ(e.master_addr, "10.0.0.1");
+  EXPECT_EQ(e.master_port, 1234);
+  set("RANK", "2");
+  EXPECT_THROW(env_from_environment(), Error);
+  for (const char* k : {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}) set(k, nullptr);
+}
+
+// The rank body: run by the children of the tests below.
+TEST(DistWorker, Main) {
+  if (scenario().empty()) GTEST_SKIP() << "runs only as a child of another test";
+  at::set_num_threads(1);
+  CommOptions o;
+  o.timeout_s = std::atof(std::getenv("PTK_DIST_TIMEOUT"));
+  Comm c = Comm::from_environment(o);
+  const int r = c.rank(), w = c.world_size();
+  ASSERT_EQ(w, 2);
+  if (scenario() == "collectives") {
+    EXPECT_EQ(c.backend(), "gloo");
+    auto t = torch::tensor({1.0f * (r + 1), 2.0f * (r + 1)});
+    c.all_reduce(t, ReduceOp::kSum);
+    EXPECT_TRUE(torch::equal(t, torch::tensor({3.0f, 6.0f}))) << t;
+    t = torch::tensor({1.0f * (r + 1), 2.0f * (r + 1)});
+    c.all_reduce(t, ReduceOp::kAvg);
+    EXPECT_TRUE(torch::equal(t, torch::tensor({1.5f, 3.0f}))) << t;
+    auto i = torch::tensor({int64_t(r * 10), int64_t(-r)});
+    c.all_reduce(i, ReduceOp::kMax);
+    EXPECT_TRUE(torch::equal(i, torch::tensor({int64_t(10), int64_t(0)}))) << i;
+    i = torch::tensor({int64_t(r * 10), int64_t(-r)});
+    c.all_reduce(i, ReduceOp::kMin);
+    EXPECT_TRUE(torch::equal(i, torch::tensor({int64_t(0), int64_t(-1)}))) << i;
+    EXPECT_EQ(c.all_reduce(0.25 + r, ReduceOp::kSum), 1.5);
+    // all_gather into views of one flat buffer (what ZeRO-1 does).
+    auto flat = torch::zeros({6});
+    c.all_gather(torch::full({3}, float(r + 7)), {flat.narrow(0, 0, 3), flat.narrow(0, 3, 3)});
+    EXPECT_TRUE(torch::equal(flat, torch::tensor({7.f, 7.f, 7.f, 8.f, 8.f, 8.f}))) << flat;
+    auto g = c.all_gather(torch::full({2, 2}, double(r)));
+    EXPECT_EQ(g.sizes(), (std::vector<int64_t>{2, 2, 2}));
+    EXPECT_EQ(g[1][1][1].item<double>(), 1.0);
+    auto b = torch::full({4}, float(r));
+    c.broadcast(b, 1);
+    EXPECT_TRUE(torch::equal(b, torch::ones({4})));
+    EXPECT_EQ(c.broadcast(r == 0 ? std::string("from rank 0 \xe2\x9c\x93") : std::string(), 0),
+              "from rank 0 \xe2\x9c\x93");
+    // Several async all-reduces in flight at once, waited in order (gradient buckets).
+    std::vector<at::Tensor> bufs;
+    std::vector<Comm::Work> works;
+    for (int k = 0; k < 4; ++k) {
+      bufs.push_back(torch::full({250000}, float(k + r)));
+      works.push_back(c.all_reduce_async(bufs.back()));
+    }
+    for (auto& wk : works) wk.wait();
+    for (int k = 0; k < 4; ++k) EXPECT_EQ(bufs[k][12345].item<float>(), float(2 * k + 1));
+    c.barrier();
+  } else if (scenario() == "peer_dies") {
+    c.barrier();
+    if (r == 1) std::_Exit(3);  // dies without a goodbye
+    auto t0 = std::chrono::steady_clock::now();
+    auto t = torch::ones({1000});
+    try {
+      for (int k = 0; k < 1000; ++k) c.all_reduce(t, ReduceOp::kSum);
+      ADD_FAILURE() << "all_reduce with a dead peer did not fail";
+    } catch (const Error& e) {
+      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      std::printf("survivor error after %.2f s: %s\n", s, e.what());
+      EXPECT_NE(std::string(e.what()).find("all_reduce failed on rank 0 of 2"), std::string::npos) << e.what();
+      EXPECT_LE(s, o.timeout_s + 5);
+    }
+  } else if (scenario() == "peer_hangs") {
+    c.barrier();
+    if (r == 1) {
+      std::this_thread::sleep_for(std::chrono::seconds(10));  // alive, but never joins
+      std::_Exit(4);
+    }
+    auto t0 = std::chrono::steady_clock::now();
+    auto t = torch::ones({10});
+    try {
+      c.all_reduce(t, ReduceOp::kSum);
+      ADD_FAILURE() << "all_reduce with a silent peer did not time out";
+    } catch (const Error& e) {
+      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      std::printf("survivor error after %.2f s: %s\n", s, e.what());
+      EXPECT_GE(s, o.timeout_s - 0.5);
+      EXPECT_LE(s, o.timeout_s + 5);
+    }
+    std::fflush(stdout);
+    std::_Exit(::testing::Test::HasFailure() ? 1 : 0);  // do not wait for the sleeping peer at teardown
+  } else {
+    FAIL() << "unknown scenario " << scenario();
+  }
+}
+
+std::vector<int> run_ranks(const std::string& name, double timeout, test::TempDir& d, std::vector<std::string>* logs) {
+  int port = test::free_port();
+  std::vector<test::Child> kids;
+  for (int r = 0; r < 2; ++r) {
+    auto env = test::rank_env(r, 2, port);
+    env.push_back("PTK_DIST_SCENARIO=" + name);
+    env.push_back("PTK_DIST_TIMEOUT=" + std::to_string(timeout));
+    kids.push_back(test::spawn_worker("DistWorker.Main", env, d.file(name + "-rank" + std::to_string(r) + ".log")));
+  }
+  std::vector<int> codes;
+  for (auto& k : kids) codes.push_back(test::wait_child(k, timeout + 60));
+  for (int r = 0; r < 2; ++r) logs->push_back(read_file(d.file(name + "-rank" + std::to_string(r) + ".log")));
+  return codes;
+}
+
+TEST(Comm, CollectivesWithTwoGlooRanks) {
+  if (!scenario().empty()) GTEST_SKIP() << "worker process";
+  test::TempDir d;
+  std::vector<std::string> logs;
+  auto codes = run_ranks("collectives", 60, d, &logs);
+  for (int r = 0; r < 2; ++r) EXPECT_EQ(codes[r], 0) << "rank " << r << " log:\n" << logs[r];
+}
+
+TEST(Comm, DeadPeerFailsTheSurvivorWithinTheTimeout) {
+  if (!scenario().empty()) GTEST_SKIP() << "worker process";
+  test::TempDir d;
+  std::vector<std::string> logs;
+  auto t0 = std::chrono::steady_clock::now();
+  auto codes = run_ranks("peer_dies", 10, d, &logs);
+  double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(codes[1], 3) << logs[1];
+  EXPECT_EQ(codes[0], 0) << "rank 0 log:\n" << logs[0];  // its expectations passed: it failed cleanly
+  EXPECT_NE(logs[0].find("survivor error"), std::string::npos) << logs[0];
+  EXPECT_LT(s, 40) << "took " << s << " s";
+  std::printf("%s", logs[0].substr(logs[0].find("survivor error")).substr(0, 400).c_str());
+}
+
+// A peer that is alive but never joins the collective: the explicit timeout (not Gloo's 30 minutes).
+TEST(Comm, SilentPeerTimesOut) {
+  if (!scenario().empty()) GTEST_SKIP() << "worker process";
+  test::TempDir d;
+  std::vector<std::string> logs;
+  auto codes = run_ranks("peer_hangs", 4, d, &logs);
+  EXPECT_EQ(codes[0], 0) << "rank 0 log:\n" << logs[0];
+  EXPECT_EQ(codes[1], 4) << logs[1];
+  EXPECT_NE(logs[0].find("survivor error"), std::string::npos) << logs[0];
+}
+
+}  // namespace
+}  // namespace ptk::dist
