@@ -31,7 +31,7 @@ struct ThreadState {
     md = pcre2_match_data_create(1, nullptr);
     mc = pcre2_match_context_create(nullptr);
     // Long whitespace runs backtrack through `\s+(?!\S)`: give JIT room (reserved, grown on use).
-    stack = pcre2_jit_stack_create(64 * 1024, 512 * 1024 * 1024, nullptr);
+    stack = pcre2_jit_stack_create(64 * 1024, 128 * 1024 * 1024, nullptr);
     pcre2_jit_stack_assign(mc, nullptr, stack);
   }
   ~ThreadState() {
