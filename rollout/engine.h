@@ -1,0 +1,132 @@
+// The rollout engine: batched sampling from a Qwen2Model over its preallocated KV cache of S
+// slots, with continuous batching (a finished sample's slot is refilled from the queue at once)
+// and prompt sharing (a prompt is prefilled once; its KV is copied into the slots of its G samples).
+// Not text-aware (token ids only; stop strings need a token -> bytes table), not a server, not GRPO.
+//
+// Algorithm of one iteration: (1) admit queued samples into free slots, in request order; a
+// request's prompt minus its last token is prefilled once (prompts of similar length batched,
+// others one by one, so little compute goes to padding) and copied into its samples' slots, or
+// copied from a live sample of the same request; (2) one decode step over every busy slot (a new
+// sample feeds its prompt's last token); (3) the sampler chain picks one token per slot; finished
+// samples free their slots.
+//
+// Reproducibility: sample g of a request seeded s draws with the uniform sample_uniform(s, g,
+// step), so its stream does not depend on the batch. On CPU (float32) the logits of a row equal
+// those computed alone up to float rounding (~1e-6), so the same seed gives the same ids alone or
+// in any mix of requests, slots and S; a draw could flip only if its uniform fell within rounding of
+// a CDF boundary (greedy: a top-2 tie within rounding). On GPU the same holds for the stream, but
+// bf16 and batch-shape-dependent kernels move logits by ~1e-2, so ids agree until the first
+// near-tie and are not guaranteed equal across batch compositions.
+//
+// Threading and ownership: the engine keeps a const reference to the model (no copy: it reads the
+// policy's current parameters on every call, under no-grad) and owns its KV cache. One thread at a
+// time; do not change the parameters during generate(). The model must outlive the engine.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "rollout/sampling.h"  // SamplingParams
+
+namespace ptk::model {
+class Qwen2Model;
+class KVCache;
+}  // namespace ptk::model
+
+namespace ptk::rollout {
+
+struct Request {
+  std::vector<int64_t> prompt;  // token ids, at least one
+  int64_t samples = 1;          // G: independent samples of this prompt (prefilled once)
+  SamplingParams sampling;
+  uint64_t seed = 0;            // makes this request's samples reproducible whatever else runs
+  int64_t max_new_tokens = 256;
+  // Generation stops after any of these ids (it is kept in the output). The caller passes the
+  // tokenizer's eos_id() and im_end_id() for Qwen2.5 chat; empty = only max_new_tokens stops.
+  std::vector<int64_t> stop_ids;
+  // Generation stops after the token whose bytes complete one of these (the token is kept; the
+  // match is reported in Sample::stop_string). Needs EngineOptions::token_bytes.
+  std::vector<std::string> stop_strings;
+  // Optional, one per sample: its own max_new_tokens (benchmarks replaying recorded lengths).
+  std::vector<int64_t> sample_max_new_tokens;
+};
+
+enum class FinishReason { kStop, kLength };
+const char* finish_reason_name(FinishReason r);  // "stop" | "length"
+
+struct Sample {
+  std::vector<int64_t> ids;      // generated ids only, including the stop token / stop-string token
+  std::vector<float> logprobs;   // per id: log_softmax(logits / T)[id] over all V (T = 1 when greedy)
+  FinishReason finish_reason = FinishReason::kLength;
+  int64_t stop_id = -1;          // the stop id that ended it, else -1
+  std::string stop_string;       // the stop string that ended it, else ""
+};
+
+struct EngineOptions {
+  // S: sequences decoded together. More = higher throughput until compute-bound; the cache takes
+  // S * max_len * layers * 2 * kv_heads * head_dim * dtype bytes.
+  int64_t slots = 32;
+  // Tokens per slot (prompt + generated). 0 = sized to the longest request of each call.
+  int64_t max_len = 0;
+  // Columns >= vocab_limit are never sampled: pass the tokenizer's vocab_size() (Qwen2.5: 151665
+  // of 151936 rows). 0 = every row of the model.
+  int64_t vocab_limit = 0;
+  // Bytes each token id decodes to (rollout/token_bytes.h builds it from a tokenizer); needed only
+  // by requests with stop_strings.
+  std::shared_ptr<const std::vector<std::string>> token_bytes;
+  // A prefill batch of prompts of different lengths is formed only while its padded size stays
+  // within this factor of its real tokens; other prompts are prefilled alone.
+  double prefill_padding_factor = 1.15;
+  // Most prompt tokens in one prefill call (memory bound for long prompts).
+  int64_t prefill_max_tokens = 8192;
+};
+
+// Where the time of the last generate() went (seconds, wall clock; on GPU the split between
+// phases is approximate because kernels run asynchronously until the sampled ids are read).
+struct Stats {
+  int64_t requests = 0, samples = 0;
+  int64_t prompt_tokens = 0;        // prefilled (shared prompts counted once per prefill)
+  int64_t prefill_padding = 0;      // padding positions computed in prefill batches
+  int64_t generated_tokens = 0;
+  int64_t decode_steps = 0;         // forward calls of one token per busy slot
+  int64_t decode_rows = 0;          // sum over steps of busy slots
+  int64_t prefills = 0, prefix_copies = 0;
+  double prefill_s = 0, decode_s = 0, sample_s = 0, bookkeeping_s = 0, total_s = 0;
+  int64_t slots = 0;
+  double occupancy() const { return decode_steps ? double(decode_rows) / double(decode_steps * slots) : 0.0; }
+  double tokens_per_s() const { return total_s > 0 ? generated_tokens / total_s : 0.0; }
+};
+
+class Engine {
+ public:
+  Engine(const model::Qwen2Model& model, EngineOptions options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Called after each finished sample: (samples done, samples total, tokens generated so far).
+  using ProgressFn = std::function<void(int64_t, int64_t, int64_t)>;
+
+  // Generates every request's samples; result[i][g] is sample g of requests[i]. Throws ptk::Error
+  // naming the request for a bad one (empty prompt, ids outside the vocabulary, bad sampling
+  // parameters, prompt + max_new_tokens over max_len, stop strings without token_bytes).
+  std::vector<std::vector<Sample>> generate(const std::vector<Request>& requests, const ProgressFn& progress = {});
+
+  // Releases the KV cache (between GRPO phases); the next generate() allocates it again.
+  void free_cache();
+  // Bytes the KV cache holds now (0 when freed).
+  size_t cache_bytes() const;
+
+  const Stats& last_stats() const { return stats_; }
+  const EngineOptions& options() const { return options_; }
+
+ private:
+  const model::Qwen2Model& model_;
+  EngineOptions options_;
+  std::unique_ptr<model::KVCache> cache_;
+  Stats stats_;
+};
+
+}  // namespace ptk::rollout

@@ -1,0 +1,96 @@
+// The sampler chain on hand-made logit rows: each filter keeps exactly the tokens worked out by
+// hand, log-probs stay those of the full softmax, draws follow the inverse CDF, the uniform stream
+// depends only on (seed, sample, step). Not the engine (engine_test).
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <set>
+
+#include "core/util/error.h"
+#include "rollout/sampling.h"
+
+namespace ptk::rollout {
+namespace {
+
+// probabilities 0.5, 0.3, 0.15, 0.05 as logits (log p), one row.
+at::Tensor row() { return torch::tensor({std::log(0.5), std::log(0.3), std::log(0.15), std::log(0.05)}, torch::kFloat).unsqueeze(0); }
+
+std::vector<int64_t> kept(const at::Tensor& x) {
+  std::vector<int64_t> out;
+  for (int64_t j = 0; j < x.size(1); ++j)
+    if (std::isfinite(x[0][j].item<float>())) out.push_back(j);
+  return out;
+}
+
+TEST(Sampling, TopKKeepsTheKLargest) {
+  auto x = row();
+  apply_top_k_(x, {SamplingParams{1.0, 1.0, 2}});
+  EXPECT_EQ(kept(x), (std::vector<int64_t>{0, 1}));
+  auto y = row();
+  apply_top_k_(y, {SamplingParams{1.0, 1.0, 0}});  // off
+  EXPECT_EQ(kept(y).size(), 4u);
+}
+
+TEST(Sampling, TopPKeepsTheSmallestNucleusReachingP) {
+  // Mass before each token: 0, 0.5, 0.8, 0.95. top_p 0.7 keeps {0, 1} (0.8 >= 0.7 stops token 2);
+  // top_p 0.5 keeps {0} (0.5 is not below 0.5); top_p 0.81 keeps {0, 1, 2}.
+  for (auto [p, n] : std::vector<std::pair<double, size_t>>{{0.7, 2}, {0.5, 1}, {0.81, 3}, {0.2, 1}}) {
+    auto x = row();
+    apply_top_p_(x, {SamplingParams{1.0, p, 0}});
+    EXPECT_EQ(kept(x).size(), n) << "top_p " << p;
+  }
+}
+
+TEST(Sampling, TemperatureLimitAndLogprobsOfTheFullSoftmax) {
+  auto logits = torch::tensor({{1.0f, 2.0f, 3.0f, 4.0f}, {4.0f, 3.0f, 2.0f, 1.0f}});
+  std::vector<SamplingParams> ps = {{0.0, 1.0, 0}, {2.0, 0.5, 1}};
+  auto d = sample_rows(logits, ps, {0.3, 0.99}, /*vocab_limit=*/3);
+  // Row 0 greedy within the first 3 columns: id 2; log-prob under softmax(logits) over all 4.
+  EXPECT_EQ(d.ids[0].item<int64_t>(), 2);
+  EXPECT_NEAR(d.logprobs[0].item<float>(), torch::log_softmax(logits[0], 0)[2].item<float>(), 1e-6);
+  // Row 1 top-k 1 leaves id 0 whatever the uniform; log-prob under softmax(logits / 2), not 0.
+  EXPECT_EQ(d.ids[1].item<int64_t>(), 0);
+  EXPECT_NEAR(d.logprobs[1].item<float>(), torch::log_softmax(logits[1] / 2.0, 0)[0].item<float>(), 1e-6);
+}
+
+TEST(Sampling, DrawIsTheInverseCdf) {
+  // CDF 0.5, 0.8, 0.95, 1.0: u in (0, 0.5] -> 0, (0.5, 0.8] -> 1, (0.8, 0.95] -> 2, else 3.
+  std::vector<std::pair<double, int64_t>> cases = {{0.01, 0}, {0.49, 0}, {0.51, 1}, {0.79, 1}, {0.81, 2}, {0.96, 3}};
+  for (auto [u, want] : cases) EXPECT_EQ(draw(row(), {SamplingParams{}}, {u})[0].item<int64_t>(), want) << u;
+  auto x = row();
+  limit_vocab_(x, 2);  // columns 2, 3 never drawn, even at u near 1
+  EXPECT_EQ(draw(x, {SamplingParams{}}, {0.999})[0].item<int64_t>(), 1);
+}
+
+TEST(Sampling, UniformStreamDependsOnlyOnSeedSampleStep) {
+  EXPECT_EQ(sample_uniform(7, 3, 11), sample_uniform(7, 3, 11));
+  std::set<double> seen;
+  double sum = 0;
+  for (int s = 0; s < 50; ++s)
+    for (int t = 0; t < 50; ++t) {
+      double u = sample_uniform(1, s, t);
+      ASSERT_GT(u, 0.0);
+      ASSERT_LT(u, 1.0);
+      seen.insert(u);
+      sum += u;
+    }
+  EXPECT_EQ(seen.size(), 2500u);
+  EXPECT_NEAR(sum / 2500, 0.5, 0.02);
+  EXPECT_NE(sample_uniform(1, 0, 0), sample_uniform(2, 0, 0));
+  EXPECT_NE(sample_uniform(1, 0, 1), sample_uniform(1, 1, 0));
+}
+
+TEST(Sampling, BadParamsAreRefusedWithTheirName) {
+  EXPECT_THROW(validate({-1.0, 1.0, 0}, "request 0"), Error);
+  EXPECT_THROW(validate({1.0, 1.5, 0}, "request 0"), Error);
+  EXPECT_THROW(validate({1.0, 1.0, -2}, "request 0"), Error);
+  try {
+    validate({1.0, 0.0, 0}, "request 4");
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("request 4: top_p"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace ptk::rollout
