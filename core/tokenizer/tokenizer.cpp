@@ -141,6 +141,12 @@ void load_model(const rapidjson::Value& m, const std::string& origin, Tokenizer:
       refuse(origin, std::string("model.vocab[\"") + it->name.GetString() + "\"]", "id must be a non-negative integer",
              "fix the file");
     TokenId id = it->value.GetInt();
+    // Ids index dense tables; a real vocabulary has no large holes (found by fuzz_tokenizer_load).
+    if (static_cast<size_t>(id) >= vocab.MemberCount() + (1u << 20))
+      refuse(origin, std::string("model.vocab[\"") + it->name.GetString() + "\"]",
+             "id " + std::to_string(id) + " is far beyond the " + std::to_string(vocab.MemberCount()) +
+                 " entries of the vocabulary",
+             "ids of a BPE vocabulary are 0..N-1; fix the file");
     bpe.vocab[std::string(it->name.GetString(), it->name.GetStringLength())] = id;
     max_id = std::max(max_id, id);
   }

@@ -112,6 +112,7 @@ TEST(Tokenizer, RefusesWhatItDoesNotSupport) {
            {"\"version\": \"1.0\"", "\"version\": \"1.0\", \"extra\": 1", "extra"},
            {"\"type\": \"NFC\"", "\"type\": \"NFKC\"", "normalizer"},
            {"\"dropout\": null", "\"dropout\": 0.1", "dropout"},
+           {"\"ab\": 265", "\"ab\": 777777257", "far beyond"},  // fuzz_tokenizer_load found the OOM
            {"\"add_prefix_space\": false", "\"add_prefix_space\": true", "add_prefix_space"},
        }) {
     std::string err = load_error(replaced(base, c.from, c.to));
