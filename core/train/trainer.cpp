@@ -8,11 +8,15 @@
 
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <filesystem>
 #include <iostream>
+#include <cstring>
 #include <mutex>
 
 #include "core/checkpoint/checkpoint.h"
+#include "core/dist/grad_sync.h"
+#include "core/dist/zero1.h"
 #include "core/optim/clip.h"
 #include "core/optim/schedule.h"
 #include "core/runtime/log.h"
@@ -37,7 +41,29 @@ std::vector<at::Tensor> tensors_of(const optim::NamedTensors& named) {
   return out;
 }
 
+// Fails on every rank when ranks disagree on `value` (a count, a hash): the collectives that
+// follow would otherwise mismatch or hang.
+void check_same_on_all_ranks(dist::Comm& comm, int64_t value, const std::string& what, const std::string& hint) {
+  if (comm.world_size() == 1) return;
+  auto t = at::tensor({value, -value}, at::kLong);
+  comm.all_reduce(t, dist::ReduceOp::kMax);
+  int64_t hi = t[0].item<int64_t>(), lo = -t[1].item<int64_t>();
+  if (hi != lo)
+    throw Error("data parallel: ranks disagree on " + what + " (rank " + std::to_string(comm.rank()) + " has " +
+                std::to_string(value) + ", others range " + std::to_string(lo) + ".." + std::to_string(hi) +
+                ")\n---> HINT: " + hint);
+}
+
+int64_t hash_of(const std::string& s) { return static_cast<int64_t>(std::hash<std::string>{}(s) >> 2); }
+
 }  // namespace
+
+void Stage::set_rank(int rank, int world_size) {
+  if (world_size != 1)
+    throw Error("this stage does not split its data across ranks (world size " + std::to_string(world_size) +
+                "): every rank would train on the same data\n---> HINT: run it with one rank, or give the stage "
+                "a set_rank() that shards its loader");
+}
 
 void load_weights_into(const optim::NamedTensors& params, const std::string& dir) {
   auto tensors = checkpoint::read_checkpoint_tensors(dir);
@@ -73,21 +99,41 @@ double measure_matmul_flops() {
 struct Trainer::Impl {
   Stage& stage;
   TrainerOptions opt;
+  dist::Comm comm;
   optim::NamedTensors params;
-  std::unique_ptr<optim::AdamW> adamw;
+  std::unique_ptr<optim::AdamW> adamw;      // without ZeRO-1
+  std::unique_ptr<dist::Zero1AdamW> zero1;  // with ZeRO-1
+  std::unique_ptr<dist::GradSync> grad_sync;  // world size > 1
   optim::Schedule schedule;
   optim::NanGuard guard;
   int64_t step = 0;
-  int64_t micro_batches_done = 0;  // consumed from the stream, all epochs
+  int64_t micro_batches_done = 0;  // consumed from the stream, all epochs (this rank)
   int64_t total_steps = 0;
   int64_t total_micro_batches = -1;  // -1: unbounded (max_steps set)
-  int64_t tokens_seen = 0;
+  int64_t tokens_seen = 0;           // all ranks
 
-  Impl(Stage& s, TrainerOptions o) : stage(s), opt(std::move(o)), guard(opt.max_bad_steps) {
+  Impl(Stage& s, TrainerOptions o) : stage(s), opt(std::move(o)), comm(opt.comm), guard(opt.max_bad_steps) {
+    stage.set_rank(comm.rank(), comm.world_size());
     params = stage.parameters();
-    adamw = std::make_unique<optim::AdamW>(params, opt.adamw);
+    if (comm.world_size() > 1) {
+      check_same_on_all_ranks(comm, static_cast<int64_t>(params.size()), "the number of parameters",
+                              "every rank must build the same model");
+      // Every rank starts from rank 0's weights (as DDP does), whatever its own initialisation.
+      torch::NoGradGuard ng;
+      for (auto& [name, p] : params) {
+        at::Tensor buf = p.detach().contiguous();
+        comm.broadcast(buf, 0);
+        if (!buf.is_same(p)) p.detach().copy_(buf);
+      }
+    }
+    if (opt.zero1) zero1 = std::make_unique<dist::Zero1AdamW>(comm, params, opt.adamw);
+    else adamw = std::make_unique<optim::AdamW>(params, opt.adamw);
+    if (comm.world_size() > 1) grad_sync = std::make_unique<dist::GradSync>(comm, params, opt.bucket_mb);
     int64_t mbpe = stage.micro_batches_per_epoch();
     PTK_CHECK(mbpe > 0, "the training data has no micro-batches (empty dataset?)");
+    check_same_on_all_ranks(comm, mbpe, "the number of micro-batches per epoch",
+                            "the loader must give every rank the same number of micro-batches (drop the "
+                            "remainder or pad), else ranks would run different numbers of steps");
     if (opt.max_steps > 0) {
       total_steps = opt.max_steps;
     } else {
@@ -97,66 +143,135 @@ struct Trainer::Impl {
     schedule = optim::Schedule{opt.schedule, opt.lr, opt.min_lr, opt.warmup_steps, total_steps};
   }
 
+  bool main() const { return comm.rank() == 0; }
   std::string ckpt_root() const { return opt.run_dir + "/checkpoints"; }
-
-  void save_checkpoint() {
-    CheckpointDir dir(ckpt_root(), opt.keep_last);
-    std::string tmp = dir.begin(step);
-    stage.save_model(tmp + "/model.tmp");
-    // save_model writes an HF folder; move its files up so step-N/ is itself the HF folder.
-    for (auto& e : std::filesystem::directory_iterator(tmp + "/model.tmp"))
-      std::filesystem::rename(e.path(), tmp + "/" + e.path().filename().string());
-    std::filesystem::remove(tmp + "/model.tmp");
-    std::string ts = tmp + "/trainer_state";
-    make_dirs(ts);
-    checkpoint::write_safetensors(ts + "/optimizer.safetensors", adamw->state());
-    at::Tensor rng = at::detail::getDefaultCPUGenerator().get_state();
-    checkpoint::write_safetensors(ts + "/rng.safetensors", {{"torch_cpu", rng}});
-    rapidjson::StringBuffer buf;
-    rapidjson::Writer<rapidjson::StringBuffer> w(buf);
-    w.StartObject();
-    w.Key("step");
-    w.Int64(step);
-    w.Key("optimizer_steps");
-    w.Int64(adamw->steps());
-    w.Key("micro_batches_done");
-    w.Int64(micro_batches_done);
-    w.Key("tokens_seen");
-    w.Int64(tokens_seen);
-    w.Key("skipped_steps");
-    w.Int64(guard.skipped_total());
-    w.Key("threads");
-    w.Int(at::get_num_threads());
-    w.Key("seed");
-    w.Int64(opt.seed);
-    w.Key("cursor");
-    w.RawValue(stage.cursor_json().c_str(), stage.cursor_json().size(), rapidjson::kObjectType);
-    w.EndObject();
-    write_file_atomic(ts + "/state.json", std::string(buf.GetString(), buf.GetSize()) + "\n");
-    write_file_atomic(ts + "/recipe.json", opt.resolved_recipe);
-    dir.commit(step);
+  std::string rank_file(const std::string& stem, const std::string& ext) const {
+    return stem + "-rank-" + std::to_string(comm.rank()) + ext;
   }
 
-  // Returns the checkpoint resumed from, or "".
+  int64_t optimizer_steps() const { return zero1 ? zero1->steps() : adamw->steps(); }
+  void optimizer_step(double lr) {
+    if (zero1) zero1->step(lr);
+    else adamw->step(lr);
+  }
+  void zero_grad() {
+    if (zero1) zero1->zero_grad();
+    else adamw->zero_grad();
+  }
+
+  // Rank 0 writes the model, state.json and (without ZeRO-1) the optimizer; with ZeRO-1 every rank
+  // writes its optimizer shard, and ranks > 0 their RNG and data cursor. Rank 0 commits last.
+  void save_checkpoint() {
+    std::string tmp;
+    std::unique_ptr<CheckpointDir> dir;
+    if (main()) {
+      dir = std::make_unique<CheckpointDir>(ckpt_root(), opt.keep_last);
+      tmp = dir->begin(step);
+      stage.save_model(tmp + "/model.tmp");
+      // save_model writes an HF folder; move its files up so step-N/ is itself the HF folder.
+      for (auto& e : std::filesystem::directory_iterator(tmp + "/model.tmp"))
+        std::filesystem::rename(e.path(), tmp + "/" + e.path().filename().string());
+      std::filesystem::remove(tmp + "/model.tmp");
+      make_dirs(tmp + "/trainer_state");
+    }
+    tmp = comm.broadcast(tmp, 0);  // also: the folder exists now
+    std::string ts = tmp + "/trainer_state";
+    at::Tensor rng = at::detail::getDefaultCPUGenerator().get_state();
+    if (zero1) checkpoint::write_safetensors(ts + "/" + rank_file("optimizer", ".safetensors"), zero1->state());
+    if (!main()) {
+      checkpoint::write_safetensors(ts + "/" + rank_file("rng", ".safetensors"), {{"torch_cpu", rng}});
+      write_file_atomic(ts + "/" + rank_file("cursor", ".json"), "{\"cursor\":" + stage.cursor_json() + "}\n");
+    } else {
+      if (!zero1) checkpoint::write_safetensors(ts + "/optimizer.safetensors", adamw->state());
+      checkpoint::write_safetensors(ts + "/rng.safetensors", {{"torch_cpu", rng}});
+      rapidjson::StringBuffer buf;
+      rapidjson::Writer<rapidjson::StringBuffer> w(buf);
+      w.StartObject();
+      w.Key("step");
+      w.Int64(step);
+      w.Key("optimizer_steps");
+      w.Int64(optimizer_steps());
+      w.Key("micro_batches_done");
+      w.Int64(micro_batches_done);
+      w.Key("tokens_seen");
+      w.Int64(tokens_seen);
+      w.Key("skipped_steps");
+      w.Int64(guard.skipped_total());
+      w.Key("threads");
+      w.Int(at::get_num_threads());
+      w.Key("seed");
+      w.Int64(opt.seed);
+      w.Key("world_size");
+      w.Int(comm.world_size());
+      w.Key("zero1");
+      w.Bool(opt.zero1);
+      w.Key("cursor");
+      w.RawValue(stage.cursor_json().c_str(), stage.cursor_json().size(), rapidjson::kObjectType);
+      w.EndObject();
+      write_file_atomic(ts + "/state.json", std::string(buf.GetString(), buf.GetSize()) + "\n");
+      write_file_atomic(ts + "/recipe.json", opt.resolved_recipe);
+    }
+    comm.barrier();  // every rank's files are written
+    if (main()) dir->commit(step);
+    comm.barrier();  // nobody looks for this checkpoint before it is complete
+  }
+
+  // Returns the checkpoint resumed from, or "". Every rank resumes from the same one.
   std::string resume() {
     std::string from;
     if (opt.resume == "never") return "";
     if (opt.resume == "auto") {
       from = CheckpointDir(ckpt_root(), opt.keep_last).latest();
-      if (from.empty()) return "";
     } else {
       from = opt.resume;
       if (!CheckpointDir::is_complete(from))
         throw Error("resume=" + from + " is not a complete checkpoint folder (no DONE marker)\n"
                     "---> HINT: resume=auto picks the newest complete one in " + ckpt_root());
     }
+    check_same_on_all_ranks(comm, hash_of(from), "the checkpoint to resume from (" + (from.empty() ? "none" : from) + ")",
+                            "all ranks must see the same run folder (a shared file system)");
+    if (from.empty()) return "";
     std::string ts = from + "/trainer_state";
     auto state = json::parse_file(ts + "/state.json");
+    const int saved_world = state.HasMember("world_size") ? state["world_size"].GetInt() : 1;
+    const bool saved_zero1 = state.HasMember("zero1") && state["zero1"].GetBool();
+    const int world = comm.world_size();
+    if (saved_zero1 != opt.zero1)
+      throw Error("checkpoint " + from + " was written with train.zero1=" + (saved_zero1 ? "true" : "false") +
+                  ", this run has train.zero1=" + (opt.zero1 ? "true" : "false") +
+                  ": its optimizer state is laid out differently\n---> HINT: resume with train.zero1=" +
+                  (saved_zero1 ? "true" : "false") + (saved_zero1 ? " and " + std::to_string(saved_world) + " ranks" : "") +
+                  ", or resume=never to start over");
+    if (opt.zero1 && saved_world != world)
+      throw Error("checkpoint " + from + " holds ZeRO-1 optimizer shards for " + std::to_string(saved_world) +
+                  " ranks, this run has " + std::to_string(world) +
+                  " ranks; the shards cannot be re-cut\n---> HINT: resume with `ptk launch -n " +
+                  std::to_string(saved_world) + "` (WORLD_SIZE=" + std::to_string(saved_world) +
+                  "), or load its weights with model.path=" + from + " and resume=never (fresh optimizer)");
     load_weights_into(params, from);
-    auto opt_state = checkpoint::read_safetensors(ts + "/optimizer.safetensors");
-    optim::NamedTensors named(opt_state.begin(), opt_state.end());
-    adamw->load_state(named, state["optimizer_steps"].GetInt64());
-    auto rng = checkpoint::read_safetensors(ts + "/rng.safetensors");
+    if (zero1) {
+      std::string f = ts + "/" + rank_file("optimizer", ".safetensors");
+      if (!path_exists(f)) throw Error("checkpoint " + from + " has no " + rank_file("optimizer", ".safetensors"));
+      auto shard = checkpoint::read_safetensors(f);
+      zero1->load_state(optim::NamedTensors(shard.begin(), shard.end()), state["optimizer_steps"].GetInt64());
+    } else {
+      auto opt_state = checkpoint::read_safetensors(ts + "/optimizer.safetensors");
+      adamw->load_state(optim::NamedTensors(opt_state.begin(), opt_state.end()), state["optimizer_steps"].GetInt64());
+    }
+    // This rank's RNG and data cursor (rank 0's when the world size changed: the data order then differs).
+    std::string rng_file = ts + "/rng.safetensors";
+    std::string cursor = json::to_string(state["cursor"]);
+    if (!main()) {
+      if (saved_world == world) {
+        rng_file = ts + "/" + rank_file("rng", ".safetensors");
+        cursor = json::to_string(json::parse_file(ts + "/" + rank_file("cursor", ".json"))["cursor"]);
+      } else {
+        log::warn("checkpoint " + from + " was written by " + std::to_string(saved_world) + " ranks, this run has " +
+                  std::to_string(world) + ": every rank restores rank 0's data cursor, so the data order differs "
+                  "from the original run");
+      }
+    }
+    auto rng = checkpoint::read_safetensors(rng_file);
     at::Generator gen = at::detail::getDefaultCPUGenerator();  // a handle to the global generator
     {
       std::lock_guard<std::mutex> lock(gen.mutex());
@@ -165,49 +280,75 @@ struct Trainer::Impl {
     step = state["step"].GetInt64();
     micro_batches_done = state["micro_batches_done"].GetInt64();
     tokens_seen = state["tokens_seen"].GetInt64();
-    stage.restore_cursor(json::to_string(state["cursor"]));
+    stage.restore_cursor(cursor);
     int saved_threads = state["threads"].GetInt();
     if (saved_threads != at::get_num_threads())
       log::warn("checkpoint " + from + " was written with " + std::to_string(saved_threads) +
                 " threads, this run has " + std::to_string(at::get_num_threads()) +
                 ": resume continues, but not bit-for-bit (CPU reductions split work by thread). "
                 "Use --threads " + std::to_string(saved_threads) + " for an exact resume.");
-    log::info("resumed from " + from + " at step " + std::to_string(step));
+    if (main()) log::info("resumed from " + from + " at step " + std::to_string(step));
     return from;
   }
 
   void write_final() {
-    std::string tmp = opt.run_dir + "/final.tmp";
-    std::error_code ec;
-    std::filesystem::remove_all(tmp, ec);
-    stage.save_model(tmp);
-    replace_dir_atomic(tmp, opt.run_dir + "/final");
+    if (main()) {
+      std::string tmp = opt.run_dir + "/final.tmp";
+      std::error_code ec;
+      std::filesystem::remove_all(tmp, ec);
+      stage.save_model(tmp);
+      replace_dir_atomic(tmp, opt.run_dir + "/final");
+    }
+    comm.barrier();
   }
 };
+
+// Sums per-step values over ranks in one collective: `keys` (the metric names, in order) must be
+// the same on every rank.
+void sum_over_ranks(dist::Comm& comm, std::vector<double>* values, const std::string& keys) {
+  if (comm.world_size() == 1) return;
+  check_same_on_all_ranks(comm, hash_of(keys) ^ static_cast<int64_t>(values->size()), "the metric names of this step",
+                          "every rank's stage must report the same metrics (" + keys + ")");
+  at::Tensor t = at::tensor(*values, at::kDouble);
+  comm.all_reduce(t, dist::ReduceOp::kSum);
+  std::memcpy(values->data(), t.data_ptr<double>(), values->size() * sizeof(double));
+}
 
 Trainer::Trainer(Stage& stage, TrainerOptions options) : impl_(std::make_unique<Impl>(stage, std::move(options))) {}
 Trainer::~Trainer() = default;
 int64_t Trainer::step() const { return impl_->step; }
 int64_t Trainer::total_steps() const { return impl_->total_steps; }
-const optim::AdamW& Trainer::optimizer() const { return *impl_->adamw; }
+const optim::AdamW& Trainer::optimizer() const {
+  return impl_->zero1 ? impl_->zero1->local() : *impl_->adamw;
+}
 
 int64_t Trainer::run() {
   Impl& s = *impl_;
   const TrainerOptions& o = s.opt;
-  make_dirs(o.run_dir);
-  if (!o.resolved_recipe.empty()) write_file_atomic(o.run_dir + "/config.json", o.resolved_recipe);
+  dist::Comm& comm = s.comm;
+  const bool main = s.main();
+  if (main) {
+    make_dirs(o.run_dir);
+    if (!o.resolved_recipe.empty()) write_file_atomic(o.run_dir + "/config.json", o.resolved_recipe);
+  }
   s.resume();
-  MetricsWriter metrics(o.run_dir + "/metrics.jsonl", s.step);
+  std::unique_ptr<MetricsWriter> metrics;
+  if (main) metrics = std::make_unique<MetricsWriter>(o.run_dir + "/metrics.jsonl", s.step);
   double peak = o.peak_flops > 0 ? o.peak_flops : (s.stage.flops_per_token() > 0 ? measure_matmul_flops() : 0);
+  if (comm.world_size() > 1) peak = comm.all_reduce(peak, dist::ReduceOp::kSum);  // the ranks' cores together
   const double flops_per_token = s.stage.flops_per_token();
   const int64_t start_step = s.step;
   const int64_t mbpe = s.stage.micro_batches_per_epoch();
-  Progress progress(o.label, s.total_steps, "steps", 10.0);
-  progress.update(s.step);
+  std::unique_ptr<Progress> progress;
+  if (main) {
+    progress = std::make_unique<Progress>(o.label, s.total_steps, "steps", 10.0);
+    progress->update(s.step);
+  }
   std::vector<at::Tensor> param_tensors = tensors_of(s.params);
   while (s.step < s.total_steps) {
     auto t0 = Clock::now();
-    // Fetch the step's micro-batches first: the loss is normalized by their total target count.
+    // Fetch the step's micro-batches first: the loss is normalized by their total target count
+    // over all ranks (TRL's average_tokens_across_devices).
     std::vector<MicroBatch> mbs;
     for (int64_t k = 0; k < o.grad_accum; ++k) {
       if (s.total_micro_batches >= 0 && s.micro_batches_done >= s.total_micro_batches) break;
@@ -220,18 +361,29 @@ int64_t Trainer::run() {
       n_targets += mb.targets;
       n_tokens += mb.tokens;
     }
+    if (comm.world_size() > 1) {
+      auto t = at::tensor({n_targets, n_tokens}, at::kLong);
+      comm.all_reduce(t, dist::ReduceOp::kSum);
+      n_targets = t[0].item<int64_t>();
+      n_tokens = t[1].item<int64_t>();
+    }
     double loss_sum = 0;
     std::vector<std::pair<std::string, double>> sums;
     std::vector<int> counts;
-    for (auto& mb : mbs) {
-      LossOut out = s.stage.loss(mb, static_cast<double>(std::max<int64_t>(n_targets, 1)));
+    std::vector<std::string> ratio_keys;
+    std::vector<std::vector<double>> ratio_nd;  // per key: num, den per micro-batch
+    for (size_t k = 0; k < mbs.size(); ++k) {
+      const bool last_mb = k + 1 == mbs.size();
+      LossOut out = s.stage.loss(mbs[k], static_cast<double>(std::max<int64_t>(n_targets, 1)));
+      if (last_mb && s.grad_sync) s.grad_sync->arm();  // earlier micro-batches accumulate locally
       out.loss.backward();
+      if (last_mb && s.grad_sync) s.grad_sync->finish();
       loss_sum += out.loss.item<double>();
-      for (auto& [k, v] : out.metrics.values()) {
+      for (auto& [key, v] : out.metrics.values()) {
         size_t i = 0;
-        while (i < sums.size() && sums[i].first != k) ++i;
+        while (i < sums.size() && sums[i].first != key) ++i;
         if (i == sums.size()) {
-          sums.emplace_back(k, 0.0);
+          sums.emplace_back(key, 0.0);
           counts.push_back(0);
         }
         if (std::isfinite(v)) {
@@ -239,12 +391,46 @@ int64_t Trainer::run() {
           ++counts[i];
         }
       }
+      for (auto& r : out.ratios) {
+        size_t i = 0;
+        while (i < ratio_keys.size() && ratio_keys[i] != r.name) ++i;
+        if (i == ratio_keys.size()) {
+          ratio_keys.push_back(r.name);
+          ratio_nd.emplace_back(2 * mbs.size(), 0.0);
+        }
+        ratio_nd[i][2 * k] = r.num;
+        ratio_nd[i][2 * k + 1] = r.den;
+      }
+    }
+    // Metrics over ranks (FORMULAS.md section 0): the loss and counts summed, plain metrics averaged
+    // over every (rank, micro-batch) value, ratios as sum(num) / sum(den) per micro-batch.
+    if (comm.world_size() > 1) {
+      std::vector<double> v{loss_sum};
+      std::string keys;
+      for (size_t i = 0; i < sums.size(); ++i) {
+        v.push_back(sums[i].second);
+        v.push_back(counts[i]);
+        keys += sums[i].first + ";";
+      }
+      for (size_t i = 0; i < ratio_keys.size(); ++i) {
+        v.insert(v.end(), ratio_nd[i].begin(), ratio_nd[i].end());
+        keys += "ratio:" + ratio_keys[i] + ";";
+      }
+      sum_over_ranks(comm, &v, keys);
+      size_t at = 0;
+      loss_sum = v[at++];
+      for (size_t i = 0; i < sums.size(); ++i) {
+        sums[i].second = v[at++];
+        counts[i] = static_cast<int>(v[at++]);
+      }
+      for (size_t i = 0; i < ratio_keys.size(); ++i)
+        for (auto& x : ratio_nd[i]) x = v[at++];
     }
     double lr = s.schedule.lr_at(s.step);
     double norm = optim::clip_grad_norm(param_tensors, o.clip_grad_norm);
-    bool ok = s.guard.check(norm, s.step + 1);
-    if (ok) s.adamw->step(lr);
-    s.adamw->zero_grad();
+    bool ok = s.guard.check(norm, s.step + 1);  // the same on every rank: the gradients are
+    if (ok) s.optimizer_step(lr);
+    s.zero_grad();
     ++s.step;
     s.tokens_seen += n_tokens;
     double dt = seconds_since(t0);
@@ -258,26 +444,45 @@ int64_t Trainer::run() {
     if (!ok) m.add("skipped_step", 1);
     for (size_t i = 0; i < sums.size(); ++i)
       m.add(sums[i].first, counts[i] ? sums[i].second / counts[i] : std::nan(""));
+    for (size_t i = 0; i < ratio_keys.size(); ++i) {
+      double total = 0;
+      int n = 0;
+      for (size_t k = 0; k < mbs.size(); ++k) {
+        if (ratio_nd[i][2 * k + 1] == 0) continue;
+        total += ratio_nd[i][2 * k] / ratio_nd[i][2 * k + 1];
+        ++n;
+      }
+      m.add(ratio_keys[i], n ? total / n : std::nan(""));
+    }
     bool last = s.step == s.total_steps ||
                 (s.total_micro_batches >= 0 && s.micro_batches_done >= s.total_micro_batches);
     if ((o.eval_every > 0 && s.step % o.eval_every == 0) || last) {
       Metrics e;
       s.stage.evaluate(&e);
-      for (auto& [k, v] : e.values()) m.add("eval/" + k, v);
+      std::vector<double> v;
+      std::string keys;
+      for (auto& [k, x] : e.values()) {
+        v.push_back(x);
+        keys += k + ";";
+      }
+      sum_over_ranks(comm, &v, keys);  // eval metrics: the mean over ranks
+      for (size_t i = 0; i < v.size(); ++i) m.add("eval/" + e.values()[i].first, v[i] / comm.world_size());
     }
-    metrics.write(s.step, m);
-    if (s.step % o.log_every == 0 || last) {
-      char extra[160];
-      std::snprintf(extra, sizeof extra, "loss %.4f | lr %.3g | grad_norm %.3f | %.0f tok/s", loss_sum, lr, norm,
-                    n_tokens / dt);
-      progress.update(s.step, extra);
+    if (main) {
+      metrics->write(s.step, m);
+      if (s.step % o.log_every == 0 || last) {
+        char extra[160];
+        std::snprintf(extra, sizeof extra, "loss %.4f | lr %.3g | grad_norm %.3f | %.0f tok/s", loss_sum, lr, norm,
+                      n_tokens / dt);
+        progress->update(s.step, extra);
+      }
     }
     if (o.checkpoint_every > 0 && s.step % o.checkpoint_every == 0) s.save_checkpoint();
     if (last) break;
   }
-  progress.finish();
+  if (main) progress->finish();
   s.write_final();
-  log::info("wrote " + o.run_dir + "/final (step " + std::to_string(s.step) + ")");
+  if (main) log::info("wrote " + o.run_dir + "/final (step " + std::to_string(s.step) + ")");
   return s.step - start_step;
 }
 

@@ -1,8 +1,8 @@
 // The step loop every stage shares: K micro-batches per optimizer step with the loss normalized by
 // the step's target count, clipping, the NaN guard, the schedule, metrics.jsonl, the progress line,
 // periodic eval, crash-safe checkpoints (HF folder + trainer_state/), keep-last-K, final/, and exact
-// resume. Not a stage: data, loss and model saving come from a Stage. One process (data parallel
-// joins through core/dist).
+// resume, and data parallelism over a dist::Comm (global target count, bucketed gradient sum,
+// optional ZeRO-1; rank 0 writes). Not a stage: data, loss and model saving come from a Stage.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "core/dist/comm.h"      // Comm
 #include "core/optim/adamw.h"    // AdamW, NamedTensors
 #include "core/train/metrics.h"  // Metrics
 
@@ -23,14 +24,26 @@ struct MicroBatch {
   int64_t tokens = 0;          // tokens processed (tokens/s, MFU)
 };
 
+// A ratio metric whose numerator and denominator are each summed over ranks before dividing
+// (FORMULAS.md section 0), e.g. mean_token_accuracy = correct / targets.
+struct Ratio {
+  std::string name;
+  double num = 0, den = 0;
+};
+
 struct LossOut {
   at::Tensor loss;  // scalar, already divided by the step's N: the loop calls backward() on it
-  Metrics metrics;  // per-micro-batch values; the loop logs their mean over the step (as TRL)
+  Metrics metrics;  // per-micro-batch values; logged: their mean over the step's micro-batches and ranks
+  std::vector<Ratio> ratios;  // per micro-batch sum(num)/sum(den) over ranks, then the mean over micro-batches
 };
 
 class Stage {
  public:
   virtual ~Stage() = default;
+  // Called once by the Trainer, before anything else: this process is `rank` of `world_size`
+  // data-parallel ranks and must read only its share of the data, with the same number of
+  // micro-batches per epoch on every rank. The default accepts world size 1 only.
+  virtual void set_rank(int rank, int world_size);
   // The trainable parameters, HF names; updated in place by the optimizer.
   virtual optim::NamedTensors parameters() = 0;
   // Micro-batches in one epoch of the training data.
@@ -68,8 +81,21 @@ struct TrainerOptions {
   double peak_flops = 0;
   int max_bad_steps = 5;  // NaN guard
   std::string label = "train";
+  // Data parallel. The default Comm is world size 1 (one process, no process group).
+  // A rank's micro-batch holds its share of the step; N, gradients and metrics are summed over ranks.
+  dist::Comm comm;
+  // ZeRO-1 (recipe key train.zero1): each rank keeps AdamW moments/master weights for 1/world of
+  // the parameters only (less memory), at the cost of an all-gather of the parameters per step.
+  // Checkpoints then hold one optimizer shard per rank: resume needs the same world size.
+  bool zero1 = false;
+  // Gradient all-reduce bucket size in MiB (DDP's bucket_cap_mb): smaller overlaps more, larger
+  // costs fewer collectives.
+  double bucket_mb = 25;
 };
 
+// With options.comm of world size > 1, every rank builds a Trainer with the same options (and a
+// Stage set to its rank) and calls run(); run() is then a sequence of collectives: a rank that
+// fails makes the others fail within options.comm's timeout.
 class Trainer {
  public:
   Trainer(Stage& stage, TrainerOptions options);
@@ -81,6 +107,7 @@ class Trainer {
 
   int64_t step() const;
   int64_t total_steps() const;
+  // The AdamW this rank runs (with ZeRO-1: over its slice of the parameters only).
   const optim::AdamW& optimizer() const;
 
  private:

@@ -1,0 +1,237 @@
+// Data-parallel training on loopback Gloo ranks (children re-running this binary): 2 ranks with
+// micro-batch b end with the parameters of 1 rank with micro-batch 2b (with and without ZeRO-1),
+// resume works after both ranks are killed, a ZeRO-1 checkpoint refuses another world size, and a
+// rank that dies makes the other exit with a clear error within the timeout.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <sstream>
+
+#include "core/checkpoint/checkpoint.h"
+#include "core/dist/comm.h"
+#include "core/train/trainer.h"
+#include "core/util/error.h"
+#include "core/util/fs.h"
+#include "core/util/json.h"
+#include "tests/dist/spawn.h"
+#include "tests/dist/tiny_stage.h"
+#include "tests/support/test_util.h"
+
+namespace ptk::train {
+namespace {
+
+constexpr int64_t kDocs = 32, kSeed = 3;
+
+const char* env(const char* k) {
+  const char* v = std::getenv(k);
+  return v ? v : "";
+}
+
+TrainerOptions options(const std::string& dir, bool zero1, int64_t checkpoint_every) {
+  TrainerOptions o;
+  o.run_dir = dir;
+  o.resolved_recipe = "{}\n";
+  o.lr = 3e-3;
+  o.schedule = "cosine";
+  o.warmup_steps = 2;
+  o.adamw = optim::AdamWOptions{0.9, 0.95, 1e-8, 0.01, false};
+  o.peak_flops = 1e10;
+  o.label = "dp";
+  o.epochs = 2;
+  o.grad_accum = 2;  // exercises local accumulation before the synced micro-batch
+  o.zero1 = zero1;
+  o.checkpoint_every = checkpoint_every;
+  o.bucket_mb = 0.01;  // several buckets for this tiny model (~30k parameters)
+  return o;
+}
+
+// The rank body, run as a child: trains and writes this rank's parameters.
+TEST(DistWorker, Train) {
+  if (!*env("PTK_DT_RUN_DIR")) GTEST_SKIP() << "runs only as a child of another test";
+  at::set_num_threads(1);
+  dist::CommOptions co;
+  co.timeout_s = std::atof(env("PTK_DT_TIMEOUT"));
+  dist::Comm comm = dist::Comm::from_environment(co);
+  const int die_at = std::atoi(env("PTK_DT_DIE_AT")), die_rank = std::atoi(env("PTK_DT_DIE_RANK"));
+  test::TinyDpStage stage(kDocs, std::atoi(env("PTK_DT_MBS")), kSeed, [&](int64_t n) {
+    if (n == die_at && (die_rank < 0 || die_rank == comm.rank())) std::raise(SIGKILL);
+  });
+  auto o = options(env("PTK_DT_RUN_DIR"), std::atoi(env("PTK_DT_ZERO1")) != 0, std::atoi(env("PTK_DT_CKPT")));
+  o.comm = comm;
+  Trainer t(stage, o);
+  t.run();
+  checkpoint::write_safetensors(std::string(env("PTK_DT_OUT")) + "-rank" + std::to_string(comm.rank()) + ".safetensors",
+                                stage.parameters());
+}
+
+struct RunResult {
+  std::vector<int> codes;
+  std::vector<std::string> logs;
+};
+
+RunResult run_ranks(const std::string& run_dir, const std::string& out, bool zero1, int ckpt, int die_at = 0,
+                    int die_rank = -1, double timeout = 60) {
+  int port = test::free_port();
+  std::vector<test::Child> kids;
+  for (int r = 0; r < 2; ++r) {
+    auto e = test::rank_env(r, 2, port);
+    e.insert(e.end(), {"PTK_DT_RUN_DIR=" + run_dir, "PTK_DT_OUT=" + out, "PTK_DT_MBS=2",
+                       "PTK_DT_ZERO1=" + std::to_string(zero1), "PTK_DT_CKPT=" + std::to_string(ckpt),
+                       "PTK_DT_DIE_AT=" + std::to_string(die_at), "PTK_DT_DIE_RANK=" + std::to_string(die_rank),
+                       "PTK_DT_TIMEOUT=" + std::to_string(timeout)});
+    kids.push_back(test::spawn_worker("DistWorker.Train", e, out + "-rank" + std::to_string(r) + ".log"));
+  }
+  RunResult res;
+  for (auto& k : kids) res.codes.push_back(test::wait_child(k, timeout + 120));
+  for (int r = 0; r < 2; ++r) res.logs.push_back(read_file(out + "-rank" + std::to_string(r) + ".log"));
+  return res;
+}
+
+std::map<std::string, at::Tensor> load(const std::string& f) {
+  auto m = checkpoint::read_safetensors(f);
+  return {m.begin(), m.end()};
+}
+
+double max_diff(const std::map<std::string, at::Tensor>& a, const optim::NamedTensors& b) {
+  double d = 0;
+  for (auto& [n, t] : b) d = std::max(d, (a.at(n) - t).abs().max().item<double>());
+  return d;
+}
+double max_diff(const std::map<std::string, at::Tensor>& a, const std::map<std::string, at::Tensor>& b) {
+  return max_diff(a, optim::NamedTensors(b.begin(), b.end()));
+}
+
+std::vector<rapidjson::Document> metric_lines(const std::string& run_dir) {
+  std::vector<rapidjson::Document> out;
+  std::istringstream in(read_file(run_dir + "/metrics.jsonl"));
+  std::string line;
+  while (std::getline(in, line)) out.push_back(json::parse(line, "metrics"));
+  return out;
+}
+
+std::map<std::string, at::Tensor> reference_start() {
+  test::TinyDpStage s(kDocs, 4, kSeed);
+  std::map<std::string, at::Tensor> m;
+  for (auto& [n, t] : s.parameters()) m[n] = t.detach().clone();
+  return m;
+}
+
+bool is_worker() { return *env("PTK_DT_RUN_DIR") != '\0'; }
+
+// 1 rank, micro-batch 4, in this process: the reference.
+optim::NamedTensors reference(const std::string& dir) {
+  at::set_num_threads(1);
+  static std::unique_ptr<test::TinyDpStage> stage;
+  stage = std::make_unique<test::TinyDpStage>(kDocs, 4, kSeed);
+  Trainer(*stage, options(dir, false, 0)).run();
+  return stage->parameters();
+}
+
+TEST(DataParallel, TwoRanksEqualOneRankWithDoubleBatch) {
+  if (is_worker()) GTEST_SKIP();
+  test::TempDir d;
+  auto ref = reference(d.file("ref"));
+  auto ref_metrics = metric_lines(d.file("ref"));
+  std::map<std::string, at::Tensor> plain_params;
+  for (bool zero1 : {false, true}) {
+    std::string name = zero1 ? "zero1" : "ddp";
+    auto res = run_ranks(d.file(name), d.file(name), zero1, 0);
+    for (int r = 0; r < 2; ++r) ASSERT_EQ(res.codes[r], 0) << name << " rank " << r << ":\n" << res.logs[r];
+    auto p0 = load(d.file(name + "-rank0.safetensors")), p1 = load(d.file(name + "-rank1.safetensors"));
+    double diff = max_diff(p0, ref), ranks = max_diff(p0, p1);
+    std::printf("%s: 2 ranks x micro-batch 2 vs 1 rank x micro-batch 4 after 8 steps: max |param diff| %.3g; "
+                "rank 0 vs rank 1: %.3g\n", name.c_str(), diff, ranks);
+    EXPECT_LT(diff, 1e-5) << name;
+    EXPECT_EQ(ranks, 0.0) << name << ": ranks drifted apart";
+    EXPECT_GT(max_diff(p0, reference_start()), 1e-3) << "training did not move the parameters";
+    if (!zero1) plain_params = p0;
+    else EXPECT_EQ(max_diff(p0, plain_params), 0.0) << "ZeRO-1 differs from plain data parallel";
+    // Rank 0 wrote the run folder; the metrics are the global ones.
+    auto m = metric_lines(d.file(name));
+    ASSERT_EQ(m.size(), ref_metrics.size());
+    for (size_t i = 0; i < m.size(); ++i) {
+      EXPECT_NEAR(m[i]["loss"].GetDouble(), ref_metrics[i]["loss"].GetDouble(), 1e-5) << name << " step " << i + 1;
+      EXPECT_NEAR(m[i]["grad_norm"].GetDouble(), ref_metrics[i]["grad_norm"].GetDouble(), 1e-4) << "step " << i + 1;
+      EXPECT_NEAR(m[i]["mean_token_accuracy"].GetDouble(), ref_metrics[i]["mean_token_accuracy"].GetDouble(), 1e-12);
+      EXPECT_EQ(m[i]["num_tokens"].GetDouble(), ref_metrics[i]["num_tokens"].GetDouble());
+      // A plain metric: the mean over ranks of per-rank values, i.e. half the 1-rank value here.
+      EXPECT_DOUBLE_EQ(2 * m[i]["rank_local_targets"].GetDouble(), ref_metrics[i]["rank_local_targets"].GetDouble());
+    }
+    EXPECT_TRUE(path_exists(d.file(name) + "/final/model.safetensors"));
+  }
+}
+
+// Kills both ranks in step 6 (checkpoints every 2 steps), resumes with 2 ranks: the result equals
+// the run that never stopped. Then ZeRO-1's checkpoint refuses 1 rank.
+TEST(DataParallel, ResumeAfterBothRanksAreKilled) {
+  if (is_worker()) GTEST_SKIP();
+  for (bool zero1 : {false, true}) {
+    test::TempDir d;
+    std::string name = zero1 ? "zero1" : "ddp";
+    auto full = run_ranks(d.file("full"), d.file("full"), zero1, 2);
+    ASSERT_EQ(full.codes[0], 0) << full.logs[0];
+    auto killed = run_ranks(d.file("run"), d.file("killed"), zero1, 2, /*die_at=*/11, /*die_rank=*/-1);
+    for (int r = 0; r < 2; ++r) EXPECT_NE(killed.codes[r], 0) << "rank " << r << " was not killed";
+    EXPECT_EQ(killed.codes[0], 128 + SIGKILL) << killed.logs[0];
+    ASSERT_TRUE(path_exists(d.file("run") + "/checkpoints/step-4/DONE"));
+    if (zero1) {
+      for (const char* f : {"optimizer-rank-0.safetensors", "optimizer-rank-1.safetensors", "rng-rank-1.safetensors",
+                            "cursor-rank-1.json"})
+        EXPECT_TRUE(path_exists(d.file("run") + "/checkpoints/step-4/trainer_state/" + f)) << f;
+      EXPECT_FALSE(path_exists(d.file("run") + "/checkpoints/step-4/trainer_state/optimizer.safetensors"));
+    }
+    auto resumed = run_ranks(d.file("run"), d.file("resumed"), zero1, 2);
+    for (int r = 0; r < 2; ++r) ASSERT_EQ(resumed.codes[r], 0) << resumed.logs[r];
+    EXPECT_NE(resumed.logs[0].find("resumed from"), std::string::npos) << resumed.logs[0];
+    double diff = max_diff(load(d.file("resumed-rank0.safetensors")), load(d.file("full-rank0.safetensors")));
+    std::printf("%s: killed at step 6, resumed from step 4: max |param diff| vs uninterrupted %.3g\n", name.c_str(),
+                diff);
+    EXPECT_EQ(diff, 0.0) << name;
+    auto a = metric_lines(d.file("run")), b = metric_lines(d.file("full"));
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i]["loss"].GetDouble(), b[i]["loss"].GetDouble()) << i + 1;
+    if (zero1) {
+      // One rank cannot take over two ranks' optimizer shards.
+      at::set_num_threads(1);
+      test::TinyDpStage stage(kDocs, 4, kSeed);
+      auto o = options(d.file("run"), true, 2);
+      o.max_steps = 12;
+      try {
+        Trainer(stage, o).run();
+        ADD_FAILURE() << "a 2-rank ZeRO-1 checkpoint was resumed by 1 rank";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("ZeRO-1 optimizer shards for 2 ranks, this run has 1"), std::string::npos)
+            << e.what();
+      }
+      o.zero1 = false;
+      try {
+        Trainer(stage, o).run();
+        ADD_FAILURE() << "a ZeRO-1 checkpoint was resumed without ZeRO-1";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("train.zero1=true"), std::string::npos) << e.what();
+      }
+    }
+  }
+}
+
+TEST(DataParallel, DeadRankMakesTheOtherFailWithinTheTimeout) {
+  if (is_worker()) GTEST_SKIP();
+  test::TempDir d;
+  auto t0 = std::chrono::steady_clock::now();
+  auto res = run_ranks(d.file("run"), d.file("die"), false, 0, /*die_at=*/5, /*die_rank=*/1, /*timeout=*/15);
+  double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(res.codes[1], 128 + SIGKILL);
+  EXPECT_NE(res.codes[0], 0) << res.logs[0];
+  EXPECT_NE(res.codes[0], -1) << "rank 0 hung past the deadline";
+  EXPECT_NE(res.logs[0].find("failed on rank 0 of 2"), std::string::npos) << res.logs[0];
+  EXPECT_LT(s, 15 + 30);
+  auto at = res.logs[0].find("dist:");
+  std::printf("rank 0 exited %d after %.1f s: %s\n", res.codes[0], s,
+              at == std::string::npos ? "?" : res.logs[0].substr(at, 300).c_str());
+}
+
+}  // namespace
+}  // namespace ptk::train
