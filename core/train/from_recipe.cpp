@@ -1,0 +1,36 @@
+#include "core/train/from_recipe.h"
+
+namespace ptk::train {
+
+std::string run_dir_of(const config::TrainingRecipe& r, const std::string& recipe_file) {
+  return r.run.dir.empty() ? config::default_run_dir(recipe_file) : r.run.dir;
+}
+
+TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::string& run_dir,
+                               const std::string& resolved_recipe, const std::string& label) {
+  TrainerOptions o;
+  o.run_dir = run_dir;
+  o.resolved_recipe = resolved_recipe;
+  o.resume = r.root.resume;
+  o.seed = r.run.seed;
+  o.epochs = r.train.epochs;
+  o.max_steps = r.train.max_steps;
+  o.grad_accum = r.train.grad_accum;
+  o.eval_every = r.train.eval_every;
+  o.log_every = r.train.log_every;
+  o.lr = r.optim.lr;
+  o.min_lr = r.optim.min_lr;
+  o.clip_grad_norm = r.optim.clip_grad_norm;
+  o.schedule = r.optim.schedule;
+  o.warmup_steps = r.optim.warmup_steps;
+  o.adamw.beta1 = r.optim.betas.at(0);
+  o.adamw.beta2 = r.optim.betas.at(1);
+  o.adamw.eps = r.optim.eps;
+  o.adamw.weight_decay = r.optim.weight_decay;
+  o.checkpoint_every = r.checkpoint.every;
+  o.keep_last = r.checkpoint.keep_last;
+  o.label = label;
+  return o;
+}
+
+}  // namespace ptk::train

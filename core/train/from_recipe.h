@@ -1,0 +1,17 @@
+// The shared recipe sections (DESIGN.md's keys) turned into the loop's options, so every stage
+// maps them the same way. Not the stage-specific sections.
+#pragma once
+#include <string>
+
+#include "core/config/sections.h"  // TrainingRecipe
+#include "core/train/trainer.h"    // TrainerOptions
+
+namespace ptk::train {
+
+// run.dir, or runs/<recipe file name> when empty.
+std::string run_dir_of(const config::TrainingRecipe& r, const std::string& recipe_file);
+
+TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::string& run_dir,
+                               const std::string& resolved_recipe, const std::string& label);
+
+}  // namespace ptk::train
