@@ -1,0 +1,58 @@
+// Best-fit-decreasing packing (see packing.h). Open rows are bucketed by their free space; a
+// std::set of non-empty free-space values finds the tightest fit in O(log capacity).
+#include "datasets/packing.h"
+
+#include <algorithm>
+#include <numeric>
+#include <set>
+#include <string>
+
+#include "core/util/error.h"
+
+namespace ptk::data {
+
+std::vector<std::vector<uint32_t>> pack_best_fit_decreasing(const std::vector<uint32_t>& lengths, uint32_t capacity) {
+  if (capacity == 0) throw Error("packing: capacity (data.max_seq_len) must be > 0");
+  std::vector<uint32_t> order(lengths.size());
+  std::iota(order.begin(), order.end(), 0u);
+  for (uint32_t i : order)
+    if (lengths[i] == 0 || lengths[i] > capacity)
+      throw Error("packing: document " + std::to_string(i) + " has " + std::to_string(lengths[i]) +
+                  " tokens; every document must hold 1.." + std::to_string(capacity));
+  std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return lengths[a] > lengths[b]; });
+
+  std::vector<std::vector<uint32_t>> rows;
+  std::vector<std::vector<uint32_t>> by_free(capacity + 1);  // free space -> open rows (LIFO)
+  std::set<uint32_t> free_values;                             // free spaces with at least one row
+  for (uint32_t d : order) {
+    uint32_t len = lengths[d];
+    auto it = free_values.lower_bound(len);
+    uint32_t row;
+    uint32_t free_now;
+    if (it == free_values.end()) {
+      row = static_cast<uint32_t>(rows.size());
+      rows.emplace_back();
+      free_now = capacity;
+    } else {
+      free_now = *it;
+      auto& bucket = by_free[free_now];
+      row = bucket.back();
+      bucket.pop_back();
+      if (bucket.empty()) free_values.erase(it);
+    }
+    rows[row].push_back(d);
+    uint32_t left = free_now - len;
+    if (left > 0) {
+      if (by_free[left].empty()) free_values.insert(left);
+      by_free[left].push_back(row);
+    }
+  }
+  return rows;
+}
+
+double padding_fraction(uint64_t tokens, uint64_t rows, uint32_t capacity) {
+  if (rows == 0) return 0.0;
+  return 1.0 - static_cast<double>(tokens) / (static_cast<double>(rows) * capacity);
+}
+
+}  // namespace ptk::data

@@ -1,0 +1,799 @@
+// prepare: read JSONL blocks, parse + tokenize each block on every core, write tokens/masks/index in
+// input order, pack, then manifest.json and the rename (see prepare.h). Not the loader.
+#include "datasets/prepare.h"
+
+#include <openssl/evp.h>
+#include <rapidjson/prettywriter.h>
+#include <rapidjson/stringbuffer.h>
+#include <rapidjson/writer.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <iostream>
+#include <memory>
+#include <thread>
+
+#include "core/train/progress.h"
+#include "core/util/error.h"
+#include "core/util/fs.h"
+#include "core/util/json.h"
+#include "datasets/packing.h"
+#include "datasets/shards.h"
+
+namespace ptk::data {
+
+namespace fs = std::filesystem;
+using tokenizer::TokenId;
+using tokenizer::Tokenizer;
+
+// ---- hashing ---------------------------------------------------------------------------------
+
+std::string sha256_hex(const void* data, size_t n) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_Digest(data, n, md, &len, EVP_sha256(), nullptr);
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (unsigned i = 0; i < len; ++i) {
+    out += hex[md[i] >> 4];
+    out += hex[md[i] & 15];
+  }
+  return out;
+}
+
+std::string sha256_file(const std::string& path) {
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) throw Error("cannot open " + path + ": " + std::strerror(errno));
+  std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr);
+  std::vector<char> buf(1 << 20);
+  size_t n;
+  while ((n = std::fread(buf.data(), 1, buf.size(), f)) > 0) EVP_DigestUpdate(ctx.get(), buf.data(), n);
+  bool bad = std::ferror(f);
+  std::fclose(f);
+  if (bad) throw Error("cannot read " + path);
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(ctx.get(), md, &len);
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (unsigned i = 0; i < len; ++i) {
+    out += hex[md[i] >> 4];
+    out += hex[md[i] & 15];
+  }
+  return out;
+}
+
+namespace {
+
+using Writer = rapidjson::Writer<rapidjson::StringBuffer>;
+
+void write_str(Writer& w, const std::string& s) { w.String(s.data(), static_cast<rapidjson::SizeType>(s.size())); }
+
+// tokenizer.json and tokenizer_config.json (when present) of a tokenizer path.
+std::vector<std::string> tokenizer_files(const std::string& path) {
+  if (path.empty())
+    throw Error("no tokenizer given\n---> HINT: set tokenizer.path (or model.path), or pass --tokenizer DIR_OR_tokenizer.json");
+  std::string json = fs::is_directory(path) ? path + "/tokenizer.json" : path;
+  if (!path_exists(json)) throw Error("tokenizer: " + json + " does not exist\n---> HINT: point tokenizer.path at an HF folder");
+  std::vector<std::string> files{json};
+  std::string cfg = parent_dir(json) + "/tokenizer_config.json";
+  if (path_exists(cfg)) files.push_back(cfg);
+  return files;
+}
+
+bool has_fractional_weight(const std::vector<SourceFile>& files) {
+  for (const auto& f : files)
+    if (f.weight != std::floor(f.weight)) return true;
+  return false;
+}
+
+// What a prepared folder is a function of, as compact JSON (compared byte for byte).
+std::string identity_json(const PrepareOptions& o, const std::vector<SourceFile>& files,
+                          const std::vector<std::string>& hashes) {
+  rapidjson::StringBuffer sb;
+  Writer w(sb);
+  w.StartObject();
+  w.Key("version");
+  w.Int(kPrepareVersion);
+  w.Key("format");
+  w.String(format_name(o.format));
+  w.Key("max_seq_len");
+  w.Int64(o.max_seq_len);
+  w.Key("packing");
+  w.Bool(o.format == Format::kSft && o.packing);
+  w.Key("overlong");
+  write_str(w, o.overlong);
+  w.Key("on_error");
+  write_str(w, o.on_error);
+  w.Key("chat_template");
+  write_str(w, o.chat_template);
+  w.Key("tokenizer_sha256");
+  std::string tok_hash;
+  for (const auto& f : tokenizer_files(o.tokenizer_path)) tok_hash += fs::path(f).filename().string() + ":" + sha256_file(f) + ";";
+  write_str(w, sha256_hex(tok_hash.data(), tok_hash.size()));
+  if (has_fractional_weight(files)) {
+    w.Key("seed");
+    w.Uint64(o.seed);
+  }
+  w.Key("sources");
+  w.StartArray();
+  for (size_t i = 0; i < files.size(); ++i) {
+    w.StartObject();
+    w.Key("path");
+    write_str(w, files[i].path);
+    w.Key("weight");
+    w.Double(files[i].weight);
+    w.Key("size");
+    w.Uint64(files[i].size);
+    w.Key("sha256");
+    write_str(w, hashes[i]);
+    w.EndObject();
+  }
+  w.EndArray();
+  w.EndObject();
+  return sb.GetString();
+}
+
+void check_options(const PrepareOptions& o) {
+  if (o.max_seq_len < 2 || o.max_seq_len > (int64_t{1} << 31))
+    throw Error("data.max_seq_len must be in [2, 2^31], got " + std::to_string(o.max_seq_len));
+  if (o.on_error != "fail" && o.on_error != "skip")
+    throw Error("data.on_error must be fail | skip, got `" + o.on_error + "`");
+  if (o.overlong != "truncate" && o.overlong != "drop")
+    throw Error("overlong policy must be truncate | drop, got `" + o.overlong + "`");
+  if (o.shard_tokens < 1) throw Error("prepare: shard_tokens must be >= 1");
+}
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// Copies of a record a mixing weight asks for: floor(w), plus one for a seeded fraction of records.
+int copies_for(double weight, uint64_t seed, uint32_t source, int64_t line) {
+  double whole = std::floor(weight);
+  double frac = weight - whole;
+  int n = static_cast<int>(whole);
+  if (frac > 0) {
+    uint64_t h = splitmix64(seed ^ splitmix64((uint64_t{source} << 40) ^ static_cast<uint64_t>(line)));
+    double u = static_cast<double>(h >> 11) * 0x1.0p-53;
+    if (u < frac) ++n;
+  }
+  return n;
+}
+
+// One line's outcome.
+struct LineResult {
+  int64_t line_no = 0;
+  bool bad = false;
+  std::string reason;
+  int copies = 0;
+  bool truncated = false, dropped = false;
+  std::vector<TokenId> ids;
+  std::vector<uint8_t> mask;
+  uint32_t seg_a = 0, seg_b = 0;
+  std::string meta;
+};
+
+std::vector<TokenId> encode_with_eos(const Tokenizer& tok, const std::string& text) {
+  std::vector<TokenId> ids = tok.encode(text);
+  if (tok.eos_id() != tokenizer::kNoToken) ids.push_back(tok.eos_id());
+  return ids;
+}
+
+void tokenize_sft(const Tokenizer& tok, const SftRecord& r, LineResult* out) {
+  switch (r.kind) {
+    case SftRecord::Kind::kMessages: {
+      auto e = tok.render_chat(r.messages);
+      out->ids = std::move(e.ids);
+      out->mask = std::move(e.assistant_mask);
+      break;
+    }
+    case SftRecord::Kind::kPromptCompletion: {
+      if (!r.prompt.is_messages) {
+        auto e = tok.encode_prompt_completion(r.prompt.text, r.completion.text, true);
+        out->ids = std::move(e.ids);
+        out->mask = std::move(e.completion_mask);
+        out->seg_a = static_cast<uint32_t>(e.prompt_tokens);
+      } else {
+        // Loss on the completion's assistant tokens: the full conversation's assistant mask, minus
+        // the tokens of the prompt rendered with the generation prompt (what TRL's completion_mask holds).
+        std::vector<tokenizer::Message> all = r.prompt.messages;
+        all.insert(all.end(), r.completion.messages.begin(), r.completion.messages.end());
+        auto e = tok.render_chat(all);
+        size_t p = tok.render_chat(r.prompt.messages, true).ids.size();
+        for (size_t i = 0; i < std::min(p, e.assistant_mask.size()); ++i) e.assistant_mask[i] = 0;
+        out->ids = std::move(e.ids);
+        out->mask = std::move(e.assistant_mask);
+        out->seg_a = static_cast<uint32_t>(std::min(p, out->ids.size()));
+      }
+      break;
+    }
+    case SftRecord::Kind::kText: {
+      out->ids = encode_with_eos(tok, r.text);  // TRL appends EOS to language-modeling text
+      out->mask.assign(out->ids.size(), 1);
+      break;
+    }
+  }
+}
+
+// Prompt text with the generation prompt, and each reply as the text the full render adds after it
+// (TRL: apply_chat_template(prompt + reply)[len(prompt):]).
+bool render_pair_texts(const Tokenizer& tok, const PreferenceRecord& r, std::string* p, std::string* c,
+                       std::string* rj, std::string* reason) {
+  *p = tok.render_chat_text(r.prompt.messages, true);
+  for (int k = 0; k < 2; ++k) {
+    const auto& reply = k == 0 ? r.chosen.messages : r.rejected.messages;
+    std::vector<tokenizer::Message> all = r.prompt.messages;
+    all.insert(all.end(), reply.begin(), reply.end());
+    std::string full = tok.render_chat_text(all);
+    if (full.compare(0, p->size(), *p) != 0) {
+      *reason = std::string("the chat template renders \"prompt\" + \"") + (k == 0 ? "chosen" : "rejected") +
+                "\" differently from \"prompt\" alone (does the reply start with an assistant message?)";
+      return false;
+    }
+    (k == 0 ? *c : *rj) = full.substr(p->size());
+  }
+  return true;
+}
+
+void tokenize_preference(const Tokenizer& tok, const PreferenceRecord& r, const PrepareOptions& o, LineResult* out) {
+  std::vector<TokenId> p, c, rj;
+  if (!r.prompt.is_messages) {
+    p = tok.encode(r.prompt.text);
+    c = encode_with_eos(tok, r.chosen.text);
+    rj = encode_with_eos(tok, r.rejected.text);
+  } else {
+    std::string pt, ct, rt;
+    if (!render_pair_texts(tok, r, &pt, &ct, &rt, &out->reason)) {
+      out->bad = true;
+      return;
+    }
+    p = tok.encode(pt);
+    c = tok.encode(ct);
+    rj = tok.encode(rt);
+  }
+  const size_t L = static_cast<size_t>(o.max_seq_len);
+  size_t longest = std::max(c.size(), rj.size());
+  if (p.size() + longest > L) {
+    if (o.overlong == "drop") {
+      out->dropped = true;
+      return;
+    }
+    size_t keep_p = std::min(p.size(), std::max(L / 2, L - std::min(longest, L)));
+    p.erase(p.begin(), p.end() - static_cast<std::ptrdiff_t>(keep_p));  // keep the prompt's end
+    if (c.size() > L - keep_p) c.resize(L - keep_p);
+    if (rj.size() > L - keep_p) rj.resize(L - keep_p);
+    out->truncated = true;
+  }
+  out->seg_a = static_cast<uint32_t>(p.size());
+  out->seg_b = static_cast<uint32_t>(c.size());
+  out->ids = std::move(p);
+  out->ids.insert(out->ids.end(), c.begin(), c.end());
+  out->ids.insert(out->ids.end(), rj.begin(), rj.end());
+  out->mask.assign(out->ids.size(), 1);
+  std::fill(out->mask.begin(), out->mask.begin() + out->seg_a, 0);
+}
+
+void tokenize_rl(const Tokenizer& tok, const RlRecord& r, const PrepareOptions& o, LineResult* out) {
+  out->ids = r.prompt.is_messages ? tok.render_chat(r.prompt.messages, true).ids : tok.encode(r.prompt.text);
+  if (static_cast<int64_t>(out->ids.size()) > o.max_seq_len) {
+    out->ids.clear();
+    out->dropped = true;  // a cut prompt asks a different question
+    return;
+  }
+  out->mask.assign(out->ids.size(), 0);
+  out->meta = r.record_json;
+}
+
+void process_line(const Tokenizer& tok, const PrepareOptions& o, std::string_view line, double weight,
+                  uint32_t source, LineResult* out) {
+  Record rec;
+  if (!parse_record(line, o.format, &rec, &out->reason)) {
+    out->bad = true;
+    return;
+  }
+  out->copies = copies_for(weight, o.seed, source, out->line_no);
+  if (out->copies == 0) return;
+  switch (o.format) {
+    case Format::kSft: {
+      tokenize_sft(tok, rec.sft, out);
+      if (static_cast<int64_t>(out->ids.size()) > o.max_seq_len) {
+        if (o.overlong == "drop") {
+          out->dropped = true;
+        } else {
+          out->ids.resize(o.max_seq_len);
+          out->mask.resize(o.max_seq_len);
+          out->seg_a = std::min<uint32_t>(out->seg_a, static_cast<uint32_t>(o.max_seq_len));
+          out->truncated = true;
+        }
+      }
+      break;
+    }
+    case Format::kPreference: tokenize_preference(tok, rec.preference, o, out); break;
+    case Format::kRl: tokenize_rl(tok, rec.rl, o, out); break;
+  }
+}
+
+// A file written through a big buffer; fails loudly.
+class OutFile {
+ public:
+  OutFile(const std::string& path) : path_(path), buf_(4 << 20) {
+    f_ = std::fopen(path.c_str(), "wb");
+    if (!f_) throw Error("cannot create " + path + ": " + std::strerror(errno) + "\n---> HINT: is the output folder writable?");
+    std::setvbuf(f_, buf_.data(), _IOFBF, buf_.size());
+  }
+  ~OutFile() {
+    if (f_) std::fclose(f_);
+  }
+  void write(const void* p, size_t n) {
+    if (n && std::fwrite(p, 1, n, f_) != n) throw Error("cannot write " + path_ + ": " + std::strerror(errno) + " (disk full?)");
+    bytes_ += n;
+  }
+  void close() {
+    if (!f_) return;
+    bool ok = std::fflush(f_) == 0 && ::fsync(fileno(f_)) == 0;
+    ok = std::fclose(f_) == 0 && ok;
+    f_ = nullptr;
+    if (!ok) throw Error("cannot finish " + path_ + ": " + std::strerror(errno) + " (disk full?)");
+  }
+  uint64_t bytes() const { return bytes_; }
+
+ private:
+  std::string path_;
+  std::vector<char> buf_;
+  FILE* f_ = nullptr;
+  uint64_t bytes_ = 0;
+};
+
+std::string shard_name(const char* prefix, uint32_t shard, const char* ext) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%s-%05u.%s", prefix, shard, ext);
+  return buf;
+}
+
+struct SourceStats {
+  int64_t records = 0, skipped = 0, docs = 0, tokens = 0;
+};
+
+std::string manifest_json(const PrepareOptions& o, const std::string& identity, const std::vector<SourceFile>& files,
+                          const std::vector<SourceStats>& per_source, const PrepareSummary& s,
+                          const std::vector<std::pair<std::string, uint64_t>>& out_files,
+                          const std::vector<uint64_t>& shard_tokens) {
+  rapidjson::StringBuffer sb;
+  rapidjson::PrettyWriter<rapidjson::StringBuffer> w(sb);
+  w.SetIndent(' ', 2);
+  rapidjson::Document id;
+  id.Parse(identity.c_str());
+  w.StartObject();
+  w.Key("ptk_prepared");
+  w.Int(kPrepareVersion);
+  w.Key("format");
+  w.String(format_name(o.format));
+  w.Key("key");
+  id.Accept(w);
+  w.Key("counts");
+  w.StartObject();
+  w.Key("read"), w.Int64(s.read);
+  w.Key("skipped"), w.Int64(s.skipped);
+  w.Key("truncated"), w.Int64(s.truncated);
+  w.Key("dropped"), w.Int64(s.dropped);
+  w.Key("excluded_by_weight"), w.Int64(s.excluded);
+  w.Key("docs"), w.Int64(s.docs);
+  w.Key("rows"), w.Int64(s.rows);
+  w.EndObject();
+  w.Key("tokens");
+  w.StartObject();
+  w.Key("written"), w.Int64(s.tokens);
+  w.Key("targets"), w.Int64(s.targets);
+  w.Key("padding_fraction"), w.Double(s.padding_fraction);
+  w.EndObject();
+  w.Key("per_source");
+  w.StartArray();
+  for (size_t i = 0; i < files.size(); ++i) {
+    w.StartObject();
+    w.Key("path"), w.String(files[i].path.c_str());
+    w.Key("records"), w.Int64(per_source[i].records);
+    w.Key("skipped"), w.Int64(per_source[i].skipped);
+    w.Key("docs"), w.Int64(per_source[i].docs);
+    w.Key("tokens"), w.Int64(per_source[i].tokens);
+    w.EndObject();
+  }
+  w.EndArray();
+  w.Key("shards");
+  w.StartArray();
+  for (uint64_t n : shard_tokens) w.Uint64(n);
+  w.EndArray();
+  w.Key("files");
+  w.StartObject();
+  for (const auto& [name, size] : out_files) {
+    w.Key(name.c_str());
+    w.Uint64(size);
+  }
+  w.EndObject();
+  w.EndObject();
+  return std::string(sb.GetString()) + "\n";
+}
+
+// The manifest's "key" as compact JSON, or "" when the folder has no readable manifest or a file
+// it lists is missing or has another size.
+std::string existing_identity(const std::string& dir) {
+  std::string path = dir + "/manifest.json";
+  if (!path_exists(path)) return "";
+  rapidjson::Document d;
+  try {
+    d = json::parse_file(path);
+  } catch (const Error&) {
+    return "";
+  }
+  if (!d.IsObject() || !d.HasMember("key") || !d.HasMember("files") || !d["files"].IsObject()) return "";
+  for (auto it = d["files"].MemberBegin(); it != d["files"].MemberEnd(); ++it) {
+    struct stat st {};
+    std::string f = dir + "/" + it->name.GetString();
+    if (::stat(f.c_str(), &st) != 0 || !it->value.IsUint64() || static_cast<uint64_t>(st.st_size) != it->value.GetUint64())
+      return "";
+  }
+  return json::to_string(d["key"]);
+}
+
+void remove_tree(const std::string& p) {
+  std::error_code ec;
+  fs::remove_all(p, ec);
+}
+
+}  // namespace
+
+bool is_fresh(const PrepareOptions& options, const std::string& dir) {
+  check_options(options);
+  auto files = expand_sources(options.sources, options.sources_key);
+  std::vector<std::string> hashes;
+  for (const auto& f : files) hashes.push_back(sha256_file(f.path));
+  std::string have = existing_identity(dir);
+  return !have.empty() && have == identity_json(options, files, hashes);
+}
+
+PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
+  auto t0 = std::chrono::steady_clock::now();
+  check_options(o);
+  PrepareResult res;
+  res.dir = dir;
+  auto files = expand_sources(o.sources, o.sources_key);
+  if (files.size() > (size_t{1} << 31)) throw Error("prepare: too many source files");
+  std::vector<std::string> hashes;
+  for (const auto& f : files) {
+    hashes.push_back(sha256_file(f.path));
+    res.input_bytes += f.size;
+  }
+  const std::string identity = identity_json(o, files, hashes);
+  if (!o.force && existing_identity(dir) == identity) {
+    rapidjson::Document m = json::parse_file(dir + "/manifest.json");
+    const auto& c = m["counts"];
+    const auto& t = m["tokens"];
+    res.reused = true;
+    res.summary = {c["read"].GetInt64(),  c["skipped"].GetInt64(), c["truncated"].GetInt64(),
+                   c["dropped"].GetInt64(), c["excluded_by_weight"].GetInt64(), c["docs"].GetInt64(),
+                   c["rows"].GetInt64(),  t["written"].GetInt64(), t["targets"].GetInt64(),
+                   t["padding_fraction"].GetDouble()};
+    res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (!o.quiet) std::cerr << "prepare: " << dir << " is up to date (" << summary_line(res) << ")\n";
+    return res;
+  }
+
+  tokenizer::LoadOptions lo;
+  lo.chat_template = tokenizer::parse_chat_template(o.chat_template);
+  Tokenizer tok = Tokenizer::load(o.tokenizer_path, lo);
+  // Work in a temporary sibling folder; it replaces `dir` only when complete.
+  std::string parent = parent_dir(dir);
+  make_dirs(parent);
+  const std::string tmp = dir + ".tmp-" + std::to_string(::getpid());
+  remove_tree(tmp);
+  make_dirs(tmp);
+  struct TmpGuard {
+    std::string path;
+    bool keep = false;
+    ~TmpGuard() {
+      if (!keep) remove_tree(path);
+    }
+  } guard{tmp};
+
+  const int threads = o.threads > 0 ? o.threads : std::max(1u, std::thread::hardware_concurrency());
+  PrepareSummary s;
+  std::vector<SourceStats> per_source(files.size());
+  std::vector<DocEntry> docs;
+  std::vector<uint64_t> shard_tokens{0};
+  auto tokens_out = std::make_unique<OutFile>(tmp + "/" + shard_name("tokens", 0, "u32"));
+  auto mask_out = std::make_unique<OutFile>(tmp + "/" + shard_name("mask", 0, "u8"));
+  std::unique_ptr<OutFile> meta_out;
+  if (o.format == Format::kRl) meta_out = std::make_unique<OutFile>(tmp + "/meta.bin");
+  std::vector<std::string> bad_lines;  // "file:line: reason"
+  std::unique_ptr<OutFile> skipped_out;
+  if (o.on_error == "skip") skipped_out = std::make_unique<OutFile>(tmp + "/skipped.txt");
+  constexpr size_t kShowBad = 20;
+
+  std::unique_ptr<Progress> progress;
+  if (!o.quiet) progress = std::make_unique<Progress>("prepare", static_cast<int64_t>(res.input_bytes >> 20), "MiB");
+  std::vector<uint32_t> ids32;
+
+  // Three blocks in flight: the main thread writes block k-1 and reads block k+1 while the workers
+  // parse and tokenize block k, so no core waits on the (short) serial parts.
+  struct Block {
+    uint32_t src = 0;
+    std::vector<std::string> lines;
+    std::vector<LineResult> results;
+    uint64_t bytes_done = 0;  // input bytes read when the block was complete (progress)
+  };
+  uint32_t read_src = 0;
+  std::unique_ptr<LineReader> reader;
+  uint64_t bytes_before = 0;
+  // Fills `b` with the next lines of one source file; false when every file is read.
+  auto read_block = [&](Block* b) {
+    b->lines.clear();
+    b->results.clear();
+    while (read_src < files.size()) {
+      if (!reader) reader = std::make_unique<LineReader>(files[read_src].path);
+      std::string_view line;
+      int64_t line_no;
+      size_t block_bytes = 0;
+      bool more = true;
+      while (static_cast<int64_t>(b->lines.size()) < o.block_lines && block_bytes < (64u << 20)) {
+        if (!reader->next(&line, &line_no)) {
+          more = false;
+          break;
+        }
+        if (is_blank_line(line)) continue;
+        b->lines.emplace_back(line);
+        block_bytes += line.size();
+        b->results.emplace_back();
+        b->results.back().line_no = line_no;
+      }
+      b->src = read_src;
+      b->bytes_done = bytes_before + reader->bytes_read();
+      if (!more) {
+        bytes_before += files[read_src].size;
+        reader.reset();
+        ++read_src;
+      }
+      if (!b->lines.empty()) return true;
+    }
+    return false;
+  };
+  auto write_block = [&](Block* b) {
+    const uint32_t src = b->src;
+    const SourceFile& file = files[src];
+    for (auto& r : b->results) {
+      ++s.read;
+      ++per_source[src].records;
+      if (r.bad) {
+        std::string msg = file.path + ":" + std::to_string(r.line_no) + ": " + r.reason;
+        ++s.skipped;
+        ++per_source[src].skipped;
+        if (skipped_out) {
+          skipped_out->write(msg.data(), msg.size());
+          skipped_out->write("\n", 1);
+          if (bad_lines.size() < kShowBad) bad_lines.push_back(msg);
+        } else {
+          bad_lines.push_back(msg);
+        }
+        continue;
+      }
+      if (r.copies == 0) {
+        ++s.excluded;
+        continue;
+      }
+      if (r.dropped) {
+        ++s.dropped;
+        continue;
+      }
+      if (r.truncated) ++s.truncated;
+      if (r.ids.empty()) continue;  // cannot happen for valid records; never write empty documents
+      uint32_t shard = static_cast<uint32_t>(shard_tokens.size() - 1);
+      if (shard_tokens.back() > 0 && shard_tokens.back() + r.ids.size() > o.shard_tokens) {
+        tokens_out->close();
+        mask_out->close();
+        ++shard;
+        shard_tokens.push_back(0);
+        tokens_out = std::make_unique<OutFile>(tmp + "/" + shard_name("tokens", shard, "u32"));
+        mask_out = std::make_unique<OutFile>(tmp + "/" + shard_name("mask", shard, "u8"));
+      }
+      DocEntry e{};
+      e.offset = shard_tokens.back();
+      e.shard = shard;
+      e.length = static_cast<uint32_t>(r.ids.size());
+      e.seg_a = r.seg_a;
+      e.seg_b = r.seg_b;
+      e.source = src;
+      e.line = static_cast<uint32_t>(r.line_no);
+      if (meta_out) {
+        e.meta_offset = meta_out->bytes();
+        e.meta_len = static_cast<uint32_t>(r.meta.size());
+        meta_out->write(r.meta.data(), r.meta.size());
+      }
+      ids32.assign(r.ids.begin(), r.ids.end());
+      tokens_out->write(ids32.data(), ids32.size() * sizeof(uint32_t));
+      mask_out->write(r.mask.data(), r.mask.size());
+      shard_tokens.back() += r.ids.size();
+      s.tokens += static_cast<int64_t>(r.ids.size());
+      per_source[src].tokens += static_cast<int64_t>(r.ids.size());
+      int64_t targets = 0;
+      // The first token of a document is never a target (nothing predicts it).
+      for (size_t i = o.format == Format::kPreference ? 0 : 1; i < r.mask.size(); ++i) targets += r.mask[i];
+      for (int k = 0; k < r.copies; ++k) docs.push_back(e);
+      s.docs += r.copies;
+      per_source[src].docs += r.copies;
+      s.targets += targets * r.copies;
+    }
+    if (o.on_error == "fail" && !bad_lines.empty()) {
+      std::string msg = "prepare: " + std::to_string(bad_lines.size()) + " bad record" +
+                        (bad_lines.size() == 1 ? "" : "s") + " (data.on_error = fail):\n";
+      for (size_t i = 0; i < std::min(bad_lines.size(), kShowBad); ++i) msg += "  " + bad_lines[i] + "\n";
+      if (bad_lines.size() > kShowBad) msg += "  ... and " + std::to_string(bad_lines.size() - kShowBad) + " more\n";
+      msg += "---> HINT: fix these lines, or set data.on_error=skip to skip and list them";
+      throw Error(msg);
+    }
+    if (progress)
+      progress->update(static_cast<int64_t>(b->bytes_done >> 20),
+                       std::to_string(s.read) + " records, " + std::to_string(s.tokens) + " tokens");
+  };
+
+  Block blocks[3];
+  Block* prev = nullptr;
+  Block* cur = read_block(&blocks[0]) ? &blocks[0] : nullptr;
+  int slot = 1;
+  while (cur) {
+    // Workers: chunks of 16 lines of `cur`, handed out in order.
+    std::atomic<size_t> next_chunk{0};
+    const SourceFile& file = files[cur->src];
+    const uint32_t src = cur->src;
+    Block* work_block = cur;
+    auto work = [&] {
+      for (;;) {
+        size_t b = next_chunk.fetch_add(16);
+        if (b >= work_block->lines.size()) return;
+        for (size_t i = b; i < std::min(work_block->lines.size(), b + 16); ++i) {
+          try {
+            process_line(tok, o, work_block->lines[i], file.weight, src, &work_block->results[i]);
+          } catch (const std::exception& e) {  // e.g. the chat template refusing a conversation
+            work_block->results[i].bad = true;
+            work_block->results[i].reason = e.what();
+          }
+        }
+      }
+    };
+    std::vector<std::thread> pool;
+    for (int t = 0; t < std::min<int>(threads, static_cast<int>((cur->lines.size() + 15) / 16)); ++t) pool.emplace_back(work);
+    Block* next = &blocks[slot];
+    slot = (slot + 1) % 3;
+    bool have_next = false;
+    try {
+      if (prev) write_block(prev);
+      have_next = read_block(next);
+    } catch (...) {
+      for (auto& t : pool) t.join();
+      throw;
+    }
+    for (auto& t : pool) t.join();
+    prev = cur;
+    cur = have_next ? next : nullptr;
+  }
+  if (prev) write_block(prev);
+  tokens_out->close();
+  mask_out->close();
+  if (meta_out) meta_out->close();
+  if (skipped_out) skipped_out->close();
+  if (docs.empty())
+    throw Error("prepare: no usable record in " + o.sources_key + " (" + std::to_string(s.read) + " read, " +
+                std::to_string(s.skipped) + " skipped, " + std::to_string(s.dropped) + " over max_seq_len " +
+                std::to_string(o.max_seq_len) + ")\n---> HINT: check the format (--format sft|preference|rl) and data.max_seq_len");
+  if (docs.size() > (size_t{1} << 32) - 1) throw Error("prepare: more than 2^32 documents; split the dataset");
+
+  {
+    OutFile idx(tmp + "/docs.idx");
+    idx.write(docs.data(), docs.size() * sizeof(DocEntry));
+    idx.close();
+  }
+  uint64_t doc_tokens = 0;
+  for (const auto& d : docs) doc_tokens += d.length;
+  s.rows = static_cast<int64_t>(docs.size());
+  const uint32_t L = static_cast<uint32_t>(o.max_seq_len);
+  if (o.format == Format::kSft && o.packing) {
+    std::vector<uint32_t> lengths(docs.size());
+    for (size_t i = 0; i < docs.size(); ++i) lengths[i] = docs[i].length;
+    auto rows = pack_best_fit_decreasing(lengths, L);
+    std::vector<uint64_t> offsets{0};
+    OutFile row_docs(tmp + "/rows.docs");
+    for (const auto& r : rows) {
+      row_docs.write(r.data(), r.size() * sizeof(uint32_t));
+      offsets.push_back(offsets.back() + r.size());
+    }
+    row_docs.close();
+    OutFile row_idx(tmp + "/rows.idx");
+    row_idx.write(offsets.data(), offsets.size() * sizeof(uint64_t));
+    row_idx.close();
+    s.rows = static_cast<int64_t>(rows.size());
+  }
+  if (o.format == Format::kSft) s.padding_fraction = padding_fraction(doc_tokens, static_cast<uint64_t>(s.rows), L);
+
+  std::vector<std::pair<std::string, uint64_t>> out_files;
+  for (const auto& entry : fs::directory_iterator(tmp)) out_files.emplace_back(entry.path().filename().string(), entry.file_size());
+  std::sort(out_files.begin(), out_files.end());
+  write_file_atomic(tmp + "/manifest.json", manifest_json(o, identity, files, per_source, s, out_files, shard_tokens));
+  fsync_path(tmp);
+
+  // Swap the folder in: the old one (if any) is moved aside first, so `dir` is always either the
+  // previous complete folder, absent, or the new complete one.
+  if (path_exists(dir)) {
+    std::string old = dir + ".old-" + std::to_string(::getpid());
+    remove_tree(old);
+    if (std::rename(dir.c_str(), old.c_str()) != 0) throw Error("prepare: cannot move " + dir + " aside: " + std::strerror(errno));
+    if (std::rename(tmp.c_str(), dir.c_str()) != 0) throw Error("prepare: cannot rename " + tmp + " to " + dir + ": " + std::strerror(errno));
+    remove_tree(old);
+  } else if (std::rename(tmp.c_str(), dir.c_str()) != 0) {
+    throw Error("prepare: cannot rename " + tmp + " to " + dir + ": " + std::strerror(errno));
+  }
+  guard.keep = true;
+  fsync_path(parent);
+
+  res.summary = s;
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (progress) progress->finish(std::to_string(s.read) + " records, " + std::to_string(s.tokens) + " tokens");
+  if (!o.quiet) {
+    if (o.on_error == "skip" && s.skipped > 0) {
+      std::cerr << "prepare: skipped " << s.skipped << " bad record" << (s.skipped == 1 ? "" : "s") << ":\n";
+      for (const auto& b : bad_lines) std::cerr << "  " << b << "\n";
+      if (s.skipped > static_cast<int64_t>(bad_lines.size()))
+        std::cerr << "  ... all " << s.skipped << " listed in " << dir << "/skipped.txt\n";
+    }
+    std::cerr << "prepare: " << dir << ": " << summary_line(res) << "\n";
+  }
+  return res;
+}
+
+std::string summary_line(const PrepareResult& r) {
+  const auto& s = r.summary;
+  char buf[512];
+  std::snprintf(buf, sizeof buf,
+                "%lld records read, %lld skipped, %lld truncated, %lld dropped over max_seq_len, %lld left out by "
+                "weight; %lld docs in %lld rows, %lld tokens (%lld targets), padding %.2f%%",
+                static_cast<long long>(s.read), static_cast<long long>(s.skipped), static_cast<long long>(s.truncated),
+                static_cast<long long>(s.dropped), static_cast<long long>(s.excluded), static_cast<long long>(s.docs),
+                static_cast<long long>(s.rows), static_cast<long long>(s.tokens), static_cast<long long>(s.targets),
+                100.0 * s.padding_fraction);
+  return buf;
+}
+
+PrepareOptions prepare_options_from_recipe(const config::DataSection& data, const config::TokenizerSection& tok,
+                                           const config::ModelSection& model, int64_t seed, Format format, bool eval) {
+  PrepareOptions o;
+  o.format = format;
+  o.sources = eval ? data.eval : data.train;
+  o.sources_key = eval ? "data.eval" : "data.train";
+  o.tokenizer_path = tok.path.empty() ? model.path : tok.path;
+  if (o.tokenizer_path.empty())
+    throw Error("no tokenizer: tokenizer.path and model.path are both empty\n---> HINT: set tokenizer.path=DIR");
+  o.chat_template = tok.chat_template.empty() ? "auto" : tok.chat_template;
+  o.max_seq_len = data.max_seq_len;
+  o.packing = data.packing;
+  o.on_error = data.on_error;
+  o.seed = static_cast<uint64_t>(seed);
+  return o;
+}
+
+std::string prepared_dir(const std::string& run_dir, const std::string& split) { return run_dir + "/data/" + split; }
+
+std::string ensure_prepared(const PrepareOptions& options, const std::string& dir) {
+  PrepareOptions o = options;
+  o.force = false;
+  return prepare(o, dir).dir;
+}
+
+}  // namespace ptk::data

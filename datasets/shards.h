@@ -1,0 +1,34 @@
+// The on-disk layout of a prepared folder, shared by the writer (prepare.cpp) and the reader
+// (loader.cpp). Not an API for stages: they use PreparedSet and Loader (loader.h).
+//
+//   manifest.json        written last: what went in (sources, tokenizer, options), counts, files
+//   tokens-NNNNN.u32     token ids, little-endian uint32, documents back to back
+//   mask-NNNNN.u8        one byte per token: 1 = the token is a training target (TRL label != -100)
+//   docs.idx             DocEntry[num_docs]
+//   meta.bin             rl only: each record's JSON (answer and extra fields), referenced by DocEntry
+//   rows.idx, rows.docs  packed sft only: uint64 offsets[num_rows + 1] into uint32 doc ids
+//   skipped.txt          every skipped line as "file:line: reason" (on_error = skip)
+#pragma once
+#include <cstdint>
+
+namespace ptk::data {
+
+constexpr int kPrepareVersion = 1;  // bump when the bytes written change
+
+// One document (sft), pair (preference: prompt, chosen, rejected back to back) or prompt (rl).
+// A mixing weight above 1 repeats entries that point at the same tokens.
+struct DocEntry {
+  uint64_t offset;       // first token inside its shard
+  uint64_t meta_offset;  // rl: byte offset in meta.bin; else 0
+  uint32_t shard;        // NNNNN of tokens-NNNNN.u32
+  uint32_t length;       // tokens in total
+  uint32_t seg_a;        // preference: prompt tokens; sft prompt/completion: prompt tokens; else 0
+  uint32_t seg_b;        // preference: chosen tokens (rejected = length - seg_a - seg_b); else 0
+  uint32_t meta_len;     // rl: bytes in meta.bin
+  uint32_t source;       // index into manifest "sources"
+  uint32_t line;         // 1-based line in that source
+  uint32_t reserved;     // 0
+};
+static_assert(sizeof(DocEntry) == 48, "DocEntry is part of the file format");
+
+}  // namespace ptk::data

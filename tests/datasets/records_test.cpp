@@ -1,0 +1,183 @@
+// JSONL readers: every format's good records and each kind of bad record with its exact reason;
+// glob expansion with weights; the streaming line reader (CRLF, no final newline, long lines).
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "core/util/error.h"
+#include "datasets/records.h"
+#include "tests/support/test_util.h"
+
+namespace ptk::data {
+namespace {
+
+std::string reason_of(const std::string& line, Format f) {
+  Record r;
+  std::string reason;
+  EXPECT_FALSE(parse_record(line, f, &r, &reason)) << line;
+  return reason;
+}
+
+TEST(Records, SftMessages) {
+  Record r;
+  std::string why;
+  ASSERT_TRUE(parse_record(R"({"messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"},)"
+                           R"({"role":"assistant","content":"yo"}],"id":7})",
+                           Format::kSft, &r, &why))
+      << why;
+  EXPECT_EQ(r.sft.kind, SftRecord::Kind::kMessages);
+  ASSERT_EQ(r.sft.messages.size(), 3u);
+  EXPECT_EQ(r.sft.messages[2].role, "assistant");
+  EXPECT_EQ(r.sft.messages[2].content, "yo");
+}
+
+TEST(Records, SftPromptCompletionAndText) {
+  Record r;
+  std::string why;
+  ASSERT_TRUE(parse_record(R"({"prompt":"2+2=","completion":"4"})", Format::kSft, &r, &why)) << why;
+  EXPECT_EQ(r.sft.kind, SftRecord::Kind::kPromptCompletion);
+  EXPECT_FALSE(r.sft.prompt.is_messages);
+  EXPECT_EQ(r.sft.completion.text, "4");
+  ASSERT_TRUE(parse_record(R"({"prompt":[{"role":"user","content":"q"}],"completion":[{"role":"assistant","content":"a"}]})",
+                           Format::kSft, &r, &why))
+      << why;
+  EXPECT_TRUE(r.sft.prompt.is_messages);
+  ASSERT_TRUE(parse_record(R"({"text":"caf\u00e9 \u00e9t\u00e9"})", Format::kSft, &r, &why)) << why;
+  EXPECT_EQ(r.sft.kind, SftRecord::Kind::kText);
+  EXPECT_EQ(r.sft.text, "caf\xC3\xA9 \xC3\xA9t\xC3\xA9");
+}
+
+TEST(Records, SftBadRecords) {
+  const Format f = Format::kSft;
+  EXPECT_EQ(reason_of(R"({"messages": [}")", f), "invalid JSON at column 15: Invalid value.");
+  EXPECT_EQ(reason_of(R"({"text": "a" "b"})", f), "invalid JSON at column 14: Missing a comma or '}' after an object member.");
+  EXPECT_EQ(reason_of("{\"text\": \"a\xFF\"}", f), "invalid UTF-8 at byte 12");
+  EXPECT_EQ(reason_of("{\"text\": \"\xE2\x82\"}", f), "invalid UTF-8 at byte 11");  // cut 3-byte sequence
+  EXPECT_EQ(reason_of("{\"text\": \"\xED\xA0\x80\"}", f), "invalid UTF-8 at byte 11");  // UTF-8-encoded surrogate
+  EXPECT_EQ(reason_of(R"({"text": "\ud800"})", f), "invalid JSON at column 11: The surrogate pair in string is invalid.");
+  EXPECT_EQ(reason_of(R"([1, 2])", f), "expected a JSON object, got array");
+  EXPECT_EQ(reason_of(R"({"id": 1})", f),
+            "no \"messages\", \"prompt\"/\"completion\" or \"text\" field (an sft record needs one of them)");
+  EXPECT_EQ(reason_of(R"({"prompt": "q"})", f), "missing field \"completion\"");
+  EXPECT_EQ(reason_of(R"({"prompt": "q", "completion": 4})", f),
+            "field \"completion\" must be a string or a list of messages, got number");
+  EXPECT_EQ(reason_of(R"({"prompt": "q", "completion": ""})", f), "empty \"completion\"");
+  EXPECT_EQ(reason_of(R"({"prompt": "q", "completion": [{"role":"assistant","content":"a"}]})", f),
+            "\"prompt\" and \"completion\" must both be strings or both be message lists");
+  EXPECT_EQ(reason_of(R"({"text": ""})", f), "empty \"text\"");
+  EXPECT_EQ(reason_of(R"({"text": ["a"]})", f), "field \"text\" must be a string, got array");
+  EXPECT_EQ(reason_of(R"({"messages": "hi"})", f), "\"messages\" must be a list of messages, got string");
+  EXPECT_EQ(reason_of(R"({"messages": []})", f), "\"messages\" is empty");
+  EXPECT_EQ(reason_of(R"({"messages": [{"role":"user","content":"a"},{"role":"bot","content":"b"}]})", f),
+            "messages[1].role \"bot\" is not one of system, user, assistant");
+  EXPECT_EQ(reason_of(R"({"messages": [{"role":"user"}]})", f), "messages[0].content missing");
+  EXPECT_EQ(reason_of(R"({"messages": [{"content":"x"}]})", f), "messages[0].role missing");
+  EXPECT_EQ(reason_of(R"({"messages": [{"role":"user","content":[{"type":"text"}]}]})", f),
+            "messages[0].content must be a string, got array");
+  EXPECT_EQ(reason_of(R"({"messages": [{"role":"user","content":"a"}]})", f),
+            "no assistant message in \"messages\" (nothing to train on)");
+  EXPECT_EQ(reason_of(R"({"messages": [{"role":"assistant","content":"","tool_calls":[{}]}]})", f),
+            "messages[0] has tool_calls (tool calls are not supported)");
+  EXPECT_EQ(reason_of(R"({"messages": [3]})", f), "messages[0] must be an object with role and content, got number");
+}
+
+TEST(Records, Preference) {
+  Record r;
+  std::string why;
+  ASSERT_TRUE(parse_record(R"({"prompt":"p","chosen":"good","rejected":"bad"})", Format::kPreference, &r, &why)) << why;
+  EXPECT_EQ(r.preference.chosen.text, "good");
+  ASSERT_TRUE(parse_record(R"({"prompt":[{"role":"user","content":"q"}],"chosen":[{"role":"assistant","content":"a"}],)"
+                           R"("rejected":[{"role":"assistant","content":"b"}]})",
+                           Format::kPreference, &r, &why))
+      << why;
+  EXPECT_TRUE(r.preference.rejected.is_messages);
+  EXPECT_EQ(r.preference.rejected.messages[0].content, "b");
+  const Format f = Format::kPreference;
+  EXPECT_EQ(reason_of(R"({"prompt":"p","chosen":"good"})", f), "missing field \"rejected\"");
+  EXPECT_EQ(reason_of(R"({"chosen":"a","rejected":"b"})", f), "missing field \"prompt\"");
+  EXPECT_EQ(reason_of(R"({"prompt":"p","chosen":"","rejected":"b"})", f), "empty \"chosen\"");
+  EXPECT_EQ(reason_of(R"({"prompt":"p","chosen":"a","rejected":null})", f),
+            "field \"rejected\" must be a string or a list of messages, got null");
+  EXPECT_EQ(reason_of(R"({"prompt":"p","chosen":[{"role":"assistant","content":"a"}],"rejected":"b"})", f),
+            "\"prompt\", \"chosen\" and \"rejected\" must all be strings or all be message lists");
+  EXPECT_EQ(reason_of(R"({"prompt":[{"role":"human","content":"q"}],"chosen":[],"rejected":[]})", f),
+            "prompt[0].role \"human\" is not one of system, user, assistant");
+}
+
+TEST(Records, RlPromptsKeepAnswerAndExtraFields) {
+  Record r;
+  std::string why;
+  ASSERT_TRUE(parse_record(R"({"prompt": "1+1?", "answer": "2", "level": 3, "tags": ["a"]})", Format::kRl, &r, &why)) << why;
+  EXPECT_EQ(r.rl.answer, "2");
+  EXPECT_EQ(r.rl.record_json, R"({"prompt":"1+1?","answer":"2","level":3,"tags":["a"]})");
+  ASSERT_TRUE(parse_record(R"({"prompt": [{"role":"user","content":"q"}], "answer": 72})", Format::kRl, &r, &why)) << why;
+  EXPECT_EQ(r.rl.answer, "72");
+  EXPECT_TRUE(r.rl.prompt.is_messages);
+  EXPECT_EQ(reason_of(R"({"prompt": "q"})", Format::kRl), "missing field \"answer\"");
+  EXPECT_EQ(reason_of(R"({"prompt": "q", "answer": [1]})", Format::kRl), "field \"answer\" must be a string or a number, got array");
+  EXPECT_EQ(reason_of(R"({"prompt": "", "answer": "1"})", Format::kRl), "empty \"prompt\"");
+  EXPECT_EQ(reason_of(R"({"question": "q", "answer": "1"})", Format::kRl), "missing field \"prompt\"");
+}
+
+TEST(Records, FormatNames) {
+  EXPECT_EQ(parse_format("preference"), Format::kPreference);
+  EXPECT_STREQ(format_name(Format::kRl), "rl");
+  try {
+    parse_format("dpo");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "unknown data format `dpo`; choose sft | preference | rl");
+  }
+}
+
+TEST(LineReader, EndingsNumbersAndLongLines) {
+  test::TempDir d;
+  std::string big(3 << 20, 'x');  // longer than the 1 MiB buffer
+  std::string p = d.write("a.jsonl", "one\r\n\ntwo\n" + big + "\nlast");
+  LineReader r(p);
+  std::string_view line;
+  int64_t no = 0;
+  std::vector<std::pair<int64_t, std::string>> got;
+  while (r.next(&line, &no)) got.emplace_back(no, std::string(line));
+  ASSERT_EQ(got.size(), 5u);
+  EXPECT_EQ(got[0], std::make_pair(int64_t{1}, std::string("one")));
+  EXPECT_EQ(got[1], std::make_pair(int64_t{2}, std::string("")));
+  EXPECT_EQ(got[2], std::make_pair(int64_t{3}, std::string("two")));
+  EXPECT_EQ(got[3].first, 4);
+  EXPECT_EQ(got[3].second, big);
+  EXPECT_EQ(got[4], std::make_pair(int64_t{5}, std::string("last")));
+  EXPECT_TRUE(is_blank_line(" \t\r"));
+  EXPECT_FALSE(is_blank_line(" {"));
+  EXPECT_THROW(LineReader(d.file("missing.jsonl")), Error);
+}
+
+TEST(Sources, GlobsWeightsAndErrors) {
+  test::TempDir d;
+  d.write("b.jsonl", "12");
+  d.write("a.jsonl", "1");
+  d.write("c.txt", "");
+  auto files = expand_sources({{d.path() + "/*.jsonl", 2.5}, {d.file("c.txt"), 1.0}});
+  ASSERT_EQ(files.size(), 3u);
+  EXPECT_EQ(files[0].path, d.file("a.jsonl"));
+  EXPECT_EQ(files[0].weight, 2.5);
+  EXPECT_EQ(files[0].size, 1u);
+  EXPECT_EQ(files[1].path, d.file("b.jsonl"));
+  EXPECT_EQ(files[2].weight, 1.0);
+  try {
+    expand_sources({{d.file("nope*.jsonl"), 1.0}}, "data.eval");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()).substr(0, std::string(e.what()).find('\n')),
+              "data.eval[0]: `" + d.file("nope*.jsonl") + "` matches no file");
+  }
+  try {
+    expand_sources({{d.file("a.jsonl"), -1.0}});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "data.train[0].weight must be a finite number >= 0, got -1.000000");
+  }
+  EXPECT_THROW(expand_sources({}), Error);
+}
+
+}  // namespace
+}  // namespace ptk::data
