@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "core/dist/comm.h"
+#include "core/dist/grad_sync.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
 #include "tests/dist/spawn.h"
@@ -133,6 +134,43 @@ TEST(DistWorker, Main) {
       EXPECT_NE(std::string(e.what()).find("all_reduce failed on rank 0 of 2"), std::string::npos) << e.what();
       EXPECT_LE(s, o.timeout_s + 5);
     }
+  } else if (scenario() == "grad_sync") {
+    // Two micro-batches (the first accumulates locally), then the synced one; compared with summing
+    // each rank's accumulated gradient by plain all-reduce. `partial` is used by rank 0 only,
+    // `unused` by nobody.
+    auto make = [] {
+      torch::manual_seed(0);
+      optim::NamedTensors p;
+      p.emplace_back("unused", torch::zeros({4}).requires_grad_());
+      p.emplace_back("partial", torch::ones({3}).requires_grad_());
+      for (const char* n : {"w1", "w2", "w3"}) p.emplace_back(n, (torch::randn({64, 64}) * 0.1).requires_grad_());
+      return p;
+    };
+    auto loss = [&](const optim::NamedTensors& p, int mb) {
+      auto x = torch::full({8, 64}, 0.1 * (r + 1) + 0.05 * mb);
+      auto y = torch::tanh(torch::tanh(x.mm(p[2].second)).mm(p[3].second)).mm(p[4].second).sum();
+      if (r == 0) y = y + 2 * p[1].second.sum();
+      return y;
+    };
+    auto ref = make();
+    for (int mb = 0; mb < 2; ++mb) loss(ref, mb).backward();
+    for (int i = 1; i < 5; ++i) {  // the same collectives on both ranks: rank 1 has no grad for `partial`
+      auto& t = ref[i].second;
+      if (!t.grad().defined()) t.mutable_grad() = torch::zeros_like(t);
+      c.all_reduce(t.mutable_grad(), ReduceOp::kSum);
+    }
+    auto ps = make();
+    GradSync sync(c, ps, 0.016);  // 16 KiB buckets: w3 | w2 | w1 + partial + unused
+    EXPECT_EQ(sync.num_buckets(), 3);
+    loss(ps, 0).backward();
+    sync.arm();
+    loss(ps, 1).backward();
+    sync.finish();
+    EXPECT_EQ(sync.launched_during_backward(), 2) << "buckets of w3 and w2 start before backward ends";
+    for (int i = 1; i < 5; ++i)
+      EXPECT_TRUE(torch::equal(ps[i].second.grad(), ref[i].second.grad())) << ps[i].first;
+    EXPECT_TRUE(torch::equal(ps[1].second.grad(), torch::full({3}, 4.0f))) << ps[1].second.grad();
+    EXPECT_FALSE(ps[0].second.grad().defined()) << "a parameter no rank used got a gradient";
   } else if (scenario() == "peer_hangs") {
     c.barrier();
     if (r == 1) {
@@ -177,6 +215,14 @@ TEST(Comm, CollectivesWithTwoGlooRanks) {
   test::TempDir d;
   std::vector<std::string> logs;
   auto codes = run_ranks("collectives", 60, d, &logs);
+  for (int r = 0; r < 2; ++r) EXPECT_EQ(codes[r], 0) << "rank " << r << " log:\n" << logs[r];
+}
+
+TEST(GradSync, BucketsOverlapBackwardAndSumLikeAllReduce) {
+  if (!scenario().empty()) GTEST_SKIP() << "worker process";
+  test::TempDir d;
+  std::vector<std::string> logs;
+  auto codes = run_ranks("grad_sync", 60, d, &logs);
   for (int r = 0; r < 2; ++r) EXPECT_EQ(codes[r], 0) << "rank " << r << " log:\n" << logs[r];
 }
 
