@@ -356,6 +356,17 @@ void Qwen2Model::set_requires_grad(bool on) {
   for (auto& [name, t] : named_parameters()) t.set_requires_grad(on);
 }
 
+void Qwen2Model::add_score_head(uint64_t seed, int64_t pad_token_id) {
+  if (score_.defined()) throw Error("add_score_head: the model already has a score head (" + config_.architecture + ")");
+  auto gen = at::detail::createCPUGenerator(seed);
+  score_ = normal_init({1, config_.hidden_size}, config_.initializer_range, gen)
+               .to(embed_tokens_.device(), embed_tokens_.scalar_type());
+  lm_head_ = at::Tensor();
+  config_.architecture = "Qwen2ForSequenceClassification";
+  config_.num_labels = 1;
+  config_.pad_token_id = pad_token_id;
+}
+
 Qwen2Model Qwen2Model::clone() const {
   Qwen2Model m = *this;
   auto src = named_parameters();

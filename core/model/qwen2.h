@@ -103,6 +103,11 @@ class Qwen2Model {
   checkpoint::NamedTensors named_parameters() const;
   // Marks every parameter as requiring grad (or not).
   void set_requires_grad(bool on);
+  // Makes this causal LM a reward model (HF Qwen2ForSequenceClassification, num_labels 1): a new
+  // score.weight (1, H) drawn normal(0, initializer_range) from `seed` (transformers' _init_weights),
+  // lm_head dropped, config.pad_token_id = pad_token_id (where score pooling stops; TRL sets it
+  // from the tokenizer). Throws when the model already has a score head.
+  void add_score_head(uint64_t seed, int64_t pad_token_id);
   // Deep copy (new storage); the copy has no grad and no shared tensors with this one.
   Qwen2Model clone() const;
   // Moves / casts every parameter.

@@ -326,6 +326,36 @@ TEST(Qwen2Config, RandomInitFromConfigAlone) {
   EXPECT_EQ(big.head_dim, 128);
 }
 
+TEST(Qwen2Config, AddScoreHeadMakesASequenceClassifierThatSavesAndLoads) {
+  at::set_num_threads(1);
+  auto m = Qwen2Model::from_pretrained(fixture_dir("tiny-untied") + "/checkpoint");
+  m.add_score_head(11, 0);
+  EXPECT_TRUE(m.has_score_head());
+  EXPECT_EQ(m.config().architecture, "Qwen2ForSequenceClassification");
+  EXPECT_EQ(m.config().pad_token_id.value_or(-1), 0);
+  EXPECT_EQ(m.score_.sizes(), (std::vector<int64_t>{1, m.config().hidden_size}));
+  EXPECT_FALSE(m.lm_head_.defined());
+  // transformers' init: normal(0, initializer_range); 1 x H draws, so only a loose check of the std.
+  double sd = m.score_.std().item<double>();
+  EXPECT_GT(sd, 0.3 * m.config().initializer_range);
+  EXPECT_LT(sd, 3.0 * m.config().initializer_range);
+  auto names = m.named_parameters();
+  EXPECT_EQ(names.back().first, "score.weight");
+  EXPECT_THROW(m.add_score_head(11, 0), Error);
+  // Saved and loaded back: same scores.
+  char tmpl[] = "/tmp/ptk_score_head_XXXXXX";
+  std::string dir = mkdtemp(tmpl);
+  m.save_pretrained(dir + "/rm");
+  auto back = Qwen2Model::from_pretrained(dir + "/rm");
+  ASSERT_TRUE(back.has_score_head());
+  auto ids = torch::randint(1, m.config().vocab_size, {2, 6}, torch::kLong);
+  auto idx = torch::tensor({5, 3}, torch::kLong);
+  auto a = m.score(m.forward({ids, {}, {}, {}}, {false}).hidden, idx);
+  auto b = back.score(back.forward({ids, {}, {}, {}}, {false}).hidden, idx);
+  EXPECT_TRUE(torch::allclose(a, b, 0, 0)) << a << b;
+  std::system(("rm -rf " + dir).c_str());
+}
+
 TEST(Qwen2Rope, YarnScaling) {
   checkpoint::Qwen2Config c;
   c.head_dim = 128;
