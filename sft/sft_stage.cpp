@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "core/dist/comm.h"
 #include "core/model/qwen2.h"
 #include "core/runtime/log.h"
 #include "core/tokenizer/tokenizer.h"
@@ -50,7 +51,9 @@ std::shared_ptr<Batch> to_tensors(const data::SftBatch& b) {
 
 class SftStage : public train::Stage {
  public:
-  SftStage(SftRecipe& r, const std::string& run_dir) : r_(r), run_dir_(run_dir) {
+  // With several ranks, rank 0 prepares the data while the others wait (the run folder must be on
+  // a filesystem every rank sees, as for checkpoints).
+  SftStage(SftRecipe& r, const std::string& run_dir, dist::Comm& comm) : r_(r), run_dir_(run_dir) {
     // Tokenizer: tokenizer.path, else model.path.
     tok_path_ = !r.tokenizer.path.empty() ? r.tokenizer.path : r.model.path;
     if (tok_path_.empty())
@@ -75,18 +78,23 @@ class SftStage : public train::Stage {
     if (r.data.train.empty()) throw Error("data.train is empty: name the training JSONL files");
     auto popt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kSft);
     popt.tokenizer_path = tok_path_;
-    train_ = std::make_unique<data::PreparedSet>(
-        data::PreparedSet::open(data::ensure_prepared(popt, data::prepared_dir(run_dir, "train"))));
+    std::string train_dir = data::prepared_dir(run_dir, "train"), eval_dir = data::prepared_dir(run_dir, "eval");
+    data::PrepareOptions eopt;
+    if (!r.data.eval.empty()) {
+      eopt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kSft, true);
+      eopt.tokenizer_path = tok_path_;
+    }
+    if (comm.rank() == 0) {
+      data::ensure_prepared(popt, train_dir);
+      if (!r.data.eval.empty()) data::ensure_prepared(eopt, eval_dir);
+    }
+    comm.barrier();
+    train_ = std::make_unique<data::PreparedSet>(data::PreparedSet::open(train_dir));
     data::LoaderOptions lo;
     lo.micro_batch_size = r.train.micro_batch_size;
     lo.seed = static_cast<uint64_t>(r.run.seed);
     loader_ = std::make_unique<data::Loader>(*train_, lo);
-    if (!r.data.eval.empty()) {
-      auto eopt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kSft, true);
-      eopt.tokenizer_path = tok_path_;
-      eval_ = std::make_unique<data::PreparedSet>(
-          data::PreparedSet::open(data::ensure_prepared(eopt, data::prepared_dir(run_dir, "eval"))));
-    }
+    if (!r.data.eval.empty()) eval_ = std::make_unique<data::PreparedSet>(data::PreparedSet::open(eval_dir));
     const auto& c = model_.config();
     int64_t n_params = 0;
     for (auto& [n, t] : model_.named_parameters()) n_params += t.numel();
@@ -95,6 +103,12 @@ class SftStage : public train::Stage {
                                             static_cast<double>(r.data.max_seq_len) / 2.0;
   }
 
+  void set_rank(int rank, int world_size) override {
+    data::LoaderOptions lo = loader_->options();
+    lo.rank = rank;
+    lo.world_size = world_size;
+    loader_ = std::make_unique<data::Loader>(*train_, lo);
+  }
   optim::NamedTensors parameters() override { return model_.named_parameters(); }
   int64_t micro_batches_per_epoch() const override { return loader_->batches_per_epoch(); }
   train::MicroBatch next_micro_batch() override {
@@ -110,8 +124,9 @@ class SftStage : public train::Stage {
     SftTerms t = terms(b);
     train::LossOut out;
     out.loss = t.nll_sum / n;
-    out.metrics.add("mean_token_accuracy", t.targets ? static_cast<double>(t.correct) / t.targets : std::nan(""));
-    out.metrics.add("entropy", t.targets ? t.entropy_sum / t.targets : std::nan(""));
+    // Numerators and denominators are summed over ranks before dividing (FORMULAS.md section 1).
+    out.ratios.push_back({"mean_token_accuracy", static_cast<double>(t.correct), static_cast<double>(t.targets)});
+    out.ratios.push_back({"entropy", t.entropy_sum, static_cast<double>(t.targets)});
     return out;
   }
 
@@ -177,8 +192,9 @@ std::string run_sft(SftRecipe& r, const std::string& recipe_file, const std::str
   std::string run_dir = train::run_dir_of(r, recipe_file);
   make_dirs(run_dir);
   torch::manual_seed(static_cast<uint64_t>(r.run.seed));
-  SftStage stage(r, run_dir);
-  train::Trainer trainer(stage, train::trainer_options(r, run_dir, resolved, "sft"));
+  train::TrainerOptions options = train::trainer_options(r, run_dir, resolved, "sft");
+  SftStage stage(r, run_dir, options.comm);
+  train::Trainer trainer(stage, options);
   log::info("sft: " + std::to_string(trainer.total_steps()) + " optimizer steps of " +
             std::to_string(r.train.micro_batch_size * r.train.grad_accum) + " rows; run folder " + run_dir);
   trainer.run();

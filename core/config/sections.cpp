@@ -53,6 +53,9 @@ void TrainSection::visit(Visitor& v) {
   v.opt(grad_accum, "grad_accum", 1, "micro-batches per optimizer step");
   v.opt(eval_every, "eval_every", 0, "steps between evaluations; 0 = only at the end");
   v.opt(log_every, "log_every", 1, "steps between progress lines (metrics.jsonl gets every step)");
+  v.opt(zero1, "zero1", false,
+        "ZeRO-1: each rank keeps 1/N of the optimizer state (less memory, one all-gather a step); "
+        "resume needs the same number of ranks");
 }
 void TrainSection::validate(Errors& e) const {
   if (epochs < 1 && max_steps < 1)
@@ -92,6 +95,15 @@ void CheckpointSection::visit(Visitor& v) {
 void CheckpointSection::validate(Errors& e) const {
   if (every < 0) e.add("checkpoint.every must be >= 0, got " + std::to_string(every));
   if (keep_last < 1) e.add("checkpoint.keep_last must be >= 1, got " + std::to_string(keep_last));
+}
+
+void DistSection::visit(Visitor& v) {
+  v.opt(timeout_s, "timeout_s", 300.0,
+        "every collective fails after this many seconds (a dead rank stops the others); raise it for huge checkpoints");
+  v.choice(backend, "backend", "auto", {"auto", "gloo", "nccl"}, "auto = NCCL on CUDA builds with GPUs, else Gloo");
+}
+void DistSection::validate(Errors& e) const {
+  if (!(timeout_s > 0)) e.add("dist.timeout_s must be > 0, got " + std::to_string(timeout_s));
 }
 
 void RootSection::visit(Visitor& v) {

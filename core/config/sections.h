@@ -50,6 +50,7 @@ struct DataSection : Section {
 
 struct TrainSection : Section {
   int64_t epochs, max_steps, micro_batch_size, grad_accum, eval_every, log_every;
+  bool zero1;
   const char* name() const override { return "train"; }
   const char* help() const override { return "the step loop"; }
   void visit(Visitor& v) override;
@@ -75,6 +76,16 @@ struct CheckpointSection : Section {
   void validate(Errors& e) const override;
 };
 
+// Data parallelism (ranks come from torchrun's environment or `ptk launch`).
+struct DistSection : Section {
+  double timeout_s;
+  std::string backend;  // auto | gloo | nccl
+  const char* name() const override { return "dist"; }
+  const char* help() const override { return "data parallel over c10d (ptk launch -n N, or torchrun)"; }
+  void visit(Visitor& v) override;
+  void validate(Errors& e) const override;
+};
+
 // Top-level keys.
 struct RootSection : Section {
   std::string resume;  // auto | never | a checkpoint path
@@ -93,8 +104,9 @@ struct TrainingRecipe {
   TrainSection train;
   OptimSection optim;
   CheckpointSection checkpoint;
+  DistSection dist;
   std::vector<Section*> sections() {
-    return {&root, &run, &model, &tokenizer, &data, &train, &optim, &checkpoint};
+    return {&root, &run, &model, &tokenizer, &data, &train, &optim, &checkpoint, &dist};
   }
 };
 

@@ -1,5 +1,7 @@
 #include "core/train/from_recipe.h"
 
+#include "core/dist/comm.h"
+
 namespace ptk::train {
 
 std::string run_dir_of(const config::TrainingRecipe& r, const std::string& recipe_file) {
@@ -30,6 +32,12 @@ TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::strin
   o.checkpoint_every = r.checkpoint.every;
   o.keep_last = r.checkpoint.keep_last;
   o.label = label;
+  o.zero1 = r.train.zero1;
+  // World size 1 (no process group) unless torchrun's environment names more ranks.
+  dist::CommOptions co;
+  co.timeout_s = r.dist.timeout_s;
+  co.backend = r.dist.backend;
+  o.comm = dist::Comm::from_environment(co);
   return o;
 }
 
