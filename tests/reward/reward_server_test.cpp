@@ -1,0 +1,397 @@
+// The reward server and client over loopback (127.0.0.1), in-process: the /get_reward round trip
+// (reward model + weighted verifiers), 16 concurrent clients batched together with every answer
+// equal to the score head's output for that text alone, each bad input's 4xx, /health, /metrics,
+// the bearer token; the client's retries against a failing-then-recovering server, a server
+// restarted mid-run, spreading over 2 URLs, and a clear error when every attempt fails.
+// Not the `ptk reward-server` process and its signals (reward_server_cli_test.cpp).
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <torch/torch.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "core/checkpoint/hf_config.h"
+#include "core/config/recipe.h"
+#include "core/model/qwen2.h"
+#include "core/tokenizer/tokenizer.h"
+#include "core/util/error.h"
+#include "core/util/json.h"
+#include "datasets/byte_tokenizer.h"
+#include "reward/reward_client.h"
+#include "reward/reward_server.h"
+#include "reward/rm_stage.h"
+#include "tests/support/test_util.h"
+
+namespace ptk {
+namespace {
+
+const char* kConfig = R"({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 259,
+  "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+  "num_key_value_heads": 2, "max_position_embeddings": 256, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+  "hidden_act": "silu", "initializer_range": 0.1, "tie_word_embeddings": true, "eos_token_id": 258,
+  "pad_token_id": 256, "torch_dtype": "float32"})";
+
+// A tiny random reward model folder (byte tokenizer), written once for the whole suite.
+class RewardServerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    at::set_num_threads(1);
+    dir_ = new test::TempDir();
+    std::string rm = dir_->file("rm");
+    tasks::write_byte_tokenizer(rm);
+    auto m = model::Qwen2Model::from_config(checkpoint::parse_config(kConfig, "config"), 3);
+    m.add_score_head(4, 256);
+    checkpoint::SaveOptions so;
+    so.source_dir = rm;
+    m.save_pretrained(rm, so);
+  }
+  static void TearDownTestSuite() { delete dir_; }
+  static std::string rm_dir() { return dir_->file("rm"); }
+
+  // The score of `text` alone (no batching, no padding), as the server should answer it.
+  static double expected_score(const std::string& text) {
+    static std::mutex mu;
+    std::lock_guard<std::mutex> g(mu);
+    static model::Qwen2Model m = model::Qwen2Model::from_pretrained(rm_dir());
+    static tokenizer::Tokenizer tok = tokenizer::Tokenizer::load(rm_dir());
+    torch::NoGradGuard ng;
+    auto ids = tok.encode(text);
+    std::vector<int64_t> v(ids.begin(), ids.end());
+    model::ForwardOptions fo;
+    fo.logits = false;
+    auto h = m.forward({torch::tensor(v, torch::kInt64).unsqueeze(0), {}, {}, {}}, fo).hidden;
+    return m.score(h, torch::tensor({static_cast<int64_t>(v.size()) - 1}, torch::kInt64)).item<double>();
+  }
+
+  static test::TempDir* dir_;
+};
+test::TempDir* RewardServerTest::dir_ = nullptr;
+
+reward::RewardSection section(std::vector<std::string> overrides) {
+  reward::RewardRecipe r;
+  overrides.push_back("reward.port=0");
+  config::bind_recipe(config::load_recipe("", overrides), r.sections());
+  return r.reward;
+}
+
+// A server serving on its own thread until destroyed.
+struct Running {
+  std::unique_ptr<reward::RewardServer> server;
+  std::thread thread;
+  int port = 0;
+  explicit Running(const reward::RewardSection& s, int fixed_port = 0) {
+    auto opt = s;
+    if (fixed_port) opt.port = fixed_port;
+    server = std::make_unique<reward::RewardServer>(opt);
+    port = server->bind();
+    thread = std::thread([this] { server->serve(); });
+    httplib::Client probe("127.0.0.1", port);  // ready when /health answers
+    for (int i = 0; i < 500 && !probe.Get("/health"); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ~Running() { stop(); }
+  void stop() {
+    if (!server) return;
+    server->stop();
+    thread.join();
+    server.reset();
+  }
+  std::string url() const { return "http://127.0.0.1:" + std::to_string(port); }
+};
+
+std::string json_array(const std::vector<std::string>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", \"" : "\"") + v[i] + "\"";
+  return s + "]";
+}
+
+rapidjson::Document parse(const std::string& body) { return json::parse(body, "answer"); }
+
+TEST_F(RewardServerTest, GetRewardRoundTripWithModelAndWeightedVerifiers) {
+  Running srv(section({"reward.model=" + rm_dir(), "reward.verifiers=[\"math\", \"format_answer\"]",
+                       "reward.verifier_weights=[1.0, 0.5]", "reward.model_weight=2.0"}));
+  httplib::Client cli("127.0.0.1", srv.port);
+  std::vector<std::string> prompts = {"What is 2 + 3? ", "What is 7 + 1? "};
+  std::vector<std::string> query = {prompts[0] + "The answer is 5.", prompts[1] + "I think 9"};
+  auto res = cli.Post("/get_reward",
+                      "{\"query\": " + json_array(query) + ", \"prompts\": " + json_array(prompts) +
+                          ", \"labels\": [\"5\", \"8\"]}",
+                      "application/json");
+  ASSERT_TRUE(res);
+  ASSERT_EQ(res->status, 200) << res->body;
+  auto d = parse(res->body);
+  ASSERT_EQ(d["rewards"].Size(), 2u);
+  double rm0 = expected_score(query[0]), rm1 = expected_score(query[1]);
+  EXPECT_NEAR(d["extra_logs"]["rm"][0].GetDouble(), rm0, 1e-5);
+  EXPECT_NEAR(d["extra_logs"]["rm"][1].GetDouble(), rm1, 1e-5);
+  EXPECT_EQ(d["extra_logs"]["math"][0].GetDouble(), 1.0);
+  EXPECT_EQ(d["extra_logs"]["math"][1].GetDouble(), 0.0);
+  EXPECT_EQ(d["extra_logs"]["format_answer"][0].GetDouble(), 1.0);
+  EXPECT_EQ(d["extra_logs"]["format_answer"][1].GetDouble(), 0.0);
+  EXPECT_NEAR(d["rewards"][0].GetDouble(), 2 * rm0 + 1.0 + 0.5, 1e-5);
+  EXPECT_NEAR(d["rewards"][1].GetDouble(), 2 * rm1, 1e-5);
+  EXPECT_EQ(d["scores"][0].GetDouble(), d["rewards"][0].GetDouble());
+  // OpenRLHF sends only `query` to a model-only server: that works too.
+  Running model_only(section({"reward.model=" + rm_dir()}));
+  httplib::Client c2("127.0.0.1", model_only.port);
+  res = c2.Post("/get_reward", "{\"query\": [\"hello\"]}", "application/json");
+  ASSERT_TRUE(res);
+  ASSERT_EQ(res->status, 200) << res->body;
+  EXPECT_NEAR(parse(res->body)["rewards"][0].GetDouble(), expected_score("hello"), 1e-5);
+}
+
+TEST_F(RewardServerTest, SixteenConcurrentClientsAreBatchedAndEachGetsItsOwnScores) {
+  Running srv(section({"reward.model=" + rm_dir(), "reward.max_wait_ms=100", "reward.max_batch_items=64"}));
+  constexpr int kClients = 16, kPer = 3;
+  std::atomic<int> wrong{0}, failed{0};
+  std::vector<std::thread> ts;
+  for (int c = 0; c < kClients; ++c) {
+    ts.emplace_back([&, c] {
+      httplib::Client cli("127.0.0.1", srv.port);
+      std::vector<std::string> q;
+      for (int i = 0; i < kPer; ++i) q.push_back("client " + std::to_string(c) + std::string(c % 5 + i, '!') + " item " + std::to_string(i));
+      auto res = cli.Post("/get_reward", "{\"query\": " + json_array(q) + "}", "application/json");
+      if (!res || res->status != 200) {
+        std::fprintf(stderr, "client %d: %s\n", c, res ? res->body.c_str() : httplib::to_string(res.error()).c_str());
+        ++failed;
+        return;
+      }
+      auto d = parse(res->body);
+      for (int i = 0; i < kPer; ++i)
+        if (std::abs(d["rewards"][i].GetDouble() - expected_score(q[i])) > 1e-4) ++wrong;
+    });
+  }
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(failed, 0);
+  EXPECT_EQ(wrong, 0);
+  httplib::Client cli("127.0.0.1", srv.port);
+  auto m = parse(cli.Get("/metrics")->body);
+  std::printf("  %d requests x %d items -> %lld batches, largest %lld items\n", kClients, kPer,
+              static_cast<long long>(m["batches"].GetInt64()), static_cast<long long>(m["batch_items_max"].GetInt64()));
+  EXPECT_EQ(m["requests"].GetInt64(), kClients);
+  EXPECT_EQ(m["items"].GetInt64(), kClients * kPer);
+  EXPECT_EQ(m["errors"].GetInt64(), 0);
+  EXPECT_GT(m["batch_items_max"].GetInt64(), kPer) << "concurrent requests were never batched together";
+  EXPECT_LT(m["batches"].GetInt64(), kClients);
+  EXPECT_GE(m["latency_ms_p99"].GetDouble(), m["latency_ms_p50"].GetDouble());
+}
+
+TEST_F(RewardServerTest, BadInputGetsA4xxWithAMessage) {
+  Running srv(section({"reward.model=" + rm_dir(), "reward.verifiers=[\"math\"]", "reward.max_items=4",
+                       "reward.max_body_bytes=2000", "reward.max_tokens_per_item=50"}));
+  httplib::Client cli("127.0.0.1", srv.port);
+  struct Case {
+    std::string body;
+    int status;
+    std::string says;
+  };
+  std::vector<Case> cases = {
+      {"{not json", 400, "invalid JSON"},
+      {"[1, 2]", 400, "JSON object"},
+      {"{\"prompts\": [\"a\"], \"labels\": [\"1\"]}", 400, "missing field `query`"},
+      {"{\"query\": \"a b\", \"labels\": [\"1\"]}", 400, "`query` must be an array"},
+      {"{\"query\": [\"a\", 3], \"labels\": [\"1\", \"2\"]}", 400, "`query[1]` must be a string"},
+      {"{\"query\": [\"a\", \"b\"], \"labels\": [\"1\"]}", 400, "`labels` has 1 items"},
+      {"{\"query\": [\"a\", \"b\"], \"prompts\": [\"a\"], \"labels\": [\"1\", \"2\"]}", 400, "`prompts` has 1 items"},
+      {"{\"query\": [\"xa\"], \"prompts\": [\"a\"], \"labels\": [\"1\"]}", 400, "does not start with prompts[0]"},
+      {"{\"query\": [\"a\"]}", 400, "missing field `labels`"},
+      {"{\"query\": [\"a\",\"b\",\"c\",\"d\",\"e\"], \"labels\": [\"1\",\"1\",\"1\",\"1\",\"1\"]}", 413, "at most 4"},
+      {"{\"query\": [\"" + std::string(60, 'x') + "\"], \"labels\": [\"1\"]}", 413, "max_tokens_per_item"},
+      {"{\"query\": [\"" + std::string(3000, 'x') + "\"], \"labels\": [\"1\"]}", 413, "max_body_bytes"},
+  };
+  for (const auto& c : cases) {
+    auto res = cli.Post("/get_reward", c.body, "application/json");
+    ASSERT_TRUE(res) << c.body.substr(0, 80);
+    EXPECT_EQ(res->status, c.status) << c.body.substr(0, 80) << " -> " << res->body;
+    EXPECT_NE(res->body.find(c.says), std::string::npos) << c.body.substr(0, 80) << " -> " << res->body;
+    EXPECT_NE(res->body.find("\"error\""), std::string::npos) << res->body;
+  }
+  auto nf = cli.Get("/nope");
+  ASSERT_TRUE(nf);
+  EXPECT_EQ(nf->status, 404);
+  // The server still works, and counted the errors.
+  auto ok = cli.Post("/get_reward", "{\"query\": [\"1+1=2\"], \"labels\": [\"2\"]}", "application/json");
+  ASSERT_TRUE(ok);
+  EXPECT_EQ(ok->status, 200) << ok->body;
+  auto m = parse(cli.Get("/metrics")->body);
+  EXPECT_EQ(m["errors"].GetInt64(), static_cast<int64_t>(cases.size()));
+  EXPECT_EQ(m["requests"].GetInt64(), static_cast<int64_t>(cases.size()) + 1);
+}
+
+TEST_F(RewardServerTest, HealthAndBearerToken) {
+  Running srv(section({"reward.verifiers=[\"exact\"]", "reward.api_key=s3cret"}));
+  httplib::Client cli("127.0.0.1", srv.port);
+  auto h = cli.Get("/health");
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->status, 200);
+  EXPECT_NE(h->body.find("ok"), std::string::npos);
+  std::string body = "{\"query\": [\"abc\"], \"labels\": [\"abc\"]}";
+  auto no = cli.Post("/get_reward", body, "application/json");
+  ASSERT_TRUE(no);
+  EXPECT_EQ(no->status, 401) << no->body;
+  cli.set_bearer_token_auth("s3cret");
+  auto yes = cli.Post("/get_reward", body, "application/json");
+  ASSERT_TRUE(yes);
+  EXPECT_EQ(yes->status, 200) << yes->body;
+  EXPECT_EQ(parse(yes->body)["rewards"][0].GetDouble(), 1.0);
+}
+
+TEST(RewardServerConfig, RefusesNoSourceAndUnknownVerifier) {
+  EXPECT_THROW(section({}), Error);
+  try {
+    reward::RewardServer s(section({"reward.verifiers=[\"maht\"]"}));
+    FAIL() << "an unknown verifier was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("math"), std::string::npos) << e.what();
+  }
+}
+
+// --- client ---------------------------------------------------------------------------------
+
+reward::RewardClientOptions fast(std::vector<std::string> urls) {
+  reward::RewardClientOptions o;
+  o.urls = std::move(urls);
+  o.backoff_s = 0.02;
+  o.max_backoff_s = 0.2;
+  o.connect_timeout_s = 1;
+  o.timeout_s = 10;
+  return o;
+}
+
+TEST(RewardClient, RetriesAServerThatFailsThenRecovers) {
+  httplib::Server fake;
+  std::atomic<int> calls{0};
+  fake.Post("/get_reward", [&](const httplib::Request&, httplib::Response& res) {
+    if (++calls <= 2) {
+      res.status = 503;
+      res.set_content("{\"error\": \"warming up\"}", "application/json");
+      return;
+    }
+    res.set_content("{\"rewards\": [0.25, 0.5], \"scores\": [0.25, 0.5], \"extra_logs\": {\"rm\": [1, 2]}}",
+                    "application/json");
+  });
+  int port = fake.bind_to_any_port("127.0.0.1");
+  std::thread t([&] { fake.listen_after_bind(); });
+  auto client = std::make_unique<reward::RewardClient>(fast({"http://127.0.0.1:" + std::to_string(port)}));
+  auto r = client->score({"a", "b"}, {}, {});
+  EXPECT_EQ(client->retries(), 2);
+  client.reset();  // closes its kept-alive connection, so stop() need not wait for it
+  fake.stop();
+  t.join();
+  EXPECT_EQ(r.rewards, (std::vector<double>{0.25, 0.5}));
+  EXPECT_EQ(r.extra_logs.at("rm"), (std::vector<double>{1, 2}));
+  EXPECT_EQ(calls.load(), 3);
+}
+
+TEST(RewardClient, MalformedAnswersAreErrorsNotZeros) {
+  httplib::Server fake;
+  fake.Post("/get_reward", [&](const httplib::Request&, httplib::Response& res) {
+    res.set_content("{\"rewards\": [0.25]}", "application/json");  // one value for two queries
+  });
+  int port = fake.bind_to_any_port("127.0.0.1");
+  std::thread t([&] { fake.listen_after_bind(); });
+  auto o = fast({"http://127.0.0.1:" + std::to_string(port)});
+  o.max_attempts = 2;
+  {
+    reward::RewardClient client(o);
+    try {
+      client.score({"a", "b"}, {}, {});
+      ADD_FAILURE() << "a short answer was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("1 values for 2 queries"), std::string::npos) << e.what();
+    }
+  }
+  fake.stop();
+  t.join();
+}
+
+TEST(RewardClient, SpreadsChunksOverTwoUrlsInOrder) {
+  auto s = section({"reward.verifiers=[\"exact\"]"});
+  Running a(s), b(s);
+  auto o = fast({a.url(), b.url() + "/get_reward"});
+  o.max_items_per_request = 2;
+  o.max_concurrency = 3;
+  reward::RewardClient client(o);
+  std::vector<std::string> q, labels;
+  for (int i = 0; i < 9; ++i) {
+    q.push_back("answer " + std::to_string(i));
+    labels.push_back(i % 3 == 0 ? q.back() : "other");  // reward 1 exactly where i % 3 == 0
+  }
+  auto r = client.score(q, {}, labels);
+  ASSERT_EQ(r.rewards.size(), 9u);
+  for (int i = 0; i < 9; ++i) EXPECT_EQ(r.rewards[i], i % 3 == 0 ? 1.0 : 0.0) << i;
+  EXPECT_EQ(r.extra_logs.at("exact").size(), 9u);
+  auto per = client.answered_per_url();
+  EXPECT_GT(per[0], 0);
+  EXPECT_GT(per[1], 0);
+  EXPECT_EQ(per[0] + per[1], 5);
+}
+
+TEST(RewardClient, PicksUpAServerRestartedMidRun) {
+  auto s = section({"reward.verifiers=[\"exact\"]"});
+  auto first = std::make_unique<Running>(s);
+  int port = first->port;
+  auto o = fast({first->url()});
+  o.max_attempts = 20;
+  o.backoff_s = 0.05;
+  reward::RewardClient client(o);
+  EXPECT_EQ(client.score({"x"}, {}, {"x"}).rewards[0], 1.0);
+  first.reset();  // the server goes away ...
+  std::unique_ptr<Running> second;
+  std::thread restart([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(400));
+    second = std::make_unique<Running>(s, port);  // ... and comes back on the same port
+  });
+  auto r = client.score({"y"}, {}, {"z"});
+  restart.join();
+  EXPECT_EQ(r.rewards[0], 0.0);
+  EXPECT_GT(client.retries(), 0);
+}
+
+TEST(RewardClient, ErrorsClearlyWhenEveryAttemptFails) {
+  int dead_port;
+  {
+    // A port that was free a moment ago and has no listener: bound, never listened, closed.
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    socklen_t len = sizeof a;
+    getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+    dead_port = ntohs(a.sin_port);
+    close(fd);
+  }
+  auto o = fast({"http://127.0.0.1:" + std::to_string(dead_port), "http://127.0.0.1:" + std::to_string(dead_port)});
+  o.max_attempts = 3;
+  reward::RewardClient client(o);
+  try {
+    client.score({"a"}, {}, {});
+    FAIL() << "no error although no server answers";
+  } catch (const Error& e) {
+    std::string msg = e.what();
+    EXPECT_NE(msg.find("after 3 attempts"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("attempt 3"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("no reward was made up"), std::string::npos) << msg;
+  }
+  EXPECT_EQ(client.requests(), 3);
+  // A 4xx is the request's fault: reported at once, not retried.
+  Running srv(section({"reward.verifiers=[\"exact\"]"}));
+  reward::RewardClient c2(fast({srv.url()}));
+  try {
+    c2.score({"a"}, {}, {});  // no labels for a verifier
+    FAIL() << "a 400 was not reported";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("HTTP 400"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(c2.retries(), 0);
+}
+
+}  // namespace
+}  // namespace ptk
