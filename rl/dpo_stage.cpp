@@ -1,0 +1,542 @@
+#include "rl/dpo_stage.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+
+#include "core/checkpoint/checkpoint.h"
+#include "core/model/lm_head_logprobs.h"
+#include "core/runtime/log.h"
+#include "core/tokenizer/tokenizer.h"
+#include "core/train/from_recipe.h"
+#include "core/train/progress.h"
+#include "core/util/error.h"
+#include "core/util/fs.h"
+#include "datasets/prepare.h"
+
+namespace ptk::rl {
+
+namespace fs = std::filesystem;
+
+// ---------------------------------------------------------------------------------------------
+// Recipe section
+
+void DpoSection::visit(config::Visitor& v) {
+  v.choice(algorithm, "algorithm", "dpo", {"dpo", "cpo"},
+           "dpo: DPOTrainer's losses against a frozen reference; cpo: CPOTrainer's (SimPO with loss_type=simpo), "
+           "no reference model (less memory and no reference pass)");
+  v.opt(loss_type, "loss_type", {"sigmoid"},
+        "dpo: sigmoid|hinge|ipo|robust|sft|sigmoid_norm, one name or a list summed with loss_weights; "
+        "cpo: one of sigmoid|hinge|ipo|simpo");
+  v.opt(loss_weights, "loss_weights", {}, "one weight per loss_type entry (dpo); empty = all 1.0");
+  v.opt(beta, "beta", 0.1, "KL strength / reward scale: higher keeps the policy nearer the reference "
+                           "(SimPO's paper uses 2.0-2.5)");
+  v.opt(label_smoothing, "label_smoothing", 0.0,
+        "assumed label-noise rate in [0, 0.5): dpo robust only; cpo sigmoid/simpo");
+  v.opt(simpo_gamma, "simpo_gamma", 0.5, "cpo simpo: target reward margin gamma");
+  v.opt(cpo_alpha, "cpo_alpha", 1.0, "cpo: weight of the chosen NLL; 1.0 = CPO-SimPO, 0.0 = pure SimPO");
+  v.opt(ld_alpha, "ld_alpha", 1.0,
+        "dpo: LD-DPO weight in [0, 1] of the reply tokens past the shorter reply (policy only); 1.0 = plain sums");
+  v.opt(ref_path, "ref_path", "",
+        "dpo: HF folder of the frozen reference; \"\" = model.path (the policy's starting point)");
+  v.opt(precompute_ref_log_probs, "precompute_ref_log_probs", true,
+        "dpo: compute reference log-probs once and cache them beside the prepared shards (keyed by reference "
+        "checkpoint + data), then free the reference; false = a live reference forward each micro-batch "
+        "(TRL's default; keeps a second model in memory)");
+  v.opt(precompute_ref_batch_size, "precompute_ref_batch_size", 8, "pairs per forward of the reference pass");
+  v.opt(eval_micro_batch_size, "eval_micro_batch_size", 8, "pairs per forward for the eval metrics (data.eval)");
+}
+
+void DpoSection::validate(config::Errors& e) const {
+  auto prefixed = [&](const std::vector<std::string>& errors) {
+    for (auto& m : errors) e.add("dpo." + m);
+  };
+  if (!(ld_alpha >= 0 && ld_alpha <= 1)) e.add("dpo.ld_alpha = " + std::to_string(ld_alpha) + " must be in [0, 1]");
+  if (precompute_ref_batch_size < 1) e.add("dpo.precompute_ref_batch_size must be >= 1");
+  if (eval_micro_batch_size < 1) e.add("dpo.eval_micro_batch_size must be >= 1");
+  if (!is_cpo()) {
+    if (std::find(loss_type.begin(), loss_type.end(), "simpo") != loss_type.end()) {
+      e.add("dpo.loss_type \"simpo\" is a CPO-trainer loss (no reference model)\n---> HINT: set dpo.algorithm=cpo "
+            "(and dpo.cpo_alpha=0 for pure SimPO)");
+      return;
+    }
+    prefixed(dpo_validate(dpo_options()));
+    return;
+  }
+  if (loss_type.size() != 1) {
+    e.add("dpo.loss_type has " + std::to_string(loss_type.size()) +
+          " entries; with dpo.algorithm=cpo give exactly one of sigmoid, hinge, ipo, simpo");
+  } else {
+    prefixed(cpo_validate(cpo_options()));
+  }
+  if (!loss_weights.empty()) e.add("dpo.loss_weights is for dpo.algorithm=dpo's loss lists; remove it with cpo");
+  if (ld_alpha != 1.0) e.add("dpo.ld_alpha = " + std::to_string(ld_alpha) + " applies to dpo.algorithm=dpo only");
+  if (!ref_path.empty())
+    e.add("dpo.ref_path = \"" + ref_path + "\" but dpo.algorithm=cpo loads no reference; remove dpo.ref_path");
+}
+
+DpoLossOptions DpoSection::dpo_options() const {
+  DpoLossOptions o;
+  o.loss_type = loss_type;
+  o.loss_weights = loss_weights;
+  o.beta = beta;
+  o.label_smoothing = label_smoothing;
+  return o;
+}
+
+CpoLossOptions DpoSection::cpo_options() const {
+  CpoLossOptions o;
+  o.loss_type = loss_type.empty() ? std::string() : loss_type[0];
+  o.beta = beta;
+  o.simpo_gamma = simpo_gamma;
+  o.cpo_alpha = cpo_alpha;
+  o.label_smoothing = label_smoothing;
+  return o;
+}
+
+std::optional<double> DpoSection::ld() const {
+  if (ld_alpha == 1.0) return std::nullopt;
+  return ld_alpha;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batches and sequence scores
+
+PairBatch make_pair_batch(const std::vector<data::PairView>& pairs, std::vector<int64_t> rows, int32_t pad_id) {
+  const int64_t P = static_cast<int64_t>(pairs.size());
+  PTK_CHECK(P > 0, "make_pair_batch: no pairs");
+  int64_t T = 1;
+  for (auto& p : pairs) T = std::max<int64_t>(T, p.prompt.size + std::max(p.chosen.size, p.rejected.size));
+  std::vector<int64_t> ids(2 * P * T, pad_id), att(2 * P * T, 0);
+  std::vector<float> cm(2 * P * T, 0.f), n(2 * P, 0.f);
+  PairBatch b;
+  for (int64_t i = 0; i < 2 * P; ++i) {
+    const data::PairView& p = pairs[i % P];
+    const data::Span<uint32_t>& reply = i < P ? p.chosen : p.rejected;
+    const int64_t lp = static_cast<int64_t>(p.prompt.size), lr = static_cast<int64_t>(reply.size);
+    int64_t* row = ids.data() + i * T;
+    for (int64_t t = 0; t < lp; ++t) row[t] = p.prompt[t];
+    for (int64_t t = 0; t < lr; ++t) row[lp + t] = reply[t];
+    for (int64_t t = 0; t < lp + lr; ++t) att[i * T + t] = 1;
+    // Token t is scored by the logits at t-1, so a reply starting at position 0 loses its first token.
+    for (int64_t t = std::max<int64_t>(lp, 1); t < lp + lr; ++t) cm[i * T + t] = 1.f;
+    n[i] = static_cast<float>(lr);
+    b.tokens += lp + lr;
+  }
+  b.ids = torch::tensor(ids, torch::kInt64).view({2 * P, T});
+  b.attention_mask = torch::tensor(att, torch::kInt64).view({2 * P, T});
+  b.completion_mask = torch::tensor(cm, torch::kFloat32).view({2 * P, T});
+  b.completion_tokens = torch::tensor(n, torch::kFloat32);
+  b.rows = std::move(rows);
+  return b;
+}
+
+SequenceScores sequence_scores(const model::Qwen2Model& m, const PairBatch& b, std::optional<double> ld_alpha,
+                               bool cpo_logits) {
+  const int64_t R = b.ids.size(0), T = b.ids.size(1), P = R / 2;
+  model::ForwardInput in;
+  in.input_ids = b.ids;
+  in.attention_mask = b.attention_mask;
+  model::ForwardOptions fo;
+  fo.logits = false;  // the fused op projects only the completion targets
+  at::Tensor h = m.forward(in, fo).hidden;  // (R, T, H)
+  const int64_t H = h.size(2);
+  at::Tensor flat_h = h.reshape({R * T, H});                        // (R·T, H)
+  at::Tensor tgt = b.completion_mask.reshape(-1).nonzero().squeeze(1);  // (N) flat r·T + t
+  at::Tensor hs = flat_h.index_select(0, tgt - 1);                  // (N, H) the predicting positions
+  at::Tensor targets = b.ids.reshape(-1).index_select(0, tgt);      // (N)
+  const at::Tensor& W = m.lm_head_weight();                         // (V, H)
+  model::TokenLogProbs lp = model::lm_head_logprobs(hs, W, targets);
+  at::Tensor tok = torch::zeros({R * T}, lp.logprobs.options()).index_put({tgt}, lp.logprobs).view({R, T});
+
+  SequenceScores s;
+  s.logps = dpo_sequence_logps(tok, b.completion_mask, ld_alpha);  // (R)
+  torch::NoGradGuard ng;
+  at::Tensor chosen = tgt.div(T, "floor").lt(P);  // (N) target belongs to a chosen row
+  s.entropy_sum = lp.entropy.detach().to(torch::kFloat64).sum().item<double>();
+  s.targets = static_cast<double>(tgt.numel());
+  s.chosen_correct = (lp.correct & chosen).sum().item<double>();
+  s.chosen_targets = chosen.sum().item<double>();
+  if (!cpo_logits) {
+    at::Tensor vm = dpo_vocab_mean_logits(hs.detach(), W).to(torch::kFloat64);  // (N)
+    s.logits_chosen = vm.masked_select(chosen).sum().item<double>();
+    s.logits_rejected = vm.masked_select(chosen.logical_not()).sum().item<double>();
+    s.logits_chosen_count = s.chosen_targets;
+    s.logits_rejected_count = s.targets - s.chosen_targets;
+  } else {
+    at::Tensor vm = dpo_vocab_mean_logits(flat_h.detach(), W).to(torch::kFloat64).view({R, T});
+    s.logits_chosen = vm.slice(0, 0, P).mean().item<double>();
+    s.logits_rejected = vm.slice(0, P).mean().item<double>();
+    s.logits_chosen_count = s.logits_rejected_count = 1;
+  }
+  return s;
+}
+
+at::Tensor compute_ref_logps(const model::Qwen2Model& reference, const data::PreparedSet& set, int32_t pad_id,
+                             int64_t batch_size) {
+  torch::NoGradGuard ng;
+  const int64_t rows = set.num_rows();
+  at::Tensor out = torch::empty({rows, 2}, torch::kFloat32);  // (rows, 2) [chosen, rejected]
+  Progress progress("reference log-probs", rows, "pairs");
+  for (int64_t s = 0; s < rows; s += batch_size) {
+    std::vector<int64_t> ids;
+    for (int64_t i = s; i < std::min(rows, s + batch_size); ++i) ids.push_back(i);
+    const int64_t P = static_cast<int64_t>(ids.size());
+    PairBatch b = make_pair_batch(data::make_preference_batch(set, ids), ids, pad_id);
+    at::Tensor lp = sequence_scores(reference, b, std::nullopt).logps;  // (2P)
+    out.slice(0, s, s + P).copy_(torch::stack({lp.slice(0, 0, P), lp.slice(0, P)}, 1));
+    progress.update(s + P);
+  }
+  progress.finish();
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stage
+
+namespace {
+
+// What identifies a reference checkpoint without reading its weights: config.json's bytes and,
+// per weight/index file, name, size and modification time (a rewritten file gets a new key).
+std::string checkpoint_identity(const std::string& dir) {
+  std::vector<std::string> names;
+  for (auto& e : fs::directory_iterator(dir)) {
+    std::string n = e.path().filename().string();
+    if (n == "config.json" || (n.size() > 12 && n.substr(n.size() - 12) == ".safetensors") ||
+        n == "model.safetensors.index.json")
+      names.push_back(n);
+  }
+  std::sort(names.begin(), names.end());
+  std::string id = "folder\n" + read_file(dir + "/config.json") + "\n";
+  for (auto& n : names) {
+    struct stat st {};
+    std::string p = dir + "/" + n;
+    if (::stat(p.c_str(), &st) != 0) throw Error("cannot stat " + p);
+    id += n + " " + std::to_string(st.st_size) + " " + std::to_string(st.st_mtim.tv_sec) + "." +
+          std::to_string(st.st_mtim.tv_nsec) + "\n";
+  }
+  return id;
+}
+
+// Ratio metrics of one micro-batch (FORMULAS section 2): numerators and denominators are summed
+// over ranks before dividing, so the logged value is TRL's gathered mean.
+std::vector<train::Ratio> pair_ratios(const PairMetricSums& m, const SequenceScores& s) {
+  return {{"rewards/chosen", m.reward_chosen, m.pairs},
+          {"rewards/rejected", m.reward_rejected, m.pairs},
+          {"rewards/accuracies", m.correct, m.pairs},
+          {"rewards/margins", m.reward_chosen - m.reward_rejected, m.pairs},
+          {"logps/chosen", m.logp_chosen, m.pairs},
+          {"logps/rejected", m.logp_rejected, m.pairs},
+          {"logits/chosen", s.logits_chosen, s.logits_chosen_count},
+          {"logits/rejected", s.logits_rejected, s.logits_rejected_count},
+          {"entropy", s.entropy_sum, s.targets},
+          {"mean_token_accuracy", s.chosen_correct, s.chosen_targets}};
+}
+
+}  // namespace
+
+struct DpoStage::Impl {
+  DpoRecipe& r;
+  std::string run_dir, tok_path, tok_dir, ref_dir, ref_identity;
+  int32_t pad_id = 0;
+  dist::Comm comm;
+  int rank = 0, world_size = 1;
+  model::Qwen2Model policy, reference;
+  std::unique_ptr<data::PreparedSet> train, eval;
+  std::unique_ptr<data::Loader> loader;
+  at::Tensor ref_train, ref_eval;  // (rows, 2) when precomputed
+  bool ref_ready = false;
+  std::string ref_cache;
+  double flops_per_token = 0;
+
+  Impl(DpoRecipe& recipe, const std::string& dir, dist::Comm group) : r(recipe), run_dir(dir), comm(std::move(group)) {
+    rank = comm.rank();
+    world_size = comm.world_size();
+    tok_path = !r.tokenizer.path.empty() ? r.tokenizer.path : r.model.path;
+    if (tok_path.empty())
+      throw Error("no tokenizer: set tokenizer.path (a folder with tokenizer.json, or the file) or model.path");
+    tok_dir = path_exists(tok_path + "/tokenizer.json") ? tok_path : parent_dir(tok_path);
+    auto tok = tokenizer::Tokenizer::load(tok_path);
+    pad_id = tok.pad_id() >= 0 ? tok.pad_id() : tok.eos_id();
+    // Policy.
+    if (!r.model.path.empty()) {
+      policy = model::Qwen2Model::from_pretrained(r.model.path);
+    } else if (!r.model.config.empty()) {
+      policy = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed);
+    } else {
+      throw Error("set model.path (the SFT stage's final/ folder) or model.config (a config.json for random init)");
+    }
+    if (static_cast<int64_t>(tok.vocab_size()) > policy.config().vocab_size)
+      throw Error("the tokenizer at " + tok_path + " has " + std::to_string(tok.vocab_size()) +
+                  " ids but the model's vocab_size is " + std::to_string(policy.config().vocab_size) +
+                  "\n---> HINT: the model and tokenizer do not belong together; check model.path / tokenizer.path");
+    policy.set_requires_grad(true);
+    // Reference: dpo.ref_path, else the policy's starting point.
+    if (!r.dpo.is_cpo()) {
+      ref_dir = !r.dpo.ref_path.empty() ? r.dpo.ref_path : r.model.path;
+      if (!ref_dir.empty()) {
+        if (!path_exists(ref_dir + "/config.json"))
+          throw Error("dpo reference \"" + ref_dir + "\" (" + (r.dpo.ref_path.empty() ? "model.path" : "dpo.ref_path") +
+                      ") has no config.json\n---> HINT: point it at an HF folder, e.g. runs/sft/final");
+        ref_identity = checkpoint_identity(ref_dir);
+      } else {
+        ref_identity = "random-init\n" + read_file(r.model.config) + "\nseed " + std::to_string(r.run.seed) + "\n";
+      }
+      if (!r.dpo.precompute_ref_log_probs) load_reference();
+    }
+    // Data: one pair per row; the prompt keeps its end, replies their start (datasets/prepare.h).
+    if (r.data.train.empty()) throw Error("data.train is empty: name the preference JSONL files (prompt/chosen/rejected)");
+    auto popt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kPreference);
+    popt.tokenizer_path = tok_path;
+    std::string train_dir = data::prepared_dir(run_dir, "train"), eval_dir = data::prepared_dir(run_dir, "eval");
+    data::PrepareOptions eopt;
+    if (!r.data.eval.empty()) {
+      eopt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kPreference, true);
+      eopt.tokenizer_path = tok_path;
+    }
+    if (rank == 0) {
+      data::ensure_prepared(popt, train_dir);
+      if (!r.data.eval.empty()) data::ensure_prepared(eopt, eval_dir);
+    }
+    comm.barrier();
+    train = std::make_unique<data::PreparedSet>(data::PreparedSet::open(train_dir));
+    data::LoaderOptions lo;
+    lo.micro_batch_size = r.train.micro_batch_size;
+    lo.seed = static_cast<uint64_t>(r.run.seed);
+    loader = std::make_unique<data::Loader>(*train, lo);
+    if (!r.data.eval.empty()) eval = std::make_unique<data::PreparedSet>(data::PreparedSet::open(eval_dir));
+    int64_t n_params = 0;
+    for (auto& [n, t] : policy.named_parameters()) n_params += t.numel();
+    const auto& c = policy.config();
+    const double attn = 6.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim *
+                        static_cast<double>(r.data.max_seq_len) / 2.0;
+    // Policy forward+backward (6N), plus a live reference forward (2N) when there is one.
+    flops_per_token = 6.0 * n_params + attn;
+    if (!r.dpo.is_cpo() && !r.dpo.precompute_ref_log_probs) flops_per_token += 2.0 * n_params + attn / 3.0;
+  }
+
+  void load_reference() {
+    if (reference.embed_tokens_.defined()) return;
+    if (!ref_dir.empty()) {
+      reference = model::Qwen2Model::from_pretrained(ref_dir);
+    } else {
+      reference = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed);
+    }
+    reference.set_requires_grad(false);
+    if (reference.config().vocab_size != policy.config().vocab_size)
+      throw Error("dpo reference " + ref_dir + " has vocab_size " + std::to_string(reference.config().vocab_size) +
+                  " but the policy has " + std::to_string(policy.config().vocab_size) +
+                  "\n---> HINT: the reference must share the policy's tokenizer; check dpo.ref_path");
+  }
+
+  // The cache of one split's reference log-probs: reused when its key (reference checkpoint, data
+  // fingerprint, format version) matches, else computed and written (rank 0) atomically.
+  at::Tensor cached_ref_logps(const data::PreparedSet& set, const std::string& split) {
+    std::string material = "ptk-dpo-ref-logps-v1\n" + ref_identity + "data " + set.fingerprint() + "\n";
+    std::string key = data::sha256_hex(material.data(), material.size());
+    std::string path = parent_dir(set.dir()) + "/" + split + "-ref_logps-" + key.substr(0, 16) + ".safetensors";
+    if (split == "train") ref_cache = path;
+    at::Tensor t;
+    if (rank == 0) {
+      t = read_cache(path, key, set.num_rows());
+      if (!t.defined()) {
+        load_reference();
+        log::info("dpo: computing reference log-probs of " + std::to_string(set.num_rows()) + " " + split +
+                  " pairs (once; cached in " + path + ")");
+        t = compute_ref_logps(reference, set, pad_id, r.dpo.precompute_ref_batch_size);
+        std::string tmp = path + ".tmp-" + std::to_string(::getpid());
+        checkpoint::write_safetensors(tmp, {{"ref_logps", t}},
+                                      {{"format", "pt"}, {"key", key}, {"reference", ref_dir}, {"data", set.dir()}});
+        fsync_path(tmp);
+        if (std::rename(tmp.c_str(), path.c_str()) != 0) throw Error("cannot rename " + tmp + " to " + path);
+        fsync_path(parent_dir(path));
+      }
+    }
+    comm.barrier();
+    if (rank != 0) {
+      t = read_cache(path, key, set.num_rows());
+      if (!t.defined()) throw Error("rank " + std::to_string(rank) + " cannot read rank 0's reference log-probs " + path +
+                                    "\n---> HINT: the run folder must be on a filesystem every rank sees");
+    }
+    return t;
+  }
+
+  // The cached (rows, 2) tensor, or undefined when absent or written for another reference/data.
+  at::Tensor read_cache(const std::string& path, const std::string& key, int64_t rows) {
+    if (!path_exists(path)) return at::Tensor();
+    try {
+      auto m = checkpoint::MappedSafetensors::open(path);
+      auto it = m->header().metadata.find("key");
+      at::Tensor t = m->get("ref_logps");
+      if (it != m->header().metadata.end() && it->second == key && t.dim() == 2 && t.size(0) == rows && t.size(1) == 2) {
+        if (rank == 0) log::info("dpo: reusing reference log-probs " + path);
+        return t.clone();
+      }
+      log::warn("dpo: " + path + " does not match this reference and data; recomputing it");
+    } catch (const Error& e) {
+      log::warn("dpo: cannot read " + path + " (" + e.what() + "); recomputing it");
+    }
+    return at::Tensor();
+  }
+
+  void ensure_reference() {
+    if (ref_ready || r.dpo.is_cpo()) return;
+    if (r.dpo.precompute_ref_log_probs) {
+      ref_train = cached_ref_logps(*train, "train");
+      if (eval) ref_eval = cached_ref_logps(*eval, "eval");
+      reference = model::Qwen2Model();  // freed: the cache is all that is needed
+    }
+    ref_ready = true;
+  }
+
+  // (P, 2) reference sums of a batch of `set`'s rows.
+  at::Tensor ref_for(const PairBatch& b, bool is_eval) {
+    ensure_reference();
+    if (r.dpo.precompute_ref_log_probs) {
+      const at::Tensor& all = is_eval ? ref_eval : ref_train;
+      return all.index_select(0, torch::tensor(b.rows, torch::kInt64));
+    }
+    torch::NoGradGuard ng;
+    at::Tensor lp = sequence_scores(reference, b, std::nullopt).logps;  // (2P)
+    const int64_t P = lp.size(0) / 2;
+    return torch::stack({lp.slice(0, 0, P), lp.slice(0, P)}, 1);
+  }
+
+  struct Computed {
+    at::Tensor loss;  // not yet divided by the step's N
+    std::vector<train::Ratio> ratios;
+  };
+
+  Computed compute(const PairBatch& b, bool is_eval) {
+    const bool cpo = r.dpo.is_cpo();
+    SequenceScores sc = sequence_scores(policy, b, cpo ? std::nullopt : r.dpo.ld(), cpo);
+    const int64_t P = static_cast<int64_t>(b.rows.size());
+    at::Tensor pc = sc.logps.slice(0, 0, P), pr = sc.logps.slice(0, P);  // (P) each
+    at::Tensor nc = b.completion_tokens.slice(0, 0, P), nr = b.completion_tokens.slice(0, P);
+    Computed c;
+    PairMetricSums sums;
+    if (cpo) {
+      CpoLossOutput o = cpo_loss({pc, pr, nc, nr}, r.dpo.cpo_options());
+      c.loss = o.loss;
+      sums = pair_metric_sums(o.chosen_rewards, o.rejected_rewards, o.chosen_scores, o.rejected_scores);
+      c.ratios = pair_ratios(sums, sc);
+      c.ratios.push_back({"nll_loss", o.nll.item<double>(), 1.0});
+    } else {
+      at::Tensor ref = ref_for(b, is_eval);  // (P, 2)
+      DpoLossOutput o = dpo_loss({pc, pr, ref.select(1, 0), ref.select(1, 1), nc, nr}, r.dpo.dpo_options());
+      c.loss = o.loss;
+      sums = pair_metric_sums(o.chosen_rewards, o.rejected_rewards, pc, pr);
+      c.ratios = pair_ratios(sums, sc);
+    }
+    return c;
+  }
+};
+
+DpoStage::DpoStage(DpoRecipe& recipe, const std::string& run_dir, dist::Comm comm)
+    : impl_(std::make_unique<Impl>(recipe, run_dir, std::move(comm))) {}
+DpoStage::~DpoStage() = default;
+
+void DpoStage::set_rank(int rank, int world_size) {
+  PTK_CHECK(rank == impl_->rank && world_size == impl_->world_size,
+            "DpoStage::set_rank: the stage was built for rank " + std::to_string(impl_->rank) + " of " +
+                std::to_string(impl_->world_size) + "; pass the Trainer's comm to the DpoStage constructor");
+  data::LoaderOptions lo = impl_->loader->options();
+  lo.rank = rank;
+  lo.world_size = world_size;
+  impl_->loader = std::make_unique<data::Loader>(*impl_->train, lo);
+  impl_->ensure_reference();  // rank 0 computes a missing cache while the others wait
+}
+
+optim::NamedTensors DpoStage::parameters() { return impl_->policy.named_parameters(); }
+int64_t DpoStage::micro_batches_per_epoch() const { return impl_->loader->batches_per_epoch(); }
+
+train::MicroBatch DpoStage::next_micro_batch() {
+  impl_->ensure_reference();
+  auto rows = impl_->loader->next_rows();
+  auto b = std::make_shared<PairBatch>(
+      make_pair_batch(data::make_preference_batch(*impl_->train, rows), rows, impl_->pad_id));
+  const int64_t tokens = b->tokens;
+  // One target per micro-batch: the loop's N is then K·ranks (see the header).
+  return {b, 1, tokens};
+}
+
+std::string DpoStage::cursor_json() const { return impl_->loader->cursor_json(); }
+void DpoStage::restore_cursor(const std::string& j) { impl_->loader->restore_cursor(j); }
+
+train::LossOut DpoStage::loss(const train::MicroBatch& mb, double step_targets) {
+  const auto& b = *static_cast<const PairBatch*>(mb.data.get());
+  Impl::Computed c = impl_->compute(b, false);
+  train::LossOut out;
+  out.loss = c.loss / step_targets;
+  out.ratios = std::move(c.ratios);
+  return out;
+}
+
+void DpoStage::evaluate(Metrics* out) {
+  if (!impl_->eval) return;
+  torch::NoGradGuard ng;
+  const data::PreparedSet& set = *impl_->eval;
+  const int64_t rows = set.num_rows(), bs = impl_->r.dpo.eval_micro_batch_size;
+  // TRL's eval metrics: each batch's values, then their plain mean over batches.
+  std::vector<std::string> names{"loss"};
+  std::vector<double> sum{0}, count{0};
+  for (int64_t s = 0; s < rows; s += bs) {
+    std::vector<int64_t> ids;
+    for (int64_t i = s; i < std::min(rows, s + bs); ++i) ids.push_back(i);
+    PairBatch b = make_pair_batch(data::make_preference_batch(set, ids), ids, impl_->pad_id);
+    Impl::Computed c = impl_->compute(b, true);
+    sum[0] += c.loss.item<double>();
+    count[0] += 1;
+    for (auto& ratio : c.ratios) {
+      size_t i = std::find(names.begin(), names.end(), ratio.name) - names.begin();
+      if (i == names.size()) {
+        names.push_back(ratio.name);
+        sum.push_back(0);
+        count.push_back(0);
+      }
+      if (ratio.den > 0) {
+        sum[i] += ratio.num / ratio.den;
+        count[i] += 1;
+      }
+    }
+  }
+  for (size_t i = 0; i < names.size(); ++i) out->add(names[i], count[i] ? sum[i] / count[i] : std::nan(""));
+}
+
+void DpoStage::save_model(const std::string& dir) {
+  checkpoint::SaveOptions so;
+  so.source_dir = impl_->tok_dir;
+  impl_->policy.save_pretrained(dir, so);
+}
+
+double DpoStage::flops_per_token() const { return impl_->flops_per_token; }
+const model::Qwen2Model& DpoStage::policy() const { return impl_->policy; }
+const model::Qwen2Model& DpoStage::reference() const { return impl_->reference; }
+at::Tensor DpoStage::ref_logps(const PairBatch& b) { return impl_->ref_for(b, false); }
+const std::string& DpoStage::ref_cache_path() const { return impl_->ref_cache; }
+const data::PreparedSet& DpoStage::train_set() const { return *impl_->train; }
+int32_t DpoStage::pad_id() const { return impl_->pad_id; }
+
+std::string run_dpo(DpoRecipe& r, const std::string& recipe_file, const std::string& resolved) {
+  std::string run_dir = train::run_dir_of(r, recipe_file);
+  make_dirs(run_dir);
+  torch::manual_seed(static_cast<uint64_t>(r.run.seed));
+  train::TrainerOptions options = train::trainer_options(r, run_dir, resolved, "dpo");
+  DpoStage stage(r, run_dir, options.comm);
+  train::Trainer trainer(stage, options);
+  std::string what = r.dpo.is_cpo() ? "cpo (" + r.dpo.loss_type[0] + ", no reference)"
+                                    : std::string("dpo against ") + (r.dpo.precompute_ref_log_probs ? "precomputed" : "live") +
+                                          " reference log-probs";
+  log::info(what + ": " + std::to_string(trainer.total_steps()) + " optimizer steps of " +
+            std::to_string(r.train.micro_batch_size * r.train.grad_accum) + " pairs; run folder " + run_dir);
+  trainer.run();
+  return run_dir;
+}
+
+}  // namespace ptk::rl
