@@ -4,7 +4,8 @@
 //
 // Memory: the files are mapped, never read whole; the permutation is a keyed bijection computed per
 // index (no array of row ids), so a loader's memory does not grow with the dataset. Mapped pages
-// are handed back (madvise) every `release_bytes` read, so the resident set stays flat over an epoch.
+// are handed back (madvise) whenever the resident file pages pass `release_bytes`, so the resident
+// set stays flat over an epoch.
 // Threading: a PreparedSet is read-only after open (share it between threads); a Loader is one
 // owner's. Views (spans, string_views) stay valid while the PreparedSet lives.
 #pragma once
@@ -41,7 +42,8 @@ class PreparedSet {
  public:
   // Maps `dir`. Throws ptk::Error when manifest.json is missing (an unfinished or never-run
   // prepare), unreadable, of another version, or a listed file has another size.
-  // Mapped pages are released after `release_bytes` of documents were read (0 = never).
+  // Mapped pages are released when the process's resident file-backed pages exceed `release_bytes`
+  // (checked every 256 document reads; 0 = never).
   static PreparedSet open(const std::string& dir, uint64_t release_bytes = 64ull << 20);
   PreparedSet(PreparedSet&&) noexcept;
   PreparedSet& operator=(PreparedSet&&) noexcept;
