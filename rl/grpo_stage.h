@@ -1,0 +1,139 @@
+// The GRPO stage (online RL) on core/train's loop, TRL's definitions (FORMULAS.md section 4).
+// Algorithm: every num_iterations optimizer steps, take B prompts, sample G completions each with
+// the rollout engine from the policy's own weights, score them with rule verifiers, turn rewards
+// into group-relative advantages, then minimize the clipped surrogate (+ beta * k3 KL to a frozen
+// reference) over those completions for num_iterations passes. Not the loss math (grpo_loss.h),
+// not generation (rollout/engine.h), not the loop, resume or data parallelism (core/train).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/config/sections.h"  // TrainingRecipe
+#include "core/dist/comm.h"        // Comm
+#include "core/train/trainer.h"    // Stage
+#include "rl/grpo_loss.h"          // GrpoMicroBatch, GrpoLossOptions, GrpoScaling
+
+namespace ptk::model {
+class Qwen2Model;
+}
+
+namespace ptk::rl {
+
+// The `grpo` recipe section: TRL GRPOConfig's names where TRL has the option.
+struct GrpoSection : config::Section {
+  // Generation
+  int64_t num_generations, max_completion_length, top_k;
+  double temperature, top_p;
+  // Rewards
+  std::vector<std::string> reward_funcs;  // rule verifiers by name (reward/verifiers.h)
+  std::vector<double> reward_weights;     // one per reward source; empty = all 1
+  std::string scale_rewards, multi_objective_aggregation;
+  // Objective
+  std::string loss_type, importance_sampling_level;
+  double beta, epsilon, epsilon_high, delta, top_entropy_quantile;
+  int64_t num_iterations;
+  bool mask_truncated_completions, use_bias_correction_kl;
+  // Sampler/trainer importance-sampling correction (TRL's vllm_* options; here the sampler is ptk's engine)
+  bool vllm_importance_sampling_correction;
+  std::string vllm_importance_sampling_mode;
+  double vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max;
+  // Beyond TRL
+  bool dynamic_sampling;
+  int64_t dynamic_sampling_max_rounds;
+  std::string prompt_order;
+  // Logging and eval
+  int64_t log_rollouts_every, eval_max_prompts, eval_max_new_tokens;
+  std::string eval_verifier;
+  bool eval_at_start;
+
+  const char* name() const override { return "grpo"; }
+  const char* help() const override { return "GRPO: sampling, rewards, advantages, clipped objective (TRL names)"; }
+  void visit(config::Visitor& v) override;
+  void validate(config::Errors& e) const override;
+};
+
+// The `rollout` recipe section: engine settings that do not change the algorithm.
+struct RolloutSection : config::Section {
+  int64_t slots;
+  const char* name() const override { return "rollout"; }
+  const char* help() const override { return "the generation engine (KV-cache slots)"; }
+  void visit(config::Visitor& v) override;
+  void validate(config::Errors& e) const override;
+};
+
+struct GrpoRecipe : config::TrainingRecipe {
+  GrpoSection grpo;
+  RolloutSection rollout;
+  std::vector<config::Section*> all_sections() {
+    auto s = sections();
+    s.push_back(&grpo);
+    s.push_back(&rollout);
+    return s;
+  }
+  // Cross-section checks (grpo vs train/checkpoint keys); throws ptk::Error listing every problem.
+  void check() const;
+};
+
+// A reward source written in C++ (library users, tests), usable in grpo.reward_funcs by `name`
+// beside the rule verifiers: the reward of one completion's text given the prompt's answer; NaN = none.
+// Called on the stage's thread.
+struct RewardFunction {
+  std::string name;
+  std::function<double(const std::string& completion, const std::string& answer)> fn;
+};
+
+// What the last loss() fed to grpo_loss, for tests that recompute it independently.
+struct GrpoLossInputs {
+  GrpoMicroBatch batch;
+  GrpoLossOptions options;
+  GrpoScaling scaling;
+  at::Tensor input_ids, attention_mask;  // (B, L) prompt + completion, right-padded
+  at::Tensor completion_ids;             // (B, Tc)
+  std::vector<int64_t> prompt_lengths;   // (B)
+  int64_t pass = 0;                      // 0 .. num_iterations-1
+};
+
+// One rank's GRPO stage. Generation batch per rank = train.micro_batch_size * train.grad_accum
+// completions (whole groups of G), generated at the first micro-batch of every num_iterations-th
+// step and handed out as grad_accum micro-batches per pass. Threading: one thread.
+class GrpoStage : public train::Stage {
+ public:
+  // `comm`: the data-parallel group (rewards are gathered over it so advantages see the global
+  // batch). Loads the policy (model.path or model.config) and, when beta != 0, a frozen clone.
+  // `extra_rewards`: C++ reward sources grpo.reward_funcs may name (verifier names win).
+  GrpoStage(GrpoRecipe& recipe, const std::string& run_dir, dist::Comm comm = {},
+            std::vector<RewardFunction> extra_rewards = {});
+  ~GrpoStage() override;
+
+  void set_rank(int rank, int world_size) override;
+  optim::NamedTensors parameters() override;
+  int64_t micro_batches_per_epoch() const override;
+  train::MicroBatch next_micro_batch() override;
+  std::string cursor_json() const override;
+  void restore_cursor(const std::string& json) override;
+  train::LossOut loss(const train::MicroBatch& mb, double step_targets) override;
+  void evaluate(Metrics* out) override;
+  void save_model(const std::string& dir) override;
+
+  // Greedy held-out accuracy on data.eval (grpo.eval_verifier), summed over ranks; fills
+  // accuracy, reward, completions/mean_length. Nothing when data.eval is empty.
+  void evaluate_accuracy(Metrics* out);
+
+  // For tests.
+  bool has_reference() const;
+  optim::NamedTensors reference_parameters() const;
+  const model::Qwen2Model& policy() const;
+  const GrpoLossInputs& last_loss_inputs() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Runs the whole stage and writes run_dir/final. Returns the run folder.
+std::string run_grpo(GrpoRecipe& recipe, const std::string& recipe_file, const std::string& resolved_recipe);
+
+}  // namespace ptk::rl

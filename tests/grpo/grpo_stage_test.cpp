@@ -1,0 +1,299 @@
+// The GRPO stage on a tiny random Qwen2 with the byte tokenizer: its loss equals grpo_loss on
+// log-probs recomputed from plain full logits; at mu = 1 the ratio is exactly 1; the reference never
+// changes and beta 0 loads none; rollouts/step-N.jsonl is written; a killed run resumes bit-for-bit.
+// Not the loss formulas themselves (tests/rl_losses checks those against FORMULAS.md).
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <fstream>
+#include <sstream>
+
+#include "core/config/recipe.h"
+#include "core/model/qwen2.h"
+#include "core/train/from_recipe.h"
+#include "core/train/trainer.h"
+#include "core/util/fs.h"
+#include "core/util/json.h"
+#include "datasets/byte_tokenizer.h"
+#include "rl/grpo_loss.h"
+#include "rl/grpo_stage.h"
+#include "tests/support/test_util.h"
+
+namespace ptk::rl {
+namespace {
+
+const char* kModelConfig = R"({
+  "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 259, "hidden_size": 32,
+  "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+  "max_position_embeddings": 256, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+  "initializer_range": 0.02, "tie_word_embeddings": true, "use_sliding_window": false,
+  "attention_dropout": 0.0, "bos_token_id": null, "eos_token_id": 258, "pad_token_id": 256,
+  "torch_dtype": "float32"})";
+
+// A fixture folder: tokenizer, model config, 12 training and 4 eval prompts.
+struct Fixture {
+  test::TempDir d;
+  Fixture() {
+    tasks::write_byte_tokenizer(d.file("tok"));
+    d.write("model.json", kModelConfig);
+    std::string train, eval;
+    for (int i = 0; i < 12; ++i)
+      train += "{\"prompt\": [{\"role\": \"user\", \"content\": \"What is " + std::to_string(i) + " + 1?\"}], "
+               "\"answer\": \"" + std::to_string(i + 1) + "\"}\n";
+    for (int i = 0; i < 4; ++i)
+      eval += "{\"prompt\": \"" + std::to_string(i) + " + 2 =\", \"answer\": \"" + std::to_string(i + 2) + "\"}\n";
+    d.write("train.jsonl", train);
+    d.write("eval.jsonl", eval);
+  }
+  // A recipe with `overrides` applied (key=value, as on the command line).
+  std::unique_ptr<GrpoRecipe> recipe(const std::string& run, std::vector<std::string> overrides) {
+    std::string file = d.write("grpo.json", "{\n"
+        "\"run\": {\"seed\": 7, \"dir\": \"" + d.file(run) + "\"},\n"
+        "\"model\": {\"config\": \"" + d.file("model.json") + "\"},\n"
+        "\"tokenizer\": {\"path\": \"" + d.file("tok") + "\"},\n"
+        "\"data\": {\"train\": [\"" + d.file("train.jsonl") + "\"], \"eval\": [\"" + d.file("eval.jsonl") + "\"], "
+        "\"max_seq_len\": 128},\n"
+        "\"train\": {\"max_steps\": 2, \"micro_batch_size\": 4, \"grad_accum\": 2},\n"
+        "\"optim\": {\"lr\": 1e-2, \"warmup_steps\": 0},\n"
+        "\"grpo\": {\"num_generations\": 4, \"max_completion_length\": 6, \"temperature\": 1.5,\n"
+        "           \"reward_funcs\": [\"letters\"], \"eval_max_prompts\": 4}\n}\n");
+    auto r = std::make_unique<GrpoRecipe>();
+    config::bind_recipe(config::load_recipe(file, overrides), r->all_sections());
+    return r;
+  }
+};
+
+// A reward with spread on random text: the share of ASCII letters in the completion.
+std::vector<RewardFunction> letters() {
+  return {{"letters", [](const std::string& c, const std::string&) {
+             if (c.empty()) return 0.0;
+             double n = 0;
+             for (unsigned char ch : c) n += (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z');
+             return n / static_cast<double>(c.size());
+           }}};
+}
+
+train::TrainerOptions options_for(GrpoRecipe& r) {
+  auto o = train::trainer_options(r, r.run.dir, "{}\n", "test");
+  o.peak_flops = 1e10;
+  return o;
+}
+
+// ℓ and H recomputed the plain way: full (B, L, V) logits / T, log_softmax, gathered per token.
+std::pair<at::Tensor, at::Tensor> plain_logprobs(const model::Qwen2Model& m, const GrpoLossInputs& in, double T) {
+  torch::NoGradGuard ng;
+  model::ForwardInput fi;
+  fi.input_ids = in.input_ids;
+  fi.attention_mask = in.attention_mask;
+  auto logits = m.forward(fi).logits.to(torch::kFloat64) / T;  // (B, L, V)
+  auto lsm = torch::log_softmax(logits, -1);
+  const int64_t B = in.completion_ids.size(0), Tc = in.completion_ids.size(1);
+  auto lp = torch::zeros({B, Tc}, torch::kFloat64), ent = torch::zeros({B, Tc}, torch::kFloat64);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t lc = in.attention_mask[b].sum().item<int64_t>() - in.prompt_lengths[b];
+    for (int64_t t = 0; t < lc; ++t) {
+      int64_t pos = in.prompt_lengths[b] - 1 + t;  // logits at pos score token pos + 1
+      auto row = lsm[b][pos];
+      lp[b][t] = row[in.completion_ids[b][t].item<int64_t>()];
+      ent[b][t] = -(row.exp() * row).sum();
+    }
+  }
+  return {lp.to(torch::kFloat32), ent.to(torch::kFloat32)};
+}
+
+TEST(GrpoStage, LossEqualsGrpoLossOnPlainLogprobs) {
+  at::set_num_threads(1);
+  for (const char* lt : {"grpo", "bnpo", "dr_grpo", "dapo"}) {
+    Fixture f;
+    auto r = f.recipe("run", {std::string("grpo.loss_type=") + lt, "grpo.beta=0.04", "grpo.epsilon_high=0.28"});
+    GrpoStage stage(*r, r->run.dir, {}, letters());
+    ASSERT_TRUE(stage.has_reference());
+    // Both micro-batches of the step, as the loop would: N = their summed targets.
+    auto a = stage.next_micro_batch(), b = stage.next_micro_batch();
+    const double n = static_cast<double>(a.targets + b.targets);
+    auto out = stage.loss(a, n);
+    const auto& in = stage.last_loss_inputs();
+    EXPECT_EQ(in.pass, 0);
+    ASSERT_GT(in.batch.advantages.abs().sum().item<double>(), 0) << "rewards without spread: a useless test";
+    auto [lp, ent] = plain_logprobs(stage.policy(), in, r->grpo.temperature);
+    auto mask = in.batch.mask;
+    EXPECT_LT(((in.batch.logps - lp) * mask).abs().max().item<double>(), 2e-5) << lt;
+    EXPECT_LT(((in.batch.entropy - ent) * mask).abs().max().item<double>(), 5e-5) << lt;
+    // The reference is a clone of the start weights, so ℓ^ref = ℓ here.
+    EXPECT_LT(((in.batch.ref_logps - lp) * mask).abs().max().item<double>(), 2e-5) << lt;
+    GrpoMicroBatch mb = in.batch;
+    mb.logps = lp;
+    mb.entropy = ent;
+    mb.ref_logps = lp.clone();
+    auto expect = grpo_loss(mb, in.options, in.scaling);
+    EXPECT_NEAR(out.loss.item<double>(), expect.loss.item<double>(), 1e-6) << lt;
+    // The scaling the stage chose: dapo divides by the step's N; the others by K (one rank).
+    if (std::string(lt) == "dapo") EXPECT_EQ(in.scaling.num_items_in_batch, n);
+    else EXPECT_EQ(in.scaling.accumulation_steps, 2);
+  }
+}
+
+TEST(GrpoStage, RatioIsExactlyOneAtMu1AndOldLogprobsAreThePass0Ones) {
+  at::set_num_threads(1);
+  Fixture f;
+  auto r = f.recipe("run", {"grpo.vllm_importance_sampling_correction=false", "grpo.num_iterations=2",
+                            "train.grad_accum=1", "train.micro_batch_size=8"});
+  GrpoStage stage(*r, r->run.dir, {}, letters());
+  EXPECT_FALSE(stage.has_reference());
+  auto mb0 = stage.next_micro_batch();
+  auto out0 = stage.loss(mb0, static_cast<double>(mb0.targets));
+  const auto in0 = stage.last_loss_inputs();
+  // Pass 0: ℓ^old is the detached ℓ itself, so r = exp(ℓ − ℓ) = 1 and, with beta 0 and dapo,
+  // loss = −Σ m·A / N exactly; nothing is clipped.
+  EXPECT_FALSE(in0.batch.old_logps.defined());
+  double expect = -(in0.batch.mask * in0.batch.advantages.unsqueeze(1)).sum().item<double>() / mb0.targets;
+  EXPECT_NEAR(out0.loss.item<double>(), expect, 1e-7);
+  for (auto& rt : out0.ratios)
+    if (rt.name.rfind("clip_ratio/", 0) == 0) EXPECT_EQ(rt.num, 0) << rt.name;
+  // Pass 1 (no update in between here): ℓ^old = pass 0's ℓ, the same forward, so again r ≡ 1.
+  auto mb1 = stage.next_micro_batch();
+  auto out1 = stage.loss(mb1, static_cast<double>(mb1.targets));
+  const auto& in1 = stage.last_loss_inputs();
+  EXPECT_EQ(in1.pass, 1);
+  ASSERT_TRUE(in1.batch.old_logps.defined());
+  EXPECT_TRUE(torch::equal(in1.batch.old_logps, in0.batch.logps));
+  EXPECT_TRUE(torch::equal(in1.batch.logps, in0.batch.logps));
+  EXPECT_EQ(out1.loss.item<double>(), out0.loss.item<double>());
+}
+
+TEST(GrpoStage, ReferenceNeverChangesAndRolloutsAreWritten) {
+  at::set_num_threads(1);
+  Fixture f;
+  auto r = f.recipe("run", {"grpo.beta=0.1", "train.max_steps=3"});
+  GrpoStage stage(*r, r->run.dir, {}, letters());
+  ASSERT_TRUE(stage.has_reference());
+  std::vector<at::Tensor> before, policy_before;
+  for (auto& [n, t] : stage.reference_parameters()) before.push_back(t.clone());
+  for (auto& [n, t] : stage.parameters()) policy_before.push_back(t.clone());
+  train::Trainer(stage, options_for(*r)).run();
+  auto ref = stage.reference_parameters();
+  auto pol = stage.parameters();
+  double moved = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    EXPECT_TRUE(torch::equal(ref[i].second, before[i])) << ref[i].first;
+    moved = std::max(moved, (pol[i].second - policy_before[i]).abs().max().item<double>());
+  }
+  EXPECT_GT(moved, 0) << "the policy did not train";
+  // rollouts/step-N.jsonl: one line per completion of the generation batch (4 * 2 here).
+  for (int step : {1, 2, 3}) {
+    std::string file = r->run.dir + "/rollouts/step-" + std::to_string(step) + ".jsonl";
+    ASSERT_TRUE(path_exists(file)) << file;
+    std::istringstream in(read_file(file));
+    std::string line;
+    int lines = 0;
+    while (std::getline(in, line)) {
+      auto d = json::parse(line, file);
+      for (const char* k : {"prompt", "completion", "answer", "rewards", "reward", "advantage", "finish_reason"})
+        EXPECT_TRUE(d.HasMember(k)) << k << " in " << line;
+      EXPECT_TRUE(d["rewards"].HasMember("letters")) << line;
+      EXPECT_NE(std::string(d["prompt"].GetString()).find("What is"), std::string::npos) << line;
+      ++lines;
+    }
+    EXPECT_EQ(lines, 8);
+  }
+  // Metrics carry TRL's names.
+  std::string metrics = read_file(r->run.dir + "/metrics.jsonl");
+  for (const char* k : {"\"reward\"", "\"reward_std\"", "\"rewards/letters/mean\"", "\"rewards/letters/std\"",
+                        "\"frac_reward_zero_std\"", "\"kl\"", "\"entropy\"", "\"clip_ratio/low_mean\"",
+                        "\"clip_ratio/high_mean\"", "\"clip_ratio/region_mean\"", "\"completions/mean_length\"",
+                        "\"completions/max_length\"", "\"completions/clipped_ratio\"", "\"time/generate_s\"",
+                        "\"time/score_s\"", "\"generation/tokens_per_s\"", "\"eval/accuracy\"",
+                        "\"sampling/importance_sampling_ratio/mean\""})
+    EXPECT_NE(metrics.find(k), std::string::npos) << k;
+}
+
+TEST(GrpoStage, BadRecipesFailWithTheKeys) {
+  Fixture f;
+  auto r = f.recipe("run", {"train.micro_batch_size=3", "train.grad_accum=1"});
+  try {
+    GrpoStage s(*r, r->run.dir, {}, letters());
+    FAIL() << "accepted 3 completions per step with G = 4";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("grpo.num_generations"), std::string::npos) << e.what();
+  }
+  auto r2 = f.recipe("run", {"grpo.reward_funcs=[\"maths\"]"});
+  try {
+    GrpoStage s(*r2, r2->run.dir, {}, letters());
+    FAIL() << "accepted an unknown reward function";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("grpo.reward_funcs"), std::string::npos) << e.what();
+  }
+}
+
+struct Crash : std::runtime_error {
+  Crash() : std::runtime_error("simulated crash") {}
+};
+
+// Delegates to a GrpoStage and throws when asked for micro-batch number `crash_at`.
+class CrashingStage : public train::Stage {
+ public:
+  CrashingStage(GrpoStage& s, int64_t crash_at) : s_(s), crash_at_(crash_at) {}
+  void set_rank(int r, int w) override { s_.set_rank(r, w); }
+  optim::NamedTensors parameters() override { return s_.parameters(); }
+  int64_t micro_batches_per_epoch() const override { return s_.micro_batches_per_epoch(); }
+  train::MicroBatch next_micro_batch() override {
+    if (++n_ == crash_at_) throw Crash();
+    return s_.next_micro_batch();
+  }
+  std::string cursor_json() const override { return s_.cursor_json(); }
+  void restore_cursor(const std::string& j) override { s_.restore_cursor(j); }
+  train::LossOut loss(const train::MicroBatch& mb, double n) override { return s_.loss(mb, n); }
+  void evaluate(Metrics* out) override { s_.evaluate(out); }
+  void save_model(const std::string& dir) override { s_.save_model(dir); }
+
+ private:
+  GrpoStage& s_;
+  int64_t crash_at_, n_ = 0;
+};
+
+std::vector<double> losses(const std::string& run_dir) {
+  std::vector<double> out;
+  std::istringstream in(read_file(run_dir + "/metrics.jsonl"));
+  std::string line;
+  while (std::getline(in, line)) out.push_back(json::parse(line, "metrics")["loss"].GetDouble());
+  return out;
+}
+
+TEST(GrpoStage, ResumeAfterAKillIsBitForBit) {
+  at::set_num_threads(1);
+  Fixture f;
+  // mu = 2, two micro-batches a step, 12 prompts = 6 generation batches of 2 prompts per epoch;
+  // 8 steps cross an epoch boundary; checkpoints every 2 steps; variance-first ordering from epoch 2.
+  std::vector<std::string> ov = {"grpo.num_iterations=2", "train.max_steps=8", "checkpoint.every=2",
+                                 "grpo.prompt_order=variance_first", "grpo.beta=0.05", "train.eval_every=0",
+                                 "grpo.epsilon_high=0.28"};
+  auto ov_ref = ov;
+  ov_ref.push_back("train.micro_batch_size=4");
+  auto rr = f.recipe("ref", ov_ref);
+  {
+    GrpoStage s(*rr, rr->run.dir, {}, letters());
+    train::Trainer(s, options_for(*rr)).run();
+  }
+  auto lref = losses(rr->run.dir);
+  ASSERT_EQ(lref.size(), 8u);
+  auto rc = f.recipe("crash", ov_ref);
+  {
+    GrpoStage s(*rc, rc->run.dir, {}, letters());
+    CrashingStage c(s, 11);  // step 6's first micro-batch (pass 2 of step 5's batch); last checkpoint: step 4
+    EXPECT_THROW(train::Trainer(c, options_for(*rc)).run(), Crash);
+  }
+  {
+    GrpoStage s(*rc, rc->run.dir, {}, letters());
+    EXPECT_EQ(train::Trainer(s, options_for(*rc)).run(), 4);
+  }
+  auto l = losses(rc->run.dir);
+  ASSERT_EQ(l.size(), lref.size());
+  for (size_t i = 0; i < l.size(); ++i) EXPECT_EQ(l[i], lref[i]) << "step " << i + 1;
+  EXPECT_EQ(read_file(rc->run.dir + "/rollouts/step-7.jsonl"), read_file(rr->run.dir + "/rollouts/step-7.jsonl"));
+  auto a = checkpoint::read_checkpoint_tensors(rr->run.dir + "/final");
+  auto b = checkpoint::read_checkpoint_tensors(rc->run.dir + "/final");
+  for (auto& [name, t] : a) EXPECT_TRUE(torch::equal(t, b.at(name))) << name;
+}
+
+}  // namespace
+}  // namespace ptk::rl
