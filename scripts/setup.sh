@@ -11,7 +11,7 @@ PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git clang
   libtorch-dev libopenblas0-openmp libgloo-dev
   rapidjson-dev libboost-program-options-dev libabsl-dev libgtest-dev
-  libpcre2-dev libutf8proc-dev libcpp-httplib-dev
+  libpcre2-dev libutf8proc-dev libcpp-httplib-dev libssl-dev
 )
 
 SUDO=""
