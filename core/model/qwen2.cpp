@@ -3,6 +3,7 @@
 // Not the loss and not sampling (see the trainer's chunked loss op and rollout/).
 #include "core/model/qwen2.h"
 
+#include <ATen/record_function.h>
 #include <torch/torch.h>
 
 #include <cmath>
@@ -399,13 +400,170 @@ at::Tensor Qwen2Model::score(const at::Tensor& hidden, const at::Tensor& index) 
   return at::linear(h, score_).squeeze(-1);                              // (B)
 }
 
+namespace {
+
+// What a decoder layer needs besides its weights and input: head layout, norm epsilon, attention
+// kernel, and the row segments (documents / unpadded spans) attention stays inside.
+struct LayerShape {
+  int64_t nh, nkv, D;
+  double eps;
+  bool fused;   // SDPA per document
+  bool simple;  // every row is one segment from position 0: one batched causal attention
+  std::vector<std::vector<Segment>> segs;
+};
+
+// The layer's parameters as a flat list, in a fixed order (the checkpoint Function's inputs).
+constexpr size_t kLayerTensors = 12;
+std::vector<at::Tensor> layer_tensors(const Qwen2Layer& l) {
+  return {l.input_layernorm, l.q_proj_w, l.q_proj_b, l.k_proj_w,    l.k_proj_b,   l.v_proj_w,
+          l.v_proj_b,        l.o_proj_w, l.post_attention_layernorm, l.gate_proj_w, l.up_proj_w, l.down_proj_w};
+}
+Qwen2Layer layer_from(const std::vector<at::Tensor>& t) {
+  PTK_CHECK(t.size() == kLayerTensors, "layer_from: expected " + std::to_string(kLayerTensors) + " tensors");
+  Qwen2Layer l;
+  l.input_layernorm = t[0], l.q_proj_w = t[1], l.q_proj_b = t[2], l.k_proj_w = t[3], l.k_proj_b = t[4];
+  l.v_proj_w = t[5], l.v_proj_b = t[6], l.o_proj_w = t[7], l.post_attention_layernorm = t[8];
+  l.gate_proj_w = t[9], l.up_proj_w = t[10], l.down_proj_w = t[11];
+  return l;
+}
+
+// One decoder layer: x (B, T, H) -> (B, T, H). The one body both the plain and the checkpointed
+// paths run. cos/sin (B, T, D) float32.
+at::Tensor decoder_layer(const Qwen2Layer& l, const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin,
+                         const LayerShape& s) {
+  // The scopes name the phases in a profile (bench/train_step_bench); free when no profiler runs.
+  const int64_t B = x_in.size(0), T = x_in.size(1), nh = s.nh, nkv = s.nkv, D = s.D;
+  at::Tensor h, q, k, v, a, x;
+  {
+    RECORD_FUNCTION("ptk::norm", std::vector<c10::IValue>());
+    h = rms_norm(x_in, l.input_layernorm, s.eps);
+  }
+  {
+    RECORD_FUNCTION("ptk::qkv_proj", std::vector<c10::IValue>());
+    q = at::linear(h, l.q_proj_w, l.q_proj_b).view({B, T, nh, D}).transpose(1, 2);   // (B, nh, T, D)
+    k = at::linear(h, l.k_proj_w, l.k_proj_b).view({B, T, nkv, D}).transpose(1, 2);  // (B, nkv, T, D)
+    v = at::linear(h, l.v_proj_w, l.v_proj_b).view({B, T, nkv, D}).transpose(1, 2);  // (B, nkv, T, D)
+  }
+  {
+    RECORD_FUNCTION("ptk::rope", std::vector<c10::IValue>());
+    q = apply_rope(q, cos, sin);
+    k = apply_rope(k, cos, sin);
+  }
+  {
+    RECORD_FUNCTION("ptk::attention", std::vector<c10::IValue>());
+    if (s.simple) {
+      a = attend(q, k, v, s.fused);  // one document per row from position 0: the row's causal mask
+    } else {
+      std::vector<at::Tensor> rows;
+      for (int64_t b = 0; b < B; ++b) {
+        std::vector<at::Tensor> parts;
+        int64_t t = 0;
+        for (const auto& g : s.segs[b]) {
+          if (g.start > t) parts.push_back(at::zeros({nh, g.start - t, D}, q.options()));
+          parts.push_back(attend(q[b].narrow(1, g.start, g.len), k[b].narrow(1, g.start, g.len),
+                                 v[b].narrow(1, g.start, g.len), s.fused));
+          t = g.start + g.len;
+        }
+        if (t < T) parts.push_back(at::zeros({nh, T - t, D}, q.options()));
+        rows.push_back(parts.size() == 1 ? parts[0] : at::cat(parts, 1));
+      }
+      a = at::stack(rows, 0);  // (B, nh, T, D)
+    }
+  }
+  {
+    RECORD_FUNCTION("ptk::o_proj", std::vector<c10::IValue>());
+    a = a.transpose(1, 2).reshape({B, T, nh * D});
+    x = x_in + at::linear(a, l.o_proj_w);
+  }
+  {
+    RECORD_FUNCTION("ptk::norm", std::vector<c10::IValue>());
+    h = rms_norm(x, l.post_attention_layernorm, s.eps);
+  }
+  RECORD_FUNCTION("ptk::mlp", std::vector<c10::IValue>());
+  return x + at::linear(at::silu(at::linear(h, l.gate_proj_w)) * at::linear(h, l.up_proj_w), l.down_proj_w);
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Activation checkpointing for one decoder layer (what torch.utils.checkpoint does, which LibTorch
+// C++ lacks): forward runs decoder_layer without recording a graph and keeps only its input;
+// backward runs it again with grad on and back-propagates into the input and the parameters.
+// Saved per layer: x (B, T, H) instead of every intermediate (~37 x (B, T, H) plus the attention
+// probabilities); cost: one more forward of the layer during backward.
+struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
+  // Inputs in edge order: x, cos, sin, then the kLayerTensors parameters; `shape` is not a tensor.
+  static variable_list forward(AutogradContext* ctx, at::Tensor x, at::Tensor cos, at::Tensor sin,
+                               at::TensorList params, const LayerShape& shape) {
+    std::vector<at::Tensor> keep{x, cos, sin};
+    keep.insert(keep.end(), params.begin(), params.end());
+    ctx->save_for_backward(keep);
+    // The shape travels as IValues: segments flattened to (count, start, len, ...) per row.
+    std::vector<int64_t> segs;
+    for (const auto& row : shape.segs) {
+      segs.push_back(static_cast<int64_t>(row.size()));
+      for (const auto& g : row) segs.insert(segs.end(), {g.start, g.len});
+    }
+    ctx->saved_data["heads"] = std::vector<int64_t>{shape.nh, shape.nkv, shape.D};
+    ctx->saved_data["eps"] = shape.eps;
+    ctx->saved_data["fused"] = shape.fused;
+    ctx->saved_data["simple"] = shape.simple;
+    ctx->saved_data["segs"] = segs;
+    return {decoder_layer(layer_from(std::vector<at::Tensor>(params.begin(), params.end())), x, cos, sin, shape)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto heads = ctx->saved_data["heads"].toIntVector();
+    LayerShape shape{heads[0], heads[1], heads[2], ctx->saved_data["eps"].toDouble(),
+                     ctx->saved_data["fused"].toBool(), ctx->saved_data["simple"].toBool(), {}};
+    auto segs = ctx->saved_data["segs"].toIntVector();
+    for (size_t i = 0; i < segs.size();) {
+      std::vector<Segment> row(static_cast<size_t>(segs[i++]));
+      for (auto& g : row) g = {segs[i], segs[i + 1]}, i += 2;
+      shape.segs.push_back(std::move(row));
+    }
+    // Fresh leaves sharing storage with the saved tensors; only those autograd asked for get grads.
+    std::vector<at::Tensor> leaves(saved.size()), wanted;
+    std::vector<size_t> wanted_index;
+    for (size_t i = 0; i < saved.size(); ++i) {
+      leaves[i] = saved[i].detach();
+      if (i != 1 && i != 2 && ctx->needs_input_grad(i)) {  // cos/sin are tables, never trained
+        leaves[i].requires_grad_(true);
+        wanted.push_back(leaves[i]);
+        wanted_index.push_back(i);
+      }
+    }
+    variable_list out(saved.size() + 1);  // + the non-tensor shape argument
+    if (wanted.empty()) return out;
+    at::Tensor y;
+    {
+      at::AutoGradMode grad_on(true);
+      y = decoder_layer(layer_from(std::vector<at::Tensor>(leaves.begin() + 3, leaves.end())), leaves[0], leaves[1],
+                        leaves[2], shape);
+    }
+    auto g = torch::autograd::grad({y}, wanted, {grads[0]}, /*retain_graph=*/false, /*create_graph=*/false,
+                                   /*allow_unused=*/true);
+    for (size_t j = 0; j < wanted.size(); ++j) out[wanted_index[j]] = g[j];
+    return out;
+  }
+};
+
+at::Tensor checkpointed_layer(const Qwen2Layer& l, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                              const LayerShape& shape) {
+  auto params = layer_tensors(l);
+  return CheckpointedLayer::apply(x, cos, sin, at::TensorList(params), shape)[0];
+}
+
+}  // namespace
+
 ForwardOutput Qwen2Model::forward(const ForwardInput& in, const ForwardOptions& options) const {
   const auto& c = config_;
   PTK_CHECK(in.input_ids.defined() && in.input_ids.dim() == 2, "input_ids must be a (B, T) tensor");
   PTK_CHECK(!(in.attention_mask.defined() && !in.doc_lengths.empty()),
             "give either attention_mask (padded rows) or doc_lengths (packed rows), not both");
-  const int64_t B = in.input_ids.size(0), T = in.input_ids.size(1), H = c.hidden_size, D = c.head_dim,
-                nh = c.num_attention_heads, nkv = c.num_key_value_heads;
+  const int64_t B = in.input_ids.size(0), T = in.input_ids.size(1), D = c.head_dim, nh = c.num_attention_heads,
+                nkv = c.num_key_value_heads;
   auto ids = in.input_ids.to(embed_tokens_.device(), at::kLong);
   if (ids.numel() > 0) {
     int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
@@ -421,44 +579,26 @@ ForwardOutput Qwen2Model::forward(const ForwardInput& in, const ForwardOptions& 
   auto [cos, sin] = rope_cos_sin(c, positions);  // (B, T, D) float32
   const bool fused = use_fused(options.backend, embed_tokens_);
 
+  LayerShape shape{nh, nkv, D, c.rms_norm_eps, fused, simple, std::move(segs)};
+  // Checkpointing only pays when a graph is being recorded (not under NoGradGuard / evaluation).
+  const bool checkpointed = options.activation_checkpointing && at::GradMode::is_enabled();
+
   ForwardOutput out;
-  at::Tensor x = at::embedding(embed_tokens_, ids);  // (B, T, H)
+  at::Tensor x;
+  {
+    RECORD_FUNCTION("ptk::embedding", std::vector<c10::IValue>());
+    x = at::embedding(embed_tokens_, ids);  // (B, T, H)
+  }
   if (options.layer_outputs) out.layer_outputs.push_back(x);
   for (const auto& l : layers_) {
-    auto h = rms_norm(x, l.input_layernorm, c.rms_norm_eps);
-    auto q = at::linear(h, l.q_proj_w, l.q_proj_b).view({B, T, nh, D}).transpose(1, 2);   // (B, nh, T, D)
-    auto k = at::linear(h, l.k_proj_w, l.k_proj_b).view({B, T, nkv, D}).transpose(1, 2);  // (B, nkv, T, D)
-    auto v = at::linear(h, l.v_proj_w, l.v_proj_b).view({B, T, nkv, D}).transpose(1, 2);  // (B, nkv, T, D)
-    q = apply_rope(q, cos, sin);
-    k = apply_rope(k, cos, sin);
-    at::Tensor a;  // (B, nh, T, D)
-    if (simple) {
-      a = attend(q, k, v, fused);  // one document per row from position 0: the row's causal mask
-    } else {
-      std::vector<at::Tensor> rows;
-      for (int64_t b = 0; b < B; ++b) {
-        std::vector<at::Tensor> parts;
-        int64_t t = 0;
-        for (const auto& s : segs[b]) {
-          if (s.start > t) parts.push_back(at::zeros({nh, s.start - t, D}, q.options()));
-          parts.push_back(attend(q[b].narrow(1, s.start, s.len), k[b].narrow(1, s.start, s.len),
-                                 v[b].narrow(1, s.start, s.len), fused));
-          t = s.start + s.len;
-        }
-        if (t < T) parts.push_back(at::zeros({nh, T - t, D}, q.options()));
-        rows.push_back(parts.size() == 1 ? parts[0] : at::cat(parts, 1));
-      }
-      a = at::stack(rows, 0);
-    }
-    a = a.transpose(1, 2).reshape({B, T, nh * D});
-    x = x + at::linear(a, l.o_proj_w);
-    h = rms_norm(x, l.post_attention_layernorm, c.rms_norm_eps);
-    x = x + at::linear(at::silu(at::linear(h, l.gate_proj_w)) * at::linear(h, l.up_proj_w), l.down_proj_w);
+    x = checkpointed ? checkpointed_layer(l, x, cos, sin, shape) : decoder_layer(l, x, cos, sin, shape);
     if (options.layer_outputs) out.layer_outputs.push_back(x);
   }
-  out.hidden = rms_norm(x, norm_, c.rms_norm_eps);
+  {
+    RECORD_FUNCTION("ptk::norm", std::vector<c10::IValue>());
+    out.hidden = rms_norm(x, norm_, c.rms_norm_eps);
+  }
   if (options.logits) out.logits = logits(out.hidden);
-  (void)H;
   return out;
 }
 
