@@ -1,0 +1,193 @@
+#include "rollout/eval.h"
+
+#include <rapidjson/document.h>
+#include <rapidjson/prettywriter.h>
+#include <rapidjson/stringbuffer.h>
+#include <torch/torch.h>
+
+#include <chrono>
+
+#include "core/model/qwen2.h"
+#include "core/tokenizer/tokenizer.h"
+#include "core/util/error.h"
+#include "datasets/records.h"
+#include "reward/verifiers.h"
+#include "rollout/engine.h"
+
+namespace ptk::eval {
+
+std::vector<EvalPrompt> read_eval_prompts(const std::string& path, const tokenizer::Tokenizer& tok, int64_t limit) {
+  data::LineReader reader(path);
+  std::vector<EvalPrompt> out;
+  std::string_view line;
+  int64_t no = 0;
+  while (reader.next(&line, &no)) {
+    if (data::is_blank_line(line)) continue;
+    data::Record rec;
+    std::string reason;
+    if (!data::parse_record(line, data::Format::kRl, &rec, &reason))
+      throw Error(path + ":" + std::to_string(no) + ": " + reason +
+                  "\n---> HINT: eval prompts are RL-format lines {\"prompt\": ..., \"answer\": \"...\"}");
+    EvalPrompt p;
+    p.where = path + ":" + std::to_string(no);
+    p.answer = rec.rl.answer;
+    std::vector<tokenizer::TokenId> ids;
+    if (rec.rl.prompt.is_messages) {
+      auto enc = tok.render_chat(rec.rl.prompt.messages, /*add_generation_prompt=*/true);
+      ids = enc.ids;
+      p.text = enc.text;
+    } else {
+      p.text = rec.rl.prompt.text;
+      ids = tok.encode(p.text);
+    }
+    p.ids.assign(ids.begin(), ids.end());
+    if (p.ids.empty()) throw Error(p.where + ": the prompt encodes to no tokens");
+    out.push_back(std::move(p));
+    if (limit > 0 && static_cast<int64_t>(out.size()) >= limit) break;
+  }
+  if (out.empty()) throw Error(path + ": no prompts");
+  return out;
+}
+
+EvalResult evaluate(const model::Qwen2Model& model, const tokenizer::Tokenizer& tok,
+                    const std::vector<EvalPrompt>& prompts, const EvalOptions& o) {
+  const auto& verifier = reward::find_verifier(o.verifier);
+  auto t0 = std::chrono::steady_clock::now();
+  rollout::EngineOptions eo;
+  eo.slots = o.slots;
+  eo.vocab_limit = std::min<int64_t>(static_cast<int64_t>(tok.vocab_size()), model.config().vocab_size);
+  rollout::Engine engine(model, eo);
+  std::vector<rollout::Request> reqs;
+  std::vector<int64_t> stops;
+  for (auto id : {tok.eos_id(), tok.im_end_id()})
+    if (id >= 0 && std::find(stops.begin(), stops.end(), id) == stops.end()) stops.push_back(id);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    rollout::Request r;
+    r.prompt = prompts[i].ids;
+    r.samples = o.samples;
+    r.sampling = o.sampling;
+    r.seed = o.seed + i;
+    r.max_new_tokens = o.max_new_tokens;
+    r.stop_ids = stops;
+    reqs.push_back(std::move(r));
+  }
+  auto results = engine.generate(reqs);
+  EvalResult res;
+  res.prompts = static_cast<int64_t>(prompts.size());
+  int64_t tokens = 0;
+  std::vector<std::vector<int64_t>> full;  // prompt + completion, for the reward model
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    for (const auto& s : results[i]) {
+      EvalItem it;
+      it.prompt = prompts[i].text;
+      std::vector<tokenizer::TokenId> ids(s.ids.begin(), s.ids.end());
+      it.completion = tok.decode(ids, /*skip_special=*/true);
+      it.answer = prompts[i].answer;
+      it.finish_reason = rollout::finish_reason_name(s.finish_reason);
+      it.length = static_cast<int64_t>(s.ids.size());
+      it.correct = verifier.fn(it.completion, it.answer);
+      tokens += it.length;
+      res.items.push_back(std::move(it));
+      if (o.reward_model) {
+        full.push_back(prompts[i].ids);
+        full.back().insert(full.back().end(), s.ids.begin(), s.ids.end());
+      }
+    }
+  }
+  if (o.reward_model) {
+    torch::NoGradGuard ng;
+    const int64_t pad = o.reward_model->config().pad_token_id.value_or(0);
+    for (size_t start = 0; start < full.size(); start += 16) {
+      size_t end = std::min(full.size(), start + 16);
+      int64_t T = 0;
+      for (size_t k = start; k < end; ++k) T = std::max<int64_t>(T, full[k].size());
+      auto ids = torch::full({static_cast<int64_t>(end - start), T}, pad, torch::kInt64);
+      auto mask = torch::zeros({static_cast<int64_t>(end - start), T}, torch::kInt64);
+      for (size_t k = start; k < end; ++k) {
+        int64_t b = static_cast<int64_t>(k - start), n = static_cast<int64_t>(full[k].size());
+        ids[b].slice(0, 0, n).copy_(torch::tensor(full[k], torch::kInt64));
+        mask[b].slice(0, 0, n).fill_(1);
+      }
+      model::ForwardInput in;
+      in.input_ids = ids;
+      in.attention_mask = mask;
+      model::ForwardOptions fo;
+      fo.logits = false;
+      auto out = o.reward_model->forward(in, fo);
+      auto scores = o.reward_model->score(out.hidden, model::last_token_index(mask));
+      for (size_t k = start; k < end; ++k) res.items[k].reward = scores[k - start].item<double>();
+    }
+    res.has_reward = true;
+  }
+  res.samples = static_cast<int64_t>(res.items.size());
+  for (const auto& it : res.items) {
+    res.accuracy += it.correct;
+    res.mean_length += static_cast<double>(it.length);
+    res.mean_reward += it.reward;
+  }
+  if (res.samples > 0) {
+    res.accuracy /= res.samples;
+    res.mean_length /= res.samples;
+    res.mean_reward /= res.samples;
+  }
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  res.tokens_per_s = res.seconds > 0 ? tokens / res.seconds : 0;
+  return res;
+}
+
+std::string result_json(const EvalResult& r, const std::string& model_dir, const std::string& data_path,
+                        const EvalOptions& o) {
+  rapidjson::StringBuffer buf;
+  rapidjson::PrettyWriter<rapidjson::StringBuffer> w(buf);
+  w.SetIndent(' ', 2);
+  w.StartObject();
+  w.Key("model");
+  w.String(model_dir.c_str());
+  w.Key("data");
+  w.String(data_path.c_str());
+  w.Key("verifier");
+  w.String(o.verifier.c_str());
+  w.Key("temperature");
+  w.Double(o.sampling.temperature);
+  w.Key("prompts");
+  w.Int64(r.prompts);
+  w.Key("samples");
+  w.Int64(r.samples);
+  w.Key("accuracy");
+  w.Double(r.accuracy);
+  w.Key("mean_length");
+  w.Double(r.mean_length);
+  if (r.has_reward) {
+    w.Key("mean_reward");
+    w.Double(r.mean_reward);
+  }
+  w.Key("seconds");
+  w.Double(r.seconds);
+  w.Key("items");
+  w.StartArray();
+  for (const auto& it : r.items) {
+    w.StartObject();
+    w.Key("prompt");
+    w.String(it.prompt.c_str());
+    w.Key("completion");
+    w.String(it.completion.c_str());
+    w.Key("answer");
+    w.String(it.answer.c_str());
+    w.Key("correct");
+    w.Double(it.correct);
+    w.Key("length");
+    w.Int64(it.length);
+    w.Key("finish_reason");
+    w.String(it.finish_reason.c_str());
+    if (r.has_reward) {
+      w.Key("reward");
+      w.Double(it.reward);
+    }
+    w.EndObject();
+  }
+  w.EndArray();
+  w.EndObject();
+  return std::string(buf.GetString(), buf.GetSize()) + "\n";
+}
+
+}  // namespace ptk::eval
