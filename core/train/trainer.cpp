@@ -6,6 +6,8 @@
 #include <rapidjson/writer.h>
 #include <torch/torch.h>
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cmath>
 #include <functional>
@@ -96,6 +98,16 @@ double measure_matmul_flops() {
   return 2.0 * n * n * n * iters / seconds_since(t0);
 }
 
+double training_state_bytes(const optim::NamedTensors& params, int world_size, bool zero1) {
+  double weights = 0, optimizer = 0;
+  for (const auto& [name, p] : params) {
+    double n = static_cast<double>(p.numel());
+    weights += 2 * n * p.element_size();                                    // weights + gradients
+    optimizer += n * (8 + (p.scalar_type() == torch::kFloat32 ? 0 : 4));    // moments (+ fp32 master)
+  }
+  return weights + (zero1 ? optimizer / std::max(1, world_size) : optimizer);
+}
+
 struct Trainer::Impl {
   Stage& stage;
   TrainerOptions opt;
@@ -115,6 +127,7 @@ struct Trainer::Impl {
   Impl(Stage& s, TrainerOptions o) : stage(s), opt(std::move(o)), comm(opt.comm), guard(opt.max_bad_steps) {
     stage.set_rank(comm.rank(), comm.world_size());
     params = stage.parameters();
+    check_memory();
     if (comm.world_size() > 1) {
       check_same_on_all_ranks(comm, static_cast<int64_t>(params.size()), "the number of parameters",
                               "every rank must build the same model");
@@ -144,6 +157,26 @@ struct Trainer::Impl {
   }
 
   bool main() const { return comm.rank() == 0; }
+  void check_memory() const {
+    if (!params.empty() && params.front().second.is_cuda() && opt.memory_budget_bytes <= 0) return;
+    double budget = opt.memory_budget_bytes;
+    if (budget <= 0) {
+      long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+      int local = std::max(1, static_cast<int>(comm.world_size()));
+      if (const char* lws = std::getenv("LOCAL_WORLD_SIZE")) local = std::max(1, std::atoi(lws));
+      budget = static_cast<double>(pages) * page / local;
+    }
+    double need = training_state_bytes(params, comm.world_size(), opt.zero1);
+    int64_t n = 0;
+    for (const auto& [name, p] : params) n += p.numel();
+    if (need > budget)
+      throw Error("this model has " + std::to_string(n / 1000000) + "M parameters: weights, gradients and AdamW state need " +
+                  format_bytes(need) + " per rank (activations not counted), more than the " + format_bytes(budget) +
+                  " available" + (opt.zero1 ? "" : " (ZeRO-1 off)") +
+                  ".\n---> HINT: use more ranks with train.zero1=true, a smaller model, or a machine with more memory; "
+                  "sharding of weights and gradients (needed for 14B-72B) is not implemented yet.");
+  }
+
   std::string ckpt_root() const { return opt.run_dir + "/checkpoints"; }
   std::string rank_file(const std::string& stem, const std::string& ext) const {
     return stem + "-rank-" + std::to_string(comm.rank()) + ext;

@@ -80,6 +80,10 @@ struct TrainerOptions {
   // Peak FLOP/s MFU is computed against; 0 = measure an fp32 matmul at start.
   double peak_flops = 0;
   int max_bad_steps = 5;  // NaN guard
+  // Memory one rank may use for weights, gradients and optimizer state; a model whose estimate
+  // exceeds it is refused before training starts (14B-72B need sharding beyond ZeRO-1). 0 = this
+  // machine's physical memory divided by the local ranks (CPU); unchecked on CUDA devices.
+  double memory_budget_bytes = 0;
   std::string label = "train";
   // Data parallel. The default Comm is world size 1 (one process, no process group).
   // A rank's micro-batch holds its share of the step; N, gradients and metrics are summed over ranks.
@@ -114,6 +118,10 @@ class Trainer {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// Bytes one rank needs for weights + gradients (parameter dtype) + AdamW moments and fp32 master
+// weights (split across ranks with ZeRO-1). Activations are not included.
+double training_state_bytes(const optim::NamedTensors& params, int world_size, bool zero1);
 
 // Copies the tensors of an HF folder into `params` by name (in place, so optimizer references
 // stay valid); refuses a missing or mis-shaped tensor.

@@ -12,6 +12,7 @@
 #include "core/model/qwen2.h"
 #include "core/train/checkpoint_dir.h"
 #include "core/train/trainer.h"
+#include "core/util/error.h"
 #include "core/util/fs.h"
 #include "core/util/json.h"
 #include "tests/support/test_util.h"
@@ -292,6 +293,33 @@ TEST(Trainer, ResumeFromCheckpointAtEpochBoundary) {
     std::sort(ep.begin(), ep.end());
     for (int64_t i = 0; i < 16; ++i) EXPECT_EQ(ep[i], i) << "epoch " << e;
   }
+}
+
+}  // namespace
+}  // namespace ptk::train
+
+namespace ptk::train {
+namespace {
+
+// A model whose weights + gradients + AdamW state exceed the budget is refused up front.
+TEST(Trainer, RefusesAModelThatCannotFit) {
+  test::TempDir d;
+  TinyLmStage stage(8, 2, 1);
+  auto o = options(d.file("run"));
+  double need = training_state_bytes(stage.parameters(), 1, false);
+  int64_t n = 0;
+  for (auto& [name, p] : stage.parameters()) n += p.numel();
+  EXPECT_DOUBLE_EQ(need, 16.0 * n);  // fp32: weights 4 + gradients 4 + two moments 8
+  EXPECT_DOUBLE_EQ(training_state_bytes(stage.parameters(), 4, true), 8.0 * n + 8.0 * n / 4);
+  o.memory_budget_bytes = need / 2;
+  try {
+    Trainer t(stage, o);
+    FAIL() << "expected a refusal";
+  } catch (const ptk::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("per rank (activations not counted)"), std::string::npos) << e.what();
+  }
+  o.memory_budget_bytes = need * 2;
+  EXPECT_NO_THROW(Trainer(stage, o));
 }
 
 }  // namespace
