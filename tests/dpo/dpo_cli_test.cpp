@@ -4,6 +4,7 @@
 // errors; and the real ../shared/data pairs for a few steps (skipped when the folder is absent).
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <filesystem>
 #include <sstream>
 
