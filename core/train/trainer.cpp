@@ -24,6 +24,7 @@
 #include "core/runtime/log.h"
 #include "core/runtime/runtime.h"
 #include "core/train/checkpoint_dir.h"
+#include "core/train/plot.h"
 #include "core/train/progress.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
@@ -324,6 +325,19 @@ struct Trainer::Impl {
     return from;
   }
 
+  // report.md: what ran, the last step's metrics, and the curves (SVG beside it in plots/).
+  void write_report() const {
+    std::string md = "# " + opt.label + " run: " + opt.run_dir + "\n\n";
+    md += "- steps: " + std::to_string(step) + " of " + std::to_string(total_steps) + "\n";
+    md += "- final model: `final/` (Hugging Face folder)\n- metrics: `metrics.jsonl`; recipe: `config.json`\n\n";
+    md += "## Curves\n\n";
+    std::vector<std::string> names = {"loss", "eval/loss", "learning_rate", "grad_norm", "mean_token_accuracy",
+                                      "eval/mean_token_accuracy", "entropy", "tokens_per_s"};
+    for (const auto& extra : opt.report_metrics) names.push_back(extra);
+    md += plot::write_report_plots(opt.run_dir, names);
+    write_file_atomic(opt.run_dir + "/report.md", md);
+  }
+
   void write_final() {
     if (main()) {
       std::string tmp = opt.run_dir + "/final.tmp";
@@ -331,6 +345,7 @@ struct Trainer::Impl {
       std::filesystem::remove_all(tmp, ec);
       stage.save_model(tmp);
       replace_dir_atomic(tmp, opt.run_dir + "/final");
+      write_report();
     }
     comm.barrier();
   }

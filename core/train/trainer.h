@@ -85,6 +85,8 @@ struct TrainerOptions {
   // machine's physical memory divided by the local ranks (CPU); unchecked on CUDA devices.
   double memory_budget_bytes = 0;
   std::string label = "train";
+  // Metrics plotted in report.md besides the loop's own (loss, lr, grad_norm, accuracy, ...).
+  std::vector<std::string> report_metrics;
   // Data parallel. The default Comm is world size 1 (one process, no process group).
   // A rank's micro-batch holds its share of the step; N, gradients and metrics are summed over ranks.
   dist::Comm comm;

@@ -175,6 +175,8 @@ TEST(Trainer, LossFallsAndRunFolderIsComplete) {
   ASSERT_EQ(l.size(), 48u);
   EXPECT_LT(l.back(), 0.5 * l.front()) << "first " << l.front() << " last " << l.back();
   EXPECT_TRUE(path_exists(o.run_dir + "/config.json"));
+  EXPECT_NE(read_file(o.run_dir + "/report.md").find("![loss](plots/loss.svg)"), std::string::npos);
+  EXPECT_TRUE(path_exists(o.run_dir + "/plots/loss.svg"));
   EXPECT_TRUE(path_exists(o.run_dir + "/final/config.json"));
   EXPECT_TRUE(path_exists(o.run_dir + "/final/model.safetensors"));
   CheckpointDir c(o.run_dir + "/checkpoints", 2);
