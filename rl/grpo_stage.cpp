@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cmath>
 #include <fstream>
+#include <map>
 #include <numeric>
 #include <random>
 
@@ -25,6 +26,7 @@
 #include "core/util/json.h"
 #include "datasets/loader.h"
 #include "datasets/prepare.h"
+#include "reward/reward_client.h"
 #include "reward/verifiers.h"
 #include "rollout/engine.h"
 
@@ -40,7 +42,14 @@ void GrpoSection::visit(config::Visitor& v) {
   v.opt(reward_funcs, "reward_funcs", {"math"},
         "rule verifiers scoring each completion against the prompt's `answer` (math, exact, format_think, "
         "format_answer); each is one reward source rewards/<name>/*");
-  v.opt(reward_weights, "reward_weights", {}, "one weight per reward source in reward_funcs order; empty = all 1");
+  v.opt(reward_weights, "reward_weights", {}, "one weight per reward_funcs entry, in order; empty = all 1");
+  v.opt(reward_urls, "reward_urls", {},
+        "reward servers (OpenRLHF /get_reward: `ptk reward-server`, or OpenRLHF's), one more source `remote`; "
+        "requests spread over the URLs, retried, and a server that stays away fails the step (never a zero reward)");
+  v.opt(remote_reward_weight, "remote_reward_weight", 1.0, "weight of the `remote` source (the servers' reward)");
+  v.opt(reward_timeout_s, "reward_timeout_s", 120.0, "seconds one reward request may take before it is retried");
+  v.opt(reward_max_attempts, "reward_max_attempts", 5, "attempts per request over all URLs (backoff between)");
+  v.opt(reward_api_key, "reward_api_key", "", "sent as `Authorization: Bearer` when set");
   v.choice(scale_rewards, "scale_rewards", "group", {"group", "batch", "none"},
            "advantage = (R - group mean) / (std + 1e-4) with the group's std, the batch's, or no division");
   v.choice(multi_objective_aggregation, "multi_objective_aggregation", "sum_then_normalize",
@@ -94,7 +103,11 @@ void GrpoSection::validate(config::Errors& e) const {
     e.add("grpo.temperature = " + q(temperature) + ": must be > 0 (GRPO samples; log-probs divide by it)");
   if (!(top_p > 0 && top_p <= 1)) e.add("grpo.top_p = " + q(top_p) + ": must be in (0, 1]");
   if (top_k < 0) e.add("grpo.top_k must be >= 0");
-  if (reward_funcs.empty()) e.add("grpo.reward_funcs is empty: name at least one verifier (" + reward::verifier_names() + ")");
+  if (reward_funcs.empty() && reward_urls.empty())
+    e.add("no reward source: name verifiers in grpo.reward_funcs (" + reward::verifier_names() +
+          ") and/or reward servers in grpo.reward_urls");
+  if (reward_timeout_s <= 0 || reward_max_attempts < 1)
+    e.add("grpo.reward_timeout_s must be > 0 and grpo.reward_max_attempts >= 1");
   if (!reward_weights.empty() && reward_weights.size() != reward_funcs.size())
     e.add("grpo.reward_weights has " + std::to_string(reward_weights.size()) + " weights for " +
           std::to_string(reward_funcs.size()) + " reward_funcs: give one per source, or none (all 1)");
@@ -245,7 +258,8 @@ struct GrpoStage::Impl {
   GrpoAdvantageOptions adv_opt;
   GrpoImportanceOptions is_opt;
   std::vector<std::string> source_names;
-  std::vector<std::function<double(const std::string&, const std::string&)>> reward_fns;  // per source
+  std::vector<std::function<double(const std::string&, const std::string&)>> reward_fns;  // per in-process source
+  std::unique_ptr<reward::RewardClient> client;  // the `remote` source (last), when grpo.reward_urls is set
   std::vector<double> weights;
   int64_t G = 8, K = 1, mu = 1;
   int64_t prompts_per_gen = 1;  // per rank
@@ -256,6 +270,7 @@ struct GrpoStage::Impl {
   std::vector<train::MicroBatch> buffer;  // remaining micro-batches of the current generation batch
   size_t buffer_next = 0;
   GrpoLossInputs last;
+  std::map<std::string, std::pair<double, double>> remote_logs;  // server extra_logs: sum, count this batch
 
   Impl(GrpoRecipe& rec, const std::string& dir, dist::Comm c, std::vector<RewardFunction> extra)
       : r(rec), run_dir(dir), comm(std::move(c)) {
@@ -344,6 +359,16 @@ struct GrpoStage::Impl {
     loss_opt.max_completion_length = g.max_completion_length;
     source_names = g.reward_funcs;
     weights = g.reward_weights.empty() ? std::vector<double>(source_names.size(), 1.0) : g.reward_weights;
+    if (!g.reward_urls.empty()) {
+      reward::RewardClientOptions co;
+      co.urls = g.reward_urls;
+      co.api_key = g.reward_api_key;
+      co.timeout_s = g.reward_timeout_s;
+      co.max_attempts = static_cast<int>(g.reward_max_attempts);
+      client = std::make_unique<reward::RewardClient>(co);
+      source_names.push_back("remote");
+      weights.push_back(g.remote_reward_weight);
+    }
     adv_opt.num_generations = G;
     adv_opt.reward_weights = weights;
     adv_opt.scale_rewards = g.scale_rewards;
@@ -431,7 +456,13 @@ struct GrpoStage::Impl {
     *gen_tokens += engine->last_stats().generated_tokens;
     auto t1 = Clock::now();
     std::vector<Completion> out;
+    std::vector<std::string> queries, prompt_texts, labels;
     for (size_t i = 0; i < prompts.size(); ++i) {
+      std::string pt;
+      if (client) {
+        std::vector<tokenizer::TokenId> pids(prompts[i].ids.begin(), prompts[i].ids.end());
+        pt = tok->decode(pids);
+      }
       for (auto& s : res[i]) {
         Completion c;
         c.prompt = static_cast<int64_t>(i);
@@ -441,7 +472,32 @@ struct GrpoStage::Impl {
         std::vector<tokenizer::TokenId> ids(s.ids.begin(), s.ids.end());
         c.text = tok->decode(ids, /*skip_special=*/true);
         for (auto& f : reward_fns) c.rewards.push_back(f(c.text, prompts[i].answer));
+        if (client) {
+          // OpenRLHF's query is prompt + response with special tokens, as the policy saw it.
+          std::vector<tokenizer::TokenId> ids(s.ids.begin(), s.ids.end());
+          queries.push_back(pt + tok->decode(ids));
+          prompt_texts.push_back(pt);
+          labels.push_back(prompts[i].answer);
+        }
         out.push_back(std::move(c));
+      }
+    }
+    if (client) {
+      reward::RewardResult rr;
+      try {
+        rr = client->score(queries, prompt_texts, labels);
+      } catch (const std::exception& e) {
+        throw Error(std::string("grpo: the reward servers (grpo.reward_urls) failed at generation batch ") +
+                    std::to_string(generations + 1) + ": " + e.what() +
+                    "\n---> HINT: start or fix the server, then rerun with resume=auto to continue from the "
+                    "last checkpoint");
+      }
+      for (size_t i = 0; i < out.size(); ++i) out[i].rewards.push_back(rr.rewards.at(i));
+      for (auto& [key, v] : rr.extra_logs) {
+        double sum = 0;
+        for (double x : v) sum += x;
+        remote_logs[key].first += sum;
+        remote_logs[key].second += static_cast<double>(v.size());
       }
     }
     *score_s += seconds_since(t1);
@@ -495,10 +551,13 @@ struct GrpoStage::Impl {
     int64_t rounds = 0, generated_groups = 0, kept_groups = 0, short_groups = 0;
     std::vector<Prompt> spare_prompts;
     std::vector<Completion> spare;
-    const auto t_total = Clock::now();
+    remote_logs.clear();
     for (;;) {
       auto prompts = load_prompts(*train_set, next_rows(prompts_per_gen));
-      uint64_t round_seed = mix64(static_cast<uint64_t>(r.run.seed) ^ mix64(static_cast<uint64_t>(generations) * 131 + rounds));
+      // Seeds derive from (run.seed, generation batch, round, prompt row) only: resume regenerates
+      // exactly, whatever the thread count or the other ranks.
+      uint64_t round_seed = mix64(mix64(mix64(static_cast<uint64_t>(r.run.seed)) ^ static_cast<uint64_t>(generations)) ^
+                                  static_cast<uint64_t>(rounds));
       auto comps = sample(prompts, round_seed, &gen_s, &score_s, &gen_tokens);
       ++rounds;
       generated_groups += static_cast<int64_t>(prompts.size());
@@ -576,7 +635,14 @@ struct GrpoStage::Impl {
       m.add("dynamic_sampling/kept_group_ratio", sums[1] / std::max(1.0, sums[0]));
       m.add("dynamic_sampling/short_groups", sums[2]);
     }
-    (void)t_total;
+    // The servers' per-source values (extra_logs), e.g. rewards/remote/rm/mean; keys in sorted order
+    // on every rank (a key one rank lacks would desynchronize the all-reduce, so gather over ranks).
+    for (auto& [key, sc] : remote_logs) {
+      double s2[2] = {sc.first, sc.second};
+      if (world > 1)
+        for (double& x : s2) x = comm.all_reduce(x, dist::ReduceOp::kSum);
+      m.add("rewards/remote/" + key + "/mean", s2[1] > 0 ? s2[0] / s2[1] : std::nan(""));
+    }
     // Rollouts file.
     if (g.log_rollouts_every > 0 && generations % g.log_rollouts_every == 0) write_rollouts(*gen, step);
     // Shuffle (TRL shuffles the generation batch before cutting micro-batches), then cut.

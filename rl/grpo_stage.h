@@ -1,6 +1,7 @@
 // The GRPO stage (online RL) on core/train's loop, TRL's definitions (FORMULAS.md section 4).
 // Algorithm: every num_iterations optimizer steps, take B prompts, sample G completions each with
-// the rollout engine from the policy's own weights, score them with rule verifiers, turn rewards
+// the rollout engine from the policy's own weights, score them with rule verifiers and/or reward
+// servers, turn rewards
 // into group-relative advantages, then minimize the clipped surrogate (+ beta * k3 KL to a frozen
 // reference) over those completions for num_iterations passes. Not the loss math (grpo_loss.h),
 // not generation (rollout/engine.h), not the loop, resume or data parallelism (core/train).
@@ -29,7 +30,12 @@ struct GrpoSection : config::Section {
   double temperature, top_p;
   // Rewards
   std::vector<std::string> reward_funcs;  // rule verifiers by name (reward/verifiers.h)
-  std::vector<double> reward_weights;     // one per reward source; empty = all 1
+  std::vector<double> reward_weights;     // one per reward_funcs entry; empty = all 1
+  // Reward servers (OpenRLHF's /get_reward protocol, `ptk reward-server`): one more source, `remote`
+  std::vector<std::string> reward_urls;
+  double remote_reward_weight, reward_timeout_s;
+  int64_t reward_max_attempts;
+  std::string reward_api_key;
   std::string scale_rewards, multi_objective_aggregation;
   // Objective
   std::string loss_type, importance_sampling_level;

@@ -5,8 +5,12 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <chrono>
 #include <fstream>
+#include <map>
+#include <set>
 #include <sstream>
+#include <thread>
 
 #include "core/config/recipe.h"
 #include "core/model/qwen2.h"
@@ -16,6 +20,7 @@
 #include "core/util/json.h"
 #include "datasets/byte_tokenizer.h"
 #include "rl/grpo_loss.h"
+#include "reward/reward_server.h"
 #include "rl/grpo_stage.h"
 #include "tests/support/test_util.h"
 
@@ -223,6 +228,140 @@ TEST(GrpoStage, BadRecipesFailWithTheKeys) {
   } catch (const std::exception& e) {
     EXPECT_NE(std::string(e.what()).find("grpo.reward_funcs"), std::string::npos) << e.what();
   }
+}
+
+// A `ptk reward-server` on a loopback port, in-process, serving the math verifier.
+struct LoopbackServer {
+  std::unique_ptr<reward::RewardServer> server;
+  std::thread thread;
+  int port = 0;
+  LoopbackServer() {
+    reward::RewardRecipe r;
+    config::bind_recipe(config::load_recipe("", {"reward.port=0", "reward.verifiers=[\"math\"]"}), r.sections());
+    server = std::make_unique<reward::RewardServer>(r.reward);
+    port = server->bind();
+    thread = std::thread([this] { server->serve(); });
+  }
+  ~LoopbackServer() { stop(); }
+  void stop() {
+    if (!server) return;
+    server->stop();
+    thread.join();
+    server.reset();
+  }
+  std::string url() const { return "http://127.0.0.1:" + std::to_string(port); }
+};
+
+// A step end to end against a live reward server: the `remote` source is the server's math reward,
+// which equals the in-process math verifier on every completion; a server that goes away fails the
+// step with an error naming grpo.reward_urls (never a zero reward).
+TEST(GrpoStage, StepAgainstALoopbackRewardServer) {
+  at::set_num_threads(1);
+  Fixture f;
+  LoopbackServer srv;
+  auto r = f.recipe("run", {"grpo.reward_funcs=[\"math\", \"letters\"]", "grpo.reward_urls=[\"" + srv.url() + "\"]",
+                            "grpo.remote_reward_weight=0.5", "train.max_steps=1"});
+  GrpoStage stage(*r, r->run.dir, {}, letters());
+  train::Trainer(stage, options_for(*r)).run();
+  std::istringstream in(read_file(r->run.dir + "/rollouts/step-1.jsonl"));
+  std::string line;
+  int lines = 0;
+  while (std::getline(in, line)) {
+    auto d = json::parse(line, "rollout");
+    ASSERT_TRUE(d["rewards"].HasMember("remote")) << line;
+    EXPECT_EQ(d["rewards"]["remote"].GetDouble(), d["rewards"]["math"].GetDouble()) << line;
+    EXPECT_NEAR(d["reward"].GetDouble(),
+                d["rewards"]["math"].GetDouble() + d["rewards"]["letters"].GetDouble() +
+                    0.5 * d["rewards"]["remote"].GetDouble(), 1e-12) << line;
+    ++lines;
+  }
+  EXPECT_EQ(lines, 8);
+  std::string metrics = read_file(r->run.dir + "/metrics.jsonl");
+  EXPECT_NE(metrics.find("\"rewards/remote/mean\""), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("\"rewards/remote/math/mean\""), std::string::npos) << metrics;
+  // The server goes away: the next generation fails after the client's retries, naming the key.
+  srv.stop();
+  auto r2 = f.recipe("run2", {"grpo.reward_urls=[\"" + srv.url() + "\"]", "grpo.reward_max_attempts=2",
+                             "grpo.reward_timeout_s=2"});
+  GrpoStage s2(*r2, r2->run.dir, {}, letters());
+  try {
+    s2.next_micro_batch();
+    FAIL() << "a dead reward server did not fail the step";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("grpo.reward_urls"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("resume=auto"), std::string::npos) << e.what();
+  }
+}
+
+struct RolloutLine {
+  int64_t row;
+  std::string answer;
+  double reward;
+};
+std::vector<RolloutLine> rollouts(const std::string& file) {
+  std::vector<RolloutLine> out;
+  std::istringstream in(read_file(file));
+  std::string line;
+  while (std::getline(in, line)) {
+    auto d = json::parse(line, file);
+    out.push_back({d["row"].GetInt64(), d["answer"].GetString(), d["reward"].GetDouble()});
+  }
+  return out;
+}
+
+// DAPO's dynamic sampling: groups whose rewards are all equal (here: every prompt with an odd
+// answer scores a constant) are dropped and refilled, so every trained group has spread.
+TEST(GrpoStage, DynamicSamplingDropsZeroStdGroups) {
+  at::set_num_threads(1);
+  Fixture f;
+  auto r = f.recipe("run", {"grpo.dynamic_sampling=true", "grpo.dynamic_sampling_max_rounds=8", "train.max_steps=3",
+                            "grpo.reward_funcs=[\"odd_constant\"]"});
+  auto letter_share = letters()[0].fn;
+  std::vector<RewardFunction> odd = {{"odd_constant", [letter_share](const std::string& c, const std::string& a) {
+                                        return std::stoi(a) % 2 ? 1.0 : letter_share(c, a);
+                                      }}};
+  GrpoStage stage(*r, r->run.dir, {}, odd);
+  train::Trainer(stage, options_for(*r)).run();
+  for (int step : {1, 2, 3}) {
+    auto lines = rollouts(r->run.dir + "/rollouts/step-" + std::to_string(step) + ".jsonl");
+    ASSERT_EQ(lines.size(), 8u);
+    for (auto& l : lines) EXPECT_EQ(std::stoi(l.answer) % 2, 0) << "step " << step << " kept row " << l.row;
+  }
+  std::istringstream in(read_file(r->run.dir + "/metrics.jsonl"));
+  std::string line;
+  while (std::getline(in, line)) {
+    auto d = json::parse(line, "metrics");
+    EXPECT_EQ(d["frac_reward_zero_std"].GetDouble(), 0.0) << line;
+    EXPECT_LE(d["dynamic_sampling/kept_group_ratio"].GetDouble(), 1.0) << line;
+    EXPECT_EQ(d["dynamic_sampling/short_groups"].GetDouble(), 0.0) << line;
+  }
+}
+
+// The Qwen2.5 report's order: from the second epoch, the prompts whose group rewards varied most
+// at their last visit come first.
+TEST(GrpoStage, VarianceFirstOrdersTheNextEpoch) {
+  at::set_num_threads(1);
+  Fixture f;
+  // 12 prompts, 2 per generation batch: steps 1-6 are epoch 1, step 7 starts epoch 2.
+  auto r = f.recipe("run", {"grpo.prompt_order=variance_first", "train.max_steps=7"});
+  GrpoStage stage(*r, r->run.dir, {}, letters());
+  train::Trainer(stage, options_for(*r)).run();
+  std::map<int64_t, std::vector<double>> by_row;
+  for (int step = 1; step <= 6; ++step)
+    for (auto& l : rollouts(r->run.dir + "/rollouts/step-" + std::to_string(step) + ".jsonl"))
+      by_row[l.row].push_back(l.reward);
+  ASSERT_EQ(by_row.size(), 12u);
+  std::vector<std::pair<double, int64_t>> var;
+  for (auto& [row, rs] : by_row) {
+    double mean = 0, v = 0;
+    for (double x : rs) mean += x / rs.size();
+    for (double x : rs) v += (x - mean) * (x - mean) / (rs.size() - 1);
+    var.push_back({v, row});
+  }
+  std::sort(var.rbegin(), var.rend());
+  std::set<int64_t> top = {var[0].second, var[1].second}, got;
+  for (auto& l : rollouts(r->run.dir + "/rollouts/step-7.jsonl")) got.insert(l.row);
+  EXPECT_EQ(got, top);
 }
 
 struct Crash : std::runtime_error {
