@@ -173,6 +173,7 @@ class SftStage : public train::Stage {
     }
     model::ForwardOptions fo;
     fo.logits = false;  // the fused op projects only target rows
+    fo.activation_checkpointing = r_.model.activation_checkpointing;
     auto out = model_.forward(in, fo);
     return sft_terms(out.hidden, model_.lm_head_weight(), b.labels);
   }

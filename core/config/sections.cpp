@@ -22,6 +22,9 @@ void ModelSection::visit(Visitor& v) {
   v.opt(config, "config", "", "a config.json for random init (instead of model.path)");
   v.choice(dtype, "dtype", "auto", {"auto", "float32", "bfloat16"},
            "parameter dtype; auto = float32 on CPU (bf16 is emulated there, ~3x slower), bfloat16 on GPU");
+  v.opt(activation_checkpointing, "activation_checkpointing", false,
+        "keep only each decoder layer's input and recompute the layer in backward: activation memory per "
+        "layer falls from ~40 (tokens x hidden) tensors plus attention probabilities to one, for ~1/3 more compute");
 }
 void ModelSection::validate(Errors& e) const {
   if (!path.empty() && !config.empty())

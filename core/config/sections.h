@@ -23,6 +23,7 @@ struct ModelSection : Section {
   std::string path;    // HF folder to start from
   std::string config;  // config.json for random init
   std::string dtype;   // auto | float32 | bfloat16
+  bool activation_checkpointing;  // recompute each decoder layer in backward (less memory, ~1/3 more compute)
   const char* name() const override { return "model"; }
   const char* help() const override { return "the model to start from"; }
   void visit(Visitor& v) override;

@@ -53,6 +53,9 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
     ctx->saved_data["chunk"] = chunk;
     ctx->saved_data["valid_vocab"] = valid_vocab;
     ctx->mark_non_differentiable({correct});
+    // An unused output (SFT reads only logprobs) arrives as an undefined grad instead of zeros, so
+    // backward skips that output's term (for entropy: ~6 passes over every (c, V) chunk).
+    ctx->set_materialize_grads(false);
     return {logp, ent, correct};
   }
 
