@@ -1,0 +1,220 @@
+// Training-step throughput at the Qwen2.5-0.5B shape on CPU: forward + fused lm_head loss + backward
+// + AdamW, tokens/s and GFLOP/s against the fp32 matmul peak of the same LibTorch measured in the
+// same run, then a per-phase profile of one more step. Prints figures; never fails on time.
+//
+//   ninja -C build-shapes train_step_bench && build-shapes/bench/train_step_bench [--seq 1024]
+//       [--steps 2] [--layers 24] [--checkpointing] [--no-profile]
+#include <ATen/record_function.h>
+#include <torch/csrc/autograd/profiler_legacy.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/model/lm_head_logprobs.h"
+#include "core/model/qwen2.h"
+#include "core/optim/adamw.h"
+#include "core/runtime/runtime.h"
+#include "tests/shapes/qwen25_05b.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+std::string loadavg() {
+  std::ifstream f("/proc/loadavg");
+  std::string a, b, c;
+  f >> a >> b >> c;
+  return a + " " + b + " " + c;
+}
+
+// Best-of-`reps` GFLOP/s of one fp32 (m, k) x (k, n) product.
+double mm_gflops(int64_t m, int64_t k, int64_t n, int reps) {
+  auto a = torch::randn({m, k}), b = torch::randn({k, n});
+  auto c = torch::mm(a, b);  // warm-up
+  double best = 1e30;
+  for (int i = 0; i < reps; ++i) {
+    auto t0 = Clock::now();
+    torch::mm_out(c, a, b);
+    best = std::min(best, since(t0));
+  }
+  return 2.0 * m * k * n / best / 1e9;
+}
+
+struct Phases {
+  double forward = 0, loss = 0, backward = 0, optimizer = 0;
+  double total() const { return forward + loss + backward + optimizer; }
+};
+
+// Self time per (scope, op) from the legacy profiler's push/pop ranges of every thread.
+std::map<std::string, double> self_times(const torch::autograd::profiler::thread_event_lists& lists) {
+  std::map<std::string, double> out;
+  for (const auto& events : lists) {
+    struct Open {
+      std::string name;
+      double start, children;
+    };
+    std::vector<Open> stack;
+    for (const auto& e : events) {
+      const std::string kind = e.kindStr();
+      if (kind == "push") {
+        stack.push_back({e.name(), e.cpuUs(), 0.0});
+      } else if (kind == "pop" && !stack.empty()) {
+        Open o = stack.back();
+        stack.pop_back();
+        double dur = e.cpuUs() - o.start;
+        if (!stack.empty()) stack.back().children += dur;
+        // Key: the innermost ptk:: scope or autograd node around (or at) this range, then the op.
+        std::string key;
+        for (auto it = stack.rbegin(); it != stack.rend() && key.empty(); ++it) {
+          if (it->name.rfind("ptk::", 0) == 0) key = it->name + " / " + o.name;
+          static const std::string kEval = "autograd::engine::evaluate_function: ";
+          if (it->name.rfind(kEval, 0) == 0) key = "backward / " + it->name.substr(kEval.size());
+        }
+        if (key.empty()) {
+          static const std::string kEval = "autograd::engine::evaluate_function: ";
+          key = o.name.rfind(kEval, 0) == 0 ? "backward / " + o.name.substr(kEval.size())
+                : o.name.rfind("ptk::", 0) == 0 ? o.name + " / (self)"
+                                                 : "other / " + o.name;
+        }
+        out[key] += (dur - o.children) / 1e6;
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int64_t T = 1024, steps = 2, layers = 24;
+  bool checkpointing = false, profile = true;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--seq" && i + 1 < argc) T = std::stoll(argv[++i]);
+    else if (a == "--steps" && i + 1 < argc) steps = std::stoll(argv[++i]);
+    else if (a == "--layers" && i + 1 < argc) layers = std::stoll(argv[++i]);
+    else if (a == "--checkpointing") checkpointing = true;
+    else if (a == "--no-profile") profile = false;
+    else {
+      std::fprintf(stderr, "usage: %s [--seq N] [--steps N] [--layers N] [--checkpointing] [--no-profile]\n", argv[0]);
+      return 2;
+    }
+  }
+  auto info = ptk::runtime::init_and_announce(0);
+  std::printf("load average at start: %s\n", loadavg().c_str());
+
+  // fp32 matmul peak of this LibTorch: the step's own GEMM shapes and a square one; the best is the peak.
+  auto c = ptk::test::qwen25_05b_config();
+  c.num_hidden_layers = layers;
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  struct Shape {
+    const char* what;
+    int64_t m, k, n;
+  } shapes[] = {{"T x H . H x I (gate/up)", T, H, I},
+                {"T x I . I x H (down)", T, I, H},
+                {"T x H . H x 8192 (lm_head chunk)", T, H, 8192},
+                {"2048^3", 2048, 2048, 2048}};
+  double peak = 0;
+  for (const auto& s : shapes) {
+    double g = mm_gflops(s.m, s.k, s.n, 5);
+    std::printf("  matmul %-34s %8.1f GFLOP/s\n", s.what, g);
+    peak = std::max(peak, g);
+  }
+  std::printf("fp32 matmul peak: %.1f GFLOP/s\n", peak);
+
+  auto m = ptk::model::Qwen2Model::from_config(c, 1);
+  m.set_requires_grad(true);
+  int64_t n_params = 0;
+  for (const auto& [n, t] : m.named_parameters()) n_params += t.numel();
+  ptk::optim::AdamW opt(m.named_parameters(), {});
+  // Model FLOPs per token: 6N (tied embedding counted once, as the lm_head matmul) + causal
+  // attention 6 L T (nh D) (QK^T and AV, forward and backward, half the pairs masked).
+  const double flops_per_token =
+      6.0 * n_params + 6.0 * c.num_hidden_layers * static_cast<double>(T) * c.num_attention_heads * c.head_dim;
+  std::printf("model: %lld layers, %.1fM parameters, sequence %lld, %s; %.3f GFLOP per token\n",
+              static_cast<long long>(layers), n_params / 1e6, static_cast<long long>(T),
+              checkpointing ? "activation checkpointing" : "no checkpointing", flops_per_token / 1e9);
+
+  torch::manual_seed(0);
+  auto ids = torch::randint(0, 151643, {1, T}, torch::kLong);
+  ptk::model::ForwardInput in{ids, {}, {}, {}};
+  ptk::model::ForwardOptions fo;
+  fo.logits = false;
+  fo.activation_checkpointing = checkpointing;
+  auto targets = ids[0].narrow(0, 1, T - 1);  // (T-1)
+
+  auto step = [&](Phases* p) {
+    auto t0 = Clock::now();
+    auto hidden = m.forward(in, fo).hidden;  // (1, T, H)
+    p->forward += since(t0);
+    t0 = Clock::now();
+    at::Tensor loss;
+    {
+      RECORD_FUNCTION("ptk::lm_head_loss", std::vector<c10::IValue>());
+      auto lp = ptk::model::lm_head_logprobs(hidden[0].narrow(0, 0, T - 1), m.lm_head_weight(), targets);
+      loss = -lp.logprobs.mean();
+    }
+    p->loss += since(t0);
+    t0 = Clock::now();
+    loss.backward();
+    p->backward += since(t0);
+    t0 = Clock::now();
+    {
+      RECORD_FUNCTION("ptk::adamw", std::vector<c10::IValue>());
+      opt.step(1e-5);
+      opt.zero_grad();
+    }
+    p->optimizer += since(t0);
+    return loss.item<double>();
+  };
+
+  Phases warm;
+  double l0 = step(&warm);
+  std::printf("warm-up step: %.1f s (loss %.4f)\n", warm.total(), l0);
+  Phases p;
+  for (int64_t s = 0; s < steps; ++s) step(&p);
+  const double per_step = p.total() / steps;
+  const double tok_s = T / per_step, gflops = flops_per_token * tok_s / 1e9;
+  std::printf("\nstep (mean of %lld): %.2f s = forward %.2f + lm_head loss %.2f + backward %.2f + AdamW %.2f\n",
+              static_cast<long long>(steps), per_step, p.forward / steps, p.loss / steps, p.backward / steps,
+              p.optimizer / steps);
+  std::printf("RESULT tokens/s %.1f | %.1f GFLOP/s | peak %.1f GFLOP/s | %.1f%% of peak | threads %d | load %s\n",
+              tok_s, gflops, peak, 100.0 * gflops / peak, info.threads, loadavg().c_str());
+
+  if (profile) {
+    std::map<std::string, double> self;
+    {
+      torch::autograd::profiler::TLSLegacyProfilerGuard guard(
+          torch::profiler::impl::ProfilerConfig(torch::profiler::impl::ProfilerState::CPU),
+          [&](const torch::autograd::profiler::thread_event_lists& lists) { self = self_times(lists); });
+      Phases q;
+      step(&q);
+    }
+    double total = 0;
+    std::map<std::string, double> by_scope;
+    for (const auto& [k, v] : self) {
+      total += v;
+      by_scope[k.substr(0, k.find(" / "))] += v;
+    }
+    auto print_sorted = [&](const std::map<std::string, double>& m, const char* title, size_t top) {
+      std::vector<std::pair<double, std::string>> v;
+      for (const auto& [k, s] : m) v.push_back({s, k});
+      std::sort(v.rbegin(), v.rend());
+      std::printf("\n%s (profiled step, self time %.2f s):\n", title, total);
+      for (size_t i = 0; i < std::min(top, v.size()); ++i)
+        std::printf("  %6.2f s %5.1f%%  %s\n", v[i].first, 100.0 * v[i].first / total, v[i].second.c_str());
+    };
+    print_sorted(by_scope, "by phase", 20);
+    print_sorted(self, "by phase / op", 40);
+  }
+  std::printf("load average at end: %s\n", loadavg().c_str());
+  return 0;
+}
