@@ -337,7 +337,10 @@ int run_pipeline(const std::string& recipe_file, const std::vector<std::string>&
     RunState state = inspect(run);
 
     if (o.dry_run) {
-      row.status = std::string("would ") + (state == RunState::kDone ? "skip (done)" : state_name(state));
+      row.status = state == RunState::kDone     ? "would skip (done)"
+                   : state == RunState::kResume ? "would resume"
+                   : state == RunState::kNew    ? "would run"
+                                                : "would start over (recipe or input changed)";
       std::printf("stage %s: %s\n", st.name.c_str(), row.status.c_str());
       if (is_policy(st.command)) last_policy = st.name;
       else last_rm = st.name;

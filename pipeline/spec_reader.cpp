@@ -1,5 +1,7 @@
 #include "pipeline/spec_reader.h"
 
+#include <functional>
+
 #include "core/util/error.h"
 #include "core/util/fs.h"
 #include "core/util/json.h"
@@ -120,14 +122,21 @@ std::vector<std::string> SpecReader::overrides(const Value& obj, const std::stri
     error(key, std::string("must be an object {\"key.path\": value, ...}, got ") + json::type_name(*v));
     return out;
   }
-  for (auto it = v->MemberBegin(); it != v->MemberEnd(); ++it) {
-    std::string k = it->name.GetString();
-    if (k.empty() || k.find('=') != std::string::npos || k.front() == '.' || k.back() == '.') {
-      error(key, "`" + k + "` is not a key path like optim.lr");
-      continue;
+  // Nested objects flatten ({"optim": {"lr": 1}} == {"optim.lr": 1}), so a command-line override
+  // `overrides.optim.lr=1e-4` of this file reaches the stage recipe too.
+  std::function<void(const Value&, const std::string&)> walk = [&](const Value& obj, const std::string& prefix) {
+    for (auto it = obj.MemberBegin(); it != obj.MemberEnd(); ++it) {
+      std::string k = it->name.GetString();
+      if (k.empty() || k.find('=') != std::string::npos || k.front() == '.' || k.back() == '.') {
+        error(key, "`" + k + "` is not a key path like optim.lr");
+        continue;
+      }
+      std::string full = prefix.empty() ? k : prefix + "." + k;
+      if (it->value.IsObject()) walk(it->value, full);
+      else out.push_back(override_arg(full, it->value));
     }
-    out.push_back(override_arg(k, it->value));
-  }
+  };
+  walk(*v, "");
   return out;
 }
 

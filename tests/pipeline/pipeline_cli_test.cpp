@@ -159,7 +159,7 @@ TEST_F(PipelineCli, SftToSftChainsFinalAndSkipsOnRerun) {
 
 TEST_F(PipelineCli, StoppedStageResumesFromItsCheckpoint) {
   // b runs long enough to be stopped after its first checkpoint.
-  std::string file = two_stage(3000, ", \"checkpoint.every\": 20");
+  std::string file = two_stage(600, ", \"checkpoint.every\": 10");
   {
     Background bg(pipeline(file), d_.file("first.log"));
     ASSERT_TRUE(bg.wait_path(d_.file("pipe/b/checkpoints/latest"), 240)) << read_file(d_.file("first.log"));
@@ -170,9 +170,8 @@ TEST_F(PipelineCli, StoppedStageResumesFromItsCheckpoint) {
     EXPECT_NE(log.find("forwarding it to the running stages"), std::string::npos) << log;
     EXPECT_NE(log.find("| b | sft | interrupted |"), std::string::npos) << log;
   }
-  // Rerun with fewer steps so it ends soon: a is skipped, b continues from its checkpoint (the
-  // stage's own resume=auto), not from step 0. max_steps is part of the recipe, so keep it and stop
-  // early instead: the same recipe resumes.
+  // The same command again: a is skipped, b continues from its checkpoint (the stage's own
+  // resume=auto), not from step 0.
   auto r = test::run(pipeline(file));
   ASSERT_EQ(r.exit_code, 0) << r.out.substr(r.out.size() > 4000 ? r.out.size() - 4000 : 0);
   EXPECT_NE(r.out.find("| a | sft | skipped (done) |"), std::string::npos);
@@ -180,7 +179,7 @@ TEST_F(PipelineCli, StoppedStageResumesFromItsCheckpoint) {
   EXPECT_NE(r.out.find("resumed from"), std::string::npos) << "stage b started over";
   EXPECT_NE(r.out.find("| b | sft | resumed |"), std::string::npos);
   EXPECT_TRUE(path_exists(d_.file("pipe/b/final/model.safetensors")));
-  EXPECT_EQ(lines_of(d_.file("pipe/b/metrics.jsonl")), 3000u);
+  EXPECT_EQ(lines_of(d_.file("pipe/b/metrics.jsonl")), 600u);
 }
 
 TEST_F(PipelineCli, FailingStageIsReportedAndEarlierStagesKept) {
@@ -279,9 +278,9 @@ TEST_F(SweepCli, TwoByTwoWritesTableCsvAndCurves) {
 }
 
 TEST_F(SweepCli, InterruptedSweepResumesWhereItStopped) {
-  std::string file = sweep_file(1500);
+  std::string file = sweep_file(300);
   {
-    Background bg(sweep(file, "--parallel 1") + " checkpoint.every=20", d_.file("first.log"));
+    Background bg(sweep(file, "--parallel 1") + " overrides.checkpoint.every=10", d_.file("first.log"));
     // Stop once the second run has its first checkpoint (the first run is then finished).
     ASSERT_TRUE(bg.wait_path(d_.file("sweep/lr=0.001,warmup_steps=1/checkpoints/latest"), 400))
         << read_file(d_.file("first.log"));
@@ -291,7 +290,7 @@ TEST_F(SweepCli, InterruptedSweepResumesWhereItStopped) {
     EXPECT_NE(log.find("interrupted"), std::string::npos) << log;
   }
   EXPECT_TRUE(path_exists(d_.file("sweep/lr=0.001,warmup_steps=0/final/model.safetensors")));
-  auto dry = test::run(sweep(file, "--dry-run checkpoint.every=20"));
+  auto dry = test::run(sweep(file, "--dry-run overrides.checkpoint.every=10"));
   EXPECT_NE(dry.out.find("lr=0.001,warmup_steps=0                  done (skipped)"), std::string::npos) << dry.out;
   EXPECT_NE(dry.out.find("lr=0.001,warmup_steps=1                  resume"), std::string::npos) << dry.out;
   EXPECT_NE(dry.out.find("lr=0.002,warmup_steps=0                  new"), std::string::npos) << dry.out;
