@@ -123,7 +123,9 @@ TEST(RmStage, LossEqualsRmLossAndFinalFolderIsASequenceClassifier) {
   std::string fin = run_dir + "/final";
   auto cfg = json::parse_file(fin + "/config.json");
   EXPECT_STREQ(cfg["architectures"][0].GetString(), "Qwen2ForSequenceClassification");
-  EXPECT_EQ(cfg["num_labels"].GetInt(), 1);
+  // transformers writes num_labels as id2label (one label): what its PretrainedConfig reads back.
+  ASSERT_TRUE(cfg.HasMember("id2label"));
+  EXPECT_EQ(cfg["id2label"].MemberCount(), 1u);
   EXPECT_EQ(cfg["pad_token_id"].GetInt(), 256);
   auto names = checkpoint::read_checkpoint_tensors(fin);
   EXPECT_TRUE(names.count("score.weight"));
