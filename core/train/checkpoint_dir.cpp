@@ -73,12 +73,22 @@ std::string CheckpointDir::commit(int64_t step) {
   std::error_code ec;
   install_dir(tmp, dst);  // a resumed run that redoes a step replaces its checkpoint
   write_file_atomic(root_ + "/latest", "step-" + std::to_string(step) + "\n");
+  // Pruning first renames a folder out of the step-N namespace (one atomic rename) and only then
+  // deletes it: a crash in the middle of remove_all must never leave a `step-N` with DONE but
+  // without some of its files.
   auto all = complete();
-  for (size_t i = 0; i + static_cast<size_t>(keep_last_) < all.size(); ++i) fs::remove_all(all[i], ec);
-  // Leftovers of crashed writes older than this step are garbage too.
+  for (size_t i = 0; i + static_cast<size_t>(keep_last_) < all.size(); ++i) {
+    std::string trash = root_ + "/.trash-" + fs::path(all[i]).filename().string();
+    fs::remove_all(trash, ec);
+    fs::rename(all[i], trash, ec);
+    if (ec) throw Error("cannot retire old checkpoint " + all[i] + ": " + ec.message());
+  }
+  if (!all.empty()) fsync_path(root_);
+  // Leftovers of crashed writes older than this step, and retired folders, are garbage.
   for (auto& e : fs::directory_iterator(root_)) {
     std::string name = e.path().filename().string();
-    if (name.rfind(".tmp-step-", 0) == 0 && std::atoll(name.c_str() + 10) < step) fs::remove_all(e.path(), ec);
+    bool stale_tmp = name.rfind(".tmp-step-", 0) == 0 && std::atoll(name.c_str() + 10) < step;
+    if (stale_tmp || name.rfind(".trash-", 0) == 0) fs::remove_all(e.path(), ec);
   }
   return dst;
 }
