@@ -51,5 +51,6 @@ function(ptk_test name)
   endif()
   add_test(NAME ${name} COMMAND ${name})
   set_tests_properties(${name} PROPERTIES LABELS "${A_LABELS}" TIMEOUT ${A_TIMEOUT}
-    ENVIRONMENT "PTK_SOURCE_DIR=${PTK_ROOT};PTK_BINARY=$<TARGET_FILE:ptk>;PTK_SHARED_DIR=${PTK_ROOT}/../shared")
+    # Tests run side by side (ctest -j): spinning OpenMP threads would collapse (see apps/ptk/main.cpp).
+    ENVIRONMENT "PTK_SOURCE_DIR=${PTK_ROOT};PTK_BINARY=$<TARGET_FILE:ptk>;PTK_SHARED_DIR=${PTK_ROOT}/../shared;OMP_WAIT_POLICY=PASSIVE")
 endfunction()

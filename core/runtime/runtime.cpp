@@ -100,7 +100,8 @@ Info init(int requested) {
 
 std::string banner(const Info& i) {
   return "ptk " + i.ptk_version + " | LibTorch " + i.torch_version + " | " + i.device + " | " +
-         std::to_string(i.threads) + " threads (" + i.threads_from + ") | BLAS " + i.blas;
+         std::to_string(i.threads) + " threads (" + i.threads_from + ") | BLAS " + i.blas +
+         " | OMP_WAIT_POLICY " + (std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "unset");
 }
 
 Info init_and_announce(int requested) {
