@@ -13,6 +13,8 @@ namespace ptk::rollout {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Candidates top-p sorts first (apply_top_p_); a row whose nucleus is wider falls back to more.
+constexpr int64_t kTopPCandidates = 256;
 
 uint64_t splitmix64(uint64_t x) {
   x += 0x9E3779B97F4A7C15ull;
@@ -94,17 +96,53 @@ void apply_top_k_(at::Tensor& x, const std::vector<SamplingParams>& params) {
 
 void apply_top_p_(at::Tensor& x, const std::vector<SamplingParams>& params) {
   if (!any_top_p(params)) return;
-  const int64_t R = x.size(0);
-  std::vector<float> p(R);
-  for (int64_t r = 0; r < R; ++r) p[r] = (!params[r].greedy() && params[r].top_p < 1.0) ? params[r].top_p : 2.0f;
-  auto sorted = std::get<0>(x.sort(1, /*descending=*/true));  // (R, V)
-  auto probs = at::softmax(sorted, 1);
-  auto before = probs.cumsum(1) - probs;  // mass strictly before each token
-  // Keep a token while the mass before it is below top_p (the first token is always kept).
-  auto keep = before < at::tensor(p, at::kFloat).to(x.device()).unsqueeze(1);  // (R, V)
-  auto n_keep = keep.sum(1, /*keepdim=*/true).clamp_min(1);                     // (R, 1)
-  auto thr = sorted.gather(1, n_keep - 1);                                        // (R, 1)
-  x.masked_fill_(x < thr, kNegInf);
+  // The nucleus of a row: sort descending, keep a token while the mass strictly before it is below
+  // top_p (the first token always), then keep every column >= the last kept value (ties kept).
+  // Sorting all V columns is the cost, so only the top C candidates are sorted (at::topk): their
+  // prefix masses are the same numbers the full sort gives, and when the C candidates' mass
+  // reaches top_p, every later token has mass before it >= top_p, so the nucleus lies within them
+  // and its threshold is exact. Rows whose candidates fall short try C * 16, then the full sort.
+  const int64_t R = x.size(0), V = x.size(1);
+  auto dev = x.device();
+  std::vector<int64_t> todo;
+  for (int64_t r = 0; r < R; ++r)
+    if (!params[r].greedy() && params[r].top_p < 1.0) todo.push_back(r);
+  auto thr_all = at::full({R, 1}, kNegInf, x.options());
+  for (int64_t C = std::min<int64_t>(kTopPCandidates, V); !todo.empty(); C = std::min<int64_t>(C * 16, V)) {
+    auto idx = at::tensor(todo, at::kLong).to(dev);
+    auto rows = x.index_select(0, idx);                                            // (n, V)
+    auto top = C < V ? std::get<0>(at::topk(rows, C, 1, /*largest=*/true, /*sorted=*/true))
+                     : std::get<0>(rows.sort(1, /*descending=*/true));              // (n, C)
+    // softmax(sorted row) = exp(v - max) / sum of exp(x - max) over the whole row, in float64 so
+    // that neither the summation order nor the sort changes which token crosses top_p.
+    auto mx = top.narrow(1, 0, 1).to(at::kDouble);                                  // (n, 1): the row max
+    auto total = (rows.to(at::kDouble) - mx).exp_().sum(1, /*keepdim=*/true);       // (n, 1)
+    auto probs = (top.to(at::kDouble) - mx).exp_() / total;                         // (n, C)
+    auto cum = probs.cumsum(1);
+    auto before = cum - probs;                                                      // mass strictly before
+    std::vector<double> pv;
+    for (int64_t r : todo) pv.push_back(params[r].top_p);
+    auto pt = at::tensor(pv, at::kDouble).to(dev).unsqueeze(1);                     // (n, 1)
+    auto keep = before < pt;
+    auto n_keep = keep.sum(1, /*keepdim=*/true).clamp_min(1);                       // (n, 1)
+    auto thr = top.gather(1, n_keep - 1);                                           // (n, 1)
+    // Covered: the candidates' mass reaches top_p (then the nucleus ends inside them), or C = V.
+    auto covered = (C >= V ? at::ones({static_cast<int64_t>(todo.size())}, at::kBool).to(dev)
+                           : cum.select(1, C - 1) >= pt.squeeze(1)).to(at::kCPU).contiguous();
+    const bool* cov = covered.data_ptr<bool>();
+    std::vector<int64_t> done_pos, rest;
+    for (size_t i = 0; i < todo.size(); ++i) (cov[i] ? done_pos : rest).push_back(static_cast<int64_t>(i));
+    if (!done_pos.empty()) {
+      auto dp = at::tensor(done_pos, at::kLong).to(dev);
+      std::vector<int64_t> done_rows;
+      for (int64_t i : done_pos) done_rows.push_back(todo[i]);
+      thr_all.index_copy_(0, at::tensor(done_rows, at::kLong).to(dev), thr.index_select(0, dp));
+    }
+    std::vector<int64_t> next;
+    for (int64_t i : rest) next.push_back(todo[i]);
+    todo.swap(next);
+  }
+  x.masked_fill_(x < thr_all, kNegInf);
 }
 
 at::Tensor draw(const at::Tensor& x, const std::vector<SamplingParams>& params, const std::vector<double>& uniforms) {

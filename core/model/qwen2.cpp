@@ -602,6 +602,85 @@ ForwardOutput Qwen2Model::forward(const ForwardInput& in, const ForwardOptions& 
   return out;
 }
 
+namespace {
+
+// ---- cached decode attention -------------------------------------------------------------------
+//
+// One decode step attends row r's single query to keys [0, base[r] + 1) of its slot. Two layouts,
+// both one batched op per layer whatever the set of slots:
+//  - window: the slots' range [lo, hi] of the cache is read in place (a view, no copy); slots of
+//    that range not in the batch compute a throwaway row (their queries are zero, they see key 0).
+//    Cheap when the busy slots fill most of their range (continuous batching keeps them dense).
+//  - gather: the rows' K/V windows [0, max_k) are copied out with index_select (R rows, no waste).
+// The engine's slot sets are dense, so the window is taken unless it holds over twice the rows.
+// Either way each row's scores are masked past its own length and the result equals the per-row
+// attention up to float rounding.
+struct DecodeBatch {
+  at::Tensor slots, pos;  // (R) int64: each row's slot and the position its new token takes
+  bool window = true;
+  int64_t lo = 0, n = 0;   // window: slots [lo, lo + n); gather: n = R
+  int64_t max_k = 0;       // keys read per row
+  at::Tensor rows;         // window: index of each row within [lo, lo + n)
+  at::Tensor invisible;    // (n, max_k) bool: keys a row must not see
+};
+
+DecodeBatch decode_batch(const std::vector<int64_t>& slots, const std::vector<int64_t>& base, int64_t max_k,
+                         at::Device dev) {
+  const int64_t R = static_cast<int64_t>(slots.size());
+  DecodeBatch b;
+  const auto lo_hi = std::minmax_element(slots.begin(), slots.end());
+  const int64_t lo = *lo_hi.first, n = *lo_hi.second - lo + 1;
+  b.window = n <= 2 * R;
+  b.max_k = max_k;
+  auto opt = at::TensorOptions().dtype(at::kLong);
+  b.slots = at::tensor(slots, opt).to(dev);
+  b.pos = at::tensor(base, opt).to(dev);
+  std::vector<int64_t> lens;  // keys visible to each computed row
+  if (b.window) {
+    b.lo = lo;
+    b.n = n;
+    lens.assign(static_cast<size_t>(n), 1);  // rows of idle slots: key 0 only (never all masked: no NaN)
+    std::vector<int64_t> rows(static_cast<size_t>(R));
+    for (int64_t r = 0; r < R; ++r) {
+      rows[r] = slots[r] - lo;
+      lens[rows[r]] = base[r] + 1;
+    }
+    b.rows = at::tensor(rows, opt).to(dev);
+  } else {
+    b.n = R;
+    for (int64_t r = 0; r < R; ++r) lens.push_back(base[r] + 1);
+  }
+  b.invisible = at::arange(max_k, opt.device(dev)).unsqueeze(0) >= at::tensor(lens, opt).to(dev).unsqueeze(1);
+  return b;
+}
+
+// q (R, nh, D) of one decode step; K/V the layer's cache (S, nkv, T_max, D), the step's keys
+// already written. Returns (R, nh, D).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& K, const at::Tensor& V, const DecodeBatch& b) {
+  const int64_t R = q.size(0), nh = q.size(1), D = q.size(2), nkv = K.size(1), g = nh / nkv, n = b.n;
+  at::Tensor Kw, Vw, qw;
+  if (b.window) {
+    Kw = K.narrow(0, b.lo, n).narrow(2, 0, b.max_k);  // (n, nkv, max_k, D), a view
+    Vw = V.narrow(0, b.lo, n).narrow(2, 0, b.max_k);
+    qw = n == R ? q : at::zeros({n, nh, D}, q.options()).index_copy_(0, b.rows, q);
+  } else {
+    Kw = K.narrow(2, 0, b.max_k).index_select(0, b.slots);  // (R, nkv, max_k, D), a copy
+    Vw = V.narrow(2, 0, b.max_k).index_select(0, b.slots);
+    qw = q;
+  }
+  // Grouped-query attention as one bmm over (row, kv head): the g query heads of a kv head are
+  // the rows of one (g, D) x (D, max_k) product, so K/V are never expanded to nh heads.
+  auto Kf = Kw.reshape({n * nkv, b.max_k, D}), Vf = Vw.reshape({n * nkv, b.max_k, D});
+  auto scores = at::bmm(qw.reshape({n * nkv, g, D}), Kf.transpose(1, 2)) / std::sqrt(static_cast<double>(D));
+  scores = scores.to(at::kFloat).view({n, nkv, g, b.max_k})
+               .masked_fill(b.invisible.view({n, 1, 1, b.max_k}), -std::numeric_limits<float>::infinity());
+  auto p = at::softmax(scores, -1).to(q.scalar_type()).view({n * nkv, g, b.max_k});
+  auto out = at::bmm(p, Vf).view({n, nh, D});
+  return b.window && n != R ? out.index_select(0, b.rows) : out;
+}
+
+}  // namespace
+
 at::Tensor Qwen2Model::forward_cached(const at::Tensor& ids_in, const std::vector<int64_t>& slots,
                                       const std::vector<int64_t>& n_new, KVCache& cache,
                                       AttentionBackend backend) const {
@@ -632,11 +711,11 @@ at::Tensor Qwen2Model::forward_cached(const at::Tensor& ids_in, const std::vecto
   auto positions = at::tensor(base, at::kLong).to(dev).unsqueeze(1) + at::arange(T, ids.options()).unsqueeze(0);
   auto [cos, sin] = rope_cos_sin(c, positions);  // (R, T, D)
   const bool fused = use_fused(backend, embed_tokens_);
-  // Decode over a contiguous ascending run of slots reads the cache in place with one batched op.
-  bool contiguous = all_decode;
-  for (int64_t r = 1; r < R && contiguous; ++r) contiguous = slots[r] == slots[0] + r;
   int64_t max_k = 0;
   for (int64_t r = 0; r < R; ++r) max_k = std::max(max_k, base[r] + n_new[r]);
+  // Decode (one token per row) over any set of slots is one batched attention; see decode_attention.
+  DecodeBatch db;
+  if (all_decode) db = decode_batch(slots, base, max_k, dev);
 
   at::Tensor x = at::embedding(embed_tokens_, ids);  // (R, T, H)
   for (int64_t li = 0; li < c.num_hidden_layers; ++li) {
@@ -646,24 +725,17 @@ at::Tensor Qwen2Model::forward_cached(const at::Tensor& ids_in, const std::vecto
     auto k = apply_rope(at::linear(h, l.k_proj_w, l.k_proj_b).view({R, T, nkv, D}).transpose(1, 2), cos, sin);
     auto v = at::linear(h, l.v_proj_w, l.v_proj_b).view({R, T, nkv, D}).transpose(1, 2);
     auto K = cache.keys(li), V = cache.values(li);  // (S, nkv, T_max, D)
-    for (int64_t r = 0; r < R; ++r) {
-      K[slots[r]].narrow(1, base[r], n_new[r]).copy_(k[r].narrow(1, 0, n_new[r]));
-      V[slots[r]].narrow(1, base[r], n_new[r]).copy_(v[r].narrow(1, 0, n_new[r]));
-    }
-    at::Tensor a;  // (R, nh, T, D)
-    if (contiguous) {
-      auto Kr = K.narrow(0, slots[0], R).narrow(2, 0, max_k);  // (R, nkv, max_k, D)
-      auto Vr = V.narrow(0, slots[0], R).narrow(2, 0, max_k);
-      auto qg = q.reshape({R, nkv, nh / nkv, 1, D});
-      auto scores = at::matmul(qg, Kr.unsqueeze(2).transpose(-1, -2)) / std::sqrt(static_cast<double>(D));
-      // Key j of row r is visible when j < base[r] + 1: a (R, max_k) key mask, not (T, T).
-      auto lens = at::tensor(base, at::kLong).to(dev) + 1;
-      auto invisible = at::arange(max_k, ids.options()).unsqueeze(0) >= lens.unsqueeze(1);  // (R, max_k)
-      scores = scores.to(at::kFloat).masked_fill(invisible.view({R, 1, 1, 1, max_k}),
-                                                 -std::numeric_limits<float>::infinity());
-      auto p = at::softmax(scores, -1).to(q.scalar_type());
-      a = at::matmul(p, Vr.unsqueeze(2)).reshape({R, nh, 1, D});
+    at::Tensor a;                                   // (R, nh, T, D)
+    if (all_decode) {
+      // One scatter per layer: position base[r] of slot slots[r] gets row r's key / value.
+      K.index_put_({db.slots, torch::indexing::Slice(), db.pos}, k.select(2, 0));
+      V.index_put_({db.slots, torch::indexing::Slice(), db.pos}, v.select(2, 0));
+      a = decode_attention(q.select(2, 0), K, V, db).unsqueeze(2);
     } else {
+      for (int64_t r = 0; r < R; ++r) {
+        K[slots[r]].narrow(1, base[r], n_new[r]).copy_(k[r].narrow(1, 0, n_new[r]));
+        V[slots[r]].narrow(1, base[r], n_new[r]).copy_(v[r].narrow(1, 0, n_new[r]));
+      }
       std::vector<at::Tensor> rows;
       for (int64_t r = 0; r < R; ++r) {
         const int64_t lk = base[r] + n_new[r];

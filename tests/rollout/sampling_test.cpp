@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <limits>
 #include <set>
 
 #include "core/util/error.h"
@@ -40,6 +41,48 @@ TEST(Sampling, TopPKeepsTheSmallestNucleusReachingP) {
     apply_top_p_(x, {SamplingParams{1.0, p, 0}});
     EXPECT_EQ(kept(x).size(), n) << "top_p " << p;
   }
+}
+
+// The nucleus by sorting the whole row, in float64 (the definition apply_top_p_ must reproduce):
+// which columns are kept.
+at::Tensor full_sort_nucleus(const at::Tensor& x, double p) {
+  auto sorted = std::get<0>(x.sort(0, /*descending=*/true));
+  auto probs = torch::softmax(sorted.to(torch::kDouble), 0);
+  auto before = probs.cumsum(0) - probs;
+  const int64_t n_keep = std::max<int64_t>(1, (before < p).sum().item<int64_t>());
+  return x >= sorted[n_keep - 1];
+}
+
+TEST(Sampling, TopPOnPeakyAndFlatRowsEqualsTheFullSortNucleus) {
+  // Peaky rows have nuclei inside the top-k candidates apply_top_p_ sorts first; flat rows need
+  // thousands of tokens (the wider fallbacks). Mixed in one batch with rows that skip top-p.
+  torch::manual_seed(5);
+  const int64_t V = 20000;
+  std::vector<double> scale = {8.0, 4.0, 2.0, 0.5, 0.05, 6.0, 1.0, 3.0};
+  std::vector<double> ps = {0.9, 0.5, 0.99, 0.9, 0.3, 0.999, 0.7, 1.0};
+  std::vector<SamplingParams> params;
+  for (double p : ps) params.push_back({1.0, p, 0});
+  params.push_back({0.0, 0.5, 0});  // greedy: top-p does not apply
+  scale.push_back(1.0);
+  const int64_t R = static_cast<int64_t>(params.size());
+  auto x = torch::randn({R, V}) * torch::tensor(scale, torch::kFloat).unsqueeze(1);
+  x.narrow(1, V - 100, 100).fill_(-std::numeric_limits<float>::infinity());  // a vocabulary limit before
+  auto y = x.clone();
+  apply_top_p_(y, params);
+  int64_t widest = 0, narrowest = V;
+  for (int64_t r = 0; r < R; ++r) {
+    const bool on = !params[r].greedy() && params[r].top_p < 1.0;
+    auto want = on ? full_sort_nucleus(x[r], params[r].top_p) : torch::isfinite(x[r]);
+    EXPECT_TRUE(torch::equal(torch::isfinite(y[r]), want)) << "row " << r << ": kept " << torch::isfinite(y[r]).sum().item<int64_t>() << ", want " << want.sum().item<int64_t>();
+    EXPECT_TRUE(torch::equal(y[r].masked_select(want), x[r].masked_select(want))) << "row " << r;  // kept as they were
+    if (on) {
+      const int64_t n = want.sum().item<int64_t>();
+      widest = std::max(widest, n);
+      narrowest = std::min(narrowest, n);
+    }
+  }
+  EXPECT_LT(narrowest, 50);    // the first candidates cover it
+  EXPECT_GT(widest, 5000);     // beyond the first two candidate sizes: the full sort
 }
 
 TEST(Sampling, TemperatureLimitAndLogprobsOfTheFullSoftmax) {
