@@ -19,6 +19,10 @@
 #include <iostream>
 #include <memory>
 #include <thread>
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <mutex>
 
 #include "core/train/progress.h"
 #include "core/util/error.h"
@@ -325,6 +329,77 @@ void process_line(const Tokenizer& tok, const PrepareOptions& o, std::string_vie
   }
 }
 
+// Worker threads that live for the whole prepare and run one job per block. The tokenizer's word
+// cache is per thread: threads started anew for every block began each block with a cold cache.
+class WorkerPool {
+ public:
+  explicit WorkerPool(int n) {
+    for (int i = 0; i < n; ++i) threads_.emplace_back([this] { loop(); });
+  }
+  ~WorkerPool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    start_cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  WorkerPool(const WorkerPool&) = delete;
+  WorkerPool& operator=(const WorkerPool&) = delete;
+  // Every worker runs `job` once; `job` must outlive the matching wait().
+  void start(const std::function<void()>* job) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = job;
+      running_ = static_cast<int>(threads_.size());
+      ++generation_;
+    }
+    start_cv_.notify_all();
+  }
+  // Until every worker has finished the job; rethrows the first exception a job threw.
+  void wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [this] { return running_ == 0; });
+    if (error_) {
+      std::exception_ptr e = error_;
+      error_ = nullptr;
+      std::rethrow_exception(e);
+    }
+  }
+
+ private:
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void()>* job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        start_cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+        job = job_;
+      }
+      std::exception_ptr error;
+      try {
+        (*job)();
+      } catch (...) {
+        error = std::current_exception();
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      if (error && !error_) error_ = error;
+      if (--running_ == 0) done_cv_.notify_all();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable start_cv_, done_cv_;
+  const std::function<void()>* job_ = nullptr;
+  uint64_t generation_ = 0;
+  int running_ = 0;
+  bool stop_ = false;
+  std::exception_ptr error_;
+  std::vector<std::thread> threads_;
+};
+
 // A file written through a big buffer; fails loudly.
 class OutFile {
  public:
@@ -522,14 +597,19 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
 
   std::unique_ptr<Progress> progress;
   if (!o.quiet) progress = std::make_unique<Progress>("prepare", static_cast<int64_t>(res.input_bytes >> 20), "MiB");
-  std::vector<uint32_t> ids32;
 
   // Three blocks in flight: the main thread writes block k-1 and reads block k+1 while the workers
   // parse and tokenize block k, so no core waits on the (short) serial parts.
   struct Block {
     uint32_t src = 0;
-    std::vector<std::string> lines;
+    std::string text;                 // the block's lines back to back (capacity kept across blocks)
+    std::vector<size_t> line_end;     // line i is text[line_end[i-1] (or 0), line_end[i])
     std::vector<LineResult> results;
+    size_t size() const { return line_end.size(); }
+    std::string_view line(size_t i) const {
+      size_t b = i == 0 ? 0 : line_end[i - 1];
+      return std::string_view(text).substr(b, line_end[i] - b);
+    }
     uint64_t bytes_done = 0;  // input bytes read when the block was complete (progress)
   };
   uint32_t read_src = 0;
@@ -537,7 +617,8 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
   uint64_t bytes_before = 0;
   // Fills `b` with the next lines of one source file; false when every file is read.
   auto read_block = [&](Block* b) {
-    b->lines.clear();
+    b->text.clear();
+    b->line_end.clear();
     b->results.clear();
     while (read_src < files.size()) {
       if (!reader) reader = std::make_unique<LineReader>(files[read_src].path);
@@ -545,13 +626,14 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
       int64_t line_no;
       size_t block_bytes = 0;
       bool more = true;
-      while (static_cast<int64_t>(b->lines.size()) < o.block_lines && block_bytes < (64u << 20)) {
+      while (static_cast<int64_t>(b->size()) < o.block_lines && block_bytes < (64u << 20)) {
         if (!reader->next(&line, &line_no)) {
           more = false;
           break;
         }
         if (is_blank_line(line)) continue;
-        b->lines.emplace_back(line);
+        b->text.append(line);
+        b->line_end.push_back(b->text.size());
         block_bytes += line.size();
         b->results.emplace_back();
         b->results.back().line_no = line_no;
@@ -563,7 +645,7 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
         reader.reset();
         ++read_src;
       }
-      if (!b->lines.empty()) return true;
+      if (b->size() > 0) return true;
     }
     return false;
   };
@@ -618,8 +700,9 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
         e.meta_len = static_cast<uint32_t>(r.meta.size());
         meta_out->write(r.meta.data(), r.meta.size());
       }
-      ids32.assign(r.ids.begin(), r.ids.end());
-      tokens_out->write(ids32.data(), ids32.size() * sizeof(uint32_t));
+      // Ids are written as uint32: TokenId is int32 and ids are >= 0, so the bytes are the same.
+      static_assert(sizeof(TokenId) == sizeof(uint32_t), "token ids are 32-bit");
+      tokens_out->write(r.ids.data(), r.ids.size() * sizeof(uint32_t));
       mask_out->write(r.mask.data(), r.mask.size());
       shard_tokens.back() += r.ids.size();
       s.tokens += static_cast<int64_t>(r.ids.size());
@@ -646,6 +729,7 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
   };
 
   Block blocks[3];
+  WorkerPool pool(threads);
   Block* prev = nullptr;
   Block* cur = read_block(&blocks[0]) ? &blocks[0] : nullptr;
   int slot = 1;
@@ -658,10 +742,10 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
     auto work = [&] {
       for (;;) {
         size_t b = next_chunk.fetch_add(16);
-        if (b >= work_block->lines.size()) return;
-        for (size_t i = b; i < std::min(work_block->lines.size(), b + 16); ++i) {
+        if (b >= work_block->size()) return;
+        for (size_t i = b; i < std::min(work_block->size(), b + 16); ++i) {
           try {
-            process_line(tok, o, work_block->lines[i], file.weight, src, &work_block->results[i]);
+            process_line(tok, o, work_block->line(i), file.weight, src, &work_block->results[i]);
           } catch (const std::exception& e) {  // e.g. the chat template refusing a conversation
             work_block->results[i].bad = true;
             work_block->results[i].reason = e.what();
@@ -669,8 +753,8 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
         }
       }
     };
-    std::vector<std::thread> pool;
-    for (int t = 0; t < std::min<int>(threads, static_cast<int>((cur->lines.size() + 15) / 16)); ++t) pool.emplace_back(work);
+    const std::function<void()> job = work;
+    pool.start(&job);
     Block* next = &blocks[slot];
     slot = (slot + 1) % 3;
     bool have_next = false;
@@ -678,10 +762,13 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
       if (prev) write_block(prev);
       have_next = read_block(next);
     } catch (...) {
-      for (auto& t : pool) t.join();
+      try {
+        pool.wait();
+      } catch (...) {  // the main thread's error is the one to report
+      }
       throw;
     }
-    for (auto& t : pool) t.join();
+    pool.wait();
     prev = cur;
     cur = have_next ? next : nullptr;
   }

@@ -195,10 +195,19 @@ Rendered render(const Tokenizer& tok, const std::vector<Message>& messages, bool
   if (messages.empty())
     throw Error("chat: a conversation needs at least one message (the Qwen2.5 template reads messages[0])");
   Rendered r;
+  size_t total = im.default_system.size() + 64;
+  for (const auto& m : messages) total += m.content.size() + 32;
+  r.text.reserve(total);
   auto turn = [&](const std::string& role, const std::string& content) {
-    r.text += "<|im_start|>" + role + "\n";
+    r.text += "<|im_start|>";
+    r.text += role;
+    r.text += '\n';
     size_t b = r.text.size();
-    r.text += unicode::to_valid_utf8(content);
+    if (unicode::is_valid_utf8(content)) {
+      r.text += content;
+    } else {
+      r.text += unicode::to_valid_utf8(content);
+    }
     r.text += "<|im_end|>";
     if (role == "assistant") r.assistant.emplace_back(static_cast<uint32_t>(b), static_cast<uint32_t>(r.text.size()));
     r.text += "\n";
@@ -237,6 +246,8 @@ ChatEncoding Tokenizer::render_chat(const std::vector<Message>& messages, bool a
   Rendered r = render(*this, messages, add_generation_prompt);
   ChatEncoding out;
   std::vector<uint32_t> starts;
+  out.ids.reserve(r.text.size() / 3 + 4);
+  starts.reserve(r.text.size() / 3 + 4);
   impl_->encode_into(r.text, &out.ids, &starts);
   out.assistant_mask.assign(out.ids.size(), 0);
   // A token is masked in when it overlaps an assistant span, as HF's return_assistant_tokens_mask

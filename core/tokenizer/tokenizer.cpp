@@ -405,7 +405,7 @@ void Tokenizer::Impl::encode_plain(std::string_view piece, uint32_t base, std::v
       uint32_t at = base + static_cast<uint32_t>(b);
       for (size_t k = before; k < ids->size(); ++k) {
         starts->push_back(std::min(at, base + static_cast<uint32_t>(e - 1)));
-        at += static_cast<uint32_t>(bpe.id_bytes[static_cast<size_t>((*ids)[k])].size());
+        at += bpe.id_len[static_cast<size_t>((*ids)[k])];
       }
     }
   };
@@ -500,6 +500,8 @@ Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, std::string_view
   BpeModel& bpe = impl->bpe;
   bpe.id_bytes.resize(bpe.id_to_token.size());
   for (size_t id = 0; id < bpe.id_to_token.size(); ++id) bpe.id_bytes[id] = byte_level_bytes(bpe.id_to_token[id]);
+  bpe.id_len.resize(bpe.id_bytes.size());
+  for (size_t id = 0; id < bpe.id_bytes.size(); ++id) bpe.id_len[id] = static_cast<uint32_t>(bpe.id_bytes[id].size());
   for (auto& a : impl->added) a.bytes = byte_level_bytes(a.content);
   size_t max_id = bpe.id_to_token.size();
   for (const auto& a : impl->added) max_id = std::max(max_id, static_cast<size_t>(a.id) + 1);

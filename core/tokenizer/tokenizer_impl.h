@@ -41,6 +41,7 @@ struct BpeModel {
   absl::flat_hash_map<std::string, TokenId> vocab;  // vocabulary form ("Ġhello")
   std::vector<std::string> id_to_token;             // vocabulary form, "" for holes
   std::vector<std::string> id_bytes;                // the bytes a token decodes to
+  std::vector<uint32_t> id_len;                     // id_bytes[id].size(), packed (token offsets for masks)
   absl::flat_hash_map<uint64_t, uint64_t> merges;   // (left << 32 | right) -> (rank << 32 | merged id)
   TokenId byte_id[256];                             // id of each byte's alphabet character, or kNoToken
   TokenId unk = kNoToken;

@@ -1,0 +1,236 @@
+// prepare's output bytes pinned: fixed inputs in every format (sft messages / prompt-completion /
+// text, preference, rl; bad lines skipped, truncation, mixing weights, several shards and blocks) go
+// through prepare, and the SHA-256 of every file it writes must equal the value recorded with the
+// prepare of commit 03458f0 (before the throughput work of issue 8). With the byte-level tokenizer
+// always; with Qwen's tokenizer.json (real merges, NFC, CJK, long words) when it is present.
+// A change to any output byte fails here: if one is intended, bump kPrepareVersion and re-record.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <map>
+#include <string>
+
+#include "core/util/fs.h"
+#include "core/util/json.h"
+#include "datasets/byte_tokenizer.h"
+#include "datasets/prepare.h"
+#include "tests/support/test_util.h"
+
+namespace ptk::data {
+namespace {
+
+namespace fs = std::filesystem;
+
+// A fixed pseudo-random sequence (not std:: distributions, whose output may change between libraries).
+struct Lcg {
+  uint64_t s;
+  uint32_t next() {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<uint32_t>(s >> 33);
+  }
+  size_t pick(size_t n) { return next() % n; }
+};
+
+// JSON string literal of `s` (quotes and escapes).
+std::string q(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out + "\"";
+}
+
+const char* const kPieces[] = {
+    "Hello, world!",
+    "  two  spaces and a tab\there",
+    "\nleading newline",
+    "trailing newline\n",
+    "中文的句子，没有空格也可以分词。",
+    "日本語のテキストとカタカナ",
+    "emoji 🎉🚀 and symbols ©®™",
+    "e\xCC\x81 composed by NFC (e + U+0301), Cafe\xCC\x81",
+    "numbers 1234567890 3.14159 -42",
+    "code: for (int i = 0; i < n; ++i) { x += y[i]; }",
+    "supercalifragilisticexpialidocious_supercalifragilisticexpialidocious_and_more_letters",
+    "很长的中文词语没有任何标点符号所以整个一段都是一个预分词单元超过六十四个字节的长度",
+    "<|im_start|> inside content <|im_end|> stays text?",
+    "Ünïcödé àccents",
+    "",
+};
+
+std::string piece(Lcg& r) {
+  std::string s;
+  int n = 1 + static_cast<int>(r.pick(3));
+  for (int i = 0; i < n; ++i) s += kPieces[r.pick(sizeof(kPieces) / sizeof(kPieces[0]))];
+  return s.empty() ? "x" : s;
+}
+
+std::string message(const char* role, const std::string& content) {
+  return std::string("{\"role\":\"") + role + "\",\"content\":" + q(content) + "}";
+}
+
+// sft lines of every kind, some bad, some long.
+std::string sft_lines(uint64_t seed, int n) {
+  Lcg r{seed};
+  std::string out;
+  for (int i = 0; i < n; ++i) {
+    switch (i % 7) {
+      case 0:
+      case 1: {  // messages, optional system, 1-3 exchanges
+        std::string m = "[";
+        if (r.pick(2)) m += message("system", piece(r)) + ",";
+        int turns = 1 + static_cast<int>(r.pick(3));
+        for (int t = 0; t < turns; ++t) m += message("user", piece(r)) + "," + message("assistant", piece(r)) + (t + 1 < turns ? "," : "");
+        out += "{\"messages\":" + m + "]}\n";
+        break;
+      }
+      case 2: out += "{\"prompt\":" + q(piece(r)) + ",\"completion\":" + q(piece(r)) + "}\n"; break;
+      case 3:
+        out += "{\"prompt\":[" + message("user", piece(r)) + "],\"completion\":[" + message("assistant", piece(r)) + "]}\n";
+        break;
+      case 4: out += "{\"text\":" + q(piece(r)) + "}\n"; break;
+      case 5: {  // long: truncated at max_seq_len
+        std::string c;
+        for (int k = 0; k < 12; ++k) c += piece(r);
+        out += "{\"messages\":[" + message("user", piece(r)) + "," + message("assistant", c) + "]}\n";
+        break;
+      }
+      case 6:
+        if (i % 21 == 6) {
+          out += "{\"messages\":[{\"role\":\"bot\",\"content\":\"x\"}]}\n";  // bad: skipped
+        } else if (i % 21 == 13) {
+          out += "\n";  // blank: not counted
+        } else {
+          out += "{\"messages\":[" + message("user", piece(r)) + "," + message("assistant", piece(r)) + "]}\n";
+        }
+        break;
+    }
+  }
+  return out;
+}
+
+std::string preference_lines(uint64_t seed, int n) {
+  Lcg r{seed};
+  std::string out;
+  for (int i = 0; i < n; ++i) {
+    if (i % 2 == 0) {
+      out += "{\"prompt\":" + q(piece(r)) + ",\"chosen\":" + q(piece(r) + piece(r)) + ",\"rejected\":" + q(piece(r)) + "}\n";
+    } else {
+      out += "{\"prompt\":[" + message("system", piece(r)) + "," + message("user", piece(r)) + "],\"chosen\":[" +
+             message("assistant", piece(r)) + "],\"rejected\":[" + message("assistant", piece(r) + piece(r) + piece(r)) +
+             "]}\n";
+    }
+  }
+  return out;
+}
+
+std::string rl_lines(uint64_t seed, int n) {
+  Lcg r{seed};
+  std::string out;
+  for (int i = 0; i < n; ++i) {
+    std::string prompt = i % 2 ? "[" + message("user", piece(r)) + "]" : q(piece(r));
+    std::string answer = i % 3 ? std::to_string(r.pick(1000)) : q(piece(r));
+    out += "{\"prompt\":" + prompt + ",\"answer\":" + answer + ",\"id\":" + std::to_string(i) + ",\"tags\":[\"a\",1]}\n";
+  }
+  return out;
+}
+
+// SHA-256 per output file; the manifest as its path-free parts (counts, tokens, shards, files), and
+// skipped.txt with the input folder (a temporary path) replaced by "<in>".
+std::map<std::string, std::string> digest(const std::string& dir, const std::string& input_dir) {
+  std::map<std::string, std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    std::string name = e.path().filename().string();
+    if (name == "manifest.json") {
+      auto m = json::parse_file(e.path().string());
+      std::string s = json::to_string(m["counts"]) + json::to_string(m["tokens"]) + json::to_string(m["shards"]) +
+                      json::to_string(m["files"]);
+      out[name] = sha256_hex(s.data(), s.size());
+    } else if (name == "skipped.txt") {
+      std::string s = read_file(e.path().string());
+      for (size_t p = s.find(input_dir); p != std::string::npos; p = s.find(input_dir, p)) s.replace(p, input_dir.size(), "<in>");
+      out[name] = sha256_hex(s.data(), s.size());
+    } else {
+      out[name] = sha256_file(e.path().string());
+    }
+  }
+  return out;
+}
+
+// One hash over the per-file hashes, and the per-file list for the failure message.
+std::string combined(const std::map<std::string, std::string>& d, std::string* listing) {
+  std::string all;
+  for (const auto& [name, h] : d) all += name + ":" + h + "\n";
+  *listing = all;
+  return sha256_hex(all.data(), all.size());
+}
+
+struct Case {
+  const char* name;
+  Format format;
+  std::string text;
+  double weight;
+  int64_t max_seq_len;
+  const char* expected;  // combined hash recorded with commit 03458f0's prepare
+};
+
+void run_cases(const std::string& tokenizer, const char* chat_template, const std::vector<Case>& cases,
+               const test::TempDir& dir) {
+  for (const auto& c : cases) {
+    std::string in = dir.write(std::string(c.name) + ".jsonl", c.text);
+    std::string in2 = dir.write(std::string(c.name) + "-b.jsonl", c.text.substr(0, c.text.size() / 3 / 2 * 2));
+    PrepareOptions o;
+    o.format = c.format;
+    // Two sources: the second one's lines are a prefix of the first's, at a fractional weight.
+    o.sources = {{in, c.weight}, {in2, 0.5}};
+    o.tokenizer_path = tokenizer;
+    o.chat_template = chat_template;
+    o.max_seq_len = c.max_seq_len;
+    o.on_error = "skip";
+    o.seed = 7;
+    o.threads = 3;
+    o.block_lines = 13;       // many blocks
+    o.shard_tokens = 30000;   // several shards
+    o.quiet = true;
+    std::string out = dir.file(std::string("out-") + c.name);
+    prepare(o, out);
+    std::string listing;
+    EXPECT_EQ(combined(digest(out, dir.path()), &listing), c.expected) << c.name << ": output bytes changed; files:\n" << listing;
+  }
+}
+
+TEST(PrepareGolden, ByteTokenizerBytesUnchanged) {
+  test::TempDir dir;
+  tasks::write_byte_tokenizer(dir.file("tok"));
+  std::vector<Case> cases = {
+      {"sft", Format::kSft, sft_lines(1, 400), 2.0, 256, "2b1906e0d858746dbedc7af8db25dd2811bad83c95b8c8c4f022af20ee445d1f"},
+      {"preference", Format::kPreference, preference_lines(2, 200), 1.0, 200, "7f7d22c8daffa55e82b1356afd59665604fb8c749af7f44032bdfe655fe1f329"},
+      {"rl", Format::kRl, rl_lines(3, 200), 1.0, 120, "1c60ebc7ba73a7cb1b8f5c32105c97dd141d108c65743bf25feab92b2cec52e1"},
+  };
+  run_cases(dir.file("tok"), "chatml", cases, dir);
+}
+
+TEST(PrepareGolden, QwenTokenizerBytesUnchanged) {
+  std::string tok = test::source_dir() + "/assets/tokenizers/qwen";
+  if (!path_exists(tok + "/tokenizer.json"))
+    GTEST_SKIP() << "Qwen tokenizer.json not found in assets/tokenizers/qwen: run scripts/setup.sh";
+  test::TempDir dir;
+  std::vector<Case> cases = {
+      {"sft", Format::kSft, sft_lines(11, 600), 1.0, 128, "97c9aa86523c1ee0042032ca1dc485a58cdd38fc16c2647c3613998d758df11c"},
+      {"preference", Format::kPreference, preference_lines(12, 200), 1.0, 96, "c28176bf97c5c028b05956cf68401f648d653e659312db3b61f8aa3ac68b0cfa"},
+      {"rl", Format::kRl, rl_lines(13, 200), 1.0, 64, "2a937489ae77fc7a047c1577be279af1546c4b80d1f5c6a979d54dfd9e4bec87"},
+  };
+  run_cases(tok, "qwen2.5", cases, dir);
+}
+
+}  // namespace
+}  // namespace ptk::data
