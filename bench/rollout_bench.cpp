@@ -5,6 +5,8 @@
 //
 //   build-roll/bench/rollout_bench [--shape small|0.5b|both] [--prompts N] [--samples G] [--slots S]
 //                                  [--a-seconds X] [--threads T]
+//   build-roll/bench/rollout_bench --decode-attention [--shape small|0.5b] [--slots S] [--rows R] [--context C]
+//   build-roll/bench/rollout_bench --sampling [--rows R]
 //
 // Models are random (from a config), so outputs never stop on their own: each sample is capped at
 // its answer's length, which is what makes the work realistic. Sampling: temperature 1, full vocab.
@@ -272,6 +274,91 @@ void run_shape(const std::string& shape, const tokenizer::Tokenizer& tok, const 
               ours / static_tps, ours / no_cache_tps, 100 * ours / ideal);
 }
 
+// --decode-attention: one decode step's forward (no sampling) over R of S slots at context `ctx`,
+// the slots dense (0..R-1), every other one, or spread over the whole cache, with each layout of
+// forward_cached's decode attention forced (PTK_DECODE_ATTENTION): which measures faster.
+void decode_attention_bench(const std::string& shape, int64_t S, int64_t R, int64_t ctx) {
+  auto cfg = checkpoint::parse_config(shape_json(shape), shape + " config");
+  auto m = model::Qwen2Model::from_config(cfg, 1);
+  model::KVCache cache(m.config(), S, ctx + 1, at::kFloat, at::kCPU);
+  m.forward_cached(torch::randint(3, 1000, {1, ctx}, torch::kLong), {0}, {ctx}, cache);
+  std::vector<int64_t> rest;
+  for (int64_t s = 1; s < S; ++s) rest.push_back(s);
+  cache.copy_slot(0, rest);
+  std::vector<std::pair<std::string, std::vector<int64_t>>> sets(3);
+  sets[0].first = "dense";
+  sets[1].first = "every other";
+  sets[2].first = "spread";
+  for (int64_t r = 0; r < R; ++r) {
+    sets[0].second.push_back(r);
+    sets[1].second.push_back(std::min(2 * r, S - 1 - (R - 1 - r)));
+    sets[2].second.push_back(R > 1 ? r * (S - 1) / (R - 1) : 0);
+  }
+  std::printf("\n== decode attention, shape %s: %lld of %lld slots at context %lld (forward only, mean of 5 steps)\n",
+              shape.c_str(), (long long)R, (long long)S, (long long)ctx);
+  auto tok = torch::full({R, 1}, 42, torch::kLong);
+  for (const auto& [name, slots] : sets) {
+    for (const char* mode : {"window", "gather"}) {
+      setenv("PTK_DECODE_ATTENTION", mode, 1);
+      double total = 0;
+      for (int i = 0; i <= 5; ++i) {
+        auto t0 = Clock::now();
+        m.forward_cached(tok, slots, std::vector<int64_t>(R, 1), cache);
+        if (i > 0) total += since(t0);
+        for (int64_t s : slots) cache.set_length(s, ctx);
+      }
+      std::printf("  %-12s slots %lld..%lld  %-6s %8.2f ms/step\n", name.c_str(), (long long)slots.front(),
+                  (long long)slots.back(), mode, 1e3 * total / 5);
+      std::fflush(stdout);
+    }
+  }
+  unsetenv("PTK_DECODE_ATTENTION");
+}
+
+// --sampling: sample_rows (T = 1, no top-k / top-p: the short path) against the general chain it
+// replaces for such rows (temperature -> limit -> draw, composed from sampling.h), R rows of the
+// real vocabulary, same logits, same run; and a top-p 0.9 batch (candidates, then fallbacks).
+void sampling_bench(int64_t R, int64_t vocab) {
+  torch::manual_seed(1);
+  auto logits = torch::randn({R, 151936}) * 2;
+  std::vector<rollout::SamplingParams> ps(R, sampling()), pp(R, {1.0, 0.9, 0});
+  std::vector<double> u(R);
+  for (int64_t r = 0; r < R; ++r) u[r] = rollout::sample_uniform(3, r, 0);
+  auto time_it = [&](const char* name, auto&& f) {
+    double total = 0;
+    for (int i = 0; i <= 5; ++i) {
+      auto t0 = Clock::now();
+      f();
+      if (i > 0) total += since(t0);
+    }
+    std::printf("  %-44s %8.2f ms per batch of %lld rows\n", name, 1e3 * total / 5, (long long)R);
+    std::fflush(stdout);
+    return total / 5;
+  };
+  std::printf("\n== sampling, %lld rows x 151936 columns (vocab limit %lld), mean of 5\n", (long long)R, (long long)vocab);
+  const double fast = time_it("sample_rows, T 1 (short path)", [&] { rollout::sample_rows(logits, ps, u, vocab); });
+  const double chain = time_it("general chain, T 1 (the previous path)", [&] {
+    auto x = rollout::apply_temperature(logits, ps);
+    auto lse = at::logsumexp(x, 1);
+    rollout::limit_vocab_(x, vocab);
+    auto ids = rollout::draw(x, ps, u);
+    auto lp = x.gather(1, ids.unsqueeze(1)).squeeze(1) - lse;
+  });
+  std::printf("  short path / chain = %.2fx faster\n", chain / fast);
+  time_it("sample_rows, T 1, top_p 0.9 (flat rows: fallbacks)", [&] { rollout::sample_rows(logits, pp, u, vocab); });
+  auto peaky = logits * 4;
+  time_it("sample_rows, T 1, top_p 0.9 (peaky rows: candidates)", [&] { rollout::sample_rows(peaky, pp, u, vocab); });
+  time_it("full sort top_p 0.9 (peaky rows; the previous path)", [&] {
+    auto sorted = std::get<0>(peaky.sort(1, true));
+    auto probs = at::softmax(sorted, 1);
+    auto before = probs.cumsum(1) - probs;
+    auto n_keep = (before < 0.9).sum(1, true).clamp_min(1);
+    auto thr = sorted.gather(1, n_keep - 1);
+    auto x = peaky.clone();
+    x.masked_fill_(x < thr, -INFINITY);
+  });
+}
+
 std::string arg(int argc, char** argv, const std::string& name, const std::string& def) {
   for (int i = 1; i + 1 < argc; ++i)
     if (argv[i] == "--" + name) return argv[i + 1];
@@ -303,6 +390,18 @@ int main(int argc, char** argv) {
   lo.chat_template = tokenizer::ChatTemplate::kQwen25;  // Qwen2.5's ChatML with its default system prompt
   auto tok = tokenizer::Tokenizer::load(tj, lo);
   const std::string shape = arg(argc, argv, "shape", "both");
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--sampling") {
+      sampling_bench(std::stoll(arg(argc, argv, "rows", "64")), static_cast<int64_t>(tok.vocab_size()));
+      return 0;
+    }
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--decode-attention") {
+      const std::string sh = shape == "both" ? "0.5b" : shape;
+      decode_attention_bench(sh, std::stoll(arg(argc, argv, "slots", "64")), std::stoll(arg(argc, argv, "rows", "32")),
+                             std::stoll(arg(argc, argv, "context", "300")));
+      return 0;
+    }
   const double a_budget = std::stod(arg(argc, argv, "a-seconds", "30"));
   if (shape == "small" || shape == "both")
     run_shape("small", tok, gsm8k, std::stoll(arg(argc, argv, "prompts", "64")), std::stoll(arg(argc, argv, "samples", "8")),

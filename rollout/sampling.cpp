@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -166,12 +167,102 @@ at::Tensor draw(const at::Tensor& x, const std::vector<SamplingParams>& params, 
   return at::where(at::tensor(g, at::kByte).to(x.device(), at::kBool), argmax, picked);
 }
 
-Drawn sample_rows(const at::Tensor& logits, const std::vector<SamplingParams>& params,
-                  const std::vector<double>& uniforms, int64_t vocab_limit) {
-  PTK_CHECK(logits.dim() == 2 && static_cast<int64_t>(params.size()) == logits.size(0) &&
-                uniforms.size() == params.size(),
-            "sample_rows: logits (R, V) with one SamplingParams and one uniform per row");
-  at::NoGradGuard no_grad;
+namespace {
+
+// Rows drawn without the top-k / top-p filters (greedy rows too): what the general chain computes,
+// in fewer passes over the (R, V) logits and without copying them: y = logits / T, one max, one
+// exp, one sum (the full softmax's normaliser), then the inverse CDF over the first vocab_limit
+// columns of the same exp(y - max) weights (proportional to the limited softmax). A row whose
+// allowed columns all underflow there (their max over 60 nats below the row's) is listed in
+// `redo` for the general chain, which takes its max over the allowed columns only.
+Drawn sample_plain(const at::Tensor& logits, const std::vector<SamplingParams>& params,
+                   const std::vector<double>& uniforms, int64_t vocab_limit, std::vector<int64_t>* redo) {
+  const int64_t R = logits.size(0), V = logits.size(1);
+  const int64_t lim = vocab_limit > 0 && vocab_limit < V ? vocab_limit : V;
+  auto dev = logits.device();
+  std::vector<float> inv(R);
+  bool all_one = true, any_greedy = false, all_greedy = true;
+  for (int64_t r = 0; r < R; ++r) {
+    inv[r] = params[r].greedy() ? 1.0f : static_cast<float>(1.0 / params[r].temperature);
+    all_one = all_one && inv[r] == 1.0f;
+    any_greedy = any_greedy || params[r].greedy();
+    all_greedy = all_greedy && params[r].greedy();
+  }
+  auto y = logits.to(at::kFloat);  // no copy for float32 logits: y is only read
+  if (!all_one) y = y * at::tensor(inv, at::kFloat).to(dev).unsqueeze(1);
+  auto m = std::get<0>(y.max(1, /*keepdim=*/true));                         // (R, 1)
+  auto w = (y - m).exp_();                                                  // (R, V)
+  auto lse = w.sum(1).log_() + m.squeeze(1);                                // (R)
+  auto argmax = any_greedy ? y.narrow(1, 0, lim).argmax(1) : at::Tensor();  // (R)
+  at::Tensor ids;
+  if (all_greedy) {
+    ids = argmax;
+  } else if (dev.is_cpu()) {
+    // Inverse CDF by a scan: the first column whose running mass (in double) reaches u * the
+    // allowed mass; block sums skip ahead to the block where it crosses.
+    auto sum4 = [](const float* p, int64_t n) {
+      double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      int64_t j = 0;
+      for (; j + 4 <= n; j += 4) a0 += p[j], a1 += p[j + 1], a2 += p[j + 2], a3 += p[j + 3];
+      for (; j < n; ++j) a0 += p[j];
+      return (a0 + a1) + (a2 + a3);
+    };
+    constexpr int64_t kBlock = 256;
+    auto wc = w.contiguous();
+    const float* wp = wc.data_ptr<float>();
+    const int64_t* ap = any_greedy ? argmax.data_ptr<int64_t>() : nullptr;
+    std::vector<int64_t> picked(R, 0);
+    for (int64_t r = 0; r < R; ++r) {
+      if (params[r].greedy()) {
+        picked[r] = ap[r];
+        continue;
+      }
+      const float* row = wp + r * V;
+      const double total = sum4(row, lim);
+      if (!(total > 1e-26)) {
+        redo->push_back(r);
+        continue;
+      }
+      const double target = uniforms[r] * total;
+      double acc = 0;
+      int64_t j = 0;
+      for (; j + kBlock <= lim; j += kBlock) {
+        const double b = sum4(row + j, kBlock);
+        if (acc + b >= target) break;
+        acc += b;
+      }
+      for (; j < lim - 1; ++j) {
+        acc += row[j];
+        if (acc >= target) break;
+      }
+      picked[r] = j;
+    }
+    ids = at::tensor(picked, at::kLong);
+  } else {
+    auto cdf = w.narrow(1, 0, lim).cumsum(1);
+    auto last = cdf.narrow(1, lim - 1, 1);  // (R, 1)
+    std::vector<float> u(uniforms.begin(), uniforms.end());
+    auto target = at::tensor(u, at::kFloat).to(dev).unsqueeze(1) * last;
+    ids = at::searchsorted(cdf, target).squeeze(1).clamp_max(lim - 1);
+    if (any_greedy) {
+      std::vector<uint8_t> g(R);
+      for (int64_t r = 0; r < R; ++r) g[r] = params[r].greedy();
+      ids = at::where(at::tensor(g, at::kByte).to(dev, at::kBool), argmax, ids);
+    }
+    auto small = (last.squeeze(1) <= 1e-26).to(at::kCPU).contiguous();
+    const bool* sp = small.data_ptr<bool>();
+    for (int64_t r = 0; r < R; ++r)
+      if (sp[r] && !params[r].greedy()) redo->push_back(r);
+  }
+  Drawn d;
+  d.ids = ids;
+  d.logprobs = y.gather(1, ids.unsqueeze(1)).squeeze(1) - lse;
+  return d;
+}
+
+// The general chain: temperature -> vocabulary limit -> top-k -> top-p -> draw.
+Drawn sample_chain(const at::Tensor& logits, const std::vector<SamplingParams>& params,
+                   const std::vector<double>& uniforms, int64_t vocab_limit) {
   auto x = apply_temperature(logits, params);  // (R, V) float32, our own copy
   auto lse = at::logsumexp(x, 1);              // (R): normaliser of the full softmax, before any filter
   limit_vocab_(x, vocab_limit);
@@ -181,6 +272,62 @@ Drawn sample_rows(const at::Tensor& logits, const std::vector<SamplingParams>& p
   d.ids = draw(x, params, uniforms);
   // The chosen column is never filtered out, so x still holds its scaled logit.
   d.logprobs = x.gather(1, d.ids.unsqueeze(1)).squeeze(1) - lse;
+  return d;
+}
+
+// Rows `rows` of the batch through `f`, written into `out` at those rows.
+template <class F>
+void run_rows(const at::Tensor& logits, const std::vector<SamplingParams>& params, const std::vector<double>& uniforms,
+              const std::vector<int64_t>& rows, Drawn& out, F&& f) {
+  if (rows.empty()) return;
+  const int64_t R = logits.size(0);
+  if (static_cast<int64_t>(rows.size()) == R) {
+    out = f(logits, params, uniforms);
+    return;
+  }
+  std::vector<SamplingParams> p;
+  std::vector<double> u;
+  for (int64_t r : rows) {
+    p.push_back(params[r]);
+    u.push_back(uniforms[r]);
+  }
+  auto idx = at::tensor(rows, at::kLong).to(logits.device());
+  Drawn d = f(logits.index_select(0, idx), p, u);
+  if (!out.ids.defined()) {
+    out.ids = at::zeros({R}, d.ids.options());
+    out.logprobs = at::zeros({R}, d.logprobs.options());
+  }
+  out.ids.index_copy_(0, idx.to(out.ids.device()), d.ids.to(out.ids.device()));
+  out.logprobs.index_copy_(0, idx.to(out.logprobs.device()), d.logprobs);
+}
+
+}  // namespace
+
+Drawn sample_rows(const at::Tensor& logits, const std::vector<SamplingParams>& params,
+                  const std::vector<double>& uniforms, int64_t vocab_limit) {
+  PTK_CHECK(logits.dim() == 2 && static_cast<int64_t>(params.size()) == logits.size(0) &&
+                uniforms.size() == params.size(),
+            "sample_rows: logits (R, V) with one SamplingParams and one uniform per row");
+  at::NoGradGuard no_grad;
+  // Which path a row takes depends on its own parameters (and, for the rare redo, its own logits),
+  // never on the other rows: a row's draw is the same in any batch.
+  std::vector<int64_t> plain, filtered, redo;
+  for (int64_t r = 0; r < static_cast<int64_t>(params.size()); ++r) {
+    const auto& p = params[r];
+    (p.greedy() || (p.top_k == 0 && p.top_p >= 1.0) ? plain : filtered).push_back(r);
+  }
+  Drawn d;
+  run_rows(logits, params, uniforms, plain, d, [&](const at::Tensor& l, const auto& p, const auto& u) {
+    std::vector<int64_t> local;
+    Drawn x = sample_plain(l, p, u, vocab_limit, &local);
+    for (int64_t i : local) redo.push_back(plain[i]);
+    return x;
+  });
+  for (int64_t r : redo) filtered.push_back(r);
+  std::sort(filtered.begin(), filtered.end());
+  run_rows(logits, params, uniforms, filtered, d, [&](const at::Tensor& l, const auto& p, const auto& u) {
+    return sample_chain(l, p, u, vocab_limit);
+  });
   return d;
 }
 

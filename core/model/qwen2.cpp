@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <set>
 
 #include "core/model/kv_cache.h"
@@ -612,7 +613,9 @@ namespace {
 //    that range not in the batch compute a throwaway row (their queries are zero, they see key 0).
 //    Cheap when the busy slots fill most of their range (continuous batching keeps them dense).
 //  - gather: the rows' K/V windows [0, max_k) are copied out with index_select (R rows, no waste).
-// The engine's slot sets are dense, so the window is taken unless it holds over twice the rows.
+// The window costs ~n rows of attention, the gather ~2R (copy, then read), so the window is taken
+// unless it holds over twice the rows (the engine's slot sets are dense). PTK_DECODE_ATTENTION=
+// window|gather forces one (rollout_bench --decode-attention compares them).
 // Either way each row's scores are masked past its own length and the result equals the per-row
 // attention up to float rounding.
 struct DecodeBatch {
@@ -630,7 +633,10 @@ DecodeBatch decode_batch(const std::vector<int64_t>& slots, const std::vector<in
   DecodeBatch b;
   const auto lo_hi = std::minmax_element(slots.begin(), slots.end());
   const int64_t lo = *lo_hi.first, n = *lo_hi.second - lo + 1;
-  b.window = n <= 2 * R;
+  const char* force = std::getenv("PTK_DECODE_ATTENTION");
+  b.window = force && std::string(force) == "window" ? true
+             : force && std::string(force) == "gather" ? false
+                                                      : n <= 2 * R;
   b.max_k = max_k;
   auto opt = at::TensorOptions().dtype(at::kLong);
   b.slots = at::tensor(slots, opt).to(dev);

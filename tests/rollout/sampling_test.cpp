@@ -97,6 +97,32 @@ TEST(Sampling, TemperatureLimitAndLogprobsOfTheFullSoftmax) {
   EXPECT_NEAR(d.logprobs[1].item<float>(), torch::log_softmax(logits[1] / 2.0, 0)[0].item<float>(), 1e-6);
 }
 
+TEST(Sampling, UnfilteredRowsDrawWhatTheGeneralChainDraws) {
+  // sample_rows takes a shorter path for rows without top-k / top-p; it must draw the ids and give
+  // the log-probs that the chain temperature -> limit -> draw gives, for sampled and greedy rows,
+  // and for a row whose allowed columns sit far below its excluded ones (that row redone).
+  torch::manual_seed(9);
+  const int64_t R = 40, V = 3000, lim = 2900;
+  auto x = torch::randn({R, V}) * 3;
+  x[7].narrow(0, lim, V - lim).fill_(150.0);  // allowed columns underflow relative to the row's max
+  std::vector<SamplingParams> ps;
+  std::vector<double> u;
+  for (int64_t r = 0; r < R; ++r) {
+    ps.push_back({r % 5 == 3 ? 0.0 : 0.5 + 0.1 * (r % 7), 1.0, 0});
+    u.push_back(sample_uniform(11, r, 0));
+  }
+  auto d = sample_rows(x, ps, u, lim);
+  auto ref = apply_temperature(x, ps);
+  auto lse = torch::logsumexp(ref, 1);
+  limit_vocab_(ref, lim);
+  auto ids = draw(ref, ps, u);
+  auto lp = ref.gather(1, ids.unsqueeze(1)).squeeze(1) - lse;
+  EXPECT_TRUE(torch::equal(d.ids, ids)) << d.ids << ids;
+  EXPECT_TRUE(torch::allclose(d.logprobs, lp, 1e-5, 1e-5)) << (d.logprobs - lp).abs().max();
+  EXPECT_LT(d.ids[7].item<int64_t>(), lim);
+  EXPECT_TRUE(std::isfinite(d.logprobs[7].item<float>()));
+}
+
 TEST(Sampling, DrawIsTheInverseCdf) {
   // CDF 0.5, 0.8, 0.95, 1.0: u in (0, 0.5] -> 0, (0.5, 0.8] -> 1, (0.8, 0.95] -> 2, else 3.
   std::vector<std::pair<double, int64_t>> cases = {{0.01, 0}, {0.49, 0}, {0.51, 1}, {0.79, 1}, {0.81, 2}, {0.96, 3}};
