@@ -52,7 +52,7 @@ std::pair<at::Tensor, at::Tensor> pad_rows(const std::vector<std::vector<int64_t
 }
 
 at::Tensor score_rows(const model::Qwen2Model& model, const at::Tensor& ids, const at::Tensor& lengths,
-                      int64_t pad_id) {
+                      int64_t pad_id, bool checkpointed) {
   const int64_t T = ids.size(1);
   at::Tensor pos = torch::arange(T, torch::kInt64).unsqueeze(0);  // (1, T)
   model::ForwardInput in;
@@ -60,6 +60,7 @@ at::Tensor score_rows(const model::Qwen2Model& model, const at::Tensor& ids, con
   in.attention_mask = pos.lt(lengths.unsqueeze(1)).to(torch::kInt64);  // (R, T)
   model::ForwardOptions fo;
   fo.logits = false;
+  fo.activation_checkpointing = checkpointed;
   auto out = model.forward(in, fo);
   // transformers' Qwen2ForSequenceClassification pooling: argmax of t * 1[id != pad] (the
   // rightmost non-pad token; with pad == eos that is the token before an appended EOS).
@@ -233,7 +234,7 @@ class RmStage : public train::Stage {
 
  private:
   std::pair<at::Tensor, at::Tensor> scores(const Batch& b) const {
-    at::Tensor s = score_rows(model_, b.ids, b.lengths, pad_id_);  // (2P)
+    at::Tensor s = score_rows(model_, b.ids, b.lengths, pad_id_, r_.model.activation_checkpointing);  // (2P)
     return {s.narrow(0, 0, b.pairs), s.narrow(0, b.pairs, b.pairs)};
   }
 

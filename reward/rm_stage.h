@@ -42,8 +42,9 @@ struct RmRecipe : config::TrainingRecipe {
 // Scores of token rows as TRL/transformers pool them: the model's score head at each row's
 // rightmost token whose id is not `pad_id`. ids (R, T) int64 right-padded with pad_id, lengths (R)
 // real tokens per row (attention). Returns (R) float, differentiable. Thread-safe as model.forward.
+// `checkpointed`: recompute each decoder layer in backward (model.activation_checkpointing).
 at::Tensor score_rows(const model::Qwen2Model& model, const at::Tensor& ids, const at::Tensor& lengths,
-                      int64_t pad_id);
+                      int64_t pad_id, bool checkpointed = false);
 
 // Right-pads token lists into (R, T) ids (pad_id) and (R) lengths.
 std::pair<at::Tensor, at::Tensor> pad_rows(const std::vector<std::vector<int64_t>>& rows, int64_t pad_id);

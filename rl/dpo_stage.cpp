@@ -51,9 +51,11 @@ void DpoSection::visit(config::Visitor& v) {
         "(TRL's default; keeps a second model in memory)");
   v.opt(precompute_ref_batch_size, "precompute_ref_batch_size", 8, "pairs per forward of the reference pass");
   v.opt(eval_micro_batch_size, "eval_micro_batch_size", 8, "pairs per forward for the eval metrics (data.eval)");
+  heldout.visit(v);
 }
 
 void DpoSection::validate(config::Errors& e) const {
+  heldout.validate(e, "dpo");
   auto prefixed = [&](const std::vector<std::string>& errors) {
     for (auto& m : errors) e.add("dpo." + m);
   };
@@ -138,13 +140,14 @@ PairBatch make_pair_batch(const std::vector<data::PairView>& pairs, std::vector<
 }
 
 SequenceScores sequence_scores(const model::Qwen2Model& m, const PairBatch& b, std::optional<double> ld_alpha,
-                               bool cpo_logits) {
+                               bool cpo_logits, bool checkpointed) {
   const int64_t R = b.ids.size(0), T = b.ids.size(1), P = R / 2;
   model::ForwardInput in;
   in.input_ids = b.ids;
   in.attention_mask = b.attention_mask;
   model::ForwardOptions fo;
   fo.logits = false;  // the fused op projects only the completion targets
+  fo.activation_checkpointing = checkpointed;
   at::Tensor h = m.forward(in, fo).hidden;  // (R, T, H)
   const int64_t H = h.size(2);
   at::Tensor flat_h = h.reshape({R * T, H});                        // (R·T, H)
@@ -254,6 +257,7 @@ struct DpoStage::Impl {
   bool ref_ready = false;
   std::string ref_cache;
   double flops_per_token = 0;
+  eval::Heldout heldout;
 
   Impl(DpoRecipe& recipe, const std::string& dir, dist::Comm group) : r(recipe), run_dir(dir), comm(std::move(group)) {
     rank = comm.rank();
@@ -262,8 +266,10 @@ struct DpoStage::Impl {
     if (tok_path.empty())
       throw Error("no tokenizer: set tokenizer.path (a folder with tokenizer.json, or the file) or model.path");
     tok_dir = path_exists(tok_path + "/tokenizer.json") ? tok_path : parent_dir(tok_path);
-    auto tok = tokenizer::Tokenizer::load(tok_path);
+    auto tok_ptr = std::make_shared<const tokenizer::Tokenizer>(tokenizer::Tokenizer::load(tok_path));
+    const auto& tok = *tok_ptr;
     pad_id = tok.pad_id() >= 0 ? tok.pad_id() : tok.eos_id();
+    heldout = eval::Heldout(r.dpo.heldout, tok_ptr);
     // Policy.
     if (!r.model.path.empty()) {
       policy = model::Qwen2Model::from_pretrained(r.model.path);
@@ -415,7 +421,7 @@ struct DpoStage::Impl {
 
   Computed compute(const PairBatch& b, bool is_eval) {
     const bool cpo = r.dpo.is_cpo();
-    SequenceScores sc = sequence_scores(policy, b, cpo ? std::nullopt : r.dpo.ld(), cpo);
+    SequenceScores sc = sequence_scores(policy, b, cpo ? std::nullopt : r.dpo.ld(), cpo, r.model.activation_checkpointing);
     const int64_t P = static_cast<int64_t>(b.rows.size());
     at::Tensor pc = sc.logps.slice(0, 0, P), pr = sc.logps.slice(0, P);  // (P) each
     at::Tensor nc = b.completion_tokens.slice(0, 0, P), nr = b.completion_tokens.slice(0, P);
@@ -479,8 +485,13 @@ train::LossOut DpoStage::loss(const train::MicroBatch& mb, double step_targets) 
 }
 
 void DpoStage::evaluate(Metrics* out) {
-  if (!impl_->eval) return;
   torch::NoGradGuard ng;
+  evaluate_pairs(out);
+  impl_->heldout.run(impl_->policy, out, &impl_->comm);  // dpo.eval_prompts: accuracy, completions/mean_length
+}
+
+void DpoStage::evaluate_pairs(Metrics* out) {
+  if (!impl_->eval) return;
   const data::PreparedSet& set = *impl_->eval;
   const int64_t rows = set.num_rows(), bs = impl_->r.dpo.eval_micro_batch_size;
   // TRL's eval metrics: each batch's values, then their plain mean over batches.
@@ -535,8 +546,16 @@ std::string run_dpo(DpoRecipe& r, const std::string& recipe_file, const std::str
                                           " reference log-probs";
   log::info(what + ": " + std::to_string(trainer.total_steps()) + " optimizer steps of " +
             std::to_string(r.train.micro_batch_size * r.train.grad_accum) + " pairs; run folder " + run_dir);
+  {
+    torch::NoGradGuard ng;
+    stage.heldout_at_start(train::is_fresh_run(r, run_dir));
+  }
   trainer.run();
   return run_dir;
+}
+
+void DpoStage::heldout_at_start(bool fresh) {
+  impl_->heldout.run_at_start(impl_->policy, &impl_->comm, fresh, impl_->run_dir, "dpo");
 }
 
 }  // namespace ptk::rl

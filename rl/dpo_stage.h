@@ -24,6 +24,7 @@
 #include "core/train/trainer.h"    // Stage
 #include "datasets/loader.h"       // PairView, PreparedSet, Loader
 #include "rl/dpo_loss.h"           // DpoLossOptions, CpoLossOptions
+#include "rollout/eval.h"          // HeldoutOptions
 
 namespace ptk::rl {
 
@@ -36,6 +37,7 @@ struct DpoSection : config::Section {
   std::string ref_path;
   bool precompute_ref_log_probs;
   int64_t precompute_ref_batch_size, eval_micro_batch_size;
+  eval::HeldoutOptions heldout;  // dpo.eval_prompts, eval_verifier, ...: held-out accuracy
   const char* name() const override { return "dpo"; }
   const char* help() const override { return "offline RL: DPO against a frozen reference, or SimPO/CPO without one"; }
   void visit(config::Visitor& v) override;
@@ -78,8 +80,9 @@ struct SequenceScores {
   // CPO: the mean over every chosen (rejected) row position, padding included, with count 1.
   double logits_chosen = 0, logits_chosen_count = 0, logits_rejected = 0, logits_rejected_count = 0;
 };
+// `checkpointed`: recompute each decoder layer in backward (model.activation_checkpointing).
 SequenceScores sequence_scores(const model::Qwen2Model& model, const PairBatch& batch,
-                               std::optional<double> ld_alpha, bool cpo_logits = false);
+                               std::optional<double> ld_alpha, bool cpo_logits = false, bool checkpointed = false);
 
 // Reference log-probs of every row of `set`: (rows, 2) float32 [s_ref(y⁺), s_ref(y⁻)], batches of
 // `batch_size` pairs in stored order, no gradient.
@@ -101,7 +104,12 @@ class DpoStage : public train::Stage {
   std::string cursor_json() const override;
   void restore_cursor(const std::string& json) override;
   train::LossOut loss(const train::MicroBatch& mb, double step_targets) override;
+  // data.eval pair metrics (TRL's names) plus, with dpo.eval_prompts, held-out accuracy.
   void evaluate(Metrics* out) override;
+  void evaluate_pairs(Metrics* out);
+  // Held-out accuracy before the first step of a fresh run (dpo.eval_at_start), logged and written
+  // to run_dir/eval_start.json.
+  void heldout_at_start(bool fresh);
   void save_model(const std::string& dir) override;
   double flops_per_token() const override;
 

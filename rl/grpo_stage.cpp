@@ -723,6 +723,7 @@ struct GrpoStage::Impl {
     in.attention_mask = s.attention_mask;
     model::ForwardOptions fo;
     fo.logits = false;
+    fo.activation_checkpointing = r.model.activation_checkpointing;  // only where gradients are taken
     auto out = m.forward(in, fo);
     const int64_t B = s.input_ids.size(0), Tc = s.completion_ids.size(1);
     auto h = out.hidden.reshape({-1, out.hidden.size(-1)}).index_select(0, s.gather_src);  // (N, H)
@@ -986,8 +987,7 @@ std::string run_grpo(GrpoRecipe& r, const std::string& recipe_file, const std::s
               std::to_string(r.train.micro_batch_size * r.train.grad_accum / r.grpo.num_generations) + " prompts x " +
               std::to_string(r.grpo.num_generations) + " samples per rank, trained for " +
               std::to_string(r.grpo.num_iterations) + " step(s); run folder " + run_dir);
-  const bool fresh = r.root.resume == "never" ||
-                     (r.root.resume == "auto" && CheckpointDir(run_dir + "/checkpoints", r.checkpoint.keep_last).latest().empty());
+  const bool fresh = train::is_fresh_run(r, run_dir);
   if (r.grpo.eval_at_start && fresh && !r.data.eval.empty()) {
     Metrics m;
     auto t0 = Clock::now();

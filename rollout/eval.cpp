@@ -7,7 +7,12 @@
 
 #include <chrono>
 
+#include "core/config/options.h"
+#include "core/dist/comm.h"
 #include "core/model/qwen2.h"
+#include "core/runtime/log.h"
+#include "core/train/metrics.h"
+#include "core/util/fs.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/error.h"
 #include "datasets/records.h"
@@ -188,6 +193,72 @@ std::string result_json(const EvalResult& r, const std::string& model_dir, const
   w.EndArray();
   w.EndObject();
   return std::string(buf.GetString(), buf.GetSize()) + "\n";
+}
+
+void HeldoutOptions::visit(config::Visitor& v) {
+  v.opt(prompts, "eval_prompts", "",
+        "RL-format JSONL ({\"prompt\", \"answer\"}) for held-out accuracy at every eval (greedy, through "
+        "ptk eval's code); empty = none");
+  v.opt(verifier, "eval_verifier", "math", "verifier whose mean on eval_prompts is eval/accuracy");
+  v.opt(max_new_tokens, "eval_max_new_tokens", 128, "generation budget per held-out prompt");
+  v.opt(max_prompts, "eval_max_prompts", 0, "first N held-out prompts; 0 = all");
+  v.opt(at_start, "eval_at_start", true, "with eval_prompts: also measure before the first step (fresh runs)");
+}
+
+void HeldoutOptions::validate(config::Errors& e, const std::string& section) const {
+  if (max_new_tokens < 1) e.add(section + ".eval_max_new_tokens must be >= 1");
+  if (max_prompts < 0) e.add(section + ".eval_max_prompts must be >= 0");
+  try {
+    reward::find_verifier(verifier);
+  } catch (const Error& ex) {
+    e.add(section + ".eval_verifier: " + ex.what());
+  }
+}
+
+Heldout::Heldout(const HeldoutOptions& options, std::shared_ptr<const tokenizer::Tokenizer> tok)
+    : options_(options), tok_(std::move(tok)) {
+  if (options_.prompts.empty()) return;
+  prompts_ = read_eval_prompts(options_.prompts, *tok_, options_.max_prompts);
+}
+
+void Heldout::run(const model::Qwen2Model& model, Metrics* out, dist::Comm* comm) const {
+  if (!enabled()) return;
+  const int rank = comm ? comm->rank() : 0, world = comm ? comm->world_size() : 1;
+  std::vector<EvalPrompt> mine;
+  for (size_t i = static_cast<size_t>(rank); i < prompts_.size(); i += static_cast<size_t>(world))
+    mine.push_back(prompts_[i]);
+  double sums[3] = {0, 0, 0};  // correct, generated tokens, samples
+  if (!mine.empty()) {
+    EvalOptions eo;
+    eo.verifier = options_.verifier;
+    eo.max_new_tokens = options_.max_new_tokens;
+    auto r = evaluate(model, *tok_, mine, eo);
+    sums[0] = r.accuracy * static_cast<double>(r.samples);
+    sums[1] = r.mean_length * static_cast<double>(r.samples);
+    sums[2] = static_cast<double>(r.samples);
+  }
+  if (world > 1)
+    for (double& x : sums) x = comm->all_reduce(x, dist::ReduceOp::kSum);
+  if (sums[2] == 0) return;
+  out->add("accuracy", sums[0] / sums[2]).add("completions/mean_length", sums[1] / sums[2]);
+}
+
+void Heldout::run_at_start(const model::Qwen2Model& model, dist::Comm* comm, bool fresh, const std::string& run_dir,
+                           const std::string& stage) const {
+  if (!enabled() || !options_.at_start || !fresh) return;
+  auto t0 = std::chrono::steady_clock::now();
+  Metrics m;
+  run(model, &m, comm);
+  if (comm && comm->rank() != 0) return;
+  char line[256];
+  double acc = m.values().empty() ? 0 : m.values()[0].second;
+  std::snprintf(line, sizeof line, "%s: before training, held-out accuracy %.4f (%s on %zu prompts of %s, %.1f s)",
+                stage.c_str(), acc, options_.verifier.c_str(), prompts_.size(), options_.prompts.c_str(),
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  log::info(line);
+  Metrics e;
+  for (auto& [k, v] : m.values()) e.add("eval/" + k, v);
+  write_file_atomic(run_dir + "/eval_start.json", e.to_json(0) + "\n");
 }
 
 }  // namespace ptk::eval

@@ -5,11 +5,22 @@
 // Threading: one caller at a time per model; the model is read (no-grad), never changed.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "rollout/sampling.h"  // SamplingParams
 
+namespace ptk {
+class Metrics;
+}
+namespace ptk::config {
+class Visitor;
+struct Errors;
+}  // namespace ptk::config
+namespace ptk::dist {
+class Comm;
+}
 namespace ptk::model {
 class Qwen2Model;
 }
@@ -64,5 +75,40 @@ EvalResult evaluate(const model::Qwen2Model& model, const tokenizer::Tokenizer& 
 // {"accuracy": ..., "mean_length": ..., ..., "items": [...]} (pretty JSON).
 std::string result_json(const EvalResult& r, const std::string& model_dir, const std::string& data_path,
                         const EvalOptions& options);
+
+// ---- Periodic held-out accuracy inside a training stage (SFT, DPO) ----
+
+// Keys a stage declares in its own section (`sft.eval_prompts`, `dpo.eval_verifier`, ...).
+struct HeldoutOptions {
+  std::string prompts;          // RL-format JSONL with `prompt` and `answer`; "" = no held-out accuracy
+  std::string verifier;         // reward/verifiers.h name
+  int64_t max_new_tokens = 0;   // greedy generation budget
+  int64_t max_prompts = 0;      // first N prompts; 0 = all
+  bool at_start = false;        // also evaluate before the first step (fresh runs)
+  void visit(config::Visitor& v);
+  void validate(config::Errors& e, const std::string& section) const;
+};
+
+// Greedy generation through the rollout engine on held-out prompts, scored by a verifier: the
+// same code as `ptk eval`. With several ranks each evaluates every world-th prompt and the sums
+// are all-reduced, so every rank returns the global figures.
+class Heldout {
+ public:
+  Heldout() = default;
+  // Reads the prompts now (bad lines throw with file:line); disabled when options.prompts is "".
+  Heldout(const HeldoutOptions& options, std::shared_ptr<const tokenizer::Tokenizer> tok);
+  bool enabled() const { return !prompts_.empty(); }
+  // Adds "accuracy" (mean verifier reward) and "completions/mean_length" (tokens) to `out`.
+  void run(const model::Qwen2Model& model, Metrics* out, dist::Comm* comm) const;
+  // When options.at_start and the run is fresh: runs, logs "<stage>: before training, held-out
+  // accuracy ..." and writes run_dir/eval_start.json (rank 0).
+  void run_at_start(const model::Qwen2Model& model, dist::Comm* comm, bool fresh, const std::string& run_dir,
+                    const std::string& stage) const;
+
+ private:
+  HeldoutOptions options_;
+  std::shared_ptr<const tokenizer::Tokenizer> tok_;
+  std::vector<EvalPrompt> prompts_;
+};
 
 }  // namespace ptk::eval

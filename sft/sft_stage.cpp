@@ -20,10 +20,12 @@ namespace ptk::sft {
 
 void SftSection::visit(config::Visitor& v) {
   v.opt(eval_micro_batch_size, "eval_micro_batch_size", 8, "rows per forward for the eval loss (data.eval)");
+  heldout.visit(v);
 }
 
 void SftSection::validate(config::Errors& e) const {
   if (eval_micro_batch_size < 1) e.add("sft.eval_micro_batch_size must be >= 1");
+  heldout.validate(e, "sft");
 }
 
 namespace {
@@ -53,14 +55,16 @@ class SftStage : public train::Stage {
  public:
   // With several ranks, rank 0 prepares the data while the others wait (the run folder must be on
   // a filesystem every rank sees, as for checkpoints).
-  SftStage(SftRecipe& r, const std::string& run_dir, dist::Comm& comm) : r_(r), run_dir_(run_dir) {
+  SftStage(SftRecipe& r, const std::string& run_dir, dist::Comm& comm) : r_(r), run_dir_(run_dir), comm_(&comm) {
     // Tokenizer: tokenizer.path, else model.path.
     tok_path_ = !r.tokenizer.path.empty() ? r.tokenizer.path : r.model.path;
     if (tok_path_.empty())
       throw Error("no tokenizer: set tokenizer.path (a folder with tokenizer.json, or the file) or model.path");
     tok_dir_ = path_exists(tok_path_ + "/tokenizer.json") ? tok_path_ : parent_dir(tok_path_);
-    auto tok = tokenizer::Tokenizer::load(tok_path_);
+    auto tok_ptr = std::make_shared<const tokenizer::Tokenizer>(tokenizer::Tokenizer::load(tok_path_));
+    const auto& tok = *tok_ptr;
     pad_id_ = tok.pad_id() >= 0 ? tok.pad_id() : tok.eos_id();
+    heldout_ = eval::Heldout(r.sft.heldout, tok_ptr);
     // Model.
     if (!r.model.path.empty()) {
       model_ = model::Qwen2Model::from_pretrained(r.model.path);
@@ -131,6 +135,11 @@ class SftStage : public train::Stage {
   }
 
   void evaluate(Metrics* out) override {
+    evaluate_loss(out);
+    evaluate_heldout(out);
+  }
+
+  void evaluate_loss(Metrics* out) {
     if (!eval_) return;
     torch::NoGradGuard ng;
     data::LoaderOptions lo;
@@ -149,9 +158,20 @@ class SftStage : public train::Stage {
       correct += t.correct;
       targets += t.targets;
     }
-    if (targets == 0) return;
-    out->add("loss", nll / targets).add("mean_token_accuracy", static_cast<double>(correct) / targets);
-    out->add("entropy", ent / targets);
+    if (targets > 0) {
+      out->add("loss", nll / targets).add("mean_token_accuracy", static_cast<double>(correct) / targets);
+      out->add("entropy", ent / targets);
+    }
+  }
+
+  // Held-out accuracy (sft.eval_prompts) through ptk eval's code; global over ranks.
+  void evaluate_heldout(Metrics* out) const {
+    torch::NoGradGuard ng;
+    heldout_.run(model_, out, comm_);
+  }
+  void heldout_at_start(bool fresh) const {
+    torch::NoGradGuard ng;
+    heldout_.run_at_start(model_, comm_, fresh, run_dir_, "sft");
   }
 
   void save_model(const std::string& dir) override {
@@ -180,6 +200,8 @@ class SftStage : public train::Stage {
 
   SftRecipe& r_;
   std::string run_dir_, tok_path_, tok_dir_;
+  dist::Comm* comm_;
+  eval::Heldout heldout_;
   int32_t pad_id_ = 0;
   model::Qwen2Model model_;
   std::unique_ptr<data::PreparedSet> train_, eval_;
@@ -198,6 +220,7 @@ std::string run_sft(SftRecipe& r, const std::string& recipe_file, const std::str
   train::Trainer trainer(stage, options);
   log::info("sft: " + std::to_string(trainer.total_steps()) + " optimizer steps of " +
             std::to_string(r.train.micro_batch_size * r.train.grad_accum) + " rows; run folder " + run_dir);
+  stage.heldout_at_start(train::is_fresh_run(r, run_dir));
   trainer.run();
   return run_dir;
 }

@@ -9,12 +9,14 @@
 #include <vector>
 
 #include "core/config/sections.h"  // TrainingRecipe
+#include "rollout/eval.h"           // HeldoutOptions
 
 namespace ptk::sft {
 
 // The `sft` recipe section.
 struct SftSection : config::Section {
   int64_t eval_micro_batch_size;
+  eval::HeldoutOptions heldout;  // sft.eval_prompts, eval_verifier, ...: held-out accuracy
   const char* name() const override { return "sft"; }
   const char* help() const override { return "supervised fine-tuning"; }
   void visit(config::Visitor& v) override;

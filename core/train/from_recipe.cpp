@@ -1,11 +1,18 @@
 #include "core/train/from_recipe.h"
 
 #include "core/dist/comm.h"
+#include "core/train/checkpoint_dir.h"
 
 namespace ptk::train {
 
 std::string run_dir_of(const config::TrainingRecipe& r, const std::string& recipe_file) {
   return r.run.dir.empty() ? config::default_run_dir(recipe_file) : r.run.dir;
+}
+
+bool is_fresh_run(const config::TrainingRecipe& r, const std::string& run_dir) {
+  if (r.root.resume == "never") return true;
+  if (r.root.resume != "auto") return false;
+  return CheckpointDir(run_dir + "/checkpoints", r.checkpoint.keep_last).latest().empty();
 }
 
 TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::string& run_dir,

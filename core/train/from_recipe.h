@@ -11,6 +11,10 @@ namespace ptk::train {
 // run.dir, or runs/<recipe file name> when empty.
 std::string run_dir_of(const config::TrainingRecipe& r, const std::string& recipe_file);
 
+// True when this run starts from step 0: resume=never, or resume=auto with no complete
+// checkpoint in run_dir/checkpoints yet (for "before training" evals).
+bool is_fresh_run(const config::TrainingRecipe& r, const std::string& run_dir);
+
 // Also connects to the other ranks (dist::Comm::from_environment) when WORLD_SIZE > 1.
 TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::string& run_dir,
                                const std::string& resolved_recipe, const std::string& label);

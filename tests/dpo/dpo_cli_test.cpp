@@ -87,6 +87,25 @@ TEST_F(DpoCli, TrainsWritesFinalWithTrlMetricsAndResumes) {
   EXPECT_EQ(metric_lines().size(), 6u);
 }
 
+// dpo.eval_prompts: the SFT model's held-out accuracy before the first step, and the policy's at
+// the last eval, through ptk eval's code (the last equals `ptk eval` on final/).
+TEST_F(DpoCli, HeldoutAccuracyBeforeAndAfter) {
+  auto r = test::run(dpo("train.max_steps=2 dpo.eval_prompts=" + d_.file("data/rl_eval.jsonl") +
+                         " dpo.eval_max_new_tokens=12"));
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("dpo: before training, held-out accuracy"), std::string::npos) << r.out;
+  ASSERT_TRUE(path_exists(d_.file("run/eval_start.json")));
+  auto last = json::parse(metric_lines().back(), "metrics");
+  ASSERT_TRUE(last.HasMember("eval/accuracy"));
+  ASSERT_TRUE(last.HasMember("eval/rewards/accuracies")) << "pair metrics must stay beside held-out accuracy";
+  auto e = test::run(test::ptk_binary() + " eval --threads 1 --model " + d_.file("run/final") + " --data " +
+                     d_.file("data/rl_eval.jsonl") + " --max-new-tokens 12 --output " + d_.file("eval.json"));
+  ASSERT_EQ(e.exit_code, 0) << e.out;
+  auto ev = json::parse(read_file(d_.file("eval.json")), "eval.json");
+  EXPECT_NEAR(last["eval/completions/mean_length"].GetDouble(), ev["mean_length"].GetDouble(), 1e-9);
+  EXPECT_NEAR(last["eval/accuracy"].GetDouble(), ev["accuracy"].GetDouble(), 1e-12);
+}
+
 TEST_F(DpoCli, SimpoLoadsNoReference) {
   auto r = test::run(dpo("dpo.algorithm=cpo dpo.loss_type=simpo dpo.cpo_alpha=0 dpo.beta=2.0 train.max_steps=2"));
   ASSERT_EQ(r.exit_code, 0) << r.out;

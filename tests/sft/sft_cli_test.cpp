@@ -80,5 +80,41 @@ TEST_F(SftCli, TwoRanksThroughLaunch) {
   EXPECT_TRUE(path_exists(d_.file("run/final/model.safetensors")));
 }
 
+// sft.eval_prompts: held-out accuracy through ptk eval's code, before training (eval_start.json)
+// and at every eval; with two ranks each scores half the prompts and the sums are all-reduced, so
+// the figure logged at the last step equals `ptk eval` on final/.
+TEST_F(SftCli, HeldoutAccuracyMatchesPtkEvalOnOneAndTwoRanks) {
+  const std::string heldout = " sft.eval_prompts=" + d_.file("data/rl_eval.jsonl") + " sft.eval_max_new_tokens=12";
+  for (int ranks : {1, 2}) {
+    std::string run = d_.file("run" + std::to_string(ranks));
+    std::string cmd = sft("train.max_steps=2 checkpoint.every=0 run.dir=" + run + heldout);
+    if (ranks == 2) cmd = test::ptk_binary() + " launch -n 2 -- " + cmd;
+    auto r = test::run(cmd);
+    ASSERT_EQ(r.exit_code, 0) << r.out;
+    EXPECT_NE(r.out.find("sft: before training, held-out accuracy"), std::string::npos) << r.out;
+    auto start = json::parse(read_file(run + "/eval_start.json"), "eval_start.json");
+    ASSERT_TRUE(start.HasMember("eval/accuracy"));
+    std::istringstream in(read_file(run + "/metrics.jsonl"));
+    std::string last;
+    for (std::string l; std::getline(in, l);) last = l;
+    auto m = json::parse(last, "metrics");
+    ASSERT_TRUE(m.HasMember("eval/accuracy")) << last;
+    ASSERT_TRUE(m.HasMember("eval/completions/mean_length")) << last;
+    EXPECT_GT(m["eval/completions/mean_length"].GetDouble(), 0);
+    auto e = test::run(test::ptk_binary() + " eval --threads 1 --model " + run + "/final --data " +
+                       d_.file("data/rl_eval.jsonl") + " --max-new-tokens 12 --output " + run + "/eval.json");
+    ASSERT_EQ(e.exit_code, 0) << e.out;
+    auto ev = json::parse(read_file(run + "/eval.json"), "eval.json");
+    EXPECT_NEAR(m["eval/accuracy"].GetDouble(), ev["accuracy"].GetDouble(), 1e-12) << "ranks " << ranks;
+    EXPECT_NEAR(m["eval/completions/mean_length"].GetDouble(), ev["mean_length"].GetDouble(), 1e-9);
+  }
+}
+
+TEST_F(SftCli, UnknownEvalVerifierIsARecipeError) {
+  auto r = test::run(sft("sft.eval_verifier=maths"));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.out.find("sft.eval_verifier"), std::string::npos) << r.out;
+}
+
 }  // namespace
 }  // namespace ptk
