@@ -102,23 +102,27 @@ void apply_top_p_(at::Tensor& x, const std::vector<SamplingParams>& params) {
   // Sorting all V columns is the cost, so only the top C candidates are sorted (at::topk): their
   // prefix masses are the same numbers the full sort gives, and when the C candidates' mass
   // reaches top_p, every later token has mass before it >= top_p, so the nucleus lies within them
-  // and its threshold is exact. Rows whose candidates fall short try C * 16, then the full sort.
+  // and its threshold is exact. Rows whose candidates fall short try C * 16 (while under V / 8),
+  // then the full sort.
   const int64_t R = x.size(0), V = x.size(1);
   auto dev = x.device();
   std::vector<int64_t> todo;
   for (int64_t r = 0; r < R; ++r)
     if (!params[r].greedy() && params[r].top_p < 1.0) todo.push_back(r);
   auto thr_all = at::full({R, 1}, kNegInf, x.options());
-  for (int64_t C = std::min<int64_t>(kTopPCandidates, V); !todo.empty(); C = std::min<int64_t>(C * 16, V)) {
+  for (int64_t C = std::min<int64_t>(kTopPCandidates, V); !todo.empty(); C = C * 16 < V / 8 ? C * 16 : V) {
     auto idx = at::tensor(todo, at::kLong).to(dev);
     auto rows = x.index_select(0, idx);                                            // (n, V)
     auto top = C < V ? std::get<0>(at::topk(rows, C, 1, /*largest=*/true, /*sorted=*/true))
                      : std::get<0>(rows.sort(1, /*descending=*/true));              // (n, C)
     // softmax(sorted row) = exp(v - max) / sum of exp(x - max) over the whole row, in float64 so
-    // that neither the summation order nor the sort changes which token crosses top_p.
-    auto mx = top.narrow(1, 0, 1).to(at::kDouble);                                  // (n, 1): the row max
-    auto total = (rows.to(at::kDouble) - mx).exp_().sum(1, /*keepdim=*/true);       // (n, 1)
-    auto probs = (top.to(at::kDouble) - mx).exp_() / total;                         // (n, C)
+    // that neither the summation order nor the sort moves which token crosses top_p: candidates'
+    // exps in float64, the mass outside them from float32 exps (summed in float64).
+    auto mx = top.narrow(1, 0, 1);                                                  // (n, 1): the row max
+    auto num = (top.to(at::kDouble) - mx.to(at::kDouble)).exp_();                   // (n, C)
+    auto outside = (rows - mx).exp_().sum(1, /*keepdim=*/true, at::kDouble) -
+                   (top - mx).exp_().sum(1, /*keepdim=*/true, at::kDouble);         // (n, 1)
+    auto probs = num / (num.sum(1, /*keepdim=*/true) + outside.clamp_min(0));       // (n, C)
     auto cum = probs.cumsum(1);
     auto before = cum - probs;                                                      // mass strictly before
     std::vector<double> pv;
