@@ -17,7 +17,7 @@
 #include "core/util/fs.h"
 #include "core/util/json.h"
 #include "tests/dist/spawn.h"
-#include "tests/dist/tiny_stage.h"
+#include "tests/support/tiny_lm_stage.h"
 #include "tests/support/test_util.h"
 
 namespace ptk::train {
@@ -56,7 +56,7 @@ TEST(DistWorker, Train) {
   co.timeout_s = std::atof(env("PTK_DT_TIMEOUT"));
   dist::Comm comm = dist::Comm::from_environment(co);
   const int die_at = std::atoi(env("PTK_DT_DIE_AT")), die_rank = std::atoi(env("PTK_DT_DIE_RANK"));
-  test::TinyDpStage stage(kDocs, std::atoi(env("PTK_DT_MBS")), kSeed, [&](int64_t n) {
+  test::TinyLmStage stage(kDocs, std::atoi(env("PTK_DT_MBS")), kSeed, [&](int64_t n) {
     if (n == die_at && (die_rank < 0 || die_rank == comm.rank())) std::raise(SIGKILL);
   });
   auto o = options(env("PTK_DT_RUN_DIR"), std::atoi(env("PTK_DT_ZERO1")) != 0, std::atoi(env("PTK_DT_CKPT")));
@@ -113,7 +113,7 @@ std::vector<rapidjson::Document> metric_lines(const std::string& run_dir) {
 }
 
 std::map<std::string, at::Tensor> reference_start() {
-  test::TinyDpStage s(kDocs, 4, kSeed);
+  test::TinyLmStage s(kDocs, 4, kSeed);
   std::map<std::string, at::Tensor> m;
   for (auto& [n, t] : s.parameters()) m[n] = t.detach().clone();
   return m;
@@ -124,8 +124,8 @@ bool is_worker() { return *env("PTK_DT_RUN_DIR") != '\0'; }
 // 1 rank, micro-batch 4, in this process: the reference.
 optim::NamedTensors reference(const std::string& dir) {
   at::set_num_threads(1);
-  static std::unique_ptr<test::TinyDpStage> stage;
-  stage = std::make_unique<test::TinyDpStage>(kDocs, 4, kSeed);
+  static std::unique_ptr<test::TinyLmStage> stage;
+  stage = std::make_unique<test::TinyLmStage>(kDocs, 4, kSeed);
   Trainer(*stage, options(dir, false, 0)).run();
   return stage->parameters();
 }
@@ -196,7 +196,7 @@ TEST(DataParallel, ResumeAfterBothRanksAreKilled) {
     if (zero1) {
       // One rank cannot take over two ranks' optimizer shards.
       at::set_num_threads(1);
-      test::TinyDpStage stage(kDocs, 4, kSeed);
+      test::TinyLmStage stage(kDocs, 4, kSeed);
       auto o = options(d.file("run"), true, 2);
       o.max_steps = 12;
       try {

@@ -16,127 +16,12 @@
 #include "core/util/fs.h"
 #include "core/util/json.h"
 #include "tests/support/test_util.h"
+#include "tests/support/tiny_lm_stage.h"
 
 namespace ptk::train {
 namespace {
 
-checkpoint::Qwen2Config tiny_config() {
-  checkpoint::Qwen2Config c;
-  c.vocab_size = 48;
-  c.hidden_size = 32;
-  c.intermediate_size = 64;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.max_position_embeddings = 64;
-  c.rope_theta = 10000.0;
-  c.tie_word_embeddings = true;
-  c.eos_token_ids = {1};
-  c.pad_token_id = 0;
-  return c;
-}
-
-struct Batch {
-  at::Tensor ids, mask, labels;  // (B, T)
-};
-
-// Documents with a learnable pattern (each token is the previous + 1 mod 40, from a random start);
-// the first two tokens of every document are "prompt" (label -100).
-class TinyLmStage : public Stage {
- public:
-  TinyLmStage(int64_t docs, int64_t mbs, uint64_t seed, std::function<void(int64_t)> on_batch = nullptr)
-      : mbs_(mbs), seed_(seed), on_batch_(std::move(on_batch)) {
-    model_ = model::Qwen2Model::from_config(tiny_config(), seed);
-    model_.set_requires_grad(true);
-    std::mt19937_64 rng(seed + 99);
-    for (int64_t d = 0; d < docs; ++d) {
-      int64_t len = 5 + rng() % 12, start = rng() % 40;
-      std::vector<int64_t> doc;
-      for (int64_t t = 0; t < len; ++t) doc.push_back(2 + (start + t) % 40);
-      docs_.push_back(doc);
-    }
-    shuffle();
-  }
-  optim::NamedTensors parameters() override { return model_.named_parameters(); }
-  int64_t micro_batches_per_epoch() const override { return static_cast<int64_t>(docs_.size()) / mbs_; }
-  MicroBatch next_micro_batch() override {
-    if (index_ + mbs_ > static_cast<int64_t>(docs_.size())) {
-      ++epoch_;
-      index_ = 0;
-      shuffle();
-    }
-    std::vector<const std::vector<int64_t>*> rows;
-    for (int64_t i = 0; i < mbs_; ++i) {
-      consumed.push_back(order_[index_ + i]);
-      rows.push_back(&docs_[order_[index_ + i]]);
-    }
-    index_ += mbs_;
-    if (on_batch_) on_batch_(static_cast<int64_t>(consumed.size()));
-    int64_t T = 0;
-    for (auto* r : rows) T = std::max<int64_t>(T, r->size());
-    auto b = std::make_shared<Batch>();
-    b->ids = torch::zeros({mbs_, T}, torch::kInt64);
-    b->mask = torch::zeros({mbs_, T}, torch::kInt64);
-    b->labels = torch::full({mbs_, T}, -100, torch::kInt64);
-    int64_t targets = 0, tokens = 0;
-    for (int64_t i = 0; i < mbs_; ++i) {
-      for (size_t t = 0; t < rows[i]->size(); ++t) {
-        b->ids[i][t] = (*rows[i])[t];
-        b->mask[i][t] = 1;
-        if (t >= 2) {
-          b->labels[i][t] = (*rows[i])[t];
-          ++targets;
-        }
-      }
-      tokens += rows[i]->size();
-    }
-    return {b, targets, tokens};
-  }
-  std::string cursor_json() const override {
-    return "{\"epoch\":" + std::to_string(epoch_) + ",\"index\":" + std::to_string(index_) + "}";
-  }
-  void restore_cursor(const std::string& j) override {
-    auto d = json::parse(j, "cursor");
-    epoch_ = d["epoch"].GetInt64();
-    index_ = d["index"].GetInt64();
-    shuffle();
-  }
-  LossOut loss(const MicroBatch& mb, double n) override {
-    auto& b = *static_cast<Batch*>(mb.data.get());
-    model::ForwardInput in;
-    in.input_ids = b.ids;
-    in.attention_mask = b.mask;
-    auto logits = model_.forward(in).logits;  // (B, T, V)
-    auto lp = torch::log_softmax(logits.slice(1, 0, -1), -1);
-    auto tgt = b.labels.slice(1, 1);
-    auto valid = tgt.ne(-100);
-    auto nll = -lp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1);
-    LossOut out;
-    out.loss = (nll * valid).sum() / n;
-    auto acc = (lp.argmax(-1).eq(tgt) & valid).sum().item<double>() / valid.sum().item<double>();
-    out.metrics.add("mean_token_accuracy", acc);
-    return out;
-  }
-  void save_model(const std::string& dir) override { model_.save_pretrained(dir); }
-  double flops_per_token() const override { return 6.0 * 20000; }
-
-  model::Qwen2Model model_;
-  std::vector<int64_t> consumed;
-
- private:
-  void shuffle() {
-    order_.resize(docs_.size());
-    for (size_t i = 0; i < order_.size(); ++i) order_[i] = static_cast<int64_t>(i);
-    std::mt19937_64 rng(seed_ * 1000003 + epoch_);
-    std::shuffle(order_.begin(), order_.end(), rng);
-  }
-  std::vector<std::vector<int64_t>> docs_;
-  std::vector<int64_t> order_;
-  int64_t mbs_, epoch_ = 0, index_ = 0;
-  uint64_t seed_;
-  std::function<void(int64_t)> on_batch_;
-};
+using test::TinyLmStage;
 
 TrainerOptions options(const std::string& dir) {
   TrainerOptions o;
@@ -234,7 +119,7 @@ void crash_and_resume(const std::string& dir, int64_t docs, int64_t mbs, int64_t
   o.checkpoint_every = every;
   {
     TinyLmStage s(docs, mbs, 5, [&](int64_t n) {
-      if (n == crash_at_batch) throw Crash();
+      if (n * mbs == crash_at_batch) throw Crash();
     });
     EXPECT_THROW(Trainer(s, o).run(), Crash);
     consumed->assign(s.consumed.begin(), s.consumed.end());

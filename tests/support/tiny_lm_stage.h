@@ -1,7 +1,9 @@
-// A tiny Qwen2 (random init) with an SFT-shaped loss for data-parallel tests: the stage of
-// tests/train/trainer_test.cpp plus set_rank(): each global batch of micro_batch * world_size rows
-// (one shuffled order shared by all ranks) is cut into contiguous per-rank parts, so 2 ranks with
-// micro-batch b see exactly the rows 1 rank with micro-batch 2b sees. Test code only.
+// A tiny Qwen2 (random init) with an SFT-shaped loss, the Stage the trainer and data-parallel tests
+// drive. Documents have a learnable pattern (each token is the previous + 1 mod 40, from a random
+// start); the first two tokens of every document are "prompt" (label -100). With set_rank(), each
+// global batch of micro_batch * world_size rows (one shuffled order shared by all ranks) is cut into
+// contiguous per-rank parts, so 2 ranks with micro-batch b see exactly the rows 1 rank with
+// micro-batch 2b sees. Test code only.
 #pragma once
 #include <torch/torch.h>
 
@@ -16,7 +18,7 @@
 
 namespace ptk::test {
 
-inline checkpoint::Qwen2Config tiny_dp_config() {
+inline checkpoint::Qwen2Config tiny_lm_config() {
   checkpoint::Qwen2Config c;
   c.vocab_size = 48;
   c.hidden_size = 32;
@@ -33,15 +35,15 @@ inline checkpoint::Qwen2Config tiny_dp_config() {
   return c;
 }
 
-class TinyDpStage : public train::Stage {
+class TinyLmStage : public train::Stage {
  public:
   struct Batch {
     at::Tensor ids, mask, labels;  // (B, T)
   };
   // `on_batch(n)` is called with the number of micro-batches this rank has consumed.
-  TinyDpStage(int64_t docs, int64_t mbs, uint64_t seed, std::function<void(int64_t)> on_batch = nullptr)
+  TinyLmStage(int64_t docs, int64_t mbs, uint64_t seed, std::function<void(int64_t)> on_batch = nullptr)
       : mbs_(mbs), seed_(seed), on_batch_(std::move(on_batch)) {
-    model_ = model::Qwen2Model::from_config(tiny_dp_config(), seed);
+    model_ = model::Qwen2Model::from_config(tiny_lm_config(), seed);
     model_.set_requires_grad(true);
     std::mt19937_64 rng(seed + 99);
     for (int64_t d = 0; d < docs; ++d) {
@@ -68,7 +70,10 @@ class TinyDpStage : public train::Stage {
       shuffle();
     }
     std::vector<const std::vector<int64_t>*> rows;
-    for (int64_t i = 0; i < mbs_; ++i) rows.push_back(&docs_[order_[index_ + rank_ * mbs_ + i]]);
+    for (int64_t i = 0; i < mbs_; ++i) {
+      consumed.push_back(order_[index_ + rank_ * mbs_ + i]);
+      rows.push_back(&docs_[consumed.back()]);
+    }
     index_ += global;
     ++consumed_;
     if (on_batch_) on_batch_(consumed_);
@@ -119,8 +124,10 @@ class TinyDpStage : public train::Stage {
     return out;
   }
   void save_model(const std::string& dir) override { model_.save_pretrained(dir); }
+  double flops_per_token() const override { return 6.0 * 20000; }
 
   model::Qwen2Model model_;
+  std::vector<int64_t> consumed;  // document indices this rank consumed, in order
 
  private:
   void shuffle() {
