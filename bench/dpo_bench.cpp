@@ -7,6 +7,8 @@
 // and the cache write). Steps: metrics.jsonl's step_time_s (forward, backward, clip, AdamW), the first
 // --warmup steps dropped. Precompute pays off after (setup_pre - setup_live) / (step_live - step_pre)
 // optimizer steps; divided by the steps per epoch that is an epoch count independent of --pairs.
+// Live runs also time the live reference's forward alone (DpoStage::ref_logps on the next
+// micro-batches after training), to compare with the precompute pass's pairs/s.
 //
 //   ninja -C build-dpo dpo_bench && OMP_WAIT_POLICY=PASSIVE build-dpo/bench/dpo_bench [--shape tiny|large|both]
 //       [--pairs N] [--steps S] [--mb 16] [--threads 1] [--repeats 1] [--warmup 2] [--workdir DIR]
@@ -90,6 +92,7 @@ struct RunResult {
   std::vector<double> step_s;  // after warm-up
   double tokens_per_pair = 0;
   int64_t steps_per_epoch = 0;
+  double ref_alone_s = 0;  // live only: one reference forward of a micro-batch outside the step (mean)
   double mean_step() const { return std::accumulate(step_s.begin(), step_s.end(), 0.0) / step_s.size(); }
 };
 
@@ -141,6 +144,18 @@ RunResult run_once(const std::string& run_dir, const std::string& model_dir, con
     tok += st[i].first * st[i].second;
   }
   res.tokens_per_pair = tok / (res.step_s.size() * mb);
+  if (!precompute) {
+    // The live reference's forward by itself (no policy graph alive), on the next micro-batches:
+    // what the step pays for it when nothing else competes for caches and memory.
+    const int reps = 6;
+    for (int i = 0; i < reps + 1; ++i) {
+      train::MicroBatch m = stage.next_micro_batch();
+      const auto& b = *static_cast<const rl::PairBatch*>(m.data.get());
+      auto t = Clock::now();
+      at::Tensor ref = stage.ref_logps(b);  // (P, 2), computed by the live reference
+      if (i > 0) res.ref_alone_s += since(t) / reps;  // the first is a warm-up
+    }
+  }
   return res;
 }
 
@@ -208,6 +223,9 @@ int run(int argc, char** argv) {
                     "(%.0f tokens/pair, both rows), run %.1f s | load %s\n",
                     pre ? "precomputed" : "live", rep, rr.setup_s, rr.stage_s, rr.trainer_s, rr.mean_step(),
                     mb / rr.mean_step(), rr.tokens_per_pair, rr.run_s, loadavg().c_str());
+        if (!pre)
+          std::printf("              live reference forward alone: %.3f s per micro-batch (%.1f pairs/s)\n",
+                      rr.ref_alone_s, mb / rr.ref_alone_s);
         std::fflush(stdout);
         results[pre].push_back(std::move(rr));
         fs::remove_all(run_dir);
