@@ -18,34 +18,47 @@ int64_t rows_per_chunk(const LogProbOptions& o, int64_t vocab) {
   return std::max<int64_t>(1, o.chunk_bytes / (vocab * 4));
 }
 
-// Logits of one chunk in fp32, scaled by 1/temperature, masked past valid_vocab. (c, V)
-at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& w32, double inv_t, int64_t valid_vocab) {
+// Logits of one chunk in fp32 over the valid vocabulary (rows of w32 already cut to it), scaled
+// by 1/temperature: (c, Vv). Ids at or past valid_vocab have logit -inf, probability 0 and zero
+// gradient, so they are simply never computed.
+at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& w32, double inv_t) {
   at::Tensor z = torch::mm(h.to(torch::kFloat32), w32.t());
   if (inv_t != 1.0) z.mul_(inv_t);
-  if (valid_vocab > 0 && valid_vocab < z.size(1)) z.slice(1, valid_vocab).fill_(-INFINITY);
   return z;
 }
 
+// The weight in fp32, cut to the valid vocabulary.
+at::Tensor valid_weight(const at::Tensor& weight, int64_t valid_vocab) {
+  at::Tensor w32 = weight.scalar_type() == torch::kFloat32 ? weight : weight.to(torch::kFloat32);
+  if (valid_vocab > 0 && valid_vocab < w32.size(0)) w32 = w32.narrow(0, 0, valid_vocab);
+  return w32;
+}
+
+// Every pass over a (c, V) chunk costs about as much as a sizeable slice of the chunk's GEMM at
+// real vocabulary sizes, so both directions keep them few: forward reads z for the row max (with
+// the argmax), writes exp(z - max) once, reads it for the sum and, multiplied in place by z, for
+// the entropy; backward turns the recomputed z into the gradient in place.
 struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
   static variable_list forward(AutogradContext* ctx, at::Tensor hidden, at::Tensor weight, at::Tensor targets,
                                double temperature, int64_t chunk, int64_t valid_vocab) {
     const int64_t n = hidden.size(0);
     const double inv_t = 1.0 / temperature;
-    at::Tensor w32 = weight.scalar_type() == torch::kFloat32 ? weight : weight.to(torch::kFloat32);
+    at::Tensor w32 = valid_weight(weight, valid_vocab);
     auto f32 = hidden.options().dtype(torch::kFloat32);
     at::Tensor logp = torch::empty({n}, f32), ent = torch::empty({n}, f32), lse = torch::empty({n}, f32);
     at::Tensor correct = torch::empty({n}, hidden.options().dtype(torch::kBool));
     for (int64_t s = 0; s < n; s += chunk) {
       int64_t e = std::min(n, s + chunk);
-      at::Tensor z = chunk_logits(hidden.slice(0, s, e), w32, inv_t, valid_vocab);  // (c, V)
-      at::Tensor l = torch::logsumexp(z, 1);                                           // (c)
+      at::Tensor z = chunk_logits(hidden.slice(0, s, e), w32, inv_t);  // (c, V)
       at::Tensor t = targets.slice(0, s, e);
+      auto [m, arg] = z.max(1);                                         // (c), (c)
+      at::Tensor q = (z - m.unsqueeze(1)).exp_();                       // unnormalised probabilities
+      at::Tensor sum = q.sum(1);
+      at::Tensor l = m + sum.log();                                     // log-sum-exp
       logp.slice(0, s, e).copy_(z.gather(1, t.unsqueeze(1)).squeeze(1) - l);
-      // H = lse - sum p z  (p = exp(z - lse)); masked entries have p = 0 and contribute 0.
-      at::Tensor p = (z - l.unsqueeze(1)).exp_();
-      at::Tensor pz = torch::where(p > 0, p * z, torch::zeros({}, f32));
-      ent.slice(0, s, e).copy_(l - pz.sum(1));
-      correct.slice(0, s, e).copy_(z.argmax(1).eq(t));
+      // H = lse - sum_j p_j z_j, p = q / sum.
+      ent.slice(0, s, e).copy_(l - q.mul_(z).sum(1) / sum);
+      correct.slice(0, s, e).copy_(arg.eq(t));
       lse.slice(0, s, e).copy_(l);
     }
     ctx->save_for_backward({hidden, weight, targets, lse, ent});
@@ -67,31 +80,31 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
     const int64_t valid_vocab = ctx->saved_data["valid_vocab"].toInt();
     at::Tensor g_lp = grads[0], g_ent = grads[1];  // (N) each, possibly undefined
     const int64_t n = hidden.size(0);
-    at::Tensor w32 = weight.scalar_type() == torch::kFloat32 ? weight : weight.to(torch::kFloat32);
+    at::Tensor w32 = valid_weight(weight, valid_vocab);
     auto f32 = hidden.options().dtype(torch::kFloat32);
     at::Tensor d_hidden = torch::empty({n, hidden.size(1)}, f32);
-    at::Tensor d_weight = torch::zeros(w32.sizes(), f32);
+    at::Tensor d_weight = torch::zeros(weight.sizes(), f32);
+    at::Tensor d_valid = d_weight.narrow(0, 0, w32.size(0));
     for (int64_t s = 0; s < n; s += chunk) {
       int64_t e = std::min(n, s + chunk);
       at::Tensor h = hidden.slice(0, s, e).to(torch::kFloat32);
-      at::Tensor z = chunk_logits(h, w32, inv_t, valid_vocab);  // (c, V)
-      at::Tensor p = (z - lse.slice(0, s, e).unsqueeze(1)).exp_();
-      at::Tensor dz = torch::zeros_like(z);
-      if (g_lp.defined()) {
-        // d logp_t / dz = onehot(t) - p
-        at::Tensor g = g_lp.slice(0, s, e).unsqueeze(1);
-        dz.sub_(p * g);
-        dz.scatter_add_(1, targets.slice(0, s, e).unsqueeze(1), g);
-      }
+      at::Tensor dz = chunk_logits(h, w32, inv_t);  // z, then log p, then dL/dz, in place: (c, V)
+      dz.sub_(lse.slice(0, s, e).unsqueeze(1));      // log p
       if (g_ent.defined()) {
-        // dH/dz_j = -p_j (log p_j + H), log p_j = z_j - lse; masked entries have p_j = 0.
-        at::Tensor logp = z - lse.slice(0, s, e).unsqueeze(1);
-        at::Tensor term = torch::where(p > 0, p * (logp + ent.slice(0, s, e).unsqueeze(1)), torch::zeros({}, f32));
-        dz.sub_(term * g_ent.slice(0, s, e).unsqueeze(1));
+        // d logp_t / dz = onehot(t) - p;  dH/dz_j = -p_j (log p_j + H).
+        // dz = p * (-g_lp - g_ent (log p + H)) + g_lp onehot(t)
+        at::Tensor p = dz.exp();
+        dz.add_(ent.slice(0, s, e).unsqueeze(1)).mul_(g_ent.slice(0, s, e).unsqueeze(1).neg());
+        if (g_lp.defined()) dz.sub_(g_lp.slice(0, s, e).unsqueeze(1));
+        dz.mul_(p);
+      } else {
+        dz.exp_().mul_(g_lp.slice(0, s, e).neg().unsqueeze(1));  // -g_lp p
       }
+      if (g_lp.defined()) dz.scatter_add_(1, targets.slice(0, s, e).unsqueeze(1), g_lp.slice(0, s, e).unsqueeze(1));
       if (inv_t != 1.0) dz.mul_(inv_t);
-      d_hidden.slice(0, s, e).copy_(torch::mm(dz, w32));
-      d_weight.addmm_(dz.t(), h);
+      at::Tensor dh = d_hidden.slice(0, s, e);
+      torch::mm_out(dh, dz, w32);
+      d_valid.addmm_(dz.t(), h);
     }
     return {d_hidden.to(hidden.scalar_type()), d_weight.to(weight.scalar_type()), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor()};

@@ -87,6 +87,25 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   return batched ? out.reshape({q.size(0), heads, lq, d}) : out.reshape({heads, lq, d});
 }
 
+// The training forward's exact attention (decoder_layer): attend()'s arithmetic laid out for BLAS.
+// The query heads of each K/V group are stacked into one (g * Lq, D) matrix, so QK^T and PV are one
+// GEMM per K/V head (2 at Qwen2.5-0.5B) on contiguous operands, instead of a strided matmul per
+// query head over a broadcast (copied) K; 1/sqrt(D) scales q (Lq x D) rather than the scores
+// (Lq x Lk); the mask is added in place (bmm keeps no output for backward). Same signature as
+// attend(); the fused backend goes to attend().
+at::Tensor attend_grouped(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool fused) {
+  if (fused) return attend(q, k, v, fused);
+  const bool batched = q.dim() == 4;
+  const int64_t n = batched ? q.size(0) : 1, heads = q.size(-3), kv = k.size(-3), g = heads / kv, lq = q.size(-2),
+                lk = k.size(-2), d = q.size(-1);
+  at::Tensor qg = (q * (1.0 / std::sqrt(static_cast<double>(d)))).reshape({n * kv, g * lq, d});
+  at::Tensor scores = at::bmm(qg, k.reshape({n * kv, lk, d}).transpose(1, 2));  // (n kv, g Lq, Lk)
+  scores.view({n * kv, g, lq, lk}).add_(causal_mask(lq, lk, q));
+  auto p = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
+  auto out = at::bmm(p, v.reshape({n * kv, lk, d}));  // (n kv, g Lq, D)
+  return batched ? out.view({n, heads, lq, d}) : out.view({heads, lq, d});
+}
+
 // Segments of every row from the input's mask or doc_lengths; true when every row is one segment
 // starting at 0 (right padding or none), where one batched causal attention is exact.
 std::vector<std::vector<Segment>> segments_of(const ForwardInput& in, int64_t B, int64_t T, bool* simple) {
@@ -453,7 +472,7 @@ at::Tensor decoder_layer(const Qwen2Layer& l, const at::Tensor& x_in, const at::
   {
     RECORD_FUNCTION("ptk::attention", std::vector<c10::IValue>());
     if (s.simple) {
-      a = attend(q, k, v, s.fused);  // one document per row from position 0: the row's causal mask
+      a = attend_grouped(q, k, v, s.fused);  // one document per row from position 0: the row's causal mask
     } else {
       std::vector<at::Tensor> rows;
       for (int64_t b = 0; b < B; ++b) {
@@ -461,7 +480,7 @@ at::Tensor decoder_layer(const Qwen2Layer& l, const at::Tensor& x_in, const at::
         int64_t t = 0;
         for (const auto& g : s.segs[b]) {
           if (g.start > t) parts.push_back(at::zeros({nh, g.start - t, D}, q.options()));
-          parts.push_back(attend(q[b].narrow(1, g.start, g.len), k[b].narrow(1, g.start, g.len),
+          parts.push_back(attend_grouped(q[b].narrow(1, g.start, g.len), k[b].narrow(1, g.start, g.len),
                                  v[b].narrow(1, g.start, g.len), s.fused));
           t = g.start + g.len;
         }
