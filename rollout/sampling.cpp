@@ -102,16 +102,23 @@ void apply_top_p_(at::Tensor& x, const std::vector<SamplingParams>& params) {
   // Sorting all V columns is the cost, so only the top C candidates are sorted (at::topk): their
   // prefix masses are the same numbers the full sort gives, and when the C candidates' mass
   // reaches top_p, every later token has mass before it >= top_p, so the nucleus lies within them
-  // and its threshold is exact. Rows whose candidates fall short try C * 16 (while under V / 8),
-  // then the full sort.
+  // and its threshold is exact. Rows whose candidates fall short try more (see below), at last the
+  // full sort.
   const int64_t R = x.size(0), V = x.size(1);
   auto dev = x.device();
   std::vector<int64_t> todo;
   for (int64_t r = 0; r < R; ++r)
     if (!params[r].greedy() && params[r].top_p < 1.0) todo.push_back(r);
   auto thr_all = at::full({R, 1}, kNegInf, x.options());
-  for (int64_t C = std::min<int64_t>(kTopPCandidates, V); !todo.empty(); C = C * 16 < V / 8 ? C * 16 : V) {
-    auto idx = at::tensor(todo, at::kLong).to(dev);
+  // Each row's candidate count depends only on the row itself (its draw must not depend on the
+  // batch); rows at the same count are done together.
+  std::vector<int64_t> cands(R, std::min<int64_t>(kTopPCandidates, V));
+  while (!todo.empty()) {
+    int64_t C = V;
+    for (int64_t r : todo) C = std::min(C, cands[r]);
+    std::vector<int64_t> now, later;
+    for (int64_t r : todo) (cands[r] == C ? now : later).push_back(r);
+    auto idx = at::tensor(now, at::kLong).to(dev);
     auto rows = x.index_select(0, idx);                                            // (n, V)
     auto top = C < V ? std::get<0>(at::topk(rows, C, 1, /*largest=*/true, /*sorted=*/true))
                      : std::get<0>(rows.sort(1, /*descending=*/true));              // (n, C)
@@ -126,26 +133,30 @@ void apply_top_p_(at::Tensor& x, const std::vector<SamplingParams>& params) {
     auto cum = probs.cumsum(1);
     auto before = cum - probs;                                                      // mass strictly before
     std::vector<double> pv;
-    for (int64_t r : todo) pv.push_back(params[r].top_p);
+    for (int64_t r : now) pv.push_back(params[r].top_p);
     auto pt = at::tensor(pv, at::kDouble).to(dev).unsqueeze(1);                     // (n, 1)
-    auto keep = before < pt;
-    auto n_keep = keep.sum(1, /*keepdim=*/true).clamp_min(1);                       // (n, 1)
+    auto n_keep = (before < pt).sum(1, /*keepdim=*/true).clamp_min(1);              // (n, 1)
     auto thr = top.gather(1, n_keep - 1);                                           // (n, 1)
     // Covered: the candidates' mass reaches top_p (then the nucleus ends inside them), or C = V.
-    auto covered = (C >= V ? at::ones({static_cast<int64_t>(todo.size())}, at::kBool).to(dev)
-                           : cum.select(1, C - 1) >= pt.squeeze(1)).to(at::kCPU).contiguous();
-    const bool* cov = covered.data_ptr<bool>();
-    std::vector<int64_t> done_pos, rest;
-    for (size_t i = 0; i < todo.size(); ++i) (cov[i] ? done_pos : rest).push_back(static_cast<int64_t>(i));
-    if (!done_pos.empty()) {
-      auto dp = at::tensor(done_pos, at::kLong).to(dev);
-      std::vector<int64_t> done_rows;
-      for (int64_t i : done_pos) done_rows.push_back(todo[i]);
-      thr_all.index_copy_(0, at::tensor(done_rows, at::kLong).to(dev), thr.index_select(0, dp));
+    // Not covered: 16x the candidates while under V / 8, or the full sort when the candidates hold
+    // less than half of top_p (a flat row, which more candidates would hardly cover).
+    auto mass = cum.select(1, C - 1).to(at::kCPU).contiguous();
+    const double* m = mass.data_ptr<double>();
+    std::vector<int64_t> done_pos, done_rows;
+    for (size_t i = 0; i < now.size(); ++i) {
+      const int64_t r = now[i];
+      if (C >= V || m[i] >= pv[i]) {
+        done_pos.push_back(static_cast<int64_t>(i));
+        done_rows.push_back(r);
+      } else {
+        cands[r] = C * 16 < V / 8 && m[i] >= 0.5 * pv[i] ? C * 16 : V;
+        later.push_back(r);
+      }
     }
-    std::vector<int64_t> next;
-    for (int64_t i : rest) next.push_back(todo[i]);
-    todo.swap(next);
+    if (!done_pos.empty())
+      thr_all.index_copy_(0, at::tensor(done_rows, at::kLong).to(dev),
+                          thr.index_select(0, at::tensor(done_pos, at::kLong).to(dev)));
+    todo.swap(later);
   }
   x.masked_fill_(x < thr_all, kNegInf);
 }
@@ -204,11 +215,11 @@ Drawn sample_plain(const at::Tensor& logits, const std::vector<SamplingParams>& 
   } else if (dev.is_cpu()) {
     // Inverse CDF by a scan: the first column whose running mass (in double) reaches u * the
     // allowed mass; block sums skip ahead to the block where it crosses.
-    auto sum4 = [](const float* p, int64_t n) {
+    auto sum4 = [](const float* p, int64_t n) {  // four chains: not bound by one add's latency
       double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-      int64_t j = 0;
-      for (; j + 4 <= n; j += 4) a0 += p[j], a1 += p[j + 1], a2 += p[j + 2], a3 += p[j + 3];
-      for (; j < n; ++j) a0 += p[j];
+      const float* e = p + n;
+      for (; e - p >= 4; p += 4) a0 += p[0], a1 += p[1], a2 += p[2], a3 += p[3];
+      for (; p < e; ++p) a0 += *p;
       return (a0 + a1) + (a2 + a3);
     };
     constexpr int64_t kBlock = 256;
