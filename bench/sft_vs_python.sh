@@ -10,13 +10,19 @@
 #        TINY_STEPS (default 30), BIG_STEPS (default 4), WARMUP (untimed first steps, default 2 tiny / 1 0.5b)
 #
 # tiny: recipes/tiny/model.json (2 layers, hidden 128, vocab 259) on `ptk make-data arithmetic
-#       --tokenizer bytes` data, recipes/tiny/sft.json's settings (8 packed rows of 256 tokens).
+#       --tokenizer bytes` data, recipes/tiny/sft.json with the shape pinned by overrides: 8 packed rows
+#       of 256 tokens, lr 3e-3, 20 warm-up steps, weight decay 0.01, betas 0.9/0.95, clipping 1.0.
+#       SFT_EXTRA: more ptk overrides (e.g. sft.eval_prompts= to skip a held-out eval at the end).
 # 0.5b: the Qwen2.5-0.5B config (random init, vocab 151,936, tied), the same data packed into
 #       rows of 1024 tokens, 1 row per step, lr 1e-5.
 # Both sides time a step from batch construction to the optimizer step (ptk: metrics.jsonl's
 # step_time_s; eval and checkpoints are off) and skip the first WARMUP steps. MFU uses ptk sft's
 # FLOPs per token (6N + 3 L nh D T) over each side's own fp32 1024^3 matmul peak (same LibTorch build).
 set -euo pipefail
+# ptk re-executes itself with OMP_WAIT_POLICY=PASSIVE when unset (apps/ptk/main.cpp); give the Python
+# loop the same OpenMP policy. OPENBLAS_CORETYPE, when set, reaches both (OpenBLAS 0.3.21 takes this
+# machine's Sapphire-Rapids-class CPU for a Prescott and runs SSE3 kernels: SkylakeX is ~4.5x faster).
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 which_runs=${1:-all}
 PTK=${PTK:-build-shapes/bin/ptk}
 PY=${PY:-/usr/bin/python3}
@@ -26,7 +32,8 @@ TINY_STEPS=${TINY_STEPS:-30}
 BIG_STEPS=${BIG_STEPS:-4}
 [ -x "$PTK" ] || { echo "no ptk at $PTK (ninja -C build-shapes ptk, or set PTK)" >&2; exit 2; }
 mkdir -p "$WORK"
-echo "sft_vs_python: $(date -u +%FT%TZ), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), threads $THREADS"
+echo "sft_vs_python: $(date -u +%FT%TZ), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), threads $THREADS," \
+  "OMP_WAIT_POLICY $OMP_WAIT_POLICY, OPENBLAS_CORETYPE ${OPENBLAS_CORETYPE:-unset}"
 
 if [ ! -f "$WORK/arith/sft_train.jsonl" ]; then
   "$PTK" make-data arithmetic --out "$WORK/arith" --tokenizer bytes >/dev/null
@@ -70,7 +77,7 @@ run_pair() {  # name warmup steps micro_batch python-args... -- ptk-overrides...
   "$PTK" sft --threads "$THREADS" --recipe recipes/tiny/sft.json run.dir="$run" \
     tokenizer.path="$WORK/arith" data.train="[\"$WORK/arith/sft_train.jsonl\"]" data.eval="[]" \
     train.max_steps=$((warm + steps)) train.micro_batch_size="$mb" train.eval_every=0 train.log_every=1 \
-    checkpoint.every=0 "$@" 2>&1 | grep -v '^\s*$' | tail -n 4
+    checkpoint.every=0 ${SFT_EXTRA:-} "$@" 2>&1 | grep -v '^\s*$' | tail -n 4
   local ptk_json; ptk_json=$(ptk_figures "$run/metrics.jsonl" "$warm")
   echo "-- $name: python loop -- load $(cut -d' ' -f1-3 /proc/loadavg)"
   local log="$WORK/python-$name.log"
@@ -88,7 +95,8 @@ if [ "$which_runs" = tiny ] || [ "$which_runs" = all ]; then
   # recipes/tiny/sft.json: lr 3e-3, warmup 20, weight decay 0.01, betas 0.9/0.95, clip 1.0, 8 rows of 256.
   run_pair tiny "${WARMUP:-2}" "$TINY_STEPS" 8 \
     --config recipes/tiny/model.json --lr 3e-3 --warmup-steps 20 --weight-decay 0.01 --betas 0.9 0.95 --clip 1.0 \
-    --pad-id 256 --
+    --pad-id 256 -- data.max_seq_len=256 data.packing=true optim.lr=3e-3 optim.warmup_steps=20 \
+    optim.weight_decay=0.01 'optim.betas=[0.9,0.95]' optim.clip_grad_norm=1.0
 fi
 
 if [ "$which_runs" = 0.5b ] || [ "$which_runs" = all ]; then
@@ -102,5 +110,5 @@ if [ "$which_runs" = 0.5b ] || [ "$which_runs" = all ]; then
 EOF
   run_pair 0.5b "${WARMUP:-1}" "$BIG_STEPS" 1 \
     --config "$cfg" --lr 1e-5 --warmup-steps 0 --weight-decay 0.01 --betas 0.9 0.95 --clip 1.0 --pad-id 256 -- \
-    model.config="$cfg" data.max_seq_len=1024 optim.lr=1e-5 optim.min_lr=1e-6 optim.warmup_steps=0
+    model.config="$cfg" data.max_seq_len=1024 data.packing=true optim.lr=1e-5 optim.min_lr=1e-6 optim.warmup_steps=0
 fi
