@@ -69,6 +69,26 @@ void RewardSection::validate(config::Errors& e) const {
 
 namespace {
 
+// OpenRLHF's query is prompt + response as the policy saw it, so a response usually ends with the
+// end-of-turn token's text (Qwen: <|im_end|>, <|endoftext|>). Verifiers judge the reply itself:
+// trailing end-of-turn markers and whitespace are cut off first (the RM still sees the whole query).
+std::string_view strip_end_of_turn(std::string_view r) {
+  static const std::string_view kMarkers[] = {"<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"};
+  for (bool cut = true; cut;) {
+    cut = false;
+    while (!r.empty() && (r.back() == ' ' || r.back() == '\n' || r.back() == '\t' || r.back() == '\r')) {
+      r.remove_suffix(1);
+      cut = true;
+    }
+    for (auto m : kMarkers)
+      if (r.size() >= m.size() && r.compare(r.size() - m.size(), m.size(), m) == 0) {
+        r.remove_suffix(m.size());
+        cut = true;
+      }
+  }
+  return r;
+}
+
 using Clock = std::chrono::steady_clock;
 
 // A 4xx/5xx answer with its message.
@@ -302,7 +322,7 @@ struct RewardServer::Impl {
                                    "]; `query` must be prompt + response"};
         q.remove_prefix(prompts[i].size());
       }
-      responses[i] = q;
+      responses[i] = strip_end_of_turn(q);
     }
     std::vector<std::vector<int64_t>> ids;
     if (has_model) {

@@ -118,7 +118,8 @@ TEST_F(RewardServerTest, GetRewardRoundTripWithModelAndWeightedVerifiers) {
                        "reward.verifier_weights=[1.0, 0.5]", "reward.model_weight=2.0"}));
   httplib::Client cli("127.0.0.1", srv.port);
   std::vector<std::string> prompts = {"What is 2 + 3? ", "What is 7 + 1? "};
-  std::vector<std::string> query = {prompts[0] + "The answer is 5.", prompts[1] + "I think 9"};
+  // As the GRPO client sends it: the response with its end-of-turn token's text.
+  std::vector<std::string> query = {prompts[0] + "The answer is 5. <|im_end|>", prompts[1] + "I think 9"};
   auto res = cli.Post("/get_reward",
                       "{\"query\": " + json_array(query) + ", \"prompts\": " + json_array(prompts) +
                           ", \"labels\": [\"5\", \"8\"]}",
