@@ -22,6 +22,7 @@
 #include "rl/grpo_loss.h"
 #include "reward/reward_server.h"
 #include "rl/grpo_stage.h"
+#include "tests/support/reward_server_thread.h"
 #include "tests/support/test_util.h"
 
 namespace ptk::rl {
@@ -230,27 +231,6 @@ TEST(GrpoStage, BadRecipesFailWithTheKeys) {
   }
 }
 
-// A `ptk reward-server` on a loopback port, in-process, serving the math verifier.
-struct LoopbackServer {
-  std::unique_ptr<reward::RewardServer> server;
-  std::thread thread;
-  int port = 0;
-  LoopbackServer() {
-    reward::RewardRecipe r;
-    config::bind_recipe(config::load_recipe("", {"reward.port=0", "reward.verifiers=[\"math\"]"}), r.sections());
-    server = std::make_unique<reward::RewardServer>(r.reward);
-    port = server->bind();
-    thread = std::thread([this] { server->serve(); });
-  }
-  ~LoopbackServer() { stop(); }
-  void stop() {
-    if (!server) return;
-    server->stop();
-    thread.join();
-    server.reset();
-  }
-  std::string url() const { return "http://127.0.0.1:" + std::to_string(port); }
-};
 
 // A step end to end against a live reward server: the `remote` source is the server's math reward,
 // which equals the in-process math verifier on every completion; a server that goes away fails the
@@ -258,7 +238,8 @@ struct LoopbackServer {
 TEST(GrpoStage, StepAgainstALoopbackRewardServer) {
   at::set_num_threads(1);
   Fixture f;
-  LoopbackServer srv;
+  // A `ptk reward-server` on a loopback port, in-process, serving the math verifier.
+  test::RewardServerThread srv(test::reward_section({"reward.verifiers=[\"math\"]"}));
   auto r = f.recipe("run", {"grpo.reward_funcs=[\"math\", \"letters\"]", "grpo.reward_urls=[\"" + srv.url() + "\"]",
                             "grpo.remote_reward_weight=0.5", "train.max_steps=1"});
   GrpoStage stage(*r, r->run.dir, {}, letters());

@@ -27,6 +27,7 @@
 #include "reward/reward_client.h"
 #include "reward/reward_server.h"
 #include "reward/rm_stage.h"
+#include "tests/support/reward_server_thread.h"
 #include "tests/support/test_util.h"
 
 namespace ptk {
@@ -74,36 +75,8 @@ class RewardServerTest : public ::testing::Test {
 };
 test::TempDir* RewardServerTest::dir_ = nullptr;
 
-reward::RewardSection section(std::vector<std::string> overrides) {
-  reward::RewardRecipe r;
-  overrides.push_back("reward.port=0");
-  config::bind_recipe(config::load_recipe("", overrides), r.sections());
-  return r.reward;
-}
-
-// A server serving on its own thread until destroyed.
-struct Running {
-  std::unique_ptr<reward::RewardServer> server;
-  std::thread thread;
-  int port = 0;
-  explicit Running(const reward::RewardSection& s, int fixed_port = 0) {
-    auto opt = s;
-    if (fixed_port) opt.port = fixed_port;
-    server = std::make_unique<reward::RewardServer>(opt);
-    port = server->bind();
-    thread = std::thread([this] { server->serve(); });
-    httplib::Client probe("127.0.0.1", port);  // ready when /health answers
-    for (int i = 0; i < 500 && !probe.Get("/health"); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  ~Running() { stop(); }
-  void stop() {
-    if (!server) return;
-    server->stop();
-    thread.join();
-    server.reset();
-  }
-  std::string url() const { return "http://127.0.0.1:" + std::to_string(port); }
-};
+using test::reward_section;
+using test::RewardServerThread;
 
 std::string json_array(const std::vector<std::string>& v) {
   std::string s = "[";
@@ -114,7 +87,7 @@ std::string json_array(const std::vector<std::string>& v) {
 rapidjson::Document parse(const std::string& body) { return json::parse(body, "answer"); }
 
 TEST_F(RewardServerTest, GetRewardRoundTripWithModelAndWeightedVerifiers) {
-  Running srv(section({"reward.model=" + rm_dir(), "reward.verifiers=[\"math\", \"format_answer\"]",
+  RewardServerThread srv(reward_section({"reward.model=" + rm_dir(), "reward.verifiers=[\"math\", \"format_answer\"]",
                        "reward.verifier_weights=[1.0, 0.5]", "reward.model_weight=2.0"}));
   httplib::Client cli("127.0.0.1", srv.port);
   std::vector<std::string> prompts = {"What is 2 + 3? ", "What is 7 + 1? "};
@@ -139,7 +112,7 @@ TEST_F(RewardServerTest, GetRewardRoundTripWithModelAndWeightedVerifiers) {
   EXPECT_NEAR(d["rewards"][1].GetDouble(), 2 * rm1, 1e-5);
   EXPECT_EQ(d["scores"][0].GetDouble(), d["rewards"][0].GetDouble());
   // OpenRLHF sends only `query` to a model-only server: that works too.
-  Running model_only(section({"reward.model=" + rm_dir()}));
+  RewardServerThread model_only(reward_section({"reward.model=" + rm_dir()}));
   httplib::Client c2("127.0.0.1", model_only.port);
   res = c2.Post("/get_reward", "{\"query\": [\"hello\"]}", "application/json");
   ASSERT_TRUE(res);
@@ -148,7 +121,7 @@ TEST_F(RewardServerTest, GetRewardRoundTripWithModelAndWeightedVerifiers) {
 }
 
 TEST_F(RewardServerTest, SixteenConcurrentClientsAreBatchedAndEachGetsItsOwnScores) {
-  Running srv(section({"reward.model=" + rm_dir(), "reward.max_wait_ms=100", "reward.max_batch_items=64"}));
+  RewardServerThread srv(reward_section({"reward.model=" + rm_dir(), "reward.max_wait_ms=100", "reward.max_batch_items=64"}));
   constexpr int kClients = 16, kPer = 3;
   std::atomic<int> wrong{0}, failed{0};
   std::vector<std::thread> ts;
@@ -184,7 +157,7 @@ TEST_F(RewardServerTest, SixteenConcurrentClientsAreBatchedAndEachGetsItsOwnScor
 }
 
 TEST_F(RewardServerTest, BadInputGetsA4xxWithAMessage) {
-  Running srv(section({"reward.model=" + rm_dir(), "reward.verifiers=[\"math\"]", "reward.max_items=4",
+  RewardServerThread srv(reward_section({"reward.model=" + rm_dir(), "reward.verifiers=[\"math\"]", "reward.max_items=4",
                        "reward.max_body_bytes=2000", "reward.max_tokens_per_item=50"}));
   httplib::Client cli("127.0.0.1", srv.port);
   struct Case {
@@ -226,7 +199,7 @@ TEST_F(RewardServerTest, BadInputGetsA4xxWithAMessage) {
 }
 
 TEST_F(RewardServerTest, HealthAndBearerToken) {
-  Running srv(section({"reward.verifiers=[\"exact\"]", "reward.api_key=s3cret"}));
+  RewardServerThread srv(reward_section({"reward.verifiers=[\"exact\"]", "reward.api_key=s3cret"}));
   httplib::Client cli("127.0.0.1", srv.port);
   auto h = cli.Get("/health");
   ASSERT_TRUE(h);
@@ -244,9 +217,9 @@ TEST_F(RewardServerTest, HealthAndBearerToken) {
 }
 
 TEST(RewardServerConfig, RefusesNoSourceAndUnknownVerifier) {
-  EXPECT_THROW(section({}), Error);
+  EXPECT_THROW(reward_section({}), Error);
   try {
-    reward::RewardServer s(section({"reward.verifiers=[\"maht\"]"}));
+    reward::RewardServer s(reward_section({"reward.verifiers=[\"maht\"]"}));
     FAIL() << "an unknown verifier was accepted";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("math"), std::string::npos) << e.what();
@@ -313,8 +286,8 @@ TEST(RewardClient, MalformedAnswersAreErrorsNotZeros) {
 }
 
 TEST(RewardClient, SpreadsChunksOverTwoUrlsInOrder) {
-  auto s = section({"reward.verifiers=[\"exact\"]"});
-  Running a(s), b(s);
+  auto s = reward_section({"reward.verifiers=[\"exact\"]"});
+  RewardServerThread a(s), b(s);
   auto o = fast({a.url(), b.url() + "/get_reward"});
   o.max_items_per_request = 2;
   o.max_concurrency = 3;
@@ -335,8 +308,8 @@ TEST(RewardClient, SpreadsChunksOverTwoUrlsInOrder) {
 }
 
 TEST(RewardClient, PicksUpAServerRestartedMidRun) {
-  auto s = section({"reward.verifiers=[\"exact\"]"});
-  auto first = std::make_unique<Running>(s);
+  auto s = reward_section({"reward.verifiers=[\"exact\"]"});
+  auto first = std::make_unique<RewardServerThread>(s);
   int port = first->port;
   auto o = fast({first->url()});
   o.max_attempts = 20;
@@ -344,10 +317,10 @@ TEST(RewardClient, PicksUpAServerRestartedMidRun) {
   reward::RewardClient client(o);
   EXPECT_EQ(client.score({"x"}, {}, {"x"}).rewards[0], 1.0);
   first.reset();  // the server goes away ...
-  std::unique_ptr<Running> second;
+  std::unique_ptr<RewardServerThread> second;
   std::thread restart([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(400));
-    second = std::make_unique<Running>(s, port);  // ... and comes back on the same port
+    second = std::make_unique<RewardServerThread>(s, port);  // ... and comes back on the same port
   });
   auto r = client.score({"y"}, {}, {"z"});
   restart.join();
@@ -383,7 +356,7 @@ TEST(RewardClient, ErrorsClearlyWhenEveryAttemptFails) {
   }
   EXPECT_EQ(client.requests(), 3);
   // A 4xx is the request's fault: reported at once, not retried.
-  Running srv(section({"reward.verifiers=[\"exact\"]"}));
+  RewardServerThread srv(reward_section({"reward.verifiers=[\"exact\"]"}));
   reward::RewardClient c2(fast({srv.url()}));
   try {
     c2.score({"a"}, {}, {});  // no labels for a verifier
