@@ -43,47 +43,34 @@
 #include "datasets/arithmetic.h"
 #include "datasets/byte_tokenizer.h"
 #include "rl/dpo_stage.h"
+#include "bench/bench_util.h"
 
 namespace ptk {
 namespace {
 
 namespace fs = std::filesystem;
-using Clock = std::chrono::steady_clock;
-double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+using bench::Clock;
+using bench::loadavg;
+using bench::seconds_since;
 
-std::string loadavg() {
-  std::ifstream f("/proc/loadavg");
-  std::string a, b, c;
-  f >> a >> b >> c;
-  return a + " " + b + " " + c;
-}
 
+// tiny: recipes/tiny/model.json itself; large: that shape scaled up to the real Qwen2.5 vocabulary.
 checkpoint::Qwen2Config shape_config(const std::string& shape) {
+  if (shape == "tiny") return checkpoint::read_config(bench::source_dir() + "/recipes/tiny/model.json");
+  if (shape != "large") throw Error("--shape must be tiny, large or both, not " + shape);
   checkpoint::Qwen2Config c;
   c.max_position_embeddings = 512;
   c.rope_theta = 10000.0;
   c.tie_word_embeddings = true;
   c.eos_token_ids = {258};
   c.pad_token_id = 256;
-  if (shape == "tiny") {  // recipes/tiny/model.json
-    c.vocab_size = 259;
-    c.hidden_size = 128;
-    c.intermediate_size = 384;
-    c.num_hidden_layers = 2;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = 2;
-    c.head_dim = 32;
-  } else if (shape == "large") {
-    c.vocab_size = 151936;
-    c.hidden_size = 256;
-    c.intermediate_size = 1024;
-    c.num_hidden_layers = 4;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = 2;
-    c.head_dim = 64;
-  } else {
-    throw Error("--shape must be tiny, large or both, not " + shape);
-  }
+  c.vocab_size = 151936;
+  c.hidden_size = 256;
+  c.intermediate_size = 1024;
+  c.num_hidden_layers = 4;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 64;
   return c;
 }
 
@@ -124,17 +111,17 @@ RunResult run_once(const std::string& run_dir, const std::string& model_dir, con
   RunResult res;
   auto t0 = Clock::now();
   rl::DpoStage stage(r, run_dir);
-  res.stage_s = since(t0);
+  res.stage_s = seconds_since(t0);
   train::TrainerOptions options = train::trainer_options(r, run_dir, "", "dpo");
   options.peak_flops = 1e12;  // skip the start-up matmul measurement (MFU is not reported here)
   auto t1 = Clock::now();
   train::Trainer trainer(stage, options);
-  res.trainer_s = since(t1);
-  res.setup_s = since(t0);
+  res.trainer_s = seconds_since(t1);
+  res.setup_s = seconds_since(t0);
   res.steps_per_epoch = stage.micro_batches_per_epoch();
   auto t2 = Clock::now();
   trainer.run();
-  res.run_s = since(t2);
+  res.run_s = seconds_since(t2);
   auto st = read_step_times(run_dir + "/metrics.jsonl");
   PTK_CHECK(static_cast<int64_t>(st.size()) == steps,
             "expected " + std::to_string(steps) + " steps in metrics.jsonl, got " + std::to_string(st.size()));
@@ -153,7 +140,7 @@ RunResult run_once(const std::string& run_dir, const std::string& model_dir, con
       const auto& b = *static_cast<const rl::PairBatch*>(m.data.get());
       auto t = Clock::now();
       at::Tensor ref = stage.ref_logps(b);  // (P, 2), computed by the live reference
-      if (i > 0) res.ref_alone_s += since(t) / reps;  // the first is a warm-up
+      if (i > 0) res.ref_alone_s += seconds_since(t) / reps;  // the first is a warm-up
     }
   }
   return res;

@@ -26,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "core/tokenizer/messages_json.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/error.h"
@@ -36,11 +37,11 @@
 #include "tests/datasets/shared_data.h"
 
 namespace fs = std::filesystem;
-using Clock = std::chrono::steady_clock;
+using ptk::bench::Clock;
+using ptk::bench::seconds_since;
 
 namespace {
 
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 // Resident set of this process in bytes (VmRSS).
 double rss_bytes() {
@@ -218,8 +219,7 @@ ChildResult run_child(const std::vector<std::string>& args) {
 
 int main(int argc, char** argv) try {
   if (argc >= 3 && std::strcmp(argv[1], "--walk") == 0) return walk(argv[2]);
-  const char* src_env = std::getenv("PTK_SOURCE_DIR");
-  std::string src = src_env ? src_env : PTK_SOURCE_DIR_DEFAULT;
+  const std::string src = ptk::bench::source_dir();
   const int64_t records = std::atoll(arg(argc, argv, "--records", "1000000").c_str());
   const std::string shared = arg(argc, argv, "--shared", src + "/../shared");
   const std::string tok_dir = arg(argc, argv, "--tokenizer", src + "/assets/tokenizers/qwen");

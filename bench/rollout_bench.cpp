@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "core/checkpoint/hf_config.h"
 #include "core/model/kv_cache.h"
 #include "core/model/qwen2.h"
@@ -31,8 +32,9 @@
 namespace ptk {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+using bench::Clock;
+using bench::seconds_since;
+
 
 struct Work {
   std::vector<std::vector<int64_t>> prompts;  // one per prompt
@@ -98,7 +100,7 @@ double static_batches(const model::Qwen2Model& m, const Work& w, int64_t S, int6
       logits = m.forward_cached(d.ids.view({R, 1}), slots, std::vector<int64_t>(R, 1), cache);
     }
   }
-  return since(t0);
+  return seconds_since(t0);
 }
 
 // (a) No KV cache: the first static batch, every step a full forward over prompt + generated
@@ -120,7 +122,7 @@ double no_cache(const model::Qwen2Model& m, const Work& w, int64_t S, int64_t vo
   std::vector<rollout::SamplingParams> ps(R, sampling());
   auto t0 = Clock::now();
   int64_t tokens = 0, s = 0;
-  for (; s < steps && since(t0) < budget_s; ++s) {
+  for (; s < steps && seconds_since(t0) < budget_s; ++s) {
     size_t T = 0;
     for (const auto& q : seqs) T = std::max(T, q.size());
     std::vector<int64_t> ids(R * T, 0), mask(R * T, 0);
@@ -147,7 +149,7 @@ double no_cache(const model::Qwen2Model& m, const Work& w, int64_t S, int64_t vo
     }
   }
   *steps_run = s;
-  return tokens / since(t0);
+  return tokens / seconds_since(t0);
 }
 
 // The ideal: a decode step (forward + sampling) over all S slots at the average context, timed;
@@ -170,7 +172,7 @@ double ideal_tps(const model::Qwen2Model& m, int64_t S, int64_t ctx, int64_t voc
     std::vector<double> u(S, 0.5);
     auto d = rollout::sample_rows(logits, ps, u, vocab);
     d.ids.contiguous();
-    if (i > 0) total += since(t0);  // the first step warms up
+    if (i > 0) total += seconds_since(t0);  // the first step warms up
     for (int64_t s = 0; s < S; ++s) cache.set_length(s, ctx);
   }
   *step_s = total / reps;
@@ -304,7 +306,7 @@ void decode_attention_bench(const std::string& shape, int64_t S, int64_t R, int6
       for (int i = 0; i <= 5; ++i) {
         auto t0 = Clock::now();
         m.forward_cached(tok, slots, std::vector<int64_t>(R, 1), cache);
-        if (i > 0) total += since(t0);
+        if (i > 0) total += seconds_since(t0);
         for (int64_t s : slots) cache.set_length(s, ctx);
       }
       std::printf("  %-12s slots %lld..%lld  %-6s %8.2f ms/step\n", name.c_str(), (long long)slots.front(),
@@ -329,7 +331,7 @@ void sampling_bench(int64_t R, int64_t vocab) {
     for (int i = 0; i <= 5; ++i) {
       auto t0 = Clock::now();
       f();
-      if (i > 0) total += since(t0);
+      if (i > 0) total += seconds_since(t0);
     }
     std::printf("  %-44s %8.2f ms per batch of %lld rows\n", name, 1e3 * total / 5, (long long)R);
     std::fflush(stdout);
@@ -370,7 +372,7 @@ std::string arg(int argc, char** argv, const std::string& name, const std::strin
 
 int main(int argc, char** argv) {
   using namespace ptk;
-  const std::string src = std::getenv("PTK_SOURCE_DIR") ? std::getenv("PTK_SOURCE_DIR") : PTK_SOURCE_DIR_DEFAULT;
+  const std::string src = bench::source_dir();
   const std::string shared = std::getenv("PTK_SHARED_DIR") ? std::getenv("PTK_SHARED_DIR") : src + "/../shared";
   const std::string gsm8k = shared + "/data/math/gsm8k/train.jsonl";
   std::string tj;

