@@ -1,13 +1,16 @@
-// Qwen2 forward (packed / padded / cached), loading, saving and random init. The exact attention
-// runs one causal attention per document; the fused one calls SDPA where LibTorch has it.
+// Qwen2 forward (packed / padded / cached), loading, saving and random init. Attention stays inside
+// each document: short documents of packed rows are batched by padding (see PackedPlan), the others
+// run one causal attention each; the fused backend calls SDPA where LibTorch has it.
 // Not the loss and not sampling (see the trainer's chunked loss op and rollout/).
 #include "core/model/qwen2.h"
 
 #include <ATen/record_function.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <memory>
 #include <set>
 
 #include "core/model/kv_cache.h"
@@ -422,6 +425,135 @@ at::Tensor Qwen2Model::score(const at::Tensor& hidden, const at::Tensor& index) 
 
 namespace {
 
+// ---- packed rows: documents batched by padding ("varlen via padding") ---------------------------
+//
+// Rows holding several documents (doc_lengths, or left padding) cannot take one batched causal
+// attention over the row. Attending each document alone is exact but costs ~13 small ops per
+// document and layer (more in backward): at short documents (the tiny recipe: 8 rows x ~5 documents
+// of ~55 tokens) those thousands of ops, each waking the OpenMP threads, dominate a step. Instead
+// the documents are gathered into padded batches (n, heads, L, D), right-padded with zero rows, and
+// each batch takes ONE causal attention: a real query i < len sees keys j <= i, all real, so the
+// result is exact (pad queries see real keys, never a NaN; their outputs are dropped). The outputs
+// go back to (B, T) with one row selection; positions in no document get a zero row, as before.
+// No T x T mask is built. Documents are grouped by length (shortest first) while a group's padded
+// score elements stay <= kMaxPadding x its real ones and <= kMaxBatchScores; documents longer than
+// kMaxBatchedLen, or left alone in a group, are attended one by one (their per-op overhead is
+// negligible next to their L^2 work, and padding them would cost memory).
+constexpr int64_t kMaxBatchedLen = 512;
+constexpr int64_t kMaxPadding = 2;                      // padded / real score elements of a group
+constexpr int64_t kMaxBatchScores = int64_t(1) << 25;   // n * heads * L^2 of a group (128 MiB fp32)
+
+// Rows of x (N, ...) with a zero row appended, picked by idx (M) in [0, N]: entry N is the zero row.
+at::Tensor select_rows(const at::Tensor& x, const at::Tensor& idx) {
+  std::vector<int64_t> one(x.sizes().begin(), x.sizes().end());
+  one[0] = 1;
+  return at::cat({x, at::zeros(one, x.options())}, 0).index_select(0, idx);
+}
+
+// y = select_rows(x, fwd) where fwd is injective on its non-zero-row entries and bwd (N) is its
+// inverse (each row of x -> the row of y it went to, or M where it went nowhere). Backward is then a
+// row selection too (grad_x = select_rows(grad_y, bwd)), not index_select's backward (index_add,
+// which LibTorch 1.13's CPU kernel runs as one add per index). Exact: a row of x reaches at most one
+// row of y, and the zero row is a constant.
+struct SelectRows : public torch::autograd::Function<SelectRows> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& fwd,
+                            const at::Tensor& bwd) {
+    ctx->saved_data["fwd"] = fwd;
+    ctx->saved_data["bwd"] = bwd;
+    return select_rows(x, fwd);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list g) {
+    auto fwd = ctx->saved_data["fwd"].toTensor(), bwd = ctx->saved_data["bwd"].toTensor();
+    return {SelectRows::apply(g[0], bwd, fwd), at::Tensor(), at::Tensor()};
+  }
+};
+
+// One padded batch: n documents of up to L tokens. gather (n L): slot -> flat position b T + t of
+// the (B, T) input, or B T (zero row) for padding; gather_inv (B T): position -> slot, or n L.
+struct DocBatch {
+  int64_t n, L;
+  at::Tensor gather, gather_inv;
+};
+
+// How a forward's packed rows are attended. The attention outputs are laid out as the rows of
+// cat(batches' (n L, nh, D) outputs, alone documents' (len, nh, D) outputs): R rows in all;
+// scatter (B T): position -> row, or R (zero) for positions in no document; scatter_inv (R):
+// row -> position, or B T for padding slots.
+struct PackedPlan {
+  std::vector<DocBatch> batches;
+  std::vector<std::pair<int64_t, Segment>> alone;  // (row, document), attended one by one
+  at::Tensor scatter, scatter_inv;
+};
+
+// The plan for rows `segs` of (B, T), nh query heads; null when no group of >= 2 documents pays
+// (every document then goes through the per-document loop). Deterministic in its arguments: the
+// checkpointed backward rebuilds the forward's plan. PTK_PACKED_ATTENTION=per-document forces null.
+std::shared_ptr<const PackedPlan> plan_packed(const std::vector<std::vector<Segment>>& segs, int64_t B, int64_t T,
+                                              int64_t nh, at::Device device) {
+  const char* force = std::getenv("PTK_PACKED_ATTENTION");
+  if (force && std::string(force) == "per-document") return nullptr;
+  struct Doc {
+    int64_t len, row, start;
+  };
+  std::vector<Doc> docs;
+  for (int64_t b = 0; b < B; ++b)
+    for (const auto& g : segs[b]) docs.push_back({g.len, b, g.start});
+  if (docs.size() < 2) return nullptr;
+  std::stable_sort(docs.begin(), docs.end(), [](const Doc& x, const Doc& y) { return x.len < y.len; });
+  std::vector<std::vector<Doc>> groups;
+  std::vector<Doc> alone;
+  for (size_t i = 0; i < docs.size();) {
+    size_t j = i + 1;
+    if (docs[i].len <= kMaxBatchedLen) {
+      int64_t real = docs[i].len * docs[i].len;  // sum of L^2 over the group
+      for (; j < docs.size() && docs[j].len <= kMaxBatchedLen; ++j) {
+        const int64_t L = docs[j].len, n = static_cast<int64_t>(j - i + 1);
+        if (n * L * L > kMaxPadding * (real + L * L) || n * nh * L * L > kMaxBatchScores) break;
+        real += L * L;
+      }
+    }
+    if (j - i >= 2) {
+      groups.emplace_back(docs.begin() + i, docs.begin() + j);
+    } else {
+      alone.push_back(docs[i]);
+    }
+    i = j;
+  }
+  if (groups.empty()) return nullptr;
+  auto plan = std::make_shared<PackedPlan>();
+  const int64_t BT = B * T;
+  int64_t R = 0;
+  for (const auto& gr : groups) R += static_cast<int64_t>(gr.size()) * gr.back().len;
+  for (const auto& d : alone) R += d.len;
+  std::vector<int64_t> scatter(BT, R), scatter_inv(R, BT);
+  int64_t row = 0;  // next row of the concatenated outputs
+  auto opt = at::TensorOptions().dtype(at::kLong);
+  for (const auto& gr : groups) {
+    const int64_t n = static_cast<int64_t>(gr.size()), L = gr.back().len;
+    std::vector<int64_t> gather(n * L, BT), gather_inv(BT, n * L);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t t = 0; t < gr[i].len; ++t) {
+        const int64_t pos = gr[i].row * T + gr[i].start + t, slot = i * L + t;
+        gather[slot] = pos, gather_inv[pos] = slot;
+        scatter[pos] = row + slot, scatter_inv[row + slot] = pos;
+      }
+    row += n * L;
+    plan->batches.push_back({n, L, at::tensor(gather, opt).to(device), at::tensor(gather_inv, opt).to(device)});
+  }
+  for (const auto& d : alone) {
+    for (int64_t t = 0; t < d.len; ++t) {
+      const int64_t pos = d.row * T + d.start + t;
+      scatter[pos] = row + t, scatter_inv[row + t] = pos;
+    }
+    row += d.len;
+    plan->alone.push_back({d.row, {d.start, d.len}});
+  }
+  plan->scatter = at::tensor(scatter, opt).to(device);
+  plan->scatter_inv = at::tensor(scatter_inv, opt).to(device);
+  return plan;
+}
+
 // What a decoder layer needs besides its weights and input: head layout, norm epsilon, attention
 // kernel, and the row segments (documents / unpadded spans) attention stays inside.
 struct LayerShape {
@@ -430,6 +562,7 @@ struct LayerShape {
   bool fused;   // SDPA per document
   bool simple;  // every row is one segment from position 0: one batched causal attention
   std::vector<std::vector<Segment>> segs;
+  std::shared_ptr<const PackedPlan> packed;  // !simple: the padded batches (plan_packed), or null
 };
 
 // The layer's parameters as a flat list, in a fixed order (the checkpoint Function's inputs).
@@ -473,6 +606,28 @@ at::Tensor decoder_layer(const Qwen2Layer& l, const at::Tensor& x_in, const at::
     RECORD_FUNCTION("ptk::attention", std::vector<c10::IValue>());
     if (s.simple) {
       a = attend_grouped(q, k, v, s.fused);  // one document per row from position 0: the row's causal mask
+    } else if (s.packed) {
+      // Flat (B T, heads, D) rows -> padded batches -> one attention each -> back to (B, nh, T, D).
+      const auto& P = *s.packed;
+      auto flat = [&](const at::Tensor& t, int64_t heads) { return t.transpose(1, 2).reshape({B * T, heads, D}); };
+      const auto qf = flat(q, nh), kf = flat(k, nkv), vf = flat(v, nkv);
+      std::vector<at::Tensor> parts;
+      for (const auto& d : P.batches) {
+        RECORD_FUNCTION("ptk::attention_padded_batch", std::vector<c10::IValue>());
+        auto pad = [&](const at::Tensor& f, int64_t heads) {
+          return SelectRows::apply(f, d.gather, d.gather_inv).view({d.n, d.L, heads, D}).transpose(1, 2);
+        };
+        auto o = attend_grouped(pad(qf, nh), pad(kf, nkv), pad(vf, nkv), s.fused);  // (n, nh, L, D)
+        parts.push_back(o.transpose(1, 2).reshape({d.n * d.L, nh, D}));
+      }
+      for (const auto& [b, g] : P.alone) {
+        RECORD_FUNCTION("ptk::attention_alone_document", std::vector<c10::IValue>());
+        parts.push_back(attend_grouped(q[b].narrow(1, g.start, g.len), k[b].narrow(1, g.start, g.len),
+                                       v[b].narrow(1, g.start, g.len), s.fused)
+                            .transpose(0, 1));  // (len, nh, D)
+      }
+      auto rows = parts.size() == 1 ? parts[0] : at::cat(parts, 0);
+      a = SelectRows::apply(rows, P.scatter, P.scatter_inv).view({B, T, nh, D}).transpose(1, 2);
     } else {
       std::vector<at::Tensor> rows;
       for (int64_t b = 0; b < B; ++b) {
@@ -543,6 +698,9 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
       for (auto& g : row) g = {segs[i], segs[i + 1]}, i += 2;
       shape.segs.push_back(std::move(row));
     }
+    // The forward's padded batches, rebuilt from the segments (plan_packed is deterministic).
+    if (!shape.simple)
+      shape.packed = plan_packed(shape.segs, saved[0].size(0), saved[0].size(1), shape.nh, saved[0].device());
     // Fresh leaves sharing storage with the saved tensors; only those autograd asked for get grads.
     std::vector<at::Tensor> leaves(saved.size()), wanted;
     std::vector<size_t> wanted_index;
@@ -599,7 +757,8 @@ ForwardOutput Qwen2Model::forward(const ForwardInput& in, const ForwardOptions& 
   auto [cos, sin] = rope_cos_sin(c, positions);  // (B, T, D) float32
   const bool fused = use_fused(options.backend, embed_tokens_);
 
-  LayerShape shape{nh, nkv, D, c.rms_norm_eps, fused, simple, std::move(segs)};
+  LayerShape shape{nh, nkv, D, c.rms_norm_eps, fused, simple, std::move(segs), nullptr};
+  if (!simple) shape.packed = plan_packed(shape.segs, B, T, nh, ids.device());  // once per forward
   // Checkpointing only pays when a graph is being recorded (not under NoGradGuard / evaluation).
   const bool checkpointed = options.activation_checkpointing && at::GradMode::is_enabled();
 
