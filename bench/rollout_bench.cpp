@@ -347,18 +347,38 @@ void sampling_bench(int64_t R, int64_t vocab) {
     auto lp = x.gather(1, ids.unsqueeze(1)).squeeze(1) - lse;
   });
   std::printf("  short path / chain = %.2fx faster\n", chain / fast);
-  time_it("sample_rows, T 1, top_p 0.9 (flat rows: fallbacks)", [&] { rollout::sample_rows(logits, pp, u, vocab); });
-  auto peaky = logits * 4;
-  time_it("sample_rows, T 1, top_p 0.9 (peaky rows: candidates)", [&] { rollout::sample_rows(peaky, pp, u, vocab); });
-  time_it("full sort top_p 0.9 (peaky rows; the previous path)", [&] {
-    auto sorted = std::get<0>(peaky.sort(1, true));
+  // Top-p 0.9 alone (the filter, no draw) on flat rows (random-init-like: nuclei of thousands of
+  // tokens) and peaky rows (nuclei of a few): the CPU path (a bucketed pass per row), the tensor path
+  // it replaced on CPU (candidates, fallbacks) and the plain full sort; same logits; nuclei compared.
+  auto full_sort = [&](const at::Tensor& l) {
+    auto sorted = std::get<0>(l.sort(1, true));
     auto probs = at::softmax(sorted, 1);
     auto before = probs.cumsum(1) - probs;
     auto n_keep = (before < 0.9).sum(1, true).clamp_min(1);
     auto thr = sorted.gather(1, n_keep - 1);
-    auto x = peaky.clone();
+    auto x = l.clone();
     x.masked_fill_(x < thr, -INFINITY);
-  });
+    return x;
+  };
+  for (const auto& [name, rows] : {std::pair<std::string, at::Tensor>{"flat", logits}, {"peaky", logits * 4}}) {
+    at::Tensor a, b, c;
+    const double t_cpu = time_it(("top_p 0.9, " + name + " rows: apply_top_p_ (CPU path)").c_str(), [&] {
+      a = rows.clone();
+      rollout::apply_top_p_(a, pp);
+    });
+    const double t_tensor = time_it(("top_p 0.9, " + name + " rows: apply_top_p_sorting_").c_str(), [&] {
+      b = rows.clone();
+      rollout::apply_top_p_sorting_(b, pp);
+    });
+    const double t_sort = time_it(("top_p 0.9, " + name + " rows: full sort").c_str(), [&] { c = full_sort(rows); });
+    const auto ka = at::isfinite(a), kb = at::isfinite(b), kc = at::isfinite(c);
+    std::printf("  %s rows: CPU path %.2fx faster than the full sort, %.2fx than apply_top_p_sorting_; nucleus sizes "
+                "%.0f mean; rows whose nucleus differs: CPU vs sorting %lld, CPU vs full sort (float32 masses) %lld\n",
+                name.c_str(), t_sort / t_cpu, t_tensor / t_cpu, ka.sum(1).to(at::kDouble).mean().item<double>(),
+                (long long)(ka != kb).any(1).sum().item<int64_t>(), (long long)(ka != kc).any(1).sum().item<int64_t>());
+    std::fflush(stdout);
+  }
+  time_it("sample_rows, T 1, top_p 0.9, flat rows (whole chain)", [&] { rollout::sample_rows(logits, pp, u, vocab); });
 }
 
 std::string arg(int argc, char** argv, const std::string& name, const std::string& def) {

@@ -2,6 +2,7 @@
 // Not the engine's scheduling: see engine.cpp.
 #include "rollout/sampling.h"
 
+#include <ATen/Parallel.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -14,7 +15,7 @@ namespace ptk::rollout {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Candidates top-p sorts first (apply_top_p_); a row whose nucleus is wider falls back to more.
+// Candidates the tensor top-p sorts first (apply_top_p_sorting_); a row whose nucleus is wider falls back to more.
 constexpr int64_t kTopPCandidates = 256;
 
 uint64_t splitmix64(uint64_t x) {
@@ -95,7 +96,7 @@ void apply_top_k_(at::Tensor& x, const std::vector<SamplingParams>& params) {
   x.masked_fill_(x < thr, kNegInf);
 }
 
-void apply_top_p_(at::Tensor& x, const std::vector<SamplingParams>& params) {
+void apply_top_p_sorting_(at::Tensor& x, const std::vector<SamplingParams>& params) {
   if (!any_top_p(params)) return;
   // The nucleus of a row: sort descending, keep a token while the mass strictly before it is below
   // top_p (the first token always), then keep every column >= the last kept value (ties kept).
@@ -159,6 +160,99 @@ void apply_top_p_(at::Tensor& x, const std::vector<SamplingParams>& params) {
     todo.swap(later);
   }
   x.masked_fill_(x < thr_all, kNegInf);
+}
+
+namespace {
+
+// Buckets of nucleus_threshold: 1/64 nat wide over the 32 nats below the row's max, then one for
+// everything lower (and -inf).
+constexpr int64_t kPerNat = 64, kNats = 32, kBuckets = kPerNat * kNats + 1;
+
+// The bucket of value v in a row whose max is m: non-increasing in v (float subtraction and the
+// power-of-two scale are monotone), so every value of bucket b is >= every value of bucket b + 1.
+// Branch-free; 32 nats or more below the max, -inf and NaN go to the last bucket.
+inline int64_t bucket_of(float m, float v) {
+  const float d = m - v;
+  const float c = d < static_cast<float>(kNats) ? d : static_cast<float>(kNats);
+  return static_cast<int64_t>(c * static_cast<float>(kPerNat));
+}
+
+// One CPU row's nucleus threshold without sorting the row: the value of the last kept token (keep
+// every column >= it; ties kept), or -inf to keep them all. The definition is the full sort's
+// (descending order, keep a token while the float64 mass strictly before it is below top_p, the
+// first always). The row's exps exp(x - max) are taken in float64 into `e` (vectorised ATen ops),
+// summed to Z and into per-bucket masses; the bucket where the running mass reaches top_p * Z is
+// the only one sorted, and the scan goes on token by token from there. Only the summation order
+// differs from the sorted cumsum (~1e-16 relative).
+float nucleus_threshold(const at::Tensor& row, double top_p, at::Tensor& e, std::vector<double>& mass,
+                        std::vector<std::pair<float, double>>& members) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t V = row.size(0);
+  const float m = row.max().item<float>();
+  if (!(m > kNegInf)) return kNegInf;  // nothing finite (or NaN): nothing to choose from
+  e.copy_(row).sub_(static_cast<double>(m)).exp_();  // (V) float64
+  const double Z = e.sum().item<double>();
+  const float* x = row.data_ptr<float>();
+  const double* ep = e.data_ptr<double>();
+  // Four interleaved copies of the bucket masses, so that runs of one bucket (peaky rows put most
+  // tokens in the last) are four independent chains of adds, then summed.
+  mass.assign(static_cast<size_t>(4 * kBuckets), 0.0);
+  double* mp = mass.data();
+  int64_t j = 0;
+  for (; j + 4 <= V; j += 4) {
+    mp[bucket_of(m, x[j])] += ep[j];
+    mp[kBuckets + bucket_of(m, x[j + 1])] += ep[j + 1];
+    mp[2 * kBuckets + bucket_of(m, x[j + 2])] += ep[j + 2];
+    mp[3 * kBuckets + bucket_of(m, x[j + 3])] += ep[j + 3];
+  }
+  for (; j < V; ++j) mp[bucket_of(m, x[j])] += ep[j];
+  for (int64_t b = 0; b < kBuckets; ++b) mp[b] = (mp[b] + mp[kBuckets + b]) + (mp[2 * kBuckets + b] + mp[3 * kBuckets + b]);
+  const double target = top_p * Z;
+  double acc = 0;  // mass of the tokens kept so far
+  float thr = kNegInf;
+  for (int64_t b = 0; b < kBuckets; ++b) {
+    if (mass[b] == 0.0 && b + 1 < kBuckets) continue;  // empty (only the last can hold exps that underflow)
+    if (acc >= target) return thr;  // the mass before this bucket's first token reaches top_p
+    if (acc + mass[b] < target) {  // the whole bucket is kept; the next one's first token is kept too
+      acc += mass[b];
+      continue;
+    }
+    members.clear();
+    for (int64_t k = 0; k < V; ++k)
+      if (bucket_of(m, x[k]) == b) members.emplace_back(x[k], ep[k]);
+    std::sort(members.begin(), members.end(), [](const auto& a, const auto& c) { return a.first > c.first; });
+    for (const auto& [v, w] : members) {
+      if (acc >= target) return thr;  // the mass before this token reaches top_p
+      thr = v;
+      acc += w;
+    }
+  }
+  return kNegInf;  // top_p * Z never reached (rounding, top_p near 1): every token is kept
+}
+
+}  // namespace
+
+void apply_top_p_(at::Tensor& x, const std::vector<SamplingParams>& params) {
+  if (!any_top_p(params)) return;
+  if (!x.device().is_cpu() || x.scalar_type() != at::kFloat || !x.is_contiguous()) {
+    apply_top_p_sorting_(x, params);
+    return;
+  }
+  // CPU: per row, a bucketed pass instead of a sort (nucleus_threshold); rows in parallel.
+  const int64_t R = x.size(0), V = x.size(1);
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor e = at::empty({V}, x.options().dtype(at::kDouble));
+    std::vector<double> mass;
+    std::vector<std::pair<float, double>> members;
+    for (int64_t r = begin; r < end; ++r) {
+      const auto& p = params[r];
+      if (p.greedy() || p.top_p >= 1.0) continue;
+      at::Tensor row = x[r];
+      const float thr = nucleus_threshold(row, p.top_p, e, mass, members);
+      float* v = row.data_ptr<float>();
+      for (int64_t j = 0; j < V; ++j) v[j] = v[j] < thr ? -std::numeric_limits<float>::infinity() : v[j];
+    }
+  });
 }
 
 at::Tensor draw(const at::Tensor& x, const std::vector<SamplingParams>& params, const std::vector<double>& uniforms) {

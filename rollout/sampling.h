@@ -40,8 +40,12 @@ at::Tensor apply_temperature(const at::Tensor& logits, const std::vector<Samplin
 void limit_vocab_(at::Tensor& x, int64_t vocab_limit);
 // Per row, -inf below the row's k-th largest value (rows with top_k 0 untouched).
 void apply_top_k_(at::Tensor& x, const std::vector<SamplingParams>& params);
-// Per row, -inf outside the nucleus of softmax(x) (rows with top_p 1 untouched).
+// Per row, -inf outside the nucleus of softmax(x) (rows with top_p 1 untouched). On CPU (float32,
+// contiguous) by one bucketed pass per row, no sort; elsewhere apply_top_p_sorting_.
 void apply_top_p_(at::Tensor& x, const std::vector<SamplingParams>& params);
+// The same nucleus by tensor ops (any device): the top 256 candidates by at::topk, wider ones or
+// the full sort for rows they do not cover. What apply_top_p_ uses off CPU; tests compare the two.
+void apply_top_p_sorting_(at::Tensor& x, const std::vector<SamplingParams>& params);
 // Per row: argmax for greedy rows, else the inverse CDF of softmax(x) at uniforms[r]. (R) int64.
 at::Tensor draw(const at::Tensor& x, const std::vector<SamplingParams>& params, const std::vector<double>& uniforms);
 

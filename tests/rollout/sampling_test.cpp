@@ -53,9 +53,12 @@ at::Tensor full_sort_nucleus(const at::Tensor& x, double p) {
   return x >= sorted[n_keep - 1];
 }
 
+using TopP = void (*)(at::Tensor&, const std::vector<SamplingParams>&);
+
 TEST(Sampling, TopPOnPeakyAndFlatRowsEqualsTheFullSortNucleus) {
-  // Peaky rows have nuclei inside the top-k candidates apply_top_p_ sorts first; flat rows need
-  // thousands of tokens (the wider fallbacks). Mixed in one batch with rows that skip top-p.
+  // Peaky rows have nuclei of a few tokens (inside the sorting path's first candidates); flat rows
+  // need thousands (its wider fallbacks; many buckets of the CPU path). Mixed in one batch with
+  // rows that skip top-p. Both paths: apply_top_p_ (CPU: bucketed pass) and apply_top_p_sorting_.
   torch::manual_seed(5);
   const int64_t V = 20000;
   std::vector<double> scale = {8.0, 4.0, 2.0, 0.5, 0.05, 6.0, 1.0, 3.0};
@@ -67,22 +70,64 @@ TEST(Sampling, TopPOnPeakyAndFlatRowsEqualsTheFullSortNucleus) {
   const int64_t R = static_cast<int64_t>(params.size());
   auto x = torch::randn({R, V}) * torch::tensor(scale, torch::kFloat).unsqueeze(1);
   x.narrow(1, V - 100, 100).fill_(-std::numeric_limits<float>::infinity());  // a vocabulary limit before
-  auto y = x.clone();
-  apply_top_p_(y, params);
-  int64_t widest = 0, narrowest = V;
-  for (int64_t r = 0; r < R; ++r) {
-    const bool on = !params[r].greedy() && params[r].top_p < 1.0;
-    auto want = on ? full_sort_nucleus(x[r], params[r].top_p) : torch::isfinite(x[r]);
-    EXPECT_TRUE(torch::equal(torch::isfinite(y[r]), want)) << "row " << r << ": kept " << torch::isfinite(y[r]).sum().item<int64_t>() << ", want " << want.sum().item<int64_t>();
-    EXPECT_TRUE(torch::equal(y[r].masked_select(want), x[r].masked_select(want))) << "row " << r;  // kept as they were
-    if (on) {
-      const int64_t n = want.sum().item<int64_t>();
-      widest = std::max(widest, n);
-      narrowest = std::min(narrowest, n);
+  for (TopP f : {TopP(apply_top_p_), TopP(apply_top_p_sorting_)}) {
+    const char* name = f == TopP(apply_top_p_) ? "apply_top_p_" : "apply_top_p_sorting_";
+    auto y = x.clone();
+    f(y, params);
+    int64_t widest = 0, narrowest = V;
+    for (int64_t r = 0; r < R; ++r) {
+      const bool on = !params[r].greedy() && params[r].top_p < 1.0;
+      auto want = on ? full_sort_nucleus(x[r], params[r].top_p) : torch::isfinite(x[r]);
+      EXPECT_TRUE(torch::equal(torch::isfinite(y[r]), want)) << name << " row " << r << ": kept " << torch::isfinite(y[r]).sum().item<int64_t>() << ", want " << want.sum().item<int64_t>();
+      EXPECT_TRUE(torch::equal(y[r].masked_select(want), x[r].masked_select(want))) << name << " row " << r;  // kept as they were
+      if (on) {
+        const int64_t n = want.sum().item<int64_t>();
+        widest = std::max(widest, n);
+        narrowest = std::min(narrowest, n);
+      }
     }
+    EXPECT_LT(narrowest, 50) << name;  // within the sorting path's first candidates
+    EXPECT_GT(widest, 5000) << name;   // past its 256 candidates: its full sort
   }
-  EXPECT_LT(narrowest, 50);    // the first candidates cover it
-  EXPECT_GT(widest, 5000);     // past the 256 candidates: the full sort
+}
+
+TEST(Sampling, TopPCpuPathOnTiesWideRangesAndTopPNearOne) {
+  // The CPU path's edges against the full-sort definition and the sorting path: ties at the
+  // threshold (integer logits; a constant row, one bucket holding every token), top_p so near 1
+  // that the nucleus reaches past the 32 nats of named buckets into the last one (each of its
+  // tokens holds ~7e-15 of the mass, ~34 float64 ulps of 1: half a token from the boundary either
+  // way), a row 0.2 nats apart, one finite column, a single-token nucleus, a row of -inf.
+  torch::manual_seed(3);
+  const int64_t V = 3000;
+  const float inf = std::numeric_limits<float>::infinity();
+  auto x = torch::zeros({7, V});
+  x[0] = torch::randint(-3, 4, {V}).to(torch::kFloat);  // 7 distinct values, ~430 ties each
+  // x[1] stays constant
+  x[2].fill_(-inf);
+  x[2][0] = 0.0f;
+  for (int64_t i = 0; i < 40; ++i) x[2][1 + i] = -32.5f - 0.01f * static_cast<float>(i);
+  x[3].fill_(-inf);
+  x[3][17] = 2.0f;
+  x[4] = torch::randn({V}) * 0.1;
+  x[4][5] = 40.0f;  // one token holds all the mass
+  x[5] = torch::linspace(0.0, -600.0, V);
+  x[6].fill_(-inf);
+  std::vector<SamplingParams> params = {{1.0, 0.6, 0}, {1.0, 0.5, 0}, {1.0, 1.0 - 1.5e-13, 0}, {1.0, 0.9, 0},
+                                        {1.0, 0.99, 0}, {1.0, 0.95, 0}, {1.0, 0.9, 0}};
+  auto y = x.clone(), z = x.clone();
+  apply_top_p_(y, params);
+  apply_top_p_sorting_(z, params);
+  for (int64_t r = 0; r < 6; ++r) {
+    auto want = full_sort_nucleus(x[r], params[r].top_p);
+    EXPECT_TRUE(torch::equal(torch::isfinite(y[r]), want)) << "row " << r << ": kept " << torch::isfinite(y[r]).sum().item<int64_t>() << ", want " << want.sum().item<int64_t>();
+    EXPECT_TRUE(torch::equal(torch::isfinite(y[r]), torch::isfinite(z[r]))) << "row " << r;
+  }
+  EXPECT_EQ(torch::isfinite(y[1]).sum().item<int64_t>(), V);  // a constant row: every token ties
+  EXPECT_EQ(torch::isfinite(y[3]).sum().item<int64_t>(), 1);
+  EXPECT_EQ(torch::isfinite(y[4]).sum().item<int64_t>(), 1);
+  EXPECT_EQ(torch::isfinite(y[2]).sum().item<int64_t>(), 16);  // the max + 15 of the last bucket
+  EXPECT_EQ(torch::isfinite(y[5]).sum().item<int64_t>(), 15);  // 1 - e^(-0.2 * 15) >= 0.95
+  EXPECT_EQ(torch::isfinite(y[6]).sum().item<int64_t>(), 0);  // nothing to choose: left as it was
 }
 
 TEST(Sampling, TemperatureLimitAndLogprobsOfTheFullSoftmax) {
