@@ -159,6 +159,7 @@ struct Row {
   std::string name, command, status = "not run", run_dir;
   double seconds = kNaN, accuracy = kNaN;
   std::map<std::string, double> metrics;
+  std::map<std::string, double> start;  // eval_start.json: shown as "start → last"
 };
 
 // The metrics a summary row shows per command (the first present of each group).
@@ -167,13 +168,15 @@ std::string key_metrics(const Row& row) {
       {"sft", {"loss", "eval/loss", "eval/mean_token_accuracy"}},
       {"dpo", {"loss", "rewards/accuracies", "rewards/margins"}},
       {"rm", {"loss", "eval/accuracy", "accuracy"}},
-      {"grpo", {"reward", "eval/accuracy", "kl"}}};
+      {"grpo", {"reward", "eval/accuracy", "eval/sampled_accuracy", "kl"}}};
   std::string s;
   auto it = kShow.find(row.command);
   if (it == kShow.end()) return s;
   for (auto& m : it->second) {
     auto v = row.metrics.find(m);
-    if (v != row.metrics.end()) s += (s.empty() ? "" : ", ") + m + " " + fmt(v->second);
+    if (v == row.metrics.end()) continue;
+    auto b = row.start.find(m);
+    s += (s.empty() ? "" : ", ") + m + " " + (b != row.start.end() ? fmt(b->second) + " → " : "") + fmt(v->second);
   }
   return s.empty() ? "—" : s;
 }
@@ -408,6 +411,7 @@ int run_pipeline(const std::string& recipe_file, const std::vector<std::string>&
       write_stamp(run, "done", row.seconds);
     }
     row.metrics = last_metrics(run.run_dir);
+    row.start = start_metrics(run.run_dir);
     if (st.eval && spec.eval.enabled()) {
       row.accuracy = heldout_accuracy(o.ptk, run, spec.eval, o.threads, st.name);
       if (proc::stop_signal()) {

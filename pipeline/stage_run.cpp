@@ -205,6 +205,22 @@ std::map<std::string, double> last_metrics(const std::string& run_dir) {
   return out;
 }
 
+std::map<std::string, double> start_metrics(const std::string& run_dir) {
+  std::map<std::string, double> out;
+  const std::string file = run_dir + "/eval_start.json";
+  if (!path_exists(file)) return out;
+  try {
+    auto d = json::parse(read_file(file), file);
+    if (!d.IsObject()) return out;
+    for (auto it = d.MemberBegin(); it != d.MemberEnd(); ++it)
+      if (it->value.IsNumber() && std::string(it->name.GetString()) != "step")
+        out[it->name.GetString()] = it->value.GetDouble();
+  } catch (const std::exception&) {
+    out.clear();  // a summary without start figures, not a failed pipeline
+  }
+  return out;
+}
+
 std::string fmt(double v) {
   if (!std::isfinite(v)) return "—";
   char buf[32];

@@ -75,6 +75,10 @@ double heldout_accuracy(const std::string& ptk, const StageRun& run, const EvalS
 // Last finite value of each metric in <run_dir>/metrics.jsonl (empty when there is none).
 std::map<std::string, double> last_metrics(const std::string& run_dir);
 
+// The held-out figures a stage logged before its first step (<run_dir>/eval_start.json, keys as in
+// metrics.jsonl, e.g. eval/accuracy); empty when there is none or it does not parse.
+std::map<std::string, double> start_metrics(const std::string& run_dir);
+
 // Formats a number for tables: 4 significant digits, "—" for NaN.
 std::string fmt(double v);
 

@@ -44,7 +44,7 @@ std::vector<std::string> default_metrics(const std::string& command) {
   if (command == "sft") return {"loss", "eval/loss", "eval/mean_token_accuracy"};
   if (command == "dpo") return {"loss", "rewards/accuracies", "rewards/margins"};
   if (command == "rm") return {"loss", "eval/accuracy"};
-  return {"reward", "eval/accuracy", "kl"};
+  return {"reward", "eval/accuracy", "eval/sampled_accuracy", "kl"};
 }
 
 SweepSpec parse(const config::RecipeJson& json, const std::string& file) {

@@ -87,9 +87,13 @@ void GrpoSection::visit(config::Visitor& v) {
            "reward variance of the previous visit first");
   v.opt(log_rollouts_every, "log_rollouts_every", 1,
         "write rollouts/step-N.jsonl every this many generation batches; 0 = never");
-  v.opt(eval_max_prompts, "eval_max_prompts", 0, "held-out prompts scored per eval (greedy); 0 = all of data.eval");
+  v.opt(eval_max_prompts, "eval_max_prompts", 0, "held-out prompts scored per eval; 0 = all of data.eval");
   v.opt(eval_max_new_tokens, "eval_max_new_tokens", 0, "eval generation length; 0 = max_completion_length");
   v.opt(eval_verifier, "eval_verifier", "math", "verifier whose mean on data.eval is eval/accuracy");
+  v.opt(eval_num_samples, "eval_num_samples", 0,
+        "also sample this many completions of every held-out prompt as training samples them (temperature, "
+        "top_p, top_k) and log their mean verifier reward as eval/sampled_accuracy (TRL evaluates with "
+        "sampling); each prompt's seed is fixed, so every eval scores the same draws; 0 = greedy only");
   v.opt(eval_at_start, "eval_at_start", true, "log the held-out accuracy before the first step (fresh runs)");
 }
 
@@ -126,7 +130,8 @@ void GrpoSection::validate(config::Errors& e) const {
           ": must be in [0, clip_max = " + q(vllm_importance_sampling_clip_max) + ")");
   if (dynamic_sampling_max_rounds < 1) e.add("grpo.dynamic_sampling_max_rounds must be >= 1");
   if (log_rollouts_every < 0) e.add("grpo.log_rollouts_every must be >= 0");
-  if (eval_max_prompts < 0 || eval_max_new_tokens < 0) e.add("grpo.eval_max_prompts / eval_max_new_tokens must be >= 0");
+  if (eval_max_prompts < 0 || eval_max_new_tokens < 0 || eval_num_samples < 0)
+    e.add("grpo.eval_max_prompts / eval_max_new_tokens / eval_num_samples must be >= 0");
   try {
     reward::find_verifier(eval_verifier);
   } catch (const std::exception& ex) {
@@ -848,30 +853,52 @@ struct GrpoStage::Impl {
     std::vector<int64_t> mine;
     for (int64_t i = rank; i < n; i += world) mine.push_back(i);
     auto prompts = load_prompts(*eval_set, mine);
-    std::vector<rollout::Request> reqs;
-    for (auto& p : prompts) {
-      rollout::Request q;
-      q.prompt = p.ids;
-      q.sampling.temperature = 0;  // greedy
-      q.max_new_tokens = g.eval_max_new_tokens > 0 ? g.eval_max_new_tokens : g.max_completion_length;
-      q.stop_ids = stop_ids;
-      reqs.push_back(std::move(q));
-    }
-    auto res = engine->generate(reqs);
-    engine->free_cache();
+    const int64_t budget = g.eval_max_new_tokens > 0 ? g.eval_max_new_tokens : g.max_completion_length;
     const auto& v = reward::find_verifier(g.eval_verifier);
-    double sums[3] = {0, 0, static_cast<double>(prompts.size())};
-    for (size_t i = 0; i < prompts.size(); ++i) {
-      const auto& s = res[i][0];
-      std::vector<tokenizer::TokenId> ids(s.ids.begin(), s.ids.end());
-      sums[0] += v.fn(tok->decode(ids, true), prompts[i].answer);
-      sums[1] += static_cast<double>(s.ids.size());
+    // One pass: `samples` completions per prompt, greedy (temperature 0) or as training samples.
+    // Sums: verifier reward, completion tokens, completions.
+    auto score = [&](int64_t samples, bool greedy, double sums[3]) {
+      std::vector<rollout::Request> reqs;
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        rollout::Request q;
+        q.prompt = prompts[i].ids;
+        q.samples = samples;
+        q.max_new_tokens = budget;
+        q.stop_ids = stop_ids;
+        if (greedy) {
+          q.sampling.temperature = 0;
+        } else {
+          q.sampling.temperature = g.temperature;
+          q.sampling.top_p = g.top_p;
+          q.sampling.top_k = g.top_k;
+          // Fixed per held-out row (not per eval): successive evals score the same draws.
+          q.seed = mix64(mix64(static_cast<uint64_t>(r.run.seed) ^ 0x65766121ull) ^ static_cast<uint64_t>(mine[i]));
+        }
+        reqs.push_back(std::move(q));
+      }
+      auto res = engine->generate(reqs);
+      engine->free_cache();
+      sums[0] = sums[1] = 0;
+      sums[2] = static_cast<double>(prompts.size() * samples);
+      for (size_t i = 0; i < prompts.size(); ++i)
+        for (const auto& s : res[i]) {
+          std::vector<tokenizer::TokenId> ids(s.ids.begin(), s.ids.end());
+          sums[0] += v.fn(tok->decode(ids, true), prompts[i].answer);
+          sums[1] += static_cast<double>(s.ids.size());
+        }
+      if (world > 1)
+        for (int k = 0; k < 3; ++k) sums[k] = comm.all_reduce(sums[k], dist::ReduceOp::kSum);
+    };
+    double greedy[3];
+    score(1, true, greedy);
+    if (greedy[2] == 0) return;
+    out->add("accuracy", greedy[0] / greedy[2]);
+    out->add("completions/mean_length", greedy[1] / greedy[2]);
+    if (g.eval_num_samples > 0) {
+      double sampled[3];
+      score(g.eval_num_samples, false, sampled);
+      out->add("sampled_accuracy", sampled[0] / sampled[2]);
     }
-    if (world > 1)
-      for (double& x : sums) x = comm.all_reduce(x, dist::ReduceOp::kSum);
-    if (sums[2] == 0) return;
-    out->add("accuracy", sums[0] / sums[2]);
-    out->add("completions/mean_length", sums[1] / sums[2]);
   }
 
   std::string cursor_json() const {
@@ -993,10 +1020,16 @@ std::string run_grpo(GrpoRecipe& r, const std::string& recipe_file, const std::s
     auto t0 = Clock::now();
     stage.evaluate_accuracy(&m);
     std::string line = "grpo: before training, held-out";
-    for (auto& [k, v] : m.values()) line += " " + k + " " + std::to_string(v);
+    Metrics e;  // the keys metrics.jsonl gives them (eval/...), as sft's and dpo's eval_start.json
+    for (auto& [k, v] : m.values()) {
+      char buf[64];
+      std::snprintf(buf, sizeof buf, " %s %.4f", k.c_str(), v);
+      line += buf;
+      e.add("eval/" + k, v);
+    }
     if (main) {
       log::info(line + " (" + std::to_string(seconds_since(t0)) + " s)");
-      write_file_atomic(run_dir + "/eval_start.json", m.to_json(0) + "\n");
+      write_file_atomic(run_dir + "/eval_start.json", e.to_json(0) + "\n");
     }
   }
   trainer.run();

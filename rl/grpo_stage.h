@@ -51,7 +51,7 @@ struct GrpoSection : config::Section {
   int64_t dynamic_sampling_max_rounds;
   std::string prompt_order;
   // Logging and eval
-  int64_t log_rollouts_every, eval_max_prompts, eval_max_new_tokens;
+  int64_t log_rollouts_every, eval_max_prompts, eval_max_new_tokens, eval_num_samples;
   std::string eval_verifier;
   bool eval_at_start;
 
@@ -125,7 +125,8 @@ class GrpoStage : public train::Stage {
   void save_model(const std::string& dir) override;
 
   // Greedy held-out accuracy on data.eval (grpo.eval_verifier), summed over ranks; fills
-  // accuracy, reward, completions/mean_length. Nothing when data.eval is empty.
+  // accuracy and completions/mean_length, and with grpo.eval_num_samples > 0 also
+  // sampled_accuracy. Nothing when data.eval is empty.
   void evaluate_accuracy(Metrics* out);
 
   // For tests.

@@ -232,6 +232,38 @@ TEST(GrpoStage, BadRecipesFailWithTheKeys) {
 }
 
 
+// grpo.eval_num_samples adds eval/sampled_accuracy (samples as training draws them, a fixed seed per
+// held-out prompt): two evals of the same weights score the same draws; the greedy figures do not
+// change with it; 0 logs no sampled figure.
+TEST(GrpoStage, SampledHeldoutAccuracyIsReproducible) {
+  at::set_num_threads(1);
+  Fixture f;
+  auto get = [](const Metrics& m, const std::string& k) {
+    for (const auto& [name, v] : m.values())
+      if (name == k) return v;
+    return -1.0;
+  };
+  auto r0 = f.recipe("run0", {});
+  GrpoStage plain(*r0, r0->run.dir, {}, letters());
+  Metrics m0;
+  plain.evaluate_accuracy(&m0);
+  EXPECT_EQ(get(m0, "sampled_accuracy"), -1.0) << "eval_num_samples 0 logged a sampled accuracy";
+  ASSERT_GE(get(m0, "accuracy"), 0.0);
+
+  auto r = f.recipe("run1", {"grpo.eval_num_samples=16"});
+  GrpoStage stage(*r, r->run.dir, {}, letters());
+  Metrics a, b;
+  stage.evaluate_accuracy(&a);
+  stage.evaluate_accuracy(&b);
+  const double sa = get(a, "sampled_accuracy");
+  ASSERT_GE(sa, 0.0) << "no eval/sampled_accuracy with grpo.eval_num_samples=16";
+  EXPECT_LE(sa, 1.0);
+  EXPECT_EQ(sa, get(b, "sampled_accuracy")) << "the same weights scored different draws";
+  EXPECT_EQ(get(a, "accuracy"), get(m0, "accuracy")) << "sampling changed the greedy figure";
+  EXPECT_EQ(get(a, "completions/mean_length"), get(m0, "completions/mean_length"));
+}
+
+
 // A step end to end against a live reward server: the `remote` source is the server's math reward,
 // which equals the in-process math verifier on every completion; a server that goes away fails the
 // step with an error naming grpo.reward_urls (never a zero reward).
