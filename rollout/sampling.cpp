@@ -278,6 +278,35 @@ at::Tensor draw(const at::Tensor& x, const std::vector<SamplingParams>& params, 
 
 namespace {
 
+// The inverse CDF of one row of weights w[0, lim) at uniform u, by a scan: the first column whose
+// running mass (in double) reaches u * the row's mass; block sums skip ahead to the block where it
+// crosses. -1 when the row's mass is below 1e-26 (its allowed columns underflow: redo it).
+int64_t inverse_cdf(const float* row, int64_t lim, double u) {
+  auto sum4 = [](const float* p, int64_t n) {  // four chains: not bound by one add's latency
+    double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    const float* e = p + n;
+    for (; e - p >= 4; p += 4) a0 += p[0], a1 += p[1], a2 += p[2], a3 += p[3];
+    for (; p < e; ++p) a0 += *p;
+    return (a0 + a1) + (a2 + a3);
+  };
+  constexpr int64_t kBlock = 256;
+  const double total = sum4(row, lim);
+  if (!(total > 1e-26)) return -1;
+  const double target = u * total;
+  double acc = 0;
+  int64_t j = 0;
+  for (; j + kBlock <= lim; j += kBlock) {
+    const double b = sum4(row + j, kBlock);
+    if (acc + b >= target) break;
+    acc += b;
+  }
+  for (; j < lim - 1; ++j) {
+    acc += row[j];
+    if (acc >= target) break;
+  }
+  return j;
+}
+
 // Rows drawn without the top-k / top-p filters (greedy rows too): what the general chain computes,
 // in fewer passes over the (R, V) logits and without copying them: y = logits / T, one max, one
 // exp, one sum (the full softmax's normaliser), then the inverse CDF over the first vocab_limit
@@ -297,6 +326,39 @@ Drawn sample_plain(const at::Tensor& logits, const std::vector<SamplingParams>& 
     any_greedy = any_greedy || params[r].greedy();
     all_greedy = all_greedy && params[r].greedy();
   }
+  if (dev.is_cpu() && logits.scalar_type() == at::kFloat && logits.is_contiguous()) {
+    // CPU, row by row: the same ops on one row at a time, into two row buffers each thread reuses
+    // (no (R, V) temporary: it would be fresh pages every call, and the row stays in L2).
+    std::vector<int64_t> picked(R, 0);
+    std::vector<float> lp(R, 0.0f);
+    std::vector<uint8_t> under(R, 0);
+    at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor yb = at::empty({V}, logits.options()), w = at::empty({V}, logits.options());
+      for (int64_t r = begin; r < end; ++r) {
+        at::Tensor y = logits[r];
+        if (inv[r] != 1.0f) y = at::mul_out(yb, y, at::scalar_tensor(inv[r], logits.options()));
+        const float m = y.max().item<float>();
+        at::sub_out(w, y, at::scalar_tensor(m, logits.options())).exp_();
+        const float lse = w.sum().log_().item<float>() + m;
+        if (params[r].greedy()) {
+          picked[r] = y.narrow(0, 0, lim).argmax().item<int64_t>();
+        } else {
+          picked[r] = inverse_cdf(w.data_ptr<float>(), lim, uniforms[r]);
+          if (picked[r] < 0) {
+            under[r] = 1;
+            picked[r] = 0;
+          }
+        }
+        lp[r] = y.data_ptr<float>()[picked[r]] - lse;
+      }
+    });
+    for (int64_t r = 0; r < R; ++r)
+      if (under[r]) redo->push_back(r);
+    Drawn d;
+    d.ids = at::tensor(picked, at::kLong);
+    d.logprobs = at::tensor(lp, at::kFloat);
+    return d;
+  }
   auto y = logits.to(at::kFloat);  // no copy for float32 logits: y is only read
   if (!all_one) y = y * at::tensor(inv, at::kFloat).to(dev).unsqueeze(1);
   auto m = std::get<0>(y.max(1, /*keepdim=*/true));                         // (R, 1)
@@ -307,16 +369,6 @@ Drawn sample_plain(const at::Tensor& logits, const std::vector<SamplingParams>& 
   if (all_greedy) {
     ids = argmax;
   } else if (dev.is_cpu()) {
-    // Inverse CDF by a scan: the first column whose running mass (in double) reaches u * the
-    // allowed mass; block sums skip ahead to the block where it crosses.
-    auto sum4 = [](const float* p, int64_t n) {  // four chains: not bound by one add's latency
-      double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-      const float* e = p + n;
-      for (; e - p >= 4; p += 4) a0 += p[0], a1 += p[1], a2 += p[2], a3 += p[3];
-      for (; p < e; ++p) a0 += *p;
-      return (a0 + a1) + (a2 + a3);
-    };
-    constexpr int64_t kBlock = 256;
     auto wc = w.contiguous();
     const float* wp = wc.data_ptr<float>();
     const int64_t* ap = any_greedy ? argmax.data_ptr<int64_t>() : nullptr;
@@ -326,25 +378,11 @@ Drawn sample_plain(const at::Tensor& logits, const std::vector<SamplingParams>& 
         picked[r] = ap[r];
         continue;
       }
-      const float* row = wp + r * V;
-      const double total = sum4(row, lim);
-      if (!(total > 1e-26)) {
+      picked[r] = inverse_cdf(wp + r * V, lim, uniforms[r]);
+      if (picked[r] < 0) {
         redo->push_back(r);
-        continue;
+        picked[r] = 0;
       }
-      const double target = uniforms[r] * total;
-      double acc = 0;
-      int64_t j = 0;
-      for (; j + kBlock <= lim; j += kBlock) {
-        const double b = sum4(row + j, kBlock);
-        if (acc + b >= target) break;
-        acc += b;
-      }
-      for (; j < lim - 1; ++j) {
-        acc += row[j];
-        if (acc >= target) break;
-      }
-      picked[r] = j;
     }
     ids = at::tensor(picked, at::kLong);
   } else {

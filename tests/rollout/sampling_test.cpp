@@ -168,6 +168,35 @@ TEST(Sampling, UnfilteredRowsDrawWhatTheGeneralChainDraws) {
   EXPECT_TRUE(std::isfinite(d.logprobs[7].item<float>()));
 }
 
+TEST(Sampling, UnfilteredRowsDrawTheSameWhateverTheLayoutOfTheLogits) {
+  // Contiguous float32 logits on CPU take the row-by-row path; other layouts and dtypes the batched
+  // one. Same ids, same log-probs (up to float rounding), greedy and sampled rows, T != 1.
+  torch::manual_seed(13);
+  const int64_t R = 24, V = 5000, lim = 4900;
+  auto xt = torch::randn({V, R}) * 2;  // x = xt.t(): not contiguous
+  auto x = xt.t();
+  std::vector<SamplingParams> ps;
+  std::vector<double> u;
+  for (int64_t r = 0; r < R; ++r) {
+    ps.push_back({r % 6 == 1 ? 0.0 : 0.7 + 0.1 * (r % 4), 1.0, 0});
+    u.push_back(sample_uniform(17, r, 3));
+  }
+  auto rows = sample_rows(x.contiguous(), ps, u, lim);
+  auto batched = sample_rows(x, ps, u, lim);
+  auto as_double = sample_rows(x.to(torch::kDouble), ps, u, lim);
+  EXPECT_TRUE(torch::equal(rows.ids, batched.ids)) << rows.ids << batched.ids;
+  EXPECT_TRUE(torch::equal(rows.ids, as_double.ids));
+  EXPECT_TRUE(torch::allclose(rows.logprobs, batched.logprobs, 1e-5, 1e-5));
+  EXPECT_TRUE(torch::allclose(rows.logprobs, as_double.logprobs, 1e-5, 1e-5));
+  auto ref = torch::log_softmax(x / torch::tensor([&] {
+    std::vector<float> t;
+    for (const auto& p : ps) t.push_back(p.greedy() ? 1.0f : static_cast<float>(p.temperature));
+    return t;
+  }()).unsqueeze(1), 1).gather(1, rows.ids.unsqueeze(1)).squeeze(1);
+  EXPECT_TRUE(torch::allclose(rows.logprobs, ref, 1e-4, 1e-4)) << (rows.logprobs - ref).abs().max();
+  EXPECT_EQ(rows.ids[1].item<int64_t>(), x[1].narrow(0, 0, lim).argmax().item<int64_t>());  // greedy row
+}
+
 TEST(Sampling, DrawIsTheInverseCdf) {
   // CDF 0.5, 0.8, 0.95, 1.0: u in (0, 0.5] -> 0, (0.5, 0.8] -> 1, (0.8, 0.95] -> 2, else 3.
   std::vector<std::pair<double, int64_t>> cases = {{0.01, 0}, {0.49, 0}, {0.51, 1}, {0.79, 1}, {0.81, 2}, {0.96, 3}};
