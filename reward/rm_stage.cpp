@@ -140,9 +140,10 @@ class RmStage : public train::Stage {
     pad_id_ = tok.pad_id() >= 0 ? tok.pad_id() : tok.eos_id();
     if (pad_id_ < 0) throw Error("the tokenizer at " + tok_path_ + " names neither a pad nor an EOS token; score pooling needs one");
     if (!r.model.path.empty()) {
-      model_ = model::Qwen2Model::from_pretrained(r.model.path);
+      model_ = model::Qwen2Model::from_pretrained(r.model.path, train::model_load_options(r.model));
     } else if (!r.model.config.empty()) {
-      model_ = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed);
+      model_ = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed,
+                                              train::model_load_options(r.model));
     } else {
       throw Error("set model.path (an SFT HF folder) or model.config (a config.json for random init)");
     }

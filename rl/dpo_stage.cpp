@@ -272,9 +272,10 @@ struct DpoStage::Impl {
     heldout = eval::Heldout(r.dpo.heldout, tok_ptr);
     // Policy.
     if (!r.model.path.empty()) {
-      policy = model::Qwen2Model::from_pretrained(r.model.path);
+      policy = model::Qwen2Model::from_pretrained(r.model.path, train::model_load_options(r.model));
     } else if (!r.model.config.empty()) {
-      policy = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed);
+      policy = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed,
+                                              train::model_load_options(r.model));
     } else {
       throw Error("set model.path (the SFT stage's final/ folder) or model.config (a config.json for random init)");
     }
@@ -330,9 +331,10 @@ struct DpoStage::Impl {
   void load_reference() {
     if (reference.embed_tokens_.defined()) return;
     if (!ref_dir.empty()) {
-      reference = model::Qwen2Model::from_pretrained(ref_dir);
+      reference = model::Qwen2Model::from_pretrained(ref_dir, train::model_load_options(r.model));
     } else {
-      reference = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed);
+      reference = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed,
+                                                 train::model_load_options(r.model));
     }
     reference.set_requires_grad(false);
     if (reference.config().vocab_size != policy.config().vocab_size)

@@ -315,9 +315,10 @@ struct GrpoStage::Impl {
                   "GRPO needs one to end completions");
     // Policy (and the frozen reference: a copy of the start weights)
     if (!r.model.path.empty()) {
-      policy = model::Qwen2Model::from_pretrained(r.model.path);
+      policy = model::Qwen2Model::from_pretrained(r.model.path, train::model_load_options(r.model));
     } else if (!r.model.config.empty()) {
-      policy = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed);
+      policy = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed,
+                                              train::model_load_options(r.model));
     } else {
       throw Error("set model.path (an HF folder, e.g. the SFT or DPO run's final/) or model.config (random init)");
     }

@@ -67,9 +67,10 @@ class SftStage : public train::Stage {
     heldout_ = eval::Heldout(r.sft.heldout, tok_ptr);
     // Model.
     if (!r.model.path.empty()) {
-      model_ = model::Qwen2Model::from_pretrained(r.model.path);
+      model_ = model::Qwen2Model::from_pretrained(r.model.path, train::model_load_options(r.model));
     } else if (!r.model.config.empty()) {
-      model_ = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed);
+      model_ = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed,
+                                              train::model_load_options(r.model));
     } else {
       throw Error("set model.path (an HF folder) or model.config (a config.json for random init)");
     }

@@ -15,6 +15,12 @@ bool is_fresh_run(const config::TrainingRecipe& r, const std::string& run_dir) {
   return CheckpointDir(run_dir + "/checkpoints", r.checkpoint.keep_last).latest().empty();
 }
 
+model::LoadOptions model_load_options(const config::ModelSection& m) {
+  model::LoadOptions o;
+  o.dtype = m.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+  return o;
+}
+
 TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::string& run_dir,
                                const std::string& resolved_recipe, const std::string& label) {
   TrainerOptions o;

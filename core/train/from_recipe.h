@@ -4,6 +4,7 @@
 #include <string>
 
 #include "core/config/sections.h"  // TrainingRecipe
+#include "core/model/qwen2.h"      // LoadOptions
 #include "core/train/trainer.h"    // TrainerOptions
 
 namespace ptk::train {
@@ -14,6 +15,11 @@ std::string run_dir_of(const config::TrainingRecipe& r, const std::string& recip
 // True when this run starts from step 0: resume=never, or resume=auto with no complete
 // checkpoint in run_dir/checkpoints yet (for "before training" evals).
 bool is_fresh_run(const config::TrainingRecipe& r, const std::string& run_dir);
+
+// model.dtype as the dtype a stage loads or initialises its trained model in: float32, bfloat16
+// (bf16 parameters; AdamW keeps fp32 master weights and moments), or auto = float32 (the stages
+// place models on the CPU, where bf16 is emulated and ~3x slower).
+model::LoadOptions model_load_options(const config::ModelSection& m);
 
 // Also connects to the other ranks (dist::Comm::from_environment) when WORLD_SIZE > 1.
 TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::string& run_dir,

@@ -65,6 +65,35 @@ TEST_F(SftCli, TrainsWritesFinalAndResumes) {
   EXPECT_EQ(metric_lines().size(), 6u);
 }
 
+// model.dtype=bfloat16: bf16 parameters (AdamW keeps fp32 master weights), the loss falls, final/
+// holds BF16 tensors, and a rerun resumes from the checkpoint (master weights and moments restored).
+TEST_F(SftCli, BFloat16ParametersTrainSaveAndResume) {
+  auto r = test::run(sft("model.dtype=bfloat16 optim.lr=1e-2 train.max_steps=8 checkpoint.every=4"));
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  auto lines = metric_lines();
+  ASSERT_EQ(lines.size(), 8u);
+  const double first = json::parse(lines.front(), "metrics")["loss"].GetDouble();
+  const double last = json::parse(lines.back(), "metrics")["loss"].GetDouble();
+  EXPECT_LT(last, first - 0.5) << "bf16 training did not lower the loss";
+  // The safetensors header: u64 length, then JSON {name: {"dtype", ...}}.
+  std::string bytes = read_file(d_.file("run/final/model.safetensors"));
+  ASSERT_GT(bytes.size(), 8u);
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[i]);
+  auto header = json::parse(bytes.substr(8, n), "model.safetensors header");
+  int tensors = 0;
+  for (auto it = header.MemberBegin(); it != header.MemberEnd(); ++it) {
+    if (std::string(it->name.GetString()) == "__metadata__") continue;
+    EXPECT_STREQ(it->value["dtype"].GetString(), "BF16") << it->name.GetString();
+    ++tensors;
+  }
+  EXPECT_GT(tensors, 0);
+  auto again = test::run(sft("model.dtype=bfloat16 optim.lr=1e-2 train.max_steps=10 checkpoint.every=4"));
+  ASSERT_EQ(again.exit_code, 0) << again.out;
+  EXPECT_NE(again.out.find("resumed from"), std::string::npos) << again.out;
+  EXPECT_EQ(metric_lines().size(), 10u);
+}
+
 TEST_F(SftCli, BadRecipeKeyIsReportedBeforeAnythingRuns) {
   auto r = test::run(sft("optim.lrr=1"));
   EXPECT_EQ(r.exit_code, 1);
