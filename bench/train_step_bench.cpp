@@ -3,7 +3,12 @@
 // same run, then a per-phase profile of one more step. Prints figures; never fails on time.
 //
 //   ninja -C build-shapes train_step_bench && build-shapes/bench/train_step_bench [--seq 1024]
-//       [--steps 2] [--layers 24] [--checkpointing] [--no-profile]
+//       [--steps 2] [--layers 24] [--checkpointing] [--no-profile] [--chunk-mib N | --chunk-rows N]
+// --chunk-mib / --chunk-rows set the fused lm_head op's chunk (LogProbOptions::chunk_bytes /
+// chunk_rows; default: the op's own default) to compare chunk sizes on the same binary.
+// --lm-head-sweep 64,128,256 times only the fused lm_head op (forward + backward of -mean log-prob
+// over T-1 rows at the 0.5B shape) for each chunk size in MiB, alternated over --steps rounds in one
+// process (fairer than separate runs on a shared machine), then exits.
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/torch.h>
@@ -88,11 +93,47 @@ std::map<std::string, double> self_times(const torch::autograd::profiler::thread
   return out;
 }
 
+// The fused lm_head op alone, forward + backward, at each chunk size (MiB), alternated `rounds` times.
+void lm_head_sweep(const std::vector<int64_t>& mibs, int64_t rows, int64_t hdim, int64_t vocab, int64_t rounds,
+                   double peak) {
+  torch::manual_seed(0);
+  auto hidden = (torch::randn({rows, hdim}) * 0.1).requires_grad_(true);
+  auto weight = (torch::randn({vocab, hdim}) * 0.02).requires_grad_(true);
+  auto targets = torch::randint(0, vocab, {rows}, torch::kInt64);
+  const double flops = 4.0 * 2.0 * rows * hdim * vocab;  // forward GEMM, its recompute, dh and dW
+  std::map<int64_t, std::vector<double>> times;
+  for (int64_t r = 0; r <= rounds; ++r) {  // round 0 is a warm-up
+    for (int64_t mib : mibs) {
+      ptk::model::LogProbOptions o;
+      o.chunk_bytes = mib << 20;
+      hidden.mutable_grad().reset();
+      weight.mutable_grad().reset();
+      auto t0 = Clock::now();
+      auto lp = ptk::model::lm_head_logprobs(hidden, weight, targets, o);
+      (-lp.logprobs.mean()).backward();
+      double t = seconds_since(t0);
+      if (r > 0) times[mib].push_back(t);
+    }
+  }
+  std::printf("fused lm_head op alone: %lld rows x %lld hidden x %lld vocab, forward + backward, %lld rounds\n",
+              static_cast<long long>(rows), static_cast<long long>(hdim), static_cast<long long>(vocab),
+              static_cast<long long>(rounds));
+  for (auto& [mib, v] : times) {
+    std::sort(v.begin(), v.end());
+    const int64_t chunk_rows = std::max<int64_t>(1, (mib << 20) / (vocab * 4));
+    std::printf("RESULT chunk %4lld MiB (%4lld rows): best %.2f s, median %.2f s | %.1f GFLOP/s = %.1f%% of peak\n",
+                static_cast<long long>(mib), static_cast<long long>(chunk_rows), v.front(), v[v.size() / 2],
+                flops / v.front() / 1e9, 100.0 * flops / v.front() / 1e9 / peak);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int64_t T = 1024, steps = 2, layers = 24;
   bool checkpointing = false, profile = true;
+  std::vector<int64_t> sweep_mib;
+  ptk::model::LogProbOptions lp_options;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--seq" && i + 1 < argc) T = std::stoll(argv[++i]);
@@ -100,8 +141,22 @@ int main(int argc, char** argv) {
     else if (a == "--layers" && i + 1 < argc) layers = std::stoll(argv[++i]);
     else if (a == "--checkpointing") checkpointing = true;
     else if (a == "--no-profile") profile = false;
+    else if (a == "--chunk-mib" && i + 1 < argc) lp_options.chunk_bytes = std::stoll(argv[++i]) << 20;
+    else if (a == "--chunk-rows" && i + 1 < argc) lp_options.chunk_rows = std::stoll(argv[++i]);
+    else if (a == "--lm-head-sweep" && i + 1 < argc) {
+      std::string list = argv[++i];
+      for (size_t p = 0; p < list.size();) {
+        size_t q = list.find(',', p);
+        if (q == std::string::npos) q = list.size();
+        sweep_mib.push_back(std::stoll(list.substr(p, q - p)));
+        p = q + 1;
+      }
+    }
     else {
-      std::fprintf(stderr, "usage: %s [--seq N] [--steps N] [--layers N] [--checkpointing] [--no-profile]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--seq N] [--steps N] [--layers N] [--checkpointing] [--no-profile] "
+                   "[--chunk-mib N | --chunk-rows N] [--lm-head-sweep MIB,MIB,...]\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -126,6 +181,11 @@ int main(int argc, char** argv) {
     peak = std::max(peak, g);
   }
   std::printf("fp32 matmul peak: %.1f GFLOP/s\n", peak);
+  if (!sweep_mib.empty()) {
+    lm_head_sweep(sweep_mib, T - 1, H, c.vocab_size, steps, peak);
+    std::printf("load average at end: %s\n", loadavg().c_str());
+    return 0;
+  }
 
   auto m = ptk::model::Qwen2Model::from_config(c, 1);
   m.set_requires_grad(true);
@@ -139,6 +199,11 @@ int main(int argc, char** argv) {
   std::printf("model: %lld layers, %.1fM parameters, sequence %lld, %s; %.3f GFLOP per token\n",
               static_cast<long long>(layers), n_params / 1e6, static_cast<long long>(T),
               checkpointing ? "activation checkpointing" : "no checkpointing", flops_per_token / 1e9);
+  const int64_t vocab = m.lm_head_weight().size(0);
+  const int64_t chunk_rows =
+      lp_options.chunk_rows > 0 ? lp_options.chunk_rows : std::max<int64_t>(1, lp_options.chunk_bytes / (vocab * 4));
+  std::printf("lm_head chunk: %lld rows (%.0f MiB of fp32 logits at vocab %lld)\n", static_cast<long long>(chunk_rows),
+              chunk_rows * vocab * 4.0 / (1 << 20), static_cast<long long>(vocab));
 
   torch::manual_seed(0);
   auto ids = torch::randint(0, 151643, {1, T}, torch::kLong);
@@ -156,7 +221,7 @@ int main(int argc, char** argv) {
     at::Tensor loss;
     {
       RECORD_FUNCTION("ptk::lm_head_loss", std::vector<c10::IValue>());
-      auto lp = ptk::model::lm_head_logprobs(hidden[0].narrow(0, 0, T - 1), m.lm_head_weight(), targets);
+      auto lp = ptk::model::lm_head_logprobs(hidden[0].narrow(0, 0, T - 1), m.lm_head_weight(), targets, lp_options);
       loss = -lp.logprobs.mean();
     }
     p->loss += seconds_since(t0);

@@ -83,8 +83,12 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
     at::Tensor w32 = valid_weight(weight, valid_vocab);
     auto f32 = hidden.options().dtype(torch::kFloat32);
     at::Tensor d_hidden = torch::empty({n, hidden.size(1)}, f32);
-    at::Tensor d_weight = torch::zeros(weight.sizes(), f32);
+    // The first chunk writes the valid rows' gradient (mm_out), later chunks add to it: no zero
+    // fill and no extra read of the (V, H) gradient. Rows past valid_vocab get no gradient: zeros.
+    at::Tensor d_weight = torch::empty(weight.sizes(), f32);
     at::Tensor d_valid = d_weight.narrow(0, 0, w32.size(0));
+    if (w32.size(0) < d_weight.size(0)) d_weight.narrow(0, w32.size(0), d_weight.size(0) - w32.size(0)).zero_();
+    if (n == 0) d_valid.zero_();
     for (int64_t s = 0; s < n; s += chunk) {
       int64_t e = std::min(n, s + chunk);
       at::Tensor h = hidden.slice(0, s, e).to(torch::kFloat32);
@@ -104,7 +108,8 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
       if (inv_t != 1.0) dz.mul_(inv_t);
       at::Tensor dh = d_hidden.slice(0, s, e);
       torch::mm_out(dh, dz, w32);
-      d_valid.addmm_(dz.t(), h);
+      if (s == 0) torch::mm_out(d_valid, dz.t(), h);
+      else d_valid.addmm_(dz.t(), h);
     }
     return {d_hidden.to(hidden.scalar_type()), d_weight.to(weight.scalar_type()), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor()};
