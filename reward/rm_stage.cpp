@@ -139,14 +139,7 @@ class RmStage : public train::Stage {
     // TRL: config.pad_token_id from the tokenizer, falling back to EOS.
     pad_id_ = tok.pad_id() >= 0 ? tok.pad_id() : tok.eos_id();
     if (pad_id_ < 0) throw Error("the tokenizer at " + tok_path_ + " names neither a pad nor an EOS token; score pooling needs one");
-    if (!r.model.path.empty()) {
-      model_ = model::Qwen2Model::from_pretrained(r.model.path, train::model_load_options(r.model));
-    } else if (!r.model.config.empty()) {
-      model_ = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed,
-                                              train::model_load_options(r.model));
-    } else {
-      throw Error("set model.path (an SFT HF folder) or model.config (a config.json for random init)");
-    }
+    model_ = train::load_model(r.model, r.run.seed, "an SFT HF folder");
     if (!model_.has_score_head()) {
       model_.add_score_head(static_cast<uint64_t>(r.run.seed) + 1, pad_id_);
     } else if (model_.config().pad_token_id && *model_.config().pad_token_id != pad_id_) {

@@ -271,14 +271,7 @@ struct DpoStage::Impl {
     pad_id = tok.pad_id() >= 0 ? tok.pad_id() : tok.eos_id();
     heldout = eval::Heldout(r.dpo.heldout, tok_ptr);
     // Policy.
-    if (!r.model.path.empty()) {
-      policy = model::Qwen2Model::from_pretrained(r.model.path, train::model_load_options(r.model));
-    } else if (!r.model.config.empty()) {
-      policy = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed,
-                                              train::model_load_options(r.model));
-    } else {
-      throw Error("set model.path (the SFT stage's final/ folder) or model.config (a config.json for random init)");
-    }
+    policy = train::load_model(r.model, r.run.seed, "the SFT stage's final/ folder");
     if (static_cast<int64_t>(tok.vocab_size()) > policy.config().vocab_size)
       throw Error("the tokenizer at " + tok_path + " has " + std::to_string(tok.vocab_size()) +
                   " ids but the model's vocab_size is " + std::to_string(policy.config().vocab_size) +

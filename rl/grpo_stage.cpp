@@ -19,7 +19,6 @@
 #include "core/model/qwen2.h"
 #include "core/runtime/log.h"
 #include "core/tokenizer/tokenizer.h"
-#include "core/train/checkpoint_dir.h"
 #include "core/train/from_recipe.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
@@ -29,6 +28,7 @@
 #include "reward/reward_client.h"
 #include "reward/verifiers.h"
 #include "rollout/engine.h"
+#include "rollout/eval.h"
 
 namespace ptk::rl {
 
@@ -314,14 +314,7 @@ struct GrpoStage::Impl {
       throw Error(tok_path + ": the tokenizer names no eos token (tokenizer_config.json eos_token) nor <|im_end|>; "
                   "GRPO needs one to end completions");
     // Policy (and the frozen reference: a copy of the start weights)
-    if (!r.model.path.empty()) {
-      policy = model::Qwen2Model::from_pretrained(r.model.path, train::model_load_options(r.model));
-    } else if (!r.model.config.empty()) {
-      policy = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed,
-                                              train::model_load_options(r.model));
-    } else {
-      throw Error("set model.path (an HF folder, e.g. the SFT or DPO run's final/) or model.config (random init)");
-    }
+    policy = train::load_model(r.model, r.run.seed, "an HF folder, e.g. the SFT or DPO run's final/");
     if (static_cast<int64_t>(tok->vocab_size()) > policy.config().vocab_size)
       throw Error("the tokenizer at " + tok_path + " has " + std::to_string(tok->vocab_size()) +
                   " ids but the model's vocab_size is " + std::to_string(policy.config().vocab_size) +
@@ -1021,16 +1014,14 @@ std::string run_grpo(GrpoRecipe& r, const std::string& recipe_file, const std::s
     auto t0 = Clock::now();
     stage.evaluate_accuracy(&m);
     std::string line = "grpo: before training, held-out";
-    Metrics e;  // the keys metrics.jsonl gives them (eval/...), as sft's and dpo's eval_start.json
     for (auto& [k, v] : m.values()) {
       char buf[64];
       std::snprintf(buf, sizeof buf, " %s %.4f", k.c_str(), v);
       line += buf;
-      e.add("eval/" + k, v);
     }
     if (main) {
       log::info(line + " (" + std::to_string(seconds_since(t0)) + " s)");
-      write_file_atomic(run_dir + "/eval_start.json", e.to_json(0) + "\n");
+      eval::write_eval_start(run_dir, m);
     }
   }
   trainer.run();

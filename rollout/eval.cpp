@@ -256,8 +256,12 @@ void Heldout::run_at_start(const model::Qwen2Model& model, dist::Comm* comm, boo
                 stage.c_str(), acc, options_.verifier.c_str(), prompts_.size(), options_.prompts.c_str(),
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   log::info(line);
+  write_eval_start(run_dir, m);
+}
+
+void write_eval_start(const std::string& run_dir, const Metrics& figures) {
   Metrics e;
-  for (auto& [k, v] : m.values()) e.add("eval/" + k, v);
+  for (auto& [k, v] : figures.values()) e.add("eval/" + k, v);
   write_file_atomic(run_dir + "/eval_start.json", e.to_json(0) + "\n");
 }
 

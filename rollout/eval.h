@@ -92,6 +92,10 @@ struct HeldoutOptions {
 // Greedy generation through the rollout engine on held-out prompts, scored by a verifier: the
 // same code as `ptk eval`. With several ranks each evaluates every world-th prompt and the sums
 // are all-reduced, so every rank returns the global figures.
+// Writes run_dir/eval_start.json: the held-out figures measured before the first step, each under
+// the name metrics.jsonl gives it (eval/<key>), at step 0.
+void write_eval_start(const std::string& run_dir, const Metrics& figures);
+
 class Heldout {
  public:
   Heldout() = default;

@@ -66,14 +66,7 @@ class SftStage : public train::Stage {
     pad_id_ = tok.pad_id() >= 0 ? tok.pad_id() : tok.eos_id();
     heldout_ = eval::Heldout(r.sft.heldout, tok_ptr);
     // Model.
-    if (!r.model.path.empty()) {
-      model_ = model::Qwen2Model::from_pretrained(r.model.path, train::model_load_options(r.model));
-    } else if (!r.model.config.empty()) {
-      model_ = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed,
-                                              train::model_load_options(r.model));
-    } else {
-      throw Error("set model.path (an HF folder) or model.config (a config.json for random init)");
-    }
+    model_ = train::load_model(r.model, r.run.seed, "an HF folder");
     if (static_cast<int64_t>(tok.vocab_size()) > model_.config().vocab_size)
       throw Error("the tokenizer at " + tok_path_ + " has " + std::to_string(tok.vocab_size()) +
                   " ids but the model's vocab_size is " + std::to_string(model_.config().vocab_size) +

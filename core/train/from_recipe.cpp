@@ -1,6 +1,8 @@
 #include "core/train/from_recipe.h"
 
+#include "core/checkpoint/hf_config.h"
 #include "core/dist/comm.h"
+#include "core/util/error.h"
 #include "core/train/checkpoint_dir.h"
 
 namespace ptk::train {
@@ -19,6 +21,13 @@ model::LoadOptions model_load_options(const config::ModelSection& m) {
   model::LoadOptions o;
   o.dtype = m.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
   return o;
+}
+
+model::Qwen2Model load_model(const config::ModelSection& m, uint64_t seed, const std::string& path_hint) {
+  if (!m.path.empty()) return model::Qwen2Model::from_pretrained(m.path, model_load_options(m));
+  if (!m.config.empty())
+    return model::Qwen2Model::from_config(checkpoint::read_config(m.config), seed, model_load_options(m));
+  throw Error("set model.path (" + path_hint + ") or model.config (a config.json for random init)");
 }
 
 TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::string& run_dir,

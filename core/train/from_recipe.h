@@ -21,6 +21,11 @@ bool is_fresh_run(const config::TrainingRecipe& r, const std::string& run_dir);
 // place models on the CPU, where bf16 is emulated and ~3x slower).
 model::LoadOptions model_load_options(const config::ModelSection& m);
 
+// The model a stage trains: model.path (an HF folder) or model.config (random init from `seed`), in
+// model.dtype. Neither set: an Error "set model.path (<path_hint>) or model.config (a config.json
+// for random init)".
+model::Qwen2Model load_model(const config::ModelSection& m, uint64_t seed, const std::string& path_hint);
+
 // Also connects to the other ranks (dist::Comm::from_environment) when WORLD_SIZE > 1.
 TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::string& run_dir,
                                const std::string& resolved_recipe, const std::string& label);
