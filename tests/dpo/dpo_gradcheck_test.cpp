@@ -28,24 +28,15 @@
 #include "datasets/byte_tokenizer.h"
 #include "rl/dpo_stage.h"
 #include "tests/support/test_util.h"
+#include "tests/support/tiny_qwen2.h"
 
 namespace ptk::rl {
 namespace {
 
 checkpoint::Qwen2Config tiny_config(bool tied) {
-  checkpoint::Qwen2Config c;
-  c.vocab_size = 259;  // the byte tokenizer: 256 bytes + 3 ChatML specials
-  c.hidden_size = 32;
+  auto c = test::tiny_byte_qwen2_config();
   c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.max_position_embeddings = 128;
-  c.rope_theta = 10000.0;
   c.tie_word_embeddings = tied;
-  c.eos_token_ids = {258};
-  c.pad_token_id = 256;
   return c;
 }
 

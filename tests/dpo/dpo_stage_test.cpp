@@ -20,26 +20,10 @@
 #include "datasets/prepare.h"
 #include "rl/dpo_stage.h"
 #include "tests/support/test_util.h"
+#include "tests/support/tiny_qwen2.h"
 
 namespace ptk::rl {
 namespace {
-
-checkpoint::Qwen2Config tiny_config() {
-  checkpoint::Qwen2Config c;
-  c.vocab_size = 259;  // the byte tokenizer: 256 bytes + 3 ChatML specials
-  c.hidden_size = 32;
-  c.intermediate_size = 64;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.max_position_embeddings = 128;
-  c.rope_theta = 10000.0;
-  c.tie_word_embeddings = true;
-  c.eos_token_ids = {258};
-  c.pad_token_id = 256;
-  return c;
-}
 
 // A temp folder with the byte tokenizer, a random-init "SFT final" HF folder and a few pairs of
 // different lengths (plain text, so the prompt/reply split is exact).
@@ -50,7 +34,7 @@ struct Fixture {
     model_dir = dir.file("sft-final");
     make_dirs(model_dir);
     tasks::write_byte_tokenizer(model_dir);
-    auto m = model::Qwen2Model::from_config(tiny_config(), 7);
+    auto m = model::Qwen2Model::from_config(test::tiny_byte_qwen2_config(), 7);
     checkpoint::SaveOptions so;
     so.source_dir = model_dir;
     m.save_pretrained(model_dir, so);
@@ -234,7 +218,7 @@ TEST(DpoStage, PrecomputedReferenceEqualsLiveAndIsCached) {
   std::string other = f.dir.file("other-ref");
   make_dirs(other);
   tasks::write_byte_tokenizer(other);
-  model::Qwen2Model::from_config(tiny_config(), 99).save_pretrained(other);
+  model::Qwen2Model::from_config(test::tiny_byte_qwen2_config(), 99).save_pretrained(other);
   DpoRecipe o;
   f.bind(o, f.dir.file("pre"), {"dpo.ref_path=\"" + other + "\""});
   DpoStage s(o, o.run.dir);

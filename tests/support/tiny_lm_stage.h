@@ -15,21 +15,12 @@
 #include "core/model/qwen2.h"
 #include "core/train/trainer.h"
 #include "core/util/json.h"
+#include "tests/support/tiny_qwen2.h"
 
 namespace ptk::test {
 
 inline checkpoint::Qwen2Config tiny_lm_config() {
-  checkpoint::Qwen2Config c;
-  c.vocab_size = 48;
-  c.hidden_size = 32;
-  c.intermediate_size = 64;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.max_position_embeddings = 64;
-  c.rope_theta = 10000.0;
-  c.tie_word_embeddings = true;
+  auto c = tiny_qwen2_config(48, 64);
   c.eos_token_ids = {1};
   c.pad_token_id = 0;
   return c;
