@@ -13,11 +13,15 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cerrno>
+#include <cstring>
 #include <deque>
 #include <future>
 #include <mutex>
 #include <optional>
 #include <thread>
+
+#include <sys/socket.h>
 
 #include "core/model/qwen2.h"
 #include "core/runtime/log.h"
@@ -161,6 +165,7 @@ struct RewardServer::Impl {
 
   httplib::Server svr;
   int bound_port = -1;
+  int listen_fd = -1;  // the listening socket, recorded by the socket-options hook in routes()
 
   // Batcher: one thread, the only one that runs the model.
   std::mutex mu;
@@ -418,6 +423,13 @@ struct RewardServer::Impl {
 
   void routes() {
     svr.new_task_queue = [n = opt.http_threads] { return new httplib::ThreadPool(static_cast<size_t>(n)); };
+    // Debian's cpp-httplib is compiled with a listen backlog of 5: a burst of more than 6 rollout
+    // workers connecting at once overflowed the accept queue, and the kernel dropped the rest until
+    // its SYN-ACK retry a second later (or reset them). Keep the fd so bind() can raise the backlog.
+    svr.set_socket_options([this](socket_t sock) {
+      httplib::default_socket_options(sock);
+      listen_fd = static_cast<int>(sock);
+    });
     svr.set_payload_max_length(static_cast<size_t>(opt.max_body_bytes));
     svr.Post("/get_reward", [this](const httplib::Request& req, httplib::Response& res) {
       auto t0 = Clock::now();
@@ -518,6 +530,11 @@ int RewardServer::bind() {
                   " (in use, or not an address of this machine)\n---> HINT: pick another --port, or 0 for any free one");
     m.bound_port = static_cast<int>(m.opt.port);
   }
+  // Calling listen() again on a listening socket resizes its accept queue (Linux, BSD); the kernel
+  // caps it at net.core.somaxconn.
+  if (m.listen_fd >= 0 && ::listen(m.listen_fd, SOMAXCONN) != 0)
+    log::warn("reward-server: could not raise the listen backlog (" + std::string(std::strerror(errno)) +
+              "); bursts of more than 6 simultaneous connections may wait a second");
   if (m.has_model) m.batcher = std::thread([&m] { m.batcher_loop(); });
   return m.bound_port;
 }

@@ -1,14 +1,19 @@
 // The reward server and client over loopback (127.0.0.1), in-process: the /get_reward round trip
 // (reward model + weighted verifiers), 16 concurrent clients batched together with every answer
-// equal to the score head's output for that text alone, each bad input's 4xx, /health, /metrics,
-// the bearer token; the client's retries against a failing-then-recovering server, a server
-// restarted mid-run, spreading over 2 URLs, and a clear error when every attempt fails.
+// equal to the score head's output for that text alone, a burst of 32 connections queued while
+// nothing accepts, each bad input's 4xx, /health, /metrics, the bearer token; the client's retries
+// against a failing-then-recovering server, a server restarted mid-run, spreading over 2 URLs, and a
+// clear error when every attempt fails.
 // Not the `ptk reward-server` process and its signals (reward_server_cli_test.cpp).
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <torch/torch.h>
 
 #include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
 #include <chrono>
 #include <thread>
 
@@ -154,6 +159,73 @@ TEST_F(RewardServerTest, SixteenConcurrentClientsAreBatchedAndEachGetsItsOwnScor
   EXPECT_GT(m["batch_items_max"].GetInt64(), kPer) << "concurrent requests were never batched together";
   EXPECT_LT(m["batches"].GetInt64(), kClients);
   EXPECT_GE(m["latency_ms_p99"].GetDouble(), m["latency_ms_p50"].GetDouble());
+}
+
+// The accept queue of the listening socket on `port` (Linux: /proc/net/tcp's rx_queue column of a
+// LISTEN row is the number of connections waiting for accept()); -1 when not found.
+long accept_queue_length(int port) {
+  std::ifstream f("/proc/net/tcp");
+  std::string line;
+  std::getline(f, line);  // header
+  while (std::getline(f, line)) {
+    std::istringstream is(line);
+    std::string sl, local, remote, st, queues;
+    is >> sl >> local >> remote >> st >> queues;
+    if (st != "0A" || std::stol(local.substr(local.find(':') + 1), nullptr, 16) != port) continue;
+    return std::stol(queues.substr(queues.find(':') + 1), nullptr, 16);
+  }
+  return -1;
+}
+
+// Rollout workers connect in bursts. Debian's cpp-httplib listens with a backlog of 5, so before
+// the server raised it a burst of more than 6 connections overflowed the accept queue and the kernel
+// dropped the rest for a second or reset them (seen in CI as 3 of 16 clients failing with `Read`).
+// Here 32 connections arrive while nothing accepts: all must wait in the queue, and all be served.
+TEST_F(RewardServerTest, ABurstOfConnectionsWaitsInTheAcceptQueueAndIsServed) {
+  if (!std::ifstream("/proc/net/tcp")) GTEST_SKIP() << "no /proc/net/tcp to read the accept queue from";
+  reward::RewardServer srv(reward_section({"reward.verifiers=[\"exact\"]"}));
+  int port = srv.bind();
+  constexpr int kConns = 32;
+  std::vector<int> fds;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  for (int i = 0; i < kConns; ++i) {
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    ASSERT_GE(fd, 0);
+    timeval connect_timeout{2, 0};  // a full accept queue drops SYNs: connect() would retry for minutes
+    ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &connect_timeout, sizeof connect_timeout);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+      ADD_FAILURE() << "connection " << i + 1 << " of " << kConns << ": " << std::strerror(errno);
+      ::close(fd);
+      break;
+    }
+    fds.push_back(fd);
+  }
+  long queued = -1;  // the handshakes' last ACKs reach the listener asynchronously: wait up to 5 s
+  for (int i = 0; i < 500 && (queued = accept_queue_length(port)) < kConns; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  if (queued != kConns) {  // fail now: serving the dropped ones would wait out the kernel's retries
+    for (int fd : fds) ::close(fd);
+    FAIL() << queued << " of " << kConns << " connections in the accept queue: the listen backlog is too small";
+  }
+  std::thread serving([&] { srv.serve(); });
+  const std::string req = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+  int ok = 0;
+  for (int fd : fds) {
+    timeval tv{30, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ASSERT_EQ(::send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+    std::string got;
+    char buf[512];
+    for (ssize_t n; (n = ::recv(fd, buf, sizeof buf, 0)) > 0;) got.append(buf, static_cast<size_t>(n));
+    ok += got.rfind("HTTP/1.1 200", 0) == 0;
+    ::close(fd);
+  }
+  EXPECT_EQ(ok, kConns);
+  srv.stop();
+  serving.join();
 }
 
 TEST_F(RewardServerTest, BadInputGetsA4xxWithAMessage) {
