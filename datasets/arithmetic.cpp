@@ -102,7 +102,11 @@ std::string finish_line(rapidjson::StringBuffer& buf) { return std::string(buf.G
 int64_t ArithmeticProblem::answer() const { return op == '+' ? a + b : op == '-' ? a - b : a * b; }
 
 std::string ArithmeticProblem::question() const {
-  return "What is " + std::to_string(a) + " " + op + " " + std::to_string(b) + "?";
+  auto num = [this](int64_t x) {
+    std::string t = std::to_string(x);
+    return static_cast<int>(t.size()) < width ? std::string(static_cast<size_t>(width) - t.size(), '0') + t : t;
+  };
+  return "What is " + num(a) + " " + op + " " + num(b) + "?";
 }
 
 std::string ArithmeticProblem::answer_text() const { return "The answer is " + std::to_string(answer()) + "."; }
@@ -123,6 +127,8 @@ ArithmeticSplits arithmetic_splits(const ArithmeticOptions& opt) {
       errors += std::string("  --ops `") + opt.ops + "`: `" + c + "` is not one of + - *\n";
   if (opt.eval < 1) errors += "  --eval " + std::to_string(opt.eval) + ": must be at least 1\n";
   if (opt.train < 0) errors += "  --train " + std::to_string(opt.train) + ": must be >= 0 (0 = every problem not held out)\n";
+  if (opt.operands != "padded" && opt.operands != "plain")
+    errors += "  --operands `" + opt.operands + "`: must be padded or plain\n";
   if (!errors.empty()) throw Error("ptk make-data arithmetic: bad options:\n" + errors);
 
   std::string ops = distinct_ops(opt.ops);
@@ -169,6 +175,8 @@ ArithmeticSplits arithmetic_splits(const ArithmeticOptions& opt) {
       if (seen.insert(k).second) drawn.push_back(from_index(k));
     }
   }
+  if (opt.operands == "padded")
+    for (auto& p : drawn) p.width = opt.digits;
   ArithmeticSplits s;
   s.eval.assign(drawn.begin(), drawn.begin() + opt.eval);
   s.train.assign(drawn.begin() + opt.eval, drawn.end());
@@ -275,6 +283,8 @@ std::vector<WrittenFile> write_arithmetic_dataset(const std::string& out_dir, co
   w.Int(opt.digits);
   w.Key("ops");
   w.String(distinct_ops(opt.ops).c_str());
+  w.Key("operands");
+  w.String(opt.operands.c_str());
   w.Key("train");
   w.Int64(nt);
   w.Key("eval");

@@ -28,13 +28,21 @@ struct ArithmeticOptions {
   int64_t eval = 300;      // held-out problems (the first `eval` of the seeded order)
   int digits = 2;          // operands in [0, 10^digits); 1..9
   std::string ops = "+";   // any of + - *; subtraction keeps a >= b, so answers are never negative
+  // "padded": operands written with exactly `digits` digits ("What is 04 + 90?"); "plain": as numbers
+  // ("What is 4 + 90?"). Measured 2026-11-28 with the tiny SFT recipe's model (2-layer, hidden 128,
+  // byte tokens), 2000 steps of 32, weight decay 0.01, 1 thread, held-out greedy accuracy at steps
+  // 500 / 1000 / 1500 / 2000: padded 5% / 45% / 89% / 99.3%, plain 2.3% / 7.7% / 11.7% / 14.3%. With
+  // operands of varying width the model located their digits only roughly: it got the sum to within
+  // ~3, its units digit at chance. Answers are never padded.
+  std::string operands = "padded";
 };
 
 struct ArithmeticProblem {
   int64_t a = 0, b = 0;
   char op = '+';
+  int width = 0;                    // operands zero-padded to this many digits; 0 = not padded
   int64_t answer() const;
-  std::string question() const;     // "What is 37 + 45?"
+  std::string question() const;     // "What is 37 + 45?" ("What is 04 + 90?" with width 2)
   std::string answer_text() const;  // "The answer is 82."
 };
 

@@ -19,16 +19,17 @@ int cmd_make_data(int argc, char** argv) {
   cli::CommandLine cl(
       "make-data",
       "ptk make-data arithmetic --out DIR [--seed S] [--train N] [--eval M] [--digits D] [--ops +-*] "
-      "[--tokenizer bytes]",
-      "Generates the arithmetic demo task: \"What is 7 * 8?\" -> \"The answer is 56.\" in chat form.\n"
+      "[--operands padded|plain] [--tokenizer bytes]",
+      "Generates the arithmetic demo task: \"What is 07 * 08?\" -> \"The answer is 56.\" in chat form.\n"
       "Writes DIR/{sft,preference,rl}_{train,eval}.jsonl (DESIGN.md's formats; preference pairs reject a\n"
       "plausible wrong answer, RL prompts carry \"answer\") and DIR/manifest.json. Train and eval are disjoint\n"
       "by problem; the same flags give the same bytes. Subtraction keeps a >= b (no negative answers).\n\n"
-      "Default difficulty: two-digit addition (10,000 problems, 300 held out). In a spike a 2-layer\n"
-      "hidden-128 byte-level model got 30/300 held-out right after ~460 steps of 32 (150 s, one core):\n"
-      "accuracy visibly moves in the ~3-minute CPU demo, and training prompts are not all solved after\n"
-      "SFT, so DPO pairs and GRPO rewards still teach something. One-digit problems are memorised\n"
-      "outright (nothing left for RL); --ops +-* at two digits barely moves in that time.");
+      "Default difficulty: two-digit addition with zero-padded operands (10,000 problems, 300 held out).\n"
+      "The tiny SFT recipe's 2-layer hidden-128 byte-level model, 2000 steps of 32 (~3 min on one\n"
+      "core), got 5% / 45% / 89% / 99.3% of the held-out ones after 500 / 1000 / 1500 / 2000 steps; with\n"
+      "--operands plain (\"4 + 90\") 2.3% / 7.7% / 11.7% / 14.3%: it never found the units digits of\n"
+      "operands of varying width.\n"
+      "One-digit problems are memorised outright (nothing left for RL); --ops +-* is harder.");
   cl.flags().add_options()
       ("out", po::value<std::string>()->required(), "output folder (created)")
       ("seed", po::value<uint64_t>(&opt.seed)->default_value(opt.seed), "seed for the splits and wrong answers")
@@ -40,6 +41,8 @@ int cmd_make_data(int argc, char** argv) {
        "operands in [0, 10^D); 1..9")
       ("ops", po::value<std::string>(&opt.ops)->default_value(opt.ops),
        "operations, any of + - * (write --ops=-* when the value starts with '-')")
+      ("operands", po::value<std::string>(&opt.operands)->default_value(opt.operands),
+       "`padded`: every operand written with D digits (\"04 + 90\"); `plain`: as numbers (\"4 + 90\")")
       ("tokenizer", po::value<std::string>()->default_value(""),
        "`bytes`: also write tokenizer.json + tokenizer_config.json (256 byte tokens + ChatML specials, "
        "vocab 259) for a tiny demo model");
@@ -65,8 +68,8 @@ int cmd_make_data(int argc, char** argv) {
   if (tok == "bytes") tok_files = tasks::write_byte_tokenizer(out);
 
   auto splits = tasks::arithmetic_splits(opt);  // cheap; only for the example line below
-  std::printf("arithmetic: digits %d, ops %s, seed %llu: %lld train + %lld held-out problems (of %lld distinct)\n",
-              opt.digits, opt.ops.c_str(), static_cast<unsigned long long>(opt.seed),
+  std::printf("arithmetic: digits %d (%s), ops %s, seed %llu: %lld train + %lld held-out problems (of %lld distinct)\n",
+              opt.digits, opt.operands.c_str(), opt.ops.c_str(), static_cast<unsigned long long>(opt.seed),
               static_cast<long long>(splits.train.size()), static_cast<long long>(splits.eval.size()),
               static_cast<long long>(tasks::arithmetic_problem_count(opt.digits, opt.ops)));
   for (const auto& f : files) {

@@ -2,6 +2,9 @@
 // format, plausible wrong answers, DESIGN.md's JSONL formats and option errors.
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <cstring>
+
 #include <set>
 #include <sstream>
 #include <tuple>
@@ -40,6 +43,39 @@ TEST(Arithmetic, DefaultsAreTwoDigitAdditionWith300HeldOut) {
   EXPECT_EQ(s.train.size(), 9700u);
   for (auto* split : {&s.train, &s.eval})
     for (auto& p : *split) EXPECT_TRUE(p.op == '+' && p.a <= 99 && p.b <= 99) << p.question();
+}
+
+// Operands are written with exactly `digits` digits by default (the tiny model finds their units
+// digits only then); --operands plain writes them as numbers. Same problems either way.
+TEST(Arithmetic, OperandsArePaddedToTheDigitCountUnlessPlain) {
+  ArithmeticOptions opt;
+  opt.digits = 3;
+  opt.train = 200;
+  opt.eval = 50;
+  auto padded = arithmetic_splits(opt);
+  opt.operands = "plain";
+  auto plain = arithmetic_splits(opt);
+  ASSERT_EQ(padded.train.size(), plain.train.size());
+  int short_operands = 0;
+  for (size_t i = 0; i < padded.train.size(); ++i) {
+    const auto& p = padded.train[i];
+    EXPECT_EQ(key(p), key(plain.train[i]));
+    char a[16], b[16], op;
+    ASSERT_EQ(std::sscanf(p.question().c_str(), "What is %15s %c %15[0-9]?", a, &op, b), 3) << p.question();
+    EXPECT_EQ(std::strlen(a), 3u) << p.question();
+    EXPECT_EQ(std::strlen(b), 3u) << p.question();
+    EXPECT_EQ(std::stoll(a), p.a);
+    EXPECT_EQ(std::stoll(b), p.b);
+    EXPECT_EQ(plain.train[i].question(), "What is " + std::to_string(p.a) + " + " + std::to_string(p.b) + "?");
+    short_operands += p.a < 100 || p.b < 100;
+  }
+  EXPECT_GT(short_operands, 0) << "no operand below 100: the padding was never exercised";
+  ArithmeticProblem q;
+  q.a = 4;
+  q.b = 90;
+  q.width = 2;
+  EXPECT_EQ(q.question(), "What is 04 + 90?");
+  EXPECT_EQ(q.answer_text(), "The answer is 94.");  // answers are never padded
 }
 
 TEST(Arithmetic, SmallSpaceSplitsCoverEveryProblemOnceAndDisjointly) {
@@ -199,6 +235,10 @@ TEST(Arithmetic, OptionErrorsNameTheFlagAndTheFix) {
   EXPECT_NE(e.find("--digits 0"), std::string::npos) << e;
   EXPECT_NE(e.find("`/` is not one of"), std::string::npos) << e;  // all errors reported together
   EXPECT_NE(e.find("--eval 0"), std::string::npos) << e;
+  ArithmeticOptions odd;
+  odd.operands = "wide";
+  e = error_of(odd);
+  EXPECT_NE(e.find("--operands `wide`: must be padded or plain"), std::string::npos) << e;
   ArithmeticOptions too_many;
   too_many.digits = 1;
   too_many.ops = "+-*";
