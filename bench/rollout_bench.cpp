@@ -70,6 +70,7 @@ double static_batches(const model::Qwen2Model& m, const Work& w, int64_t S, int6
   }
   const int64_t max_ctx = max_prompt + max_len;
   model::KVCache cache(m.config(), S, max_ctx, at::kFloat, at::kCPU);
+  at::Tensor logits_buf;
   auto t0 = Clock::now();
   *useful = 0;
   *row_steps = 0;
@@ -97,7 +98,8 @@ double static_batches(const model::Qwen2Model& m, const Work& w, int64_t S, int6
       for (int64_t r = 0; r < R; ++r) u[r] = rollout::sample_uniform(7, static_cast<int64_t>(b) + r, s);
       auto d = rollout::sample_rows(logits, ps, u, vocab);
       if (s + 1 == steps) break;
-      logits = m.forward_cached(d.ids.view({R, 1}), slots, std::vector<int64_t>(R, 1), cache);
+      logits = m.forward_cached(d.ids.view({R, 1}), slots, std::vector<int64_t>(R, 1), cache,
+                                model::AttentionBackend::kAuto, &logits_buf);  // reused, as the engine does
     }
   }
   return seconds_since(t0);
@@ -154,7 +156,10 @@ double no_cache(const model::Qwen2Model& m, const Work& w, int64_t S, int64_t vo
 
 // The ideal: a decode step (forward + sampling) over all S slots at the average context, timed;
 // useful tokens/s if every slot were always busy = S / step time.
-double ideal_tps(const model::Qwen2Model& m, int64_t S, int64_t ctx, int64_t vocab, double* step_s) {
+// With `reuse_logits`, every step writes its logits into one buffer (as the engine does); without,
+// each step allocates them afresh (the page-fault cost the buffer removes).
+double ideal_tps(const model::Qwen2Model& m, int64_t S, int64_t ctx, int64_t vocab, double* step_s,
+                 bool reuse_logits = true) {
   model::KVCache cache(m.config(), S, ctx + 1, at::kFloat, at::kCPU);
   auto prefix = torch::randint(3, 1000, {1, ctx}, torch::kLong);
   m.forward_cached(prefix, {0}, {ctx}, cache);
@@ -166,9 +171,11 @@ double ideal_tps(const model::Qwen2Model& m, int64_t S, int64_t ctx, int64_t voc
   auto tok = torch::full({S, 1}, 42, torch::kLong);
   const int reps = 6;
   double total = 0;
+  at::Tensor logits_buf;
   for (int i = 0; i <= reps; ++i) {
     auto t0 = Clock::now();
-    auto logits = m.forward_cached(tok, slots, ones, cache);
+    auto logits = m.forward_cached(tok, slots, ones, cache, model::AttentionBackend::kAuto,
+                                   reuse_logits ? &logits_buf : nullptr);
     std::vector<double> u(S, 0.5);
     auto d = rollout::sample_rows(logits, ps, u, vocab);
     d.ids.contiguous();
@@ -252,6 +259,10 @@ void run_shape(const std::string& shape, const tokenizer::Tokenizer& tok, const 
   std::fflush(stdout);
   std::printf("ideal            %8.1f tokens/s  (decode+sample step over %lld busy slots at context %.0f: %.3f s)\n", ideal,
               (long long)S, mean_prompt + mean_out / 2, step_s);
+  double fresh_step_s = 0;
+  ideal_tps(m, S, static_cast<int64_t>(mean_prompt + mean_out / 2), vocab, &fresh_step_s, /*reuse_logits=*/false);
+  std::printf("                 the same step with fresh logits each time (no kept buffer): %.3f s (buffer saves %.0f%%)\n",
+              fresh_step_s, 100 * (1 - step_s / fresh_step_s));
 
   // (b) static batches with a KV cache, no refill.
   int64_t useful_b = 0, row_steps_b = 0;

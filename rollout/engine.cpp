@@ -133,6 +133,9 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
   std::vector<uint8_t> busy(static_cast<size_t>(S), 0);
   std::vector<std::vector<int64_t>> live(requests.size());  // slots of each request's live samples
   int64_t n_busy = 0, done = 0;
+  // The decode steps' logits, one buffer for the whole call (freed with it): the first step has the
+  // most rows, so later steps reuse its pages instead of faulting in a fresh (R, V) block each time.
+  at::Tensor logits_buf;
 
   while (!queue.empty() || n_busy > 0) {
     // ---- (1) admission: free slots take queued samples; each new prompt is prefilled once ----
@@ -212,7 +215,8 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
       }
     const int64_t R = static_cast<int64_t>(rows.size());
     auto logits = model_.forward_cached(at::tensor(tokens, at::kLong).view({R, 1}), rows,
-                                        std::vector<int64_t>(static_cast<size_t>(R), 1), cache);  // (R, V)
+                                        std::vector<int64_t>(static_cast<size_t>(R), 1), cache,
+                                        model::AttentionBackend::kAuto, &logits_buf);  // (R, V), in logits_buf
     ++stats_.decode_steps;
     stats_.decode_rows += R;
     auto t3 = Clock::now();

@@ -867,7 +867,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& K, const at::
 
 at::Tensor Qwen2Model::forward_cached(const at::Tensor& ids_in, const std::vector<int64_t>& slots,
                                       const std::vector<int64_t>& n_new, KVCache& cache,
-                                      AttentionBackend backend) const {
+                                      AttentionBackend backend, at::Tensor* logits_out) const {
   at::NoGradGuard no_grad;
   const auto& c = config_;
   PTK_CHECK(ids_in.dim() == 2, "forward_cached: ids must be (R, T)");
@@ -937,7 +937,15 @@ at::Tensor Qwen2Model::forward_cached(const at::Tensor& ids_in, const std::vecto
   for (int64_t r = 0; r < R; ++r) cache.set_length(slots[r], base[r] + n_new[r]);
   auto last = at::tensor(n_new, at::kLong).to(dev) - 1;
   auto h_last = x.index({at::arange(R, ids.options()), last});  // (R, H)
-  return logits(rms_norm(h_last, norm_, c.rms_norm_eps));       // (R, V)
+  auto h = rms_norm(h_last, norm_, c.rms_norm_eps);
+  if (!logits_out) return logits(h);  // (R, V)
+  const auto& W = lm_head_weight();   // (V, H)
+  at::Tensor& out = *logits_out;
+  if (!out.defined() || out.scalar_type() != h.scalar_type() || out.device() != h.device())
+    out = at::empty({R, W.size(0)}, h.options());
+  else
+    out.resize_({R, W.size(0)});  // no reallocation while the storage is large enough
+  return at::mm_out(out, h, W.t());
 }
 
 void Qwen2Model::save_pretrained(const std::string& dir, const checkpoint::SaveOptions& options) const {

@@ -131,10 +131,16 @@ class Qwen2Model {
   // slots[r] (prefill when n_new > 1, decode when 1) at positions length(slot) + t, attends over
   // each slot's own history, advances the slot lengths, and returns the logits at each row's last
   // appended token: (R, V). ids (R, T) int64, T >= max(n_new). Throws when a slot would overflow.
+  // With `logits_out`, the logits are written into that tensor (allocated on first use, resized in
+  // place after: its storage is kept while R does not exceed the largest R seen) and the result is
+  // a view of it, valid until the next call with the same buffer. A decode loop passes one buffer
+  // for all its steps: at the 151,936-token vocabulary a 64-row step's logits are 39 MB, and a fresh
+  // allocation of that size is a fresh mmap whose pages fault in on every step.
   // Not thread-safe with respect to `cache`.
   at::Tensor forward_cached(const at::Tensor& ids, const std::vector<int64_t>& slots,
                             const std::vector<int64_t>& n_new, KVCache& cache,
-                            AttentionBackend backend = AttentionBackend::kAuto) const;
+                            AttentionBackend backend = AttentionBackend::kAuto,
+                            at::Tensor* logits_out = nullptr) const;
 
   // Saves an HF folder that transformers and vLLM load unchanged (see checkpoint::save_checkpoint).
   void save_pretrained(const std::string& dir, const checkpoint::SaveOptions& options = {}) const;

@@ -238,7 +238,8 @@ TEST_P(Fixture, CachedDecodeEqualsUncachedForward) {
 }
 
 // Decode over any set of slots (dense, with idle slots inside the range, sparse, out of order,
-// a single slot) gives each row the logits of an uncached forward over that slot's own sequence.
+// a single slot) gives each row the logits of an uncached forward over that slot's own sequence,
+// also when the logits go into a caller's buffer (kept, not reallocated, as the row count varies).
 TEST_P(Fixture, DecodeOverAnySetOfSlotsEqualsUncachedForward) {
   auto m = load();
   const int64_t S = 8, V = m.config().vocab_size;
@@ -256,11 +257,20 @@ TEST_P(Fixture, DecodeOverAnySetOfSlotsEqualsUncachedForward) {
   const std::vector<std::vector<int64_t>> steps = {{0, 1, 2, 3, 4, 5, 6, 7}, {1, 4, 6}, {0, 7}, {2, 3}, {6, 1, 4},
                                                    {0, 2, 4, 6}, {7, 1}, {5}, {3, 0, 7, 2}};
   double worst = 0;
-  for (const auto& set : steps) {
+  at::Tensor buffer;  // even steps (the first has the most rows) write their logits into one buffer, as the engine does
+  const void* buffer_storage = nullptr;
+  for (size_t k = 0; k < steps.size(); ++k) {
+    const auto& set = steps[k];
     const int64_t R = static_cast<int64_t>(set.size());
     auto tok = torch::randint(0, V, {R, 1}, torch::kLong);
-    auto got = m.forward_cached(tok, set, std::vector<int64_t>(R, 1), cache);  // (R, V)
+    auto got = k % 2 == 0 ? m.forward_cached(tok, set, std::vector<int64_t>(R, 1), cache, model::AttentionBackend::kAuto, &buffer)
+                     : m.forward_cached(tok, set, std::vector<int64_t>(R, 1), cache);  // (R, V)
     ASSERT_EQ(got.sizes(), (std::vector<int64_t>{R, V}));
+    if (k % 2 == 0) {
+      EXPECT_EQ(got.data_ptr(), buffer.data_ptr()) << "the logits were not written into the buffer";
+      if (!buffer_storage) buffer_storage = buffer.storage().data();
+      EXPECT_EQ(buffer.storage().data(), buffer_storage) << "step " << k << " (" << R << " rows) reallocated the buffer";
+    }
     for (int64_t r = 0; r < R; ++r) {
       auto& q = seqs[set[r]];
       q.push_back(tok[r][0].item<int64_t>());
