@@ -53,6 +53,32 @@ struct PipelineSpec {
 
 bool is_policy(const std::string& command) { return command != "rm"; }
 
+// `model_from`: "<stage>" (its final/) or "<stage>@step-N" (its checkpoints/step-N, a saved HF
+// folder the stage kept). Returns {stage, checkpoint}; checkpoint is "" for final/.
+std::pair<std::string, std::string> split_model_from(const std::string& v) {
+  auto at = v.find('@');
+  if (at == std::string::npos) return {v, ""};
+  return {v.substr(0, at), v.substr(at + 1)};
+}
+
+// Checks a `model_from` value against the stages named so far; empty = fine.
+std::string model_from_error(const std::string& v, const std::set<std::string>& names) {
+  auto [stage, ckpt] = split_model_from(v);
+  if (!names.count(stage)) return "`" + stage + "` is not an earlier stage's name";
+  if (v.find('@') != std::string::npos) {
+    bool ok = ckpt.size() > 5 && ckpt.rfind("step-", 0) == 0 &&
+              ckpt.find_first_not_of("0123456789", 5) == std::string::npos;
+    if (!ok) return "`" + v + "`: after '@' give a checkpoint of that stage, step-N (its checkpoints/step-N folder)";
+  }
+  return "";
+}
+
+// The folder `model_from` names under the pipeline's run folder.
+std::string model_from_dir(const std::string& run_dir, const std::string& v) {
+  auto [stage, ckpt] = split_model_from(v);
+  return run_dir + "/" + stage + (ckpt.empty() ? "/final" : "/checkpoints/" + ckpt);
+}
+
 PipelineSpec parse(const config::RecipeJson& json, const std::string& file, const PipelineOptions& o) {
   SpecReader r(json);
   PipelineSpec p;
@@ -128,8 +154,10 @@ PipelineSpec parse(const config::RecipeJson& json, const std::string& file, cons
         r.error(path + ".name", "`" + st.name + "` names two stages; give each a distinct \"name\" (its run folder)");
       if (st.name.find('/') != std::string::npos || st.name == "." || st.name == "..")
         r.error(path + ".name", "`" + st.name + "` must be a plain folder name");
-      if (!st.model_from.empty() && !names.count(st.model_from))
-        r.error(path + ".model_from", "`" + st.model_from + "` is not an earlier stage's name");
+      if (!st.model_from.empty()) {
+        std::string e = model_from_error(st.model_from, names);
+        if (!e.empty()) r.error(path + ".model_from", e);
+      }
       if (const Value* rs = r.find(s, path, "reward_server")) {
         std::string sp = path + ".reward_server";
         r.only_keys(*rs, sp, {"recipe", "overrides", "model_from", "url", "url_key", "threads", "start_timeout_s"});
@@ -144,8 +172,10 @@ PipelineSpec parse(const config::RecipeJson& json, const std::string& file, cons
         sv.start_timeout_s = r.integer(*rs, sp, "start_timeout_s", 300);
         if (sv.url.empty() == (r.find(*rs, sp, "recipe") == nullptr))
           r.error(sp, "give either \"recipe\" (the pipeline starts a local server) or \"url\" (a running one)");
-        if (!sv.model_from.empty() && !names.count(sv.model_from))
-          r.error(sp + ".model_from", "`" + sv.model_from + "` is not an earlier stage's name");
+        if (!sv.model_from.empty()) {
+          std::string e = model_from_error(sv.model_from, names);
+          if (!e.empty()) r.error(sp + ".model_from", e);
+        }
         if (st.command != "grpo") r.error(sp, "only a grpo stage uses a reward server");
       }
       p.stages.push_back(st);
@@ -316,9 +346,9 @@ int run_pipeline(const std::string& recipe_file, const std::vector<std::string>&
     run.run_dir = row.run_dir;
     std::string from = !st.model_from.empty() ? st.model_from : last_policy;
     if (!from.empty()) {
-      run.overrides.push_back("model.path=" + spec.dir + "/" + from + "/final");
+      run.overrides.push_back("model.path=" + model_from_dir(spec.dir, from));
       run.overrides.push_back("model.config=\"\"");
-      run.upstream += from + ":" + fp_of[from] + "\n";
+      run.upstream += from + ":" + fp_of[split_model_from(from).first] + "\n";
     }
     std::vector<std::string> volatile_keys;
     if (st.server.enabled) {
@@ -327,8 +357,8 @@ int run_pipeline(const std::string& recipe_file, const std::vector<std::string>&
         std::string rm = !st.server.model_from.empty() ? st.server.model_from : last_rm;
         std::vector<std::string> sovs = st.server.overrides;
         if (!rm.empty()) {
-          sovs.push_back("reward.model=" + spec.dir + "/" + rm + "/final");
-          run.upstream += "reward-model " + rm + ":" + fp_of[rm] + "\n";
+          sovs.push_back("reward.model=" + model_from_dir(spec.dir, rm));
+          run.upstream += "reward-model " + rm + ":" + fp_of[split_model_from(rm).first] + "\n";
         }
         run.upstream += "reward-server " + json::to_string(config::load_recipe(st.server.recipe, sovs).doc) + "\n";
       } else {
@@ -348,6 +378,17 @@ int run_pipeline(const std::string& recipe_file, const std::vector<std::string>&
       if (is_policy(st.command)) last_policy = st.name;
       else last_rm = st.name;
       continue;
+    }
+    if (state != RunState::kDone && !from.empty() && !path_exists(model_from_dir(spec.dir, from))) {
+      auto [stage, ckpt] = split_model_from(from);
+      std::fprintf(stderr, "pipeline: stage `%s` starts from %s, which does not exist%s; stopping here.\n",
+                   st.name.c_str(), model_from_dir(spec.dir, from).c_str(),
+                   ckpt.empty() ? ""
+                                : (" (stage `" + stage + "` keeps its last checkpoint.keep_last checkpoints, one every "
+                                   "checkpoint.every steps: name one it kept)").c_str());
+      row.status = "failed";
+      exit_code = 1;
+      break;
     }
     if (state == RunState::kDone) {
       row.status = "skipped (done)";
@@ -369,7 +410,7 @@ int run_pipeline(const std::string& recipe_file, const std::vector<std::string>&
         if (url.empty()) {
           std::vector<std::string> sovs = st.server.overrides;
           std::string rm = !st.server.model_from.empty() ? st.server.model_from : last_rm;
-          if (!rm.empty()) sovs.push_back("reward.model=" + spec.dir + "/" + rm + "/final");
+          if (!rm.empty()) sovs.push_back("reward.model=" + model_from_dir(spec.dir, rm));
           std::printf("stage %s: starting its reward server (%s)\n", st.name.c_str(), st.server.recipe.c_str());
           std::fflush(stdout);
           server = start_server(o, st.server, sovs, &url);

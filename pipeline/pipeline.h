@@ -9,7 +9,7 @@
 //   "setup": [{"ptk": ["make-data", ...], "creates": "data/arith/rl_eval.jsonl"}]   skipped when `creates` exists
 //   "eval":  {"data": "...rl_eval.jsonl", "verifier": "math", "max_new_tokens": 0, "limit": 0}
 //   "stages": [{"name": "sft", "command": "sft|dpo|rm|grpo", "recipe": "sft.json", "overrides": {...},
-//               "model_from": "<stage>", "eval": true,
+//               "model_from": "<stage>" (its final/) or "<stage>@step-N" (its checkpoints/step-N), "eval": true,
 //               "reward_server": {"recipe": "...", "overrides": {...}, "model_from": "<rm stage>",
 //                                 "url": "http://...", "url_key": "grpo.reward_urls", "threads": 0,
 //                                 "start_timeout_s": 300}}]

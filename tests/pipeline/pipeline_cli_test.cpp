@@ -157,6 +157,36 @@ TEST_F(PipelineCli, SftToSftChainsFinalAndSkipsOnRerun) {
   EXPECT_EQ(lines_of(d_.file("pipe/b/metrics.jsonl")), 4u);
 }
 
+// "model_from": "a@step-2" starts a stage from a's checkpoints/step-2 (an HF folder a kept), not its
+// final/; a checkpoint a did not keep stops the pipeline with the path and why; a malformed one is
+// a recipe error.
+TEST_F(PipelineCli, StageStartsFromAnEarlierStagesCheckpoint) {
+  auto write = [&](const std::string& from) {
+    return d_.write("ck.json", "{\"run\": {\"dir\": \"" + d_.file("pipe") + "\"},\n" + eval_block() +
+                                   " \"stages\": [\n"
+                                   "  {\"name\": \"a\", \"command\": \"sft\", \"recipe\": \"sft.json\",\n"
+                                   "   \"overrides\": {\"train.max_steps\": 4, \"checkpoint.every\": 2, \"checkpoint.keep_last\": 2}},\n"
+                                   "  {\"name\": \"b\", \"command\": \"sft\", \"recipe\": \"sft.json\", \"model_from\": \"" + from + "\",\n"
+                                   "   \"overrides\": {\"train.max_steps\": 2}}]}\n");
+  };
+  auto r = test::run(pipeline(write("a@step-2")));
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  auto cfg = json::parse_file(d_.file("pipe/b/config.json"), json::Syntax::kRelaxed);
+  EXPECT_EQ(std::string(cfg["model"]["path"].GetString()), d_.file("pipe") + "/a/checkpoints/step-2");
+
+  auto missing = test::run(pipeline(write("a@step-3")));
+  EXPECT_EQ(missing.exit_code, 1) << missing.out;
+  EXPECT_NE(missing.out.find("stage `b` starts from " + d_.file("pipe") + "/a/checkpoints/step-3, which does not exist"),
+            std::string::npos) << missing.out;
+  EXPECT_NE(missing.out.find("checkpoint.keep_last"), std::string::npos) << missing.out;
+
+  std::string bad = write("a@latest");
+  auto e = test::run(pipeline(bad));
+  EXPECT_EQ(e.exit_code, 1) << e.out;
+  EXPECT_NE(e.out.find(bad + ": stages[1].model_from: `a@latest`: after '@' give a checkpoint of that stage, step-N"),
+            std::string::npos) << e.out;
+}
+
 TEST_F(PipelineCli, StoppedStageResumesFromItsCheckpoint) {
   // b runs long enough to be stopped after its first checkpoint.
   std::string file = two_stage(600, ", \"checkpoint.every\": 10");
