@@ -847,39 +847,38 @@ struct GrpoStage::Impl {
     std::vector<int64_t> mine;
     for (int64_t i = rank; i < n; i += world) mine.push_back(i);
     auto prompts = load_prompts(*eval_set, mine);
-    const int64_t budget = g.eval_max_new_tokens > 0 ? g.eval_max_new_tokens : g.max_completion_length;
-    const auto& v = reward::find_verifier(g.eval_verifier);
-    // One pass: `samples` completions per prompt, greedy (temperature 0) or as training samples.
+    // Scored by `ptk eval`'s code (eval::evaluate: the engine, the same stop ids, the verifier).
+    std::vector<eval::EvalPrompt> eval_prompts;
+    std::vector<uint64_t> seeds;
+    for (const auto& p : prompts) {
+      eval::EvalPrompt e;
+      e.ids = p.ids;
+      e.answer = p.answer;
+      e.where = "data.eval row " + std::to_string(p.row);
+      eval_prompts.push_back(std::move(e));
+      // Fixed per held-out row (not per eval, not per rank): successive evals score the same draws.
+      seeds.push_back(mix64(mix64(static_cast<uint64_t>(r.run.seed) ^ 0x65766121ull) ^ static_cast<uint64_t>(p.row)));
+    }
+    // One pass: `samples` completions per prompt, greedy (temperature 0) or sampled as in training.
     // Sums: verifier reward, completion tokens, completions.
     auto score = [&](int64_t samples, bool greedy, double sums[3]) {
-      std::vector<rollout::Request> reqs;
-      for (size_t i = 0; i < prompts.size(); ++i) {
-        rollout::Request q;
-        q.prompt = prompts[i].ids;
-        q.samples = samples;
-        q.max_new_tokens = budget;
-        q.stop_ids = stop_ids;
-        if (greedy) {
-          q.sampling.temperature = 0;
-        } else {
-          q.sampling.temperature = g.temperature;
-          q.sampling.top_p = g.top_p;
-          q.sampling.top_k = g.top_k;
-          // Fixed per held-out row (not per eval): successive evals score the same draws.
-          q.seed = mix64(mix64(static_cast<uint64_t>(r.run.seed) ^ 0x65766121ull) ^ static_cast<uint64_t>(mine[i]));
+      sums[0] = sums[1] = sums[2] = 0;
+      if (!eval_prompts.empty()) {
+        eval::EvalOptions eo;
+        eo.verifier = g.eval_verifier;
+        eo.max_new_tokens = g.eval_max_new_tokens > 0 ? g.eval_max_new_tokens : g.max_completion_length;
+        eo.samples = samples;
+        eo.slots = r.rollout.slots;
+        if (!greedy) {
+          eo.sampling = rollout::SamplingParams{g.temperature, g.top_p, g.top_k};
+          eo.prompt_seeds = seeds;
         }
-        reqs.push_back(std::move(q));
+        engine->free_cache();  // evaluate() brings its own engine and cache
+        auto res = eval::evaluate(policy, *tok, eval_prompts, eo);
+        sums[0] = res.accuracy * static_cast<double>(res.samples);
+        sums[1] = res.mean_length * static_cast<double>(res.samples);
+        sums[2] = static_cast<double>(res.samples);
       }
-      auto res = engine->generate(reqs);
-      engine->free_cache();
-      sums[0] = sums[1] = 0;
-      sums[2] = static_cast<double>(prompts.size() * samples);
-      for (size_t i = 0; i < prompts.size(); ++i)
-        for (const auto& s : res[i]) {
-          std::vector<tokenizer::TokenId> ids(s.ids.begin(), s.ids.end());
-          sums[0] += v.fn(tok->decode(ids, true), prompts[i].answer);
-          sums[1] += static_cast<double>(s.ids.size());
-        }
       if (world > 1)
         for (int k = 0; k < 3; ++k) sums[k] = comm.all_reduce(sums[k], dist::ReduceOp::kSum);
     };

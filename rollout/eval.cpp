@@ -57,6 +57,9 @@ std::vector<EvalPrompt> read_eval_prompts(const std::string& path, const tokeniz
 EvalResult evaluate(const model::Qwen2Model& model, const tokenizer::Tokenizer& tok,
                     const std::vector<EvalPrompt>& prompts, const EvalOptions& o) {
   const auto& verifier = reward::find_verifier(o.verifier);
+  if (!o.prompt_seeds.empty() && o.prompt_seeds.size() != prompts.size())
+    throw Error("eval: " + std::to_string(o.prompt_seeds.size()) + " prompt_seeds for " +
+                std::to_string(prompts.size()) + " prompts; give one each or none");
   auto t0 = std::chrono::steady_clock::now();
   rollout::EngineOptions eo;
   eo.slots = o.slots;
@@ -71,7 +74,7 @@ EvalResult evaluate(const model::Qwen2Model& model, const tokenizer::Tokenizer& 
     r.prompt = prompts[i].ids;
     r.samples = o.samples;
     r.sampling = o.sampling;
-    r.seed = o.seed + i;
+    r.seed = o.prompt_seeds.empty() ? o.seed + i : o.prompt_seeds[i];
     r.max_new_tokens = o.max_new_tokens;
     r.stop_ids = stops;
     reqs.push_back(std::move(r));

@@ -46,7 +46,8 @@ struct EvalOptions {
   int64_t max_new_tokens = 128;
   rollout::SamplingParams sampling{0.0, 1.0, 0};  // temperature 0 = greedy
   int64_t samples = 1;                            // per prompt; accuracy averages over all samples
-  uint64_t seed = 0;
+  uint64_t seed = 0;                              // prompt i samples with seed + i ...
+  std::vector<uint64_t> prompt_seeds;             // ... or with prompt_seeds[i] (one per prompt) when given
   int64_t slots = 64;
   // A Qwen2ForSequenceClassification model scoring prompt + completion ("" = none).
   const model::Qwen2Model* reward_model = nullptr;
