@@ -13,8 +13,9 @@ int cmd_pipeline(int argc, char** argv) {
       "pipeline", "ptk pipeline --recipe FILE [--dry-run] [--threads N] [key.path=value ...]",
       "Runs the stages a pipeline recipe lists (sft, dpo, rm, grpo; any subset and order), each as a child\n"
       "process of this ptk: a policy stage's <run.dir>/<stage>/final becomes the next stage's model.path\n"
-      "(rm's feeds the reward server instead); a grpo stage's reward server is started on a free loopback\n"
-      "port and stopped after it (or reached at a URL). Finished stages are skipped on a rerun; an\n"
+      "(rm's feeds the reward server instead; \"model_from\": \"<stage>\" or \"<stage>@step-N\" picks another\n"
+      "stage's final/ or one of its kept checkpoints); a grpo stage's reward server is started on a free\n"
+      "loopback port and stopped after it (or reached at a URL). Finished stages are skipped on a rerun; an\n"
       "interrupted one resumes from its checkpoint. Prints held-out accuracy after each stage (`ptk eval`)\n"
       "and a summary table (also <run.dir>/summary.md). SIGINT/SIGTERM are forwarded to the stage.\n"
       "Recipe format: pipeline/pipeline.h; example: recipes/tiny/pipeline.json. Exit status: 0 done,\n"
