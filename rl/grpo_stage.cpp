@@ -859,39 +859,26 @@ struct GrpoStage::Impl {
       // Fixed per held-out row (not per eval, not per rank): successive evals score the same draws.
       seeds.push_back(mix64(mix64(static_cast<uint64_t>(r.run.seed) ^ 0x65766121ull) ^ static_cast<uint64_t>(p.row)));
     }
-    // One pass: `samples` completions per prompt, greedy (temperature 0) or sampled as in training.
-    // Sums: verifier reward, completion tokens, completions.
-    auto score = [&](int64_t samples, bool greedy, double sums[3]) {
-      sums[0] = sums[1] = sums[2] = 0;
-      if (!eval_prompts.empty()) {
-        eval::EvalOptions eo;
-        eo.verifier = g.eval_verifier;
-        eo.max_new_tokens = g.eval_max_new_tokens > 0 ? g.eval_max_new_tokens : g.max_completion_length;
-        eo.samples = samples;
-        eo.slots = r.rollout.slots;
-        if (!greedy) {
-          eo.sampling = rollout::SamplingParams{g.temperature, g.top_p, g.top_k};
-          eo.prompt_seeds = seeds;
-        }
-        engine->free_cache();  // evaluate() brings its own engine and cache
-        auto res = eval::evaluate(policy, *tok, eval_prompts, eo);
-        sums[0] = res.accuracy * static_cast<double>(res.samples);
-        sums[1] = res.mean_length * static_cast<double>(res.samples);
-        sums[2] = static_cast<double>(res.samples);
+    // One pass: `samples` completions per prompt, greedy (temperature 0) or sampled as in training;
+    // the figures over every rank's prompts.
+    auto score = [&](int64_t samples, bool greedy) {
+      eval::EvalOptions eo;
+      eo.verifier = g.eval_verifier;
+      eo.max_new_tokens = g.eval_max_new_tokens > 0 ? g.eval_max_new_tokens : g.max_completion_length;
+      eo.samples = samples;
+      eo.slots = r.rollout.slots;
+      if (!greedy) {
+        eo.sampling = rollout::SamplingParams{g.temperature, g.top_p, g.top_k};
+        eo.prompt_seeds = seeds;
       }
-      if (world > 1)
-        for (int k = 0; k < 3; ++k) sums[k] = comm.all_reduce(sums[k], dist::ReduceOp::kSum);
+      engine->free_cache();  // evaluate() brings its own engine and cache
+      return eval::evaluate_across_ranks(policy, *tok, eval_prompts, eo, &comm);
     };
-    double greedy[3];
-    score(1, true, greedy);
-    if (greedy[2] == 0) return;
-    out->add("accuracy", greedy[0] / greedy[2]);
-    out->add("completions/mean_length", greedy[1] / greedy[2]);
-    if (g.eval_num_samples > 0) {
-      double sampled[3];
-      score(g.eval_num_samples, false, sampled);
-      out->add("sampled_accuracy", sampled[0] / sampled[2]);
-    }
+    auto greedy = score(1, true);
+    if (greedy.samples == 0) return;
+    out->add("accuracy", greedy.accuracy);
+    out->add("completions/mean_length", greedy.mean_length);
+    if (g.eval_num_samples > 0) out->add("sampled_accuracy", score(g.eval_num_samples, false).accuracy);
   }
 
   std::string cursor_json() const {

@@ -224,26 +224,38 @@ Heldout::Heldout(const HeldoutOptions& options, std::shared_ptr<const tokenizer:
   prompts_ = read_eval_prompts(options_.prompts, *tok_, options_.max_prompts);
 }
 
+GlobalEval evaluate_across_ranks(const model::Qwen2Model& model, const tokenizer::Tokenizer& tok,
+                                 const std::vector<EvalPrompt>& mine, const EvalOptions& options, dist::Comm* comm) {
+  double sums[3] = {0, 0, 0};  // correct, generated tokens, samples
+  if (!mine.empty()) {
+    auto r = evaluate(model, tok, mine, options);
+    sums[0] = r.accuracy * static_cast<double>(r.samples);
+    sums[1] = r.mean_length * static_cast<double>(r.samples);
+    sums[2] = static_cast<double>(r.samples);
+  }
+  if (comm && comm->world_size() > 1)
+    for (double& x : sums) x = comm->all_reduce(x, dist::ReduceOp::kSum);
+  GlobalEval g;
+  g.samples = static_cast<int64_t>(sums[2]);
+  if (g.samples > 0) {
+    g.accuracy = sums[0] / sums[2];
+    g.mean_length = sums[1] / sums[2];
+  }
+  return g;
+}
+
 void Heldout::run(const model::Qwen2Model& model, Metrics* out, dist::Comm* comm) const {
   if (!enabled()) return;
   const int rank = comm ? comm->rank() : 0, world = comm ? comm->world_size() : 1;
   std::vector<EvalPrompt> mine;
   for (size_t i = static_cast<size_t>(rank); i < prompts_.size(); i += static_cast<size_t>(world))
     mine.push_back(prompts_[i]);
-  double sums[3] = {0, 0, 0};  // correct, generated tokens, samples
-  if (!mine.empty()) {
-    EvalOptions eo;
-    eo.verifier = options_.verifier;
-    eo.max_new_tokens = options_.max_new_tokens;
-    auto r = evaluate(model, *tok_, mine, eo);
-    sums[0] = r.accuracy * static_cast<double>(r.samples);
-    sums[1] = r.mean_length * static_cast<double>(r.samples);
-    sums[2] = static_cast<double>(r.samples);
-  }
-  if (world > 1)
-    for (double& x : sums) x = comm->all_reduce(x, dist::ReduceOp::kSum);
-  if (sums[2] == 0) return;
-  out->add("accuracy", sums[0] / sums[2]).add("completions/mean_length", sums[1] / sums[2]);
+  EvalOptions eo;
+  eo.verifier = options_.verifier;
+  eo.max_new_tokens = options_.max_new_tokens;
+  auto g = evaluate_across_ranks(model, *tok_, mine, eo, comm);
+  if (g.samples == 0) return;
+  out->add("accuracy", g.accuracy).add("completions/mean_length", g.mean_length);
 }
 
 void Heldout::run_at_start(const model::Qwen2Model& model, dist::Comm* comm, bool fresh, const std::string& run_dir,

@@ -90,13 +90,23 @@ struct HeldoutOptions {
   void validate(config::Errors& e, const std::string& section) const;
 };
 
-// Greedy generation through the rollout engine on held-out prompts, scored by a verifier: the
-// same code as `ptk eval`. With several ranks each evaluates every world-th prompt and the sums
-// are all-reduced, so every rank returns the global figures.
+// evaluate() on this rank's share of the prompts (`mine`), its sums all-reduced over the ranks of
+// `comm` (null: one rank), so every rank returns the global figures. Every rank must call it, also
+// one with no prompts. samples 0: no rank had a prompt.
+struct GlobalEval {
+  double accuracy = 0, mean_length = 0;
+  int64_t samples = 0;
+};
+GlobalEval evaluate_across_ranks(const model::Qwen2Model& model, const tokenizer::Tokenizer& tok,
+                                 const std::vector<EvalPrompt>& mine, const EvalOptions& options, dist::Comm* comm);
+
 // Writes run_dir/eval_start.json: the held-out figures measured before the first step, each under
 // the name metrics.jsonl gives it (eval/<key>), at step 0.
 void write_eval_start(const std::string& run_dir, const Metrics& figures);
 
+// Greedy generation through the rollout engine on held-out prompts, scored by a verifier: the
+// same code as `ptk eval`. With several ranks each evaluates every world-th prompt
+// (evaluate_across_ranks), so every rank returns the global figures.
 class Heldout {
  public:
   Heldout() = default;
