@@ -323,12 +323,11 @@ struct DpoStage::Impl {
 
   void load_reference() {
     if (reference.embed_tokens_.defined()) return;
-    if (!ref_dir.empty()) {
-      reference = model::Qwen2Model::from_pretrained(ref_dir, train::model_load_options(r.model));
-    } else {
-      reference = model::Qwen2Model::from_config(checkpoint::read_config(r.model.config), r.run.seed,
-                                                 train::model_load_options(r.model));
-    }
+    // The policy's start: ref_dir (dpo.ref_path, else model.path), or the same random init from
+    // model.config and the seed when neither is set.
+    config::ModelSection m = r.model;
+    m.path = ref_dir;
+    reference = train::load_model(m, r.run.seed, "dpo.ref_path or model.path");
     reference.set_requires_grad(false);
     if (reference.config().vocab_size != policy.config().vocab_size)
       throw Error("dpo reference " + ref_dir + " has vocab_size " + std::to_string(reference.config().vocab_size) +
