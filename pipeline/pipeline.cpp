@@ -351,16 +351,18 @@ int run_pipeline(const std::string& recipe_file, const std::vector<std::string>&
       run.upstream += from + ":" + fp_of[split_model_from(from).first] + "\n";
     }
     std::vector<std::string> volatile_keys;
+    std::vector<std::string> server_overrides;  // a local reward server's: its recipe's plus the RM folder
     if (st.server.enabled) {
       volatile_keys.push_back(st.server.url_key);
       if (st.server.url.empty()) {
         std::string rm = !st.server.model_from.empty() ? st.server.model_from : last_rm;
-        std::vector<std::string> sovs = st.server.overrides;
+        server_overrides = st.server.overrides;
         if (!rm.empty()) {
-          sovs.push_back("reward.model=" + model_from_dir(spec.dir, rm));
+          server_overrides.push_back("reward.model=" + model_from_dir(spec.dir, rm));
           run.upstream += "reward-model " + rm + ":" + fp_of[split_model_from(rm).first] + "\n";
         }
-        run.upstream += "reward-server " + json::to_string(config::load_recipe(st.server.recipe, sovs).doc) + "\n";
+        run.upstream +=
+            "reward-server " + json::to_string(config::load_recipe(st.server.recipe, server_overrides).doc) + "\n";
       } else {
         run.upstream += "reward-url " + st.server.url + "\n";
       }
@@ -408,12 +410,9 @@ int run_pipeline(const std::string& recipe_file, const std::vector<std::string>&
       if (st.server.enabled) {
         std::string url = st.server.url;
         if (url.empty()) {
-          std::vector<std::string> sovs = st.server.overrides;
-          std::string rm = !st.server.model_from.empty() ? st.server.model_from : last_rm;
-          if (!rm.empty()) sovs.push_back("reward.model=" + model_from_dir(spec.dir, rm));
           std::printf("stage %s: starting its reward server (%s)\n", st.name.c_str(), st.server.recipe.c_str());
           std::fflush(stdout);
-          server = start_server(o, st.server, sovs, &url);
+          server = start_server(o, st.server, server_overrides, &url);
           if (!server) break;  // interrupted while starting
           std::printf("stage %s: reward server ready at %s\n", st.name.c_str(), url.c_str());
         }
