@@ -186,7 +186,6 @@ inline int64_t bucket_of(float m, float v) {
 // differs from the sorted cumsum (~1e-16 relative).
 float nucleus_threshold(const at::Tensor& row, double top_p, at::Tensor& e, std::vector<double>& mass,
                         std::vector<std::pair<float, double>>& members) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t V = row.size(0);
   const float m = row.max().item<float>();
   if (!(m > kNegInf)) return kNegInf;  // nothing finite (or NaN): nothing to choose from
@@ -250,7 +249,7 @@ void apply_top_p_(at::Tensor& x, const std::vector<SamplingParams>& params) {
       at::Tensor row = x[r];
       const float thr = nucleus_threshold(row, p.top_p, e, mass, members);
       float* v = row.data_ptr<float>();
-      for (int64_t j = 0; j < V; ++j) v[j] = v[j] < thr ? -std::numeric_limits<float>::infinity() : v[j];
+      for (int64_t j = 0; j < V; ++j) v[j] = v[j] < thr ? kNegInf : v[j];
     }
   });
 }
