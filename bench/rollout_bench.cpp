@@ -7,6 +7,7 @@
 //                                  [--a-seconds X] [--threads T]
 //   build-roll/bench/rollout_bench --decode-attention [--shape small|0.5b] [--slots S] [--rows R] [--context C]
 //   build-roll/bench/rollout_bench --sampling [--rows R]
+//   build-roll/bench/rollout_bench --lm-head [--shape small|0.5b|both]
 //
 // Models are random (from a config), so outputs never stop on their own: each sample is capped at
 // its answer's length, which is what makes the work realistic. Sampling: temperature 1, full vocab.
@@ -16,12 +17,14 @@
 #include <cstdio>
 #include <fstream>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "bench/bench_util.h"
 #include "core/checkpoint/hf_config.h"
 #include "core/model/kv_cache.h"
+#include "core/model/packed_linear.h"
 #include "core/model/qwen2.h"
 #include "core/runtime/runtime.h"
 #include "core/tokenizer/tokenizer.h"
@@ -59,7 +62,7 @@ rollout::SamplingParams sampling() { return {1.0, 1.0, 0}; }
 // prefilled on its own copy of the prompt in one padded call, then every row decoded until the
 // longest of the batch is done (finished rows keep computing, as HF pads them).
 double static_batches(const model::Qwen2Model& m, const Work& w, int64_t S, int64_t vocab, int64_t* useful,
-                      int64_t* row_steps) {
+                      int64_t* row_steps, const model::PackedLinear* head) {
   std::vector<std::pair<int64_t, int64_t>> all;  // (prompt, length)
   for (size_t p = 0; p < w.prompts.size(); ++p)
     for (auto len : w.lengths[p]) all.emplace_back(static_cast<int64_t>(p), len);
@@ -91,7 +94,8 @@ double static_batches(const model::Qwen2Model& m, const Work& w, int64_t S, int6
       n_new[r] = static_cast<int64_t>(pr.size());
       cache.reset(r);
     }
-    auto logits = m.forward_cached(torch::tensor(flat, torch::kLong).view({R, T}), slots, n_new, cache);
+    auto logits = m.forward_cached(torch::tensor(flat, torch::kLong).view({R, T}), slots, n_new, cache,
+                                   model::AttentionBackend::kAuto, &logits_buf, head);
     std::vector<rollout::SamplingParams> ps(R, sampling());
     for (int64_t s = 0; s < steps; ++s) {
       std::vector<double> u(R);
@@ -99,7 +103,7 @@ double static_batches(const model::Qwen2Model& m, const Work& w, int64_t S, int6
       auto d = rollout::sample_rows(logits, ps, u, vocab);
       if (s + 1 == steps) break;
       logits = m.forward_cached(d.ids.view({R, 1}), slots, std::vector<int64_t>(R, 1), cache,
-                                model::AttentionBackend::kAuto, &logits_buf);  // reused, as the engine does
+                                model::AttentionBackend::kAuto, &logits_buf, head);  // as the engine does
     }
   }
   return seconds_since(t0);
@@ -157,9 +161,10 @@ double no_cache(const model::Qwen2Model& m, const Work& w, int64_t S, int64_t vo
 // The ideal: a decode step (forward + sampling) over all S slots at the average context, timed;
 // useful tokens/s if every slot were always busy = S / step time.
 // With `reuse_logits`, every step writes its logits into one buffer (as the engine does); without,
-// each step allocates them afresh (the page-fault cost the buffer removes).
+// each step allocates them afresh (the page-fault cost the buffer removes). `head`: the packed LM
+// head the engine uses (nullptr = at::mm).
 double ideal_tps(const model::Qwen2Model& m, int64_t S, int64_t ctx, int64_t vocab, double* step_s,
-                 bool reuse_logits = true) {
+                 const model::PackedLinear* head, bool reuse_logits = true) {
   model::KVCache cache(m.config(), S, ctx + 1, at::kFloat, at::kCPU);
   auto prefix = torch::randint(3, 1000, {1, ctx}, torch::kLong);
   m.forward_cached(prefix, {0}, {ctx}, cache);
@@ -175,7 +180,7 @@ double ideal_tps(const model::Qwen2Model& m, int64_t S, int64_t ctx, int64_t voc
   for (int i = 0; i <= reps; ++i) {
     auto t0 = Clock::now();
     auto logits = m.forward_cached(tok, slots, ones, cache, model::AttentionBackend::kAuto,
-                                   reuse_logits ? &logits_buf : nullptr);
+                                   reuse_logits ? &logits_buf : nullptr, head);
     std::vector<double> u(S, 0.5);
     auto d = rollout::sample_rows(logits, ps, u, vocab);
     d.ids.contiguous();
@@ -252,21 +257,43 @@ void run_shape(const std::string& shape, const tokenizer::Tokenizer& tok, const 
               100 * st.decode_s / st.total_s, st.sample_s, 100 * st.sample_s / st.total_s, st.bookkeeping_s,
               100 * st.bookkeeping_s / st.total_s, 100 * st.occupancy(), (long long)st.prefills,
               (long long)st.prefix_copies, (long long)st.prompt_tokens, (long long)st.prefill_padding);
+  std::printf("                 %lld decode steps of %.1f rows mean: decode %.1f ms + sampling %.1f ms per step\n",
+              (long long)st.decode_steps, double(st.decode_rows) / std::max<int64_t>(1, st.decode_steps),
+              1e3 * st.decode_s / std::max<int64_t>(1, st.decode_steps), 1e3 * st.sample_s / std::max<int64_t>(1, st.decode_steps));
 
-  // Ideal at the average context of a decode step.
+  // Ideal at the average context of a decode step, with the engine's LM head (packed where the
+  // CPU allows, as EngineOptions::pack_lm_head does; the baselines below use it too, so the ratios
+  // compare batching policies only).
+  std::optional<model::PackedLinear> packed;
+  if (model::PackedLinear::supported(m.lm_head_weight())) packed.emplace(m.lm_head_weight());
+  const model::PackedLinear* head = packed ? &*packed : nullptr;
+  const int64_t ctx = static_cast<int64_t>(mean_prompt + mean_out / 2);
   double step_s = 0;
-  const double ideal = ideal_tps(m, S, static_cast<int64_t>(mean_prompt + mean_out / 2), vocab, &step_s);
+  const double ideal = ideal_tps(m, S, ctx, vocab, &step_s, head);
   std::fflush(stdout);
-  std::printf("ideal            %8.1f tokens/s  (decode+sample step over %lld busy slots at context %.0f: %.3f s)\n", ideal,
-              (long long)S, mean_prompt + mean_out / 2, step_s);
+  std::printf("ideal            %8.1f tokens/s  (decode+sample step over %lld busy slots at context %lld: %.3f s)\n", ideal,
+              (long long)S, (long long)ctx, step_s);
   double fresh_step_s = 0;
-  ideal_tps(m, S, static_cast<int64_t>(mean_prompt + mean_out / 2), vocab, &fresh_step_s, /*reuse_logits=*/false);
+  ideal_tps(m, S, ctx, vocab, &fresh_step_s, head, /*reuse_logits=*/false);
   std::printf("                 the same step with fresh logits each time (no kept buffer): %.3f s (buffer saves %.0f%%)\n",
               fresh_step_s, 100 * (1 - step_s / fresh_step_s));
+  if (head) {
+    // The packed LM head against at::mm (OpenBLAS repacking the weight each call), at S rows and
+    // at 8 rows (a draining tail step), same run.
+    double mm_s = 0, few_packed_s = 0, few_mm_s = 0;
+    ideal_tps(m, S, ctx, vocab, &mm_s, nullptr);
+    const int64_t few = std::min<int64_t>(8, S);
+    ideal_tps(m, few, ctx, vocab, &few_packed_s, head);
+    ideal_tps(m, few, ctx, vocab, &few_mm_s, nullptr);
+    std::printf("                 LM head: packed (engine) vs at::mm step over %lld rows %.3f vs %.3f s (%.2fx), over "
+                "%lld rows %.3f vs %.3f s (%.2fx); packing took %.3f s in the engine\n",
+                (long long)S, step_s, mm_s, mm_s / step_s, (long long)few, few_packed_s, few_mm_s, few_mm_s / few_packed_s,
+                st.pack_s);
+  }
 
   // (b) static batches with a KV cache, no refill.
   int64_t useful_b = 0, row_steps_b = 0;
-  const double tb = static_batches(m, w, S, vocab, &useful_b, &row_steps_b);
+  const double tb = static_batches(m, w, S, vocab, &useful_b, &row_steps_b, head);
   const double static_tps = useful_b / tb;
   std::fflush(stdout);
   // At equal cost per row-step, engine / (b) cannot exceed (b)'s row-steps / useful tokens (the
@@ -287,7 +314,42 @@ void run_shape(const std::string& shape, const tokenizer::Tokenizer& tok, const 
               ours / static_tps, ours / no_cache_tps, 100 * ours / ideal);
 }
 
-// --decode-attention: one decode step's forward (no sampling) over R of S slots at context `ctx`,
+// --lm-head: the decode step's LM head alone, (R, H) x (V, H)^T at the shape's H and V = 151,936:
+// at::mm (OpenBLAS, which repacks the weight on every call) against model::PackedLinear (packed
+// once), best of 5 per row count, alternated in one process.
+void lm_head_bench(const std::string& shape) {
+  auto cfg = checkpoint::parse_config(shape_json(shape), shape + " config");
+  const int64_t V = cfg.vocab_size, H = cfg.hidden_size;
+  auto W = torch::randn({V, H});
+  if (!model::PackedLinear::supported(W)) {
+    std::printf("--lm-head: this CPU has no AVX-512F; PackedLinear is unavailable\n");
+    return;
+  }
+  auto tp = Clock::now();
+  model::PackedLinear p(W);
+  std::printf("\n== LM head, %s shape: (R, %lld) x (%lld, %lld)^T; packing the weight once: %.3f s (%.0f MB)\n",
+              shape.c_str(), (long long)H, (long long)V, (long long)H, seconds_since(tp), p.bytes() / 1e6);
+  std::printf("%6s %12s %12s %12s %12s %8s\n", "rows", "at::mm ms", "GFLOP/s", "packed ms", "GFLOP/s", "speedup");
+  for (int64_t R : {1, 4, 8, 16, 32, 48, 64, 128}) {
+    auto x = torch::randn({R, H});
+    at::Tensor a = at::empty({R, V}), b;
+    double best_mm = 1e30, best_packed = 1e30;
+    for (int i = 0; i < 5; ++i) {
+      auto t = Clock::now();
+      at::mm_out(a, x, W.t());
+      best_mm = std::min(best_mm, seconds_since(t));
+      t = Clock::now();
+      p.forward_out(x, b);
+      best_packed = std::min(best_packed, seconds_since(t));
+    }
+    const double gf = 2.0 * R * V * H / 1e9;
+    std::printf("%6lld %12.1f %12.1f %12.1f %12.1f %7.2fx\n", (long long)R, 1e3 * best_mm, gf / best_mm,
+                1e3 * best_packed, gf / best_packed, best_mm / best_packed);
+    std::fflush(stdout);
+  }
+}
+
+// --decode-attention: one decode step's trunk forward (no LM head, no sampling) over R of S slots at context `ctx`,
 // the slots dense (0..R-1), every other one, or spread over the whole cache, with each layout of
 // forward_cached's decode attention forced (PTK_DECODE_ATTENTION): which measures faster.
 void decode_attention_bench(const std::string& shape, int64_t S, int64_t R, int64_t ctx) {
@@ -307,7 +369,8 @@ void decode_attention_bench(const std::string& shape, int64_t S, int64_t R, int6
     sets[1].second.push_back(std::min(2 * r, S - 1 - (R - 1 - r)));
     sets[2].second.push_back(R > 1 ? r * (S - 1) / (R - 1) : 0);
   }
-  std::printf("\n== decode attention, shape %s: %lld of %lld slots at context %lld (forward only, mean of 5 steps)\n",
+  std::printf("\n== decode attention, shape %s: %lld of %lld slots at context %lld (trunk forward only, no LM head, "
+              "mean of 5 steps)\n",
               shape.c_str(), (long long)R, (long long)S, (long long)ctx);
   auto tok = torch::full({R, 1}, 42, torch::kLong);
   for (const auto& [name, slots] : sets) {
@@ -316,7 +379,7 @@ void decode_attention_bench(const std::string& shape, int64_t S, int64_t R, int6
       double total = 0;
       for (int i = 0; i <= 5; ++i) {
         auto t0 = Clock::now();
-        m.forward_cached(tok, slots, std::vector<int64_t>(R, 1), cache);
+        m.forward_cached_hidden(tok, slots, std::vector<int64_t>(R, 1), cache);  // the trunk: no LM head
         if (i > 0) total += seconds_since(t0);
         for (int64_t s : slots) cache.set_length(s, ctx);
       }
@@ -426,6 +489,12 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i)
     if (std::string(argv[i]) == "--sampling") {
       sampling_bench(std::stoll(arg(argc, argv, "rows", "64")), static_cast<int64_t>(tok.vocab_size()));
+      return 0;
+    }
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--lm-head") {
+      if (shape == "small" || shape == "both") lm_head_bench("small");
+      if (shape == "0.5b" || shape == "both") lm_head_bench("0.5b");
       return 0;
     }
   for (int i = 1; i < argc; ++i)

@@ -8,8 +8,10 @@
 #include <algorithm>
 #include <chrono>
 #include <deque>
+#include <optional>
 
 #include "core/model/kv_cache.h"
+#include "core/model/packed_linear.h"
 #include "core/model/qwen2.h"
 #include "core/util/error.h"
 
@@ -133,6 +135,15 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
   std::vector<uint8_t> busy(static_cast<size_t>(S), 0);
   std::vector<std::vector<int64_t>> live(requests.size());  // slots of each request's live samples
   int64_t n_busy = 0, done = 0;
+  // The LM head's weight repacked once for this call (model::PackedLinear): OpenBLAS would repack
+  // it on every decode step. A copy of the current parameters, dropped when the call returns.
+  std::optional<model::PackedLinear> head;
+  if (options_.pack_lm_head && model::PackedLinear::supported(model_.lm_head_weight())) {
+    auto tp = Clock::now();
+    head.emplace(model_.lm_head_weight());
+    stats_.pack_s = since(tp);
+    stats_.packed_lm_head = true;
+  }
   // The decode steps' logits, one buffer for the whole call (freed with it): the first step has the
   // most rows, so later steps reuse its pages instead of faulting in a fresh (R, V) block each time.
   at::Tensor logits_buf;
@@ -191,7 +202,7 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
           slots.push_back(p.slot);
           n_new.push_back(p.n);
         }
-        model_.forward_cached(at::tensor(flat, at::kLong).view({R, T}), slots, n_new, cache);  // logits unused
+        model_.forward_cached_hidden(at::tensor(flat, at::kLong).view({R, T}), slots, n_new, cache);  // no logits
         stats_.prompt_tokens += real;
         stats_.prefill_padding += R * T - real;
         stats_.prefills += R;
@@ -216,7 +227,8 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
     const int64_t R = static_cast<int64_t>(rows.size());
     auto logits = model_.forward_cached(at::tensor(tokens, at::kLong).view({R, 1}), rows,
                                         std::vector<int64_t>(static_cast<size_t>(R), 1), cache,
-                                        model::AttentionBackend::kAuto, &logits_buf);  // (R, V), in logits_buf
+                                        model::AttentionBackend::kAuto, &logits_buf,
+                                        head ? &*head : nullptr);  // (R, V), in logits_buf
     ++stats_.decode_steps;
     stats_.decode_rows += R;
     auto t3 = Clock::now();

@@ -14,6 +14,7 @@
 #include <set>
 
 #include "core/model/kv_cache.h"
+#include "core/model/packed_linear.h"
 #include "core/runtime/torch_compat.h"
 #include "core/util/error.h"
 
@@ -865,9 +866,32 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& K, const at::
 
 }  // namespace
 
-at::Tensor Qwen2Model::forward_cached(const at::Tensor& ids_in, const std::vector<int64_t>& slots,
+at::Tensor Qwen2Model::forward_cached(const at::Tensor& ids, const std::vector<int64_t>& slots,
                                       const std::vector<int64_t>& n_new, KVCache& cache,
-                                      AttentionBackend backend, at::Tensor* logits_out) const {
+                                      AttentionBackend backend, at::Tensor* logits_out,
+                                      const PackedLinear* lm_head) const {
+  at::NoGradGuard no_grad;
+  const auto h = forward_cached_hidden(ids, slots, n_new, cache, backend);  // (R, H)
+  const auto& W = lm_head_weight();                                         // (V, H)
+  if (lm_head) {
+    PTK_CHECK(lm_head->out_features() == W.size(0) && lm_head->in_features() == W.size(1),
+              "forward_cached: the packed LM head is not this model's (" + std::to_string(lm_head->out_features()) +
+                  " x " + std::to_string(lm_head->in_features()) + ")");
+    at::Tensor local;
+    return lm_head->forward_out(h, logits_out ? *logits_out : local);
+  }
+  if (!logits_out) return logits(h);  // (R, V)
+  at::Tensor& out = *logits_out;
+  if (!out.defined() || out.scalar_type() != h.scalar_type() || out.device() != h.device())
+    out = at::empty({h.size(0), W.size(0)}, h.options());
+  else
+    out.resize_({h.size(0), W.size(0)});  // no reallocation while the storage is large enough
+  return at::mm_out(out, h, W.t());
+}
+
+at::Tensor Qwen2Model::forward_cached_hidden(const at::Tensor& ids_in, const std::vector<int64_t>& slots,
+                                             const std::vector<int64_t>& n_new, KVCache& cache,
+                                             AttentionBackend backend) const {
   at::NoGradGuard no_grad;
   const auto& c = config_;
   PTK_CHECK(ids_in.dim() == 2, "forward_cached: ids must be (R, T)");
@@ -937,15 +961,7 @@ at::Tensor Qwen2Model::forward_cached(const at::Tensor& ids_in, const std::vecto
   for (int64_t r = 0; r < R; ++r) cache.set_length(slots[r], base[r] + n_new[r]);
   auto last = at::tensor(n_new, at::kLong).to(dev) - 1;
   auto h_last = x.index({at::arange(R, ids.options()), last});  // (R, H)
-  auto h = rms_norm(h_last, norm_, c.rms_norm_eps);
-  if (!logits_out) return logits(h);  // (R, V)
-  const auto& W = lm_head_weight();   // (V, H)
-  at::Tensor& out = *logits_out;
-  if (!out.defined() || out.scalar_type() != h.scalar_type() || out.device() != h.device())
-    out = at::empty({R, W.size(0)}, h.options());
-  else
-    out.resize_({R, W.size(0)});  // no reallocation while the storage is large enough
-  return at::mm_out(out, h, W.t());
+  return rms_norm(h_last, norm_, c.rms_norm_eps);
 }
 
 void Qwen2Model::save_pretrained(const std::string& dir, const checkpoint::SaveOptions& options) const {

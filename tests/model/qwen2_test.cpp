@@ -5,8 +5,10 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <optional>
 
 #include "core/model/kv_cache.h"
+#include "core/model/packed_linear.h"
 #include "core/model/qwen2.h"
 #include "core/util/error.h"
 #include "tests/model/hf_fixture.h"
@@ -239,7 +241,8 @@ TEST_P(Fixture, CachedDecodeEqualsUncachedForward) {
 
 // Decode over any set of slots (dense, with idle slots inside the range, sparse, out of order,
 // a single slot) gives each row the logits of an uncached forward over that slot's own sequence,
-// also when the logits go into a caller's buffer (kept, not reallocated, as the row count varies).
+// also when the logits go into a caller's buffer (kept, not reallocated, as the row count varies)
+// through the packed LM head.
 TEST_P(Fixture, DecodeOverAnySetOfSlotsEqualsUncachedForward) {
   auto m = load();
   const int64_t S = 8, V = m.config().vocab_size;
@@ -259,11 +262,15 @@ TEST_P(Fixture, DecodeOverAnySetOfSlotsEqualsUncachedForward) {
   double worst = 0;
   at::Tensor buffer;  // even steps (the first has the most rows) write their logits into one buffer, as the engine does
   const void* buffer_storage = nullptr;
+  // ... through the packed LM head when this CPU has one (the engine's path; packed_linear_test).
+  std::optional<model::PackedLinear> head;
+  if (model::PackedLinear::supported(m.lm_head_weight())) head.emplace(m.lm_head_weight());
   for (size_t k = 0; k < steps.size(); ++k) {
     const auto& set = steps[k];
     const int64_t R = static_cast<int64_t>(set.size());
     auto tok = torch::randint(0, V, {R, 1}, torch::kLong);
-    auto got = k % 2 == 0 ? m.forward_cached(tok, set, std::vector<int64_t>(R, 1), cache, model::AttentionBackend::kAuto, &buffer)
+    auto got = k % 2 == 0 ? m.forward_cached(tok, set, std::vector<int64_t>(R, 1), cache, model::AttentionBackend::kAuto,
+                                             &buffer, head ? &*head : nullptr)
                      : m.forward_cached(tok, set, std::vector<int64_t>(R, 1), cache);  // (R, V)
     ASSERT_EQ(got.sizes(), (std::vector<int64_t>{R, V}));
     if (k % 2 == 0) {

@@ -8,6 +8,7 @@
 #include <map>
 #include <set>
 
+#include "core/model/packed_linear.h"
 #include "core/model/qwen2.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/error.h"
@@ -367,6 +368,34 @@ TEST(Engine, CacheIsFreedAndReallocated) {
   eng.free_cache();
   EXPECT_EQ(eng.cache_bytes(), 0u);
   EXPECT_EQ(eng.generate({r})[0][0].ids, first[0][0].ids);
+}
+
+// The packed LM head (EngineOptions::pack_lm_head, on by default where the CPU has AVX-512) gives
+// the same samples and log-probs as at::mm's, and the stats say which one ran.
+TEST(Engine, PackedLmHeadSamplesLikeTheUnpackedOne) {
+  at::set_num_threads(1);
+  auto m = load("tiny-tied");
+  std::vector<Request> reqs(2);
+  reqs[0].prompt = {3, 4, 5};
+  reqs[0].samples = 3;
+  reqs[0].seed = 7;
+  reqs[0].max_new_tokens = 12;
+  reqs[1].prompt = {9, 8};
+  reqs[1].sampling.temperature = 0;
+  reqs[1].max_new_tokens = 12;
+  auto off_opts = slots(3);
+  off_opts.pack_lm_head = false;
+  Engine on(m, slots(3)), off(m, off_opts);
+  auto a = on.generate(reqs), b = off.generate(reqs);
+  EXPECT_FALSE(off.last_stats().packed_lm_head);
+  EXPECT_EQ(on.last_stats().packed_lm_head, model::PackedLinear::supported(m.lm_head_weight()));
+  if (!on.last_stats().packed_lm_head) std::printf("  no AVX-512F here: both engines used at::mm\n");
+  for (size_t i = 0; i < reqs.size(); ++i)
+    for (size_t g = 0; g < a[i].size(); ++g) {
+      EXPECT_EQ(a[i][g].ids, b[i][g].ids) << "request " << i << " sample " << g;
+      ASSERT_EQ(a[i][g].logprobs.size(), b[i][g].logprobs.size());
+      for (size_t t = 0; t < a[i][g].logprobs.size(); ++t) EXPECT_NEAR(a[i][g].logprobs[t], b[i][g].logprobs[t], 1e-5);
+    }
 }
 
 TEST(Engine, BadRequestsSayWhichAndWhy) {
