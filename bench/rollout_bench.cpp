@@ -374,7 +374,7 @@ void decode_attention_bench(const std::string& shape, int64_t S, int64_t R, int6
               shape.c_str(), (long long)R, (long long)S, (long long)ctx);
   auto tok = torch::full({R, 1}, 42, torch::kLong);
   for (const auto& [name, slots] : sets) {
-    for (const char* mode : {"window", "gather"}) {
+    for (const char* mode : {"rows", "window", "gather"}) {
       setenv("PTK_DECODE_ATTENTION", mode, 1);
       double total = 0;
       for (int i = 0; i <= 5; ++i) {

@@ -24,15 +24,6 @@ constexpr int kLanes = 16;  // floats per AVX-512 vector = output features per p
 constexpr int kRows = 8;    // rows of x per micro-kernel call
 constexpr int kPanels = 3;  // panels per micro-kernel call
 
-bool cpu_has_avx512f() {
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-#else
-  return false;
-#endif
-}
-
 #if defined(__x86_64__) || defined(__i386__)
 // out[i][16 j + l] = sum_k x[i][k] * panel_j[k][l] for i < MR, j < nv, l < 16 (l < last_cols in
 // the last panel of the weight). The unroll pragmas keep the accumulators in registers at -O2 too
@@ -80,6 +71,15 @@ void micro_rows(int mr, const float* x, int64_t ldx, const float* panels, int64_
 #endif
 
 }  // namespace
+
+bool cpu_has_avx512f() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
 
 bool PackedLinear::supported(const at::Tensor& w) {
   return cpu_has_avx512f() && w.defined() && w.dim() == 2 && w.device().is_cpu() && w.scalar_type() == at::kFloat;

@@ -13,6 +13,7 @@
 #include <memory>
 #include <set>
 
+#include "core/model/decode_attention_cpu.h"
 #include "core/model/kv_cache.h"
 #include "core/model/packed_linear.h"
 #include "core/runtime/torch_compat.h"
@@ -794,7 +795,8 @@ namespace {
 //  - gather: the rows' K/V windows [0, max_k) are copied out with index_select (R rows, no waste).
 // The window costs ~n rows of attention, the gather ~2R (copy, then read), so the window is taken
 // unless it holds over twice the rows (the engine's slot sets are dense). PTK_DECODE_ATTENTION=
-// window|gather forces one (rollout_bench --decode-attention compares them).
+// window|gather forces one (rollout_bench --decode-attention compares them with the per-row kernel
+// of decode_attention_cpu.h, which forward_cached prefers on AVX-512 CPUs).
 // Either way each row's scores are masked past its own length and the result equals the per-row
 // attention up to float rounding.
 struct DecodeBatch {
@@ -921,9 +923,21 @@ at::Tensor Qwen2Model::forward_cached_hidden(const at::Tensor& ids_in, const std
   const bool fused = use_fused(backend, embed_tokens_);
   int64_t max_k = 0;
   for (int64_t r = 0; r < R; ++r) max_k = std::max(max_k, base[r] + n_new[r]);
-  // Decode (one token per row) over any set of slots is one batched attention; see decode_attention.
-  DecodeBatch db;
-  if (all_decode) db = decode_batch(slots, base, max_k, dev);
+  // Decode (one token per row) over any set of slots: on AVX-512 CPUs each row attends to its own
+  // keys only (decode_attention_rows, no padding); elsewhere one batched attention padded to the
+  // longest context (decode_attention). PTK_DECODE_ATTENTION=rows|window|gather forces one.
+  const char* force = std::getenv("PTK_DECODE_ATTENTION");
+  const bool by_rows = all_decode && decode_attention_rows_supported(embed_tokens_, cache.keys(0)) &&
+                       !(force && (std::string(force) == "window" || std::string(force) == "gather"));
+  std::vector<int64_t> lens;
+  if (by_rows)
+    for (int64_t r = 0; r < R; ++r) lens.push_back(base[r] + 1);
+  DecodeBatch db;  // by rows: only the scatter's slots and positions
+  if (all_decode && !by_rows) db = decode_batch(slots, base, max_k, dev);
+  if (by_rows) {
+    db.slots = at::tensor(slots, at::kLong).to(dev);
+    db.pos = at::tensor(base, at::kLong).to(dev);
+  }
 
   at::Tensor x = at::embedding(embed_tokens_, ids);  // (R, T, H)
   for (int64_t li = 0; li < c.num_hidden_layers; ++li) {
@@ -938,7 +952,8 @@ at::Tensor Qwen2Model::forward_cached_hidden(const at::Tensor& ids_in, const std
       // One scatter per layer: position base[r] of slot slots[r] gets row r's key / value.
       K.index_put_({db.slots, torch::indexing::Slice(), db.pos}, k.select(2, 0));
       V.index_put_({db.slots, torch::indexing::Slice(), db.pos}, v.select(2, 0));
-      a = decode_attention(q.select(2, 0), K, V, db).unsqueeze(2);
+      a = by_rows ? decode_attention_rows(q.select(2, 0), K, V, slots, lens).unsqueeze(2)
+                  : decode_attention(q.select(2, 0), K, V, db).unsqueeze(2);
     } else {
       for (int64_t r = 0; r < R; ++r) {
         K[slots[r]].narrow(1, base[r], n_new[r]).copy_(k[r].narrow(1, 0, n_new[r]));

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 
 #include "core/model/kv_cache.h"
@@ -245,50 +246,60 @@ TEST_P(Fixture, CachedDecodeEqualsUncachedForward) {
 // through the packed LM head.
 TEST_P(Fixture, DecodeOverAnySetOfSlotsEqualsUncachedForward) {
   auto m = load();
-  const int64_t S = 8, V = m.config().vocab_size;
-  torch::manual_seed(3);
-  model::KVCache cache(m.config(), S, 48, at::kFloat, at::kCPU);
-  std::vector<std::vector<int64_t>> seqs(S);
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t n = 2 + (s * 5) % 7;  // prompts of 2..8 tokens: every slot at its own length
-    auto p = torch::randint(0, V, {1, n}, torch::kLong);
-    seqs[s] = std::vector<int64_t>(p.data_ptr<int64_t>(), p.data_ptr<int64_t>() + n);
-    m.forward_cached(p, {s}, {n}, cache);
-  }
-  // Window with idle slots inside (1,4,6 / 0,2,4,6 / 6,1,4 unsorted), sparse beyond twice the rows
-  // (0,7 / 7,1), contiguous (2,3 / all), a single slot.
-  const std::vector<std::vector<int64_t>> steps = {{0, 1, 2, 3, 4, 5, 6, 7}, {1, 4, 6}, {0, 7}, {2, 3}, {6, 1, 4},
-                                                   {0, 2, 4, 6}, {7, 1}, {5}, {3, 0, 7, 2}};
-  double worst = 0;
-  at::Tensor buffer;  // even steps (the first has the most rows) write their logits into one buffer, as the engine does
-  const void* buffer_storage = nullptr;
-  // ... through the packed LM head when this CPU has one (the engine's path; packed_linear_test).
-  std::optional<model::PackedLinear> head;
-  if (model::PackedLinear::supported(m.lm_head_weight())) head.emplace(m.lm_head_weight());
-  for (size_t k = 0; k < steps.size(); ++k) {
-    const auto& set = steps[k];
-    const int64_t R = static_cast<int64_t>(set.size());
-    auto tok = torch::randint(0, V, {R, 1}, torch::kLong);
-    auto got = k % 2 == 0 ? m.forward_cached(tok, set, std::vector<int64_t>(R, 1), cache, model::AttentionBackend::kAuto,
-                                             &buffer, head ? &*head : nullptr)
-                     : m.forward_cached(tok, set, std::vector<int64_t>(R, 1), cache);  // (R, V)
-    ASSERT_EQ(got.sizes(), (std::vector<int64_t>{R, V}));
-    if (k % 2 == 0) {
-      EXPECT_EQ(got.data_ptr(), buffer.data_ptr()) << "the logits were not written into the buffer";
-      if (!buffer_storage) buffer_storage = buffer.storage().data();
-      EXPECT_EQ(buffer.storage().data(), buffer_storage) << "step " << k << " (" << R << " rows) reallocated the buffer";
+  // Every decode attention layout: the default (per-row kernel on AVX-512 CPUs, else window or
+  // gather by the slot set), then each batched layout forced.
+  for (const char* mode : {"", "window", "gather"}) {
+    if (*mode) setenv("PTK_DECODE_ATTENTION", mode, 1);
+    SCOPED_TRACE(std::string("PTK_DECODE_ATTENTION=") + mode);
+    const int64_t S = 8, V = m.config().vocab_size;
+    torch::manual_seed(3);
+    model::KVCache cache(m.config(), S, 48, at::kFloat, at::kCPU);
+    std::vector<std::vector<int64_t>> seqs(S);
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t n = 2 + (s * 5) % 7;  // prompts of 2..8 tokens: every slot at its own length
+      auto p = torch::randint(0, V, {1, n}, torch::kLong);
+      seqs[s] = std::vector<int64_t>(p.data_ptr<int64_t>(), p.data_ptr<int64_t>() + n);
+      m.forward_cached(p, {s}, {n}, cache);
     }
-    for (int64_t r = 0; r < R; ++r) {
-      auto& q = seqs[set[r]];
-      q.push_back(tok[r][0].item<int64_t>());
-      EXPECT_EQ(cache.length(set[r]), static_cast<int64_t>(q.size()));  // every token is in the cache
-      auto full = m.forward({torch::tensor(q, torch::kLong).unsqueeze(0), {}, {}, {}}).logits[0];
-      auto c = compare(got[r], full[full.size(0) - 1], {}, kAtol, kRtol);
-      EXPECT_EQ(c.violations, 0) << "slot " << set[r] << " in a step of " << R << " rows: max " << c.max_abs;
-      worst = std::max(worst, c.max_abs);
+    // Window with idle slots inside (1,4,6 / 0,2,4,6 / 6,1,4 unsorted), sparse beyond twice the rows
+    // (0,7 / 7,1), contiguous (2,3 / all), a single slot.
+    const std::vector<std::vector<int64_t>> steps = {{0, 1, 2, 3, 4, 5, 6, 7}, {1, 4, 6}, {0, 7}, {2, 3}, {6, 1, 4},
+                                                     {0, 2, 4, 6}, {7, 1}, {5}, {3, 0, 7, 2}};
+    double worst = 0;
+    // Even steps (the first has the most rows) write their logits into one buffer, as the engine does.
+    at::Tensor buffer;
+    const void* buffer_storage = nullptr;
+    // ... through the packed LM head when this CPU has one (the engine's path; packed_linear_test).
+    std::optional<model::PackedLinear> head;
+    if (model::PackedLinear::supported(m.lm_head_weight())) head.emplace(m.lm_head_weight());
+    for (size_t k = 0; k < steps.size(); ++k) {
+      const auto& set = steps[k];
+      const int64_t R = static_cast<int64_t>(set.size());
+      auto tok = torch::randint(0, V, {R, 1}, torch::kLong);
+      const std::vector<int64_t> ones(R, 1);
+      auto got = k % 2 == 0 ? m.forward_cached(tok, set, ones, cache, model::AttentionBackend::kAuto,
+                                               &buffer, head ? &*head : nullptr)
+                       : m.forward_cached(tok, set, ones, cache);  // (R, V)
+      ASSERT_EQ(got.sizes(), (std::vector<int64_t>{R, V}));
+      if (k % 2 == 0) {
+        EXPECT_EQ(got.data_ptr(), buffer.data_ptr()) << "the logits were not written into the buffer";
+        if (!buffer_storage) buffer_storage = buffer.storage().data();
+        EXPECT_EQ(buffer.storage().data(), buffer_storage)
+            << "step " << k << " (" << R << " rows) reallocated the buffer";
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        auto& q = seqs[set[r]];
+        q.push_back(tok[r][0].item<int64_t>());
+        EXPECT_EQ(cache.length(set[r]), static_cast<int64_t>(q.size()));  // every token is in the cache
+        auto full = m.forward({torch::tensor(q, torch::kLong).unsqueeze(0), {}, {}, {}}).logits[0];
+        auto c = compare(got[r], full[full.size(0) - 1], {}, kAtol, kRtol);
+        EXPECT_EQ(c.violations, 0) << "slot " << set[r] << " in a step of " << R << " rows: max " << c.max_abs;
+        worst = std::max(worst, c.max_abs);
+      }
     }
+    std::printf("  decode over slot sets (%s): max |diff| vs uncached forward %.3g\n", *mode ? mode : "default", worst);
+    unsetenv("PTK_DECODE_ATTENTION");
   }
-  std::printf("  decode over slot sets: max |diff| vs uncached forward %.3g\n", worst);
 }
 
 TEST_P(Fixture, GreedyGenerationMatchesTransformers) {
