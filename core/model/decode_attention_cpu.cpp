@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "core/model/packed_linear.h"  // cpu_has_avx512f
 #include "core/util/error.h"
@@ -30,6 +31,50 @@ __attribute__((target("avx512f"))) inline float lane_sum(__m512 x) {
   return _mm512_cvtss_f32(x);
 }
 
+// exp(x) for x <= 0 (softmax arguments after the max is subtracted), 16 lanes: x = n ln2 + r with
+// |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7 on that range),
+// times 2^n by scalef. Arguments below -87 give 0 or a denormal, as expf does.
+__attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);    // x - n ln2 (high part)
+  const __m512 rr = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);  // (low part)
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// s[0, len) <- softmax(s), vectorised; the last partial vector through masks.
+__attribute__((target("avx512f"))) void softmax_inplace(float* s, int64_t len) {
+  const int64_t full = len / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (len - full)) - 1u);
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 mv = ninf;
+  for (int64_t t = 0; t < full; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + t));
+  if (tail) mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(ninf, tail, s + full));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < full; t += 16) {
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + t), m));
+    _mm512_storeu_ps(s + t, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (tail) {
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + full), m)));
+    _mm512_mask_storeu_ps(s + full, tail, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / lane_sum(sum));
+  for (int64_t t = 0; t < full; t += 16) _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), inv));
+  if (tail) _mm512_mask_storeu_ps(s + full, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, s + full), inv));
+}
+
 // One (row, K/V head): q (g, D) rows at stride D; k, v (len, D); out (g, D). scores: g * len floats.
 __attribute__((target("avx512f"))) void attend_group(const float* q, int64_t g, const float* k, const float* v,
                                                      int64_t len, int64_t D, float scale, float* scores,
@@ -45,18 +90,7 @@ __attribute__((target("avx512f"))) void attend_group(const float* q, int64_t g, 
       scores[i * len + t] = lane_sum(acc) * scale;
     }
   }
-  for (int64_t i = 0; i < g; ++i) {
-    float* s = scores + i * len;
-    float m = s[0];
-    for (int64_t t = 1; t < len; ++t) m = std::max(m, s[t]);
-    float sum = 0.0f;
-    for (int64_t t = 0; t < len; ++t) {
-      s[t] = std::exp(s[t] - m);
-      sum += s[t];
-    }
-    const float inv = 1.0f / sum;
-    for (int64_t t = 0; t < len; ++t) s[t] *= inv;
-  }
+  for (int64_t i = 0; i < g; ++i) softmax_inplace(scores + i * len, len);
   // out_i = sum_t p_i[t] v[t], up to 4 query heads per pass over V (16 accumulators at D = 64).
   for (int64_t i0 = 0; i0 < g; i0 += 4) {
     const int64_t gi = std::min<int64_t>(4, g - i0);
