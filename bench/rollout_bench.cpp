@@ -63,7 +63,7 @@ rollout::SamplingParams sampling() { return {1.0, 1.0, 0}; }
 // prefilled on its own copy of the prompt in one padded call, then every row decoded until the
 // longest of the batch is done (finished rows keep computing, as HF pads them).
 double static_batches(const model::Qwen2Model& m, const Work& w, int64_t S, int64_t vocab, int64_t* useful,
-                      int64_t* row_steps, const model::PackedLinear* head) {
+                      int64_t* row_steps, const model::PackedDecodeWeights* head) {
   std::vector<std::pair<int64_t, int64_t>> all;  // (prompt, length)
   for (size_t p = 0; p < w.prompts.size(); ++p)
     for (auto len : w.lengths[p]) all.emplace_back(static_cast<int64_t>(p), len);
@@ -163,10 +163,10 @@ double no_cache(const model::Qwen2Model& m, const Work& w, int64_t S, int64_t vo
 // (median of 10);
 // useful tokens/s if every slot were always busy = S / step time.
 // With `reuse_logits`, every step writes its logits into one buffer (as the engine does); without,
-// each step allocates them afresh (the page-fault cost the buffer removes). `head`: the packed LM
-// head the engine uses (nullptr = at::mm).
+// each step allocates them afresh (the page-fault cost the buffer removes). `head`: the packed
+// weights the engine uses (nullptr = at::mm / at::linear).
 double ideal_tps(const model::Qwen2Model& m, int64_t S, int64_t ctx, int64_t vocab, double* step_s,
-                 const model::PackedLinear* head, bool reuse_logits = true) {
+                 const model::PackedDecodeWeights* head, bool reuse_logits = true) {
   model::KVCache cache(m.config(), S, ctx + 1, at::kFloat, at::kCPU);
   auto prefix = torch::randint(3, 1000, {1, ctx}, torch::kLong);
   m.forward_cached(prefix, {0}, {ctx}, cache);
@@ -266,12 +266,11 @@ void run_shape(const std::string& shape, const tokenizer::Tokenizer& tok, const 
               (long long)st.decode_steps, double(st.decode_rows) / std::max<int64_t>(1, st.decode_steps),
               1e3 * st.decode_s / std::max<int64_t>(1, st.decode_steps), 1e3 * st.sample_s / std::max<int64_t>(1, st.decode_steps));
 
-  // Ideal at the average context of a decode step, with the engine's LM head (packed where the
-  // CPU allows, as EngineOptions::pack_lm_head does; the baselines below use it too, so the ratios
-  // compare batching policies only).
-  std::optional<model::PackedLinear> packed;
-  if (model::PackedLinear::supported(m.lm_head_weight())) packed.emplace(m.lm_head_weight());
-  const model::PackedLinear* head = packed ? &*packed : nullptr;
+  // Ideal at the average context of a decode step, with the engine's packed weights (LM head and
+  // layers where the CPU allows, as the engine's defaults do for both shapes; the baselines below
+  // use them too, so the ratios compare batching policies only).
+  const model::PackedDecodeWeights packed = m.pack_for_decode(/*trunk=*/true, /*lm_head=*/true);
+  const model::PackedDecodeWeights* head = &packed;
   const int64_t ctx = static_cast<int64_t>(mean_prompt + mean_out / 2);
   double step_s = 0;
   const double ideal = ideal_tps(m, S, ctx, vocab, &step_s, head);
@@ -282,18 +281,18 @@ void run_shape(const std::string& shape, const tokenizer::Tokenizer& tok, const 
   ideal_tps(m, S, ctx, vocab, &fresh_step_s, head, /*reuse_logits=*/false);
   std::printf("                 the same step with fresh logits each time (no kept buffer): %.3f s (buffer saves %.0f%%)\n",
               fresh_step_s, 100 * (1 - step_s / fresh_step_s));
-  if (head) {
-    // The packed LM head against at::mm (OpenBLAS repacking the weight each call), at S rows and
+  if (packed.lm_head) {
+    // The packed weights against at::mm (OpenBLAS repacking the weights each call), at S rows and
     // at 8 rows (a draining tail step), same run.
     double mm_s = 0, few_packed_s = 0, few_mm_s = 0;
     ideal_tps(m, S, ctx, vocab, &mm_s, nullptr);
     const int64_t few = std::min<int64_t>(8, S);
     ideal_tps(m, few, ctx, vocab, &few_packed_s, head);
     ideal_tps(m, few, ctx, vocab, &few_mm_s, nullptr);
-    std::printf("                 LM head: packed (engine) vs at::mm step over %lld rows %.3f vs %.3f s (%.2fx), over "
-                "%lld rows %.3f vs %.3f s (%.2fx); packing took %.3f s in the engine\n",
-                (long long)S, step_s, mm_s, mm_s / step_s, (long long)few, few_packed_s, few_mm_s, few_mm_s / few_packed_s,
-                st.pack_s);
+    std::printf("                 packed weights (engine: LM head %s, layers %s, %.0f MB, packed in %.3f s) vs at::mm: "
+                "step over %lld rows %.3f vs %.3f s (%.2fx), over %lld rows %.3f vs %.3f s (%.2fx)\n",
+                st.packed_lm_head ? "yes" : "no", st.packed_trunk ? "yes" : "no", st.packed_bytes / 1e6, st.pack_s,
+                (long long)S, step_s, mm_s, mm_s / step_s, (long long)few, few_packed_s, few_mm_s, few_mm_s / few_packed_s);
   }
 
   // (b) static batches with a KV cache, no refill.

@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <chrono>
 #include <deque>
-#include <optional>
 
 #include "core/model/kv_cache.h"
 #include "core/model/packed_linear.h"
@@ -135,15 +134,21 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
   std::vector<uint8_t> busy(static_cast<size_t>(S), 0);
   std::vector<std::vector<int64_t>> live(requests.size());  // slots of each request's live samples
   int64_t n_busy = 0, done = 0;
-  // The LM head's weight repacked once for this call (model::PackedLinear): OpenBLAS would repack
-  // it on every decode step. A copy of the current parameters, dropped when the call returns.
-  std::optional<model::PackedLinear> head;
-  if (options_.pack_lm_head && model::PackedLinear::supported(model_.lm_head_weight())) {
-    auto tp = Clock::now();
-    head.emplace(model_.lm_head_weight());
-    stats_.pack_s = since(tp);
-    stats_.packed_lm_head = true;
-  }
+  // The LM head's and the layers' weights repacked once for this call (model::PackedLinear):
+  // OpenBLAS would repack them on every decode step. A copy of the current parameters, dropped
+  // when the call returns. The trunk only while its copy stays within pack_max_bytes.
+  auto tp = Clock::now();
+  int64_t trunk_bytes = 0;
+  for (const auto& l : model_.layers_)
+    for (const auto* w : {&l.q_proj_w, &l.k_proj_w, &l.v_proj_w, &l.o_proj_w, &l.gate_proj_w, &l.up_proj_w,
+                          &l.down_proj_w})
+      trunk_bytes += w->numel() * static_cast<int64_t>(w->element_size());
+  const model::PackedDecodeWeights packed =
+      model_.pack_for_decode(options_.pack_trunk && trunk_bytes <= options_.pack_max_bytes, options_.pack_lm_head);
+  stats_.pack_s = since(tp);
+  stats_.packed_lm_head = packed.lm_head.has_value();
+  stats_.packed_trunk = !packed.layers.empty();
+  stats_.packed_bytes = packed.bytes();
   // The decode steps' logits, one buffer for the whole call (freed with it): the first step has the
   // most rows, so later steps reuse its pages instead of faulting in a fresh (R, V) block each time.
   at::Tensor logits_buf;
@@ -228,7 +233,7 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
     auto logits = model_.forward_cached(at::tensor(tokens, at::kLong).view({R, 1}), rows,
                                         std::vector<int64_t>(static_cast<size_t>(R), 1), cache,
                                         model::AttentionBackend::kAuto, &logits_buf,
-                                        head ? &*head : nullptr);  // (R, V), in logits_buf
+                                        &packed);  // (R, V), in logits_buf
     ++stats_.decode_steps;
     stats_.decode_rows += R;
     auto t3 = Clock::now();

@@ -20,8 +20,8 @@
 //
 // Threading and ownership: the engine keeps a const reference to the model (no copy: it reads the
 // policy's current parameters on every call, under no-grad) and owns its KV cache. The one
-// exception is a layout copy: on AVX-512 CPUs each call repacks the LM head's weight once
-// (EngineOptions::pack_lm_head) and drops it when the call returns. One thread at a
+// exception is a layout copy: on AVX-512 CPUs each call repacks the LM head's and (for models up to
+// EngineOptions::pack_max_bytes) the layers' weights once, and drops them when the call returns. One thread at a
 // time; do not change the parameters during generate(). The model must outlive the engine.
 #pragma once
 #include <cstdint>
@@ -85,9 +85,14 @@ struct EngineOptions {
   int64_t prefill_max_tokens = 8192;
   // On a CPU with AVX-512 (float32 weights): copy the LM head's weight once per generate() call
   // into model::PackedLinear's layout, so decode steps stream it once instead of OpenBLAS repacking
-  // it every step (1.2x at 64 rows to 2.3x at 1 row on the LM head). Costs vocab x hidden x 4 bytes
+  // it every step (1.2x at 64 rows to 2.6x at 1 row on the LM head). Costs vocab x hidden x 4 bytes
   // for the call (545 MB at Qwen2.5-0.5B). Ignored elsewhere.
   bool pack_lm_head = true;
+  // The same for every layer's linears (1.6x at 16 rows to 2.1x at 1 row on Qwen2.5-0.5B's 24
+  // layers), while their copy takes at most pack_max_bytes (Qwen2.5-0.5B's: 1.43 GB; 1.5B's, 5.2 GB,
+  // is over the default and decodes through at::linear).
+  bool pack_trunk = true;
+  int64_t pack_max_bytes = int64_t{2} << 30;
 };
 
 // Where the time of the last generate() went (seconds, wall clock; on GPU the split between
@@ -101,8 +106,10 @@ struct Stats {
   int64_t decode_rows = 0;          // sum over steps of busy slots
   int64_t prefills = 0, prefix_copies = 0;
   double prefill_s = 0, decode_s = 0, sample_s = 0, bookkeeping_s = 0, total_s = 0;
-  double pack_s = 0;             // packing the LM head (EngineOptions::pack_lm_head), part of total_s
+  double pack_s = 0;             // packing weights (EngineOptions::pack_lm_head / pack_trunk), in total_s
   bool packed_lm_head = false;   // whether decode steps used the packed LM head
+  bool packed_trunk = false;     // ... and the packed layers
+  int64_t packed_bytes = 0;      // what the packed copies held during the call
   int64_t slots = 0;
   double occupancy() const { return decode_steps ? double(decode_rows) / double(decode_steps * slots) : 0.0; }
   double tokens_per_s() const { return total_s > 0 ? generated_tokens / total_s : 0.0; }

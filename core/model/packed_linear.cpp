@@ -102,6 +102,13 @@ PackedLinear::PackedLinear(const at::Tensor& w) {
 
 int64_t PackedLinear::bytes() const { return panels_.numel() * static_cast<int64_t>(sizeof(float)); }
 
+int64_t PackedDecodeWeights::bytes() const {
+  int64_t b = lm_head ? lm_head->bytes() : 0;
+  for (const auto& l : layers)
+    b += l.q.bytes() + l.k.bytes() + l.v.bytes() + l.o.bytes() + l.gate.bytes() + l.up.bytes() + l.down.bytes();
+  return b;
+}
+
 const at::Tensor& PackedLinear::forward_out(const at::Tensor& x_in, at::Tensor& out) const {
   PTK_CHECK(x_in.dim() == 2 && x_in.size(1) == k_ && x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat,
             "PackedLinear: x must be (R, " + std::to_string(k_) + ") float32 on CPU");

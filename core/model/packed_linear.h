@@ -14,6 +14,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
+#include <vector>
 
 namespace ptk::model {
 
@@ -42,6 +44,19 @@ class PackedLinear {
  private:
   at::Tensor panels_;  // (N / 16 rounded up to whole kernel blocks, K, 16) float32, zero past N
   int64_t n_ = 0, k_ = 0;
+};
+
+// A Qwen2 model's weights packed for decode steps (Qwen2Model::pack_for_decode; forward_cached
+// uses them for calls of one token per row; prefills keep at::linear, whose many rows amortise
+// OpenBLAS's repack). At Qwen2.5-0.5B's shape the 24 layers' linears cost 250 ms per one-row step
+// through at::mm and 118 ms packed (BENCHMARKS.md).
+struct PackedDecodeWeights {
+  struct Layer {
+    PackedLinear q, k, v, o, gate, up, down;
+  };
+  std::vector<Layer> layers;            // empty: the trunk runs through at::linear
+  std::optional<PackedLinear> lm_head;  // empty: the logits go through at::mm
+  int64_t bytes() const;
 };
 
 }  // namespace ptk::model

@@ -871,10 +871,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& K, const at::
 at::Tensor Qwen2Model::forward_cached(const at::Tensor& ids, const std::vector<int64_t>& slots,
                                       const std::vector<int64_t>& n_new, KVCache& cache,
                                       AttentionBackend backend, at::Tensor* logits_out,
-                                      const PackedLinear* lm_head) const {
+                                      const PackedDecodeWeights* packed) const {
   at::NoGradGuard no_grad;
-  const auto h = forward_cached_hidden(ids, slots, n_new, cache, backend);  // (R, H)
-  const auto& W = lm_head_weight();                                         // (V, H)
+  const auto h = forward_cached_hidden(ids, slots, n_new, cache, backend, packed);  // (R, H)
+  const auto& W = lm_head_weight();                                                 // (V, H)
+  const PackedLinear* lm_head = packed && packed->lm_head ? &*packed->lm_head : nullptr;
   if (lm_head) {
     PTK_CHECK(lm_head->out_features() == W.size(0) && lm_head->in_features() == W.size(1),
               "forward_cached: the packed LM head is not this model's (" + std::to_string(lm_head->out_features()) +
@@ -893,7 +894,7 @@ at::Tensor Qwen2Model::forward_cached(const at::Tensor& ids, const std::vector<i
 
 at::Tensor Qwen2Model::forward_cached_hidden(const at::Tensor& ids_in, const std::vector<int64_t>& slots,
                                              const std::vector<int64_t>& n_new, KVCache& cache,
-                                             AttentionBackend backend) const {
+                                             AttentionBackend backend, const PackedDecodeWeights* packed) const {
   at::NoGradGuard no_grad;
   const auto& c = config_;
   PTK_CHECK(ids_in.dim() == 2, "forward_cached: ids must be (R, T)");
@@ -940,12 +941,26 @@ at::Tensor Qwen2Model::forward_cached_hidden(const at::Tensor& ids_in, const std
   }
 
   at::Tensor x = at::embedding(embed_tokens_, ids);  // (R, T, H)
+  // Decode steps through the packed linears when given: x (R, 1, in) -> (R, 1, out).
+  const bool packed_trunk = all_decode && T == 1 && packed && !packed->layers.empty();
+  if (packed) PTK_CHECK(packed->layers.empty() || static_cast<int64_t>(packed->layers.size()) == c.num_hidden_layers,
+                        "forward_cached: the packed weights are not this model's");
+  auto lin = [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const PackedLinear* p) {
+    if (!p) return at::linear(x, w, b);
+    at::Tensor y;
+    p->forward_out(x.reshape({R, x.size(-1)}), y);
+    if (b.defined()) y.add_(b);
+    return y.view({R, 1, p->out_features()});
+  };
   for (int64_t li = 0; li < c.num_hidden_layers; ++li) {
     const auto& l = layers_[li];
+    const PackedDecodeWeights::Layer* pl = packed_trunk ? &packed->layers[li] : nullptr;
     auto h = rms_norm(x, l.input_layernorm, c.rms_norm_eps);
-    auto q = apply_rope(at::linear(h, l.q_proj_w, l.q_proj_b).view({R, T, nh, D}).transpose(1, 2), cos, sin);
-    auto k = apply_rope(at::linear(h, l.k_proj_w, l.k_proj_b).view({R, T, nkv, D}).transpose(1, 2), cos, sin);
-    auto v = at::linear(h, l.v_proj_w, l.v_proj_b).view({R, T, nkv, D}).transpose(1, 2);
+    auto q = apply_rope(lin(h, l.q_proj_w, l.q_proj_b, pl ? &pl->q : nullptr).view({R, T, nh, D}).transpose(1, 2),
+                        cos, sin);
+    auto k = apply_rope(lin(h, l.k_proj_w, l.k_proj_b, pl ? &pl->k : nullptr).view({R, T, nkv, D}).transpose(1, 2),
+                        cos, sin);
+    auto v = lin(h, l.v_proj_w, l.v_proj_b, pl ? &pl->v : nullptr).view({R, T, nkv, D}).transpose(1, 2);
     auto K = cache.keys(li), V = cache.values(li);  // (S, nkv, T_max, D)
     at::Tensor a;                                   // (R, nh, T, D)
     if (all_decode) {
@@ -969,14 +984,27 @@ at::Tensor Qwen2Model::forward_cached_hidden(const at::Tensor& ids_in, const std
       a = at::stack(rows, 0);
     }
     a = a.transpose(1, 2).reshape({R, T, nh * D});
-    x = x + at::linear(a, l.o_proj_w);
+    x = x + lin(a, l.o_proj_w, {}, pl ? &pl->o : nullptr);
     h = rms_norm(x, l.post_attention_layernorm, c.rms_norm_eps);
-    x = x + at::linear(at::silu(at::linear(h, l.gate_proj_w)) * at::linear(h, l.up_proj_w), l.down_proj_w);
+    x = x + lin(at::silu(lin(h, l.gate_proj_w, {}, pl ? &pl->gate : nullptr)) * lin(h, l.up_proj_w, {}, pl ? &pl->up : nullptr),
+                l.down_proj_w, {}, pl ? &pl->down : nullptr);
   }
   for (int64_t r = 0; r < R; ++r) cache.set_length(slots[r], base[r] + n_new[r]);
   auto last = at::tensor(n_new, at::kLong).to(dev) - 1;
   auto h_last = x.index({at::arange(R, ids.options()), last});  // (R, H)
   return rms_norm(h_last, norm_, c.rms_norm_eps);
+}
+
+PackedDecodeWeights Qwen2Model::pack_for_decode(bool trunk, bool lm_head) const {
+  at::NoGradGuard no_grad;
+  PackedDecodeWeights p;
+  if (lm_head && PackedLinear::supported(lm_head_weight())) p.lm_head.emplace(lm_head_weight());
+  if (trunk && !layers_.empty() && PackedLinear::supported(layers_[0].q_proj_w))
+    for (const auto& l : layers_)
+      p.layers.push_back({PackedLinear(l.q_proj_w), PackedLinear(l.k_proj_w), PackedLinear(l.v_proj_w),
+                          PackedLinear(l.o_proj_w), PackedLinear(l.gate_proj_w), PackedLinear(l.up_proj_w),
+                          PackedLinear(l.down_proj_w)});
+  return p;
 }
 
 void Qwen2Model::save_pretrained(const std::string& dir, const checkpoint::SaveOptions& options) const {

@@ -26,7 +26,7 @@ namespace ptk::model {
 using checkpoint::Qwen2Config;
 
 class KVCache;       // core/model/kv_cache.h
-class PackedLinear;  // core/model/packed_linear.h
+struct PackedDecodeWeights;  // core/model/packed_linear.h
 
 struct Qwen2Layer {
   at::Tensor input_layernorm;           // (H)
@@ -137,17 +137,23 @@ class Qwen2Model {
   // a view of it, valid until the next call with the same buffer. A decode loop passes one buffer
   // for all its steps: at the 151,936-token vocabulary a 64-row step's logits are 39 MB, and a fresh
   // allocation of that size is a fresh mmap whose pages fault in on every step.
-  // With `lm_head`, a PackedLinear of lm_head_weight() computes the logits (CPU; the engine packs
-  // one per generate() call), else at::mm. Not thread-safe with respect to `cache`.
+  // With `packed` (pack_for_decode of this model, made since its weights last changed), decode
+  // calls use its packed linears and the logits its packed LM head; prefills use only the latter.
+  // Not thread-safe with respect to `cache`.
   at::Tensor forward_cached(const at::Tensor& ids, const std::vector<int64_t>& slots,
                             const std::vector<int64_t>& n_new, KVCache& cache,
                             AttentionBackend backend = AttentionBackend::kAuto,
-                            at::Tensor* logits_out = nullptr, const PackedLinear* lm_head = nullptr) const;
+                            at::Tensor* logits_out = nullptr, const PackedDecodeWeights* packed = nullptr) const;
   // The same cached forward without the LM head: the final-normed hidden state at each row's last
   // appended token, (R, H). For prefills whose logits nobody reads.
   at::Tensor forward_cached_hidden(const at::Tensor& ids, const std::vector<int64_t>& slots,
                                    const std::vector<int64_t>& n_new, KVCache& cache,
-                                   AttentionBackend backend = AttentionBackend::kAuto) const;
+                                   AttentionBackend backend = AttentionBackend::kAuto,
+                                   const PackedDecodeWeights* packed = nullptr) const;
+  // Copies of this model's weights in model::PackedLinear's layout for forward_cached's decode
+  // steps: the LM head when `lm_head`, every layer's linears when `trunk`, each only where
+  // PackedLinear::supported (float32 on an AVX-512 CPU). A snapshot: stale once the weights change.
+  PackedDecodeWeights pack_for_decode(bool trunk, bool lm_head) const;
 
   // Saves an HF folder that transformers and vLLM load unchanged (see checkpoint::save_checkpoint).
   void save_pretrained(const std::string& dir, const checkpoint::SaveOptions& options = {}) const;

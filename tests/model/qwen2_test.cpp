@@ -6,7 +6,6 @@
 
 #include <cmath>
 #include <cstdlib>
-#include <optional>
 
 #include "core/model/kv_cache.h"
 #include "core/model/packed_linear.h"
@@ -269,16 +268,15 @@ TEST_P(Fixture, DecodeOverAnySetOfSlotsEqualsUncachedForward) {
     // Even steps (the first has the most rows) write their logits into one buffer, as the engine does.
     at::Tensor buffer;
     const void* buffer_storage = nullptr;
-    // ... through the packed LM head when this CPU has one (the engine's path; packed_linear_test).
-    std::optional<model::PackedLinear> head;
-    if (model::PackedLinear::supported(m.lm_head_weight())) head.emplace(m.lm_head_weight());
+    // ... through the packed layers and LM head where this CPU allows (the engine's path).
+    const auto packed = m.pack_for_decode(/*trunk=*/true, /*lm_head=*/true);
     for (size_t k = 0; k < steps.size(); ++k) {
       const auto& set = steps[k];
       const int64_t R = static_cast<int64_t>(set.size());
       auto tok = torch::randint(0, V, {R, 1}, torch::kLong);
       const std::vector<int64_t> ones(R, 1);
       auto got = k % 2 == 0 ? m.forward_cached(tok, set, ones, cache, model::AttentionBackend::kAuto,
-                                               &buffer, head ? &*head : nullptr)
+                                               &buffer, &packed)
                        : m.forward_cached(tok, set, ones, cache);  // (R, V)
       ASSERT_EQ(got.sizes(), (std::vector<int64_t>{R, V}));
       if (k % 2 == 0) {

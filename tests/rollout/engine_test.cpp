@@ -370,9 +370,9 @@ TEST(Engine, CacheIsFreedAndReallocated) {
   EXPECT_EQ(eng.generate({r})[0][0].ids, first[0][0].ids);
 }
 
-// The packed LM head (EngineOptions::pack_lm_head, on by default where the CPU has AVX-512) gives
-// the same samples and log-probs as at::mm's, and the stats say which one ran.
-TEST(Engine, PackedLmHeadSamplesLikeTheUnpackedOne) {
+// The packed LM head and layers (EngineOptions::pack_lm_head / pack_trunk, on by default where the
+// CPU has AVX-512) give the same samples and log-probs as at::mm's, and the stats say which ran.
+TEST(Engine, PackedWeightsSampleLikeTheUnpackedOnes) {
   at::set_num_threads(1);
   auto m = load("tiny-tied");
   std::vector<Request> reqs(2);
@@ -385,10 +385,20 @@ TEST(Engine, PackedLmHeadSamplesLikeTheUnpackedOne) {
   reqs[1].max_new_tokens = 12;
   auto off_opts = slots(3);
   off_opts.pack_lm_head = false;
+  off_opts.pack_trunk = false;
   Engine on(m, slots(3)), off(m, off_opts);
   auto a = on.generate(reqs), b = off.generate(reqs);
   EXPECT_FALSE(off.last_stats().packed_lm_head);
+  EXPECT_FALSE(off.last_stats().packed_trunk);
   EXPECT_EQ(on.last_stats().packed_lm_head, model::PackedLinear::supported(m.lm_head_weight()));
+  EXPECT_EQ(on.last_stats().packed_trunk, model::PackedLinear::supported(m.lm_head_weight()));
+  // Over the byte budget the trunk stays unpacked.
+  auto tight = slots(3);
+  tight.pack_max_bytes = 16;
+  Engine small(m, tight);
+  auto c = small.generate(reqs);
+  EXPECT_FALSE(small.last_stats().packed_trunk);
+  EXPECT_EQ(c[1][0].ids, b[1][0].ids);
   if (!on.last_stats().packed_lm_head) std::printf("  no AVX-512F here: both engines used at::mm\n");
   for (size_t i = 0; i < reqs.size(); ++i)
     for (size_t g = 0; g < a[i].size(); ++g) {
