@@ -18,7 +18,6 @@
 #include <cstdio>
 #include <fstream>
 #include <numeric>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -264,7 +263,8 @@ void run_shape(const std::string& shape, const tokenizer::Tokenizer& tok, const 
               (long long)st.prefix_copies, (long long)st.prompt_tokens, (long long)st.prefill_padding);
   std::printf("                 %lld decode steps of %.1f rows mean: decode %.1f ms + sampling %.1f ms per step\n",
               (long long)st.decode_steps, double(st.decode_rows) / std::max<int64_t>(1, st.decode_steps),
-              1e3 * st.decode_s / std::max<int64_t>(1, st.decode_steps), 1e3 * st.sample_s / std::max<int64_t>(1, st.decode_steps));
+              1e3 * st.decode_s / std::max<int64_t>(1, st.decode_steps),
+              1e3 * st.sample_s / std::max<int64_t>(1, st.decode_steps));
 
   // Ideal at the average context of a decode step, with the engine's packed weights (LM head and
   // layers where the CPU allows, as the engine's defaults do for both shapes; the baselines below
@@ -292,7 +292,8 @@ void run_shape(const std::string& shape, const tokenizer::Tokenizer& tok, const 
     std::printf("                 packed weights (engine: LM head %s, layers %s, %.0f MB, packed in %.3f s) vs at::mm: "
                 "step over %lld rows %.3f vs %.3f s (%.2fx), over %lld rows %.3f vs %.3f s (%.2fx)\n",
                 st.packed_lm_head ? "yes" : "no", st.packed_trunk ? "yes" : "no", st.packed_bytes / 1e6, st.pack_s,
-                (long long)S, step_s, mm_s, mm_s / step_s, (long long)few, few_packed_s, few_mm_s, few_mm_s / few_packed_s);
+                (long long)S, step_s, mm_s, mm_s / step_s, (long long)few, few_packed_s, few_mm_s,
+                few_mm_s / few_packed_s);
   }
 
   // (b) static batches with a KV cache, no refill.
@@ -318,9 +319,9 @@ void run_shape(const std::string& shape, const tokenizer::Tokenizer& tok, const 
               ours / static_tps, ours / no_cache_tps, 100 * ours / ideal);
 }
 
-// --lm-head: the decode step's LM head alone, (R, H) x (V, H)^T at the shape's H and V = 151,936:
-// at::mm (OpenBLAS, which repacks the weight on every call) against model::PackedLinear (packed
-// once), best of 5 per row count, alternated in one process.
+// --lm-head: the decode step's LM head alone, (R, H) x (V, H)^T at the shape's H and V = 151,936,
+// then the layers' linears: at::mm (OpenBLAS, which repacks the weight on every call) against
+// model::PackedLinear (packed once), best of several per row count, alternated in one process.
 void lm_head_bench(const std::string& shape) {
   auto cfg = checkpoint::parse_config(shape_json(shape), shape + " config");
   const int64_t V = cfg.vocab_size, H = cfg.hidden_size;
@@ -351,11 +352,46 @@ void lm_head_bench(const std::string& shape) {
                 1e3 * best_packed, gf / best_packed, best_mm / best_packed);
     std::fflush(stdout);
   }
+  // Every layer's linears (q, k, v, o, gate, up, down) of the shape, one pass over all layers per
+  // timing (their weights exceed the caches, as in a real decode step), best of 3.
+  const int64_t I = cfg.intermediate_size, Dq = cfg.num_attention_heads * cfg.head_dim,
+                Dkv = cfg.num_key_value_heads * cfg.head_dim;
+  std::vector<at::Tensor> ws;
+  std::vector<model::PackedLinear> ps;
+  int64_t bytes = 0;
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{Dq, H}, {Dkv, H}, {Dkv, H}, {H, Dq}, {I, H}, {I, H}, {H, I}};
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
+    for (auto [n, k] : shapes) {
+      ws.push_back(torch::randn({n, k}));
+      ps.emplace_back(ws.back());
+      bytes += n * k * 4;
+    }
+  std::printf("the %lld layers' linears (%.2f GB):\n%6s %12s %12s %8s\n", (long long)cfg.num_hidden_layers, bytes / 1e9,
+              "rows", "at::mm ms", "packed ms", "speedup");
+  for (int64_t R : {1, 8, 16, 64}) {
+    std::vector<at::Tensor> xs, outs_mm, outs_packed(ws.size());
+    for (const auto& w : ws) {
+      xs.push_back(torch::randn({R, w.size(1)}));
+      outs_mm.push_back(at::empty({R, w.size(0)}));
+    }
+    double best_mm = 1e30, best_packed = 1e30;
+    for (int i = 0; i < 3; ++i) {
+      auto t = Clock::now();
+      for (size_t j = 0; j < ws.size(); ++j) at::mm_out(outs_mm[j], xs[j], ws[j].t());
+      best_mm = std::min(best_mm, seconds_since(t));
+      t = Clock::now();
+      for (size_t j = 0; j < ws.size(); ++j) ps[j].forward_out(xs[j], outs_packed[j]);
+      best_packed = std::min(best_packed, seconds_since(t));
+    }
+    std::printf("%6lld %12.1f %12.1f %7.2fx\n", (long long)R, 1e3 * best_mm, 1e3 * best_packed, best_mm / best_packed);
+    std::fflush(stdout);
+  }
 }
 
-// --decode-attention: one decode step's trunk forward (no LM head, no sampling) over R of S slots at context `ctx`,
-// the slots dense (0..R-1), every other one, or spread over the whole cache, with each layout of
-// forward_cached's decode attention forced (PTK_DECODE_ATTENTION): which measures faster.
+// --decode-attention: one decode step's trunk forward (no LM head, no sampling, unpacked linears)
+// over R of S slots at context `ctx`, the slots dense (0..R-1), every other one, or spread over the
+// whole cache, with each layout of forward_cached's decode attention forced (PTK_DECODE_ATTENTION):
+// which measures faster.
 void decode_attention_bench(const std::string& shape, int64_t S, int64_t R, int64_t ctx) {
   auto cfg = checkpoint::parse_config(shape_json(shape), shape + " config");
   auto m = model::Qwen2Model::from_config(cfg, 1);

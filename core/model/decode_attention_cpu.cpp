@@ -66,7 +66,8 @@ __attribute__((target("avx512f"))) void softmax_inplace(float* s, int64_t len) {
     sum = _mm512_add_ps(sum, e);
   }
   if (tail) {
-    const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + full), m)));
+    const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + full), m);
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive(x));
     _mm512_mask_storeu_ps(s + full, tail, e);
     sum = _mm512_add_ps(sum, e);
   }

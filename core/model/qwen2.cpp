@@ -945,10 +945,10 @@ at::Tensor Qwen2Model::forward_cached_hidden(const at::Tensor& ids_in, const std
   const bool packed_trunk = all_decode && T == 1 && packed && !packed->layers.empty();
   if (packed) PTK_CHECK(packed->layers.empty() || static_cast<int64_t>(packed->layers.size()) == c.num_hidden_layers,
                         "forward_cached: the packed weights are not this model's");
-  auto lin = [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const PackedLinear* p) {
-    if (!p) return at::linear(x, w, b);
+  auto lin = [&](const at::Tensor& in, const at::Tensor& w, const at::Tensor& b, const PackedLinear* p) {
+    if (!p) return at::linear(in, w, b);
     at::Tensor y;
-    p->forward_out(x.reshape({R, x.size(-1)}), y);
+    p->forward_out(in.reshape({R, in.size(-1)}), y);
     if (b.defined()) y.add_(b);
     return y.view({R, 1, p->out_features()});
   };
@@ -986,8 +986,8 @@ at::Tensor Qwen2Model::forward_cached_hidden(const at::Tensor& ids_in, const std
     a = a.transpose(1, 2).reshape({R, T, nh * D});
     x = x + lin(a, l.o_proj_w, {}, pl ? &pl->o : nullptr);
     h = rms_norm(x, l.post_attention_layernorm, c.rms_norm_eps);
-    x = x + lin(at::silu(lin(h, l.gate_proj_w, {}, pl ? &pl->gate : nullptr)) * lin(h, l.up_proj_w, {}, pl ? &pl->up : nullptr),
-                l.down_proj_w, {}, pl ? &pl->down : nullptr);
+    auto gate = at::silu(lin(h, l.gate_proj_w, {}, pl ? &pl->gate : nullptr));
+    x = x + lin(gate * lin(h, l.up_proj_w, {}, pl ? &pl->up : nullptr), l.down_proj_w, {}, pl ? &pl->down : nullptr);
   }
   for (int64_t r = 0; r < R; ++r) cache.set_length(slots[r], base[r] + n_new[r]);
   auto last = at::tensor(n_new, at::kLong).to(dev) - 1;
