@@ -20,9 +20,10 @@
 //
 // Threading and ownership: the engine keeps a const reference to the model (no copy: it reads the
 // policy's current parameters on every call, under no-grad) and owns its KV cache. The one
-// exception is a layout copy: on AVX-512 CPUs each call repacks the LM head's and (for models up to
-// EngineOptions::pack_max_bytes) the layers' weights once, and drops them when the call returns. One thread at a
-// time; do not change the parameters during generate(). The model must outlive the engine.
+// exception is a layout copy: on AVX-512 CPUs each call repacks the LM head's and (for models up
+// to EngineOptions::pack_max_bytes) the layers' weights once, and drops them when the call
+// returns. One thread at a time; do not change the parameters during generate(). The model must
+// outlive the engine.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -85,7 +86,7 @@ struct EngineOptions {
   int64_t prefill_max_tokens = 8192;
   // On a CPU with AVX-512 (float32 weights): copy the LM head's weight once per generate() call
   // into model::PackedLinear's layout, so decode steps stream it once instead of OpenBLAS repacking
-  // it every step (1.2x at 64 rows to 2.6x at 1 row on the LM head). Costs vocab x hidden x 4 bytes
+  // it every step (1.2x at 64 rows to 2.7x at 1 row on the LM head). Costs vocab x hidden x 4 bytes
   // for the call (545 MB at Qwen2.5-0.5B). Ignored elsewhere.
   bool pack_lm_head = true;
   // The same for every layer's linears (1.6x at 16 rows to 2.1x at 1 row on Qwen2.5-0.5B's 24

@@ -5,7 +5,7 @@
 // LM head that is 155 MB (hidden 256) to 545 MB (hidden 896) of copying per decode step, as long as
 // the multiply itself at 64 rows and nearly all of a one-row step. PackedLinear makes that copy once
 // (16 output features per panel, input-feature-major) and its AVX-512 kernel streams the panels once
-// per call: measured 1.2x (64 rows) to 2.3x (1 row) faster than at::mm on the LM head
+// per call: measured 1.2x (64 rows) to 2.7x (1 row) faster than at::mm on the LM head
 // (BENCHMARKS.md). Not autograd-aware (inference only) and CPU only.
 //
 // Not a cache: it holds a copy made when it was built, so it is stale once W changes (the engine
@@ -28,7 +28,8 @@ class PackedLinear {
   // AVX-512F. When false, callers use at::mm as before.
   static bool supported(const at::Tensor& w);
 
-  // Packs w (N, K): N * K * 4 bytes (N rounded up to a multiple of 48). Throws ptk::Error when !supported(w).
+  // Packs w (N, K): N * K * 4 bytes (N rounded up to a multiple of 48). Throws ptk::Error when
+  // !supported(w).
   explicit PackedLinear(const at::Tensor& w);
 
   // out = x @ W^T: x (R, K) float32 on CPU, out resized in place to (R, N) (its storage is kept
@@ -48,8 +49,8 @@ class PackedLinear {
 
 // A Qwen2 model's weights packed for decode steps (Qwen2Model::pack_for_decode; forward_cached
 // uses them for calls of one token per row; prefills keep at::linear, whose many rows amortise
-// OpenBLAS's repack). At Qwen2.5-0.5B's shape the 24 layers' linears cost 250 ms per one-row step
-// through at::mm and 118 ms packed (BENCHMARKS.md).
+// OpenBLAS's repack). At Qwen2.5-0.5B's shape the 24 layers' linears cost 219 ms per one-row step
+// through at::mm and 103 ms packed (rollout_bench --lm-head, BENCHMARKS.md).
 struct PackedDecodeWeights {
   struct Layer {
     PackedLinear q, k, v, o, gate, up, down;

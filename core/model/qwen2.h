@@ -25,7 +25,7 @@ namespace ptk::model {
 
 using checkpoint::Qwen2Config;
 
-class KVCache;       // core/model/kv_cache.h
+class KVCache;               // core/model/kv_cache.h
 struct PackedDecodeWeights;  // core/model/packed_linear.h
 
 struct Qwen2Layer {
