@@ -269,7 +269,8 @@ void run_shape(const std::string& shape, const tokenizer::Tokenizer& tok, const 
   // Ideal at the average context of a decode step, with the engine's packed weights (LM head and
   // layers where the CPU allows, as the engine's defaults do for both shapes; the baselines below
   // use them too, so the ratios compare batching policies only).
-  const model::PackedDecodeWeights packed = m.pack_for_decode(/*trunk=*/true, /*lm_head=*/true);
+  const model::PackedDecodeWeights packed =
+      m.pack_for_decode(/*lm_head=*/true, /*max_trunk_bytes=*/rollout::EngineOptions{}.pack_max_bytes);
   const model::PackedDecodeWeights* head = &packed;
   const int64_t ctx = static_cast<int64_t>(mean_prompt + mean_out / 2);
   double step_s = 0;

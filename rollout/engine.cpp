@@ -138,13 +138,8 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
   // OpenBLAS would repack them on every decode step. A copy of the current parameters, dropped
   // when the call returns. The trunk only while its copy stays within pack_max_bytes.
   auto tp = Clock::now();
-  int64_t trunk_bytes = 0;
-  for (const auto& l : model_.layers_)
-    for (const auto* w : {&l.q_proj_w, &l.k_proj_w, &l.v_proj_w, &l.o_proj_w, &l.gate_proj_w, &l.up_proj_w,
-                          &l.down_proj_w})
-      trunk_bytes += w->numel() * static_cast<int64_t>(w->element_size());
   const model::PackedDecodeWeights packed =
-      model_.pack_for_decode(options_.pack_trunk && trunk_bytes <= options_.pack_max_bytes, options_.pack_lm_head);
+      model_.pack_for_decode(options_.pack_lm_head, options_.pack_trunk ? options_.pack_max_bytes : 0);
   stats_.pack_s = since(tp);
   stats_.packed_lm_head = packed.lm_head.has_value();
   stats_.packed_trunk = !packed.layers.empty();

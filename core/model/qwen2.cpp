@@ -8,6 +8,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <memory>
@@ -787,20 +788,22 @@ namespace {
 
 // ---- cached decode attention -------------------------------------------------------------------
 //
-// One decode step attends row r's single query to keys [0, base[r] + 1) of its slot. Two layouts,
-// both one batched op per layer whatever the set of slots:
+// One decode step attends row r's single query to keys [0, base[r] + 1) of its slot. On AVX-512
+// CPUs (float32) each row reads its own keys only (decode_attention_rows, decode_attention_cpu.h:
+// no padding). Elsewhere two layouts, both one batched op per layer whatever the set of slots:
 //  - window: the slots' range [lo, hi] of the cache is read in place (a view, no copy); slots of
 //    that range not in the batch compute a throwaway row (their queries are zero, they see key 0).
 //    Cheap when the busy slots fill most of their range (continuous batching keeps them dense).
 //  - gather: the rows' K/V windows [0, max_k) are copied out with index_select (R rows, no waste).
 // The window costs ~n rows of attention, the gather ~2R (copy, then read), so the window is taken
 // unless it holds over twice the rows (the engine's slot sets are dense). PTK_DECODE_ATTENTION=
-// window|gather forces one (rollout_bench --decode-attention compares them with the per-row kernel
-// of decode_attention_cpu.h, which forward_cached prefers on AVX-512 CPUs).
+// window|gather forces one of them (rollout_bench --decode-attention compares all three).
 // Either way each row's scores are masked past its own length and the result equals the per-row
 // attention up to float rounding.
 struct DecodeBatch {
   at::Tensor slots, pos;  // (R) int64: each row's slot and the position its new token takes
+  bool by_rows = false;   // decode_attention_rows over row_slots / lens; the fields below unused
+  std::vector<int64_t> row_slots, lens;  // by rows: each row's slot and its key count
   bool window = true;
   int64_t lo = 0, n = 0;   // window: slots [lo, lo + n); gather: n = R
   int64_t max_k = 0;       // keys read per row
@@ -808,20 +811,26 @@ struct DecodeBatch {
   at::Tensor invisible;    // (n, max_k) bool: keys a row must not see
 };
 
+// `rows_supported`: decode_attention_rows can serve this model and cache.
 DecodeBatch decode_batch(const std::vector<int64_t>& slots, const std::vector<int64_t>& base, int64_t max_k,
-                         at::Device dev) {
+                         at::Device dev, bool rows_supported) {
   const int64_t R = static_cast<int64_t>(slots.size());
   DecodeBatch b;
-  const auto lo_hi = std::minmax_element(slots.begin(), slots.end());
-  const int64_t lo = *lo_hi.first, n = *lo_hi.second - lo + 1;
-  const char* force = std::getenv("PTK_DECODE_ATTENTION");
-  b.window = force && std::string(force) == "window" ? true
-             : force && std::string(force) == "gather" ? false
-                                                      : n <= 2 * R;
-  b.max_k = max_k;
   auto opt = at::TensorOptions().dtype(at::kLong);
   b.slots = at::tensor(slots, opt).to(dev);
   b.pos = at::tensor(base, opt).to(dev);
+  const char* env = std::getenv("PTK_DECODE_ATTENTION");
+  const std::string force = env ? env : "";
+  if (rows_supported && force != "window" && force != "gather") {
+    b.by_rows = true;
+    b.row_slots = slots;
+    for (int64_t r = 0; r < R; ++r) b.lens.push_back(base[r] + 1);
+    return b;
+  }
+  const auto lo_hi = std::minmax_element(slots.begin(), slots.end());
+  const int64_t lo = *lo_hi.first, n = *lo_hi.second - lo + 1;
+  b.window = force == "window" ? true : force == "gather" ? false : n <= 2 * R;
+  b.max_k = max_k;
   std::vector<int64_t> lens;  // keys visible to each computed row
   if (b.window) {
     b.lo = lo;
@@ -844,6 +853,7 @@ DecodeBatch decode_batch(const std::vector<int64_t>& slots, const std::vector<in
 // q (R, nh, D) of one decode step; K/V the layer's cache (S, nkv, T_max, D), the step's keys
 // already written. Returns (R, nh, D).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& K, const at::Tensor& V, const DecodeBatch& b) {
+  if (b.by_rows) return decode_attention_rows(q, K, V, b.row_slots, b.lens);
   const int64_t R = q.size(0), nh = q.size(1), D = q.size(2), nkv = K.size(1), g = nh / nkv, n = b.n;
   at::Tensor Kw, Vw, qw;
   if (b.window) {
@@ -924,21 +934,11 @@ at::Tensor Qwen2Model::forward_cached_hidden(const at::Tensor& ids_in, const std
   const bool fused = use_fused(backend, embed_tokens_);
   int64_t max_k = 0;
   for (int64_t r = 0; r < R; ++r) max_k = std::max(max_k, base[r] + n_new[r]);
-  // Decode (one token per row) over any set of slots: on AVX-512 CPUs each row attends to its own
-  // keys only (decode_attention_rows, no padding); elsewhere one batched attention padded to the
-  // longest context (decode_attention). PTK_DECODE_ATTENTION=rows|window|gather forces one.
-  const char* force = std::getenv("PTK_DECODE_ATTENTION");
-  const bool by_rows = all_decode && decode_attention_rows_supported(embed_tokens_, cache.keys(0)) &&
-                       !(force && (std::string(force) == "window" || std::string(force) == "gather"));
-  std::vector<int64_t> lens;
-  if (by_rows)
-    for (int64_t r = 0; r < R; ++r) lens.push_back(base[r] + 1);
-  DecodeBatch db;  // by rows: only the scatter's slots and positions
-  if (all_decode && !by_rows) db = decode_batch(slots, base, max_k, dev);
-  if (by_rows) {
-    db.slots = at::tensor(slots, at::kLong).to(dev);
-    db.pos = at::tensor(base, at::kLong).to(dev);
-  }
+  // Decode (one token per row) over any set of slots is one attention call per layer; see
+  // decode_attention.
+  DecodeBatch db;
+  if (all_decode)
+    db = decode_batch(slots, base, max_k, dev, decode_attention_rows_supported(embed_tokens_, cache.keys(0)));
 
   at::Tensor x = at::embedding(embed_tokens_, ids);  // (R, T, H)
   // Decode steps through the packed linears when given: x (R, 1, in) -> (R, 1, out).
@@ -967,8 +967,7 @@ at::Tensor Qwen2Model::forward_cached_hidden(const at::Tensor& ids_in, const std
       // One scatter per layer: position base[r] of slot slots[r] gets row r's key / value.
       K.index_put_({db.slots, torch::indexing::Slice(), db.pos}, k.select(2, 0));
       V.index_put_({db.slots, torch::indexing::Slice(), db.pos}, v.select(2, 0));
-      a = by_rows ? decode_attention_rows(q.select(2, 0), K, V, slots, lens).unsqueeze(2)
-                  : decode_attention(q.select(2, 0), K, V, db).unsqueeze(2);
+      a = decode_attention(q.select(2, 0), K, V, db).unsqueeze(2);
     } else {
       for (int64_t r = 0; r < R; ++r) {
         K[slots[r]].narrow(1, base[r], n_new[r]).copy_(k[r].narrow(1, 0, n_new[r]));
@@ -995,15 +994,23 @@ at::Tensor Qwen2Model::forward_cached_hidden(const at::Tensor& ids_in, const std
   return rms_norm(h_last, norm_, c.rms_norm_eps);
 }
 
-PackedDecodeWeights Qwen2Model::pack_for_decode(bool trunk, bool lm_head) const {
+PackedDecodeWeights Qwen2Model::pack_for_decode(bool lm_head, int64_t max_trunk_bytes) const {
   at::NoGradGuard no_grad;
   PackedDecodeWeights p;
   if (lm_head && PackedLinear::supported(lm_head_weight())) p.lm_head.emplace(lm_head_weight());
-  if (trunk && !layers_.empty() && PackedLinear::supported(layers_[0].q_proj_w))
-    for (const auto& l : layers_)
-      p.layers.push_back({PackedLinear(l.q_proj_w), PackedLinear(l.k_proj_w), PackedLinear(l.v_proj_w),
-                          PackedLinear(l.o_proj_w), PackedLinear(l.gate_proj_w), PackedLinear(l.up_proj_w),
-                          PackedLinear(l.down_proj_w)});
+  auto linears = [](const Qwen2Layer& l) {
+    return std::array<const at::Tensor*, 7>{&l.q_proj_w, &l.k_proj_w,    &l.v_proj_w,   &l.o_proj_w,
+                                            &l.gate_proj_w, &l.up_proj_w, &l.down_proj_w};
+  };
+  int64_t bytes = 0;  // what the copy takes: float32, as PackedLinear::supported requires
+  for (const auto& l : layers_)
+    for (const at::Tensor* w : linears(l)) bytes += w->numel() * static_cast<int64_t>(sizeof(float));
+  if (layers_.empty() || bytes > max_trunk_bytes || !PackedLinear::supported(layers_[0].q_proj_w)) return p;
+  for (const auto& l : layers_) {
+    const auto w = linears(l);
+    p.layers.push_back({PackedLinear(*w[0]), PackedLinear(*w[1]), PackedLinear(*w[2]), PackedLinear(*w[3]),
+                        PackedLinear(*w[4]), PackedLinear(*w[5]), PackedLinear(*w[6])});
+  }
   return p;
 }
 

@@ -151,9 +151,10 @@ class Qwen2Model {
                                    AttentionBackend backend = AttentionBackend::kAuto,
                                    const PackedDecodeWeights* packed = nullptr) const;
   // Copies of this model's weights in model::PackedLinear's layout for forward_cached's decode
-  // steps: the LM head when `lm_head`, every layer's linears when `trunk`, each only where
-  // PackedLinear::supported (float32 on an AVX-512 CPU). A snapshot: stale once the weights change.
-  PackedDecodeWeights pack_for_decode(bool trunk, bool lm_head) const;
+  // steps: the LM head when `lm_head`, every layer's linears when their copy takes at most
+  // `max_trunk_bytes` (0: never), each only where PackedLinear::supported (float32 on an AVX-512
+  // CPU). A snapshot: stale once the weights change.
+  PackedDecodeWeights pack_for_decode(bool lm_head, int64_t max_trunk_bytes) const;
 
   // Saves an HF folder that transformers and vLLM load unchanged (see checkpoint::save_checkpoint).
   void save_pretrained(const std::string& dir, const checkpoint::SaveOptions& options = {}) const;

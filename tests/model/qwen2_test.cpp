@@ -269,7 +269,7 @@ TEST_P(Fixture, DecodeOverAnySetOfSlotsEqualsUncachedForward) {
     at::Tensor buffer;
     const void* buffer_storage = nullptr;
     // ... through the packed layers and LM head where this CPU allows (the engine's path).
-    const auto packed = m.pack_for_decode(/*trunk=*/true, /*lm_head=*/true);
+    const auto packed = m.pack_for_decode(/*lm_head=*/true, /*max_trunk_bytes=*/int64_t{1} << 40);
     for (size_t k = 0; k < steps.size(); ++k) {
       const auto& set = steps[k];
       const int64_t R = static_cast<int64_t>(set.size());
