@@ -13,10 +13,14 @@ struct Info {
   std::string threads_from;  // "flag", "OMP_NUM_THREADS", "cores"
   std::string blas;     // "OpenBLAS 0.3.21 ..." | "reference BLAS (slow)" | ...
   bool slow_blas = false;
+  // glibc malloc keeps freed memory for reuse instead of returning it to the kernel (runtime.cpp:
+  // 20% of a 0.5B training step was page faults); PTK_KEEP_FREED_MEMORY=0 turns it off.
+  bool keeps_freed_memory = false;
 };
 
 // Sets LibTorch's intra-op threads: `requested` > 0 wins, else OMP_NUM_THREADS, else every core
-// this process may run on. Detects the BLAS actually loaded. Safe to call more than once.
+// this process may run on. Detects the BLAS actually loaded. Keeps freed memory in the process
+// (see Info::keeps_freed_memory). Safe to call more than once.
 Info init(int requested_threads);
 
 // "ptk 0.1.0 | LibTorch 1.13.1 | cpu | 2 threads (cores) | BLAS OpenBLAS 0.3.21"
