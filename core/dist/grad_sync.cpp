@@ -10,6 +10,11 @@
 
 namespace ptk::dist {
 
+namespace {
+// A tied embedding's gradient is sparse (its T rows) when no lm_head loss densified it.
+at::Tensor dense(const at::Tensor& g) { return g.is_sparse() ? g.to_dense() : g; }
+}  // namespace
+
 struct GradSync::Impl {
   struct Slot {
     at::Tensor param;
@@ -38,15 +43,16 @@ struct GradSync::Impl {
     }
   }
 
-  void on_grad(int i, const at::Tensor& g) {
+  void on_grad(int i, const at::Tensor& g_in) {
     if (!armed) return;
+    const at::Tensor g = dense(g_in);
     Slot& s = slots[i];
     PTK_CHECK(!s.ready, "GradSync: a gradient for " + std::to_string(i) + " arrived twice in one backward");
     torch::NoGradGuard ng;
     Bucket& b = buckets[s.bucket];
     at::Tensor dst = b.flat.narrow(0, s.offset, s.numel);
     const at::Tensor& acc = s.param.grad();  // earlier micro-batches of this step (hooks run before accumulation)
-    if (acc.defined()) dst.copy_(acc.reshape(-1)).add_(g.reshape(-1));
+    if (acc.defined()) dst.copy_(dense(acc).reshape(-1)).add_(g.reshape(-1));
     else dst.copy_(g.reshape(-1));
     s.ready = s.has_grad = true;
     if (--b.pending == 0) {
@@ -127,7 +133,7 @@ void GradSync::finish() {
       if (sl.ready) continue;
       at::Tensor dst = b.flat.narrow(0, sl.offset, sl.numel);
       if (sl.param.grad().defined()) {
-        dst.copy_(sl.param.grad().reshape(-1));
+        dst.copy_(dense(sl.param.grad()).reshape(-1));
         sl.has_grad = true;
       } else {
         dst.zero_();
@@ -147,7 +153,7 @@ void GradSync::finish() {
     auto& sl = s.slots[i];
     if (used_a[i] == 0) continue;
     at::Tensor src = s.buckets[sl.bucket].flat.narrow(0, sl.offset, sl.numel).view(sl.param.sizes());
-    if (sl.param.grad().defined()) sl.param.mutable_grad().copy_(src);
+    if (sl.param.grad().defined() && !sl.param.grad().is_sparse()) sl.param.mutable_grad().copy_(src);
     else sl.param.mutable_grad() = src.clone();
   }
 }

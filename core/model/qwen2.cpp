@@ -769,7 +769,12 @@ ForwardOutput Qwen2Model::forward(const ForwardInput& in, const ForwardOptions& 
   at::Tensor x;
   {
     RECORD_FUNCTION("ptk::embedding", std::vector<c10::IValue>());
-    x = at::embedding(embed_tokens_, ids);  // (B, T, H)
+    // Tied LM (no score head): the lm_head op's dense (V, H) gradient reaches this weight too, and
+    // autograd adds a sparse (T rows) embedding gradient into it in place. A dense one would be a
+    // zero-filled (V, H) tensor plus a full add: ~1 s a step at the 0.5B shape (train_step_bench).
+    const bool sparse_grad = config_.tie_word_embeddings && !score_.defined() && at::GradMode::is_enabled() &&
+                             embed_tokens_.requires_grad();
+    x = at::embedding(embed_tokens_, ids, /*padding_idx=*/-1, /*scale_grad_by_freq=*/false, sparse_grad);  // (B, T, H)
   }
   if (options.layer_outputs) out.layer_outputs.push_back(x);
   for (const auto& l : layers_) {

@@ -72,6 +72,7 @@ void AdamW::step(double lr) {
     Slot& s = slots_[i];
     if (!p.grad().defined()) continue;
     at::Tensor grad = p.grad();
+    if (grad.is_sparse()) grad = grad.to_dense();  // a tied embedding's rows, when no lm_head loss densified it
     at::Tensor w = s.master.defined() ? s.master : p;  // the fp32 weights being updated
     if (grad.scalar_type() != torch::kFloat32) grad = grad.to(torch::kFloat32);
     const double decay_mul = 1.0 - lr * s.weight_decay;

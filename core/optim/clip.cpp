@@ -13,7 +13,8 @@ double grad_norm(const std::vector<at::Tensor>& params) {
   at::Tensor total;
   for (const auto& p : params) {
     if (!p.grad().defined()) continue;
-    at::Tensor n = p.grad().to(torch::kFloat32).norm(2);
+    const at::Tensor& g = p.grad();
+    at::Tensor n = (g.is_sparse() ? g.coalesce().values() : g).to(torch::kFloat32).norm(2);
     total = total.defined() ? total + n * n : n * n;
   }
   return total.defined() ? std::sqrt(total.item<double>()) : 0.0;

@@ -204,6 +204,29 @@ TEST(Schedule, WarmupCosineLinearConstantWithFloor) {
   EXPECT_NEAR(sft.lr_at(100), 7e-7, 1e-18);
 }
 
+// A tied embedding's gradient is sparse (the rows a batch used) when no lm_head loss densified it
+// (the model's forward asks at::embedding for a sparse gradient then): clipping and AdamW must treat
+// it as its dense equivalent. The sparse gradient repeats a row (uncoalesced).
+TEST(AdamW, SparseGradientSameAsDense) {
+  torch::manual_seed(4);
+  auto w0 = torch::randn({10, 6});
+  auto idx = torch::tensor({{1, 7, 1, 3}}, torch::kLong);
+  auto vals = torch::randn({4, 6});
+  auto sparse = torch::sparse_coo_tensor(idx, vals, {10, 6});
+  AdamWOptions opt{0.9, 0.95, 1e-8, 0.1, false};
+  auto a = w0.clone().set_requires_grad(true), b = w0.clone().set_requires_grad(true);
+  AdamW fa({{"embed_tokens.weight", a}}, opt), fb({{"embed_tokens.weight", b}}, opt);
+  for (int step = 0; step < 3; ++step) {
+    a.mutable_grad() = sparse.clone();
+    b.mutable_grad() = sparse.to_dense();
+    const double na = clip_grad_norm({a}, 0.5), nb = clip_grad_norm({b}, 0.5);
+    EXPECT_NEAR(na, nb, 1e-5 * nb);
+    fa.step(1e-2);
+    fb.step(1e-2);
+  }
+  EXPECT_LT((a - b).abs().max().item<double>(), 1e-6);
+}
+
 TEST(Clip, GlobalNormLikeTorch) {
   auto a = torch::zeros({2}).set_requires_grad(true);
   auto b = torch::zeros({1}).set_requires_grad(true);
