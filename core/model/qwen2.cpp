@@ -14,6 +14,7 @@
 #include <memory>
 #include <set>
 
+#include "core/model/causal_attention.h"
 #include "core/model/decode_attention_cpu.h"
 #include "core/model/kv_cache.h"
 #include "core/model/packed_linear.h"
@@ -101,6 +102,18 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 at::Tensor attend_grouped(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool fused) {
   if (fused) return attend(q, k, v, fused);
   const bool batched = q.dim() == 4;
+  // float32: causal_block_attention, which skips the masked half (blocks of query rows, each against
+  // the keys it can see). PTK_ATTENTION_BLOCK_ROWS sets the block (default 128); 0 = the masked
+  // full-square path below, which also serves other dtypes.
+  static const int64_t block_rows = [] {
+    const char* env = std::getenv("PTK_ATTENTION_BLOCK_ROWS");
+    return env ? std::max<int64_t>(0, std::atoll(env)) : int64_t{128};
+  }();
+  if (block_rows > 0 && q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+      v.scalar_type() == at::kFloat) {
+    if (batched) return causal_block_attention(q, k, v, block_rows);
+    return causal_block_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), block_rows).squeeze(0);
+  }
   const int64_t n = batched ? q.size(0) : 1, heads = q.size(-3), kv = k.size(-3), g = heads / kv, lq = q.size(-2),
                 lk = k.size(-2), d = q.size(-1);
   at::Tensor qg = (q * (1.0 / std::sqrt(static_cast<double>(d)))).reshape({n * kv, g * lq, d});

@@ -1,0 +1,73 @@
+// causal_block_attention (the training forward's float32 attention) against causal softmax
+// attention computed in float64 with plain ATen ops (full score matrix, -inf above the diagonal):
+// outputs and the gradients of q, k and v, for grouped-query shapes (g = 1, 2, 7), blocks that do
+// and do not divide the sequence, one block for the whole sequence, and queries that are the last
+// Lq of Lk > Lq positions.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <limits>
+
+#include "core/model/causal_attention.h"
+#include "core/util/error.h"
+
+namespace ptk {
+namespace {
+
+// q (N, heads, Lq, D), k/v (N, kv, Lk, D), float64.
+at::Tensor reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const int64_t heads = q.size(1), kv = k.size(1), g = heads / kv, lq = q.size(2), lk = k.size(2), d = q.size(3);
+  auto kk = k.repeat_interleave(g, 1), vv = v.repeat_interleave(g, 1);  // head j uses K/V head j / g
+  auto mask = torch::full({lq, lk}, -std::numeric_limits<double>::infinity(), q.options()).triu(lk - lq + 1);
+  auto scores = torch::matmul(q, kk.transpose(-1, -2)) / std::sqrt(static_cast<double>(d)) + mask;
+  return torch::matmul(torch::softmax(scores, -1), vv);
+}
+
+double max_rel_err(const at::Tensor& got, const at::Tensor& want) {
+  return ((got.to(torch::kDouble) - want).abs().max() / want.abs().max().clamp_min(1e-30)).item<double>();
+}
+
+TEST(CausalBlockAttention, EqualsMaskedSoftmaxAttentionWithGradients) {
+  struct Case {
+    int64_t n, heads, kv, lq, lk, d, block;
+  };
+  for (Case c : {Case{2, 14, 2, 37, 37, 16, 8}, Case{1, 4, 4, 5, 12, 8, 2}, Case{1, 6, 3, 20, 20, 8, 128},
+                 Case{2, 4, 2, 33, 33, 32, 11}, Case{1, 2, 1, 1, 1, 4, 1}}) {
+    SCOPED_TRACE(::testing::Message() << "n " << c.n << " heads " << c.heads << " kv " << c.kv << " Lq " << c.lq
+                                      << " Lk " << c.lk << " D " << c.d << " block " << c.block);
+    torch::manual_seed(c.lq * 31 + c.block);
+    auto q = (torch::randn({c.n, c.heads, c.lq, c.d}) * 2).requires_grad_(true);
+    auto k = torch::randn({c.n, c.kv, c.lk, c.d}).requires_grad_(true);
+    auto v = torch::randn({c.n, c.kv, c.lk, c.d}).requires_grad_(true);
+    auto grad_out = torch::randn({c.n, c.heads, c.lq, c.d});
+
+    auto out = model::causal_block_attention(q, k, v, c.block);
+    ASSERT_EQ(out.sizes(), q.sizes());
+    (out * grad_out).sum().backward();
+
+    auto q64 = q.detach().to(torch::kDouble).requires_grad_(true);
+    auto k64 = k.detach().to(torch::kDouble).requires_grad_(true);
+    auto v64 = v.detach().to(torch::kDouble).requires_grad_(true);
+    auto want = reference(q64, k64, v64);
+    (want * grad_out.to(torch::kDouble)).sum().backward();
+
+    EXPECT_LT(max_rel_err(out.detach(), want.detach()), 1e-5);
+    EXPECT_LT(max_rel_err(q.grad(), q64.grad()), 1e-5);
+    EXPECT_LT(max_rel_err(k.grad(), k64.grad()), 1e-5);
+    EXPECT_LT(max_rel_err(v.grad(), v64.grad()), 1e-5);
+  }
+}
+
+TEST(CausalBlockAttention, RejectsBadShapes) {
+  auto q = torch::randn({1, 3, 4, 8}), k = torch::randn({1, 2, 4, 8});
+  EXPECT_THROW(model::causal_block_attention(q, k, k), Error);  // 3 heads over 2 K/V heads
+  auto k_short = torch::randn({1, 1, 3, 8});
+  EXPECT_THROW(model::causal_block_attention(q, k_short, k_short), Error);  // Lq > Lk
+  EXPECT_THROW(model::causal_block_attention(q.to(torch::kDouble), k.narrow(1, 0, 1).to(torch::kDouble),
+                                             k.narrow(1, 0, 1).to(torch::kDouble)),
+               Error);
+}
+
+}  // namespace
+}  // namespace ptk
