@@ -26,6 +26,11 @@ at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& w32, double inv_t
   if (inv_t != 1.0) z.mul_(inv_t);
   return z;
 }
+// The same into rows of the kept (N, Vv) logits.
+void chunk_logits_out(at::Tensor z, const at::Tensor& h, const at::Tensor& w32, double inv_t) {
+  torch::mm_out(z, h.to(torch::kFloat32), w32.t());
+  if (inv_t != 1.0) z.mul_(inv_t);
+}
 
 // The weight in fp32, cut to the valid vocabulary.
 at::Tensor valid_weight(const at::Tensor& weight, int64_t valid_vocab) {
@@ -40,16 +45,20 @@ at::Tensor valid_weight(const at::Tensor& weight, int64_t valid_vocab) {
 // the entropy; backward turns the recomputed z into the gradient in place.
 struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
   static variable_list forward(AutogradContext* ctx, at::Tensor hidden, at::Tensor weight, at::Tensor targets,
-                               double temperature, int64_t chunk, int64_t valid_vocab) {
+                               double temperature, int64_t chunk, int64_t valid_vocab, int64_t keep_bytes) {
     const int64_t n = hidden.size(0);
     const double inv_t = 1.0 / temperature;
     at::Tensor w32 = valid_weight(weight, valid_vocab);
     auto f32 = hidden.options().dtype(torch::kFloat32);
     at::Tensor logp = torch::empty({n}, f32), ent = torch::empty({n}, f32), lse = torch::empty({n}, f32);
     at::Tensor correct = torch::empty({n}, hidden.options().dtype(torch::kBool));
+    const bool keep = n > 0 && n * w32.size(0) * 4 <= keep_bytes;
+    at::Tensor kept = keep ? torch::empty({n, w32.size(0)}, f32) : at::Tensor();  // (N, Vv) logits
     for (int64_t s = 0; s < n; s += chunk) {
       int64_t e = std::min(n, s + chunk);
-      at::Tensor z = chunk_logits(hidden.slice(0, s, e), w32, inv_t);  // (c, V)
+      at::Tensor z;  // (c, V)
+      if (keep) chunk_logits_out(z = kept.slice(0, s, e), hidden.slice(0, s, e), w32, inv_t);
+      else z = chunk_logits(hidden.slice(0, s, e), w32, inv_t);
       at::Tensor t = targets.slice(0, s, e);
       auto [m, arg] = z.max(1);                                         // (c), (c)
       at::Tensor q = (z - m.unsqueeze(1)).exp_();                       // unnormalised probabilities
@@ -65,6 +74,10 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
     ctx->saved_data["inv_t"] = inv_t;
     ctx->saved_data["chunk"] = chunk;
     ctx->saved_data["valid_vocab"] = valid_vocab;
+    // Not a saved variable: backward overwrites it with the gradient (a second backward through a
+    // retained graph finds "kept_used" and recomputes).
+    ctx->saved_data["kept"] = kept;
+    ctx->saved_data["kept_used"] = false;
     ctx->mark_non_differentiable({correct});
     // An unused output (SFT reads only logprobs) arrives as an undefined grad instead of zeros, so
     // backward skips that output's term (for entropy: ~6 passes over every (c, V) chunk).
@@ -79,6 +92,9 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
     const int64_t chunk = ctx->saved_data["chunk"].toInt();
     const int64_t valid_vocab = ctx->saved_data["valid_vocab"].toInt();
     at::Tensor g_lp = grads[0], g_ent = grads[1];  // (N) each, possibly undefined
+    const at::Tensor kept = ctx->saved_data["kept"].toTensor();
+    const bool use_kept = kept.defined() && !ctx->saved_data["kept_used"].toBool();
+    ctx->saved_data["kept_used"] = true;
     const int64_t n = hidden.size(0);
     at::Tensor w32 = valid_weight(weight, valid_vocab);
     auto f32 = hidden.options().dtype(torch::kFloat32);
@@ -92,7 +108,8 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
     for (int64_t s = 0; s < n; s += chunk) {
       int64_t e = std::min(n, s + chunk);
       at::Tensor h = hidden.slice(0, s, e).to(torch::kFloat32);
-      at::Tensor dz = chunk_logits(h, w32, inv_t);  // z, then log p, then dL/dz, in place: (c, V)
+      // z, then log p, then dL/dz, in place: (c, V)
+      at::Tensor dz = use_kept ? kept.slice(0, s, e) : chunk_logits(h, w32, inv_t);
       dz.sub_(lse.slice(0, s, e).unsqueeze(1));      // log p
       if (g_ent.defined()) {
         // d logp_t / dz = onehot(t) - p;  dH/dz_j = -p_j (log p_j + H).
@@ -106,13 +123,18 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
       }
       if (g_lp.defined()) dz.scatter_add_(1, targets.slice(0, s, e).unsqueeze(1), g_lp.slice(0, s, e).unsqueeze(1));
       if (inv_t != 1.0) dz.mul_(inv_t);
+      if (use_kept) continue;  // one GEMM each over all rows below
       at::Tensor dh = d_hidden.slice(0, s, e);
       torch::mm_out(dh, dz, w32);
       if (s == 0) torch::mm_out(d_valid, dz.t(), h);
       else d_valid.addmm_(dz.t(), h);
     }
+    if (use_kept && n > 0) {
+      torch::mm_out(d_hidden, kept, w32);
+      torch::mm_out(d_valid, kept.t(), hidden.to(torch::kFloat32));
+    }
     return {d_hidden.to(hidden.scalar_type()), d_weight.to(weight.scalar_type()), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -128,7 +150,7 @@ TokenLogProbs lm_head_logprobs(const at::Tensor& hidden, const at::Tensor& weigh
   PTK_CHECK(options.temperature > 0, "lm_head_logprobs: temperature must be > 0");
   int64_t chunk = rows_per_chunk(options, weight.size(0));
   auto out = LmHeadLogProbs::apply(hidden, weight, targets.to(torch::kInt64), options.temperature, chunk,
-                                   options.valid_vocab);
+                                   options.valid_vocab, options.keep_logits_bytes);
   return {out[0], out[1], out[2]};
 }
 

@@ -2,7 +2,8 @@
 // gathered at the targets (plus entropy and argmax hits), over chunks of rows, as a custom autograd
 // Function that keeps only the (N) outputs and one log-sum-exp per row, and recomputes each chunk's
 // logits in backward. Peak extra memory is about two chunks of (rows x V) logits plus the weight's
-// gradient, never (N x V).
+// gradient, never (N x V) — unless (N x V) fits LogProbOptions::keep_logits_bytes, where it keeps
+// them instead of recomputing.
 // Not a loss: SFT/DPO/GRPO reduce its per-token outputs as FORMULAS.md says.
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -31,6 +32,12 @@ struct LogProbOptions {
   // raised by lm_head_memory_test (sequence 8192, bound 1.5 GiB; about the gradient + 2 chunks):
   // 128 MiB 809 MiB, 256 MiB 1.04 GiB, 512 MiB ~1.27 GiB (at 2048 rows): too close to the bound.
   int64_t chunk_bytes = 256ll << 20;
+  // When all N rows' fp32 logits fit in this many bytes, forward keeps them and backward turns them
+  // into the gradient in place instead of recomputing them chunk by chunk, then takes the hidden and
+  // weight gradients as one GEMM each over all N rows. Saves the recompute GEMM (a third of the op's
+  // FLOPs) and the per-chunk passes over the (V, H) weight gradient. 1 GiB: sequence 1024 of one
+  // row at vocab 151,936 is 622 MB; the 8192-token memory test (5 GB of logits) recomputes. 0 = never keep.
+  int64_t keep_logits_bytes = 1ll << 30;
   // Vocabulary rows at or past this index get -inf logits (never predicted); 0 = none.
   int64_t valid_vocab = 0;
 };

@@ -1,5 +1,6 @@
 // The fused lm_head + log-softmax op against the plain (N x V logits) computation: values and
-// gradients, across chunk boundaries, with temperature and masked vocabulary rows.
+// gradients, across chunk boundaries, with temperature and masked vocabulary rows; each case both
+// with the logits kept for backward (they fit keep_logits_bytes) and recomputed (keep_logits_bytes 0).
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -20,7 +21,8 @@ Ref reference(const at::Tensor& h, const at::Tensor& w, const at::Tensor& t, dou
   return {lp.gather(1, t.unsqueeze(1)).squeeze(1), ent, z.argmax(1).eq(t)};
 }
 
-void check(double temp, int64_t valid, int64_t chunk) {
+void check(double temp, int64_t valid, int64_t chunk, bool keep) {
+  SCOPED_TRACE(keep ? "logits kept for backward" : "logits recomputed in backward");
   torch::manual_seed(7);
   const int64_t n = 37, hdim = 16, v = 50;
   auto h0 = torch::randn({n, hdim}), w0 = torch::randn({v, hdim}) * 0.5;
@@ -32,6 +34,7 @@ void check(double temp, int64_t valid, int64_t chunk) {
   o.temperature = temp;
   o.chunk_rows = chunk;
   o.valid_vocab = valid;
+  o.keep_logits_bytes = keep ? o.keep_logits_bytes : 0;
   auto out = lm_head_logprobs(h1, w1, t, o);
   ((out.logprobs * g_lp).sum() + (out.entropy * g_ent).sum()).backward();
 
@@ -48,9 +51,37 @@ void check(double temp, int64_t valid, int64_t chunk) {
   EXPECT_LT(dw, 1e-4) << "max |d weight diff| " << dw;
 }
 
-TEST(LmHeadLogProbs, MatchesPlainComputation) { check(1.0, 0, 0); }
-TEST(LmHeadLogProbs, ChunksSmallerThanBatch) { check(1.0, 0, 5); }
-TEST(LmHeadLogProbs, TemperatureAndMaskedVocab) { check(0.7, 41, 8); }
+TEST(LmHeadLogProbs, MatchesPlainComputation) {
+  check(1.0, 0, 0, true);
+  check(1.0, 0, 0, false);
+}
+TEST(LmHeadLogProbs, ChunksSmallerThanBatch) {
+  check(1.0, 0, 5, true);
+  check(1.0, 0, 5, false);
+}
+TEST(LmHeadLogProbs, TemperatureAndMaskedVocab) {
+  check(0.7, 41, 8, true);
+  check(0.7, 41, 8, false);
+}
+
+// Backward overwrites the kept logits with the gradient; a second backward through a retained
+// graph must recompute them and give the same gradients again.
+TEST(LmHeadLogProbs, SecondBackwardThroughRetainedGraph) {
+  torch::manual_seed(5);
+  auto h = torch::randn({11, 8}).requires_grad_(true), w = torch::randn({30, 8}).requires_grad_(true);
+  auto t = torch::randint(0, 30, {11}, torch::kInt64);
+  LogProbOptions o;
+  o.chunk_rows = 4;
+  auto out = lm_head_logprobs(h, w, t, o);
+  auto loss = out.logprobs.sum() + 0.3 * out.entropy.sum();
+  loss.backward({}, /*retain_graph=*/true);
+  auto gh = h.grad().clone(), gw = w.grad().clone();
+  h.mutable_grad().reset();
+  w.mutable_grad().reset();
+  loss.backward();
+  EXPECT_LT((h.grad() - gh).abs().max().item<double>(), 1e-6);
+  EXPECT_LT((w.grad() - gw).abs().max().item<double>(), 1e-6);
+}
 
 TEST(LmHeadLogProbs, OnlyLogprobGradient) {
   torch::manual_seed(3);
