@@ -4,7 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
+#include "core/model/lm_head_rows_cpu.h"
 #include "core/util/error.h"
 
 namespace ptk::model {
@@ -39,6 +42,13 @@ at::Tensor valid_weight(const at::Tensor& weight, int64_t valid_vocab) {
   return w32;
 }
 
+// On AVX-512 CPUs (lm_head_rows_cpu.h) forward reads each row twice and backward (for a loss of the
+// log-probs only) writes it once; PTK_LM_HEAD_ROWS=aten keeps the ATen passes below (tests compare both).
+bool rows_kernel(const at::Tensor& z) {
+  const char* env = std::getenv("PTK_LM_HEAD_ROWS");
+  return !(env && std::string(env) == "aten") && lm_head_rows_supported(z);
+}
+
 // Every pass over a (c, V) chunk costs about as much as a sizeable slice of the chunk's GEMM at
 // real vocabulary sizes, so both directions keep them few: forward reads z for the row max (with
 // the argmax), writes exp(z - max) once, reads it for the sum and, multiplied in place by z, for
@@ -60,6 +70,10 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
       if (keep) chunk_logits_out(z = kept.slice(0, s, e), hidden.slice(0, s, e), w32, inv_t);
       else z = chunk_logits(hidden.slice(0, s, e), w32, inv_t);
       at::Tensor t = targets.slice(0, s, e);
+      if (rows_kernel(z)) {  // two passes over each row instead of ATen's nine
+        lm_head_row_stats(z, t, lse.slice(0, s, e), logp.slice(0, s, e), ent.slice(0, s, e), correct.slice(0, s, e));
+        continue;
+      }
       auto [m, arg] = z.max(1);                                         // (c), (c)
       at::Tensor q = (z - m.unsqueeze(1)).exp_();                       // unnormalised probabilities
       at::Tensor sum = q.sum(1);
@@ -110,19 +124,25 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
       at::Tensor h = hidden.slice(0, s, e).to(torch::kFloat32);
       // z, then log p, then dL/dz, in place: (c, V)
       at::Tensor dz = use_kept ? kept.slice(0, s, e) : chunk_logits(h, w32, inv_t);
-      dz.sub_(lse.slice(0, s, e).unsqueeze(1));      // log p
-      if (g_ent.defined()) {
-        // d logp_t / dz = onehot(t) - p;  dH/dz_j = -p_j (log p_j + H).
-        // dz = p * (-g_lp - g_ent (log p + H)) + g_lp onehot(t)
-        at::Tensor p = dz.exp();
-        dz.add_(ent.slice(0, s, e).unsqueeze(1)).mul_(g_ent.slice(0, s, e).unsqueeze(1).neg());
-        if (g_lp.defined()) dz.sub_(g_lp.slice(0, s, e).unsqueeze(1));
-        dz.mul_(p);
+      if (!g_ent.defined() && g_lp.defined() && rows_kernel(dz)) {
+        // One pass: dz = inv_t g (onehot(t) - exp(z - lse)).
+        lm_head_logp_grad_inplace(dz, targets.slice(0, s, e), lse.slice(0, s, e), g_lp.slice(0, s, e).contiguous(),
+                                  inv_t);
       } else {
-        dz.exp_().mul_(g_lp.slice(0, s, e).neg().unsqueeze(1));  // -g_lp p
+        dz.sub_(lse.slice(0, s, e).unsqueeze(1));  // log p
+        if (g_ent.defined()) {
+          // d logp_t / dz = onehot(t) - p;  dH/dz_j = -p_j (log p_j + H).
+          // dz = p * (-g_lp - g_ent (log p + H)) + g_lp onehot(t)
+          at::Tensor p = dz.exp();
+          dz.add_(ent.slice(0, s, e).unsqueeze(1)).mul_(g_ent.slice(0, s, e).unsqueeze(1).neg());
+          if (g_lp.defined()) dz.sub_(g_lp.slice(0, s, e).unsqueeze(1));
+          dz.mul_(p);
+        } else {
+          dz.exp_().mul_(g_lp.slice(0, s, e).neg().unsqueeze(1));  // -g_lp p
+        }
+        if (g_lp.defined()) dz.scatter_add_(1, targets.slice(0, s, e).unsqueeze(1), g_lp.slice(0, s, e).unsqueeze(1));
+        if (inv_t != 1.0) dz.mul_(inv_t);
       }
-      if (g_lp.defined()) dz.scatter_add_(1, targets.slice(0, s, e).unsqueeze(1), g_lp.slice(0, s, e).unsqueeze(1));
-      if (inv_t != 1.0) dz.mul_(inv_t);
       if (use_kept) continue;  // one GEMM each over all rows below
       at::Tensor dh = d_hidden.slice(0, s, e);
       torch::mm_out(dh, dz, w32);
@@ -149,7 +169,7 @@ TokenLogProbs lm_head_logprobs(const at::Tensor& hidden, const at::Tensor& weigh
             "lm_head_logprobs: targets must be (N) = " + std::to_string(hidden.size(0)));
   PTK_CHECK(options.temperature > 0, "lm_head_logprobs: temperature must be > 0");
   int64_t chunk = rows_per_chunk(options, weight.size(0));
-  auto out = LmHeadLogProbs::apply(hidden, weight, targets.to(torch::kInt64), options.temperature, chunk,
+  auto out = LmHeadLogProbs::apply(hidden, weight, targets.to(torch::kInt64).contiguous(), options.temperature, chunk,
                                    options.valid_vocab, options.keep_logits_bytes);
   return {out[0], out[1], out[2]};
 }

@@ -1,8 +1,11 @@
 // The fused lm_head + log-softmax op against the plain (N x V logits) computation: values and
 // gradients, across chunk boundaries, with temperature and masked vocabulary rows; each case both
-// with the logits kept for backward (they fit keep_logits_bytes) and recomputed (keep_logits_bytes 0).
+// with the logits kept for backward (they fit keep_logits_bytes) and recomputed (keep_logits_bytes 0),
+// and through the AVX-512 row kernels (where the CPU has them) and ATen's ops (PTK_LM_HEAD_ROWS=aten).
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+
+#include <cstdlib>
 
 #include "core/model/lm_head_logprobs.h"
 
@@ -21,7 +24,7 @@ Ref reference(const at::Tensor& h, const at::Tensor& w, const at::Tensor& t, dou
   return {lp.gather(1, t.unsqueeze(1)).squeeze(1), ent, z.argmax(1).eq(t)};
 }
 
-void check(double temp, int64_t valid, int64_t chunk, bool keep) {
+void check_once(double temp, int64_t valid, int64_t chunk, bool keep) {
   SCOPED_TRACE(keep ? "logits kept for backward" : "logits recomputed in backward");
   torch::manual_seed(7);
   const int64_t n = 37, hdim = 16, v = 50;
@@ -49,6 +52,15 @@ void check(double temp, int64_t valid, int64_t chunk, bool keep) {
   double dh = maxdiff(h1.grad(), h2.grad()), dw = maxdiff(w1.grad(), w2.grad());
   EXPECT_LT(dh, 1e-4) << "max |d hidden diff| " << dh;
   EXPECT_LT(dw, 1e-4) << "max |d weight diff| " << dw;
+}
+
+void check(double temp, int64_t valid, int64_t chunk, bool keep) {
+  for (bool aten : {false, true}) {
+    SCOPED_TRACE(aten ? "ATen passes" : "row kernels where supported");
+    if (aten) setenv("PTK_LM_HEAD_ROWS", "aten", 1);
+    check_once(temp, valid, chunk, keep);
+    unsetenv("PTK_LM_HEAD_ROWS");
+  }
 }
 
 TEST(LmHeadLogProbs, MatchesPlainComputation) {
