@@ -169,8 +169,11 @@ TokenLogProbs lm_head_logprobs(const at::Tensor& hidden, const at::Tensor& weigh
             "lm_head_logprobs: targets must be (N) = " + std::to_string(hidden.size(0)));
   PTK_CHECK(options.temperature > 0, "lm_head_logprobs: temperature must be > 0");
   int64_t chunk = rows_per_chunk(options, weight.size(0));
+  // Keeping logits only pays when a backward will read them (not under NoGradGuard, e.g. DPO's
+  // reference log-probs): otherwise they would only raise the forward's peak.
+  const bool will_backward = at::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
   auto out = LmHeadLogProbs::apply(hidden, weight, targets.to(torch::kInt64).contiguous(), options.temperature, chunk,
-                                   options.valid_vocab, options.keep_logits_bytes);
+                                   options.valid_vocab, will_backward ? options.keep_logits_bytes : 0);
   return {out[0], out[1], out[2]};
 }
 
