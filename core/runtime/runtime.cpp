@@ -135,6 +135,12 @@ Info init_and_announce(int requested) {
   return i;
 }
 
+void release_freed_memory() {
+#ifdef __GLIBC__
+  malloc_trim(0);
+#endif
+}
+
 size_t peak_rss_bytes() { return read_status_kb("VmHWM:") * 1024; }
 size_t current_rss_bytes() { return read_status_kb("VmRSS:") * 1024; }
 

@@ -29,6 +29,11 @@ std::string banner(const Info& info);
 // init() + prints the banner (and a loud warning for a reference BLAS) to stderr.
 Info init_and_announce(int requested_threads);
 
+// Returns the memory this process has freed to the kernel (malloc_trim): for phase boundaries where
+// what was freed will not be reused (after loading or building a model), since init() keeps freed
+// memory otherwise.
+void release_freed_memory();
+
 // Peak resident set size of this process, bytes (VmHWM).
 size_t peak_rss_bytes();
 size_t current_rss_bytes();

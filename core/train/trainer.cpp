@@ -393,6 +393,9 @@ int64_t Trainer::run() {
     progress->update(s.step);
   }
   std::vector<at::Tensor> param_tensors = tensors_of(s.params);
+  // Loading, resuming and the peak measurement are done: hand their freed temporaries back once, so
+  // that the steps (which keep what they free, runtime::init) start from live data only.
+  runtime::release_freed_memory();
   while (s.step < s.total_steps) {
     auto t0 = Clock::now();
     // Fetch the step's micro-batches first: the loss is normalized by their total target count

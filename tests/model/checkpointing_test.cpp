@@ -112,7 +112,12 @@ TEST(ActivationCheckpointing, FrozenParametersAndNoGradMode) {
   EXPECT_TRUE(torch::equal(a, b));
 }
 
-void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
+// Freed memory is kept by the process (runtime::init): hand it back first, so that "before" is
+// live data only and a test's figures do not depend on what ran before it in this process.
+void reset_peak_rss() {
+  runtime::release_freed_memory();
+  std::ofstream("/proc/self/clear_refs") << "5";
+}
 
 // Peak RSS raised by one forward + backward (gradients freed between runs).
 double peak_raise(Qwen2Model& m, const ForwardInput& in, bool checkpointed) {
