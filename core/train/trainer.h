@@ -129,7 +129,8 @@ double training_state_bytes(const optim::NamedTensors& params, int world_size, b
 // stay valid); refuses a missing or mis-shaped tensor.
 void load_weights_into(const optim::NamedTensors& params, const std::string& dir);
 
-// fp32 matmul FLOP/s of this process (1024^3, ~0.3 s): the CPU peak MFU is measured against.
+// fp32 matmul FLOP/s of this process (the best 2048^3 product in ~1 s): the CPU peak MFU is
+// measured against.
 double measure_matmul_flops();
 
 }  // namespace ptk::train
