@@ -88,10 +88,9 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
     ctx->saved_data["inv_t"] = inv_t;
     ctx->saved_data["chunk"] = chunk;
     ctx->saved_data["valid_vocab"] = valid_vocab;
-    // Not a saved variable: backward overwrites it with the gradient (a second backward through a
-    // retained graph finds "kept_used" and recomputes).
+    // Not a saved variable: backward overwrites it with the gradient and drops it (a second
+    // backward through a retained graph finds none and recomputes).
     ctx->saved_data["kept"] = kept;
-    ctx->saved_data["kept_used"] = false;
     ctx->mark_non_differentiable({correct});
     // An unused output (SFT reads only logprobs) arrives as an undefined grad instead of zeros, so
     // backward skips that output's term (for entropy: ~6 passes over every (c, V) chunk).
@@ -107,8 +106,9 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
     const int64_t valid_vocab = ctx->saved_data["valid_vocab"].toInt();
     at::Tensor g_lp = grads[0], g_ent = grads[1];  // (N) each, possibly undefined
     const at::Tensor kept = ctx->saved_data["kept"].toTensor();
-    const bool use_kept = kept.defined() && !ctx->saved_data["kept_used"].toBool();
-    ctx->saved_data["kept_used"] = true;
+    const bool use_kept = kept.defined();
+    // Released with this function's end, not the graph's (saved_data outlives backward).
+    ctx->saved_data["kept"] = at::Tensor();
     const int64_t n = hidden.size(0);
     at::Tensor w32 = valid_weight(weight, valid_vocab);
     auto f32 = hidden.options().dtype(torch::kFloat32);
