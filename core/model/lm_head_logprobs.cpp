@@ -29,7 +29,7 @@ at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& w32, double inv_t
   if (inv_t != 1.0) z.mul_(inv_t);
   return z;
 }
-// The same into rows of the kept (N, Vv) logits.
+// The same into the kept (N, Vv) logits.
 void chunk_logits_out(at::Tensor z, const at::Tensor& h, const at::Tensor& w32, double inv_t) {
   torch::mm_out(z, h.to(torch::kFloat32), w32.t());
   if (inv_t != 1.0) z.mul_(inv_t);
@@ -64,11 +64,11 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
     at::Tensor correct = torch::empty({n}, hidden.options().dtype(torch::kBool));
     const bool keep = n > 0 && n * w32.size(0) * 4 <= keep_bytes;
     at::Tensor kept = keep ? torch::empty({n, w32.size(0)}, f32) : at::Tensor();  // (N, Vv) logits
+    // Kept: one GEMM over all rows (BLAS packs the (V, H) weight once, not once per chunk).
+    if (keep) chunk_logits_out(kept, hidden, w32, inv_t);
     for (int64_t s = 0; s < n; s += chunk) {
       int64_t e = std::min(n, s + chunk);
-      at::Tensor z;  // (c, V)
-      if (keep) chunk_logits_out(z = kept.slice(0, s, e), hidden.slice(0, s, e), w32, inv_t);
-      else z = chunk_logits(hidden.slice(0, s, e), w32, inv_t);
+      at::Tensor z = keep ? kept.slice(0, s, e) : chunk_logits(hidden.slice(0, s, e), w32, inv_t);  // (c, V)
       at::Tensor t = targets.slice(0, s, e);
       if (rows_kernel(z)) {  // two passes over each row instead of ATen's nine
         lm_head_row_stats(z, t, lse.slice(0, s, e), logp.slice(0, s, e), ent.slice(0, s, e), correct.slice(0, s, e));
