@@ -142,6 +142,11 @@ void release_freed_memory() {
 #endif
 }
 
+void reset_peak_rss() {
+  release_freed_memory();
+  std::ofstream("/proc/self/clear_refs") << "5";
+}
+
 size_t peak_rss_bytes() { return read_status_kb("VmHWM:") * 1024; }
 size_t current_rss_bytes() { return read_status_kb("VmRSS:") * 1024; }
 

@@ -34,6 +34,10 @@ Info init_and_announce(int requested_threads);
 // memory otherwise.
 void release_freed_memory();
 
+// Starts a fresh peak for peak_rss_bytes(): release_freed_memory(), then resets VmHWM to the
+// current RSS (/proc/self/clear_refs). For memory measurements of one phase.
+void reset_peak_rss();
+
 // Peak resident set size of this process, bytes (VmHWM).
 size_t peak_rss_bytes();
 size_t current_rss_bytes();

@@ -6,7 +6,6 @@
 
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <map>
 
 #include "core/model/qwen2.h"
@@ -112,17 +111,11 @@ TEST(ActivationCheckpointing, FrozenParametersAndNoGradMode) {
   EXPECT_TRUE(torch::equal(a, b));
 }
 
-// Freed memory is kept by the process (runtime::init): hand it back first, so that "before" is
-// live data only and a test's figures do not depend on what ran before it in this process.
-void reset_peak_rss() {
-  runtime::release_freed_memory();
-  std::ofstream("/proc/self/clear_refs") << "5";
-}
 
 // Peak RSS raised by one forward + backward (gradients freed between runs).
 double peak_raise(Qwen2Model& m, const ForwardInput& in, bool checkpointed) {
   for (auto& [n, p] : m.named_parameters()) p.mutable_grad() = at::Tensor();
-  reset_peak_rss();
+  runtime::reset_peak_rss();  // freed memory handed back first: "before" is live data only
   double before = static_cast<double>(runtime::current_rss_bytes());
   {
     ForwardOptions o;

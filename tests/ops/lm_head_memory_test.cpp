@@ -4,7 +4,6 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include <fstream>
 
 #include "core/model/lm_head_logprobs.h"
 #include "core/runtime/runtime.h"
@@ -13,12 +12,6 @@
 namespace ptk::model {
 namespace {
 
-// Freed memory is kept by the process (runtime::init): hand it back first, so that "before" is
-// live data only and a test's figures do not depend on what ran before it in this process.
-void reset_peak_rss() {
-  runtime::release_freed_memory();
-  std::ofstream("/proc/self/clear_refs") << "5";
-}
 
 TEST(LmHeadMemory, Seq8192Vocab151936UnderOnePointFiveGB) {
   runtime::init(0);
@@ -27,7 +20,7 @@ TEST(LmHeadMemory, Seq8192Vocab151936UnderOnePointFiveGB) {
   auto hidden = (torch::randn({n, hdim}) * 0.1).requires_grad_(true);
   auto weight = (torch::randn({v, hdim}) * 0.02).requires_grad_(true);
   auto targets = torch::randint(0, v, {n}, torch::kInt64);
-  reset_peak_rss();
+  runtime::reset_peak_rss();  // freed memory handed back first: "before" is live data only
   size_t before = runtime::current_rss_bytes();
   auto out = lm_head_logprobs(hidden, weight, targets);
   at::Tensor loss = -out.logprobs.mean();

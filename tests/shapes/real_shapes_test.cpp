@@ -13,7 +13,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 
 #include "core/model/lm_head_logprobs.h"
 #include "core/model/qwen2.h"
@@ -33,12 +32,6 @@ constexpr double kGB = 1e9;
 // fused op's chunk and its (V, H) fp32 weight gradient next to the embedding's (2 x 0.54 GB).
 constexpr double kActivationBound = 3.0 * kGB;
 
-// Freed memory is kept by the process (runtime::init): hand it back first, so that "before" is
-// live data only and a test's figures do not depend on what ran before it in this process.
-void reset_peak_rss() {
-  runtime::release_freed_memory();
-  std::ofstream("/proc/self/clear_refs") << "5";
-}
 double rss() { return static_cast<double>(runtime::current_rss_bytes()); }
 double peak_rss() { return static_cast<double>(runtime::peak_rss_bytes()); }
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -93,7 +86,7 @@ TEST(RealShapes, PackedSftStepSeq4096) {
   fo.logits = false;
   fo.activation_checkpointing = true;
 
-  reset_peak_rss();
+  runtime::reset_peak_rss();  // freed memory handed back first: "before" is live data only
   const double static_before = rss();  // params (and whatever the process holds)
   auto t0 = std::chrono::steady_clock::now();
   auto hidden = m.forward(in, fo).hidden;  // (1, T, H)
@@ -169,7 +162,7 @@ TEST(RealShapes, DpoStepChosenRejectedSeq1024) {
   ids[1].narrow(0, lens[1], T - lens[1]).fill_(151643);  // pad id
   model::ForwardInput in{ids, {}, mask, {}};
 
-  reset_peak_rss();
+  runtime::reset_peak_rss();  // freed memory handed back first: "before" is live data only
   const double static_before = rss();  // policy + reference
   auto t0 = std::chrono::steady_clock::now();
   at::Tensor ref;
