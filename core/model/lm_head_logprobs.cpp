@@ -23,16 +23,20 @@ int64_t rows_per_chunk(const LogProbOptions& o, int64_t vocab) {
 
 // Logits of one chunk in fp32 over the valid vocabulary (rows of w32 already cut to it), scaled
 // by 1/temperature: (c, Vv). Ids at or past valid_vocab have logit -inf, probability 0 and zero
-// gradient, so they are simply never computed.
-at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& w32, double inv_t) {
-  at::Tensor z = torch::mm(h.to(torch::kFloat32), w32.t());
+// gradient, so they are simply never computed. Written into z: the kept (N, Vv) logits, or rows of
+// one chunk buffer that every chunk reuses.
+at::Tensor chunk_logits_out(at::Tensor z, const at::Tensor& h, const at::Tensor& w32, double inv_t) {
+  torch::mm_out(z, h.to(torch::kFloat32), w32.t());
   if (inv_t != 1.0) z.mul_(inv_t);
   return z;
 }
-// The same into the kept (N, Vv) logits.
-void chunk_logits_out(at::Tensor z, const at::Tensor& h, const at::Tensor& w32, double inv_t) {
-  torch::mm_out(z, h.to(torch::kFloat32), w32.t());
-  if (inv_t != 1.0) z.mul_(inv_t);
+
+// One (rows, Vv) buffer for every chunk of a pass, allocated once: a fresh 256 MiB block per chunk
+// fragments the heap now that the process keeps freed memory (runtime::init): small allocations
+// land in the freed block and the next chunk extends the heap instead (lm_head_memory_test's rise
+// went from 1.03 GiB to 1.5-2.0 GiB in some runs).
+at::Tensor chunk_buffer(int64_t n, int64_t chunk, int64_t vocab, const at::TensorOptions& f32) {
+  return torch::empty({std::min(n, chunk), vocab}, f32);
 }
 
 // The weight in fp32, cut to the valid vocabulary.
@@ -66,9 +70,11 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
     at::Tensor kept = keep ? torch::empty({n, w32.size(0)}, f32) : at::Tensor();  // (N, Vv) logits
     // Kept: one GEMM over all rows (BLAS packs the (V, H) weight once, not once per chunk).
     if (keep) chunk_logits_out(kept, hidden, w32, inv_t);
+    at::Tensor buf = keep ? at::Tensor() : chunk_buffer(n, chunk, w32.size(0), f32);
     for (int64_t s = 0; s < n; s += chunk) {
       int64_t e = std::min(n, s + chunk);
-      at::Tensor z = keep ? kept.slice(0, s, e) : chunk_logits(hidden.slice(0, s, e), w32, inv_t);  // (c, V)
+      at::Tensor z = keep ? kept.slice(0, s, e)
+                          : chunk_logits_out(buf.narrow(0, 0, e - s), hidden.slice(0, s, e), w32, inv_t);  // (c, V)
       at::Tensor t = targets.slice(0, s, e);
       if (rows_kernel(z)) {  // two passes over each row instead of ATen's nine
         lm_head_row_stats(z, t, lse.slice(0, s, e), logp.slice(0, s, e), ent.slice(0, s, e), correct.slice(0, s, e));
@@ -119,11 +125,12 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
     at::Tensor d_valid = d_weight.narrow(0, 0, w32.size(0));
     if (w32.size(0) < d_weight.size(0)) d_weight.narrow(0, w32.size(0), d_weight.size(0) - w32.size(0)).zero_();
     if (n == 0) d_valid.zero_();
+    at::Tensor buf = use_kept ? at::Tensor() : chunk_buffer(n, chunk, w32.size(0), f32);
     for (int64_t s = 0; s < n; s += chunk) {
       int64_t e = std::min(n, s + chunk);
       at::Tensor h = hidden.slice(0, s, e).to(torch::kFloat32);
       // z, then log p, then dL/dz, in place: (c, V)
-      at::Tensor dz = use_kept ? kept.slice(0, s, e) : chunk_logits(h, w32, inv_t);
+      at::Tensor dz = use_kept ? kept.slice(0, s, e) : chunk_logits_out(buf.narrow(0, 0, e - s), h, w32, inv_t);
       if (!g_ent.defined() && g_lp.defined() && rows_kernel(dz)) {
         // One pass: dz = inv_t g (onehot(t) - exp(z - lse)).
         lm_head_logp_grad_inplace(dz, targets.slice(0, s, e), lse.slice(0, s, e), g_lp.slice(0, s, e).contiguous(),
