@@ -1,6 +1,6 @@
 // AVX-512 helpers shared by ptk's CPU kernels (decode attention, the lm_head op's row passes).
 // Internal: include only from .cpp files that call them inside target("avx512f") functions, after
-// checking cpu_has_avx512f() (core/model/packed_linear.h) at run time.
+// checking cpu_has_avx512f() (core/model/cpu_features.h) at run time.
 #pragma once
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>

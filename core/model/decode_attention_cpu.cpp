@@ -16,7 +16,7 @@
 #include <limits>
 
 #include "core/model/avx512_math.h"
-#include "core/model/packed_linear.h"  // cpu_has_avx512f
+#include "core/model/cpu_features.h"
 #include "core/util/error.h"
 
 namespace ptk::model {

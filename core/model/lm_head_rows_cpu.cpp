@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "core/model/avx512_math.h"
+#include "core/model/cpu_features.h"
 #include "core/util/error.h"
 
 namespace ptk::model {
@@ -118,7 +119,7 @@ void check_rows(const at::Tensor& z, const at::Tensor& targets, const at::Tensor
 bool lm_head_rows_supported(const at::Tensor& z) {
 #if defined(__x86_64__) || defined(__i386__)
   return z.defined() && z.device().is_cpu() && z.scalar_type() == at::kFloat && z.dim() == 2 && z.is_contiguous() &&
-         z.size(1) > 0 && z.size(1) < (int64_t{1} << 31) && __builtin_cpu_supports("avx512f");
+         z.size(1) > 0 && z.size(1) < (int64_t{1} << 31) && cpu_has_avx512f();
 #else
   (void)z;
   return false;

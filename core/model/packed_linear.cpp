@@ -15,6 +15,7 @@
 
 #include <algorithm>
 
+#include "core/model/cpu_features.h"
 #include "core/util/error.h"
 
 namespace ptk::model {
@@ -71,15 +72,6 @@ void micro_rows(int mr, const float* x, int64_t ldx, const float* panels, int64_
 #endif
 
 }  // namespace
-
-bool cpu_has_avx512f() {
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-#else
-  return false;
-#endif
-}
 
 bool PackedLinear::supported(const at::Tensor& w) {
   return cpu_has_avx512f() && w.defined() && w.dim() == 2 && w.device().is_cpu() && w.scalar_type() == at::kFloat;

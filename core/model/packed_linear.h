@@ -19,9 +19,6 @@
 
 namespace ptk::model {
 
-// Whether this CPU runs AVX-512F code (the packed kernels here and in decode_attention_cpu).
-bool cpu_has_avx512f();
-
 class PackedLinear {
  public:
   // Whether the packed kernel can serve w here: w is a 2-D float32 CPU tensor and this CPU has
