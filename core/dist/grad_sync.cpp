@@ -10,11 +10,6 @@
 
 namespace ptk::dist {
 
-namespace {
-// A tied embedding's gradient is sparse (its T rows) when no lm_head loss densified it.
-at::Tensor dense(const at::Tensor& g) { return g.is_sparse() ? g.to_dense() : g; }
-}  // namespace
-
 struct GradSync::Impl {
   struct Slot {
     at::Tensor param;
@@ -45,14 +40,14 @@ struct GradSync::Impl {
 
   void on_grad(int i, const at::Tensor& g_in) {
     if (!armed) return;
-    const at::Tensor g = dense(g_in);
+    const at::Tensor g = optim::dense_grad(g_in);
     Slot& s = slots[i];
     PTK_CHECK(!s.ready, "GradSync: a gradient for " + std::to_string(i) + " arrived twice in one backward");
     torch::NoGradGuard ng;
     Bucket& b = buckets[s.bucket];
     at::Tensor dst = b.flat.narrow(0, s.offset, s.numel);
     const at::Tensor& acc = s.param.grad();  // earlier micro-batches of this step (hooks run before accumulation)
-    if (acc.defined()) dst.copy_(dense(acc).reshape(-1)).add_(g.reshape(-1));
+    if (acc.defined()) dst.copy_(optim::dense_grad(acc).reshape(-1)).add_(g.reshape(-1));
     else dst.copy_(g.reshape(-1));
     s.ready = s.has_grad = true;
     if (--b.pending == 0) {
@@ -133,7 +128,7 @@ void GradSync::finish() {
       if (sl.ready) continue;
       at::Tensor dst = b.flat.narrow(0, sl.offset, sl.numel);
       if (sl.param.grad().defined()) {
-        dst.copy_(dense(sl.param.grad()).reshape(-1));
+        dst.copy_(optim::dense_grad(sl.param.grad()).reshape(-1));
         sl.has_grad = true;
       } else {
         dst.zero_();

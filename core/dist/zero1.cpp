@@ -65,7 +65,7 @@ void Zero1AdamW::step(double lr) {
     const auto& seg = s.segments[k];
     const at::Tensor& g = s.params[seg.param].second.grad();
     at::Tensor& v = s.views[k].second;
-    if (g.defined()) v.mutable_grad() = (g.is_sparse() ? g.to_dense() : g).reshape(-1).slice(0, seg.begin, seg.end);
+    if (g.defined()) v.mutable_grad() = optim::dense_grad(g).reshape(-1).slice(0, seg.begin, seg.end);
     else v.mutable_grad().reset();
   }
   s.adamw->step(lr);

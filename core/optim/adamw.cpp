@@ -17,6 +17,8 @@ bool is_no_decay(const std::string& name) {
   return ends_with(".bias") || ends_with("norm.weight") || ends_with("layernorm.weight");
 }
 
+at::Tensor dense_grad(const at::Tensor& g) { return g.is_sparse() ? g.to_dense() : g; }
+
 AdamW::AdamW(NamedTensors params, AdamWOptions opt) : params_(std::move(params)), opt_(opt) {
   torch::NoGradGuard ng;
   for (auto& [name, p] : params_) {
@@ -71,8 +73,7 @@ void AdamW::step(double lr) {
     at::Tensor& p = params_[i].second;
     Slot& s = slots_[i];
     if (!p.grad().defined()) continue;
-    at::Tensor grad = p.grad();
-    if (grad.is_sparse()) grad = grad.to_dense();  // a tied embedding's rows, when no lm_head loss densified it
+    at::Tensor grad = dense_grad(p.grad());
     at::Tensor w = s.master.defined() ? s.master : p;  // the fp32 weights being updated
     if (grad.scalar_type() != torch::kFloat32) grad = grad.to(torch::kFloat32);
     const double decay_mul = 1.0 - lr * s.weight_decay;

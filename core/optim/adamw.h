@@ -23,6 +23,10 @@ struct AdamWOptions {
 // True for names HF Trainer keeps out of weight decay: biases and (RMS/Layer)Norm weights.
 bool is_no_decay(const std::string& name);
 
+// A gradient as a dense tensor. A tied embedding's gradient is sparse (the rows a batch used) when
+// no lm_head loss densified it (Qwen2Model::forward); AdamW, GradSync and ZeRO-1 read it through this.
+at::Tensor dense_grad(const at::Tensor& g);
+
 class AdamW {
  public:
   // `params` are the model's parameters (leaf tensors with requires_grad); they are updated in place.
