@@ -1,5 +1,7 @@
 #include "core/runtime/runtime.h"
 
+#include "core/runtime/cpu_allocator.h"
+
 #include <dlfcn.h>
 #include <link.h>
 #include <malloc.h>
@@ -81,9 +83,15 @@ size_t read_status_kb(const char* key) {
 // 8.5 s of kernel CPU a step, 25.5 s -> 20.4 s a step with the memory kept (train_step_bench,
 // 2026-11-28). Kept memory is reused by the next allocation; RSS stays at its peak between steps
 // and the peak itself moved little (0.5B slow tests: SFT step at 4096 10.62 -> 10.30-10.70 GB).
-// PTK_KEEP_FREED_MEMORY=0 leaves glibc's defaults.
+// Since then tensors of 2 MiB and more bypass malloc (cpu_allocator.h keeps them); glibc keeps the
+// smaller ones. PTK_KEEP_FREED_MEMORY=0 leaves glibc's defaults and unmaps large blocks on free.
+bool env_is(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env && std::strcmp(env, value) == 0;
+}
+
 bool keep_freed_memory() {
-  if (const char* env = std::getenv("PTK_KEEP_FREED_MEMORY"); env && std::strcmp(env, "0") == 0) return false;
+  if (env_is("PTK_KEEP_FREED_MEMORY", "0")) return false;
 #ifdef __GLIBC__
   // No mmap for large blocks (the heap serves them; other threads' arenas fall back to it), and
   // no trimming of the heap's top (-1: never, per mallopt(3)).
@@ -112,6 +120,13 @@ Info init(int requested) {
   }
   at::set_num_threads(threads);
   info.keeps_freed_memory = keep_freed_memory();
+  if (!env_is("PTK_CPU_ALLOCATOR", "malloc")) {
+    CpuAllocatorOptions o;
+    o.keep_freed = !env_is("PTK_KEEP_FREED_MEMORY", "0");
+    o.huge_pages = !env_is("PTK_HUGE_PAGES", "0");
+    info.cpu_allocator = install_cpu_allocator(o);
+    info.huge_pages = info.cpu_allocator && o.huge_pages;
+  }
   info.threads = at::get_num_threads();
   info.device = torch::cuda::is_available() ? "cuda (" + std::to_string(torch::cuda::device_count()) + " GPUs)" : "cpu";
   info.blas = detect_blas(&info.slow_blas);
@@ -122,7 +137,8 @@ std::string banner(const Info& i) {
   return "ptk " + i.ptk_version + " | LibTorch " + i.torch_version + " | " + i.device + " | " +
          std::to_string(i.threads) + " threads (" + i.threads_from + ") | BLAS " + i.blas +
          " | OMP_WAIT_POLICY " + (std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "unset") +
-         (i.keeps_freed_memory ? " | freed memory kept" : "");
+         (i.keeps_freed_memory ? " | freed memory kept" : "") +
+         (i.cpu_allocator ? (i.huge_pages ? " | large tensors on huge pages" : " | large tensors mapped") : "");
 }
 
 Info init_and_announce(int requested) {
@@ -137,6 +153,7 @@ Info init_and_announce(int requested) {
 }
 
 void release_freed_memory() {
+  release_cached_cpu_blocks();
 #ifdef __GLIBC__
   malloc_trim(0);
 #endif

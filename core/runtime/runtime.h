@@ -13,14 +13,19 @@ struct Info {
   std::string threads_from;  // "flag", "OMP_NUM_THREADS", "cores"
   std::string blas;     // "OpenBLAS 0.3.21 ..." | "reference BLAS (slow)" | ...
   bool slow_blas = false;
-  // glibc malloc keeps freed memory for reuse instead of returning it to the kernel (runtime.cpp:
-  // 20% of a 0.5B training step was page faults); PTK_KEEP_FREED_MEMORY=0 turns it off.
+  // Freed memory is kept for reuse instead of returned to the kernel (runtime.cpp: 20% of a 0.5B
+  // training step was page faults): glibc malloc for small blocks, ptk's CPU allocator for large
+  // tensors. PTK_KEEP_FREED_MEMORY=0 turns it off.
   bool keeps_freed_memory = false;
+  // LibTorch allocates CPU tensors of 2 MiB and more through runtime/cpu_allocator.h (on huge pages
+  // unless PTK_HUGE_PAGES=0); PTK_CPU_ALLOCATOR=malloc keeps LibTorch's default allocator.
+  bool cpu_allocator = false;
+  bool huge_pages = false;
 };
 
 // Sets LibTorch's intra-op threads: `requested` > 0 wins, else OMP_NUM_THREADS, else every core
-// this process may run on. Detects the BLAS actually loaded. Keeps freed memory in the process
-// (see Info::keeps_freed_memory). Safe to call more than once.
+// this process may run on. Detects the BLAS actually loaded. Keeps freed memory in the process and
+// installs the CPU allocator (see Info). Safe to call more than once.
 Info init(int requested_threads);
 
 // "ptk 0.1.0 | LibTorch 1.13.1 | cpu | 2 threads (cores) | BLAS OpenBLAS 0.3.21"
@@ -29,7 +34,8 @@ std::string banner(const Info& info);
 // init() + prints the banner (and a loud warning for a reference BLAS) to stderr.
 Info init_and_announce(int requested_threads);
 
-// Returns the memory this process has freed to the kernel (malloc_trim): for phase boundaries where
+// Returns the memory this process has freed to the kernel (malloc_trim, and the CPU allocator's
+// cached blocks): for phase boundaries where
 // what was freed will not be reused (after loading or building a model), since init() keeps freed
 // memory otherwise.
 void release_freed_memory();
