@@ -10,6 +10,8 @@
 // --lm-head-sweep 64,128,256 times only the fused lm_head op (forward + backward of -mean log-prob
 // over T-1 rows at the 0.5B shape) for each chunk size in MiB, alternated over --steps rounds in one
 // process (fairer than separate runs on a shared machine), then exits.
+// --attention-sweep 64,128,256 likewise times only causal_block_attention (forward + backward of the
+// 24 layers' attention at the 0.5B heads, D 64) for each block of query rows, then exits.
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/torch.h>
@@ -24,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "core/model/causal_attention.h"
 #include "core/model/lm_head_logprobs.h"
 #include "core/model/qwen2.h"
 #include "core/optim/adamw.h"
@@ -147,12 +150,60 @@ void lm_head_sweep(const std::vector<int64_t>& mibs, int64_t rows, int64_t hdim,
   }
 }
 
+// causal_block_attention alone: q (1, heads, T, D), k/v (1, kv, T, D), forward + backward once per
+// layer, for each block of query rows, alternated `rounds` times.
+void attention_sweep(const std::vector<int64_t>& blocks, int64_t T, int64_t heads, int64_t kv, int64_t d,
+                     int64_t layers, int64_t rounds, double peak) {
+  torch::manual_seed(0);
+  auto q = torch::randn({1, heads, T, d}).requires_grad_(true);
+  auto k = torch::randn({1, kv, T, d}).requires_grad_(true), v = torch::randn({1, kv, T, d}).requires_grad_(true);
+  auto dout = torch::randn({1, heads, T, d});
+  // Model FLOPs of causal attention (QK^T and PV over the T (T + 1) / 2 visible pairs, x3 for
+  // backward), as the step's GFLOP/s counts them.
+  const double flops = 3.0 * 2.0 * 2.0 * heads * d * T * (T + 1) / 2.0 * layers;
+  std::map<int64_t, std::vector<double>> times;
+  for (int64_t r = 0; r <= rounds; ++r) {  // round 0 is a warm-up
+    for (int64_t b : blocks) {
+      auto t0 = Clock::now();
+      for (int64_t l = 0; l < layers; ++l) {
+        q.mutable_grad().reset();
+        k.mutable_grad().reset();
+        v.mutable_grad().reset();
+        ptk::model::causal_block_attention(q, k, v, b).backward(dout);
+      }
+      if (r > 0) times[b].push_back(seconds_since(t0));
+    }
+  }
+  std::printf("causal_block_attention alone: %lld layers x (%lld heads / %lld K/V heads, T %lld, D %lld), forward + "
+              "backward, %lld rounds\n",
+              static_cast<long long>(layers), static_cast<long long>(heads), static_cast<long long>(kv),
+              static_cast<long long>(T), static_cast<long long>(d), static_cast<long long>(rounds));
+  for (auto& [b, t] : times) {
+    std::sort(t.begin(), t.end());
+    std::printf("RESULT block %4lld rows: best %.3f s, median %.3f s | %.1f GFLOP/s = %.1f%% of peak\n",
+                static_cast<long long>(b), t.front(), t[t.size() / 2], flops / t.front() / 1e9,
+                100.0 * flops / t.front() / 1e9 / peak);
+  }
+}
+
+// "64,128,256" -> {64, 128, 256}
+std::vector<int64_t> int_list(const std::string& list) {
+  std::vector<int64_t> out;
+  for (size_t p = 0; p < list.size();) {
+    size_t q = list.find(',', p);
+    if (q == std::string::npos) q = list.size();
+    out.push_back(std::stoll(list.substr(p, q - p)));
+    p = q + 1;
+  }
+  return out;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int64_t T = 1024, steps = 2, layers = 24;
   bool checkpointing = false, profile = true;
-  std::vector<int64_t> sweep_mib;
+  std::vector<int64_t> sweep_mib, sweep_blocks;
   ptk::model::LogProbOptions lp_options;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -163,19 +214,12 @@ int main(int argc, char** argv) {
     else if (a == "--no-profile") profile = false;
     else if (a == "--chunk-mib" && i + 1 < argc) lp_options.chunk_bytes = std::stoll(argv[++i]) << 20;
     else if (a == "--chunk-rows" && i + 1 < argc) lp_options.chunk_rows = std::stoll(argv[++i]);
-    else if (a == "--lm-head-sweep" && i + 1 < argc) {
-      std::string list = argv[++i];
-      for (size_t p = 0; p < list.size();) {
-        size_t q = list.find(',', p);
-        if (q == std::string::npos) q = list.size();
-        sweep_mib.push_back(std::stoll(list.substr(p, q - p)));
-        p = q + 1;
-      }
-    }
+    else if (a == "--lm-head-sweep" && i + 1 < argc) sweep_mib = int_list(argv[++i]);
+    else if (a == "--attention-sweep" && i + 1 < argc) sweep_blocks = int_list(argv[++i]);
     else {
       std::fprintf(stderr,
                    "usage: %s [--seq N] [--steps N] [--layers N] [--checkpointing] [--no-profile] "
-                   "[--chunk-mib N | --chunk-rows N] [--lm-head-sweep MIB,MIB,...]\n",
+                   "[--chunk-mib N | --chunk-rows N] [--lm-head-sweep MIB,MIB,...] [--attention-sweep ROWS,ROWS,...]\n",
                    argv[0]);
       return 2;
     }
@@ -203,6 +247,11 @@ int main(int argc, char** argv) {
   std::printf("fp32 matmul peak: %.1f GFLOP/s\n", peak);
   if (!sweep_mib.empty()) {
     lm_head_sweep(sweep_mib, T - 1, H, c.vocab_size, steps, peak);
+    std::printf("load average at end: %s\n", loadavg().c_str());
+    return 0;
+  }
+  if (!sweep_blocks.empty()) {
+    attention_sweep(sweep_blocks, T, c.num_attention_heads, c.num_key_value_heads, c.head_dim, layers, steps, peak);
     std::printf("load average at end: %s\n", loadavg().c_str());
     return 0;
   }

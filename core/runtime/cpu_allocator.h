@@ -32,7 +32,7 @@ struct CpuAllocatorStats {
   size_t peak_mapped_bytes = 0;
   int64_t hits = 0;    // requests served from the cache
   int64_t misses = 0;  // requests that mapped a new block
-  int64_t unmapped = 0;  // cached blocks given back to the kernel to stay under the limit
+  int64_t unmapped = 0;  // cached blocks given back to the kernel (the limit, release_cached_cpu_blocks)
 };
 
 // Makes this LibTorch's CPU allocator (c10::SetCPUAllocator). Tensors allocated before keep their

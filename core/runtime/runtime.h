@@ -34,10 +34,9 @@ std::string banner(const Info& info);
 // init() + prints the banner (and a loud warning for a reference BLAS) to stderr.
 Info init_and_announce(int requested_threads);
 
-// Returns the memory this process has freed to the kernel (malloc_trim, and the CPU allocator's
-// cached blocks): for phase boundaries where
-// what was freed will not be reused (after loading or building a model), since init() keeps freed
-// memory otherwise.
+// Returns the memory this process has freed to the kernel (malloc_trim and the CPU allocator's
+// cached blocks): for phase boundaries where what was freed will not be reused (after loading or
+// building a model), since init() keeps freed memory otherwise.
 void release_freed_memory();
 
 // Starts a fresh peak for peak_rss_bytes(): release_freed_memory(), then resets VmHWM to the
