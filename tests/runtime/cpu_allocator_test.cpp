@@ -6,10 +6,13 @@
 #include <c10/core/CPUAllocator.h>
 #include <torch/torch.h>
 
+#include <atomic>
 #include <cstdint>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "core/runtime/cpu_allocator.h"
 
@@ -100,6 +103,33 @@ TEST(CpuAllocator, SmallTensorsAndRawAllocationsWork) {
   }
   EXPECT_EQ(runtime::cpu_allocator_stats().in_use_bytes, before.in_use_bytes);
   EXPECT_EQ(torch::empty({0}).numel(), 0);
+}
+
+TEST(CpuAllocator, ThreadsAllocatingAndFreeingAtOnceKeepTheirData) {
+  install();
+  const auto before = runtime::cpu_allocator_stats();
+  std::atomic<int> bad{0};
+  std::vector<std::thread> threads;
+  for (int id = 1; id <= 4; ++id) {
+    threads.emplace_back([id, &bad] {
+      std::vector<at::Tensor> live;
+      for (int i = 0; i < 40; ++i) {
+        const size_t mib = 2 + static_cast<size_t>((id * 7 + i * 5) % 11);  // 2..12 MiB
+        auto t = floats_of(mib * kMiB + static_cast<size_t>(i) * 4096);
+        t.fill_(static_cast<float>(id));
+        live.push_back(t);
+        if (live.size() > 3) {  // free out of order: the second oldest
+          auto& u = live[1];
+          if (u.min().item<float>() != static_cast<float>(id) || u.max().item<float>() != static_cast<float>(id))
+            ++bad;
+          live.erase(live.begin() + 1);
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(bad.load(), 0) << "a tensor's memory was handed to another tensor while still in use";
+  EXPECT_EQ(runtime::cpu_allocator_stats().in_use_bytes, before.in_use_bytes);
 }
 
 // kB of AnonHugePages in the mapping that holds `p` (/proc/self/smaps).
