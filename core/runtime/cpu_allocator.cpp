@@ -26,7 +26,8 @@ constexpr size_t kSmallAlignment = 64;  // what LibTorch's default CPU allocator
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
-// 80% of physical memory, or of the cgroup's limit where that is lower.
+// 80% of physical memory (or of the cgroup's limit where that is lower), split among the ranks that
+// share this machine (LOCAL_WORLD_SIZE, which `ptk launch` and torchrun set).
 size_t default_limit() {
   size_t bytes = 0;
 #ifdef __linux__
@@ -39,7 +40,9 @@ size_t default_limit() {
     if (end && *end == '\0' && c > 0) bytes = std::min<size_t>(bytes, c);
   }
 #endif
-  return bytes / 5 * 4;
+  long ranks = 1;
+  if (const char* env = std::getenv("LOCAL_WORLD_SIZE")) ranks = std::max(1L, std::strtol(env, nullptr, 10));
+  return bytes / 5 * 4 / static_cast<size_t>(ranks);
 }
 
 struct State {

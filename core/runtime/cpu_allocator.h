@@ -22,7 +22,8 @@ struct CpuAllocatorOptions {
   bool keep_freed = true;              // false: unmap a large block when it is freed
   bool huge_pages = true;              // madvise(MADV_HUGEPAGE) each large block
   // Cached blocks are unmapped (least recently freed first) when mapping a new block would take
-  // in-use + cached bytes past this. 0: 80% of physical memory.
+  // in-use + cached bytes past this. 0: 80% of physical memory (or of the cgroup's limit), divided
+  // by LOCAL_WORLD_SIZE where several ranks share the machine.
   size_t limit_bytes = 0;
 };
 
