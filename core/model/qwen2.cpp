@@ -707,7 +707,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     auto saved = ctx->get_saved_variables();
     auto heads = ctx->saved_data["heads"].toIntVector();
     LayerShape shape{heads[0], heads[1], heads[2], ctx->saved_data["eps"].toDouble(),
-                     ctx->saved_data["fused"].toBool(), ctx->saved_data["simple"].toBool(), {}};
+                     ctx->saved_data["fused"].toBool(), ctx->saved_data["simple"].toBool(), {}, nullptr};
     auto segs = ctx->saved_data["segs"].toIntVector();
     for (size_t i = 0; i < segs.size();) {
       std::vector<Segment> row(static_cast<size_t>(segs[i++]));
