@@ -30,6 +30,7 @@
 #include "core/model/lm_head_logprobs.h"
 #include "core/model/qwen2.h"
 #include "core/optim/adamw.h"
+#include "core/runtime/cpu_allocator.h"
 #include "core/runtime/runtime.h"
 #include "tests/shapes/qwen25_05b.h"
 #include "bench/bench_util.h"
@@ -75,6 +76,7 @@ struct Phases {
   double forward = 0, loss = 0, backward = 0, optimizer = 0;
   double sys_s = 0;         // kernel CPU time of the process (all threads), mostly page faults
   int64_t minor_faults = 0;
+  int64_t alloc_misses = 0, alloc_unmapped = 0;  // runtime/cpu_allocator.h: blocks mapped / unmapped
   double total() const { return forward + loss + backward + optimizer; }
 };
 
@@ -285,6 +287,7 @@ int main(int argc, char** argv) {
   auto step = [&](Phases* p) {
     struct rusage r0, r1;
     getrusage(RUSAGE_SELF, &r0);
+    const auto a0 = ptk::runtime::cpu_allocator_stats();
     auto t0 = Clock::now();
     auto hidden = m.forward(in, fo).hidden;  // (1, T, H)
     p->forward += seconds_since(t0);
@@ -307,6 +310,9 @@ int main(int argc, char** argv) {
     }
     p->optimizer += seconds_since(t0);
     getrusage(RUSAGE_SELF, &r1);
+    const auto a1 = ptk::runtime::cpu_allocator_stats();
+    p->alloc_misses += a1.misses - a0.misses;
+    p->alloc_unmapped += a1.unmapped - a0.unmapped;
     p->minor_faults += r1.ru_minflt - r0.ru_minflt;
     p->sys_s += (r1.ru_stime.tv_sec - r0.ru_stime.tv_sec) + (r1.ru_stime.tv_usec - r0.ru_stime.tv_usec) / 1e6;
     return loss.item<double>();
@@ -329,8 +335,10 @@ int main(int argc, char** argv) {
   std::printf("\nstep (mean of %lld): %.2f s = forward %.2f + lm_head loss %.2f + backward %.2f + AdamW %.2f\n",
               static_cast<long long>(steps), per_step, p.forward / steps, p.loss / steps, p.backward / steps,
               p.optimizer / steps);
-  std::printf("per step: %lld minor page faults, %.2f s system CPU (all threads)\n",
-              static_cast<long long>(p.minor_faults / steps), p.sys_s / steps);
+  std::printf("per step: %lld minor page faults, %.2f s system CPU (all threads), %lld blocks mapped and %lld "
+              "unmapped by the CPU allocator\n",
+              static_cast<long long>(p.minor_faults / steps), p.sys_s / steps,
+              static_cast<long long>(p.alloc_misses / steps), static_cast<long long>(p.alloc_unmapped / steps));
   std::printf("sustained 2048^3 GEMM in %zu 2 s windows around the steps:", windows.size());
   for (double w : windows) std::printf(" %.1f", w);
   std::printf(" GFLOP/s (mean %.1f)\n", sustained);
