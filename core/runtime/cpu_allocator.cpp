@@ -80,6 +80,10 @@ void* map_aligned(size_t bytes, bool huge) {
   if (huge) madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without THP the block still works
   return p;
 }
+#else
+// Never reached: install_cpu_allocator refuses to install off Linux.
+void unmap(void*, size_t) {}
+void* map_aligned(size_t, bool) { return nullptr; }
 #endif
 
 // Unmaps the least recently freed cached block; false when the cache is empty. Caller holds mu.
@@ -91,9 +95,7 @@ bool unmap_oldest(State& s) {
   s.by_age.erase(it);
   s.stats.cached_bytes -= bytes;
   ++s.stats.unmapped;
-#ifdef __linux__
   unmap(p, bytes);
-#endif
   return true;
 }
 
@@ -110,9 +112,7 @@ void* take_large(size_t n) {
     s.stats.cached_bytes -= bytes;
     // A block much larger than the request gives its tail back rather than hold it idle.
     if (bytes > need + need / 4) {
-#ifdef __linux__
       unmap(static_cast<char*>(p) + need, bytes - need);
-#endif
       bytes = need;
     }
     s.in_use[p] = bytes;
@@ -122,20 +122,16 @@ void* take_large(size_t n) {
   }
   while (s.mapped() + need > s.opt.limit_bytes && unmap_oldest(s)) {
   }
-  void* p = nullptr;
-#ifdef __linux__
-  p = map_aligned(need, s.opt.huge_pages);
+  void* p = map_aligned(need, s.opt.huge_pages);
   if (!p) {
     while (unmap_oldest(s)) {
     }
     p = map_aligned(need, s.opt.huge_pages);
   }
-#endif
   TORCH_CHECK(p, "ptk CPU allocator: cannot map ", need, " bytes (", s.stats.in_use_bytes,
               " bytes of large tensors in use): out of memory");
   s.in_use[p] = need;
   s.stats.in_use_bytes += need;
-  s.stats.peak_mapped_bytes = std::max(s.stats.peak_mapped_bytes, s.mapped());
   ++s.stats.misses;
   return p;
 }
@@ -157,9 +153,7 @@ bool give_back_large(void* p) {
     s.by_age.emplace(order, std::make_pair(bytes, p));
     s.stats.cached_bytes += bytes;
   } else {
-#ifdef __linux__
     unmap(p, bytes);
-#endif
   }
   return true;
 }

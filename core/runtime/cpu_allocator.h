@@ -30,7 +30,6 @@ struct CpuAllocatorOptions {
 struct CpuAllocatorStats {
   size_t in_use_bytes = 0;  // large blocks handed out
   size_t cached_bytes = 0;  // large blocks freed and kept
-  size_t peak_mapped_bytes = 0;
   int64_t hits = 0;    // requests served from the cache
   int64_t misses = 0;  // requests that mapped a new block
   int64_t unmapped = 0;  // cached blocks given back to the kernel (the limit, release_cached_cpu_blocks)

@@ -77,6 +77,11 @@ size_t read_status_kb(const char* key) {
   return 0;
 }
 
+bool env_is(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env && std::strcmp(env, value) == 0;
+}
+
 // glibc hands every freed block over 32 MiB (its largest mmap threshold) back to the kernel and
 // trims the heap's top, so a training step's activations, attention scores and logit chunks are
 // page-faulted in afresh every step: at the 0.5B shape, sequence 1024, 2.08 M minor faults and
@@ -84,14 +89,9 @@ size_t read_status_kb(const char* key) {
 // 2026-11-28). Kept memory is reused by the next allocation; RSS stays at its peak between steps
 // and the peak itself moved little (0.5B slow tests: SFT step at 4096 10.62 -> 10.30-10.70 GB).
 // Since then tensors of 2 MiB and more bypass malloc (cpu_allocator.h keeps them); glibc keeps the
-// smaller ones. PTK_KEEP_FREED_MEMORY=0 leaves glibc's defaults and unmaps large blocks on free.
-bool env_is(const char* name, const char* value) {
-  const char* env = std::getenv(name);
-  return env && std::strcmp(env, value) == 0;
-}
-
-bool keep_freed_memory() {
-  if (env_is("PTK_KEEP_FREED_MEMORY", "0")) return false;
+// smaller ones. PTK_KEEP_FREED_MEMORY=0 leaves glibc's defaults and unmaps large blocks on free
+// (init then does not call this).
+bool keep_freed_in_malloc() {
 #ifdef __GLIBC__
   // No mmap for large blocks (the heap serves them; other threads' arenas fall back to it), and
   // no trimming of the heap's top (-1: never, per mallopt(3)).
@@ -119,10 +119,11 @@ Info init(int requested) {
     info.threads_from = "cores";
   }
   at::set_num_threads(threads);
-  info.keeps_freed_memory = keep_freed_memory();
+  const bool keep = !env_is("PTK_KEEP_FREED_MEMORY", "0");
+  info.keeps_freed_memory = keep && keep_freed_in_malloc();
   if (!env_is("PTK_CPU_ALLOCATOR", "malloc")) {
     CpuAllocatorOptions o;
-    o.keep_freed = !env_is("PTK_KEEP_FREED_MEMORY", "0");
+    o.keep_freed = keep;
     o.huge_pages = !env_is("PTK_HUGE_PAGES", "0");
     info.cpu_allocator = install_cpu_allocator(o);
     info.huge_pages = info.cpu_allocator && o.huge_pages;
