@@ -31,10 +31,10 @@ at::Tensor chunk_logits_out(at::Tensor z, const at::Tensor& h, const at::Tensor&
   return z;
 }
 
-// One (rows, Vv) buffer for every chunk of a pass, allocated once: a fresh 256 MiB block per chunk
-// fragments the heap now that the process keeps freed memory (runtime::init): small allocations
-// land in the freed block and the next chunk extends the heap instead (lm_head_memory_test's rise
-// went from 1.03 GiB to 1.5-2.0 GiB in some runs).
+// One (rows, Vv) buffer for every chunk of a pass, allocated once. A fresh 256 MiB block per chunk
+// fragmented glibc's kept heap (lm_head_memory_test's rise went from 1.03 GiB to 1.5-2.0 GiB in some
+// runs); large blocks now come from runtime/cpu_allocator.h, and one buffer still spares a
+// cache lookup and a possible re-map per chunk.
 at::Tensor chunk_buffer(int64_t n, int64_t chunk, int64_t vocab, const at::TensorOptions& f32) {
   return torch::empty({std::min(n, chunk), vocab}, f32);
 }

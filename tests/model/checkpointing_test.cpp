@@ -111,7 +111,6 @@ TEST(ActivationCheckpointing, FrozenParametersAndNoGradMode) {
   EXPECT_TRUE(torch::equal(a, b));
 }
 
-
 // Peak RSS raised by one forward + backward (gradients freed between runs).
 double peak_raise(Qwen2Model& m, const ForwardInput& in, bool checkpointed) {
   for (auto& [n, p] : m.named_parameters()) p.mutable_grad() = at::Tensor();

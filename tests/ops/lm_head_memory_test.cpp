@@ -4,14 +4,12 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-
 #include "core/model/lm_head_logprobs.h"
 #include "core/runtime/runtime.h"
 #include "core/util/strings.h"
 
 namespace ptk::model {
 namespace {
-
 
 TEST(LmHeadMemory, Seq8192Vocab151936UnderOnePointFiveGB) {
   runtime::init(0);
