@@ -52,6 +52,11 @@ else()
 endif()
 message(STATUS "ptk: LibTorch ${PTK_TORCH_VERSION} from ${Torch_DIR}; CUDA=${PTK_CUDA} NCCL=${PTK_NCCL}")
 
+# OpenMP: ATen's at::parallel_for is a header template whose `#pragma omp parallel` runs in the
+# caller's translation unit; compiled without -fopenmp it silently runs on one thread. Every ptk
+# target that includes LibTorch gets it (ptk_library / ptk_test TORCH, the shared PCH).
+find_package(OpenMP REQUIRED COMPONENTS CXX)
+
 # c10d Gloo headers (Debian: libgloo-dev). Without them distributed CPU runs are unavailable.
 find_path(PTK_GLOO_INCLUDE gloo/config.h)
 if(PTK_GLOO_INCLUDE)

@@ -1,7 +1,8 @@
 # Small helpers so each folder's CMakeLists.txt stays a few lines.
 #   ptk_library(NAME SOURCES a.cpp b.cpp DEPS other_lib [TORCH])
 #   ptk_test(NAME SOURCES t.cpp DEPS lib LABELS unit [TIMEOUT s])
-# TORCH marks a library whose .cpp files include LibTorch: it gets the shared precompiled header.
+# TORCH marks a library whose .cpp files include LibTorch: it gets the shared precompiled header
+# and OpenMP (at::parallel_for needs -fopenmp where it is called; see PtkDeps.cmake).
 
 set(PTK_ROOT ${CMAKE_CURRENT_LIST_DIR}/..)
 
@@ -30,7 +31,7 @@ function(ptk_make_pch)
     return()
   endif()
   add_library(ptk_pch STATIC ${PTK_ROOT}/core/runtime/pch.cpp)
-  target_link_libraries(ptk_pch PUBLIC ${TORCH_LIBRARIES})
+  target_link_libraries(ptk_pch PUBLIC ${TORCH_LIBRARIES} OpenMP::OpenMP_CXX)
   target_include_directories(ptk_pch PUBLIC ${PTK_ROOT})
   target_precompile_headers(ptk_pch PRIVATE ${PTK_ROOT}/core/runtime/pch.h)
 endfunction()
@@ -43,7 +44,7 @@ function(ptk_library name)
   ptk_apply_warnings(${name})
   if(A_TORCH)
     ptk_make_pch()
-    target_link_libraries(${name} PUBLIC ${TORCH_LIBRARIES})
+    target_link_libraries(${name} PUBLIC ${TORCH_LIBRARIES} OpenMP::OpenMP_CXX)
     target_precompile_headers(${name} REUSE_FROM ptk_pch)
   endif()
 endfunction()
@@ -55,7 +56,7 @@ function(ptk_test name)
   ptk_apply_warnings(${name})
   if(A_TORCH)
     ptk_make_pch()
-    target_link_libraries(${name} PRIVATE ${TORCH_LIBRARIES})
+    target_link_libraries(${name} PRIVATE ${TORCH_LIBRARIES} OpenMP::OpenMP_CXX)
     target_precompile_headers(${name} REUSE_FROM ptk_pch)
   endif()
   if(NOT A_LABELS)

@@ -97,8 +97,9 @@ TEST(Checkpoint, SavedFolderMatchesTheFixtureFolder) {
     }
     EXPECT_EQ(read_file(out + "/model.safetensors"), read_file(from + "/model.safetensors")) << src;
     EXPECT_EQ(json::parse_file(out + "/config.json"), json::parse_file(from + "/config.json")) << src;
-    if (path_exists(from + "/generation_config.json"))
+    if (path_exists(from + "/generation_config.json")) {
       EXPECT_EQ(read_file(out + "/generation_config.json"), read_file(from + "/generation_config.json"));
+    }
     EXPECT_FALSE(path_exists(out + ".tmp-" + std::to_string(getpid())));
   }
 }

@@ -154,8 +154,11 @@ TEST(GrpoStage, RatioIsExactlyOneAtMu1AndOldLogprobsAreThePass0Ones) {
   EXPECT_FALSE(in0.batch.old_logps.defined());
   double expect = -(in0.batch.mask * in0.batch.advantages.unsqueeze(1)).sum().item<double>() / mb0.targets;
   EXPECT_NEAR(out0.loss.item<double>(), expect, 1e-7);
-  for (auto& rt : out0.ratios)
-    if (rt.name.rfind("clip_ratio/", 0) == 0) EXPECT_EQ(rt.num, 0) << rt.name;
+  for (auto& rt : out0.ratios) {
+    if (rt.name.rfind("clip_ratio/", 0) == 0) {
+      EXPECT_EQ(rt.num, 0) << rt.name;
+    }
+  }
   // Pass 1 (no update in between here): ℓ^old = pass 0's ℓ, the same forward, so again r ≡ 1.
   auto mb1 = stage.next_micro_batch();
   auto out1 = stage.loss(mb1, static_cast<double>(mb1.targets));
