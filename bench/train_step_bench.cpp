@@ -10,8 +10,9 @@
 // --lm-head-sweep 64,128,256 times only the fused lm_head op (forward + backward of -mean log-prob
 // over T-1 rows at the 0.5B shape) for each chunk size in MiB, alternated over --steps rounds in one
 // process (fairer than separate runs on a shared machine), then exits.
-// --attention-sweep 64,128,256 likewise times only causal_block_attention (forward + backward of the
-// 24 layers' attention at the 0.5B heads, D 64) for each block of query rows, then exits.
+// --attention-sweep 64,128,f48,f96 likewise times only the float32 attention (forward + backward of
+// the 24 layers' attention at the 0.5B heads, D 64): N = causal_block_attention with blocks of N
+// query positions, fN = causal_flash_attention with blocks of N query rows, then exits.
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/torch.h>
@@ -152,9 +153,10 @@ void lm_head_sweep(const std::vector<int64_t>& mibs, int64_t rows, int64_t hdim,
   }
 }
 
-// causal_block_attention alone: q (1, heads, T, D), k/v (1, kv, T, D), forward + backward once per
-// layer, for each block of query rows, alternated `rounds` times.
-void attention_sweep(const std::vector<int64_t>& blocks, int64_t T, int64_t heads, int64_t kv, int64_t d,
+// The attention alone: q (1, heads, T, D), k/v (1, kv, T, D), forward + backward once per layer,
+// for each kernel ("128": causal_block_attention, block of 128 positions; "f48":
+// causal_flash_attention, block of 48 rows), alternated `rounds` times.
+void attention_sweep(const std::vector<std::string>& kernels, int64_t T, int64_t heads, int64_t kv, int64_t d,
                      int64_t layers, int64_t rounds, double peak) {
   torch::manual_seed(0);
   auto q = torch::randn({1, heads, T, d}).requires_grad_(true);
@@ -163,29 +165,43 @@ void attention_sweep(const std::vector<int64_t>& blocks, int64_t T, int64_t head
   // Model FLOPs of causal attention (QK^T and PV over the T (T + 1) / 2 visible pairs, x3 for
   // backward), as the step's GFLOP/s counts them.
   const double flops = 3.0 * 2.0 * 2.0 * heads * d * T * (T + 1) / 2.0 * layers;
-  std::map<int64_t, std::vector<double>> times;
+  std::map<std::string, std::vector<double>> times;
   for (int64_t r = 0; r <= rounds; ++r) {  // round 0 is a warm-up
-    for (int64_t b : blocks) {
+    for (const std::string& kernel : kernels) {
+      const bool flash = !kernel.empty() && kernel[0] == 'f';
+      const int64_t b = std::stoll(flash ? kernel.substr(1) : kernel);
       auto t0 = Clock::now();
       for (int64_t l = 0; l < layers; ++l) {
         q.mutable_grad().reset();
         k.mutable_grad().reset();
         v.mutable_grad().reset();
-        ptk::model::causal_block_attention(q, k, v, b).backward(dout);
+        (flash ? ptk::model::causal_flash_attention(q, k, v, b) : ptk::model::causal_block_attention(q, k, v, b))
+            .backward(dout);
       }
-      if (r > 0) times[b].push_back(seconds_since(t0));
+      if (r > 0) times[kernel].push_back(seconds_since(t0));
     }
   }
-  std::printf("causal_block_attention alone: %lld layers x (%lld heads / %lld K/V heads, T %lld, D %lld), forward + "
-              "backward, %lld rounds\n",
+  std::printf("attention alone: %lld layers x (%lld heads / %lld K/V heads, T %lld, D %lld), forward + backward, "
+              "%lld rounds (N: causal_block_attention, N positions a block; fN: causal_flash_attention, N rows)\n",
               static_cast<long long>(layers), static_cast<long long>(heads), static_cast<long long>(kv),
               static_cast<long long>(T), static_cast<long long>(d), static_cast<long long>(rounds));
-  for (auto& [b, t] : times) {
+  for (auto& [kernel, t] : times) {
     std::sort(t.begin(), t.end());
-    std::printf("RESULT block %4lld rows: best %.3f s, median %.3f s | %.1f GFLOP/s = %.1f%% of peak\n",
-                static_cast<long long>(b), t.front(), t[t.size() / 2], flops / t.front() / 1e9,
-                100.0 * flops / t.front() / 1e9 / peak);
+    std::printf("RESULT %-6s: best %.3f s, median %.3f s | %.1f GFLOP/s = %.1f%% of peak\n", kernel.c_str(),
+                t.front(), t[t.size() / 2], flops / t.front() / 1e9, 100.0 * flops / t.front() / 1e9 / peak);
   }
+}
+
+// "f48,128" -> {"f48", "128"}
+std::vector<std::string> str_list(const std::string& list) {
+  std::vector<std::string> out;
+  for (size_t p = 0; p < list.size();) {
+    size_t q = list.find(',', p);
+    if (q == std::string::npos) q = list.size();
+    out.push_back(list.substr(p, q - p));
+    p = q + 1;
+  }
+  return out;
 }
 
 // "64,128,256" -> {64, 128, 256}
@@ -205,7 +221,8 @@ std::vector<int64_t> int_list(const std::string& list) {
 int main(int argc, char** argv) {
   int64_t T = 1024, steps = 2, layers = 24;
   bool checkpointing = false, profile = true;
-  std::vector<int64_t> sweep_mib, sweep_blocks;
+  std::vector<int64_t> sweep_mib;
+  std::vector<std::string> sweep_kernels;
   ptk::model::LogProbOptions lp_options;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -217,11 +234,11 @@ int main(int argc, char** argv) {
     else if (a == "--chunk-mib" && i + 1 < argc) lp_options.chunk_bytes = std::stoll(argv[++i]) << 20;
     else if (a == "--chunk-rows" && i + 1 < argc) lp_options.chunk_rows = std::stoll(argv[++i]);
     else if (a == "--lm-head-sweep" && i + 1 < argc) sweep_mib = int_list(argv[++i]);
-    else if (a == "--attention-sweep" && i + 1 < argc) sweep_blocks = int_list(argv[++i]);
+    else if (a == "--attention-sweep" && i + 1 < argc) sweep_kernels = str_list(argv[++i]);
     else {
       std::fprintf(stderr,
                    "usage: %s [--seq N] [--steps N] [--layers N] [--checkpointing] [--no-profile] "
-                   "[--chunk-mib N | --chunk-rows N] [--lm-head-sweep MIB,MIB,...] [--attention-sweep ROWS,ROWS,...]\n",
+                   "[--chunk-mib N | --chunk-rows N] [--lm-head-sweep MIB,MIB,...] [--attention-sweep N,fN,...]\n",
                    argv[0]);
       return 2;
     }
@@ -252,8 +269,8 @@ int main(int argc, char** argv) {
     std::printf("load average at end: %s\n", loadavg().c_str());
     return 0;
   }
-  if (!sweep_blocks.empty()) {
-    attention_sweep(sweep_blocks, T, c.num_attention_heads, c.num_key_value_heads, c.head_dim, layers, steps, peak);
+  if (!sweep_kernels.empty()) {
+    attention_sweep(sweep_kernels, T, c.num_attention_heads, c.num_key_value_heads, c.head_dim, layers, steps, peak);
     std::printf("load average at end: %s\n", loadavg().c_str());
     return 0;
   }

@@ -7,6 +7,7 @@
 #include <limits>
 #include <vector>
 
+#include "core/model/flash_attention_cpu.h"
 #include "core/util/error.h"
 
 namespace ptk::model {
@@ -80,16 +81,68 @@ struct CausalBlockAttention : public torch::autograd::Function<CausalBlockAttent
   }
 };
 
-}  // namespace
+// The same attention on the AVX-512 flash kernels (flash_attention_cpu.h): saves q, k, v, the
+// output and one log-sum-exp per query row; backward recomputes each block's probabilities.
+struct FlashCausalAttention : public torch::autograd::Function<FlashCausalAttention> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            int64_t block) {
+    const int64_t n = q.size(0), heads = q.size(1), lq = q.size(2), d = q.size(3), kv = k.size(1), lk = k.size(2);
+    const int64_t g = heads / kv;
+    const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+    at::Tensor qs = (q * scale).reshape({n, kv, g, lq, d}).transpose(2, 3).reshape({n * kv, lq * g, d}).contiguous();
+    at::Tensor kk = k.reshape({n * kv, lk, d}).contiguous(), vv = v.reshape({n * kv, lk, d}).contiguous();
+    at::Tensor out, lse;
+    flash_attention_forward(qs, kk, vv, g, block, out, lse);
+    ctx->save_for_backward({qs, kk, vv, out, lse});
+    ctx->saved_data["block"] = block;
+    ctx->saved_data["shape"] = std::vector<int64_t>{n, heads, lq, d, kv, lk};
+    return out.view({n, kv, lq, g, d}).permute({0, 2, 1, 3, 4}).reshape({n, lq, heads, d}).transpose(1, 2);
+  }
 
-at::Tensor causal_block_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t block_rows) {
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor qs = saved[0], kk = saved[1], vv = saved[2], out = saved[3], lse = saved[4];
+    const int64_t block = ctx->saved_data["block"].toInt();
+    const auto shape = ctx->saved_data["shape"].toIntVector();
+    const int64_t n = shape[0], heads = shape[1], lq = shape[2], d = shape[3], kv = shape[4], lk = shape[5];
+    const int64_t g = heads / kv;
+    const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+    at::Tensor dout = grads[0].reshape({n, kv, g, lq, d}).transpose(2, 3).reshape({n * kv, lq * g, d}).contiguous();
+    at::Tensor delta = (dout * out).sum(-1);  // rowsum(dO O) = rowsum(dP P) per query row
+    at::Tensor dqs, dk, dv;
+    flash_attention_backward(qs, kk, vv, dout, lse, delta, g, block, dqs, dk, dv);
+    at::Tensor dq =
+        dqs.mul_(scale).view({n, kv, lq, g, d}).permute({0, 2, 1, 3, 4}).reshape({n, lq, heads, d}).transpose(1, 2);
+    return {dq, dk.view({n, kv, lk, d}), dv.view({n, kv, lk, d}), at::Tensor()};
+  }
+};
+
+void check_attention_args(const char* what, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          int64_t block_rows) {
   PTK_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes() && q.size(0) == k.size(0) &&
                 q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0 && q.size(2) <= k.size(2),
-            "causal_block_attention: q (N, heads, Lq, D), k/v (N, kv, Lk, D) with heads % kv == 0 and Lq <= Lk "
+            std::string(what) + ": q (N, heads, Lq, D), k/v (N, kv, Lk, D) with heads % kv == 0 and Lq <= Lk "
             "expected, got " + c10::str(q.sizes()) + ", " + c10::str(k.sizes()) + ", " + c10::str(v.sizes()));
   PTK_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-            "causal_block_attention: float32 only");
-  PTK_CHECK(block_rows > 0, "causal_block_attention: block_rows must be > 0");
+            std::string(what) + ": float32 only");
+  PTK_CHECK(block_rows > 0, std::string(what) + ": block_rows must be > 0");
+}
+
+}  // namespace
+
+bool causal_flash_attention_supported(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return flash_attention_cpu_supported(q, k, v);
+}
+
+at::Tensor causal_flash_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t block_rows) {
+  check_attention_args("causal_flash_attention", q, k, v, block_rows);
+  PTK_CHECK(causal_flash_attention_supported(q, k, v),
+            "causal_flash_attention: needs a CPU with AVX-512F and a head size that is a multiple of 16");
+  return FlashCausalAttention::apply(q, k, v, block_rows);
+}
+
+at::Tensor causal_block_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t block_rows) {
+  check_attention_args("causal_block_attention", q, k, v, block_rows);
   return CausalBlockAttention::apply(q, k, v, block_rows);
 }
 

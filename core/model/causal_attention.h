@@ -19,4 +19,12 @@ namespace ptk::model {
 at::Tensor causal_block_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   int64_t block_rows = 128);
 
+// The same attention on ptk's AVX-512 flash kernels (core/model/flash_attention_cpu.h): tiles that
+// stay in cache, no probabilities kept for backward (one log-sum-exp per query row instead).
+// Same shapes and result; block_rows here counts query rows of one K/V head's group (positions x
+// heads / kv_heads), rounded up to a multiple of 6. Needs causal_flash_attention_supported().
+bool causal_flash_attention_supported(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+at::Tensor causal_flash_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  int64_t block_rows = 48);
+
 }  // namespace ptk::model

@@ -102,13 +102,23 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 at::Tensor attend_grouped(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool fused) {
   if (fused) return attend(q, k, v, fused);
   const bool batched = q.dim() == 4;
-  // float32: causal_block_attention, which skips the masked half (blocks of query rows, each against
-  // the keys it can see). PTK_ATTENTION_BLOCK_ROWS sets the block (default 128); 0 = the masked
+  // float32 on an AVX-512 CPU: causal_flash_attention (cache-sized tiles, nothing kept but one
+  // log-sum-exp per query row); PTK_ATTENTION_FLASH=0 turns it off. Otherwise float32 goes to
+  // causal_block_attention, which skips the masked half (blocks of query positions, each against
+  // the keys it can see); PTK_ATTENTION_BLOCK_ROWS sets its block (default 128), 0 = the masked
   // full-square path below, which also serves other dtypes.
+  static const bool flash = [] {
+    const char* env = std::getenv("PTK_ATTENTION_FLASH");
+    return !(env && std::string(env) == "0");
+  }();
   static const int64_t block_rows = [] {
     const char* env = std::getenv("PTK_ATTENTION_BLOCK_ROWS");
     return env ? std::max<int64_t>(0, std::atoll(env)) : int64_t{128};
   }();
+  if (flash && block_rows > 0 && causal_flash_attention_supported(q, k, v)) {
+    if (batched) return causal_flash_attention(q, k, v);
+    return causal_flash_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)).squeeze(0);
+  }
   if (block_rows > 0 && q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
       v.scalar_type() == at::kFloat) {
     if (batched) return causal_block_attention(q, k, v, block_rows);

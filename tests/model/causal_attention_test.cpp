@@ -1,5 +1,5 @@
-// causal_block_attention (the training forward's float32 attention) against causal softmax
-// attention computed in float64 with plain ATen ops (full score matrix, -inf above the diagonal):
+// causal_block_attention and causal_flash_attention (the training forward's float32 attention)
+// against causal softmax attention computed in float64 with plain ATen ops (full score matrix, -inf above the diagonal):
 // outputs and the gradients of q, k and v, for grouped-query shapes (g = 1, 2, 7), blocks that do
 // and do not divide the sequence, one block for the whole sequence, and queries that are the last
 // Lq of Lk > Lq positions.
@@ -24,8 +24,10 @@ at::Tensor reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return torch::matmul(torch::softmax(scores, -1), vv);
 }
 
-double max_rel_err(const at::Tensor& got, const at::Tensor& want) {
-  return ((got.to(torch::kDouble) - want).abs().max() / want.abs().max().clamp_min(1e-30)).item<double>();
+// Largest error relative to the largest reference value (or to `floor` when that is smaller: with
+// one visible key the q and k gradients are exactly 0, and float32 rounding gives ~1e-8).
+double max_rel_err(const at::Tensor& got, const at::Tensor& want, double floor = 1e-30) {
+  return ((got.to(torch::kDouble) - want).abs().max() / want.abs().max().clamp_min(floor)).item<double>();
 }
 
 TEST(CausalBlockAttention, EqualsMaskedSoftmaxAttentionWithGradients) {
@@ -57,6 +59,59 @@ TEST(CausalBlockAttention, EqualsMaskedSoftmaxAttentionWithGradients) {
     EXPECT_LT(max_rel_err(k.grad(), k64.grad()), 1e-5);
     EXPECT_LT(max_rel_err(v.grad(), v64.grad()), 1e-5);
   }
+}
+
+// The flash kernels on the same reference: grouped-query shapes (g = 1, 2, 7), head sizes 16, 64 and
+// 80 (a partial 64-column tile), blocks of rows that do and do not divide the rows (6 rows per
+// micro-kernel tile and the remainders), keys that are not a multiple of the 64-key panel, and
+// queries that are the last Lq of Lk > Lq positions; run on 1 and on 2 intra-op threads (each
+// thread accumulates its own dK / dV).
+TEST(CausalFlashAttention, EqualsMaskedSoftmaxAttentionWithGradients) {
+  if (!model::causal_flash_attention_supported(torch::zeros({1, 1, 1, 16}), torch::zeros({1, 1, 1, 16}),
+                                               torch::zeros({1, 1, 1, 16})))
+    GTEST_SKIP() << "no AVX-512F on this CPU: the flash kernels do not run here";
+  struct Case {
+    int64_t n, heads, kv, lq, lk, d, block;
+  };
+  const int threads = at::get_num_threads();
+  for (int t : {1, 2}) {
+    at::set_num_threads(t);
+    for (Case c : {Case{2, 14, 2, 37, 37, 16, 8}, Case{1, 4, 4, 5, 12, 16, 2}, Case{1, 6, 3, 70, 70, 64, 48},
+                   Case{2, 4, 2, 33, 100, 80, 11}, Case{1, 2, 1, 1, 1, 16, 1}, Case{1, 14, 2, 150, 150, 64, 48},
+                   Case{1, 2, 2, 130, 130, 32, 600}}) {
+      SCOPED_TRACE(::testing::Message() << "threads " << t << " n " << c.n << " heads " << c.heads << " kv " << c.kv
+                                        << " Lq " << c.lq << " Lk " << c.lk << " D " << c.d << " block " << c.block);
+      torch::manual_seed(c.lq * 31 + c.block);
+      auto q = (torch::randn({c.n, c.heads, c.lq, c.d}) * 2).requires_grad_(true);
+      auto k = torch::randn({c.n, c.kv, c.lk, c.d}).requires_grad_(true);
+      auto v = torch::randn({c.n, c.kv, c.lk, c.d}).requires_grad_(true);
+      auto grad_out = torch::randn({c.n, c.heads, c.lq, c.d});
+
+      auto out = model::causal_flash_attention(q, k, v, c.block);
+      ASSERT_EQ(out.sizes(), q.sizes());
+      (out * grad_out).sum().backward();
+
+      auto q64 = q.detach().to(torch::kDouble).requires_grad_(true);
+      auto k64 = k.detach().to(torch::kDouble).requires_grad_(true);
+      auto v64 = v.detach().to(torch::kDouble).requires_grad_(true);
+      auto want = reference(q64, k64, v64);
+      (want * grad_out.to(torch::kDouble)).sum().backward();
+
+      EXPECT_LT(max_rel_err(out.detach(), want.detach()), 1e-5);
+      EXPECT_LT(max_rel_err(q.grad(), q64.grad(), 1.0), 1e-5);
+      EXPECT_LT(max_rel_err(k.grad(), k64.grad(), 1.0), 1e-5);
+      EXPECT_LT(max_rel_err(v.grad(), v64.grad()), 1e-5);
+    }
+  }
+  at::set_num_threads(threads);
+}
+
+TEST(CausalFlashAttention, RejectsBadShapes) {
+  auto q = torch::randn({1, 3, 4, 16}), k = torch::randn({1, 2, 4, 16});
+  EXPECT_THROW(model::causal_flash_attention(q, k, k), Error);  // 3 heads over 2 K/V heads
+  auto q8 = torch::randn({1, 2, 4, 8}), k8 = torch::randn({1, 1, 4, 8});
+  EXPECT_THROW(model::causal_flash_attention(q8, k8, k8), Error);  // head size not a multiple of 16
+  EXPECT_THROW(model::causal_flash_attention(q.narrow(1, 0, 2), k, k, 0), Error);
 }
 
 TEST(CausalBlockAttention, RejectsBadShapes) {
