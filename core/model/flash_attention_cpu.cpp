@@ -102,7 +102,8 @@ __attribute__((target("avx512f"))) void micro(const float* A, int64_t ai, int64_
     const float* a = A + p * ap;
     __m512 bv[NV];
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) bv[j] = j == NV - 1 ? _mm512_maskz_loadu_ps(last, b + 16 * j) : _mm512_loadu_ps(b + 16 * j);
+    for (int j = 0; j < NV; ++j)
+      bv[j] = j == NV - 1 ? _mm512_maskz_loadu_ps(last, b + 16 * j) : _mm512_loadu_ps(b + 16 * j);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512 av = _mm512_set1_ps(a[i * ai]);
@@ -125,7 +126,10 @@ using MicroFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, 
 
 template <bool ACC, int MR>
 constexpr MicroFn micro_row(int nv) {
-  return nv == 1 ? &micro<MR, 1, ACC> : nv == 2 ? &micro<MR, 2, ACC> : nv == 3 ? &micro<MR, 3, ACC> : &micro<MR, 4, ACC>;
+  return nv == 1   ? &micro<MR, 1, ACC>
+         : nv == 2 ? &micro<MR, 2, ACC>
+         : nv == 3 ? &micro<MR, 3, ACC>
+                   : &micro<MR, 4, ACC>;
 }
 
 // One micro-kernel call over mr <= 6 rows and w <= 64 columns.
@@ -206,7 +210,8 @@ __attribute__((target("avx512f"))) float exp_row(float* x, int64_t lim, int64_t 
     sum = _mm512_add_ps(sum, e);
   }
   if (tail) {
-    const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + full), mv)));
+    const __m512 x_t = _mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + full), mv);
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive(x_t));
     _mm512_mask_storeu_ps(x + full, tail, e);
     sum = _mm512_add_ps(sum, e);
   }

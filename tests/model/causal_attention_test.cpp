@@ -1,8 +1,8 @@
 // causal_block_attention and causal_flash_attention (the training forward's float32 attention)
-// against causal softmax attention computed in float64 with plain ATen ops (full score matrix, -inf above the diagonal):
-// outputs and the gradients of q, k and v, for grouped-query shapes (g = 1, 2, 7), blocks that do
-// and do not divide the sequence, one block for the whole sequence, and queries that are the last
-// Lq of Lk > Lq positions.
+// against causal softmax attention computed in float64 with plain ATen ops (full score matrix,
+// -inf above the diagonal): outputs and the gradients of q, k and v, for grouped-query shapes
+// (g = 1, 2, 7), blocks that do and do not divide the sequence, one block for the whole sequence,
+// and queries that are the last Lq of Lk > Lq positions.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
