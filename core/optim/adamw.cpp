@@ -42,20 +42,29 @@ namespace {
 
 // One pass over fp32 contiguous CPU memory: the same arithmetic, in the same order, as
 // torch.optim.AdamW's single-tensor path (mul_, lerp_, mul_/addcmul_, sqrt/div/add, addcdiv_).
+// A plain function of restrict pointers and scalars by value, so GCC vectorises it whether or not
+// it is inlined into OpenMP's outlined region (through the lambda's captures it stayed scalar under
+// -fopenmp: 1.64 s vs 0.75 s a step at 0.5B on one thread).
+void adamw_range(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
+                 int64_t begin, int64_t end, float decay_mul, float one_minus_b1, float b2, float one_minus_b2,
+                 float bc2_sqrt, float eps, float neg_step_size) {
+  for (int64_t i = begin; i < end; ++i) {
+    float pi = p[i] * decay_mul;
+    float gi = g[i];
+    float mi = m[i];
+    mi = mi + one_minus_b1 * (gi - mi);  // lerp with weight < 0.5
+    float vi = v[i] * b2 + one_minus_b2 * gi * gi;
+    float denom = std::sqrt(vi) / bc2_sqrt + eps;
+    p[i] = pi + neg_step_size * (mi / denom);
+    m[i] = mi;
+    v[i] = vi;
+  }
+}
+
 void fused_adamw_cpu(float* p, const float* g, float* m, float* v, int64_t n, float decay_mul, float one_minus_b1,
                      float b2, float one_minus_b2, float bc2_sqrt, float eps, float neg_step_size) {
   at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float pi = p[i] * decay_mul;
-      float gi = g[i];
-      float mi = m[i];
-      mi = mi + one_minus_b1 * (gi - mi);  // lerp with weight < 0.5
-      float vi = v[i] * b2 + one_minus_b2 * gi * gi;
-      float denom = std::sqrt(vi) / bc2_sqrt + eps;
-      p[i] = pi + neg_step_size * (mi / denom);
-      m[i] = mi;
-      v[i] = vi;
-    }
+    adamw_range(p, g, m, v, begin, end, decay_mul, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, neg_step_size);
   });
 }
 
