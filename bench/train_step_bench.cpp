@@ -207,12 +207,7 @@ std::vector<std::string> str_list(const std::string& list) {
 // "64,128,256" -> {64, 128, 256}
 std::vector<int64_t> int_list(const std::string& list) {
   std::vector<int64_t> out;
-  for (size_t p = 0; p < list.size();) {
-    size_t q = list.find(',', p);
-    if (q == std::string::npos) q = list.size();
-    out.push_back(std::stoll(list.substr(p, q - p)));
-    p = q + 1;
-  }
+  for (const std::string& item : str_list(list)) out.push_back(std::stoll(item));
   return out;
 }
 

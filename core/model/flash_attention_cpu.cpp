@@ -9,7 +9,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -52,16 +51,17 @@ Dims dims_of(const at::Tensor& qs, const at::Tensor& k, int64_t g, int64_t block
   return s;
 }
 
-// Runs work(worker, h, r0) for every (head, block of rows) on the intra-op threads, largest blocks
-// (the last, which see the most keys) first and taken one at a time from a shared counter, so the
-// causal triangle's uneven blocks spread evenly. worker < the returned worker count.
+// Runs work(worker, h, r0) for every (head, block of rows) on the intra-op threads. Blocks go
+// largest first (the last, which see the most keys), dealt round-robin: worker w takes items w,
+// w + workers, ..., so the causal triangle's uneven blocks spread evenly and each worker's dK / dV
+// sums run in a fixed order — gradients are the same bits from run to run at a given thread count
+// (a shared counter balanced as well but made the sums depend on timing).
 template <typename F>
 void for_each_block(const Dims& s, int64_t workers, F&& work) {
   const int64_t items = s.H * s.nblk;
-  std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t b, int64_t e) {
     for (int64_t w = b; w < e; ++w)
-      for (int64_t it = next++; it < items; it = next++) work(w, it % s.H, (s.nblk - 1 - it / s.H) * s.block);
+      for (int64_t it = w; it < items; it += workers) work(w, it % s.H, (s.nblk - 1 - it / s.H) * s.block);
   });
 }
 

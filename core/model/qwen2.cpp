@@ -106,7 +106,7 @@ at::Tensor attend_grouped(const at::Tensor& q, const at::Tensor& k, const at::Te
   // log-sum-exp per query row); PTK_ATTENTION_FLASH=0 turns it off. Otherwise float32 goes to
   // causal_block_attention, which skips the masked half (blocks of query positions, each against
   // the keys it can see); PTK_ATTENTION_BLOCK_ROWS sets its block (default 128), 0 = the masked
-  // full-square path below, which also serves other dtypes.
+  // full-square path below for every dtype (flash included), which also serves other dtypes.
   static const bool flash = [] {
     const char* env = std::getenv("PTK_ATTENTION_FLASH");
     return !(env && std::string(env) == "0");

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "core/model/causal_attention.h"
 #include "core/util/error.h"
@@ -102,6 +103,35 @@ TEST(CausalFlashAttention, EqualsMaskedSoftmaxAttentionWithGradients) {
       EXPECT_LT(max_rel_err(k.grad(), k64.grad(), 1.0), 1e-5);
       EXPECT_LT(max_rel_err(v.grad(), v64.grad()), 1e-5);
     }
+  }
+  at::set_num_threads(threads);
+}
+
+// Training runs repeat bit for bit at a given thread count: the per-worker dK / dV sums must not
+// depend on which thread got which block first.
+TEST(CausalFlashAttention, GradientsRepeatBitForBitOnTwoThreads) {
+  if (!model::causal_flash_attention_supported(torch::zeros({1, 1, 1, 16}), torch::zeros({1, 1, 1, 16}),
+                                               torch::zeros({1, 1, 1, 16})))
+    GTEST_SKIP() << "no AVX-512F on this CPU: the flash kernels do not run here";
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  torch::manual_seed(7);
+  auto q = torch::randn({2, 14, 300, 64}).requires_grad_(true);
+  auto k = torch::randn({2, 2, 300, 64}).requires_grad_(true), v = torch::randn({2, 2, 300, 64}).requires_grad_(true);
+  auto grad_out = torch::randn({2, 14, 300, 64});
+  std::vector<at::Tensor> first;
+  for (int run = 0; run < 6; ++run) {
+    q.mutable_grad().reset();
+    k.mutable_grad().reset();
+    v.mutable_grad().reset();
+    model::causal_flash_attention(q, k, v, 12).backward(grad_out);
+    if (run == 0) {
+      first = {q.grad().clone(), k.grad().clone(), v.grad().clone()};
+      continue;
+    }
+    EXPECT_TRUE(torch::equal(q.grad(), first[0])) << "run " << run;
+    EXPECT_TRUE(torch::equal(k.grad(), first[1])) << "run " << run;
+    EXPECT_TRUE(torch::equal(v.grad(), first[2])) << "run " << run;
   }
   at::set_num_threads(threads);
 }
