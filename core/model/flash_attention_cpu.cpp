@@ -65,7 +65,12 @@ void for_each_block(const Dims& s, int64_t workers, F&& work) {
   });
 }
 
-int64_t worker_count() { return at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads()); }
+// Workers for a call: the intra-op threads, no more than there are blocks (each backward worker
+// zeroes and sums its own dK / dV).
+int64_t worker_count(const Dims& s) {
+  const int64_t threads = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  return std::max<int64_t>(1, std::min(threads, s.H * s.nblk));
+}
 
 // (H, Lk, D) -> (H, Lk / 64 panels, D, 64): each panel the transpose of 64 keys, zero-padded, so a
 // score tile reads its B operand at a 256-byte stride instead of the Lk-float stride of K^T.
@@ -188,7 +193,7 @@ void keys_accumulate(const Dims& s, int64_t r0, int64_t rows_b, const float* P, 
 }
 
 // Row i of a block: x[0, lim) <- exp(x - m) with m its max (or exp(x - lse) when lse is given);
-// x[lim, end) <- 0. Returns the sum of the exponentials and sets *max.
+// x[lim, end) <- 0. Returns the sum of the exponentials and sets *max to m (or *lse).
 __attribute__((target("avx512f"))) float exp_row(float* x, int64_t lim, int64_t end, const float* lse, float* max) {
   const int64_t full = lim / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (lim - full)) - 1u);
@@ -260,7 +265,7 @@ void flash_attention_forward(const at::Tensor& qs, const at::Tensor& k, const at
   const at::Tensor kt = panels_of(k, s);
   const float *qp = qs.data_ptr<float>(), *ktp = kt.data_ptr<float>(), *vp = v.data_ptr<float>();
   float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
-  const int64_t workers = worker_count();
+  const int64_t workers = worker_count(s);
   std::vector<std::vector<float>> scores(static_cast<size_t>(workers));
   for_each_block(s, workers, [&](int64_t w, int64_t h, int64_t r0) {
     std::vector<float>& buf = scores[static_cast<size_t>(w)];
@@ -293,7 +298,7 @@ void flash_attention_backward(const at::Tensor& qs, const at::Tensor& k, const a
   dqs = at::empty_like(qs);
 #if defined(__x86_64__) || defined(__i386__)
   const at::Tensor kt = panels_of(k, s), vt = panels_of(v, s);
-  const int64_t workers = worker_count();
+  const int64_t workers = worker_count(s);
   // Each worker accumulates its own dK and dV (blocks of different rows share keys); summed after.
   at::Tensor dk_w = at::zeros({workers, s.H, s.lk, s.d}, k.options()), dv_w = at::zeros_like(dk_w);
   const float *qp = qs.data_ptr<float>(), *kp = k.data_ptr<float>(), *ktp = kt.data_ptr<float>(),

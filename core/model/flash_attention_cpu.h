@@ -1,8 +1,10 @@
-// Flash-style causal attention kernels for the float32 CPU training path (AVX-512): a block of
-// query rows meets its visible keys in tiles that stay in the core's L1/L2 — scores, softmax and the
-// P·V product for a block are done before the next block starts, so the (rows x keys) score matrix
-// never goes to memory, and backward recomputes each block's probabilities from the saved row
-// log-sum-exps instead of keeping them (the memory of the forward is O(rows), not O(rows x keys)).
+// Flash-style causal attention kernels for the float32 CPU training path (AVX-512): work goes in
+// blocks of query rows; a block's scores against the keys it sees, their softmax and the P·V product
+// are done in one worker's buffer (block rows x Lk floats: 192 KB at 48 rows and Lk 1024, in L2)
+// before the next block starts, so the (rows x keys) score matrix is never materialised whole, and
+// backward recomputes each block's probabilities from the saved row log-sum-exps instead of keeping
+// them (what forward saves is O(rows), not O(rows x keys); backward's workspace adds one dK and one
+// dV per worker). Rows are blocked, keys are not: past Lk of a few thousand the buffers leave L2.
 // The GEMM tiles are ptk's own register-blocked micro-kernel (6 rows x 64 columns of accumulators);
 // the attention GEMMs have one dimension of 64 (the head size), where a BLAS call per tile spends
 // more on packing and dispatch than on arithmetic.
