@@ -81,7 +81,7 @@ struct CausalBlockAttention : public torch::autograd::Function<CausalBlockAttent
   }
 };
 
-// The same attention on the AVX-512 flash kernels (flash_attention_cpu.h): saves q, k, v, the
+// The same attention on the AVX-512 flash kernels (flash_attention_cpu.h): saves q, k, v, its
 // output and one log-sum-exp per query row; backward recomputes each block's probabilities.
 struct FlashCausalAttention : public torch::autograd::Function<FlashCausalAttention> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -93,22 +93,28 @@ struct FlashCausalAttention : public torch::autograd::Function<FlashCausalAttent
     at::Tensor kk = k.reshape({n * kv, lk, d}).contiguous(), vv = v.reshape({n * kv, lk, d}).contiguous();
     at::Tensor out, lse;
     flash_attention_forward(qs, kk, vv, g, block, out, lse);
-    ctx->save_for_backward({qs, kk, vv, out, lse});
+    at::Tensor result =
+        out.view({n, kv, lq, g, d}).permute({0, 2, 1, 3, 4}).reshape({n, lq, heads, d}).transpose(1, 2);
+    // The returned tensor, not `out`: the reshape copied it, o_proj keeps that copy alive anyway, and
+    // saving `out` too would hold the attention output twice per layer until backward.
+    ctx->save_for_backward({qs, kk, vv, result, lse});
     ctx->saved_data["block"] = block;
     ctx->saved_data["shape"] = std::vector<int64_t>{n, heads, lq, d, kv, lk};
-    return out.view({n, kv, lq, g, d}).permute({0, 2, 1, 3, 4}).reshape({n, lq, heads, d}).transpose(1, 2);
+    return result;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const at::Tensor qs = saved[0], kk = saved[1], vv = saved[2], out = saved[3], lse = saved[4];
+    const at::Tensor qs = saved[0], kk = saved[1], vv = saved[2], result = saved[3], lse = saved[4];
     const int64_t block = ctx->saved_data["block"].toInt();
     const auto shape = ctx->saved_data["shape"].toIntVector();
     const int64_t n = shape[0], heads = shape[1], lq = shape[2], d = shape[3], kv = shape[4], lk = shape[5];
     const int64_t g = heads / kv;
     const double scale = 1.0 / std::sqrt(static_cast<double>(d));
     at::Tensor dout = grads[0].reshape({n, kv, g, lq, d}).transpose(2, 3).reshape({n * kv, lq * g, d}).contiguous();
-    at::Tensor delta = (dout * out).sum(-1);  // rowsum(dO O) = rowsum(dP P) per query row
+    // rowsum(dO O) = rowsum(dP P) per query row, in the kernel's (N kv, Lq g) row order.
+    at::Tensor delta =
+        (grads[0] * result).sum(-1).reshape({n, kv, g, lq}).transpose(2, 3).reshape({n * kv, lq * g}).contiguous();
     at::Tensor dqs, dk, dv;
     flash_attention_backward(qs, kk, vv, dout, lse, delta, g, block, dqs, dk, dv);
     at::Tensor dq =
