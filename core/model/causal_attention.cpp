@@ -19,13 +19,26 @@ using torch::autograd::variable_list;
 // Layout: the g query heads of a K/V head are interleaved by position, (N kv, Lq g, D) with row
 // t g + j = query head j at position t, so a block of positions is a contiguous block of rows and
 // each block's QK^T / PV is one GEMM per K/V head over the keys it can see.
+// (N, kv g, Lq, D) -> those (N kv, Lq g, D) rows.
+at::Tensor to_group_rows(const at::Tensor& x, int64_t kv, int64_t g) {
+  const int64_t n = x.size(0), lq = x.size(2), d = x.size(3);
+  return x.reshape({n, kv, g, lq, d}).transpose(2, 3).reshape({n * kv, lq * g, d});
+}
+
+// The inverse: (N kv, Lq g, D) rows -> (N, kv g, Lq, D) as a view of (N, Lq, kv g, D) memory, so the
+// caller's transpose(1, 2) + reshape to (N, Lq, heads D) for o_proj is free.
+at::Tensor from_group_rows(const at::Tensor& rows, int64_t n, int64_t kv, int64_t g) {
+  const int64_t lq = rows.size(1) / g, d = rows.size(2);
+  return rows.view({n, kv, lq, g, d}).permute({0, 2, 1, 3, 4}).reshape({n, lq, kv * g, d}).transpose(1, 2);
+}
+
 struct CausalBlockAttention : public torch::autograd::Function<CausalBlockAttention> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             int64_t block) {
     const int64_t n = q.size(0), heads = q.size(1), lq = q.size(2), d = q.size(3), kv = k.size(1), lk = k.size(2);
     const int64_t g = heads / kv, off = lk - lq;
     const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-    at::Tensor qs = (q * scale).reshape({n, kv, g, lq, d}).transpose(2, 3).reshape({n * kv, lq * g, d});
+    at::Tensor qs = to_group_rows(q * scale, kv, g);
     at::Tensor kk = k.reshape({n * kv, lk, d}).contiguous(), vv = v.reshape({n * kv, lk, d}).contiguous();
     at::Tensor out = at::empty({n * kv, lq * g, d}, q.options());
     std::vector<at::Tensor> saved{qs, kk, vv, out};
@@ -45,9 +58,7 @@ struct CausalBlockAttention : public torch::autograd::Function<CausalBlockAttent
     ctx->save_for_backward(saved);
     ctx->saved_data["block"] = block;
     ctx->saved_data["shape"] = std::vector<int64_t>{n, heads, lq, d, kv, lk};
-    // (N, heads, Lq, D) as a view of (N, Lq, heads, D) memory: the caller's transpose(1, 2) + reshape
-    // to (N, Lq, heads D) for o_proj is then free.
-    return out.view({n, kv, lq, g, d}).permute({0, 2, 1, 3, 4}).reshape({n, lq, heads, d}).transpose(1, 2);
+    return from_group_rows(out, n, kv, g);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -58,7 +69,7 @@ struct CausalBlockAttention : public torch::autograd::Function<CausalBlockAttent
     const int64_t n = shape[0], heads = shape[1], lq = shape[2], d = shape[3], kv = shape[4], lk = shape[5];
     const int64_t g = heads / kv, off = lk - lq;
     const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-    at::Tensor dout = grads[0].reshape({n, kv, g, lq, d}).transpose(2, 3).reshape({n * kv, lq * g, d});
+    at::Tensor dout = to_group_rows(grads[0], kv, g);
     // softmax backward: dS = P (dP - rowsum(dP P)), and rowsum(dP P) = rowsum(dO O) per query row.
     at::Tensor delta = (dout * out).sum(-1, /*keepdim=*/true);  // (N kv, Lq g, 1)
     at::Tensor dqs = at::empty_like(qs);
@@ -75,8 +86,7 @@ struct CausalBlockAttention : public torch::autograd::Function<CausalBlockAttent
       at::bmm_out(dq_b, ds, kk.narrow(1, 0, kend));
       dk_b.baddbmm_(ds.transpose(1, 2), qs.narrow(1, s * g, rows));
     }
-    at::Tensor dq =
-        dqs.mul_(scale).view({n, kv, lq, g, d}).permute({0, 2, 1, 3, 4}).reshape({n, lq, heads, d}).transpose(1, 2);
+    at::Tensor dq = from_group_rows(dqs.mul_(scale), n, kv, g);
     return {dq, dk.view({n, kv, lk, d}), dv.view({n, kv, lk, d}), at::Tensor()};
   }
 };
@@ -89,13 +99,12 @@ struct FlashCausalAttention : public torch::autograd::Function<FlashCausalAttent
     const int64_t n = q.size(0), heads = q.size(1), lq = q.size(2), d = q.size(3), kv = k.size(1), lk = k.size(2);
     const int64_t g = heads / kv;
     const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-    at::Tensor qs = (q * scale).reshape({n, kv, g, lq, d}).transpose(2, 3).reshape({n * kv, lq * g, d}).contiguous();
+    at::Tensor qs = to_group_rows(q * scale, kv, g).contiguous();
     at::Tensor kk = k.reshape({n * kv, lk, d}).contiguous(), vv = v.reshape({n * kv, lk, d}).contiguous();
     at::Tensor out, lse;
     flash_attention_forward(qs, kk, vv, g, block, out, lse);
-    at::Tensor result =
-        out.view({n, kv, lq, g, d}).permute({0, 2, 1, 3, 4}).reshape({n, lq, heads, d}).transpose(1, 2);
-    // The returned tensor, not `out`: the reshape copied it, o_proj keeps that copy alive anyway, and
+    at::Tensor result = from_group_rows(out, n, kv, g);
+    // The returned tensor, not `out`: from_group_rows copied it, o_proj keeps that copy alive anyway, and
     // saving `out` too would hold the attention output twice per layer until backward.
     ctx->save_for_backward({qs, kk, vv, result, lse});
     ctx->saved_data["block"] = block;
@@ -108,17 +117,15 @@ struct FlashCausalAttention : public torch::autograd::Function<FlashCausalAttent
     const at::Tensor qs = saved[0], kk = saved[1], vv = saved[2], result = saved[3], lse = saved[4];
     const int64_t block = ctx->saved_data["block"].toInt();
     const auto shape = ctx->saved_data["shape"].toIntVector();
-    const int64_t n = shape[0], heads = shape[1], lq = shape[2], d = shape[3], kv = shape[4], lk = shape[5];
+    const int64_t n = shape[0], heads = shape[1], d = shape[3], kv = shape[4], lk = shape[5];
     const int64_t g = heads / kv;
     const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-    at::Tensor dout = grads[0].reshape({n, kv, g, lq, d}).transpose(2, 3).reshape({n * kv, lq * g, d}).contiguous();
+    at::Tensor dout = to_group_rows(grads[0], kv, g).contiguous();
     // rowsum(dO O) = rowsum(dP P) per query row, in the kernel's (N kv, Lq g) row order.
-    at::Tensor delta =
-        (grads[0] * result).sum(-1).reshape({n, kv, g, lq}).transpose(2, 3).reshape({n * kv, lq * g}).contiguous();
+    at::Tensor delta = to_group_rows((grads[0] * result).sum(-1, /*keepdim=*/true), kv, g).squeeze(-1).contiguous();
     at::Tensor dqs, dk, dv;
     flash_attention_backward(qs, kk, vv, dout, lse, delta, g, block, dqs, dk, dv);
-    at::Tensor dq =
-        dqs.mul_(scale).view({n, kv, lq, g, d}).permute({0, 2, 1, 3, 4}).reshape({n, lq, heads, d}).transpose(1, 2);
+    at::Tensor dq = from_group_rows(dqs.mul_(scale), n, kv, g);
     return {dq, dk.view({n, kv, lk, d}), dv.view({n, kv, lk, d}), at::Tensor()};
   }
 };

@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 
 #include "core/model/avx512_math.h"
 #include "core/model/cpu_features.h"
@@ -23,31 +22,13 @@ namespace ptk::model {
 namespace {
 
 #if defined(__x86_64__) || defined(__i386__)
-using avx512::exp_nonpositive;
 using avx512::lane_sum;
 
 // s[0, len) <- softmax(s), vectorised; the last partial vector through masks.
 __attribute__((target("avx512f"))) void softmax_inplace(float* s, int64_t len) {
   const int64_t full = len / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (len - full)) - 1u);
-  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 mv = ninf;
-  for (int64_t t = 0; t < full; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + t));
-  if (tail) mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(ninf, tail, s + full));
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t t = 0; t < full; t += 16) {
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + t), m));
-    _mm512_storeu_ps(s + t, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  if (tail) {
-    const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + full), m);
-    const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive(x));
-    _mm512_mask_storeu_ps(s + full, tail, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  const __m512 inv = _mm512_set1_ps(1.0f / lane_sum(sum));
+  const __m512 inv = _mm512_set1_ps(1.0f / avx512::exp_row(s, len, nullptr).sum);
   for (int64_t t = 0; t < full; t += 16) _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), inv));
   if (tail) _mm512_mask_storeu_ps(s + full, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, s + full), inv));
 }

@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "core/model/cpu_features.h"
@@ -81,9 +80,6 @@ at::Tensor panels_of(const at::Tensor& k, const Dims& s) {
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-using avx512::exp_nonpositive;
-using avx512::lane_sum;
-
 // C[i, 0:w] = (or += when ACC) sum_{p < depth} A[i ai + p ap] B[p ldb + 0:w] for i < MR, with
 // w = 16 (NV - 1) + popcount(last): MR x NV vectors of accumulators, one broadcast of A per row and
 // NV loads of B per step of p.
@@ -192,39 +188,6 @@ void keys_accumulate(const Dims& s, int64_t r0, int64_t rows_b, const float* P, 
   }
 }
 
-// Row i of a block: x[0, lim) <- exp(x - m) with m its max (or exp(x - lse) when lse is given);
-// x[lim, end) <- 0. Returns the sum of the exponentials and sets *max to m (or *lse).
-__attribute__((target("avx512f"))) float exp_row(float* x, int64_t lim, int64_t end, const float* lse, float* max) {
-  const int64_t full = lim / 16 * 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (lim - full)) - 1u);
-  float m = 0;
-  if (lse) {
-    m = *lse;
-  } else {
-    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    __m512 mv = ninf;
-    for (int64_t t = 0; t < full; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(x + t));
-    if (tail) mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(ninf, tail, x + full));
-    m = _mm512_reduce_max_ps(mv);
-  }
-  const __m512 mv = _mm512_set1_ps(m);
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t t = 0; t < full; t += 16) {
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(x + t), mv));
-    _mm512_storeu_ps(x + t, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  if (tail) {
-    const __m512 x_t = _mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + full), mv);
-    const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive(x_t));
-    _mm512_mask_storeu_ps(x + full, tail, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  std::fill(x + lim, x + end, 0.0f);
-  *max = m;
-  return lane_sum(sum);
-}
-
 // ds[0, lim) <- p (ds - delta); ds[lim, end) <- 0.
 __attribute__((target("avx512f"))) void softmax_grad_row(const float* p, float* ds, int64_t lim, int64_t end,
                                                          float delta) {
@@ -275,10 +238,12 @@ void flash_attention_forward(const at::Tensor& qs, const at::Tensor& k, const at
     const int64_t base = h * s.rows + r0;
     scores_tile(s, r0, rows_b, qp + base * s.d, ktp + h * s.ld * s.d, buf.data());
     for (int64_t i = 0; i < rows_b; ++i) {
-      float m = 0;
-      const float sum = exp_row(buf.data() + i * s.ld, s.lim(r0 + i), kend, nullptr, &m);
-      lp[base + i] = m + std::log(sum);
-      invp[i] = 1.0f / sum;
+      float* row = buf.data() + i * s.ld;
+      const int64_t lim = s.lim(r0 + i);
+      const avx512::ExpRow e = avx512::exp_row(row, lim, nullptr);
+      std::fill(row + lim, row + kend, 0.0f);  // the keys row i does not see
+      lp[base + i] = e.shift + std::log(e.sum);
+      invp[i] = 1.0f / e.sum;
     }
     float* o = op + base * s.d;
     rows_times(s, r0, rows_b, buf.data(), vp + h * s.lk * s.d, o);
@@ -316,9 +281,11 @@ void flash_attention_backward(const at::Tensor& qs, const at::Tensor& k, const a
     scores_tile(s, r0, rows_b, q_b, ktp + h * s.ld * s.d, p);
     scores_tile(s, r0, rows_b, do_b, vtp + h * s.ld * s.d, ds);  // dP = dO V^T
     for (int64_t i = 0; i < rows_b; ++i) {
-      float m = 0;
-      exp_row(p + i * s.ld, s.lim(r0 + i), kend, lp + base + i, &m);  // P = exp(S - lse)
-      softmax_grad_row(p + i * s.ld, ds + i * s.ld, s.lim(r0 + i), kend, dlp[base + i]);
+      float* p_row = p + i * s.ld;
+      const int64_t lim = s.lim(r0 + i);
+      avx512::exp_row(p_row, lim, lp + base + i);  // P = exp(S - lse)
+      std::fill(p_row + lim, p_row + kend, 0.0f);
+      softmax_grad_row(p_row, ds + i * s.ld, lim, kend, dlp[base + i]);
     }
     const int64_t kv_base = (w * s.H + h) * s.lk * s.d;
     keys_accumulate(s, r0, rows_b, p, do_b, dvp + kv_base);   // dV += P^T dO
