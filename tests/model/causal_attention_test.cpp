@@ -31,34 +31,47 @@ double max_rel_err(const at::Tensor& got, const at::Tensor& want, double floor =
   return ((got.to(torch::kDouble) - want).abs().max() / want.abs().max().clamp_min(floor)).item<double>();
 }
 
+struct Case {
+  int64_t n, heads, kv, lq, lk, d, block;
+};
+
+using Attention = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
+
+// One case of `attend` against reference(): output and the q, k, v gradients within 1e-5 of the
+// largest reference value (`qk_floor` as for max_rel_err, on the q and k gradients).
+void expect_matches_reference(const Case& c, Attention attend, double qk_floor) {
+  torch::manual_seed(c.lq * 31 + c.block);
+  auto q = (torch::randn({c.n, c.heads, c.lq, c.d}) * 2).requires_grad_(true);
+  auto k = torch::randn({c.n, c.kv, c.lk, c.d}).requires_grad_(true);
+  auto v = torch::randn({c.n, c.kv, c.lk, c.d}).requires_grad_(true);
+  auto grad_out = torch::randn({c.n, c.heads, c.lq, c.d});
+
+  auto out = attend(q, k, v, c.block);
+  ASSERT_EQ(out.sizes(), q.sizes());
+  (out * grad_out).sum().backward();
+
+  auto q64 = q.detach().to(torch::kDouble).requires_grad_(true);
+  auto k64 = k.detach().to(torch::kDouble).requires_grad_(true);
+  auto v64 = v.detach().to(torch::kDouble).requires_grad_(true);
+  auto want = reference(q64, k64, v64);
+  (want * grad_out.to(torch::kDouble)).sum().backward();
+
+  EXPECT_LT(max_rel_err(out.detach(), want.detach()), 1e-5);
+  EXPECT_LT(max_rel_err(q.grad(), q64.grad(), qk_floor), 1e-5);
+  EXPECT_LT(max_rel_err(k.grad(), k64.grad(), qk_floor), 1e-5);
+  EXPECT_LT(max_rel_err(v.grad(), v64.grad()), 1e-5);
+}
+
+::testing::Message describe(const Case& c) {
+  return ::testing::Message() << "n " << c.n << " heads " << c.heads << " kv " << c.kv << " Lq " << c.lq << " Lk "
+                              << c.lk << " D " << c.d << " block " << c.block;
+}
+
 TEST(CausalBlockAttention, EqualsMaskedSoftmaxAttentionWithGradients) {
-  struct Case {
-    int64_t n, heads, kv, lq, lk, d, block;
-  };
   for (Case c : {Case{2, 14, 2, 37, 37, 16, 8}, Case{1, 4, 4, 5, 12, 8, 2}, Case{1, 6, 3, 20, 20, 8, 128},
                  Case{2, 4, 2, 33, 33, 32, 11}, Case{1, 2, 1, 1, 1, 4, 1}}) {
-    SCOPED_TRACE(::testing::Message() << "n " << c.n << " heads " << c.heads << " kv " << c.kv << " Lq " << c.lq
-                                      << " Lk " << c.lk << " D " << c.d << " block " << c.block);
-    torch::manual_seed(c.lq * 31 + c.block);
-    auto q = (torch::randn({c.n, c.heads, c.lq, c.d}) * 2).requires_grad_(true);
-    auto k = torch::randn({c.n, c.kv, c.lk, c.d}).requires_grad_(true);
-    auto v = torch::randn({c.n, c.kv, c.lk, c.d}).requires_grad_(true);
-    auto grad_out = torch::randn({c.n, c.heads, c.lq, c.d});
-
-    auto out = model::causal_block_attention(q, k, v, c.block);
-    ASSERT_EQ(out.sizes(), q.sizes());
-    (out * grad_out).sum().backward();
-
-    auto q64 = q.detach().to(torch::kDouble).requires_grad_(true);
-    auto k64 = k.detach().to(torch::kDouble).requires_grad_(true);
-    auto v64 = v.detach().to(torch::kDouble).requires_grad_(true);
-    auto want = reference(q64, k64, v64);
-    (want * grad_out.to(torch::kDouble)).sum().backward();
-
-    EXPECT_LT(max_rel_err(out.detach(), want.detach()), 1e-5);
-    EXPECT_LT(max_rel_err(q.grad(), q64.grad()), 1e-5);
-    EXPECT_LT(max_rel_err(k.grad(), k64.grad()), 1e-5);
-    EXPECT_LT(max_rel_err(v.grad(), v64.grad()), 1e-5);
+    SCOPED_TRACE(describe(c));
+    expect_matches_reference(c, &model::causal_block_attention, 1e-30);
   }
 }
 
@@ -77,39 +90,15 @@ TEST(CausalFlashAttention, EqualsMaskedSoftmaxAttentionWithGradients) {
   if (!model::causal_flash_attention_supported(torch::zeros({1, 1, 1, 16}), torch::zeros({1, 1, 1, 16}),
                                                torch::zeros({1, 1, 1, 16})))
     GTEST_SKIP() << "no AVX-512F on this CPU: the flash kernels do not run here";
-  struct Case {
-    int64_t n, heads, kv, lq, lk, d, block;
-  };
   ThreadCountGuard guard;
   for (int t : {1, 2, 4}) {
     at::set_num_threads(t);
     for (Case c : {Case{2, 14, 2, 37, 37, 16, 8}, Case{1, 4, 4, 5, 12, 16, 2}, Case{1, 6, 3, 70, 70, 64, 48},
                    Case{2, 4, 2, 33, 100, 80, 11}, Case{1, 2, 1, 1, 1, 16, 1}, Case{1, 14, 2, 150, 150, 64, 48},
                    Case{1, 2, 2, 130, 130, 32, 600}, Case{1, 4, 2, 40, 90, 128, 7}}) {
-      SCOPED_TRACE(::testing::Message() << "threads " << t << " n " << c.n << " heads " << c.heads << " kv " << c.kv
-                                        << " Lq " << c.lq << " Lk " << c.lk << " D " << c.d << " block " << c.block);
-      torch::manual_seed(c.lq * 31 + c.block);
-      auto q = (torch::randn({c.n, c.heads, c.lq, c.d}) * 2).requires_grad_(true);
-      auto k = torch::randn({c.n, c.kv, c.lk, c.d}).requires_grad_(true);
-      auto v = torch::randn({c.n, c.kv, c.lk, c.d}).requires_grad_(true);
-      auto grad_out = torch::randn({c.n, c.heads, c.lq, c.d});
-
-      auto out = model::causal_flash_attention(q, k, v, c.block);
-      ASSERT_EQ(out.sizes(), q.sizes());
-      (out * grad_out).sum().backward();
-
-      auto q64 = q.detach().to(torch::kDouble).requires_grad_(true);
-      auto k64 = k.detach().to(torch::kDouble).requires_grad_(true);
-      auto v64 = v.detach().to(torch::kDouble).requires_grad_(true);
-      auto want = reference(q64, k64, v64);
-      (want * grad_out.to(torch::kDouble)).sum().backward();
-
+      SCOPED_TRACE(describe(c) << " threads " << t);
       // With one visible key (Lk = 1) the q and k gradients are exactly 0: compare absolutely there.
-      const double floor = c.lk == 1 ? 1.0 : 1e-30;
-      EXPECT_LT(max_rel_err(out.detach(), want.detach()), 1e-5);
-      EXPECT_LT(max_rel_err(q.grad(), q64.grad(), floor), 1e-5);
-      EXPECT_LT(max_rel_err(k.grad(), k64.grad(), floor), 1e-5);
-      EXPECT_LT(max_rel_err(v.grad(), v64.grad()), 1e-5);
+      expect_matches_reference(c, &model::causal_flash_attention, c.lk == 1 ? 1.0 : 1e-30);
     }
   }
 }
