@@ -27,6 +27,8 @@
 #include <string>
 #include <vector>
 
+#include <absl/strings/str_split.h>
+
 #include "core/model/causal_attention.h"
 #include "core/model/lm_head_logprobs.h"
 #include "core/model/qwen2.h"
@@ -192,17 +194,8 @@ void attention_sweep(const std::vector<std::string>& kernels, int64_t T, int64_t
   }
 }
 
-// "f48,128" -> {"f48", "128"}
-std::vector<std::string> str_list(const std::string& list) {
-  std::vector<std::string> out;
-  for (size_t p = 0; p < list.size();) {
-    size_t q = list.find(',', p);
-    if (q == std::string::npos) q = list.size();
-    out.push_back(list.substr(p, q - p));
-    p = q + 1;
-  }
-  return out;
-}
+// "f48,128" -> {"f48", "128"} (empty items dropped)
+std::vector<std::string> str_list(const std::string& list) { return absl::StrSplit(list, ',', absl::SkipEmpty()); }
 
 // "64,128,256" -> {64, 128, 256}
 std::vector<int64_t> int_list(const std::string& list) {
