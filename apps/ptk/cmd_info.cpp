@@ -1,5 +1,6 @@
-// `ptk info`: what this machine gives ptk — LibTorch version, device, threads, BLAS — and a
-// measured fp32 matmul rate, the peak MFU figures are computed against. Not a benchmark suite.
+// `ptk info`: what this machine gives ptk — LibTorch version, CUDA compiled in and available,
+// cuDNN, NCCL, BLAS, OpenMP runtime, threads — and a measured fp32 matmul rate, the peak MFU figures
+// are computed against. Not a benchmark suite.
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -13,12 +14,13 @@ namespace ptk::app {
 
 int cmd_info(int argc, char** argv) {
   cli::CommandLine cl("info", "ptk info [--threads N] [--matmul-size N]",
-                      "Prints the runtime banner and measures fp32 matmul GFLOP/s on this machine.");
+                      "Prints what LibTorch was built with (CUDA, cuDNN, NCCL, BLAS, OpenMP), what this machine offers "
+                      "(GPUs, threads) and measures fp32 matmul GFLOP/s on the CPU.");
   cl.flags().add_options()("matmul-size", boost::program_options::value<int>()->default_value(1024),
                            "side of the square fp32 matmul to time; 0 skips the measurement");
   if (!cl.parse(argc, argv)) return 0;
   auto info = runtime::init_and_announce(cl.threads());
-  std::cout << runtime::banner(info) << "\n";
+  std::cout << runtime::describe(info);
   int n = cl.get<int>("matmul-size");
   if (n > 0) {
     torch::NoGradGuard ng;

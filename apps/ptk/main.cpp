@@ -33,28 +33,11 @@ void print_usage(std::ostream& os) {
 //   the cores are shared: on this 2-core machine with other work running, a tiny SFT step took
 //   3-16 s with 2 spinning threads against 0.7-0.8 s with 1 thread or 2 passive ones.
 //   (OMP_WAIT_POLICY=ACTIVE keeps spinning, for a dedicated machine.)
-// - OPENBLAS_CORETYPE: Debian's OpenBLAS 0.3.21 does not know recent Xeons (Sapphire Rapids) and
-//   falls back to its Prescott (SSE3) kernels: a 1024^3 fp32 matmul ran at 26.8 GFLOP/s per core
-//   instead of 119 with the SkylakeX (AVX-512) kernels. ptk names the kernel family the CPU and OS
-//   support (AVX-512 F/BW/DQ/VL -> SkylakeX, AVX2 + FMA -> Haswell), else lets OpenBLAS decide.
 void ensure_library_environment(char** argv) {
   bool changed = false;
   if (std::getenv("OMP_WAIT_POLICY") == nullptr) {
     ::setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
     changed = true;
-  }
-  if (std::getenv("OPENBLAS_CORETYPE") == nullptr) {
-    __builtin_cpu_init();
-    const char* core = nullptr;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-      core = "SkylakeX";
-    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      core = "Haswell";
-    if (core) {
-      ::setenv("OPENBLAS_CORETYPE", core, 1);
-      changed = true;
-    }
   }
   if (changed) ::execv("/proc/self/exe", argv);  // returns only on failure: carry on as we are
 }

@@ -1,6 +1,6 @@
-// Comm over c10d: TCPStore rendezvous and a Gloo (or NCCL) process group. Every LibTorch version
-// difference of the distributed path lives in this file: in 1.13 ProcessGroupGloo derives from
-// ProcessGroup, in 2.x from Backend; Gloo has no AVG (nor reduce-scatter, which ptk does not use).
+// Comm over c10d: TCPStore rendezvous and a Gloo (or NCCL) process group, used as a c10d::Backend
+// directly (no ProcessGroup wrapper: one backend per Comm). Gloo has no AVG (nor reduce-scatter,
+// which ptk does not use): AVG is a sum, then a division.
 #include "core/dist/comm.h"
 
 #include <torch/torch.h>
@@ -10,7 +10,6 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "core/runtime/torch_compat.h"
 #include "core/util/error.h"
 
 #if PTK_HAVE_C10D
@@ -28,11 +27,7 @@
 namespace ptk::dist {
 
 #if PTK_HAVE_C10D
-#if TORCH_VERSION_MAJOR >= 2
-using Group = c10d::Backend;  // 2.x: backends (Gloo, NCCL) sit under a ProcessGroup wrapper
-#else
-using Group = c10d::ProcessGroup;  // 1.13: ProcessGroupGloo is itself a ProcessGroup
-#endif
+using Group = c10d::Backend;  // Gloo's and NCCL's process groups are backends
 #endif
 
 namespace {

@@ -1,7 +1,7 @@
 // GradSync: per-parameter autograd hooks fill flattened buckets; a bucket's all-reduce starts as
 // soon as it and every bucket before it are full, so every rank issues the same collectives in the
-// same order (Gloo and NCCL match collectives by order). Not c10d's Reducer: its C++ API differs
-// between 1.13 and 2.x, while tensor hooks are the same in both.
+// same order (Gloo and NCCL match collectives by order). Not c10d's Reducer: that one is built for
+// Python's DistributedDataParallel (module replicas, Python comm hooks); tensor hooks are all ptk needs.
 #include "core/dist/grad_sync.h"
 
 #include <torch/torch.h>

@@ -18,7 +18,6 @@
 #include "core/model/decode_attention_cpu.h"
 #include "core/model/kv_cache.h"
 #include "core/model/packed_linear.h"
-#include "core/runtime/torch_compat.h"
 #include "core/util/error.h"
 
 namespace ptk::model {
@@ -51,12 +50,8 @@ at::Tensor rotate_half(const at::Tensor& x) {
 }
 
 bool use_fused(AttentionBackend b, const at::Tensor& x) {
-#if PTK_HAVE_SDPA
   if (b == AttentionBackend::kFused) return true;
   if (b == AttentionBackend::kAuto) return x.is_cuda();
-#endif
-  (void)b;
-  (void)x;
   return false;
 }
 
@@ -72,7 +67,6 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const bool batched = q.dim() == 4;
   const int64_t heads = q.size(-3), kv = k.size(-3), g = heads / kv, lq = q.size(-2), lk = k.size(-2),
                 d = q.size(-1);
-#if PTK_HAVE_SDPA
   if (fused) {
     // SDPA wants as many K/V heads as query heads: expand the groups (a copy, fused kernels only).
     std::vector<int64_t> grouped(k.sizes().begin(), k.sizes().end()), flat = grouped;
@@ -83,8 +77,6 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     if (lq == lk) return at::scaled_dot_product_attention(q, kk, vv, {}, 0.0, /*is_causal=*/true);
     return at::scaled_dot_product_attention(q, kk, vv, causal_mask(lq, lk, q).to(q.scalar_type()), 0.0, false);
   }
-#endif
-  (void)fused;
   // Grouped-query attention without copying K/V: heads -> (kv_heads, group).
   at::Tensor qg = batched ? q.view({q.size(0), kv, g, lq, d}) : q.view({kv, g, lq, d});
   at::Tensor scores = at::matmul(qg, k.unsqueeze(-3).transpose(-1, -2)) / std::sqrt(static_cast<double>(d));

@@ -40,9 +40,8 @@ struct Qwen2Layer {
 };
 
 // Which attention kernel runs. kExact: one causal attention per document with explicit matmuls
-// (the reference; CPU default). kFused: at::scaled_dot_product_attention per document (LibTorch
-// 2.x, PTK_HAVE_SDPA); where unavailable it falls back to kExact. kAuto: kFused on CUDA when
-// available, otherwise kExact.
+// (the reference; CPU default). kFused: at::scaled_dot_product_attention per document. kAuto:
+// kFused on CUDA tensors, otherwise kExact.
 enum class AttentionBackend { kAuto, kExact, kFused };
 
 // One batch. Rows hold either padded sequences (attention_mask) or packed documents

@@ -168,7 +168,7 @@ void free_any(void* p) {
 
 class CpuAllocator final : public c10::Allocator {
  public:
-  c10::DataPtr allocate(size_t n) const override {
+  c10::DataPtr allocate(size_t n) override {
     const c10::Device cpu(c10::DeviceType::CPU);
     if (n == 0) return {nullptr, nullptr, &free_small, cpu};
     if (n >= state().opt.min_bytes) {
@@ -182,6 +182,10 @@ class CpuAllocator final : public c10::Allocator {
   }
   // For raw_allocate/raw_deallocate: one deleter for both kinds.
   c10::DeleterFnPtr raw_deleter() const override { return &free_any; }
+  // Tensor clones of memory this allocator owns: a plain copy.
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
 };
 
 }  // namespace

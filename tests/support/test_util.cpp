@@ -45,6 +45,20 @@ std::string shared_dir() {
   return std::filesystem::exists(d + "/DESIGN.md") ? std::filesystem::canonical(d).string() : "";
 }
 
+std::string reference_python() {
+  std::string py = source_dir() + "/.venv/bin/python3";
+  return std::filesystem::exists(py) ? py : "";
+}
+
+std::string qwen_tokenizer_json() {
+  std::string assets = source_dir() + "/assets/tokenizers/qwen/tokenizer.json";
+  if (std::filesystem::exists(assets)) return assets;
+  std::string shared = shared_dir();
+  if (!shared.empty() && std::filesystem::exists(shared + "/tokenizers/qwen/tokenizer.json"))
+    return shared + "/tokenizers/qwen/tokenizer.json";
+  return "";
+}
+
 RunResult run(const std::string& command) {
   std::string cmd = command + " 2>&1";
   FILE* p = popen(cmd.c_str(), "r");

@@ -23,6 +23,12 @@ std::string source_dir();  // $PTK_SOURCE_DIR
 std::string ptk_binary();  // $PTK_BINARY
 // ../shared beside the checkout, or "" when absent (tests using it GTEST_SKIP with a message).
 std::string shared_dir();
+// The Python of the project's .venv (scripts/setup.sh), where the references live (tokenizers,
+// transformers), or "" when there is none. Tests that need a reference GTEST_SKIP without it.
+std::string reference_python();
+// Qwen's tokenizer.json (~11 MB, not committed): assets/tokenizers/qwen (scripts/setup.sh copies it
+// there) or ../shared/tokenizers/qwen; "" when neither has it.
+std::string qwen_tokenizer_json();
 
 struct RunResult {
   int exit_code;

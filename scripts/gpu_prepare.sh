@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Stages what scripts/gpu_check.sh runs on a GPU machine into .gpu/ (git-ignored): ptk, the tests
+# that exercise CUDA and the HF fixtures, built here against the same torch==2.11.0 wheel the GPU
+# machines have installed, and the non-LibTorch shared libraries they load (Boost.Program_options,
+# abseil, PCRE2, utf8proc, OpenSSL's libcrypto; libstdc++ as a fallback). The GPU machines have no
+# network and none of Debian's -dev packages, and building there would spend most of the check's
+# minutes compiling: this is the "carry a ptk built here" route. Pass `.gpu` in the device tool's
+# carry list.
+#   scripts/gpu_prepare.sh          (after scripts/setup.sh; builds what is missing in build/)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD_DIR=${PTK_BUILD_DIR:-build}
+TARGETS=(ptk cuda_test qwen2_test forward_cmd_test generate_cmd_test)
+scripts/build.sh >/dev/null
+ninja -C "$BUILD_DIR" "${TARGETS[@]}" >/dev/null
+
+rm -rf .gpu
+mkdir -p .gpu/bin .gpu/lib .gpu/lib-fallback
+cp "$BUILD_DIR/bin/ptk" "$BUILD_DIR/tests/cuda/cuda_test" "$BUILD_DIR/tests/model/qwen2_test" \
+   "$BUILD_DIR/tests/model/forward_cmd_test" "$BUILD_DIR/tests/rollout/generate_cmd_test" .gpu/bin/
+strip .gpu/bin/*
+
+# Every shared library the binaries load, except LibTorch's and NVIDIA's (the GPU machine's torch
+# brings its own, the same version) and glibc's (the system's; it must be 2.34 or newer).
+ldd .gpu/bin/* | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u |
+  grep -vE '/(torch|nvidia)/|/(libc|libm|libdl|librt|libpthread|ld-linux-x86-64)\.so' |
+  while read -r lib; do
+    case "$(basename "$lib")" in
+      libstdc++*|libgcc_s*) cp -L "$lib" .gpu/lib-fallback/ ;;  # used only where the system's is older
+      *) cp -L "$lib" .gpu/lib/ ;;
+    esac
+  done
+git rev-parse HEAD > .gpu/commit
+{
+  echo "built $(date -u +%FT%TZ) on $(. /etc/os-release && echo "$PRETTY_NAME"), $(ldd --version | head -n1)"
+  echo "torch: $(grep -m1 __version__ .venv/lib/python3*/site-packages/torch/version.py)"
+} > .gpu/built.txt
+echo "gpu_prepare: .gpu/ is $(du -sh .gpu | cut -f1) (the device tool carries at most 64 MiB); pass carry: [\".gpu\"]"
