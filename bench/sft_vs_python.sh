@@ -5,7 +5,7 @@
 # Prints tokens/s and MFU of both and the ratio. Never fails on time.
 #
 #   bench/sft_vs_python.sh [tiny|0.5b|all]      (default all; run from the repository root)
-#   env: PTK (default build-shapes/bin/ptk), PY (default /usr/bin/python3, Debian's python3-torch),
+#   env: PTK (default build/bin/ptk), PY (default .venv/bin/python3: the torch 2.11.0 wheel ptk links),
 #        WORK (default /tmp/h3/sft_vs_python), THREADS (default 2),
 #        TINY_STEPS (default 30), BIG_STEPS (default 4), WARMUP (untimed first steps, default 2 tiny / 1 0.5b)
 #
@@ -20,20 +20,20 @@
 # FLOPs per token (6N + 3 L nh D T) over each side's own fp32 1024^3 matmul peak (same LibTorch build).
 set -euo pipefail
 # ptk re-executes itself with OMP_WAIT_POLICY=PASSIVE when unset (apps/ptk/main.cpp); give the Python
-# loop the same OpenMP policy. OPENBLAS_CORETYPE, when set, reaches both (OpenBLAS 0.3.21 takes this
-# machine's Sapphire-Rapids-class CPU for a Prescott and runs SSE3 kernels: SkylakeX is ~4.5x faster).
+# loop the same OpenMP policy.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 which_runs=${1:-all}
-PTK=${PTK:-build-shapes/bin/ptk}
-PY=${PY:-/usr/bin/python3}
+PTK=${PTK:-build/bin/ptk}
+PY=${PY:-.venv/bin/python3}
 WORK=${WORK:-/tmp/h3/sft_vs_python}
 THREADS=${THREADS:-2}
 TINY_STEPS=${TINY_STEPS:-30}
 BIG_STEPS=${BIG_STEPS:-4}
-[ -x "$PTK" ] || { echo "no ptk at $PTK (ninja -C build-shapes ptk, or set PTK)" >&2; exit 2; }
+[ -x "$PTK" ] || { echo "no ptk at $PTK (scripts/build.sh, or set PTK)" >&2; exit 2; }
+[ -x "$PY" ] || { echo "no Python at $PY (scripts/setup.sh makes .venv, or set PY)" >&2; exit 2; }
 mkdir -p "$WORK"
 echo "sft_vs_python: $(date -u +%FT%TZ), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), threads $THREADS," \
-  "OMP_WAIT_POLICY $OMP_WAIT_POLICY, OPENBLAS_CORETYPE ${OPENBLAS_CORETYPE:-unset}"
+  "OMP_WAIT_POLICY $OMP_WAIT_POLICY, python torch $("$PY" -c 'import torch; print(torch.__version__)')"
 
 if [ ! -f "$WORK/arith/sft_train.jsonl" ]; then
   "$PTK" make-data arithmetic --out "$WORK/arith" --tokenizer bytes >/dev/null

@@ -24,6 +24,17 @@ function(ptk_torch_fail)
   message(FATAL_ERROR "ptk: ${_what}")
 endfunction()
 
+# The older spelling, -DCMAKE_PREFIX_PATH=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)'),
+# still selects that torch.
+if(NOT PTK_TORCH_DIR)
+  foreach(_p IN LISTS CMAKE_PREFIX_PATH)
+    if(EXISTS ${_p}/Torch/TorchConfig.cmake AND EXISTS ${_p}/../../version.py)
+      get_filename_component(_ptk_torch_dir ${_p}/../.. ABSOLUTE)
+      set(PTK_TORCH_DIR ${_ptk_torch_dir} CACHE PATH "torch package folder (site-packages/torch)" FORCE)
+      break()
+    endif()
+  endforeach()
+endif()
 if(NOT PTK_TORCH_DIR)
   file(GLOB _ptk_torch_candidates ${_ptk_root}/.venv/lib/python3*/site-packages/torch/version.py)
   if(NOT _ptk_torch_candidates)
