@@ -9,7 +9,7 @@
 # dependencies (nvidia/cu13/include: the CUDA runtime headers; nvidia/nccl/include: nccl.h).
 #
 #   PTK_CUDA  AUTO (default): on when the wheel has CUDA; ON: required; OFF: a CPU-only build.
-#   PTK_NCCL  AUTO (default): on with PTK_CUDA when nccl.h is found; ON: required; OFF: off.
+#   PTK_NCCL  AUTO (default): on with PTK_CUDA; ON: required; OFF: off. On means nccl.h must be found.
 
 set(PTK_TORCH_REQUIRED_VERSION 2.11.0)
 get_filename_component(_ptk_root ${CMAKE_CURRENT_LIST_DIR}/.. ABSOLUTE)
@@ -116,11 +116,10 @@ if(_ptk_nccl_wanted)
   find_path(PTK_NCCL_INCLUDE nccl.h HINTS ${_ptk_site}/nvidia/nccl/include $ENV{CUDA_HOME}/include
             /usr/local/cuda/include /usr/include NO_DEFAULT_PATH)
   if(NOT PTK_NCCL_INCLUDE)
-    if(PTK_NCCL STREQUAL "ON")
-      ptk_torch_fail("PTK_NCCL=ON but nccl.h was not found (the nvidia-nccl-cu13 wheel ships it). Run scripts/setup.sh.")
-    endif()
-    message(WARNING "ptk: nccl.h not found: NCCL process groups are left out (the nvidia-nccl-cu13 wheel ships it)")
-    set(_ptk_nccl_wanted OFF)
+    # The CUDA wheel depends on nvidia-nccl-cu13: without nccl.h the install is broken, and leaving
+    # NCCL out quietly would let a compile error in the NCCL path pass unseen.
+    ptk_torch_fail("nccl.h was not found (the nvidia-nccl-cu13 wheel, a dependency of torch, ships it). "
+      "Run scripts/setup.sh, or configure with -DPTK_NCCL=OFF.")
   endif()
 endif()
 # From here on PTK_CUDA / PTK_NCCL are plain booleans for the rest of the build.

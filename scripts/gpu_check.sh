@@ -25,7 +25,7 @@ fi
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "host: $(. /etc/os-release 2>/dev/null && echo "$PRETTY_NAME"), $(ldd --version | head -n1), $(nproc) cores"
-  echo "torch: $TORCH_DIR ($(grep -m1 __version__ "$TORCH_DIR/version.py"))"
+  echo "torch: $TORCH_DIR ($(grep -m1 '^__version__' "$TORCH_DIR/version.py"))"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "nvidia-smi failed"
 } > "$OUT/machine.txt"
 cat "$OUT/machine.txt"

@@ -23,7 +23,7 @@ strip .gpu/bin/*
 # Every shared library the binaries load, except LibTorch's and NVIDIA's (the GPU machine's torch
 # brings its own, the same version) and glibc's (the system's; it must be 2.34 or newer).
 ldd .gpu/bin/* | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u |
-  grep -vE '/(torch|nvidia)/|/(libc|libm|libdl|librt|libpthread|ld-linux-x86-64)\.so' |
+  grep -vE '/(torch|nvidia)/|/(libc|libm|libdl|librt|libpthread|libutil|ld-linux-x86-64)\.so' |
   while read -r lib; do
     case "$(basename "$lib")" in
       libstdc++*|libgcc_s*) cp -L "$lib" .gpu/lib-fallback/ ;;  # used only where the system's is older
@@ -33,6 +33,6 @@ ldd .gpu/bin/* | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u |
 git rev-parse HEAD > .gpu/commit
 {
   echo "built $(date -u +%FT%TZ) on $(. /etc/os-release && echo "$PRETTY_NAME"), $(ldd --version | head -n1)"
-  echo "torch: $(grep -m1 __version__ .venv/lib/python3*/site-packages/torch/version.py)"
+  echo "torch: $(grep -m1 '^__version__' .venv/lib/python3*/site-packages/torch/version.py)"
 } > .gpu/built.txt
 echo "gpu_prepare: .gpu/ is $(du -sh .gpu | cut -f1) (the device tool carries at most 64 MiB); pass carry: [\".gpu\"]"
