@@ -28,6 +28,8 @@ fi
   echo "torch: $TORCH_DIR ($(grep -m1 '^__version__' "$TORCH_DIR/version.py"))"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "nvidia-smi failed"
 } > "$OUT/machine.txt"
+gpu=no
+if nvidia-smi -L >/dev/null 2>&1; then gpu=yes; fi
 cat "$OUT/machine.txt"
 
 if [ -x .gpu/bin/ptk ]; then
@@ -64,9 +66,14 @@ for t in cuda_test forward_cmd_test generate_cmd_test qwen2_test; do
   timeout 300 "$BIN/$t" --gtest_output="xml:$OUT/$t.xml" > "$OUT/$t.log" 2>&1
   rc=$?
   line=$(grep -E "^\[  (PASSED|FAILED)  \]|tests? ran" "$OUT/$t.log" | tail -n 2 | tr '\n' ' ')
-  skipped=$(grep -c "^\[  SKIPPED \]" "$OUT/$t.log")
+  skipped=$(grep -oE "^\[  SKIPPED \] [0-9]+ tests?," "$OUT/$t.log" | grep -oE "[0-9]+" || echo 0)
   summary+=("$t: rc $rc, $(( $(date +%s) - t0 )) s, skipped $skipped; $line")
   [ $rc -eq 0 ] || status=1
+  # On a machine with a working GPU, a CUDA test that skips is a failure: LibTorch did not see it.
+  if [ "$t" = cuda_test ] && [ "$gpu" = yes ] && [ "$skipped" != 0 ]; then
+    summary+=("cuda_test: FAILED: nvidia-smi sees a GPU but $skipped CUDA tests skipped (ptk info says what LibTorch found)")
+    status=1
+  fi
 done
 echo "--- summary ($(( $(date +%s) - start )) s)" | tee "$OUT/summary.txt"
 printf '%s\n' "${summary[@]}" | tee -a "$OUT/summary.txt"
