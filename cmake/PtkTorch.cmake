@@ -5,8 +5,9 @@
 # Defines the interface target ptk_torch (headers, libraries, OpenMP) and PTK_TORCH_VERSION,
 # PTK_TORCH_CUDA_VERSION, PTK_CUDA, PTK_NCCL. It does not use the wheel's TorchConfig.cmake: on a CUDA
 # wheel that one insists on a CUDA toolkit (nvcc) even where nothing is compiled by nvcc, and a
-# CPU-only user has none. Everything CUDA code needs to compile comes with the wheel's own
-# dependencies (nvidia/cu13/include: the CUDA runtime headers; nvidia/nccl/include: nccl.h).
+# CPU-only user has none. Everything CUDA code needs to compile comes from PyPI: the wheel's own
+# dependencies (nvidia/cu13/include: the CUDA runtime headers; nvidia/nccl/include: nccl.h) and the
+# two extras requirements.txt adds (cuda-toolkit[crt,cccl]: crt/host_defines.h, nv/target).
 #
 #   PTK_CUDA  AUTO (default): on when the wheel has CUDA; ON: required; OFF: a CPU-only build.
 #   PTK_NCCL  AUTO (default): on with PTK_CUDA; ON: required; OFF: off. On means nccl.h must be found.
@@ -104,6 +105,13 @@ if(_ptk_cuda_wanted)
       "and libtorch_cuda.so; found include='${PTK_CUDA_INCLUDE}' cudart='${PTK_CUDART}'. Run scripts/setup.sh "
       "(the wheel's nvidia-cuda-runtime dependency ships them) or configure with -DPTK_CUDA=OFF.")
   endif()
+  # Headers the runtime's include others from, which torch's dependencies leave out.
+  foreach(_h crt/host_defines.h nv/target)
+    if(NOT EXISTS ${PTK_CUDA_INCLUDE}/${_h})
+      ptk_torch_fail("${PTK_CUDA_INCLUDE} has no ${_h}. Run scripts/setup.sh (requirements.txt's "
+        "cuda-toolkit[crt,cccl] ships it) or configure with -DPTK_CUDA=OFF.")
+    endif()
+  endforeach()
 endif()
 set(_ptk_nccl_wanted ${PTK_NCCL})
 if(PTK_NCCL STREQUAL "AUTO")
