@@ -75,7 +75,7 @@ endforeach()
 # The C++11 ABI (Debian's Boost, abseil and GoogleTest use it): libc10 exports std::__cxx11 names then.
 file(STRINGS ${_ptk_lib}/libc10.so _ptk_abi REGEX "__cxx11" LIMIT_COUNT 1)
 if(NOT _ptk_abi)
-  ptk_torch_fail("${_ptk_lib}/libc10.so uses the old C++ ABI (_GLIBCXX_USE_CXX11_ABI=0); Debian's Boost, abseil "
+  ptk_torch_fail("${_ptk_lib}/libc10.so uses the old C++ ABI (_GLIBCXX_USE_CXX11_ABI=0), but Debian's Boost, abseil "
     "and GoogleTest use the new one. Run scripts/setup.sh (torch==${PTK_TORCH_REQUIRED_VERSION} from PyPI has the new ABI).")
 endif()
 
@@ -102,7 +102,7 @@ if(_ptk_cuda_wanted)
           $ENV{CUDA_HOME}/lib64 /usr/local/cuda/lib64 NO_DEFAULT_PATH)
   if(NOT PTK_CUDA_INCLUDE OR NOT PTK_CUDART OR NOT EXISTS ${_ptk_lib}/libtorch_cuda.so)
     ptk_torch_fail("PTK_CUDA needs the CUDA ${PTK_TORCH_CUDA_VERSION} runtime headers and library (cuda_runtime_api.h, libcudart) "
-      "and libtorch_cuda.so; found include='${PTK_CUDA_INCLUDE}' cudart='${PTK_CUDART}'. Run scripts/setup.sh "
+      "and libtorch_cuda.so (found include='${PTK_CUDA_INCLUDE}' cudart='${PTK_CUDART}'). Run scripts/setup.sh "
       "(the wheel's nvidia-cuda-runtime dependency ships them) or configure with -DPTK_CUDA=OFF.")
   endif()
   # Headers the runtime's include others from, which torch's dependencies leave out.
