@@ -2,7 +2,8 @@
 # The GPU check, for a machine with an NVIDIA GPU and torch==2.11.0 (CUDA 13) installed but no
 # network and none of Debian's -dev packages:
 #   1. ptk itself: the binaries scripts/gpu_prepare.sh built against the same torch wheel on a
-#      Debian machine (.gpu/, carried); without .gpu/ it builds here (needs the -dev packages);
+#      Debian machine (.gpu/, carried); without .gpu/ it runs gpu_prepare.sh here (needs the -dev
+#      packages);
 #   2. `ptk info` (torch, CUDA compiled in and available, cuDNN, NCCL, BLAS, OpenMP, threads);
 #   3. the CUDA-labelled tests (tests/cuda: HF fixture logits and gradients on the GPU, bf16), and the
 #      tests whose ptk commands place models on a GPU when one is there (forward, generate), plus the
@@ -33,22 +34,17 @@ if nvidia-smi -L >/dev/null 2>&1; then gpu=yes; fi
 cat "$OUT/machine.txt"
 
 if [ -x .gpu/bin/ptk ]; then
-  BIN=$ROOT/.gpu/bin
   echo "ptk: carried build of $(cat .gpu/commit 2>/dev/null) ($(head -n1 .gpu/built.txt 2>/dev/null))"
-  LIBS=$ROOT/.gpu/lib:$TORCH_DIR/lib
-  # Debian 12's libstdc++ only where this machine's is older than what the binaries need.
-  if ldd "$BIN/ptk" 2>&1 | grep -q "GLIBCXX.*not found"; then LIBS=$LIBS:$ROOT/.gpu/lib-fallback; fi
-  export LD_LIBRARY_PATH=$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 else
-  echo "ptk: no .gpu/ carried (scripts/gpu_prepare.sh): building here against $TORCH_DIR"
-  PTK_BUILD_DIR=build-gpu scripts/build.sh -DPTK_TORCH_DIR="$TORCH_DIR" -DPTK_CUDA=ON > "$OUT/build.log" 2>&1 ||
+  echo "ptk: no .gpu/ carried: building here against $TORCH_DIR (needs the -dev packages)"
+  PTK_BUILD_DIR=build-gpu scripts/gpu_prepare.sh -DPTK_TORCH_DIR="$TORCH_DIR" -DPTK_CUDA=ON > "$OUT/build.log" 2>&1 ||
     { tail -n 30 "$OUT/build.log"; echo "gpu_check: build failed (log: $OUT/build.log)"; exit 1; }
-  mkdir -p build-gpu/gpu-bin
-  for t in bin/ptk tests/cuda/cuda_test tests/model/qwen2_test tests/model/forward_cmd_test tests/rollout/generate_cmd_test; do
-    ln -sf "$ROOT/build-gpu/$t" build-gpu/gpu-bin/
-  done
-  BIN=$ROOT/build-gpu/gpu-bin
 fi
+BIN=$ROOT/.gpu/bin
+LIBS=$ROOT/.gpu/lib:$TORCH_DIR/lib
+# Debian 12's libstdc++ only where this machine's is older than what the binaries need.
+if ldd "$BIN/ptk" 2>&1 | grep -q "GLIBCXX.*not found"; then LIBS=$LIBS:$ROOT/.gpu/lib-fallback; fi
+export LD_LIBRARY_PATH=$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 if ldd "$BIN/ptk" | grep -q "not found"; then
   ldd "$BIN/ptk" | grep "not found" | tee "$OUT/missing-libs.txt"
   echo "gpu_check: ptk cannot load the libraries above" >&2

@@ -6,18 +6,21 @@
 # network and none of Debian's -dev packages, and building there would spend most of the check's
 # minutes compiling: this is the "carry a ptk built here" route. Pass `.gpu` in the device tool's
 # carry list.
-#   scripts/gpu_prepare.sh          (after scripts/setup.sh; builds what is missing in build/)
+#   scripts/gpu_prepare.sh [cmake args]   (after scripts/setup.sh; builds what is missing in build/;
+#                                         gpu_check.sh runs it there, with the machine's torch, when
+#                                         nothing was carried)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${PTK_BUILD_DIR:-build}
-TARGETS=(ptk cuda_test qwen2_test forward_cmd_test generate_cmd_test)
-scripts/build.sh >/dev/null
-ninja -C "$BUILD_DIR" "${TARGETS[@]}" >/dev/null
+# The binaries gpu_check.sh runs, as paths in the build folder; the ninja target is the file name.
+BINARIES=(bin/ptk tests/cuda/cuda_test tests/model/qwen2_test tests/model/forward_cmd_test
+          tests/rollout/generate_cmd_test)
+scripts/build.sh "$@" >/dev/null
+ninja -C "$BUILD_DIR" "${BINARIES[@]##*/}" >/dev/null
 
 rm -rf .gpu
 mkdir -p .gpu/bin .gpu/lib .gpu/lib-fallback
-cp "$BUILD_DIR/bin/ptk" "$BUILD_DIR/tests/cuda/cuda_test" "$BUILD_DIR/tests/model/qwen2_test" \
-   "$BUILD_DIR/tests/model/forward_cmd_test" "$BUILD_DIR/tests/rollout/generate_cmd_test" .gpu/bin/
+for b in "${BINARIES[@]}"; do cp "$BUILD_DIR/$b" .gpu/bin/; done
 strip .gpu/bin/*
 
 # Every shared library the binaries load, except LibTorch's and NVIDIA's (the GPU machine's torch
@@ -33,6 +36,7 @@ ldd .gpu/bin/* | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u |
 git rev-parse HEAD > .gpu/commit
 {
   echo "built $(date -u +%FT%TZ) on $(. /etc/os-release && echo "$PRETTY_NAME"), $(ldd --version | head -n1)"
-  echo "torch: $(grep -m1 '^__version__' .venv/lib/python3*/site-packages/torch/version.py)"
+  torch_dir=$(sed -n 's/^PTK_TORCH_DIR:PATH=//p' "$BUILD_DIR/CMakeCache.txt")
+  echo "torch: $torch_dir ($(grep -m1 '^__version__' "$torch_dir/version.py"))"
 } > .gpu/built.txt
 echo "gpu_prepare: .gpu/ is $(du -sh .gpu | cut -f1) (the device tool carries at most 64 MiB); pass carry: [\".gpu\"]"
