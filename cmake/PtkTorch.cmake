@@ -25,25 +25,25 @@ function(ptk_torch_fail)
   message(FATAL_ERROR "ptk: ${_what}")
 endfunction()
 
-# The older spelling, -DCMAKE_PREFIX_PATH=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)'),
-# still selects that torch.
+# Where the torch is, when -DPTK_TORCH_DIR is not given: the older spelling
+# -DCMAKE_PREFIX_PATH=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)') still selects
+# that torch; otherwise the one in .venv/.
 if(NOT PTK_TORCH_DIR)
+  set(_ptk_torch_dir "")
   foreach(_p IN LISTS CMAKE_PREFIX_PATH)
-    if(EXISTS ${_p}/Torch/TorchConfig.cmake AND EXISTS ${_p}/../../version.py)
+    if(NOT _ptk_torch_dir AND EXISTS ${_p}/Torch/TorchConfig.cmake AND EXISTS ${_p}/../../version.py)
       get_filename_component(_ptk_torch_dir ${_p}/../.. ABSOLUTE)
-      set(PTK_TORCH_DIR ${_ptk_torch_dir} CACHE PATH "torch package folder (site-packages/torch)" FORCE)
-      break()
     endif()
   endforeach()
-endif()
-if(NOT PTK_TORCH_DIR)
-  file(GLOB _ptk_torch_candidates ${_ptk_root}/.venv/lib/python3*/site-packages/torch/version.py)
-  if(NOT _ptk_torch_candidates)
-    ptk_torch_fail("no LibTorch: ${_ptk_root}/.venv has no torch (the venv is missing or incomplete). "
-      "Run scripts/setup.sh, or pass -DPTK_TORCH_DIR=<site-packages>/torch.")
+  if(NOT _ptk_torch_dir)
+    file(GLOB _ptk_torch_candidates ${_ptk_root}/.venv/lib/python3*/site-packages/torch/version.py)
+    if(NOT _ptk_torch_candidates)
+      ptk_torch_fail("no LibTorch: ${_ptk_root}/.venv has no torch (the venv is missing or incomplete). "
+        "Run scripts/setup.sh, or pass -DPTK_TORCH_DIR=<site-packages>/torch.")
+    endif()
+    list(GET _ptk_torch_candidates 0 _ptk_version_py)
+    get_filename_component(_ptk_torch_dir ${_ptk_version_py} DIRECTORY)
   endif()
-  list(GET _ptk_torch_candidates 0 _ptk_version_py)
-  get_filename_component(_ptk_torch_dir ${_ptk_version_py} DIRECTORY)
   set(PTK_TORCH_DIR ${_ptk_torch_dir} CACHE PATH "torch package folder (site-packages/torch)" FORCE)
 endif()
 if(NOT EXISTS ${PTK_TORCH_DIR}/version.py OR NOT EXISTS ${PTK_TORCH_DIR}/include/torch/csrc/api/include/torch/torch.h)
