@@ -76,7 +76,7 @@ std::string build_setting(const std::string& config, const std::string& key) {
 std::string detect_blas(const std::string& config) {
   std::string blas = build_setting(config, "BLAS_INFO");
   if (blas == "mkl") {
-    std::string v = at::get_mkl_version();  // "Intel(R) oneAPI Math Kernel Library Version 2025.2-Product Build ..."
+    std::string v = at::get_mkl_version();  // "Intel(R) oneAPI Math Kernel Library Version 2024.2-Product Build ..."
     size_t p = v.find("Version ");
     std::string num = p == std::string::npos ? "" : v.substr(p + 8, v.find_first_of(" -", p + 8) - (p + 8));
     return "MKL" + (num.empty() ? "" : " " + num) + " (linked into LibTorch)";

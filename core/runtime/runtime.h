@@ -20,8 +20,8 @@ struct Info {
   std::string nccl;          // "2.28.9" (the loaded libnccl)
   int threads = 1;
   std::string threads_from;  // "flag", "OMP_NUM_THREADS", "cores"
-  std::string blas;          // "MKL 2025.2 (static in LibTorch)" | ...
-  std::string openmp;        // "GNU OpenMP 201511 (.../torch/lib/libgomp.so.1)"
+  std::string blas;          // "MKL 2024.2 (linked into LibTorch)" | another BLAS_INFO
+  std::string openmp;        // "OpenMP 201511 (a.k.a. OpenMP 4.5) (.../torch/lib/libgomp.so.1)"
   // Freed memory is kept for reuse instead of returned to the kernel (runtime.cpp: 20% of a 0.5B
   // training step was page faults): glibc malloc for small blocks, ptk's CPU allocator for large
   // tensors. PTK_KEEP_FREED_MEMORY=0 turns it off.
