@@ -1,9 +1,8 @@
-// The reward server (see reward_server.h): request validation, the batcher thread that owns the
-// model, verifier scoring, /health and /metrics. HTTP parsing is cpp-httplib's; nothing here reads
-// raw HTTP. Not the client (reward_client.cpp).
+// The reward server (see reward_server.h): routes, request validation, the batcher thread that owns
+// the model, verifier scoring, /health and /metrics. HTTP itself (framing, limits, deadlines) is
+// reward/http_server.h; nothing here reads raw HTTP. Not the client (reward_client.cpp).
 #include "reward/reward_server.h"
 
-#include <httplib.h>
 #include <rapidjson/stringbuffer.h>
 #include <rapidjson/writer.h>
 #include <torch/torch.h>
@@ -21,14 +20,13 @@
 #include <optional>
 #include <thread>
 
-#include <sys/socket.h>
-
 #include "core/model/qwen2.h"
 #include "core/runtime/log.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
 #include "core/util/json.h"
+#include "reward/http_server.h"
 #include "reward/rm_stage.h"
 #include "reward/verifiers.h"
 
@@ -46,8 +44,18 @@ void RewardSection::visit(config::Visitor& v) {
   v.opt(host, "host", "127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network");
   v.opt(port, "port", 5000, "TCP port; 0 = any free port (the `listening on` line says which)");
   v.opt(api_key, "api_key", "", "when set, requests must send `Authorization: Bearer <api_key>` (else 401)");
-  v.opt(http_threads, "http_threads", 16, "HTTP worker threads (concurrent connections served)");
-  v.opt(max_body_bytes, "max_body_bytes", 16 << 20, "largest request body accepted (else 413)");
+  v.opt(http_threads, "http_threads", 16,
+        "worker threads that score requests (connections themselves are served by one event loop)");
+  v.opt(max_connections, "max_connections", 512,
+        "most open connections; when full the longest-idle one is closed for a newcomer, else it gets 503");
+  v.opt(header_timeout_s, "header_timeout_s", 10.0, "a request's headers must arrive within this (else 408)");
+  v.opt(request_timeout_s, "request_timeout_s", 60.0,
+        "a whole request must arrive, and its answer be taken, within this (else 408 / closed)");
+  v.opt(idle_timeout_s, "idle_timeout_s", 30.0, "an idle keep-alive connection is closed after this");
+  v.opt(max_body_bytes, "max_body_bytes", 16 << 20,
+        "largest request body accepted, Content-Length or chunked (else 413, before the rest is read)");
+  v.opt(max_buffered_bytes, "max_buffered_bytes", 256 << 20,
+        "most request-body bytes held for all connections together (else 503); bounds the server's memory");
   v.opt(max_items, "max_items", 4096, "most queries in one request (else 413)");
   v.opt(max_tokens_per_item, "max_tokens_per_item", 8192, "longest query in tokens (else 413)");
   v.opt(max_batch_items, "max_batch_items", 64, "most queries in one model forward (across requests)");
@@ -65,8 +73,15 @@ void RewardSection::validate(config::Errors& e) const {
           std::to_string(verifiers.size()) + " verifiers; give one each or []");
   if (port < 0 || port > 65535) e.add("reward.port must be in [0, 65535] (got " + std::to_string(port) + ")");
   if (http_threads < 1) e.add("reward.http_threads must be >= 1");
+  if (http_threads > 1024) e.add("reward.http_threads must be <= 1024 (got " + std::to_string(http_threads) + ")");
+  if (max_connections < 1) e.add("reward.max_connections must be >= 1");
+  if (!(header_timeout_s > 0) || !(request_timeout_s > 0) || !(idle_timeout_s > 0))
+    e.add("reward.header_timeout_s, request_timeout_s and idle_timeout_s must be > 0 seconds");
   if (max_body_bytes < 1 || max_items < 1 || max_tokens_per_item < 1)
     e.add("reward.max_body_bytes, max_items and max_tokens_per_item must be >= 1");
+  if (max_buffered_bytes < max_body_bytes)
+    e.add("reward.max_buffered_bytes (" + std::to_string(max_buffered_bytes) + ") must be >= reward.max_body_bytes (" +
+          std::to_string(max_body_bytes) + ")");
   if (max_batch_items < 1 || max_batch_tokens < 1 || max_wait_ms < 0)
     e.add("reward.max_batch_items and max_batch_tokens must be >= 1, max_wait_ms >= 0");
 }
@@ -115,16 +130,6 @@ struct Entry {
   Clock::time_point queued;
 };
 
-std::string error_json(const std::string& msg) {
-  rapidjson::StringBuffer sb;
-  rapidjson::Writer<rapidjson::StringBuffer> w(sb);
-  w.StartObject();
-  w.Key("error");
-  w.String(msg.c_str(), static_cast<rapidjson::SizeType>(msg.size()));
-  w.EndObject();
-  return sb.GetString();
-}
-
 double percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
@@ -163,9 +168,8 @@ struct RewardServer::Impl {
   std::vector<const Verifier*> verifiers;
   std::vector<double> verifier_weights;
 
-  httplib::Server svr;
+  std::unique_ptr<http::Server> http;
   int bound_port = -1;
-  int listen_fd = -1;  // the listening socket, recorded by the socket-options hook in routes()
 
   // Batcher: one thread, the only one that runs the model.
   std::mutex mu;
@@ -286,7 +290,8 @@ struct RewardServer::Impl {
     return job->scores;
   }
 
-  std::string get_reward(const std::string& body) {
+  // The answer to one /get_reward body; *n_items = how many queries it scored.
+  std::string get_reward(const std::string& body, size_t* n_items) {
     rapidjson::Document d;
     try {
       d = json::parse(body, "request body");
@@ -380,6 +385,7 @@ struct RewardServer::Impl {
     }
     w.EndObject();
     w.EndObject();
+    *n_items = n;
     return sb.GetString();
   }
 
@@ -412,77 +418,122 @@ struct RewardServer::Impl {
     w.Key("latency_ms_p99"); w.Double(percentile(latencies_ms, 0.99));
     w.Key("latency_ms_max"); w.Double(latencies_ms.empty() ? 0.0 : *std::max_element(latencies_ms.begin(), latencies_ms.end()));
     w.Key("uptime_s"); w.Double(std::chrono::duration<double>(Clock::now() - started).count());
+    if (http) {
+      auto hs = http->stats();
+      w.Key("connections_open"); w.Int64(hs.connections_open);
+      w.Key("connections_total"); w.Int64(hs.connections_total);
+      w.Key("connections_refused"); w.Int64(hs.connections_refused);
+      w.Key("timeouts"); w.Int64(hs.timeouts);
+      w.Key("buffered_bytes"); w.Int64(hs.buffered_bytes);
+    }
     w.EndObject();
     return sb.GetString();
   }
 
-  bool authorized(const httplib::Request& req) const {
+  bool authorized(const http::Request& req) const {
     if (opt.api_key.empty()) return true;
-    return req.get_header_value("Authorization") == "Bearer " + opt.api_key;
+    const std::string* h = req.header("authorization");
+    const std::string want = "Bearer " + opt.api_key;
+    if (!h || h->size() != want.size()) return false;
+    unsigned char diff = 0;  // constant time in the key's content
+    for (size_t i = 0; i < want.size(); ++i) diff |= static_cast<unsigned char>((*h)[i] ^ want[i]);
+    return diff == 0;
   }
 
-  void routes() {
-    svr.new_task_queue = [n = opt.http_threads] { return new httplib::ThreadPool(static_cast<size_t>(n)); };
-    // Debian's cpp-httplib is compiled with a listen backlog of 5: a burst of more than 6 rollout
-    // workers connecting at once overflowed the accept queue, and the kernel dropped the rest until
-    // its SYN-ACK retry a second later (or reset them). Keep the fd so bind() can raise the backlog.
-    svr.set_socket_options([this](socket_t sock) {
-      httplib::default_socket_options(sock);
-      listen_fd = static_cast<int>(sock);
-    });
-    svr.set_payload_max_length(static_cast<size_t>(opt.max_body_bytes));
-    svr.Post("/get_reward", [this](const httplib::Request& req, httplib::Response& res) {
-      auto t0 = Clock::now();
-      size_t n_items = 0;
-      try {
-        if (!authorized(req)) throw HttpError{401, "missing or wrong `Authorization: Bearer <key>` (reward.api_key)"};
-        res.set_content(get_reward(req.body), "application/json");
-        res.status = 200;
-      } catch (const HttpError& e) {
-        res.status = e.status;
-        res.set_content(error_json(e.message), "application/json");
-      } catch (const std::exception& e) {
-        res.status = 500;
-        res.set_content(error_json(std::string("internal error: ") + e.what()), "application/json");
+  void log_request(const http::Request& req, int status, size_t n_items, double ms, const std::string& body) {
+    char line[256];
+    std::snprintf(line, sizeof line, "%s %s %d items=%zu %.1f ms from %s",
+                  req.method.empty() ? "-" : req.method.c_str(), req.path.empty() ? "-" : req.path.substr(0, 64).c_str(), status, n_items, ms, req.remote_addr.c_str());
+    log::info(line + (status == 200 ? std::string() : ": " + body));
+  }
+
+  // Routes on the head alone (the HTTP event loop): wrong routes, methods and keys are refused before
+  // any body is read; /health and /metrics are answered here, so they answer even when every worker
+  // is busy scoring.
+  std::optional<http::Response> check_head(const http::Request& req) {
+    auto not_allowed = [&](const char* allow) {
+      auto r = http::Server::error(405, req.method + " " + req.path + " is not allowed; use " + allow);
+      r.headers.emplace_back("Allow", allow);
+      return r;
+    };
+    if (req.path == "/get_reward") {
+      std::optional<http::Response> r;
+      if (req.method != "POST") r = not_allowed("POST");
+      else if (!authorized(req)) r = http::Server::error(401, "missing or wrong `Authorization: Bearer <key>` (reward.api_key)");
+      if (r) {
+        record(r->status, 0);
+        log_request(req, r->status, 0, 0, r->body);
       }
-      double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-      if (res.status == 200) {
-        rapidjson::Document d;
-        d.Parse(res.body.c_str());
-        n_items = d["rewards"].Size();
-        std::lock_guard<std::mutex> g(metrics_mu);
-        items += static_cast<int64_t>(n_items);
-      }
-      record(res.status, ms);
-      char line[256];
-      std::snprintf(line, sizeof line, "POST /get_reward %d items=%zu %.1f ms from %s", res.status, n_items, ms,
-                    req.remote_addr.c_str());
-      log::info(line + (res.status == 200 ? std::string() : ": " + res.body));
-    });
-    svr.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
+      return r;
+    }
+    if (req.path == "/health") {
+      if (req.method != "GET") return not_allowed("GET");
       bool down;
       {
         std::lock_guard<std::mutex> g(mu);
         down = stopping;
       }
-      res.status = down ? 503 : 200;
-      res.set_content(down ? R"({"status":"stopping"})" : R"({"status":"ok"})", "application/json");
-    });
-    svr.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
-      res.set_content(metrics_json(), "application/json");
-    });
-    // Answers httplib itself produces (413 over max_body_bytes, 404, 405) get a message too.
-    svr.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
-      if (!res.body.empty()) return;
-      std::string msg = res.status == 413
-                            ? "request body over " + std::to_string(opt.max_body_bytes) +
-                                  " bytes (reward.max_body_bytes): send fewer queries per request"
-                            : res.status == 404 ? "no route " + req.method + " " + req.path +
-                                                      "; routes: POST /get_reward, GET /health, GET /metrics"
-                                                : "HTTP " + std::to_string(res.status);
-      res.set_content(error_json(msg), "application/json");
-      if (req.path == "/get_reward") record(res.status, 0);
-    });
+      http::Response r;
+      r.status = down ? 503 : 200;
+      r.body = down ? R"({"status":"stopping"})" : R"({"status":"ok"})";
+      return r;
+    }
+    if (req.path == "/metrics") {
+      if (req.method != "GET") return not_allowed("GET");
+      http::Response r;
+      r.body = metrics_json();
+      return r;
+    }
+    return http::Server::error(404, "no route " + req.method + " " + req.path.substr(0, 200) +
+                                        "; routes: POST /get_reward, GET /health, GET /metrics");
+  }
+
+  // POST /get_reward with its whole body (an HTTP worker thread).
+  http::Response handle(const http::Request& req) {
+    auto t0 = Clock::now();
+    size_t n_items = 0;
+    http::Response res;
+    try {
+      res.body = get_reward(req.body, &n_items);
+    } catch (const HttpError& e) {
+      res = http::Server::error(e.status, e.message);
+    } catch (const std::exception& e) {
+      res = http::Server::error(500, std::string("internal error: ") + e.what());
+    }
+    double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    if (res.status == 200) {
+      std::lock_guard<std::mutex> g(metrics_mu);
+      items += static_cast<int64_t>(n_items);
+    }
+    record(res.status, ms);
+    log_request(req, res.status, n_items, ms, res.body);
+    return res;
+  }
+
+  // Answers the HTTP layer makes itself (framing, limits, deadlines): the reward server's wording.
+  void on_http_error(const http::Request& req, http::Response& res) {
+    if (res.status == 413 && req.path == "/get_reward")
+      res = http::Server::error(413, "request body over " + std::to_string(opt.max_body_bytes) +
+                                         " bytes (reward.max_body_bytes): send fewer queries per request");
+    if (req.path == "/get_reward") record(res.status, 0);
+    log_request(req, res.status, 0, 0, res.body);
+  }
+
+  void make_http() {
+    http::ServerOptions so;
+    so.host = opt.host;
+    so.port = static_cast<int>(opt.port);
+    so.threads = static_cast<int>(opt.http_threads);
+    so.limits.max_body_bytes = static_cast<size_t>(opt.max_body_bytes);
+    so.max_connections = opt.max_connections;
+    so.max_buffered_bytes = opt.max_buffered_bytes;
+    so.header_timeout_ms = static_cast<int64_t>(opt.header_timeout_s * 1000);
+    so.request_timeout_ms = static_cast<int64_t>(opt.request_timeout_s * 1000);
+    so.idle_timeout_ms = static_cast<int64_t>(opt.idle_timeout_s * 1000);
+    http = std::make_unique<http::Server>(
+        so, [this](const http::Request& r) { return check_head(r); },
+        [this](const http::Request& r) { return handle(r); },
+        [this](const http::Request& r, http::Response& res) { on_http_error(r, res); });
   }
 };
 
@@ -514,34 +565,26 @@ RewardServer::RewardServer(const RewardSection& options) : impl_(std::make_uniqu
       throw Error("reward.append_eos is true but the tokenizer in " + options.model + " names no EOS token");
     m.has_model = true;
   }
-  m.routes();
+  m.make_http();
 }
 
 RewardServer::~RewardServer() { stop(); }
 
 int RewardServer::bind() {
   auto& m = *impl_;
-  if (m.opt.port == 0) {
-    m.bound_port = m.svr.bind_to_any_port(m.opt.host);
-    if (m.bound_port < 0) throw Error("reward-server: cannot bind " + m.opt.host + " on any port");
-  } else {
-    if (!m.svr.bind_to_port(m.opt.host, static_cast<int>(m.opt.port)))
-      throw Error("reward-server: cannot bind " + m.opt.host + ":" + std::to_string(m.opt.port) +
-                  " (in use, or not an address of this machine)\n---> HINT: pick another --port, or 0 for any free one");
-    m.bound_port = static_cast<int>(m.opt.port);
+  try {
+    m.bound_port = m.http->bind();
+  } catch (const Error& e) {
+    throw Error(std::string("reward-server: ") + e.what() +
+                "\n---> HINT: pick another --port (in use?), or 0 for any free one; --host must be an address of this machine");
   }
-  // Calling listen() again on a listening socket resizes its accept queue (Linux, BSD); the kernel
-  // caps it at net.core.somaxconn.
-  if (m.listen_fd >= 0 && ::listen(m.listen_fd, SOMAXCONN) != 0)
-    log::warn("reward-server: could not raise the listen backlog (" + std::string(std::strerror(errno)) +
-              "); bursts of more than 6 simultaneous connections may wait a second");
   if (m.has_model) m.batcher = std::thread([&m] { m.batcher_loop(); });
   return m.bound_port;
 }
 
 int RewardServer::port() const { return impl_->bound_port; }
 
-void RewardServer::serve() { impl_->svr.listen_after_bind(); }
+void RewardServer::serve() { impl_->http->serve(); }
 
 void RewardServer::stop() {
   auto& m = *impl_;
@@ -551,7 +594,7 @@ void RewardServer::stop() {
       m.stopping = true;
     }
     m.cv.notify_all();
-    m.svr.stop();  // waits for in-flight handlers; the batcher finishes queued items meanwhile
+    m.http->stop();  // closes every connection, waits for running handlers; the batcher finishes their items
     if (m.batcher.joinable()) m.batcher.join();
   });
 }

@@ -1,12 +1,12 @@
-// `ptk reward-server`: OpenRLHF's remote reward-model protocol over HTTP (cpp-httplib), scoring
+// `ptk reward-server`: OpenRLHF's remote reward-model protocol over HTTP (reward/http_server.h), scoring
 // with a reward model (Qwen2ForSequenceClassification folder) and/or rule verifiers, each source
 // weighted. POST /get_reward {"query": [...], "prompts": [...], "labels": [...]} ->
 // {"rewards": [...], "scores": [...], "extra_logs": {"<source>": [...]}}; GET /health; GET /metrics.
 // Not the client (reward_client.h) and not RM training (rm_stage.h).
 //
 // Threading and ownership: a RewardServer owns the model, the tokenizer and one batcher thread.
-// Only the batcher thread runs the model; HTTP handler threads (httplib's pool) tokenize, queue
-// their items and wait for the batcher, run the verifiers themselves, and answer. serve() blocks
+// Only the batcher thread runs the model; HTTP worker threads tokenize, queue their items and wait
+// for the batcher, run the verifiers themselves, and answer. One event-loop thread owns the sockets. serve() blocks
 // the calling thread until stop(); stop() may be called from any thread (e.g. a signal-watching
 // thread) and is idempotent. The destructor stops and joins everything.
 #pragma once
@@ -31,9 +31,10 @@ struct RewardSection : config::Section {
   std::string host;
   int64_t port;
   std::string api_key;
-  int64_t http_threads;
+  int64_t http_threads, max_connections;
+  double header_timeout_s, request_timeout_s, idle_timeout_s;
   // Limits
-  int64_t max_body_bytes, max_items, max_tokens_per_item;
+  int64_t max_body_bytes, max_buffered_bytes, max_items, max_tokens_per_item;
   // Batching
   int64_t max_batch_items, max_batch_tokens, max_wait_ms;
   const char* name() const override { return "reward"; }
