@@ -139,6 +139,8 @@ void RequestParser::parse_head() {
   if (path.substr(0, 7) == "http://" || path.substr(0, 8) == "https://") {  // absolute-form
     size_t slash = path.find('/', path.find("//") + 2);
     path = slash == std::string_view::npos ? std::string_view("/") : path.substr(slash);
+  } else if (path.front() != '/' && path != "*") {
+    return fail(400, "request target must start with / (got `" + std::string(target.substr(0, 64)) + "`)");
   }
   size_t q = path.find('?');
   req_.path = std::string(path.substr(0, q));

@@ -130,6 +130,7 @@ TEST(HttpRequest, RefusesAmbiguousMalformedAndOversizedRequests) {
       {"GET /a b HTTP/1.1\r\n\r\n", 400, "request line"},
       {"G(T / HTTP/1.1\r\n\r\n", 400, "method"},
       {"GET /\x7f HTTP/1.1\r\n\r\n", 400, "target"},
+      {"GET ?x HTTP/1.1\r\n\r\n", 400, "must start with /"},
       {"POST / HTTP/1.1\r\nExpect: something\r\n\r\n", 417, "Expect"},
   };
   for (const auto& c : cases) {
