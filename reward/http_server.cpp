@@ -9,9 +9,11 @@
 #include <netinet/tcp.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -103,6 +105,7 @@ struct Server::Impl {
   uint64_t next_id = kFirstConnId;
   int64_t buffered = 0;           // event-loop thread only
   std::vector<uint64_t> pending;  // connections with a pipelined request to parse (event loop)
+  std::optional<Clock::time_point> accept_paused_until;
 
   // Workers.
   std::mutex task_mu;
@@ -312,7 +315,15 @@ struct Server::Impl {
       int fd = ::accept4(listen_fd, reinterpret_cast<sockaddr*>(&addr), &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (fd < 0) {
         if (errno == EINTR || errno == ECONNABORTED) continue;
-        return;  // EAGAIN, or out of descriptors (EMFILE): the rest wait in the accept queue
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+          // Out of descriptors: the rest wait in the accept queue. Stop watching the listening
+          // socket for a moment, or level-triggered epoll would spin on it.
+          epoll_event e{};
+          e.data.u64 = kListenTag;
+          ::epoll_ctl(epoll_fd, EPOLL_CTL_MOD, listen_fd, &e);
+          accept_paused_until = now + std::chrono::milliseconds(100);
+        }
+        return;
       }
       if (static_cast<int64_t>(conns.size()) >= opt.max_connections && !evict_idle()) {
         static const std::string kBusy =
@@ -479,6 +490,13 @@ struct Server::Impl {
         sweep(now);
         last_sweep = now;
       }
+      if (accept_paused_until && now >= *accept_paused_until) {
+        epoll_event e{};
+        e.events = EPOLLIN;
+        e.data.u64 = kListenTag;
+        ::epoll_ctl(epoll_fd, EPOLL_CTL_MOD, listen_fd, &e);
+        accept_paused_until.reset();
+      }
     }
     // Stopping: no new connections or answers; running handlers finish, queued ones are dropped.
     ::close(listen_fd);
@@ -516,6 +534,18 @@ Server::~Server() { stop(); }
 
 int Server::bind() {
   auto& m = *impl_;
+  // Each connection is a descriptor; leave room for the model's files, logs and the like.
+  const rlim_t need = static_cast<rlim_t>(m.opt.max_connections) + 128;
+  rlimit lim{};
+  if (::getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY && lim.rlim_cur < need) {
+    rlimit raised = lim;
+    raised.rlim_cur = lim.rlim_max == RLIM_INFINITY ? need : std::min(need, lim.rlim_max);
+    ::setrlimit(RLIMIT_NOFILE, &raised);
+    if (raised.rlim_cur < need)
+      throw Error(std::to_string(m.opt.max_connections) + " connections need " + std::to_string(need) +
+                  " file descriptors but this process may open " + std::to_string(raised.rlim_cur) +
+                  " (ulimit -n): lower the connection limit or raise ulimit -n");
+  }
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;

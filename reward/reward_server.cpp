@@ -575,8 +575,12 @@ int RewardServer::bind() {
   try {
     m.bound_port = m.http->bind();
   } catch (const Error& e) {
-    throw Error(std::string("reward-server: ") + e.what() +
-                "\n---> HINT: pick another --port (in use?), or 0 for any free one; --host must be an address of this machine");
+    std::string what = e.what();
+    throw Error("reward-server: " + what +
+                (what.rfind("cannot bind", 0) == 0
+                     ? "\n---> HINT: pick another --port (in use?), or 0 for any free one; --host must be an address of "
+                       "this machine"
+                     : "\n---> HINT: lower reward.max_connections, or raise the limit with `ulimit -n`"));
   }
   if (m.has_model) m.batcher = std::thread([&m] { m.batcher_loop(); });
   return m.bound_port;
