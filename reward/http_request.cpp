@@ -183,7 +183,8 @@ void RequestParser::parse_head() {
         p = comma + 1;
       }
     } else if (key == "expect") {
-      if (lower(value) != "100-continue") return fail(417, "unsupported Expect: " + std::string(value));
+      if (lower(value) != "100-continue")
+        return fail(417, "unsupported Expect: " + std::string(value.substr(0, 64)));
       req_.expect_continue = req_.minor_version == 1;
     }
     req_.headers.emplace_back(std::move(key), std::string(value));
@@ -196,7 +197,8 @@ void RequestParser::parse_head() {
     if (n_length) return fail(400, "both Content-Length and Transfer-Encoding (ambiguous framing)");
     if (req_.minor_version == 0) return fail(400, "Transfer-Encoding in an HTTP/1.0 request");
     if (lower(te) != "chunked")
-      return fail(501, "Transfer-Encoding `" + std::string(te) + "` is not supported; send Content-Length or chunked");
+      return fail(501, "Transfer-Encoding `" + std::string(te.substr(0, 64)) +
+                           "` is not supported; send Content-Length or chunked");
     req_.chunked = true;
   }
   if (req_.content_length > 0 && static_cast<uint64_t>(req_.content_length) > limits_.max_body_bytes)
@@ -224,8 +226,21 @@ void RequestParser::accept_body() {
 }
 
 bool RequestParser::parse_chunk_size_line() {
+  // Chunked framing is read strictly (CRLF only, no control characters): a proxy in front that
+  // reads a sloppy line differently would see other request boundaries.
   std::string_view l(line_);
-  if (!l.empty() && l.back() == '\r') l.remove_suffix(1);
+  if (l.empty() || l.back() != '\r') {
+    fail(400, "chunk size line not ended by CRLF");
+    return false;
+  }
+  l.remove_suffix(1);
+  for (char c : l) {
+    auto u = static_cast<unsigned char>(c);
+    if ((u < 0x20 && u != '\t') || u == 0x7f) {
+      fail(400, "a control character in a chunk size line");
+      return false;
+    }
+  }
   size_t digits = 0;
   uint64_t size = 0;
   while (digits < l.size()) {
@@ -239,7 +254,7 @@ bool RequestParser::parse_chunk_size_line() {
     size = size * 16 + static_cast<uint64_t>(v);
   }
   std::string_view rest = trim(l.substr(digits));
-  if (digits == 0 || (!rest.empty() && rest.front() != ';')) {
+  if (digits == 0 || (digits < l.size() && (rest.empty() || rest.front() != ';'))) {
     fail(400, "malformed chunk size line");
     return false;
   }
@@ -280,7 +295,7 @@ size_t RequestParser::feed_body(const char* data, size_t n) {
         char c = data[i++];
         if (c == '\r' && line_.empty()) {
           line_ = "\r";
-        } else if (c == '\n') {
+        } else if (c == '\n' && line_ == "\r") {
           body_state_ = Body::kChunkSize;
           line_.clear();
         } else {
@@ -305,11 +320,20 @@ size_t RequestParser::feed_body(const char* data, size_t n) {
           fail(431, "chunked trailer over " + std::to_string(limits_.max_head_bytes) + " bytes");
         } else if (c == '\n') {
           std::string_view l(line_);
-          if (!l.empty() && l.back() == '\r') l.remove_suffix(1);
+          if (l.empty() || l.back() != '\r') {
+            fail(400, "chunked trailer line not ended by CRLF");
+            break;
+          }
+          l.remove_suffix(1);
           if (l.empty()) state_ = State::kDone;
           line_.clear();
+        } else if ((static_cast<unsigned char>(c) < 0x20 && c != '\t' && c != '\r') || c == 0x7f ||
+                   (!line_.empty() && line_.back() == '\r')) {
+          fail(400, "a control character in a chunked trailer");
         } else if (line_.size() < kMaxChunkLine) {
           line_.push_back(c);  // trailer fields are read and dropped
+        } else {
+          line_.back() = c;  // only the line's end matters: keep the last byte
         }
         break;
       }

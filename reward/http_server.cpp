@@ -80,6 +80,7 @@ struct Server::Impl {
     size_t out_off = 0;
     bool close_after_write = false;
     bool keep_alive = true;
+    bool writing_interim = false;  // out holds a 100 Continue still being sent while reading
     int64_t buffered = 0;  // body bytes of this connection counted in Impl::buffered
     uint32_t events = 0;
     Clock::time_point idle_since, request_start, write_start, linger_until;
@@ -105,6 +106,7 @@ struct Server::Impl {
   uint64_t next_id = kFirstConnId;
   int64_t buffered = 0;           // event-loop thread only
   std::vector<uint64_t> pending;  // connections with a pipelined request to parse (event loop)
+  std::unordered_map<uint64_t, int64_t> inflight;  // body bytes of dispatched requests, by connection
   std::optional<Clock::time_point> accept_paused_until;
 
   // Workers.
@@ -156,10 +158,31 @@ struct Server::Impl {
     if (it == conns.end()) return;
     Conn& c = *it->second;
     account(c, 0);
+    if (c.phase == Phase::kProcess) {  // the client left: drop its request if no worker took it yet
+      bool dropped = false;
+      {
+        std::lock_guard<std::mutex> g(task_mu);
+        for (auto t = tasks.begin(); t != tasks.end(); ++t)
+          if (t->conn == id) {
+            tasks.erase(t);
+            dropped = true;
+            break;
+          }
+      }
+      if (dropped) release_inflight(id);  // else the running task's bytes count until it is done
+    }
     ::epoll_ctl(epoll_fd, EPOLL_CTL_DEL, c.fd, nullptr);
     ::close(c.fd);
     conns.erase(it);
     st_open = static_cast<int64_t>(conns.size());
+  }
+
+  void release_inflight(uint64_t id) {
+    auto it = inflight.find(id);
+    if (it == inflight.end()) return;
+    buffered -= it->second;
+    st_buffered = buffered;
+    inflight.erase(it);
   }
 
   // The connection waits for its next request from now on.
@@ -173,8 +196,9 @@ struct Server::Impl {
   // Answers on `c`; `close` ends the connection after the answer (and a lingering read).
   void respond(Conn& c, const Response& r, bool close, Clock::time_point now) {
     account(c, 0);
-    c.out = serialize(r, close);
+    c.out = c.out.substr(c.out_off) + serialize(r, close);  // after any unsent 100 Continue
     c.out_off = 0;
+    c.writing_interim = false;
     c.close_after_write = close;
     c.phase = Phase::kWrite;
     c.write_start = now;
@@ -192,6 +216,7 @@ struct Server::Impl {
     respond(c, r, true, now);
   }
 
+  // Sends what `out` holds; after a whole answer: linger-close, or wait for the next request.
   void on_writable(Conn& c, Clock::time_point now) {
     const uint64_t id = c.id;
     while (c.out_off < c.out.size()) {
@@ -208,6 +233,11 @@ struct Server::Impl {
     }
     std::string().swap(c.out);
     c.out_off = 0;
+    if (c.writing_interim) {  // the 100 Continue is out: back to reading the body (if still reading)
+      c.writing_interim = false;
+      set_events(c, c.phase == Phase::kRead ? EPOLLIN | EPOLLRDHUP : 0);
+      return;
+    }
     if (c.close_after_write) {
       // Read and drop what the client still sends for a moment, so it reads our answer rather
       // than a reset (closing with unread input makes the kernel send RST).
@@ -227,6 +257,8 @@ struct Server::Impl {
     c.phase = Phase::kProcess;
     c.keep_alive = c.parser.request().keep_alive;
     set_events(c, 0);
+    inflight[c.id] = c.buffered;  // the body's bytes stay counted until its answer is taken
+    c.buffered = 0;
     Request req = std::move(c.parser.request());
     req.remote_addr = c.peer;
     {
@@ -265,13 +297,18 @@ struct Server::Impl {
           if (early) {
             const Request& r = p.request();
             bool has_body = r.chunked || r.content_length > 0;
-            return respond(c, *early, has_body || !r.keep_alive, now);  // an unread body ends the connection
+            // An unread body ends the connection, and so does a refusal (one request per connect
+            // for whoever sends wrong keys or paths).
+            return respond(c, *early, has_body || !r.keep_alive || early->status >= 400, now);
           }
           p.accept_body();
           if (p.state() == RequestParser::State::kBody && p.request().expect_continue) {
-            static const char kContinue[] = "HTTP/1.1 100 Continue\r\n\r\n";
-            ssize_t n = ::send(c.fd, kContinue, sizeof kContinue - 1, MSG_NOSIGNAL);
-            (void)n;  // a connection that is reading has an empty send buffer, which takes 25 bytes
+            c.out = "HTTP/1.1 100 Continue\r\n\r\n";
+            c.out_off = 0;
+            c.writing_interim = true;
+            on_writable(c, now);  // whatever the socket does not take now goes with EPOLLOUT
+            if (conns.find(id) == conns.end()) return;
+            if (c.writing_interim) set_events(c, EPOLLIN | EPOLLRDHUP | EPOLLOUT);
           }
           if (p.state() == RequestParser::State::kDone) dispatch(c);
           break;
@@ -295,8 +332,11 @@ struct Server::Impl {
       if (it == conns.end()) return;
       Conn& cc = *it->second;
       if (cc.phase != Phase::kRead && cc.phase != Phase::kLinger) return;
+      if (cc.in_off < cc.in.size()) return;  // parse what is here first (it is pending): bounds `in`
       ssize_t n = ::recv(cc.fd, buf, sizeof buf, 0);
-      if (n == 0) return close_conn(id);  // the client closed (a half-close cannot send a request on)
+      // The client closed its side. Every whole request it sent before was parsed and answered
+      // first (nothing is read while `in` holds unparsed bytes, or while a request is answered).
+      if (n == 0) return close_conn(id);
       if (n < 0) {
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) return;
@@ -308,13 +348,15 @@ struct Server::Impl {
     }
   }
 
+  // Accepts up to 64 waiting connections (the rest next turn, so a flood cannot hold the loop).
   void accept_all(Clock::time_point now) {
-    for (;;) {
+    for (int accepted = 0; accepted < 64; ++accepted) {
       sockaddr_storage addr{};
       socklen_t len = sizeof addr;
       int fd = ::accept4(listen_fd, reinterpret_cast<sockaddr*>(&addr), &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (fd < 0) {
         if (errno == EINTR || errno == ECONNABORTED) continue;
+        if ((errno == EMFILE || errno == ENFILE) && evict_idle()) continue;  // a descriptor is free again
         if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
           // Out of descriptors: the rest wait in the accept queue. Stop watching the listening
           // socket for a moment, or level-triggered epoll would spin on it.
@@ -418,6 +460,7 @@ struct Server::Impl {
       ready.swap(done);
     }
     for (auto& d : ready) {
+      release_inflight(d.conn);
       auto it = conns.find(d.conn);
       if (it == conns.end()) continue;  // closed meanwhile (stop, or an error)
       Conn& c = *it->second;
@@ -457,7 +500,7 @@ struct Server::Impl {
     epoll_event evs[256];
     auto last_sweep = Clock::now();
     while (!stopping) {
-      int n = ::epoll_wait(epoll_fd, evs, 256, 100);
+      int n = ::epoll_wait(epoll_fd, evs, 256, pending.empty() ? 100 : 0);
       auto now = Clock::now();
       for (int i = 0; i < n && !stopping; ++i) {
         uint64_t tag = evs[i].data.u64;
@@ -472,7 +515,7 @@ struct Server::Impl {
           if (it == conns.end()) continue;
           Conn& c = *it->second;
           uint32_t ev = evs[i].events;
-          if ((ev & EPOLLOUT) && c.phase == Phase::kWrite) on_writable(c, now);
+          if ((ev & EPOLLOUT) && (c.phase == Phase::kWrite || c.writing_interim)) on_writable(c, now);
           if (conns.find(tag) == conns.end()) continue;
           if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
             if (c.phase == Phase::kRead || c.phase == Phase::kLinger) on_readable(c, now);
@@ -481,11 +524,11 @@ struct Server::Impl {
         }
       }
       take_done(now);
-      while (!pending.empty()) {
-        std::vector<uint64_t> ids;
-        ids.swap(pending);
-        for (uint64_t id : ids) process_input(id, now);
-      }
+      // One request per pipelining connection per turn: a client pipelining thousands of small
+      // requests cannot hold the loop.
+      std::vector<uint64_t> ids;
+      ids.swap(pending);
+      for (uint64_t id : ids) process_input(id, now);
       if (ms_since(last_sweep, now) >= 100) {
         sweep(now);
         last_sweep = now;
@@ -593,11 +636,9 @@ void Server::serve() {
     m.serving = true;
   }
   m.loop();
-  {
-    std::lock_guard<std::mutex> g(m.life_mu);
-    m.serving = false;
-  }
-  m.life_cv.notify_all();
+  std::lock_guard<std::mutex> g(m.life_mu);
+  m.serving = false;
+  m.life_cv.notify_all();  // under the lock: a stop() that returns may destroy the server
 }
 
 void Server::stop() {

@@ -10,9 +10,12 @@
 // header_timeout_ms of its first byte, the whole request within request_timeout_ms, an answer must
 // be taken within request_timeout_ms; an idle keep-alive connection is closed after idle_timeout_ms;
 // bodies are bounded by Limits::max_body_bytes each and max_buffered_bytes together (a request that
-// would pass the total gets a 503). `check_head` runs on the head alone, so a request can be
-// refused (401, 404, 405) before its body is read. An error answer closes the connection after a
-// short lingering read, so the client sees the answer rather than a reset.
+// would pass the total gets a 503; the bytes of a request count until its answer is taken, and the
+// queued request of a client that resets is dropped). `check_head` runs on the head alone, so a
+// request can be refused (401, 404, 405) before its body is read. An error answer closes the
+// connection after a short lingering read, so the client sees the answer rather than a reset. Each
+// loop turn parses at most one request per pipelining connection and accepts at most 64
+// connections, so no single client holds the loop.
 //
 // stop() (any thread, idempotent) closes the listening socket and every connection at once, lets
 // running handlers finish, and returns when serve() has. No LibTorch here.

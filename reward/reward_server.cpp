@@ -440,11 +440,33 @@ struct RewardServer::Impl {
     return diff == 0;
   }
 
+  // Error lines are rate-limited (a burst of 20, then 5 a second): a client sending bad requests
+  // in a loop must not flood the log, or block the event loop on a slow terminal.
+  std::mutex log_mu;
+  double log_tokens = 20;
+  Clock::time_point log_refill = Clock::now();
+  int64_t log_suppressed = 0;
+
   void log_request(const http::Request& req, int status, size_t n_items, double ms, const std::string& body) {
+    if (status != 200) {
+      std::lock_guard<std::mutex> g(log_mu);
+      auto now = Clock::now();
+      log_tokens = std::min(20.0, log_tokens + 5.0 * std::chrono::duration<double>(now - log_refill).count());
+      log_refill = now;
+      if (log_tokens < 1) {
+        ++log_suppressed;
+        return;
+      }
+      log_tokens -= 1;
+      if (log_suppressed > 0) {
+        log::warn("reward-server: " + std::to_string(log_suppressed) + " error lines not shown (over 5 a second)");
+        log_suppressed = 0;
+      }
+    }
     char line[256];
     std::snprintf(line, sizeof line, "%s %s %d items=%zu %.1f ms from %s",
                   req.method.empty() ? "-" : req.method.c_str(), req.path.empty() ? "-" : req.path.substr(0, 64).c_str(), status, n_items, ms, req.remote_addr.c_str());
-    log::info(line + (status == 200 ? std::string() : ": " + body));
+    log::info(line + (status == 200 ? std::string() : ": " + body.substr(0, 300)));
   }
 
   // Routes on the head alone (the HTTP event loop): wrong routes, methods and keys are refused before

@@ -60,7 +60,7 @@ TEST(HttpRequest, StopsAfterTheHeadUntilTheBodyIsAccepted) {
 TEST(HttpRequest, ChunkedBodyWithExtensionsAndTrailers) {
   const std::string text =
       "POST /get_reward HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-      "5;ext=1\r\nhello\r\n1\r\n \r\nA\r\n0123456789\r\n0\r\nX-Trailer: y\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+      "5 ;ext=1\r\nhello\r\n1\r\n \r\nA\r\n0123456789\r\n0\r\nX-Trailer: y\r\n\r\nGET / HTTP/1.1\r\n\r\n";
   for (size_t step : {1, 5, 4096}) {
     auto p = parse(text, step);
     ASSERT_EQ(p.state(), RequestParser::State::kDone) << p.error_message();
@@ -117,6 +117,13 @@ TEST(HttpRequest, RefusesAmbiguousMalformedAndOversizedRequests) {
       {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\n", 400, "15 hex digits"},
       {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400, "chunk size"},
       {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nab\r\n", 400, "CRLF"},
+      {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n", 400, "CRLF"},
+      {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\n0\r\n\r\n", 400, "CRLF"},
+      {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;a\rb\r\nhello\r\n", 400, "control character"},
+      {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n", 400, "malformed chunk size"},
+      {std::string("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: a") + '\0' + "\r\n\r\n", 400,
+       "control character"},
+      {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: a\n\r\n", 400, "trailer line"},
       {"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n", 400, "folding"},
       {"GET / HTTP/1.1\r\nX: a\rb\r\n\r\n", 400, "bare CR"},
       {"GET / HTTP/1.1\r\nX a: b\r\n\r\n", 400, "header name"},

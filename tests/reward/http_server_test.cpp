@@ -44,6 +44,7 @@ struct TestServer {
           return std::nullopt;
         },
         [this](const Request& r) {
+          if (r.path == "/slow") std::this_thread::sleep_for(std::chrono::milliseconds(300));
           ++handled;
           return Response{200, std::to_string(r.body.size()), "text/plain", {}};
         },
@@ -229,6 +230,59 @@ TEST(HttpServer, PipelinedRequestsAnswerInOrderAndContinueIsSent) {
   ASSERT_TRUE(send_all(fd, "abc"));
   EXPECT_EQ(read_answer(fd, 3000).body, "3");
   ::close(fd);
+}
+
+TEST(HttpServer, RequestsOfClientsThatResetAreDroppedNotQueued) {
+  ServerOptions o = options();
+  o.threads = 1;  // busy for 300 ms per request
+  TestServer s(o);
+  const std::string body(1 << 20, 'x');
+  for (int i = 0; i < 20; ++i) {
+    int fd = connect_loopback(s.port);
+    ASSERT_TRUE(send_all(fd, "POST /slow HTTP/1.1\r\nContent-Length: 1048576\r\n\r\n" + body));
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the server has it whole
+    linger reset{1, 0};  // close with RST, as a client that gave up
+    ::setsockopt(fd, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+    ::close(fd);
+  }
+  for (int i = 0; i < 200 && s.server->stats().buffered_bytes > 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(s.server->stats().buffered_bytes, 0);
+  EXPECT_LE(s.handled, 3) << "requests of clients that left were still scored";
+}
+
+TEST(HttpServer, PipelinedFloodsDoNotHoldOthersUpAndAHalfCloseStillGetsItsAnswers) {
+  TestServer s(options());
+  std::string flood;
+  while (flood.size() < (1 << 20)) flood += "GET /health HTTP/1.1\r\n\r\n";
+  std::vector<int> floods;
+  std::vector<std::thread> senders;
+  for (int i = 0; i < 2; ++i) {
+    int fd = connect_loopback(s.port);
+    floods.push_back(fd);
+    senders.emplace_back([fd, &flood] { send_all(fd, flood); });  // and never reads its answers
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  for (int i = 0; i < 5; ++i) {
+    auto t0 = Clock::now();
+    EXPECT_EQ(test::request(s.port, kEcho).status, 200);
+    EXPECT_LT(ms_since(t0), 1000) << "request " << i << " waited behind pipelined floods";
+  }
+  for (int fd : floods) ::shutdown(fd, SHUT_RDWR);
+  for (auto& t : senders) t.join();
+  for (int fd : floods) ::close(fd);
+  // Two requests, then the client's half-close: both answered before the server closes.
+  int fd = connect_loopback(s.port);
+  ASSERT_TRUE(send_all(fd, "GET /health HTTP/1.1\r\n\r\nGET /health HTTP/1.1\r\n\r\n"));
+  ::shutdown(fd, SHUT_WR);
+  std::string all;
+  timeval tv{3, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  char buf[4096];
+  for (ssize_t n; (n = ::recv(fd, buf, sizeof buf, 0)) > 0;) all.append(buf, static_cast<size_t>(n));
+  ::close(fd);
+  size_t first = all.find("HTTP/1.1 200"), second = all.find("HTTP/1.1 200", first + 1);
+  EXPECT_NE(second, std::string::npos) << all;
 }
 
 TEST(HttpServer, BadFramingIsA400AndTheServerGoesOn) {
