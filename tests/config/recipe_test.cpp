@@ -170,6 +170,23 @@ TEST(Recipe, CrossFieldValidationQuotesValues) {
   EXPECT_NE(err.find("model.path (\"a\") and model.config (\"b\") are exclusive"), std::string::npos) << err;
 }
 
+// TRL's convention: max_steps=-1 trains for the epochs, a positive value overrides them; 0 (which
+// once trained a full epoch without a word) and anything below -1 are refused by name.
+TEST(Recipe, MaxStepsIsMinusOneOrPositive) {
+  TrainingRecipe r;
+  EXPECT_EQ(bind_error("", {"train.max_steps=-1"}, &r), "");
+  EXPECT_EQ(r.train.max_steps, -1);
+  EXPECT_EQ(bind_error("", {"train.max_steps=7", "train.epochs=3"}, &r), "");
+  EXPECT_EQ(r.train.max_steps, 7);
+  for (const char* bad : {"0", "-2"}) {
+    std::string err = bind_error("", {std::string("train.max_steps=") + bad}, &r);
+    EXPECT_NE(err.find(std::string("train.max_steps must be -1 (train for train.epochs) or >= 1, got ") + bad),
+              std::string::npos)
+        << err;
+    EXPECT_NE(err.find("1 error in recipe"), std::string::npos) << err;
+  }
+}
+
 TEST(Recipe, InvalidJsonReportsLineAndColumn) {
   TempDir d;
   std::string f = d.write("r.json", "{\n  \"optim\": {\"lr\": 1e-4\n}\n");
