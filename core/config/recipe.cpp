@@ -3,6 +3,7 @@
 #include <rapidjson/document.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <ostream>
 #include <set>
@@ -143,8 +144,10 @@ std::string show(const Value& v) {
 // Binds one section from its JSON object and records every problem.
 class ReadVisitor : public Visitor {
  public:
-  ReadVisitor(const Value* obj, std::string prefix, const RecipeJson& json, std::vector<std::string>* errors)
-      : obj_(obj), prefix_(std::move(prefix)), json_(json), errors_(errors) {}
+  // `failed` collects the keys that kept their default because the recipe's value was refused.
+  ReadVisitor(const Value* obj, std::string prefix, const RecipeJson& json, std::vector<std::string>* errors,
+              std::set<std::string>* failed)
+      : obj_(obj), prefix_(std::move(prefix)), json_(json), errors_(errors), failed_(failed) {}
 
   void opt(bool& v, const char* name, bool, const char*) override {
     if (auto* x = find(name)) {
@@ -211,6 +214,7 @@ class ReadVisitor : public Visitor {
         std::string hint = nearest(s, cands);
         errors_->push_back(where(name) + ": \"" + s + "\" is not one of " + all +
                            (hint.empty() ? "" : " (did you mean \"" + hint + "\"?)"));
+        failed_->insert(join_path(prefix_, name));
         return;
       }
       v = s;
@@ -277,17 +281,33 @@ class ReadVisitor : public Visitor {
   }
   void bad(const char* name, const Value& x, const std::string& expected) {
     errors_->push_back(where(name) + ": expected " + expected + ", got " + json::type_name(x) + " " + show(x));
+    failed_->insert(join_path(prefix_, name));
   }
   void missing(const char* name, const char* help) {
     std::string from = json_.file.empty() ? "" : json_.file + ": ";
     errors_->push_back(from + "missing required key " + join_path(prefix_, name) + " (" + help + ")");
+    failed_->insert(join_path(prefix_, name));
   }
 
   const Value* obj_;
   std::string prefix_;
   const RecipeJson& json_;
   std::vector<std::string>* errors_;
+  std::set<std::string>* failed_;
 };
+
+// True when `msg` names `key` ("optim.lr", not "optim.lr_scale" or "xoptim.lr"); a key ending in
+// '.' ("optim.") names a whole section and matches any key under it.
+bool mentions(const std::string& msg, const std::string& key) {
+  auto word = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; };
+  for (size_t at = msg.find(key); at != std::string::npos; at = msg.find(key, at + 1)) {
+    if (at > 0 && (word(msg[at - 1]) || msg[at - 1] == '.')) continue;
+    const size_t end = at + key.size();
+    if (key.back() != '.' && end < msg.size() && word(msg[end])) continue;
+    return true;
+  }
+  return false;
+}
 
 // Collects declared keys of a section.
 class KeyVisitor : public Visitor {
@@ -416,17 +436,18 @@ const Value* find_section(const Value& root, const std::string& name) {
 // Reports keys in the JSON that no section declares.
 void check_unknown(const Value& v, const std::string& path, const std::set<std::string>& keys,
                    const std::set<std::string>& sections, const std::vector<std::string>& key_list,
-                   const RecipeJson& json, std::vector<std::string>* errors) {
+                   const RecipeJson& json, std::vector<std::string>* errors, std::set<std::string>* failed) {
   for (auto it = v.MemberBegin(); it != v.MemberEnd(); ++it) {
     std::string p = join_path(path, it->name.GetString());
     if (keys.count(p)) continue;
     if (sections.count(p)) {
       if (it->value.IsObject()) {
-        check_unknown(it->value, p, keys, sections, key_list, json, errors);
+        check_unknown(it->value, p, keys, sections, key_list, json, errors, failed);
       } else {
         auto o = json.origin.find(p);
         errors->push_back((o != json.origin.end() ? o->second + ": " : std::string()) + p +
                           ": expected a section (object), got " + json::type_name(it->value));
+        failed->insert(p + ".");  // every key of the section kept its default
       }
       continue;
     }
@@ -469,7 +490,8 @@ RecipeJson load_recipe(const std::string& path, const std::vector<std::string>& 
   return out;
 }
 
-void bind_recipe(const RecipeJson& json, const std::vector<Section*>& sections) {
+void bind_recipe(const RecipeJson& json, const std::vector<Section*>& sections,
+                 const std::function<void(Errors&)>& extra_checks) {
   std::vector<std::string> errors;
   std::set<std::string> keys, section_names;
   std::vector<std::string> key_list;
@@ -489,17 +511,24 @@ void bind_recipe(const RecipeJson& json, const std::vector<Section*>& sections) 
       key_list.push_back(k);
     }
   }
+  std::set<std::string> failed;  // keys whose recipe value was refused (they hold their default)
   for (Section* s : sections) {
     const Value* obj = find_section(json.doc, s->name());
     if (obj && !obj->IsObject()) continue;  // reported by check_unknown
-    ReadVisitor rv(obj, s->name(), json, &errors);
+    ReadVisitor rv(obj, s->name(), json, &errors, &failed);
     s->visit(rv);
   }
-  check_unknown(json.doc, "", keys, section_names, key_list, json, &errors);
-  if (errors.empty()) {
-    Errors cross;
-    for (Section* s : sections) s->validate(cross);
-    for (auto& e : cross.items) errors.push_back((json.file.empty() ? "" : json.file + ": ") + e);
+  check_unknown(json.doc, "", keys, section_names, key_list, json, &errors, &failed);
+  // Range and cross-field checks run even when keys were unknown or mistyped, so every error comes
+  // at once; only a check that names a refused key is left out (it would judge the default, not
+  // what the recipe said).
+  Errors cross;
+  for (Section* s : sections) s->validate(cross);
+  if (extra_checks) extra_checks(cross);
+  for (auto& e : cross.items) {
+    bool about_refused = false;
+    for (auto& k : failed) about_refused = about_refused || mentions(e, k);
+    if (!about_refused) errors.push_back((json.file.empty() ? "" : json.file + ": ") + e);
   }
   if (!errors.empty()) {
     std::string msg = std::to_string(errors.size()) + (errors.size() == 1 ? " error" : " errors") + " in recipe" +

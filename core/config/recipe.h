@@ -4,6 +4,7 @@
 #pragma once
 #include <rapidjson/document.h>
 
+#include <functional>
 #include <iosfwd>
 #include <map>
 #include <string>
@@ -27,8 +28,11 @@ struct RecipeJson {
 RecipeJson load_recipe(const std::string& path, const std::vector<std::string>& overrides);
 
 // Sets defaults, then binds `json` to `sections`: typed checks, unknown keys ("did you mean"),
-// missing required keys, each section's validate(). Throws one ptk::Error listing every problem.
-void bind_recipe(const RecipeJson& json, const std::vector<Section*>& sections);
+// missing required keys, each section's validate(), then `extra_checks` (cross-section rules of a
+// stage). Throws one ptk::Error listing every problem; a range check that names a key whose value
+// was refused (wrong type, bad choice) is left out, since it would judge the default instead.
+void bind_recipe(const RecipeJson& json, const std::vector<Section*>& sections,
+                 const std::function<void(Errors&)>& extra_checks = {});
 
 // The resolved recipe: every option of every section with its effective value (pretty JSON).
 std::string resolved_json(const std::vector<Section*>& sections);

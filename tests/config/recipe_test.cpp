@@ -187,6 +187,54 @@ TEST(Recipe, MaxStepsIsMinusOneOrPositive) {
   }
 }
 
+// The README promises every error at once: range errors come with unknown keys and type errors.
+TEST(Recipe, RangeErrorsComeWithUnknownKeys) {
+  TempDir d;
+  std::string f = d.write("r.json", R"({"optim": {"lrr": 1e-4, "warmup_steps": -3},
+                                        "train": {"micro_batch_size": 0, "max_steps": 0},
+                                        "data": {"max_seq_len": 1}})");
+  TrainingRecipe r;
+  std::string err = bind_error(f, {"train.grad_acum=2"}, &r);
+  for (const char* want : {"unknown key optim.lrr (did you mean optim.lr?)",
+                           "command line: unknown key train.grad_acum (did you mean train.grad_accum?)",
+                           "optim.warmup_steps must be >= 0, got -3", "train.micro_batch_size must be >= 1, got 0",
+                           "train.max_steps must be -1", "data.max_seq_len must be >= 2, got 1", "6 errors in recipe"})
+    EXPECT_NE(err.find(want), std::string::npos) << want << "\n" << err;
+}
+
+// A range check about a key whose value was refused would judge the default instead of what the
+// recipe said: it is left out, the others stay.
+TEST(Recipe, RangeCheckOfARefusedKeyIsLeftOut) {
+  TrainingRecipe r;
+  std::string err = bind_error("", {"optim.lr=fast", "optim.min_lr=1", "train.log_every=0"}, &r);
+  EXPECT_NE(err.find("optim.lr: expected a number, got string \"fast\""), std::string::npos) << err;
+  EXPECT_EQ(err.find("optim.min_lr must be in"), std::string::npos) << err;  // it compares with optim.lr
+  EXPECT_NE(err.find("train.log_every must be >= 1, got 0"), std::string::npos) << err;
+  EXPECT_NE(err.find("2 errors in recipe"), std::string::npos) << err;
+  // A section given as a non-object refuses all its keys.
+  err = bind_error("", {"optim=3", "train.grad_accum=0"}, &r);
+  EXPECT_NE(err.find("optim: expected a section (object), got number"), std::string::npos) << err;
+  EXPECT_NE(err.find("train.grad_accum must be >= 1, got 0"), std::string::npos) << err;
+  EXPECT_NE(err.find("2 errors in recipe"), std::string::npos) << err;
+}
+
+// A stage's cross-section checks (bind_recipe's extra_checks) are listed with the rest.
+TEST(Recipe, ExtraChecksComeWithTheOtherErrors) {
+  TrainingRecipe r;
+  std::string err;
+  try {
+    bind_recipe(load_recipe("", {"optim.lrr=1", "train.micro_batch_size=3"}), r.sections(), [&](Errors& e) {
+      if (r.train.micro_batch_size % 2 != 0)
+        e.add("train.micro_batch_size = " + std::to_string(r.train.micro_batch_size) + " must be even here");
+    });
+  } catch (const Error& e) {
+    err = e.what();
+  }
+  EXPECT_NE(err.find("unknown key optim.lrr"), std::string::npos) << err;
+  EXPECT_NE(err.find("train.micro_batch_size = 3 must be even here"), std::string::npos) << err;
+  EXPECT_NE(err.find("2 errors in recipe"), std::string::npos) << err;
+}
+
 TEST(Recipe, InvalidJsonReportsLineAndColumn) {
   TempDir d;
   std::string f = d.write("r.json", "{\n  \"optim\": {\"lr\": 1e-4\n}\n");

@@ -71,6 +71,13 @@ TEST(GrpoCli, RecipeErrorsNameTheKey) {
   auto t = test::run(test::ptk_binary() + " grpo --recipe " + recipe + " grpo.temperature=0");
   EXPECT_NE(t.exit_code, 0);
   EXPECT_NE(t.out.find("grpo.temperature"), std::string::npos) << t.out;
+  // Cross-section checks come with the sections' own errors and unknown keys, all at once.
+  auto c = test::run(test::ptk_binary() + " grpo --recipe " + recipe +
+                     " grpo.temperature=0 train.micro_batch_size=3 grpo.tempreature=1");
+  EXPECT_NE(c.exit_code, 0);
+  for (const char* want : {"grpo.temperature = ", "is not a multiple of grpo.num_generations = 4",
+                           "unknown key grpo.tempreature (did you mean grpo.temperature?)", "3 errors in recipe"})
+    EXPECT_NE(c.out.find(want), std::string::npos) << want << "\n" << c.out;
   auto h = test::run(test::ptk_binary() + " grpo --help");
   EXPECT_EQ(h.exit_code, 0);
   for (const char* k : {"num_generations", "epsilon_high", "mask_truncated_completions", "scale_rewards"})
