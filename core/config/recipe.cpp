@@ -1,6 +1,8 @@
 #include "core/config/recipe.h"
 
 #include <rapidjson/document.h>
+#include <rapidjson/memorystream.h>
+#include <rapidjson/reader.h>
 
 #include <algorithm>
 #include <cctype>
@@ -67,7 +69,108 @@ void merge_into(Value& dst, const Value& src, Alloc& a) {
   }
 }
 
-void load_chain(const std::string& path, RecipeJson* out, std::vector<std::string>* stack) {
+// True when some object under `root` names a member twice. Iterative, so a deep document cannot
+// exhaust the stack here.
+bool has_duplicate_keys(const Value& root) {
+  std::vector<const Value*> todo{&root};
+  std::set<std::string> names;
+  while (!todo.empty()) {
+    const Value* v = todo.back();
+    todo.pop_back();
+    if (v->IsObject()) {
+      names.clear();
+      for (auto it = v->MemberBegin(); it != v->MemberEnd(); ++it) {
+        if (!names.emplace(it->name.GetString(), it->name.GetStringLength()).second) return true;
+        todo.push_back(&it->value);
+      }
+    } else if (v->IsArray()) {
+      for (auto& e : v->GetArray()) todo.push_back(&e);
+    }
+  }
+  return false;
+}
+
+// Walks the recipe text (already known to be valid relaxed JSON) with a SAX reader to find where
+// each repeated key sits: "<file>:<line>: duplicate key optim.lr (first on line 3)". The reader is
+// iterative and the path stack lives on the heap.
+class DuplicateKeyFinder : public rapidjson::BaseReaderHandler<rapidjson::UTF8<>, DuplicateKeyFinder> {
+ public:
+  DuplicateKeyFinder(const std::string& text, const std::string& file) : text_(text), file_(file) {
+    for (size_t i = 0; i < text.size(); ++i)
+      if (text[i] == '\n') newlines_.push_back(i);
+  }
+  std::vector<std::string> run() {
+    rapidjson::MemoryStream ms(text_.data(), text_.size());
+    stream_ = &ms;
+    rapidjson::Reader reader;
+    constexpr unsigned kFlags = rapidjson::kParseCommentsFlag | rapidjson::kParseTrailingCommasFlag |
+                                rapidjson::kParseNanAndInfFlag | rapidjson::kParseIterativeFlag;
+    reader.Parse<kFlags>(ms, *this);
+    stream_ = nullptr;
+    return errors_;
+  }
+
+  bool Default() {
+    child_path();
+    return true;
+  }
+  bool StartObject() {
+    frames_.push_back({true, child_path(), {}, {}, 0});
+    return true;
+  }
+  bool Key(const char* str, rapidjson::SizeType len, bool) {
+    Frame& f = frames_.back();
+    f.key.assign(str, len);
+    const size_t line = line_of(stream_->Tell());
+    auto [it, fresh] = f.seen.emplace(f.key, line);
+    if (!fresh)
+      errors_.push_back(file_ + ":" + std::to_string(line) + ": duplicate key " + join_path(f.path, f.key) +
+                        " (first on line " + std::to_string(it->second) + ")");
+    return true;
+  }
+  bool EndObject(rapidjson::SizeType) {
+    frames_.pop_back();
+    return true;
+  }
+  bool StartArray() {
+    frames_.push_back({false, child_path(), {}, {}, 0});
+    return true;
+  }
+  bool EndArray(rapidjson::SizeType) {
+    frames_.pop_back();
+    return true;
+  }
+
+ private:
+  struct Frame {
+    bool object;
+    std::string path;
+    std::map<std::string, size_t> seen;  // key -> line of its first occurrence
+    std::string key;                     // the member whose value comes next
+    int64_t index;                       // arrays: the next element's index
+  };
+  // The path of the value about to start ("optim.lr", "data.train[1].path").
+  std::string child_path() {
+    if (frames_.empty()) return "";
+    Frame& f = frames_.back();
+    if (f.object) return join_path(f.path, f.key);
+    return f.path + "[" + std::to_string(f.index++) + "]";
+  }
+  size_t line_of(size_t offset) const {
+    return static_cast<size_t>(std::lower_bound(newlines_.begin(), newlines_.end(), offset) - newlines_.begin()) + 1;
+  }
+
+  const std::string& text_;
+  const std::string& file_;
+  std::vector<size_t> newlines_;
+  rapidjson::MemoryStream* stream_ = nullptr;
+  std::vector<Frame> frames_;
+  std::vector<std::string> errors_;
+};
+
+// `duplicates` collects every repeated key of every file in the chain (one error for them all).
+void load_chain(const std::string& path, RecipeJson* out, std::vector<std::string>* stack,
+                std::vector<std::string>* duplicates) {
   if (std::find(stack->begin(), stack->end(), path) != stack->end()) {
     std::string chain;
     for (auto& s : *stack) chain += s + " -> ";
@@ -76,6 +179,13 @@ void load_chain(const std::string& path, RecipeJson* out, std::vector<std::strin
   stack->push_back(path);
   rapidjson::Document doc = json::parse_file(path, json::Syntax::kRelaxed);
   if (!doc.IsObject()) throw Error(path + ": a recipe must be a JSON object, got " + json::type_name(doc));
+  // JSON parsers keep one value of a repeated key (the merge below would keep the last): a recipe
+  // that sets a key twice is refused with both lines. Keys repeated across the base chain and the
+  // overrides are layering, not duplicates.
+  if (has_duplicate_keys(doc)) {
+    auto found = DuplicateKeyFinder(read_file(path), path).run();
+    duplicates->insert(duplicates->end(), found.begin(), found.end());
+  }
   auto base = doc.FindMember("base");
   if (base != doc.MemberEnd()) {
     if (!base->value.IsString())
@@ -84,7 +194,7 @@ void load_chain(const std::string& path, RecipeJson* out, std::vector<std::strin
     std::string base_path = resolve_path(parent_dir(path), base->value.GetString());
     if (!path_exists(base_path))
       throw Error(path + ": `base` names " + base_path + ", which does not exist");
-    load_chain(base_path, out, stack);
+    load_chain(base_path, out, stack, duplicates);
     doc.RemoveMember("base");
   }
   merge_into(out->doc, doc, out->doc.GetAllocator());
@@ -483,8 +593,16 @@ RecipeJson load_recipe(const std::string& path, const std::vector<std::string>& 
   out.file = path;
   if (!path.empty()) {
     if (!path_exists(path)) throw Error("recipe " + path + " does not exist");
-    std::vector<std::string> stack;
-    load_chain(path, &out, &stack);
+    std::vector<std::string> stack, duplicates;
+    load_chain(path, &out, &stack, &duplicates);
+    if (!duplicates.empty()) {
+      std::string msg = std::to_string(duplicates.size()) + " duplicate key" + (duplicates.size() == 1 ? "" : "s") +
+                        " in recipe " + path + ":";
+      for (auto& d : duplicates) msg += "\n  - " + d;
+      msg += "\n---> HINT: JSON keeps only one value of a repeated key; delete all but the one you mean "
+             "(a key set again in a `base` file or on the command line is fine: that is layering).";
+      throw Error(msg);
+    }
   }
   for (auto& ov : overrides) apply_override(ov, &out);
   return out;

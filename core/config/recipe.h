@@ -1,6 +1,7 @@
 // Recipe files: JSON with comments and trailing commas, `"base": "other.json"` inheritance (path
 // relative to the recipe), `key.path=value` overrides, bound to typed sections with every error of
-// the recipe reported together. Not the option declarations themselves (see sections.h).
+// the recipe reported together, and a key repeated inside one file refused with its lines. Not the
+// option declarations themselves (see sections.h).
 #pragma once
 #include <rapidjson/document.h>
 
@@ -24,7 +25,8 @@ struct RecipeJson {
 
 // Loads `path` (with its `base` chain) and applies `overrides` ("optim.lr=1e-5", "data.train=[\"a\"]").
 // An empty path starts from an empty recipe. Throws ptk::Error for unreadable or invalid files,
-// base cycles, and malformed overrides.
+// base cycles, malformed overrides, and keys repeated inside one file of the chain (all of them,
+// each with file, line and the line of its first occurrence).
 RecipeJson load_recipe(const std::string& path, const std::vector<std::string>& overrides);
 
 // Sets defaults, then binds `json` to `sections`: typed checks, unknown keys ("did you mean"),

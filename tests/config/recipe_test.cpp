@@ -235,6 +235,46 @@ TEST(Recipe, ExtraChecksComeWithTheOtherErrors) {
   EXPECT_NE(err.find("2 errors in recipe"), std::string::npos) << err;
 }
 
+// A key set twice inside one file is refused with the file, both lines and the key's full path, for
+// every repeat in every file of the base chain at once.
+TEST(Recipe, DuplicateKeysNameFileLinesAndKey) {
+  TempDir d;
+  std::string base = d.write("base.json", "{\n  \"train\": {\"epochs\": 1,\n    \"epochs\": 2}\n}\n");
+  std::string f = d.write("r.json",
+                          "{\n"
+                          "  \"base\": \"base.json\",\n"
+                          "  \"optim\": {\n"
+                          "    \"lr\": 1e-5,  // first\n"
+                          "    \"lr\": 2e-5,\n"
+                          "  },\n"
+                          "  \"data\": {\"train\": [\"a.jsonl\", {\"path\": \"b.jsonl\", \"path\": \"c.jsonl\"}]},\n"
+                          "  /* a comment */ \"optim\": {\"eps\": 1e-6},\n"
+                          "}\n");
+  TrainingRecipe r;
+  std::string err = bind_error(f, {}, &r);
+  EXPECT_NE(err.find("4 duplicate keys in recipe " + f), std::string::npos) << err;
+  EXPECT_NE(err.find(f + ":5: duplicate key optim.lr (first on line 4)"), std::string::npos) << err;
+  EXPECT_NE(err.find(f + ":7: duplicate key data.train[1].path (first on line 7)"), std::string::npos) << err;
+  EXPECT_NE(err.find(f + ":8: duplicate key optim (first on line 3)"), std::string::npos) << err;
+  EXPECT_NE(err.find(base + ":3: duplicate key train.epochs (first on line 2)"), std::string::npos) << err;
+  // load_recipe alone refuses it (pipeline and sweep recipes are not bound to sections).
+  EXPECT_THROW(load_recipe(f, {}), Error);
+}
+
+// Setting a key again in a child of a `base`, and again (twice) on the command line, is layering.
+TEST(Recipe, RepeatsAcrossBaseAndOverridesAreLayering) {
+  TempDir d;
+  d.write("base.json", R"({"optim": {"lr": 1e-5}, "train": {"grad_accum": 4}})");
+  // The same leaf name in two objects is no repeat either (pipeline recipes have such sections).
+  std::string f = d.write("p.json", R"({"base": "base.json", "optim": {"lr": 2e-5}, "x": {"lr": 1}})");
+  EXPECT_NO_THROW(load_recipe(f, {"optim.lr=3e-5", "optim.lr=4e-5"}));
+  TrainingRecipe r;
+  std::string f2 = d.write("r.json", R"({"base": "base.json", "optim": {"lr": 2e-5}})");
+  ASSERT_EQ(bind_error(f2, {"optim.lr=3e-5", "optim.lr=4e-5"}, &r), "");
+  EXPECT_DOUBLE_EQ(r.optim.lr, 4e-5);
+  EXPECT_EQ(r.train.grad_accum, 4);
+}
+
 TEST(Recipe, InvalidJsonReportsLineAndColumn) {
   TempDir d;
   std::string f = d.write("r.json", "{\n  \"optim\": {\"lr\": 1e-4\n}\n");

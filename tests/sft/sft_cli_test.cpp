@@ -65,6 +65,19 @@ TEST_F(SftCli, TrainsWritesFinalAndResumes) {
   EXPECT_EQ(metric_lines().size(), 6u);
 }
 
+// Recipe mistakes of issue 24 through the command: max_steps=0 and a key written twice.
+TEST_F(SftCli, MaxStepsZeroAndRepeatedKeysAreRefused) {
+  auto r = test::run(sft("train.max_steps=0"));
+  EXPECT_NE(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("train.max_steps must be -1 (train for train.epochs) or >= 1, got 0"), std::string::npos)
+      << r.out;
+  std::string twice = d_.write("twice.json", "{\"base\": \"sft.json\",\n \"optim\": {\"lr\": 1e-5,\n   \"lr\": 2e-5}}\n");
+  r = test::run(test::ptk_binary() + " sft --recipe " + twice + " run.dir=" + d_.file("run"));
+  EXPECT_NE(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find(twice + ":3: duplicate key optim.lr (first on line 2)"), std::string::npos) << r.out;
+  EXPECT_FALSE(path_exists(d_.file("run"))) << "the run started";
+}
+
 // model.dtype=bfloat16: bf16 parameters (AdamW keeps fp32 master weights), the loss falls, final/
 // holds BF16 tensors, and a rerun resumes from the checkpoint (master weights and moments restored).
 TEST_F(SftCli, BFloat16ParametersTrainSaveAndResume) {
