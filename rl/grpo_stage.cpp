@@ -993,6 +993,12 @@ std::string run_grpo(GrpoRecipe& r, const std::string& recipe_file, const std::s
   make_dirs(run_dir);
   torch::manual_seed(static_cast<uint64_t>(r.run.seed));
   auto opts = train::trainer_options(r, run_dir, resolved, "grpo");
+  if (auto plan = train::memory_plan_from_recipe(r, train::StageKind::kGrpo)) {
+    plan->live_reference = r.grpo.beta != 0;
+    plan->completion_len = r.grpo.max_completion_length;
+    plan->slots = r.rollout.slots;
+    train::check_memory_estimate(r, *plan, opts.comm);  // before the models, engine or data exist
+  }
   GrpoStage stage(r, run_dir, opts.comm);
   train::Trainer trainer(stage, opts);
   const bool main = opts.comm.rank() == 0;

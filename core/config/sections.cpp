@@ -62,6 +62,10 @@ void TrainSection::visit(Visitor& v) {
   v.opt(zero1, "zero1", false,
         "ZeRO-1: each rank keeps 1/N of the optimizer state (less memory, one all-gather a step); "
         "resume needs the same number of ranks");
+  v.opt(memory_check, "memory_check", true,
+        "before loading anything, estimate the run's peak memory (weights, gradients, AdamW state, "
+        "activations, logits, KV cache) and refuse the recipe when it exceeds the memory available here, "
+        "naming the key to lower; false skips this and the trainer's check of the loaded weights");
 }
 void TrainSection::validate(Errors& e) const {
   // TRL: max_steps=-1 means "use num_train_epochs", a positive value overrides. 0 (which once
