@@ -1,10 +1,12 @@
-// Best-fit-decreasing packing (see packing.h). Open rows are bucketed by their free space; a
-// std::set of non-empty free-space values finds the tightest fit in O(log capacity).
+// Best-fit-decreasing packing (see packing.h). Open rows are bucketed by their free space in an
+// ordered map (only free-space values that occur), which finds the tightest fit in O(log rows);
+// memory grows with the rows, never with the capacity (a vector indexed by free space took
+// 24 bytes x data.max_seq_len: std::bad_alloc at max_seq_len 10^9).
 #include "datasets/packing.h"
 
 #include <algorithm>
+#include <map>
 #include <numeric>
-#include <set>
 #include <string>
 
 #include "core/util/error.h"
@@ -22,30 +24,25 @@ std::vector<std::vector<uint32_t>> pack_best_fit_decreasing(const std::vector<ui
   std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return lengths[a] > lengths[b]; });
 
   std::vector<std::vector<uint32_t>> rows;
-  std::vector<std::vector<uint32_t>> by_free(capacity + 1);  // free space -> open rows (LIFO)
-  std::set<uint32_t> free_values;                             // free spaces with at least one row
+  std::map<uint32_t, std::vector<uint32_t>> by_free;  // free space -> open rows (LIFO), never empty
   for (uint32_t d : order) {
     uint32_t len = lengths[d];
-    auto it = free_values.lower_bound(len);
+    auto it = by_free.lower_bound(len);
     uint32_t row;
     uint32_t free_now;
-    if (it == free_values.end()) {
+    if (it == by_free.end()) {
       row = static_cast<uint32_t>(rows.size());
       rows.emplace_back();
       free_now = capacity;
     } else {
-      free_now = *it;
-      auto& bucket = by_free[free_now];
-      row = bucket.back();
-      bucket.pop_back();
-      if (bucket.empty()) free_values.erase(it);
+      free_now = it->first;
+      row = it->second.back();
+      it->second.pop_back();
+      if (it->second.empty()) by_free.erase(it);
     }
     rows[row].push_back(d);
     uint32_t left = free_now - len;
-    if (left > 0) {
-      if (by_free[left].empty()) free_values.insert(left);
-      by_free[left].push_back(row);
-    }
+    if (left > 0) by_free[left].push_back(row);
   }
   return rows;
 }

@@ -249,8 +249,13 @@ std::string run_rm(RmRecipe& r, const std::string& recipe_file, const std::strin
   std::string run_dir = train::run_dir_of(r, recipe_file);
   make_dirs(run_dir);
   torch::manual_seed(static_cast<uint64_t>(r.run.seed));
+  train::TrainerOptions options = train::trainer_options(r, run_dir, resolved, "rm");
+  if (auto plan = train::memory_plan_from_recipe(r, train::StageKind::kRm)) {
+    plan->eval_micro_batch_size = r.data.eval.empty() ? 0 : r.rm.eval_micro_batch_size;
+    train::check_memory_estimate(r, *plan, options.comm);  // before the model, data or batches exist
+  }
   RmStage stage(r, run_dir);
-  train::Trainer trainer(stage, train::trainer_options(r, run_dir, resolved, "rm"));
+  train::Trainer trainer(stage, std::move(options));
   log::info("rm: " + std::to_string(trainer.total_steps()) + " optimizer steps of " +
             std::to_string(r.train.micro_batch_size * r.train.grad_accum) + " pairs; run folder " + run_dir);
   trainer.run();

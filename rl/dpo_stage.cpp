@@ -533,6 +533,14 @@ std::string run_dpo(DpoRecipe& r, const std::string& recipe_file, const std::str
   make_dirs(run_dir);
   torch::manual_seed(static_cast<uint64_t>(r.run.seed));
   train::TrainerOptions options = train::trainer_options(r, run_dir, resolved, "dpo");
+  if (auto plan = train::memory_plan_from_recipe(r, train::StageKind::kDpo)) {
+    const bool reference = !r.dpo.is_cpo();
+    plan->live_reference = reference && !r.dpo.precompute_ref_log_probs;
+    plan->reference_pass_pairs = reference && r.dpo.precompute_ref_log_probs ? r.dpo.precompute_ref_batch_size : 0;
+    plan->eval_micro_batch_size = r.data.eval.empty() ? 0 : r.dpo.eval_micro_batch_size;
+    plan->heldout_new_tokens = r.dpo.heldout.prompts.empty() ? 0 : r.dpo.heldout.max_new_tokens;
+    train::check_memory_estimate(r, *plan, options.comm);  // before the models, data or batches exist
+  }
   DpoStage stage(r, run_dir, options.comm);
   train::Trainer trainer(stage, options);
   std::string what = r.dpo.is_cpo() ? "cpo (" + r.dpo.loss_type[0] + ", no reference)"

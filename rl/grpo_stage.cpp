@@ -149,9 +149,21 @@ void RolloutSection::validate(config::Errors& e) const {
 }
 
 void GrpoRecipe::check() const {
-  std::vector<std::string> errs;
+  config::Errors e;
+  cross_check(e);
+  if (!e.items.empty()) {
+    std::string msg = "grpo recipe:";
+    for (auto& s : e.items) msg += "\n  " + s;
+    throw Error(msg);
+  }
+}
+
+void GrpoRecipe::cross_check(config::Errors& e) const {
+  std::vector<std::string>& errs = e.items;
+  // Runs beside the sections' own range checks (config::bind_recipe), so values they refuse
+  // (num_generations < 2, ...) can reach here: skip what they make meaningless.
   const int64_t per_step = train.micro_batch_size * train.grad_accum;
-  if (per_step % grpo.num_generations != 0)
+  if (grpo.num_generations >= 2 && per_step % grpo.num_generations != 0)
     errs.push_back("train.micro_batch_size * train.grad_accum = " + std::to_string(train.micro_batch_size) + " * " +
                    std::to_string(train.grad_accum) + " = " + std::to_string(per_step) +
                    " completions per rank and step is not a multiple of grpo.num_generations = " +
@@ -163,11 +175,6 @@ void GrpoRecipe::check() const {
                    " is not a multiple of grpo.num_iterations = " + std::to_string(grpo.num_iterations) +
                    ": checkpoints must fall between generation batches (a batch's passes are not saved)");
   if (data.train.empty()) errs.push_back("data.train is empty: name the RL prompt files ({\"prompt\": ..., \"answer\": ...})");
-  if (!errs.empty()) {
-    std::string msg = "grpo recipe:";
-    for (auto& s : errs) msg += "\n  " + s;
-    throw Error(msg);
-  }
 }
 
 namespace {
@@ -986,6 +993,12 @@ std::string run_grpo(GrpoRecipe& r, const std::string& recipe_file, const std::s
   make_dirs(run_dir);
   torch::manual_seed(static_cast<uint64_t>(r.run.seed));
   auto opts = train::trainer_options(r, run_dir, resolved, "grpo");
+  if (auto plan = train::memory_plan_from_recipe(r, train::StageKind::kGrpo)) {
+    plan->live_reference = r.grpo.beta != 0;
+    plan->completion_len = r.grpo.max_completion_length;
+    plan->slots = r.rollout.slots;
+    train::check_memory_estimate(r, *plan, opts.comm);  // before the models, engine or data exist
+  }
   GrpoStage stage(r, run_dir, opts.comm);
   train::Trainer trainer(stage, opts);
   const bool main = opts.comm.rank() == 0;

@@ -79,7 +79,10 @@ struct GrpoRecipe : config::TrainingRecipe {
     s.push_back(&rollout);
     return s;
   }
-  // Cross-section checks (grpo vs train/checkpoint keys); throws ptk::Error listing every problem.
+  // Cross-section checks (grpo vs train/checkpoint keys): adds each problem to `e` (for
+  // config::bind_recipe's extra_checks, so they come with the recipe's other errors).
+  void cross_check(config::Errors& e) const;
+  // The same, throwing one ptk::Error listing every problem.
   void check() const;
 };
 

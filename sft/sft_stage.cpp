@@ -210,6 +210,11 @@ std::string run_sft(SftRecipe& r, const std::string& recipe_file, const std::str
   make_dirs(run_dir);
   torch::manual_seed(static_cast<uint64_t>(r.run.seed));
   train::TrainerOptions options = train::trainer_options(r, run_dir, resolved, "sft");
+  if (auto plan = train::memory_plan_from_recipe(r, train::StageKind::kSft)) {
+    plan->eval_micro_batch_size = r.data.eval.empty() ? 0 : r.sft.eval_micro_batch_size;
+    plan->heldout_new_tokens = r.sft.heldout.prompts.empty() ? 0 : r.sft.heldout.max_new_tokens;
+    train::check_memory_estimate(r, *plan, options.comm);  // before the model, data or batches exist
+  }
   SftStage stage(r, run_dir, options.comm);
   train::Trainer trainer(stage, options);
   log::info("sft: " + std::to_string(trainer.total_steps()) + " optimizer steps of " +

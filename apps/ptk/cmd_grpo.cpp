@@ -22,8 +22,7 @@ int cmd_grpo(int argc, char** argv) {
   cl.accept_recipe(recipe.all_sections());
   if (!cl.parse(argc, argv)) return 0;
   auto json = config::load_recipe(cl.recipe(), cl.overrides());
-  config::bind_recipe(json, recipe.all_sections());
-  recipe.check();
+  config::bind_recipe(json, recipe.all_sections(), [&](config::Errors& e) { recipe.cross_check(e); });
   runtime::init_and_announce(cl.threads() > 0 ? cl.threads() : static_cast<int>(recipe.run.threads));
   std::string run_dir = rl::run_grpo(recipe, cl.recipe(), config::resolved_json(recipe.all_sections()));
   std::cout << "grpo: wrote " << run_dir << "/final\n";

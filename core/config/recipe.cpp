@@ -1,8 +1,11 @@
 #include "core/config/recipe.h"
 
 #include <rapidjson/document.h>
+#include <rapidjson/memorystream.h>
+#include <rapidjson/reader.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <ostream>
 #include <set>
@@ -66,7 +69,108 @@ void merge_into(Value& dst, const Value& src, Alloc& a) {
   }
 }
 
-void load_chain(const std::string& path, RecipeJson* out, std::vector<std::string>* stack) {
+// True when some object under `root` names a member twice. Iterative, so a deep document cannot
+// exhaust the stack here.
+bool has_duplicate_keys(const Value& root) {
+  std::vector<const Value*> todo{&root};
+  std::set<std::string> names;
+  while (!todo.empty()) {
+    const Value* v = todo.back();
+    todo.pop_back();
+    if (v->IsObject()) {
+      names.clear();
+      for (auto it = v->MemberBegin(); it != v->MemberEnd(); ++it) {
+        if (!names.emplace(it->name.GetString(), it->name.GetStringLength()).second) return true;
+        todo.push_back(&it->value);
+      }
+    } else if (v->IsArray()) {
+      for (auto& e : v->GetArray()) todo.push_back(&e);
+    }
+  }
+  return false;
+}
+
+// Walks the recipe text (already known to be valid relaxed JSON) with a SAX reader to find where
+// each repeated key sits: "<file>:<line>: duplicate key optim.lr (first on line 3)". The reader is
+// iterative and the path stack lives on the heap.
+class DuplicateKeyFinder : public rapidjson::BaseReaderHandler<rapidjson::UTF8<>, DuplicateKeyFinder> {
+ public:
+  DuplicateKeyFinder(const std::string& text, const std::string& file) : text_(text), file_(file) {
+    for (size_t i = 0; i < text.size(); ++i)
+      if (text[i] == '\n') newlines_.push_back(i);
+  }
+  std::vector<std::string> run() {
+    rapidjson::MemoryStream ms(text_.data(), text_.size());
+    stream_ = &ms;
+    rapidjson::Reader reader;
+    constexpr unsigned kFlags = rapidjson::kParseCommentsFlag | rapidjson::kParseTrailingCommasFlag |
+                                rapidjson::kParseNanAndInfFlag | rapidjson::kParseIterativeFlag;
+    reader.Parse<kFlags>(ms, *this);
+    stream_ = nullptr;
+    return errors_;
+  }
+
+  bool Default() {
+    child_path();
+    return true;
+  }
+  bool StartObject() {
+    frames_.push_back({true, child_path(), {}, {}, 0});
+    return true;
+  }
+  bool Key(const char* str, rapidjson::SizeType len, bool) {
+    Frame& f = frames_.back();
+    f.key.assign(str, len);
+    const size_t line = line_of(stream_->Tell());
+    auto [it, fresh] = f.seen.emplace(f.key, line);
+    if (!fresh)
+      errors_.push_back(file_ + ":" + std::to_string(line) + ": duplicate key " + join_path(f.path, f.key) +
+                        " (first on line " + std::to_string(it->second) + ")");
+    return true;
+  }
+  bool EndObject(rapidjson::SizeType) {
+    frames_.pop_back();
+    return true;
+  }
+  bool StartArray() {
+    frames_.push_back({false, child_path(), {}, {}, 0});
+    return true;
+  }
+  bool EndArray(rapidjson::SizeType) {
+    frames_.pop_back();
+    return true;
+  }
+
+ private:
+  struct Frame {
+    bool object;
+    std::string path;
+    std::map<std::string, size_t> seen;  // key -> line of its first occurrence
+    std::string key;                     // the member whose value comes next
+    int64_t index;                       // arrays: the next element's index
+  };
+  // The path of the value about to start ("optim.lr", "data.train[1].path").
+  std::string child_path() {
+    if (frames_.empty()) return "";
+    Frame& f = frames_.back();
+    if (f.object) return join_path(f.path, f.key);
+    return f.path + "[" + std::to_string(f.index++) + "]";
+  }
+  size_t line_of(size_t offset) const {
+    return static_cast<size_t>(std::lower_bound(newlines_.begin(), newlines_.end(), offset) - newlines_.begin()) + 1;
+  }
+
+  const std::string& text_;
+  const std::string& file_;
+  std::vector<size_t> newlines_;
+  rapidjson::MemoryStream* stream_ = nullptr;
+  std::vector<Frame> frames_;
+  std::vector<std::string> errors_;
+};
+
+// `duplicates` collects every repeated key of every file in the chain (one error for them all).
+void load_chain(const std::string& path, RecipeJson* out, std::vector<std::string>* stack,
+                std::vector<std::string>* duplicates) {
   if (std::find(stack->begin(), stack->end(), path) != stack->end()) {
     std::string chain;
     for (auto& s : *stack) chain += s + " -> ";
@@ -75,6 +179,13 @@ void load_chain(const std::string& path, RecipeJson* out, std::vector<std::strin
   stack->push_back(path);
   rapidjson::Document doc = json::parse_file(path, json::Syntax::kRelaxed);
   if (!doc.IsObject()) throw Error(path + ": a recipe must be a JSON object, got " + json::type_name(doc));
+  // JSON parsers keep one value of a repeated key (the merge below would keep the last): a recipe
+  // that sets a key twice is refused with both lines. Keys repeated across the base chain and the
+  // overrides are layering, not duplicates.
+  if (has_duplicate_keys(doc)) {
+    auto found = DuplicateKeyFinder(read_file(path), path).run();
+    duplicates->insert(duplicates->end(), found.begin(), found.end());
+  }
   auto base = doc.FindMember("base");
   if (base != doc.MemberEnd()) {
     if (!base->value.IsString())
@@ -83,7 +194,7 @@ void load_chain(const std::string& path, RecipeJson* out, std::vector<std::strin
     std::string base_path = resolve_path(parent_dir(path), base->value.GetString());
     if (!path_exists(base_path))
       throw Error(path + ": `base` names " + base_path + ", which does not exist");
-    load_chain(base_path, out, stack);
+    load_chain(base_path, out, stack, duplicates);
     doc.RemoveMember("base");
   }
   merge_into(out->doc, doc, out->doc.GetAllocator());
@@ -143,8 +254,10 @@ std::string show(const Value& v) {
 // Binds one section from its JSON object and records every problem.
 class ReadVisitor : public Visitor {
  public:
-  ReadVisitor(const Value* obj, std::string prefix, const RecipeJson& json, std::vector<std::string>* errors)
-      : obj_(obj), prefix_(std::move(prefix)), json_(json), errors_(errors) {}
+  // `failed` collects the keys that kept their default because the recipe's value was refused.
+  ReadVisitor(const Value* obj, std::string prefix, const RecipeJson& json, std::vector<std::string>* errors,
+              std::set<std::string>* failed)
+      : obj_(obj), prefix_(std::move(prefix)), json_(json), errors_(errors), failed_(failed) {}
 
   void opt(bool& v, const char* name, bool, const char*) override {
     if (auto* x = find(name)) {
@@ -211,6 +324,7 @@ class ReadVisitor : public Visitor {
         std::string hint = nearest(s, cands);
         errors_->push_back(where(name) + ": \"" + s + "\" is not one of " + all +
                            (hint.empty() ? "" : " (did you mean \"" + hint + "\"?)"));
+        failed_->insert(join_path(prefix_, name));
         return;
       }
       v = s;
@@ -277,17 +391,33 @@ class ReadVisitor : public Visitor {
   }
   void bad(const char* name, const Value& x, const std::string& expected) {
     errors_->push_back(where(name) + ": expected " + expected + ", got " + json::type_name(x) + " " + show(x));
+    failed_->insert(join_path(prefix_, name));
   }
   void missing(const char* name, const char* help) {
     std::string from = json_.file.empty() ? "" : json_.file + ": ";
     errors_->push_back(from + "missing required key " + join_path(prefix_, name) + " (" + help + ")");
+    failed_->insert(join_path(prefix_, name));
   }
 
   const Value* obj_;
   std::string prefix_;
   const RecipeJson& json_;
   std::vector<std::string>* errors_;
+  std::set<std::string>* failed_;
 };
+
+// True when `msg` names `key` ("optim.lr", not "optim.lr_scale" or "xoptim.lr"); a key ending in
+// '.' ("optim.") names a whole section and matches any key under it.
+bool mentions(const std::string& msg, const std::string& key) {
+  auto word = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; };
+  for (size_t at = msg.find(key); at != std::string::npos; at = msg.find(key, at + 1)) {
+    if (at > 0 && (word(msg[at - 1]) || msg[at - 1] == '.')) continue;
+    const size_t end = at + key.size();
+    if (key.back() != '.' && end < msg.size() && word(msg[end])) continue;
+    return true;
+  }
+  return false;
+}
 
 // Collects declared keys of a section.
 class KeyVisitor : public Visitor {
@@ -416,17 +546,18 @@ const Value* find_section(const Value& root, const std::string& name) {
 // Reports keys in the JSON that no section declares.
 void check_unknown(const Value& v, const std::string& path, const std::set<std::string>& keys,
                    const std::set<std::string>& sections, const std::vector<std::string>& key_list,
-                   const RecipeJson& json, std::vector<std::string>* errors) {
+                   const RecipeJson& json, std::vector<std::string>* errors, std::set<std::string>* failed) {
   for (auto it = v.MemberBegin(); it != v.MemberEnd(); ++it) {
     std::string p = join_path(path, it->name.GetString());
     if (keys.count(p)) continue;
     if (sections.count(p)) {
       if (it->value.IsObject()) {
-        check_unknown(it->value, p, keys, sections, key_list, json, errors);
+        check_unknown(it->value, p, keys, sections, key_list, json, errors, failed);
       } else {
         auto o = json.origin.find(p);
         errors->push_back((o != json.origin.end() ? o->second + ": " : std::string()) + p +
                           ": expected a section (object), got " + json::type_name(it->value));
+        failed->insert(p + ".");  // every key of the section kept its default
       }
       continue;
     }
@@ -462,14 +593,23 @@ RecipeJson load_recipe(const std::string& path, const std::vector<std::string>& 
   out.file = path;
   if (!path.empty()) {
     if (!path_exists(path)) throw Error("recipe " + path + " does not exist");
-    std::vector<std::string> stack;
-    load_chain(path, &out, &stack);
+    std::vector<std::string> stack, duplicates;
+    load_chain(path, &out, &stack, &duplicates);
+    if (!duplicates.empty()) {
+      std::string msg = std::to_string(duplicates.size()) + " duplicate key" + (duplicates.size() == 1 ? "" : "s") +
+                        " in recipe " + path + ":";
+      for (auto& d : duplicates) msg += "\n  - " + d;
+      msg += "\n---> HINT: JSON keeps only one value of a repeated key; delete all but the one you mean "
+             "(a key set again in a `base` file or on the command line is fine: that is layering).";
+      throw Error(msg);
+    }
   }
   for (auto& ov : overrides) apply_override(ov, &out);
   return out;
 }
 
-void bind_recipe(const RecipeJson& json, const std::vector<Section*>& sections) {
+void bind_recipe(const RecipeJson& json, const std::vector<Section*>& sections,
+                 const std::function<void(Errors&)>& extra_checks) {
   std::vector<std::string> errors;
   std::set<std::string> keys, section_names;
   std::vector<std::string> key_list;
@@ -489,17 +629,24 @@ void bind_recipe(const RecipeJson& json, const std::vector<Section*>& sections) 
       key_list.push_back(k);
     }
   }
+  std::set<std::string> failed;  // keys whose recipe value was refused (they hold their default)
   for (Section* s : sections) {
     const Value* obj = find_section(json.doc, s->name());
     if (obj && !obj->IsObject()) continue;  // reported by check_unknown
-    ReadVisitor rv(obj, s->name(), json, &errors);
+    ReadVisitor rv(obj, s->name(), json, &errors, &failed);
     s->visit(rv);
   }
-  check_unknown(json.doc, "", keys, section_names, key_list, json, &errors);
-  if (errors.empty()) {
-    Errors cross;
-    for (Section* s : sections) s->validate(cross);
-    for (auto& e : cross.items) errors.push_back((json.file.empty() ? "" : json.file + ": ") + e);
+  check_unknown(json.doc, "", keys, section_names, key_list, json, &errors, &failed);
+  // Range and cross-field checks run even when keys were unknown or mistyped, so every error comes
+  // at once; only a check that names a refused key is left out (it would judge the default, not
+  // what the recipe said).
+  Errors cross;
+  for (Section* s : sections) s->validate(cross);
+  if (extra_checks) extra_checks(cross);
+  for (auto& e : cross.items) {
+    bool about_refused = false;
+    for (auto& k : failed) about_refused = about_refused || mentions(e, k);
+    if (!about_refused) errors.push_back((json.file.empty() ? "" : json.file + ": ") + e);
   }
   if (!errors.empty()) {
     std::string msg = std::to_string(errors.size()) + (errors.size() == 1 ? " error" : " errors") + " in recipe" +

@@ -53,7 +53,8 @@ void DataSection::validate(Errors& e) const {
 
 void TrainSection::visit(Visitor& v) {
   v.opt(epochs, "epochs", 1, "passes over data.train (max_steps wins when both are set)");
-  v.opt(max_steps, "max_steps", -1, "optimizer steps; -1 = from epochs");
+  v.opt(max_steps, "max_steps", -1,
+        "optimizer steps; -1 = from train.epochs (TRL's max_steps=-1); a positive value overrides epochs");
   v.opt(micro_batch_size, "micro_batch_size", 1, "rows per forward/backward; higher uses more memory");
   v.opt(grad_accum, "grad_accum", 1, "micro-batches per optimizer step");
   v.opt(eval_every, "eval_every", 0, "steps between evaluations; 0 = only at the end");
@@ -61,9 +62,17 @@ void TrainSection::visit(Visitor& v) {
   v.opt(zero1, "zero1", false,
         "ZeRO-1: each rank keeps 1/N of the optimizer state (less memory, one all-gather a step); "
         "resume needs the same number of ranks");
+  v.opt(memory_check, "memory_check", true,
+        "before loading anything, estimate the run's peak memory (weights, gradients, AdamW state, "
+        "activations, logits, KV cache) and refuse the recipe when it exceeds the memory available here, "
+        "naming the key to lower; false skips this and the trainer's check of the loaded weights");
 }
 void TrainSection::validate(Errors& e) const {
-  if (epochs < 1 && max_steps < 1)
+  // TRL: max_steps=-1 means "use num_train_epochs", a positive value overrides. 0 (which once
+  // trained a full epoch here without a word) and other values below -1 are refused.
+  if (max_steps == 0 || max_steps < -1)
+    e.add("train.max_steps must be -1 (train for train.epochs) or >= 1, got " + std::to_string(max_steps));
+  else if (epochs < 1 && max_steps < 1)
     e.add("train.epochs (" + std::to_string(epochs) + ") or train.max_steps (" + std::to_string(max_steps) +
           ") must be >= 1");
   if (micro_batch_size < 1) e.add("train.micro_batch_size must be >= 1, got " + std::to_string(micro_batch_size));

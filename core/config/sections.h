@@ -52,6 +52,7 @@ struct DataSection : Section {
 struct TrainSection : Section {
   int64_t epochs, max_steps, micro_batch_size, grad_accum, eval_every, log_every;
   bool zero1;
+  bool memory_check;  // refuse a recipe whose memory estimate exceeds this machine (core/train/memory_estimate.h)
   const char* name() const override { return "train"; }
   const char* help() const override { return "the step loop"; }
   void visit(Visitor& v) override;

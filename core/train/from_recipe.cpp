@@ -1,5 +1,7 @@
 #include "core/train/from_recipe.h"
 
+#include <limits>
+
 #include "core/checkpoint/hf_config.h"
 #include "core/dist/comm.h"
 #include "core/util/error.h"
@@ -30,6 +32,18 @@ model::Qwen2Model load_model(const config::ModelSection& m, uint64_t seed, const
   throw Error("set model.path (" + path_hint + ") or model.config (a config.json for random init)");
 }
 
+void check_memory_estimate(const config::TrainingRecipe& r, const MemoryPlan& plan, dist::Comm& comm) {
+  if (!r.train.memory_check) return;
+  const std::string why = memory_refusal(plan, available_memory(plan.cuda));
+  // Every rank decides for itself (memory differs between machines) and all stop together.
+  double refused = why.empty() ? 0.0 : 1.0;
+  if (comm.world_size() > 1) refused = comm.all_reduce(refused, dist::ReduceOp::kSum);
+  if (!why.empty()) throw Error(why);
+  if (refused > 0)
+    throw Error(std::to_string(static_cast<int>(refused)) + " other rank(s) refused this recipe: its memory estimate "
+                "exceeds what they have (their message says which key to lower)");
+}
+
 TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::string& run_dir,
                                const std::string& resolved_recipe, const std::string& label) {
   TrainerOptions o;
@@ -55,6 +69,7 @@ TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::strin
   o.keep_last = r.checkpoint.keep_last;
   o.label = label;
   o.zero1 = r.train.zero1;
+  if (!r.train.memory_check) o.memory_budget_bytes = std::numeric_limits<double>::infinity();
   // World size 1 (no process group) unless torchrun's environment names more ranks.
   dist::CommOptions co;
   co.timeout_s = r.dist.timeout_s;

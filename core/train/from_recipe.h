@@ -5,6 +5,7 @@
 
 #include "core/config/sections.h"  // TrainingRecipe
 #include "core/model/qwen2.h"      // LoadOptions
+#include "core/train/memory_estimate.h"  // MemoryPlan
 #include "core/train/trainer.h"    // TrainerOptions
 
 namespace ptk::train {
@@ -26,7 +27,13 @@ model::LoadOptions model_load_options(const config::ModelSection& m);
 // for random init)".
 model::Qwen2Model load_model(const config::ModelSection& m, uint64_t seed, const std::string& path_hint);
 
+// Refuses the run (a ptk::Error on every rank of `comm`) when `plan`'s memory estimate exceeds what
+// this rank has (memory_refusal). Stages call it after trainer_options() and before they load or
+// allocate anything. Does nothing with train.memory_check=false.
+void check_memory_estimate(const config::TrainingRecipe& r, const MemoryPlan& plan, dist::Comm& comm);
+
 // Also connects to the other ranks (dist::Comm::from_environment) when WORLD_SIZE > 1.
+// train.memory_check=false also lifts the trainer's own check of the loaded weights.
 TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::string& run_dir,
                                const std::string& resolved_recipe, const std::string& label);
 

@@ -155,6 +155,8 @@ struct Trainer::Impl {
     check_same_on_all_ranks(comm, mbpe, "the number of micro-batches per epoch",
                             "the loader must give every rank the same number of micro-batches (drop the "
                             "remainder or pad), else ranks would run different numbers of steps");
+    PTK_CHECK(opt.max_steps == -1 || opt.max_steps > 0,
+              "TrainerOptions::max_steps must be -1 (from epochs) or >= 1, got " + std::to_string(opt.max_steps));
     if (opt.max_steps > 0) {
       total_steps = opt.max_steps;
     } else {

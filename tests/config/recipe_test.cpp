@@ -170,6 +170,111 @@ TEST(Recipe, CrossFieldValidationQuotesValues) {
   EXPECT_NE(err.find("model.path (\"a\") and model.config (\"b\") are exclusive"), std::string::npos) << err;
 }
 
+// TRL's convention: max_steps=-1 trains for the epochs, a positive value overrides them; 0 (which
+// once trained a full epoch without a word) and anything below -1 are refused by name.
+TEST(Recipe, MaxStepsIsMinusOneOrPositive) {
+  TrainingRecipe r;
+  EXPECT_EQ(bind_error("", {"train.max_steps=-1"}, &r), "");
+  EXPECT_EQ(r.train.max_steps, -1);
+  EXPECT_EQ(bind_error("", {"train.max_steps=7", "train.epochs=3"}, &r), "");
+  EXPECT_EQ(r.train.max_steps, 7);
+  for (const char* bad : {"0", "-2"}) {
+    std::string err = bind_error("", {std::string("train.max_steps=") + bad}, &r);
+    EXPECT_NE(err.find(std::string("train.max_steps must be -1 (train for train.epochs) or >= 1, got ") + bad),
+              std::string::npos)
+        << err;
+    EXPECT_NE(err.find("1 error in recipe"), std::string::npos) << err;
+  }
+}
+
+// The README promises every error at once: range errors come with unknown keys and type errors.
+TEST(Recipe, RangeErrorsComeWithUnknownKeys) {
+  TempDir d;
+  std::string f = d.write("r.json", R"({"optim": {"lrr": 1e-4, "warmup_steps": -3},
+                                        "train": {"micro_batch_size": 0, "max_steps": 0},
+                                        "data": {"max_seq_len": 1}})");
+  TrainingRecipe r;
+  std::string err = bind_error(f, {"train.grad_acum=2"}, &r);
+  for (const char* want : {"unknown key optim.lrr (did you mean optim.lr?)",
+                           "command line: unknown key train.grad_acum (did you mean train.grad_accum?)",
+                           "optim.warmup_steps must be >= 0, got -3", "train.micro_batch_size must be >= 1, got 0",
+                           "train.max_steps must be -1", "data.max_seq_len must be >= 2, got 1", "6 errors in recipe"})
+    EXPECT_NE(err.find(want), std::string::npos) << want << "\n" << err;
+}
+
+// A range check about a key whose value was refused would judge the default instead of what the
+// recipe said: it is left out, the others stay.
+TEST(Recipe, RangeCheckOfARefusedKeyIsLeftOut) {
+  TrainingRecipe r;
+  std::string err = bind_error("", {"optim.lr=fast", "optim.min_lr=1", "train.log_every=0"}, &r);
+  EXPECT_NE(err.find("optim.lr: expected a number, got string \"fast\""), std::string::npos) << err;
+  EXPECT_EQ(err.find("optim.min_lr must be in"), std::string::npos) << err;  // it compares with optim.lr
+  EXPECT_NE(err.find("train.log_every must be >= 1, got 0"), std::string::npos) << err;
+  EXPECT_NE(err.find("2 errors in recipe"), std::string::npos) << err;
+  // A section given as a non-object refuses all its keys.
+  err = bind_error("", {"optim=3", "train.grad_accum=0"}, &r);
+  EXPECT_NE(err.find("optim: expected a section (object), got number"), std::string::npos) << err;
+  EXPECT_NE(err.find("train.grad_accum must be >= 1, got 0"), std::string::npos) << err;
+  EXPECT_NE(err.find("2 errors in recipe"), std::string::npos) << err;
+}
+
+// A stage's cross-section checks (bind_recipe's extra_checks) are listed with the rest.
+TEST(Recipe, ExtraChecksComeWithTheOtherErrors) {
+  TrainingRecipe r;
+  std::string err;
+  try {
+    bind_recipe(load_recipe("", {"optim.lrr=1", "train.micro_batch_size=3"}), r.sections(), [&](Errors& e) {
+      if (r.train.micro_batch_size % 2 != 0)
+        e.add("train.micro_batch_size = " + std::to_string(r.train.micro_batch_size) + " must be even here");
+    });
+  } catch (const Error& e) {
+    err = e.what();
+  }
+  EXPECT_NE(err.find("unknown key optim.lrr"), std::string::npos) << err;
+  EXPECT_NE(err.find("train.micro_batch_size = 3 must be even here"), std::string::npos) << err;
+  EXPECT_NE(err.find("2 errors in recipe"), std::string::npos) << err;
+}
+
+// A key set twice inside one file is refused with the file, both lines and the key's full path, for
+// every repeat in every file of the base chain at once.
+TEST(Recipe, DuplicateKeysNameFileLinesAndKey) {
+  TempDir d;
+  std::string base = d.write("base.json", "{\n  \"train\": {\"epochs\": 1,\n    \"epochs\": 2}\n}\n");
+  std::string f = d.write("r.json",
+                          "{\n"
+                          "  \"base\": \"base.json\",\n"
+                          "  \"optim\": {\n"
+                          "    \"lr\": 1e-5,  // first\n"
+                          "    \"lr\": 2e-5,\n"
+                          "  },\n"
+                          "  \"data\": {\"train\": [\"a.jsonl\", {\"path\": \"b.jsonl\", \"path\": \"c.jsonl\"}]},\n"
+                          "  /* a comment */ \"optim\": {\"eps\": 1e-6},\n"
+                          "}\n");
+  TrainingRecipe r;
+  std::string err = bind_error(f, {}, &r);
+  EXPECT_NE(err.find("4 duplicate keys in recipe " + f), std::string::npos) << err;
+  EXPECT_NE(err.find(f + ":5: duplicate key optim.lr (first on line 4)"), std::string::npos) << err;
+  EXPECT_NE(err.find(f + ":7: duplicate key data.train[1].path (first on line 7)"), std::string::npos) << err;
+  EXPECT_NE(err.find(f + ":8: duplicate key optim (first on line 3)"), std::string::npos) << err;
+  EXPECT_NE(err.find(base + ":3: duplicate key train.epochs (first on line 2)"), std::string::npos) << err;
+  // load_recipe alone refuses it (pipeline and sweep recipes are not bound to sections).
+  EXPECT_THROW(load_recipe(f, {}), Error);
+}
+
+// Setting a key again in a child of a `base`, and again (twice) on the command line, is layering.
+TEST(Recipe, RepeatsAcrossBaseAndOverridesAreLayering) {
+  TempDir d;
+  d.write("base.json", R"({"optim": {"lr": 1e-5}, "train": {"grad_accum": 4}})");
+  // The same leaf name in two objects is no repeat either (pipeline recipes have such sections).
+  std::string f = d.write("p.json", R"({"base": "base.json", "optim": {"lr": 2e-5}, "x": {"lr": 1}})");
+  EXPECT_NO_THROW(load_recipe(f, {"optim.lr=3e-5", "optim.lr=4e-5"}));
+  TrainingRecipe r;
+  std::string f2 = d.write("r.json", R"({"base": "base.json", "optim": {"lr": 2e-5}})");
+  ASSERT_EQ(bind_error(f2, {"optim.lr=3e-5", "optim.lr=4e-5"}, &r), "");
+  EXPECT_DOUBLE_EQ(r.optim.lr, 4e-5);
+  EXPECT_EQ(r.train.grad_accum, 4);
+}
+
 TEST(Recipe, InvalidJsonReportsLineAndColumn) {
   TempDir d;
   std::string f = d.write("r.json", "{\n  \"optim\": {\"lr\": 1e-4\n}\n");

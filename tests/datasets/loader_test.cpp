@@ -73,6 +73,14 @@ TEST(Packing, SmallCaseByHand) {
   EXPECT_THROW(pack_best_fit_decreasing({0}, 10), Error);
 }
 
+// issue 24: packing's memory grows with the documents, not the capacity (a table indexed by free
+// space took 24 bytes x data.max_seq_len: std::bad_alloc at 10^9; at 4 x 10^9 it would ask 96 GB).
+TEST(Packing, HugeCapacityCostsNoMemory) {
+  auto rows = pack_best_fit_decreasing({5, 3, 7, 4000000000u - 15}, 4000000000u);
+  ASSERT_EQ(rows.size(), 1u);
+  EXPECT_EQ(rows[0], (std::vector<uint32_t>{3, 2, 0, 1}));
+}
+
 TEST(Permutation, BijectionSeededAndOrderless) {
   for (uint64_t n : {1ull, 2ull, 3ull, 17ull, 1000ull, 4097ull}) {
     Permutation p(n, 42);

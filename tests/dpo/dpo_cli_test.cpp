@@ -142,6 +142,18 @@ TEST_F(DpoCli, RecipeErrorsNameTheKey) {
     EXPECT_NE(h.out.find(k), std::string::npos) << k;
 }
 
+// issue 24: the chosen and rejected rows double the batch the estimate counts; refused before the
+// policy, reference or data are loaded, naming the key.
+TEST_F(DpoCli, HugeMicroBatchIsRefusedBeforeLoading) {
+  auto r = test::run(dpo("train.micro_batch_size=1000000000"));
+  EXPECT_NE(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("dpo: train.micro_batch_size=1000000000 pairs (2000000000 rows) x data.max_seq_len=128 needs ~"),
+            std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("lower train.micro_batch_size to "), std::string::npos) << r.out;
+  EXPECT_FALSE(path_exists(d_.file("run/data"))) << "data was prepared before the refusal";
+}
+
 // Real preference pairs (LLaMA-Factory's dpo_en_demo, chat message lists) through the byte tokenizer
 // for a few steps: the stage reads them, prepares, trains, and the numbers are finite.
 TEST_F(DpoCli, RealSharedPreferenceData) {

@@ -71,6 +71,22 @@ TEST(GrpoCli, RecipeErrorsNameTheKey) {
   auto t = test::run(test::ptk_binary() + " grpo --recipe " + recipe + " grpo.temperature=0");
   EXPECT_NE(t.exit_code, 0);
   EXPECT_NE(t.out.find("grpo.temperature"), std::string::npos) << t.out;
+  // Cross-section checks come with the sections' own errors and unknown keys, all at once.
+  auto c = test::run(test::ptk_binary() + " grpo --recipe " + recipe +
+                     " grpo.temperature=0 train.micro_batch_size=3 grpo.tempreature=1");
+  EXPECT_NE(c.exit_code, 0);
+  for (const char* want : {"grpo.temperature = ", "is not a multiple of grpo.num_generations = 4",
+                           "unknown key grpo.tempreature (did you mean grpo.temperature?)", "3 errors in recipe"})
+    EXPECT_NE(c.out.find(want), std::string::npos) << want << "\n" << c.out;
+  // issue 24: a KV cache no machine holds is refused before the model or engine exist.
+  auto k = test::run(test::ptk_binary() + " grpo --recipe " + recipe + " rollout.slots=1000000000000");
+  EXPECT_NE(k.exit_code, 0);
+  EXPECT_NE(k.out.find("grpo: rollout.slots=1000000000000 x (data.max_seq_len=128 + grpo.max_completion_length=8) "
+                       "needs ~"),
+            std::string::npos)
+      << k.out;
+  EXPECT_NE(k.out.find("lower rollout.slots to "), std::string::npos) << k.out;
+  EXPECT_FALSE(path_exists(d.file("run/data"))) << "data was prepared before the refusal";
   auto h = test::run(test::ptk_binary() + " grpo --help");
   EXPECT_EQ(h.exit_code, 0);
   for (const char* k : {"num_generations", "epsilon_high", "mask_truncated_completions", "scale_rewards"})

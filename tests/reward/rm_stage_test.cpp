@@ -13,6 +13,7 @@
 #include "core/config/recipe.h"
 #include "core/model/qwen2.h"
 #include "core/tokenizer/tokenizer.h"
+#include "core/util/error.h"
 #include "core/util/fs.h"
 #include "core/util/json.h"
 #include "datasets/byte_tokenizer.h"
@@ -78,6 +79,31 @@ std::vector<rapidjson::Document> read_metrics(const std::string& path) {
   for (std::string line; std::getline(f, line);)
     if (!line.empty()) out.push_back(json::parse(line, path));
   return out;
+}
+
+// issue 24: a micro-batch no machine holds is refused before the model or data are loaded, naming
+// the key (chosen + rejected: twice the rows).
+TEST(RmStage, HugeMicroBatchIsRefusedBeforeLoading) {
+  test::TempDir tmp;
+  tasks::write_byte_tokenizer(tmp.file("tok"));
+  tmp.write("config.json", kConfig);
+  std::string data = tmp.write("pairs.jsonl", pairs_jsonl());
+  reward::RmRecipe recipe;
+  config::bind_recipe(config::load_recipe("", {"run.dir=" + tmp.file("run"), "model.config=" + tmp.file("config.json"),
+                                               "tokenizer.path=" + tmp.file("tok"), "data.train=[\"" + data + "\"]",
+                                               "data.max_seq_len=64", "train.micro_batch_size=1000000000"}),
+                      recipe.all_sections());
+  try {
+    reward::run_rm(recipe, "rm.json", config::resolved_json(recipe.all_sections()));
+    ADD_FAILURE() << "not refused";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("rm: train.micro_batch_size=1000000000 pairs (2000000000 rows) x data.max_seq_len=64 needs ~"),
+              std::string::npos)
+        << msg;
+    EXPECT_NE(msg.find("lower train.micro_batch_size to "), std::string::npos) << msg;
+  }
+  EXPECT_FALSE(path_exists(tmp.file("run/data"))) << "data was prepared before the refusal";
 }
 
 TEST(RmStage, LossEqualsRmLossAndFinalFolderIsASequenceClassifier) {

@@ -65,6 +65,40 @@ TEST_F(SftCli, TrainsWritesFinalAndResumes) {
   EXPECT_EQ(metric_lines().size(), 6u);
 }
 
+// issue 24: sizes no machine holds are refused before the model, data or batches exist, naming the
+// key (train.micro_batch_size=1e9 met the OOM killer; data.max_seq_len=1e9 died in std::bad_alloc
+// while packing).
+TEST_F(SftCli, HugeSizesAreRefusedBeforeAnythingIsAllocated) {
+  auto r = test::run(sft("train.micro_batch_size=1000000000"));
+  EXPECT_NE(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("sft: train.micro_batch_size=1000000000 x data.max_seq_len=128 needs ~"), std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("(hidden 32, 2 layers, vocab 259)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("lower train.micro_batch_size to "), std::string::npos) << r.out;
+  EXPECT_FALSE(path_exists(d_.file("run/data"))) << "data was prepared before the refusal";
+  r = test::run(sft("data.max_seq_len=1000000000"));
+  EXPECT_NE(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("train.micro_batch_size=2 x data.max_seq_len=1000000000 needs ~"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("lower data.max_seq_len to "), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("bad_alloc"), std::string::npos) << r.out;
+  EXPECT_FALSE(path_exists(d_.file("run/data"))) << "data was prepared before the refusal";
+  auto h = test::run(test::ptk_binary() + " sft --help");
+  EXPECT_NE(h.out.find("train.memory_check"), std::string::npos) << h.out;
+}
+
+// Recipe mistakes of issue 24 through the command: max_steps=0 and a key written twice.
+TEST_F(SftCli, MaxStepsZeroAndRepeatedKeysAreRefused) {
+  auto r = test::run(sft("train.max_steps=0"));
+  EXPECT_NE(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("train.max_steps must be -1 (train for train.epochs) or >= 1, got 0"), std::string::npos)
+      << r.out;
+  std::string twice = d_.write("twice.json", "{\"base\": \"sft.json\",\n \"optim\": {\"lr\": 1e-5,\n   \"lr\": 2e-5}}\n");
+  r = test::run(test::ptk_binary() + " sft --recipe " + twice + " run.dir=" + d_.file("run"));
+  EXPECT_NE(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find(twice + ":3: duplicate key optim.lr (first on line 2)"), std::string::npos) << r.out;
+  EXPECT_FALSE(path_exists(d_.file("run"))) << "the run started";
+}
+
 // model.dtype=bfloat16: bf16 parameters (AdamW keeps fp32 master weights), the loss falls, final/
 // holds BF16 tensors, and a rerun resumes from the checkpoint (master weights and moments restored).
 TEST_F(SftCli, BFloat16ParametersTrainSaveAndResume) {

@@ -1,0 +1,35 @@
+#include "core/runtime/device_memory.h"
+
+#include <torch/torch.h>
+#if PTK_TORCH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
+#endif
+
+namespace ptk::runtime {
+
+bool cuda_free_memory(int device, size_t* free_bytes, size_t* total_bytes) {
+#if PTK_TORCH_CUDA
+  if (device < 0 || !torch::cuda::is_available() || device >= static_cast<int>(torch::cuda::device_count()))
+    return false;
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  size_t f = 0, t = 0;
+  if (cudaMemGetInfo(&f, &t) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky error for whoever calls CUDA next
+    return false;
+  }
+  // Reserved by this process's caching allocator but not handed out: LibTorch reuses it first.
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+  const auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  const int64_t cached = stats.reserved_bytes[agg].current - stats.allocated_bytes[agg].current;
+  *free_bytes = f + static_cast<size_t>(cached > 0 ? cached : 0);
+  *total_bytes = t;
+  return true;
+#else
+  (void)device, (void)free_bytes, (void)total_bytes;
+  return false;
+#endif
+}
+
+}  // namespace ptk::runtime
