@@ -379,8 +379,7 @@ std::vector<RlPrompt> make_rl_batch(const PreparedSet& set, const std::vector<in
     p.ids = v.ids;
     p.record_json = set.meta(r);
     rapidjson::Document d;
-    d.Parse(p.record_json.data(), p.record_json.size());
-    if (!d.HasParseError() && d.IsObject() && d.HasMember("answer"))
+    if (json::parse_into(d, p.record_json).ok() && d.IsObject() && d.HasMember("answer"))
       p.answer = d["answer"].IsString() ? std::string(d["answer"].GetString(), d["answer"].GetStringLength()) : json::to_string(d["answer"]);
     p.source = v.entry->source;
     p.line = v.entry->line;

@@ -448,8 +448,7 @@ std::string manifest_json(const PrepareOptions& o, const std::string& identity, 
   rapidjson::StringBuffer sb;
   rapidjson::PrettyWriter<rapidjson::StringBuffer> w(sb);
   w.SetIndent(' ', 2);
-  rapidjson::Document id;
-  id.Parse(identity.c_str());
+  rapidjson::Document id = json::parse(identity, "prepare identity");
   w.StartObject();
   w.Key("ptk_prepared");
   w.Int(kPrepareVersion);

@@ -448,7 +448,7 @@ struct RewardServer::Impl {
       double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
       if (res.status == 200) {
         rapidjson::Document d;
-        d.Parse(res.body.c_str());
+        json::parse_into(d, res.body);  // our own answer (shallow); routed for the one depth limit
         n_items = d["rewards"].Size();
         std::lock_guard<std::mutex> g(metrics_mu);
         items += static_cast<int64_t>(n_items);

@@ -11,6 +11,7 @@
 
 #include "core/util/error.h"
 #include "core/util/fs.h"
+#include "core/util/json.h"
 
 namespace ptk {
 
@@ -41,8 +42,7 @@ MetricsWriter::MetricsWriter(const std::string& path, int64_t truncate_after_ste
     std::string line, kept;
     while (std::getline(in, line)) {
       rapidjson::Document d;
-      d.Parse(line.c_str());
-      if (d.HasParseError() || !d.IsObject()) continue;  // a torn last line from a crash
+      if (!json::parse_into(d, line).ok() || !d.IsObject()) continue;  // a torn last line from a crash
       auto s = d.FindMember("step");
       if (s != d.MemberEnd() && s->value.IsInt64() && s->value.GetInt64() > truncate_after_step) continue;
       kept += line + "\n";
