@@ -27,8 +27,7 @@ class Mapped {
  public:
   Mapped() = default;
   explicit Mapped(const std::string& path) {
-    int fd = ::open(path.c_str(), O_RDONLY);
-    if (fd < 0) throw Error("cannot open " + path + ": " + std::strerror(errno));
+    int fd = open_regular_file(path);  // a FIFO in the folder is refused, not waited on
     struct stat st {};
     if (::fstat(fd, &st) != 0) {
       ::close(fd);

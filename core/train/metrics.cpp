@@ -38,6 +38,7 @@ std::string Metrics::to_json(int64_t step) const {
 MetricsWriter::MetricsWriter(const std::string& path, int64_t truncate_after_step) : path_(path) {
   make_dirs(parent_dir(path));
   if (truncate_after_step >= 0 && path_exists(path)) {
+    check_regular_file(path);  // a FIFO would block the open below (and the append after) forever
     std::ifstream in(path);
     std::string line, kept;
     while (std::getline(in, line)) {

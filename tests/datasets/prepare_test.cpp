@@ -181,6 +181,30 @@ TEST(Prepare, DeeplyNestedLinesAreBadRecordsWithFileAndLine) {
   EXPECT_EQ(read_file(fx.dir.file("skip/skipped.txt")), line2 + "\n" + line3 + "\n");
 }
 
+// A FIFO as a data file, a tokenizer file or a prepared manifest is refused with its path before
+// any open() can block (watched: a regression fails instead of hanging).
+TEST(Prepare, AFifoIsRefusedNotWaitedOn) {
+  Fixture fx;
+  std::string fifo = test::make_fifo(fx.dir.file("train.jsonl"));
+  const std::string want = "cannot open " + fifo + ": is a FIFO, not a regular file";
+  EXPECT_EQ(test::error_within([&] { prepare(fx.options(fifo), fx.dir.file("out")); }, fifo), want);
+  EXPECT_EQ(test::error_within([&] { is_fresh(fx.options(fifo), fx.dir.file("out")); }, fifo), want);
+
+  std::string good = fx.dir.write("good.jsonl", "{\"text\":\"a\"}\n");
+  prepare(fx.options(good), fx.dir.file("p"));
+  std::string manifest = fx.dir.file("p/manifest.json");
+  fs::remove(manifest);
+  test::make_fifo(manifest);
+  EXPECT_EQ(test::error_within([&] { PreparedSet::open(fx.dir.file("p")); }, manifest),
+            "cannot open " + manifest + ": is a FIFO, not a regular file");
+
+  std::string tok_json = fx.dir.file("tok/tokenizer.json");
+  fs::remove(tok_json);
+  test::make_fifo(tok_json);
+  EXPECT_EQ(test::error_within([&] { prepare(fx.options(good), fx.dir.file("q")); }, tok_json),
+            "cannot open " + tok_json + ": is a FIFO, not a regular file");
+}
+
 TEST(Prepare, IdenticalBytesTwiceWhateverTheThreads) {
   Fixture fx;
   std::string text;
