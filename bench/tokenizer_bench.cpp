@@ -61,14 +61,12 @@ std::vector<std::string> load_docs(const std::string& root, size_t max_bytes, st
         size_t e = text.find('\n', b);
         if (e == std::string::npos) e = text.size();
         rapidjson::Document d;
-        d.Parse(text.data() + b, e - b);
-        if (!d.HasParseError()) collect_strings(d, &found);
+        if (ptk::json::parse_into(d, std::string_view(text).substr(b, e - b)).ok()) collect_strings(d, &found);
         b = e + 1;
       }
     } else {
       rapidjson::Document d;
-      d.Parse(text.data(), text.size());
-      if (!d.HasParseError()) collect_strings(d, &found);
+      if (ptk::json::parse_into(d, text).ok()) collect_strings(d, &found);
     }
     for (auto& s : found) {
       if (total >= max_bytes) break;
@@ -86,9 +84,9 @@ std::vector<std::string> load_docs(const std::string& root, size_t max_bytes, st
   size_t b = 0;
   while (b < corpus.size()) {
     size_t e = corpus.find('\n', b);
+    if (e == std::string::npos) e = corpus.size();  // a last line without "\n" (was read past the end)
     rapidjson::Document d;
-    d.Parse(corpus.data() + b, e - b);
-    if (!d.HasParseError() && d.HasMember("text")) base.emplace_back(d["text"].GetString(), d["text"].GetStringLength());
+    if (ptk::json::parse_into(d, std::string_view(corpus).substr(b, e - b)).ok() && d.IsObject() && d.HasMember("text")) base.emplace_back(d["text"].GetString(), d["text"].GetStringLength());
     b = e + 1;
   }
   while (total < max_bytes) {
@@ -115,8 +113,7 @@ Result run_hf(const std::string& root, const std::string& tok, const std::string
   while (fgets(buf, sizeof buf, p)) out += buf;
   if (pclose(p) != 0) return r;
   rapidjson::Document d;
-  d.Parse(out.c_str());
-  if (d.HasParseError() || !d.IsObject()) return r;
+  if (!ptk::json::parse_into(d, out).ok() || !d.IsObject()) return r;
   r.seconds = d["seconds"].GetDouble();
   r.tokens = d["tokens"].GetUint64();
   r.checksum = d["checksum"].GetInt64();

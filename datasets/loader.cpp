@@ -27,8 +27,7 @@ class Mapped {
  public:
   Mapped() = default;
   explicit Mapped(const std::string& path) {
-    int fd = ::open(path.c_str(), O_RDONLY);
-    if (fd < 0) throw Error("cannot open " + path + ": " + std::strerror(errno));
+    int fd = open_regular_file(path);  // a FIFO in the folder is refused, not waited on
     struct stat st {};
     if (::fstat(fd, &st) != 0) {
       ::close(fd);
@@ -379,8 +378,7 @@ std::vector<RlPrompt> make_rl_batch(const PreparedSet& set, const std::vector<in
     p.ids = v.ids;
     p.record_json = set.meta(r);
     rapidjson::Document d;
-    d.Parse(p.record_json.data(), p.record_json.size());
-    if (!d.HasParseError() && d.IsObject() && d.HasMember("answer"))
+    if (json::parse_into(d, p.record_json).ok() && d.IsObject() && d.HasMember("answer"))
       p.answer = d["answer"].IsString() ? std::string(d["answer"].GetString(), d["answer"].GetStringLength()) : json::to_string(d["answer"]);
     p.source = v.entry->source;
     p.line = v.entry->line;

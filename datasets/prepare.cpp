@@ -53,8 +53,13 @@ std::string sha256_hex(const void* data, size_t n) {
 }
 
 std::string sha256_file(const std::string& path) {
-  FILE* f = std::fopen(path.c_str(), "rb");
-  if (!f) throw Error("cannot open " + path + ": " + std::strerror(errno));
+  int fd = open_regular_file(path);  // a FIFO or a folder is refused here, before any read blocks
+  FILE* f = ::fdopen(fd, "rb");
+  if (!f) {
+    int saved = errno;
+    ::close(fd);
+    throw Error("cannot open " + path + ": " + std::strerror(saved));
+  }
   std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
   EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr);
   std::vector<char> buf(1 << 20);
@@ -448,8 +453,7 @@ std::string manifest_json(const PrepareOptions& o, const std::string& identity, 
   rapidjson::StringBuffer sb;
   rapidjson::PrettyWriter<rapidjson::StringBuffer> w(sb);
   w.SetIndent(' ', 2);
-  rapidjson::Document id;
-  id.Parse(identity.c_str());
+  rapidjson::Document id = json::parse(identity, "prepare identity");
   w.StartObject();
   w.Key("ptk_prepared");
   w.Int(kPrepareVersion);
@@ -621,7 +625,10 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
     b->line_end.clear();
     b->results.clear();
     while (read_src < files.size()) {
-      if (!reader) reader = std::make_unique<LineReader>(files[read_src].path);
+      if (!reader) {
+        check_regular_file(files[read_src].path);  // hashed above, but it may have been replaced since
+        reader = std::make_unique<LineReader>(files[read_src].path);
+      }
       std::string_view line;
       int64_t line_no;
       size_t block_bytes = 0;

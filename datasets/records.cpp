@@ -272,10 +272,9 @@ bool parse_record(std::string_view line, Format format, Record* out, std::string
   arena.stack_pool.Clear();
   rapidjson::GenericDocument<rapidjson::UTF8<>, rapidjson::MemoryPoolAllocator<>, rapidjson::MemoryPoolAllocator<>> d(
       &arena.value_pool, 1024, &arena.stack_pool);
-  d.Parse<rapidjson::kParseDefaultFlags>(line.data(), line.size());
-  if (d.HasParseError()) {
-    *reason = "invalid JSON at column " + std::to_string(d.GetErrorOffset() + 1) + ": " +
-              rapidjson::GetParseError_En(d.GetParseError());
+  json::ParseStatus st = json::parse_into(d, line, &arena.stack_pool);  // refuses nesting past json::kMaxDepth
+  if (!st.ok()) {
+    *reason = "invalid JSON at column " + std::to_string(st.offset + 1) + ": " + st.message();
     return false;
   }
   if (!d.IsObject()) {

@@ -16,6 +16,7 @@
 
 #include "core/runtime/log.h"
 #include "core/util/error.h"
+#include "core/util/json.h"
 
 namespace ptk::reward {
 
@@ -68,8 +69,9 @@ struct ChunkResult {
 
 ChunkResult parse_answer(const std::string& body, size_t n) {
   rapidjson::Document d;
-  d.Parse(body.c_str(), body.size());
-  if (d.HasParseError() || !d.IsObject()) throw Error("the answer is not a JSON object");
+  json::ParseStatus st = json::parse_into(d, body);  // a server's answer: bounded depth like any input
+  if (!st.ok()) throw Error("the answer is not JSON (byte " + std::to_string(st.offset) + ": " + st.message() + ")");
+  if (!d.IsObject()) throw Error("the answer is not a JSON object");
   if (!d.HasMember("rewards")) throw Error("the answer has no `rewards`");
   ChunkResult r;
   r.rewards = numbers(d["rewards"], "`rewards`", n);

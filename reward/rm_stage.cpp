@@ -87,6 +87,7 @@ MarginMap read_margins(const data::PreparedSet& set, const std::string& column) 
   const std::string needle = "\"" + column + "\"";
   for (rapidjson::SizeType s = 0; s < sources.Size(); ++s) {
     std::string path = sources[s]["path"].GetString();
+    check_regular_file(path);  // before the open: a FIFO put in its place would block it forever
     std::ifstream f(path);
     if (!f) throw Error("rm: cannot reopen " + path + " to read its `" + column + "` column (the prepared data names it)");
     std::string line;

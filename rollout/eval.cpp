@@ -22,6 +22,7 @@
 namespace ptk::eval {
 
 std::vector<EvalPrompt> read_eval_prompts(const std::string& path, const tokenizer::Tokenizer& tok, int64_t limit) {
+  check_regular_file(path);  // before LineReader's fopen, which would block on a FIFO
   data::LineReader reader(path);
   std::vector<EvalPrompt> out;
   std::string_view line;

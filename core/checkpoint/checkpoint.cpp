@@ -107,16 +107,12 @@ std::string torch_dtype_name(at::ScalarType t) {
 // ---- reading ----------------------------------------------------------------------------------
 
 std::shared_ptr<MappedSafetensors> MappedSafetensors::open(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw Error(path + ": cannot open: " + errno_text());
+  // The type check comes before open() can block: a FIFO named model.safetensors hung here forever.
+  int fd = open_regular_file(path);
   struct stat st {};
   if (fstat(fd, &st) != 0) {
     ::close(fd);
     throw Error(path + ": cannot stat: " + errno_text());
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    throw Error(path + ": not a regular file");
   }
   size_t size = static_cast<size_t>(st.st_size);
   void* addr = nullptr;

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 
 #include "core/util/error.h"
 #include "core/util/fs.h"
@@ -212,10 +213,11 @@ Qwen2Config parse_config(const std::string& json_text, const std::string& origin
 }
 
 Qwen2Config read_config(const std::string& path) {
-  std::string file = path;
-  if (path_exists(path + "/config.json")) file = path + "/config.json";
+  // A folder means its config.json; read_file names a missing file, a folder or a FIFO as such (a
+  // folder without config.json used to be read as an empty text: "The document is empty").
+  std::string file = std::filesystem::is_directory(path) ? path + "/config.json" : path;
   if (!path_exists(file))
-    throw Error(path + ": no config.json\n---> HINT: pass a Hugging Face model folder (config.json + *.safetensors).");
+    throw Error(file + ": no such file\n---> HINT: pass a Hugging Face model folder (config.json + *.safetensors).");
   return parse_config(read_file(file), file);
 }
 

@@ -3,13 +3,13 @@
 #include "core/checkpoint/safetensors_header.h"
 
 #include <rapidjson/document.h>
-#include <rapidjson/error/en.h>
 
 #include <algorithm>
 #include <cstring>
 #include <set>
 
 #include "core/util/error.h"
+#include "core/util/json.h"
 
 namespace ptk::checkpoint {
 namespace {
@@ -87,13 +87,14 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, size_t size, con
   h.data_start = 8 + n;
   const uint64_t data_size = size - h.data_start;
 
-  // Iterative parsing: a hostile header of nested brackets cannot exhaust the stack. Only
-  // whitespace may follow the object (writers pad with spaces to a multiple of 8).
+  // Iterative parsing, and ptk's one depth limit on top: a header of nested brackets neither
+  // exhausts the stack nor builds a deep document. Only whitespace may follow the object (writers
+  // pad with spaces to a multiple of 8).
   rapidjson::Document doc;
-  doc.Parse<rapidjson::kParseIterativeFlag | rapidjson::kParseValidateEncodingFlag>(reinterpret_cast<const char*>(data + 8), n);
-  if (doc.HasParseError())
-    refuse(origin, std::string("header JSON is invalid at byte ") + std::to_string(doc.GetErrorOffset()) + ": " +
-                       rapidjson::GetParseError_En(doc.GetParseError()));
+  json::ParseStatus st = json::parse_into<rapidjson::kParseIterativeFlag | rapidjson::kParseValidateEncodingFlag>(
+      doc, std::string_view(reinterpret_cast<const char*>(data + 8), n));
+  if (!st.ok())
+    refuse(origin, "header JSON is invalid at byte " + std::to_string(st.offset) + ": " + st.message());
   if (!doc.IsObject()) refuse(origin, "header JSON is not an object");
 
   std::set<std::string> seen;

@@ -212,8 +212,9 @@ void apply_override(const std::string& ov, RecipeJson* out) {
   Value val;
   // JSON when it parses (numbers, bools, lists, quoted strings); otherwise the raw text as a string.
   rapidjson::Document parsed;
-  parsed.Parse(text.c_str(), text.size());
-  if (!parsed.HasParseError() && !text.empty()) {
+  json::ParseStatus st = json::parse_into(parsed, text);
+  if (st.too_deep) throw UsageError("override `" + key + "`: invalid JSON: " + st.message());
+  if (st.ok() && !text.empty()) {
     val.CopyFrom(parsed, a);
   } else {
     val.SetString(text.c_str(), static_cast<rapidjson::SizeType>(text.size()), a);

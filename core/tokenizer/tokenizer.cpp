@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstring>
 #include <exception>
+#include <filesystem>
 #include <mutex>
 #include <thread>
 
@@ -551,7 +552,7 @@ Tokenizer Tokenizer::load(const std::string& path, LoadOptions options) {
   } else {
     dir = parent_dir(path);
   }
-  if (!path_exists(json_path))
+  if (!path_exists(json_path) || std::filesystem::is_directory(json_path))  // a folder was read as "" before
     throw Error("tokenizer: " + path + " is neither a tokenizer.json nor a folder holding one\n---> HINT: point " +
                 "tokenizer.path (or --tokenizer) at an HF model folder; scripts/setup.sh places Qwen's files in "
                 "assets/tokenizers/qwen/");

@@ -11,6 +11,7 @@
 
 #include "core/util/error.h"
 #include "core/util/fs.h"
+#include "core/util/json.h"
 
 namespace ptk {
 
@@ -37,12 +38,12 @@ std::string Metrics::to_json(int64_t step) const {
 MetricsWriter::MetricsWriter(const std::string& path, int64_t truncate_after_step) : path_(path) {
   make_dirs(parent_dir(path));
   if (truncate_after_step >= 0 && path_exists(path)) {
+    check_regular_file(path);  // a FIFO would block the open below (and the append after) forever
     std::ifstream in(path);
     std::string line, kept;
     while (std::getline(in, line)) {
       rapidjson::Document d;
-      d.Parse(line.c_str());
-      if (d.HasParseError() || !d.IsObject()) continue;  // a torn last line from a crash
+      if (!json::parse_into(d, line).ok() || !d.IsObject()) continue;  // a torn last line from a crash
       auto s = d.FindMember("step");
       if (s != d.MemberEnd() && s->value.IsInt64() && s->value.GetInt64() > truncate_after_step) continue;
       kept += line + "\n";

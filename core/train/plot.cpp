@@ -13,6 +13,7 @@
 
 #include "core/util/error.h"
 #include "core/util/fs.h"
+#include "core/util/json.h"
 
 namespace ptk::plot {
 namespace {
@@ -174,8 +175,8 @@ MetricsLog read_metrics(const std::string& path_in, const std::string& run_name)
     const std::string& line = lines[i];
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     rapidjson::Document d;
-    d.Parse<rapidjson::kParseNanAndInfFlag>(line.c_str(), line.size());
-    bool ok = !d.HasParseError() && d.IsObject() && d.HasMember("step") && d["step"].IsInt64();
+    bool ok = json::parse_into<rapidjson::kParseNanAndInfFlag>(d, line).ok() && d.IsObject() && d.HasMember("step") &&
+              d["step"].IsInt64();
     if (!ok) {
       if (i + 1 == lines.size()) break;  // torn last line: the writer crashed mid-line
       throw Error(path + ":" + std::to_string(i + 1) +

@@ -7,23 +7,80 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include "core/util/error.h"
 
 namespace ptk {
 namespace {
 std::string errno_text() { return std::strerror(errno); }
+
+[[noreturn]] void throw_not_regular(const std::string& path, mode_t mode) {
+  const char* type = S_ISDIR(mode)    ? "a directory"
+                     : S_ISFIFO(mode) ? "a FIFO"
+                     : S_ISSOCK(mode) ? "a socket"
+                     : S_ISCHR(mode)  ? "a character device"
+                     : S_ISBLK(mode)  ? "a block device"
+                                      : "a special file";
+  throw Error("cannot open " + path + ": is " + type + ", not a regular file");
+}
+
+[[noreturn]] void throw_open_failed(const std::string& path, int err) {
+  if (err == ENOENT) throw Error("cannot open " + path + ": no such file");
+  struct stat st {};
+  // A socket cannot be open()ed (ENXIO): say what the path is rather than "No such device".
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) throw_not_regular(path, st.st_mode);
+  throw Error("cannot open " + path + ": " + std::strerror(err));
+}
 }  // namespace
 
+int open_regular_file(const std::string& path) {
+  int fd;
+  do {
+    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) throw_open_failed(path, errno);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    int saved = errno;
+    ::close(fd);
+    throw Error("cannot stat " + path + ": " + std::strerror(saved));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw_not_regular(path, st.st_mode);
+  }
+  int flags = ::fcntl(fd, F_GETFL);
+  if (flags >= 0) ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+  return fd;
+}
+
+void check_regular_file(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) throw_open_failed(path, errno);
+  if (!S_ISREG(st.st_mode)) throw_not_regular(path, st.st_mode);
+}
+
 std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error("cannot open " + path + ": " + errno_text());
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) throw Error("cannot read " + path + ": " + errno_text());
-  return ss.str();
+  int fd = open_regular_file(path);
+  struct stat st {};
+  size_t size = ::fstat(fd, &st) == 0 && st.st_size > 0 ? static_cast<size_t>(st.st_size) : 0;
+  std::string out(size + 1, '\0');  // one spare byte: a read of 0 then confirms the end
+  size_t len = 0;
+  for (;;) {
+    if (len == out.size()) out.resize(out.size() * 2);  // the file grew while being read
+    ssize_t n = ::read(fd, &out[len], out.size() - len);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      int saved = errno;
+      ::close(fd);
+      throw Error("cannot read " + path + ": " + std::strerror(saved));
+    }
+    if (n == 0) break;
+    len += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  out.resize(len);
+  return out;
 }
 
 void fsync_path(const std::string& path) {

@@ -6,8 +6,20 @@
 
 namespace ptk {
 
-// Whole file as bytes; throws ptk::Error naming the path and errno text.
+// Whole file as bytes (a regular file only, see open_regular_file); throws ptk::Error naming the
+// path and errno text.
 std::string read_file(const std::string& path);
+
+// Input files are regular files: a FIFO would block open() until a writer comes (forever), a folder
+// reads as empty text, a device can stream without end. open_regular_file opens `path` read-only
+// with O_NONBLOCK (which never blocks on a FIFO), checks the type with fstat, then clears
+// O_NONBLOCK; it returns the descriptor (O_CLOEXEC) or throws ptk::Error naming the path:
+//   "cannot open P: no such file", "cannot open P: is a directory, not a regular file",
+//   "cannot open P: is a FIFO, not a regular file", "cannot open P: <errno text>".
+int open_regular_file(const std::string& path);
+// The same check by stat() for readers that open the file themselves (fopen, ifstream): call it
+// right before their open. Symlinks are followed in both.
+void check_regular_file(const std::string& path);
 
 // Writes `data` to `path` atomically: a crash leaves either the old file or the new one.
 void write_file_atomic(const std::string& path, std::string_view data);

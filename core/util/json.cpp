@@ -24,21 +24,21 @@ void line_col(std::string_view text, size_t offset, size_t* line, size_t* col) {
   *col = c;
 }
 
+std::string ParseStatus::message() const {
+  if (too_deep) return "nested deeper than " + std::to_string(kMaxDepth) + " levels";
+  return rapidjson::GetParseError_En(code);
+}
+
 rapidjson::Document parse(std::string_view text, const std::string& origin, Syntax syntax) {
   rapidjson::Document doc;
   constexpr unsigned kRelaxed = rapidjson::kParseCommentsFlag | rapidjson::kParseTrailingCommasFlag |
                                 rapidjson::kParseNanAndInfFlag | rapidjson::kParseValidateEncodingFlag;
   constexpr unsigned kStrict = rapidjson::kParseValidateEncodingFlag;
-  if (syntax == Syntax::kRelaxed) {
-    doc.Parse<kRelaxed>(text.data(), text.size());
-  } else {
-    doc.Parse<kStrict>(text.data(), text.size());
-  }
-  if (doc.HasParseError()) {
+  ParseStatus st = syntax == Syntax::kRelaxed ? parse_into<kRelaxed>(doc, text) : parse_into<kStrict>(doc, text);
+  if (!st.ok()) {
     size_t line, col;
-    line_col(text, doc.GetErrorOffset(), &line, &col);
-    throw Error(origin + ":" + std::to_string(line) + ":" + std::to_string(col) +
-                ": invalid JSON: " + rapidjson::GetParseError_En(doc.GetParseError()));
+    line_col(text, st.offset, &line, &col);
+    throw Error(origin + ":" + std::to_string(line) + ":" + std::to_string(col) + ": invalid JSON: " + st.message());
   }
   return doc;
 }

@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <functional>
 
 #include "core/checkpoint/checkpoint.h"
 #include "core/checkpoint/hf_config.h"
@@ -15,6 +16,7 @@
 #include "core/util/fs.h"
 #include "core/util/json.h"
 #include "tests/model/hf_fixture.h"
+#include "tests/support/test_util.h"
 
 namespace ptk {
 namespace {
@@ -223,7 +225,8 @@ TEST(Safetensors, HostileFilesAreRefusedWithAClearError) {
                                      R"("a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8), "twice"},
       {"missing offsets", with_header(R"({"a":{"dtype":"F32","shape":[2]}})", 8), "data_offsets"},
       {"bad metadata", with_header(R"({"__metadata__":{"x":1}})", 0), "__metadata__"},
-      {"deep nesting", with_header("{\"a\":" + std::string(100000, '[') , 0), "invalid"},
+      {"deep nesting", with_header("{\"a\":" + std::string(1000000, '['), 0),
+       "header JSON is invalid at byte 516: nested deeper than 512 levels"},
   };
   test::TempDir tmp;
   for (const auto& c : cases) {
@@ -279,6 +282,58 @@ TEST(Checkpoint, BrokenFoldersAreRefusedByName) {
                     R"({"weight_map": {"model.norm.weight": "../../etc/passwd"}})");
   expect_refused(tmp.file("index"), "file name inside the folder");
   expect_refused(tmp.file("nothing-here"), "config.json");
+}
+
+// A model folder's config.json nested 1M levels deep is refused at the bracket past json::kMaxDepth,
+// naming the file (it used to overflow the stack); a missing config.json is "no such file", not
+// "The document is empty"; a FIFO as config.json, model.safetensors, a shard or the index is
+// refused before open() (a FIFO named model.safetensors hung `ptk forward` forever).
+TEST(Checkpoint, DeepConfigMissingConfigAndFifosAreRefusedByName) {
+  test::TempDir tmp;
+  const std::string cfg = read_file(fixture_dir("tiny-tied") + "/checkpoint/config.json");
+  const std::string weights = fixture_dir("tiny-tied") + "/checkpoint/model.safetensors";
+  auto error_of = [](const std::function<void()>& fn) -> std::string {
+    try {
+      fn();
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+
+  make_dirs(tmp.file("deep"));
+  write_file_atomic(tmp.file("deep/config.json"), "{\"architectures\": " + std::string(1000000, '[') + "}");
+  EXPECT_EQ(error_of([&] { read_config(tmp.file("deep")); }),
+            tmp.file("deep/config.json") + ":1:530: invalid JSON: nested deeper than 512 levels");
+
+  make_dirs(tmp.file("empty"));
+  std::string err = error_of([&] { model::Qwen2Model::from_pretrained(tmp.file("empty")); });
+  EXPECT_EQ(err.rfind(tmp.file("empty/config.json") + ": no such file", 0), 0u) << err;
+
+  make_dirs(tmp.file("fifo-config"));
+  std::string fifo_cfg = test::make_fifo(tmp.file("fifo-config/config.json"));
+  EXPECT_EQ(test::error_within([&] { model::Qwen2Model::from_pretrained(tmp.file("fifo-config")); }, fifo_cfg),
+            "cannot open " + fifo_cfg + ": is a FIFO, not a regular file");
+
+  make_dirs(tmp.file("fifo-weights"));
+  write_file_atomic(tmp.file("fifo-weights/config.json"), cfg);
+  std::string fifo_st = test::make_fifo(tmp.file("fifo-weights/model.safetensors"));
+  EXPECT_EQ(test::error_within([&] { model::Qwen2Model::from_pretrained(tmp.file("fifo-weights")); }, fifo_st),
+            "cannot open " + fifo_st + ": is a FIFO, not a regular file");
+
+  make_dirs(tmp.file("fifo-shard"));
+  write_file_atomic(tmp.file("fifo-shard/model.safetensors.index.json"), R"({"weight_map": {"w": "shard.safetensors"}})");
+  std::string fifo_shard = test::make_fifo(tmp.file("fifo-shard/shard.safetensors"));
+  EXPECT_EQ(test::error_within([&] { read_checkpoint_tensors(tmp.file("fifo-shard")); }, fifo_shard),
+            "cannot open " + fifo_shard + ": is a FIFO, not a regular file");
+
+  make_dirs(tmp.file("fifo-index"));
+  std::string fifo_index = test::make_fifo(tmp.file("fifo-index/model.safetensors.index.json"));
+  EXPECT_EQ(test::error_within([&] { read_checkpoint_tensors(tmp.file("fifo-index")); }, fifo_index),
+            "cannot open " + fifo_index + ": is a FIFO, not a regular file");
+
+  // The regular files beside them still load.
+  EXPECT_NO_THROW(read_safetensors(weights));
 }
 
 }  // namespace

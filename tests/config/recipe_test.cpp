@@ -4,6 +4,7 @@
 #include "core/config/recipe.h"
 #include "core/config/sections.h"
 #include "core/util/error.h"
+#include "core/util/fs.h"
 #include "tests/support/test_util.h"
 
 namespace ptk::config {
@@ -281,6 +282,33 @@ TEST(Recipe, InvalidJsonReportsLineAndColumn) {
   TrainingRecipe r;
   std::string err = bind_error(f, {}, &r);
   EXPECT_NE(err.find(f + ":4:1: invalid JSON"), std::string::npos) << err;
+}
+
+// A recipe (or its base) nested 1M levels deep is refused at the bracket past json::kMaxDepth with
+// file:line:col (it used to overflow the stack); a deep override value is a usage error; a recipe
+// path that is a folder or a FIFO is named as such (a folder used to read as "The document is empty").
+TEST(Recipe, DeepJsonFoldersAndFifosAreRefusedByName) {
+  TempDir d;
+  const std::string deep(1000000, '[');
+  std::string f = d.write("deep.json", "{\n  // a comment\n  \"optim\": {\"betas\": " + deep + "}}\n");
+  TrainingRecipe r;
+  EXPECT_EQ(bind_error(f, {}, &r), f + ":3:" + std::to_string(22 + 510) + ": invalid JSON: nested deeper than 512 levels");
+  std::string child = d.write("child.json", "{\"base\": \"deep.json\"}");
+  EXPECT_EQ(bind_error(child, {}, &r), f + ":3:532: invalid JSON: nested deeper than 512 levels");
+  try {
+    load_recipe("", {"optim.betas=" + deep + std::string(1000000, ']')});
+    ADD_FAILURE() << "a 1M-level override was accepted";
+  } catch (const UsageError& e) {
+    EXPECT_EQ(std::string(e.what()), "override `optim.betas`: invalid JSON: nested deeper than 512 levels");
+  }
+  // Within the limit an override is still JSON when it parses.
+  EXPECT_EQ(bind_error("", {"optim.betas=[0.8, 0.9]"}, &r), "");
+  EXPECT_DOUBLE_EQ(r.optim.betas[0], 0.8);
+
+  make_dirs(d.file("folder.json"));
+  EXPECT_EQ(bind_error(d.file("folder.json"), {}, &r), "cannot open " + d.file("folder.json") + ": is a directory, not a regular file");
+  std::string fifo = test::make_fifo(d.file("fifo.json"));
+  EXPECT_EQ(test::error_within([&] { load_recipe(fifo, {}); }, fifo), "cannot open " + fifo + ": is a FIFO, not a regular file");
 }
 
 TEST(Recipe, BaseCycleAndMissingBase) {

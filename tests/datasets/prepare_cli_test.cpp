@@ -49,6 +49,39 @@ TEST(PrepareCli, RecipeTrainAndEvalWithOverrides) {
   EXPECT_EQ(read_file(d.file("run/data/train/skipped.txt")), d.file("train.jsonl") + ":2: missing field \"completion\"\n");
 }
 
+// The hostile-input repro through the real binary: a training line and a recipe nested 1M levels
+// deep end in exit 1 naming file:line (they were exit 139, a stack overflow, naming nothing), the
+// deep line is skipped and listed under data.on_error=skip, and a FIFO as data file is refused
+// (not waited on) by name.
+TEST(PrepareCli, DeepJsonAndFifosAreErrorsNotCrashesOrHangs) {
+  test::TempDir d;
+  tasks::write_byte_tokenizer(d.file("tok"));
+  d.write("train.jsonl", "{\"text\":\"a\"}\n" + std::string(1000000, '[') + "\n{\"text\":\"b\"}\n");
+  const std::string bad = d.file("train.jsonl") + ":2: invalid JSON at column 513: nested deeper than 512 levels";
+  std::string base = test::ptk_binary() + " prepare --tokenizer " + d.file("tok") + " --max-seq-len 64 --input " +
+                     d.file("train.jsonl");
+  auto fail = test::run(base + " --output " + d.file("fail"));
+  EXPECT_EQ(fail.exit_code, 1) << fail.out;
+  EXPECT_NE(fail.out.find(bad), std::string::npos) << fail.out;
+  auto skip = test::run(base + " --output " + d.file("skip") + " data.on_error=skip");
+  ASSERT_EQ(skip.exit_code, 0) << skip.out;
+  EXPECT_NE(skip.out.find("skipped 1 bad record:\n  " + bad), std::string::npos) << skip.out;
+  EXPECT_EQ(read_file(d.file("skip/skipped.txt")), bad + "\n");
+
+  std::string recipe = d.write("r.json", "{\"data\": " + std::string(1000000, '['));
+  auto deep_recipe = test::run(test::ptk_binary() + " prepare --quiet --recipe " + recipe);
+  EXPECT_EQ(deep_recipe.exit_code, 1) << deep_recipe.out;
+  EXPECT_NE(deep_recipe.out.find(recipe + ":1:521: invalid JSON: nested deeper than 512 levels"), std::string::npos)
+      << deep_recipe.out;
+
+  // `timeout` bounds the run should the check regress (then 124, not a hung test).
+  std::string fifo = test::make_fifo(d.file("fifo.jsonl"));
+  auto f = test::run("timeout 60 " + test::ptk_binary() + " prepare --quiet --tokenizer " + d.file("tok") +
+                     " --input " + fifo + " --output " + d.file("f"));
+  EXPECT_EQ(f.exit_code, 1) << f.out;
+  EXPECT_NE(f.out.find("cannot open " + fifo + ": is a FIFO, not a regular file"), std::string::npos) << f.out;
+}
+
 TEST(PrepareCli, HelpAndUsageErrors) {
   auto help = test::run(test::ptk_binary() + " prepare --help");
   EXPECT_EQ(help.exit_code, 0) << help.out;

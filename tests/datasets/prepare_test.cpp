@@ -156,6 +156,55 @@ TEST(Prepare, OnErrorSkipCountsAndLists) {
   EXPECT_EQ(m["per_source"][0]["skipped"].GetInt64(), 1);
 }
 
+// A line nested 1M levels deep (parsed on a worker thread) is a bad record named by file and line:
+// listed by data.on_error=fail, skipped and listed by skip. It used to crash the process (exit 139).
+TEST(Prepare, DeeplyNestedLinesAreBadRecordsWithFileAndLine) {
+  Fixture fx;
+  const std::string deep(1000000, '[');
+  std::string in = fx.dir.write("deep.jsonl", "{\"text\":\"a\"}\n{\"text\": " + deep + std::string(1000000, ']') +
+                                                  "}\n" + deep + "\n{\"text\":\"b\"}\n");
+  const std::string line2 = in + ":2: invalid JSON at column 521: nested deeper than 512 levels";
+  const std::string line3 = in + ":3: invalid JSON at column 513: nested deeper than 512 levels";
+  try {
+    prepare(fx.options(in), fx.dir.file("fail"));
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()), "prepare: 2 bad records (data.on_error = fail):\n  " + line2 + "\n  " + line3 +
+                                         "\n---> HINT: fix these lines, or set data.on_error=skip to skip and list them");
+  }
+  auto o = fx.options(in);
+  o.on_error = "skip";
+  auto r = prepare(o, fx.dir.file("skip"));
+  EXPECT_EQ(r.summary.read, 4);
+  EXPECT_EQ(r.summary.skipped, 2);
+  EXPECT_EQ(r.summary.docs, 2);
+  EXPECT_EQ(read_file(fx.dir.file("skip/skipped.txt")), line2 + "\n" + line3 + "\n");
+}
+
+// A FIFO as a data file, a tokenizer file or a prepared manifest is refused with its path before
+// any open() can block (watched: a regression fails instead of hanging).
+TEST(Prepare, AFifoIsRefusedNotWaitedOn) {
+  Fixture fx;
+  std::string fifo = test::make_fifo(fx.dir.file("train.jsonl"));
+  const std::string want = "cannot open " + fifo + ": is a FIFO, not a regular file";
+  EXPECT_EQ(test::error_within([&] { prepare(fx.options(fifo), fx.dir.file("out")); }, fifo), want);
+  EXPECT_EQ(test::error_within([&] { is_fresh(fx.options(fifo), fx.dir.file("out")); }, fifo), want);
+
+  std::string good = fx.dir.write("good.jsonl", "{\"text\":\"a\"}\n");
+  prepare(fx.options(good), fx.dir.file("p"));
+  std::string manifest = fx.dir.file("p/manifest.json");
+  fs::remove(manifest);
+  test::make_fifo(manifest);
+  EXPECT_EQ(test::error_within([&] { PreparedSet::open(fx.dir.file("p")); }, manifest),
+            "cannot open " + manifest + ": is a FIFO, not a regular file");
+
+  std::string tok_json = fx.dir.file("tok/tokenizer.json");
+  fs::remove(tok_json);
+  test::make_fifo(tok_json);
+  EXPECT_EQ(test::error_within([&] { prepare(fx.options(good), fx.dir.file("q")); }, tok_json),
+            "cannot open " + tok_json + ": is a FIFO, not a regular file");
+}
+
 TEST(Prepare, IdenticalBytesTwiceWhateverTheThreads) {
   Fixture fx;
   std::string text;

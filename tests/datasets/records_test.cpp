@@ -18,6 +18,26 @@ std::string reason_of(const std::string& line, Format f) {
   return reason;
 }
 
+// A line nested past json::kMaxDepth (1M levels here) is a bad record with a reason, in every
+// format; it used to overflow the stack (exit 139) with no file or line named. Within the limit a
+// deep line is still read (a tool schema nests a few dozen levels).
+TEST(Records, DeeplyNestedLinesAreBadRecordsNotCrashes) {
+  const std::string deep(1000000, '[');
+  for (Format f : {Format::kSft, Format::kPreference, Format::kRl}) {
+    // {"text": [[[...: the bracket that opens level 513 is at byte 9 + 511.
+    EXPECT_EQ(reason_of("{\"text\": " + deep, f), "invalid JSON at column 521: nested deeper than 512 levels");
+    EXPECT_EQ(reason_of(deep + std::string(1000000, ']'), f), "invalid JSON at column 513: nested deeper than 512 levels");
+    std::string objects;
+    for (int i = 0; i < 1000000; ++i) objects += "{\"a\":";
+    EXPECT_EQ(reason_of(objects, f), "invalid JSON at column 2561: nested deeper than 512 levels");
+  }
+  Record r;
+  std::string why;
+  EXPECT_TRUE(parse_record("{\"text\": \"x\", \"tools\": " + std::string(500, '[') + std::string(500, ']') + "}",
+                           Format::kSft, &r, &why))
+      << why;
+}
+
 TEST(Records, SftMessages) {
   Record r;
   std::string why;

@@ -146,7 +146,7 @@ TEST(RewardServerCli, HostileClientsNeitherCrashNorStarveNorHoldIt) {
   long rss0 = proc_kib(c.pid, "VmRSS");
 
   // 1. A body nested a million levels deep: a 400, and the server goes on.
-  auto deep = post(std::string(1000, '['));
+  auto deep = post(std::string(1000000, '['));
   EXPECT_EQ(deep.status, 400) << deep.body;
   EXPECT_EQ(post(good).status, 200) << "the server did not survive the nested body";
 

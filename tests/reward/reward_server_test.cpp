@@ -270,6 +270,25 @@ TEST_F(RewardServerTest, BadInputGetsA4xxWithAMessage) {
   EXPECT_EQ(m["requests"].GetInt64(), static_cast<int64_t>(cases.size()) + 1);
 }
 
+// A body nested 1M levels deep (2 MB) is a 400 naming the depth limit, and the server keeps serving:
+// it used to overflow the stack of the HTTP thread and kill the server (exit 139).
+TEST_F(RewardServerTest, DeeplyNestedBodiesGetA400AndTheServerKeepsServing) {
+  RewardServerThread srv(reward_section({"reward.verifiers=[\"exact\"]", "reward.max_body_bytes=8000000"}));
+  httplib::Client cli("127.0.0.1", srv.port);
+  const size_t n = 1000000;
+  std::string objects;
+  for (size_t i = 0; i < n; ++i) objects += "{\"a\":";
+  for (const std::string& body : {std::string(n, '[') + std::string(n, ']'), "{\"query\": " + std::string(n, '['), objects}) {
+    auto res = cli.Post("/get_reward", body, "application/json");
+    ASSERT_TRUE(res) << "no answer to a deep body: " << body.substr(0, 40);
+    EXPECT_EQ(res->status, 400) << res->body;
+    EXPECT_NE(res->body.find("nested deeper than 512 levels"), std::string::npos) << res->body;
+    auto ok = cli.Post("/get_reward", "{\"query\": [\"abc\"], \"labels\": [\"abc\"]}", "application/json");
+    ASSERT_TRUE(ok);
+    EXPECT_EQ(ok->status, 200) << ok->body;
+  }
+}
+
 TEST_F(RewardServerTest, HealthAndBearerToken) {
   RewardServerThread srv(reward_section({"reward.verifiers=[\"exact\"]", "reward.api_key=s3cret"}));
   httplib::Client cli("127.0.0.1", srv.port);
@@ -351,6 +370,31 @@ TEST(RewardClient, MalformedAnswersAreErrorsNotZeros) {
       ADD_FAILURE() << "a short answer was accepted";
     } catch (const Error& e) {
       EXPECT_NE(std::string(e.what()).find("1 values for 2 queries"), std::string::npos) << e.what();
+    }
+  }
+  fake.stop();
+  t.join();
+}
+
+// An answer nested 1M levels deep is a malformed answer (named), not a crash of the trainer.
+TEST(RewardClient, ADeeplyNestedAnswerIsAnErrorNotACrash) {
+  httplib::Server fake;
+  fake.Post("/get_reward", [&](const httplib::Request&, httplib::Response& res) {
+    res.set_content("{\"rewards\": " + std::string(1000000, '['), "application/json");
+  });
+  int port = fake.bind_to_any_port("127.0.0.1");
+  std::thread t([&] { fake.listen_after_bind(); });
+  auto o = fast({"http://127.0.0.1:" + std::to_string(port)});
+  o.max_attempts = 2;
+  {
+    reward::RewardClient client(o);
+    try {
+      client.score({"a"}, {}, {});
+      ADD_FAILURE() << "a 1M-level answer was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("the answer is not JSON (byte 523: nested deeper than 512 levels)"),
+                std::string::npos)
+          << e.what();
     }
   }
   fake.stop();

@@ -1,9 +1,15 @@
 #include "tests/support/test_util.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <array>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <future>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -72,4 +78,32 @@ RunResult run(const std::string& command) {
   return {code, out};
 }
 
+std::string make_fifo(const std::string& path) {
+  if (::mkfifo(path.c_str(), 0644) != 0) throw std::runtime_error("mkfifo " + path + ": " + std::strerror(errno));
+  return path;
+}
+
+std::string error_within(const std::function<void()>& fn, const std::string& fifo, double seconds) {
+  auto fut = std::async(std::launch::async, [fn]() -> std::string {
+    try {
+      fn();
+    } catch (const std::exception& e) {
+      return e.what();
+    }
+    return "";
+  });
+  if (fut.wait_for(std::chrono::duration<double>(seconds)) == std::future_status::ready) return fut.get();
+  // Still running: most likely blocked in open() on the FIFO. A writer that opens and closes it
+  // releases that open (and a read after it sees the end), so the thread can be joined; repeated
+  // in case the reader reaches a blocking open() again.
+  do {
+    int fd = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK);
+    if (fd >= 0) ::close(fd);
+  } while (fut.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready);
+  char waited[32];
+  std::snprintf(waited, sizeof waited, "%g", seconds);
+  return std::string("HUNG: still running after ") + waited + " s (then: " + fut.get() + ")";
+}
+
 }  // namespace ptk::test
+

@@ -1,6 +1,7 @@
 // Test helpers: temporary folders, paths to the source tree, ../shared and the ptk binary, and
 // running a command. Not assertions (GoogleTest's).
 #pragma once
+#include <functional>
 #include <string>
 
 namespace ptk::test {
@@ -35,5 +36,13 @@ struct RunResult {
   std::string out;  // stdout and stderr together
 };
 RunResult run(const std::string& command);
+
+// Makes a FIFO (named pipe) at `path`; returns `path`.
+std::string make_fifo(const std::string& path);
+// Runs `fn` on another thread and returns what it threw (what()), or "" when it returned. For
+// readers that must refuse the FIFO at `fifo` before open() can block: when `fn` has not returned
+// within `seconds`, the FIFO is opened for writing (which releases a reader blocked in open(), so
+// the test fails instead of hanging) and the result starts with "HUNG: ".
+std::string error_within(const std::function<void()>& fn, const std::string& fifo, double seconds = 30);
 
 }  // namespace ptk::test

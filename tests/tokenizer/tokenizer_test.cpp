@@ -122,6 +122,41 @@ TEST(Tokenizer, RefusesWhatItDoesNotSupport) {
   EXPECT_NE(load_error("{not json").find("bad.json:1"), std::string::npos);
 }
 
+// tokenizer.json and tokenizer_config.json nested 1M levels deep are refused at the bracket past
+// json::kMaxDepth (they used to overflow the stack); a FIFO in their place is refused before open();
+// a folder without tokenizer.json is named as such (it used to be read as an empty text).
+TEST(Tokenizer, DeepJsonFifosAndFoldersAreRefusedByName) {
+  const std::string deep(1000000, '[');
+  EXPECT_EQ(load_error("{\"version\": " + deep), "bad.json:1:524: invalid JSON: nested deeper than 512 levels");
+  const std::string good = read_file(data_dir() + "/tiny_merges_strings.json");
+  try {
+    Tokenizer::from_json(good, "{\"chat_template\": " + deep, "tok/tokenizer.json");
+    ADD_FAILURE() << "a 1M-level tokenizer_config.json loaded";
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()),
+              "tok/tokenizer.json (tokenizer_config.json):1:530: invalid JSON: nested deeper than 512 levels");
+  }
+
+  ptk::test::TempDir d;
+  std::string fifo = ptk::test::make_fifo(d.file("tokenizer.json"));
+  EXPECT_EQ(ptk::test::error_within([&] { Tokenizer::load(d.path()); }, fifo),
+            "cannot open " + fifo + ": is a FIFO, not a regular file");
+  ptk::test::TempDir d2;
+  d2.write("tokenizer.json", good);
+  std::string cfg_fifo = ptk::test::make_fifo(d2.file("tokenizer_config.json"));
+  EXPECT_EQ(ptk::test::error_within([&] { Tokenizer::load(d2.path()); }, cfg_fifo),
+            "cannot open " + cfg_fifo + ": is a FIFO, not a regular file");
+  ptk::test::TempDir empty;
+  try {
+    Tokenizer::load(empty.path());
+    ADD_FAILURE() << "a folder without tokenizer.json loaded";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(empty.path() + " is neither a tokenizer.json nor a folder holding one"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(Tokenizer, Utf8RepairIsPerMaximalSubpart) {
   EXPECT_TRUE(is_valid_utf8("héllo 你好 😀"));
   EXPECT_FALSE(is_valid_utf8("\xC0\xAF"));
