@@ -343,6 +343,10 @@ struct Server::Impl {
         return close_conn(id);
       }
       if (cc.phase == Phase::kLinger) continue;  // dropped
+      // ACK at once: a client that writes its head and body separately (cpp-httplib's, with Nagle)
+      // waits for this ACK before sending the body, and a delayed ACK cost it 40 ms per request.
+      int one = 1;
+      ::setsockopt(cc.fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
       cc.in.append(buf, static_cast<size_t>(n));
       process_input(id, now);
     }
