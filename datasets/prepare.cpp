@@ -644,24 +644,29 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
   uint64_t bytes_before = 0;
   // Fills `b` with the next lines of one source file; false when every file is read.
   auto read_block = [&](Block* b) {
+    if (b->text.capacity() > (128u << 20)) std::string().swap(b->text);  // not kept after a huge line
     b->text.clear();
     b->line_end.clear();
     b->results.clear();
     while (read_src < files.size()) {
       if (!reader) reader = std::make_unique<LineReader>(files[read_src].path);
-      std::string_view line;
       int64_t line_no;
       size_t block_bytes = 0;
       bool more = true;
       while (static_cast<int64_t>(b->size()) < o.block_lines && block_bytes < (64u << 20)) {
-        if (!reader->next(&line, &line_no)) {
+        // Straight into the block: a huge line is held here once, not also in the reader.
+        const size_t start = b->text.size();
+        if (!reader->append_next(&b->text, &line_no)) {
           more = false;
           break;
         }
-        if (is_blank_line(line)) continue;
-        b->text.append(line);
+        const size_t len = b->text.size() - start;
+        if (is_blank_line(std::string_view(b->text).substr(start))) {
+          b->text.resize(start);
+          continue;
+        }
         b->line_end.push_back(b->text.size());
-        block_bytes += line.size();
+        block_bytes += len;
         b->results.emplace_back();
         b->results.back().line_no = line_no;
       }
