@@ -26,6 +26,7 @@
 #include "core/train/checkpoint_dir.h"
 #include "core/train/plot.h"
 #include "core/train/progress.h"
+#include "core/train/run_folder.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
 #include "core/util/json.h"
@@ -385,7 +386,7 @@ int64_t Trainer::run() {
   dist::Comm& comm = s.comm;
   const bool main = s.main();
   if (main) {
-    make_dirs(o.run_dir);
+    claim_run_folder(o.run_dir, log::info);  // trainer_options did it already for the commands
     if (!o.resolved_recipe.empty()) write_file_atomic(o.run_dir + "/config.json", o.resolved_recipe);
   }
   s.resume();
