@@ -94,6 +94,15 @@ uint64_t tree_bytes(const std::string& path) {
   return total;
 }
 
+std::string remove_partial(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::exists(std::filesystem::symlink_status(path, ec)) || ec) return "";
+  const std::string size = format_bytes(static_cast<double>(tree_bytes(path)));
+  std::filesystem::remove_all(path, ec);
+  if (ec) return "could not remove its partial output " + path + " (" + size + "): " + ec.message();
+  return "removed its partial output " + path + " (" + size + ")";
+}
+
 std::string parent_dir(const std::string& path) {
   auto p = std::filesystem::path(path).parent_path().string();
   return p.empty() ? "." : p;

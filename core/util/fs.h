@@ -25,6 +25,11 @@ bool path_exists(const std::string& path);
 // is absent. Never throws.
 uint64_t tree_bytes(const std::string& path);
 
+// Best effort after a writer failed: removes its partial output `path` (a file or a folder) and
+// says what happened, "removed its partial output X (1.2 GiB)" or "could not remove ... : why";
+// "" when there is nothing at `path`. Never throws.
+std::string remove_partial(const std::string& path);
+
 // Folder of `path` ("." when none); `path` relative to `base_dir` unless absolute.
 std::string parent_dir(const std::string& path);
 std::string resolve_path(const std::string& base_dir, const std::string& path);

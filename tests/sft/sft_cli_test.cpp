@@ -1,7 +1,7 @@
 // `ptk sft` end to end on a tiny random model: make-data's byte tokenizer and chat data, packed
 // rows, metrics with TRL's names, final/ as an HF folder, resume on rerun, two data-parallel ranks
-// through `ptk launch`, and the run folder's temporaries: a killed run's are removed at the next
-// start, a folder in use is refused.
+// through `ptk launch`, and the run folder's temporaries: a failed write (full disk) removes its
+// own, a killed run's are removed at the next start, a folder in use is refused.
 #include <gtest/gtest.h>
 
 #include <unistd.h>
@@ -179,9 +179,10 @@ TEST_F(SftCli, HeldoutAccuracyMatchesPtkEvalOnOneAndTwoRanks) {
 }
 
 // Runs `command` under bash with files limited to 64 KiB (ulimit -f), below the tiny model's 110 KB
-// safetensors: SIGXFSZ kills it in the middle of that write (a crash mid-write).
-test::RunResult with_file_limit(const std::string& command) {
-  return test::run("bash -c \"ulimit -f 64; exec " + command + "\"");
+// safetensors: crash = true lets SIGXFSZ kill it in the middle of that write (a crash mid-write),
+// else the signal is ignored and the write fails with EFBIG, as on a full disk.
+test::RunResult with_file_limit(const std::string& command, bool crash) {
+  return test::run(std::string("bash -c \"") + (crash ? "" : "trap '' XFSZ; ") + "ulimit -f 64; exec " + command + "\"");
 }
 
 // Names in `dir` that start with `prefix`.
@@ -195,11 +196,27 @@ std::vector<std::string> names_starting(const std::string& dir, const std::strin
   return out;
 }
 
+// A checkpoint write that fails (full disk) removes its partial folders before the error ends the
+// run, so the next run starts at once.
+TEST_F(SftCli, FullDiskAtACheckpointLeavesNoPartialFolder) {
+  auto r = with_file_limit(sft(""), false);
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.out.find("File too large"), std::string::npos) << r.out;
+  const std::string tmp = d_.file("run/checkpoints/.tmp-step-2");
+  EXPECT_NE(r.out.find("writing checkpoint step-2 failed; removed its partial output " + tmp + " ("), std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("failed; removed its partial output " + tmp + "/model.tmp.tmp-"), std::string::npos) << r.out;
+  EXPECT_FALSE(path_exists(tmp));
+  auto again = test::run(sft(""));
+  ASSERT_EQ(again.exit_code, 0) << again.out;
+  EXPECT_TRUE(path_exists(d_.file("run/final/model.safetensors")));
+}
+
 // A run killed while it writes a checkpoint or final/ leaves its temporary folder (.tmp-step-N has no
 // pid in its name; final.tmp.tmp-<pid> has the dead one); the next start of the same run removes
 // them, says so with their sizes, and finishes.
 TEST_F(SftCli, KilledMidWriteLeavesTemporariesTheNextStartRemoves) {
-  auto killed = with_file_limit(sft(""));
+  auto killed = with_file_limit(sft(""), true);
   EXPECT_NE(killed.exit_code, 0) << killed.out;
   const std::string step_tmp = d_.file("run/checkpoints/.tmp-step-2");
   ASSERT_TRUE(path_exists(step_tmp)) << killed.out;
@@ -211,7 +228,7 @@ TEST_F(SftCli, KilledMidWriteLeavesTemporariesTheNextStartRemoves) {
 
   // Two more steps, no checkpoints: killed while writing final/ (the old final/ stays whole).
   const std::string more = "train.max_steps=6 checkpoint.every=0";
-  killed = with_file_limit(sft(more));
+  killed = with_file_limit(sft(more), true);
   EXPECT_NE(killed.exit_code, 0) << killed.out;
   auto left = names_starting(d_.file("run"), "final.tmp");
   ASSERT_EQ(left.size(), 1u) << killed.out;
