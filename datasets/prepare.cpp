@@ -17,6 +17,7 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <iterator>
 #include <memory>
 #include <thread>
 #include <condition_variable>
@@ -194,33 +195,43 @@ struct LineResult {
   std::string meta;
 };
 
-std::vector<TokenId> encode_with_eos(const Tokenizer& tok, const std::string& text) {
-  std::vector<TokenId> ids = tok.encode(text);
+// Long records cost memory by max_seq_len, not by their size: each text is encoded only as far as
+// the ids that can survive truncation (Tokenizer::head_bytes: the first n ids depend only on the
+// first head_bytes(n) bytes), and a prompt cut from the left keeps only its last ids as it goes
+// (encode_tail). Every encoding below asks for max_seq_len + 1 ids where truncation keeps the
+// first max_seq_len: that many ids are exactly the first ones of the whole record, and "more than
+// max_seq_len" is decided as before.
+
+// The first n ids of `text` followed by EOS (TRL appends EOS to language-modeling text); the EOS
+// only survives when the text has fewer than n ids, which is where encode_head gives them all.
+std::vector<TokenId> encode_head_with_eos(const Tokenizer& tok, std::string_view text, size_t n) {
+  std::vector<TokenId> ids = tok.encode_head(text, n);
   if (tok.eos_id() != tokenizer::kNoToken) ids.push_back(tok.eos_id());
   return ids;
 }
 
-void tokenize_sft(const Tokenizer& tok, const SftRecord& r, LineResult* out) {
+void tokenize_sft(const Tokenizer& tok, const SftRecord& r, size_t n, LineResult* out) {
   switch (r.kind) {
     case SftRecord::Kind::kMessages: {
-      auto e = tok.render_chat(r.messages);
+      auto e = tok.render_chat(r.messages, false, n);
       out->ids = std::move(e.ids);
       out->mask = std::move(e.assistant_mask);
       break;
     }
     case SftRecord::Kind::kPromptCompletion: {
       if (!r.prompt.is_messages) {
-        auto e = tok.encode_prompt_completion(r.prompt.text, r.completion.text, true);
+        auto e = tok.encode_prompt_completion(r.prompt.text, r.completion.text, true, n);
         out->ids = std::move(e.ids);
         out->mask = std::move(e.completion_mask);
         out->seg_a = static_cast<uint32_t>(e.prompt_tokens);
       } else {
         // Loss on the completion's assistant tokens: the full conversation's assistant mask, minus
-        // the tokens of the prompt rendered with the generation prompt (what TRL's completion_mask holds).
-        std::vector<tokenizer::Message> all = r.prompt.messages;
-        all.insert(all.end(), r.completion.messages.begin(), r.completion.messages.end());
-        auto e = tok.render_chat(all);
-        size_t p = tok.render_chat(r.prompt.messages, true).ids.size();
+        // the tokens of the prompt rendered with the generation prompt (what TRL's completion_mask
+        // holds). p is min(prompt ids, n): only the first n - 1 mask values can survive.
+        std::vector<tokenizer::Message> all =
+            tokenizer::head_messages({&r.prompt.messages, &r.completion.messages}, tok.head_bytes(n));
+        auto e = tok.render_chat(all, false, n);
+        size_t p = tok.render_chat(r.prompt.messages, true, n).ids.size();
         for (size_t i = 0; i < std::min(p, e.assistant_mask.size()); ++i) e.assistant_mask[i] = 0;
         out->ids = std::move(e.ids);
         out->mask = std::move(e.assistant_mask);
@@ -229,57 +240,72 @@ void tokenize_sft(const Tokenizer& tok, const SftRecord& r, LineResult* out) {
       break;
     }
     case SftRecord::Kind::kText: {
-      out->ids = encode_with_eos(tok, r.text);  // TRL appends EOS to language-modeling text
+      out->ids = encode_head_with_eos(tok, r.text, n);
       out->mask.assign(out->ids.size(), 1);
       break;
     }
   }
 }
 
+// The prompt's messages with empty contents: a reply renders after them exactly as after the real
+// prompt (the templates look only at roles), without copying a long prompt for each reply.
+std::vector<tokenizer::Message> roles_only(const std::vector<tokenizer::Message>& m) {
+  std::vector<tokenizer::Message> out;
+  out.reserve(m.size());
+  for (const auto& x : m) out.push_back({x.role, std::string()});
+  return out;
+}
+
 // Prompt text with the generation prompt, and each reply as the text the full render adds after it
-// (TRL: apply_chat_template(prompt + reply)[len(prompt):]).
-bool render_pair_texts(const Tokenizer& tok, const PreferenceRecord& r, std::string* p, std::string* c,
+// (TRL: apply_chat_template(prompt + reply)[len(prompt):]); each reply's messages cut to what
+// decides its first `budget` bytes.
+bool render_pair_texts(const Tokenizer& tok, const PreferenceRecord& r, size_t budget, std::string* p, std::string* c,
                        std::string* rj, std::string* reason) {
   *p = tok.render_chat_text(r.prompt.messages, true);
+  const std::vector<tokenizer::Message> roles = roles_only(r.prompt.messages);
+  const std::string head = tok.render_chat_text(roles, true);
   for (int k = 0; k < 2; ++k) {
     const auto& reply = k == 0 ? r.chosen.messages : r.rejected.messages;
-    std::vector<tokenizer::Message> all = r.prompt.messages;
-    all.insert(all.end(), reply.begin(), reply.end());
+    std::vector<tokenizer::Message> all = roles, cut = tokenizer::head_messages({&reply}, budget);
+    all.insert(all.end(), std::make_move_iterator(cut.begin()), std::make_move_iterator(cut.end()));
     std::string full = tok.render_chat_text(all);
-    if (full.compare(0, p->size(), *p) != 0) {
+    if (full.compare(0, head.size(), head) != 0) {
       *reason = std::string("the chat template renders \"prompt\" + \"") + (k == 0 ? "chosen" : "rejected") +
                 "\" differently from \"prompt\" alone (does the reply start with an assistant message?)";
       return false;
     }
-    (k == 0 ? *c : *rj) = full.substr(p->size());
+    (k == 0 ? *c : *rj) = full.substr(head.size());
   }
   return true;
 }
 
 void tokenize_preference(const Tokenizer& tok, const PreferenceRecord& r, const PrepareOptions& o, LineResult* out) {
+  const size_t L = static_cast<size_t>(o.max_seq_len);
+  // The prompt is cut from the left: its last L ids (all that can survive) and how many it has. The
+  // replies are cut from the right: their first L + 1 ids.
   std::vector<TokenId> p, c, rj;
+  size_t p_total = 0;
   if (!r.prompt.is_messages) {
-    p = tok.encode(r.prompt.text);
-    c = encode_with_eos(tok, r.chosen.text);
-    rj = encode_with_eos(tok, r.rejected.text);
+    p = tok.encode_tail(r.prompt.text, L, &p_total);
+    c = encode_head_with_eos(tok, r.chosen.text, L + 1);
+    rj = encode_head_with_eos(tok, r.rejected.text, L + 1);
   } else {
     std::string pt, ct, rt;
-    if (!render_pair_texts(tok, r, &pt, &ct, &rt, &out->reason)) {
+    if (!render_pair_texts(tok, r, tok.head_bytes(L + 1), &pt, &ct, &rt, &out->reason)) {
       out->bad = true;
       return;
     }
-    p = tok.encode(pt);
-    c = tok.encode(ct);
-    rj = tok.encode(rt);
+    p = tok.encode_tail(pt, L, &p_total);
+    c = tok.encode_head(ct, L + 1);
+    rj = tok.encode_head(rt, L + 1);
   }
-  const size_t L = static_cast<size_t>(o.max_seq_len);
   size_t longest = std::max(c.size(), rj.size());
-  if (p.size() + longest > L) {
+  if (p_total + longest > L) {
     if (o.overlong == "drop") {
       out->dropped = true;
       return;
     }
-    size_t keep_p = std::min(p.size(), std::max(L / 2, L - std::min(longest, L)));
+    size_t keep_p = std::min(p_total, std::max(L / 2, L - std::min(longest, L)));
     p.erase(p.begin(), p.end() - static_cast<std::ptrdiff_t>(keep_p));  // keep the prompt's end
     if (c.size() > L - keep_p) c.resize(L - keep_p);
     if (rj.size() > L - keep_p) rj.resize(L - keep_p);
@@ -295,7 +321,8 @@ void tokenize_preference(const Tokenizer& tok, const PreferenceRecord& r, const 
 }
 
 void tokenize_rl(const Tokenizer& tok, const RlRecord& r, const PrepareOptions& o, LineResult* out) {
-  out->ids = r.prompt.is_messages ? tok.render_chat(r.prompt.messages, true).ids : tok.encode(r.prompt.text);
+  const size_t n = static_cast<size_t>(o.max_seq_len) + 1;  // enough to tell a prompt that is too long
+  out->ids = r.prompt.is_messages ? tok.render_chat(r.prompt.messages, true, n).ids : tok.encode_head(r.prompt.text, n);
   if (static_cast<int64_t>(out->ids.size()) > o.max_seq_len) {
     out->ids.clear();
     out->dropped = true;  // a cut prompt asks a different question
@@ -316,7 +343,7 @@ void process_line(const Tokenizer& tok, const PrepareOptions& o, std::string_vie
   if (out->copies == 0) return;
   switch (o.format) {
     case Format::kSft: {
-      tokenize_sft(tok, rec.sft, out);
+      tokenize_sft(tok, rec.sft, static_cast<size_t>(o.max_seq_len) + 1, out);
       if (static_cast<int64_t>(out->ids.size()) > o.max_seq_len) {
         if (o.overlong == "drop") {
           out->dropped = true;
@@ -621,6 +648,7 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
   uint64_t bytes_before = 0;
   // Fills `b` with the next lines of one source file; false when every file is read.
   auto read_block = [&](Block* b) {
+    if (b->text.capacity() > (128u << 20)) std::string().swap(b->text);  // not kept after a huge line
     b->text.clear();
     b->line_end.clear();
     b->results.clear();
@@ -629,19 +657,23 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
         check_regular_file(files[read_src].path);  // hashed above, but it may have been replaced since
         reader = std::make_unique<LineReader>(files[read_src].path);
       }
-      std::string_view line;
       int64_t line_no;
       size_t block_bytes = 0;
       bool more = true;
       while (static_cast<int64_t>(b->size()) < o.block_lines && block_bytes < (64u << 20)) {
-        if (!reader->next(&line, &line_no)) {
+        // Straight into the block: a huge line is held here once, not also in the reader.
+        const size_t start = b->text.size();
+        if (!reader->append_next(&b->text, &line_no)) {
           more = false;
           break;
         }
-        if (is_blank_line(line)) continue;
-        b->text.append(line);
+        const size_t len = b->text.size() - start;
+        if (is_blank_line(std::string_view(b->text).substr(start))) {
+          b->text.resize(start);
+          continue;
+        }
         b->line_end.push_back(b->text.size());
-        block_bytes += line.size();
+        block_bytes += len;
         b->results.emplace_back();
         b->results.back().line_no = line_no;
       }

@@ -4,7 +4,10 @@
 // Crash safety: everything is written into "<dir>.tmp-<pid>/", manifest.json last, then the folder
 // is renamed over <dir>; a crash leaves the previous folder (or none), never a half folder that a
 // loader accepts. Determinism: the same sources, tokenizer and options give identical bytes,
-// whatever the thread count.
+// whatever the thread count. Memory: a record costs its line plus what max_seq_len keeps, not its
+// size times the tokenizer's overhead: each text is encoded only as far as truncation can keep
+// (Tokenizer::head_bytes), a prompt cut from the left keeps only its last ids as it goes
+// (Tokenizer::encode_tail); the result is the same as encoding it whole, then truncating.
 #pragma once
 #include <cstdint>
 #include <string>

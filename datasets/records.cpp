@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <new>
 
 #include "core/util/error.h"
 #include "core/util/json.h"
@@ -266,8 +267,18 @@ bool parse_record(std::string_view line, Format format, Record* out, std::string
     std::vector<char> values = std::vector<char>(1 << 20), stack = std::vector<char>(256 << 10);
     rapidjson::MemoryPoolAllocator<> value_pool{values.data(), values.size()};
     rapidjson::MemoryPoolAllocator<> stack_pool{stack.data(), stack.size()};
+    size_t stack_chunk = 64 << 10;  // stack_pool's chunk capacity (rapidjson's default)
   };
   thread_local Arena arena;
+  // A string is decoded on the parse stack before it is copied out, and the stack grows by 1.5x:
+  // in a pool of small chunks every step leaves its old copy behind (3x a long line's string in
+  // all, until the next line). One chunk the size of the line lets the stack grow in place.
+  const size_t stack_chunk = line.size() > (192u << 10) ? line.size() + (64u << 10) : (64u << 10);
+  if (stack_chunk != arena.stack_chunk) {
+    arena.stack_pool.~MemoryPoolAllocator();  // rapidjson 1.1 has no way to change the chunk size
+    new (&arena.stack_pool) rapidjson::MemoryPoolAllocator<>(arena.stack.data(), arena.stack.size(), stack_chunk);
+    arena.stack_chunk = stack_chunk;
+  }
   arena.value_pool.Clear();  // frees any chunk a long line added; the buffers stay
   arena.stack_pool.Clear();
   rapidjson::GenericDocument<rapidjson::UTF8<>, rapidjson::MemoryPoolAllocator<>, rapidjson::MemoryPoolAllocator<>> d(
@@ -281,6 +292,9 @@ bool parse_record(std::string_view line, Format format, Record* out, std::string
     *reason = std::string("expected a JSON object, got ") + json::type_name(d);
     return false;
   }
+  // Nothing on the parse stack is needed past the parse (the values live in value_pool): give a
+  // long line's decoded strings back before the record copies them out.
+  arena.stack_pool.Clear();
   switch (format) {
     case Format::kSft: return parse_sft(d, &out->sft, reason);
     case Format::kPreference: return parse_preference(d, &out->preference, reason);
@@ -329,12 +343,16 @@ bool is_blank_line(std::string_view line) {
 LineReader::LineReader(const std::string& path) : path_(path), buf_(1 << 20) {
   f_ = std::fopen(path.c_str(), "rb");
   if (!f_) throw Error("cannot open " + path + ": " + std::strerror(errno));
+  struct stat st {};
+  seekable_ = ::fstat(fileno(f_), &st) == 0 && S_ISREG(st.st_mode);
 }
 
 LineReader::~LineReader() {
   if (f_) std::fclose(f_);
 }
 
+// Reads more after the buffered bytes (moved to the front first); false at the end of the file or
+// when the buffer is full (a line longer than it).
 bool LineReader::fill() {
   if (eof_) return false;
   if (begin_ > 0) {  // keep the partial line at the front
@@ -342,7 +360,7 @@ bool LineReader::fill() {
     end_ -= begin_;
     begin_ = 0;
   }
-  if (end_ == buf_.size()) buf_.resize(buf_.size() * 2);  // a line longer than the buffer
+  if (end_ == buf_.size()) return false;
   size_t n = std::fread(buf_.data() + end_, 1, buf_.size() - end_, f_);
   if (n == 0) {
     if (std::ferror(f_)) throw Error("cannot read " + path_ + ": " + std::strerror(errno));
@@ -353,29 +371,122 @@ bool LineReader::fill() {
   return true;
 }
 
-bool LineReader::next(std::string_view* line, int64_t* line_no) {
-  size_t scan = begin_;
+// Where the line at begin_ ends, when that is in the buffer (read further as needed): kLine (*len
+// bytes, then "\n"), kLastLine (*len bytes, then the end of the file), kEnd, or kLong (it does not
+// fit: the buffer is full with its start).
+LineReader::Found LineReader::buffered_line(size_t* len) {
+  size_t scanned = 0;  // bytes after begin_ known to hold no "\n"
   for (;;) {
-    const char* nl = static_cast<const char*>(std::memchr(buf_.data() + scan, '\n', end_ - scan));
+    const char* from = buf_.data() + begin_ + scanned;
+    const char* nl = static_cast<const char*>(std::memchr(from, '\n', end_ - begin_ - scanned));
     if (nl) {
-      size_t len = static_cast<size_t>(nl - (buf_.data() + begin_));
+      *len = static_cast<size_t>(nl - (buf_.data() + begin_));
+      return Found::kLine;
+    }
+    scanned = end_ - begin_;
+    if (!fill()) {
+      if (!eof_) return Found::kLong;
+      if (end_ == begin_) return Found::kEnd;
+      *len = end_ - begin_;
+      return Found::kLastLine;
+    }
+  }
+}
+
+// Appends the line that starts at begin_ and does not fit in the buffer to *out.
+void LineReader::read_long(std::string* out) {
+  const size_t have = end_ - begin_;
+  if (!seekable_) {  // a pipe: append as it comes
+    out->append(buf_.data() + begin_, have);
+    consumed_ += have;
+    begin_ = end_ = 0;
+    for (;;) {
+      if (!fill()) return;  // the end of the file ends the line
+      const char* nl = static_cast<const char*>(std::memchr(buf_.data(), '\n', end_));
+      size_t n = nl ? static_cast<size_t>(nl - buf_.data()) : end_;
+      out->append(buf_.data(), n);
+      consumed_ += n + (nl ? 1 : 0);
+      begin_ = nl ? n + 1 : end_;
+      if (nl) return;
+    }
+  }
+  // A regular file: find the line's end first, then read it into place in one allocation.
+  const off_t here = ::ftello(f_);
+  std::vector<char> scratch(1 << 20);
+  uint64_t rest = 0;
+  bool newline = false;
+  for (;;) {
+    size_t n = std::fread(scratch.data(), 1, scratch.size(), f_);
+    if (n == 0) {
+      if (std::ferror(f_)) throw Error("cannot read " + path_ + ": " + std::strerror(errno));
+      break;
+    }
+    const char* nl = static_cast<const char*>(std::memchr(scratch.data(), '\n', n));
+    if (nl) {
+      rest += static_cast<uint64_t>(nl - scratch.data());
+      newline = true;
+      break;
+    }
+    rest += n;
+  }
+  std::clearerr(f_);
+  if (here < 0 || ::fseeko(f_, here, SEEK_SET) != 0) throw Error("cannot seek in " + path_ + ": " + std::strerror(errno));
+  out->reserve(out->size() + have + rest);
+  out->append(buf_.data() + begin_, have);
+  const size_t at = out->size();
+  out->resize(at + rest);
+  if (rest > 0 && std::fread(&(*out)[at], 1, rest, f_) != rest)
+    throw Error("cannot read " + path_ + ": " + (std::ferror(f_) ? std::strerror(errno) : "it got shorter while read"));
+  if (newline && std::fgetc(f_) != '\n') throw Error("cannot read " + path_ + ": it changed while read");
+  if (!newline) eof_ = true;
+  consumed_ += have + rest + (newline ? 1 : 0);
+  begin_ = end_ = 0;
+}
+
+bool LineReader::next(std::string_view* line, int64_t* line_no) {
+  size_t len = 0;
+  switch (buffered_line(&len)) {
+    case Found::kEnd: return false;
+    case Found::kLine:
       *line = std::string_view(buf_.data() + begin_, len);
       consumed_ += len + 1;
       begin_ += len + 1;
       break;
-    }
-    scan = end_;
-    size_t before = begin_;
-    if (!fill()) {
-      if (end_ == begin_) return false;
-      *line = std::string_view(buf_.data() + begin_, end_ - begin_);  // last line without "\n"
-      consumed_ += end_ - begin_;
+    case Found::kLastLine:
+      *line = std::string_view(buf_.data() + begin_, len);
+      consumed_ += len;
       begin_ = end_;
       break;
-    }
-    scan -= before - begin_;  // the buffer moved
+    case Found::kLong:
+      if (long_.capacity() > (64u << 20)) std::string().swap(long_);  // not kept after a huge line
+      long_.clear();
+      read_long(&long_);
+      *line = long_;
+      break;
   }
   if (!line->empty() && line->back() == '\r') line->remove_suffix(1);
+  *line_no = ++line_no_;
+  return true;
+}
+
+bool LineReader::append_next(std::string* out, int64_t* line_no) {
+  const size_t start = out->size();
+  size_t len = 0;
+  switch (buffered_line(&len)) {
+    case Found::kEnd: return false;
+    case Found::kLine:
+      out->append(buf_.data() + begin_, len);
+      consumed_ += len + 1;
+      begin_ += len + 1;
+      break;
+    case Found::kLastLine:
+      out->append(buf_.data() + begin_, len);
+      consumed_ += len;
+      begin_ = end_;
+      break;
+    case Found::kLong: read_long(out); break;
+  }
+  if (out->size() > start && out->back() == '\r') out->pop_back();
   *line_no = ++line_no_;
   return true;
 }

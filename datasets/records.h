@@ -75,6 +75,9 @@ struct SourceFile {
 std::vector<SourceFile> expand_sources(const std::vector<config::DataSource>& sources, const std::string& key = "data.train");
 
 // Streams a file's lines with 1-based numbers; "\n" and "\r\n" endings removed. Lines of any length.
+// Memory: a 1 MiB buffer; a line longer than that is held once, where the caller asks for it: in a
+// regular file the reader first finds where the line ends (reading on without keeping), then reads
+// it into place in one allocation; from a pipe it is appended as it comes.
 class LineReader {
  public:
   explicit LineReader(const std::string& path);  // throws ptk::Error naming the path
@@ -83,13 +86,20 @@ class LineReader {
   LineReader& operator=(const LineReader&) = delete;
   // The next line (valid until the next call); false at the end of the file.
   bool next(std::string_view* line, int64_t* line_no);
+  // The next line appended to *out (nothing appended at the end of the file, which returns false).
+  bool append_next(std::string* out, int64_t* line_no);
   uint64_t bytes_read() const { return consumed_; }
 
  private:
+  enum class Found { kLine, kLastLine, kEnd, kLong };
+  Found buffered_line(size_t* len);
+  void read_long(std::string* out);
   bool fill();
   std::string path_;
   FILE* f_ = nullptr;
+  bool seekable_ = false;
   std::vector<char> buf_;
+  std::string long_;  // next()'s storage for a line longer than the buffer
   size_t begin_ = 0, end_ = 0;
   bool eof_ = false;
   int64_t line_no_ = 0;

@@ -10,6 +10,7 @@
 
 #include "core/config/recipe.h"
 #include "core/config/sections.h"  // default_run_dir
+#include "core/train/run_folder.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
 #include "core/util/json.h"
@@ -52,6 +53,21 @@ struct PipelineSpec {
 };
 
 bool is_policy(const std::string& command) { return command != "rm"; }
+
+// A stage folder the pipeline does not run a stage in now (done, or about to be moved aside): the
+// leftovers of a crashed run of that stage (a partial final/ or checkpoint) go as they would at the
+// stage's own next start (core/train/run_folder.h). A stage that runs cleans its folder itself.
+void tidy_stage_folder(const std::string& stage, const std::string& dir) {
+  if (!path_exists(dir)) return;
+  RunFolderLock lock(dir);
+  if (lock.state() == RunFolderLock::State::kBusy) {
+    std::printf("stage %s: %s is in use by another ptk process (%s); leaving its temporaries alone\n", stage.c_str(),
+                dir.c_str(), lock.holder().c_str());
+    return;
+  }
+  for (const Leftover& l : clean_leftovers(dir, lock.state() == RunFolderLock::State::kHeld))
+    std::printf("stage %s: %s\n", stage.c_str(), describe(l).c_str());
+}
 
 // `model_from`: "<stage>" (its final/) or "<stage>@step-N" (its checkpoints/step-N, a saved HF
 // folder the stage kept). Returns {stage, checkpoint}; checkpoint is "" for final/.
@@ -393,11 +409,13 @@ int run_pipeline(const std::string& recipe_file, const std::vector<std::string>&
       break;
     }
     if (state == RunState::kDone) {
+      tidy_stage_folder(st.name, run.run_dir);
       row.status = "skipped (done)";
       row.seconds = stamp_seconds(run.run_dir);
       std::printf("stage %s: %s/final is complete for this recipe; skipping\n", st.name.c_str(), run.run_dir.c_str());
     } else {
       if (state == RunState::kChanged) {
+        tidy_stage_folder(st.name, run.run_dir);  // the folder is kept; its temporaries are not worth keeping
         std::string old = set_aside(run.run_dir);
         std::printf("stage %s: %s held a run of a different recipe or input; moved it to %s and starting over\n",
                     st.name.c_str(), run.run_dir.c_str(), old.c_str());

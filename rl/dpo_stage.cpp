@@ -351,9 +351,15 @@ struct DpoStage::Impl {
                   " pairs (once; cached in " + path + ")");
         t = compute_ref_logps(reference, set, pad_id, r.dpo.precompute_ref_batch_size);
         std::string tmp = path + ".tmp-" + std::to_string(::getpid());
-        checkpoint::write_safetensors(tmp, {{"ref_logps", t}},
-                                      {{"format", "pt"}, {"key", key}, {"reference", ref_dir}, {"data", set.dir()}});
-        fsync_path(tmp);
+        try {
+          checkpoint::write_safetensors(tmp, {{"ref_logps", t}},
+                                        {{"format", "pt"}, {"key", key}, {"reference", ref_dir}, {"data", set.dir()}});
+          fsync_path(tmp);
+        } catch (...) {
+          std::string done = remove_partial(tmp);  // a full disk: give the space back now
+          if (!done.empty()) log::warn("writing " + path + " failed; " + done);
+          throw;
+        }
         if (std::rename(tmp.c_str(), path.c_str()) != 0) throw Error("cannot rename " + tmp + " to " + path);
         fsync_path(parent_dir(path));
       }

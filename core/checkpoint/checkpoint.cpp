@@ -17,6 +17,7 @@
 #include <cstring>
 #include <filesystem>
 
+#include "core/runtime/log.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
 #include "core/util/json.h"
@@ -323,20 +324,28 @@ void save_checkpoint(const std::string& dir, const Qwen2Config& config, const Na
     if (fflush(fc.f) != 0 || fsync(fileno(fc.f)) != 0) throw Error(tmp + "/" + name + ": flush failed");
   };
 
-  write_sharded_safetensors(tmp, tensors, options.max_shard_bytes);
-  Qwen2Config c = config;
-  c.torch_dtype = torch_dtype_name(tensors.front().second.scalar_type());
-  write_text("config.json", config_to_json(c));
-  const std::string src = options.source_dir;
-  if (!src.empty() && path_exists(src + "/generation_config.json")) {
-    write_text("generation_config.json", read_file(src + "/generation_config.json"));
-  } else {
-    write_text("generation_config.json", default_generation_config_json(c));
+  try {
+    write_sharded_safetensors(tmp, tensors, options.max_shard_bytes);
+    Qwen2Config c = config;
+    c.torch_dtype = torch_dtype_name(tensors.front().second.scalar_type());
+    write_text("config.json", config_to_json(c));
+    const std::string src = options.source_dir;
+    if (!src.empty() && path_exists(src + "/generation_config.json")) {
+      write_text("generation_config.json", read_file(src + "/generation_config.json"));
+    } else {
+      write_text("generation_config.json", default_generation_config_json(c));
+    }
+    if (!src.empty())
+      for (const char* f : kTokenizerFiles)
+        if (path_exists(src + "/" + f)) write_text(f, read_file(src + "/" + f));
+    fsync_path(tmp);
+  } catch (...) {
+    // A failed write (a full disk, say) gives its space back now instead of leaving it to the next
+    // run's cleanup (core/train/run_folder.h); the error goes on.
+    std::string done = remove_partial(tmp);
+    if (!done.empty()) log::warn("writing " + clean + " failed; " + done);
+    throw;
   }
-  if (!src.empty())
-    for (const char* f : kTokenizerFiles)
-      if (path_exists(src + "/" + f)) write_text(f, read_file(src + "/" + f));
-  fsync_path(tmp);
 
   if (path_exists(clean)) {
     // Swap both names in one step; then the old folder (now at tmp) is removed.

@@ -242,13 +242,45 @@ std::string Tokenizer::render_chat_text(const std::vector<Message>& messages, bo
   return render(*this, messages, add_generation_prompt).text;
 }
 
-ChatEncoding Tokenizer::render_chat(const std::vector<Message>& messages, bool add_generation_prompt) const {
-  Rendered r = render(*this, messages, add_generation_prompt);
+std::vector<Message> head_messages(const std::vector<const std::vector<Message>*>& parts, size_t bytes) {
+  std::vector<Message> out;
+  size_t total = 0;
+  for (const auto* part : parts) {
+    for (const Message& m : *part) {
+      if (total >= bytes) return out;
+      if (m.content.size() <= bytes - total) {
+        out.push_back(m);
+      } else {
+        out.push_back({m.role, std::string(utf8_head(m.content, bytes - total))});
+      }
+      total += out.back().content.size();
+    }
+  }
+  return out;
+}
+
+ChatEncoding Tokenizer::render_chat(const std::vector<Message>& messages, bool add_generation_prompt,
+                                    size_t max_ids) const {
+  const std::vector<Message>* msgs = &messages;
+  std::vector<Message> cut;
+  Impl::Tail whole = impl_->bounded();  // a huge pre-token merged a window at a time
+  Impl::Tail* bounded = nullptr;
+  if (max_ids != SIZE_MAX) {
+    bounded = &whole;
+    const size_t budget = head_bytes(max_ids);
+    size_t contents = 0;
+    for (const auto& m : messages) contents += m.content.size();
+    if (contents > budget) {
+      cut = head_messages({&messages}, budget);
+      msgs = &cut;
+    }
+  }
+  Rendered r = render(*this, *msgs, add_generation_prompt);
   ChatEncoding out;
   std::vector<uint32_t> starts;
   out.ids.reserve(r.text.size() / 3 + 4);
   starts.reserve(r.text.size() / 3 + 4);
-  impl_->encode_into(r.text, &out.ids, &starts);
+  impl_->encode_into(r.text, &out.ids, &starts, bounded);
   out.assistant_mask.assign(out.ids.size(), 0);
   // A token is masked in when it overlaps an assistant span, as HF's return_assistant_tokens_mask
   // (char_to_token over the span) does: a content's leading newline merged with the header's is in.
@@ -258,6 +290,10 @@ ChatEncoding Tokenizer::render_chat(const std::vector<Message>& messages, bool a
     uint32_t e = i + 1 < out.ids.size() ? std::max(starts[i + 1], b + 1) : static_cast<uint32_t>(r.text.size());
     while (span < r.assistant.size() && b >= r.assistant[span].second) ++span;
     if (span < r.assistant.size() && e > r.assistant[span].first) out.assistant_mask[i] = 1;
+  }
+  if (out.ids.size() > max_ids) {
+    out.ids.resize(max_ids);
+    out.assistant_mask.resize(max_ids);
   }
   out.text = std::move(r.text);
   return out;

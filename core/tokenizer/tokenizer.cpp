@@ -398,10 +398,14 @@ void split_added(const Tokenizer::Impl& im, const AddedMatcher& m, std::string_v
 }  // namespace
 
 void Tokenizer::Impl::encode_plain(std::string_view piece, uint32_t base, std::vector<TokenId>* ids,
-                                   std::vector<uint32_t>* starts) const {
+                                   std::vector<uint32_t>* starts, Tail* tail) const {
   auto word = [&](size_t b, size_t e) {
     size_t before = ids->size();
-    bpe.encode_word(piece.substr(b, e - b), uid, ids);
+    if (tail) {
+      encode_word_tail(piece.substr(b, e - b), ids, tail);  // drops ids only without starts
+    } else {
+      bpe.encode_word(piece.substr(b, e - b), uid, ids);
+    }
     if (starts) {
       uint32_t at = base + static_cast<uint32_t>(b);
       for (size_t k = before; k < ids->size(); ++k) {
@@ -417,8 +421,32 @@ void Tokenizer::Impl::encode_plain(std::string_view piece, uint32_t base, std::v
   }
 }
 
+void Tokenizer::Impl::encode_word_tail(std::string_view word, std::vector<TokenId>* ids, Tail* tail) const {
+  size_t pos = 0;
+  if (ids_bounded) {
+    // Merge a window, keep its ids up to `margin` bytes before the window's end (the merges there
+    // may depend on bytes past the window), and start the next window at that id boundary: BPE of
+    // the rest of a word from one of its final id boundaries gives the word's remaining ids (no
+    // merge crosses the boundary, and the merges on its right keep their order).
+    std::vector<TokenId> part;
+    while (word.size() - pos > tail->window) {
+      part.clear();
+      bpe.encode_word(word.substr(pos, tail->window), uid, &part);
+      const size_t open_from = pos + tail->window - tail->margin;
+      size_t at = pos, k = 0;
+      while (k < part.size() && at + bpe.id_len[static_cast<size_t>(part[k])] <= open_from)
+        at += bpe.id_len[static_cast<size_t>(part[k++])];
+      ids->insert(ids->end(), part.begin(), part.begin() + static_cast<std::ptrdiff_t>(k));
+      pos = at;  // window > margin + longest id, so at least one id was kept
+      tail->trim(ids);
+    }
+  }
+  bpe.encode_word(word.substr(pos), uid, ids);
+  tail->trim(ids);
+}
+
 void Tokenizer::Impl::encode_normalized(std::string_view piece, uint32_t base, std::vector<TokenId>* ids,
-                                        std::vector<uint32_t>* starts) const {
+                                        std::vector<uint32_t>* starts, Tail* tail) const {
   std::string normalized;
   std::string_view s = piece;
   // (normalized offset, original offset) at each line start when NFC changed the piece.
@@ -439,14 +467,15 @@ void Tokenizer::Impl::encode_normalized(std::string_view piece, uint32_t base, s
   std::vector<uint32_t>* st = starts ? (line_map.empty() ? starts : &local) : nullptr;
   uint32_t sbase = line_map.empty() ? base : 0;
   if (normalized_matcher.empty()) {
-    encode_plain(s, sbase, ids, st);
+    encode_plain(s, sbase, ids, st, tail);
   } else {
     split_added(
         *this, normalized_matcher, s,
-        [&](size_t b, size_t e) { encode_plain(s.substr(b, e - b), sbase + static_cast<uint32_t>(b), ids, st); },
+        [&](size_t b, size_t e) { encode_plain(s.substr(b, e - b), sbase + static_cast<uint32_t>(b), ids, st, tail); },
         [&](int which, size_t b, size_t) {
           ids->push_back(added[static_cast<size_t>(which)].id);
           if (st) st->push_back(sbase + static_cast<uint32_t>(b));
+          if (tail) tail->trim(ids);
         });
   }
   if (starts && !line_map.empty()) {
@@ -458,18 +487,19 @@ void Tokenizer::Impl::encode_normalized(std::string_view piece, uint32_t base, s
   }
 }
 
-void Tokenizer::Impl::encode_into(std::string_view text, std::vector<TokenId>* ids,
-                                  std::vector<uint32_t>* starts) const {
+void Tokenizer::Impl::encode_into(std::string_view text, std::vector<TokenId>* ids, std::vector<uint32_t>* starts,
+                                  Tail* tail) const {
   if (raw_matcher.empty()) {
-    encode_normalized(text, 0, ids, starts);
+    encode_normalized(text, 0, ids, starts, tail);
     return;
   }
   split_added(
       *this, raw_matcher, text,
-      [&](size_t b, size_t e) { encode_normalized(text.substr(b, e - b), static_cast<uint32_t>(b), ids, starts); },
+      [&](size_t b, size_t e) { encode_normalized(text.substr(b, e - b), static_cast<uint32_t>(b), ids, starts, tail); },
       [&](int which, size_t b, size_t) {
         ids->push_back(added[static_cast<size_t>(which)].id);
         if (starts) starts->push_back(static_cast<uint32_t>(b));
+        if (tail) tail->trim(ids);
       });
 }
 
@@ -507,6 +537,15 @@ Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, std::string_view
   size_t max_id = bpe.id_to_token.size();
   for (const auto& a : impl->added) max_id = std::max(max_id, static_cast<size_t>(a.id) + 1);
   impl->vocab_size = max_id;
+  // What bounds the bytes behind n ids (head_bytes): every byte has an id of its own (no byte is
+  // dropped or fused into an unk), and no added token strips whitespace around itself.
+  impl->ids_bounded = true;
+  for (int b = 0; b < 256; ++b) impl->ids_bounded = impl->ids_bounded && bpe.byte_id[b] != kNoToken;
+  for (const auto& a : impl->added) {
+    impl->ids_bounded = impl->ids_bounded && !a.lstrip && !a.rstrip;
+    impl->longest_bytes = std::max(impl->longest_bytes, a.content.size());
+  }
+  for (uint32_t len : bpe.id_len) impl->longest_bytes = std::max<size_t>(impl->longest_bytes, len);
 
   Tokenizer t(std::move(impl));
   Impl* im = t.impl_.get();
@@ -571,6 +610,52 @@ std::vector<TokenId> Tokenizer::encode(std::string_view text) const {
     impl_->encode_into(fixed, &ids, nullptr);
   }
   return ids;
+}
+
+size_t Tokenizer::longest_token_bytes() const { return impl_->longest_bytes; }
+
+size_t Tokenizer::head_bytes(size_t n) const {
+  if (!impl_->ids_bounded) return SIZE_MAX;
+  const size_t per_id = 3 * impl_->longest_bytes;  // NFC makes text at most 3x shorter
+  if (n > (SIZE_MAX / per_id) - kHeadMarginIds) return SIZE_MAX;
+  return (n + kHeadMarginIds) * per_id;
+}
+
+namespace {
+// Valid UTF-8 of `text` (a copy only when it is not), encoded through `tail`.
+std::vector<TokenId> encode_bounded(const Tokenizer::Impl& im, std::string_view text, Tokenizer::Impl::Tail* tail) {
+  std::vector<TokenId> ids;
+  ids.reserve(std::min(text.size() / 3, tail->keep == SIZE_MAX ? text.size() : 2 * tail->keep + 4096) + 4);
+  if (unicode::is_valid_utf8(text)) {
+    im.encode_into(text, &ids, nullptr, tail);
+  } else {
+    std::string fixed = unicode::to_valid_utf8(text);
+    im.encode_into(fixed, &ids, nullptr, tail);
+  }
+  return ids;
+}
+}  // namespace
+
+std::vector<TokenId> Tokenizer::encode_head(std::string_view text, size_t n) const {
+  Impl::Tail whole = impl_->bounded();  // keeps every id; only windows a huge pre-token
+  std::vector<TokenId> ids = encode_bounded(*impl_, utf8_head(text, head_bytes(n)), &whole);
+  if (ids.size() > n) ids.resize(n);
+  return ids;
+}
+
+std::vector<TokenId> Tokenizer::encode_tail(std::string_view text, size_t n, size_t* total) const {
+  Impl::Tail tail = impl_->bounded(n);
+  std::vector<TokenId> ids = encode_bounded(*impl_, text, &tail);
+  if (total) *total = tail.dropped + ids.size();
+  if (ids.size() > n) ids.erase(ids.begin(), ids.end() - static_cast<std::ptrdiff_t>(n));
+  return ids;
+}
+
+std::string_view utf8_head(std::string_view s, size_t bytes) {
+  if (bytes >= s.size()) return s;
+  size_t end = bytes;
+  while (end < s.size() && (static_cast<unsigned char>(s[end]) & 0xC0) == 0x80) ++end;  // continuation bytes
+  return s.substr(0, end);
 }
 
 std::vector<std::vector<TokenId>> Tokenizer::encode_batch(const std::vector<std::string>& texts, int threads) const {
@@ -656,13 +741,23 @@ TokenId Tokenizer::im_start_id() const { return impl_->im_start; }
 TokenId Tokenizer::im_end_id() const { return impl_->im_end; }
 
 PromptCompletionEncoding Tokenizer::encode_prompt_completion(std::string_view prompt, std::string_view completion,
-                                                             bool add_eos) const {
+                                                             bool add_eos, size_t max_ids) const {
+  Impl::Tail whole = impl_->bounded();  // a huge pre-token merged a window at a time
+  Impl::Tail* bounded = nullptr;
+  if (max_ids != SIZE_MAX) {
+    bounded = &whole;
+    // prompt + completion cut to head_bytes(max_ids); a cut prompt leaves no completion.
+    const size_t budget = head_bytes(max_ids);
+    std::string_view p = utf8_head(prompt, budget);
+    completion = p.size() < prompt.size() ? std::string_view() : utf8_head(completion, budget - p.size());
+    prompt = p;
+  }
   std::string text = unicode::to_valid_utf8(prompt);
   uint32_t boundary = static_cast<uint32_t>(text.size());
   text += unicode::to_valid_utf8(completion);
   PromptCompletionEncoding r;
   std::vector<uint32_t> starts;
-  impl_->encode_into(text, &r.ids, &starts);
+  impl_->encode_into(text, &r.ids, &starts, bounded);
   r.completion_mask.resize(r.ids.size());
   r.prompt_tokens = r.ids.size();
   for (size_t i = 0; i < r.ids.size(); ++i) {
@@ -675,6 +770,11 @@ PromptCompletionEncoding Tokenizer::encode_prompt_completion(std::string_view pr
                   "tokenizer_config.json");
     r.ids.push_back(impl_->eos);
     r.completion_mask.push_back(1);
+  }
+  if (r.ids.size() > max_ids) {
+    r.ids.resize(max_ids);
+    r.completion_mask.resize(max_ids);
+    r.prompt_tokens = std::min(r.prompt_tokens, max_ids);
   }
   return r;
 }

@@ -5,6 +5,7 @@
 // Threading: a loaded Tokenizer is immutable; every const method may be called from many threads
 // at once (each thread keeps its own small word cache). Ownership: move-only, holds everything.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -92,14 +93,44 @@ class Tokenizer {
   // or the one in the recognised template) when the first message is not a system message.
   // chatml: every message as is. add_generation_prompt appends "<|im_start|>assistant\n".
   // Throws ptk::Error for an empty conversation, an unknown role or a tool message.
-  ChatEncoding render_chat(const std::vector<Message>& messages, bool add_generation_prompt = false) const;
+  // With max_ids: the first max_ids ids and mask values of the whole rendering, from a rendering of
+  // head_messages({&messages}, head_bytes(max_ids)) (text is then that cut rendering).
+  ChatEncoding render_chat(const std::vector<Message>& messages, bool add_generation_prompt = false,
+                           size_t max_ids = SIZE_MAX) const;
   // Only the text of render_chat (no encoding).
   std::string render_chat_text(const std::vector<Message>& messages, bool add_generation_prompt = false) const;
 
   // encode(prompt + completion) with the completion's tokens masked in (a token belongs to the
   // completion when it starts at or after the prompt's end), plus eos_id() when add_eos.
+  // With max_ids: the first max_ids ids and mask values (prompt_tokens capped at max_ids), encoding
+  // at most head_bytes(max_ids) bytes of prompt + completion.
   PromptCompletionEncoding encode_prompt_completion(std::string_view prompt, std::string_view completion,
-                                                    bool add_eos = true) const;
+                                                    bool add_eos = true, size_t max_ids = SIZE_MAX) const;
+
+  // ---- Long texts in bounded memory (datasets keep at most data.max_seq_len ids of a text) ----
+  // Bytes at the start of a text that decide its first `n` ids. An id covers 1 to
+  // longest_token_bytes() bytes of the normalized text and NFC shortens text at most 3x, so the
+  // first n ids come from the first 3 * n * longest bytes. Cutting the text further on changes only
+  // ids near the cut (the pre-token the cut falls in, the whitespace run before it, BPE merges next
+  // to it), and kHeadMarginIds more ids' worth of bytes keep those away from the first n. That
+  // locality is not a theorem of BPE (a merge chain could in principle reach further back), so
+  // tests/tokenizer/long_text_test.cpp checks it at every cut position around the hard cases.
+  // SIZE_MAX when this tokenizer gives no such bound (an added token with lstrip/rstrip swallows
+  // any amount of whitespace; bytes outside the BPE alphabet make no id or fuse into one).
+  static constexpr size_t kHeadMarginIds = 64;
+  size_t head_bytes(size_t n) const;
+  // Longest id in bytes (model vocabulary and added tokens); Qwen2.5: 128.
+  size_t longest_token_bytes() const;
+  // The first min(n, size) ids of encode(text), encoding at most head_bytes(n) bytes of it (cut
+  // at a character boundary; see head_bytes).
+  std::vector<TokenId> encode_head(std::string_view text, size_t n) const;
+  // The last min(n, size) ids of encode(text) and (*total) how many ids encode(text) has. One pass
+  // over the whole text that keeps O(n) ids; a pre-token longer than kTailWindowBytes (one huge
+  // "word") is merged a window at a time, each window's ids kept up to head_bytes' margin before
+  // its end and the next window starting at that id boundary, so memory stays bounded by the
+  // window, not the text. Used where ids are cut from the left (DPO prompts keep their end).
+  static constexpr size_t kTailWindowBytes = size_t{1} << 20;
+  std::vector<TokenId> encode_tail(std::string_view text, size_t n, size_t* total) const;
 
   // Implementation detail, public so internal files (chat.cpp) can reach it.
   struct Impl;
@@ -109,6 +140,17 @@ class Tokenizer {
   explicit Tokenizer(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// One conversation given in parts (e.g. a prompt's messages, then its completion's) cut to what
+// decides the first `bytes` bytes of its rendering: contents cut where their running total passes
+// `bytes`, later messages left out. Every content byte renders at or after its offset among the
+// contents, so the rendering of the result equals that of the whole for at least `bytes` bytes;
+// at most `bytes` bytes of contents are copied.
+std::vector<Message> head_messages(const std::vector<const std::vector<Message>*>& parts, size_t bytes);
+
+// `s` cut to its first `bytes` bytes, moved forward to the next character boundary (so at least
+// `bytes` bytes are kept); `s` itself when it is not longer. Never splits a UTF-8 sequence of valid text.
+std::string_view utf8_head(std::string_view s, size_t bytes);
 
 // True when `s` is well-formed UTF-8 (datasets report records that are not).
 bool is_valid_utf8(std::string_view s);

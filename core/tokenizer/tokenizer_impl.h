@@ -3,6 +3,7 @@
 #pragma once
 #include <absl/container/flat_hash_map.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -71,13 +72,46 @@ struct Tokenizer::Impl {
   std::string chat_error;
   std::string default_system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
 
+  // Bounds for encode_head/encode_tail (see tokenizer.h): the longest id in bytes, and whether an
+  // id always covers 1..longest bytes (no lstrip/rstrip added token, every byte in the alphabet).
+  size_t longest_bytes = 1;
+  bool ids_bounded = false;
+
+  // encode_head/encode_tail's bounded encoding: pre-tokens longer than `window` bytes are merged a
+  // window at a time (`margin` bytes left open at each window's end), and only the last `keep` ids
+  // are kept (SIZE_MAX: all), counting the ones dropped.
+  struct Tail {
+    size_t keep = SIZE_MAX, dropped = 0;
+    size_t window = 0, margin = 0;
+    void trim(std::vector<TokenId>* ids) {
+      if (keep == SIZE_MAX || ids->size() <= 2 * keep + 4096) return;
+      size_t cut = ids->size() - keep;
+      ids->erase(ids->begin(), ids->begin() + static_cast<std::ptrdiff_t>(cut));
+      dropped += cut;
+    }
+  };
+
+  // A Tail with head_bytes' margin and a window of Tokenizer::kTailWindowBytes (at least 8 margins).
+  Tail bounded(size_t keep = SIZE_MAX) const {
+    Tail t;
+    t.keep = keep;
+    t.margin = Tokenizer::kHeadMarginIds * longest_bytes;
+    t.window = std::max(Tokenizer::kTailWindowBytes, 8 * (t.margin + longest_bytes));
+    return t;
+  }
+
   // Encodes valid UTF-8 `text`, appending to `ids`; when `starts` is given, appends each token's
   // start byte in `text` (exact except inside a line that NFC changed: then the line's start).
-  void encode_into(std::string_view text, std::vector<TokenId>* ids, std::vector<uint32_t>* starts) const;
-  void encode_plain(std::string_view piece, uint32_t base, std::vector<TokenId>* ids,
-                    std::vector<uint32_t>* starts) const;
+  // With `tail` (starts must be null): huge pre-tokens merged by windows, ids before the last
+  // tail->keep dropped as they come.
+  void encode_into(std::string_view text, std::vector<TokenId>* ids, std::vector<uint32_t>* starts,
+                   Tail* tail = nullptr) const;
+  void encode_plain(std::string_view piece, uint32_t base, std::vector<TokenId>* ids, std::vector<uint32_t>* starts,
+                    Tail* tail) const;
   void encode_normalized(std::string_view piece, uint32_t base, std::vector<TokenId>* ids,
-                         std::vector<uint32_t>* starts) const;
+                         std::vector<uint32_t>* starts, Tail* tail) const;
+  // One pre-token for encode_tail: whole, or a window at a time when longer than tail->window.
+  void encode_word_tail(std::string_view word, std::vector<TokenId>* ids, Tail* tail) const;
 };
 
 }  // namespace ptk::tokenizer

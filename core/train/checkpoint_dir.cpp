@@ -55,8 +55,10 @@ void sync_tree(const std::string& dir) {
   for (auto& d : dirs) fsync_path(d);
 }
 
+std::string CheckpointDir::temporary(int64_t step) const { return root_ + "/.tmp-step-" + std::to_string(step); }
+
 std::string CheckpointDir::begin(int64_t step) {
-  std::string tmp = root_ + "/.tmp-step-" + std::to_string(step);
+  std::string tmp = temporary(step);
   std::error_code ec;
   fs::remove_all(tmp, ec);
   if (ec) throw Error("cannot clear " + tmp + ": " + ec.message());
@@ -65,7 +67,7 @@ std::string CheckpointDir::begin(int64_t step) {
 }
 
 std::string CheckpointDir::commit(int64_t step) {
-  std::string tmp = root_ + "/.tmp-step-" + std::to_string(step);
+  std::string tmp = temporary(step);
   std::string dst = root_ + "/step-" + std::to_string(step);
   PTK_CHECK(path_exists(tmp), "commit(" + std::to_string(step) + ") without begin()");
   write_file_atomic(tmp + "/" + kDone, std::to_string(step) + "\n");

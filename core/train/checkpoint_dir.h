@@ -17,6 +17,8 @@ class CheckpointDir {
   // Prepares an empty temporary folder for step `step` (removing leftovers of a crashed write)
   // and returns its path; write files into it, then commit().
   std::string begin(int64_t step);
+  // The temporary folder of step `step` (what begin returns); a writer that fails removes it.
+  std::string temporary(int64_t step) const;
   // Syncs, marks DONE, renames to step-N, moves `latest`, prunes old ones; returns the final path.
   std::string commit(int64_t step);
 

@@ -6,6 +6,8 @@
 #include "core/dist/comm.h"
 #include "core/util/error.h"
 #include "core/train/checkpoint_dir.h"
+#include "core/train/run_folder.h"
+#include "core/runtime/log.h"
 
 namespace ptk::train {
 
@@ -75,6 +77,9 @@ TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::strin
   co.timeout_s = r.dist.timeout_s;
   co.backend = r.dist.backend;
   o.comm = dist::Comm::from_environment(co);
+  // Before the stage prepares data or loads anything: this process owns the run folder, and what
+  // crashed runs left there (a partial final/ or checkpoint, maybe hundreds of GB) is removed.
+  if (o.comm.rank() == 0) claim_run_folder(run_dir, log::info);
   return o;
 }
 

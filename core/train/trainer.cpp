@@ -26,6 +26,7 @@
 #include "core/train/checkpoint_dir.h"
 #include "core/train/plot.h"
 #include "core/train/progress.h"
+#include "core/train/run_folder.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
 #include "core/util/json.h"
@@ -204,9 +205,22 @@ struct Trainer::Impl {
 
   // Rank 0 writes the model, state.json and (without ZeRO-1) the optimizer; with ZeRO-1 every rank
   // writes its optimizer shard, and ranks > 0 their RNG and data cursor. Rank 0 commits last.
+  // A failed write (a full disk, say) removes its partial temporary folder on rank 0, so that the
+  // space comes back and the next run starts clean; the error goes on.
   void save_checkpoint() {
     std::string tmp;
     std::unique_ptr<CheckpointDir> dir;
+    try {
+      save_checkpoint_files(&dir, &tmp);
+    } catch (...) {
+      if (main() && dir) drop_partial(dir->temporary(step), "checkpoint step-" + std::to_string(step));
+      throw;
+    }
+  }
+
+  void save_checkpoint_files(std::unique_ptr<CheckpointDir>* dir_out, std::string* tmp_out) {
+    std::string& tmp = *tmp_out;
+    std::unique_ptr<CheckpointDir>& dir = *dir_out;
     if (main()) {
       dir = std::make_unique<CheckpointDir>(ckpt_root(), opt.keep_last);
       tmp = dir->begin(step);
@@ -352,11 +366,23 @@ struct Trainer::Impl {
       std::string tmp = opt.run_dir + "/final.tmp";
       std::error_code ec;
       std::filesystem::remove_all(tmp, ec);
-      stage.save_model(tmp);
-      replace_dir_atomic(tmp, opt.run_dir + "/final");
+      try {
+        stage.save_model(tmp);
+        replace_dir_atomic(tmp, opt.run_dir + "/final");
+      } catch (...) {
+        drop_partial(tmp, "final/");
+        throw;
+      }
       write_report();
     }
     comm.barrier();
+  }
+
+  // Best effort after a failed write of `what` (the error goes on): its partial folder goes, and
+  // the log says so with its size.
+  static void drop_partial(const std::string& tmp, const std::string& what) {
+    std::string done = ptk::remove_partial(tmp);
+    if (!done.empty()) log::warn("writing " + what + " failed; " + done);
   }
 };
 
@@ -385,7 +411,7 @@ int64_t Trainer::run() {
   dist::Comm& comm = s.comm;
   const bool main = s.main();
   if (main) {
-    make_dirs(o.run_dir);
+    claim_run_folder(o.run_dir, log::info);  // trainer_options did it already for the commands
     if (!o.resolved_recipe.empty()) write_file_atomic(o.run_dir + "/config.json", o.resolved_recipe);
   }
   s.resume();

@@ -9,6 +9,7 @@
 #include <filesystem>
 
 #include "core/util/error.h"
+#include "core/util/strings.h"
 
 namespace ptk {
 namespace {
@@ -129,6 +130,34 @@ void make_dirs(const std::string& path) {
 bool path_exists(const std::string& path) {
   struct stat st;
   return ::stat(path.c_str(), &st) == 0;
+}
+
+uint64_t tree_bytes(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  auto st = fs::symlink_status(path, ec);
+  if (ec) return 0;
+  if (fs::is_regular_file(st)) {
+    auto n = fs::file_size(path, ec);
+    return ec ? 0 : n;
+  }
+  if (!fs::is_directory(st)) return 0;
+  uint64_t total = 0;
+  for (auto it = fs::recursive_directory_iterator(path, fs::directory_options::skip_permission_denied, ec);
+       !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+    std::error_code e2;
+    if (it->is_regular_file(e2) && !it->is_symlink(e2)) total += it->file_size(e2);
+  }
+  return total;
+}
+
+std::string remove_partial(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::exists(std::filesystem::symlink_status(path, ec)) || ec) return "";
+  const std::string size = format_bytes(static_cast<double>(tree_bytes(path)));
+  std::filesystem::remove_all(path, ec);
+  if (ec) return "could not remove its partial output " + path + " (" + size + "): " + ec.message();
+  return "removed its partial output " + path + " (" + size + ")";
 }
 
 std::string parent_dir(const std::string& path) {

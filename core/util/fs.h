@@ -1,6 +1,7 @@
 // File helpers with the crash-safety ptk promises: atomic replace (temp file, fsync, rename,
 // fsync of the folder). Not an mmap wrapper (see core/checkpoint).
 #pragma once
+#include <cstdint>
 #include <string>
 #include <string_view>
 
@@ -31,6 +32,15 @@ void fsync_path(const std::string& path);
 void make_dirs(const std::string& path);
 
 bool path_exists(const std::string& path);
+
+// Bytes of the regular files at or below `path` (apparent sizes, symlinks not followed); 0 when it
+// is absent. Never throws.
+uint64_t tree_bytes(const std::string& path);
+
+// Best effort after a writer failed: removes its partial output `path` (a file or a folder) and
+// says what happened, "removed its partial output X (1.2 GiB)" or "could not remove ... : why";
+// "" when there is nothing at `path`. Never throws.
+std::string remove_partial(const std::string& path);
 
 // Folder of `path` ("." when none); `path` relative to `base_dir` unless absolute.
 std::string parent_dir(const std::string& path);

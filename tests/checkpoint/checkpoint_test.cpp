@@ -2,8 +2,10 @@
 // the `safetensors` library, sharded round trips, config.json fields, atomic folder saves, and
 // hostile files refused with clear errors. Not model numerics (tests/model).
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <torch/torch.h>
 
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <functional>
@@ -129,6 +131,36 @@ TEST(Checkpoint, SaveReplacesAnExistingFolderAndCopiesTokenizerFiles) {
   size_t entries = 0;
   for (auto& e : std::filesystem::directory_iterator(tmp.path())) entries += e.path().filename() != "src";
   EXPECT_EQ(entries, 1u);  // no temp folders left beside it
+}
+
+// A write that fails part way (a full disk, here RLIMIT_FSIZE: writes past 64 KiB fail with EFBIG)
+// removes its temporary folder and leaves an existing folder as it was.
+TEST(Checkpoint, FailedSaveRemovesItsPartialFolder) {
+  test::TempDir tmp;
+  auto m = model::Qwen2Model::from_pretrained(fixture_dir("tiny-untied") + "/checkpoint");
+  const auto out = tmp.file("out");
+  m.save_pretrained(out, {});
+  const std::string before = read_file(out + "/model.safetensors");
+  ASSERT_GT(before.size(), 64u << 10);  // the write below passes the limit
+  struct rlimit old {};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  auto old_handler = std::signal(SIGXFSZ, SIG_IGN);  // EFBIG instead of the signal
+  struct rlimit small = old;
+  small.rlim_cur = 64 << 10;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  std::string error;
+  try {
+    m.save_pretrained(out, {});
+  } catch (const Error& e) {
+    error = e.what();
+  }
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  std::signal(SIGXFSZ, old_handler);
+  EXPECT_NE(error.find("File too large"), std::string::npos) << error;
+  EXPECT_FALSE(path_exists(out + ".tmp-" + std::to_string(getpid())));
+  EXPECT_EQ(read_file(out + "/model.safetensors"), before);
+  EXPECT_EQ(std::distance(std::filesystem::directory_iterator(tmp.path()), std::filesystem::directory_iterator()), 1)
+      << "a temporary folder was left beside " << out;
 }
 
 TEST(HfConfig, EveryFieldAndRefusals) {

@@ -1,8 +1,11 @@
 // JSONL readers: every format's good records and each kind of bad record with its exact reason;
 // glob expansion with weights; the streaming line reader (CRLF, no final newline, long lines).
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
+#include <fstream>
 #include <string>
+#include <thread>
 
 #include "core/util/error.h"
 #include "datasets/records.h"
@@ -169,6 +172,50 @@ TEST(LineReader, EndingsNumbersAndLongLines) {
   EXPECT_TRUE(is_blank_line(" \t\r"));
   EXPECT_FALSE(is_blank_line(" {"));
   EXPECT_THROW(LineReader(d.file("missing.jsonl")), Error);
+}
+
+// Lines longer than the 1 MiB buffer, around its size, with "\r\n", and a last one without "\n":
+// next() and append_next() give the same lines from a regular file (read into place in one
+// allocation) and from a pipe (appended as they come), and bytes_read() counts every byte.
+TEST(LineReader, LongLinesFromFilesAndPipesThroughBothCalls) {
+  test::TempDir d;
+  const size_t mib = size_t{1} << 20;
+  std::vector<std::string> lines = {"a", std::string(3 * mib, 'x'), "", std::string(mib - 1, 'y'),
+                                    std::string(mib, 'z'), std::string(mib + 1, 'w'), "b", std::string(2 * mib + 7, 'v')};
+  std::string content;
+  for (size_t i = 0; i < lines.size(); ++i) content += lines[i] + (i + 1 == lines.size() ? "" : i == 1 ? "\r\n" : "\n");
+  const std::string file = d.write("long.jsonl", content);
+  ASSERT_EQ(::mkfifo(d.file("pipe").c_str(), 0600), 0);
+  for (const std::string& path : {file, d.file("pipe")}) {
+    for (bool append : {false, true}) {
+      SCOPED_TRACE(path + (append ? " append_next" : " next"));
+      std::thread writer;
+      if (path != file) writer = std::thread([&] { std::ofstream(d.file("pipe"), std::ios::binary) << content; });
+      LineReader r(path);
+      std::vector<std::string> got;
+      std::string out = "kept";
+      int64_t no = 0;
+      for (;;) {
+        if (append) {
+          size_t before = out.size();
+          if (!r.append_next(&out, &no)) break;
+          got.push_back(out.substr(before));
+        } else {
+          std::string_view line;
+          if (!r.next(&line, &no)) break;
+          got.emplace_back(line);
+        }
+        EXPECT_EQ(no, static_cast<int64_t>(got.size()));
+      }
+      if (writer.joinable()) writer.join();
+      ASSERT_EQ(got.size(), lines.size());
+      for (size_t i = 0; i < lines.size(); ++i) EXPECT_TRUE(got[i] == lines[i]) << "line " << i + 1 << " differs";
+      EXPECT_EQ(r.bytes_read(), content.size());
+      if (append) {
+        EXPECT_EQ(out.substr(0, 5), "kepta");
+      }
+    }
+  }
 }
 
 TEST(Sources, GlobsWeightsAndErrors) {

@@ -1,7 +1,8 @@
 // `ptk pipeline` and `ptk sweep` end to end on a tiny random model (make-data's byte tokenizer):
 // SFT -> SFT chaining through final/, skip on rerun, resume after the stage is stopped mid-run, a
-// failing stage reported with its output; a 2x2 SFT sweep's table, CSV and SVG, resumed after an
-// interruption; recipe errors in pipeline and sweep files named with file and key.
+// failing stage reported with its output; leftovers of crashed writes in a done or changed stage's
+// folder removed; a 2x2 SFT sweep's table, CSV and SVG, resumed after an interruption; recipe
+// errors in pipeline and sweep files named with file and key.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -212,6 +213,44 @@ TEST_F(PipelineCli, StoppedStageResumesFromItsCheckpoint) {
   EXPECT_NE(r.out.find("| b | sft | resumed |"), std::string::npos);
   EXPECT_TRUE(path_exists(d_.file("pipe/b/final/model.safetensors")));
   EXPECT_EQ(lines_of(d_.file("pipe/b/metrics.jsonl")), 600u);
+}
+
+// Leftovers of a crashed run of a stage (a partial final/ or checkpoint) in a stage folder the
+// pipeline does not run again: removed, with a line each, when the stage is skipped as done and
+// before a changed stage's folder is moved aside. (A stage that runs removes its own at start.)
+TEST_F(PipelineCli, LeftoverTemporariesOfADoneOrChangedStageAreRemoved) {
+  auto write = [&](const std::string& extra) {
+    return d_.write("one.json", "{\"run\": {\"dir\": \"" + d_.file("pipe") + "\"},\n \"stages\": [\n"
+                                "  {\"name\": \"a\", \"command\": \"sft\", \"recipe\": \"sft.json\",\n"
+                                "   \"overrides\": {\"train.max_steps\": 2" + extra + "}}]}\n");
+  };
+  std::string file = write("");
+  auto r = test::run(pipeline(file));
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  pid_t child = ::fork();  // a pid that is dead by the time the pipeline looks
+  if (child == 0) ::_exit(0);
+  ::waitpid(child, nullptr, 0);
+  const std::string a = d_.file("pipe/a");
+  const std::string partial_final = a + "/final.tmp.tmp-" + std::to_string(child);
+  make_dirs(partial_final);
+  write_file_atomic(partial_final + "/model.safetensors", std::string(3000, 'x'));
+  make_dirs(a + "/checkpoints/.tmp-step-7");
+  auto again = test::run(pipeline(file));
+  ASSERT_EQ(again.exit_code, 0) << again.out;
+  EXPECT_NE(again.out.find("| a | sft | skipped (done) |"), std::string::npos) << again.out;
+  EXPECT_NE(again.out.find("stage a: removed leftover " + partial_final + " (2.93 KiB)"), std::string::npos) << again.out;
+  EXPECT_NE(again.out.find("stage a: removed leftover " + a + "/checkpoints/.tmp-step-7 (0 B)"), std::string::npos)
+      << again.out;
+  EXPECT_FALSE(path_exists(partial_final));
+  EXPECT_FALSE(path_exists(a + "/checkpoints/.tmp-step-7"));
+  EXPECT_TRUE(path_exists(a + "/final/model.safetensors"));
+
+  make_dirs(a + "/final.tmp");
+  auto changed = test::run(pipeline(write(", \"optim.lr\": 5e-4")));
+  ASSERT_EQ(changed.exit_code, 0) << changed.out;
+  EXPECT_NE(changed.out.find("stage a: removed leftover " + a + "/final.tmp (0 B)"), std::string::npos) << changed.out;
+  EXPECT_TRUE(path_exists(d_.file("pipe/a.old-1/final/model.safetensors")));
+  EXPECT_FALSE(path_exists(d_.file("pipe/a.old-1/final.tmp")));
 }
 
 TEST_F(PipelineCli, FailingStageIsReportedAndEarlierStagesKept) {

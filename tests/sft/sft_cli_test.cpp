@@ -1,10 +1,15 @@
 // `ptk sft` end to end on a tiny random model: make-data's byte tokenizer and chat data, packed
-// rows, metrics with TRL's names, final/ as an HF folder, resume on rerun, and two data-parallel
-// ranks through `ptk launch`.
+// rows, metrics with TRL's names, final/ as an HF folder, resume on rerun, two data-parallel ranks
+// through `ptk launch`, and the run folder's temporaries: a failed write (full disk) removes its
+// own, a killed run's are removed at the next start, a folder in use is refused.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <filesystem>
 #include <sstream>
 
+#include "core/train/run_folder.h"
 #include "core/util/fs.h"
 #include "core/util/json.h"
 #include "tests/support/test_util.h"
@@ -171,6 +176,84 @@ TEST_F(SftCli, HeldoutAccuracyMatchesPtkEvalOnOneAndTwoRanks) {
     EXPECT_NEAR(m["eval/accuracy"].GetDouble(), ev["accuracy"].GetDouble(), 1e-12) << "ranks " << ranks;
     EXPECT_NEAR(m["eval/completions/mean_length"].GetDouble(), ev["mean_length"].GetDouble(), 1e-9);
   }
+}
+
+// Runs `command` under bash with files limited to 64 KiB (ulimit -f), below the tiny model's 110 KB
+// safetensors: crash = true lets SIGXFSZ kill it in the middle of that write (a crash mid-write),
+// else the signal is ignored and the write fails with EFBIG, as on a full disk.
+test::RunResult with_file_limit(const std::string& command, bool crash) {
+  return test::run(std::string("bash -c \"") + (crash ? "" : "trap '' XFSZ; ") + "ulimit -f 64; exec " + command + "\"");
+}
+
+// Names in `dir` that start with `prefix`.
+std::vector<std::string> names_starting(const std::string& dir, const std::string& prefix) {
+  std::vector<std::string> out;
+  if (!path_exists(dir)) return out;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    std::string n = e.path().filename().string();
+    if (n.rfind(prefix, 0) == 0) out.push_back(n);
+  }
+  return out;
+}
+
+// A checkpoint write that fails (full disk) removes its partial folders before the error ends the
+// run, so the next run starts at once.
+TEST_F(SftCli, FullDiskAtACheckpointLeavesNoPartialFolder) {
+  auto r = with_file_limit(sft(""), false);
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.out.find("File too large"), std::string::npos) << r.out;
+  const std::string tmp = d_.file("run/checkpoints/.tmp-step-2");
+  EXPECT_NE(r.out.find("writing checkpoint step-2 failed; removed its partial output " + tmp + " ("), std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("failed; removed its partial output " + tmp + "/model.tmp.tmp-"), std::string::npos) << r.out;
+  EXPECT_FALSE(path_exists(tmp));
+  auto again = test::run(sft(""));
+  ASSERT_EQ(again.exit_code, 0) << again.out;
+  EXPECT_TRUE(path_exists(d_.file("run/final/model.safetensors")));
+}
+
+// A run killed while it writes a checkpoint or final/ leaves its temporary folder (.tmp-step-N has no
+// pid in its name; final.tmp.tmp-<pid> has the dead one); the next start of the same run removes
+// them, says so with their sizes, and finishes.
+TEST_F(SftCli, KilledMidWriteLeavesTemporariesTheNextStartRemoves) {
+  auto killed = with_file_limit(sft(""), true);
+  EXPECT_NE(killed.exit_code, 0) << killed.out;
+  const std::string step_tmp = d_.file("run/checkpoints/.tmp-step-2");
+  ASSERT_TRUE(path_exists(step_tmp)) << killed.out;
+  auto resumed = test::run(sft(""));
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.out;
+  EXPECT_NE(resumed.out.find("removed leftover " + step_tmp + " ("), std::string::npos) << resumed.out;
+  EXPECT_FALSE(path_exists(step_tmp));
+  const std::string final_before = read_file(d_.file("run/final/model.safetensors"));
+
+  // Two more steps, no checkpoints: killed while writing final/ (the old final/ stays whole).
+  const std::string more = "train.max_steps=6 checkpoint.every=0";
+  killed = with_file_limit(sft(more), true);
+  EXPECT_NE(killed.exit_code, 0) << killed.out;
+  auto left = names_starting(d_.file("run"), "final.tmp");
+  ASSERT_EQ(left.size(), 1u) << killed.out;
+  EXPECT_EQ(left[0].rfind("final.tmp.tmp-", 0), 0u) << left[0];
+  EXPECT_EQ(read_file(d_.file("run/final/model.safetensors")), final_before);
+  auto finished = test::run(sft(more));
+  ASSERT_EQ(finished.exit_code, 0) << finished.out;
+  EXPECT_NE(finished.out.find("removed leftover " + d_.file("run/" + left[0]) + " ("), std::string::npos) << finished.out;
+  EXPECT_TRUE(names_starting(d_.file("run"), "final.tmp").empty());
+  EXPECT_NE(read_file(d_.file("run/final/model.safetensors")), final_before);
+}
+
+// Two runs in one folder would overwrite each other's checkpoints: the second is refused, naming the
+// process that holds the folder.
+TEST_F(SftCli, ARunFolderInUseIsRefused) {
+  RunFolderLock held(d_.file("run"));
+  ASSERT_EQ(held.state(), RunFolderLock::State::kHeld);
+  auto r = test::run(sft(""));
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.out.find("run folder " + d_.file("run") + " is in use by another ptk process (pid " +
+                       std::to_string(::getpid()) + " on host "),
+            std::string::npos)
+      << r.out;
+  EXPECT_FALSE(path_exists(d_.file("run/metrics.jsonl")));
+  EXPECT_FALSE(path_exists(d_.file("run/data")));  // refused before preparing anything
 }
 
 TEST_F(SftCli, UnknownEvalVerifierIsARecipeError) {

@@ -189,6 +189,51 @@ namespace ptk::train {
 namespace {
 
 // A model whose weights + gradients + AdamW state exceed the budget is refused up front.
+// A stage whose model write fails part way, as on a full disk: some bytes written, then an error.
+class FailingSaveStage : public TinyLmStage {
+ public:
+  using TinyLmStage::TinyLmStage;
+  int fail_on_save = -1;  // which save_model call fails (0 = the first)
+  void save_model(const std::string& dir) override {
+    if (saves_++ == fail_on_save) {
+      make_dirs(dir);
+      write_file_atomic(dir + "/model.safetensors", std::string(100 << 10, 'x'));
+      throw Error(dir + "/model.safetensors: write failed: No space left on device (disk full?)");
+    }
+    TinyLmStage::save_model(dir);
+  }
+
+ private:
+  int saves_ = 0;
+};
+
+// A failed checkpoint or final/ write removes its partial folder (the space comes back at once and
+// nothing is left for the next run to trip over); the error still ends the run.
+TEST(Trainer, FailedWritesRemoveTheirPartialFolders) {
+  at::set_num_threads(1);
+  test::TempDir d;
+  auto o = options(d.file("run"));
+  o.max_steps = 4;
+  o.checkpoint_every = 2;
+  {
+    FailingSaveStage stage(32, 4, 1);
+    stage.fail_on_save = 0;  // the step-2 checkpoint
+    Trainer t(stage, o);
+    EXPECT_THROW(t.run(), Error);
+  }
+  EXPECT_FALSE(path_exists(o.run_dir + "/checkpoints/.tmp-step-2"));
+  EXPECT_TRUE(CheckpointDir(o.run_dir + "/checkpoints", 1).complete().empty());
+  {
+    FailingSaveStage stage(32, 4, 1);
+    stage.fail_on_save = 2;  // the checkpoints at steps 2 and 4 are written; final/ fails
+    Trainer t(stage, o);
+    EXPECT_THROW(t.run(), Error);
+  }
+  EXPECT_FALSE(path_exists(o.run_dir + "/final.tmp"));
+  EXPECT_FALSE(path_exists(o.run_dir + "/final"));
+  EXPECT_EQ(CheckpointDir(o.run_dir + "/checkpoints", 1).latest(), o.run_dir + "/checkpoints/step-4");
+}
+
 TEST(Trainer, RefusesAModelThatCannotFit) {
   test::TempDir d;
   TinyLmStage stage(8, 2, 1);
