@@ -354,10 +354,11 @@ TEST(RewardClient, RetriesAServerThatFailsThenRecovers) {
   EXPECT_EQ(calls.load(), 3);
 }
 
-TEST(RewardClient, MalformedAnswersAreErrorsNotZeros) {
+// A fake server that always answers `answer`: scoring `queries` must fail naming `says`.
+void expect_answer_refused(const std::string& answer, const std::vector<std::string>& queries, const std::string& says) {
   httplib::Server fake;
   fake.Post("/get_reward", [&](const httplib::Request&, httplib::Response& res) {
-    res.set_content("{\"rewards\": [0.25]}", "application/json");  // one value for two queries
+    res.set_content(answer, "application/json");
   });
   int port = fake.bind_to_any_port("127.0.0.1");
   std::thread t([&] { fake.listen_after_bind(); });
@@ -366,39 +367,25 @@ TEST(RewardClient, MalformedAnswersAreErrorsNotZeros) {
   {
     reward::RewardClient client(o);
     try {
-      client.score({"a", "b"}, {}, {});
-      ADD_FAILURE() << "a short answer was accepted";
+      client.score(queries, {}, {});
+      ADD_FAILURE() << "accepted the answer " << answer.substr(0, 60);
     } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("1 values for 2 queries"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << e.what();
     }
   }
   fake.stop();
   t.join();
 }
 
+TEST(RewardClient, MalformedAnswersAreErrorsNotZeros) {
+  // One value for two queries.
+  expect_answer_refused("{\"rewards\": [0.25]}", {"a", "b"}, "1 values for 2 queries");
+}
+
 // An answer nested 1M levels deep is a malformed answer (named), not a crash of the trainer.
 TEST(RewardClient, ADeeplyNestedAnswerIsAnErrorNotACrash) {
-  httplib::Server fake;
-  fake.Post("/get_reward", [&](const httplib::Request&, httplib::Response& res) {
-    res.set_content("{\"rewards\": " + std::string(1000000, '['), "application/json");
-  });
-  int port = fake.bind_to_any_port("127.0.0.1");
-  std::thread t([&] { fake.listen_after_bind(); });
-  auto o = fast({"http://127.0.0.1:" + std::to_string(port)});
-  o.max_attempts = 2;
-  {
-    reward::RewardClient client(o);
-    try {
-      client.score({"a"}, {}, {});
-      ADD_FAILURE() << "a 1M-level answer was accepted";
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("the answer is not JSON (byte 523: nested deeper than 512 levels)"),
-                std::string::npos)
-          << e.what();
-    }
-  }
-  fake.stop();
-  t.join();
+  expect_answer_refused("{\"rewards\": " + std::string(1000000, '['), {"a"},
+                        "the answer is not JSON (byte 523: nested deeper than 512 levels)");
 }
 
 TEST(RewardClient, SpreadsChunksOverTwoUrlsInOrder) {
