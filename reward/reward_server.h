@@ -6,9 +6,9 @@
 //
 // Threading and ownership: a RewardServer owns the model, the tokenizer and one batcher thread.
 // Only the batcher thread runs the model; HTTP worker threads tokenize, queue their items and wait
-// for the batcher, run the verifiers themselves, and answer. One event-loop thread owns the sockets. serve() blocks
-// the calling thread until stop(); stop() may be called from any thread (e.g. a signal-watching
-// thread) and is idempotent. The destructor stops and joins everything.
+// for the batcher, run the verifiers themselves, and answer; one event-loop thread owns the sockets.
+// serve() blocks the calling thread until stop(); stop() may be called from any thread (e.g. a
+// signal-watching thread) and is idempotent. The destructor stops and joins everything.
 #pragma once
 #include <cstdint>
 #include <memory>
