@@ -101,10 +101,9 @@ struct Server::Impl {
   ErrorHook on_error;
 
   int listen_fd = -1, epoll_fd = -1, wake_fd = -1;
-  int bound_port = -1;
   std::unordered_map<uint64_t, std::unique_ptr<Conn>> conns;
   uint64_t next_id = kFirstConnId;
-  int64_t buffered = 0;           // event-loop thread only
+  std::atomic<int64_t> buffered{0};  // body bytes held: parsers' and dispatched requests' (stats() reads it)
   std::vector<uint64_t> pending;  // connections with a pipelined request to parse (event loop)
   std::unordered_map<uint64_t, int64_t> inflight;  // body bytes of dispatched requests, by connection
   std::optional<Clock::time_point> accept_paused_until;
@@ -123,7 +122,7 @@ struct Server::Impl {
   std::condition_variable life_cv;
   bool serving = false;
 
-  std::atomic<int64_t> st_open{0}, st_total{0}, st_refused{0}, st_timeouts{0}, st_bad{0}, st_buffered{0};
+  std::atomic<int64_t> st_open{0}, st_total{0}, st_refused{0}, st_timeouts{0}, st_bad{0};
 
   ~Impl() {
     for (auto& [id, c] : conns) ::close(c->fd);
@@ -150,7 +149,6 @@ struct Server::Impl {
   void account(Conn& c, int64_t now_bytes) {
     buffered += now_bytes - c.buffered;
     c.buffered = now_bytes;
-    st_buffered = buffered;
   }
 
   void close_conn(uint64_t id) {
@@ -181,7 +179,6 @@ struct Server::Impl {
     auto it = inflight.find(id);
     if (it == inflight.end()) return;
     buffered -= it->second;
-    st_buffered = buffered;
     inflight.erase(it);
   }
 
@@ -288,7 +285,7 @@ struct Server::Impl {
       if (!was_started && p.started()) c.request_start = now;
       account(c, static_cast<int64_t>(p.request().body.size()));
       if (buffered > opt.max_buffered_bytes)
-        return refuse(c, 503, "the server holds " + std::to_string(buffered) + " bytes of request bodies (over " +
+        return refuse(c, 503, "the server holds " + std::to_string(buffered.load()) + " bytes of request bodies (over " +
                                   std::to_string(opt.max_buffered_bytes) + "); retry shortly", now);
       switch (p.state()) {
         case RequestParser::State::kHeadDone: {
@@ -324,8 +321,7 @@ struct Server::Impl {
     }
   }
 
-  void on_readable(Conn& c, Clock::time_point now) {
-    const uint64_t id = c.id;
+  void on_readable(uint64_t id, Clock::time_point now) {
     char buf[kReadChunk];
     for (int round = 0; round < 16; ++round) {
       auto it = conns.find(id);
@@ -522,7 +518,7 @@ struct Server::Impl {
           if ((ev & EPOLLOUT) && (c.phase == Phase::kWrite || c.writing_interim)) on_writable(c, now);
           if (conns.find(tag) == conns.end()) continue;
           if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
-            if (c.phase == Phase::kRead || c.phase == Phase::kLinger) on_readable(c, now);
+            if (c.phase == Phase::kRead || c.phase == Phase::kLinger) on_readable(tag, now);
             else if (ev & (EPOLLHUP | EPOLLERR)) close_conn(tag);
           }
         }
@@ -620,16 +616,15 @@ int Server::bind() {
   }
   ::freeaddrinfo(res);
   if (m.listen_fd < 0) throw Error("cannot bind " + m.opt.host + ":" + port + " (" + why + ")");
-  sockaddr_storage addr{};
-  socklen_t len = sizeof addr;
-  ::getsockname(m.listen_fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  m.bound_port = ntohs(addr.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port
-                                                  : reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
   epoll_event e{};
   e.events = EPOLLIN;
   e.data.u64 = kListenTag;
   ::epoll_ctl(m.epoll_fd, EPOLL_CTL_ADD, m.listen_fd, &e);
-  return m.bound_port;
+  sockaddr_storage addr{};
+  socklen_t len = sizeof addr;
+  ::getsockname(m.listen_fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  return ntohs(addr.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port
+                                          : reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
 }
 
 void Server::serve() {
@@ -661,7 +656,7 @@ ServerStats Server::stats() const {
   s.connections_refused = m.st_refused;
   s.timeouts = m.st_timeouts;
   s.bad_requests = m.st_bad;
-  s.buffered_bytes = m.st_buffered;
+  s.buffered_bytes = m.buffered;
   return s;
 }
 
