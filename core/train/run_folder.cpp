@@ -7,6 +7,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <absl/strings/match.h>
+
 #include <cerrno>
 #include <cstring>
 #include <ctime>
@@ -46,10 +48,6 @@ bool all_digits(const std::string& s) {
   return true;
 }
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 // What a name is, when ptk's writers make it as a temporary.
 struct Kind {
   bool temporary = false;
@@ -75,7 +73,7 @@ Kind classify(const std::string& name) {
     if (std::strcmp(mark, ".old-") == 0) k.moved_of = name.substr(0, at);
     return k;
   }
-  if (ends_with(name, ".old") && name.size() > 4) {
+  if (absl::EndsWith(name, ".old") && name.size() > 4) {
     k.temporary = true;
     k.moved_of = name.substr(0, name.size() - 4);
   }
