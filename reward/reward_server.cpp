@@ -296,7 +296,7 @@ struct RewardServer::Impl {
     try {
       d = json::parse(body, "request body");
     } catch (const Error& e) {
-      throw HttpError{400, std::string("invalid JSON: ") + e.what()};
+      throw HttpError{400, e.what()};  // "request body:1:2: invalid JSON: ..."
     }
     if (!d.IsObject()) throw HttpError{400, std::string("the body must be a JSON object, got ") + json::type_name(d)};
     if (!d.HasMember("query"))
