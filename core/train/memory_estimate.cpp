@@ -7,7 +7,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <sstream>
 
 #include "core/model/cpu_features.h"
@@ -32,9 +31,13 @@ struct Shape {
   double V, H, I, L, heads, Q, KV;
 };
 
+// config.json's head_dim (parse_config sets it), else hidden_size / heads for a hand-built config.
+int64_t head_dim_of(const checkpoint::Qwen2Config& c) {
+  return c.head_dim > 0 ? c.head_dim : c.hidden_size / std::max<int64_t>(1, c.num_attention_heads);
+}
+
 Shape shape_of(const checkpoint::Qwen2Config& c) {
-  const double d = c.head_dim > 0 ? static_cast<double>(c.head_dim)
-                                  : static_cast<double>(c.hidden_size) / std::max<int64_t>(1, c.num_attention_heads);
+  const double d = static_cast<double>(head_dim_of(c));
   return {static_cast<double>(c.vocab_size), static_cast<double>(c.hidden_size),
           static_cast<double>(c.intermediate_size), static_cast<double>(c.num_hidden_layers),
           static_cast<double>(c.num_attention_heads), c.num_attention_heads * d, c.num_key_value_heads * d};
@@ -94,9 +97,6 @@ std::string num(double v) {
 }
 std::string kv(const std::string& key, double v) { return key + "=" + num(v); }
 std::string b2s(bool v) { return v ? "true" : "false"; }
-
-// A term's bytes as a rounded figure with its unit.
-std::string show(double bytes) { return format_bytes(bytes); }
 
 struct Phase {
   std::string name;
@@ -265,12 +265,13 @@ double memory_stat_bytes(const std::string& text, const std::string& field) {
 
 namespace {
 
+// A /proc or /sys file, "" when it is absent or unreadable (a machine without that cgroup file).
 std::string slurp(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return "";
-  std::ostringstream o;
-  o << in.rdbuf();
-  return o.str();
+  try {
+    return read_file(path);
+  } catch (const Error&) {
+    return "";
+  }
 }
 
 // The cgroup paths of this process: v2 ("0::/a/b") and v1's memory controller ("4:memory:/a/b").
@@ -420,20 +421,20 @@ std::string memory_refusal(const MemoryPlan& p, const AvailableMemory& avail) {
   };
   std::string msg = std::string(stage_name(p.stage)) + ": ";
   if (!big->keys.empty()) {
-    msg += big->keys + " needs ~" + show(big->bytes) + " for " + big->what +
+    msg += big->keys + " needs ~" + format_bytes(big->bytes) + " for " + big->what +
            (big->note.empty() ? "" : " (" + big->note + ")");
   } else {
-    msg += big->what + " need ~" + show(big->bytes);
+    msg += big->what + " need ~" + format_bytes(big->bytes);
   }
-  msg += " with this model (" + model_shape(p.model) + "); the run needs ~" + show(e.total_bytes) + " at its peak (" +
-         e.phase + ") and this " + (p.cuda ? "GPU" : "machine") + " has " + show(avail.bytes) + " available (" +
-         avail.source + ").";
+  msg += " with this model (" + model_shape(p.model) + "); the run needs ~" + format_bytes(e.total_bytes) +
+         " at its peak (" + e.phase + ") and this " + (p.cuda ? "GPU" : "machine") + " has " +
+         format_bytes(avail.bytes) + " available (" + avail.source + ").";
   if (!(p.stage == StageKind::kSft && p.packing))
     msg += " Rows are padded to the longest record of their micro-batch; the estimate takes data.max_seq_len"
            " (the longest allowed).";
   msg += "\nEstimate per rank (README, \"Memory estimate\"):";
-  for (const auto& t : e.resident) msg += "\n  - " + t.what + ": " + show(t.bytes) + paren(t);
-  for (const auto& t : e.peak) msg += "\n  - " + e.phase + ", " + t.what + ": " + show(t.bytes) + paren(t);
+  for (const auto& t : e.resident) msg += "\n  - " + t.what + ": " + format_bytes(t.bytes) + paren(t);
+  for (const auto& t : e.peak) msg += "\n  - " + e.phase + ", " + t.what + ": " + format_bytes(t.bytes) + paren(t);
 
   // Ways out: one key lowered; else the keys lowered in order (each to its floor until the next
   // one can fit); activation checkpointing, alone or with that.
@@ -465,7 +466,8 @@ std::string memory_refusal(const MemoryPlan& p, const AvailableMemory& avail) {
     MemoryPlan q = p;
     q.activation_checkpointing = true;
     if (fits(q)) {
-      fixes.push_back("set model.activation_checkpointing=true (~" + show(estimate_memory(q).total_bytes) + ")");
+      fixes.push_back("set model.activation_checkpointing=true (~" + format_bytes(estimate_memory(q).total_bytes) +
+                      ")");
     } else if (fixes.empty()) {
       const std::string c = combined(q);
       if (!c.empty()) fixes.push_back("set model.activation_checkpointing=true and lower " + c);
@@ -479,8 +481,9 @@ std::string memory_refusal(const MemoryPlan& p, const AvailableMemory& avail) {
     double state = 0;
     for (const auto& t : e.resident) state += t.bytes;
     msg += "no batch or length key makes this fit: what stays resident (weights, gradients, AdamW state" +
-           std::string(p.live_reference ? ", the reference" : "") + ") needs ~" + show(state) + " of the " +
-           show(avail.bytes) + "; use a smaller model, model.dtype=bfloat16, or train.zero1=true over more ranks.";
+           std::string(p.live_reference ? ", the reference" : "") + ") needs ~" + format_bytes(state) + " of the " +
+           format_bytes(avail.bytes) +
+           "; use a smaller model, model.dtype=bfloat16, or train.zero1=true over more ranks.";
   }
   msg += " train.memory_check=false skips this check (the estimate is deliberately a little high).";
   return msg;
@@ -508,10 +511,8 @@ std::optional<MemoryPlan> memory_plan_from_recipe(const config::TrainingRecipe& 
   // probabilities); the decode packing needs AVX-512 as well.
   const char* flash_env = std::getenv("PTK_ATTENTION_FLASH");
   const char* block_env = std::getenv("PTK_ATTENTION_BLOCK_ROWS");
-  const int64_t head_dim =
-      p.model.head_dim > 0 ? p.model.head_dim : p.model.hidden_size / std::max<int64_t>(1, p.model.num_attention_heads);
   p.flash_attention = model::cpu_has_avx512f() && !(flash_env && std::string(flash_env) == "0") &&
-                      !(block_env && std::atoll(block_env) <= 0) && head_dim % 16 == 0;
+                      !(block_env && std::atoll(block_env) <= 0) && head_dim_of(p.model) % 16 == 0;
   p.decode_packing = model::cpu_has_avx512f();
   if (const char* ws = std::getenv("WORLD_SIZE")) p.world_size = std::max(1L, std::strtol(ws, nullptr, 10));
   p.zero1 = r.train.zero1;
