@@ -356,8 +356,7 @@ struct DpoStage::Impl {
                                         {{"format", "pt"}, {"key", key}, {"reference", ref_dir}, {"data", set.dir()}});
           fsync_path(tmp);
         } catch (...) {
-          std::string done = remove_partial(tmp);  // a full disk: give the space back now
-          if (!done.empty()) log::warn("writing " + path + " failed; " + done);
+          checkpoint::discard_partial_write(tmp, path);  // a full disk: its space comes back now
           throw;
         }
         if (std::rename(tmp.c_str(), path.c_str()) != 0) throw Error("cannot rename " + tmp + " to " + path);

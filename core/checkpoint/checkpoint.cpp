@@ -306,6 +306,11 @@ std::vector<std::string> write_sharded_safetensors(const std::string& dir, const
   return names;
 }
 
+void discard_partial_write(const std::string& tmp, const std::string& what) {
+  std::string done = remove_partial(tmp);
+  if (!done.empty()) log::warn("writing " + what + " failed; " + done);
+}
+
 void save_checkpoint(const std::string& dir, const Qwen2Config& config, const NamedTensors& tensors,
                      const SaveOptions& options) {
   namespace fs = std::filesystem;
@@ -340,10 +345,7 @@ void save_checkpoint(const std::string& dir, const Qwen2Config& config, const Na
         if (path_exists(src + "/" + f)) write_text(f, read_file(src + "/" + f));
     fsync_path(tmp);
   } catch (...) {
-    // A failed write (a full disk, say) gives its space back now instead of leaving it to the next
-    // run's cleanup (core/train/run_folder.h); the error goes on.
-    std::string done = remove_partial(tmp);
-    if (!done.empty()) log::warn("writing " + clean + " failed; " + done);
+    discard_partial_write(tmp, clean);  // a full disk, say: its space comes back now
     throw;
   }
 

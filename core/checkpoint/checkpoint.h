@@ -86,6 +86,11 @@ struct SaveOptions {
 void save_checkpoint(const std::string& dir, const Qwen2Config& config, const NamedTensors& tensors,
                      const SaveOptions& options = {});
 
+// After a failed write of `what` (the error goes on): removes its partial output `tmp` (a file or a
+// folder) and logs a warning naming it and its size, so a full disk gets its space back at once
+// rather than at the run's next start (core/train/run_folder.h). Never throws.
+void discard_partial_write(const std::string& tmp, const std::string& what);
+
 // "float32" / "bfloat16" / "float16" for config.json's torch_dtype.
 std::string torch_dtype_name(at::ScalarType t);
 

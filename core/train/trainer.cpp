@@ -208,21 +208,20 @@ struct Trainer::Impl {
   // A failed write (a full disk, say) removes its partial temporary folder on rank 0, so that the
   // space comes back and the next run starts clean; the error goes on.
   void save_checkpoint() {
-    std::string tmp;
     std::unique_ptr<CheckpointDir> dir;
+    if (main()) dir = std::make_unique<CheckpointDir>(ckpt_root(), opt.keep_last);
     try {
-      save_checkpoint_files(&dir, &tmp);
+      write_checkpoint(dir.get());
     } catch (...) {
-      if (main() && dir) drop_partial(dir->temporary(step), "checkpoint step-" + std::to_string(step));
+      if (dir) checkpoint::discard_partial_write(dir->temporary(step), "checkpoint step-" + std::to_string(step));
       throw;
     }
   }
 
-  void save_checkpoint_files(std::unique_ptr<CheckpointDir>* dir_out, std::string* tmp_out) {
-    std::string& tmp = *tmp_out;
-    std::unique_ptr<CheckpointDir>& dir = *dir_out;
-    if (main()) {
-      dir = std::make_unique<CheckpointDir>(ckpt_root(), opt.keep_last);
+  // The files of save_checkpoint(); `dir` is rank 0's (nullptr on the other ranks).
+  void write_checkpoint(CheckpointDir* dir) {
+    std::string tmp;
+    if (dir) {
       tmp = dir->begin(step);
       stage.save_model(tmp + "/model.tmp");
       // save_model writes an HF folder; move its files up so step-N/ is itself the HF folder.
@@ -269,7 +268,7 @@ struct Trainer::Impl {
       write_file_atomic(ts + "/recipe.json", opt.resolved_recipe);
     }
     comm.barrier();  // every rank's files are written
-    if (main()) dir->commit(step);
+    if (dir) dir->commit(step);
     comm.barrier();  // nobody looks for this checkpoint before it is complete
   }
 
@@ -370,19 +369,12 @@ struct Trainer::Impl {
         stage.save_model(tmp);
         replace_dir_atomic(tmp, opt.run_dir + "/final");
       } catch (...) {
-        drop_partial(tmp, "final/");
+        checkpoint::discard_partial_write(tmp, "final/");
         throw;
       }
       write_report();
     }
     comm.barrier();
-  }
-
-  // Best effort after a failed write of `what` (the error goes on): its partial folder goes, and
-  // the log says so with its size.
-  static void drop_partial(const std::string& tmp, const std::string& what) {
-    std::string done = ptk::remove_partial(tmp);
-    if (!done.empty()) log::warn("writing " + what + " failed; " + done);
   }
 };
 
