@@ -443,26 +443,26 @@ void LineReader::read_long(std::string* out) {
   begin_ = end_ = 0;
 }
 
+// The found line (kLine or kLastLine, `len` bytes in the buffer), consumed.
+std::string_view LineReader::take(Found found, size_t len) {
+  std::string_view line(buf_.data() + begin_, len);
+  const size_t used = found == Found::kLine ? len + 1 : len;  // and its "\n"
+  consumed_ += used;
+  begin_ += used;
+  return line;
+}
+
 bool LineReader::next(std::string_view* line, int64_t* line_no) {
   size_t len = 0;
-  switch (buffered_line(&len)) {
-    case Found::kEnd: return false;
-    case Found::kLine:
-      *line = std::string_view(buf_.data() + begin_, len);
-      consumed_ += len + 1;
-      begin_ += len + 1;
-      break;
-    case Found::kLastLine:
-      *line = std::string_view(buf_.data() + begin_, len);
-      consumed_ += len;
-      begin_ = end_;
-      break;
-    case Found::kLong:
-      if (long_.capacity() > (64u << 20)) std::string().swap(long_);  // not kept after a huge line
-      long_.clear();
-      read_long(&long_);
-      *line = long_;
-      break;
+  const Found found = buffered_line(&len);
+  if (found == Found::kEnd) return false;
+  if (found == Found::kLong) {
+    if (long_.capacity() > (64u << 20)) std::string().swap(long_);  // not kept after a huge line
+    long_.clear();
+    read_long(&long_);
+    *line = long_;
+  } else {
+    *line = take(found, len);
   }
   if (!line->empty() && line->back() == '\r') line->remove_suffix(1);
   *line_no = ++line_no_;
@@ -472,19 +472,12 @@ bool LineReader::next(std::string_view* line, int64_t* line_no) {
 bool LineReader::append_next(std::string* out, int64_t* line_no) {
   const size_t start = out->size();
   size_t len = 0;
-  switch (buffered_line(&len)) {
-    case Found::kEnd: return false;
-    case Found::kLine:
-      out->append(buf_.data() + begin_, len);
-      consumed_ += len + 1;
-      begin_ += len + 1;
-      break;
-    case Found::kLastLine:
-      out->append(buf_.data() + begin_, len);
-      consumed_ += len;
-      begin_ = end_;
-      break;
-    case Found::kLong: read_long(out); break;
+  const Found found = buffered_line(&len);
+  if (found == Found::kEnd) return false;
+  if (found == Found::kLong) {
+    read_long(out);
+  } else {
+    out->append(take(found, len));
   }
   if (out->size() > start && out->back() == '\r') out->pop_back();
   *line_no = ++line_no_;

@@ -93,6 +93,7 @@ class LineReader {
  private:
   enum class Found { kLine, kLastLine, kEnd, kLong };
   Found buffered_line(size_t* len);
+  std::string_view take(Found found, size_t len);
   void read_long(std::string* out);
   bool fill();
   std::string path_;
