@@ -158,8 +158,7 @@ PipelineSpec parse(const config::RecipeJson& json, const std::string& file, cons
       StageSpec st;
       st.command = r.choice(s, path, "command", "", stage_commands(), true);
       st.name = r.str(s, path, "name", st.command);
-      bool built = st.command.empty() || !o.command_built || o.command_built(st.command);
-      st.recipe = r.recipe_path(s, path, "recipe", true, built);
+      st.recipe = r.recipe_path(s, path, "recipe", true);
       st.overrides = r.overrides(s, path, "overrides");
       for (auto& o : st.overrides)
         if (o.rfind("run.dir=", 0) == 0)
@@ -289,11 +288,8 @@ int run_pipeline(const std::string& recipe_file, const std::vector<std::string>&
   PipelineSpec spec = parse(json, recipe_file, o);
 
   std::printf("pipeline %s: %zu stages -> %s/\n", recipe_file.c_str(), spec.stages.size(), spec.dir.c_str());
-  for (auto& st : spec.stages) {
-    bool built = !o.command_built || o.command_built(st.command);
-    std::string note = built ? "" : "   [ptk " + st.command + " is not built in this binary]";
-    std::printf("  %-6s ptk %-5s --recipe %s%s\n", st.name.c_str(), st.command.c_str(), st.recipe.c_str(), note.c_str());
-  }
+  for (auto& st : spec.stages)
+    std::printf("  %-6s ptk %-5s --recipe %s\n", st.name.c_str(), st.command.c_str(), st.recipe.c_str());
   std::fflush(stdout);
   proc::install_signal_handlers();
 
@@ -339,21 +335,6 @@ int run_pipeline(const std::string& recipe_file, const std::vector<std::string>&
     const StageSpec& st = spec.stages[i];
     Row& row = rows[i];
     if (proc::stop_signal()) break;
-    bool built = !o.command_built || o.command_built(st.command);
-    if (!built) {
-      row.status = "not built";
-      if (o.dry_run) {
-        std::printf("stage %s: not built (ptk %s)\n", st.name.c_str(), st.command.c_str());
-        continue;
-      }
-      std::fprintf(stderr,
-                   "pipeline: stage `%s` needs `ptk %s`, which is not built in this ptk binary (%s); stopping here.\n"
-                   "---> HINT: see the status table in README.md; the stages before it are kept and will be skipped "
-                   "on the next run\n",
-                   st.name.c_str(), st.command.c_str(), o.ptk.c_str());
-      exit_code = 2;
-      break;
-    }
     StageRun run;
     run.label = st.name;
     run.command = st.command;

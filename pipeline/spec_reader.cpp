@@ -140,15 +140,14 @@ std::vector<std::string> SpecReader::overrides(const Value& obj, const std::stri
   return out;
 }
 
-std::string SpecReader::recipe_path(const Value& obj, const std::string& path, const char* name, bool required,
-                                    bool must_exist) {
+std::string SpecReader::recipe_path(const Value& obj, const std::string& path, const char* name, bool required) {
   std::string key = join(path, name);
   std::string p = str(obj, path, name, "", required);
   if (p.empty()) return p;
   std::string from = where(key);
   std::string base = from == "command line" || from == "<recipe>" ? "." : parent_dir(from);
   std::string full = resolve_path(base, p);
-  if (must_exist && !path_exists(full)) {
+  if (!path_exists(full)) {
     error(key, "`" + p + "` resolves to " + full +
                    ", which does not exist (recipe paths are relative to the file that names them, like `base`)");
     return "";

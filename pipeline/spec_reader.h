@@ -33,10 +33,8 @@ class SpecReader {
                      const std::vector<std::string>& choices, bool required = false);
   // {"key.path": value, ...} -> {"key.path=<value as JSON>", ...}, in file order.
   std::vector<std::string> overrides(const rapidjson::Value& obj, const std::string& path, const char* name);
-  // A recipe path relative to the recipe file that names it (like `base`); must exist unless
-  // `must_exist` is false (a stage whose command is not built yet may name a recipe not written yet).
-  std::string recipe_path(const rapidjson::Value& obj, const std::string& path, const char* name, bool required,
-                          bool must_exist = true);
+  // A recipe path relative to the recipe file that names it (like `base`); it must exist.
+  std::string recipe_path(const rapidjson::Value& obj, const std::string& path, const char* name, bool required);
 
   // Throws one ptk::Error listing every problem (nothing when there were none).
   void throw_if_errors(const std::string& what) const;

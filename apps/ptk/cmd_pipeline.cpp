@@ -19,7 +19,7 @@ int cmd_pipeline(int argc, char** argv) {
       "interrupted one resumes from its checkpoint. Prints held-out accuracy after each stage (`ptk eval`)\n"
       "and a summary table (also <run.dir>/summary.md). SIGINT/SIGTERM are forwarded to the stage.\n"
       "Recipe format: pipeline/pipeline.h; example: recipes/tiny/pipeline.json. Exit status: 0 done,\n"
-      "1 a stage failed, 2 a stage's command is not built, 128+N after signal N.");
+      "1 a stage failed (2: its command refused its recipe or flags), 128+N after signal N.");
   cl.flags().add_options()("dry-run", "print the stages and what each would do (run, resume, skip); run nothing");
   cl.accept_recipe({});
   if (!cl.parse(argc, argv)) return 0;
@@ -27,11 +27,6 @@ int cmd_pipeline(int argc, char** argv) {
   o.ptk = proc::self_exe();
   o.threads = cl.threads();
   o.dry_run = cl.vm().count("dry-run") > 0;
-  o.command_built = [](const std::string& name) {
-    for (auto& c : commands())
-      if (name == c.name) return c.run != nullptr;
-    return false;
-  };
   return pipeline::run_pipeline(cl.recipe(), cl.overrides(), o);
 }
 

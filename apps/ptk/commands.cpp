@@ -2,24 +2,23 @@
 
 namespace ptk::app {
 
-// Each command is defined in cmd_<name>.cpp. The declarations are weak: a command whose file is
-// not in the build resolves to nullptr and is reported as "not built yet".
-int cmd_sft(int argc, char** argv) __attribute__((weak));
-int cmd_dpo(int argc, char** argv) __attribute__((weak));
-int cmd_grpo(int argc, char** argv) __attribute__((weak));
-int cmd_rm(int argc, char** argv) __attribute__((weak));
-int cmd_reward_server(int argc, char** argv) __attribute__((weak));
-int cmd_generate(int argc, char** argv) __attribute__((weak));
-int cmd_prepare(int argc, char** argv) __attribute__((weak));
-int cmd_tokenize(int argc, char** argv) __attribute__((weak));
-int cmd_forward(int argc, char** argv) __attribute__((weak));
-int cmd_eval(int argc, char** argv) __attribute__((weak));
-int cmd_make_data(int argc, char** argv) __attribute__((weak));
-int cmd_launch(int argc, char** argv) __attribute__((weak));
-int cmd_pipeline(int argc, char** argv) __attribute__((weak));
-int cmd_sweep(int argc, char** argv) __attribute__((weak));
-int cmd_plot(int argc, char** argv) __attribute__((weak));
-int cmd_info(int argc, char** argv) __attribute__((weak));
+// Each command is defined in cmd_<name>.cpp (every one is built: a missing file is a link error).
+int cmd_sft(int argc, char** argv);
+int cmd_dpo(int argc, char** argv);
+int cmd_grpo(int argc, char** argv);
+int cmd_rm(int argc, char** argv);
+int cmd_reward_server(int argc, char** argv);
+int cmd_generate(int argc, char** argv);
+int cmd_prepare(int argc, char** argv);
+int cmd_tokenize(int argc, char** argv);
+int cmd_forward(int argc, char** argv);
+int cmd_eval(int argc, char** argv);
+int cmd_make_data(int argc, char** argv);
+int cmd_launch(int argc, char** argv);
+int cmd_pipeline(int argc, char** argv);
+int cmd_sweep(int argc, char** argv);
+int cmd_plot(int argc, char** argv);
+int cmd_info(int argc, char** argv);
 
 // Keep DESIGN.md's order.
 const std::vector<Command>& commands() {

@@ -7,7 +7,7 @@ namespace ptk::app {
 struct Command {
   const char* name;
   const char* summary;                // one line for `ptk --help`
-  int (*run)(int argc, char** argv);  // nullptr: not built yet (exits 2 and says so)
+  int (*run)(int argc, char** argv);
 };
 
 const std::vector<Command>& commands();

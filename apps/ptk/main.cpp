@@ -1,5 +1,5 @@
 // `ptk` entry point: dispatches to a subcommand and turns errors into messages and exit codes
-// (0 ok, 1 error, 2 usage / not built). Not command logic.
+// (0 ok, 1 error, 2 usage). Not command logic.
 #include <unistd.h>
 
 #include <cstdio>
@@ -21,8 +21,7 @@ void print_usage(std::ostream& os) {
         "       ptk <command> --help\n\ncommands:\n";
   for (const auto& c : ptk::app::commands()) {
     std::string name = c.name;
-    os << "  " << name << std::string(name.size() < 15 ? 15 - name.size() : 1, ' ') << c.summary
-       << (c.run ? "" : "  [not built yet]") << "\n";
+    os << "  " << name << std::string(name.size() < 15 ? 15 - name.size() : 1, ' ') << c.summary << "\n";
   }
   os << "\nSee README.md for the quick start and the status of each command.\n";
 }
@@ -57,11 +56,6 @@ int main(int argc, char** argv) {
   std::string name = argv[1];
   for (const auto& c : ptk::app::commands()) {
     if (name != c.name) continue;
-    if (!c.run) {
-      std::cerr << "ptk " << name << ": not built yet (" << c.summary
-                << ").\nSee the status table in README.md for what works today.\n";
-      return 2;
-    }
     try {
       return c.run(argc - 1, argv + 1);
     } catch (const ptk::UsageError& e) {
