@@ -55,6 +55,8 @@ fi
 echo "--- ptk info"; cat "$OUT/info.txt"
 
 export PTK_SOURCE_DIR=$ROOT PTK_BINARY=$BIN/ptk OMP_WAIT_POLICY=PASSIVE
+# On a machine with a working GPU a test that would skip for want of one fails instead (PTK_SKIP_WITHOUT).
+[ "$gpu" = yes ] && export PTK_REQUIRE=gpu
 status=0
 summary=()
 for t in cuda_test forward_cmd_test generate_cmd_test qwen2_test; do
@@ -65,11 +67,6 @@ for t in cuda_test forward_cmd_test generate_cmd_test qwen2_test; do
   skipped=$(grep -oE "^\[  SKIPPED \] [0-9]+ tests?," "$OUT/$t.log" | grep -oE "[0-9]+" || echo 0)
   summary+=("$t: rc $rc, $(( $(date +%s) - t0 )) s, skipped $skipped; $line")
   [ $rc -eq 0 ] || status=1
-  # On a machine with a working GPU, a CUDA test that skips is a failure: LibTorch did not see it.
-  if [ "$t" = cuda_test ] && [ "$gpu" = yes ] && [ "$skipped" != 0 ]; then
-    summary+=("cuda_test: FAILED: nvidia-smi sees a GPU but $skipped CUDA tests skipped (ptk info says what LibTorch found)")
-    status=1
-  fi
 done
 echo "--- summary ($(( $(date +%s) - start )) s)" | tee "$OUT/summary.txt"
 printf '%s\n' "${summary[@]}" | tee -a "$OUT/summary.txt"

@@ -8,6 +8,7 @@
 #include "core/model/qwen2.h"
 #include "core/runtime/runtime.h"
 #include "tests/model/hf_fixture.h"
+#include "tests/support/test_util.h"
 
 namespace ptk {
 namespace {
@@ -19,7 +20,7 @@ using test::fixture_dir;
 
 bool gpu() { return torch::cuda::is_available(); }
 #define PTK_NEED_GPU() \
-  if (!gpu()) GTEST_SKIP() << "no usable CUDA GPU on this machine (ptk info says why); runs on a GPU machine"
+  if (!gpu()) PTK_SKIP_WITHOUT("gpu") << "no usable CUDA GPU on this machine (ptk info says why); runs on a GPU machine"
 
 TEST(CudaRuntime, InfoReportsWhatWasCompiledIn) {
   auto info = runtime::init(1);

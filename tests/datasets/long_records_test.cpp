@@ -69,7 +69,7 @@ class LongRecords : public ::testing::Test {
  protected:
   void SetUp() override {
     std::string json = test::qwen_tokenizer_json();
-    if (json.empty()) GTEST_SKIP() << "Qwen tokenizer.json not found (assets/tokenizers/qwen/): run scripts/setup.sh";
+    if (json.empty()) PTK_SKIP_WITHOUT("qwen-tokenizer") << "Qwen tokenizer.json not found (assets/tokenizers/qwen/): run scripts/setup.sh";
     tok_path_ = parent_dir(json);
     tokenizer::LoadOptions lo;
     lo.chat_template = tokenizer::ChatTemplate::kQwen25;

@@ -222,7 +222,7 @@ TEST(PrepareGolden, ByteTokenizerBytesUnchanged) {
 TEST(PrepareGolden, QwenTokenizerBytesUnchanged) {
   std::string tok = test::source_dir() + "/assets/tokenizers/qwen";
   if (!path_exists(tok + "/tokenizer.json"))
-    GTEST_SKIP() << "Qwen tokenizer.json not found in assets/tokenizers/qwen: run scripts/setup.sh";
+    PTK_SKIP_WITHOUT("qwen-tokenizer") << "Qwen tokenizer.json not found in assets/tokenizers/qwen: run scripts/setup.sh";
   test::TempDir dir;
   std::vector<Case> cases = {
       {"sft", Format::kSft, sft_lines(11, 600), 1.0, 128, "97c9aa86523c1ee0042032ca1dc485a58cdd38fc16c2647c3613998d758df11c"},

@@ -24,7 +24,7 @@ std::string data_dir() {
 
 TEST(SharedData, EveryMappedSetThroughItsReader) {
   std::string d = data_dir();
-  if (d.empty()) GTEST_SKIP() << "../shared/data not found (PTK_SHARED_DIR): real-data reader test skipped";
+  if (d.empty()) PTK_SKIP_WITHOUT("shared") << "../shared/data not found (PTK_SHARED_DIR): real-data reader test skipped";
   test::TempDir tmp;
   std::string tok = test::source_dir() + "/assets/tokenizers/qwen";
   std::string templ = "qwen2.5";
@@ -89,7 +89,7 @@ TEST(SharedData, EveryMappedSetThroughItsReader) {
 
 TEST(SharedData, RawFilesGiveFileLineReasons) {
   std::string d = data_dir();
-  if (d.empty()) GTEST_SKIP() << "../shared/data not found (PTK_SHARED_DIR): real-data reader test skipped";
+  if (d.empty()) PTK_SKIP_WITHOUT("shared") << "../shared/data not found (PTK_SHARED_DIR): real-data reader test skipped";
   test::TempDir tmp;
   tasks::write_byte_tokenizer(tmp.file("tok"));
   PrepareOptions o;

@@ -50,7 +50,6 @@ TrainerOptions options(const std::string& dir, bool zero1, int64_t checkpoint_ev
 
 // The rank body, run as a child: trains and writes this rank's parameters.
 TEST(DistWorker, Train) {
-  if (!*env("PTK_DT_RUN_DIR")) GTEST_SKIP() << "runs only as a child of another test";
   at::set_num_threads(1);
   dist::CommOptions co;
   co.timeout_s = std::atof(env("PTK_DT_TIMEOUT"));
@@ -131,7 +130,6 @@ optim::NamedTensors reference(const std::string& dir) {
 }
 
 TEST(DataParallel, TwoRanksEqualOneRankWithDoubleBatch) {
-  if (is_worker()) GTEST_SKIP();
   test::TempDir d;
   auto ref = reference(d.file("ref"));
   auto ref_metrics = metric_lines(d.file("ref"));
@@ -167,7 +165,6 @@ TEST(DataParallel, TwoRanksEqualOneRankWithDoubleBatch) {
 // Kills both ranks in step 6 (checkpoints every 2 steps), resumes with 2 ranks: the result equals
 // the run that never stopped. Then ZeRO-1's checkpoint refuses 1 rank.
 TEST(DataParallel, ResumeAfterBothRanksAreKilled) {
-  if (is_worker()) GTEST_SKIP();
   for (bool zero1 : {false, true}) {
     test::TempDir d;
     std::string name = zero1 ? "zero1" : "ddp";
@@ -218,7 +215,6 @@ TEST(DataParallel, ResumeAfterBothRanksAreKilled) {
 }
 
 TEST(DataParallel, DeadRankMakesTheOtherFailWithinTheTimeout) {
-  if (is_worker()) GTEST_SKIP();
   test::TempDir d;
   auto t0 = std::chrono::steady_clock::now();
   auto res = run_ranks(d.file("run"), d.file("die"), false, 0, /*die_at=*/5, /*die_rank=*/1, /*timeout=*/15);

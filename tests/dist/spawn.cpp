@@ -73,7 +73,14 @@ Child spawn(const std::vector<std::string>& argv, const std::vector<std::string>
 }
 
 Child spawn_worker(const std::string& filter, const std::vector<std::string>& env, const std::string& log) {
-  return spawn({self_exe(), "--gtest_filter=" + filter}, env, log);
+  // test_main runs *Worker suites only with PTK_TEST_CHILD; a child's cases are not the suite's own
+  // (no results file) unless `env` names a PTK_TEST_RESULTS_DIR itself.
+  std::vector<std::string> with = env;
+  with.push_back("PTK_TEST_CHILD=1");
+  bool results = false;
+  for (auto& kv : env) results |= kv.rfind("PTK_TEST_RESULTS_DIR=", 0) == 0;
+  if (!results) with.push_back("PTK_TEST_RESULTS_DIR=");
+  return spawn({self_exe(), "--gtest_filter=" + filter}, with, log);
 }
 
 int wait_child(Child& c, double timeout_s) {

@@ -158,7 +158,7 @@ TEST_F(DpoCli, HugeMicroBatchIsRefusedBeforeLoading) {
 // for a few steps: the stage reads them, prepares, trains, and the numbers are finite.
 TEST_F(DpoCli, RealSharedPreferenceData) {
   std::string shared = test::shared_dir();
-  if (shared.empty() || !path_exists(shared + "/data/preference")) GTEST_SKIP() << "../shared/data is absent";
+  if (shared.empty() || !path_exists(shared + "/data/preference")) PTK_SKIP_WITHOUT("shared") << "../shared/data is absent";
   std::string lines;
   for (auto& s : test::map_shared_data(shared + "/data"))
     if (s.name == "preference/dpo_en_demo")

@@ -12,6 +12,7 @@
 
 #include "core/model/causal_attention.h"
 #include "core/util/error.h"
+#include "tests/support/test_util.h"
 
 namespace ptk {
 namespace {
@@ -89,7 +90,7 @@ struct ThreadCountGuard {
 TEST(CausalFlashAttention, EqualsMaskedSoftmaxAttentionWithGradients) {
   if (!model::causal_flash_attention_supported(torch::zeros({1, 1, 1, 16}), torch::zeros({1, 1, 1, 16}),
                                                torch::zeros({1, 1, 1, 16})))
-    GTEST_SKIP() << "no AVX-512F on this CPU: the flash kernels do not run here";
+    PTK_SKIP_WITHOUT("avx512") << "no AVX-512F on this CPU: the flash kernels do not run here";
   ThreadCountGuard guard;
   for (int t : {1, 2, 4}) {
     at::set_num_threads(t);
@@ -108,7 +109,7 @@ TEST(CausalFlashAttention, EqualsMaskedSoftmaxAttentionWithGradients) {
 TEST(CausalFlashAttention, GradientsRepeatBitForBitOnTwoThreads) {
   if (!model::causal_flash_attention_supported(torch::zeros({1, 1, 1, 16}), torch::zeros({1, 1, 1, 16}),
                                                torch::zeros({1, 1, 1, 16})))
-    GTEST_SKIP() << "no AVX-512F on this CPU: the flash kernels do not run here";
+    PTK_SKIP_WITHOUT("avx512") << "no AVX-512F on this CPU: the flash kernels do not run here";
   ThreadCountGuard guard;
   at::set_num_threads(2);
   torch::manual_seed(7);

@@ -9,6 +9,7 @@
 
 #include "core/model/decode_attention_cpu.h"
 #include "core/util/error.h"
+#include "tests/support/test_util.h"
 
 namespace ptk {
 namespace {
@@ -24,7 +25,7 @@ TEST(DecodeAttentionRows, EqualsPerRowSoftmaxAttention) {
   for (Shape sh : {Shape{4, 2, 64}, Shape{14, 2, 64}, Shape{28, 4, 128}, Shape{28, 4, 128, 40.0}}) {
     const int64_t S = 6, T_max = 40;
     auto K = torch::randn({S, sh.nkv, T_max, sh.D}), V = torch::randn({S, sh.nkv, T_max, sh.D});
-    if (!model::decode_attention_rows_supported(K, K)) GTEST_SKIP() << "no AVX-512F on this CPU";
+    if (!model::decode_attention_rows_supported(K, K)) PTK_SKIP_WITHOUT("avx512") << "no AVX-512F on this CPU";
     const std::vector<int64_t> slots = {4, 0, 5, 2}, lens = {1, 17, 40, 33};
     const int64_t R = static_cast<int64_t>(slots.size()), g = sh.nh / sh.nkv;
     auto q = torch::randn({R, sh.nh, sh.D}) * sh.q_scale;
@@ -51,7 +52,7 @@ TEST(DecodeAttentionRows, EqualsPerRowSoftmaxAttention) {
 
 TEST(DecodeAttentionRows, RefusesKeyCountsOutsideTheCache) {
   auto K = torch::zeros({2, 1, 8, 16});
-  if (!model::decode_attention_rows_supported(K, K)) GTEST_SKIP() << "no AVX-512F on this CPU";
+  if (!model::decode_attention_rows_supported(K, K)) PTK_SKIP_WITHOUT("avx512") << "no AVX-512F on this CPU";
   auto q = torch::zeros({1, 2, 16});
   EXPECT_THROW(model::decode_attention_rows(q, K, K, {0}, {0}), Error);
   EXPECT_THROW(model::decode_attention_rows(q, K, K, {0}, {9}), Error);

@@ -7,6 +7,7 @@
 
 #include "core/model/packed_linear.h"
 #include "core/util/error.h"
+#include "tests/support/test_util.h"
 
 namespace ptk {
 namespace {
@@ -20,7 +21,7 @@ bool skip_without_avx512() {
 }
 
 TEST(PackedLinear, EqualsMatmulOverEveryEdgeOfTheKernel) {
-  if (skip_without_avx512()) GTEST_SKIP() << "no AVX-512F on this CPU";
+  if (skip_without_avx512()) PTK_SKIP_WITHOUT("avx512") << "no AVX-512F on this CPU";
   torch::manual_seed(0);
   double worst = 0;
   // N: under one panel, one panel, one over, a block (48) and its neighbours, several blocks with a
@@ -46,7 +47,7 @@ TEST(PackedLinear, EqualsMatmulOverEveryEdgeOfTheKernel) {
 }
 
 TEST(PackedLinear, ARowsResultDoesNotDependOnTheOtherRows) {
-  if (skip_without_avx512()) GTEST_SKIP() << "no AVX-512F on this CPU";
+  if (skip_without_avx512()) PTK_SKIP_WITHOUT("avx512") << "no AVX-512F on this CPU";
   torch::manual_seed(1);
   auto w = torch::randn({200, 96});
   auto x = torch::randn({13, 96});
@@ -60,7 +61,7 @@ TEST(PackedLinear, ARowsResultDoesNotDependOnTheOtherRows) {
 }
 
 TEST(PackedLinear, WritesIntoTheCallersBufferWithoutReallocating) {
-  if (skip_without_avx512()) GTEST_SKIP() << "no AVX-512F on this CPU";
+  if (skip_without_avx512()) PTK_SKIP_WITHOUT("avx512") << "no AVX-512F on this CPU";
   auto w = torch::randn({50, 32});
   PackedLinear p(w);
   at::Tensor buf;

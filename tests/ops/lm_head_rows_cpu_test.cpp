@@ -7,6 +7,7 @@
 
 #include "core/model/lm_head_rows_cpu.h"
 #include "core/util/error.h"
+#include "tests/support/test_util.h"
 
 namespace ptk::model {
 namespace {
@@ -24,7 +25,7 @@ TEST(LmHeadRowsCpu, StatsAndGradientEqualAtenInFloat64) {
       z[3][V - 1] = 100;
       t[3] = V - 1;     // the max in the tail
     }
-    if (!lm_head_rows_supported(z)) GTEST_SKIP() << "no AVX-512F on this CPU";
+    if (!lm_head_rows_supported(z)) PTK_SKIP_WITHOUT("avx512") << "no AVX-512F on this CPU";
     auto lse = torch::empty({rows}), logp = torch::empty({rows}), ent = torch::empty({rows});
     auto correct = torch::empty({rows}, torch::kBool);
     lm_head_row_stats(z, t, lse, logp, ent, correct);
@@ -56,7 +57,7 @@ TEST(LmHeadRowsCpu, StatsAndGradientEqualAtenInFloat64) {
 
 TEST(LmHeadRowsCpu, RejectsWhatItCannotRead) {
   auto z = torch::randn({4, 32});
-  if (!lm_head_rows_supported(z)) GTEST_SKIP() << "no AVX-512F on this CPU";
+  if (!lm_head_rows_supported(z)) PTK_SKIP_WITHOUT("avx512") << "no AVX-512F on this CPU";
   EXPECT_FALSE(lm_head_rows_supported(z.t()));
   EXPECT_FALSE(lm_head_rows_supported(z.to(torch::kDouble)));
   auto v = torch::empty({4});

@@ -182,7 +182,7 @@ long accept_queue_length(int port) {
 // dropped the rest for a second or reset them (seen in CI as 3 of 16 clients failing with `Read`).
 // Here 32 connections arrive while nothing accepts: all must wait in the queue, and all be served.
 TEST_F(RewardServerTest, ABurstOfConnectionsWaitsInTheAcceptQueueAndIsServed) {
-  if (!std::ifstream("/proc/net/tcp")) GTEST_SKIP() << "no /proc/net/tcp to read the accept queue from";
+  if (!std::ifstream("/proc/net/tcp")) PTK_SKIP_WITHOUT("procfs") << "no /proc/net/tcp to read the accept queue from";
   reward::RewardServer srv(reward_section({"reward.verifiers=[\"exact\"]"}));
   int port = srv.bind();
   constexpr int kConns = 32;

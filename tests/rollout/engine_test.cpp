@@ -15,6 +15,7 @@
 #include "rollout/engine.h"
 #include "rollout/token_bytes.h"
 #include "tests/model/hf_fixture.h"
+#include "tests/support/test_util.h"
 
 namespace ptk::rollout {
 namespace {
@@ -340,7 +341,7 @@ TEST(Engine, StopIdsAndStopStringsCutAfterTheCompletingToken) {
 
 TEST(Engine, TokenBytesTableConcatenatesToTheDecodedText) {
   std::string path = test::qwen_tokenizer_json();
-  if (path.empty()) GTEST_SKIP() << "no Qwen tokenizer.json (assets/tokenizers/qwen or ../shared/tokenizers/qwen)";
+  if (path.empty()) PTK_SKIP_WITHOUT("qwen-tokenizer") << "no Qwen tokenizer.json (assets/tokenizers/qwen or ../shared/tokenizers/qwen)";
   auto tok = tokenizer::Tokenizer::load(path);
   auto table = token_bytes_table(tok);
   ASSERT_EQ(table->size(), tok.vocab_size());

@@ -7,6 +7,7 @@
 
 #include "core/util/fs.h"
 #include "tests/model/hf_fixture.h"
+#include "tests/support/test_util.h"
 
 namespace ptk {
 namespace {
@@ -91,7 +92,7 @@ TEST(GenerateCommand, TextNeedsATokenizerAndBadLinesSayWhere) {
 
 TEST(GenerateCommand, FolderWithTokenizerWritesText) {
   std::string tj = test::qwen_tokenizer_json();
-  if (tj.empty()) GTEST_SKIP() << "no Qwen tokenizer.json (assets/tokenizers/qwen or ../shared/tokenizers/qwen)";
+  if (tj.empty()) PTK_SKIP_WITHOUT("qwen-tokenizer") << "no Qwen tokenizer.json (assets/tokenizers/qwen or ../shared/tokenizers/qwen)";
   test::TempDir tmp;
   const std::string dir = tmp.file("model");
   ASSERT_EQ(test::run("mkdir -p " + dir + " && cp " + fixture_dir("tiny-tied") + "/checkpoint/* " + dir + " && cp " + tj +

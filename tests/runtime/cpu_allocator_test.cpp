@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core/runtime/cpu_allocator.h"
+#include "tests/support/test_util.h"
 
 namespace ptk {
 namespace {
@@ -154,7 +155,7 @@ TEST(CpuAllocator, LargeBlocksGetTransparentHugePages) {
   std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
   std::string modes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   if (modes.empty() || modes.find("[never]") != std::string::npos)
-    GTEST_SKIP() << "transparent huge pages are off on this machine (" << modes << ")";
+    PTK_SKIP_WITHOUT("thp") << "transparent huge pages are off on this machine (" << modes << ")";
   install();
   auto t = floats_of(16 * kMiB);
   t.fill_(1.0f);  // fault every page in

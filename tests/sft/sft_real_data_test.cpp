@@ -16,9 +16,9 @@ namespace {
 
 TEST(SftRealData, FewStepsOnSharedChatData) {
   std::string shared = test::shared_dir();
-  if (shared.empty()) GTEST_SKIP() << "../shared is absent: real-data SFT test skipped";
+  if (shared.empty()) PTK_SKIP_WITHOUT("shared") << "../shared is absent: real-data SFT test skipped";
   std::string tok = test::source_dir() + "/assets/tokenizers/qwen";
-  if (!path_exists(tok + "/tokenizer.json")) GTEST_SKIP() << "no Qwen tokenizer (run scripts/setup.sh)";
+  if (!path_exists(tok + "/tokenizer.json")) PTK_SKIP_WITHOUT("qwen-tokenizer") << "no Qwen tokenizer (run scripts/setup.sh)";
   auto convs = test::shared_chat_conversations(shared + "/data");
   ASSERT_GT(convs.size(), 100u);
   test::TempDir d;

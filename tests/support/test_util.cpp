@@ -65,6 +65,16 @@ std::string qwen_tokenizer_json() {
   return "";
 }
 
+bool required(const char* resource) {
+  const std::string list = "," + env_or("PTK_REQUIRE", "") + ",";
+  return list.find("," + std::string(resource) + ",") != std::string::npos;
+}
+
+std::string skip_label(const char* resource) {
+  if (!required(resource)) return std::string("[") + resource + "]";
+  return std::string("PTK_REQUIRE lists \"") + resource + "\", so this test may not skip for want of it:";
+}
+
 RunResult run(const std::string& command) {
   std::string cmd = command + " 2>&1";
   FILE* p = popen(cmd.c_str(), "r");

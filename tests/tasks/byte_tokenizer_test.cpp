@@ -81,7 +81,7 @@ std::vector<int> ints(const rapidjson::Value& a) {
 
 TEST(ByteTokenizer, HuggingFaceTokenizersAgree) {
   std::string py = test::reference_python();
-  if (py.empty()) GTEST_SKIP() << "no .venv/bin/python3 with HF tokenizers and transformers (scripts/setup.sh makes it)";
+  if (py.empty()) PTK_SKIP_WITHOUT("venv") << "no .venv/bin/python3 with HF tokenizers and transformers (scripts/setup.sh makes it)";
   test::TempDir dir;
   write_byte_tokenizer(dir.path());
 

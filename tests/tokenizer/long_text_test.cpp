@@ -13,6 +13,7 @@
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/error.h"
 #include "tests/tokenizer/golden.h"
+#include "tests/support/test_util.h"
 
 namespace ptk::tokenizer {
 namespace {
@@ -122,7 +123,7 @@ class LongText : public ::testing::Test {
   void SetUp() override {
     std::string path = test::qwen_tokenizer_json();
     if (path.empty())
-      GTEST_SKIP() << "Qwen tokenizer.json not found (assets/tokenizers/qwen/ or ../shared/tokenizers/qwen): "
+      PTK_SKIP_WITHOUT("qwen-tokenizer") << "Qwen tokenizer.json not found (assets/tokenizers/qwen/ or ../shared/tokenizers/qwen): "
                       "run scripts/setup.sh with ../shared beside the checkout";
     json_ = read_file(path);
     tok_ = std::make_unique<Tokenizer>(

@@ -10,6 +10,7 @@
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/error.h"
 #include "tests/tokenizer/golden.h"
+#include "tests/support/test_util.h"
 
 namespace ptk::tokenizer {
 namespace {
@@ -23,7 +24,7 @@ class Qwen : public ::testing::Test {
   void SetUp() override {
     path_ = test::qwen_tokenizer_json();
     if (path_.empty())
-      GTEST_SKIP() << "Qwen tokenizer.json not found (assets/tokenizers/qwen/ or ../shared/tokenizers/qwen): "
+      PTK_SKIP_WITHOUT("qwen-tokenizer") << "Qwen tokenizer.json not found (assets/tokenizers/qwen/ or ../shared/tokenizers/qwen): "
                       "run scripts/setup.sh with ../shared beside the checkout";
     json_ = read_file(path_);
     config_ = read_file(data_dir() + "/qwen2.5_tokenizer_config.json");
@@ -165,7 +166,7 @@ TEST_F(Qwen, BatchOnAllCoresEqualsSerial) {
 // ones and to ptk (catches a golden file edited by hand or a reference that changed).
 TEST_F(Qwen, LiveAgainstPythonReference) {
   std::string py = ptk::test::reference_python();
-  if (py.empty()) GTEST_SKIP() << "no .venv/bin/python3: live comparison skipped (scripts/setup.sh makes it)";
+  if (py.empty()) PTK_SKIP_WITHOUT("venv") << "no .venv/bin/python3: live comparison skipped (scripts/setup.sh makes it)";
   ptk::test::TempDir out;
   auto r = ptk::test::run(py + " " + ptk::test::source_dir() + "/tests/tokenizer/make_golden.py --tokenizer " + path_ +
                           " --out " + out.path());

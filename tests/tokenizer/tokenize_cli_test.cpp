@@ -13,7 +13,7 @@ using ptk::test::TempDir;
 using test::data_dir;
 
 TEST(TokenizeCli, TextAndChatLines) {
-  if (!path_exists(ptk::test::ptk_binary())) GTEST_SKIP() << "ptk binary not built: " << ptk::test::ptk_binary();
+  ASSERT_TRUE(path_exists(ptk::test::ptk_binary())) << "ptk binary not built: " << ptk::test::ptk_binary();
   TempDir d;
   std::string tok = data_dir() + "/bytelevel_chatml.json";
   std::string in = d.write("in.jsonl", "{\"text\": \"ab\"}\n{\"text\": \"<|im_end|>\"}\n\n{\"text\": \"\"}\n");

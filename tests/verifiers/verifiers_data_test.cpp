@@ -42,9 +42,9 @@ std::string strip_spaces(std::string s) {
 
 TEST(VerifiersData, Gsm8kTestAnswers) {
   std::string shared = test::shared_dir();
-  if (shared.empty()) GTEST_SKIP() << "../shared not found: GSM8K answers unavailable";
+  if (shared.empty()) PTK_SKIP_WITHOUT("shared") << "../shared not found: GSM8K answers unavailable";
   std::string path = shared + "/data/math/gsm8k/test.jsonl";
-  if (!path_exists(path)) GTEST_SKIP() << path << " not found";
+  if (!path_exists(path)) PTK_SKIP_WITHOUT("shared") << path << " not found";
   std::vector<Row> rows;
   std::vector<double> values;  // the test's own reading of each label: digits and commas only
   for (auto& d : read_jsonl(path)) {
@@ -79,9 +79,9 @@ TEST(VerifiersData, Gsm8kTestAnswers) {
 
 TEST(VerifiersData, Math500Answers) {
   std::string shared = test::shared_dir();
-  if (shared.empty()) GTEST_SKIP() << "../shared not found: MATH-500 answers unavailable";
+  if (shared.empty()) PTK_SKIP_WITHOUT("shared") << "../shared not found: MATH-500 answers unavailable";
   std::string path = shared + "/data/math/eval/math500/test.jsonl";
-  if (!path_exists(path)) GTEST_SKIP() << path << " not found";
+  if (!path_exists(path)) PTK_SKIP_WITHOUT("shared") << path << " not found";
   std::vector<std::string> answers;
   for (auto& d : read_jsonl(path)) answers.push_back(d["answer"].GetString());
   ASSERT_EQ(answers.size(), 500u);
