@@ -13,7 +13,9 @@
 
 namespace ptk::data {
 
-constexpr int kPrepareVersion = 1;  // bump when the bytes written change
+// Bump when the bytes written change. 2: prompt/completion masks and seg_a with NFC tokenizers
+// (Qwen) on a line that NFC changes (completion tokens on the prompt's last line had no loss).
+constexpr int kPrepareVersion = 2;
 
 // One document (sft), pair (preference: prompt, chosen, rejected back to back) or prompt (rl).
 // A mixing weight above 1 repeats entries that point at the same tokens.

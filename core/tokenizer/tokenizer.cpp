@@ -446,19 +446,31 @@ void Tokenizer::Impl::encode_word_tail(std::string_view word, std::vector<TokenI
 }
 
 void Tokenizer::Impl::encode_normalized(std::string_view piece, uint32_t base, std::vector<TokenId>* ids,
-                                        std::vector<uint32_t>* starts, Tail* tail) const {
+                                        std::vector<uint32_t>* starts, Tail* tail, uint32_t cut) const {
   std::string normalized;
   std::string_view s = piece;
-  // (normalized offset, original offset) at each line start when NFC changed the piece.
+  // (normalized offset, original offset) at each line start when NFC changed the piece, and at
+  // `cut` inside its line (encode_prompt_completion's boundary: a completion token on the prompt's
+  // last line must not take the line's start, before the boundary).
   std::vector<std::pair<uint32_t, uint32_t>> line_map;
   if (nfc && !unicode::nfc_quick_yes(piece)) {
+    const size_t split = cut >= base && cut - base < piece.size() ? cut - base : std::string_view::npos;
     // NFC never composes across '\n' (a starter with no compositions), so lines normalize alone.
     size_t b = 0;
     while (b < piece.size()) {
       size_t e = piece.find('\n', b);
       e = e == std::string_view::npos ? piece.size() : e + 1;
       line_map.emplace_back(static_cast<uint32_t>(normalized.size()), static_cast<uint32_t>(b));
-      normalized += unicode::nfc_slow(piece.substr(b, e - b));
+      std::string line = unicode::nfc_slow(piece.substr(b, e - b));
+      if (split != std::string_view::npos && split > b && split < e) {
+        // Split at the cut where the halves normalize to the same text (NFC composes nothing across
+        // it; a completion starting with a combining mark composes with the prompt's end: no split).
+        std::string head = unicode::nfc_slow(piece.substr(b, split - b));
+        if (line.compare(0, head.size(), head) == 0 && line.compare(head.size(), std::string::npos,
+                                                                    unicode::nfc_slow(piece.substr(split, e - split))) == 0)
+          line_map.emplace_back(static_cast<uint32_t>(normalized.size() + head.size()), static_cast<uint32_t>(split));
+      }
+      normalized += line;
       b = e;
     }
     s = normalized;
@@ -488,14 +500,16 @@ void Tokenizer::Impl::encode_normalized(std::string_view piece, uint32_t base, s
 }
 
 void Tokenizer::Impl::encode_into(std::string_view text, std::vector<TokenId>* ids, std::vector<uint32_t>* starts,
-                                  Tail* tail) const {
+                                  Tail* tail, uint32_t cut) const {
   if (raw_matcher.empty()) {
-    encode_normalized(text, 0, ids, starts, tail);
+    encode_normalized(text, 0, ids, starts, tail, cut);
     return;
   }
   split_added(
       *this, raw_matcher, text,
-      [&](size_t b, size_t e) { encode_normalized(text.substr(b, e - b), static_cast<uint32_t>(b), ids, starts, tail); },
+      [&](size_t b, size_t e) {
+        encode_normalized(text.substr(b, e - b), static_cast<uint32_t>(b), ids, starts, tail, cut);
+      },
       [&](int which, size_t b, size_t) {
         ids->push_back(added[static_cast<size_t>(which)].id);
         if (starts) starts->push_back(static_cast<uint32_t>(b));
@@ -757,7 +771,7 @@ PromptCompletionEncoding Tokenizer::encode_prompt_completion(std::string_view pr
   text += unicode::to_valid_utf8(completion);
   PromptCompletionEncoding r;
   std::vector<uint32_t> starts;
-  impl_->encode_into(text, &r.ids, &starts, bounded);
+  impl_->encode_into(text, &r.ids, &starts, bounded, boundary);
   r.completion_mask.resize(r.ids.size());
   r.prompt_tokens = r.ids.size();
   for (size_t i = 0; i < r.ids.size(); ++i) {

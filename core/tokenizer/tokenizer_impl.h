@@ -101,15 +101,16 @@ struct Tokenizer::Impl {
   }
 
   // Encodes valid UTF-8 `text`, appending to `ids`; when `starts` is given, appends each token's
-  // start byte in `text` (exact except inside a line that NFC changed: then the line's start).
+  // start byte in `text` (exact except inside a line that NFC changed: then the line's start, or
+  // `cut` for a token that starts at or after `cut` in that line, unless NFC composes across `cut`).
   // With `tail` (starts must be null): huge pre-tokens merged by windows, ids before the last
   // tail->keep dropped as they come.
   void encode_into(std::string_view text, std::vector<TokenId>* ids, std::vector<uint32_t>* starts,
-                   Tail* tail = nullptr) const;
+                   Tail* tail = nullptr, uint32_t cut = UINT32_MAX) const;
   void encode_plain(std::string_view piece, uint32_t base, std::vector<TokenId>* ids, std::vector<uint32_t>* starts,
                     Tail* tail) const;
   void encode_normalized(std::string_view piece, uint32_t base, std::vector<TokenId>* ids,
-                         std::vector<uint32_t>* starts, Tail* tail) const;
+                         std::vector<uint32_t>* starts, Tail* tail, uint32_t cut = UINT32_MAX) const;
   // One pre-token for encode_tail: whole, or a window at a time when longer than tail->window.
   void encode_word_tail(std::string_view word, std::vector<TokenId>* ids, Tail* tail) const;
 };

@@ -1,10 +1,22 @@
 // prepare's output bytes pinned: fixed inputs in every format (sft messages / prompt-completion /
 // text, preference, rl; bad lines skipped, truncation, mixing weights, several shards and blocks) go
 // through prepare, and the SHA-256 of every file it writes must equal the value recorded with the
-// prepare of commit 03458f0 (before the throughput work of issue 8). With the byte-level tokenizer
+// prepare of commit 03458f0 (before the throughput work of issue 8; Qwen's sft case re-recorded
+// when prompt/completion masks on lines NFC changes were fixed). With the byte-level tokenizer
 // always; with Qwen's tokenizer.json (real merges, NFC, CJK, long words) when it is present.
-// A change to any output byte fails here: if one is intended, bump kPrepareVersion and re-record.
+// The hashes are a regression pin of ptk's own output, not a reference: they say the bytes did not
+// change, not that they were right. A change to any output byte fails here: if one is intended,
+// bump kPrepareVersion and re-record.
+//
+// What the pin holds is checked independently by the *MatchesHfReference tests: the same inputs
+// through prepare, then tests/datasets/prepare_reference_check.py (the venv's Python) reads the
+// folder with its own reader of the layout in datasets/shards.h and rebuilds every document from
+// the JSONL with Hugging Face tokenizers and transformers' chat templates: token ids, loss masks,
+// prompt/chosen segment lengths, truncation, skipped lines, mixing-weight copies, shard layout,
+// best-fit-decreasing packing and the manifest's counts.
 #include <gtest/gtest.h>
+#include <rapidjson/stringbuffer.h>
+#include <rapidjson/writer.h>
 
 #include <filesystem>
 #include <map>
@@ -180,43 +192,120 @@ struct Case {
   std::string text;
   double weight;
   int64_t max_seq_len;
-  const char* expected;  // combined hash recorded with commit 03458f0's prepare
+  const char* expected;  // combined hash recorded with commit 03458f0's prepare (see the top)
 };
+
+// Prepares case `c` into dir/out-<name> from two sources: its lines at c.weight, and a prefix of
+// them (cut mid-line: the last line is bad) at a fractional weight.
+PrepareOptions prepare_case(const Case& c, const std::string& tokenizer, const char* chat_template,
+                            const test::TempDir& dir, std::string* out) {
+  std::string in = dir.write(std::string(c.name) + ".jsonl", c.text);
+  std::string in2 = dir.write(std::string(c.name) + "-b.jsonl", c.text.substr(0, c.text.size() / 3 / 2 * 2));
+  PrepareOptions o;
+  o.format = c.format;
+  o.sources = {{in, c.weight}, {in2, 0.5}};
+  o.tokenizer_path = tokenizer;
+  o.chat_template = chat_template;
+  o.max_seq_len = c.max_seq_len;
+  o.on_error = "skip";
+  o.seed = 7;
+  o.threads = 3;
+  o.block_lines = 13;       // many blocks
+  o.shard_tokens = 30000;   // several shards
+  o.quiet = true;
+  *out = dir.file(std::string("out-") + c.name);
+  prepare(o, *out);
+  return o;
+}
 
 void run_cases(const std::string& tokenizer, const char* chat_template, const std::vector<Case>& cases,
                const test::TempDir& dir) {
   for (const auto& c : cases) {
-    std::string in = dir.write(std::string(c.name) + ".jsonl", c.text);
-    std::string in2 = dir.write(std::string(c.name) + "-b.jsonl", c.text.substr(0, c.text.size() / 3 / 2 * 2));
-    PrepareOptions o;
-    o.format = c.format;
-    // Two sources: the second one's lines are a prefix of the first's, at a fractional weight.
-    o.sources = {{in, c.weight}, {in2, 0.5}};
-    o.tokenizer_path = tokenizer;
-    o.chat_template = chat_template;
-    o.max_seq_len = c.max_seq_len;
-    o.on_error = "skip";
-    o.seed = 7;
-    o.threads = 3;
-    o.block_lines = 13;       // many blocks
-    o.shard_tokens = 30000;   // several shards
-    o.quiet = true;
-    std::string out = dir.file(std::string("out-") + c.name);
-    prepare(o, out);
+    std::string out;
+    prepare_case(c, tokenizer, chat_template, dir, &out);
     std::string listing;
     EXPECT_EQ(combined(digest(out, dir.path()), &listing), c.expected) << c.name << ": output bytes changed; files:\n" << listing;
   }
 }
 
-TEST(PrepareGolden, ByteTokenizerBytesUnchanged) {
+// Prepares `cases` and has prepare_reference_check.py rebuild every file's content independently
+// (see the top of this file); `template_file` is the Jinja source of the template ptk renders.
+void check_against_reference(const std::string& py, const std::string& tokenizer, const char* chat_template,
+                             const std::string& template_file, const std::vector<Case>& cases) {
   test::TempDir dir;
-  tasks::write_byte_tokenizer(dir.file("tok"));
-  std::vector<Case> cases = {
+  rapidjson::StringBuffer buf;
+  rapidjson::Writer<rapidjson::StringBuffer> w(buf);
+  w.StartObject();
+  w.Key("cases");
+  w.StartArray();
+  for (const auto& c : cases) {
+    std::string out;
+    PrepareOptions o = prepare_case(c, tokenizer, chat_template, dir, &out);
+    w.StartObject();
+    w.Key("name"), w.String(c.name);
+    w.Key("dir"), w.String(out.c_str());
+    w.Key("format"), w.String(format_name(o.format));
+    w.Key("tokenizer"), w.String(tokenizer.c_str());
+    w.Key("chat_template"), w.String(template_file.c_str());
+    w.Key("max_seq_len"), w.Int64(o.max_seq_len);
+    w.Key("packing"), w.Bool(o.packing);
+    w.Key("seed"), w.Uint64(o.seed);
+    w.Key("shard_tokens"), w.Uint64(o.shard_tokens);
+    w.Key("sources"), w.StartArray();
+    for (const auto& src : o.sources) {
+      w.StartObject();
+      w.Key("path"), w.String(src.path.c_str());
+      w.Key("weight"), w.Double(src.weight);
+      w.EndObject();
+    }
+    w.EndArray();
+    w.EndObject();
+  }
+  w.EndArray();
+  w.EndObject();
+  std::string spec = dir.write("spec.json", std::string(buf.GetString(), buf.GetSize()));
+  auto r = test::run(py + " " + test::source_dir() + "/tests/datasets/prepare_reference_check.py " + spec + " " +
+                     dir.file("result.json"));
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+  auto res = json::parse_file(dir.file("result.json"));
+  for (const auto& c : cases) {
+    ASSERT_TRUE(res.HasMember(c.name)) << r.out;
+    const auto& x = res[c.name];
+    ASSERT_TRUE(x.HasMember("docs")) << r.out;
+    // The check covered real content: documents, bad lines and (where the inputs make them) cuts.
+    EXPECT_GT(x["docs"].GetInt64(), 100) << c.name;
+    EXPECT_GT(x["skipped"].GetInt64(), 0) << c.name;
+    EXPECT_GT(x["rows"].GetInt64(), 0) << c.name;
+    if (c.format != Format::kRl) {
+      EXPECT_GT(x["truncated"].GetInt64(), 0) << c.name;
+    }
+  }
+}
+
+std::vector<Case> byte_cases() {
+  return {
       {"sft", Format::kSft, sft_lines(1, 400), 2.0, 256, "2b1906e0d858746dbedc7af8db25dd2811bad83c95b8c8c4f022af20ee445d1f"},
       {"preference", Format::kPreference, preference_lines(2, 200), 1.0, 200, "7f7d22c8daffa55e82b1356afd59665604fb8c749af7f44032bdfe655fe1f329"},
       {"rl", Format::kRl, rl_lines(3, 200), 1.0, 120, "1c60ebc7ba73a7cb1b8f5c32105c97dd141d108c65743bf25feab92b2cec52e1"},
   };
-  run_cases(dir.file("tok"), "chatml", cases, dir);
+}
+
+std::vector<Case> qwen_cases() {
+  return {
+      {"sft", Format::kSft, sft_lines(11, 600), 1.0, 128, "69eeecaa556e2f368122080c1b7be41f58773a8d8e9935cec8efb79f7d26de66"},
+      {"preference", Format::kPreference, preference_lines(12, 200), 1.0, 96, "c28176bf97c5c028b05956cf68401f648d653e659312db3b61f8aa3ac68b0cfa"},
+      {"rl", Format::kRl, rl_lines(13, 200), 1.0, 64, "2a937489ae77fc7a047c1577be279af1546c4b80d1f5c6a979d54dfd9e4bec87"},
+  };
+}
+
+std::string template_file(const char* name) {
+  return test::source_dir() + "/tests/tokenizer/data/" + name + "_chat_template.jinja";
+}
+
+TEST(PrepareGolden, ByteTokenizerBytesUnchanged) {
+  test::TempDir dir;
+  tasks::write_byte_tokenizer(dir.file("tok"));
+  run_cases(dir.file("tok"), "chatml", byte_cases(), dir);
 }
 
 TEST(PrepareGolden, QwenTokenizerBytesUnchanged) {
@@ -224,12 +313,24 @@ TEST(PrepareGolden, QwenTokenizerBytesUnchanged) {
   if (!path_exists(tok + "/tokenizer.json"))
     PTK_SKIP_WITHOUT("qwen-tokenizer") << "Qwen tokenizer.json not found in assets/tokenizers/qwen: run scripts/setup.sh";
   test::TempDir dir;
-  std::vector<Case> cases = {
-      {"sft", Format::kSft, sft_lines(11, 600), 1.0, 128, "97c9aa86523c1ee0042032ca1dc485a58cdd38fc16c2647c3613998d758df11c"},
-      {"preference", Format::kPreference, preference_lines(12, 200), 1.0, 96, "c28176bf97c5c028b05956cf68401f648d653e659312db3b61f8aa3ac68b0cfa"},
-      {"rl", Format::kRl, rl_lines(13, 200), 1.0, 64, "2a937489ae77fc7a047c1577be279af1546c4b80d1f5c6a979d54dfd9e4bec87"},
-  };
-  run_cases(tok, "qwen2.5", cases, dir);
+  run_cases(tok, "qwen2.5", qwen_cases(), dir);
+}
+
+TEST(PrepareGolden, ByteTokenizerMatchesHfReference) {
+  std::string py = test::reference_python();
+  if (py.empty()) GTEST_SKIP() << "no .venv python with HF tokenizers and transformers: independent check skipped";
+  test::TempDir dir;
+  tasks::write_byte_tokenizer(dir.file("tok"));
+  check_against_reference(py, dir.file("tok"), "chatml", template_file("chatml"), byte_cases());
+}
+
+TEST(PrepareGolden, QwenTokenizerMatchesHfReference) {
+  std::string tok = test::source_dir() + "/assets/tokenizers/qwen";
+  if (!path_exists(tok + "/tokenizer.json"))
+    GTEST_SKIP() << "Qwen tokenizer.json not found in assets/tokenizers/qwen: run scripts/setup.sh";
+  std::string py = test::reference_python();
+  if (py.empty()) GTEST_SKIP() << "no .venv python with HF tokenizers and transformers: independent check skipped";
+  check_against_reference(py, tok, "qwen2.5", template_file("qwen2.5"), qwen_cases());
 }
 
 }  // namespace

@@ -241,5 +241,26 @@ TEST(Tokenizer, PromptCompletionMask) {
   EXPECT_EQ(s.prompt_tokens, 4u);
 }
 
+// NFC changes a line (e + U+0301 -> é): token starts inside such a line were the line's start, so
+// the completion's tokens on the prompt's last line counted as prompt (no loss; prepare's
+// independent check against HF found it). The mask must be that of the same text already in NFC,
+// whose starts are exact.
+TEST(Tokenizer, PromptCompletionMaskWhereNfcChangesTheLine) {
+  Tokenizer t = Tokenizer::load(data_dir() + "/tiny_merges_pairs.json");
+  const std::pair<const char*, const char*> cases[] = {{"Cafe\u0301 hello", " world"},
+                                                       {"x\ne\u0301\nhello", " world hello"},
+                                                       {"hello", " worlde\u0301"},
+                                                       {"Cafe\u0301\nhello", " world\ne\u0301 world"}};
+  for (auto [p, c] : cases) {
+    SCOPED_TRACE(std::string(p) + " | " + c);
+    auto r = t.encode_prompt_completion(p, c, false);
+    auto want = t.encode_prompt_completion(nfc(p), nfc(c), false);
+    EXPECT_EQ(r.ids, want.ids);
+    EXPECT_EQ(r.completion_mask, want.completion_mask);
+    EXPECT_EQ(r.prompt_tokens, want.prompt_tokens);
+    EXPECT_LT(want.prompt_tokens, want.ids.size());  // the completion has tokens
+  }
+}
+
 }  // namespace
 }  // namespace ptk::tokenizer
