@@ -63,11 +63,17 @@ TEST_F(SftCli, TrainsWritesFinalAndResumes) {
   for (const char* k : {"loss", "learning_rate", "grad_norm", "mean_token_accuracy", "entropy", "num_tokens",
                         "tokens_per_s", "eval/loss", "eval/mean_token_accuracy"})
     EXPECT_TRUE(last.HasMember(k)) << k << " missing in " << lines.back();
-  // Rerunning the same recipe with more steps resumes from step 4 and adds steps 5-6.
+  // Rerunning the same recipe with more steps resumes from step 4 and appends steps 5-6 to the
+  // first run's lines. (That a resumed run equals an uninterrupted one, parameters, optimizer state
+  // and metrics, is sft_invariants_test's SftResume; not here: train.max_steps sizes the cosine schedule,
+  // so steps 1-4 followed a 4-step schedule and this run does not end where a 6-step run does.)
   auto again = test::run(sft("train.max_steps=6"));
   ASSERT_EQ(again.exit_code, 0) << again.out;
-  EXPECT_NE(again.out.find("resumed from"), std::string::npos) << again.out;
-  EXPECT_EQ(metric_lines().size(), 6u);
+  EXPECT_NE(again.out.find("resumed from " + d_.file("run/checkpoints/step-4") + " at step 4"), std::string::npos)
+      << again.out;
+  auto after = metric_lines();
+  ASSERT_EQ(after.size(), 6u);
+  for (size_t i = 0; i < lines.size(); ++i) EXPECT_EQ(after[i], lines[i]) << "step " << i + 1 << " was rewritten";
 }
 
 // issue 24: sizes no machine holds are refused before the model, data or batches exist, naming the
@@ -105,9 +111,10 @@ TEST_F(SftCli, MaxStepsZeroAndRepeatedKeysAreRefused) {
 }
 
 // model.dtype=bfloat16: bf16 parameters (AdamW keeps fp32 master weights), the loss falls, final/
-// holds BF16 tensors, and a rerun resumes from the checkpoint (master weights and moments restored).
-TEST_F(SftCli, BFloat16ParametersTrainSaveAndResume) {
-  auto r = test::run(sft("model.dtype=bfloat16 optim.lr=1e-2 train.max_steps=8 checkpoint.every=4"));
+// holds BF16 tensors. (That a bf16 run resumes exactly, fp32 master weights and moments restored, is
+// sft_invariants_test's SftResume/bfloat16.)
+TEST_F(SftCli, BFloat16ParametersTrainAndSave) {
+  auto r = test::run(sft("model.dtype=bfloat16 optim.lr=1e-2 train.max_steps=8"));
   ASSERT_EQ(r.exit_code, 0) << r.out;
   auto lines = metric_lines();
   ASSERT_EQ(lines.size(), 8u);
@@ -127,10 +134,6 @@ TEST_F(SftCli, BFloat16ParametersTrainSaveAndResume) {
     ++tensors;
   }
   EXPECT_GT(tensors, 0);
-  auto again = test::run(sft("model.dtype=bfloat16 optim.lr=1e-2 train.max_steps=10 checkpoint.every=4"));
-  ASSERT_EQ(again.exit_code, 0) << again.out;
-  EXPECT_NE(again.out.find("resumed from"), std::string::npos) << again.out;
-  EXPECT_EQ(metric_lines().size(), 10u);
 }
 
 TEST_F(SftCli, BadRecipeKeyIsReportedBeforeAnythingRuns) {
