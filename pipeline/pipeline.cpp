@@ -239,13 +239,19 @@ std::string summary_table(const std::vector<Row>& rows, const EvalSpec& eval) {
   return t;
 }
 
-// A local reward server for one GRPO stage: started, waited on until `listening on`, stopped.
-std::unique_ptr<proc::Child> start_server(const PipelineOptions& o, const ServerSpec& sv,
-                                          const std::vector<std::string>& ovs, std::string* url) {
+// The command line of a GRPO stage's local reward server.
+std::vector<std::string> server_argv(const PipelineOptions& o, const ServerSpec& sv, const std::vector<std::string>& ovs) {
   std::vector<std::string> argv = {o.ptk, "reward-server", "--recipe", sv.recipe, "--host", "127.0.0.1", "--port", "0"};
   int threads = sv.threads > 0 ? static_cast<int>(sv.threads) : o.threads;
   if (threads > 0) argv.insert(argv.end(), {"--threads", std::to_string(threads)});
   argv.insert(argv.end(), ovs.begin(), ovs.end());
+  return argv;
+}
+
+// A local reward server for one GRPO stage: started, waited on until `listening on`, stopped.
+std::unique_ptr<proc::Child> start_server(const PipelineOptions& o, const ServerSpec& sv,
+                                          const std::vector<std::string>& ovs, std::string* url) {
+  std::vector<std::string> argv = server_argv(o, sv, ovs);
   auto found = std::make_shared<std::string>();
   proc::ChildSpec spec{argv, "reward-server", {}, [found](const std::string& line) {
                          auto p = line.find("listening on http://");
@@ -329,7 +335,7 @@ int run_pipeline(const std::string& recipe_file, const std::vector<std::string>&
   std::map<std::string, std::string> fp_of;  // stage name -> short hash of its fingerprint
   std::string last_policy, last_rm;
   int exit_code = 0;
-  make_dirs(spec.dir);
+  if (!o.dry_run) make_dirs(spec.dir);
 
   for (size_t i = 0; i < spec.stages.size(); ++i) {
     const StageSpec& st = spec.stages[i];
@@ -374,6 +380,23 @@ int run_pipeline(const std::string& recipe_file, const std::vector<std::string>&
                    : state == RunState::kNew    ? "would run"
                                                 : "would start over (recipe or input changed)";
       std::printf("stage %s: %s\n", st.name.c_str(), row.status.c_str());
+      std::fflush(stdout);
+      // The stage's command line (and its reward server's) run with --check: a key or value the
+      // stage would refuse shows now, not after the stages before it have trained.
+      std::vector<std::string> extra;
+      bool valid = true;
+      if (st.server.enabled) {
+        // The server's port is not known before it starts; port 0 stands for it.
+        extra.push_back(st.server.url_key + "=[\"" + (st.server.url.empty() ? "http://127.0.0.1:0" : st.server.url) +
+                        "\"]");
+        if (st.server.url.empty()) valid &= check_command(server_argv(o, st.server, server_overrides), st.name);
+      }
+      valid &= check_command(stage_argv(o.ptk, run, o.threads, extra), st.name);
+      if (proc::stop_signal()) return 128 + proc::stop_signal();
+      if (!valid) {
+        row.status = "invalid recipe";
+        exit_code = 1;
+      }
       if (is_policy(st.command)) last_policy = st.name;
       else last_rm = st.name;
       continue;

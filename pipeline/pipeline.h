@@ -22,11 +22,12 @@ namespace ptk::pipeline {
 struct PipelineOptions {
   std::string ptk;           // the ptk binary the stages run (proc::self_exe())
   int threads = 0;           // --threads for every child; 0 = theirs
-  bool dry_run = false;      // print the plan and each stage's state, run nothing
+  bool dry_run = false;      // print the plan and each stage's state, check each stage's recipe, train nothing
 };
 
-// Returns the exit status: 0 all stages done, 1 a stage failed (2 when its command refused its
-// recipe or flags), 128+N after signal N. Throws ptk::Error for recipe problems (every one, with file and key).
+// Returns the exit status: 0 all stages done, 1 a stage failed (--dry-run: a stage's recipe failed
+// its --check; 2 when its command refused its recipe or flags), 128+N after signal N. Throws
+// ptk::Error for recipe problems (every one, with file and key).
 int run_pipeline(const std::string& recipe_file, const std::vector<std::string>& overrides,
                  const PipelineOptions& options);
 

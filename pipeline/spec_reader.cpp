@@ -16,7 +16,15 @@ std::string join(const std::string& path, const std::string& name) { return path
 }  // namespace
 
 std::string SpecReader::where(const std::string& key) const {
-  // origin is keyed by dotted paths without list indices; walk up until a recorded prefix.
+  // An override of one list entry is recorded under its indexed path (stages[1].model_from).
+  for (std::string k = key; k.find('[') != std::string::npos;) {
+    auto it = json_.origin.find(k);
+    if (it != json_.origin.end()) return it->second;
+    size_t dot = k.rfind('.');
+    if (dot == std::string::npos) break;
+    k.resize(dot);
+  }
+  // Otherwise origin is keyed by dotted paths without list indices; walk up until a recorded prefix.
   std::string k = key;
   for (size_t b; (b = k.find('[')) != std::string::npos;) {
     size_t e = k.find(']', b);

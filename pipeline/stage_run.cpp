@@ -146,6 +146,13 @@ std::vector<std::string> stage_argv(const std::string& ptk, const StageRun& run,
   return a;
 }
 
+bool check_command(const std::vector<std::string>& argv, const std::string& label) {
+  std::vector<std::string> a = argv;
+  a.push_back("--check");
+  proc::Child child({a, label, {}, {}});
+  return proc::wait_for(child) == 0;
+}
+
 double heldout_accuracy(const std::string& ptk, const StageRun& run, const EvalSpec& eval, int threads,
                         const std::string& label) {
   rapidjson::Document st;

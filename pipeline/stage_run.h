@@ -66,6 +66,10 @@ double stamp_seconds(const std::string& run_dir);
 std::vector<std::string> stage_argv(const std::string& ptk, const StageRun& run, int threads,
                                     const std::vector<std::string>& extra = {});
 
+// Runs `argv` (a stage_argv or a reward server's) with --check appended, its output prefixed by
+// `label`: the command validates its recipe and overrides and runs nothing. True when it accepts them.
+bool check_command(const std::vector<std::string>& argv, const std::string& label);
+
 // Held-out accuracy of `model_dir` through `ptk eval` as a child (output prefixed by `label`),
 // results in <run_dir>/heldout_eval.json. Reused from the stamp when it matches the run's
 // fingerprint and `eval.key()`. Returns NaN (with a message) when the eval fails.

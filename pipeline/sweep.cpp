@@ -307,8 +307,17 @@ int run_sweep(const std::string& recipe_file, const std::vector<std::string>& ov
   for (auto& it : items)
     std::printf("  %-40s %s\n", it.run.label.c_str(), it.state == RunState::kDone ? "done (skipped)" : state_name(it.state));
   std::fflush(stdout);
-  if (o.dry_run) return 0;
   proc::install_signal_handlers();
+  if (o.dry_run) {
+    // Every run's command line with --check: a grid value the stage would refuse shows now.
+    int invalid = 0;
+    for (auto& it : items) {
+      invalid += !check_command(stage_argv(o.ptk, it.run, threads), it.run.label);
+      if (proc::stop_signal()) return 128 + proc::stop_signal();
+    }
+    if (invalid > 0) std::fprintf(stderr, "sweep: %d of %zu runs have an invalid recipe (above)\n", invalid, items.size());
+    return invalid > 0 ? 1 : 0;
+  }
 
   int failures = 0;
   if (!o.report_only) {

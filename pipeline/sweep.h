@@ -21,12 +21,12 @@ struct SweepOptions {
   std::string ptk;       // the ptk binary (proc::self_exe())
   int threads = 0;       // --threads per run; 0 = usable cores / parallel
   int parallel = 0;      // runs at a time; 0 = the recipe's `parallel`
-  bool dry_run = false;  // list the runs and their states only
+  bool dry_run = false;  // list the runs and their states and check their recipes (--check); train nothing
   bool report_only = false;  // rewrite the table and plots from what is there; run nothing
 };
 
-// Returns 0 when every run finished, 1 when one failed, 128+N after signal N. Throws ptk::Error
-// for recipe problems (every one, with file and key).
+// Returns 0 when every run finished (--dry-run: every run's recipe passed --check), 1 when one
+// failed, 128+N after signal N. Throws ptk::Error for recipe problems (every one, with file and key).
 int run_sweep(const std::string& recipe_file, const std::vector<std::string>& overrides, const SweepOptions& options);
 
 }  // namespace ptk::pipeline

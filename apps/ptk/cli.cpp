@@ -23,6 +23,16 @@ void CommandLine::accept_recipe(std::vector<config::Section*> sections) {
                        "recipe JSON (comments, trailing commas and \"base\": \"other.json\" allowed)");
 }
 
+void CommandLine::accept_check() {
+  flags_.add_options()("check", "validate the recipe (keys, values, cross-field rules, model.config) and exit; "
+                                "reads no weights or data, runs nothing");
+}
+
+void CommandLine::report_valid() const {
+  std::cout << name_ << ": " << (recipe_.empty() ? std::string("the recipe") : recipe_)
+            << " is valid (--check: nothing was run)" << std::endl;
+}
+
 bool CommandLine::parse(int argc, char** argv) {
   po::options_description hidden;
   hidden.add_options()("override", po::value<std::vector<std::string>>(), "");

@@ -21,6 +21,12 @@ class CommandLine {
   boost::program_options::options_description& flags() { return flags_; }
   // Adds --recipe FILE and accepts positional `key.path=value` overrides.
   void accept_recipe(std::vector<config::Section*> sections);
+  // Adds --check: the command validates its recipe (load, bind, cross-checks) and exits before it
+  // reads any weights or data; check_only() says whether it was given.
+  void accept_check();
+  bool check_only() const { return vm_.count("check") > 0; }
+  // The line a --check run ends with: "<name>: <recipe> is valid (--check: nothing was run)".
+  void report_valid() const;
 
   // Parses; returns false when --help was printed (the command returns 0).
   // Throws ptk::UsageError for unknown flags or bad values.

@@ -2,6 +2,7 @@
 // Not the stage itself: flags, recipe binding, the runtime banner, then run_dpo.
 #include <iostream>
 
+#include "apps/ptk/check.h"
 #include "apps/ptk/cli.h"
 #include "core/config/recipe.h"
 #include "core/runtime/runtime.h"
@@ -11,7 +12,7 @@ namespace ptk::app {
 
 int cmd_dpo(int argc, char** argv) {
   rl::DpoRecipe recipe;
-  cli::CommandLine cl("dpo", "ptk dpo --recipe FILE [key.path=value ...]",
+  cli::CommandLine cl("dpo", "ptk dpo --recipe FILE [--check] [key.path=value ...]",
                       "Offline RL on preference pairs ({\"prompt\", \"chosen\", \"rejected\"} JSONL, TRL's format):\n"
                       "DPO and its variants (dpo.loss_type sigmoid|hinge|ipo|robust|sft|sigmoid_norm, or a list with\n"
                       "dpo.loss_weights) against a frozen reference (dpo.ref_path, default model.path), whose log-probs\n"
@@ -22,9 +23,11 @@ int cmd_dpo(int argc, char** argv) {
                       "plus metrics.jsonl, checkpoints/ and config.json. Rerunning the same recipe resumes (resume=auto).\n"
                       "train.micro_batch_size counts pairs; data.max_seq_len bounds prompt + the longer reply.");
   cl.accept_recipe(recipe.all_sections());
+  cl.accept_check();
   if (!cl.parse(argc, argv)) return 0;
   auto json = config::load_recipe(cl.recipe(), cl.overrides());
   config::bind_recipe(json, recipe.all_sections());
+  if (cl.check_only()) return finish_check(cl, recipe.model);
   runtime::init_and_announce(cl.threads() > 0 ? cl.threads() : static_cast<int>(recipe.run.threads));
   std::string run_dir = rl::run_dpo(recipe, cl.recipe(), config::resolved_json(recipe.all_sections()));
   std::cout << "dpo: wrote " << run_dir << "/final\n";

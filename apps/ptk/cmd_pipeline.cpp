@@ -20,7 +20,8 @@ int cmd_pipeline(int argc, char** argv) {
       "and a summary table (also <run.dir>/summary.md). SIGINT/SIGTERM are forwarded to the stage.\n"
       "Recipe format: pipeline/pipeline.h; example: recipes/tiny/pipeline.json. Exit status: 0 done,\n"
       "1 a stage failed (2: its command refused its recipe or flags), 128+N after signal N.");
-  cl.flags().add_options()("dry-run", "print the stages and what each would do (run, resume, skip); run nothing");
+  cl.flags().add_options()("dry-run", "print the stages and what each would do (run, resume, skip) and check each stage's "
+                           "recipe and overrides with `ptk <command> --check`; train nothing");
   cl.accept_recipe({});
   if (!cl.parse(argc, argv)) return 0;
   pipeline::PipelineOptions o;

@@ -13,12 +13,13 @@
 #include "core/runtime/log.h"
 #include "core/runtime/runtime.h"
 #include "reward/reward_server.h"
+#include "reward/verifiers.h"
 
 namespace ptk::app {
 
 int cmd_reward_server(int argc, char** argv) {
   reward::RewardRecipe recipe;
-  cli::CommandLine cl("reward-server", "ptk reward-server --recipe FILE [--host H] [--port P] [key.path=value ...]",
+  cli::CommandLine cl("reward-server", "ptk reward-server --recipe FILE [--host H] [--port P] [--check] [key.path=value ...]",
                       "Serves rewards over HTTP with OpenRLHF's remote reward-model protocol:\n"
                       "  POST /get_reward {\"query\": [prompt+response...], \"prompts\": [...], \"labels\": [...]}\n"
                       "    -> {\"rewards\": [...], \"scores\": [...], \"extra_logs\": {\"rm\": [...], \"<verifier>\": [...]}}\n"
@@ -29,12 +30,18 @@ int cmd_reward_server(int argc, char** argv) {
                            "address to bind (overrides reward.host; default 127.0.0.1)")(
       "port", boost::program_options::value<int>(), "TCP port (overrides reward.port; 0 = any free port)");
   cl.accept_recipe(recipe.sections());
+  cl.accept_check();
   if (!cl.parse(argc, argv)) return 0;
   auto overrides = cl.overrides();
   if (cl.has("host")) overrides.push_back("reward.host=" + cl.get<std::string>("host"));
   if (cl.has("port")) overrides.push_back("reward.port=" + std::to_string(cl.get<int>("port")));
   auto json = config::load_recipe(cl.recipe(), overrides);
   config::bind_recipe(json, recipe.sections());
+  if (cl.check_only()) {  // what the server's constructor checks, short of loading the reward model
+    for (auto& v : recipe.reward.verifiers) reward::find_verifier(v);
+    cl.report_valid();
+    return 0;
+  }
   // Block the stop signals in every thread (the ones started below inherit the mask); one thread
   // waits for them with sigwait and stops the server, so no work happens in a signal handler.
   sigset_t stop_signals;

@@ -20,7 +20,8 @@ int cmd_sweep(int argc, char** argv) {
       "interrupted one. Recipe format: pipeline/sweep.h; examples: recipes/ablations/.\n"
       "--threads is per run (default: cores / parallel).");
   cl.flags().add_options()("parallel", po::value<int>()->default_value(0), "runs at a time; 0 = the recipe's `parallel`")(
-      "dry-run", "list the runs and their state (new, resume, done); run nothing")(
+      "dry-run", "list the runs and their state (new, resume, done) and check each run's recipe with "
+      "`ptk <command> --check`; train nothing")(
       "report", "only rewrite the table and plots from the runs' folders");
   cl.accept_recipe({});
   if (!cl.parse(argc, argv)) return 0;

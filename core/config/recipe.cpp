@@ -224,9 +224,27 @@ void apply_override(const std::string& ov, RecipeJson* out) {
   for (size_t i = 0; i < parts.size(); ++i) {
     if (parts[i].empty()) throw UsageError("override `" + ov + "` has an empty key component");
     bool last = i + 1 == parts.size();
-    auto m = cur->FindMember(parts[i].c_str());
+    // `name[i][j]` indexes into a list the recipe already has (e.g. a pipeline's stages[1].overrides).
+    std::string name = parts[i];
+    std::vector<size_t> indices;
+    if (size_t b = name.find('['); b != std::string::npos) {
+      std::string rest = name.substr(b);
+      name.resize(b);
+      while (!rest.empty()) {
+        size_t e = rest.find(']');
+        bool digits = rest[0] == '[' && e != std::string::npos && e > 1 &&
+                      rest.find_first_not_of("0123456789", 1) == e;
+        if (name.empty() || !digits)
+          throw UsageError("override `" + ov + "`: `" + parts[i] + "` is not a key or key[index] (e.g. stages[0])");
+        indices.push_back(std::stoul(rest.substr(1, e - 1)));
+        rest.erase(0, e + 1);
+      }
+    }
+    auto m = cur->FindMember(name.c_str());
     if (m == cur->MemberEnd()) {
-      Value k(parts[i].c_str(), a);
+      if (!indices.empty())
+        throw UsageError("override `" + ov + "`: the recipe has no list " + name + " to index");
+      Value k(name.c_str(), a);
       Value v;
       if (last) {
         v.CopyFrom(val, a);
@@ -234,14 +252,29 @@ void apply_override(const std::string& ov, RecipeJson* out) {
         v.SetObject();
       }
       cur->AddMember(k, v, a);
-      m = cur->FindMember(parts[i].c_str());
-    } else if (last) {
+      m = cur->FindMember(name.c_str());
+    } else if (last && indices.empty()) {
       m->value.CopyFrom(val, a);
-    } else if (!m->value.IsObject()) {
-      throw UsageError("override `" + ov + "`: " + parts[i] + " is a " + json::type_name(m->value) +
+    } else if (indices.empty() && !m->value.IsObject()) {
+      throw UsageError("override `" + ov + "`: " + name + " is a " + json::type_name(m->value) +
                        " in the recipe, not a section");
     }
     cur = &m->value;
+    std::string at = name;
+    for (size_t j = 0; j < indices.size(); ++j) {
+      if (!cur->IsArray())
+        throw UsageError("override `" + ov + "`: " + at + " is a " + json::type_name(*cur) + " in the recipe, not a list");
+      if (indices[j] >= cur->Size())
+        throw UsageError("override `" + ov + "`: " + at + " has " + std::to_string(cur->Size()) + " entries (indices 0 to " +
+                         std::to_string(static_cast<int64_t>(cur->Size()) - 1) + ")");
+      cur = &(*cur)[static_cast<rapidjson::SizeType>(indices[j])];
+      at += "[" + std::to_string(indices[j]) + "]";
+    }
+    if (!indices.empty()) {
+      if (last) cur->CopyFrom(val, a);
+      else if (!cur->IsObject())
+        throw UsageError("override `" + ov + "`: " + at + " is a " + json::type_name(*cur) + " in the recipe, not an object");
+    }
   }
   mark_origin(*cur, key, "command line", &out->origin);
 }

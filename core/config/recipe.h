@@ -23,7 +23,8 @@ struct RecipeJson {
   RecipeJson() { doc.SetObject(); }
 };
 
-// Loads `path` (with its `base` chain) and applies `overrides` ("optim.lr=1e-5", "data.train=[\"a\"]").
+// Loads `path` (with its `base` chain) and applies `overrides` ("optim.lr=1e-5", "data.train=[\"a\"]";
+// "stages[1].overrides.train.max_steps=5" reaches into an entry of a list the recipe has).
 // An empty path starts from an empty recipe. Throws ptk::Error for unreadable or invalid files,
 // base cycles, malformed overrides, and keys repeated inside one file of the chain (all of them,
 // each with file, line and the line of its first occurrence).

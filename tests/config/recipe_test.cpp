@@ -349,6 +349,47 @@ TEST(Recipe, HelpListsEveryKey) {
   EXPECT_NE(os.str().find("constant|linear|cosine"), std::string::npos);
 }
 
+// `name[i]` in an override reaches into a list the recipe has (how a pipeline's stage overrides are
+// changed from the command line); indices past the list, lists the recipe lacks and indexing a
+// non-list are refused with the override quoted. The indexed leaf is recorded as the command line's.
+TEST(Recipe, OverrideIndexesIntoAList) {
+  TempDir d;
+  std::string f = d.write("p.json", R"({"stages": [{"name": "a", "overrides": {"train.max_steps": 9}},
+                                                   {"name": "b", "model_from": "a@step-9"}],
+                                        "grid": {"lr": [[1, 2], [3, 4]]}})");
+  RecipeJson j = load_recipe(f, {"stages[1].model_from=a@step-2", "stages[0].overrides.train.max_steps=3",
+                                 "stages[1].eval=false", "grid.lr[1][0]=5"});
+  const auto& st = j.doc["stages"];
+  EXPECT_EQ(std::string(st[1]["model_from"].GetString()), "a@step-2");
+  EXPECT_FALSE(st[1]["eval"].GetBool());
+  EXPECT_EQ(std::string(st[1]["name"].GetString()), "b");
+  EXPECT_EQ(st[0]["overrides"]["train.max_steps"].GetInt(), 9);        // the file's dotted key stays,
+  EXPECT_EQ(st[0]["overrides"]["train"]["max_steps"].GetInt(), 3);     // the override nests after it
+  EXPECT_EQ(j.doc["grid"]["lr"][1][0].GetInt(), 5);
+  EXPECT_EQ(j.doc["grid"]["lr"][1][1].GetInt(), 4);
+  EXPECT_EQ(j.origin.at("stages[1].model_from"), "command line");
+  EXPECT_EQ(j.origin.at("stages"), f);
+
+  auto error = [&](const std::string& ov) {
+    try {
+      load_recipe(f, {ov});
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(error("stages[2].eval=false").find("override `stages[2].eval=false`: stages has 2 entries (indices 0 to 1)"),
+            std::string::npos);
+  EXPECT_NE(error("runs[0].x=1").find("the recipe has no list runs to index"), std::string::npos);
+  EXPECT_NE(error("grid[0]=1").find("grid is a object in the recipe, not a list"), std::string::npos)
+      << error("grid[0]=1");
+  EXPECT_NE(error("stages[0].name.x=1").find("name is a string in the recipe, not a section"), std::string::npos);
+  EXPECT_NE(error("grid.lr[0].x=1").find("lr[0] is a array in the recipe, not an object"), std::string::npos)
+      << error("grid.lr[0].x=1");
+  for (std::string bad : {"stages[x].eval=1", "stages[].eval=1", "stages[0.eval=1", "[0].eval=1", "stages[0]x=1"})
+    EXPECT_NE(error(bad).find("is not a key or key[index] (e.g. stages[0])"), std::string::npos) << bad << ": " << error(bad);
+}
+
 TEST(Recipe, DefaultRunDirIsRecipeName) {
   EXPECT_EQ(default_run_dir("recipes/tiny/sft.json"), "runs/sft");
   EXPECT_EQ(default_run_dir(""), "runs/adhoc");
