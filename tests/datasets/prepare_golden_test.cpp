@@ -318,7 +318,7 @@ TEST(PrepareGolden, QwenTokenizerBytesUnchanged) {
 
 TEST(PrepareGolden, ByteTokenizerMatchesHfReference) {
   std::string py = test::reference_python();
-  if (py.empty()) GTEST_SKIP() << "no .venv python with HF tokenizers and transformers: independent check skipped";
+  if (py.empty()) PTK_SKIP_WITHOUT("venv") << "no .venv python with HF tokenizers and transformers: independent check skipped";
   test::TempDir dir;
   tasks::write_byte_tokenizer(dir.file("tok"));
   check_against_reference(py, dir.file("tok"), "chatml", template_file("chatml"), byte_cases());
@@ -327,9 +327,9 @@ TEST(PrepareGolden, ByteTokenizerMatchesHfReference) {
 TEST(PrepareGolden, QwenTokenizerMatchesHfReference) {
   std::string tok = test::source_dir() + "/assets/tokenizers/qwen";
   if (!path_exists(tok + "/tokenizer.json"))
-    GTEST_SKIP() << "Qwen tokenizer.json not found in assets/tokenizers/qwen: run scripts/setup.sh";
+    PTK_SKIP_WITHOUT("qwen-tokenizer") << "Qwen tokenizer.json not found in assets/tokenizers/qwen: run scripts/setup.sh";
   std::string py = test::reference_python();
-  if (py.empty()) GTEST_SKIP() << "no .venv python with HF tokenizers and transformers: independent check skipped";
+  if (py.empty()) PTK_SKIP_WITHOUT("venv") << "no .venv python with HF tokenizers and transformers: independent check skipped";
   check_against_reference(py, tok, "qwen2.5", template_file("qwen2.5"), qwen_cases());
 }
 

@@ -213,7 +213,7 @@ std::vector<float> floats(const rapidjson::Value& a) {
 // bf16 parameters (fp32 master weights and moments).
 TEST(AdamW, MatchesTorchAdamWOverStepsWithGroups) {
   std::string py = test::reference_python();
-  if (py.empty()) GTEST_SKIP() << "no .venv python with torch and transformers: torch.optim.AdamW comparison skipped";
+  if (py.empty()) PTK_SKIP_WITHOUT("venv") << "no .venv python with torch and transformers: torch.optim.AdamW comparison skipped";
   constexpr int kSteps = 12;
   const AdamWOptions opt{0.8, 0.95, 1e-6, 0.1, false};
   const Schedule sched{"cosine", 1e-2, 1e-3, 3, kSteps};
