@@ -7,6 +7,7 @@
 #include <fstream>
 #include <map>
 
+#include "core/dist/comm.h"
 #include "core/model/qwen2.h"
 #include "core/runtime/log.h"
 #include "core/tokenizer/tokenizer.h"
@@ -131,7 +132,9 @@ std::shared_ptr<Batch> make_batch(const std::vector<data::PairView>& pairs, int6
 
 class RmStage : public train::Stage {
  public:
-  RmStage(RmRecipe& r, const std::string& run_dir) : r_(r) {
+  // With several ranks (`comm`), rank 0 prepares the data while the others wait; the run folder
+  // must be on a filesystem every rank sees, as for checkpoints.
+  RmStage(RmRecipe& r, const std::string& run_dir, dist::Comm comm) : r_(r), comm_(std::move(comm)) {
     tok_path_ = !r.tokenizer.path.empty() ? r.tokenizer.path : r.model.path;
     if (tok_path_.empty())
       throw Error("no tokenizer: set tokenizer.path (a folder with tokenizer.json, or the file) or model.path");
@@ -155,19 +158,26 @@ class RmStage : public train::Stage {
     auto popt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kPreference);
     popt.tokenizer_path = tok_path_;
     popt.overlong = "drop";  // TRL's RewardTrainer drops pairs over max_length rather than cutting them
-    train_ = std::make_unique<data::PreparedSet>(
-        data::PreparedSet::open(data::ensure_prepared(popt, data::prepared_dir(run_dir, "train"))));
+    std::string train_dir = data::prepared_dir(run_dir, "train"), eval_dir = data::prepared_dir(run_dir, "eval");
+    data::PrepareOptions eopt;
+    if (!r.data.eval.empty()) {
+      eopt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kPreference, true);
+      eopt.tokenizer_path = tok_path_;
+      eopt.overlong = "drop";
+    }
+    if (comm_.rank() == 0) {
+      data::ensure_prepared(popt, train_dir);
+      if (!r.data.eval.empty()) data::ensure_prepared(eopt, eval_dir);
+    }
+    comm_.barrier();
+    train_ = std::make_unique<data::PreparedSet>(data::PreparedSet::open(train_dir));
     train_margins_ = read_margins(*train_, r.rm.margin_column);
     data::LoaderOptions lo;
     lo.micro_batch_size = r.train.micro_batch_size;
     lo.seed = static_cast<uint64_t>(r.run.seed);
     loader_ = std::make_unique<data::Loader>(*train_, lo);
     if (!r.data.eval.empty()) {
-      auto eopt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kPreference, true);
-      eopt.tokenizer_path = tok_path_;
-      eopt.overlong = "drop";
-      eval_ = std::make_unique<data::PreparedSet>(
-          data::PreparedSet::open(data::ensure_prepared(eopt, data::prepared_dir(run_dir, "eval"))));
+      eval_ = std::make_unique<data::PreparedSet>(data::PreparedSet::open(eval_dir));
       eval_margins_ = read_margins(*eval_, r.rm.margin_column);
     }
     if (r.rm.center_rewards_coefficient > 0) loss_opt_.center_rewards_coefficient = r.rm.center_rewards_coefficient;
@@ -178,6 +188,17 @@ class RmStage : public train::Stage {
                                             static_cast<double>(r.data.max_seq_len) / 2.0;
   }
 
+  // Each rank reads its share of every global micro-batch (datasets/loader.h): W ranks x B pairs see
+  // the pairs 1 rank x W·B pairs sees.
+  void set_rank(int rank, int world_size) override {
+    PTK_CHECK(rank == comm_.rank() && world_size == comm_.world_size(),
+              "RmStage::set_rank: the stage was built for rank " + std::to_string(comm_.rank()) + " of " +
+                  std::to_string(comm_.world_size()) + "; pass the Trainer's comm to the RmStage constructor");
+    data::LoaderOptions lo = loader_->options();
+    lo.rank = rank;
+    lo.world_size = world_size;
+    loader_ = std::make_unique<data::Loader>(*train_, lo);
+  }
   optim::NamedTensors parameters() override { return model_.named_parameters(); }
   int64_t micro_batches_per_epoch() const override { return loader_->batches_per_epoch(); }
   train::MicroBatch next_micro_batch() override {
@@ -195,7 +216,16 @@ class RmStage : public train::Stage {
     auto l = rm_loss(chosen, rejected, b.margin, loss_opt_);
     train::LossOut out;
     out.loss = l.loss * (static_cast<double>(b.pairs) / n);
-    for (auto& [k, v] : rm_metrics(rm_metric_sums(chosen.detach(), rejected.detach()))) out.metrics.add(k, v);
+    RmMetricSums sums = rm_metric_sums(chosen.detach(), rejected.detach());
+    if (comm_.world_size() > 1) {
+      // TRL takes min/max over every process's gathered scores (rm_loss.h); the loop averages plain
+      // metrics over ranks, which is right for the means (equal pairs per rank) but not for these.
+      at::Tensor t = torch::tensor({-sums.reward_min, sums.reward_max}, torch::kFloat64);
+      comm_.all_reduce(t, dist::ReduceOp::kMax);
+      sums.reward_min = -t[0].item<double>();
+      sums.reward_max = t[1].item<double>();
+    }
+    for (auto& [k, v] : rm_metrics(sums)) out.metrics.add(k, v);
     return out;
   }
 
@@ -234,6 +264,7 @@ class RmStage : public train::Stage {
   }
 
   RmRecipe& r_;
+  dist::Comm comm_;
   std::string tok_path_, tok_dir_;
   int64_t pad_id_ = 0;
   model::Qwen2Model model_;
@@ -255,7 +286,7 @@ std::string run_rm(RmRecipe& r, const std::string& recipe_file, const std::strin
     plan->eval_micro_batch_size = r.data.eval.empty() ? 0 : r.rm.eval_micro_batch_size;
     train::check_memory_estimate(r, *plan, options.comm);  // before the model, data or batches exist
   }
-  RmStage stage(r, run_dir);
+  RmStage stage(r, run_dir, options.comm);
   train::Trainer trainer(stage, std::move(options));
   log::info("rm: " + std::to_string(trainer.total_steps()) + " optimizer steps of " +
             std::to_string(r.train.micro_batch_size * r.train.grad_accum) + " pairs; run folder " + run_dir);

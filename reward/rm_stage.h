@@ -51,6 +51,8 @@ std::pair<at::Tensor, at::Tensor> pad_rows(const std::vector<std::vector<int64_t
 
 // Runs the whole stage: prepare (or reuse) pairs, build/load the model and add the score head,
 // train with core/train's loop (checkpoints, resume), write run_dir/final. Returns the run folder.
+// Under `ptk launch -n W` each rank trains on its share of every global micro-batch (W ranks × B
+// pairs see what 1 rank × W·B sees); min_reward/max_reward are taken over every rank's scores.
 std::string run_rm(RmRecipe& recipe, const std::string& recipe_file, const std::string& resolved_recipe);
 
 }  // namespace ptk::reward
