@@ -930,6 +930,12 @@ struct GrpoStage::Impl {
         else w.Double(x);
       }
       w.EndArray();
+      // This epoch's order: it was sorted by the variances at the epoch's start, which this
+      // epoch's visits have since changed, so start_epoch() cannot recompute it from `variance`.
+      w.Key("order");
+      w.StartArray();
+      for (int64_t row : order) w.Int64(row);
+      w.EndArray();
     }
     w.EndObject();
     return std::string(buf.GetString(), buf.GetSize());
@@ -954,6 +960,16 @@ struct GrpoStage::Impl {
         variance[i] = a[i].IsNull() ? std::nan("") : a[i].GetDouble();
     }
     start_epoch();
+    if (d.HasMember("order")) {  // variance_first: the saved order (checkpoints before it: recomputed)
+      auto& a = d["order"];
+      PTK_CHECK(a.IsArray() && static_cast<int64_t>(a.Size()) == rows(),
+                "grpo cursor: \"order\" must list the " + std::to_string(rows()) + " rows");
+      for (rapidjson::SizeType i = 0; i < a.Size(); ++i) {
+        PTK_CHECK(a[i].IsInt64() && a[i].GetInt64() >= 0 && a[i].GetInt64() < rows(),
+                  "grpo cursor: \"order\" holds a row outside 0.." + std::to_string(rows() - 1));
+        order[i] = a[i].GetInt64();
+      }
+    }
     buffer.clear();
     buffer_next = 0;
   }
