@@ -649,8 +649,6 @@ struct GrpoStage::Impl {
         for (double& x : s2) x = comm.all_reduce(x, dist::ReduceOp::kSum);
       m.add("rewards/remote/" + key + "/mean", s2[1] > 0 ? s2[0] / s2[1] : std::nan(""));
     }
-    // Rollouts file.
-    if (g.log_rollouts_every > 0 && generations % g.log_rollouts_every == 0) write_rollouts(*gen, step);
     // Shuffle (TRL shuffles the generation batch before cutting micro-batches), then cut.
     gen->order.resize(n);
     std::iota(gen->order.begin(), gen->order.end(), 0);
@@ -658,10 +656,15 @@ struct GrpoStage::Impl {
     for (int64_t i = n - 1; i > 0; --i) std::swap(gen->order[i], gen->order[rng() % (i + 1)]);
     const int64_t B = r.train.micro_batch_size;
     std::vector<std::shared_ptr<Slice>> slices;
+    std::vector<int64_t> micro_batch_of(n);
     for (int64_t k = 0; k < K; ++k) {
       std::vector<int64_t> rows_(gen->order.begin() + k * B, gen->order.begin() + (k + 1) * B);
+      for (int64_t i : rows_) micro_batch_of[i] = k;
       slices.push_back(make_slice(gen, rows_));
     }
+    // Rollouts file.
+    if (g.log_rollouts_every > 0 && generations % g.log_rollouts_every == 0)
+      write_rollouts(*gen, micro_batch_of, step);
     buffer.clear();
     buffer_next = 0;
     for (int64_t p = 0; p < mu; ++p) {
@@ -802,12 +805,16 @@ struct GrpoStage::Impl {
     return out;
   }
 
-  void write_rollouts(const GenBatch& gen, int64_t step) {
+  // rollouts/step-N.jsonl (rank r > 0: step-N.rank-r.jsonl): one line per completion of this rank's
+  // generation batch, groups of G consecutive lines (format in grpo_stage.h). `micro_batch_of`: the
+  // micro-batch (0 .. grad_accum-1) each completion was cut into.
+  void write_rollouts(const GenBatch& gen, const std::vector<int64_t>& micro_batch_of, int64_t step) {
     make_dirs(run_dir + "/rollouts");
     std::string name = run_dir + "/rollouts/step-" + std::to_string(step) +
                        (rank == 0 ? std::string() : ".rank-" + std::to_string(rank)) + ".jsonl";
     rapidjson::StringBuffer buf;
-    for (const auto& c : gen.completions) {
+    for (size_t i = 0; i < gen.completions.size(); ++i) {
+      const auto& c = gen.completions[i];
       const auto& p = gen.prompts[c.prompt];
       rapidjson::Writer<rapidjson::StringBuffer> w(buf);
       std::vector<tokenizer::TokenId> pids(p.ids.begin(), p.ids.end());
@@ -840,6 +847,10 @@ struct GrpoStage::Impl {
       w.Int64(static_cast<int64_t>(c.ids.size()));
       w.Key("finish_reason");
       w.String(c.truncated ? "length" : "stop");
+      w.Key("prompt_length");
+      w.Int64(static_cast<int64_t>(p.ids.size()));
+      w.Key("micro_batch");
+      w.Int64(micro_batch_of[i]);
       w.EndObject();
       buf.Put('\n');
     }
@@ -919,6 +930,12 @@ struct GrpoStage::Impl {
         else w.Double(x);
       }
       w.EndArray();
+      // This epoch's order: it was sorted by the variances at the epoch's start, which this
+      // epoch's visits have since changed, so start_epoch() cannot recompute it from `variance`.
+      w.Key("order");
+      w.StartArray();
+      for (int64_t row : order) w.Int64(row);
+      w.EndArray();
     }
     w.EndObject();
     return std::string(buf.GetString(), buf.GetSize());
@@ -943,6 +960,16 @@ struct GrpoStage::Impl {
         variance[i] = a[i].IsNull() ? std::nan("") : a[i].GetDouble();
     }
     start_epoch();
+    if (d.HasMember("order")) {  // variance_first: the saved order (checkpoints before it: recomputed)
+      auto& a = d["order"];
+      PTK_CHECK(a.IsArray() && static_cast<int64_t>(a.Size()) == rows(),
+                "grpo cursor: \"order\" must list the " + std::to_string(rows()) + " rows");
+      for (rapidjson::SizeType i = 0; i < a.Size(); ++i) {
+        PTK_CHECK(a[i].IsInt64() && a[i].GetInt64() >= 0 && a[i].GetInt64() < rows(),
+                  "grpo cursor: \"order\" holds a row outside 0.." + std::to_string(rows() - 1));
+        order[i] = a[i].GetInt64();
+      }
+    }
     buffer.clear();
     buffer_next = 0;
   }

@@ -144,6 +144,17 @@ class GrpoStage : public train::Stage {
 };
 
 // Runs the whole stage and writes run_dir/final. Returns the run folder.
+// Besides the run folder every stage writes, GRPO writes rollouts/step-N.jsonl (N: the first
+// optimizer step trained on that generation batch; every grpo.log_rollouts_every-th batch). Rank 0
+// writes step-N.jsonl, rank r > 0 step-N.rank-r.jsonl (its own slice of the global batch; ranks in
+// order give the global batch). One line per completion, in generation order: G consecutive lines
+// are one prompt's group. Fields: step, row (of the prepared data.train), prompt (decoded), completion
+// (decoded, special tokens skipped), answer, rewards {source: value or null (none)}, reward (R =
+// Σ_k w_k r_k over non-null terms; null when unscorable), advantage (over the global batch), length
+// (completion tokens, up to and including the stop token), finish_reason (stop | length = truncated),
+// prompt_length (prompt tokens), micro_batch (0 .. train.grad_accum-1: the micro-batch of this rank's
+// step that holds it, after the shuffle; the same for every pass of grpo.num_iterations). The loss
+// masks every completion token except, with grpo.mask_truncated_completions, truncated ones.
 std::string run_grpo(GrpoRecipe& recipe, const std::string& recipe_file, const std::string& resolved_recipe);
 
 }  // namespace ptk::rl

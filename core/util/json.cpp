@@ -31,9 +31,13 @@ std::string ParseStatus::message() const {
 
 rapidjson::Document parse(std::string_view text, const std::string& origin, Syntax syntax) {
   rapidjson::Document doc;
+  // Full precision: RapidJSON's default number parser may land 1 ulp off the double its Writer
+  // wrote (0.0017006802721088435 read back as ...437), so a value saved in a checkpoint (GRPO's
+  // prompt variances in the data cursor) would not come back bit for bit on resume.
   constexpr unsigned kRelaxed = rapidjson::kParseCommentsFlag | rapidjson::kParseTrailingCommasFlag |
-                                rapidjson::kParseNanAndInfFlag | rapidjson::kParseValidateEncodingFlag;
-  constexpr unsigned kStrict = rapidjson::kParseValidateEncodingFlag;
+                                rapidjson::kParseNanAndInfFlag | rapidjson::kParseValidateEncodingFlag |
+                                rapidjson::kParseFullPrecisionFlag;
+  constexpr unsigned kStrict = rapidjson::kParseValidateEncodingFlag | rapidjson::kParseFullPrecisionFlag;
   ParseStatus st = syntax == Syntax::kRelaxed ? parse_into<kRelaxed>(doc, text) : parse_into<kStrict>(doc, text);
   if (!st.ok()) {
     size_t line, col;
