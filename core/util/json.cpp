@@ -1,5 +1,9 @@
 #include "core/util/json.h"
 
+#include <algorithm>
+#include <charconv>
+#include <cstdlib>
+
 #include <rapidjson/error/en.h>
 #include <rapidjson/prettywriter.h>
 #include <rapidjson/stringbuffer.h>
@@ -29,11 +33,40 @@ std::string ParseStatus::message() const {
   return rapidjson::GetParseError_En(code);
 }
 
+namespace detail {
+
+Number read_number(const char* s, size_t n) {
+  const char* end = s + n;
+  Number r{Number::kDouble};
+  bool integer = n > 0 && std::none_of(s, end, [](char c) { return c == '.' || c == 'e' || c == 'E' || c == 'N' || c == 'I'; });
+  if (integer) {
+    const bool minus = *s == '-';
+    uint64_t mag = 0;
+    auto [p, ec] = std::from_chars(s + minus, end, mag);
+    if (ec == std::errc() && p == end) {
+      if (!minus) {
+        r.kind = Number::kUint64;
+        r.u = mag;
+        return r;
+      }
+      if (mag <= (uint64_t{1} << 63)) {
+        r.kind = Number::kInt64;
+        r.i = static_cast<int64_t>(~mag + 1);  // two's complement: -2^63 included
+        return r;
+      }
+    }
+  }
+  // NaN and Infinity (relaxed syntax) too: from_chars reads them like strtod, case-insensitively.
+  auto [p, ec] = std::from_chars(s, end, r.d);
+  if (ec != std::errc() || p != end) r.d = std::strtod(std::string(s, n).c_str(), nullptr);  // under/overflow
+  return r;
+}
+
+}  // namespace detail
+
 rapidjson::Document parse(std::string_view text, const std::string& origin, Syntax syntax) {
   rapidjson::Document doc;
-  // Full precision: RapidJSON's default number parser may land 1 ulp off the double its Writer
-  // wrote (0.0017006802721088435 read back as ...437), so a value saved in a checkpoint (GRPO's
-  // prompt variances in the data cursor) would not come back bit for bit on resume.
+  // Full precision (exact numbers, detail::exact_number): a double ptk wrote comes back bit for bit.
   constexpr unsigned kRelaxed = rapidjson::kParseCommentsFlag | rapidjson::kParseTrailingCommasFlag |
                                 rapidjson::kParseNanAndInfFlag | rapidjson::kParseValidateEncodingFlag |
                                 rapidjson::kParseFullPrecisionFlag;

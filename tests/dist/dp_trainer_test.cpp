@@ -118,8 +118,6 @@ std::map<std::string, at::Tensor> reference_start() {
   return m;
 }
 
-bool is_worker() { return *env("PTK_DT_RUN_DIR") != '\0'; }
-
 // 1 rank, micro-batch 4, in this process: the reference.
 optim::NamedTensors reference(const std::string& dir) {
   at::set_num_threads(1);
