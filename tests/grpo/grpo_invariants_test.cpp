@@ -32,6 +32,7 @@
 #include "core/util/json.h"
 #include "datasets/byte_tokenizer.h"
 #include "rl/grpo_stage.h"
+#include "tests/support/crashing_stage.h"
 #include "tests/support/test_util.h"
 
 namespace ptk::rl {
@@ -626,32 +627,6 @@ TEST(GrpoInvariants, TwoRanksEqualOneRank) {
 // ---------------------------------------------------------------------------------------------
 // Resume.
 
-struct Crash : std::runtime_error {
-  Crash() : std::runtime_error("simulated crash") {}
-};
-
-// Delegates to a GrpoStage and throws when asked for micro-batch number `crash_at`.
-class CrashingStage : public train::Stage {
- public:
-  CrashingStage(GrpoStage& s, int64_t crash_at) : s_(s), crash_at_(crash_at) {}
-  void set_rank(int r, int w) override { s_.set_rank(r, w); }
-  optim::NamedTensors parameters() override { return s_.parameters(); }
-  int64_t micro_batches_per_epoch() const override { return s_.micro_batches_per_epoch(); }
-  train::MicroBatch next_micro_batch() override {
-    if (++n_ == crash_at_) throw Crash();
-    return s_.next_micro_batch();
-  }
-  std::string cursor_json() const override { return s_.cursor_json(); }
-  void restore_cursor(const std::string& j) override { s_.restore_cursor(j); }
-  train::LossOut loss(const train::MicroBatch& mb, double n) override { return s_.loss(mb, n); }
-  void evaluate(Metrics* out) override { s_.evaluate(out); }
-  void save_model(const std::string& dir) override { s_.save_model(dir); }
-
- private:
-  GrpoStage& s_;
-  int64_t crash_at_, n_ = 0;
-};
-
 // A run killed in epoch 2 resumes bit-for-bit, in fp32 and in bf16 (model.dtype=bfloat16: bf16
 // parameters, AdamW's fp32 master weights and moments). μ = 2, 4 prompts per generation batch,
 // 12 prompts: epoch 1 is steps 1-6, epoch 2 (variance-first order, from the variances of epoch 1)
@@ -677,8 +652,8 @@ TEST(GrpoInvariants, ResumeIsBitForBitWithOptimizerStateAndCursor) {
     auto rc = f.recipe("crash", ov);
     {
       GrpoStage s(*rc, rc->run.dir, {}, rewards());
-      CrashingStage c(s, 19);  // step 10's first micro-batch; the last checkpoint is step 8's
-      EXPECT_THROW(train::Trainer(c, options_for(*rc)).run(), Crash);
+      test::CrashingStage c(s, 19);  // step 10's first micro-batch; the last checkpoint is step 8's
+      EXPECT_THROW(train::Trainer(c, options_for(*rc)).run(), test::Crash);
     }
     {
       GrpoStage s(*rc, rc->run.dir, {}, rewards());
