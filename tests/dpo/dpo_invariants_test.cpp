@@ -3,57 +3,28 @@
 // 4-pair step give the same parameters and pair metrics; a run stopped at step 3 (mid-epoch) and
 // resumed to step 6 equals the run that never stopped, bit for bit, with a precomputed and a live
 // reference, in fp32 and with bf16 weights (fp32 master weights and moments in the checkpoint).
-// Two ranks vs one: dpo_cli_test's LiveReferenceAndTwoRanks. Not the loss numbers (dpo_stage_test).
+// Two ranks vs one: dpo_cli_test's TwoRanksEqualOneRank. Not the loss numbers (dpo_stage_test).
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include <cmath>
 #include <string>
 #include <vector>
 
-#include "core/model/qwen2.h"
 #include "core/util/fs.h"
-#include "datasets/byte_tokenizer.h"
+#include "tests/support/pair_runs.h"
 #include "tests/support/run_folders.h"
 #include "tests/support/test_util.h"
-#include "tests/support/tiny_qwen2.h"
 
 namespace ptk {
 namespace {
 
-// The starting policy (and reference), written once: a random-init HF folder with the tokenizer.
+// The starting policy (and reference), the pairs and the recipe, written once (tests/support/pair_runs.h).
 class DpoInvariants : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     dir_ = new test::TempDir();
-    std::string model = dir_->file("start");
-    make_dirs(model);
-    tasks::write_byte_tokenizer(model);
-    auto c = test::tiny_byte_qwen2_config();
-    c.initializer_range = 0.1;  // logits far from uniform, so rewards and margins differ from pair to pair
-    checkpoint::SaveOptions so;
-    so.source_dir = model;  // keep the tokenizer files (save_pretrained swaps a new folder in)
-    model::Qwen2Model::from_config(c, 7).save_pretrained(model, so);
-    // 16 training pairs (4 whole steps of 4 pairs an epoch), replies of different lengths so that
-    // micro-batches pad differently; 4 eval pairs.
-    std::string train, eval;
-    for (int i = 0; i < 20; ++i) {
-      int a = 3 + 7 * i, b = 11 + 5 * i;
-      std::string line = "{\"prompt\": \"What is " + std::to_string(a) + " + " + std::to_string(b) +
-                         "? \", \"chosen\": \"" + std::to_string(a + b) + (i % 3 ? "." : ", surely.") +
-                         "\", \"rejected\": \"" + std::to_string(a + b + 10 * (1 + i % 4)) +
-                         (i % 2 ? "" : " I think") + "\"}\n";
-      (i < 16 ? train : eval) += line;
-    }
-    dir_->write("train.jsonl", train);
-    dir_->write("eval.jsonl", eval);
-    dir_->write("dpo.json", "{\"model\": {\"path\": \"" + model + "\"},\n"
-                            " \"run\": {\"seed\": 3},\n"
-                            " \"data\": {\"train\": [\"" + dir_->file("train.jsonl") + "\"], \"eval\": [\"" +
-                                dir_->file("eval.jsonl") + "\"], \"max_seq_len\": 64},\n"
-                            " \"optim\": {\"lr\": 3e-3, \"warmup_steps\": 0},\n"
-                            " \"checkpoint\": {\"every\": 0},\n"
-                            " \"dpo\": {\"beta\": 0.1}}\n");
+    test::write_pair_inputs(*dir_, /*margins=*/false);
+    dir_->write("dpo.json", test::pair_recipe(*dir_, 3, "\"dpo\": {\"beta\": 0.1}"));
   }
   static void TearDownTestSuite() {
     delete dir_;
@@ -71,13 +42,6 @@ class DpoInvariants : public ::testing::Test {
   static test::TempDir* dir_;
 };
 test::TempDir* DpoInvariants::dir_ = nullptr;
-
-// |a - b| within `tol` relative to max(1, |a|).
-::testing::AssertionResult near(double a, double b, double tol) {
-  if (std::fabs(a - b) <= tol * std::max(1.0, std::fabs(a))) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << a << " vs " << b << " (diff " << a - b << ", tolerance " << tol
-                                       << " relative to max(1, |a|))";
-}
 
 // AdamW turns the summation-order noise d of a gradient element near 0 into an update change of up
 // to lr·d/eps: DPO's chosen-minus-rejected gradients nearly cancel on the embedding rows of bytes no
@@ -110,17 +74,15 @@ TEST_F(DpoInvariants, MicroBatchTimesAccumulationSplitsGiveTheSameParameters) {
     auto m = test::metric_docs(run(name));
     ASSERT_EQ(m.size(), want_m.size());
     for (size_t i = 0; i < m.size(); ++i) {
+      SCOPED_TRACE("step " + std::to_string(i + 1));
       // Pair metrics are per-micro-batch pair means averaged over equal micro-batches: the 4-pair
       // mean in every split. (Token-weighted ones, entropy and mean_token_accuracy, are per-micro-batch
       // token ratios averaged over micro-batches, as TRL logs them, so they legitimately differ.)
       // logps are sums over ~10 tokens of fp32 log-probs: 1e-5 relative covers the padding change.
-      for (const char* key : {"loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                              "logps/chosen", "logps/rejected", "eval/loss", "eval/rewards/margins"}) {
-        if (!want_m[i].HasMember(key)) continue;
-        ASSERT_TRUE(m[i].HasMember(key)) << key;
-        EXPECT_TRUE(near(want_m[i][key].GetDouble(), m[i][key].GetDouble(), 1e-5)) << key << " step " << i + 1;
-      }
-      EXPECT_EQ(want_m[i]["num_tokens"].GetDouble(), m[i]["num_tokens"].GetDouble()) << "step " << i + 1;
+      test::expect_listed_metrics_close(want_m[i], m[i], 1e-5,
+                                        {"loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                                         "logps/chosen", "logps/rejected", "eval/loss", "eval/rewards/margins"});
+      EXPECT_EQ(want_m[i]["num_tokens"].GetDouble(), m[i]["num_tokens"].GetDouble());
     }
   }
 }

@@ -19,6 +19,7 @@
 #include "datasets/byte_tokenizer.h"
 #include "datasets/prepare.h"
 #include "rl/dpo_stage.h"
+#include "tests/support/crashing_stage.h"
 #include "tests/support/test_util.h"
 #include "tests/support/tiny_qwen2.h"
 
@@ -226,31 +227,6 @@ TEST(DpoStage, PrecomputedReferenceEqualsLiveAndIsCached) {
   EXPECT_NE(s.ref_cache_path(), pre.ref_cache_path());
 }
 
-// Forwards to a DpoStage, throwing when asked for micro-batch `crash_at` (a simulated crash).
-struct Crash : std::runtime_error {
-  Crash() : std::runtime_error("simulated crash") {}
-};
-class Crashing : public train::Stage {
- public:
-  Crashing(DpoStage& s, int64_t crash_at) : s_(s), crash_at_(crash_at) {}
-  void set_rank(int r, int w) override { s_.set_rank(r, w); }
-  optim::NamedTensors parameters() override { return s_.parameters(); }
-  int64_t micro_batches_per_epoch() const override { return s_.micro_batches_per_epoch(); }
-  train::MicroBatch next_micro_batch() override {
-    if (++n_ == crash_at_) throw Crash();
-    return s_.next_micro_batch();
-  }
-  std::string cursor_json() const override { return s_.cursor_json(); }
-  void restore_cursor(const std::string& j) override { s_.restore_cursor(j); }
-  train::LossOut loss(const train::MicroBatch& mb, double n) override { return s_.loss(mb, n); }
-  void evaluate(Metrics* out) override { s_.evaluate(out); }
-  void save_model(const std::string& dir) override { s_.save_model(dir); }
-
- private:
-  DpoStage& s_;
-  int64_t crash_at_, n_ = 0;
-};
-
 std::vector<std::string> metric_lines(const std::string& run_dir) {
   std::vector<std::string> out;
   std::istringstream in(read_file(run_dir + "/metrics.jsonl"));
@@ -298,8 +274,8 @@ TEST(DpoStage, ReferenceNeverUpdatedAndResumeIsBitForBit) {
   f.bind(b, f.dir.file("crash"), ov);
   {
     DpoStage sb(b, b.run.dir);
-    Crashing c(sb, 7);
-    EXPECT_THROW(train::Trainer(c, train::trainer_options(b, b.run.dir, "{}\n", "dpo")).run(), Crash);
+    test::CrashingStage c(sb, 7);
+    EXPECT_THROW(train::Trainer(c, train::trainer_options(b, b.run.dir, "{}\n", "dpo")).run(), test::Crash);
   }
   DpoStage sc(b, b.run.dir);
   train::Trainer(sc, train::trainer_options(b, b.run.dir, "{}\n", "dpo")).run();

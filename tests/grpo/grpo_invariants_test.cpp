@@ -32,6 +32,8 @@
 #include "core/util/json.h"
 #include "datasets/byte_tokenizer.h"
 #include "rl/grpo_stage.h"
+#include "tests/support/crashing_stage.h"
+#include "tests/support/run_folders.h"
 #include "tests/support/test_util.h"
 
 namespace ptk::rl {
@@ -164,14 +166,6 @@ std::map<std::string, at::Tensor> start_parameters(GrpoRecipe& r) {
   return out;
 }
 
-double max_diff(const std::map<std::string, at::Tensor>& a, const std::map<std::string, at::Tensor>& b) {
-  EXPECT_EQ(a.size(), b.size());
-  double d = 0;
-  for (auto& [n, t] : a)
-    d = std::max(d, (t.to(torch::kFloat64) - b.at(n).to(torch::kFloat64)).abs().max().item<double>());
-  return d;
-}
-
 // ---------------------------------------------------------------------------------------------
 // The run folder, read back
 
@@ -207,14 +201,6 @@ std::vector<Line> read_rollouts(const std::string& file, const std::vector<std::
     l.advantage = d["advantage"].GetDouble();
     out.push_back(std::move(l));
   }
-  return out;
-}
-
-std::vector<rapidjson::Document> metric_lines(const std::string& run_dir) {
-  std::vector<rapidjson::Document> out;
-  std::istringstream in(read_file(run_dir + "/metrics.jsonl"));
-  std::string line;
-  while (std::getline(in, line)) out.push_back(json::parse(line, "metrics"));
   return out;
 }
 
@@ -430,7 +416,7 @@ TEST(GrpoInvariants, RolloutsDetermineAdvantagesMetricsAndTheLossNormalizer) {
                               std::string("grpo.mask_truncated_completions=") + (c.mask_truncated ? "true" : "false"),
                               "train.micro_batch_size=4", "train.grad_accum=4", "train.max_steps=3"});
     train_in_process(*r);
-    auto metrics = metric_lines(r->run.dir);
+    auto metrics = test::metric_docs(r->run.dir);
     ASSERT_EQ(metrics.size(), static_cast<size_t>(steps)) << c.loss_type;
     double num_tokens = 0, abs_a = 0;
     int nontrivial_losses = 0;
@@ -505,7 +491,7 @@ TEST(GrpoInvariants, MicroBatchSplitsGiveTheSameParameters) {
       if (ref.empty()) {
         ref = p;
         ref_dir = r->run.dir;
-        ASSERT_GT(max_diff(ref, start), 5e-4) << lt << ": training did not move the parameters";
+        ASSERT_GT(test::max_param_diff(ref, start), 5e-4) << lt << ": training did not move the parameters";
         continue;
       }
       const std::string where = lt + " " + std::to_string(s.B) + "x" + std::to_string(s.K);
@@ -522,14 +508,14 @@ TEST(GrpoInvariants, MicroBatchSplitsGiveTheSameParameters) {
       // Each step's loss (float32, |loss| < 3) and pre-clip gradient norm agree to summation order
       // (measured <= 1e-6); a split-dependent normalizer would move them by far more, and grad_norm
       // shows a wrong scale that AdamW's scale-invariant update (and clipping) would hide.
-      auto ma = metric_lines(ref_dir), mb = metric_lines(r->run.dir);
+      auto ma = test::metric_docs(ref_dir), mb = test::metric_docs(r->run.dir);
       ASSERT_EQ(ma.size(), mb.size()) << where;
       for (size_t i = 0; i < ma.size(); ++i) {
         EXPECT_NEAR(metric(mb[i], "loss"), metric(ma[i], "loss"), 1e-5) << where << " step " << i + 1;
         EXPECT_NEAR(metric(mb[i], "grad_norm") / metric(ma[i], "grad_norm"), 1.0, 1e-5) << where << " step " << i + 1;
       }
       // fp32; the splits differ only in summation order and padding (~1e-7 per step).
-      const double d = max_diff(p, ref);
+      const double d = test::max_param_diff(p, ref);
       std::printf("%s %lldx%lld vs 8x1 after 4 steps: max |param diff| %.3g\n", lt.c_str(), static_cast<long long>(s.B),
                   static_cast<long long>(s.K), d);
       EXPECT_LT(d, 1e-5) << lt << " " << s.B << "x" << s.K << " vs 8x1: max |param diff| " << d;
@@ -544,8 +530,8 @@ TEST(GrpoInvariants, MicroBatchSplitsGiveTheSameParameters) {
   int64_t tokens[2] = {0, 0};
   for (auto& l : lines) tokens[l.micro_batch] += l.length;
   ASSERT_NE(tokens[0], tokens[1]) << "equal micro-batch token counts: bnpo cannot tell the splits apart";
-  std::printf("bnpo 4x2 vs 8x1 (differs by design): max |param diff| %.3g\n", max_diff(p8, p4));
-  EXPECT_GT(max_diff(p8, p4), 1e-4) << "bnpo gave the same parameters for 8x1 and 4x2";
+  std::printf("bnpo 4x2 vs 8x1 (differs by design): max |param diff| %.3g\n", test::max_param_diff(p8, p4));
+  EXPECT_GT(test::max_param_diff(p8, p4), 1e-4) << "bnpo gave the same parameters for 8x1 and 4x2";
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -581,7 +567,7 @@ TEST(GrpoInvariants, TwoRanksEqualOneRank) {
     auto r2 = test::run(test::ptk_binary() + " launch -n 2 -- " + test::ptk_binary() + " grpo" + common +
                         " grpo.loss_type=" + lt + " train.grad_accum=1 run.dir=" + two);
     ASSERT_EQ(r2.exit_code, 0) << r2.out;
-    auto m1 = metric_lines(one), m2 = metric_lines(two);
+    auto m1 = test::metric_docs(one), m2 = test::metric_docs(two);
     ASSERT_EQ(m1.size(), 2u);
     ASSERT_EQ(m2.size(), 2u);
     double abs_a = 0;
@@ -614,10 +600,10 @@ TEST(GrpoInvariants, TwoRanksEqualOneRank) {
       EXPECT_NEAR(metric(m2[step - 1], "grad_norm") / metric(m1[step - 1], "grad_norm"), 1.0, 1e-5) << where;
     }
     ASSERT_GT(abs_a, 0.1) << lt << ": the math reward had no spread, so no gradient: a vacuous comparison";
-    auto p1 = checkpoint::read_checkpoint_tensors(one + "/final"), p2 = checkpoint::read_checkpoint_tensors(two + "/final");
+    auto p1 = test::final_params(one), p2 = test::final_params(two);
     // fp32 parameters after 2 AdamW steps from gradients that differ in summation order (~1e-7).
-    const double d = max_diff(p1, p2);
-    EXPECT_GT(max_diff(p1, checkpoint::read_checkpoint_tensors(f.d.file("model"))), 5e-4) << lt << ": nothing trained";
+    const double d = test::max_param_diff(p1, p2);
+    EXPECT_GT(test::max_param_diff(p1, test::folder_params(f.d.file("model"))), 5e-4) << lt << ": nothing trained";
     std::printf("%s: 2 ranks vs 1 rank after 2 steps: max |param diff| %.3g\n", lt.c_str(), d);
     EXPECT_LT(d, 1e-5) << lt;
   }
@@ -625,32 +611,6 @@ TEST(GrpoInvariants, TwoRanksEqualOneRank) {
 
 // ---------------------------------------------------------------------------------------------
 // Resume.
-
-struct Crash : std::runtime_error {
-  Crash() : std::runtime_error("simulated crash") {}
-};
-
-// Delegates to a GrpoStage and throws when asked for micro-batch number `crash_at`.
-class CrashingStage : public train::Stage {
- public:
-  CrashingStage(GrpoStage& s, int64_t crash_at) : s_(s), crash_at_(crash_at) {}
-  void set_rank(int r, int w) override { s_.set_rank(r, w); }
-  optim::NamedTensors parameters() override { return s_.parameters(); }
-  int64_t micro_batches_per_epoch() const override { return s_.micro_batches_per_epoch(); }
-  train::MicroBatch next_micro_batch() override {
-    if (++n_ == crash_at_) throw Crash();
-    return s_.next_micro_batch();
-  }
-  std::string cursor_json() const override { return s_.cursor_json(); }
-  void restore_cursor(const std::string& j) override { s_.restore_cursor(j); }
-  train::LossOut loss(const train::MicroBatch& mb, double n) override { return s_.loss(mb, n); }
-  void evaluate(Metrics* out) override { s_.evaluate(out); }
-  void save_model(const std::string& dir) override { s_.save_model(dir); }
-
- private:
-  GrpoStage& s_;
-  int64_t crash_at_, n_ = 0;
-};
 
 // A run killed in epoch 2 resumes bit-for-bit, in fp32 and in bf16 (model.dtype=bfloat16: bf16
 // parameters, AdamW's fp32 master weights and moments). μ = 2, 4 prompts per generation batch,
@@ -677,14 +637,14 @@ TEST(GrpoInvariants, ResumeIsBitForBitWithOptimizerStateAndCursor) {
     auto rc = f.recipe("crash", ov);
     {
       GrpoStage s(*rc, rc->run.dir, {}, rewards());
-      CrashingStage c(s, 19);  // step 10's first micro-batch; the last checkpoint is step 8's
-      EXPECT_THROW(train::Trainer(c, options_for(*rc)).run(), Crash);
+      test::CrashingStage c(s, 19);  // step 10's first micro-batch; the last checkpoint is step 8's
+      EXPECT_THROW(train::Trainer(c, options_for(*rc)).run(), test::Crash);
     }
     {
       GrpoStage s(*rc, rc->run.dir, {}, rewards());
       EXPECT_EQ(train::Trainer(s, options_for(*rc)).run(), 2) << dtype;
     }
-    auto mr = metric_lines(rr->run.dir), mc = metric_lines(rc->run.dir);
+    auto mr = test::metric_docs(rr->run.dir), mc = test::metric_docs(rc->run.dir);
     ASSERT_EQ(mr.size(), 10u) << dtype;
     ASSERT_EQ(mc.size(), 10u) << dtype;
     for (size_t i = 0; i < mr.size(); ++i)
@@ -705,8 +665,8 @@ TEST(GrpoInvariants, ResumeIsBitForBitWithOptimizerStateAndCursor) {
     auto b = checkpoint::read_checkpoint_tensors(rc->run.dir + "/final");
     for (auto& [name, t] : a) EXPECT_TRUE(torch::equal(t, b.at(name))) << dtype << " " << name;
     const std::string ts = "/checkpoints/step-10/trainer_state/";
-    auto oa = checkpoint::read_safetensors(rr->run.dir + ts + "optimizer.safetensors");
-    auto ob = checkpoint::read_safetensors(rc->run.dir + ts + "optimizer.safetensors");
+    auto oa = test::optimizer_state(rr->run.dir + "/checkpoints/step-10");
+    auto ob = test::optimizer_state(rc->run.dir + "/checkpoints/step-10");
     ASSERT_EQ(oa.size(), ob.size()) << dtype;
     int masters = 0, moments = 0;
     for (auto& [name, t] : oa) {

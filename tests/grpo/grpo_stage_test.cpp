@@ -22,6 +22,7 @@
 #include "rl/grpo_loss.h"
 #include "reward/reward_server.h"
 #include "rl/grpo_stage.h"
+#include "tests/support/crashing_stage.h"
 #include "tests/support/reward_server_thread.h"
 #include "tests/support/test_util.h"
 
@@ -380,32 +381,6 @@ TEST(GrpoStage, VarianceFirstOrdersTheNextEpoch) {
   EXPECT_EQ(got, top);
 }
 
-struct Crash : std::runtime_error {
-  Crash() : std::runtime_error("simulated crash") {}
-};
-
-// Delegates to a GrpoStage and throws when asked for micro-batch number `crash_at`.
-class CrashingStage : public train::Stage {
- public:
-  CrashingStage(GrpoStage& s, int64_t crash_at) : s_(s), crash_at_(crash_at) {}
-  void set_rank(int r, int w) override { s_.set_rank(r, w); }
-  optim::NamedTensors parameters() override { return s_.parameters(); }
-  int64_t micro_batches_per_epoch() const override { return s_.micro_batches_per_epoch(); }
-  train::MicroBatch next_micro_batch() override {
-    if (++n_ == crash_at_) throw Crash();
-    return s_.next_micro_batch();
-  }
-  std::string cursor_json() const override { return s_.cursor_json(); }
-  void restore_cursor(const std::string& j) override { s_.restore_cursor(j); }
-  train::LossOut loss(const train::MicroBatch& mb, double n) override { return s_.loss(mb, n); }
-  void evaluate(Metrics* out) override { s_.evaluate(out); }
-  void save_model(const std::string& dir) override { s_.save_model(dir); }
-
- private:
-  GrpoStage& s_;
-  int64_t crash_at_, n_ = 0;
-};
-
 std::vector<double> losses(const std::string& run_dir) {
   std::vector<double> out;
   std::istringstream in(read_file(run_dir + "/metrics.jsonl"));
@@ -436,8 +411,8 @@ TEST(GrpoStage, ResumeAfterAKillIsBitForBit) {
   auto rc = f.recipe("crash", ov_ref);
   {
     GrpoStage s(*rc, rc->run.dir, {}, letters());
-    CrashingStage c(s, 11);  // step 6's first micro-batch (pass 2 of step 5's batch); last checkpoint: step 4
-    EXPECT_THROW(train::Trainer(c, options_for(*rc)).run(), Crash);
+    test::CrashingStage c(s, 11);  // step 6's first micro-batch (pass 2 of step 5's batch); last checkpoint: step 4
+    EXPECT_THROW(train::Trainer(c, options_for(*rc)).run(), test::Crash);
   }
   {
     GrpoStage s(*rc, rc->run.dir, {}, letters());

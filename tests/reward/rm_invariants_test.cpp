@@ -8,54 +8,25 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include <cmath>
 #include <string>
 #include <vector>
 
-#include "core/model/qwen2.h"
 #include "core/util/fs.h"
-#include "core/util/json.h"
-#include "datasets/byte_tokenizer.h"
+#include "tests/support/pair_runs.h"
 #include "tests/support/run_folders.h"
 #include "tests/support/test_util.h"
-#include "tests/support/tiny_qwen2.h"
 
 namespace ptk {
 namespace {
 
 class RmInvariants : public ::testing::Test {
  protected:
-  // The starting model (an "SFT final/" without a score head) and the pairs, written once.
+  // The starting model (an "SFT final/" without a score head), the pairs with margins and the
+  // recipe, written once (tests/support/pair_runs.h).
   static void SetUpTestSuite() {
     dir_ = new test::TempDir();
-    std::string model = dir_->file("start");
-    make_dirs(model);
-    tasks::write_byte_tokenizer(model);
-    auto c = test::tiny_byte_qwen2_config();
-    c.initializer_range = 0.1;  // scores spread well beyond fp32 noise, so accuracies are not ties
-    checkpoint::SaveOptions so;
-    so.source_dir = model;  // keep the tokenizer files (save_pretrained swaps a new folder in)
-    model::Qwen2Model::from_config(c, 7).save_pretrained(model, so);
-    // 16 training pairs (4 steps of 4 pairs an epoch) of different lengths, so that micro-batches
-    // pad differently, with margins; 4 eval pairs.
-    std::string train, eval;
-    for (int i = 0; i < 20; ++i) {
-      int a = 3 + 7 * i, b = 11 + 5 * i;
-      std::string line = "{\"prompt\": \"What is " + std::to_string(a) + " + " + std::to_string(b) +
-                         "? \", \"chosen\": \"" + std::to_string(a + b) + (i % 3 ? "." : ", surely.") +
-                         "\", \"rejected\": \"" + std::to_string(a + b + 10 * (1 + i % 4)) +
-                         (i % 2 ? "" : " I think") + "\", \"margin\": " + std::to_string(0.25 * (i % 5)) + "}\n";
-      (i < 16 ? train : eval) += line;
-    }
-    dir_->write("train.jsonl", train);
-    dir_->write("eval.jsonl", eval);
-    dir_->write("rm.json", "{\"model\": {\"path\": \"" + model + "\"},\n"
-                           " \"run\": {\"seed\": 5},\n"
-                           " \"data\": {\"train\": [\"" + dir_->file("train.jsonl") + "\"], \"eval\": [\"" +
-                               dir_->file("eval.jsonl") + "\"], \"max_seq_len\": 64},\n"
-                           " \"optim\": {\"lr\": 3e-3, \"warmup_steps\": 0},\n"
-                           " \"checkpoint\": {\"every\": 0},\n"
-                           " \"rm\": {\"center_rewards_coefficient\": 0.01}}\n");
+    test::write_pair_inputs(*dir_, /*margins=*/true);
+    dir_->write("rm.json", test::pair_recipe(*dir_, 5, "\"rm\": {\"center_rewards_coefficient\": 0.01}"));
   }
   static void TearDownTestSuite() {
     delete dir_;
@@ -77,18 +48,6 @@ class RmInvariants : public ::testing::Test {
   static test::TempDir* dir_;
 };
 test::TempDir* RmInvariants::dir_ = nullptr;
-
-// |a - b| within `tol` relative to max(1, |a|); non-numbers (NaN is written as null) must be equal.
-::testing::AssertionResult near(const rapidjson::Value& a, const rapidjson::Value& b, double tol) {
-  if (!a.IsNumber() || !b.IsNumber()) {
-    if (json::to_string(a) == json::to_string(b)) return ::testing::AssertionSuccess();
-    return ::testing::AssertionFailure() << json::to_string(a) << " vs " << json::to_string(b);
-  }
-  double x = a.GetDouble(), y = b.GetDouble();
-  if (std::fabs(x - y) <= tol * std::max(1.0, std::fabs(x))) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << x << " vs " << y << " (diff " << x - y << ", tolerance " << tol
-                                       << " relative to max(1, |a|))";
-}
 
 // AdamW turns the summation-order noise d of a gradient element near 0 into an update change of up
 // to lr·d/eps: with the default eps=1e-8 a few elements end ~1e-5 apart after 3 steps whatever the
@@ -118,14 +77,13 @@ TEST_F(RmInvariants, MicroBatchTimesAccumulationSplitsGiveTheSameParameters) {
     auto m = test::metric_docs(run(name));
     ASSERT_EQ(m.size(), want_m.size());
     for (size_t i = 0; i < m.size(); ++i) {
+      SCOPED_TRACE("step " + std::to_string(i + 1));
       // accuracy, margin and mean_reward are means over equal micro-batches: the 4-pair values. Not
       // min_reward/max_reward: per micro-batch, then averaged over micro-batches (as TRL logs them).
-      for (const char* key : {"loss", "grad_norm", "accuracy", "margin", "mean_reward", "num_tokens", "eval/loss",
-                              "eval/accuracy", "eval/min_reward", "eval/max_reward"}) {
-        if (!want_m[i].HasMember(key)) continue;
-        ASSERT_TRUE(m[i].HasMember(key)) << key;
-        EXPECT_TRUE(near(want_m[i][key], m[i][key], 1e-5)) << key << " step " << i + 1;
-      }
+      // 1e-5 relative to max(1, |x|): fp32 sums in another order and padding.
+      test::expect_listed_metrics_close(want_m[i], m[i], 1e-5,
+                                        {"loss", "grad_norm", "accuracy", "margin", "mean_reward", "num_tokens",
+                                         "eval/loss", "eval/accuracy", "eval/min_reward", "eval/max_reward"});
     }
   }
 }
@@ -149,16 +107,9 @@ TEST_F(RmInvariants, TwoRanksEqualOneRank) {
   ASSERT_EQ(a.size(), 3u);
   ASSERT_EQ(b.size(), 3u);
   for (size_t i = 0; i < a.size(); ++i) {
-    SCOPED_TRACE("step " + std::to_string(i + 1));
-    size_t compared = 0;
-    for (auto it = a[i].MemberBegin(); it != a[i].MemberEnd(); ++it) {
-      std::string k = it->name.GetString();
-      if (k == "tokens_per_s" || k == "mfu" || k == "step_time_s" || k == "peak_rss_bytes") continue;
-      ASSERT_TRUE(b[i].HasMember(k.c_str())) << k;
-      EXPECT_TRUE(near(it->value, b[i][k.c_str()], 1e-5)) << k;
-      ++compared;
-    }
-    EXPECT_GE(compared, 12u);
+    SCOPED_TRACE("step " + std::to_string(i + 1) + ": 1 rank vs 2 ranks");
+    // Every metric but timing, 1e-5 relative to max(1, |x|): fp32 sums in another order and padding.
+    EXPECT_GE(test::expect_metrics_close(a[i], b[i], 1e-5), 12u);
   }
   EXPECT_TRUE(a[1].HasMember("eval/loss"));
 }
