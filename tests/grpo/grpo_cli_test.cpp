@@ -7,17 +7,12 @@
 #include "core/util/json.h"
 #include "datasets/byte_tokenizer.h"
 #include "tests/support/test_util.h"
+#include "tests/support/tiny_model_json.h"
 
 namespace ptk {
 namespace {
 
-const char* kModelConfig = R"({
-  "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 259, "hidden_size": 32,
-  "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-  "max_position_embeddings": 256, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-  "initializer_range": 0.02, "tie_word_embeddings": true, "use_sliding_window": false,
-  "attention_dropout": 0.0, "bos_token_id": null, "eos_token_id": 258, "pad_token_id": 256,
-  "torch_dtype": "float32"})";
+const char* kModelConfig = test::kTinyByteModelJson;
 
 std::string write_fixture(const test::TempDir& d) {
   tasks::write_byte_tokenizer(d.file("tok"));

@@ -20,16 +20,13 @@
 #include "core/util/json.h"
 #include "tests/support/run_folders.h"
 #include "tests/support/test_util.h"
+#include "tests/support/tiny_model_json.h"
 
 namespace ptk {
 namespace {
 
-// max_position_embeddings covers the packed rows (max_seq_len 256).
-const char* kModel = R"({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 259,
-  "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-  "num_key_value_heads": 2, "max_position_embeddings": 256, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
-  "hidden_act": "silu", "initializer_range": 0.02, "tie_word_embeddings": true, "use_sliding_window": false,
-  "eos_token_id": 258, "pad_token_id": 256})";
+// max_position_embeddings (256) covers the packed rows (max_seq_len 256).
+const char* kModel = test::kTinyByteModelJson;
 
 // fp32 tolerance for "the same parameters / metrics" (relative for the loss and grad_norm): the
 // splits and ranks add the same terms in another order (per-micro-batch partial sums, other padded
