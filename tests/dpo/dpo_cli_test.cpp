@@ -19,15 +19,13 @@
 namespace ptk {
 namespace {
 
-const char* kModel = test::kTinyByteModelJson;
-
 class DpoCli : public ::testing::Test {
  protected:
   void SetUp() override {
     auto r = test::run(test::ptk_binary() + " make-data arithmetic --out " + d_.file("data") +
                        " --train 24 --eval 8 --tokenizer bytes");
     ASSERT_EQ(r.exit_code, 0) << r.out;
-    d_.write("model.json", kModel);
+    d_.write("model.json", test::kTinyByteModelJson);
     d_.write("sft.json", "{\"model\": {\"config\": \"" + d_.file("model.json") + "\"},\n"
                          " \"tokenizer\": {\"path\": \"" + d_.file("data") + "\"},\n"
                          " \"data\": {\"train\": [\"" + d_.file("data/sft_train.jsonl") + "\"], \"max_seq_len\": 128},\n"

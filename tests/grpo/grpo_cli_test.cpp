@@ -12,11 +12,9 @@
 namespace ptk {
 namespace {
 
-const char* kModelConfig = test::kTinyByteModelJson;
-
 std::string write_fixture(const test::TempDir& d) {
   tasks::write_byte_tokenizer(d.file("tok"));
-  d.write("model.json", kModelConfig);
+  d.write("model.json", test::kTinyByteModelJson);
   std::string prompts;
   for (int i = 0; i < 8; ++i)
     prompts += "{\"prompt\": [{\"role\": \"user\", \"content\": \"What is " + std::to_string(i) + " + 3?\"}], "

@@ -40,8 +40,6 @@
 namespace ptk::rl {
 namespace {
 
-const char* kModelConfig = test::kTinyByteModelJson;
-
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 // The tiny random Qwen2 (untied LM head) with a fixed logit bonus on <|im_end|> (the stop token)
@@ -52,10 +50,10 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 // ~0.02 each), so dimension 0 of the final hidden state is large (~3.8) at every position, and column
 // 0 of the LM head is 0 except for the raised tokens.
 void write_biased_model(const std::string& dir, const std::string& tokenizer_dir) {
-  std::string cfg = kModelConfig;
+  std::string cfg = test::kTinyByteModelJson;
   const std::string tied = "\"tie_word_embeddings\": true";
   cfg.replace(cfg.find(tied), tied.size(), "\"tie_word_embeddings\": false");
-  auto m = model::Qwen2Model::from_config(checkpoint::parse_config(cfg, "kModelConfig"), 7);
+  auto m = model::Qwen2Model::from_config(checkpoint::parse_config(cfg, "kTinyByteModelJson"), 7);
   torch::NoGradGuard ng;
   for (auto& [name, t] : m.named_parameters()) {
     if (name == "model.embed_tokens.weight") t.select(1, 0).fill_(0.1);

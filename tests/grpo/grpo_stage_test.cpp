@@ -30,14 +30,12 @@
 namespace ptk::rl {
 namespace {
 
-const char* kModelConfig = test::kTinyByteModelJson;
-
 // A fixture folder: tokenizer, model config, 12 training and 4 eval prompts.
 struct Fixture {
   test::TempDir d;
   Fixture() {
     tasks::write_byte_tokenizer(d.file("tok"));
-    d.write("model.json", kModelConfig);
+    d.write("model.json", test::kTinyByteModelJson);
     std::string train, eval;
     for (int i = 0; i < 12; ++i)
       train += "{\"prompt\": [{\"role\": \"user\", \"content\": \"What is " + std::to_string(i) + " + 1?\"}], "

@@ -25,9 +25,6 @@
 namespace ptk {
 namespace {
 
-// max_position_embeddings (256) covers the packed rows (max_seq_len 256).
-const char* kModel = test::kTinyByteModelJson;
-
 // fp32 tolerance for "the same parameters / metrics" (relative for the loss and grad_norm): the
 // splits and ranks add the same terms in another order (per-micro-batch partial sums, other padded
 // widths, per-rank gradient sums), which moved these parameters by <= 1.1e-6 after 4 steps. With the
@@ -44,7 +41,7 @@ class SftInvariants : public ::testing::Test {
     auto r = test::run(test::ptk_binary() + " make-data arithmetic --out " + d_.file("data") +
                        " --train 128 --eval 4 --tokenizer bytes");
     ASSERT_EQ(r.exit_code, 0) << r.out;
-    d_.write("model.json", kModel);
+    d_.write("model.json", test::kTinyByteModelJson);  // 256 positions: the packed rows' max_seq_len
     // 64 prompt/completion records whose prompt (not a target) and completion (targets) lengths vary
     // independently, 17-67 target tokens each: micro-batches of the same step hold very different
     // target counts, which is where per-micro-batch normalization would show.

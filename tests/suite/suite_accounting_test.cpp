@@ -31,7 +31,7 @@ struct ChildRun {
 };
 
 ChildRun run_child(const test::TempDir& d, const std::string& filter, const std::string& require) {
-  const std::string dir = d.file("results-" + std::to_string(std::hash<std::string>()(filter + require)));
+  const std::string dir = d.file("results");  // one child per test (and TempDir)
   auto c = test::spawn_worker(filter, {"PTK_TEST_RESULTS_DIR=" + dir, "PTK_REQUIRE=" + require}, d.file("log"));
   int rc = test::wait_child(c, 60);
   return {rc, slurp(d.file("log")), slurp(dir + "/suite_accounting_test.tsv")};
