@@ -24,6 +24,7 @@
 #include "core/util/fs.h"
 #include "core/util/json.h"
 #include "tests/support/test_util.h"
+#include "tests/support/text.h"
 
 namespace ptk {
 namespace {
@@ -73,11 +74,7 @@ std::vector<Shipped> shipped_recipes() {
   return out;
 }
 
-size_t count(const std::string& s, const std::string& what) {
-  size_t n = 0;
-  for (size_t p = s.find(what); p != std::string::npos; p = s.find(what, p + 1)) ++n;
-  return n;
-}
+using test::count;
 
 // Commands run in a scratch folder that sees the repository's recipes/ (a link): recipe paths are
 // relative to the folder ptk runs in, and a dry run may create runs/ there.

@@ -16,6 +16,7 @@
 #include "core/util/fs.h"
 #include "core/util/json.h"
 #include "tests/support/test_util.h"
+#include "tests/support/text.h"
 
 namespace ptk {
 namespace {
@@ -26,11 +27,7 @@ const char* kModel = R"({"architectures": ["Qwen2ForCausalLM"], "model_type": "q
   "hidden_act": "silu", "initializer_range": 0.02, "tie_word_embeddings": true, "use_sliding_window": false,
   "eos_token_id": 258, "pad_token_id": 256})";
 
-size_t count(const std::string& s, const std::string& what) {
-  size_t n = 0;
-  for (size_t p = s.find(what); p != std::string::npos; p = s.find(what, p + 1)) ++n;
-  return n;
-}
+using test::count;
 
 size_t lines_of(const std::string& path) {
   std::istringstream in(read_file(path));

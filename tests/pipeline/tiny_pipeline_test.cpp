@@ -13,17 +13,14 @@
 #include "core/util/fs.h"
 #include "core/util/json.h"
 #include "tests/support/test_util.h"
+#include "tests/support/text.h"
 
 namespace ptk {
 namespace {
 
 namespace fs = std::filesystem;
 
-size_t count(const std::string& s, const std::string& what) {
-  size_t n = 0;
-  for (size_t p = s.find(what); p != std::string::npos; p = s.find(what, p + 1)) ++n;
-  return n;
-}
+using test::count;
 
 // The steps metrics.jsonl has lines for (each line one step; eval figures join their step's line).
 std::vector<int64_t> logged_steps(const std::string& path) {
