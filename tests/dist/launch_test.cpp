@@ -76,20 +76,21 @@ TEST(Launch, ForwardsSigterm) {
   EXPECT_NE(log.find("[rank 1] got TERM"), std::string::npos) << log;
 }
 
-// Real Gloo ranks rendezvous through launch's environment (comm_test's rank body, built beside this test;
-// PTK_TEST_CHILD=1 lets its *Worker suite run and the empty results folder keeps its cases out of the
-// suite's count, tests/support/test_main.cpp).
+// Real Gloo ranks rendezvous through launch's environment (comm_test's rank body, built beside this
+// test, run as a child of a test: spawn.h's child_env()).
 TEST(Launch, StartsGlooRanksThatRendezvous) {
   std::string exe = test::self_exe();
   std::string comm_test = exe.substr(0, exe.rfind('/')) + "/comm_test";
   ASSERT_TRUE(path_exists(comm_test)) << comm_test;
-  auto r = test::run("PTK_TEST_CHILD=1 PTK_TEST_RESULTS_DIR= PTK_DIST_SCENARIO=collectives PTK_DIST_TIMEOUT=60 " + test::ptk_binary() +
+  std::string child;
+  for (const auto& kv : test::child_env()) child += kv + " ";
+  auto r = test::run(child + "PTK_DIST_SCENARIO=collectives PTK_DIST_TIMEOUT=60 " + test::ptk_binary() +
                      " launch -n 2 -- " + comm_test + " --gtest_filter=DistWorker.Main");
   EXPECT_EQ(r.exit_code, 0) << r.out;
   EXPECT_NE(r.out.find("[rank 0] [       OK ] DistWorker.Main"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("[rank 1] [       OK ] DistWorker.Main"), std::string::npos) << r.out;
   // Rank 1 dies (exit 3) mid-run: launch reports it and exits with its status.
-  auto f = test::run("PTK_TEST_CHILD=1 PTK_TEST_RESULTS_DIR= PTK_DIST_SCENARIO=peer_dies PTK_DIST_TIMEOUT=20 " + test::ptk_binary() +
+  auto f = test::run(child + "PTK_DIST_SCENARIO=peer_dies PTK_DIST_TIMEOUT=20 " + test::ptk_binary() +
                      " launch -n 2 -- " + comm_test + " --gtest_filter=DistWorker.Main");
   EXPECT_EQ(f.exit_code, 3) << f.out;
   EXPECT_NE(f.out.find("rank 1 exited with status 3"), std::string::npos) << f.out;

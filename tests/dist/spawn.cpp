@@ -72,14 +72,16 @@ Child spawn(const std::vector<std::string>& argv, const std::vector<std::string>
   return Child{pid, log};
 }
 
+std::vector<std::string> child_env() { return {"PTK_TEST_CHILD=1", "PTK_TEST_RESULTS_DIR="}; }
+
 Child spawn_worker(const std::string& filter, const std::vector<std::string>& env, const std::string& log) {
-  // test_main runs *Worker suites only with PTK_TEST_CHILD; a child's cases are not the suite's own
-  // (no results file) unless `env` names a PTK_TEST_RESULTS_DIR itself.
   std::vector<std::string> with = env;
-  with.push_back("PTK_TEST_CHILD=1");
-  bool results = false;
-  for (auto& kv : env) results |= kv.rfind("PTK_TEST_RESULTS_DIR=", 0) == 0;
-  if (!results) with.push_back("PTK_TEST_RESULTS_DIR=");
+  for (const auto& kv : child_env()) {
+    const std::string name = kv.substr(0, kv.find('=') + 1);
+    bool given = false;
+    for (auto& e : env) given |= e.rfind(name, 0) == 0;
+    if (!given) with.push_back(kv);
+  }
   return spawn({self_exe(), "--gtest_filter=" + filter}, with, log);
 }
 

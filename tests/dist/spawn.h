@@ -20,7 +20,12 @@ struct Child {
 };
 // fork + exec `argv` with the current environment plus `env` (NAME=VALUE entries).
 Child spawn(const std::vector<std::string>& argv, const std::vector<std::string>& env, const std::string& log);
-// Runs this binary's test `filter` (e.g. "DistWorker.Main") as a child: how tests start ranks.
+// What makes a run of a test binary a child of another test (NAME=VALUE entries): tests/support/
+// test_main.cpp runs its *Worker suites (PTK_TEST_CHILD) and it writes no results file of its own
+// (an empty PTK_TEST_RESULTS_DIR), its cases being the parent's.
+std::vector<std::string> child_env();
+// Runs this binary's test `filter` (e.g. "DistWorker.Main") as a child (child_env(), unless `env`
+// names its own PTK_TEST_RESULTS_DIR): how tests start ranks.
 Child spawn_worker(const std::string& filter, const std::vector<std::string>& env, const std::string& log);
 // Waits up to timeout_s; returns the exit code, 128+signal when killed by a signal, or -1 after
 // killing a child that overran the deadline.
