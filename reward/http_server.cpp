@@ -370,10 +370,10 @@ struct Server::Impl {
       if (static_cast<int64_t>(conns.size()) >= opt.max_connections && !evict_idle()) {
         static const std::string kBusy =
             serialize(Server::error(503, "the server has its maximum of connections open; retry shortly"), true);
+        ++st_refused;  // before the answer: a client that has its 503 finds it counted (stats, /metrics)
         ssize_t n = ::send(fd, kBusy.data(), kBusy.size(), MSG_NOSIGNAL);
         (void)n;
         ::close(fd);
-        ++st_refused;
         continue;
       }
       int one = 1;
