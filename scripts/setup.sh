@@ -5,7 +5,8 @@
 #     Python's venv module;
 #  2. a project-local virtual environment, .venv/, with the pinned packages of requirements.txt:
 #     torch==2.11.0 (CUDA 13), whose libtorch is the one LibTorch ptk builds against and links, and the
-#     Python references tests and benchmarks compare against (tokenizers, transformers);
+#     Python references tests and benchmarks compare against (tokenizers, transformers, trl, OpenRLHF's
+#     client from requirements-nodeps.txt, installed without its dependencies);
 #  3. the Qwen tokenizer files where recipes find them by default (assets/tokenizers/qwen/), copied
 #     from ../shared/tokenizers/qwen when that folder is there.
 # No CUDA toolkit is needed: ptk has no .cu files, and the CUDA headers its GPU code paths compile
@@ -43,10 +44,12 @@ if [ ! -x .venv/bin/python3 ]; then
   echo "setup: creating .venv with $($PY --version 2>&1) ($(command -v "$PY"))"
   "$PY" -m venv .venv
 fi
-if ! cmp -s requirements.txt .venv/ptk-requirements.txt; then
+if ! cmp -s requirements.txt .venv/ptk-requirements.txt || ! cmp -s requirements-nodeps.txt .venv/ptk-requirements-nodeps.txt; then
   echo "setup: pip install -r requirements.txt into .venv (torch 2.11.0 with CUDA 13 is ~3 GB with its NVIDIA libraries)"
   .venv/bin/python3 -m pip install --quiet --disable-pip-version-check -r requirements.txt
+  .venv/bin/python3 -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
   cp requirements.txt .venv/ptk-requirements.txt
+  cp requirements-nodeps.txt .venv/ptk-requirements-nodeps.txt
 else
   echo "setup: .venv matches requirements.txt"
 fi

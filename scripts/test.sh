@@ -14,6 +14,9 @@ build=${PTK_BUILD_DIR:-build}
 if [ -z "${PTK_REQUIRE+set}" ]; then
   req=()
   [ -x .venv/bin/python3 ] && req+=(venv)
+  # The peers of tests/reference (trl, transformers, OpenRLHF's client), once set-up installed the pins.
+  cmp -s requirements.txt .venv/ptk-requirements.txt && cmp -s requirements-nodeps.txt .venv/ptk-requirements-nodeps.txt \
+    && req+=(peers)
   [ -f assets/tokenizers/qwen/tokenizer.json ] && req+=(qwen-tokenizer)
   [ -f ../shared/DESIGN.md ] && req+=(shared)
   grep -qw avx512f /proc/cpuinfo 2>/dev/null && req+=(avx512)

@@ -137,7 +137,8 @@ Qwen2Config parse_config(const std::string& json_text, const std::string& origin
   r.number("attention_dropout", &c.attention_dropout);
   r.opt_int("bos_token_id", &c.bos_token_id);
   r.opt_int("pad_token_id", &c.pad_token_id);
-  r.string("torch_dtype", &c.torch_dtype);
+  r.string("dtype", &c.torch_dtype);        // transformers 5.x
+  r.string("torch_dtype", &c.torch_dtype);  // transformers 4.x (5.x reads it too)
   if (auto* e = r.get("eos_token_id")) {
     if (e->IsInt64()) {
       c.eos_token_ids.push_back(e->GetInt64());
@@ -185,30 +186,40 @@ Qwen2Config parse_config(const std::string& json_text, const std::string& origin
   if (!(c.rms_norm_eps > 0)) r.bad("rms_norm_eps", "positive");
   if (!(c.rope_theta > 0)) r.bad("rope_theta", "positive");
 
-  if (auto* rs = r.get("rope_scaling")) {
-    if (!rs->IsObject()) r.bad("rope_scaling", "an object or null");
-    Reader s{*rs, origin};
+  // RoPE scaling: transformers 4.x writes rope_scaling {"type" | "rope_type", ...} beside a top-level
+  // rope_theta; transformers 5.x writes rope_parameters {"rope_type", "rope_theta", ...} instead (and
+  // reads the older keys into it). Both are read; rope_parameters wins where both are present.
+  auto read_rope = [&](const rapidjson::Value& v, const std::string& key) {
+    if (!v.IsObject()) r.bad(key.c_str(), "an object or null");
+    Reader s{v, origin};
+    if (key == "rope_parameters") {
+      s.number("rope_theta", &c.rope_theta);
+      if (!(c.rope_theta > 0)) r.bad("rope_parameters.rope_theta", "positive");
+    }
     RopeScaling y;
     s.string("type", &y.type);
     s.string("rope_type", &y.type);  // newer transformers spell it rope_type
     if (y.type == "default") {
       // transformers >= 4.45 may write {"rope_type": "default"}: plain RoPE.
+      c.rope_scaling.reset();
     } else if (y.type != "yarn") {
-      throw Error(origin + ": rope_scaling type \"" + y.type + "\" is not supported; ptk implements \"yarn\" "
-                  "(Qwen2.5's long-context setting).\n---> HINT: remove rope_scaling to run at the native context.");
+      throw Error(origin + ": " + key + " type \"" + y.type + "\" is not supported; ptk implements \"yarn\" "
+                  "(Qwen2.5's long-context setting).\n---> HINT: remove " + key + " to run at the native context.");
     } else {
       s.number("factor", &y.factor);
-      if (!(y.factor >= 1.0)) s.bad("rope_scaling.factor", ">= 1");
+      if (!(y.factor >= 1.0)) s.bad((key + ".factor").c_str(), ">= 1");
       s.int64("original_max_position_embeddings", &y.original_max_position_embeddings);
       if (auto* af = s.get("attention_factor")) {
-        if (!af->IsNumber()) s.bad("rope_scaling.attention_factor", "a number");
+        if (!af->IsNumber()) s.bad((key + ".attention_factor").c_str(), "a number");
         y.attention_factor = af->GetDouble();
       }
       s.number("beta_fast", &y.beta_fast);
       s.number("beta_slow", &y.beta_slow);
       c.rope_scaling = y;
     }
-  }
+  };
+  if (auto* rs = r.get("rope_scaling")) read_rope(*rs, "rope_scaling");
+  if (auto* rp = r.get("rope_parameters")) read_rope(*rp, "rope_parameters");
   return c;
 }
 
@@ -249,6 +260,12 @@ std::string config_to_json(const Qwen2Config& c) {
   set(d, "initializer_range", Value(c.initializer_range));
   set(d, "rms_norm_eps", Value(c.rms_norm_eps));
   set(d, "rope_theta", Value(c.rope_theta));
+  if (auto rp = d.FindMember("rope_parameters"); rp != d.MemberEnd() && rp->value.IsObject()) {
+    // transformers 5.x reads rope_theta from here first
+    auto th = rp->value.FindMember("rope_theta");
+    if (th != rp->value.MemberEnd()) th->value = Value(c.rope_theta);
+    else rp->value.AddMember("rope_theta", Value(c.rope_theta), a);
+  }
   set(d, "use_cache", Value(c.use_cache));
   set(d, "tie_word_embeddings", Value(c.tie_word_embeddings));
   set(d, "use_sliding_window", Value(c.use_sliding_window));
@@ -256,6 +273,7 @@ std::string config_to_json(const Qwen2Config& c) {
   set(d, "max_window_layers", Value(c.max_window_layers));
   set(d, "attention_dropout", Value(c.attention_dropout));
   set(d, "torch_dtype", str(c.torch_dtype));
+  if (d.HasMember("dtype")) set(d, "dtype", str(c.torch_dtype));  // transformers 5.x reads dtype first
   if (c.bos_token_id) set(d, "bos_token_id", Value(*c.bos_token_id));
   if (c.pad_token_id) set(d, "pad_token_id", Value(*c.pad_token_id));
   if (c.eos_token_ids.size() == 1) {
