@@ -218,6 +218,36 @@ TEST(HfConfig, EveryFieldAndRefusals) {
   EXPECT_EQ(round.rope_scaling->factor, 4.0);
 }
 
+// transformers 5.x writes rope_theta (and any scaling) inside rope_parameters, and dtype instead of
+// torch_dtype: a folder it saved must run RoPE at its own theta, not the 1e4 default (which the
+// reference suite's first test caught: logits drifting with position).
+TEST(HfConfig, Transformers5RopeParametersAndDtype) {
+  auto c = parse_config(R"({"rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+                            "dtype": "bfloat16"})", "c");
+  EXPECT_EQ(c.rope_theta, 1e6);
+  EXPECT_FALSE(c.rope_scaling);
+  EXPECT_EQ(c.torch_dtype, "bfloat16");
+  auto y = parse_config(R"({"rope_theta": 10000.0, "rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                            "original_max_position_embeddings": 32768, "rope_theta": 500000.0}})", "c");
+  EXPECT_EQ(y.rope_theta, 5e5);  // rope_parameters wins, as in transformers 5
+  ASSERT_TRUE(y.rope_scaling);
+  EXPECT_EQ(y.rope_scaling->factor, 4.0);
+  EXPECT_EQ(y.rope_scaling->original_max_position_embeddings, 32768);
+  // Writing keeps both spellings consistent for either transformers major version.
+  c.rope_theta = 2e6;
+  c.torch_dtype = "float32";
+  auto round = parse_config(config_to_json(c), "c");
+  EXPECT_EQ(round.rope_theta, 2e6);
+  EXPECT_EQ(round.torch_dtype, "float32");
+  EXPECT_NE(config_to_json(c).find("\"dtype\": \"float32\""), std::string::npos) << config_to_json(c);
+  try {
+    parse_config(R"({"rope_parameters": {"rope_type": "linear", "factor": 2.0}})", "config.json");
+    ADD_FAILURE() << "linear RoPE scaling accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("rope_parameters type \"linear\""), std::string::npos) << e.what();
+  }
+}
+
 // ---- hostile files ------------------------------------------------------------------------------
 
 std::string with_header(const std::string& json, size_t data_bytes, uint64_t claimed_len = UINT64_MAX) {
