@@ -120,6 +120,7 @@ DpoLossOutput dpo_loss(const DpoPairLogps& p, const DpoLossOptions& o) {
   check_pairs(p.ref_rejected, "ref_rejected", P, where);
   check_pairs(p.chosen_tokens, "chosen_tokens", P, where);
   check_pairs(p.rejected_tokens, "rejected_tokens", P, where);
+  if (p.policy_chosen_plain.defined()) check_pairs(p.policy_chosen_plain, "policy_chosen_plain", P, where);
 
   const double beta = o.beta, eps = o.label_smoothing;
   const auto dt = p.policy_chosen.scalar_type();
@@ -141,8 +142,10 @@ DpoLossOutput dpo_loss(const DpoPairLogps& p, const DpoLossOptions& o) {
         l = ((1.0 - eps) * neg_logsigmoid(beta * delta) - eps * neg_logsigmoid(-beta * delta)) / (1.0 - 2.0 * eps);
         break;
       case DpoLossType::kSft: {
-        // One token mean over the micro-batch's chosen targets, shared by every pair.
-        at::Tensor nll = -p.policy_chosen.sum() / p.chosen_tokens.to(dt).sum().clamp_min(1);
+        // One token mean over the micro-batch's chosen targets, shared by every pair; never LD-mixed
+        // (TRL's sft term averages the per-token log-probs themselves).
+        const at::Tensor& chosen = p.policy_chosen_plain.defined() ? p.policy_chosen_plain : p.policy_chosen;
+        at::Tensor nll = -chosen.sum() / p.chosen_tokens.to(dt).sum().clamp_min(1);
         l = nll.expand({P});
         break;
       }

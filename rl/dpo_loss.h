@@ -27,8 +27,9 @@ using NamedValues = std::vector<std::pair<std::string, double>>;  // metric name
 // completion_mask (R, T): 1 on completion targets. Rows are B chosen then B rejected (R = 2B).
 // Returns (R) sums s(y) = Σ_t c_t ℓ_t. With ld_alpha = α (LD-DPO): s = Σ_shared + α Σ_tail, the shared
 // part being the first min(n⁺, n⁻) completion targets of the pair (counted along the mask).
-// TRL applies ld_alpha to the policy only: call it with ld_alpha for the policy, without for the
-// reference.
+// TRL (since its DPO refactor, PR #3906) mixes the policy's AND the reference's sums with ld_alpha, so
+// the log-ratios compare the same weighted tokens (0 when policy == reference); the sft term alone
+// keeps the plain token mean.
 at::Tensor dpo_sequence_logps(const at::Tensor& token_logps, const at::Tensor& completion_mask,
                               std::optional<double> ld_alpha = std::nullopt);
 
@@ -62,12 +63,15 @@ std::vector<std::string> dpo_validate(const DpoLossOptions& options);
 
 // One micro-batch of P pairs. All (P); log-probs are completion sums (dpo_sequence_logps).
 struct DpoPairLogps {
-  at::Tensor policy_chosen;    // (P) s_θ(y⁺), differentiable
+  at::Tensor policy_chosen;    // (P) s_θ(y⁺) (LD-DPO mix with ld_alpha), differentiable
   at::Tensor policy_rejected;  // (P) s_θ(y⁻), differentiable
   at::Tensor ref_chosen;       // (P) s_ref(y⁺), no gradient (precomputed or computed live)
   at::Tensor ref_rejected;     // (P) s_ref(y⁻)
   at::Tensor chosen_tokens;    // (P) n⁺: completion-mask sums (ipo, sigmoid_norm, sft)
   at::Tensor rejected_tokens;  // (P) n⁻
+  // (P) plain sums Σ_t c_t ℓ_t of the chosen replies, differentiable, for the sft term when
+  // policy_chosen holds an LD-DPO mix; undefined = policy_chosen.
+  at::Tensor policy_chosen_plain = at::Tensor();
 };
 
 struct DpoLossOutput {

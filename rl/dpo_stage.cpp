@@ -42,7 +42,8 @@ void DpoSection::visit(config::Visitor& v) {
   v.opt(simpo_gamma, "simpo_gamma", 0.5, "cpo simpo: target reward margin gamma");
   v.opt(cpo_alpha, "cpo_alpha", 1.0, "cpo: weight of the chosen NLL; 1.0 = CPO-SimPO, 0.0 = pure SimPO");
   v.opt(ld_alpha, "ld_alpha", 1.0,
-        "dpo: LD-DPO weight in [0, 1] of the reply tokens past the shorter reply (policy only); 1.0 = plain sums");
+        "dpo: LD-DPO weight in [0, 1] of the reply tokens past the shorter reply, in the policy's and the reference's sums "
+        "(not the sft term's); 1.0 = plain sums");
   v.opt(ref_path, "ref_path", "",
         "dpo: HF folder of the frozen reference; \"\" = model.path (the policy's starting point)");
   v.opt(precompute_ref_log_probs, "precompute_ref_log_probs", true,
@@ -160,6 +161,7 @@ SequenceScores sequence_scores(const model::Qwen2Model& m, const PairBatch& b, s
 
   SequenceScores s;
   s.logps = dpo_sequence_logps(tok, b.completion_mask, ld_alpha);  // (R)
+  s.plain_logps = ld_alpha ? dpo_sequence_logps(tok, b.completion_mask) : s.logps;
   torch::NoGradGuard ng;
   at::Tensor chosen = tgt.div(T, "floor").lt(P);  // (N) target belongs to a chosen row
   s.entropy_sum = lp.entropy.detach().to(torch::kFloat64).sum().item<double>();
@@ -182,7 +184,7 @@ SequenceScores sequence_scores(const model::Qwen2Model& m, const PairBatch& b, s
 }
 
 at::Tensor compute_ref_logps(const model::Qwen2Model& reference, const data::PreparedSet& set, int32_t pad_id,
-                             int64_t batch_size) {
+                             int64_t batch_size, std::optional<double> ld_alpha) {
   torch::NoGradGuard ng;
   const int64_t rows = set.num_rows();
   at::Tensor out = torch::empty({rows, 2}, torch::kFloat32);  // (rows, 2) [chosen, rejected]
@@ -192,7 +194,7 @@ at::Tensor compute_ref_logps(const model::Qwen2Model& reference, const data::Pre
     for (int64_t i = s; i < std::min(rows, s + batch_size); ++i) ids.push_back(i);
     const int64_t P = static_cast<int64_t>(ids.size());
     PairBatch b = make_pair_batch(data::make_preference_batch(set, ids), ids, pad_id);
-    at::Tensor lp = sequence_scores(reference, b, std::nullopt).logps;  // (2P)
+    at::Tensor lp = sequence_scores(reference, b, ld_alpha).logps;  // (2P)
     out.slice(0, s, s + P).copy_(torch::stack({lp.slice(0, 0, P), lp.slice(0, P)}, 1));
     progress.update(s + P);
   }
@@ -336,9 +338,12 @@ struct DpoStage::Impl {
   }
 
   // The cache of one split's reference log-probs: reused when its key (reference checkpoint, data
-  // fingerprint, format version) matches, else computed and written (rank 0) atomically.
+  // fingerprint, dpo.ld_alpha, format version) matches, else computed and written (rank 0) atomically.
   at::Tensor cached_ref_logps(const data::PreparedSet& set, const std::string& split) {
-    std::string material = "ptk-dpo-ref-logps-v1\n" + ref_identity + "data " + set.fingerprint() + "\n";
+    // v2: the sums are LD-DPO mixed with dpo.ld_alpha (v1 caches were always plain sums).
+    char ld[32];
+    std::snprintf(ld, sizeof ld, "%.17g", r.dpo.ld_alpha);
+    std::string material = "ptk-dpo-ref-logps-v2\n" + ref_identity + "data " + set.fingerprint() + "\nld_alpha " + ld + "\n";
     std::string key = data::sha256_hex(material.data(), material.size());
     std::string path = parent_dir(set.dir()) + "/" + split + "-ref_logps-" + key.substr(0, 16) + ".safetensors";
     if (split == "train") ref_cache = path;
@@ -349,7 +354,7 @@ struct DpoStage::Impl {
         load_reference();
         log::info("dpo: computing reference log-probs of " + std::to_string(set.num_rows()) + " " + split +
                   " pairs (once; cached in " + path + ")");
-        t = compute_ref_logps(reference, set, pad_id, r.dpo.precompute_ref_batch_size);
+        t = compute_ref_logps(reference, set, pad_id, r.dpo.precompute_ref_batch_size, r.dpo.ld());
         std::string tmp = path + ".tmp-" + std::to_string(::getpid());
         try {
           checkpoint::write_safetensors(tmp, {{"ref_logps", t}},
@@ -408,7 +413,7 @@ struct DpoStage::Impl {
       return all.index_select(0, torch::tensor(b.rows, torch::kInt64));
     }
     torch::NoGradGuard ng;
-    at::Tensor lp = sequence_scores(reference, b, std::nullopt).logps;  // (2P)
+    at::Tensor lp = sequence_scores(reference, b, r.dpo.ld()).logps;  // (2P), LD-mixed as the policy's
     const int64_t P = lp.size(0) / 2;
     return torch::stack({lp.slice(0, 0, P), lp.slice(0, P)}, 1);
   }
@@ -434,7 +439,8 @@ struct DpoStage::Impl {
       c.ratios.push_back({"nll_loss", o.nll.item<double>(), 1.0});
     } else {
       at::Tensor ref = ref_for(b, is_eval);  // (P, 2)
-      DpoLossOutput o = dpo_loss({pc, pr, ref.select(1, 0), ref.select(1, 1), nc, nr}, r.dpo.dpo_options());
+      DpoLossOutput o = dpo_loss({pc, pr, ref.select(1, 0), ref.select(1, 1), nc, nr, sc.plain_logps.slice(0, 0, P)},
+                                 r.dpo.dpo_options());
       c.loss = o.loss;
       sums = pair_metric_sums(o.chosen_rewards, o.rejected_rewards, pc, pr);
       c.ratios = pair_ratios(sums, sc);

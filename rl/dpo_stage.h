@@ -72,6 +72,7 @@ PairBatch make_pair_batch(const std::vector<data::PairView>& pairs, std::vector<
 // A model's sequence log-probs on a PairBatch through the fused op, plus the metric numerators.
 struct SequenceScores {
   at::Tensor logps;            // (2P) float32 s(y): completion sums (LD-DPO mix when ld_alpha), with grad if the model has
+  at::Tensor plain_logps;      // (2P) the plain sums (= logps without ld_alpha): the sft term's
   double entropy_sum = 0;      // Σ H over every completion target (chosen and rejected)
   double targets = 0;          // number of completion targets
   double chosen_correct = 0;   // argmax hits on chosen targets
@@ -85,9 +86,9 @@ SequenceScores sequence_scores(const model::Qwen2Model& model, const PairBatch& 
                                std::optional<double> ld_alpha, bool cpo_logits = false, bool checkpointed = false);
 
 // Reference log-probs of every row of `set`: (rows, 2) float32 [s_ref(y⁺), s_ref(y⁻)], batches of
-// `batch_size` pairs in stored order, no gradient.
+// `batch_size` pairs in stored order, no gradient; LD-DPO mixed with `ld_alpha` as the policy's are.
 at::Tensor compute_ref_logps(const model::Qwen2Model& reference, const data::PreparedSet& set, int32_t pad_id,
-                             int64_t batch_size);
+                             int64_t batch_size, std::optional<double> ld_alpha = std::nullopt);
 
 // The stage. Threading: one owner (the Trainer's thread).
 class DpoStage : public train::Stage {

@@ -188,7 +188,7 @@ TEST(DpoGradcheck, WeightedListSigmoidNormAndSftUntiedHead) {
               false});
 }
 
-TEST(DpoGradcheck, LdDpoPolicyOnlyLengthWeighting) {
+TEST(DpoGradcheck, LdDpoLengthWeighting) {
   check_case({"ld_alpha", {"dpo.loss_type=\"sigmoid\"", "dpo.beta=0.5", "dpo.ld_alpha=0.5",
                            "dpo.precompute_ref_log_probs=false"}});
 }

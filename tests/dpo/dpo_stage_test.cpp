@@ -180,7 +180,7 @@ TEST(DpoStage, OneBatchEqualsSeparatePasses) {
     at::Tensor j = joint.logps.slice(0, half * P, (half + 1) * P);
     EXPECT_LT((sep - j).abs().max().item<double>(), 1e-5) << "half " << half << "\n" << sep << "\n" << j;
   }
-  // LD-DPO in the stage: the policy sums mix the tail with ld_alpha, the reference's never do.
+  // LD-DPO in the stage: ld_alpha mixes the tail into the sums (the policy's and the reference's).
   SequenceScores ld = sequence_scores(stage.policy(), b, 0.5);
   EXPECT_FALSE(torch::allclose(ld.logps, joint.logps));
 }

@@ -107,6 +107,24 @@ TEST(DpoLoss, EveryLossTypeMatchesFormulas) {
   EXPECT_NEAR(dpo_loss(p, opts({"sigmoid"}, {}, 0.1)).loss.item<double>(), 0.686203, sig6(0.686203));
 }
 
+// LD-DPO: the preference terms take the mixed sums (the stage mixes the reference's too), the sft
+// term the plain ones (TRL: a token mean of the per-token log-probs), found by
+// tests/reference/dpo_reference_test.py.
+TEST(DpoLoss, SftTermIgnoresTheLdDpoMix) {
+  Example e;
+  DpoPairLogps p = e.pairs();
+  DpoPairLogps ld = p;
+  at::Tensor mixed = dpo_sequence_logps(e.policy, e.mask, 0.5);  // chosen (3, 4 tokens) vs rejected (2, 3)
+  ld.policy_chosen = mixed.slice(0, 0, 2);
+  ld.policy_rejected = mixed.slice(0, 2);
+  ld.policy_chosen_plain = p.policy_chosen;
+  EXPECT_NEAR(dpo_loss(ld, opts({"sft"})).loss.item<double>(), 0.828571, sig6(0.828571));
+  // Without the plain sums the mixed ones stand in: pair 1 loses half its last token (−0.15), pair 2
+  // half its 4th (−0.5): (1.65 + 3.5)/7 = 0.735714.
+  ld.policy_chosen_plain = at::Tensor();
+  EXPECT_NEAR(dpo_loss(ld, opts({"sft"})).loss.item<double>(), 0.735714, sig6(0.735714));
+}
+
 TEST(DpoLoss, Metrics) {
   Example ex;
   auto p = ex.pairs();
