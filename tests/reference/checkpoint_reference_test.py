@@ -6,10 +6,8 @@
     final/ with no missing or unexpected weights, AutoTokenizer loads its tokenizer, and `ptk forward`
     gives transformers' logits (scores) on a batch with left- and right-padded rows. Each final/ must differ from
     the start model, so the comparison is of what ptk trained and wrote, not of the input re-read.
-    Also `model.dtype=bfloat16`: final/ is a bf16 folder transformers reads as bf16.
-    Sharded writes: ptk shards only past SaveOptions::max_shard_bytes, fixed at transformers' default
-    5 GB and not exposed in recipes, so a tiny model is always one model.safetensors: no sharded folder
-    written by ptk is checked here (core/checkpoint's C++ test covers the index format it writes).
+    Also `model.dtype=bfloat16` with `checkpoint.max_shard_size=20KB`: final/ is a sharded bf16 folder
+    (model-0000i-of-0000n.safetensors + model.safetensors.index.json) transformers reads as bf16.
 (b) ptk reads what transformers writes: sharded (max_shard_size) and single-file, fp32 and bf16, tied
     and untied embeddings; `ptk forward` logits equal transformers'.
 (c) transformers' greedy generate (left padding, do_sample=False, eos from final/'s
@@ -172,13 +170,29 @@ class StageFinalFoldersLoadInTransformers(_Base):
         self.assertTrue(json.loads((final / "config.json").read_text())["tie_word_embeddings"])
         self.check_causal(final, start)
 
-    def test_sft_final_bfloat16(self):
+    def test_sft_final_bfloat16_sharded(self):
         start = ptkref.tiny_qwen2(self.tmp / "start", self.tok, seed=2, tie=False)
         train = ptkref.write_jsonl(self.tmp / "sft.jsonl", SFT_ROWS)
-        final = run_stage(self.tmp, "sft", recipe(self.tmp / "sft", start, train, 3, model={"dtype": "bfloat16"}))
+        limit = 20000  # "20KB": transformers' units (KB = 1000 bytes); the embeddings alone are 25.8 kB in bf16
+        final = run_stage(self.tmp, "sft", recipe(self.tmp / "sft", start, train, 3, model={"dtype": "bfloat16"},
+                                                  checkpoint={"max_shard_size": "20KB"}))
+        self.assertFalse((final / "model.safetensors").exists())
+        index = json.loads((final / "model.safetensors.index.json").read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        self.assertGreater(len(shards), 2)
+        self.assertEqual(shards, [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
         from safetensors import safe_open
-        with safe_open(str(final / "model.safetensors"), "pt") as f:
-            self.assertEqual({str(f.get_tensor(k).dtype) for k in f.keys()}, {"torch.bfloat16"})
+        total = 0
+        for name in shards:
+            with safe_open(str(final / name), "pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            self.assertEqual({index["weight_map"][k] for k in tensors}, {name}, "the index names each shard's tensors")
+            self.assertEqual({str(t.dtype) for t in tensors.values()}, {"torch.bfloat16"})
+            size = sum(t.numel() * t.element_size() for t in tensors.values())
+            total += size
+            # As save_pretrained: a shard stays within the limit unless one tensor alone is larger.
+            self.assertTrue(size <= limit or len(tensors) == 1, f"{name}: {size} bytes in {len(tensors)} tensors")
+        self.assertEqual(index["metadata"]["total_size"], total)
         self.check_causal(final, start, dtype="bfloat16")
 
     def test_dpo_final_untied(self):
