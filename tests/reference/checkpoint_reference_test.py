@@ -12,7 +12,9 @@
     and untied embeddings; `ptk forward` logits equal transformers'.
 (c) transformers' greedy generate (left padding, do_sample=False, eos from final/'s
     generation_config.json) on `ptk sft`'s final/ gives `ptk generate --temperature 0`'s ids, for prompts
-    of different lengths, some stopping at <|im_end|> and some at max_new_tokens.
+    of different lengths, some stopping at <|im_end|> and some at max_new_tokens. Pinned difference:
+    `ptk generate` never emits an id past the tokenizer's vocabulary (the padding rows of Qwen2.5's
+    151,936-row embedding); transformers does unless given suppress_tokens, which the comparison passes.
 
 Tolerances (fp32 on CPU): logits rtol 1e-5 + atol 1e-5 (the same weights and formulas; ptk's kernels
 sum in another order, which leaves ~1e-6 differences on |logits| ~ 0.1-1).
@@ -326,6 +328,48 @@ class GreedyGenerateMatchesTransformers(_Base):
             self.assertEqual(line["finish_reason"], "stop" if stop is not None else "length")
             self.assertEqual(line["text"], tok.decode(theirs, skip_special_tokens=True))
         self.assertEqual(reasons, {"stop", "length"}, "some prompts end at <|im_end|>, some at max_new_tokens")
+
+    def test_padded_vocabulary_rows_are_never_generated(self):
+        """Qwen2.5's embedding has 151,936 rows for 151,665 tokens; `ptk generate` never picks a row past
+        the tokenizer's vocabulary, which transformers' generate does unless told (suppress_tokens). With
+        those rows suppressed on the HF side, greedy ids are equal; without, a random model here picks
+        padding rows, which decode to nothing (1,024 padding rows here, so a random model does)."""
+        torch = self.torch
+        n_tok = ptkref.tokenizer_size(self.tok)
+        model_dir = ptkref.tiny_qwen2(self.tmp / "padded", self.tok, seed=21, tie=False, vocab_size=n_tok + 1024)
+        prompts = [[{"role": "user", "content": "What is 12 + 30?"}], [{"role": "user", "content": "hi"}],
+                   [{"role": "user", "content": "Paris is the capital of France; Berlin is the capital of"}]]
+        max_new = 16
+        src = ptkref.write_jsonl(self.tmp / "prompts.jsonl", [{"messages": m} for m in prompts])
+        out = self.tmp / "gen.jsonl"
+        ptkref.ptk("generate", "--threads", 1, "--model", model_dir, "--input", src, "--output", out,
+                   "--temperature", 0, "--max-new-tokens", max_new)
+        ours = [json.loads(l)["ids"] for l in out.read_text(encoding="utf-8").splitlines()]
+        tok = self.transformers.AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")
+        model = load_hf(model_dir)
+        enc = tok.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      padding=True, return_tensors="pt")
+        eos = {model.generation_config.eos_token_id}
+
+        def hf(**kw):
+            with torch.no_grad():
+                g = model.generate(**enc, do_sample=False, max_new_tokens=max_new, pad_token_id=tok.pad_token_id,
+                                   output_scores=True, return_dict_in_generate=True, **kw)
+            rows = []
+            for i, row in enumerate(g.sequences[:, enc["input_ids"].shape[1]:].tolist()):
+                stop = next((k for k, t in enumerate(row) if t in eos), None)
+                row = row[:stop + 1] if stop is not None else row
+                for k in range(len(row)):
+                    top2 = g.scores[k][i].topk(2).values
+                    self.assertGreater((top2[0] - top2[1]).item(), 1e-4, f"prompt {i}, token {k}: a near tie")
+                rows.append(row)
+            return rows
+
+        self.assertEqual(ours, hf(suppress_tokens=list(range(n_tok, n_tok + 1024))))
+        self.assertTrue(all(t < n_tok for r in ours for t in r))
+        unrestricted = hf()
+        self.assertTrue(any(t >= n_tok for r in unrestricted for t in r),
+                        "this random model picks padding rows when nothing stops it (else the test shows nothing)")
 
 
 if __name__ == "__main__":
