@@ -9,7 +9,8 @@
     Also `model.dtype=bfloat16` with `checkpoint.max_shard_size=20KB`: final/ is a sharded bf16 folder
     (model-0000i-of-0000n.safetensors + model.safetensors.index.json) transformers reads as bf16.
 (b) ptk reads what transformers writes: sharded (max_shard_size) and single-file, fp32 and bf16, tied
-    and untied embeddings; `ptk forward` logits equal transformers'.
+    and untied embeddings, YaRN RoPE scaling in transformers 5's rope_parameters and 4.x's rope_scaling;
+    `ptk forward` logits equal transformers'.
 (c) transformers' greedy generate (left padding, do_sample=False, eos from final/'s
     generation_config.json) on `ptk sft`'s final/ gives `ptk generate --temperature 0`'s ids, for prompts
     of different lengths, some stopping at <|im_end|> and some at max_new_tokens. Pinned difference:
@@ -20,6 +21,7 @@ Tolerances (fp32 on CPU): logits rtol 1e-5 + atol 1e-5 (the same weights and for
 sum in another order, which leaves ~1e-6 differences on |logits| ~ 0.1-1).
 """
 import json
+import shutil
 from pathlib import Path
 
 import ptkref
@@ -279,6 +281,48 @@ class TransformersFoldersLoadInPtk(_Base):
                             keys = json.loads(index.read_text())["weight_map"]
                             self.assertEqual("lm_head.weight" in keys, not tie)
                         self.compare(folder, dtype)
+
+    def test_yarn_rope_both_spellings(self):
+        """Qwen2.5's long-context setting (rope_scaling yarn, factor 4): transformers 5 writes it as
+        rope_parameters, 4.x folders as rope_scaling beside a top-level rope_theta; transformers 5.25
+        reads both, and so must ptk, with the same frequencies and attention factor."""
+        torch = self.torch
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        n_tok = ptkref.tokenizer_size(self.tok)
+        yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+        cfg = Qwen2Config(vocab_size=n_tok, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                          rms_norm_eps=1e-6, tie_word_embeddings=True, initializer_range=0.2,
+                          rope_parameters={"rope_theta": 10000.0, **yarn})  # 0.2: sharper attention than 0.02
+        torch.manual_seed(31)
+        model = Qwen2ForCausalLM(cfg).eval()
+        v5 = self.tmp / "yarn_v5"
+        model.save_pretrained(str(v5))
+        self.assertEqual(json.loads((v5 / "config.json").read_text())["rope_parameters"]["rope_type"], "yarn")
+        v4 = self.tmp / "yarn_v4"
+        shutil.copytree(v5, v4)
+        c = json.loads((v4 / "config.json").read_text())
+        del c["rope_parameters"]
+        c["rope_theta"] = 10000.0
+        c["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+        ptkref.write_json(v4 / "config.json", c)
+        # 40 tokens: past original_max_position_embeddings, where YaRN's interpolation matters most.
+        ids = [[(7 * i + 3) % n_tok for i in range(40)], [(11 * i + 5) % n_tok for i in range(40)]]
+        mask = [[1] * 40, [0] * 9 + [1] * 31]
+        plain = None
+        for folder in (v5, v4):
+            hf = load_hf(folder)
+            self.assertEqual(hf.config.rope_parameters["rope_type"], "yarn")
+            theirs = hf_logits(hf, ids, mask)
+            ours = ptk_forward(self.tmp, folder, ids, mask, folder.name)["logits"]
+            ptkref.assert_close(f"{folder.name} logits", masked(ours, mask), masked(theirs, mask), **TOL)
+            if plain is None:
+                cfg_plain = Qwen2Config(**{**cfg.to_dict(), "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}})
+                m = Qwen2ForCausalLM(cfg_plain).eval()
+                m.load_state_dict(model.state_dict())
+                plain = hf_logits(m, ids, mask)
+                self.assertGreater((masked(plain, mask) - masked(theirs, mask)).abs().max().item(), 1e-3,
+                                   "YaRN changes the logits (else the test shows nothing)")
 
 
 class GreedyGenerateMatchesTransformers(_Base):
