@@ -6,6 +6,8 @@
     final/ with no missing or unexpected weights, AutoTokenizer loads its tokenizer, and `ptk forward`
     gives transformers' logits (scores) on a batch with left- and right-padded rows. Each final/ must differ from
     the start model, so the comparison is of what ptk trained and wrote, not of the input re-read.
+    The RM batch includes rows that end in <|endoftext|> as a real token (Qwen2.5 base's EOS is its pad
+    token): transformers scores the token before it; `ptk forward` scored the EOS itself until fixed.
     Also `model.dtype=bfloat16` with `checkpoint.max_shard_size=20KB`: final/ is a sharded bf16 folder
     (model-0000i-of-0000n.safetensors + model.safetensors.index.json) transformers reads as bf16.
 (b) ptk reads what transformers writes: sharded (max_shard_size) and single-file, fp32 and bf16, tied
@@ -231,6 +233,14 @@ class StageFinalFoldersLoadInTransformers(_Base):
         self.assertEqual(model.config.pad_token_id, cfg["pad_token_id"])
         self.transformers.AutoTokenizer.from_pretrained(str(final))
         ids, mask = batch(self.tok)
+        # Two more rows that end in <|endoftext|> as a real token: Qwen2.5 base's EOS is its pad token, and
+        # TRL's RewardTrainer appends the EOS to plain-text replies. transformers scores the last token that
+        # is not pad_token_id, i.e. the one before that EOS (and ptk's RM training pools there too).
+        pad = cfg["pad_token_id"]
+        for row in ids[:2]:
+            real = [t for t in row if t != pad]
+            ids.append(real + [pad] + [pad] * (len(row) - len(real) - 1) if len(real) < len(row) else real[:-1] + [pad])
+            mask.append([1] * (len(real) + 1) + [0] * (len(row) - len(real) - 1) if len(real) < len(row) else [1] * len(row))
         ours = ptk_forward(self.tmp, final, ids, mask, "rm")["scores"]
         with torch.no_grad():
             # transformers scores the last token that is not pad_token_id: the last real token either way.
