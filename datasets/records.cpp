@@ -14,6 +14,7 @@
 #include <cstring>
 #include <new>
 
+#include "core/tokenizer/messages_json.h"
 #include "core/util/error.h"
 #include "core/util/json.h"
 
@@ -165,10 +166,20 @@ bool has_assistant(const std::vector<tokenizer::Message>& m) {
   return std::any_of(m.begin(), m.end(), [](const tokenizer::Message& x) { return x.role == "assistant"; });
 }
 
+// A chat record with tool definitions: TRL's SFT, DPO and reward trainers render a record's "tools"
+// into the system turn (apply_chat_template(tools=...)); ptk's renderers have none, so the record is
+// refused rather than trained on without them. Plain-text records ignore the field, as TRL does.
+bool refuse_tools(const Value& d, std::string* reason) {
+  if (!tokenizer::has_tool_definitions(d)) return false;
+  *reason = "has \"tools\" (tool definitions are not supported: a chat template renders them into the system turn)";
+  return true;
+}
+
 bool parse_sft(const Value& d, SftRecord* out, std::string* reason) {
   if (d.HasMember("messages")) {
     out->kind = SftRecord::Kind::kMessages;
     if (!parse_message_list(d["messages"], "messages", &out->messages, reason)) return false;
+    if (refuse_tools(d, reason)) return false;
     if (!has_assistant(out->messages)) {
       *reason = "no assistant message in \"messages\" (nothing to train on)";
       return false;
@@ -183,6 +194,7 @@ bool parse_sft(const Value& d, SftRecord* out, std::string* reason) {
       *reason = "\"prompt\" and \"completion\" must both be strings or both be message lists";
       return false;
     }
+    if (out->prompt.is_messages && refuse_tools(d, reason)) return false;
     if (is_empty(out->completion)) {
       *reason = "empty \"completion\"";
       return false;
@@ -219,6 +231,7 @@ bool parse_preference(const Value& d, PreferenceRecord* out, std::string* reason
     *reason = "\"prompt\", \"chosen\" and \"rejected\" must all be strings or all be message lists";
     return false;
   }
+  if (out->prompt.is_messages && refuse_tools(d, reason)) return false;
   if (is_empty(out->chosen)) {
     *reason = "empty \"chosen\"";
     return false;

@@ -528,6 +528,7 @@ void DpoStage::evaluate_pairs(Metrics* out) {
 void DpoStage::save_model(const std::string& dir) {
   checkpoint::SaveOptions so;
   so.source_dir = impl_->tok_dir;
+  so.max_shard_bytes = impl_->r.checkpoint.max_shard_bytes();
   impl_->policy.save_pretrained(dir, so);
 }
 

@@ -1006,6 +1006,7 @@ void GrpoStage::evaluate_accuracy(Metrics* out) {
 void GrpoStage::save_model(const std::string& dir) {
   checkpoint::SaveOptions so;
   so.source_dir = impl_->tok_dir;
+  so.max_shard_bytes = impl_->r.checkpoint.max_shard_bytes();
   impl_->policy.save_pretrained(dir, so);
 }
 bool GrpoStage::has_reference() const { return impl_->has_ref; }

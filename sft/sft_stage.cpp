@@ -171,6 +171,7 @@ class SftStage : public train::Stage {
   void save_model(const std::string& dir) override {
     checkpoint::SaveOptions so;
     so.source_dir = tok_dir_;
+    so.max_shard_bytes = r_.checkpoint.max_shard_bytes();
     model_.save_pretrained(dir, so);
   }
   double flops_per_token() const override { return flops_per_token_; }

@@ -122,6 +122,7 @@ int cmd_generate(int argc, char** argv) {
         if (!d["prompt"].IsString()) throw Error(where + ": \"prompt\" must be a string (use \"messages\" for a chat)");
         ids = tok->encode(std::string(d["prompt"].GetString(), d["prompt"].GetStringLength()));
       } else {
+        tokenizer::refuse_tool_definitions(d, where);
         ids = tok->render_chat(tokenizer::parse_messages(d["messages"], where + ": messages"), true).ids;
       }
       r.prompt.assign(ids.begin(), ids.end());

@@ -106,6 +106,7 @@ int cmd_tokenize(int argc, char** argv) {
     if (chat) {
       if (!d.IsObject() || !d.HasMember("messages"))
         throw Error(where + ": expected {\"messages\": [...]} (--chat)");
+      tokenizer::refuse_tool_definitions(d, where);
       convs.push_back(tokenizer::parse_messages(d["messages"], where + ": messages"));
       if (!tokenizer::is_valid_utf8(line)) throw Error(where + ": invalid UTF-8");
     } else {

@@ -1,6 +1,10 @@
 #include "core/config/sections.h"
 
 #include <filesystem>
+#include <limits>
+#include <utility>
+
+#include "core/util/error.h"
 
 namespace ptk::config {
 
@@ -102,13 +106,48 @@ void OptimSection::validate(Errors& e) const {
   if (clip_grad_norm < 0) e.add("optim.clip_grad_norm must be >= 0, got " + std::to_string(clip_grad_norm));
 }
 
+namespace {
+// "5GB" -> 5e9, "2GiB" -> 2^31, "1234" -> 1234 (transformers' convert_file_size_to_int, bytes units);
+// false for anything else, or zero.
+bool parse_size(const std::string& s, uint64_t* out) {
+  size_t i = 0;
+  while (i < s.size() && s[i] >= '0' && s[i] <= '9') ++i;
+  if (i == 0 || i > 18) return false;
+  const uint64_t n = std::stoull(s.substr(0, i));
+  static const std::pair<const char*, uint64_t> kUnits[] = {
+      {"", 1},           {"B", 1},           {"KB", 1000ull},       {"MB", 1000000ull}, {"GB", 1000000000ull},
+      {"KiB", 1ull << 10}, {"MiB", 1ull << 20}, {"GiB", 1ull << 30}};
+  for (const auto& [unit, mult] : kUnits) {
+    if (s.compare(i, std::string::npos, unit) == 0) {
+      if (n == 0 || n > std::numeric_limits<uint64_t>::max() / mult) return false;
+      *out = n * mult;
+      return true;
+    }
+  }
+  return false;
+}
+}  // namespace
+
 void CheckpointSection::visit(Visitor& v) {
   v.opt(every, "every", 0, "steps between checkpoints; 0 = only final/");
   v.opt(keep_last, "keep_last", 2, "newest checkpoints kept in checkpoints/ (older ones are deleted)");
+  v.opt(max_shard_size, "max_shard_size", "5GB",
+        "largest weights file in a saved folder (final/, checkpoints/step-N/): bytes or e.g. 500MB, 2GiB; larger "
+        "models are written as model-0000i-of-0000n.safetensors + model.safetensors.index.json (transformers' "
+        "max_shard_size)");
+}
+uint64_t CheckpointSection::max_shard_bytes() const {
+  uint64_t n = 0;
+  if (!parse_size(max_shard_size, &n)) throw Error("checkpoint.max_shard_size: cannot read `" + max_shard_size + "`");
+  return n;
 }
 void CheckpointSection::validate(Errors& e) const {
   if (every < 0) e.add("checkpoint.every must be >= 0, got " + std::to_string(every));
   if (keep_last < 1) e.add("checkpoint.keep_last must be >= 1, got " + std::to_string(keep_last));
+  uint64_t n = 0;
+  if (!parse_size(max_shard_size, &n))
+    e.add("checkpoint.max_shard_size must be a positive size in bytes or with a unit (B, KB, MB, GB, KiB, MiB, GiB), "
+          "e.g. \"5GB\", got \"" + max_shard_size + "\"");
 }
 
 void DistSection::visit(Visitor& v) {

@@ -72,6 +72,9 @@ struct OptimSection : Section {
 
 struct CheckpointSection : Section {
   int64_t every, keep_last;
+  std::string max_shard_size;  // "5GB", "500MB", "2GiB" or bytes, as transformers' max_shard_size
+  // max_shard_size in bytes (KB/MB/GB are powers of 10, KiB/MiB/GiB of 2, as in transformers).
+  uint64_t max_shard_bytes() const;
   const char* name() const override { return "checkpoint"; }
   const char* help() const override { return "checkpoint cadence"; }
   void visit(Visitor& v) override;

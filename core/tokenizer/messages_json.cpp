@@ -32,4 +32,17 @@ std::vector<Message> parse_messages(const rapidjson::Value& v, const std::string
   return out;
 }
 
+bool has_tool_definitions(const rapidjson::Value& record) {
+  if (!record.IsObject()) return false;
+  auto it = record.FindMember("tools");
+  return it != record.MemberEnd() && !it->value.IsNull() && !(it->value.IsArray() && it->value.Empty());
+}
+
+void refuse_tool_definitions(const rapidjson::Value& record, const std::string& where) {
+  if (has_tool_definitions(record))
+    throw Error(where + ": \"tools\" (tool definitions) are not supported: the chat template would render them "
+                        "into the system turn, and no tokenizer.chat_template value does\n---> HINT: drop the "
+                        "\"tools\" field (and tool-call turns) from the data");
+}
+
 }  // namespace ptk::tokenizer

@@ -15,4 +15,13 @@ namespace ptk::tokenizer {
 // which no built-in renderer supports yet.
 std::vector<Message> parse_messages(const rapidjson::Value& v, const std::string& where);
 
+// Whether a record carries tool definitions: a "tools" member that is neither null nor an empty list.
+// transformers' apply_chat_template(tools=...) renders them into the system turn (Qwen2.5's "# Tools"
+// block) and TRL's SFT, DPO and reward trainers pass a record's "tools" column to it; no built-in
+// renderer has them, so callers refuse such a record rather than render it without them.
+bool has_tool_definitions(const rapidjson::Value& record);
+
+// Throws ptk::Error naming `where` when has_tool_definitions(record).
+void refuse_tool_definitions(const rapidjson::Value& record, const std::string& where);
+
 }  // namespace ptk::tokenizer

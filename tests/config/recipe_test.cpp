@@ -188,6 +188,24 @@ TEST(Recipe, MaxStepsIsMinusOneOrPositive) {
   }
 }
 
+// checkpoint.max_shard_size reads sizes as transformers' max_shard_size does: KB/MB/GB are powers of 10,
+// KiB/MiB/GiB of 2, a bare number is bytes; the default is transformers' 5GB.
+TEST(Recipe, MaxShardSizeUnits) {
+  TrainingRecipe r;
+  EXPECT_EQ(bind_error("", {}, &r), "");
+  EXPECT_EQ(r.checkpoint.max_shard_bytes(), 5000000000ull);
+  const std::pair<const char*, uint64_t> ok[] = {{"20KB", 20000}, {"500MB", 500000000ull}, {"2GiB", 1ull << 31},
+                                                 {"3KiB", 3072}, {"\"1234\"", 1234}, {"7B", 7}};
+  for (const auto& [text, bytes] : ok) {
+    EXPECT_EQ(bind_error("", {std::string("checkpoint.max_shard_size=") + text}, &r), "") << text;
+    EXPECT_EQ(r.checkpoint.max_shard_bytes(), bytes) << text;
+  }
+  for (const char* bad : {"0GB", "5 GB", "GB", "5TB", "-1KB", "99999999999999999999"}) {
+    std::string err = bind_error("", {std::string("checkpoint.max_shard_size=\"") + bad + "\""}, &r);
+    EXPECT_NE(err.find("checkpoint.max_shard_size must be a positive size"), std::string::npos) << bad << ": " << err;
+  }
+}
+
 // The README promises every error at once: range errors come with unknown keys and type errors.
 TEST(Recipe, RangeErrorsComeWithUnknownKeys) {
   TempDir d;

@@ -104,6 +104,25 @@ TEST(Records, SftBadRecords) {
   EXPECT_EQ(reason_of(R"({"messages": [3]})", f), "messages[0] must be an object with role and content, got number");
 }
 
+// TRL's SFT, DPO and reward trainers render a chat record's "tools" into the system turn; ptk has no
+// tool rendering, so such a record is refused (it used to be trained on without them). null, [] and
+// plain-text records are unaffected, as in TRL (tests/reference/chat_template_reference_test.py).
+TEST(Records, ChatRecordsWithToolDefinitionsAreRefused) {
+  const std::string why = "has \"tools\" (tool definitions are not supported: a chat template renders them into the system turn)";
+  const std::string msgs = R"("messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}])";
+  EXPECT_EQ(reason_of("{" + msgs + R"(,"tools":[{"type":"function"}]})", Format::kSft), why);
+  EXPECT_EQ(reason_of(R"({"prompt":[{"role":"user","content":"hi"}],"completion":[{"role":"assistant","content":"yo"}],"tools":[{}]})",
+                      Format::kSft), why);
+  EXPECT_EQ(reason_of(R"({"prompt":[{"role":"user","content":"p"}],"chosen":[{"role":"assistant","content":"a"}],)"
+                      R"("rejected":[{"role":"assistant","content":"b"}],"tools":[{}]})", Format::kPreference), why);
+  Record r;
+  std::string w;
+  for (const std::string& ok : {"{" + msgs + ",\"tools\":null}", "{" + msgs + ",\"tools\":[]}",
+                                std::string(R"({"prompt":"p","completion":"c","tools":[{}]})")})
+    EXPECT_TRUE(parse_record(ok, Format::kSft, &r, &w)) << ok << ": " << w;
+  EXPECT_TRUE(parse_record(R"({"prompt":"p","chosen":"a","rejected":"b","tools":[{}]})", Format::kPreference, &r, &w)) << w;
+}
+
 TEST(Records, Preference) {
   Record r;
   std::string why;
