@@ -69,7 +69,10 @@ struct ChunkResult {
 
 ChunkResult parse_answer(const std::string& body, size_t n) {
   rapidjson::Document d;
-  json::ParseStatus st = json::parse_into(d, body);  // a server's answer: bounded depth like any input
+  // A server's answer: bounded depth like any input, and every number read exactly (RapidJSON's
+  // default number parsing can be an ulp off: it read the server's 3.9536185264587402 as
+  // 3.9536185264587407, where OpenRLHF's client (Python's json) reads the double the server sent).
+  json::ParseStatus st = json::parse_into<rapidjson::kParseFullPrecisionFlag>(d, body);
   if (!st.ok()) throw Error("the answer is not JSON (byte " + std::to_string(st.offset) + ": " + st.message() + ")");
   if (!d.IsObject()) throw Error("the answer is not a JSON object");
   if (!d.HasMember("rewards")) throw Error("the answer has no `rewards`");

@@ -108,6 +108,18 @@ std::string_view strip_end_of_turn(std::string_view r) {
   return r;
 }
 
+// How many leading bytes of `query` are its prompt: the prompt itself, or its NFC form. OpenRLHF
+// builds the query as tokenizer.decode(prompt ids + response ids) but sends the prompt as the raw
+// text; a tokenizer that normalizes (Qwen2's: NFC) decodes a decomposed prompt ("e" + U+0301)
+// composed ("\u00e9"). npos when the query starts with neither.
+size_t prompt_length(std::string_view query, const std::string& prompt) {
+  if (query.compare(0, prompt.size(), prompt) == 0) return prompt.size();
+  if (!tokenizer::is_valid_utf8(prompt)) return std::string::npos;
+  std::string composed = tokenizer::nfc(prompt);
+  if (composed != prompt && query.compare(0, composed.size(), composed) == 0) return composed.size();
+  return std::string::npos;
+}
+
 using Clock = std::chrono::steady_clock;
 
 // A 4xx/5xx answer with its message.
@@ -323,14 +335,18 @@ struct RewardServer::Impl {
       throw HttpError{400, "missing field `labels`: this server's verifiers (" + verifier_list() +
                                ") compare each response with a reference answer; send one label per query"};
     // The response each verifier sees: the query after its prompt (the whole query without prompts).
+    // Only verifiers need it: a model-only server scores whole queries and ignores `prompts`, as
+    // OpenRLHF's own server (serve_rm.py) does.
     std::vector<std::string_view> responses(n);
-    for (size_t i = 0; i < n; ++i) {
+    for (size_t i = 0; i < n && !verifiers.empty(); ++i) {
       std::string_view q = queries[i];
       if (!prompts.empty()) {
-        if (q.compare(0, prompts[i].size(), prompts[i]) != 0)
+        size_t cut = prompt_length(q, prompts[i]);
+        if (cut == std::string::npos)
           throw HttpError{400, "query[" + std::to_string(i) + "] does not start with prompts[" + std::to_string(i) +
-                                   "]; `query` must be prompt + response"};
-        q.remove_prefix(prompts[i].size());
+                                   "] (nor with its NFC form); `query` must be prompt + response for the verifiers "
+                                   "to find the response (a prompt the client truncated cannot be cut off)"};
+        q.remove_prefix(cut);
       }
       responses[i] = strip_end_of_turn(q);
     }

@@ -228,6 +228,37 @@ TEST_F(RewardServerTest, ABurstOfConnectionsWaitsInTheAcceptQueueAndIsServed) {
   serving.join();
 }
 
+// OpenRLHF builds the query as tokenizer.decode(prompt ids + response ids) but sends its raw prompt:
+// a decomposed prompt comes back composed (Qwen2's tokenizer normalizes to NFC), and a prompt it
+// left-truncated is not the start of the query at all. Verifiers cut the NFC form off; a
+// model-only server ignores `prompts`, as OpenRLHF's own serve_rm does (found by
+// tests/reference/reward_protocol_test.py, where both were 400s that OpenRLHF retried 5 times).
+TEST_F(RewardServerTest, PromptsAsOpenRlhfSendsThem) {
+  RewardServerThread verifier(reward_section({"reward.verifiers=[\"math\"]"}));
+  httplib::Client cli("127.0.0.1", verifier.port);
+  // "Cafe\u0301" (e + combining acute) in the prompt, "Caf\u00e9" in the query.
+  auto res = cli.Post("/get_reward",
+                      "{\"query\": [\"Caf\\u00e9 7? The answer is 12.\"], \"prompts\": [\"Cafe\\u0301 7? \"], "
+                      "\"labels\": [\"12\"]}",
+                      "application/json");
+  ASSERT_TRUE(res);
+  ASSERT_EQ(res->status, 200) << res->body;
+  EXPECT_EQ(parse(res->body)["rewards"][0].GetDouble(), 1.0);
+  // Neither form is the query's start: still refused, the verifiers would not know the response.
+  res = cli.Post("/get_reward", "{\"query\": [\"e 7? 12\"], \"prompts\": [\"Cafe 7? \"], \"labels\": [\"12\"]}",
+                 "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 400) << res->body;
+  EXPECT_NE(res->body.find("does not start with prompts[0]"), std::string::npos) << res->body;
+  RewardServerThread model_only(reward_section({"reward.model=" + rm_dir()}));
+  httplib::Client c2("127.0.0.1", model_only.port);
+  res = c2.Post("/get_reward", "{\"query\": [\"the end of a long prompt, then a reply\"], \"prompts\": [\"A long prompt\"]}",
+                "application/json");
+  ASSERT_TRUE(res);
+  ASSERT_EQ(res->status, 200) << res->body;
+  EXPECT_NEAR(parse(res->body)["rewards"][0].GetDouble(), expected_score("the end of a long prompt, then a reply"), 1e-5);
+}
+
 TEST_F(RewardServerTest, BadInputGetsA4xxWithAMessage) {
   RewardServerThread srv(reward_section({"reward.model=" + rm_dir(), "reward.verifiers=[\"math\"]", "reward.max_items=4",
                        "reward.max_body_bytes=2000", "reward.max_tokens_per_item=50"}));
@@ -375,6 +406,29 @@ void expect_answer_refused(const std::string& answer, const std::vector<std::str
   }
   fake.stop();
   t.join();
+}
+
+// Rewards are read as the exact doubles the server wrote: RapidJSON's default number parsing read
+// 3.9536185264587402 as 3.9536185264587407 (tests/reference/reward_protocol_test.py, where
+// OpenRLHF's client, Python's json, read the server's double).
+TEST(RewardClient, ReadsTheServersNumbersExactly) {
+  httplib::Server fake;
+  fake.Post("/get_reward", [&](const httplib::Request&, httplib::Response& res) {
+    res.set_content("{\"rewards\": [3.9536185264587402, 0.1], \"extra_logs\": {\"rm\": [2.9536185264587402, 1e-7]}}",
+                    "application/json");
+  });
+  int port = fake.bind_to_any_port("127.0.0.1");
+  std::thread t([&] { fake.listen_after_bind(); });
+  reward::RewardResult r;
+  {
+    reward::RewardClient client(fast({"http://127.0.0.1:" + std::to_string(port)}));
+    r = client.score({"a", "b"}, {}, {});
+  }
+  fake.stop();
+  t.join();
+  EXPECT_EQ(r.rewards, (std::vector<double>{3.9536185264587402, 0.1}));
+  EXPECT_EQ(r.scores, r.rewards);
+  EXPECT_EQ(r.extra_logs.at("rm"), (std::vector<double>{2.9536185264587402, 1e-7}));
 }
 
 TEST(RewardClient, MalformedAnswersAreErrorsNotZeros) {
