@@ -102,13 +102,14 @@ class GrpoLearningTest(ptkref.TempDirTestCase):
             return [digit_share(c[-1]["content"] if isinstance(c, list) else c) for c in completions]
 
         tokenizer = AutoTokenizer.from_pretrained(str(self.model))
+        # bf16=False: TRL's GRPOConfig defaults to bf16 autocast, ptk trains in float32 on the CPU.
         ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS])
         args = GRPOConfig(output_dir=str(self.tmp / "trl"), per_device_train_batch_size=PROMPTS_PER_STEP * G,
                           gradient_accumulation_steps=1, num_generations=G, max_completion_length=MAX_COMPLETION,
                           temperature=1.0, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
                           weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0, beta=0.0,
                           loss_type="dapo", scale_rewards="group", num_iterations=1, max_steps=STEPS,
-                          logging_steps=1, save_strategy="no", use_cpu=True, report_to="none", seed=1,
+                          logging_steps=1, save_strategy="no", use_cpu=True, bf16=False, report_to="none", seed=1,
                           log_completions=False, disable_tqdm=True)
         trainer = GRPOTrainer(model=str(self.model), reward_funcs=[digits], args=args, train_dataset=ds,
                               processing_class=tokenizer)

@@ -20,15 +20,27 @@
 // The loss is scaled as rl/grpo_stage.cpp scales it on one process: the generation batch is one
 // optimizer step of K = len(micro_batches) micro-batches; dapo and cispo divide by N = Σ mask over the
 // whole generation batch, the others by K.
+//
+// Model mode: with "model": HF folder, "temperature": t and "rows": [[prompt ids], [completion ids]]
+// (one per row) in CASE.json, ℓ and H come from the model instead of in.safetensors' logps/entropy,
+// computed as rl/grpo_stage.cpp's token_logprobs does (each micro-batch's rows right-padded as
+// prompt + completion, the final hidden state at position p - 1 + t scoring completion token t,
+// lm_head_logprobs at temperature t); in.safetensors' old_logps / ref_logps / mask are (n, T) with
+// T >= each micro-batch's longest completion. out.safetensors then holds grad.<name> for every model
+// parameter (d Σ loss / d θ) instead of logps_grad, and logps (n, T): the model's ℓ (0 past each
+// completion).
 #include <torch/torch.h>
 
 #include <cmath>
 #include <cstdio>
 #include <exception>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/checkpoint/checkpoint.h"
+#include "core/model/lm_head_logprobs.h"
+#include "core/model/qwen2.h"
 #include "core/util/fs.h"
 #include "core/util/json.h"
 #include "rl/grpo_loss.h"
@@ -42,6 +54,55 @@ std::string number(double v) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%.17g", v);
   return buf;
+}
+
+// ℓ and H (B, Tc) of rows [b, e) under `m`, as rl/grpo_stage.cpp's make_slice + token_logprobs.
+std::pair<at::Tensor, at::Tensor> model_logprobs(const model::Qwen2Model& m, const std::vector<std::vector<int64_t>>& prompts,
+                                                 const std::vector<std::vector<int64_t>>& completions, int64_t b, int64_t e,
+                                                 double temperature, int64_t pad_id) {
+  const int64_t B = e - b;
+  int64_t L = 1, Tc = 1;
+  for (int64_t r = b; r < e; ++r) {
+    L = std::max<int64_t>(L, prompts[r].size() + completions[r].size());
+    Tc = std::max<int64_t>(Tc, completions[r].size());
+  }
+  std::vector<int64_t> ids(B * L, pad_id), am(B * L, 0), targets, src, dst;
+  for (int64_t i = 0; i < B; ++i) {
+    const auto& p = prompts[b + i];
+    const auto& c = completions[b + i];
+    const int64_t lp = static_cast<int64_t>(p.size());
+    for (int64_t t = 0; t < lp; ++t) ids[i * L + t] = p[t], am[i * L + t] = 1;
+    for (int64_t t = 0; t < static_cast<int64_t>(c.size()); ++t) {
+      ids[i * L + lp + t] = c[t];
+      am[i * L + lp + t] = 1;
+      targets.push_back(c[t]);
+      src.push_back(i * L + lp - 1 + t);
+      dst.push_back(i * Tc + t);
+    }
+  }
+  auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  model::ForwardInput in;
+  in.input_ids = torch::tensor(ids, i64).view({B, L});
+  in.attention_mask = torch::tensor(am, i64).view({B, L});
+  model::ForwardOptions fo;
+  fo.logits = false;
+  auto out = m.forward(in, fo);
+  auto h = out.hidden.reshape({-1, out.hidden.size(-1)}).index_select(0, torch::tensor(src, i64));
+  model::LogProbOptions lo;
+  lo.temperature = temperature;
+  auto tl = model::lm_head_logprobs(h, m.lm_head_weight(), torch::tensor(targets, i64), lo);
+  auto zeros = torch::zeros({B * Tc}, torch::kFloat32);
+  auto d = torch::tensor(dst, i64);
+  return {zeros.index_copy(0, d, tl.logprobs).view({B, Tc}), zeros.index_copy(0, d, tl.entropy.detach()).view({B, Tc})};
+}
+
+std::vector<std::vector<int64_t>> id_lists(const rapidjson::Value& rows, int which) {
+  std::vector<std::vector<int64_t>> out;
+  for (const auto& row : rows.GetArray()) {
+    out.emplace_back();
+    for (const auto& id : row[which].GetArray()) out.back().push_back(id.GetInt64());
+  }
+  return out;
 }
 
 std::string object(const rl::NamedValues& values) {
@@ -79,8 +140,20 @@ int run(const std::string& case_path) {
   lo.sapo_temperature_pos = l["sapo_temperature_pos"].GetDouble();
   lo.sapo_temperature_neg = l["sapo_temperature_neg"].GetDouble();
 
-  at::Tensor logps = get("logps").set_requires_grad(true);  // the leaf the gradient is taken at
-  at::Tensor old_logps = get("old_logps"), ref_logps = get("ref_logps"), entropy = get("entropy");
+  const bool model_mode = doc.HasMember("model");
+  model::Qwen2Model policy;
+  std::vector<std::vector<int64_t>> prompts, completions;
+  at::Tensor logps, entropy;  // leaf mode: the leaf the gradient is taken at, and H
+  if (model_mode) {
+    policy = model::Qwen2Model::from_pretrained(doc["model"].GetString());
+    policy.set_requires_grad(true);
+    prompts = id_lists(doc["rows"], 0);
+    completions = id_lists(doc["rows"], 1);
+  } else {
+    logps = get("logps").set_requires_grad(true);
+    entropy = get("entropy");
+  }
+  at::Tensor old_logps = get("old_logps"), ref_logps = get("ref_logps");
   at::Tensor mask = get("mask");
   const auto& mbs = doc["micro_batches"].GetArray();
   rl::GrpoScaling sc;  // as rl/grpo_stage.cpp on one process
@@ -91,16 +164,26 @@ int run(const std::string& case_path) {
 
   std::vector<double> losses;
   std::string metrics = "[";
+  at::Tensor model_logps = torch::zeros(mask.sizes(), torch::kFloat32);  // model mode: ℓ of every micro-batch
   for (const auto& mb : mbs) {
     const int64_t b = mb[0].GetInt64(), e = mb[1].GetInt64();
-    auto rows = [&](const at::Tensor& t) { return t.defined() ? t.slice(0, b, e) : at::Tensor(); };
     rl::GrpoMicroBatch batch;
-    batch.logps = rows(logps);
+    int64_t T = mask.size(1);
+    if (model_mode) {
+      std::tie(batch.logps, batch.entropy) = model_logprobs(policy, prompts, completions, b, e,
+                                                            doc["temperature"].GetDouble(), doc["pad_id"].GetInt64());
+      T = batch.logps.size(1);
+    }
+    auto rows = [&](const at::Tensor& t) { return t.defined() ? t.slice(0, b, e).slice(1, 0, T) : at::Tensor(); };
+    if (!model_mode) {
+      batch.logps = rows(logps);
+      batch.entropy = rows(entropy);
+    }
     batch.old_logps = rows(old_logps);
     batch.ref_logps = rows(ref_logps);
-    batch.entropy = rows(entropy);
     batch.mask = rows(mask);
     batch.advantages = adv.advantages.slice(0, b, e);
+    if (model_mode) model_logps.slice(0, b, e).slice(1, 0, T).copy_(batch.logps.detach());
     rl::GrpoLossOutput out = rl::grpo_loss(batch, lo, sc);
     out.loss.backward();
     losses.push_back(out.loss.item<double>());
@@ -108,10 +191,16 @@ int run(const std::string& case_path) {
   }
   metrics += "]";
 
-  checkpoint::write_safetensors(path("out"), {{"advantages", adv.advantages},
-                                             {"rewards", adv.rewards},
-                                             {"loss", torch::tensor(losses, torch::kFloat64)},
-                                             {"logps_grad", logps.grad()}});
+  checkpoint::NamedTensors outs = {{"advantages", adv.advantages},
+                                   {"rewards", adv.rewards},
+                                   {"loss", torch::tensor(losses, torch::kFloat64)}};
+  if (model_mode) {
+    outs.emplace_back("logps", model_logps);
+    for (auto& [name, p] : policy.named_parameters()) outs.emplace_back("grad." + name, p.grad());
+  } else {
+    outs.emplace_back("logps_grad", logps.grad());
+  }
+  checkpoint::write_safetensors(path("out"), outs);
   write_file_atomic(path("metrics_out"), "{\"advantage_metrics\": " + object(adv.metrics) +
                                              ", \"micro_batches\": " + metrics + "}\n");
   return 0;
