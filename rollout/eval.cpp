@@ -123,7 +123,9 @@ EvalResult evaluate(const model::Qwen2Model& model, const tokenizer::Tokenizer& 
       model::ForwardOptions fo;
       fo.logits = false;
       auto out = o.reward_model->forward(in, fo);
-      auto scores = o.reward_model->score(out.hidden, model::last_token_index(mask));
+      // Read where training and the reward server read: the last token that is not the pad id.
+      auto scores =
+          o.reward_model->score(out.hidden, model::score_index(ids, mask, o.reward_model->config().pad_token_id));
       for (size_t k = start; k < end; ++k) res.items[k].reward = scores[k - start].item<double>();
     }
     res.has_reward = true;

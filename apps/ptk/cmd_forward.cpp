@@ -50,7 +50,8 @@ int cmd_forward(int argc, char** argv) {
                       "F.json holds input_ids and attention_mask (lists of lists, left or right padding) and\n"
                       "optionally position_ids; without them positions are cumsum(attention_mask) - 1.\n"
                       "G.safetensors gets logits [B,T,V] float32 (when the model has an LM head) and, for a\n"
-                      "Qwen2ForSequenceClassification folder, scores [B] read at the last non-pad token.");
+                      "Qwen2ForSequenceClassification folder, scores [B] read at the last non-pad token (a real\n"
+                      "token equal to config.json's pad_token_id is passed over, as transformers does).");
   cl.flags().add_options()("model", po::value<std::string>()->required(), "Hugging Face model folder")(
       "input", po::value<std::string>()->required(), "JSON file with input_ids, attention_mask[, position_ids]")(
       "output", po::value<std::string>()->required(), "safetensors file to write")(
@@ -87,7 +88,8 @@ int cmd_forward(int argc, char** argv) {
   checkpoint::NamedTensors result;
   if (lm_head) result.emplace_back("logits", out.logits.to(at::kCPU, at::kFloat));
   if (m.has_score_head())
-    result.emplace_back("scores", m.score(out.hidden, model::last_token_index(mask)).to(at::kCPU, at::kFloat));
+    result.emplace_back("scores",
+                        m.score(out.hidden, model::score_index(ids, mask, m.config().pad_token_id)).to(at::kCPU, at::kFloat));
   checkpoint::write_safetensors(output, result);
   std::cerr << "ptk forward: wrote";
   for (const auto& [n, t] : result) std::cerr << " " << n << " " << t.sizes();
