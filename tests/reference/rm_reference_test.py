@@ -1,10 +1,10 @@
 """`ptk rm` against TRL's RewardTrainer (trl 1.16.0) on the harness's tiny Qwen2, fp32 on CPU, one
 thread: the same Qwen2ForSequenceClassification folder (made by transformers, seeded) is the model
 both sides train, on the same preference pairs in the same order with the same hyper-parameters.
-Compared: every step's loss, grad_norm, learning_rate, accuracy, margin, min/mean/max_reward and
-num_tokens; the weights after the last step; and the scores of ptk's final/ folder as transformers'
-Qwen2ForSequenceClassification reads them (the last non-pad token), as `ptk forward` reads them, and
-as TRL's trained model gives them.
+Compared: every step's loss, grad_norm, learning_rate, accuracy, margin, min/mean/max_reward, epoch
+and num_tokens; an evaluation's metrics; the weights after the last step; and the scores of ptk's
+final/ folder as transformers' Qwen2ForSequenceClassification reads them (the last non-pad token), as
+`ptk forward` reads them, and as TRL's trained model gives them.
 
 Aligning the two sides:
   - model: one seeded transformers Qwen2ForSequenceClassification folder (score head scaled so the
@@ -17,12 +17,12 @@ Aligning the two sides:
   - optimiser: AdamW (same betas, eps, weight decay; neither decays biases and norm weights),
     constant LR without warmup, the same clip norm, the micro-batch mean loss divided by grad_accum;
   - text data: TRL appends the tokenizer's EOS to each reply, ptk too; TRL tokenizes prompt + reply as
-    one text, ptk the prompt and the reply apart, which gives the same ids for this data (checked:
-    `test_text_*` asserts it) — `test_text_tokenization_differences_pinned` pins where it does not.
+    one text, ptk the prompt and the reply apart, which gives the same ids for this data (asserted in
+    test_text_bradley_terry_with_grad_accum); test_text_tokenization_differences_pinned pins where it
+    does not, and a reply that already ends in EOS (TRL adds none, ptk a second).
 """
 import json
 import shutil
-import unittest
 from pathlib import Path
 
 import ptkref
