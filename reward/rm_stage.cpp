@@ -63,10 +63,9 @@ at::Tensor score_rows(const model::Qwen2Model& model, const at::Tensor& ids, con
   fo.logits = false;
   fo.activation_checkpointing = checkpointed;
   auto out = model.forward(in, fo);
-  // transformers' Qwen2ForSequenceClassification pooling: argmax of t * 1[id != pad] (the
-  // rightmost non-pad token; with pad == eos that is the token before an appended EOS).
-  at::Tensor index = (pos * ids.ne(pad_id).to(torch::kInt64)).argmax(-1);  // (R)
-  return model.score(out.hidden, index);
+  // transformers' Qwen2ForSequenceClassification pooling: the rightmost non-pad token (with
+  // pad == eos, the token before an appended EOS).
+  return model.score(out.hidden, model::score_index(ids, in.attention_mask, pad_id));  // (R)
 }
 
 namespace {

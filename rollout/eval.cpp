@@ -123,10 +123,9 @@ EvalResult evaluate(const model::Qwen2Model& model, const tokenizer::Tokenizer& 
       model::ForwardOptions fo;
       fo.logits = false;
       auto out = o.reward_model->forward(in, fo);
-      // transformers' pooling, as the RM was trained (reward::score_rows): the last token that is not
-      // pad_token_id, so a completion ending in an EOS that is also the pad token is scored before it.
-      at::Tensor keep = o.reward_model->config().pad_token_id ? mask * ids.ne(pad).to(torch::kInt64) : mask;
-      auto scores = o.reward_model->score(out.hidden, (keep * torch::arange(T, torch::kInt64)).argmax(-1));
+      // Read where training and the reward server read: the last token that is not the pad id.
+      auto scores =
+          o.reward_model->score(out.hidden, model::score_index(ids, mask, o.reward_model->config().pad_token_id));
       for (size_t k = start; k < end; ++k) res.items[k].reward = scores[k - start].item<double>();
     }
     res.has_reward = true;

@@ -50,8 +50,8 @@ int cmd_forward(int argc, char** argv) {
                       "F.json holds input_ids and attention_mask (lists of lists, left or right padding) and\n"
                       "optionally position_ids; without them positions are cumsum(attention_mask) - 1.\n"
                       "G.safetensors gets logits [B,T,V] float32 (when the model has an LM head) and, for a\n"
-                      "Qwen2ForSequenceClassification folder, scores [B] read at the last attended token whose id is\n"
-                      "not pad_token_id (transformers' pooling: with pad == eos, the token before the EOS).");
+                      "Qwen2ForSequenceClassification folder, scores [B] read at the last non-pad token (a real\n"
+                      "token equal to config.json's pad_token_id is passed over, as transformers does).");
   cl.flags().add_options()("model", po::value<std::string>()->required(), "Hugging Face model folder")(
       "input", po::value<std::string>()->required(), "JSON file with input_ids, attention_mask[, position_ids]")(
       "output", po::value<std::string>()->required(), "safetensors file to write")(
@@ -87,16 +87,9 @@ int cmd_forward(int argc, char** argv) {
   auto out = m.forward({ids, positions, mask, {}}, fo);
   checkpoint::NamedTensors result;
   if (lm_head) result.emplace_back("logits", out.logits.to(at::kCPU, at::kFloat));
-  if (m.has_score_head()) {
-    // transformers' Qwen2ForSequenceClassification pooling, as ptk's RM training and reward server do
-    // it (reward::score_rows): the rightmost token whose id is not config.pad_token_id, here also
-    // attended. With pad == eos (Qwen2.5 base; TRL's RewardTrainer appends the EOS) that is the token
-    // before the EOS; the last attended token alone scored the EOS itself.
-    at::Tensor keep = mask.to(at::kLong);
-    if (m.config().pad_token_id) keep = keep * ids.ne(*m.config().pad_token_id).to(at::kLong);
-    at::Tensor index = (keep * at::arange(ids.size(1), keep.options())).argmax(-1);
-    result.emplace_back("scores", m.score(out.hidden, index).to(at::kCPU, at::kFloat));
-  }
+  if (m.has_score_head())
+    result.emplace_back("scores",
+                        m.score(out.hidden, model::score_index(ids, mask, m.config().pad_token_id)).to(at::kCPU, at::kFloat));
   checkpoint::write_safetensors(output, result);
   std::cerr << "ptk forward: wrote";
   for (const auto& [n, t] : result) std::cerr << " " << n << " " << t.sizes();

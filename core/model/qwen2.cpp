@@ -258,6 +258,13 @@ at::Tensor last_token_index(const at::Tensor& attention_mask) {
   return (m * at::arange(T, m.options())).argmax(-1);
 }
 
+at::Tensor score_index(const at::Tensor& input_ids, const at::Tensor& attention_mask,
+                       std::optional<int64_t> pad_token_id) {
+  auto m = attention_mask.to(at::kLong);
+  if (pad_token_id) m = m * input_ids.ne(*pad_token_id).to(at::kLong);
+  return last_token_index(m);
+}
+
 // ---- model -------------------------------------------------------------------------------------
 
 checkpoint::NamedTensors Qwen2Model::named_parameters() const {

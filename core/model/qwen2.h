@@ -14,6 +14,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -180,7 +181,14 @@ std::pair<at::Tensor, at::Tensor> rope_cos_sin(const Qwen2Config& config, const 
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 // Derived positions for an attention mask: cumsum(mask) - 1, padding set to 1 (HF generate). (B, T)
 at::Tensor positions_from_mask(const at::Tensor& attention_mask);
-// Index of the last real token of each row (B) for a (B, T) mask: where score() reads.
+// Index of the last real token of each row (B) for a (B, T) mask.
 at::Tensor last_token_index(const at::Tensor& attention_mask);
+// Where score() reads, as transformers' Qwen2ForSequenceClassification pools: the rightmost token
+// whose id is not pad_token_id (a real token equal to the pad id, e.g. an EOS that is also the pad
+// token, is passed over), among those with mask 1 (transformers looks at the ids alone, which is the
+// same whenever padding holds the pad id; the mask keeps other padding from being read). Without a
+// pad id: the last token with mask 1. input_ids, attention_mask (B, T) -> (B) int64.
+at::Tensor score_index(const at::Tensor& input_ids, const at::Tensor& attention_mask,
+                       std::optional<int64_t> pad_token_id);
 
 }  // namespace ptk::model

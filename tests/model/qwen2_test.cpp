@@ -451,5 +451,16 @@ TEST(Qwen2Inputs, BadInputsAreRefused) {
   EXPECT_THROW(m.score(torch::zeros({1, 4, 64}), torch::zeros({1}, torch::kLong)), Error);    // no score head
 }
 
+TEST(Qwen2Inputs, ScoreIndexIsTheLastNonPadToken) {
+  // transformers' Qwen2ForSequenceClassification reads the rightmost token whose id is not the pad
+  // id: a real token equal to it (an EOS that is also the pad token) is passed over, where the
+  // last-mask-one index would read it. Right and left padding; no pad id: the last mask-one token.
+  auto ids = torch::tensor({7, 8, 0, 0, 0, 0, 7, 8, 5, 7, 0, 0}, torch::kLong).view({3, 4});
+  auto mask = torch::tensor({1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1, 0}, torch::kLong).view({3, 4});
+  EXPECT_TRUE(model::score_index(ids, mask, 0).equal(torch::tensor({1, 3, 1}, torch::kLong)));
+  EXPECT_TRUE(model::score_index(ids, mask, std::nullopt).equal(torch::tensor({1, 3, 2}, torch::kLong)));
+  EXPECT_TRUE(model::last_token_index(mask).equal(torch::tensor({1, 3, 2}, torch::kLong)));
+}
+
 }  // namespace
 }  // namespace ptk
