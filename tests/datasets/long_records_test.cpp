@@ -139,12 +139,13 @@ SftDoc whole_sft(const Tokenizer& t, const std::vector<std::pair<std::string, Fi
   } else {
     std::vector<Message> all = rec[0].second.list;
     all.insert(all.end(), rec[1].second.list.begin(), rec[1].second.list.end());
-    auto e = t.render_chat(all);
-    size_t p = t.render_chat(rec[0].second.list, true).ids.size();
-    for (size_t i = 0; i < std::min(p, e.assistant_mask.size()); ++i) e.assistant_mask[i] = 0;
-    ids = e.ids;
-    d.mask = e.assistant_mask;
-    d.seg_a = static_cast<uint32_t>(std::min(p, ids.size()));
+    ids = t.render_chat(all).ids;
+    std::vector<TokenId> prompt = t.render_chat(rec[0].second.list, true).ids;
+    size_t p = 0;  // TRL's completion_mask: every token from the common prefix on
+    while (p < prompt.size() && p < ids.size() && prompt[p] == ids[p]) ++p;
+    d.mask.assign(ids.size(), 0);
+    for (size_t i = p; i < ids.size(); ++i) d.mask[i] = 1;
+    d.seg_a = static_cast<uint32_t>(p);
   }
   d.ids = u32(ids);
   if (d.ids.size() > L) {
