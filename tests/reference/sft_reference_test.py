@@ -9,10 +9,13 @@ num_tokens, grad_norm and learning_rate, and the weights after the last step.
     steps of a linear schedule with one warmup step (step 1 runs at lr 0, as with transformers'
     get_linear_schedule_with_warmup), weight decay 0.3, clipping at 1.0 acting;
   - packed: plain prompt/completion records (TRL appends EOS to the completion), TRL packing=True
-    (best-fit decreasing, padding-free with position_ids) against ptk data.packing=true, constant LR.
+    (best-fit decreasing, padding-free with position_ids) against ptk data.packing=true, constant LR;
+  - short last micro-batch of an epoch: ptk fills it from the epoch's start, TRL's is short (pinned).
   PreparedRowsAgainstTrl (no training)
   - completion masks at awkward prompt/completion boundaries and with multi-turn completions;
-  - packing with rows of equal room (tie-breaking).
+  - packing with rows of equal room (tie-breaking);
+  - "messages" records: ptk's loss on assistant turns against TRL's default loss on every token
+    (a pinned, documented difference: DESIGN.md's data formats).
 
 Aligning the two sides:
   - The rows. Before any number is compared, ptk's prepared folder (token ids, loss mask, packed rows;
@@ -295,6 +298,32 @@ class SftAgainstTrl(ptkref.TempDirTestCase):
         self.compare(ptk_dir, logs, model, steps, hp)
 
 
+    def test_short_last_micro_batch(self):
+        """Pinned difference: with rows not filling the epoch's last micro-batch, ptk fills it from the
+        start of the epoch's order (as torch's DistributedSampler pads, so every rank takes the same
+        number of micro-batches); TRL's last micro-batch (one process) is short. 3 rows, micro-batch 2,
+        grad_accum 2: one step over 4 rows in ptk, 3 in TRL."""
+        ptkref.need("trl")
+        model_dir = self.make_model()
+        records = chat_records(3)
+        data = ptkref.write_jsonl(self.tmp / "train.jsonl", records)
+        hp = dict(packing=False, max_seq_len=128, lr=1e-3, schedule="constant", warmup=0, weight_decay=0.0,
+                  betas=(0.9, 0.999), clip=1.0)
+        ptk_dir = self.run_ptk(model_dir, data, hp)
+        trainer = sft_trainer(self.tmp, model_dir, records, seed=self.SEED, per_device_train_batch_size=2,
+                              gradient_accumulation_steps=2, num_train_epochs=1, max_length=128)
+        rows = assert_same_rows(self, trainer.train_dataset, ptk_dir / "data" / "train", False)
+        order = ptk_row_order(rows, self.SEED)
+        trainer.train_dataset = trainer.train_dataset.select(order)
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+        ours = [m for m in ptkref.metrics(ptk_dir) if "step" in m]
+        self.assertEqual((len(ours), len(logs)), (1, 1))
+        lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
+        self.assertEqual(int(logs[0]["num_tokens"]), sum(lengths))
+        self.assertEqual(int(ours[0]["num_tokens"]), sum(lengths) + lengths[0], "ptk repeats the epoch's first row")
+
+
 class PreparedRowsAgainstTrl(ptkref.TempDirTestCase):
     """What each side trains on, without training: ptk's prepared folders against TRL's preparation."""
 
@@ -323,6 +352,39 @@ class PreparedRowsAgainstTrl(ptkref.TempDirTestCase):
                            "--output", self.tmp / f"prep-{name}", "--no-packing", "--max-seq-len", 128)
                 trainer = sft_trainer(self.tmp, model_dir, records, max_length=128)
                 assert_same_rows(self, trainer.train_dataset, self.tmp / f"prep-{name}", False)
+
+    def test_messages_loss_on_assistant_turns_only(self):
+        """Pinned difference: a "messages" record trains ptk on its assistant turns (content and
+        <|im_end|>, what TRL's assistant_only_loss=True marks), TRL by default (assistant_only_loss=False)
+        on every token, system and user turns included."""
+        ptkref.need("trl")
+        tok = ptkref.tiny_tokenizer(self.tmp / "tok")
+        model_dir = ptkref.tiny_qwen2(self.tmp / "model", tok, seed=5)
+        records = [{"messages": [{"role": "system", "content": "Be short."}, {"role": "user", "content": "Paris?"},
+                                 {"role": "assistant", "content": "France."}, {"role": "user", "content": "Berlin?"},
+                                 {"role": "assistant", "content": "Germany."}]},
+                   {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+        data = ptkref.write_jsonl(self.tmp / "messages.jsonl", records)
+        ptkref.ptk("prepare", "--threads", 1, "--tokenizer", model_dir, "--input", data, "--output", self.tmp / "prep",
+                   "--no-packing", "--max-seq-len", 128)
+        docs, _ = read_ptk_prepared(self.tmp / "prep")
+        trainer = sft_trainer(self.tmp, model_dir, records, max_length=128)
+        hf = trainer.processing_class
+        for (ids, mask), row, rec in zip(docs, trainer.train_dataset, records):
+            self.assertEqual(ids, list(row["input_ids"]))
+            self.assertEqual(list(row["labels"]), ids, "TRL's default: loss on every token")
+            # Assistant spans: from the render of the turns before (with the generation prompt) to that
+            # plus the content and <|im_end|> (the template's "\n" after it is not an assistant token).
+            want = [0] * len(ids)
+            messages = rec["messages"]
+            for k, m in enumerate(messages):
+                if m["role"] == "assistant":
+                    head = hf.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+                    a = len(hf(head, add_special_tokens=False)["input_ids"])
+                    b = len(hf(head + m["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"])
+                    want[a:b] = [1] * (b - a)
+            self.assertEqual(mask, want, "ptk: loss on the assistant turns only")
+            self.assertLess(sum(mask), len(ids) - 1)
 
     def test_packing_ties(self):
         """Rows of equal room: the older one takes the document, as in TRL's bfd."""
