@@ -358,6 +358,13 @@ void process_line(const Tokenizer& tok, const PrepareOptions& o, std::string_vie
           out->mask.resize(o.max_seq_len);
           out->seg_a = std::min<uint32_t>(out->seg_a, static_cast<uint32_t>(o.max_seq_len));
           out->truncated = true;
+          // A row the cut left without a target (a prompt longer than max_seq_len) is dropped, as
+          // TRL drops "examples left fully masked by truncation" from unpacked data: it adds no loss,
+          // only a row to a micro-batch. Packed, TRL keeps it, and so does ptk.
+          if (!o.packing && std::find(out->mask.begin(), out->mask.end(), uint8_t{1}) == out->mask.end()) {
+            out->truncated = false;
+            out->dropped = true;
+          }
         }
       }
       break;

@@ -9,6 +9,7 @@
 #include <rapidjson/stringbuffer.h>
 #include <rapidjson/writer.h>
 
+#include <algorithm>
 #include <map>
 #include <random>
 
@@ -179,14 +180,17 @@ TEST_F(LongRecords, SftEqualsWholeThenTruncated) {
     auto set = PreparedSet::open(out);
     std::map<uint32_t, int64_t> doc_of_line;
     for (int64_t i = 0; i < set.num_docs(); ++i) doc_of_line[set.doc(i).entry->line] = i;
-    int64_t truncated = 0;
+    int64_t truncated = 0, dropped = 0;
     for (size_t k = 0; k < recs.size(); ++k) {
       SCOPED_TRACE("record " + std::to_string(k + 1));
       SftDoc want = whole_sft(*tok_, recs[k], kL);
       truncated += want.truncated;
       auto it = doc_of_line.find(static_cast<uint32_t>(k + 1));
-      if (want.truncated && std::string(overlong) == "drop") {
+      // Dropped: over max_seq_len with overlong=drop, or (unpacked) left without a target by the cut.
+      bool no_target = std::find(want.mask.begin(), want.mask.end(), uint8_t{1}) == want.mask.end();
+      if (want.truncated && (std::string(overlong) == "drop" || no_target)) {
         EXPECT_EQ(it, doc_of_line.end());
+        dropped += 1;
         continue;
       }
       ASSERT_NE(it, doc_of_line.end());
@@ -196,7 +200,11 @@ TEST_F(LongRecords, SftEqualsWholeThenTruncated) {
       EXPECT_EQ(d.entry->seg_a, want.seg_a);
     }
     EXPECT_EQ(truncated, static_cast<int64_t>(recs.size()) - 1);
-    EXPECT_EQ(std::string(overlong) == "drop" ? res.summary.dropped : res.summary.truncated, truncated);
+    EXPECT_EQ(res.summary.dropped, dropped);
+    EXPECT_EQ(res.summary.truncated, truncated - dropped);
+    if (std::string(overlong) == "truncate") {
+      EXPECT_GT(dropped, 0);  // the prompts longer than kL
+    }
   }
 }
 

@@ -22,7 +22,8 @@ What a document must hold (the formats of DESIGN.md, TRL's semantics):
                           encode(render(prompt, generation prompt)) (TRL's completion_mask: the
                           template's "\n" after <|im_end|> included)
   sft text                encode(text) + EOS, mask 1 everywhere
-  sft, all                cut to the first max_seq_len tokens
+  sft, all                cut to the first max_seq_len tokens; unpacked, a record the cut leaves
+                          without a mask 1 is dropped (TRL)
   preference              prompt, chosen, rejected back to back; strings: encode each, EOS after each
                           reply; messages: render(prompt, generation prompt) and each reply as
                           render(prompt + reply)[len(that):] (TRL). Too long (prompt + longer reply >
@@ -302,6 +303,9 @@ def check_case(tok, case, errors):
             ids, mask, seg_a, seg_b, truncated = make(tok, rec, L)
             if fmt == "rl" and len(ids) > L:
                 counts["dropped"] += 1
+                continue
+            if fmt == "sft" and truncated and not case["packing"] and 1 not in mask:
+                counts["dropped"] += 1  # TRL drops rows truncation left without a target (unpacked)
                 continue
             counts["truncated"] += truncated
             meta = rec if fmt == "rl" else None

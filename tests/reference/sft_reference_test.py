@@ -12,7 +12,8 @@ num_tokens, grad_norm and learning_rate, and the weights after the last step.
     (best-fit decreasing, padding-free with position_ids) against ptk data.packing=true, constant LR;
   - short last micro-batch of an epoch: ptk fills it from the epoch's start, TRL's is short (pinned).
   PreparedRowsAgainstTrl (no training)
-  - completion masks at awkward prompt/completion boundaries and with multi-turn completions;
+  - completion masks at awkward prompt/completion boundaries and with multi-turn completions, and
+    records truncation leaves without a target (dropped by both, unpacked);
   - packing with rows of equal room (tie-breaking);
   - "messages" records: ptk's loss on assistant turns against TRL's default loss on every token
     (a pinned, documented difference: DESIGN.md's data formats).
@@ -328,7 +329,8 @@ class PreparedRowsAgainstTrl(ptkref.TempDirTestCase):
     """What each side trains on, without training: ptk's prepared folders against TRL's preparation."""
 
     def test_completion_masks(self):
-        """Completion masks at awkward prompt/completion boundaries and with multi-turn completions."""
+        """Completion masks at awkward prompt/completion boundaries and with multi-turn completions; a
+        record that truncation leaves without a target is dropped (unpacked)."""
         ptkref.need("trl")
         tok = ptkref.tiny_tokenizer(self.tmp / "tok")
         model_dir = ptkref.tiny_qwen2(self.tmp / "model", tok, seed=5)
@@ -344,7 +346,10 @@ class PreparedRowsAgainstTrl(ptkref.TempDirTestCase):
         ]
         plain = [{"prompt": "Answer: ", "completion": "yes"}, {"prompt": "Hel", "completion": "lo world"},
                  {"prompt": "What is 2+3?", "completion": " 5"}, {"prompt": "x\n", "completion": "\nThe answer"},
-                 {"prompt": "a  ", "completion": " b"}, {"prompt": "The quick brown", "completion": " fox"}]
+                 {"prompt": "a  ", "completion": " b"}, {"prompt": "The quick brown", "completion": " fox"},
+                 # Longer than max_length: the cut leaves no target, and both drop the record.
+                 {"prompt": "The quick brown fox jumps over the lazy dog. " * 20, "completion": " Yes."},
+                 {"prompt": "Paris?", "completion": " France."}]
         for name, records in (("chat", chat), ("plain", plain)):
             with self.subTest(name):
                 data = ptkref.write_jsonl(self.tmp / f"{name}.jsonl", records)
