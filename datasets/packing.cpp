@@ -5,6 +5,7 @@
 #include "datasets/packing.h"
 
 #include <algorithm>
+#include <deque>
 #include <map>
 #include <numeric>
 #include <string>
@@ -24,7 +25,10 @@ std::vector<std::vector<uint32_t>> pack_best_fit_decreasing(const std::vector<ui
   std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return lengths[a] > lengths[b]; });
 
   std::vector<std::vector<uint32_t>> rows;
-  std::map<uint32_t, std::vector<uint32_t>> by_free;  // free space -> open rows (LIFO), never empty
+  // Free space -> open rows in the order they reached it (never empty). Of equally tight rows the
+  // oldest takes the document, as in TRL's bfd (trl.data_utils._pack_bfd's deque, popleft), so the
+  // same documents make the same rows; taking the newest (before) packed them differently.
+  std::map<uint32_t, std::deque<uint32_t>> by_free;
   for (uint32_t d : order) {
     uint32_t len = lengths[d];
     auto it = by_free.lower_bound(len);
@@ -36,8 +40,8 @@ std::vector<std::vector<uint32_t>> pack_best_fit_decreasing(const std::vector<ui
       free_now = capacity;
     } else {
       free_now = it->first;
-      row = it->second.back();
-      it->second.pop_back();
+      row = it->second.front();
+      it->second.pop_front();
       if (it->second.empty()) by_free.erase(it);
     }
     rows[row].push_back(d);

@@ -225,17 +225,23 @@ void tokenize_sft(const Tokenizer& tok, const SftRecord& r, size_t n, LineResult
         out->mask = std::move(e.completion_mask);
         out->seg_a = static_cast<uint32_t>(e.prompt_tokens);
       } else {
-        // Loss on the completion's assistant tokens: the full conversation's assistant mask, minus
-        // the tokens of the prompt rendered with the generation prompt (what TRL's completion_mask
-        // holds). p is min(prompt ids, n): only the first n - 1 mask values can survive.
+        // Loss on every token of the whole conversation's render from where it leaves the prompt's
+        // render with the generation prompt: TRL's completion_mask, which starts at the common
+        // prefix of the two (common_prefix_length) and so also holds what the template writes
+        // after the assistant's <|im_end|> (Qwen2.5's "\n") and any non-assistant turn of the
+        // completion. (Before, only the assistant mask past the prompt counted: one target fewer
+        // per record than TRL, which tests/reference/sft_reference_test.py showed.) Both renders
+        // hold at most n ids: only the first n - 1 mask values can survive.
         std::vector<tokenizer::Message> all =
             tokenizer::head_messages({&r.prompt.messages, &r.completion.messages}, tok.head_bytes(n));
         auto e = tok.render_chat(all, false, n);
-        size_t p = tok.render_chat(r.prompt.messages, true, n).ids.size();
-        for (size_t i = 0; i < std::min(p, e.assistant_mask.size()); ++i) e.assistant_mask[i] = 0;
+        std::vector<TokenId> prompt_ids = tok.render_chat(r.prompt.messages, true, n).ids;
+        size_t p = 0;
+        while (p < prompt_ids.size() && p < e.ids.size() && prompt_ids[p] == e.ids[p]) ++p;
         out->ids = std::move(e.ids);
-        out->mask = std::move(e.assistant_mask);
-        out->seg_a = static_cast<uint32_t>(std::min(p, out->ids.size()));
+        out->mask.assign(out->ids.size(), 0);
+        for (size_t i = p; i < out->mask.size(); ++i) out->mask[i] = 1;
+        out->seg_a = static_cast<uint32_t>(p);
       }
       break;
     }
@@ -352,6 +358,13 @@ void process_line(const Tokenizer& tok, const PrepareOptions& o, std::string_vie
           out->mask.resize(o.max_seq_len);
           out->seg_a = std::min<uint32_t>(out->seg_a, static_cast<uint32_t>(o.max_seq_len));
           out->truncated = true;
+          // A row the cut left without a target (a prompt longer than max_seq_len) is dropped, as
+          // TRL drops "examples left fully masked by truncation" from unpacked data: it adds no loss,
+          // only a row to a micro-batch. Packed, TRL keeps it, and so does ptk.
+          if (!o.packing && std::find(out->mask.begin(), out->mask.end(), uint8_t{1}) == out->mask.end()) {
+            out->truncated = false;
+            out->dropped = true;
+          }
         }
       }
       break;

@@ -15,7 +15,10 @@ namespace ptk::data {
 
 // Bump when the bytes written change. 2: prompt/completion masks and seg_a with NFC tokenizers
 // (Qwen) on a line that NFC changes (completion tokens on the prompt's last line had no loss).
-constexpr int kPrepareVersion = 2;
+// 3: conversational prompt/completion masks are TRL's completion_mask (every token after the
+// prompt's render, the template's "\n" after <|im_end|> included), not the assistant mask; ties
+// in packing go to the oldest row; unpacked rows truncation leaves without a target are dropped.
+constexpr int kPrepareVersion = 3;
 
 // One document (sft), pair (preference: prompt, chosen, rejected back to back) or prompt (rl).
 // A mixing weight above 1 repeats entries that point at the same tokens.

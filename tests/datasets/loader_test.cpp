@@ -73,6 +73,17 @@ TEST(Packing, SmallCaseByHand) {
   EXPECT_THROW(pack_best_fit_decreasing({0}, 10), Error);
 }
 
+// Of two rows with the same room, the older one takes the document (TRL's bfd does the same; the
+// newest did before, and the same data packed into other rows than TRL's).
+TEST(Packing, TiesGoToTheOldestRow) {
+  // Decreasing: 6(d0) 6(d1) 4(d2) 4(d3); capacity 10. d0 -> row0 (free 4); d1 -> row1 (free 4);
+  // d2 -> rows 0 and 1 fit equally: row0; d3 -> row1.
+  auto rows = pack_best_fit_decreasing({6, 6, 4, 4}, 10);
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[0], (std::vector<uint32_t>{0, 2}));
+  EXPECT_EQ(rows[1], (std::vector<uint32_t>{1, 3}));
+}
+
 // issue 24: packing's memory grows with the documents, not the capacity (a table indexed by free
 // space took 24 bytes x data.max_seq_len: std::bad_alloc at 10^9; at 4 x 10^9 it would ask 96 GB).
 TEST(Packing, HugeCapacityCostsNoMemory) {

@@ -9,6 +9,7 @@
 #include <rapidjson/stringbuffer.h>
 #include <rapidjson/writer.h>
 
+#include <algorithm>
 #include <map>
 #include <random>
 
@@ -139,12 +140,13 @@ SftDoc whole_sft(const Tokenizer& t, const std::vector<std::pair<std::string, Fi
   } else {
     std::vector<Message> all = rec[0].second.list;
     all.insert(all.end(), rec[1].second.list.begin(), rec[1].second.list.end());
-    auto e = t.render_chat(all);
-    size_t p = t.render_chat(rec[0].second.list, true).ids.size();
-    for (size_t i = 0; i < std::min(p, e.assistant_mask.size()); ++i) e.assistant_mask[i] = 0;
-    ids = e.ids;
-    d.mask = e.assistant_mask;
-    d.seg_a = static_cast<uint32_t>(std::min(p, ids.size()));
+    ids = t.render_chat(all).ids;
+    std::vector<TokenId> prompt = t.render_chat(rec[0].second.list, true).ids;
+    size_t p = 0;  // TRL's completion_mask: every token from the common prefix on
+    while (p < prompt.size() && p < ids.size() && prompt[p] == ids[p]) ++p;
+    d.mask.assign(ids.size(), 0);
+    for (size_t i = p; i < ids.size(); ++i) d.mask[i] = 1;
+    d.seg_a = static_cast<uint32_t>(p);
   }
   d.ids = u32(ids);
   if (d.ids.size() > L) {
@@ -178,14 +180,17 @@ TEST_F(LongRecords, SftEqualsWholeThenTruncated) {
     auto set = PreparedSet::open(out);
     std::map<uint32_t, int64_t> doc_of_line;
     for (int64_t i = 0; i < set.num_docs(); ++i) doc_of_line[set.doc(i).entry->line] = i;
-    int64_t truncated = 0;
+    int64_t truncated = 0, dropped = 0;
     for (size_t k = 0; k < recs.size(); ++k) {
       SCOPED_TRACE("record " + std::to_string(k + 1));
       SftDoc want = whole_sft(*tok_, recs[k], kL);
       truncated += want.truncated;
       auto it = doc_of_line.find(static_cast<uint32_t>(k + 1));
-      if (want.truncated && std::string(overlong) == "drop") {
+      // Dropped: over max_seq_len with overlong=drop, or (unpacked) left without a target by the cut.
+      bool no_target = std::find(want.mask.begin(), want.mask.end(), uint8_t{1}) == want.mask.end();
+      if (want.truncated && (std::string(overlong) == "drop" || no_target)) {
         EXPECT_EQ(it, doc_of_line.end());
+        dropped += 1;
         continue;
       }
       ASSERT_NE(it, doc_of_line.end());
@@ -195,7 +200,11 @@ TEST_F(LongRecords, SftEqualsWholeThenTruncated) {
       EXPECT_EQ(d.entry->seg_a, want.seg_a);
     }
     EXPECT_EQ(truncated, static_cast<int64_t>(recs.size()) - 1);
-    EXPECT_EQ(std::string(overlong) == "drop" ? res.summary.dropped : res.summary.truncated, truncated);
+    EXPECT_EQ(res.summary.dropped, dropped);
+    EXPECT_EQ(res.summary.truncated, truncated - dropped);
+    if (std::string(overlong) == "truncate") {
+      EXPECT_GT(dropped, 0);  // the prompts longer than kL
+    }
   }
 }
 

@@ -17,11 +17,13 @@ What a document must hold (the formats of DESIGN.md, TRL's semantics):
                           overlapping an assistant message's content or its <|im_end|>
   sft prompt/completion   strings: encode(prompt + completion) + EOS, mask 1 on tokens starting at or
                           after the prompt's end and on the EOS; seg_a = tokens before the first
-                          masked one. Message lists: the whole conversation rendered, assistant mask,
-                          minus the first len(encode(render(prompt, generation prompt))) tokens
-                          (= seg_a)
+                          masked one. Message lists: the whole conversation rendered, mask 1 on
+                          every token from seg_a on, seg_a = the common prefix of its ids and
+                          encode(render(prompt, generation prompt)) (TRL's completion_mask: the
+                          template's "\n" after <|im_end|> included)
   sft text                encode(text) + EOS, mask 1 everywhere
-  sft, all                cut to the first max_seq_len tokens
+  sft, all                cut to the first max_seq_len tokens; unpacked, a record the cut leaves
+                          without a mask 1 is dropped (TRL)
   preference              prompt, chosen, rejected back to back; strings: encode each, EOS after each
                           reply; messages: render(prompt, generation prompt) and each reply as
                           render(prompt + reply)[len(that):] (TRL). Too long (prompt + longer reply >
@@ -201,10 +203,12 @@ def sft_doc(tok, rec, L):
             seg_a = mask.index(1) if 1 in mask else len(ids)
             ids, mask = ids + [tok.eos], mask + [1]
         else:
-            ids, mask = tok.chat(p + c)
-            seg_a = len(tok.encode(tok.render(p, True)))
-            mask = [0] * min(seg_a, len(mask)) + mask[seg_a:]
-            seg_a = min(seg_a, len(ids))
+            ids, _ = tok.chat(p + c)
+            prompt_ids = tok.encode(tok.render(p, True))
+            seg_a = 0  # TRL's common_prefix_length(prompt ids, prompt + completion ids)
+            while seg_a < min(len(prompt_ids), len(ids)) and prompt_ids[seg_a] == ids[seg_a]:
+                seg_a += 1
+            mask = [0] * seg_a + [1] * (len(ids) - seg_a)
     else:
         ids = tok.encode(rec["text"]) + [tok.eos]
         mask = [1] * len(ids)
@@ -299,6 +303,9 @@ def check_case(tok, case, errors):
             ids, mask, seg_a, seg_b, truncated = make(tok, rec, L)
             if fmt == "rl" and len(ids) > L:
                 counts["dropped"] += 1
+                continue
+            if fmt == "sft" and truncated and not case["packing"] and 1 not in mask:
+                counts["dropped"] += 1  # TRL drops rows truncation left without a target (unpacked)
                 continue
             counts["truncated"] += truncated
             meta = rec if fmt == "rl" else None

@@ -97,6 +97,46 @@ TEST(Prepare, SftMasksPerKind) {
   (void)kEnd;
 }
 
+// Conversational prompt/completion: TRL's completion_mask, every token after the prompt rendered with
+// the generation prompt, so also the template's "\n" after the assistant's <|im_end|> (which the
+// assistant mask of a "messages" record leaves out) and a non-assistant turn inside the completion.
+TEST(Prepare, SftConversationalCompletionMaskIsEverythingAfterThePrompt) {
+  Fixture fx;
+  std::string in = fx.dir.write("d.jsonl",
+                                R"({"prompt":[{"role":"user","content":"hi"}],"completion":[{"role":"assistant","content":"yo"}]})"
+                                "\n"
+                                R"({"prompt":[{"role":"user","content":"hi"}],"completion":[{"role":"assistant","content":"a"},)"
+                                R"({"role":"user","content":"b"},{"role":"assistant","content":"c"}]})"
+                                "\n");
+  auto o = fx.options(in);
+  o.packing = false;
+  prepare(o, fx.dir.file("out"));
+  auto set = PreparedSet::open(fx.dir.file("out"));
+  ASSERT_EQ(set.num_docs(), 2);
+  std::vector<uint32_t> prompt{kStart};  // "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+  for (uint32_t c : bytes_of("user\nhi")) prompt.push_back(c);
+  prompt.push_back(kImEnd);
+  prompt.push_back('\n');
+  prompt.push_back(kStart);
+  for (uint32_t c : bytes_of("assistant\n")) prompt.push_back(c);
+  auto expect = [&](int64_t doc, const std::vector<uint32_t>& completion) {
+    std::vector<uint32_t> ids = prompt;
+    ids.insert(ids.end(), completion.begin(), completion.end());
+    std::vector<uint8_t> mask(prompt.size(), 0);
+    mask.resize(ids.size(), 1);
+    EXPECT_EQ(set.doc(doc).ids.to_vector(), ids);
+    EXPECT_EQ(set.doc(doc).mask.to_vector(), mask);
+    EXPECT_EQ(set.doc(doc).entry->seg_a, prompt.size());
+  };
+  expect(0, {'y', 'o', kImEnd, '\n'});
+  std::vector<uint32_t> turns{'a', kImEnd, '\n', kStart};
+  for (uint32_t c : bytes_of("user\nb")) turns.push_back(c);
+  turns.insert(turns.end(), {kImEnd, '\n', kStart});
+  for (uint32_t c : bytes_of("assistant\nc")) turns.push_back(c);
+  turns.insert(turns.end(), {kImEnd, '\n'});
+  expect(1, turns);
+}
+
 TEST(Prepare, TruncateOrDropCounted) {
   Fixture fx;
   std::string in = fx.dir.write("d.jsonl", R"({"text":"0123456789"})"
