@@ -202,11 +202,16 @@ struct LineResult {
 // first max_seq_len: that many ids are exactly the first ones of the whole record, and "more than
 // max_seq_len" is decided as before.
 
-// The first n ids of `text` followed by EOS (TRL appends EOS to language-modeling text); the EOS
-// only survives when the text has fewer than n ids, which is where encode_head gives them all.
+// The first n ids of `text` followed by EOS (TRL appends EOS to language-modeling text and to
+// preference replies, unless the text already ends with the EOS token's text: then its last id is
+// that EOS and no second one is added); the EOS only survives when the text has fewer than n ids,
+// which is where encode_head gives them all.
 std::vector<TokenId> encode_head_with_eos(const Tokenizer& tok, std::string_view text, size_t n) {
   std::vector<TokenId> ids = tok.encode_head(text, n);
-  if (tok.eos_id() != tokenizer::kNoToken) ids.push_back(tok.eos_id());
+  if (tok.eos_id() == tokenizer::kNoToken) return ids;
+  const std::string eos = tok.id_to_token(tok.eos_id());
+  if (eos.empty() || text.size() < eos.size() || text.substr(text.size() - eos.size()) != eos)
+    ids.push_back(tok.eos_id());
   return ids;
 }
 

@@ -758,6 +758,12 @@ PromptCompletionEncoding Tokenizer::encode_prompt_completion(std::string_view pr
                                                              bool add_eos, size_t max_ids) const {
   Impl::Tail whole = impl_->bounded();  // a huge pre-token merged a window at a time
   Impl::Tail* bounded = nullptr;
+  // TRL appends the EOS only to a completion that does not already end with the EOS token's text.
+  if (add_eos && impl_->eos != kNoToken) {
+    const std::string eos = id_to_token(impl_->eos);
+    if (!eos.empty() && completion.size() >= eos.size() && completion.substr(completion.size() - eos.size()) == eos)
+      add_eos = false;
+  }
   if (max_ids != SIZE_MAX) {
     bounded = &whole;
     // prompt + completion cut to head_bytes(max_ids); a cut prompt leaves no completion.

@@ -319,14 +319,14 @@ class RewardTrainerReference(ptkref.TempDirTestCase):
         self.compare_scores(final_dir, trainer, trainer.processing_class.pad_token_id)
 
     def test_text_tokenization_differences_pinned(self):
-        """Two known differences in how text pairs become ids, pinned (the test fails when either side
-        changes, so the README's "Differences from TRL" can be updated):
+        """How text pairs become ids: one known difference, pinned (the test fails when either side
+        changes, so the README's "Differences from TRL" can be updated), and one former difference:
           1. TRL's RewardTrainer tokenizes prompt + reply as one text; ptk tokenizes the prompt and the
              reply apart (one prompt for both replies, as for DPO). The ids differ where the prompt's
              last pre-token and the reply's first would join: a prompt ending in a space before a word
              ("Capital: " + "Paris": TRL " Paris", ptk " " + "Paris"), or a word run across the boundary.
-          2. TRL appends EOS to a reply unless its text already ends with the EOS token; ptk appends it
-             always, so such a reply ends in two EOS.
+          2. Both append EOS to a reply unless its text already ends with the EOS token (ptk used to
+             append it always, giving two EOS: this test showed it).
         Both sides' ids are counted through num_tokens (step 1) and TRL's own dataset preparation."""
         ptkref.need("torch")
         datasets = ptkref.need("datasets")
@@ -345,7 +345,8 @@ class RewardTrainerReference(ptkref.TempDirTestCase):
         boundary = {"prompt": "The capital of Germany: ", "chosen": "Berlin", "rejected": "Paris"}
         ends_eos = {"prompt": "Write a poem.\n", "chosen": "The sea is wide." + eos, "rejected": "The sea."}
         rows = [boundary, ends_eos]
-        ptk_rows = [ids(r["prompt"]) + ids(r[k]) + [tok.eos_token_id] for r in rows for k in ("chosen", "rejected")]
+        ptk_rows = [ids(r["prompt"]) + ids(r[k]) + ([] if r[k].endswith(eos) else [tok.eos_token_id])
+                    for r in rows for k in ("chosen", "rejected")]
         args = trl.RewardConfig(output_dir=str(self.tmp / "trl_out"), use_cpu=True, bf16=False, report_to=[],
                                 max_length=None)
         prepared = trl.RewardTrainer._prepare_dataset(None, datasets.Dataset.from_list(rows), tok, args, "train")
@@ -353,13 +354,14 @@ class RewardTrainerReference(ptkref.TempDirTestCase):
         self.assertEqual(trl_rows[0], ptk_rows[0][:-4] + ids(" Berlin") + [tok.eos_token_id], "1: TRL's ids")
         self.assertEqual(len(trl_rows[0]), len(ptk_rows[0]) - 1, "1: ptk's ' ' + 'Berlin' is one id more")
         self.assertEqual(trl_rows[1], ptk_rows[1], "1: ' Paris' splits the same either way")
-        self.assertEqual(trl_rows[2], ptk_rows[2][:-1], "2: TRL adds no second EOS")
+        self.assertEqual(trl_rows[2], ptk_rows[2], "2: neither side adds a second EOS")
+        self.assertEqual(ptk_rows[2].count(tok.eos_token_id), 1)
         self.assertEqual(trl_rows[3], ptk_rows[3])
         h = {"seed": 1, "steps": 1, "batch": 2, "accum": 1, "lr": 1e-6, "weight_decay": 0.0,
              "betas": (0.9, 0.999), "eps": 1e-8, "clip": 1.0, "max_length": 64, "center": None}
         ours, _ = self.run_ptk(model_dir, ptkref.write_jsonl(self.tmp / "pairs.jsonl", rows), h)
         self.assertEqual(int(ours[0]["num_tokens"]), sum(len(r) for r in ptk_rows),
-                         "ptk rm's tokens: prompt and reply tokenized apart, EOS always appended")
+                         "ptk rm's tokens: prompt and reply tokenized apart, one EOS a reply")
 
 
 if __name__ == "__main__":

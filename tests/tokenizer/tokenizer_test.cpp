@@ -239,6 +239,11 @@ TEST(Tokenizer, PromptCompletionMask) {
   EXPECT_EQ(s.ids, (std::vector<TokenId>{'1', '+', '2', '=', '3', 256}));
   EXPECT_EQ(s.completion_mask, (std::vector<uint8_t>{0, 0, 0, 0, 1, 1}));
   EXPECT_EQ(s.prompt_tokens, 4u);
+  // A completion that already ends with the EOS token's text gets no second EOS (TRL's rule; the
+  // reference suite's rm_reference_test found ptk adding one).
+  auto e = b.encode_prompt_completion("1+2=", "3<|endoftext|>", true);
+  EXPECT_EQ(e.ids, s.ids);
+  EXPECT_EQ(e.completion_mask, s.completion_mask);
 }
 
 // NFC changes a line (e + U+0301 -> é): token starts inside such a line were the line's start, so
