@@ -334,6 +334,16 @@ struct RewardServer::Impl {
     if (!verifiers.empty() && labels.empty() && n > 0)
       throw HttpError{400, "missing field `labels`: this server's verifiers (" + verifier_list() +
                                ") compare each response with a reference answer; send one label per query"};
+    // An empty label makes math and exact score 0 whatever the response: a client that sends no answers
+    // (OpenRLHF without --data.label_key sends "" for every item) would train on silent zeros.
+    for (const auto& v : verifiers) {
+      if (std::string_view(v->name) != "math" && std::string_view(v->name) != "exact") continue;
+      for (size_t i = 0; i < n; ++i)
+        if (labels[i].empty())
+          throw HttpError{400, "labels[" + std::to_string(i) + "] is empty: verifier `" + std::string(v->name) +
+                                   "` compares the response with this reference answer and would score 0 whatever "
+                                   "it is (OpenRLHF: set --data.label_key to the dataset's answer field)"};
+    }
     // The response each verifier sees: the query after its prompt (the whole query without prompts).
     // Only verifiers need it: a model-only server scores whole queries and ignores `prompts`, as
     // OpenRLHF's own server (serve_rm.py) does.

@@ -278,6 +278,7 @@ TEST_F(RewardServerTest, BadInputGetsA4xxWithAMessage) {
       {"{\"query\": [\"a\", \"b\"], \"prompts\": [\"a\"], \"labels\": [\"1\", \"2\"]}", 400, "`prompts` has 1 items"},
       {"{\"query\": [\"xa\"], \"prompts\": [\"a\"], \"labels\": [\"1\"]}", 400, "does not start with prompts[0]"},
       {"{\"query\": [\"a\"]}", 400, "missing field `labels`"},
+      {"{\"query\": [\"a\", \"b\"], \"labels\": [\"1\", \"\"]}", 400, "labels[1] is empty: verifier `math`"},
       {"{\"query\": [\"a\",\"b\",\"c\",\"d\",\"e\"], \"labels\": [\"1\",\"1\",\"1\",\"1\",\"1\"]}", 413, "at most 4"},
       {"{\"query\": [\"" + std::string(60, 'x') + "\"], \"labels\": [\"1\"]}", 413, "max_tokens_per_item"},
       {"{\"query\": [\"" + std::string(3000, 'x') + "\"], \"labels\": [\"1\"]}", 413, "max_body_bytes"},
