@@ -18,7 +18,7 @@ weigh the same tokens and are 0 at the start) and keeps the sft term a plain tok
 
 Alignment (what had to be equal for the numbers to be):
   - data order: ptk walks a seeded Feistel permutation of the prepared rows per epoch
-    (datasets/loader.cpp); `ptk_row_order` reproduces it and TRL gets the rows in that order through
+    (datasets/loader.cpp); `ptkref.ptk_micro_batch_rows` reproduces it and TRL gets the rows in that order through
     train_sampling_strategy="sequential" (6 pairs, 12 micro-batch slots: the run crosses an epoch);
   - LR: constant, no warmup; AdamW (0.9, 0.999, eps 1e-8), weight decay 0.5 on both, which neither
     applies to biases and norm weights (a wrongly decayed RMSNorm weight moves by lr*wd = 5e-4 a step,
@@ -79,58 +79,6 @@ RTOL = 1e-5
 ATOL = {"rewards/chosen": 2e-6, "rewards/rejected": 2e-6, "rewards/margins": 2e-6, "logits/chosen": 1e-8,
         "logits/rejected": 1e-8}
 ATOL_DEFAULT = 1e-7
-
-# ---- ptk's row order (datasets/loader.cpp: Permutation, Loader::next_rows) -----------------------
-
-_M64 = (1 << 64) - 1
-
-
-def _splitmix64(x):
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def _permutation(n, seed):
-    bits = 2
-    while bits < 64 and (1 << bits) < n:
-        bits += 1
-    if bits % 2:
-        bits += 1
-    half = bits // 2
-    mask = (1 << half) - 1
-    keys, k = [], seed
-    for _ in range(4):
-        k = _splitmix64(k)
-        keys.append(k)
-
-    def at(i):
-        x = i
-        while True:
-            left, right = x >> half, x & mask
-            for key in keys:
-                left, right = right, left ^ (_splitmix64(right ^ key) & mask)
-            x = (left << half) | right
-            if x < n:
-                return x
-    return at
-
-
-def ptk_row_order(rows, micro_batch_size, micro_batches, seed):
-    """The prepared row ids ptk's Loader hands out, micro-batch after micro-batch (one rank)."""
-    per_epoch = (rows + micro_batch_size - 1) // micro_batch_size
-    out, epoch, batch = [], 0, 0
-    perm = _permutation(rows, _splitmix64(seed ^ _splitmix64(epoch + 1)))
-    for _ in range(micro_batches):
-        if batch >= per_epoch:
-            epoch, batch = epoch + 1, 0
-            perm = _permutation(rows, _splitmix64(seed ^ _splitmix64(epoch + 1)))
-        base = batch * micro_batch_size
-        out.extend(perm((base + j) % rows) for j in range(micro_batch_size))
-        batch += 1
-    return out
-
 
 def records(pairs, chat):
     if not chat:
@@ -225,7 +173,7 @@ class DpoAgainstTrl(_TinyModel):
         pairs = CHAT_PAIRS if chat else PLAIN_PAIRS
         recs = records(pairs, chat)
         data = ptkref.write_jsonl(self.tmp / "pairs.jsonl", recs)
-        order = ptk_row_order(len(recs), B, STEPS * K, SEED)
+        order = ptkref.ptk_micro_batch_rows(len(recs), B, STEPS * K, SEED)
         max_len = MAX_LEN_CHAT if chat else MAX_LEN
         ours, our_weights = self.run_ptk(model, data, list(loss_type), list(weights), label_smoothing, ld_alpha,
                                          precompute, max_len)

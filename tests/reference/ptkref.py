@@ -11,6 +11,8 @@ Each *_test.py is a unittest module that ends with `ptkref.main()`. ctest runs i
     tokenizer_config.json, which both transformers and ptk load;
   - tiny_qwen2(folder, ...): a random-init Qwen2ForCausalLM saved by transformers (fp32 safetensors);
   - metrics(run_dir): ptk's metrics.jsonl as a list of dicts;
+  - ptk_row_order / ptk_micro_batch_rows: the order ptk's loader visits rows in, for the peer's
+    sequential sampler;
   - assert_close(name, ours, theirs, rtol, atol): element-wise comparison with a message naming the
     quantity, the step and both values;
   - main(): runs the module's tests, writes one line per test to $PTK_TEST_RESULTS_DIR/<module>.tsv in
@@ -196,6 +198,64 @@ def tiny_qwen2(folder, tokenizer_folder=None, seed=0, tie=True, hidden=32, layer
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(Path(tokenizer_folder) / f, folder / f)
     return folder
+
+
+# ---- ptk's row order (datasets/loader.cpp: Permutation, Loader::next_rows) -----------------------
+# ptk always shuffles (no sequential order); the reference tests replay its order into the peer's
+# sequential sampler. A change of the loader's permutation fails them at step 1 (num_tokens).
+
+_M64 = (1 << 64) - 1
+
+
+def splitmix64(x):
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def ptk_row_order(n, seed, epoch=0):
+    """The row ids ptk's Loader (one rank) visits in `epoch`: a 4-round Feistel network on the next
+    even power of two, keyed by splitmix64(seed ^ splitmix64(epoch + 1)), cycle-walked into [0, n)."""
+    bits = 2
+    while bits < 64 and (1 << bits) < n:
+        bits += 1
+    if bits % 2:
+        bits += 1
+    half = bits // 2
+    mask = (1 << half) - 1
+    keys, k = [], splitmix64(seed ^ splitmix64(epoch + 1))
+    for _ in range(4):
+        k = splitmix64(k)
+        keys.append(k)
+
+    def perm(i):
+        x = i
+        while True:
+            left, right = x >> half, x & mask
+            for key in keys:
+                left, right = right, left ^ (splitmix64(right ^ key) & mask)
+            x = (left << half) | right
+            if x < n:
+                return x
+
+    return [perm(i) for i in range(n)]
+
+
+def ptk_micro_batch_rows(n, micro_batch_size, micro_batches, seed):
+    """The row ids ptk's Loader hands out, micro-batch after micro-batch (one rank): an epoch's last
+    micro-batch is filled from the start of that epoch's order, then the next epoch reshuffles."""
+    per_epoch = (n + micro_batch_size - 1) // micro_batch_size
+    out, epoch, batch = [], 0, 0
+    order = ptk_row_order(n, seed, epoch)
+    for _ in range(micro_batches):
+        if batch >= per_epoch:
+            epoch, batch = epoch + 1, 0
+            order = ptk_row_order(n, seed, epoch)
+        base = batch * micro_batch_size
+        out.extend(order[(base + j) % n] for j in range(micro_batch_size))
+        batch += 1
+    return out
 
 
 def _flat(x):

@@ -10,7 +10,7 @@ Aligning the two sides:
   - model: one seeded transformers Qwen2ForSequenceClassification folder (score head scaled so the
     rewards are O(1)) is model.path for ptk (which keeps a folder's score head) and the model for TRL;
   - order: ptk shuffles with its loader's keyed permutation (datasets/loader.cpp), mirrored here in
-    `ptk_row_order`; TRL gets the rows in that order and samples sequentially
+    `ptkref.ptk_row_order`; TRL gets the rows in that order and samples sequentially
     (train_sampling_strategy="sequential"); the steps stay inside the first epoch;
   - truncation: both drop a pair whose prompt + longer reply (EOS included) exceeds max_length; the
     data has one pair at exactly max_length (kept) and one a token over (dropped);
@@ -27,8 +27,6 @@ from pathlib import Path
 
 import ptkref
 
-MASK64 = (1 << 64) - 1
-
 
 def close(name, ours, theirs, rtol, atol):
     """ptkref.assert_close, and prints the largest |ptk - reference| (for the record, not checked)."""
@@ -37,42 +35,6 @@ def close(name, ours, theirs, rtol, atol):
         worst = max(abs(x - y) for x, y in zip(a, b))
         print(f"  {name}: max |diff| {worst:.3g} (max |reference| {max(abs(y) for y in b):.3g})")
     ptkref.assert_close(name, ours, theirs, rtol=rtol, atol=atol)
-
-
-def _splitmix64(x):
-    x = (x + 0x9E3779B97F4A7C15) & MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
-    return x ^ (x >> 31)
-
-
-def ptk_row_order(n, seed, epoch=0):
-    """The rows ptk's loader visits in `epoch` (datasets/loader.cpp: Permutation, a 4-round Feistel
-    network keyed by splitmix64(seed ^ splitmix64(epoch + 1)), cycle-walked into [0, n))."""
-    bits = 2
-    while bits < 64 and (1 << bits) < n:
-        bits += 1
-    if bits % 2:
-        bits += 1
-    half = bits // 2
-    mask = (1 << half) - 1
-    keys, k = [], _splitmix64(seed ^ _splitmix64(epoch + 1))
-    for _ in range(4):
-        k = _splitmix64(k)
-        keys.append(k)
-
-    def perm(i):
-        x = i
-        while True:
-            left, right = x >> half, x & mask
-            for key in keys:
-                f = _splitmix64(right ^ key) & mask
-                left, right = right, left ^ f
-            x = (left << half) | right
-            if x < n:
-                return x
-
-    return [perm(i) for i in range(n)]
 
 
 def make_reward_model(tmp, tok_dir, seed=5, score_scale=10.0, eos_token=None):
@@ -248,7 +210,7 @@ class RewardTrainerReference(ptkref.TempDirTestCase):
     def ordered_rows(self, kept, dropped, seed):
         """TRL's dataset: ptk's visiting order of the kept rows, after the over-long rows (which TRL must
         drop itself, else step 1 differs)."""
-        return list(dropped) + [kept[i] for i in ptk_row_order(len(kept), seed)]
+        return list(dropped) + [kept[i] for i in ptkref.ptk_row_order(len(kept), seed)]
 
     # ---- tests ------------------------------------------------------------------------------------
 

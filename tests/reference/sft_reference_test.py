@@ -24,7 +24,7 @@ Aligning the two sides:
     tokenization, completion mask and packing are checked exactly, not inferred from losses.
   - Data order. ptk walks its rows in a keyed permutation of run.seed (datasets/loader.cpp; no switch
     turns it off); TRL's Trainer runs sequentially with train_sampling_strategy="sequential" over its
-    prepared dataset, reordered here with ptk's permutation (ptk_row_order, a port of the loader's).
+    prepared dataset, reordered here with ptk's permutation (ptkref.ptk_row_order, a port of the loader's).
     A wrong port shows at once: num_tokens and the loss of step 1 differ.
   - AdamW: TRL's optim="adamw_torch" is torch.optim.AdamW (single-tensor on the CPU), whose arithmetic
     ptk's AdamW reproduces; transformers' get_decay_parameter_names leaves out biases and every
@@ -44,45 +44,6 @@ import unittest
 from pathlib import Path
 
 import ptkref
-
-MASK64 = (1 << 64) - 1
-
-
-def splitmix64(x):
-    x = (x + 0x9E3779B97F4A7C15) & MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
-    return x ^ (x >> 31)
-
-
-def ptk_row_order(rows, seed, epoch=0):
-    """The row ids ptk's Loader (one rank) visits in `epoch`: datasets/loader.cpp's Permutation, keyed by
-    splitmix64(seed ^ splitmix64(epoch + 1)); a 4-round Feistel network on the next even power of two,
-    cycle-walked into [0, rows)."""
-    bits = 2
-    while bits < 64 and (1 << bits) < rows:
-        bits += 1
-    if bits % 2:
-        bits += 1
-    half = bits // 2
-    mask = (1 << half) - 1
-    keys, k = [], splitmix64(seed ^ splitmix64(epoch + 1))
-    for _ in range(4):
-        k = splitmix64(k)
-        keys.append(k)
-
-    def perm(i):
-        x = i
-        while True:
-            l, r = x >> half, x & mask
-            for key in keys:
-                f = splitmix64(r ^ key) & mask
-                l, r = r, l ^ f
-            x = (l << half) | r
-            if x < rows:
-                return x
-
-    return [perm(i) for i in range(rows)]
 
 
 def read_ptk_prepared(folder):
@@ -215,7 +176,7 @@ class SftAgainstTrl(ptkref.TempDirTestCase):
         # ptk fills an epoch's last micro-batch from the epoch's start (as torch's DistributedSampler
         # pads); TRL's last micro-batch is short. An even row count keeps the two on the same rows.
         self.assertEqual(rows % self.MICRO_BATCH, 0, "the data must fill every micro-batch")
-        trainer.train_dataset = trainer.train_dataset.select(ptk_row_order(rows, self.SEED))
+        trainer.train_dataset = trainer.train_dataset.select(ptkref.ptk_row_order(rows, self.SEED))
         trainer.train()
         logs = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
         return logs, trainer.model, rows
@@ -314,7 +275,7 @@ class SftAgainstTrl(ptkref.TempDirTestCase):
         trainer = sft_trainer(self.tmp, model_dir, records, seed=self.SEED, per_device_train_batch_size=2,
                               gradient_accumulation_steps=2, num_train_epochs=1, max_length=128)
         rows = assert_same_rows(self, trainer.train_dataset, ptk_dir / "data" / "train", False)
-        order = ptk_row_order(rows, self.SEED)
+        order = ptkref.ptk_row_order(rows, self.SEED)
         trainer.train_dataset = trainer.train_dataset.select(order)
         trainer.train()
         logs = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
