@@ -41,10 +41,13 @@ fetching the micro-batches, generation included for GRPO, to the optimizer step)
 TrainerCallback's on_step_begin -> on_step_end (forward/backward of every micro-batch, GRPO's
 generation and scoring, clipping, optimizer step; the Trainer fetches the batch just before
 on_step_begin, so this leaves out TRL's batch fetch and its logging: a little in TRL's favour).
+CPU seconds per step (user + system, all threads; ptk: /proc of the child sampled when metrics.jsonl
+gains a line, every 50 ms, so only meaningful for steps of seconds; TRL: time.process_time() in the
+callback): less exposed to other tenants than wall time, though not immune (shared caches, cores).
 Peak memory: each side runs as a child process, its peak RSS (ru_maxrss from wait4) — for ptk
 including its data preparation and the final save; ptk's own peak_rss_bytes (metrics.jsonl, at the last
 step) is printed beside it.
-Each repeat runs both back to back (ptk first in odd repeats, TRL first in even ones); --repeats N
+Each repeat runs both back to back (--first's side first in odd repeats, the other in even ones); --repeats N
 prints min and median of each figure and of the per-repeat ratios, and a "best step" row (the fastest
 timed step of each run, less exposed to other tenants' bursts). The load average is printed before each run (the machine is shared).
 """
@@ -85,15 +88,36 @@ def loadavg():
     return " ".join(open("/proc/loadavg").read().split()[:3])
 
 
-def run_child(cmd, log_path, env=None):
-    """Runs cmd with stdout+stderr to log_path; returns (exit status, peak RSS bytes, wall seconds)."""
+def proc_cpu_s(pid):
+    """CPU seconds (user + system, every thread) the process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_child(cmd, log_path, env=None, watch=None, cpu_marks=None):
+    """Runs cmd with stdout+stderr to log_path; returns (exit status, peak RSS bytes, wall seconds).
+    With watch (a metrics.jsonl path) and cpu_marks (a list), appends (lines, CPU seconds of the child)
+    whenever the file gains lines (polled every 50 ms): the CPU time of each step."""
     e = dict(os.environ)
     if env:
         e.update(env)
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         p = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, env=e, cwd=ROOT)
-        _, status, ru = os.wait4(p.pid, 0)
+        seen = 0
+        while True:
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG if watch is not None else 0)
+            if pid == p.pid:
+                break
+            try:
+                n = sum(1 for _ in open(watch)) if os.path.exists(watch) else 0
+                if n > seen:
+                    cpu_marks.append((n, proc_cpu_s(p.pid)))
+                    seen = n
+            except (OSError, ValueError, IndexError):
+                pass
+            time.sleep(0.05)
         p.returncode = os.waitstatus_to_exitcode(status)
     return p.returncode, ru.ru_maxrss * 1024, time.perf_counter() - t0
 
@@ -222,8 +246,10 @@ def run_ptk(a, model, data, rep):
     recipe = work / f"recipe-{a.cmd}-{a.shape}.json"
     recipe.write_text(json.dumps(ptk_recipe(a, model, data, run_dir), indent=1))
     log = work / f"ptk-{a.cmd}-{a.shape}-{rep}.log"
+    marks = []
     rc, rss, wall = run_child([a.ptk, a.cmd, "--threads", a.threads, "--recipe", recipe], log,
-                              env={"OMP_NUM_THREADS": str(a.threads)})
+                              env={"OMP_NUM_THREADS": str(a.threads)}, watch=run_dir / "metrics.jsonl",
+                              cpu_marks=marks)
     if rc != 0:
         fail(f"ptk {a.cmd} exited {rc} ({log})", log)
     rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl") if l.strip()]
@@ -237,6 +263,12 @@ def run_ptk(a, model, data, rep):
     if a.cmd == "grpo":
         res["gen_s"] = [r.get("time/generate_s", float("nan")) for r in timed]
         res["completion_len"] = [r.get("completions/mean_length", float("nan")) for r in timed]
+    # CPU seconds per timed step: the child's CPU time when metrics.jsonl reached the last warm-up line and
+    # the last line (first sighting of each, 50 ms polls; NaN when a step was too short to be seen).
+    at = dict(marks)
+    first, last = a.warmup, a.warmup + a.steps
+    res["cpu_per_step"] = ((at[last] - at[first]) / a.steps if first in at and last in at and first > 0
+                           else float("nan"))
     shutil.rmtree(run_dir / "final", ignore_errors=True)  # 2 GB at 0.5B
     return res
 
@@ -260,7 +292,8 @@ def run_trl(a, model, data, rep):
     res = json.loads(out.read_text())
     steps = res["steps"][a.warmup:]
     r = {"step_s": [s["dt"] for s in steps], "tokens": sum(s["tokens"] for s in steps),
-         "step_tokens": [s["tokens"] for s in steps], "rss": rss, "wall": wall}
+         "step_tokens": [s["tokens"] for s in steps], "rss": rss, "wall": wall,
+         "cpu_per_step": statistics.mean(s.get("cpu_s", float("nan")) for s in steps)}
     if a.cmd == "grpo":
         r["gen_s"] = [s.get("gen_s", float("nan")) for s in steps]
         r["completion_len"] = [s.get("completion_len", float("nan")) for s in steps]
@@ -289,12 +322,13 @@ def trl_child(args):
         def on_step_begin(self, args, state, control, **kw):
             gen_s[0] = 0.0
             self.t0 = time.perf_counter()
+            self.c0 = time.process_time()
             self.tok0 = getattr(trainer, "_total_train_tokens", 0)
 
         def on_step_end(self, args, state, control, **kw):
             dt = time.perf_counter() - self.t0
             steps.append({"dt": dt, "tokens": getattr(trainer, "_total_train_tokens", 0) - self.tok0,
-                          "gen_s": gen_s[0]})
+                          "gen_s": gen_s[0], "cpu_s": time.process_time() - self.c0})
             print(f"step {state.global_step}: {dt:.3f} s", flush=True)
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -368,6 +402,7 @@ def main():
     ap.add_argument("cmd", choices=["sft", "dpo", "grpo"])
     ap.add_argument("--shape", choices=["tiny", "0.5b"], default="tiny")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--first", choices=["ptk", "trl"], default="ptk", help="the side that runs first in repeat 1")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/ptk_trl_compare")
     ap.add_argument("--ptk", default=os.environ.get("PTK", str(ROOT / "build/bin/ptk")))
@@ -403,7 +438,7 @@ def main():
     ours, theirs = [], []
     for rep in range(a.repeats):
         # Alternate which side goes first, so that a load trend on the shared machine favours neither.
-        for side in (("ptk", "TRL") if rep % 2 == 0 else ("TRL", "ptk")):
+        for side in (("ptk", "TRL") if (rep + (a.first == "trl")) % 2 == 0 else ("TRL", "ptk")):
             print(f"-- repeat {rep + 1}/{a.repeats}: {side} {a.cmd} (load before {loadavg()})", flush=True)
             r = run_ptk(a, model, data, rep) if side == "ptk" else run_trl(a, model, data, rep)
             (ours if side == "ptk" else theirs).append(r)
@@ -426,6 +461,7 @@ def main():
 
     rows = [(name, [rate(r) for r in ours], [rate(r) for r in theirs], a.cmd != "grpo"),
             (name + ", best step", [best(r) for r in ours], [best(r) for r in theirs], a.cmd != "grpo"),
+            ("CPU s/step", [r["cpu_per_step"] for r in ours], [r["cpu_per_step"] for r in theirs], False),
             ("peak RSS (GiB)", [r["rss"] / 2**30 for r in ours], [r["rss"] / 2**30 for r in theirs], False)]
     if a.cmd == "grpo":
         rows.append(("generation s/step", [statistics.mean(r["gen_s"]) for r in ours],
