@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: installs what is missing, builds, runs the whole suite (unit,
-# integration, reference and slow labels) and prints its summary: GoogleTest cases passed, skipped
-# with their reasons, failed (scripts/test_summary.sh). Extra arguments go to ctest (e.g. -L unit).
+# integration, reference and slow labels) and prints its summary: GoogleTest and unittest cases passed,
+# skipped with their reasons, failed (scripts/test_summary.sh). Extra arguments go to ctest (e.g. -L unit).
 #
 # What set-up installed and this machine has is required: a test that would skip for want of it
 # fails instead (PTK_REQUIRE; tests/support/test_util.h). Set PTK_REQUIRE yourself to override.

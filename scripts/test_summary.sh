@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The suite's summary after ctest (scripts/test.sh calls it): GoogleTest cases passed, skipped (grouped
-# by reason, naming the tests) and failed, from the per-executable results that tests/support/test_main.cpp
-# writes to <build>/test-results/, plus what ctest said of each executable (one that crashed or timed
+# The suite's summary after ctest (scripts/test.sh calls it): GoogleTest and unittest (tests/reference)
+# cases passed, skipped (grouped by reason, naming the tests) and failed, from the per-executable results
+# that tests/support/test_main.cpp and tests/reference/ptkref.py write to <build>/test-results/, plus what ctest said of each executable (one that crashed or timed
 # out has no line for the cases it never finished). Exits 1 when anything failed.
 #   scripts/test_summary.sh [build-dir] [ctest-output-log]
 set -euo pipefail
@@ -23,7 +23,7 @@ awk -F'\t' '
   $1 == "failed"  { failed = failed "\n  " $2 ": " $3 }
   END {
     ne = 0; for (e in exes) ne++
-    printf "test summary: %d passed, %d skipped, %d failed (GoogleTest cases of %d executables)\n",
+    printf "test summary: %d passed, %d skipped, %d failed (GoogleTest and unittest cases of %d executables)\n",
            n["passed"], n["skipped"], n["failed"], ne
     if (n["skipped"] > 0) {
       print "skipped, by reason:"

@@ -68,7 +68,7 @@ TEST(SuiteAccounting, MixedRunIsNotReportedAsSkippedAndTheSummaryCountsEachKind)
   d.write("build/test-results/other_test.tsv", "failed\tother_test\tOther.Case\t\npassed\tother_test\tOther.Two\t\n");
   auto s = test::run("bash " + test::source_dir() + "/scripts/test_summary.sh " + build);
   EXPECT_EQ(s.exit_code, 1) << s.out;
-  EXPECT_NE(s.out.find("test summary: 2 passed, 1 skipped, 1 failed (GoogleTest cases of 2 executables)"),
+  EXPECT_NE(s.out.find("test summary: 2 passed, 1 skipped, 1 failed (GoogleTest and unittest cases of 2 executables)"),
             std::string::npos) << s.out;
   EXPECT_NE(s.out.find("  1  [probe] no probe on this machine\n       suite_accounting_test:SuiteWorker.SkipsForWantOfAProbe"),
             std::string::npos) << s.out;
