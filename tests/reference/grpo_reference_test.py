@@ -152,6 +152,15 @@ class GrpoLossTest(ptkref.TempDirTestCase):
         if failures:
             raise AssertionError(f"{len(failures)} case(s) differ:\n" + "\n".join(failures))
 
+    def test_trl_defaults_the_readme_names(self):
+        """Pinned for README "Differences from TRL": TRL's GRPOConfig defaults to bf16 (autocast on
+        the CPU too, where ptk trains in float32) and applies the sampler importance-sampling
+        correction only with vLLM. A TRL that changes either fails here, and the README follows."""
+        trl = ptkref.need("trl")
+        cfg = trl.GRPOConfig(output_dir=str(self.tmp / "defaults"), use_cpu=True, report_to="none")
+        self.assertTrue(cfg.bf16, "TRL's GRPOConfig no longer defaults to bf16")
+        self.assertFalse(cfg.use_vllm)
+
     def test_loss_advantages_metrics_gradients_match_trl(self):
         """At the log-prob seam: every case of cases(), d loss / d logps compared."""
         self._setup()
