@@ -286,6 +286,23 @@ class SftAgainstTrl(ptkref.TempDirTestCase):
         self.assertEqual(int(ours[0]["num_tokens"]), sum(lengths) + lengths[0], "ptk repeats the epoch's first row")
 
 
+class DefaultsAgainstTrl(ptkref.TempDirTestCase):
+    def test_defaults_the_readme_names(self):
+        """Pinned for README "Differences from TRL": the SFT defaults that differ (ptk: cosine, lr 1e-5,
+        packing on; TRL: linear, 2e-5, off) and the chat-loss default (TRL trains every token unless
+        assistant_only_loss). Read from `ptk sft --help` and TRL's SFTConfig: either side changing one
+        fails here, and the README follows."""
+        trl = ptkref.need("trl")
+        cfg = trl.SFTConfig(output_dir=str(self.tmp / "defaults"), use_cpu=True, report_to="none")
+        self.assertEqual((cfg.learning_rate, str(cfg.lr_scheduler_type.value), cfg.packing, cfg.assistant_only_loss),
+                         (2e-5, "linear", False, False))
+        help_text = ptkref.ptk("sft", "--help").stdout
+        for line in ("optim.lr                    (float, default 1e-05)",
+                     'optim.schedule              (constant|linear|cosine, default "cosine")',
+                     "data.packing                (bool, default true)"):
+            self.assertIn(line, help_text)
+
+
 class PreparedRowsAgainstTrl(ptkref.TempDirTestCase):
     """What each side trains on, without training: ptk's prepared folders against TRL's preparation."""
 
