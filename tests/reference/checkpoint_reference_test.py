@@ -105,6 +105,15 @@ def ptk_forward(tmp, model_dir, ids, mask, name, dtype="float32"):
     return load_file(str(out))
 
 
+def ptk_generate_greedy(tmp, model_dir, conversations, max_new):
+    """`ptk generate --temperature 0` on chat prompts; its output lines (ids, text, finish_reason)."""
+    src = ptkref.write_jsonl(tmp / "prompts.jsonl", [{"messages": m} for m in conversations])
+    out = tmp / "gen.jsonl"
+    ptkref.ptk("generate", "--threads", 1, "--model", model_dir, "--input", src, "--output", out,
+               "--temperature", 0, "--max-new-tokens", max_new)
+    return [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
+
+
 def hf_logits(model, ids, mask):
     import torch
     ids, mask = torch.tensor(ids), torch.tensor(mask)
@@ -351,11 +360,7 @@ class GreedyGenerateMatchesTransformers(_Base):
                    [{"role": "user", "content": "用一句话介绍你自己。 The quick brown fox jumps over the lazy dog."}],
                    [{"role": "user", "content": "Write"}]]
         max_new = 16
-        src = ptkref.write_jsonl(self.tmp / "prompts.jsonl", [{"messages": m} for m in prompts])
-        out = self.tmp / "gen.jsonl"
-        ptkref.ptk("generate", "--threads", 1, "--model", final, "--input", src, "--output", out,
-                   "--temperature", 0, "--max-new-tokens", max_new)
-        ours = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
+        ours = ptk_generate_greedy(self.tmp, final, prompts, max_new)
 
         tok = self.transformers.AutoTokenizer.from_pretrained(str(final), padding_side="left")
         model = load_hf(final)
@@ -394,11 +399,7 @@ class GreedyGenerateMatchesTransformers(_Base):
         prompts = [[{"role": "user", "content": "What is 12 + 30?"}], [{"role": "user", "content": "hi"}],
                    [{"role": "user", "content": "Paris is the capital of France; Berlin is the capital of"}]]
         max_new = 16
-        src = ptkref.write_jsonl(self.tmp / "prompts.jsonl", [{"messages": m} for m in prompts])
-        out = self.tmp / "gen.jsonl"
-        ptkref.ptk("generate", "--threads", 1, "--model", model_dir, "--input", src, "--output", out,
-                   "--temperature", 0, "--max-new-tokens", max_new)
-        ours = [json.loads(l)["ids"] for l in out.read_text(encoding="utf-8").splitlines()]
+        ours = [line["ids"] for line in ptk_generate_greedy(self.tmp, model_dir, prompts, max_new)]
         tok = self.transformers.AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")
         model = load_hf(model_dir)
         enc = tok.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True,

@@ -13,8 +13,6 @@ OpenRLHF's /get_reward protocol), served from this process; TRL calls it directl
 """
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import ptkref
 
@@ -33,20 +31,12 @@ def digit_share(text):
     return sum(c.isdigit() for c in text) / max(1, len(text))
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        queries, prompts = body["query"], body.get("prompts") or [""] * len(body["query"])
-        rewards = [digit_share(q[len(p):] if q.startswith(p) else q) for q, p in zip(queries, prompts)]
-        data = json.dumps({"rewards": rewards}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *a):
-        pass
+def score_request(raw):
+    """OpenRLHF's /get_reward: the digit share of each query's response (the query after its prompt)."""
+    body = json.loads(raw)
+    queries, prompts = body["query"], body.get("prompts") or [""] * len(body["query"])
+    rewards = [digit_share(q[len(p):] if q.startswith(p) else q) for q, p in zip(queries, prompts)]
+    return 200, json.dumps({"rewards": rewards})
 
 
 def rising(curve):
@@ -67,14 +57,9 @@ class GrpoLearningTest(ptkref.TempDirTestCase):
                                        [{"prompt": [{"role": "user", "content": p}], "answer": ""} for p in PROMPTS])
 
     def ptk_curve(self):
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        t = threading.Thread(target=server.serve_forever, daemon=True)
-        t.start()
-        try:
-            run = self.tmp / "ptk_run"
-            ptkref.ptk("grpo", "--threads", "1", "--recipe", self.recipe(run, server.server_address[1]))
-        finally:
-            server.shutdown()
+        run = self.tmp / "ptk_run"
+        with ptkref.JsonPostServer(score_request) as server:
+            ptkref.ptk("grpo", "--threads", "1", "--recipe", self.recipe(run, server.port))
         return [m["reward"] for m in ptkref.metrics(run) if "reward" in m and "step" in m]
 
     def recipe(self, run, port):

@@ -15,6 +15,7 @@ Each *_test.py is a unittest module that ends with `ptkref.main()`. ctest runs i
     sequential sampler;
   - assert_close(name, ours, theirs, rtol, atol): element-wise comparison with a message naming the
     quantity, the step and both values;
+  - JsonPostServer(respond): a local reward server the test controls (answers, failures);
   - main(): runs the module's tests, writes one line per test to $PTK_TEST_RESULTS_DIR/<module>.tsv in
     the format of tests/support/test_main.cpp (scripts/test_summary.sh adds them up), prints the
     all-skipped line ctest turns into "Skipped", exits 1 on a failure.
@@ -292,6 +293,48 @@ def assert_close(name, ours, theirs, rtol=1e-5, atol=1e-6):
         i = worst_i
         raise AssertionError(f"{name}: element {i} of {len(a)}: ptk {a[i]!r} vs reference {b[i]!r} "
                              f"(|diff| {abs(a[i] - b[i]):.3g} > atol {atol:g} + rtol {rtol:g} * |reference|)")
+
+
+class JsonPostServer:
+    """A local HTTP server in a thread (a reward server the test controls): every POST gets
+    respond(request body bytes) -> (status, JSON text) back as application/json; .posts counts the
+    requests, .port and .url (…/get_reward) say where it listens. Stop it with stop() or `with`."""
+
+    def __init__(self, respond):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        owner = self
+        self.posts = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                owner.posts += 1
+                status, text = respond(raw)
+                data = text.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/get_reward"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 class TempDirTestCase(unittest.TestCase):

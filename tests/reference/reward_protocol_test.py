@@ -44,7 +44,6 @@ import tempfile
 import threading
 import unicodedata
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import ptkref
@@ -190,37 +189,9 @@ def closed_port():
         return s.getsockname()[1]
 
 
-class FakeServer:
-    """A tiny HTTP server whose /get_reward always answers `status` with `body` (application/json);
-    .posts counts the requests it got."""
-
-    def __init__(self, status, body):
-        owner = self
-        self.posts = 0
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                n = int(self.headers.get("Content-Length", "0"))
-                self.rfile.read(n)
-                owner.posts += 1
-                data = body.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/get_reward"
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def fake_server(status, body):
+    """A server whose /get_reward always answers `status` with `body`; .posts counts the requests."""
+    return ptkref.JsonPostServer(lambda raw: (status, body))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,7 +530,7 @@ class FailureTest(ptkref.TempDirTestCase):
         # Pinned difference: an answer with fewer rewards than queries. OpenRLHF's client returns it as
         # it is (it checks nothing in the answer); ptk's client refuses it as malformed, retries, and
         # fails.
-        srv = FakeServer(200, '{"rewards": [0.5], "scores": [0.5], "extra_logs": {}}')
+        srv = fake_server(200, '{"rewards": [0.5], "scores": [0.5], "extra_logs": {}}')
         try:
             self.assertEqual(openrlhf_fetch(srv.url, wire(ROWS[:2])), [{"rewards": [0.5], "scores": [0.5],
                                                                        "extra_logs": {}}])
@@ -568,7 +539,7 @@ class FailureTest(ptkref.TempDirTestCase):
             srv.stop()
 
     def test_503(self):
-        srv = FakeServer(503, '{"error": "warming up"}')
+        srv = fake_server(503, '{"error": "warming up"}')
         try:
             lines = self.openrlhf_fails(srv.url)
             self.assertIn("503", lines[0])
@@ -579,7 +550,7 @@ class FailureTest(ptkref.TempDirTestCase):
             srv.stop()
 
     def test_malformed_json(self):
-        srv = FakeServer(200, '{"rewards": [0.5, ')
+        srv = fake_server(200, '{"rewards": [0.5, ')
         try:
             self.openrlhf_fails(srv.url)
             self.assertEqual(srv.posts, 5)

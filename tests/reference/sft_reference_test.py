@@ -259,7 +259,6 @@ class SftAgainstTrl(ptkref.TempDirTestCase):
         self.assertGreaterEqual(steps, 3)
         self.compare(ptk_dir, logs, model, steps, hp)
 
-
     def test_short_last_micro_batch(self):
         """Pinned difference: with rows not filling the epoch's last micro-batch, ptk fills it from the
         start of the epoch's order (as torch's DistributedSampler pads, so every rank takes the same
