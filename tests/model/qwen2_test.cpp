@@ -460,6 +460,11 @@ TEST(Qwen2Inputs, ScoreIndexIsTheLastNonPadToken) {
   EXPECT_TRUE(model::score_index(ids, mask, 0).equal(torch::tensor({1, 3, 1}, torch::kLong)));
   EXPECT_TRUE(model::score_index(ids, mask, std::nullopt).equal(torch::tensor({1, 3, 2}, torch::kLong)));
   EXPECT_TRUE(model::last_token_index(mask).equal(torch::tensor({1, 3, 2}, torch::kLong)));
+  // Device-generic: on the meta device (no data) it stays there, one index per row, nothing read back.
+  auto meta = model::score_index(ids.to(torch::kMeta), mask.to(torch::kMeta), 0);
+  EXPECT_TRUE(meta.is_meta());
+  EXPECT_EQ(meta.sizes(), (std::vector<int64_t>{3}));
+  EXPECT_EQ(meta.scalar_type(), torch::kLong);
 }
 
 }  // namespace
