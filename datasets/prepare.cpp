@@ -208,10 +208,7 @@ struct LineResult {
 // which is where encode_head gives them all.
 std::vector<TokenId> encode_head_with_eos(const Tokenizer& tok, std::string_view text, size_t n) {
   std::vector<TokenId> ids = tok.encode_head(text, n);
-  if (tok.eos_id() == tokenizer::kNoToken) return ids;
-  const std::string eos = tok.id_to_token(tok.eos_id());
-  if (eos.empty() || text.size() < eos.size() || text.substr(text.size() - eos.size()) != eos)
-    ids.push_back(tok.eos_id());
+  if (tok.eos_id() != tokenizer::kNoToken && !tok.ends_with_eos(text)) ids.push_back(tok.eos_id());
   return ids;
 }
 

@@ -750,6 +750,11 @@ bool Tokenizer::is_special(TokenId id) const {
 }
 
 TokenId Tokenizer::eos_id() const { return impl_->eos; }
+bool Tokenizer::ends_with_eos(std::string_view text) const {
+  if (impl_->eos == kNoToken) return false;
+  const std::string eos = id_to_token(impl_->eos);
+  return !eos.empty() && text.size() >= eos.size() && text.substr(text.size() - eos.size()) == eos;
+}
 TokenId Tokenizer::pad_id() const { return impl_->pad; }
 TokenId Tokenizer::im_start_id() const { return impl_->im_start; }
 TokenId Tokenizer::im_end_id() const { return impl_->im_end; }
@@ -759,11 +764,7 @@ PromptCompletionEncoding Tokenizer::encode_prompt_completion(std::string_view pr
   Impl::Tail whole = impl_->bounded();  // a huge pre-token merged a window at a time
   Impl::Tail* bounded = nullptr;
   // TRL appends the EOS only to a completion that does not already end with the EOS token's text.
-  if (add_eos && impl_->eos != kNoToken) {
-    const std::string eos = id_to_token(impl_->eos);
-    if (!eos.empty() && completion.size() >= eos.size() && completion.substr(completion.size() - eos.size()) == eos)
-      add_eos = false;
-  }
+  if (add_eos && ends_with_eos(completion)) add_eos = false;
   if (max_ids != SIZE_MAX) {
     bounded = &whole;
     // prompt + completion cut to head_bytes(max_ids); a cut prompt leaves no completion.

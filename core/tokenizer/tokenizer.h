@@ -81,6 +81,9 @@ class Tokenizer {
 
   // From tokenizer_config.json (eos_token, pad_token), else <|endoftext|> where present.
   TokenId eos_id() const;
+  // Whether `text` ends with the EOS token's text: TRL appends the EOS to a text only when it does
+  // not (encode_prompt_completion's add_eos, prepare's language-modeling text and replies).
+  bool ends_with_eos(std::string_view text) const;
   TokenId pad_id() const;
   TokenId im_start_id() const;  // <|im_start|>, kNoToken if absent
   TokenId im_end_id() const;    // <|im_end|>, kNoToken if absent
