@@ -40,7 +40,7 @@ constexpr int kMaxParseDepth = 200;            // nested expressions / blocks in
 constexpr int kMaxCallDepth = 100;              // nested macro / caller invocations
 constexpr int64_t kMaxLoopIterations = 10000000;  // all loops of one render together
 constexpr int64_t kMaxRange = 100000;           // jinja2's sandbox MAX_RANGE
-constexpr size_t kMaxOutputBytes = size_t(256) << 20;  // any string built while rendering
+constexpr size_t kMaxOutputBytes = size_t(64) << 20;  // any string built while rendering (and the output)
 
 // ---------------------------------------------------------------------------------------------
 // Values
@@ -1494,6 +1494,8 @@ class Parser {
   }
   ExprP parse_call(ExprP callee) {
     Tok at = cur();
+    at.line = callee->line;
+    at.col = callee->col;
     auto n = node(E::Call, at);
     n->a.push_back(std::move(callee));
     parse_call_args(*n);
@@ -1647,7 +1649,7 @@ class Renderer {
   // --- output
   void out(std::string_view s) {
     buf_->append(s);
-    if (buf_->size() > kMaxOutputBytes) throw TemplateError{cur_line_, 0, "output larger than 256 MiB: refusing to render further"};
+    if (buf_->size() > kMaxOutputBytes) throw TemplateError{cur_line_, 0, "output larger than 64 MiB: refusing to render further"};
   }
 
   // --- conversions
@@ -1682,7 +1684,7 @@ class Renderer {
     return Value::str(to_str(v));
   }
   void append_repr(std::string& o, const Value& v, int depth) {
-    if (depth > 200) throw TemplateError{cur_line_, 0, "value nested too deeply to print"};
+    if (depth > 512) throw TemplateError{cur_line_, 0, "value nested too deeply to print"};
     switch (v.k) {
       case K::Undef: return;
       case K::None: o += "None"; return;
@@ -1776,7 +1778,7 @@ class Renderer {
     o += '"';
   }
   void append_json(std::string& o, const Value& v, const JsonOpts& opt, int level, const Expr& at) {
-    if (level > 200) err(at, "tojson: value nested too deeply");
+    if (level > 512) err(at, "tojson: value nested too deeply");
     auto newline = [&](int lv) {
       o += '\n';
       for (int k = 0; k < lv; ++k) o += opt.indent;
@@ -1918,7 +1920,7 @@ class Renderer {
     }
   }
   Value checked_str(std::string s, const Expr& at) {
-    if (s.size() > kMaxOutputBytes) err(at, "string larger than 256 MiB");
+    if (s.size() > kMaxOutputBytes) err(at, "string larger than 64 MiB");
     return Value::str(std::move(s));
   }
   Value arith(Op op, const Value& a, const Value& b, const Expr& at) {
@@ -1935,6 +1937,7 @@ class Renderer {
           r.markup = true;
           return r;
         }
+        if (a.s.size() + b.s.size() > kMaxOutputBytes) err(at, "string larger than 64 MiB");
         std::string s;
         s.reserve(a.s.size() + b.s.size());
         s.append(a.s).append(b.s);
@@ -1957,7 +1960,7 @@ class Renderer {
       else if (b.k == K::Str && intlike(a, &n)) seq = &b;
       if (seq) {
         if (n <= 0) return Value::view("");
-        if (static_cast<double>(n) * static_cast<double>(seq->s.size()) > static_cast<double>(kMaxOutputBytes)) err(at, "string larger than 256 MiB");
+        if (static_cast<double>(n) * static_cast<double>(seq->s.size()) > static_cast<double>(kMaxOutputBytes)) err(at, "string larger than 64 MiB");
         std::string s;
         for (int64_t k = 0; k < n; ++k) s.append(seq->s);
         return Value::str(std::move(s));
@@ -2466,7 +2469,11 @@ Value Renderer::eval(const Expr& e, Frame& f) {
     }
     case E::Concat: {
       std::string s;
-      for (const auto& x : e.a) append_str(s, eval(*x, f));
+      for (const auto& x : e.a) {
+        Value v = eval(*x, f);
+        if (v.k == K::Str && s.size() + v.s.size() > kMaxOutputBytes) err(e, "string larger than 64 MiB");
+        append_str(s, v);
+      }
       return checked_str(std::move(s), e);
     }
     case E::Cond: {
@@ -2703,16 +2710,14 @@ Value Renderer::call_method(const Value& self, std::string_view name, Args& pos,
           if (!rev) {
             std::vector<std::pair<size_t, size_t>> w2(words.begin(), words.begin() + maxsplit);
             if (static_cast<size_t>(maxsplit) < words.size()) {
-              size_t b = words[static_cast<size_t>(maxsplit)].first;
-              std::string_view rest = py_strip(s.substr(b), nullptr, false, true);
-              w2.emplace_back(b, b + rest.size());
+              // the remainder keeps its trailing whitespace, as CPython's split does
+              w2.emplace_back(words[static_cast<size_t>(maxsplit)].first, s.size());
             }
             words = w2;
           } else {
             std::vector<std::pair<size_t, size_t>> w2(words.end() - maxsplit, words.end());
             size_t e = words[words.size() - static_cast<size_t>(maxsplit) - 1].second;
-            std::string_view rest = py_strip(s.substr(0, e), nullptr, true, false);
-            w2.insert(w2.begin(), {e - rest.size(), e});
+            w2.insert(w2.begin(), {size_t(0), e});
             words = w2;
           }
         }
@@ -2764,7 +2769,7 @@ Value Renderer::call_method(const Value& self, std::string_view name, Args& pos,
         o.append(s.substr(i, p - i)).append(b);
         i = p + a.size();
         ++done;
-        if (o.size() > kMaxOutputBytes) err(at, "string larger than 256 MiB");
+        if (o.size() > kMaxOutputBytes) err(at, "string larger than 64 MiB");
       }
       o.append(s.substr(i));
       return Value::str(std::move(o));
@@ -3540,6 +3545,7 @@ Flow Renderer::exec_for(const Stmt& s, Frame& f) {
     loop->index0 = static_cast<int64_t>(i);
     Frame it;
     it.parent = &f;
+    it.vars.reserve(4);
     it.vars.emplace_back("loop", lv);
     assign(s.target, its[i], it, s);
     Flow fl = exec(s.body, it);

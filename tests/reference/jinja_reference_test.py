@@ -88,6 +88,25 @@ def conversations():
         ("enable_thinking_true", [u1, a1, u2], {"enable_thinking": True}),
         ("empty_reply", [u1, {"role": "assistant", "content": ""}], {}),
         ("bad_role", [{"role": "narrator", "content": "Once upon a time"}, u1], {}),
+        ("content_parts", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}], {}),
+        ("system_only", [sys_], {}),
+        ("two_tool_calls", [{"role": "user", "content": "Weather in Paris and Rome?"},
+                            {"role": "assistant", "content": "Let me check.", "reasoning_content": "Two cities.",
+                             "tool_calls": [calls_dict[0], {"id": "call_2", "type": "function", "function": {
+                                 "name": "get_weather", "arguments": {"city": "Rome", "nested": {
+                                     "values": [1.0, 1e-05, 0.1, 12345678901234567, -3, True, None],
+                                     "text": "\u00e9\"\n"}}}}]},
+                            {"role": "tool", "content": "21", "tool_call_id": "call_1"},
+                            {"role": "tool", "content": "25", "tool_call_id": "call_2"},
+                            {"role": "assistant", "content": "21 and 25."}],
+         {"tools": [WEATHER_TOOL, {"type": "function", "function": {"name": "noop", "description": "Does nothing.",
+                                                                   "parameters": {"type": "object", "properties": {}}}}]}),
+        ("long_reasoning_history", [sys_, u1, {"role": "assistant", "content": "A.", "reasoning_content": "first"},
+                                    u2, {"role": "assistant", "content": "B.", "reasoning_content": "second"},
+                                    {"role": "user", "content": "And now?"}], {}),
+        ("documents", [u1, a1], {"documents": [{"title": "Doc 1", "text": "Paris is in France."},
+                                               {"title": "Doc 2", "text": "Rome is in Italy."}]}),
         ("assistant_first", [a1, u1], {}),
     ]
     return cases
@@ -119,9 +138,10 @@ def build_context(cu, name, messages, extra, add_generation_prompt):
     msgs = cu._alias_reasoning_fields(cu._plain_template_data(msgs))
     extra = dict(extra)
     tools = extra.pop("tools", None)
+    documents = extra.pop("documents", None)
     ctx = {**special_tokens(name), **extra}
     ctx = cu._plain_template_data(ctx)
-    ctx.update(messages=msgs, tools=cu._plain_template_data(tools), documents=None,
+    ctx.update(messages=msgs, tools=cu._plain_template_data(tools), documents=cu._plain_template_data(documents),
                add_generation_prompt=add_generation_prompt)
     return ctx
 
