@@ -236,7 +236,8 @@ struct FuncObj : Obj {
   Value self;                 // Method: the receiver
   std::string name;           // Method: the method name; Macro: macro name
   const MacroDef* macro = nullptr;
-  const Frame* scope = nullptr;   // caller: the frame of the call site
+  const Frame* scope = nullptr;   // the frame free names resolve in (nullptr: the template's top level)
+  std::shared_ptr<Frame> captured;  // a macro defined inside a loop / macro: the variables it saw there
   Value caller;                   // Macro invoked from a call block: its `caller`
 };
 Value make_func(Fn fn) {
@@ -346,6 +347,10 @@ std::string map_case(std::string_view s, int mode /*0 lower 1 upper*/) {
     i += n;
     if (c < 0x80) {
       out += char(mode ? (c >= 'a' && c <= 'z' ? c - 32 : c) : (c >= 'A' && c <= 'Z' ? c + 32 : c));
+    } else if (mode && c == 0xDF) {
+      out += "SS";  // Python's full case mapping: "ß".upper() == "SS"
+    } else if (!mode && c == 0x130) {
+      out += "i\xcc\x87";  // "İ".lower() == "i̇"
     } else {
       append_utf8(out, static_cast<uint32_t>(mode ? utf8proc_toupper(static_cast<utf8proc_int32_t>(c))
                                                   : utf8proc_tolower(static_cast<utf8proc_int32_t>(c))));
@@ -834,7 +839,8 @@ struct MacroDef {
   std::vector<std::string> params;
   std::vector<ExprP> defaults;  // aligned to the last params
   std::vector<std::unique_ptr<Stmt>> body;
-  bool uses_caller = false;
+  bool uses_varargs = false;  // the body names `varargs` / `kwargs`: extra arguments land there
+  bool uses_kwargs = false;
 };
 
 struct Stmt {
@@ -1028,7 +1034,9 @@ class Parser {
       }
       if (is_name("recursive")) fail_here("recursive for loops are not supported by ptk's chat-template interpreter");
       expect_block_end();
+      ++loop_depth_;
       s->body = subparse({"endfor", "else"});
+      --loop_depth_;
       next();
       if (next().v == "else") {
         expect_block_end();
@@ -1078,7 +1086,12 @@ class Parser {
       s->macro->name = expect_name();
       parse_signature(*s->macro);
       expect_block_end();
+      int saved_loops = loop_depth_;
+      loop_depth_ = 0;
+      macros_.push_back(s->macro.get());
       s->macro->body = subparse({"endmacro"});
+      macros_.pop_back();
+      loop_depth_ = saved_loops;
       next();
       next();
       if (cur().t == T::Name && cur().v == s->macro->name) next();
@@ -1091,7 +1104,12 @@ class Parser {
       s->expr = parse_expression();
       if (s->expr->kind != E::Call) fail(s->expr->line, s->expr->col, "expected a call");
       expect_block_end();
+      int saved_loops = loop_depth_;
+      loop_depth_ = 0;
+      macros_.push_back(s->macro.get());
       s->macro->body = subparse({"endcall"});
+      macros_.pop_back();
+      loop_depth_ = saved_loops;
       next();
       next();
       expect_block_end();
@@ -1113,6 +1131,7 @@ class Parser {
       expect_block_end();
     } else if (n == "break" || n == "continue") {
       s->kind = n == "break" ? S::Break : S::Continue;
+      if (loop_depth_ == 0) fail(tag.line, tag.col, "'" + n + "' outside loop");
       expect_block_end();
     } else if (n == "with") {
       s->kind = S::With;
@@ -1353,6 +1372,8 @@ class Parser {
       }
       auto e = node(E::Name, t);
       e->name = t.v;
+      if (!macros_.empty() && t.v == "varargs") macros_.back()->uses_varargs = true;
+      if (!macros_.empty() && t.v == "kwargs") macros_.back()->uses_kwargs = true;
       return e;
     }
     if (t.t == T::String) {
@@ -1547,7 +1568,6 @@ class Parser {
     Tok at = cur();
     std::string name;
     if (cur().t == T::Name) name = next().v;
-    else if (cur().t == T::Op && (cur().v == "==" || cur().v == "!=" || cur().v == "<" || cur().v == "<=" || cur().v == ">" || cur().v == ">=")) name = next().v;
     else fail_here("expected a test name, got " + describe(cur()));
     int id = lookup(kTests, name);
     if (id < 0) fail(at.line, at.col, "No test named '" + name + "'.");
@@ -1571,6 +1591,8 @@ class Parser {
   std::vector<Tok> t_;
   size_t p_ = 0;
   int depth_ = 0;
+  int loop_depth_ = 0;
+  std::vector<MacroDef*> macros_;
   bool has_generation_ = false;
 };
 
@@ -1731,7 +1753,11 @@ class Renderer {
         return;
       }
       case K::Func: o += "<function>"; return;
-      case K::Loop: o += "<LoopContext>"; return;
+      case K::Loop: {
+        const auto& l = static_cast<const LoopObj&>(*v.o);
+        o += "<LoopContext " + std::to_string(l.index0 + 1) + "/" + std::to_string(l.length) + ">";
+        return;
+      }
     }
   }
   // json.dumps
@@ -1915,7 +1941,7 @@ class Renderer {
         Value tmp;
         return dict_get(hay, needle.s, &tmp);
       }
-      case K::Undef: undefined_error(at, hay);
+      case K::Undef: return false;
       default: err(at, std::string("argument of type '") + type_name(hay) + "' is not iterable");
     }
   }
@@ -2320,6 +2346,21 @@ class Renderer {
     for (const auto& kv : e.kw) kw->emplace_back(kv.first, eval(*kv.second, f));
   }
 
+  // The variables visible from `f` below the top level, flattened (inner names win): what a macro
+  // defined (or a caller body run) there sees, kept alive for as long as the macro value lives.
+  std::shared_ptr<Frame> snapshot(const Frame& f) {
+    auto c = std::make_shared<Frame>();
+    c->parent = &root_;
+    for (const Frame* p = &f; p && p != &root_; p = p->parent)
+      for (const auto& kv : p->vars) {
+        bool shadowed = false;
+        for (const auto& have : c->vars)
+          if (have.first == kv.first) shadowed = true;
+        if (!shadowed) c->vars.push_back(kv);
+      }
+    return c;
+  }
+
   // --- statements
   Flow exec(const Body& body, Frame& f);
   Flow exec_for(const Stmt& s, Frame& f);
@@ -2603,7 +2644,8 @@ Value Renderer::call_macro(const FuncObj& fo, Args& pos, std::vector<std::pair<s
                            const Expr& at) {
   const MacroDef& m = *fo.macro;
   if (call_depth_ >= kMaxCallDepth) err(at, "macro calls nested deeper than " + std::to_string(kMaxCallDepth) + " levels (runaway recursion?)");
-  if (pos.size() > m.params.size()) err(at, "macro '" + m.name + "' takes not more than " + std::to_string(m.params.size()) + " argument(s)");
+  if (pos.size() > m.params.size() && !m.uses_varargs)
+    err(at, "macro '" + m.name + "' takes not more than " + std::to_string(m.params.size()) + " argument(s)");
   Frame mf;
   mf.parent = fo.scope ? fo.scope : &root_;
   size_t first_default = m.params.size() - m.defaults.size();
@@ -2618,10 +2660,18 @@ Value Renderer::call_macro(const FuncObj& fo, Args& pos, std::vector<std::pair<s
     else if (i >= first_default) mf.vars.emplace_back(m.params[i], eval(*m.defaults[i - first_default], mf));
     else mf.vars.emplace_back(m.params[i], Value::undef(m.params[i]));
   }
+  auto extra_kw = std::make_shared<DictObj>();
   for (auto& kv : kw) {
-    if (std::find(m.params.begin(), m.params.end(), kv.first) == m.params.end() && !(kv.first == "caller" && fo.caller.k == K::Func))
-      err(at, "macro '" + m.name + "' takes no keyword argument '" + std::string(kv.first) + "'");
+    if (std::find(m.params.begin(), m.params.end(), kv.first) != m.params.end()) continue;
+    if (m.uses_kwargs) extra_kw->set(Value::view(kv.first), kv.second);
+    else err(at, "macro '" + m.name + "' takes no keyword argument '" + std::string(kv.first) + "'");
   }
+  if (m.uses_varargs) {
+    std::vector<Value> extra;
+    for (size_t i = m.params.size(); i < pos.size(); ++i) extra.push_back(pos[i]);
+    mf.vars.emplace_back("varargs", make_list(std::move(extra), true));
+  }
+  if (m.uses_kwargs) mf.vars.emplace_back("kwargs", make_dict(std::move(extra_kw)));
   if (fo.caller.k == K::Func) mf.vars.emplace_back("caller", fo.caller);
   ++call_depth_;
   std::string s;
@@ -2734,6 +2784,8 @@ Value Renderer::call_method(const Value& self, std::string_view name, Args& pos,
         return name == "startswith" ? s.substr(0, x.size()) == x : s.substr(s.size() - x.size()) == x;
       };
       if (p->is_list()) {
+        if (!(p->k == K::List && list_obj(*p).tuple))
+          err(at, std::string(name) + " first arg must be str or a tuple of str, not " + type_name(*p));
         for (size_t i = 0, n = list_size(*p); i < n; ++i) {
           Value x = list_at(*p, i);
           if (test(need_str(&x, "tuple item"))) return Value::boolean(true);
@@ -2819,6 +2871,16 @@ Value Renderer::call_method(const Value& self, std::string_view name, Args& pos,
       }
       if (b < s.size()) parts.push_back(Value::view(s.substr(b), self.o));
       return make_list(std::move(parts));
+    }
+    if (name == "partition" || name == "rpartition") {
+      std::string_view sep = need_str(arg(0, "sep"), "separator");
+      if (sep.empty()) err(at, "empty separator");
+      size_t p = name == "partition" ? s.find(sep) : s.rfind(sep);
+      if (p == std::string_view::npos)
+        return name == "partition" ? make_list({self, Value::view(""), Value::view("")}, true)
+                                   : make_list({Value::view(""), Value::view(""), self}, true);
+      return make_list({Value::view(s.substr(0, p), self.o), Value::view(s.substr(p, sep.size()), self.o),
+                        Value::view(s.substr(p + sep.size()), self.o)}, true);
     }
     if (name == "removeprefix" || name == "removesuffix") {
       std::string_view x = need_str(arg(0, "prefix"), "arg");
@@ -3225,6 +3287,7 @@ Value Renderer::apply_filter(int id, const Value& v, Args& pos, std::vector<std:
     case F_int: {
       args({"default", "base"});
       Value dflt = bind.get(0) ? *bind.get(0) : Value::integer(0);
+      need_defined(v);
       if (v.k == K::Int) return v;
       if (v.k == K::Bool) return Value::integer(v.u.b);
       if (v.k == K::Float) return std::isfinite(v.u.d) ? Value::integer(static_cast<int64_t>(v.u.d)) : dflt;
@@ -3243,6 +3306,7 @@ Value Renderer::apply_filter(int id, const Value& v, Args& pos, std::vector<std:
     case F_float: {
       args({"default"});
       Value dflt = bind.get(0) ? *bind.get(0) : Value::flt(0.0);
+      need_defined(v);
       double d;
       if (num(v, &d)) return Value::flt(d);
       if (v.k == K::Str) {
@@ -3274,10 +3338,18 @@ Value Renderer::apply_filter(int id, const Value& v, Args& pos, std::vector<std:
       double m = std::pow(10.0, static_cast<double>(prec));
       double r;
       if (method == "common") {
-        // Python round() (banker's on exact halves) is what jinja2 uses for "common"
-        double x = d * m;
-        r = std::nearbyint(x);
-        r /= m;
+        // jinja2's "common" is Python's round(value, precision): an int stays an int; a float is
+        // rounded correctly from its exact binary value, ties to even (round(2.675, 2) == 2.67).
+        if (v.k == K::Int || v.k == K::Bool) return Value::integer(v.k == K::Int ? v.u.i : v.u.b);
+        if (!std::isfinite(d) || prec > 300 || prec < -300) return Value::flt(d);
+        if (prec >= 0) {
+          char buf[400];
+          auto res = std::to_chars(buf, buf + sizeof buf, d, std::chars_format::fixed, static_cast<int>(prec));
+          r = std::strtod(std::string(buf, res.ptr).c_str(), nullptr);
+        } else {
+          r = std::nearbyint(d * m) / m;
+        }
+        if (r == 0) r = std::copysign(0.0, d);
       } else if (method == "ceil") r = std::ceil(d * m) / m;
       else if (method == "floor") r = std::floor(d * m) / m;
       else err(at, "method must be common, ceil or floor");
@@ -3617,6 +3689,10 @@ Flow Renderer::exec(const Body& body, Frame& f) {
         fo->fn = Fn::Macro;
         fo->macro = s.macro.get();
         fo->name = s.macro->name;
+        if (&f != &root_) {
+          fo->captured = snapshot(f);
+          fo->scope = fo->captured.get();
+        }
         Value v;
         v.k = K::Func;
         v.o = std::move(fo);
@@ -3627,7 +3703,10 @@ Flow Renderer::exec(const Body& body, Frame& f) {
         auto caller = std::make_shared<FuncObj>();
         caller->fn = Fn::Macro;
         caller->macro = s.macro.get();
-        caller->scope = &f;
+        if (&f != &root_) {
+          caller->captured = snapshot(f);
+          caller->scope = caller->captured.get();
+        }
         Value cv;
         cv.k = K::Func;
         cv.o = caller;
