@@ -510,9 +510,7 @@ class Lexer {
       std::string_view text(s_.data() + pos, p - pos);
       size_t text_end = p;
       if (sign == '-') {
-        size_t e = text.size();
-        while (e > 0 && is_ws(text[e - 1])) --e;
-        text_end = pos + e;
+        text_end = pos + rstrip_len(text);
       } else if (sign != '+' && kind != '{') {
         size_t nl = text.rfind('\n');
         size_t l_pos = nl == std::string_view::npos ? 0 : nl + 1;
@@ -534,7 +532,7 @@ class Lexer {
         if (j == std::string::npos) fail_at(p, "Missing end of comment tag");
         size_t end = j + 2;
         if (j > after_sign && s_[j - 1] == '-') {
-          while (end < s_.size() && is_ws(s_[end])) ++end;
+          end = skip_ws(end);
         } else if (j > after_sign && s_[j - 1] == '+') {
         } else if (end < s_.size() && s_[end] == '\n') {
           ++end;
@@ -566,7 +564,16 @@ class Lexer {
   }
 
  private:
-  static bool is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+  // Python's \s and str.isspace(): ASCII whitespace and Unicode's (U+00A0, U+3000, ...).
+  size_t skip_ws(size_t i) const {
+    while (i < s_.size()) {
+      size_t n;
+      if (!py_space(decode_at(s_, i, &n))) break;
+      i += n;
+    }
+    return i;
+  }
+  static size_t rstrip_len(std::string_view text) { return py_strip(text, nullptr, false, true).size(); }
 
   [[noreturn]] void fail_at(size_t off, const std::string& msg) {
     int l, c;
@@ -593,14 +600,14 @@ class Lexer {
   bool match_raw_begin(size_t p, size_t* body) {
     size_t i = p + 2;
     if (i < s_.size() && (s_[i] == '-' || s_[i] == '+')) ++i;
-    while (i < s_.size() && is_ws(s_[i])) ++i;
+    i = skip_ws(i);
     if (s_.compare(i, 3, "raw") != 0) return false;
     i += 3;
     if (i < s_.size() && (std::isalnum(static_cast<unsigned char>(s_[i])) || s_[i] == '_')) return false;
-    while (i < s_.size() && is_ws(s_[i])) ++i;
+    i = skip_ws(i);
     if (s_.compare(i, 3, "-%}") == 0) {
       i += 3;
-      while (i < s_.size() && is_ws(s_[i])) ++i;
+      i = skip_ws(i);
     } else if (s_.compare(i, 2, "%}") == 0) {
       i += 2;
     } else {
@@ -614,15 +621,15 @@ class Lexer {
       size_t k = i + 2;
       char sign = k < s_.size() ? s_[k] : 0;
       if (sign == '-' || sign == '+') ++k;
-      while (k < s_.size() && is_ws(s_[k])) ++k;
+      k = skip_ws(k);
       if (s_.compare(k, 6, "endraw") != 0) continue;
       k += 6;
-      while (k < s_.size() && is_ws(s_[k])) ++k;
+      k = skip_ws(k);
       size_t end;
       if (s_.compare(k, 3, "+%}") == 0) end = k + 3;
       else if (s_.compare(k, 3, "-%}") == 0) {
         end = k + 3;
-        while (end < s_.size() && is_ws(s_[end])) ++end;
+        end = skip_ws(end);
       } else if (s_.compare(k, 2, "%}") == 0) {
         end = k + 2;
         if (end < s_.size() && s_[end] == '\n') ++end;
@@ -632,9 +639,7 @@ class Lexer {
       std::string_view text(s_.data() + body, i - body);
       size_t text_end = i;
       if (sign == '-') {
-        size_t e = text.size();
-        while (e > 0 && is_ws(text[e - 1])) --e;
-        text_end = body + e;
+        text_end = body + rstrip_len(text);
       } else if (sign != '+') {
         size_t nl = text.rfind('\n');
         size_t l_pos = nl == std::string_view::npos ? 0 : nl + 1;
@@ -655,14 +660,14 @@ class Lexer {
     int depth = 0;
     size_t start = i;
     while (true) {
-      while (i < s_.size() && is_ws(s_[i])) ++i;
+      i = skip_ws(i);
       if (i >= s_.size()) fail_at(start, block ? "unexpected end of template: missing '%}'" : "unexpected end of template: missing '}}'");
       if (depth == 0) {
         const char* close = block ? "%}" : "}}";
         if (s_[i] == '-' && s_.compare(i + 1, 2, close) == 0) {
           push(block ? T::BlockEnd : T::VarEnd, i);
           size_t e = i + 3;
-          while (e < s_.size() && is_ws(s_[e])) ++e;
+          e = skip_ws(e);
           *line_starting = s_[e - 1] == '\n';
           return e;
         }
