@@ -810,6 +810,37 @@ class Lexer {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Python methods the interpreter knows, by receiver type
+
+bool is_str_method(std::string_view n) {
+  static const char* m[] = {"strip", "lstrip", "rstrip", "split", "rsplit", "startswith", "endswith", "replace",
+                            "upper", "lower", "title", "capitalize", "find", "rfind", "index", "count", "join",
+                            "format", "splitlines", "isdigit", "isalpha", "isalnum", "isspace", "isupper",
+                            "islower", "zfill", "center", "ljust", "rjust", "removeprefix", "removesuffix",
+                            "partition", "rpartition", "casefold", "swapcase", "isnumeric", "isdecimal", "istitle",
+                            "encode", "expandtabs", "rindex", "translate", "maketrans", "isidentifier",
+                            "isprintable", "isascii", "format_map"};
+  for (const char* x : m)
+    if (n == x) return true;
+  return false;
+}
+bool is_dict_method(std::string_view n) {
+  return n == "get" || n == "items" || n == "keys" || n == "values" || n == "copy" || n == "pop" || n == "update" ||
+         n == "setdefault" || n == "clear" || n == "popitem" || n == "fromkeys";
+}
+bool is_list_method(std::string_view n) {
+  return n == "index" || n == "count" || n == "append" || n == "extend" || n == "insert" || n == "pop" ||
+         n == "remove" || n == "reverse" || n == "sort" || n == "copy" || n == "clear";
+}
+// Which kinds of receiver `name` is a method of (kStrMethod | kDictMethod | kListMethod).
+enum : uint8_t { kStrMethod = 1, kDictMethod = 2, kListMethod = 4 };
+uint8_t method_mask(std::string_view n) {
+  return static_cast<uint8_t>((is_str_method(n) ? kStrMethod : 0) | (is_dict_method(n) ? kDictMethod : 0) |
+                              (is_list_method(n) ? kListMethod : 0));
+}
+
+
+// ---------------------------------------------------------------------------------------------
 // AST
 
 enum class E : uint8_t {
@@ -827,6 +858,7 @@ struct Expr {
   std::vector<std::pair<std::string, std::unique_ptr<Expr>>> kw;
   std::vector<Op> ops;  // Bin: ops[0]; Compare: one per rest operand
   int id = -1;          // Filter / Test id
+  uint8_t methods = 0;  // GetAttr: method_mask(name), computed once at parse time
   bool negated = false;  // Test
   bool has_slice_part[3] = {false, false, false};
 };
@@ -1454,6 +1486,7 @@ class Parser {
         } else {
           auto n = node(E::GetAttr, at);
           n->name = expect_name();
+          n->methods = method_mask(n->name);
           n->a.push_back(std::move(e));
           e = std::move(n);
         }
@@ -2110,26 +2143,6 @@ class Renderer {
     if (n == "strftime_now") return make_func(Fn::StrftimeNow);
     return Value::undef(e.name);
   }
-  static bool is_str_method(std::string_view n) {
-    static const char* m[] = {"strip", "lstrip", "rstrip", "split", "rsplit", "startswith", "endswith", "replace",
-                              "upper", "lower", "title", "capitalize", "find", "rfind", "index", "count", "join",
-                              "format", "splitlines", "isdigit", "isalpha", "isalnum", "isspace", "isupper",
-                              "islower", "zfill", "center", "ljust", "rjust", "removeprefix", "removesuffix",
-                              "partition", "rpartition", "casefold", "swapcase", "isnumeric", "isdecimal", "istitle",
-                              "encode", "expandtabs", "rindex", "translate", "maketrans", "isidentifier",
-                              "isprintable", "isascii", "format_map"};
-    for (const char* x : m)
-      if (n == x) return true;
-    return false;
-  }
-  static bool is_dict_method(std::string_view n) {
-    return n == "get" || n == "items" || n == "keys" || n == "values" || n == "copy" || n == "pop" || n == "update" ||
-           n == "setdefault" || n == "clear" || n == "popitem" || n == "fromkeys";
-  }
-  static bool is_list_method(std::string_view n) {
-    return n == "index" || n == "count" || n == "append" || n == "extend" || n == "insert" || n == "pop" ||
-           n == "remove" || n == "reverse" || n == "sort" || n == "copy" || n == "clear";
-  }
   Value method(const Value& self, std::string_view name) {
     auto f = std::make_shared<FuncObj>();
     f->fn = Fn::Method;
@@ -2140,16 +2153,18 @@ class Renderer {
     v.o = std::move(f);
     return v;
   }
-  bool has_method(const Value& obj, std::string_view name) {
-    return (obj.k == K::Str && is_str_method(name)) || (obj.is_dict() && is_dict_method(name)) ||
-           (obj.is_list() && is_list_method(name));
+  static bool has_method(const Value& obj, uint8_t mask) {
+    return (obj.k == K::Str && (mask & kStrMethod)) || (obj.is_dict() && (mask & kDictMethod)) ||
+           (obj.is_list() && (mask & kListMethod));
   }
+  static bool has_method(const Value& obj, std::string_view name) { return has_method(obj, method_mask(name)); }
   // obj.name: Python attribute first, then item (jinja2's getattr).
-  Value get_attr(const Value& obj, std::string_view name, const Expr& at) {
+  Value get_attr(const Value& obj, std::string_view name, const Expr& at) { return get_attr(obj, name, method_mask(name), at); }
+  Value get_attr(const Value& obj, std::string_view name, uint8_t mask, const Expr& at) {
     switch (obj.k) {
       case K::Undef: undefined_error(at, obj);
       case K::Dict: case K::JObj: {
-        if (is_dict_method(name)) return method(obj, name);
+        if (mask & kDictMethod) return method(obj, name);
         Value v;
         if (dict_get(obj, name, &v)) return v;
         return Value::undef(name, 1, 0);
@@ -2160,7 +2175,7 @@ class Renderer {
       }
       case K::Loop: return loop_attr(obj, name, at);
       default:
-        if (has_method(obj, name)) return method(obj, name);
+        if (has_method(obj, mask)) return method(obj, name);
         return Value::undef(name, 1, static_cast<uint8_t>(type_code(obj)));
     }
   }
@@ -2340,6 +2355,45 @@ class Renderer {
 
   // --- evaluation
   Value eval(const Expr& e, Frame& f);
+  // a + b + c + ...: left to right as Python does, but strings are appended into one buffer instead
+  // of building each intermediate string (chat templates chain a dozen pieces per message).
+  Value eval_add_chain(const Expr& e, Frame& f) {
+    const Expr* operands[64];
+    const Expr* nodes[64];
+    size_t n = 0;
+    const Expr* cur = &e;
+    while (cur->kind == E::Bin && cur->ops[0] == Op::Add && n < 63) {
+      nodes[n] = cur;
+      operands[n++] = cur->a[1].get();
+      cur = cur->a[0].get();
+    }
+    // operands[n-1..0] are the right-hand sides in source order; `cur` is the leftmost operand.
+    Value acc = eval(*cur, f);
+    std::string buf;
+    bool buffering = false;
+    for (size_t k = n; k-- > 0;) {
+      Value r = eval(*operands[k], f);
+      const Expr& at = *nodes[k];
+      if (acc.k == K::Str && !acc.markup && r.k == K::Str && !r.markup) {
+        if (!buffering) {
+          buf.assign(acc.s);
+          buffering = true;
+        }
+        if (buf.size() + r.s.size() > kMaxOutputBytes) err(at, "string larger than 64 MiB");
+        buf.append(r.s);
+        acc.s = std::string_view();  // stands for `buf` until materialised
+        continue;
+      }
+      if (buffering) {
+        acc = Value::str(std::move(buf));
+        buf.clear();
+        buffering = false;
+      }
+      acc = arith(Op::Add, acc, r, at);
+    }
+    if (buffering) return Value::str(std::move(buf));
+    return acc;
+  }
   Value call(const Expr& e, Frame& f);
   Value call_value(const Value& fn, Args& pos, std::vector<std::pair<std::string_view, Value>>& kw, const Expr& at, Frame& f);
   Value call_method(const Value& self, std::string_view name, Args& pos, std::vector<std::pair<std::string_view, Value>>& kw, const Expr& at);
@@ -2435,7 +2489,7 @@ Value Renderer::eval(const Expr& e, Frame& f) {
   switch (e.kind) {
     case E::Const: return e.constant;
     case E::Name: return lookup_name(e, f);
-    case E::GetAttr: return get_attr(eval(*e.a[0], f), e.name, e);
+    case E::GetAttr: return get_attr(eval(*e.a[0], f), e.name, e.methods, e);
     case E::GetItem: {
       Value o = eval(*e.a[0], f);
       return get_item(o, eval(*e.a[1], f), e);
@@ -2488,6 +2542,7 @@ Value Renderer::eval(const Expr& e, Frame& f) {
       return eval(*e.a[1], f);
     }
     case E::Bin: {
+      if (e.ops[0] == Op::Add) return eval_add_chain(e, f);
       Value l = eval(*e.a[0], f);
       Value r = eval(*e.a[1], f);
       return arith(e.ops[0], l, r, e);
@@ -2554,11 +2609,11 @@ Value Renderer::call(const Expr& e, Frame& f) {
     // obj.method(...) without building a bound method.
     Value self = eval(*callee.a[0], f);
     if (self.k == K::Undef) undefined_error(callee, self);
-    if (has_method(self, callee.name) && !(self.is_dict() && !is_dict_method(callee.name))) {
+    if (has_method(self, callee.methods)) {
       eval_args(e, 1, f, &pos, &kw);
       return call_method(self, callee.name, pos, kw, e);
     }
-    Value fn = get_attr(self, callee.name, callee);
+    Value fn = get_attr(self, callee.name, callee.methods, callee);
     eval_args(e, 1, f, &pos, &kw);
     return call_value(fn, pos, kw, e, f);
   }
