@@ -38,6 +38,9 @@ namespace {
 
 constexpr int kMaxParseDepth = 200;            // nested expressions / blocks in the source
 constexpr int kMaxCallDepth = 100;              // nested macro / caller invocations
+// Nested evaluations (expressions and statement bodies, across macro calls) of one rendering: bounds
+// the interpreter's stack at about 1 MiB (a frame of eval is about 1.4 KB in a Release build).
+constexpr int kMaxEvalDepth = 600;
 constexpr int64_t kMaxLoopIterations = 10000000;  // all loops of one render together
 constexpr int64_t kMaxRange = 100000;           // jinja2's sandbox MAX_RANGE
 constexpr size_t kMaxOutputBytes = size_t(64) << 20;  // any string built while rendering (and the output)
@@ -2449,6 +2452,7 @@ class Renderer {
   std::vector<std::pair<size_t, size_t>> gen_;
   Frame root_;
   int call_depth_ = 0;
+  int eval_depth_ = 0;
   int64_t iterations_ = 0;
   int cur_line_ = 0;
 };
@@ -2485,7 +2489,19 @@ struct Binder {
 
 namespace {
 
+struct EvalDepth {
+  int& d;
+  EvalDepth(int& depth, int line, int col) : d(depth) {
+    if (++d > kMaxEvalDepth) {
+      --d;
+      fail(line, col, "template evaluation nested deeper than " + std::to_string(kMaxEvalDepth) + " levels (runaway recursion?)");
+    }
+  }
+  ~EvalDepth() { --d; }
+};
+
 Value Renderer::eval(const Expr& e, Frame& f) {
+  EvalDepth guard(eval_depth_, e.line, e.col);
   switch (e.kind) {
     case E::Const: return e.constant;
     case E::Name: return lookup_name(e, f);
@@ -3687,6 +3703,7 @@ Flow Renderer::exec_for(const Stmt& s, Frame& f) {
 }
 
 Flow Renderer::exec(const Body& body, Frame& f) {
+  EvalDepth guard(eval_depth_, body.empty() ? cur_line_ : body.front()->line, 0);
   for (const StmtP& sp : body) {
     const Stmt& s = *sp;
     cur_line_ = s.line;

@@ -418,6 +418,11 @@ TEST(Jinja, HostileTemplatesStopWithAClearError) {
   // Unbounded recursion.
   EXPECT_EQ(render_error("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"),
             "tpl:1:20: macro calls nested deeper than 100 levels (runaway recursion?)");
+  // Deep expressions inside deep recursion: the interpreter's own stack stays bounded.
+  std::string nested = std::string(60, '[') + "f(n + 1)" + std::string(60, ']');
+  EXPECT_NE(render_error("{% macro f(n) %}{{ " + nested + " }}{% endmacro %}{{ f(0) }}")
+                .find("template evaluation nested deeper than 600 levels (runaway recursion?)"),
+            std::string::npos);
   // range() beyond jinja2's sandbox limit, and loops that never end in practice.
   EXPECT_EQ(render_error("{% for i in range(1000000) %}{% endfor %}"),
             "tpl:1:13: Range too big. The sandbox blocks ranges larger than MAX_RANGE (100000).");
