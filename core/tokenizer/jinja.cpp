@@ -904,12 +904,15 @@ const char* const kFilters[] = {
     "tojson", "trim", "length", "count", "first", "last", "join", "upper", "lower", "string", "list", "items",
     "default", "d", "selectattr", "rejectattr", "select", "reject", "map", "reverse", "safe", "capitalize",
     "replace", "int", "float", "abs", "round", "dictsort", "indent", "unique", "sort", "sum", "min", "max",
-    "batch", "title", "wordcount", "center", "e", "escape", "attr", "truncate", "striptags", "forceescape", "bool"};
+    "batch", "title", "wordcount", "center", "e", "escape", "attr", "forceescape", "format"};
+// jinja2's other builtin filters: refused at parse time as outside the subset (no template TRL ships uses them).
+const char* const kUnsupportedFilters[] = {"filesizeformat", "groupby", "pprint", "random", "slice", "striptags",
+                                           "truncate", "urlencode", "urlize", "wordwrap", "xmlattr"};
 enum Filt {
   F_tojson, F_trim, F_length, F_count, F_first, F_last, F_join, F_upper, F_lower, F_string, F_list, F_items,
   F_default, F_d, F_selectattr, F_rejectattr, F_select, F_reject, F_map, F_reverse, F_safe, F_capitalize,
   F_replace, F_int, F_float, F_abs, F_round, F_dictsort, F_indent, F_unique, F_sort, F_sum, F_min, F_max,
-  F_batch, F_title, F_wordcount, F_center, F_e, F_escape, F_attr, F_truncate, F_striptags, F_forceescape, F_bool
+  F_batch, F_title, F_wordcount, F_center, F_e, F_escape, F_attr, F_forceescape, F_format
 };
 const char* const kTests[] = {
     "defined", "undefined", "none", "string", "number", "integer", "float", "boolean", "mapping", "iterable",
@@ -1589,6 +1592,8 @@ class Parser {
         name += "." + expect_name();
       }
       int id = lookup(kFilters, name);
+      if (id < 0 && lookup(kUnsupportedFilters, name) >= 0)
+        fail(at.line, at.col, "filter '" + name + "' is outside ptk's chat-template subset");
       if (id < 0) fail(at.line, at.col, "No filter named '" + name + "'.");
       auto n = node(E::Filter, at);
       n->name = name;
@@ -2102,27 +2107,90 @@ class Renderer {
     }
     err(at, "bad operator");
   }
+  // Python's printf-style `fmt % args`: flags (-, 0, +, space), width, precision and the conversions
+  // s r d i f F e E g G x X o c %; a mapping key (%(name)s) is refused.
   Value percent_format(const Value& fmt, const Value& args, const Expr& at) {
     std::vector<Value> xs;
     if (args.k == K::List && list_obj(args).tuple) xs = list_obj(args).v;
     else xs.push_back(args);
     std::string o;
     size_t ai = 0;
-    for (size_t i = 0; i < fmt.s.size(); ++i) {
-      char c = fmt.s[i];
+    std::string_view f = fmt.s;
+    for (size_t i = 0; i < f.size(); ++i) {
+      char c = f[i];
       if (c != '%') { o += c; continue; }
-      if (++i >= fmt.s.size()) err(at, "incomplete format");
-      char f = fmt.s[i];
-      if (f == '%') { o += '%'; continue; }
+      if (++i >= f.size()) err(at, "incomplete format");
+      if (f[i] == '%') { o += '%'; continue; }
+      if (f[i] == '(') err(at, "format: mapping keys (%(name)s) are not supported");
+      std::string spec = "%";
+      bool left = false, zero = false;
+      while (i < f.size() && std::strchr("-0+ #", f[i])) {
+        if (f[i] == '-') left = true;
+        if (f[i] == '0') zero = true;
+        spec += f[i++];
+      }
+      int width = -1, prec = -1;
+      auto number = [&](int* out) {
+        if (i < f.size() && f[i] == '*') err(at, "format: '*' width is not supported");
+        if (i < f.size() && std::isdigit(static_cast<unsigned char>(f[i]))) {
+          *out = 0;
+          while (i < f.size() && std::isdigit(static_cast<unsigned char>(f[i]))) {
+            *out = std::min(*out * 10 + (f[i] - '0'), 10000);
+            spec += f[i++];
+          }
+        }
+      };
+      number(&width);
+      if (i < f.size() && f[i] == '.') {
+        spec += f[i++];
+        prec = 0;
+        number(&prec);
+      }
+      if (i >= f.size()) err(at, "incomplete format");
+      char conv = f[i];
       if (ai >= xs.size()) err(at, "not enough arguments for format string");
       const Value& x = xs[ai++];
-      if (f == 's') append_str(o, x);
-      else if (f == 'r') append_repr(o, x, 0);
-      else if (f == 'd' || f == 'i') {
+      std::string piece;
+      if (conv == 's' || conv == 'r' || conv == 'a') {
+        if (conv == 's') append_str(piece, x);
+        else append_repr(piece, x, 0);
+        if (prec >= 0 && cp_count(piece) > static_cast<size_t>(prec)) piece = piece.substr(0, cp_offsets(piece)[static_cast<size_t>(prec)]);
+        size_t n = cp_count(piece);
+        if (width > 0 && n < static_cast<size_t>(width)) {
+          std::string pad(static_cast<size_t>(width) - n, ' ');
+          piece = left ? piece + pad : pad + piece;
+        }
+      } else if (conv == 'c') {
+        int64_t code;
+        if (x.k == K::Str && cp_count(x.s) == 1) piece = std::string(x.s);
+        else if (intlike(x, &code) && code >= 0 && code <= 0x10FFFF) append_utf8(piece, static_cast<uint32_t>(code));
+        else err(at, "%c requires an int or a single character");
+      } else if (std::strchr("diouxX", conv)) {
         double d;
-        if (!num(x, &d)) err(at, "%d format: a real number is required");
-        o += std::to_string(static_cast<int64_t>(d));
-      } else err(at, std::string("unsupported format character '") + f + "'");
+        int64_t iv;
+        if (!intlike(x, &iv)) {
+          if (!num(x, &d) || !std::isfinite(d)) err(at, std::string("%") + conv + " format: a real number is required, not " + type_name(x));
+          if (conv != 'd' && conv != 'i' && conv != 'u') err(at, std::string("%") + conv + " format: an integer is required, not float");
+          iv = static_cast<int64_t>(d);
+        }
+        spec += "ll";
+        spec += conv == 'i' || conv == 'u' ? 'd' : conv;
+        char buf[128];
+        std::snprintf(buf, sizeof buf, spec.c_str(), static_cast<long long>(iv));
+        piece = buf;
+        if (conv == 'o' && spec.find('#') != std::string::npos) piece.insert(piece.find('0'), "o");
+      } else if (std::strchr("fFeEgG", conv)) {
+        double d;
+        if (!num(x, &d)) err(at, std::string("%") + conv + " format: a real number is required, not " + type_name(x));
+        spec += conv;
+        std::vector<char> buf(static_cast<size_t>(std::max(width, 0)) + 400);
+        std::snprintf(buf.data(), buf.size(), spec.c_str(), d);
+        piece = buf.data();
+        (void)zero;
+      } else {
+        err(at, std::string("unsupported format character '") + conv + "'");
+      }
+      o += piece;
     }
     if (ai < xs.size()) err(at, "not all arguments converted during string formatting");
     return Value::str(std::move(o));
@@ -3393,7 +3461,12 @@ Value Renderer::apply_filter(int id, const Value& v, Args& pos, std::vector<std:
       }
       return dflt;
     }
-    case F_bool: args({}); return Value::boolean(truthy(v));
+    case F_format: {
+      // jinja2's do_format: str(value) % (kwargs or args)
+      if (!kw.empty()) err(at, "format: keyword arguments (%(name)s) are not supported");
+      Value sv = str_value(v);
+      return percent_format(sv, make_list(pos, true), at);
+    }
     case F_abs: {
       args({});
       if (v.k == K::Int) return Value::integer(v.u.i < 0 ? -v.u.i : v.u.i);

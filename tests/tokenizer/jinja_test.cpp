@@ -300,6 +300,18 @@ const Case kCases[] = {
      "{}",
      "<LoopContext 1/2><LoopContext 2/2>",
      "[]"},
+    {"FormatFilter", "{{ '%s-%s' | format('a', [1]) }} {{ '%5.2f|%-4d|%04d|%+d|%x|%e|%g|%r|%c|%%' | format(3.14159, 7, 42, 5, 255, 12345.678, 0.0001, 'q', 65) }} {{ '%.3s|%5s|' % ('abcdef', 'ab') }}",
+     "{}",
+     "a-[1]  3.14|7   |0042|+5|ff|1.234568e+04|0.0001|'q'|A|% abc|   ab|",
+     "[]"},
+    {"ReprOfContextValues", "{{ tools | string }} {{ '[T]' + tools|string }}",
+     "{\"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"f\", \"description\": \"d'x\\\"\", \"parameters\": {\"a\": {\"default\": 1.5, \"n\": null, \"b\": true}}}}]}",
+     "[{'type': 'function', 'function': {'name': 'f', 'description': 'd\\'x\"', 'parameters': {'a': {'default': 1.5, 'n': None, 'b': True}}}}] [T][{'type': 'function', 'function': {'name': 'f', 'description': 'd\\'x\"', 'parameters': {'a': {'default': 1.5, 'n': None, 'b': True}}}}]",
+     "[]"},
+    {"DictEqualityAndIdentity", "{% set um = messages | selectattr('role', 'equalto', 'user') | list %}{% for m in messages %}{{ m == um[-1] }}{{ m is sameas um[-1] }} {% endfor %}",
+     "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}, {\"role\": \"user\", \"content\": \"a\"}]}",
+     "TrueFalse FalseFalse TrueTrue ",
+     "[]"},
     // END GENERATED
 };
 

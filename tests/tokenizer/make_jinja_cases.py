@@ -82,6 +82,9 @@ CASES = [
  ("InUndefinedIsFalse", "{{ 'x' in nothing }} {{ 'x' not in nothing }}", {}),
  ("Partition", "{{ 'a=b=c'.partition('=') }} {{ 'a=b=c'.rpartition('=') }} {{ 'abc'.partition('x') }}", {}),
  ("LoopRepr", "{% for x in 'ab' %}{{ loop }}{% endfor %}", {}),
+ ("FormatFilter", "{{ '%s-%s' | format('a', [1]) }} {{ '%5.2f|%-4d|%04d|%+d|%x|%e|%g|%r|%c|%%' | format(3.14159, 7, 42, 5, 255, 12345.678, 0.0001, 'q', 65) }} {{ '%.3s|%5s|' % ('abcdef', 'ab') }}", {}),
+ ("ReprOfContextValues", "{{ tools | string }} {{ '[T]' + tools|string }}", {"tools": [{"type": "function", "function": {"name": "f", "description": "d'x\"", "parameters": {"a": {"default": 1.5, "n": None, "b": True}}}}]}),
+ ("DictEqualityAndIdentity", "{% set um = messages | selectattr('role', 'equalto', 'user') | list %}{% for m in messages %}{{ m == um[-1] }}{{ m is sameas um[-1] }} {% endfor %}", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "a"}]}),
 ]
 
 
@@ -110,8 +113,10 @@ def main():
     rows = []
     for name, template, ctx in CASES:
         compiled = cu._compile_jinja_template(template)
+        kw = dict(ctx)
         text, spans = cu._render_with_assistant_indices(
-            compiled, ctx.get("messages", []), None, None, False, **{k: v for k, v in ctx.items() if k != "messages"})
+            compiled, kw.pop("messages", []), kw.pop("tools", None), kw.pop("documents", None),
+            kw.pop("add_generation_prompt", False), **kw)
         byte_spans = [[len(text[:b].encode()), len(text[:e].encode())] for b, e in spans if e > b]
         rows.append("    {%s, %s,\n     %s,\n     %s,\n     %s}," % (
             c_literal(name), c_literal(template), c_literal(json.dumps(ctx, ensure_ascii=False)), c_literal(text),
