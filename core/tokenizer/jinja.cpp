@@ -3907,7 +3907,13 @@ Rendering Renderer::run() {
   exec(t_.body, root_);
   Rendering r;
   r.text = std::move(top_);
-  r.generation = std::move(gen_);
+  // A {% generation %} block inside a macro or {% set %} capture is placed, as transformers places it,
+  // where the top-level output stood when the block ran; a capture that is never printed would leave
+  // such a span past the end of the text (transformers keeps it): cut it to the text, drop it if empty.
+  for (auto& g : gen_) {
+    g.second = std::min(g.second, r.text.size());
+    if (g.first < g.second) r.generation.push_back(g);
+  }
   return r;
 }
 

@@ -346,6 +346,14 @@ TEST(Jinja, HasGenerationBlocksAndSource) {
   EXPECT_EQ(b.source(), "{{ 'generation' }}");
   // An empty generation block gives no span.
   EXPECT_TRUE(Template::parse("a{% generation %}{% endgeneration %}b").render("{}").generation.empty());
+  // A block inside a macro is placed where the top-level output stood when it ran (as transformers
+  // does); one whose text is never printed is cut to the text, here dropped (transformers reports
+  // [[2, 5], [5, 8]]: its second span lies past the end of the text).
+  Rendering m = Template::parse("ab{% macro m() %}{% generation %}xyz{% endgeneration %}{% endmacro %}{{ m() }}"
+                                "{% set unused = m() %}")
+                    .render("{}");
+  EXPECT_EQ(m.text, "abxyz");
+  EXPECT_EQ(spans_json(m), "[[2, 5]]");
 }
 
 TEST(Jinja, RendersFromARapidJsonValueWithoutCopying) {
