@@ -1694,12 +1694,18 @@ class Renderer {
   // --- errors
   [[noreturn]] void err(const Expr& e, const std::string& m) { fail(e.line, e.col, m); }
   [[noreturn]] void undefined_error(const Expr& at, const Value& u) {
-    if (u.undef_kind == 1) {
-      static const char* kinds[] = {"dict", "list", "str", "int", "float", "bool", "NoneType", "Namespace"};
-      err(at, std::string("'") + kinds[u.u.i] + " object' has no attribute '" + std::string(u.s) + "'");
-    }
+    static const char* kinds[] = {"dict", "list", "str", "int", "float", "bool", "NoneType", "Namespace"};
+    if (u.undef_kind == 1) err(at, std::string("'") + kinds[u.u.i] + " object' has no attribute '" + std::string(u.s) + "'");
+    if (u.undef_kind == 2) err(at, std::string(kinds[u.u.i & 15]) + " object has no element " + std::to_string(u.u.i >> 4));
     if (u.s.empty()) err(at, "value is undefined");
     err(at, "'" + std::string(u.s) + "' is undefined");
+  }
+  // seq[index] out of range: undefined, "list object has no element 5" when used.
+  static Value no_element(int type, int64_t index) {
+    Value v = Value::undef();
+    v.undef_kind = 2;
+    v.u.i = static_cast<int64_t>(static_cast<uint64_t>(index) << 4) | type;
+    return v;
   }
   static int type_code(const Value& v) {
     switch (v.k) {
@@ -2274,9 +2280,9 @@ class Renderer {
       case K::List: case K::JArr: {
         int64_t i;
         if (intlike(key, &i)) {
-          int64_t n = static_cast<int64_t>(list_size(obj));
+          int64_t n = static_cast<int64_t>(list_size(obj)), orig = i;
           if (i < 0) i += n;
-          if (i < 0 || i >= n) return Value::undef("", 1, 1);
+          if (i < 0 || i >= n) return no_element(1, orig);
           return list_at(obj, static_cast<size_t>(i));
         }
         if (key.k == K::Str) return get_attr(obj, key.s, at);
@@ -2286,15 +2292,15 @@ class Renderer {
         int64_t i;
         if (intlike(key, &i)) {
           if (is_ascii(obj.s)) {
-            int64_t n = static_cast<int64_t>(obj.s.size());
+            int64_t n = static_cast<int64_t>(obj.s.size()), orig = i;
             if (i < 0) i += n;
-            if (i < 0 || i >= n) return Value::undef("", 1, 2);
+            if (i < 0 || i >= n) return no_element(2, orig);
             return Value::view(obj.s.substr(static_cast<size_t>(i), 1), obj.o);
           }
           auto off = cp_offsets(obj.s);
-          int64_t n = static_cast<int64_t>(off.size()) - 1;
+          int64_t n = static_cast<int64_t>(off.size()) - 1, orig = i;
           if (i < 0) i += n;
-          if (i < 0 || i >= n) return Value::undef("", 1, 2);
+          if (i < 0 || i >= n) return no_element(2, orig);
           return Value::view(obj.s.substr(off[static_cast<size_t>(i)], off[static_cast<size_t>(i) + 1] - off[static_cast<size_t>(i)]), obj.o);
         }
         if (key.k == K::Str) return get_attr(obj, key.s, at);

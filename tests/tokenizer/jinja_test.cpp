@@ -409,6 +409,8 @@ TEST(Jinja, SyntaxErrorsNameLineAndColumn) {
 TEST(Jinja, RuntimeErrorsNameLineAndColumn) {
   EXPECT_EQ(render_error("\n\n  {{ nothing.attr }}"), "tpl:3:13: 'nothing' is undefined");
   EXPECT_EQ(render_error("{{ m.a.b }}", R"({"m": {}})"), "tpl:1:7: 'dict object' has no attribute 'a'");
+  EXPECT_EQ(render_error("{{ messages[3].role }}", R"({"messages": [{}]})"), "tpl:1:15: list object has no element 3");
+  EXPECT_EQ(render_error("{{ 'ab'[-3].x }}"), "tpl:1:12: str object has no element -3");
   EXPECT_EQ(render_error("{{ 'a' + 1 }}"), "tpl:1:8: unsupported operand type(s) for +: 'str' and 'int'");
   EXPECT_EQ(render_error("{{ 1 // 0 }}"), "tpl:1:6: integer division or modulo by zero");
   EXPECT_EQ(render_error("{{ x | tojson }}"), "tpl:1:8: Object of type Undefined is not JSON serializable");
