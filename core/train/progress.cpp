@@ -55,6 +55,16 @@ void Progress::update(int64_t done, const std::string& extra) {
   last_print_ = now;
 }
 
+void Progress::message(const std::string& text) {
+  if (tty_ && !finished_) {
+    double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    std::fprintf(out_, "\r\033[K%s\n%s", text.c_str(), line(done_, elapsed, extra_).c_str());
+  } else {
+    std::fprintf(out_, "%s\n", text.c_str());
+  }
+  std::fflush(out_);
+}
+
 void Progress::finish(const std::string& extra) {
   if (finished_) return;
   finished_ = true;
