@@ -35,6 +35,8 @@ class Progress {
   bool tty_;
   bool finished_ = false;
   int64_t done_ = 0;
+  int64_t printed_done_ = -1;   // the `done` of the last plain (non-TTY) line
+  std::string printed_extra_;
   std::string extra_;
   std::chrono::steady_clock::time_point start_, last_print_;
 };
