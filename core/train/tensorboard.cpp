@@ -126,7 +126,7 @@ std::string session_start_event(double wall_time, int64_t step) {
   std::string e;
   fixed64(&e, 1, wall_time);
   int64_field(&e, 2, step);
-  bytes(&e, 6, log);
+  bytes(&e, 7, log);
   return e;
 }
 

@@ -23,7 +23,7 @@ std::string tfrecord(std::string_view data);
 
 // tensorflow.Event encodings (field numbers from tensorflow/core/util/event.proto and
 // summary.proto): wall_time = 1 (double), step = 2 (int64), file_version = 3 (string), summary = 5
-// (Summary{repeated Value value = 1}, Value{tag = 1, simple_value = 2 (float)}), session_log = 6
+// (Summary{repeated Value value = 1}, Value{tag = 1, simple_value = 2 (float)}), session_log = 7
 // (SessionLog{status = 1: START = 1}).
 std::string file_version_event(double wall_time, const std::string& version = "brain.Event:2");
 std::string scalars_event(double wall_time, int64_t step, const std::vector<std::pair<std::string, double>>& scalars);

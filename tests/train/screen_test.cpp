@@ -190,8 +190,8 @@ TEST(TensorBoard, EventBytesFollowEventProto) {
   // step (2, varint) = 3; summary (5) { value (1) { tag (1) = "train/loss", simple_value (2, fixed32) = 0.5 } }.
   EXPECT_EQ(hex(tb::scalars_event(2.0, 3, {{"train/loss", 0.5}})),
             "090000000000000040" "1003" "2a13" "0a11" "0a0a" + hex("train/loss") + "150000003f");
-  // session_log (6) { status (1) = START (1) } at step 300 (varint ac 02).
-  EXPECT_EQ(hex(tb::session_start_event(2.0, 300)), "090000000000000040" "10ac02" "3202" "0801");
+  // session_log (7) { status (1) = START (1) } at step 300 (varint ac 02).
+  EXPECT_EQ(hex(tb::session_start_event(2.0, 300)), "090000000000000040" "10ac02" "3a02" "0801");
   EXPECT_EQ(tb::tag_of("loss"), "train/loss");
   EXPECT_EQ(tb::tag_of("eval/rewards/accuracies"), "eval/rewards/accuracies");
 }
