@@ -40,7 +40,7 @@ std::string screen_name(const std::string& name) {
   return name;
 }
 
-// The value of `name` in `m`, NaN when absent.
+// The value of `name` in `m`; false when absent.
 bool find(const Metrics& m, const std::string& name, double* v) {
   for (auto& [k, x] : m.values())
     if (k == name) {
@@ -52,11 +52,11 @@ bool find(const Metrics& m, const std::string& name, double* v) {
 
 std::string pair_text(const std::string& name, double v) {
   Unit u = unit_of(name);
-  if (u == Unit::kRate) return format_value(v, u);  // "12,345 tok/s" names itself
+  if (name == "tokens_per_s") return format_value(v, u);  // "12,345 tok/s" names itself
   return screen_name(name) + " " + format_value(v, u);
 }
 
-// The column index of each metric name in a MetricsLog, -1 when absent.
+// Row i of metric `name` in a MetricsLog; NaN when absent.
 double log_value(const plot::MetricsLog& log, const std::string& name, size_t i) {
   auto it = log.values.find(name);
   if (it == log.values.end() || i >= it->second.size()) return std::nan("");
@@ -190,7 +190,7 @@ StageView stage_view(const std::string& stage) {
                "learning_rate", "grad_norm"};
   } else if (stage == "rm") {
     v.progress = {"loss", "accuracy", "margin"};
-    v.eval = {"loss", "accuracy", "margin"};
+    v.eval = {"loss", "accuracy", "margin", "mean_reward"};
     v.plots = {"loss", "eval/loss", "accuracy", "eval/accuracy", "margin", "eval/margin"};
     v.table = {"loss", "accuracy", "margin", "learning_rate", "grad_norm", "tokens_per_s"};
   } else if (stage == "grpo") {
@@ -234,6 +234,7 @@ std::string eval_metrics_text(const StageView& view, const Metrics& m) {
   for (auto& n : view.eval)
     for (auto& [k, v] : m.values())
       if (strip_eval(k) == n) add(k, v);
+  if (!s.empty()) return s;  // the rest are in metrics.jsonl and report.md's eval table
   for (auto& [k, v] : m.values()) add(k, v);
   return s;
 }

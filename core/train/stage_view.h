@@ -50,7 +50,7 @@ StageView stage_view(const std::string& stage);
 std::string progress_metrics(const StageView& view, const Metrics& m);
 
 // "name value | name value ..." of `m`'s values (names without "eval/"): the view's eval metrics in
-// order, then the others in `m`'s order.
+// order; all of `m`'s, in its order, when it has none of them.
 std::string eval_metrics_text(const StageView& view, const Metrics& m);
 
 // The line printed when an eval ran: "sft eval at step 500/2000: loss 0.0005 | ... (12.3s)".

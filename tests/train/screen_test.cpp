@@ -81,7 +81,11 @@ TEST(StageView, EvalLineListsTheStagesEvalMetricsFirst) {
   e.add("custom", 3);
   EXPECT_EQ(eval_line("sft", 500, 2000, stage_view("sft"), e, 12.34),
             "sft eval at step 500/2000: loss 0.0005 | mean_token_accuracy 99.9% | accuracy 92.7% | "
-            "completions/mean_length 18.0 tok | custom 3 (12.3s)");
+            "completions/mean_length 18.0 tok (12.3s)");
+  // A stage's other eval metrics stay in metrics.jsonl and report.md, unless it has none of the view's.
+  Metrics other;
+  other.add("custom", 3).add("eval/custom_accuracy", 0.5);
+  EXPECT_EQ(eval_line("sft", 1, 2, stage_view("sft"), other, 0.5), "sft eval at step 1/2: custom 3 | custom_accuracy 50.0% (0.5s)");
 }
 
 TEST(Progress, MessageGoesOnItsOwnLine) {
