@@ -382,6 +382,10 @@ std::string stage_report(const RunFacts& f, const StageView& view, const plot::M
 
   md += "## Curves\n\n";
   std::vector<std::string> plots = view.plots;
+  // GRPO's reward functions by name (rewards/<name>/mean), as many as the recipe has.
+  if (view.stage == "grpo")
+    for (auto& n : log.names)
+      if (n.rfind("rewards/", 0) == 0 && ends_with(n, "/mean")) plots.push_back(n);
   for (auto& e : extra_plots)
     if (std::find(plots.begin(), plots.end(), e) == plots.end()) plots.push_back(e);
   md += plot::write_report_plots(f.run_dir, plots);

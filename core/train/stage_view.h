@@ -76,7 +76,8 @@ std::string run_summary(const RunFacts& facts, const StageView& view, const plot
 // report.md of a stage: what ran, the summary, a table of eval results (one row per eval, "before
 // training" first when eval_start.json has one), a table of the view's training metrics every N
 // steps (N chosen for about `rows` rows, the last step always included), and the view's curves
-// (plots/<metric>.svg). `extra_plots` are added to the view's. Writes the SVGs; returns the markdown.
+// (plots/<metric>.svg; GRPO adds each reward function's rewards/<name>/mean). `extra_plots` are added
+// to the view's. Writes the SVGs; returns the markdown.
 std::string stage_report(const RunFacts& facts, const StageView& view, const plot::MetricsLog& log,
                          const Metrics& before_training, const std::vector<std::string>& extra_plots, int rows = 20);
 

@@ -164,6 +164,23 @@ TEST(StageView, ReportHasTheStagesTablesAndCurves) {
   EXPECT_EQ(md.find("mean_token_accuracy"), std::string::npos) << md;
 }
 
+TEST(StageView, GrpoReportPlotsEachRewardFunction) {
+  test::TempDir d;
+  {
+    MetricsWriter w(d.file("metrics.jsonl"));
+    for (int s = 1; s <= 3; ++s)
+      w.write(s, Metrics().add("loss", 0.1).add("reward", 0.5 * s).add("rewards/math/mean", 0.1 * s).add("kl", 0.01));
+  }
+  auto log = plot::read_metrics(d.file("metrics.jsonl"), "grpo");
+  RunFacts f{"grpo", d.path(), 3, 3, 0, 1.0, false};
+  std::string md = stage_report(f, stage_view("grpo"), log, Metrics(), {});
+  EXPECT_NE(md.find("| step | reward | kl | loss |\n"), std::string::npos) << md;
+  EXPECT_NE(md.find("| 3 | 1.5 | 0.01 nats | 0.1 |\n"), std::string::npos) << md;
+  EXPECT_NE(md.find("![reward](plots/reward.svg)"), std::string::npos) << md;
+  EXPECT_NE(md.find("![rewards/math/mean](plots/rewards_math_mean.svg)"), std::string::npos) << md;
+  EXPECT_EQ(md.find("## Eval results"), std::string::npos) << md;  // no eval ran
+}
+
 // RFC 3720 (iSCSI) appendix B.4 test vectors and the check value of CRC-32C.
 TEST(TensorBoard, Crc32cTestVectors) {
   EXPECT_EQ(tb::crc32c("123456789"), 0xE3069283u);
