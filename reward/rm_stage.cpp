@@ -182,7 +182,10 @@ class RmStage : public train::Stage {
     if (r.rm.center_rewards_coefficient > 0) loss_opt_.center_rewards_coefficient = r.rm.center_rewards_coefficient;
     const auto& c = model_.config();
     int64_t n_params = 0;
-    for (auto& [n, t] : model_.named_parameters()) n_params += t.numel();
+    // MFU counts the decoder's matmuls: not the embedding (a lookup) nor the output layer, which
+    // ptk projects for target tokens only (Qwen2.5-0.5B: 136M of 494M parameters, 1.38x too many FLOPs).
+    for (auto& [n, t] : model_.named_parameters())
+      if (n.find("embed_tokens") == std::string::npos && n.find("lm_head") == std::string::npos) n_params += t.numel();
     flops_per_token_ = 6.0 * n_params + 6.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim *
                                             static_cast<double>(r.data.max_seq_len) / 2.0;
   }

@@ -314,7 +314,10 @@ struct DpoStage::Impl {
     loader = std::make_unique<data::Loader>(*train, lo);
     if (!r.data.eval.empty()) eval = std::make_unique<data::PreparedSet>(data::PreparedSet::open(eval_dir));
     int64_t n_params = 0;
-    for (auto& [n, t] : policy.named_parameters()) n_params += t.numel();
+    // MFU counts the decoder's matmuls: not the embedding (a lookup) nor the output layer, which
+    // ptk projects for target tokens only (Qwen2.5-0.5B: 136M of 494M parameters, 1.38x too many FLOPs).
+    for (auto& [n, t] : policy.named_parameters())
+      if (n.find("embed_tokens") == std::string::npos && n.find("lm_head") == std::string::npos) n_params += t.numel();
     const auto& c = policy.config();
     const double attn = 6.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim *
                         static_cast<double>(r.data.max_seq_len) / 2.0;

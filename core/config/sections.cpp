@@ -70,6 +70,9 @@ void TrainSection::visit(Visitor& v) {
         "before loading anything, estimate the run's peak memory (weights, gradients, AdamW state, "
         "activations, logits, KV cache) and refuse the recipe when it exceeds the memory available here, "
         "naming the key to lower; false skips this and the trainer's check of the loaded weights");
+  v.opt(tensorboard, "tensorboard", true,
+        "write TensorBoard event files to run.dir/tb (every metrics.jsonl value, as train/<name> and eval/<name>; "
+        "`tensorboard --logdir <run.dir>/tb`, or `wandb sync --sync-tensorboard`); false writes none");
 }
 void TrainSection::validate(Errors& e) const {
   // TRL: max_steps=-1 means "use num_train_epochs", a positive value overrides. 0 (which once

@@ -53,6 +53,7 @@ struct TrainSection : Section {
   int64_t epochs, max_steps, micro_batch_size, grad_accum, eval_every, log_every;
   bool zero1;
   bool memory_check;  // refuse a recipe whose memory estimate exceeds this machine (core/train/memory_estimate.h)
+  bool tensorboard;   // TensorBoard event files in run.dir/tb (core/train/tensorboard.h)
   const char* name() const override { return "train"; }
   const char* help() const override { return "the step loop"; }
   void visit(Visitor& v) override;

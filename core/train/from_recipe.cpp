@@ -58,6 +58,7 @@ TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::strin
   o.grad_accum = r.train.grad_accum;
   o.eval_every = r.train.eval_every;
   o.log_every = r.train.log_every;
+  o.tensorboard = r.train.tensorboard;
   o.lr = r.optim.lr;
   o.min_lr = r.optim.min_lr;
   o.clip_grad_norm = r.optim.clip_grad_norm;
