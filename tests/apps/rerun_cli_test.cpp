@@ -147,6 +147,24 @@ TEST_F(RerunCli, WrongModelFolderIsNamedAndEvalWritesBesideTheRun) {
   EXPECT_EQ(g.exit_code, 1) << g.out;
   EXPECT_NE(g.out.find("it is a file, not a folder"), std::string::npos) << g.out;
 
+  // A tokenizer with more ids than the model's embedding rows: refused by eval and generate, as the
+  // training stages refuse it (an added token beyond the byte tokenizer's 259).
+  fs::copy(d_.file("run/final"), d_.file("big"), fs::copy_options::recursive);
+  std::string tj = read_file(d_.file("big/tokenizer.json"));
+  const std::string list = "\"added_tokens\": [";
+  ASSERT_NE(tj.find(list), std::string::npos);
+  tj.insert(tj.find(list) + list.size(), "{\"id\": 400, \"content\": \"<|extra|>\", \"single_word\": false, "
+                                         "\"lstrip\": false, \"rstrip\": false, \"normalized\": false, \"special\": true},");
+  d_.write("big/tokenizer.json", tj);
+  for (const std::string& cmd : {" generate --threads 1 --model " + d_.file("big") + " --input " + d_.file("prompts.jsonl") +
+                                     " --output " + d_.file("out.jsonl"),
+                                 " eval --threads 1 --model " + d_.file("big") + " --data " + d_.file("data/rl_eval.jsonl")}) {
+    auto v = test::run(test::ptk_binary() + cmd);
+    EXPECT_EQ(v.exit_code, 1) << v.out;
+    EXPECT_NE(v.out.find("has 260 ids but the model at " + d_.file("big") + " has vocab_size 259"), std::string::npos)
+        << cmd << "\n" << v.out;
+  }
+
   // ptk eval without --output writes into the run folder, not into final/.
   auto ok = test::run(test::ptk_binary() + " eval --threads 1 --model " + d_.file("run/final") + " --data " +
                       d_.file("data/rl_eval.jsonl") + " --limit 2 --max-new-tokens 4");
