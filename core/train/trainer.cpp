@@ -27,6 +27,7 @@
 #include "core/train/peak_flops.h"
 #include "core/train/plot.h"
 #include "core/train/progress.h"
+#include "core/train/rerun.h"
 #include "core/train/run_folder.h"
 #include "core/train/stage_view.h"
 #include "core/train/tensorboard.h"
@@ -172,6 +173,16 @@ struct Trainer::Impl {
       total_steps = (total_micro_batches + opt.grad_accum - 1) / opt.grad_accum;
     }
     schedule = optim::Schedule{opt.schedule, opt.lr, opt.min_lr, opt.warmup_steps, total_steps};
+    if (main() && opt.warmup_steps > 0 && opt.warmup_steps >= total_steps) {
+      char msg[512];
+      std::snprintf(msg, sizeof msg,
+                    "optim.warmup_steps=%lld is not shorter than this run's %lld optimizer steps: the learning rate "
+                    "never reaches optim.lr=%g (the last step uses %.3g)\n---> HINT: lower optim.warmup_steps; "
+                    "TRL's warmup_ratio=0.1 would be %lld steps here",
+                    static_cast<long long>(opt.warmup_steps), static_cast<long long>(total_steps), opt.lr,
+                    schedule.lr_at(total_steps - 1), static_cast<long long>(std::ceil(0.1 * total_steps)));
+      log::warn(msg);
+    }
   }
 
   bool main() const { return comm.rank() == 0; }
@@ -391,6 +402,7 @@ struct Trainer::Impl {
       const std::string summary = write_report();
       std::fprintf(stderr, "%s\n", summary.c_str());
       std::fflush(stderr);
+      write_finished_marker(opt.run_dir, step, total_steps);  // last: the run is complete
     }
     comm.barrier();
   }
@@ -422,9 +434,21 @@ int64_t Trainer::run() {
   const bool main = s.main();
   if (main) {
     claim_run_folder(o.run_dir, log::info);  // trainer_options did it already for the commands
+    clear_finished_marker(o.run_dir);        // until final/ is written again
     if (!o.resolved_recipe.empty()) write_file_atomic(o.run_dir + "/config.json", o.resolved_recipe);
   }
-  s.resume();
+  const std::string resumed_from = s.resume();
+  if (s.step >= s.total_steps) {
+    // Nothing to train (a checkpoint of the run's last step, e.g. written just before a crash that
+    // left final/ unwritten): no step loop, no throughput, only final/ from that checkpoint.
+    if (main)
+      log::info(o.label + ": " + (resumed_from.empty() ? std::string("the run") : resumed_from) + " is at step " +
+                std::to_string(s.step) + " of " + std::to_string(s.total_steps) +
+                ": nothing to train; writing final/ from it");
+    s.write_final();
+    if (main) log::info("wrote " + o.run_dir + "/final (step " + std::to_string(s.step) + ")");
+    return 0;
+  }
   s.run_start = Clock::now();
   s.run_start_step = s.step;
   std::unique_ptr<MetricsWriter> metrics;
