@@ -298,13 +298,13 @@ struct DpoStage::Impl {
     popt.tokenizer_path = tok_path;
     std::string train_dir = data::prepared_dir(run_dir, "train"), eval_dir = data::prepared_dir(run_dir, "eval");
     data::PrepareOptions eopt;
-    if (!r.data.eval.empty()) {
+    if (data::has_eval_data(r.data)) {
       eopt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kPreference, true);
       eopt.tokenizer_path = tok_path;
     }
     if (rank == 0) {
       data::ensure_prepared(popt, train_dir);
-      if (!r.data.eval.empty()) data::ensure_prepared(eopt, eval_dir);
+      if (data::has_eval_data(r.data)) data::ensure_prepared(eopt, eval_dir);
     }
     comm.barrier();
     train = std::make_unique<data::PreparedSet>(data::PreparedSet::open(train_dir));
@@ -312,7 +312,7 @@ struct DpoStage::Impl {
     lo.micro_batch_size = r.train.micro_batch_size;
     lo.seed = static_cast<uint64_t>(r.run.seed);
     loader = std::make_unique<data::Loader>(*train, lo);
-    if (!r.data.eval.empty()) eval = std::make_unique<data::PreparedSet>(data::PreparedSet::open(eval_dir));
+    if (data::has_eval_data(r.data)) eval = std::make_unique<data::PreparedSet>(data::PreparedSet::open(eval_dir));
     int64_t n_params = 0;
     for (auto& [n, t] : policy.named_parameters()) n_params += t.numel();
     const auto& c = policy.config();
@@ -549,7 +549,7 @@ std::string run_dpo(DpoRecipe& r, const std::string& recipe_file, const std::str
     const bool reference = !r.dpo.is_cpo();
     plan->live_reference = reference && !r.dpo.precompute_ref_log_probs;
     plan->reference_pass_pairs = reference && r.dpo.precompute_ref_log_probs ? r.dpo.precompute_ref_batch_size : 0;
-    plan->eval_micro_batch_size = r.data.eval.empty() ? 0 : r.dpo.eval_micro_batch_size;
+    plan->eval_micro_batch_size = !data::has_eval_data(r.data) ? 0 : r.dpo.eval_micro_batch_size;
     plan->heldout_new_tokens = r.dpo.heldout.prompts.empty() ? 0 : r.dpo.heldout.max_new_tokens;
     train::check_memory_estimate(r, *plan, options.comm);  // before the models, data or batches exist
   }

@@ -56,6 +56,10 @@ int cmd_prepare(int argc, char** argv) {
       "<run.dir>/data (where stages look). Flags override the recipe's tokenizer and data keys.\n\n"
       "Formats: sft ({\"messages\"} | {\"prompt\",\"completion\"} | {\"text\"}), preference\n"
       "({\"prompt\",\"chosen\",\"rejected\"}, strings or message lists), rl ({\"prompt\",\"answer\",...}).\n"
+      "Also read as they are: ShareGPT {\"conversations\": [{\"from\",\"value\"}]}, Alpaca {\"instruction\",\"input\",\n"
+      "\"output\",\"system\",\"history\"}, preference pairs without \"prompt\" (TRL's extract_prompt); other names\n"
+      "through data.columns={\"prompt\":\"question\"}. Files: JSONL, a JSON array, .gz of either, Parquet.\n"
+      "data.eval_split=0.1 holds out a hashed 10% of data.train as OUT/eval (also with --input).\n"
       "Bad lines are reported as file:line: reason; data.on_error=skip lists them in DIR/skipped.txt.");
   cl.accept_recipe({&root, &run, &model, &tokenizer, &data});
   cl.flags().add_options()
@@ -103,11 +107,11 @@ int cmd_prepare(int argc, char** argv) {
     std::string dir;
   };
   std::vector<Job> jobs;
-  if (from_flags) {
+  if (from_flags && data.eval_split <= 0) {
     jobs.push_back({false, out});
-  } else {
+  } else {  // a recipe, or --input with data.eval_split: OUT/train and OUT/eval
     if (!data.train.empty()) jobs.push_back({false, out + "/train"});
-    if (!data.eval.empty()) jobs.push_back({true, out + "/eval"});
+    if (data::has_eval_data(data)) jobs.push_back({true, out + "/eval"});
   }
   for (const auto& job : jobs) {
     data::PrepareOptions o = data::prepare_options_from_recipe(data, tokenizer, model, run.seed, format, job.eval);
