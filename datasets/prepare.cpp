@@ -915,7 +915,9 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
   if (docs.empty())
     throw Error("prepare: no usable record in " + o.sources_key + " (" + std::to_string(s.read) + " read, " +
                 std::to_string(s.skipped) + " skipped, " + std::to_string(s.dropped) + " over max_seq_len " +
-                std::to_string(o.max_seq_len) + ")\n---> HINT: check the format (--format sft|preference|rl) and data.max_seq_len");
+                std::to_string(o.max_seq_len) + ")" + (bad_lines.empty() ? "" : "; the first skipped: " + bad_lines[0]) +
+                "\n---> HINT: check the format (--format sft|preference|rl) and data.max_seq_len; data.columns maps "
+                "other field names");
   if (docs.size() > (size_t{1} << 32) - 1) throw Error("prepare: more than 2^32 documents; split the dataset");
 
   {

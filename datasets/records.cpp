@@ -449,8 +449,9 @@ bool parse_preference(const Value& d, PreferenceRecord* out, std::string* reason
     std::vector<tokenizer::Message> chosen, rejected;
     auto output = d.FindMember("output");
     if (!has(d, "chosen") && !has(d, "rejected") && output != d.MemberEnd() && output->value.IsArray() &&
-        output->value.Size() == 2 && output->value[0].IsString() && output->value[1].IsString()) {
-      // LLaMA-Factory's older ranking form: "output": [chosen, rejected].
+        output->value.Size() >= 2 && output->value[0].IsString() && output->value[1].IsString()) {
+      // The older ranking form (ChatGLM-Efficient-Tuning, LLaMA-Factory before "chosen"/"rejected"):
+      // "output": [best, second, ...], of which, as there, the first two are the pair.
       const Value& o = output->value;
       chosen.push_back({"assistant", std::string(o[0].GetString(), o[0].GetStringLength())});
       rejected.push_back({"assistant", std::string(o[1].GetString(), o[1].GetStringLength())});

@@ -55,7 +55,8 @@ struct SftRecord {
 //                                        messages for lists, one trailing space given back to the replies)
 //   {"conversations": [...], "chosen": C, "rejected": R}  ShareGPT (LLaMA-Factory): C and R a {"from",
 //                                        "value"} or {"role", "content"} message, a string or a list
-//   {"instruction", "input"?, "system"?, "history"?, "chosen", "rejected"} or "output": [C, R]  Alpaca
+//   {"instruction", "input"?, "system"?, "history"?, "chosen", "rejected"} or "output": [C, R, ...]  Alpaca
+//                                        (a ranked "output" list: the first two, as ChatGLM-Efficient-Tuning)
 struct PreferenceRecord {
   TextOrMessages prompt, chosen, rejected;
 };

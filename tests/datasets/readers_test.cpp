@@ -96,6 +96,9 @@ TEST(Readers, AlpacaWithInputHistoryAndSystem) {
   r = parse_ok(R"({"instruction":"q","input":"x","output":["good","bad"]})", Format::kPreference);
   EXPECT_EQ(msgs(r.preference.prompt.messages), (P{{"user", "q\nx"}}));
   EXPECT_EQ(msgs(r.preference.rejected.messages), (P{{"assistant", "bad"}}));
+  r = parse_ok(R"({"instruction":"q","output":["best","second","third"]})", Format::kPreference);  // ranked: first two
+  EXPECT_EQ(msgs(r.preference.chosen.messages), (P{{"assistant", "best"}}));
+  EXPECT_EQ(msgs(r.preference.rejected.messages), (P{{"assistant", "second"}}));
 }
 
 TEST(Readers, ShareGptPreferenceAndRl) {
@@ -198,6 +201,17 @@ TEST(Readers, ColumnMapping) {
   po.columns = &cols;
   EXPECT_EQ(reason_of(R"({"question":"q"})", Format::kSft, po),
             "missing field \"completion\"; the record has no column \"response\" (data.columns.completion)");
+}
+
+TEST(Readers, ParquetColumnsAreCheckedOnceForTheFormat) {
+  std::string need;
+  EXPECT_TRUE(columns_fit(Format::kSft, {"conversations", "id"}, {}, &need));
+  EXPECT_FALSE(columns_fit(Format::kSft, {"question", "answer"}, {}, &need));
+  EXPECT_EQ(need, "\"messages\" | \"conversations\" | \"prompt\" + \"completion\" | \"instruction\" + \"output\" | \"text\"");
+  EXPECT_TRUE(columns_fit(Format::kSft, {"question", "answer"}, {{"prompt", "question"}, {"completion", "answer"}}, &need));
+  EXPECT_TRUE(columns_fit(Format::kPreference, {"chosen", "rejected"}, {}, &need));  // implicit prompt
+  EXPECT_FALSE(columns_fit(Format::kRl, {"question", "answer"}, {}, &need));
+  EXPECT_EQ(need, "\"prompt\" + \"answer\" | \"conversations\" | \"instruction\" + \"answer\" | \"instruction\" + \"output\"");
 }
 
 TEST(Readers, ContentHashIgnoresWhitespaceAndMapping) {

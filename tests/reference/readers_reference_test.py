@@ -200,6 +200,18 @@ class ReadersReferenceTest(ptkref.TempDirTestCase):
         self.assertNotEqual(p.returncode, 0)
         self.assertIn(f"{src}: all 60 records read", p.stdout)
         self.assertNotIn("gsm.jsonl:2:", p.stdout)
+        # The same rows as Parquet: its columns are checked once, before any row.
+        datasets = ptkref.need("datasets")
+        pq = self.tmp / "gsm.parquet"
+        datasets.load_dataset("json", data_files=str(src), split="train", cache_dir=str(self.tmp / "hf")).to_parquet(str(pq))
+        p = ptkref.ptk("prepare", "--input", pq, "--output", self.tmp / "p-bad2", "--tokenizer", self.tok,
+                       "--format", "rl", "--quiet", check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn(f'{pq}: its columns ("question", "solution") hold no rl record: it needs "prompt" + "answer"', p.stdout)
+        self.assertEqual(p.stdout.count("gsm.parquet"), 1, p.stdout)
+        ptkref.ptk("prepare", "--input", pq, "--output", self.tmp / "p-gsm3", "--tokenizer", self.tok, "--format", "rl",
+                   "--quiet", 'data.columns={"prompt": "question", "answer": "solution"}', "data.eval_split=0.25")
+        self.assertEqual(read_prepared(self.tmp / "p-gsm3" / "eval"), evals)
 
     def test_shared_datasets_as_they_are(self):
         if not SHARED.is_dir():
