@@ -64,7 +64,7 @@ int cmd_prepare(int argc, char** argv) {
   cl.accept_recipe({&root, &run, &model, &tokenizer, &data});
   cl.flags().add_options()
       ("tokenizer", po::value<std::string>(), "HF folder with tokenizer.json, or the file (default: tokenizer.path, else model.path)")
-      ("input", po::value<std::vector<std::string>>()->composing(), "JSONL file or glob, optionally PATH:WEIGHT; repeat for several")
+      ("input", po::value<std::vector<std::string>>()->composing(), "data file (JSONL, JSON array, .gz of either, Parquet) or glob, optionally PATH:WEIGHT; repeat for several")
       ("output", po::value<std::string>(), "prepared folder (--input) or parent of train/ and eval/ (recipe)")
       ("format", po::value<std::string>()->default_value("sft"), "sft | preference | rl (what the stage reads)")
       ("max-seq-len", po::value<int64_t>(), "tokens per row; same as data.max_seq_len")
