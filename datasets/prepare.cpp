@@ -30,6 +30,7 @@
 #include "core/util/fs.h"
 #include "core/util/json.h"
 #include "datasets/packing.h"
+#include "datasets/readers.h"
 #include "datasets/shards.h"
 
 namespace ptk::data {
@@ -133,6 +134,21 @@ std::string identity_json(const PrepareOptions& o, const std::vector<SourceFile>
     w.Key("seed");
     w.Uint64(o.seed);
   }
+  if (!o.columns.empty()) {  // only when set: folders prepared before data.columns stay fresh
+    w.Key("columns");
+    w.StartObject();
+    for (const auto& [field, column] : o.columns) {
+      write_str(w, field);
+      write_str(w, column);
+    }
+    w.EndObject();
+  }
+  if (o.split != PrepareOptions::Split::kAll) {
+    w.Key("eval_split");
+    w.Double(o.eval_split);
+    w.Key("split");
+    w.String(o.split == PrepareOptions::Split::kEval ? "eval" : "train");
+  }
   w.Key("sources");
   w.StartArray();
   for (size_t i = 0; i < files.size(); ++i) {
@@ -160,6 +176,14 @@ void check_options(const PrepareOptions& o) {
   if (o.overlong != "truncate" && o.overlong != "drop")
     throw Error("overlong policy must be truncate | drop, got `" + o.overlong + "`");
   if (o.shard_tokens < 1) throw Error("prepare: shard_tokens must be >= 1");
+  if (o.split != PrepareOptions::Split::kAll && !(o.eval_split > 0 && o.eval_split < 1))
+    throw Error("data.eval_split must be a fraction in (0, 1), got " + std::to_string(o.eval_split));
+}
+
+std::string json_number(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", x);
+  return buf;
 }
 
 uint64_t splitmix64(uint64_t x) {
@@ -184,8 +208,10 @@ int copies_for(double weight, uint64_t seed, uint32_t source, int64_t line) {
 
 // One line's outcome.
 struct LineResult {
-  int64_t line_no = 0;
+  int64_t line_no = 0;    // JSONL / JSON array: the line the record starts on; Parquet: the row
+  int64_t record_no = 0;  // 1-based in its file
   bool bad = false;
+  bool other_split = false;  // data.eval_split put it on the other side
   std::string reason;
   int copies = 0;
   bool truncated = false, dropped = false;
@@ -343,7 +369,18 @@ void tokenize_rl(const Tokenizer& tok, const RlRecord& r, const PrepareOptions& 
 void process_line(const Tokenizer& tok, const PrepareOptions& o, std::string_view line, double weight,
                   uint32_t source, LineResult* out) {
   Record rec;
-  if (!parse_record(line, o.format, &rec, &out->reason)) {
+  uint64_t hash = 0;
+  ParseOptions po;
+  po.columns = &o.columns;
+  if (o.split != PrepareOptions::Split::kAll) po.content_hash = &hash;
+  const bool ok = parse_record(line, o.format, po, &rec, &out->reason);
+  if ((!ok && o.split == PrepareOptions::Split::kEval) ||  // a bad record is reported by the train side only
+      (ok && o.split != PrepareOptions::Split::kAll &&
+       in_eval_split(hash, o.eval_split) != (o.split == PrepareOptions::Split::kEval))) {
+    out->other_split = true;
+    return;
+  }
+  if (!ok) {
     out->bad = true;
     return;
   }
@@ -512,6 +549,7 @@ std::string manifest_json(const PrepareOptions& o, const std::string& identity, 
   w.Key("excluded_by_weight"), w.Int64(s.excluded);
   w.Key("docs"), w.Int64(s.docs);
   w.Key("rows"), w.Int64(s.rows);
+  if (o.split != PrepareOptions::Split::kAll) w.Key("other_split"), w.Int64(s.other_split);
   w.EndObject();
   w.Key("tokens");
   w.StartObject();
@@ -605,6 +643,7 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
                    c["dropped"].GetInt64(), c["excluded_by_weight"].GetInt64(), c["docs"].GetInt64(),
                    c["rows"].GetInt64(),  t["written"].GetInt64(), t["targets"].GetInt64(),
                    t["padding_fraction"].GetDouble()};
+    if (c.HasMember("other_split") && c["other_split"].IsInt64()) res.summary.other_split = c["other_split"].GetInt64();
     res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (!o.quiet) std::cerr << "prepare: " << dir << " is up to date (" << summary_line(res) << ")\n";
     return res;
@@ -657,9 +696,10 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
       return std::string_view(text).substr(b, line_end[i] - b);
     }
     uint64_t bytes_done = 0;  // input bytes read when the block was complete (progress)
+    FileKind kind = FileKind::kJsonl;
   };
   uint32_t read_src = 0;
-  std::unique_ptr<LineReader> reader;
+  std::unique_ptr<RecordReader> reader;
   uint64_t bytes_before = 0;
   // Fills `b` with the next lines of one source file; false when every file is read.
   auto read_block = [&](Block* b) {
@@ -670,15 +710,25 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
     while (read_src < files.size()) {
       if (!reader) {
         check_regular_file(files[read_src].path);  // hashed above, but it may have been replaced since
-        reader = std::make_unique<LineReader>(files[read_src].path);
+        reader = open_records(files[read_src].path);  // JSONL, JSON array, .gz of either, Parquet
+        std::string need;
+        const auto columns = reader->columns();
+        if (!columns.empty() && !columns_fit(o.format, columns, o.columns, &need)) {
+          std::string have;
+          for (const auto& c : columns) have += (have.empty() ? "\"" : ", \"") + c + "\"";
+          throw Error(files[read_src].path + ": its columns (" + have + ") hold no " + format_name(o.format) +
+                      " record: it needs " + need + "\n---> HINT: map your columns to these names with "
+                      "data.columns={\"prompt\": \"your_column\", ...}");
+        }
       }
-      int64_t line_no;
+      b->kind = reader->kind();
+      RecordPos pos;
       size_t block_bytes = 0;
       bool more = true;
       while (static_cast<int64_t>(b->size()) < o.block_lines && block_bytes < (64u << 20)) {
         // Straight into the block: a huge line is held here once, not also in the reader.
         const size_t start = b->text.size();
-        if (!reader->append_next(&b->text, &line_no)) {
+        if (!reader->append_next(&b->text, &pos)) {
           more = false;
           break;
         }
@@ -690,7 +740,8 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
         b->line_end.push_back(b->text.size());
         block_bytes += len;
         b->results.emplace_back();
-        b->results.back().line_no = line_no;
+        b->results.back().line_no = pos.line > 0 ? pos.line : pos.record;
+        b->results.back().record_no = pos.record;
       }
       b->src = read_src;
       b->bytes_done = bytes_before + reader->bytes_read();
@@ -709,8 +760,20 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
     for (auto& r : b->results) {
       ++s.read;
       ++per_source[src].records;
+      if (r.other_split) {
+        --s.read;
+        --per_source[src].records;
+        ++s.other_split;
+        continue;
+      }
       if (r.bad) {
-        std::string msg = file.path + ":" + std::to_string(r.line_no) + ": " + r.reason;
+        if (b->kind == FileKind::kJsonArray &&
+            (r.reason.rfind("invalid JSON", 0) == 0 || r.reason.rfind("invalid UTF-8", 0) == 0))
+          // Not one bad record: the file as a whole is not valid JSON (json.load and `datasets` refuse it).
+          throw Error(record_position(file.path, b->kind, {r.record_no, r.line_no}) + ": " + r.reason +
+                      "\n---> HINT: a JSON array file must be valid JSON as a whole (data.on_error=skip does not apply); "
+                      "check it with `python3 -m json.tool " + file.path + " > /dev/null`");
+        std::string msg = record_position(file.path, b->kind, {r.record_no, r.line_no}) + ": " + r.reason;
         ++s.skipped;
         ++per_source[src].skipped;
         if (skipped_out) {
@@ -772,6 +835,20 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
     if (o.on_error == "fail" && !bad_lines.empty()) {
       std::string msg = "prepare: " + std::to_string(bad_lines.size()) + " bad record" +
                         (bad_lines.size() == 1 ? "" : "s") + " (data.on_error = fail):\n";
+      // Every record of the block refused for the same reason is the file's problem, not the
+      // records': said once, naming the file (e.g. a dataset whose fields need data.columns).
+      const std::string first_reason = bad_lines[0].substr(bad_lines[0].find(": ") + 2);
+      const bool all_same = bad_lines.size() > 1 && bad_lines.size() == b->results.size() &&
+                            std::all_of(bad_lines.begin(), bad_lines.end(), [&](const std::string& l) {
+                              return l.size() >= first_reason.size() &&
+                                     l.compare(l.size() - first_reason.size(), first_reason.size(), first_reason) == 0;
+                            });
+      if (all_same) {
+        throw Error("prepare: " + file.path + ": all " + std::to_string(bad_lines.size()) + " records read (from " +
+                    bad_lines[0].substr(0, bad_lines[0].find(": ")) + ") are refused: " + first_reason +
+                    "\n---> HINT: is this the " + format_name(o.format) + " format? Rename the file's fields with "
+                    "data.columns={\"prompt\": \"your_column\", ...} or check --format");
+      }
       for (size_t i = 0; i < std::min(bad_lines.size(), kShowBad); ++i) msg += "  " + bad_lines[i] + "\n";
       if (bad_lines.size() > kShowBad) msg += "  ... and " + std::to_string(bad_lines.size() - kShowBad) + " more\n";
       msg += "---> HINT: fix these lines, or set data.on_error=skip to skip and list them";
@@ -831,10 +908,16 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
   mask_out->close();
   if (meta_out) meta_out->close();
   if (skipped_out) skipped_out->close();
+  if (docs.empty() && o.split == PrepareOptions::Split::kEval)
+    throw Error("prepare: data.eval_split = " + json_number(o.eval_split) + " put none of the " +
+                std::to_string(s.other_split + s.read) + " records of " + o.sources_key +
+                " in eval\n---> HINT: raise data.eval_split, or name held-out files in data.eval");
   if (docs.empty())
     throw Error("prepare: no usable record in " + o.sources_key + " (" + std::to_string(s.read) + " read, " +
                 std::to_string(s.skipped) + " skipped, " + std::to_string(s.dropped) + " over max_seq_len " +
-                std::to_string(o.max_seq_len) + ")\n---> HINT: check the format (--format sft|preference|rl) and data.max_seq_len");
+                std::to_string(o.max_seq_len) + ")" + (bad_lines.empty() ? "" : "; the first skipped: " + bad_lines[0]) +
+                "\n---> HINT: check the format (--format sft|preference|rl) and data.max_seq_len; data.columns maps "
+                "other field names");
   if (docs.size() > (size_t{1} << 32) - 1) throw Error("prepare: more than 2^32 documents; split the dataset");
 
   {
@@ -909,8 +992,17 @@ std::string summary_line(const PrepareResult& r) {
                 static_cast<long long>(s.dropped), static_cast<long long>(s.excluded), static_cast<long long>(s.docs),
                 static_cast<long long>(s.rows), static_cast<long long>(s.tokens), static_cast<long long>(s.targets),
                 100.0 * s.padding_fraction);
-  return buf;
+  std::string out = buf;
+  if (s.other_split > 0) out += "; " + std::to_string(s.other_split) + " records on the other side of data.eval_split";
+  return out;
 }
+
+bool in_eval_split(uint64_t content_hash, double fraction) {
+  const double u = static_cast<double>(splitmix64(content_hash ^ 0x7074'6b5f'6576'616cull) >> 11) * 0x1.0p-53;
+  return u < fraction;
+}
+
+bool has_eval_data(const config::DataSection& data) { return !data.eval.empty() || data.eval_split > 0; }
 
 PrepareOptions prepare_options_from_recipe(const config::DataSection& data, const config::TokenizerSection& tok,
                                            const config::ModelSection& model, int64_t seed, Format format, bool eval) {
@@ -918,6 +1010,13 @@ PrepareOptions prepare_options_from_recipe(const config::DataSection& data, cons
   o.format = format;
   o.sources = eval ? data.eval : data.train;
   o.sources_key = eval ? "data.eval" : "data.train";
+  if (data.eval_split > 0 && data.eval.empty()) {  // both sides from data.train
+    o.sources = data.train;
+    o.sources_key = "data.train";
+    o.split = eval ? PrepareOptions::Split::kEval : PrepareOptions::Split::kTrain;
+    o.eval_split = data.eval_split;
+  }
+  for (const auto& [field, column] : data.columns) o.columns.emplace_back(field, column);
   o.tokenizer_path = tok.path.empty() ? model.path : tok.path;
   if (o.tokenizer_path.empty())
     throw Error("no tokenizer: tokenizer.path and model.path are both empty\n---> HINT: set tokenizer.path=DIR");

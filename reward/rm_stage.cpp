@@ -159,14 +159,14 @@ class RmStage : public train::Stage {
     popt.overlong = "drop";  // TRL's RewardTrainer drops pairs over max_length rather than cutting them
     std::string train_dir = data::prepared_dir(run_dir, "train"), eval_dir = data::prepared_dir(run_dir, "eval");
     data::PrepareOptions eopt;
-    if (!r.data.eval.empty()) {
+    if (data::has_eval_data(r.data)) {
       eopt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kPreference, true);
       eopt.tokenizer_path = tok_path_;
       eopt.overlong = "drop";
     }
     if (comm_.rank() == 0) {
       data::ensure_prepared(popt, train_dir);
-      if (!r.data.eval.empty()) data::ensure_prepared(eopt, eval_dir);
+      if (data::has_eval_data(r.data)) data::ensure_prepared(eopt, eval_dir);
     }
     comm_.barrier();
     train_ = std::make_unique<data::PreparedSet>(data::PreparedSet::open(train_dir));
@@ -175,7 +175,7 @@ class RmStage : public train::Stage {
     lo.micro_batch_size = r.train.micro_batch_size;
     lo.seed = static_cast<uint64_t>(r.run.seed);
     loader_ = std::make_unique<data::Loader>(*train_, lo);
-    if (!r.data.eval.empty()) {
+    if (data::has_eval_data(r.data)) {
       eval_ = std::make_unique<data::PreparedSet>(data::PreparedSet::open(eval_dir));
       eval_margins_ = read_margins(*eval_, r.rm.margin_column);
     }
@@ -286,7 +286,7 @@ std::string run_rm(RmRecipe& r, const std::string& recipe_file, const std::strin
   torch::manual_seed(static_cast<uint64_t>(r.run.seed));
   train::TrainerOptions options = train::trainer_options(r, run_dir, resolved, "rm");
   if (auto plan = train::memory_plan_from_recipe(r, train::StageKind::kRm)) {
-    plan->eval_micro_batch_size = r.data.eval.empty() ? 0 : r.rm.eval_micro_batch_size;
+    plan->eval_micro_batch_size = !data::has_eval_data(r.data) ? 0 : r.rm.eval_micro_batch_size;
     train::check_memory_estimate(r, *plan, options.comm);  // before the model, data or batches exist
   }
   RmStage stage(r, run_dir, options.comm);

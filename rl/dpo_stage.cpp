@@ -306,13 +306,13 @@ struct DpoStage::Impl {
     popt.tokenizer_path = tok_path;
     std::string train_dir = data::prepared_dir(run_dir, "train"), eval_dir = data::prepared_dir(run_dir, "eval");
     data::PrepareOptions eopt;
-    if (!r.data.eval.empty()) {
+    if (data::has_eval_data(r.data)) {
       eopt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kPreference, true);
       eopt.tokenizer_path = tok_path;
     }
     if (rank == 0) {
       data::ensure_prepared(popt, train_dir);
-      if (!r.data.eval.empty()) data::ensure_prepared(eopt, eval_dir);
+      if (data::has_eval_data(r.data)) data::ensure_prepared(eopt, eval_dir);
     }
     comm.barrier();
     train = std::make_unique<data::PreparedSet>(data::PreparedSet::open(train_dir));
@@ -320,7 +320,7 @@ struct DpoStage::Impl {
     lo.micro_batch_size = r.train.micro_batch_size;
     lo.seed = static_cast<uint64_t>(r.run.seed);
     loader = std::make_unique<data::Loader>(*train, lo);
-    if (!r.data.eval.empty()) eval = std::make_unique<data::PreparedSet>(data::PreparedSet::open(eval_dir));
+    if (data::has_eval_data(r.data)) eval = std::make_unique<data::PreparedSet>(data::PreparedSet::open(eval_dir));
     if (!r.dpo.is_cpo()) {
       precompute = decide_precompute(&mode_reason);
       if (rank == 0) log::info("dpo: reference log-probs " + std::string(precompute ? "precomputed" : "live") + " (" + mode_reason + ")");
@@ -611,7 +611,7 @@ std::string run_dpo(DpoRecipe& r, const std::string& recipe_file, const std::str
   if (auto plan = train::memory_plan_from_recipe(r, train::StageKind::kDpo)) {
     const bool reference = !r.dpo.is_cpo();
     const std::string& mode = r.dpo.precompute_ref_log_probs;
-    plan->eval_micro_batch_size = r.data.eval.empty() ? 0 : r.dpo.eval_micro_batch_size;
+    plan->eval_micro_batch_size = !data::has_eval_data(r.data) ? 0 : r.dpo.eval_micro_batch_size;
     plan->heldout_new_tokens = r.dpo.heldout.prompts.empty() ? 0 : r.dpo.heldout.max_new_tokens;
     if (reference && mode == "auto" && r.train.memory_check) {
       // auto goes live only where a second model fits beside the policy (every rank agrees).

@@ -88,12 +88,16 @@ int cmd_prepare(int argc, char** argv) {
       "else the recipe's dpo/rm/grpo/sft section, else --format's (preference: dpo, rl: grpo), else sft.\n\n"
       "Formats: sft ({\"messages\"} | {\"prompt\",\"completion\"} | {\"text\"}), preference\n"
       "({\"prompt\",\"chosen\",\"rejected\"}, strings or message lists), rl ({\"prompt\",\"answer\",...}).\n"
+      "Also read as they are: ShareGPT {\"conversations\": [{\"from\",\"value\"}]}, Alpaca {\"instruction\",\"input\",\n"
+      "\"output\",\"system\",\"history\"}, preference pairs without \"prompt\" (TRL's extract_prompt); other names\n"
+      "through data.columns={\"prompt\":\"question\"}. Files: JSONL, a JSON array, .gz of either, Parquet.\n"
+      "data.eval_split=0.1 holds out a hashed 10% of data.train as OUT/eval (also with --input).\n"
       "Bad lines are reported as file:line: reason; data.on_error=skip lists them in DIR/skipped.txt.");
   cl.accept_recipe(sections);
   cl.flags().add_options()
       ("stage", po::value<std::string>(), "sft | dpo | rm | grpo: the stage whose recipe --recipe is (default: from the recipe)")
       ("tokenizer", po::value<std::string>(), "HF folder with tokenizer.json, or the file (default: tokenizer.path, else model.path)")
-      ("input", po::value<std::vector<std::string>>()->composing(), "JSONL file or glob, optionally PATH:WEIGHT; repeat for several")
+      ("input", po::value<std::vector<std::string>>()->composing(), "data file (JSONL, JSON array, .gz of either, Parquet) or glob, optionally PATH:WEIGHT; repeat for several")
       ("output", po::value<std::string>(), "prepared folder (--input) or parent of train/ and eval/ (recipe)")
       ("format", po::value<std::string>()->default_value("sft"),
        "sft | preference | rl (what the stage reads; with a stage recipe: that stage's)")
@@ -159,11 +163,11 @@ int cmd_prepare(int argc, char** argv) {
     std::string dir;
   };
   std::vector<Job> jobs;
-  if (from_flags) {
+  if (from_flags && data.eval_split <= 0) {
     jobs.push_back({false, out});
-  } else {
+  } else {  // a recipe, or --input with data.eval_split: OUT/train and OUT/eval
     if (!data.train.empty()) jobs.push_back({false, out + "/train"});
-    if (!data.eval.empty()) jobs.push_back({true, out + "/eval"});
+    if (data::has_eval_data(data)) jobs.push_back({true, out + "/eval"});
   }
   for (const auto& job : jobs) {
     data::PrepareOptions o = data::prepare_options_from_recipe(data, tokenizer, model, run.seed, format, job.eval);

@@ -416,6 +416,16 @@ class ReadVisitor : public Visitor {
     if (!ok) return bad(name, *x, expected);
     v = std::move(out);
   }
+  void opt(std::map<std::string, std::string>& v, const char* name, const char*) override {
+    const Value* x = find(name);
+    if (!x) return;
+    bool ok = x->IsObject();
+    if (ok)
+      for (auto it = x->MemberBegin(); it != x->MemberEnd(); ++it) ok = ok && it->value.IsString();
+    if (!ok) return bad(name, *x, "an object of strings, e.g. {\"prompt\": \"question\"}");
+    v.clear();
+    for (auto it = x->MemberBegin(); it != x->MemberEnd(); ++it) v[it->name.GetString()] = it->value.GetString();
+  }
 
  private:
   const Value* find(const char* name) {
@@ -477,6 +487,7 @@ class KeyVisitor : public Visitor {
   void required(std::string&, const char* n, const char*) override { add(n); }
   void required(std::vector<DataSource>&, const char* n, const char*) override { add(n); }
   void opt(std::vector<DataSource>&, const char* n, const char*) override { add(n); }
+  void opt(std::map<std::string, std::string>&, const char* n, const char*) override { add(n); }
 
  private:
   void add(const char* n) { keys.push_back(join_path(prefix_, n)); }
@@ -519,6 +530,11 @@ class WriteVisitor : public Visitor {
       arr.PushBack(o, a_);
     }
     put(n, std::move(arr));
+  }
+  void opt(std::map<std::string, std::string>& v, const char* n, const char*) override {
+    Value o(rapidjson::kObjectType);
+    for (const auto& [k, x] : v) o.AddMember(str(k), str(x), a_);
+    put(n, std::move(o));
   }
 
  private:
@@ -563,6 +579,7 @@ class HelpVisitor : public Visitor {
   void required(std::string&, const char* n, const char* h) override { line(n, "string", "required", h); }
   void required(std::vector<DataSource>&, const char* n, const char* h) override { line(n, "sources", "required", h); }
   void opt(std::vector<DataSource>&, const char* n, const char* h) override { line(n, "sources", "[]", h); }
+  void opt(std::map<std::string, std::string>&, const char* n, const char* h) override { line(n, "object", "{}", h); }
 
  private:
   void line(const char* n, const std::string& type, const std::string& def, const char* help) {

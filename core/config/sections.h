@@ -43,6 +43,8 @@ struct DataSection : Section {
   int64_t max_seq_len;
   bool packing;
   std::string on_error;  // fail | skip
+  std::map<std::string, std::string> columns;  // ptk field -> the dataset's column name
+  double eval_split;     // 0, or the fraction of data.train held out for eval
   const char* name() const override { return "data"; }
   const char* help() const override { return "training and evaluation data"; }
   void visit(Visitor& v) override;

@@ -484,5 +484,29 @@ TEST(Recipe, ChoiceWithTrueFalseTakesBooleans) {
   EXPECT_NE(err.find("s.mode: expected one of auto | true | false"), std::string::npos) << err;
 }
 
+// data.columns (an object of strings) and data.eval_split: bound from a file and from overrides
+// (whole object or one key), written back into the resolved recipe, refused with the key named.
+TEST(Recipe, DataColumnsAndEvalSplit) {
+  TempDir d;
+  std::string f = d.write("r.json", R"({"data": {"train": "t.jsonl", "columns": {"prompt": "question"}}})");
+  TrainingRecipe r;
+  ASSERT_EQ(bind_error(f, {"data.columns.completion=solution", "data.eval_split=0.1"}, &r), "");
+  EXPECT_EQ(r.data.columns, (std::map<std::string, std::string>{{"prompt", "question"}, {"completion", "solution"}}));
+  EXPECT_DOUBLE_EQ(r.data.eval_split, 0.1);
+  const std::string resolved = resolved_json(r.sections());
+  TempDir d2;
+  TrainingRecipe again;  // the resolved recipe (the run folder's config.json) binds to the same values
+  ASSERT_EQ(bind_error(d2.write("resolved.json", resolved), {}, &again), "") << resolved;
+  EXPECT_EQ(again.data.columns, r.data.columns);
+  EXPECT_DOUBLE_EQ(again.data.eval_split, 0.1);
+  TrainingRecipe bad;
+  std::string e = bind_error(f, {"data.columns={\"prompt\": 3}"}, &bad);
+  EXPECT_NE(e.find("data.columns: expected an object of strings"), std::string::npos) << e;
+  e = bind_error(f, {"data.columns={\"promt\": \"q\"}"}, &bad);
+  EXPECT_NE(e.find("data.columns.promt: \"promt\" is not a field ptk reads"), std::string::npos) << e;
+  e = bind_error(f, {"data.eval_split=1"}, &bad);
+  EXPECT_NE(e.find("data.eval_split must be a fraction in [0, 1)"), std::string::npos) << e;
+}
+
 }  // namespace
 }  // namespace ptk::config

@@ -64,12 +64,13 @@ TEST(RecipeChanges, LeafByLeafInKeyOrderListsWhole) {
 TEST(RecipeChanges, WhatBlocksAResume) {
   for (const char* k : {"optim.lr", "data.max_seq_len", "data.train", "model.path", "train.micro_batch_size",
                         "train.grad_accum", "run.seed", "dpo.beta", "grpo.num_generations", "tokenizer.chat_template",
-                        "model.dtype", "optim.warmup_steps"})
+                        "model.dtype", "optim.warmup_steps", "data.eval_split", "data.columns.prompt"})
     EXPECT_TRUE(changes_training(k)) << k;
   for (const char* k : {"resume", "run.dir", "run.threads", "train.log_every", "train.eval_every", "train.memory_check",
                         "checkpoint.every", "checkpoint.keep_last", "checkpoint.max_shard_size", "dist.timeout_s",
                         "data.eval", "sft.eval_prompts", "sft.eval_micro_batch_size", "dpo.eval_max_new_tokens",
-                        "grpo.eval_num_samples", "rollout.slots", "grpo.reward_urls", "dpo.precompute_ref_log_probs"})
+                        "grpo.eval_num_samples", "rollout.slots", "grpo.reward_urls", "dpo.precompute_ref_log_probs",
+                        "train.tensorboard"})
     EXPECT_FALSE(changes_training(k)) << k;
   // Prefix matches stop at a key boundary: data.evaluation would be a training key.
   EXPECT_TRUE(changes_training("data.evaluation"));
