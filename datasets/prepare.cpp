@@ -23,6 +23,7 @@
 #include <condition_variable>
 #include <exception>
 #include <functional>
+#include <initializer_list>
 #include <mutex>
 
 #include "core/tokenizer/prompt_completion.h"
@@ -260,22 +261,26 @@ void tokenize_sft(const Tokenizer& tok, const SftRecord& r, size_t n, LineResult
   }
 }
 
-// Whether `a` + `b` encoded as one text gives other ids than `a` and `b` encoded apart, where they
-// meet: the last and the first head_bytes(8) bytes are compared (further away, both encodings are
-// the same; see Tokenizer::head_bytes), so a long prompt costs no more than a short one.
-bool merges_across(const Tokenizer& tok, std::string_view a, std::string_view b) {
+// Whether `a` + b encoded as one text gives other ids than `a` and b encoded apart, for some b of
+// `bs`, where they meet: the last and the first head_bytes(8) bytes are compared (further away, both
+// encodings are the same; see Tokenizer::head_bytes), so a long prompt costs no more than a short one.
+bool merges_across(const Tokenizer& tok, std::string_view a, std::initializer_list<std::string_view> bs) {
   const size_t w = tok.head_bytes(8);
   if (w < a.size()) {
     size_t from = a.size() - w;
     while (from < a.size() && (static_cast<unsigned char>(a[from]) & 0xC0) == 0x80) ++from;  // a character's start
     a = a.substr(from);
   }
-  b = tokenizer::utf8_head(b, w);
-  std::vector<TokenId> apart = tok.encode(a), tail = tok.encode(b);
-  apart.insert(apart.end(), tail.begin(), tail.end());
-  std::string joint(a);
-  joint += b;
-  return tok.encode(joint) != apart;
+  const std::vector<TokenId> head = tok.encode(a);
+  for (std::string_view b : bs) {
+    b = tokenizer::utf8_head(b, w);
+    std::vector<TokenId> apart = head, tail = tok.encode(b);
+    apart.insert(apart.end(), tail.begin(), tail.end());
+    std::string joint(a);
+    joint += b;
+    if (tok.encode(joint) != apart) return true;
+  }
+  return false;
 }
 
 // The prompt's messages with empty contents: a reply renders after them exactly as after the real
@@ -322,7 +327,7 @@ void tokenize_preference(const Tokenizer& tok, const PreferenceRecord& r, const 
     rj = encode_head_with_eos(tok, r.rejected.text, L + 1);
     // Prompt and replies are tokenized apart (as TRL's DPOTrainer and RewardTrainer do not: they
     // encode prompt + reply as one text); counted where that would merge across the boundary.
-    out->boundary_merged = merges_across(tok, r.prompt.text, r.chosen.text) || merges_across(tok, r.prompt.text, r.rejected.text);
+    out->boundary_merged = merges_across(tok, r.prompt.text, {r.chosen.text, r.rejected.text});
   } else {
     std::string pt, ct, rt;
     if (!render_pair_texts(tok, r, tok.head_bytes(L + 1), &pt, &ct, &rt, &out->reason)) {
@@ -332,7 +337,7 @@ void tokenize_preference(const Tokenizer& tok, const PreferenceRecord& r, const 
     p = tok.encode_tail(pt, L, &p_total);
     c = tok.encode_head(ct, L + 1);
     rj = tok.encode_head(rt, L + 1);
-    out->boundary_merged = merges_across(tok, pt, ct) || merges_across(tok, pt, rt);
+    out->boundary_merged = merges_across(tok, pt, {ct, rt});
   }
   size_t longest = std::max(c.size(), rj.size());
   if (p_total + longest > L) {
