@@ -23,8 +23,10 @@
 #include <condition_variable>
 #include <exception>
 #include <functional>
+#include <initializer_list>
 #include <mutex>
 
+#include "core/tokenizer/prompt_completion.h"
 #include "core/train/progress.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
@@ -215,6 +217,7 @@ struct LineResult {
   std::string reason;
   int copies = 0;
   bool truncated = false, dropped = false;
+  bool boundary_merged = false;  // prompt + completion as one text would merge across the boundary
   std::vector<TokenId> ids;
   std::vector<uint8_t> mask;
   uint32_t seg_a = 0, seg_b = 0;
@@ -248,7 +251,10 @@ void tokenize_sft(const Tokenizer& tok, const SftRecord& r, size_t n, LineResult
     }
     case SftRecord::Kind::kPromptCompletion: {
       if (!r.prompt.is_messages) {
-        auto e = tok.encode_prompt_completion(r.prompt.text, r.completion.text, true, n);
+        // Tokenized apart, as at generation (core/tokenizer/prompt_completion.h): every completion
+        // character is trained even where one text would merge across the boundary ('.M'|'aking').
+        auto e = tokenizer::encode_prompt_completion_apart(tok, r.prompt.text, r.completion.text, true, n,
+                                                           &out->boundary_merged);
         out->ids = std::move(e.ids);
         out->mask = std::move(e.completion_mask);
         out->seg_a = static_cast<uint32_t>(e.prompt_tokens);
@@ -279,6 +285,28 @@ void tokenize_sft(const Tokenizer& tok, const SftRecord& r, size_t n, LineResult
       break;
     }
   }
+}
+
+// Whether `a` + b encoded as one text gives other ids than `a` and b encoded apart, for some b of
+// `bs`, where they meet: the last and the first head_bytes(8) bytes are compared (further away, both
+// encodings are the same; see Tokenizer::head_bytes), so a long prompt costs no more than a short one.
+bool merges_across(const Tokenizer& tok, std::string_view a, std::initializer_list<std::string_view> bs) {
+  const size_t w = tok.head_bytes(8);
+  if (w < a.size()) {
+    size_t from = a.size() - w;
+    while (from < a.size() && (static_cast<unsigned char>(a[from]) & 0xC0) == 0x80) ++from;  // a character's start
+    a = a.substr(from);
+  }
+  const std::vector<TokenId> head = tok.encode(a);
+  for (std::string_view b : bs) {
+    b = tokenizer::utf8_head(b, w);
+    std::vector<TokenId> apart = head, tail = tok.encode(b);
+    apart.insert(apart.end(), tail.begin(), tail.end());
+    std::string joint(a);
+    joint += b;
+    if (tok.encode(joint) != apart) return true;
+  }
+  return false;
 }
 
 // The prompt's messages with empty contents: a reply renders after them exactly as after the real
@@ -323,6 +351,9 @@ void tokenize_preference(const Tokenizer& tok, const PreferenceRecord& r, const 
     p = tok.encode_tail(r.prompt.text, L, &p_total);
     c = encode_head_with_eos(tok, r.chosen.text, L + 1);
     rj = encode_head_with_eos(tok, r.rejected.text, L + 1);
+    // Prompt and replies are tokenized apart (as TRL's DPOTrainer and RewardTrainer do not: they
+    // encode prompt + reply as one text); counted where that would merge across the boundary.
+    out->boundary_merged = merges_across(tok, r.prompt.text, {r.chosen.text, r.rejected.text});
   } else {
     std::string pt, ct, rt;
     if (!render_pair_texts(tok, r, tok.head_bytes(L + 1), &pt, &ct, &rt, &out->reason)) {
@@ -332,6 +363,7 @@ void tokenize_preference(const Tokenizer& tok, const PreferenceRecord& r, const 
     p = tok.encode_tail(pt, L, &p_total);
     c = tok.encode_head(ct, L + 1);
     rj = tok.encode_head(rt, L + 1);
+    out->boundary_merged = merges_across(tok, pt, {ct, rt});
   }
   size_t longest = std::max(c.size(), rj.size());
   if (p_total + longest > L) {
@@ -526,13 +558,14 @@ struct SourceStats {
 };
 
 std::string manifest_json(const PrepareOptions& o, const std::string& identity, const std::vector<SourceFile>& files,
-                          const std::vector<SourceStats>& per_source, const PrepareSummary& s,
+                          const std::vector<SourceStats>& per_source, const PrepareResult& res,
                           const std::vector<std::pair<std::string, uint64_t>>& out_files,
                           const std::vector<uint64_t>& shard_tokens) {
   rapidjson::StringBuffer sb;
   rapidjson::PrettyWriter<rapidjson::StringBuffer> w(sb);
   w.SetIndent(' ', 2);
   rapidjson::Document id = json::parse(identity, "prepare identity");
+  const PrepareSummary& s = res.summary;
   w.StartObject();
   w.Key("ptk_prepared");
   w.Int(kPrepareVersion);
@@ -550,7 +583,23 @@ std::string manifest_json(const PrepareOptions& o, const std::string& identity, 
   w.Key("docs"), w.Int64(s.docs);
   w.Key("rows"), w.Int64(s.rows);
   if (o.split != PrepareOptions::Split::kAll) w.Key("other_split"), w.Int64(s.other_split);
+  w.Key("boundary_merged"), w.Int64(s.boundary_merged);
   w.EndObject();
+  // A few positions of each (prepare_warnings names them, also when the folder is reused).
+  w.Key("examples");
+  w.StartObject();
+  for (auto [name, list] : {std::pair<const char*, const std::vector<std::string>*>{"truncated", &res.truncated_at},
+                            {"dropped", &res.dropped_at},
+                            {"boundary_merged", &res.merged_at}}) {
+    w.Key(name);
+    w.StartArray();
+    for (const auto& x : *list) write_str(w, x);
+    w.EndArray();
+  }
+  w.EndObject();
+  // Where the tokenizer was (ptk inspect-data decodes with it); not part of the key, which has its hash.
+  w.Key("tokenizer_path");
+  write_str(w, o.tokenizer_path);
   w.Key("tokens");
   w.StartObject();
   w.Key("written"), w.Int64(s.tokens);
@@ -644,8 +693,21 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
                    c["rows"].GetInt64(),  t["written"].GetInt64(), t["targets"].GetInt64(),
                    t["padding_fraction"].GetDouble()};
     if (c.HasMember("other_split") && c["other_split"].IsInt64()) res.summary.other_split = c["other_split"].GetInt64();
+    if (c.HasMember("boundary_merged") && c["boundary_merged"].IsInt64()) res.summary.boundary_merged = c["boundary_merged"].GetInt64();
+    if (m.HasMember("examples") && m["examples"].IsObject()) {
+      for (auto [name, list] : {std::pair<const char*, std::vector<std::string>*>{"truncated", &res.truncated_at},
+                                {"dropped", &res.dropped_at},
+                                {"boundary_merged", &res.merged_at}}) {
+        if (!m["examples"].HasMember(name) || !m["examples"][name].IsArray()) continue;
+        for (const auto& x : m["examples"][name].GetArray())
+          if (x.IsString()) list->push_back(x.GetString());
+      }
+    }
     res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (!o.quiet) std::cerr << "prepare: " << dir << " is up to date (" << summary_line(res) << ")\n";
+    if (!o.quiet) {
+      std::cerr << "prepare: " << dir << " is up to date (" << summary_line(res) << ")\n";
+      for (const auto& warning : prepare_warnings(o, res)) std::cerr << warning << "\n";
+    }
     return res;
   }
 
@@ -789,11 +851,22 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
         ++s.excluded;
         continue;
       }
+      auto note = [&](std::vector<std::string>* at) {
+        if (at->size() < PrepareResult::kExamplePositions) at->push_back(file.path + ":" + std::to_string(r.line_no));
+      };
       if (r.dropped) {
         ++s.dropped;
+        note(&res.dropped_at);
         continue;
       }
-      if (r.truncated) ++s.truncated;
+      if (r.truncated) {
+        ++s.truncated;
+        note(&res.truncated_at);
+      }
+      if (r.boundary_merged) {
+        ++s.boundary_merged;
+        note(&res.merged_at);
+      }
       if (r.ids.empty()) continue;  // cannot happen for valid records; never write empty documents
       uint32_t shard = static_cast<uint32_t>(shard_tokens.size() - 1);
       if (shard_tokens.back() > 0 && shard_tokens.back() + r.ids.size() > o.shard_tokens) {
@@ -950,7 +1023,8 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
   std::vector<std::pair<std::string, uint64_t>> out_files;
   for (const auto& entry : fs::directory_iterator(tmp)) out_files.emplace_back(entry.path().filename().string(), entry.file_size());
   std::sort(out_files.begin(), out_files.end());
-  write_file_atomic(tmp + "/manifest.json", manifest_json(o, identity, files, per_source, s, out_files, shard_tokens));
+  res.summary = s;
+  write_file_atomic(tmp + "/manifest.json", manifest_json(o, identity, files, per_source, res, out_files, shard_tokens));
   fsync_path(tmp);
 
   // Swap the folder in: the old one (if any) is moved aside first, so `dir` is always either the
@@ -978,6 +1052,7 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
         std::cerr << "  ... all " << s.skipped << " listed in " << dir << "/skipped.txt\n";
     }
     std::cerr << "prepare: " << dir << ": " << summary_line(res) << "\n";
+    for (const auto& warning : prepare_warnings(o, res)) std::cerr << warning << "\n";
   }
   return res;
 }
@@ -992,8 +1067,70 @@ std::string summary_line(const PrepareResult& r) {
                 static_cast<long long>(s.dropped), static_cast<long long>(s.excluded), static_cast<long long>(s.docs),
                 static_cast<long long>(s.rows), static_cast<long long>(s.tokens), static_cast<long long>(s.targets),
                 100.0 * s.padding_fraction);
-  std::string out = buf;
-  if (s.other_split > 0) out += "; " + std::to_string(s.other_split) + " records on the other side of data.eval_split";
+  std::string line = buf;
+  if (s.other_split > 0) line += "; " + std::to_string(s.other_split) + " records on the other side of data.eval_split";
+  if (s.boundary_merged > 0)
+    line += "; " + std::to_string(s.boundary_merged) + " boundary merge" + (s.boundary_merged == 1 ? "" : "s") +
+            " avoided (prompt and completion tokenized apart)";
+  return line;
+}
+
+namespace {
+std::string percent(int64_t part, int64_t whole) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f%%", whole > 0 ? 100.0 * static_cast<double>(part) / static_cast<double>(whole) : 0.0);
+  return buf;
+}
+std::string positions(const std::vector<std::string>& at, int64_t count) {
+  std::string out;
+  for (size_t i = 0; i < at.size(); ++i) out += (i ? ", " : "") + at[i];
+  if (count > static_cast<int64_t>(at.size())) out += ", ...";
+  return out;
+}
+}  // namespace
+
+std::vector<std::string> prepare_warnings(const PrepareOptions& o, const PrepareResult& r) {
+  const PrepareSummary& s = r.summary;
+  const int64_t tokenized = s.read - s.skipped - s.excluded;
+  const std::string L = std::to_string(o.max_seq_len);
+  const std::string of = " of " + std::to_string(tokenized) + " ";
+  std::vector<std::string> out;
+  const char* unit = o.format == Format::kPreference ? "pairs" : o.format == Format::kRl ? "prompts" : "records";
+  if (s.truncated > 0 && static_cast<double>(s.truncated) > kWarnTruncatedFraction * static_cast<double>(tokenized)) {
+    std::string what = o.format == Format::kPreference
+                           ? " have a prompt + longer reply over data.max_seq_len = " + L +
+                                 " tokens and were truncated (the prompt cut from the left to no less than half, then "
+                                 "the replies from the right): their cut ends are not trained"
+                           : " have more than data.max_seq_len = " + L + " tokens and were truncated to " + L +
+                                 ": the rest of each is not trained";
+    out.push_back("prepare: WARNING: " + std::to_string(s.truncated) + of + unit + " (" + percent(s.truncated, tokenized) +
+                  ")" + what + "; e.g. " + positions(r.truncated_at, s.truncated) +
+                  "\n---> HINT: raise data.max_seq_len (ptk prepare --max-seq-len), or shorten these records; `ptk "
+                  "inspect-data` shows what is trained");
+  }
+  if (s.dropped > 0) {
+    std::string what;
+    if (o.format == Format::kRl) {
+      what = " have more than data.max_seq_len = " + L + " tokens and were dropped (a cut prompt asks another question)";
+    } else if (o.format == Format::kPreference) {
+      what = " have a prompt + reply over data.max_seq_len = " + L + " tokens and were dropped (overlong = drop; the " +
+             "reward model drops them, as TRL's RewardTrainer does)";
+    } else {
+      what = o.overlong == "drop" ? " have more than data.max_seq_len = " + L + " tokens and were dropped (overlong = drop)"
+                                  : " were dropped: truncation to data.max_seq_len = " + L +
+                                        " tokens left them without a completion token (unpacked rows, as TRL drops them)";
+    }
+    out.push_back("prepare: WARNING: " + std::to_string(s.dropped) + of + unit + " (" + percent(s.dropped, tokenized) + ")" +
+                  what + "; e.g. " + positions(r.dropped_at, s.dropped) +
+                  "\n---> HINT: raise data.max_seq_len (ptk prepare --max-seq-len), or shorten these records");
+  }
+  if (s.boundary_merged > 0)
+    out.push_back("prepare: note: " + std::to_string(s.boundary_merged) + of + unit + " (" +
+                  percent(s.boundary_merged, tokenized) +
+                  ") would merge tokens across the prompt/completion boundary if encoded as one text (e.g. " +
+                  positions(r.merged_at, s.boundary_merged) +
+                  "); ptk encodes prompt and completion apart, as generation does, so every completion character is "
+                  "trained (TRL encodes one text)");
   return out;
 }
 

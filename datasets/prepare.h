@@ -65,6 +65,10 @@ struct PrepareSummary {
   int64_t targets = 0;     // tokens with mask 1, over docs.idx (repeats counted)
   double padding_fraction = 0;  // sft: of rows of max_seq_len (packed or one document a row)
   int64_t other_split = 0;      // records data.eval_split put on the other side (train <-> eval)
+  // Plain-text prompt/completion records (sft) and pairs (preference) whose prompt and completion
+  // (a reply) would merge tokens across the boundary if encoded as one text ('.M'|'aking'); prepare
+  // encodes them apart, as generation does (core/tokenizer/prompt_completion.h). Kept records only.
+  int64_t boundary_merged = 0;
 };
 
 struct PrepareResult {
@@ -73,7 +77,21 @@ struct PrepareResult {
   PrepareSummary summary;
   double seconds = 0;
   uint64_t input_bytes = 0;
+  // The first kExamplePositions records ("file:line") truncated, dropped, and with a boundary merge
+  // (the counts are in summary); manifest.json keeps them as "examples".
+  static constexpr size_t kExamplePositions = 5;
+  std::vector<std::string> truncated_at, dropped_at, merged_at;
 };
+
+// Truncation above this fraction of the records tokenized (read - skipped - excluded) warns.
+constexpr double kWarnTruncatedFraction = 0.05;
+
+// What prepare left out of training, as loud warnings: truncated records above
+// kWarnTruncatedFraction, any dropped record; each with the counts, the key to change
+// (data.max_seq_len, ...) and example positions (file:line). Then a note (not a warning) when
+// records had a boundary merge avoided. Empty when there is nothing to say. prepare() prints these
+// on stderr (also when it reuses a folder) unless options.quiet.
+std::vector<std::string> prepare_warnings(const PrepareOptions& options, const PrepareResult& result);
 
 // Builds `dir` from `options`, or reuses it when its manifest matches (same format, options,
 // tokenizer bytes and source bytes; checked by SHA-256) unless options.force. Bad records: with

@@ -11,6 +11,8 @@
 #include "core/config/recipe.h"
 #include "core/config/sections.h"
 #include "core/util/error.h"
+#include "datasets/inspect.h"
+#include "datasets/loader.h"
 #include "datasets/prepare.h"
 #include "reward/rm_stage.h"
 #include "rl/dpo_stage.h"
@@ -107,7 +109,9 @@ int cmd_prepare(int argc, char** argv) {
       ("overlong", po::value<std::string>()->default_value("truncate"),
        "records over max_seq_len: truncate | drop (rl prompts are always dropped; rm recipes drop); counted either way")
       ("force", po::bool_switch(), "rebuild even when the folder is up to date")
-      ("quiet", po::bool_switch(), "no progress line");
+      ("quiet", po::bool_switch(), "no progress line")
+      ("show", po::value<int64_t>()->default_value(0),
+       "then print the first N rows decoded, trained tokens between [[ ]] (as ptk inspect-data --rows N)");
   if (!cl.parse(argc, argv)) return 0;
 
   config::RecipeJson rj = config::load_recipe(cl.recipe(), cl.overrides());
@@ -176,11 +180,20 @@ int cmd_prepare(int argc, char** argv) {
     o.force = cl.get<bool>("force");
     o.quiet = cl.get<bool>("quiet");
     data::PrepareResult r = data::prepare(o, job.dir);
+    if (o.quiet)  // prepare() printed nothing; the warnings about what is not trained still show
+      for (const auto& w : data::prepare_warnings(o, r)) std::cerr << w << "\n";
     double mb = r.input_bytes / 1048576.0;
     std::printf("%s: %s%s\n", job.dir.c_str(), r.reused ? "up to date, reused: " : "", data::summary_line(r).c_str());
     if (!r.reused)
       std::printf("  %.1f MiB in %.2f s: %.1f MiB/s, %.0f tokens/s\n", mb, r.seconds, r.seconds > 0 ? mb / r.seconds : 0.0,
                   r.seconds > 0 ? r.summary.tokens / r.seconds : 0.0);
+    if (cl.get<int64_t>("show") > 0) {
+      data::InspectOptions io;
+      io.rows = cl.get<int64_t>("show");
+      std::fflush(stdout);
+      data::inspect_rows(data::PreparedSet::open(job.dir), tokenizer::Tokenizer::load(o.tokenizer_path), io, std::cout);
+      std::cout.flush();
+    }
   }
   return 0;
 }
