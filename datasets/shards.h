@@ -18,7 +18,7 @@ namespace ptk::data {
 // 3: conversational prompt/completion masks are TRL's completion_mask (every token after the
 // prompt's render, the template's "\n" after <|im_end|> included), not the assistant mask; ties
 // in packing go to the oldest row; unpacked rows truncation leaves without a target are dropped.
-constexpr int kPrepareVersion = 3;
+constexpr int kPrepareVersion = 4;  // 4: chat templates rendered by the Jinja interpreter
 
 // One document (sft), pair (preference: prompt, chosen, rejected back to back) or prompt (rl).
 // A mixing weight above 1 repeats entries that point at the same tokens.

@@ -39,6 +39,7 @@ int cmd_eval(int argc, char** argv) {
       "reward-model", po::value<std::string>()->default_value(""),
       "a Qwen2ForSequenceClassification folder: also report the mean reward")(
       "output", po::value<std::string>()->default_value(""), "JSON results file; default <model>/eval.json");
+  cl.accept_chat_template();
   if (!cl.parse(argc, argv)) return 0;
   runtime::init_and_announce(cl.threads());
   std::string model_dir = cl.get<std::string>("model"), data = cl.get<std::string>("data");
@@ -53,7 +54,7 @@ int cmd_eval(int argc, char** argv) {
   o.slots = cl.get<int64_t>("slots");
   if (o.samples < 1 || o.max_new_tokens < 1 || o.slots < 1)
     throw UsageError("ptk eval: --samples, --max-new-tokens and --slots must be >= 1");
-  auto tok = tokenizer::Tokenizer::load(tok_path);
+  auto tok = tokenizer::Tokenizer::load(tok_path, tokenizer::chat_load_options(cl.chat_template(), cl.chat_template_kwargs()));
   auto model = model::Qwen2Model::from_pretrained(model_dir);
   model::Qwen2Model rm;
   if (!cl.get<std::string>("reward-model").empty()) {

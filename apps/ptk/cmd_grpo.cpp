@@ -22,6 +22,7 @@ int cmd_grpo(int argc, char** argv) {
                       "\"answer\": \"...\"}. Writes <run.dir>/final (HF folder), metrics.jsonl (TRL metric names),\n"
                       "rollouts/step-N.jsonl, checkpoints/. Rerunning the same recipe resumes (resume=auto).");
   cl.accept_recipe(recipe.all_sections());
+  cl.accept_chat_template();
   cl.accept_check();
   if (!cl.parse(argc, argv)) return 0;
   auto json = config::load_recipe(cl.recipe(), cl.overrides());

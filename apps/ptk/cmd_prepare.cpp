@@ -58,6 +58,7 @@ int cmd_prepare(int argc, char** argv) {
       "({\"prompt\",\"chosen\",\"rejected\"}, strings or message lists), rl ({\"prompt\",\"answer\",...}).\n"
       "Bad lines are reported as file:line: reason; data.on_error=skip lists them in DIR/skipped.txt.");
   cl.accept_recipe({&root, &run, &model, &tokenizer, &data});
+  cl.accept_chat_template();
   cl.flags().add_options()
       ("tokenizer", po::value<std::string>(), "HF folder with tokenizer.json, or the file (default: tokenizer.path, else model.path)")
       ("input", po::value<std::vector<std::string>>()->composing(), "JSONL file or glob, optionally PATH:WEIGHT; repeat for several")

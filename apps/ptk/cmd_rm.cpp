@@ -20,6 +20,7 @@ int cmd_rm(int argc, char** argv) {
                       "layout, plus metrics.jsonl (accuracy, margin, min/mean/max_reward), checkpoints/ and\n"
                       "config.json. Rerunning the same recipe resumes (resume=auto).");
   cl.accept_recipe(recipe.all_sections());
+  cl.accept_chat_template();
   cl.accept_check();
   if (!cl.parse(argc, argv)) return 0;
   auto json = config::load_recipe(cl.recipe(), cl.overrides());

@@ -18,6 +18,7 @@ int cmd_sft(int argc, char** argv) {
                       "config.json (model.config, random init); writes <run.dir>/final as an HF folder, plus\n"
                       "metrics.jsonl, checkpoints/ and config.json. Rerunning the same recipe resumes (resume=auto).");
   cl.accept_recipe(recipe.all_sections());
+  cl.accept_chat_template();
   cl.accept_check();
   if (!cl.parse(argc, argv)) return 0;
   auto json = config::load_recipe(cl.recipe(), cl.overrides());
