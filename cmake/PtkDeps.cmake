@@ -6,6 +6,9 @@ find_package(Threads REQUIRED)
 # --- LibTorch (cmake/PtkTorch.cmake: the PyPI wheel in .venv/, its CUDA and OpenMP) -------------
 include(PtkTorch)
 
+# --- Arrow + Parquet from the pyarrow wheel (cmake/PtkArrow.cmake): Parquet datasets ----------------
+include(PtkArrow)
+
 # Gloo's headers for c10d's ProcessGroupGloo.hpp: the wheel compiles Gloo into libtorch_cpu but ships
 # none of its headers; Debian's libgloo-dev has them (ptk only names Gloo's device type through
 # ProcessGroupGloo's own static functions, so their older snapshot is enough). Without them,

@@ -23,13 +23,16 @@
 #include <condition_variable>
 #include <exception>
 #include <functional>
+#include <initializer_list>
 #include <mutex>
 
+#include "core/tokenizer/prompt_completion.h"
 #include "core/train/progress.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
 #include "core/util/json.h"
 #include "datasets/packing.h"
+#include "datasets/readers.h"
 #include "datasets/shards.h"
 
 namespace ptk::data {
@@ -144,6 +147,21 @@ std::string identity_json(const PrepareOptions& o, const std::vector<SourceFile>
     w.Key("seed");
     w.Uint64(o.seed);
   }
+  if (!o.columns.empty()) {  // only when set: folders prepared before data.columns stay fresh
+    w.Key("columns");
+    w.StartObject();
+    for (const auto& [field, column] : o.columns) {
+      write_str(w, field);
+      write_str(w, column);
+    }
+    w.EndObject();
+  }
+  if (o.split != PrepareOptions::Split::kAll) {
+    w.Key("eval_split");
+    w.Double(o.eval_split);
+    w.Key("split");
+    w.String(o.split == PrepareOptions::Split::kEval ? "eval" : "train");
+  }
   w.Key("sources");
   w.StartArray();
   for (size_t i = 0; i < files.size(); ++i) {
@@ -171,6 +189,14 @@ void check_options(const PrepareOptions& o) {
   if (o.overlong != "truncate" && o.overlong != "drop")
     throw Error("overlong policy must be truncate | drop, got `" + o.overlong + "`");
   if (o.shard_tokens < 1) throw Error("prepare: shard_tokens must be >= 1");
+  if (o.split != PrepareOptions::Split::kAll && !(o.eval_split > 0 && o.eval_split < 1))
+    throw Error("data.eval_split must be a fraction in (0, 1), got " + std::to_string(o.eval_split));
+}
+
+std::string json_number(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", x);
+  return buf;
 }
 
 uint64_t splitmix64(uint64_t x) {
@@ -195,11 +221,14 @@ int copies_for(double weight, uint64_t seed, uint32_t source, int64_t line) {
 
 // One line's outcome.
 struct LineResult {
-  int64_t line_no = 0;
+  int64_t line_no = 0;    // JSONL / JSON array: the line the record starts on; Parquet: the row
+  int64_t record_no = 0;  // 1-based in its file
   bool bad = false;
+  bool other_split = false;  // data.eval_split put it on the other side
   std::string reason;
   int copies = 0;
   bool truncated = false, dropped = false;
+  bool boundary_merged = false;  // prompt + completion as one text would merge across the boundary
   std::vector<TokenId> ids;
   std::vector<uint8_t> mask;
   uint32_t seg_a = 0, seg_b = 0;
@@ -233,7 +262,10 @@ void tokenize_sft(const Tokenizer& tok, const SftRecord& r, size_t n, LineResult
     }
     case SftRecord::Kind::kPromptCompletion: {
       if (!r.prompt.is_messages) {
-        auto e = tok.encode_prompt_completion(r.prompt.text, r.completion.text, true, n);
+        // Tokenized apart, as at generation (core/tokenizer/prompt_completion.h): every completion
+        // character is trained even where one text would merge across the boundary ('.M'|'aking').
+        auto e = tokenizer::encode_prompt_completion_apart(tok, r.prompt.text, r.completion.text, true, n,
+                                                           &out->boundary_merged);
         out->ids = std::move(e.ids);
         out->mask = std::move(e.completion_mask);
         out->seg_a = static_cast<uint32_t>(e.prompt_tokens);
@@ -263,6 +295,28 @@ void tokenize_sft(const Tokenizer& tok, const SftRecord& r, size_t n, LineResult
       break;
     }
   }
+}
+
+// Whether `a` + b encoded as one text gives other ids than `a` and b encoded apart, for some b of
+// `bs`, where they meet: the last and the first head_bytes(8) bytes are compared (further away, both
+// encodings are the same; see Tokenizer::head_bytes), so a long prompt costs no more than a short one.
+bool merges_across(const Tokenizer& tok, std::string_view a, std::initializer_list<std::string_view> bs) {
+  const size_t w = tok.head_bytes(8);
+  if (w < a.size()) {
+    size_t from = a.size() - w;
+    while (from < a.size() && (static_cast<unsigned char>(a[from]) & 0xC0) == 0x80) ++from;  // a character's start
+    a = a.substr(from);
+  }
+  const std::vector<TokenId> head = tok.encode(a);
+  for (std::string_view b : bs) {
+    b = tokenizer::utf8_head(b, w);
+    std::vector<TokenId> apart = head, tail = tok.encode(b);
+    apart.insert(apart.end(), tail.begin(), tail.end());
+    std::string joint(a);
+    joint += b;
+    if (tok.encode(joint) != apart) return true;
+  }
+  return false;
 }
 
 // Prompt text with the generation prompt, and each reply as the text the full render adds after it
@@ -296,6 +350,9 @@ void tokenize_preference(const Tokenizer& tok, const PreferenceRecord& r, const 
     p = tok.encode_tail(r.prompt.text, L, &p_total);
     c = encode_head_with_eos(tok, r.chosen.text, L + 1);
     rj = encode_head_with_eos(tok, r.rejected.text, L + 1);
+    // Prompt and replies are tokenized apart (as TRL's DPOTrainer and RewardTrainer do not: they
+    // encode prompt + reply as one text); counted where that would merge across the boundary.
+    out->boundary_merged = merges_across(tok, r.prompt.text, {r.chosen.text, r.rejected.text});
   } else {
     std::string pt, ct, rt;
     if (!render_pair_texts(tok, r, &pt, &ct, &rt, &out->reason)) {
@@ -305,6 +362,7 @@ void tokenize_preference(const Tokenizer& tok, const PreferenceRecord& r, const 
     p = tok.encode_tail(pt, L, &p_total);
     c = tok.encode_head(ct, L + 1);
     rj = tok.encode_head(rt, L + 1);
+    out->boundary_merged = merges_across(tok, pt, {ct, rt});
   }
   size_t longest = std::max(c.size(), rj.size());
   if (p_total + longest > L) {
@@ -342,7 +400,18 @@ void tokenize_rl(const Tokenizer& tok, const RlRecord& r, const PrepareOptions& 
 void process_line(const Tokenizer& tok, const PrepareOptions& o, std::string_view line, double weight,
                   uint32_t source, LineResult* out) {
   Record rec;
-  if (!parse_record(line, o.format, &rec, &out->reason)) {
+  uint64_t hash = 0;
+  ParseOptions po;
+  po.columns = &o.columns;
+  if (o.split != PrepareOptions::Split::kAll) po.content_hash = &hash;
+  const bool ok = parse_record(line, o.format, po, &rec, &out->reason);
+  if ((!ok && o.split == PrepareOptions::Split::kEval) ||  // a bad record is reported by the train side only
+      (ok && o.split != PrepareOptions::Split::kAll &&
+       in_eval_split(hash, o.eval_split) != (o.split == PrepareOptions::Split::kEval))) {
+    out->other_split = true;
+    return;
+  }
+  if (!ok) {
     out->bad = true;
     return;
   }
@@ -488,13 +557,14 @@ struct SourceStats {
 };
 
 std::string manifest_json(const PrepareOptions& o, const std::string& identity, const std::vector<SourceFile>& files,
-                          const std::vector<SourceStats>& per_source, const PrepareSummary& s,
+                          const std::vector<SourceStats>& per_source, const PrepareResult& res,
                           const std::vector<std::pair<std::string, uint64_t>>& out_files,
                           const std::vector<uint64_t>& shard_tokens) {
   rapidjson::StringBuffer sb;
   rapidjson::PrettyWriter<rapidjson::StringBuffer> w(sb);
   w.SetIndent(' ', 2);
   rapidjson::Document id = json::parse(identity, "prepare identity");
+  const PrepareSummary& s = res.summary;
   w.StartObject();
   w.Key("ptk_prepared");
   w.Int(kPrepareVersion);
@@ -511,7 +581,24 @@ std::string manifest_json(const PrepareOptions& o, const std::string& identity, 
   w.Key("excluded_by_weight"), w.Int64(s.excluded);
   w.Key("docs"), w.Int64(s.docs);
   w.Key("rows"), w.Int64(s.rows);
+  if (o.split != PrepareOptions::Split::kAll) w.Key("other_split"), w.Int64(s.other_split);
+  w.Key("boundary_merged"), w.Int64(s.boundary_merged);
   w.EndObject();
+  // A few positions of each (prepare_warnings names them, also when the folder is reused).
+  w.Key("examples");
+  w.StartObject();
+  for (auto [name, list] : {std::pair<const char*, const std::vector<std::string>*>{"truncated", &res.truncated_at},
+                            {"dropped", &res.dropped_at},
+                            {"boundary_merged", &res.merged_at}}) {
+    w.Key(name);
+    w.StartArray();
+    for (const auto& x : *list) write_str(w, x);
+    w.EndArray();
+  }
+  w.EndObject();
+  // Where the tokenizer was (ptk inspect-data decodes with it); not part of the key, which has its hash.
+  w.Key("tokenizer_path");
+  write_str(w, o.tokenizer_path);
   w.Key("tokens");
   w.StartObject();
   w.Key("written"), w.Int64(s.tokens);
@@ -604,8 +691,22 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
                    c["dropped"].GetInt64(), c["excluded_by_weight"].GetInt64(), c["docs"].GetInt64(),
                    c["rows"].GetInt64(),  t["written"].GetInt64(), t["targets"].GetInt64(),
                    t["padding_fraction"].GetDouble()};
+    if (c.HasMember("other_split") && c["other_split"].IsInt64()) res.summary.other_split = c["other_split"].GetInt64();
+    if (c.HasMember("boundary_merged") && c["boundary_merged"].IsInt64()) res.summary.boundary_merged = c["boundary_merged"].GetInt64();
+    if (m.HasMember("examples") && m["examples"].IsObject()) {
+      for (auto [name, list] : {std::pair<const char*, std::vector<std::string>*>{"truncated", &res.truncated_at},
+                                {"dropped", &res.dropped_at},
+                                {"boundary_merged", &res.merged_at}}) {
+        if (!m["examples"].HasMember(name) || !m["examples"][name].IsArray()) continue;
+        for (const auto& x : m["examples"][name].GetArray())
+          if (x.IsString()) list->push_back(x.GetString());
+      }
+    }
     res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (!o.quiet) std::cerr << "prepare: " << dir << " is up to date (" << summary_line(res) << ")\n";
+    if (!o.quiet) {
+      std::cerr << "prepare: " << dir << " is up to date (" << summary_line(res) << ")\n";
+      for (const auto& warning : prepare_warnings(o, res)) std::cerr << warning << "\n";
+    }
     return res;
   }
 
@@ -654,9 +755,10 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
       return std::string_view(text).substr(b, line_end[i] - b);
     }
     uint64_t bytes_done = 0;  // input bytes read when the block was complete (progress)
+    FileKind kind = FileKind::kJsonl;
   };
   uint32_t read_src = 0;
-  std::unique_ptr<LineReader> reader;
+  std::unique_ptr<RecordReader> reader;
   uint64_t bytes_before = 0;
   // Fills `b` with the next lines of one source file; false when every file is read.
   auto read_block = [&](Block* b) {
@@ -667,15 +769,25 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
     while (read_src < files.size()) {
       if (!reader) {
         check_regular_file(files[read_src].path);  // hashed above, but it may have been replaced since
-        reader = std::make_unique<LineReader>(files[read_src].path);
+        reader = open_records(files[read_src].path);  // JSONL, JSON array, .gz of either, Parquet
+        std::string need;
+        const auto columns = reader->columns();
+        if (!columns.empty() && !columns_fit(o.format, columns, o.columns, &need)) {
+          std::string have;
+          for (const auto& c : columns) have += (have.empty() ? "\"" : ", \"") + c + "\"";
+          throw Error(files[read_src].path + ": its columns (" + have + ") hold no " + format_name(o.format) +
+                      " record: it needs " + need + "\n---> HINT: map your columns to these names with "
+                      "data.columns={\"prompt\": \"your_column\", ...}");
+        }
       }
-      int64_t line_no;
+      b->kind = reader->kind();
+      RecordPos pos;
       size_t block_bytes = 0;
       bool more = true;
       while (static_cast<int64_t>(b->size()) < o.block_lines && block_bytes < (64u << 20)) {
         // Straight into the block: a huge line is held here once, not also in the reader.
         const size_t start = b->text.size();
-        if (!reader->append_next(&b->text, &line_no)) {
+        if (!reader->append_next(&b->text, &pos)) {
           more = false;
           break;
         }
@@ -687,7 +799,8 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
         b->line_end.push_back(b->text.size());
         block_bytes += len;
         b->results.emplace_back();
-        b->results.back().line_no = line_no;
+        b->results.back().line_no = pos.line > 0 ? pos.line : pos.record;
+        b->results.back().record_no = pos.record;
       }
       b->src = read_src;
       b->bytes_done = bytes_before + reader->bytes_read();
@@ -706,8 +819,20 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
     for (auto& r : b->results) {
       ++s.read;
       ++per_source[src].records;
+      if (r.other_split) {
+        --s.read;
+        --per_source[src].records;
+        ++s.other_split;
+        continue;
+      }
       if (r.bad) {
-        std::string msg = file.path + ":" + std::to_string(r.line_no) + ": " + r.reason;
+        if (b->kind == FileKind::kJsonArray &&
+            (r.reason.rfind("invalid JSON", 0) == 0 || r.reason.rfind("invalid UTF-8", 0) == 0))
+          // Not one bad record: the file as a whole is not valid JSON (json.load and `datasets` refuse it).
+          throw Error(record_position(file.path, b->kind, {r.record_no, r.line_no}) + ": " + r.reason +
+                      "\n---> HINT: a JSON array file must be valid JSON as a whole (data.on_error=skip does not apply); "
+                      "check it with `python3 -m json.tool " + file.path + " > /dev/null`");
+        std::string msg = record_position(file.path, b->kind, {r.record_no, r.line_no}) + ": " + r.reason;
         ++s.skipped;
         ++per_source[src].skipped;
         if (skipped_out) {
@@ -723,11 +848,22 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
         ++s.excluded;
         continue;
       }
+      auto note = [&](std::vector<std::string>* at) {
+        if (at->size() < PrepareResult::kExamplePositions) at->push_back(file.path + ":" + std::to_string(r.line_no));
+      };
       if (r.dropped) {
         ++s.dropped;
+        note(&res.dropped_at);
         continue;
       }
-      if (r.truncated) ++s.truncated;
+      if (r.truncated) {
+        ++s.truncated;
+        note(&res.truncated_at);
+      }
+      if (r.boundary_merged) {
+        ++s.boundary_merged;
+        note(&res.merged_at);
+      }
       if (r.ids.empty()) continue;  // cannot happen for valid records; never write empty documents
       uint32_t shard = static_cast<uint32_t>(shard_tokens.size() - 1);
       if (shard_tokens.back() > 0 && shard_tokens.back() + r.ids.size() > o.shard_tokens) {
@@ -769,6 +905,20 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
     if (o.on_error == "fail" && !bad_lines.empty()) {
       std::string msg = "prepare: " + std::to_string(bad_lines.size()) + " bad record" +
                         (bad_lines.size() == 1 ? "" : "s") + " (data.on_error = fail):\n";
+      // Every record of the block refused for the same reason is the file's problem, not the
+      // records': said once, naming the file (e.g. a dataset whose fields need data.columns).
+      const std::string first_reason = bad_lines[0].substr(bad_lines[0].find(": ") + 2);
+      const bool all_same = bad_lines.size() > 1 && bad_lines.size() == b->results.size() &&
+                            std::all_of(bad_lines.begin(), bad_lines.end(), [&](const std::string& l) {
+                              return l.size() >= first_reason.size() &&
+                                     l.compare(l.size() - first_reason.size(), first_reason.size(), first_reason) == 0;
+                            });
+      if (all_same) {
+        throw Error("prepare: " + file.path + ": all " + std::to_string(bad_lines.size()) + " records read (from " +
+                    bad_lines[0].substr(0, bad_lines[0].find(": ")) + ") are refused: " + first_reason +
+                    "\n---> HINT: is this the " + format_name(o.format) + " format? Rename the file's fields with "
+                    "data.columns={\"prompt\": \"your_column\", ...} or check --format");
+      }
       for (size_t i = 0; i < std::min(bad_lines.size(), kShowBad); ++i) msg += "  " + bad_lines[i] + "\n";
       if (bad_lines.size() > kShowBad) msg += "  ... and " + std::to_string(bad_lines.size() - kShowBad) + " more\n";
       msg += "---> HINT: fix these lines, or set data.on_error=skip to skip and list them";
@@ -830,10 +980,16 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
   mask_out->close();
   if (meta_out) meta_out->close();
   if (skipped_out) skipped_out->close();
+  if (docs.empty() && o.split == PrepareOptions::Split::kEval)
+    throw Error("prepare: data.eval_split = " + json_number(o.eval_split) + " put none of the " +
+                std::to_string(s.other_split + s.read) + " records of " + o.sources_key +
+                " in eval\n---> HINT: raise data.eval_split, or name held-out files in data.eval");
   if (docs.empty())
     throw Error("prepare: no usable record in " + o.sources_key + " (" + std::to_string(s.read) + " read, " +
                 std::to_string(s.skipped) + " skipped, " + std::to_string(s.dropped) + " over max_seq_len " +
-                std::to_string(o.max_seq_len) + ")\n---> HINT: check the format (--format sft|preference|rl) and data.max_seq_len");
+                std::to_string(o.max_seq_len) + ")" + (bad_lines.empty() ? "" : "; the first skipped: " + bad_lines[0]) +
+                "\n---> HINT: check the format (--format sft|preference|rl) and data.max_seq_len; data.columns maps "
+                "other field names");
   if (docs.size() > (size_t{1} << 32) - 1) throw Error("prepare: more than 2^32 documents; split the dataset");
 
   {
@@ -866,7 +1022,8 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
   std::vector<std::pair<std::string, uint64_t>> out_files;
   for (const auto& entry : fs::directory_iterator(tmp)) out_files.emplace_back(entry.path().filename().string(), entry.file_size());
   std::sort(out_files.begin(), out_files.end());
-  write_file_atomic(tmp + "/manifest.json", manifest_json(o, identity, files, per_source, s, out_files, shard_tokens));
+  res.summary = s;
+  write_file_atomic(tmp + "/manifest.json", manifest_json(o, identity, files, per_source, res, out_files, shard_tokens));
   fsync_path(tmp);
 
   // Swap the folder in: the old one (if any) is moved aside first, so `dir` is always either the
@@ -894,6 +1051,7 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
         std::cerr << "  ... all " << s.skipped << " listed in " << dir << "/skipped.txt\n";
     }
     std::cerr << "prepare: " << dir << ": " << summary_line(res) << "\n";
+    for (const auto& warning : prepare_warnings(o, res)) std::cerr << warning << "\n";
   }
   return res;
 }
@@ -908,8 +1066,79 @@ std::string summary_line(const PrepareResult& r) {
                 static_cast<long long>(s.dropped), static_cast<long long>(s.excluded), static_cast<long long>(s.docs),
                 static_cast<long long>(s.rows), static_cast<long long>(s.tokens), static_cast<long long>(s.targets),
                 100.0 * s.padding_fraction);
+  std::string line = buf;
+  if (s.other_split > 0) line += "; " + std::to_string(s.other_split) + " records on the other side of data.eval_split";
+  if (s.boundary_merged > 0)
+    line += "; " + std::to_string(s.boundary_merged) + " boundary merge" + (s.boundary_merged == 1 ? "" : "s") +
+            " avoided (prompt and completion tokenized apart)";
+  return line;
+}
+
+namespace {
+std::string percent(int64_t part, int64_t whole) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f%%", whole > 0 ? 100.0 * static_cast<double>(part) / static_cast<double>(whole) : 0.0);
   return buf;
 }
+std::string positions(const std::vector<std::string>& at, int64_t count) {
+  std::string out;
+  for (size_t i = 0; i < at.size(); ++i) out += (i ? ", " : "") + at[i];
+  if (count > static_cast<int64_t>(at.size())) out += ", ...";
+  return out;
+}
+}  // namespace
+
+std::vector<std::string> prepare_warnings(const PrepareOptions& o, const PrepareResult& r) {
+  const PrepareSummary& s = r.summary;
+  const int64_t tokenized = s.read - s.skipped - s.excluded;
+  const std::string L = std::to_string(o.max_seq_len);
+  const std::string of = " of " + std::to_string(tokenized) + " ";
+  std::vector<std::string> out;
+  const char* unit = o.format == Format::kPreference ? "pairs" : o.format == Format::kRl ? "prompts" : "records";
+  if (s.truncated > 0 && static_cast<double>(s.truncated) > kWarnTruncatedFraction * static_cast<double>(tokenized)) {
+    std::string what = o.format == Format::kPreference
+                           ? " have a prompt + longer reply over data.max_seq_len = " + L +
+                                 " tokens and were truncated (the prompt cut from the left to no less than half, then "
+                                 "the replies from the right): their cut ends are not trained"
+                           : " have more than data.max_seq_len = " + L + " tokens and were truncated to " + L +
+                                 ": the rest of each is not trained";
+    out.push_back("prepare: WARNING: " + std::to_string(s.truncated) + of + unit + " (" + percent(s.truncated, tokenized) +
+                  ")" + what + "; e.g. " + positions(r.truncated_at, s.truncated) +
+                  "\n---> HINT: raise data.max_seq_len (ptk prepare --max-seq-len), or shorten these records; `ptk "
+                  "inspect-data` shows what is trained");
+  }
+  if (s.dropped > 0) {
+    std::string what;
+    if (o.format == Format::kRl) {
+      what = " have more than data.max_seq_len = " + L + " tokens and were dropped (a cut prompt asks another question)";
+    } else if (o.format == Format::kPreference) {
+      what = " have a prompt + reply over data.max_seq_len = " + L + " tokens and were dropped (overlong = drop; the " +
+             "reward model drops them, as TRL's RewardTrainer does)";
+    } else {
+      what = o.overlong == "drop" ? " have more than data.max_seq_len = " + L + " tokens and were dropped (overlong = drop)"
+                                  : " were dropped: truncation to data.max_seq_len = " + L +
+                                        " tokens left them without a completion token (unpacked rows, as TRL drops them)";
+    }
+    out.push_back("prepare: WARNING: " + std::to_string(s.dropped) + of + unit + " (" + percent(s.dropped, tokenized) + ")" +
+                  what + "; e.g. " + positions(r.dropped_at, s.dropped) +
+                  "\n---> HINT: raise data.max_seq_len (ptk prepare --max-seq-len), or shorten these records");
+  }
+  if (s.boundary_merged > 0)
+    out.push_back("prepare: note: " + std::to_string(s.boundary_merged) + of + unit + " (" +
+                  percent(s.boundary_merged, tokenized) +
+                  ") would merge tokens across the prompt/completion boundary if encoded as one text (e.g. " +
+                  positions(r.merged_at, s.boundary_merged) +
+                  "); ptk encodes prompt and completion apart, as generation does, so every completion character is "
+                  "trained (TRL encodes one text)");
+  return out;
+}
+
+bool in_eval_split(uint64_t content_hash, double fraction) {
+  const double u = static_cast<double>(splitmix64(content_hash ^ 0x7074'6b5f'6576'616cull) >> 11) * 0x1.0p-53;
+  return u < fraction;
+}
+
+bool has_eval_data(const config::DataSection& data) { return !data.eval.empty() || data.eval_split > 0; }
 
 PrepareOptions prepare_options_from_recipe(const config::DataSection& data, const config::TokenizerSection& tok,
                                            const config::ModelSection& model, int64_t seed, Format format, bool eval) {
@@ -917,6 +1146,13 @@ PrepareOptions prepare_options_from_recipe(const config::DataSection& data, cons
   o.format = format;
   o.sources = eval ? data.eval : data.train;
   o.sources_key = eval ? "data.eval" : "data.train";
+  if (data.eval_split > 0 && data.eval.empty()) {  // both sides from data.train
+    o.sources = data.train;
+    o.sources_key = "data.train";
+    o.split = eval ? PrepareOptions::Split::kEval : PrepareOptions::Split::kTrain;
+    o.eval_split = data.eval_split;
+  }
+  for (const auto& [field, column] : data.columns) o.columns.emplace_back(field, column);
   o.tokenizer_path = tok.path.empty() ? model.path : tok.path;
   if (o.tokenizer_path.empty())
     throw Error("no tokenizer: tokenizer.path and model.path are both empty\n---> HINT: set tokenizer.path=DIR");

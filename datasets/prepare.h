@@ -11,6 +11,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/config/options.h"  // DataSource
@@ -39,7 +40,19 @@ struct PrepareOptions {
   int64_t block_lines = 8192;  // lines tokenized together
   bool force = false;          // rebuild even when fresh
   bool quiet = false;          // no progress line or summary on stderr
+  // data.columns: (ptk field, dataset column) renames applied to every record (records.h ParseOptions).
+  std::vector<std::pair<std::string, std::string>> columns;
+  // data.eval_split: with split kTrain or kEval, a record goes to eval when a hash of its content
+  // (records.h ParseOptions::content_hash) falls below eval_split, else to train; the same record
+  // lands on the same side in every file format and on every run (no seed). Bad records are
+  // reported by the kTrain side only.
+  enum class Split { kAll, kTrain, kEval };
+  Split split = Split::kAll;
+  double eval_split = 0;
 };
+
+// Whether a record with this content hash belongs to the eval side of data.eval_split = `fraction`.
+bool in_eval_split(uint64_t content_hash, double fraction);
 
 struct PrepareSummary {
   int64_t read = 0;        // non-blank lines read
@@ -52,6 +65,11 @@ struct PrepareSummary {
   int64_t tokens = 0;      // distinct tokens written
   int64_t targets = 0;     // tokens with mask 1, over docs.idx (repeats counted)
   double padding_fraction = 0;  // sft: of rows of max_seq_len (packed or one document a row)
+  int64_t other_split = 0;      // records data.eval_split put on the other side (train <-> eval)
+  // Plain-text prompt/completion records (sft) and pairs (preference) whose prompt and completion
+  // (a reply) would merge tokens across the boundary if encoded as one text ('.M'|'aking'); prepare
+  // encodes them apart, as generation does (core/tokenizer/prompt_completion.h). Kept records only.
+  int64_t boundary_merged = 0;
 };
 
 struct PrepareResult {
@@ -60,7 +78,21 @@ struct PrepareResult {
   PrepareSummary summary;
   double seconds = 0;
   uint64_t input_bytes = 0;
+  // The first kExamplePositions records ("file:line") truncated, dropped, and with a boundary merge
+  // (the counts are in summary); manifest.json keeps them as "examples".
+  static constexpr size_t kExamplePositions = 5;
+  std::vector<std::string> truncated_at, dropped_at, merged_at;
 };
+
+// Truncation above this fraction of the records tokenized (read - skipped - excluded) warns.
+constexpr double kWarnTruncatedFraction = 0.05;
+
+// What prepare left out of training, as loud warnings: truncated records above
+// kWarnTruncatedFraction, any dropped record; each with the counts, the key to change
+// (data.max_seq_len, ...) and example positions (file:line). Then a note (not a warning) when
+// records had a boundary merge avoided. Empty when there is nothing to say. prepare() prints these
+// on stderr (also when it reuses a folder) unless options.quiet.
+std::vector<std::string> prepare_warnings(const PrepareOptions& options, const PrepareResult& result);
 
 // Builds `dir` from `options`, or reuses it when its manifest matches (same format, options,
 // tokenizer bytes and source bytes; checked by SHA-256) unless options.force. Bad records: with
@@ -75,11 +107,15 @@ bool is_fresh(const PrepareOptions& options, const std::string& dir);
 std::string summary_line(const PrepareResult& r);
 
 // Options from a recipe's shared sections: sources = data.train (or data.eval when `eval`),
-// tokenizer = tokenizer.path or model.path, max_seq_len, packing, on_error. `format` comes from
-// the stage. Throws ptk::Error when no tokenizer is named.
+// tokenizer = tokenizer.path or model.path, max_seq_len, packing, on_error, columns. `format` comes
+// from the stage. With data.eval_split > 0 (and no data.eval), both sides read data.train: split
+// kTrain, or kEval when `eval`. Throws ptk::Error when no tokenizer is named.
 PrepareOptions prepare_options_from_recipe(const config::DataSection& data, const config::TokenizerSection& tok,
                                            const config::ModelSection& model, int64_t seed, Format format,
                                            bool eval = false);
+
+// Whether a recipe has held-out data: data.eval, or data.eval_split > 0.
+bool has_eval_data(const config::DataSection& data);
 
 // Where a stage keeps its prepared data: <run_dir>/data/<split> (split: "train" | "eval").
 std::string prepared_dir(const std::string& run_dir, const std::string& split);

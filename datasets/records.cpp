@@ -7,6 +7,8 @@
 #include <rapidjson/stringbuffer.h>
 #include <rapidjson/writer.h>
 #include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -142,8 +144,182 @@ bool read_extras(const Value& d, tokenizer::ChatExtras* out, std::string* reason
   return tokenizer::read_chat_extras(d, out, reason);
 }
 
+// ---- ShareGPT and Alpaca ---------------------------------------------------------------------
+
+// A ShareGPT role ("from") as a chat role; "" for one ptk cannot render. The names LLaMA-Factory's
+// sharegpt defaults (human, gpt, system, function_call, observation) and axolotl's role map use.
+std::string sharegpt_role(std::string_view from) {
+  if (from == "human" || from == "user") return "user";
+  if (from == "gpt" || from == "assistant" || from == "chatgpt" || from == "bard" || from == "bing" || from == "model")
+    return "assistant";
+  if (from == "system") return "system";
+  return "";
+}
+
+// One ShareGPT message: {"from", "value"} (or {"role", "content"}, which some ShareGPT sets use).
+bool parse_sharegpt_message(const Value& m, const std::string& where, tokenizer::Message* out, std::string* reason) {
+  if (!m.IsObject()) {
+    *reason = where + " must be an object with from and value, got " + json::type_name(m);
+    return false;
+  }
+  const bool from_value = m.HasMember("from");
+  const char* role_key = from_value ? "from" : "role";
+  const char* content_key = from_value ? "value" : "content";
+  auto role = m.FindMember(role_key);
+  if (role == m.MemberEnd()) {
+    *reason = where + ".from missing";
+    return false;
+  }
+  if (!role->value.IsString()) {
+    *reason = where + "." + role_key + " must be a string, got " + json::type_name(role->value);
+    return false;
+  }
+  std::string_view from(role->value.GetString(), role->value.GetStringLength());
+  std::string r = sharegpt_role(from);
+  if (r.empty()) {
+    const bool tool = from == "function_call" || from == "observation" || from == "tool" || from == "function";
+    *reason = where + "." + role_key + " \"" + std::string(from) + "\" " +
+              (tool ? "is a tool turn (tool calls are not supported)"
+                    : "is not one of human, user, gpt, assistant, system");
+    return false;
+  }
+  auto content = m.FindMember(content_key);
+  if (content == m.MemberEnd()) {
+    *reason = where + "." + content_key + " missing";
+    return false;
+  }
+  if (!content->value.IsString()) {
+    *reason = where + "." + content_key + " must be a string, got " + json::type_name(content->value);
+    return false;
+  }
+  out->role = std::move(r);
+  out->content.assign(content->value.GetString(), content->value.GetStringLength());
+  return true;
+}
+
+// "conversations" (and an optional top-level "system" string put first when the list has none).
+bool parse_sharegpt(const Value& d, std::vector<tokenizer::Message>* out, std::string* reason) {
+  const Value& v = d["conversations"];
+  if (!v.IsArray()) {
+    *reason = std::string("\"conversations\" must be a list of messages, got ") + json::type_name(v);
+    return false;
+  }
+  if (v.Empty()) {
+    *reason = "\"conversations\" is empty";
+    return false;
+  }
+  out->clear();
+  for (rapidjson::SizeType i = 0; i < v.Size(); ++i) {
+    tokenizer::Message m;
+    if (!parse_sharegpt_message(v[i], "conversations[" + std::to_string(i) + "]", &m, reason)) return false;
+    out->push_back(std::move(m));
+  }
+  auto sys = d.FindMember("system");
+  if (sys != d.MemberEnd() && sys->value.IsString() && sys->value.GetStringLength() > 0 && out->front().role != "system")
+    out->insert(out->begin(), {"system", std::string(sys->value.GetString(), sys->value.GetStringLength())});
+  return true;
+}
+
+// An optional string field: absent or null is "", anything else but a string is an error.
+bool optional_string(const Value& d, const char* field, std::string* out, std::string* reason) {
+  out->clear();
+  auto it = d.FindMember(field);
+  if (it == d.MemberEnd() || it->value.IsNull()) return true;
+  if (!it->value.IsString()) {
+    *reason = "field " + quoted(field) + " must be a string, got " + json::type_name(it->value);
+    return false;
+  }
+  out->assign(it->value.GetString(), it->value.GetStringLength());
+  return true;
+}
+
+// Alpaca's prompt as LLaMA-Factory's AlpacaDatasetConverter builds it: [system], a user/assistant
+// pair per "history" entry, then the user turn "\n".join(non-empty of instruction, input).
+bool parse_alpaca_prompt(const Value& d, std::vector<tokenizer::Message>* out, std::string* reason) {
+  out->clear();
+  std::string system, instruction, input;
+  if (!optional_string(d, "system", &system, reason) || !optional_string(d, "instruction", &instruction, reason) ||
+      !optional_string(d, "input", &input, reason))
+    return false;
+  if (!system.empty()) out->push_back({"system", system});
+  auto h = d.FindMember("history");
+  if (h != d.MemberEnd() && !h->value.IsNull()) {
+    if (!h->value.IsArray()) {
+      *reason = std::string("field \"history\" must be a list of [question, answer] pairs, got ") + json::type_name(h->value);
+      return false;
+    }
+    for (rapidjson::SizeType i = 0; i < h->value.Size(); ++i) {
+      const Value& pair = h->value[i];
+      if (!pair.IsArray() || pair.Size() != 2 || !pair[0].IsString() || !pair[1].IsString()) {
+        *reason = "history[" + std::to_string(i) + "] must be a [question, answer] pair of strings";
+        return false;
+      }
+      out->push_back({"user", std::string(pair[0].GetString(), pair[0].GetStringLength())});
+      out->push_back({"assistant", std::string(pair[1].GetString(), pair[1].GetStringLength())});
+    }
+  }
+  std::string query = instruction;
+  if (!input.empty()) query += (query.empty() ? "" : "\n") + input;
+  if (query.empty()) {
+    *reason = "empty \"instruction\" and \"input\"";
+    return false;
+  }
+  out->push_back({"user", std::move(query)});
+  return true;
+}
+
+// A preference reply next to a chat prompt: a message object ({"from","value"} or {"role","content"}),
+// a string (one assistant message), or a message list.
+bool parse_reply_messages(const Value& d, const char* field, std::vector<tokenizer::Message>* out, std::string* reason) {
+  auto it = d.FindMember(field);
+  if (it == d.MemberEnd()) {
+    *reason = "missing field " + quoted(field);
+    return false;
+  }
+  const Value& v = it->value;
+  out->clear();
+  if (v.IsString()) {
+    if (v.GetStringLength() == 0) {
+      *reason = "empty " + quoted(field);
+      return false;
+    }
+    out->push_back({"assistant", std::string(v.GetString(), v.GetStringLength())});
+    return true;
+  }
+  if (v.IsObject()) {
+    tokenizer::Message m;
+    if (!parse_sharegpt_message(v, field, &m, reason)) return false;
+    out->push_back(std::move(m));
+    return true;
+  }
+  if (v.IsArray() && !v.Empty()) {
+    for (rapidjson::SizeType i = 0; i < v.Size(); ++i) {
+      tokenizer::Message m;
+      if (!parse_sharegpt_message(v[i], std::string(field) + "[" + std::to_string(i) + "]", &m, reason)) return false;
+      out->push_back(std::move(m));
+    }
+    return true;
+  }
+  *reason = "field " + quoted(field) + " must be a message, a string or a list of messages, got " + json::type_name(v);
+  return false;
+}
+
+void set_messages(TextOrMessages* t, std::vector<tokenizer::Message> m) {
+  t->is_messages = true;
+  t->text.clear();
+  t->messages = std::move(m);
+}
+
+// ---- the formats ---------------------------------------------------------------------------------
+
+// A field that is there and not null (pandas and `datasets` write a record's missing fields as null).
+bool has(const Value& d, const char* field) {
+  auto it = d.FindMember(field);
+  return it != d.MemberEnd() && !it->value.IsNull();
+}
+
 bool parse_sft(const Value& d, SftRecord* out, std::string* reason) {
-  if (d.HasMember("messages")) {
+  if (has(d, "messages")) {
     out->kind = SftRecord::Kind::kMessages;
     if (!parse_message_list(d["messages"], "messages", &out->messages, reason)) return false;
     if (!read_extras(d, &out->chat, reason)) return false;
@@ -153,7 +329,17 @@ bool parse_sft(const Value& d, SftRecord* out, std::string* reason) {
     }
     return true;
   }
-  if (d.HasMember("prompt") || d.HasMember("completion")) {
+  if (has(d, "conversations")) {
+    out->kind = SftRecord::Kind::kMessages;
+    if (!parse_sharegpt(d, &out->messages, reason)) return false;
+    if (!read_extras(d, &out->chat, reason)) return false;
+    if (!has_assistant(out->messages)) {
+      *reason = "no assistant turn in \"conversations\" (nothing to train on)";
+      return false;
+    }
+    return true;
+  }
+  if (has(d, "prompt") || has(d, "completion")) {
     out->kind = SftRecord::Kind::kPromptCompletion;
     if (!parse_text_or_messages(d, "prompt", &out->prompt, reason)) return false;
     if (!parse_text_or_messages(d, "completion", &out->completion, reason)) return false;
@@ -172,7 +358,24 @@ bool parse_sft(const Value& d, SftRecord* out, std::string* reason) {
     }
     return true;
   }
-  if (d.HasMember("text")) {
+  if (has(d, "instruction")) {
+    out->kind = SftRecord::Kind::kMessages;
+    if (!parse_alpaca_prompt(d, &out->messages, reason)) return false;
+    std::string output;
+    if (!has(d, "output")) {
+      *reason = "missing field \"output\" (an Alpaca record: instruction, input, output)";
+      return false;
+    }
+    if (!optional_string(d, "output", &output, reason)) return false;
+    if (output.empty()) {
+      *reason = "empty \"output\"";
+      return false;
+    }
+    if (!read_extras(d, &out->chat, reason)) return false;
+    out->messages.push_back({"assistant", std::move(output)});
+    return true;
+  }
+  if (has(d, "text")) {
     out->kind = SftRecord::Kind::kText;
     const Value& t = d["text"];
     if (!t.IsString()) {
@@ -186,19 +389,12 @@ bool parse_sft(const Value& d, SftRecord* out, std::string* reason) {
     }
     return true;
   }
-  *reason = "no \"messages\", \"prompt\"/\"completion\" or \"text\" field (an sft record needs one of them)";
+  *reason = "no \"messages\", \"conversations\", \"prompt\"/\"completion\", \"instruction\"/\"output\" or \"text\" field "
+            "(an sft record needs one of them; data.columns maps other names)";
   return false;
 }
 
-bool parse_preference(const Value& d, PreferenceRecord* out, std::string* reason) {
-  if (!parse_text_or_messages(d, "prompt", &out->prompt, reason)) return false;
-  if (!parse_text_or_messages(d, "chosen", &out->chosen, reason)) return false;
-  if (!parse_text_or_messages(d, "rejected", &out->rejected, reason)) return false;
-  if (out->prompt.is_messages != out->chosen.is_messages || out->chosen.is_messages != out->rejected.is_messages) {
-    *reason = "\"prompt\", \"chosen\" and \"rejected\" must all be strings or all be message lists";
-    return false;
-  }
-  if (out->prompt.is_messages && !read_extras(d, &out->chat, reason)) return false;
+bool check_replies(const PreferenceRecord* out, std::string* reason) {
   if (is_empty(out->chosen)) {
     *reason = "empty \"chosen\"";
     return false;
@@ -210,33 +406,256 @@ bool parse_preference(const Value& d, PreferenceRecord* out, std::string* reason
   return true;
 }
 
-bool parse_rl(const Value& d, RlRecord* out, std::string* reason) {
+bool parse_preference(const Value& d, PreferenceRecord* out, std::string* reason) {
+  if (!has(d, "prompt") && (has(d, "conversations") || has(d, "instruction"))) {
+    // ShareGPT or Alpaca prompt; replies as messages.
+    std::vector<tokenizer::Message> prompt;
+    if (has(d, "conversations") ? !parse_sharegpt(d, &prompt, reason) : !parse_alpaca_prompt(d, &prompt, reason))
+      return false;
+    if (!read_extras(d, &out->chat, reason)) return false;
+    std::vector<tokenizer::Message> chosen, rejected;
+    auto output = d.FindMember("output");
+    if (!has(d, "chosen") && !has(d, "rejected") && output != d.MemberEnd() && output->value.IsArray() &&
+        output->value.Size() >= 2 && output->value[0].IsString() && output->value[1].IsString()) {
+      // The older ranking form (ChatGLM-Efficient-Tuning, LLaMA-Factory before "chosen"/"rejected"):
+      // "output": [best, second, ...], of which, as there, the first two are the pair.
+      const Value& o = output->value;
+      chosen.push_back({"assistant", std::string(o[0].GetString(), o[0].GetStringLength())});
+      rejected.push_back({"assistant", std::string(o[1].GetString(), o[1].GetStringLength())});
+    } else {
+      if (!parse_reply_messages(d, "chosen", &chosen, reason)) return false;
+      if (!parse_reply_messages(d, "rejected", &rejected, reason)) return false;
+    }
+    if (chosen.size() == 1 && chosen[0].content.empty()) {
+      *reason = "empty \"chosen\"";
+      return false;
+    }
+    if (rejected.size() == 1 && rejected[0].content.empty()) {
+      *reason = "empty \"rejected\"";
+      return false;
+    }
+    set_messages(&out->prompt, std::move(prompt));
+    set_messages(&out->chosen, std::move(chosen));
+    set_messages(&out->rejected, std::move(rejected));
+    return true;
+  }
+  if (!has(d, "prompt") && has(d, "chosen") && has(d, "rejected")) {
+    // Implicit prompt (hh-rlhf): what TRL's DPOTrainer does with extract_prompt when "prompt" is absent.
+    TextOrMessages c, r;
+    if (!parse_text_or_messages(d, "chosen", &c, reason)) return false;
+    if (!parse_text_or_messages(d, "rejected", &r, reason)) return false;
+    if (c.is_messages != r.is_messages) {
+      *reason = "\"chosen\" and \"rejected\" must both be strings or both be message lists";
+      return false;
+    }
+    if (c.is_messages) {
+      if (!read_extras(d, &out->chat, reason)) return false;
+      out->prompt.is_messages = out->chosen.is_messages = out->rejected.is_messages = true;
+      if (!extract_prompt(c.messages, r.messages, &out->prompt.messages, &out->chosen.messages, &out->rejected.messages,
+                          reason))
+        return false;
+    } else {
+      out->prompt.is_messages = out->chosen.is_messages = out->rejected.is_messages = false;
+      if (!extract_prompt(c.text, r.text, &out->prompt.text, &out->chosen.text, &out->rejected.text, reason)) return false;
+    }
+    return check_replies(out, reason);
+  }
   if (!parse_text_or_messages(d, "prompt", &out->prompt, reason)) return false;
-  if (out->prompt.is_messages && !read_extras(d, &out->chat, reason)) return false;
-  if (is_empty(out->prompt)) {
-    *reason = "empty \"prompt\"";
+  if (!parse_text_or_messages(d, "chosen", &out->chosen, reason)) return false;
+  if (!parse_text_or_messages(d, "rejected", &out->rejected, reason)) return false;
+  if (out->prompt.is_messages != out->chosen.is_messages || out->chosen.is_messages != out->rejected.is_messages) {
+    *reason = "\"prompt\", \"chosen\" and \"rejected\" must all be strings or all be message lists";
     return false;
   }
-  auto it = d.FindMember("answer");
+  if (out->prompt.is_messages && !read_extras(d, &out->chat, reason)) return false;
+  return check_replies(out, reason);
+}
+
+// "answer" as text (a JSON number is kept as its text); false with *reason when absent or another type.
+bool parse_answer(const Value& d, const char* field, std::string* out, std::string* reason) {
+  auto it = d.FindMember(field);
   if (it == d.MemberEnd()) {
-    *reason = "missing field \"answer\"";
+    *reason = "missing field " + quoted(field);
     return false;
   }
   if (it->value.IsString()) {
-    out->answer.assign(it->value.GetString(), it->value.GetStringLength());
+    out->assign(it->value.GetString(), it->value.GetStringLength());
   } else if (it->value.IsNumber()) {
-    out->answer = json::to_string(it->value);
+    *out = json::to_string(it->value);
   } else {
-    *reason = std::string("field \"answer\" must be a string or a number, got ") + json::type_name(it->value);
+    *reason = "field " + quoted(field) + " must be a string or a number, got " + json::type_name(it->value);
     return false;
   }
+  return true;
+}
+
+bool parse_rl(const Value& d, RlRecord* out, std::string* reason) {
+  if (!has(d, "prompt") && has(d, "conversations")) {
+    std::vector<tokenizer::Message> m;
+    if (!parse_sharegpt(d, &m, reason)) return false;
+    if (has(d, "answer")) {
+      if (!parse_answer(d, "answer", &out->answer, reason)) return false;
+    } else if (m.back().role == "assistant" && m.size() > 1) {
+      out->answer = m.back().content;  // the reference reply is the answer
+      m.pop_back();
+    } else {
+      *reason = "missing field \"answer\" (and \"conversations\" does not end with an assistant turn to take it from)";
+      return false;
+    }
+    set_messages(&out->prompt, std::move(m));
+  } else if (!has(d, "prompt") && has(d, "instruction")) {
+    std::vector<tokenizer::Message> m;
+    if (!parse_alpaca_prompt(d, &m, reason)) return false;
+    if (!parse_answer(d, has(d, "answer") ? "answer" : "output", &out->answer, reason)) return false;
+    set_messages(&out->prompt, std::move(m));
+  } else {
+    if (!parse_text_or_messages(d, "prompt", &out->prompt, reason)) return false;
+    if (is_empty(out->prompt)) {
+      *reason = "empty \"prompt\"";
+      return false;
+    }
+    if (!parse_answer(d, "answer", &out->answer, reason)) return false;
+  }
+  if (out->prompt.is_messages && !read_extras(d, &out->chat, reason)) return false;
   out->record_json = json::to_string(d);
   return true;
 }
 
+// FNV-1a over what a rapidjson Writer emits: the compact serialisation, never held.
+struct HashStream {
+  typedef char Ch;
+  uint64_t h = 0xcbf29ce484222325ull;
+  void Put(char c) {
+    h ^= static_cast<unsigned char>(c);
+    h *= 0x100000001b3ull;
+  }
+  void Flush() {}
+};
+
 }  // namespace
 
+bool columns_fit(Format format, const std::vector<std::string>& columns,
+                 const std::vector<std::pair<std::string, std::string>>& mapping, std::string* need) {
+  std::vector<std::string> names = columns;
+  for (auto& n : names)
+    for (const auto& [field, column] : mapping)
+      if (n == column) n = field;
+  std::vector<std::vector<const char*>> shapes;
+  switch (format) {
+    case Format::kSft:
+      shapes = {{"messages"}, {"conversations"}, {"prompt", "completion"}, {"instruction", "output"}, {"text"}};
+      break;
+    case Format::kPreference:
+      shapes = {{"chosen", "rejected"}, {"instruction", "output"}};
+      break;
+    case Format::kRl:
+      shapes = {{"prompt", "answer"}, {"conversations"}, {"instruction", "answer"}, {"instruction", "output"}};
+      break;
+  }
+  need->clear();
+  for (const auto& shape : shapes) {
+    bool all = true;
+    std::string one;
+    for (const char* f : shape) {
+      all = all && std::find(names.begin(), names.end(), f) != names.end();
+      one += (one.empty() ? "\"" : " + \"") + std::string(f) + "\"";
+    }
+    if (all) return true;
+    *need += (need->empty() ? "" : " | ") + one;
+  }
+  return false;
+}
+
+const std::vector<std::string>& mappable_fields() {
+  static const std::vector<std::string> k{"messages", "conversations", "prompt", "completion", "text",
+                                          "chosen",   "rejected",      "answer", "instruction", "input",
+                                          "output",   "system",        "history"};
+  return k;
+}
+
+namespace {
+
+// Byte offsets of the code points of a valid UTF-8 string, plus its size.
+std::vector<size_t> code_point_starts(std::string_view s) {
+  std::vector<size_t> at;
+  at.reserve(s.size() + 1);
+  for (size_t i = 0; i < s.size(); ++i)
+    if ((static_cast<unsigned char>(s[i]) & 0xC0) != 0x80) at.push_back(i);
+  at.push_back(s.size());
+  return at;
+}
+
+}  // namespace
+
+// trl/data_utils.py extract_prompt, line for line:
+//   for idx in range(min(len(chosen), len(rejected))):
+//       if chosen[idx] != rejected[idx]:
+//           if chosen[idx - 1] == " ": idx -= 1   # (idx - 1 == -1 looks at the last character)
+//           break
+//   prompt, chosen, rejected = chosen[:idx], chosen[idx:], rejected[idx:]
+// With no difference the loop leaves idx at min - 1 (the shorter one's last character goes to the replies).
+bool extract_prompt(std::string_view chosen, std::string_view rejected, std::string* prompt, std::string* chosen_out,
+                    std::string* rejected_out, std::string* reason) {
+  if (chosen.empty() || rejected.empty()) {
+    *reason = std::string("empty \"") + (chosen.empty() ? "chosen" : "rejected") + "\" (no prompt to extract)";
+    return false;
+  }
+  const std::vector<size_t> c = code_point_starts(chosen), r = code_point_starts(rejected);
+  const size_t nc = c.size() - 1, nr = r.size() - 1, m = std::min(nc, nr);
+  auto cp = [](std::string_view s, const std::vector<size_t>& at, size_t i) { return s.substr(at[i], at[i + 1] - at[i]); };
+  int64_t idx = static_cast<int64_t>(m) - 1;
+  for (size_t i = 0; i < m; ++i) {
+    if (cp(chosen, c, i) != cp(rejected, r, i)) {
+      idx = static_cast<int64_t>(i);
+      const size_t before = i == 0 ? nc - 1 : i - 1;  // Python's chosen[-1] when idx is 0
+      if (cp(chosen, c, before) == " ") --idx;
+      break;
+    }
+  }
+  if (idx >= 0) {
+    const size_t b = c[static_cast<size_t>(idx)];  // the same byte offset in both: the prefix is shared
+    *prompt = std::string(chosen.substr(0, b));
+    *chosen_out = std::string(chosen.substr(b));
+    *rejected_out = std::string(rejected.substr(r[static_cast<size_t>(idx)]));
+  } else {  // idx == -1: chosen[:-1], chosen[-1:], rejected[-1:]
+    *prompt = std::string(chosen.substr(0, c[nc - 1]));
+    *chosen_out = std::string(chosen.substr(c[nc - 1]));
+    *rejected_out = std::string(rejected.substr(r[nr - 1]));
+  }
+  return true;
+}
+
+bool extract_prompt(const std::vector<tokenizer::Message>& chosen, const std::vector<tokenizer::Message>& rejected,
+                    std::vector<tokenizer::Message>* prompt, std::vector<tokenizer::Message>* chosen_out,
+                    std::vector<tokenizer::Message>* rejected_out, std::string* reason) {
+  const size_t m = std::min(chosen.size(), rejected.size());
+  if (m == 0) {
+    *reason = std::string("empty \"") + (chosen.empty() ? "chosen" : "rejected") + "\" (no prompt to extract)";
+    return false;
+  }
+  size_t idx = m - 1;
+  for (size_t i = 0; i < m; ++i) {
+    if (chosen[i].role != rejected[i].role || chosen[i].content != rejected[i].content) {
+      idx = i;  // a message never equals " ": no space rule
+      break;
+    }
+  }
+  if (idx == 0) {
+    *reason = "\"chosen\" and \"rejected\" differ from their first message: no shared prompt to extract "
+              "(give a \"prompt\" field)";
+    return false;
+  }
+  prompt->assign(chosen.begin(), chosen.begin() + static_cast<std::ptrdiff_t>(idx));
+  chosen_out->assign(chosen.begin() + static_cast<std::ptrdiff_t>(idx), chosen.end());
+  rejected_out->assign(rejected.begin() + static_cast<std::ptrdiff_t>(idx), rejected.end());
+  return true;
+}
+
 bool parse_record(std::string_view line, Format format, Record* out, std::string* reason) {
+  return parse_record(line, format, ParseOptions{}, out, reason);
+}
+
+bool parse_record(std::string_view line, Format format, const ParseOptions& options, Record* out, std::string* reason) {
   size_t bad = first_invalid_utf8(line);
   if (bad != std::string_view::npos) {
     *reason = "invalid UTF-8 at byte " + std::to_string(bad + 1);
@@ -276,12 +695,41 @@ bool parse_record(std::string_view line, Format format, Record* out, std::string
   // Nothing on the parse stack is needed past the parse (the values live in value_pool): give a
   // long line's decoded strings back before the record copies them out.
   arena.stack_pool.Clear();
-  switch (format) {
-    case Format::kSft: return parse_sft(d, &out->sft, reason);
-    case Format::kPreference: return parse_preference(d, &out->preference, reason);
-    case Format::kRl: return parse_rl(d, &out->rl, reason);
+  if (options.content_hash) {
+    HashStream hs;
+    rapidjson::Writer<HashStream> w(hs);
+    d.Accept(w);
+    *options.content_hash = hs.h;
   }
-  return false;
+  // data.columns: every mapped column taken out first, then put back under ptk's name (so a mapping
+  // may swap two names); a field of that name already there gives way to the mapped column.
+  std::string absent;  // mapped columns this record lacks, for the reason when it is refused
+  if (options.columns && !options.columns->empty()) {
+    auto& a = d.GetAllocator();
+    std::vector<std::pair<const std::string*, Value>> moved;
+    for (const auto& [field, column] : *options.columns) {
+      auto it = d.FindMember(column.c_str());
+      if (it == d.MemberEnd()) {
+        absent += (absent.empty() ? "" : ", ") + quoted(column.c_str()) + " (data.columns." + field + ")";
+        continue;
+      }
+      moved.emplace_back(&field, Value());
+      moved.back().second = it->value;  // rapidjson's assignment moves
+      d.EraseMember(it);
+    }
+    for (auto& [field, value] : moved) {
+      d.RemoveMember(field->c_str());
+      d.AddMember(Value(field->c_str(), static_cast<rapidjson::SizeType>(field->size()), a), value, a);
+    }
+  }
+  bool ok = false;
+  switch (format) {
+    case Format::kSft: ok = parse_sft(d, &out->sft, reason); break;
+    case Format::kPreference: ok = parse_preference(d, &out->preference, reason); break;
+    case Format::kRl: ok = parse_rl(d, &out->rl, reason); break;
+  }
+  if (!ok && !absent.empty()) *reason += "; the record has no column " + absent;
+  return ok;
 }
 
 std::vector<SourceFile> expand_sources(const std::vector<config::DataSource>& sources, const std::string& key) {
@@ -326,10 +774,59 @@ LineReader::LineReader(const std::string& path) : path_(path), buf_(1 << 20) {
   if (!f_) throw Error("cannot open " + path + ": " + std::strerror(errno));
   struct stat st {};
   seekable_ = ::fstat(fileno(f_), &st) == 0 && S_ISREG(st.st_mode);
+  if (seekable_) {  // gzip by its magic bytes (a pipe is read as it is)
+    unsigned char magic[2] = {0, 0};
+    const size_t n = std::fread(magic, 1, 2, f_);
+    std::rewind(f_);
+    if (n == 2 && magic[0] == 0x1f && magic[1] == 0x8b) {
+      int fd = ::dup(fileno(f_));
+      gzFile gz = fd >= 0 ? gzdopen(fd, "rb") : nullptr;
+      if (!gz) {
+        if (fd >= 0) ::close(fd);
+        std::fclose(f_);
+        f_ = nullptr;
+        throw Error("cannot open " + path + " as gzip");
+      }
+      gzbuffer(gz, 1 << 18);
+      gz_ = gz;
+      seekable_ = false;  // lines are appended as they come, as from a pipe
+    }
+  }
 }
 
 LineReader::~LineReader() {
+  if (gz_) gzclose(static_cast<gzFile>(gz_));
   if (f_) std::fclose(f_);
+}
+
+uint64_t LineReader::bytes_read() const {
+  if (gz_) return static_cast<uint64_t>(std::max<z_off_t>(0, gzoffset(static_cast<gzFile>(gz_))));
+  return consumed_;
+}
+
+size_t LineReader::read_some(char* to, size_t n) {
+  if (gz_) {
+    gzFile gz = static_cast<gzFile>(gz_);
+    int got = gzread(gz, to, static_cast<unsigned>(std::min<size_t>(n, 1u << 30)));
+    if (got < 0) {
+      int code = 0;
+      const char* msg = gzerror(gz, &code);
+      throw Error("cannot read " + path_ + " (gzip): " + (msg ? msg : "error") +
+                  "\n---> HINT: the file is truncated or not gzip; check it with `gzip -t " + path_ + "`");
+    }
+    if (got == 0) {
+      int code = 0;
+      gzerror(gz, &code);
+      if (code == Z_BUF_ERROR)  // zlib: the stream ended before its end marker
+        throw Error("cannot read " + path_ + " (gzip): the file is truncated\n---> HINT: download it again; `gzip -t " +
+                    path_ + "` checks it");
+      if (code != Z_OK) throw Error("cannot read " + path_ + " (gzip): " + gzerror(gz, &code));
+    }
+    return static_cast<size_t>(got);
+  }
+  size_t got = std::fread(to, 1, n, f_);
+  if (got == 0 && std::ferror(f_)) throw Error("cannot read " + path_ + ": " + std::strerror(errno));
+  return got;
 }
 
 // Reads more after the buffered bytes (moved to the front first); false at the end of the file or
@@ -342,9 +839,8 @@ bool LineReader::fill() {
     begin_ = 0;
   }
   if (end_ == buf_.size()) return false;
-  size_t n = std::fread(buf_.data() + end_, 1, buf_.size() - end_, f_);
+  size_t n = read_some(buf_.data() + end_, buf_.size() - end_);
   if (n == 0) {
-    if (std::ferror(f_)) throw Error("cannot read " + path_ + ": " + std::strerror(errno));
     eof_ = true;
     return false;
   }

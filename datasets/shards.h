@@ -18,7 +18,12 @@ namespace ptk::data {
 // 3: conversational prompt/completion masks are TRL's completion_mask (every token after the
 // prompt's render, the template's "\n" after <|im_end|> included), not the assistant mask; ties
 // in packing go to the oldest row; unpacked rows truncation leaves without a target are dropped.
-constexpr int kPrepareVersion = 4;  // 4: chat templates rendered by the Jinja interpreter
+// 4: plain-text prompt/completion records tokenized apart (encode(prompt) + encode(completion), as
+// at generation; a merge across the boundary no longer hides the completion's start from the loss);
+// the manifest counts boundary merges and keeps example positions and the tokenizer's path.
+// 5: chat templates rendered by the Jinja interpreter (the folder's own under auto), tool calls and
+// "tools" in chat records.
+constexpr int kPrepareVersion = 5;
 
 // One document (sft), pair (preference: prompt, chosen, rejected back to back) or prompt (rl).
 // A mixing weight above 1 repeats entries that point at the same tokens.

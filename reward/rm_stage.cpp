@@ -160,14 +160,14 @@ class RmStage : public train::Stage {
     popt.overlong = "drop";  // TRL's RewardTrainer drops pairs over max_length rather than cutting them
     std::string train_dir = data::prepared_dir(run_dir, "train"), eval_dir = data::prepared_dir(run_dir, "eval");
     data::PrepareOptions eopt;
-    if (!r.data.eval.empty()) {
+    if (data::has_eval_data(r.data)) {
       eopt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kPreference, true);
       eopt.tokenizer_path = tok_path_;
       eopt.overlong = "drop";
     }
     if (comm_.rank() == 0) {
       data::ensure_prepared(popt, train_dir);
-      if (!r.data.eval.empty()) data::ensure_prepared(eopt, eval_dir);
+      if (data::has_eval_data(r.data)) data::ensure_prepared(eopt, eval_dir);
     }
     comm_.barrier();
     train_ = std::make_unique<data::PreparedSet>(data::PreparedSet::open(train_dir));
@@ -176,14 +176,17 @@ class RmStage : public train::Stage {
     lo.micro_batch_size = r.train.micro_batch_size;
     lo.seed = static_cast<uint64_t>(r.run.seed);
     loader_ = std::make_unique<data::Loader>(*train_, lo);
-    if (!r.data.eval.empty()) {
+    if (data::has_eval_data(r.data)) {
       eval_ = std::make_unique<data::PreparedSet>(data::PreparedSet::open(eval_dir));
       eval_margins_ = read_margins(*eval_, r.rm.margin_column);
     }
     if (r.rm.center_rewards_coefficient > 0) loss_opt_.center_rewards_coefficient = r.rm.center_rewards_coefficient;
     const auto& c = model_.config();
     int64_t n_params = 0;
-    for (auto& [n, t] : model_.named_parameters()) n_params += t.numel();
+    // MFU counts the decoder's matmuls: not the embedding (a lookup) nor the output layer, which
+    // ptk projects for target tokens only (Qwen2.5-0.5B: 136M of 494M parameters, 1.38x too many FLOPs).
+    for (auto& [n, t] : model_.named_parameters())
+      if (n.find("embed_tokens") == std::string::npos && n.find("lm_head") == std::string::npos) n_params += t.numel();
     flops_per_token_ = 6.0 * n_params + 6.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim *
                                             static_cast<double>(r.data.max_seq_len) / 2.0;
   }
@@ -286,7 +289,7 @@ std::string run_rm(RmRecipe& r, const std::string& recipe_file, const std::strin
   torch::manual_seed(static_cast<uint64_t>(r.run.seed));
   train::TrainerOptions options = train::trainer_options(r, run_dir, resolved, "rm");
   if (auto plan = train::memory_plan_from_recipe(r, train::StageKind::kRm)) {
-    plan->eval_micro_batch_size = r.data.eval.empty() ? 0 : r.rm.eval_micro_batch_size;
+    plan->eval_micro_batch_size = !data::has_eval_data(r.data) ? 0 : r.rm.eval_micro_batch_size;
     train::check_memory_estimate(r, *plan, options.comm);  // before the model, data or batches exist
   }
   RmStage stage(r, run_dir, options.comm);

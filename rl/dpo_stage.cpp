@@ -46,10 +46,15 @@ void DpoSection::visit(config::Visitor& v) {
         "(not the sft term's); 1.0 = plain sums");
   v.opt(ref_path, "ref_path", "",
         "dpo: HF folder of the frozen reference; \"\" = model.path (the policy's starting point)");
-  v.opt(precompute_ref_log_probs, "precompute_ref_log_probs", true,
-        "dpo: compute reference log-probs once and cache them beside the prepared shards (keyed by reference "
-        "checkpoint + data), then free the reference; false = a live reference forward each micro-batch "
-        "(TRL's default; keeps a second model in memory)");
+  v.choice(precompute_ref_log_probs, "precompute_ref_log_probs", "auto", {"auto", "true", "false"},
+           "dpo: true = compute reference log-probs once (data.train and data.eval) and cache them beside the "
+           "prepared shards (keyed by reference checkpoint + data), then free the reference; false = a live "
+           "reference forward each micro-batch and eval (TRL's default; keeps a second model in memory); auto = "
+           "precompute when that costs no more reference forwards than the run would do live: a valid cache "
+           "exists, or train.max_steps x grad_accum x micro_batch_size x ranks + data.eval pairs x evals >= "
+           "data.train + data.eval pairs (a run of at least about one epoch), or the memory estimate leaves no "
+           "room for a live reference; otherwise live. A run folder may switch between them on resume (the same "
+           "numbers up to float rounding)");
   v.opt(precompute_ref_batch_size, "precompute_ref_batch_size", 8, "pairs per forward of the reference pass");
   v.opt(eval_micro_batch_size, "eval_micro_batch_size", 8, "pairs per forward for the eval metrics (data.eval)");
   heldout.visit(v);
@@ -261,8 +266,12 @@ struct DpoStage::Impl {
   std::string ref_cache;
   double flops_per_token = 0;
   eval::Heldout heldout;
+  bool live_fits = true;
+  bool precompute = false;  // dpo.precompute_ref_log_probs resolved
+  std::string mode_reason;
 
-  Impl(DpoRecipe& recipe, const std::string& dir, dist::Comm group) : r(recipe), run_dir(dir), comm(std::move(group)) {
+  Impl(DpoRecipe& recipe, const std::string& dir, dist::Comm group, bool live_reference_fits)
+      : r(recipe), run_dir(dir), comm(std::move(group)), live_fits(live_reference_fits) {
     rank = comm.rank();
     world_size = comm.world_size();
     tok_path = !r.tokenizer.path.empty() ? r.tokenizer.path : r.model.path;
@@ -292,7 +301,6 @@ struct DpoStage::Impl {
       } else {
         ref_identity = "random-init\n" + read_file(r.model.config) + "\nseed " + std::to_string(r.run.seed) + "\n";
       }
-      if (!r.dpo.precompute_ref_log_probs) load_reference();
     }
     // Data: one pair per row; the prompt keeps its end, replies their start (datasets/prepare.h).
     if (r.data.train.empty()) throw Error("data.train is empty: name the preference JSONL files (prompt/chosen/rejected)");
@@ -300,13 +308,13 @@ struct DpoStage::Impl {
     popt.tokenizer_path = tok_path;
     std::string train_dir = data::prepared_dir(run_dir, "train"), eval_dir = data::prepared_dir(run_dir, "eval");
     data::PrepareOptions eopt;
-    if (!r.data.eval.empty()) {
+    if (data::has_eval_data(r.data)) {
       eopt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kPreference, true);
       eopt.tokenizer_path = tok_path;
     }
     if (rank == 0) {
       data::ensure_prepared(popt, train_dir);
-      if (!r.data.eval.empty()) data::ensure_prepared(eopt, eval_dir);
+      if (data::has_eval_data(r.data)) data::ensure_prepared(eopt, eval_dir);
     }
     comm.barrier();
     train = std::make_unique<data::PreparedSet>(data::PreparedSet::open(train_dir));
@@ -314,15 +322,60 @@ struct DpoStage::Impl {
     lo.micro_batch_size = r.train.micro_batch_size;
     lo.seed = static_cast<uint64_t>(r.run.seed);
     loader = std::make_unique<data::Loader>(*train, lo);
-    if (!r.data.eval.empty()) eval = std::make_unique<data::PreparedSet>(data::PreparedSet::open(eval_dir));
+    if (data::has_eval_data(r.data)) eval = std::make_unique<data::PreparedSet>(data::PreparedSet::open(eval_dir));
+    if (!r.dpo.is_cpo()) {
+      precompute = decide_precompute(&mode_reason);
+      if (rank == 0) log::info("dpo: reference log-probs " + std::string(precompute ? "precomputed" : "live") + " (" + mode_reason + ")");
+      if (!precompute) load_reference();
+    }
     int64_t n_params = 0;
-    for (auto& [n, t] : policy.named_parameters()) n_params += t.numel();
+    // MFU counts the decoder's matmuls: not the embedding (a lookup) nor the output layer, which
+    // ptk projects for target tokens only (Qwen2.5-0.5B: 136M of 494M parameters, 1.38x too many FLOPs).
+    for (auto& [n, t] : policy.named_parameters())
+      if (n.find("embed_tokens") == std::string::npos && n.find("lm_head") == std::string::npos) n_params += t.numel();
     const auto& c = policy.config();
     const double attn = 6.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim *
                         static_cast<double>(r.data.max_seq_len) / 2.0;
     // Policy forward+backward (6N), plus a live reference forward (2N) when there is one.
     flops_per_token = 6.0 * n_params + attn;
-    if (!r.dpo.is_cpo() && !r.dpo.precompute_ref_log_probs) flops_per_token += 2.0 * n_params + attn / 3.0;
+    if (!r.dpo.is_cpo() && !precompute) flops_per_token += 2.0 * n_params + attn / 3.0;
+  }
+
+  // dpo.precompute_ref_log_probs: true / false as set; auto by the reference forwards each way costs
+  // (the pass: every train and eval pair once; live: every trained pair and the eval pairs at each
+  // eval), a cache that already exists (costs nothing), and memory (a live reference that does not fit).
+  bool decide_precompute(std::string* why) {
+    const std::string& mode = r.dpo.precompute_ref_log_probs;
+    if (mode == "true" || mode == "false") {
+      *why = "dpo.precompute_ref_log_probs=" + mode;
+      return mode == "true";
+    }
+    std::string key;
+    if (path_exists(cache_path(*train, "train", &key))) {
+      *why = "auto: reusing the cached pass " + cache_path(*train, "train", &key);
+      return true;
+    }
+    if (!live_fits) {
+      *why = "auto: the memory estimate leaves no room for a live reference beside the policy";
+      return true;
+    }
+    const int64_t pairs = train->num_rows(), eval_pairs = eval ? eval->num_rows() : 0;
+    const int64_t micro = r.train.micro_batch_size * r.train.grad_accum * world_size;  // pairs per step
+    int64_t steps = r.train.max_steps;
+    if (steps <= 0) {
+      const int64_t mbpe = (pairs + r.train.micro_batch_size * world_size - 1) / (r.train.micro_batch_size * world_size);
+      steps = (r.train.epochs * mbpe + r.train.grad_accum - 1) / r.train.grad_accum;
+    }
+    const int64_t trained = steps * micro;
+    const int64_t evals = eval_pairs == 0 ? 0 : (r.train.eval_every > 0 ? steps / r.train.eval_every : 0) + 1;
+    const int64_t pass = pairs + eval_pairs, live = trained + eval_pairs * evals;
+    *why = "auto: " + std::to_string(steps) + " steps x " + std::to_string(micro) + " pairs = " +
+           std::to_string(trained) + " trained pairs" +
+           (evals ? " + " + std::to_string(evals) + " evals x " + std::to_string(eval_pairs) + " pairs" : std::string()) +
+           " = " + std::to_string(live) + " live reference forwards vs " + std::to_string(pass) +
+           " for the pass over data.train" + (eval_pairs ? std::string(" + data.eval") : std::string()) +
+           "; dpo.precompute_ref_log_probs=true|false forces either";
+    return pass <= live;
   }
 
   void load_reference() {
@@ -339,15 +392,22 @@ struct DpoStage::Impl {
                   "\n---> HINT: the reference must share the policy's tokenizer; check dpo.ref_path");
   }
 
-  // The cache of one split's reference log-probs: reused when its key (reference checkpoint, data
-  // fingerprint, dpo.ld_alpha, format version) matches, else computed and written (rank 0) atomically.
-  at::Tensor cached_ref_logps(const data::PreparedSet& set, const std::string& split) {
+  // Where one split's reference log-probs are cached, and the key they are stored under.
+  std::string cache_path(const data::PreparedSet& set, const std::string& split, std::string* key) const {
     // v2: the sums are LD-DPO mixed with dpo.ld_alpha (v1 caches were always plain sums).
     char ld[32];
     std::snprintf(ld, sizeof ld, "%.17g", r.dpo.ld_alpha);
     std::string material = "ptk-dpo-ref-logps-v2\n" + ref_identity + "data " + set.fingerprint() + "\nld_alpha " + ld + "\n";
-    std::string key = data::sha256_hex(material.data(), material.size());
-    std::string path = parent_dir(set.dir()) + "/" + split + "-ref_logps-" + key.substr(0, 16) + ".safetensors";
+    *key = data::sha256_hex(material.data(), material.size());
+    return parent_dir(set.dir()) + "/" + split + "-ref_logps-" + key->substr(0, 16) + ".safetensors";
+  }
+
+  // The cache of one split's reference log-probs: reused when its key (reference checkpoint, data
+  // fingerprint, dpo.ld_alpha, format version) matches, else computed and written (rank 0) atomically.
+  at::Tensor cached_ref_logps(const data::PreparedSet& set, const std::string& split) {
+    // v2: the sums are LD-DPO mixed with dpo.ld_alpha (v1 caches were always plain sums).
+    std::string key;
+    std::string path = cache_path(set, split, &key);
     if (split == "train") ref_cache = path;
     at::Tensor t;
     if (rank == 0) {
@@ -399,7 +459,7 @@ struct DpoStage::Impl {
 
   void ensure_reference() {
     if (ref_ready || r.dpo.is_cpo()) return;
-    if (r.dpo.precompute_ref_log_probs) {
+    if (precompute) {
       ref_train = cached_ref_logps(*train, "train");
       if (eval) ref_eval = cached_ref_logps(*eval, "eval");
       reference = model::Qwen2Model();  // freed: the cache is all that is needed
@@ -410,7 +470,7 @@ struct DpoStage::Impl {
   // (P, 2) reference sums of a batch of `set`'s rows.
   at::Tensor ref_for(const PairBatch& b, bool is_eval) {
     ensure_reference();
-    if (r.dpo.precompute_ref_log_probs) {
+    if (precompute) {
       const at::Tensor& all = is_eval ? ref_eval : ref_train;
       return all.index_select(0, torch::tensor(b.rows, torch::kInt64));
     }
@@ -451,8 +511,8 @@ struct DpoStage::Impl {
   }
 };
 
-DpoStage::DpoStage(DpoRecipe& recipe, const std::string& run_dir, dist::Comm comm)
-    : impl_(std::make_unique<Impl>(recipe, run_dir, std::move(comm))) {}
+DpoStage::DpoStage(DpoRecipe& recipe, const std::string& run_dir, dist::Comm comm, bool live_reference_fits)
+    : impl_(std::make_unique<Impl>(recipe, run_dir, std::move(comm), live_reference_fits)) {}
 DpoStage::~DpoStage() = default;
 
 void DpoStage::set_rank(int rank, int world_size) {
@@ -540,6 +600,8 @@ const model::Qwen2Model& DpoStage::policy() const { return impl_->policy; }
 const model::Qwen2Model& DpoStage::reference() const { return impl_->reference; }
 at::Tensor DpoStage::ref_logps(const PairBatch& b) { return impl_->ref_for(b, false); }
 const std::string& DpoStage::ref_cache_path() const { return impl_->ref_cache; }
+bool DpoStage::precomputes_reference() const { return impl_->precompute; }
+const std::string& DpoStage::reference_mode_reason() const { return impl_->mode_reason; }
 const data::PreparedSet& DpoStage::train_set() const { return *impl_->train; }
 int32_t DpoStage::pad_id() const { return impl_->pad_id; }
 
@@ -548,18 +610,28 @@ std::string run_dpo(DpoRecipe& r, const std::string& recipe_file, const std::str
   make_dirs(run_dir);
   torch::manual_seed(static_cast<uint64_t>(r.run.seed));
   train::TrainerOptions options = train::trainer_options(r, run_dir, resolved, "dpo");
+  bool live_fits = true;
   if (auto plan = train::memory_plan_from_recipe(r, train::StageKind::kDpo)) {
     const bool reference = !r.dpo.is_cpo();
-    plan->live_reference = reference && !r.dpo.precompute_ref_log_probs;
-    plan->reference_pass_pairs = reference && r.dpo.precompute_ref_log_probs ? r.dpo.precompute_ref_batch_size : 0;
-    plan->eval_micro_batch_size = r.data.eval.empty() ? 0 : r.dpo.eval_micro_batch_size;
+    const std::string& mode = r.dpo.precompute_ref_log_probs;
+    plan->eval_micro_batch_size = !data::has_eval_data(r.data) ? 0 : r.dpo.eval_micro_batch_size;
     plan->heldout_new_tokens = r.dpo.heldout.prompts.empty() ? 0 : r.dpo.heldout.max_new_tokens;
+    if (reference && mode == "auto" && r.train.memory_check) {
+      // auto goes live only where a second model fits beside the policy (every rank agrees).
+      train::MemoryPlan live = *plan;
+      live.live_reference = true;
+      double refused = train::memory_refusal(live, train::available_memory(live.cuda)).empty() ? 0.0 : 1.0;
+      if (options.comm.world_size() > 1) refused = options.comm.all_reduce(refused, dist::ReduceOp::kSum);
+      live_fits = refused == 0;
+    }
+    plan->live_reference = reference && (mode == "false" || (mode == "auto" && live_fits));
+    plan->reference_pass_pairs = reference && mode != "false" ? r.dpo.precompute_ref_batch_size : 0;
     train::check_memory_estimate(r, *plan, options.comm);  // before the models, data or batches exist
   }
-  DpoStage stage(r, run_dir, options.comm);
+  DpoStage stage(r, run_dir, options.comm, live_fits);
   train::Trainer trainer(stage, options);
   std::string what = r.dpo.is_cpo() ? "cpo (" + r.dpo.loss_type[0] + ", no reference)"
-                                    : std::string("dpo against ") + (r.dpo.precompute_ref_log_probs ? "precomputed" : "live") +
+                                    : std::string("dpo against ") + (stage.precomputes_reference() ? "precomputed" : "live") +
                                           " reference log-probs";
   log::info(what + ": " + std::to_string(trainer.total_steps()) + " optimizer steps of " +
             std::to_string(r.train.micro_batch_size * r.train.grad_accum) + " pairs; run folder " + run_dir);

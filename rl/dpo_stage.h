@@ -35,7 +35,7 @@ struct DpoSection : config::Section {
   std::vector<double> loss_weights;
   double beta, label_smoothing, simpo_gamma, cpo_alpha, ld_alpha;
   std::string ref_path;
-  bool precompute_ref_log_probs;
+  std::string precompute_ref_log_probs;  // auto | true | false (DpoStage::precomputes_reference says which ran)
   int64_t precompute_ref_batch_size, eval_micro_batch_size;
   eval::HeldoutOptions heldout;  // dpo.eval_prompts, eval_verifier, ...: held-out accuracy
   const char* name() const override { return "dpo"; }
@@ -95,7 +95,10 @@ class DpoStage : public train::Stage {
  public:
   // With several ranks (`comm`), rank 0 prepares the data and writes the reference cache while the
   // others wait; the run folder must be on a filesystem every rank sees, as for checkpoints.
-  DpoStage(DpoRecipe& recipe, const std::string& run_dir, dist::Comm comm = dist::Comm());
+  // `live_reference_fits`: false when the memory estimate refuses a live reference beside the
+  // policy, so that dpo.precompute_ref_log_probs=auto precomputes.
+  DpoStage(DpoRecipe& recipe, const std::string& run_dir, dist::Comm comm = dist::Comm(),
+           bool live_reference_fits = true);
   ~DpoStage() override;
 
   void set_rank(int rank, int world_size) override;
@@ -122,6 +125,10 @@ class DpoStage : public train::Stage {
   at::Tensor ref_logps(const PairBatch& batch);
   // The cache file of the training split's reference log-probs ("" when live or cpo).
   const std::string& ref_cache_path() const;
+  // Whether the reference log-probs are precomputed (dpo.precompute_ref_log_probs resolved; false
+  // for cpo), and why, in words.
+  bool precomputes_reference() const;
+  const std::string& reference_mode_reason() const;
   const data::PreparedSet& train_set() const;
   int32_t pad_id() const;
 

@@ -344,7 +344,7 @@ struct GrpoStage::Impl {
     train_set = std::make_unique<data::PreparedSet>(
         data::PreparedSet::open(data::ensure_prepared(popt, data::prepared_dir(run_dir, "train"))));
     if (train_set->num_rows() == 0) throw Error("data.train has no prompts after preparation");
-    if (!r.data.eval.empty()) {
+    if (data::has_eval_data(r.data)) {
       auto eopt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kRl, true);
       eopt.tokenizer_path = tok_path;
       eval_set = std::make_unique<data::PreparedSet>(
@@ -1039,7 +1039,7 @@ std::string run_grpo(GrpoRecipe& r, const std::string& recipe_file, const std::s
               std::to_string(r.grpo.num_generations) + " samples per rank, trained for " +
               std::to_string(r.grpo.num_iterations) + " step(s); run folder " + run_dir);
   const bool fresh = train::is_fresh_run(r, run_dir);
-  if (r.grpo.eval_at_start && fresh && !r.data.eval.empty()) {
+  if (r.grpo.eval_at_start && fresh && data::has_eval_data(r.data)) {
     Metrics m;
     auto t0 = Clock::now();
     stage.evaluate_accuracy(&m);

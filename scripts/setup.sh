@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything ptk needs on Debian 12, idempotently:
 #  1. Debian's packages: the compiler and build tools, the -dev packages ptk links (Boost, abseil,
-#     RapidJSON, GoogleTest, PCRE2, utf8proc, cpp-httplib, OpenSSL), Gloo's headers for c10d, ccache,
+#     RapidJSON, GoogleTest, PCRE2, utf8proc, cpp-httplib, OpenSSL, zlib), Gloo's headers for c10d, ccache,
 #     Python's venv module;
 #  2. a project-local virtual environment, .venv/, with the pinned packages of requirements.txt:
 #     torch==2.11.0 (CUDA 13), whose libtorch is the one LibTorch ptk builds against and links, and the
@@ -20,7 +20,7 @@ PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git clang
   python3 python3-venv
   libgloo-dev rapidjson-dev libboost-program-options-dev libabsl-dev libgtest-dev
-  libpcre2-dev libutf8proc-dev libcpp-httplib-dev libssl-dev
+  libpcre2-dev libutf8proc-dev libcpp-httplib-dev libssl-dev zlib1g-dev
 )
 
 SUDO=""

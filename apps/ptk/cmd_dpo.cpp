@@ -16,11 +16,16 @@ int cmd_dpo(int argc, char** argv) {
                       "Offline RL on preference pairs ({\"prompt\", \"chosen\", \"rejected\"} JSONL, TRL's format):\n"
                       "DPO and its variants (dpo.loss_type sigmoid|hinge|ipo|robust|sft|sigmoid_norm, or a list with\n"
                       "dpo.loss_weights) against a frozen reference (dpo.ref_path, default model.path), whose log-probs\n"
-                      "are computed once and cached beside the prepared data (dpo.precompute_ref_log_probs=false: live);\n"
+                      "come from a live reference forward each micro-batch or are computed once and cached beside the\n"
+                      "prepared data. dpo.precompute_ref_log_probs=auto (default) precomputes when the run covers the\n"
+                      "data (planned pairs + eval pairs x evals >= train + eval pairs: about one epoch or more), when a\n"
+                      "cache for this reference and data exists, or when a live reference would not fit in memory; else\n"
+                      "live (a 20-step run over 10,000 pairs does not pay for a pass over all of them); true|false forces;\n"
                       "or SimPO/CPO (dpo.algorithm=cpo, loss_type simpo|sigmoid|hinge|ipo), which loads no reference.\n"
                       "Losses and metrics (rewards/*, logps/*, logits/*) as TRL's DPOTrainer / CPOTrainer. Starts from\n"
                       "an HF folder (model.path, usually the SFT stage's final/); writes <run.dir>/final as an HF folder,\n"
-                      "plus metrics.jsonl, checkpoints/ and config.json. Rerunning the same recipe resumes (resume=auto).\n"
+                      "plus metrics.jsonl, checkpoints/ and config.json. Rerunning the same recipe resumes (resume=auto);\n"
+                      "a finished run says so, and a folder trained with another recipe is refused, naming the keys.\n"
                       "train.micro_batch_size counts pairs; data.max_seq_len bounds prompt + the longer reply.");
   cl.accept_recipe(recipe.all_sections());
   cl.accept_chat_template();

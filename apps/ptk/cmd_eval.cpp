@@ -1,9 +1,11 @@
 // `ptk eval --model DIR --data prompts.jsonl [--verifier NAME]`: held-out accuracy of a model
 // (rollout/eval.h): a table on the terminal and a JSON file. Not a benchmark of speed.
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 
 #include "apps/ptk/cli.h"
+#include "core/checkpoint/model_folder.h"
 #include "core/model/qwen2.h"
 #include "core/runtime/runtime.h"
 #include "core/tokenizer/tokenizer.h"
@@ -16,6 +18,25 @@ namespace po = boost::program_options;
 
 namespace ptk::app {
 
+// Where `ptk eval` writes without --output: never into the model folder (an HF folder that is
+// copied, uploaded or loaded elsewhere). A run's final/ or checkpoints/step-N writes into that run
+// folder's eval/ (<run>/eval/final-<data>.json); any other folder into runs/eval/<folder>-<data>.json.
+std::string default_eval_output(const std::string& model_dir, const std::string& data) {
+  namespace fs = std::filesystem;
+  fs::path m = fs::path(model_dir).lexically_normal();
+  if (m.filename().empty()) m = m.parent_path();  // "final/"
+  const std::string name = m.filename().string(), stem = fs::path(data).stem().string();
+  const fs::path parent = m.parent_path();
+  auto is_run = [](const fs::path& run) {
+    return !run.empty() && (path_exists((run / "config.json").string()) || path_exists((run / "metrics.jsonl").string()) ||
+                            path_exists((run / "checkpoints").string()));
+  };
+  if (name == "final" && is_run(parent)) return (parent / "eval" / ("final-" + stem + ".json")).string();
+  if (name.rfind("step-", 0) == 0 && parent.filename() == "checkpoints" && is_run(parent.parent_path()))
+    return (parent.parent_path() / "eval" / (name + "-" + stem + ".json")).string();
+  return (fs::path("runs") / "eval" / ((name.empty() ? std::string("model") : name) + "-" + stem + ".json")).string();
+}
+
 int cmd_eval(int argc, char** argv) {
   cli::CommandLine cl("eval",
                       "ptk eval --model DIR --data prompts.jsonl [--verifier NAME] [--max-new-tokens N] "
@@ -23,7 +44,10 @@ int cmd_eval(int argc, char** argv) {
                       "Generates completions for held-out RL-format prompts ({\"prompt\": ..., \"answer\": ...};\n"
                       "message lists are rendered with the generation prompt) through the rollout engine and\n"
                       "checks them with a rule verifier. Greedy unless --temperature > 0. Verifiers: " +
-                          reward::verifier_names() + ".");
+                          reward::verifier_names() + ".\n"
+                      "Results go to --output FILE; by default beside the run, never into the model folder:\n"
+                      "<run>/eval/final-<data>.json for a run's final/ (step-N-<data>.json for checkpoints/step-N),\n"
+                      "else runs/eval/<model folder name>-<data>.json.");
   cl.flags().add_options()("model", po::value<std::string>()->required(), "HF model folder (with tokenizer files)")(
       "data", po::value<std::string>()->required(), "RL-format JSONL with `prompt` and `answer`")(
       "verifier", po::value<std::string>()->default_value("math"), "answer checker (see above)")(
@@ -38,7 +62,7 @@ int cmd_eval(int argc, char** argv) {
       "slots", po::value<int64_t>()->default_value(64), "sequences decoded together")(
       "reward-model", po::value<std::string>()->default_value(""),
       "a Qwen2ForSequenceClassification folder: also report the mean reward")(
-      "output", po::value<std::string>()->default_value(""), "JSON results file; default <model>/eval.json");
+      "output", po::value<std::string>()->default_value(""), "JSON results file; default <run>/eval/final-<data>.json (see above)");
   cl.accept_chat_template();
   if (!cl.parse(argc, argv)) return 0;
   runtime::init_and_announce(cl.threads());
@@ -54,20 +78,28 @@ int cmd_eval(int argc, char** argv) {
   o.slots = cl.get<int64_t>("slots");
   if (o.samples < 1 || o.max_new_tokens < 1 || o.slots < 1)
     throw UsageError("ptk eval: --samples, --max-new-tokens and --slots must be >= 1");
+  // The folders first (a wrong --model is named as such, not as a tokenizer problem), then the
+  // tokenizer against each model's embedding, as the training stages check it.
+  checkpoint::require_model_folder(model_dir, "--model");
+  const std::string rm_dir = cl.get<std::string>("reward-model");
+  if (!rm_dir.empty()) checkpoint::require_model_folder(rm_dir, "--reward-model");
   auto tok = tokenizer::Tokenizer::load(tok_path, tokenizer::chat_load_options(cl.chat_template(), cl.chat_template_kwargs()));
   auto model = model::Qwen2Model::from_pretrained(model_dir);
+  checkpoint::check_tokenizer_fits(static_cast<int64_t>(tok.vocab_size()), tok_path, model.config().vocab_size, model_dir);
   model::Qwen2Model rm;
-  if (!cl.get<std::string>("reward-model").empty()) {
-    rm = model::Qwen2Model::from_pretrained(cl.get<std::string>("reward-model"));
+  if (!rm_dir.empty()) {
+    rm = model::Qwen2Model::from_pretrained(rm_dir);
     if (!rm.has_score_head())
-      throw Error(cl.get<std::string>("reward-model") + " has no score head (not a Qwen2ForSequenceClassification folder)");
+      throw Error(rm_dir + " has no score head (not a Qwen2ForSequenceClassification folder)");
+    checkpoint::check_tokenizer_fits(static_cast<int64_t>(tok.vocab_size()), tok_path, rm.config().vocab_size, rm_dir);
     o.reward_model = &rm;
   }
   auto prompts = eval::read_eval_prompts(data, tok, cl.get<int64_t>("limit"));
   std::fprintf(stderr, "eval: %zu prompts x %lld samples from %s\n", prompts.size(), static_cast<long long>(o.samples),
                data.c_str());
   auto r = eval::evaluate(model, tok, prompts, o);
-  std::string out = cl.get<std::string>("output").empty() ? model_dir + "/eval.json" : cl.get<std::string>("output");
+  std::string out = cl.get<std::string>("output").empty() ? default_eval_output(model_dir, data) : cl.get<std::string>("output");
+  if (!parent_dir(out).empty()) make_dirs(parent_dir(out));
   write_file_atomic(out, eval::result_json(r, model_dir, data, o));
   std::printf("| model | data | verifier | prompts | samples | accuracy | mean length | %s time |\n",
               r.has_reward ? "mean reward |" : "");

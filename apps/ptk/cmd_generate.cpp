@@ -8,6 +8,7 @@
 #include <iostream>
 
 #include "apps/ptk/cli.h"
+#include "core/checkpoint/model_folder.h"
 #include "core/model/qwen2.h"
 #include "core/runtime/runtime.h"
 #include "core/tokenizer/messages_json.h"
@@ -80,6 +81,7 @@ int cmd_generate(int argc, char** argv) {
   if (samples < 1) throw UsageError("ptk generate: --samples must be >= 1");
   if (max_new < 1) throw UsageError("ptk generate: --max-new-tokens must be >= 1");
 
+  checkpoint::require_model_folder(dir, "--model");
   // The tokenizer is optional: prompt_ids input needs none.
   std::unique_ptr<tokenizer::Tokenizer> tok;
   if (path_exists(dir + "/tokenizer.json"))
@@ -149,6 +151,7 @@ int cmd_generate(int argc, char** argv) {
   rollout::EngineOptions eo;
   eo.slots = cl.get<int64_t>("slots");
   const int64_t V = m.config().vocab_size;
+  if (tok) checkpoint::check_tokenizer_fits(static_cast<int64_t>(tok->vocab_size()), dir, V, dir);
   eo.vocab_limit = tok ? std::min<int64_t>(static_cast<int64_t>(tok->vocab_size()), V) : 0;
   rollout::Engine engine(m, eo);
 

@@ -20,7 +20,8 @@ int cmd_grpo(int argc, char** argv) {
                       "group-relative advantages and minimizes the clipped surrogate (+ grpo.beta * KL to the start\n"
                       "model) for grpo.num_iterations optimizer steps. Prompts: JSONL {\"prompt\": text or messages,\n"
                       "\"answer\": \"...\"}. Writes <run.dir>/final (HF folder), metrics.jsonl (TRL metric names),\n"
-                      "rollouts/step-N.jsonl, checkpoints/. Rerunning the same recipe resumes (resume=auto).");
+                      "rollouts/step-N.jsonl, checkpoints/. Rerunning the same recipe resumes (resume=auto);\n"
+                      "a finished run says so, and a folder trained with another recipe is refused, naming the keys.");
   cl.accept_recipe(recipe.all_sections());
   cl.accept_chat_template();
   cl.accept_check();

@@ -18,7 +18,8 @@ int cmd_rm(int argc, char** argv) {
                       "each row's last non-pad token. Starts from an SFT folder (model.path; a score head is added)\n"
                       "or a config (model.config); writes <run.dir>/final in HF Qwen2ForSequenceClassification\n"
                       "layout, plus metrics.jsonl (accuracy, margin, min/mean/max_reward), checkpoints/ and\n"
-                      "config.json. Rerunning the same recipe resumes (resume=auto).");
+                      "config.json. Rerunning the same recipe resumes (resume=auto);\n"
+                      "a finished run says so, and a folder trained with another recipe is refused, naming the keys.");
   cl.accept_recipe(recipe.all_sections());
   cl.accept_chat_template();
   cl.accept_check();

@@ -16,7 +16,8 @@ int cmd_sft(int argc, char** argv) {
                       "Supervised fine-tuning: loss on assistant turns (chat data) or completions (prompt/completion\n"
                       "data), TRL's token-mean over the optimizer step. Reads an HF folder (model.path) or a\n"
                       "config.json (model.config, random init); writes <run.dir>/final as an HF folder, plus\n"
-                      "metrics.jsonl, checkpoints/ and config.json. Rerunning the same recipe resumes (resume=auto).");
+                      "metrics.jsonl, checkpoints/ and config.json. Rerunning the same recipe resumes (resume=auto);\n"
+                      "a finished run says so, and a folder trained with another recipe is refused, naming the keys.");
   cl.accept_recipe(recipe.all_sections());
   cl.accept_chat_template();
   cl.accept_check();

@@ -11,6 +11,7 @@ int cmd_reward_server(int argc, char** argv);
 int cmd_generate(int argc, char** argv);
 int cmd_prepare(int argc, char** argv);
 int cmd_tokenize(int argc, char** argv);
+int cmd_inspect_data(int argc, char** argv);
 int cmd_forward(int argc, char** argv);
 int cmd_eval(int argc, char** argv);
 int cmd_make_data(int argc, char** argv);
@@ -31,6 +32,8 @@ const std::vector<Command>& commands() {
       {"generate", "batched sampling from a model folder (KV cache, continuous batching)", cmd_generate},
       {"prepare", "tokenize JSONL data into packed, memory-mapped shards", cmd_prepare},
       {"tokenize", "encode JSONL text (or chat messages) to token ids", cmd_tokenize},
+      {"inspect-data", "print prepared rows as text with the trained tokens marked (what a stage trains on)",
+       cmd_inspect_data},
       {"forward", "run a model on input ids and write logits (and scores) as safetensors", cmd_forward},
       {"eval", "held-out accuracy of a model through a verifier", cmd_eval},
       {"make-data", "generate the arithmetic demo task (SFT, preference and RL splits)", cmd_make_data},

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "apps/ptk/commands.h"
+#include "core/train/rerun.h"
 #include "core/util/error.h"
 #include "core/util/strings.h"
 
@@ -58,6 +59,9 @@ int main(int argc, char** argv) {
     if (name != c.name) continue;
     try {
       return c.run(argc - 1, argv + 1);
+    } catch (const ptk::train::RunAlreadyFinished& e) {
+      std::cout << e.what() << "\n";  // nothing to do is not an error
+      return 0;
     } catch (const ptk::UsageError& e) {
       std::cerr << "error: " << e.what() << "\n";
       return 2;

@@ -20,6 +20,7 @@ class DefaultsVisitor : public Visitor {
   void required(std::string& v, const char*, const char*) override { v.clear(); }
   void required(std::vector<DataSource>& v, const char*, const char*) override { v.clear(); }
   void opt(std::vector<DataSource>& v, const char*, const char*) override { v.clear(); }
+  void opt(std::map<std::string, std::string>& v, const char*, const char*) override { v.clear(); }
 };
 
 }  // namespace

@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <initializer_list>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -34,6 +35,9 @@ class Visitor {
   virtual void required(std::vector<DataSource>& v, const char* name, const char* help) = 0;
   // Optional list of data sources (empty by default).
   virtual void opt(std::vector<DataSource>& v, const char* name, const char* help) = 0;
+  // Optional string -> string object (empty by default), e.g. data.columns. Visitors that do not
+  // handle it ignore it.
+  virtual void opt(std::map<std::string, std::string>& v, const char* name, const char* help) {}
 };
 
 // Cross-field checks collect messages here; each names the keys and quotes the offending values.

@@ -352,6 +352,13 @@ class ReadVisitor : public Visitor {
         all += (all.empty() ? "" : " | ") + std::string(c);
         cands.emplace_back(c);
       }
+      // A choice that lists "true" and "false" (e.g. auto | true | false) takes JSON booleans.
+      const bool takes_bools = std::find(cands.begin(), cands.end(), "true") != cands.end() &&
+                               std::find(cands.begin(), cands.end(), "false") != cands.end();
+      if (x->IsBool() && takes_bools) {
+        v = x->GetBool() ? "true" : "false";
+        return;
+      }
       if (!x->IsString()) return bad(name, *x, "one of " + all);
       std::string s = x->GetString();
       if (std::find(cands.begin(), cands.end(), s) == cands.end()) {
@@ -408,6 +415,16 @@ class ReadVisitor : public Visitor {
     }
     if (!ok) return bad(name, *x, expected);
     v = std::move(out);
+  }
+  void opt(std::map<std::string, std::string>& v, const char* name, const char*) override {
+    const Value* x = find(name);
+    if (!x) return;
+    bool ok = x->IsObject();
+    if (ok)
+      for (auto it = x->MemberBegin(); it != x->MemberEnd(); ++it) ok = ok && it->value.IsString();
+    if (!ok) return bad(name, *x, "an object of strings, e.g. {\"prompt\": \"question\"}");
+    v.clear();
+    for (auto it = x->MemberBegin(); it != x->MemberEnd(); ++it) v[it->name.GetString()] = it->value.GetString();
   }
 
  private:
@@ -470,6 +487,7 @@ class KeyVisitor : public Visitor {
   void required(std::string&, const char* n, const char*) override { add(n); }
   void required(std::vector<DataSource>&, const char* n, const char*) override { add(n); }
   void opt(std::vector<DataSource>&, const char* n, const char*) override { add(n); }
+  void opt(std::map<std::string, std::string>&, const char* n, const char*) override { add(n); }
 
  private:
   void add(const char* n) { keys.push_back(join_path(prefix_, n)); }
@@ -494,8 +512,12 @@ class WriteVisitor : public Visitor {
     for (auto& s : v) arr.PushBack(str(s), a_);
     put(n, std::move(arr));
   }
-  void choice(std::string& v, const char* n, const char*, std::initializer_list<const char*>, const char*) override {
-    put(n, str(v));
+  void choice(std::string& v, const char* n, const char*, std::initializer_list<const char*> c, const char*) override {
+    // auto | true | false: the booleans are written as JSON booleans (what a bool key wrote before).
+    bool bools = false;
+    for (const char* x : c) bools = bools || std::string(x) == "true";
+    if (bools && (v == "true" || v == "false")) put(n, Value(v == "true"));
+    else put(n, str(v));
   }
   void required(std::string& v, const char* n, const char*) override { put(n, str(v)); }
   void required(std::vector<DataSource>& v, const char* n, const char* h) override { opt(v, n, h); }
@@ -508,6 +530,11 @@ class WriteVisitor : public Visitor {
       arr.PushBack(o, a_);
     }
     put(n, std::move(arr));
+  }
+  void opt(std::map<std::string, std::string>& v, const char* n, const char*) override {
+    Value o(rapidjson::kObjectType);
+    for (const auto& [k, x] : v) o.AddMember(str(k), str(x), a_);
+    put(n, std::move(o));
   }
 
  private:
@@ -552,6 +579,7 @@ class HelpVisitor : public Visitor {
   void required(std::string&, const char* n, const char* h) override { line(n, "string", "required", h); }
   void required(std::vector<DataSource>&, const char* n, const char* h) override { line(n, "sources", "required", h); }
   void opt(std::vector<DataSource>&, const char* n, const char* h) override { line(n, "sources", "[]", h); }
+  void opt(std::map<std::string, std::string>&, const char* n, const char* h) override { line(n, "object", "{}", h); }
 
  private:
   void line(const char* n, const std::string& type, const std::string& def, const char* help) {
@@ -577,6 +605,67 @@ const Value* find_section(const Value& root, const std::string& name) {
   return cur;
 }
 
+// TRL's (transformers' TrainingArguments, SFT/DPO/GRPOConfig) names of options ptk has under another
+// key: the first candidate the command declares is suggested, with `note` when the value differs
+// in kind. Matched on an unknown key's last component, at the top level or inside any section.
+struct TrlName {
+  const char* trl;
+  const char* ptk[3];  // candidates, nullptr-terminated when fewer
+  const char* note;
+};
+const TrlName kTrlNames[] = {
+    {"learning_rate", {"optim.lr"}, ""},
+    {"gradient_accumulation_steps", {"train.grad_accum"}, ""},
+    {"lr_scheduler_type", {"optim.schedule"}, "constant | linear | cosine"},
+    {"per_device_train_batch_size", {"train.micro_batch_size"}, "rows per forward; the step has micro_batch_size x grad_accum x ranks"},
+    {"train_batch_size", {"train.micro_batch_size"}, ""},
+    {"per_device_eval_batch_size", {"sft.eval_micro_batch_size", "dpo.eval_micro_batch_size", "rm.eval_micro_batch_size"}, ""},
+    {"num_train_epochs", {"train.epochs"}, "a whole number"},
+    {"max_steps", {"train.max_steps"}, ""},
+    {"warmup_ratio", {"optim.warmup_steps"}, "a step count, not a ratio: warmup_ratio x the run's optimizer steps"},
+    {"warmup_steps", {"optim.warmup_steps"}, ""},
+    {"weight_decay", {"optim.weight_decay"}, ""},
+    {"max_grad_norm", {"optim.clip_grad_norm"}, ""},
+    {"adam_beta1", {"optim.betas"}, "a list [beta1, beta2]"},
+    {"adam_beta2", {"optim.betas"}, "a list [beta1, beta2]"},
+    {"adam_epsilon", {"optim.eps"}, ""},
+    {"min_lr", {"optim.min_lr"}, ""},
+    {"beta", {"dpo.beta", "grpo.beta"}, ""},
+    {"max_length", {"data.max_seq_len"}, ""},
+    {"max_seq_length", {"data.max_seq_len"}, ""},
+    {"packing", {"data.packing"}, ""},
+    {"output_dir", {"run.dir"}, ""},
+    {"logging_steps", {"train.log_every"}, ""},
+    {"save_steps", {"checkpoint.every"}, ""},
+    {"save_total_limit", {"checkpoint.keep_last"}, ""},
+    {"eval_steps", {"train.eval_every"}, ""},
+    {"seed", {"run.seed"}, ""},
+    {"bf16", {"model.dtype"}, "model.dtype=\"bfloat16\" (true) or \"float32\""},
+    {"torch_dtype", {"model.dtype"}, "auto | float32 | bfloat16"},
+    {"dtype", {"model.dtype"}, "auto | float32 | bfloat16"},
+    {"gradient_checkpointing", {"model.activation_checkpointing"}, ""},
+    {"model_name_or_path", {"model.path"}, "a local Hugging Face folder"},
+    {"num_generations", {"grpo.num_generations"}, ""},
+    {"max_completion_length", {"grpo.max_completion_length"}, ""},
+    {"loss_type", {"dpo.loss_type", "grpo.loss_type"}, ""},
+    {"precompute_ref_log_probs", {"dpo.precompute_ref_log_probs"}, ""},
+    {"resume_from_checkpoint", {"resume"}, "auto | never | a checkpoint folder"},
+};
+
+// "did you mean optim.lr? (TRL's learning_rate)" for an unknown key whose last component is a TRL
+// name of a key this command declares; "" otherwise.
+std::string trl_hint(const std::string& leaf, const std::set<std::string>& keys) {
+  for (const TrlName& t : kTrlNames) {
+    if (leaf != t.trl) continue;
+    for (const char* k : t.ptk) {
+      if (!k || !keys.count(k)) continue;
+      return std::string(" (did you mean ") + k + "? TRL's " + t.trl + " is ptk's " + k +
+             (*t.note ? std::string(": ") + t.note : std::string()) + ")";
+    }
+  }
+  return "";
+}
+
 // Reports keys in the JSON that no section declares.
 void check_unknown(const Value& v, const std::string& path, const std::set<std::string>& keys,
                    const std::set<std::string>& sections, const std::vector<std::string>& key_list,
@@ -599,6 +688,10 @@ void check_unknown(const Value& v, const std::string& path, const std::set<std::
     auto o = json.origin.lower_bound(p);
     std::string from;
     if (o != json.origin.end() && (o->first == p || o->first.rfind(p + ".", 0) == 0)) from = o->second;
+    if (std::string trl = trl_hint(it->name.GetString(), keys); !trl.empty()) {
+      errors->push_back((from.empty() ? "" : from + ": ") + "unknown key " + p + trl);
+      continue;
+    }
     std::vector<std::string> cands(key_list.begin(), key_list.end());
     for (auto& s : sections)
       if (!s.empty()) cands.push_back(s);

@@ -2,7 +2,9 @@
 
 #include <rapidjson/document.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <map>
 #include <limits>
 #include <utility>
 
@@ -71,9 +73,35 @@ void DataSection::visit(Visitor& v) {
   v.opt(packing, "packing", true, "pack several documents per row (attention never crosses them)");
   v.choice(on_error, "on_error", "fail", {"fail", "skip"},
            "bad record policy: fail stops before training; skip counts and lists every skipped line");
+  v.opt(columns, "columns",
+        "rename the dataset's columns to ptk's fields, e.g. {\"prompt\": \"question\", \"completion\": \"answer\"} "
+        "(fields: messages conversations prompt completion text chosen rejected answer instruction input output "
+        "system history)");
+  v.opt(eval_split, "eval_split", 0.0,
+        "hold out this fraction of data.train (0 < f < 1) for eval, chosen by a hash of each record (the same "
+        "records every run); 0 = none; needs data.eval empty");
 }
 void DataSection::validate(Errors& e) const {
   if (max_seq_len < 2) e.add("data.max_seq_len must be >= 2, got " + std::to_string(max_seq_len));
+  static const char* kFields[] = {"messages", "conversations", "prompt", "completion", "text", "chosen", "rejected",
+                                  "answer", "instruction", "input", "output", "system", "history"};
+  std::map<std::string, std::string> seen;  // column -> field
+  for (const auto& [field, column] : columns) {
+    if (std::find_if(std::begin(kFields), std::end(kFields), [&](const char* f) { return field == f; }) ==
+        std::end(kFields)) {
+      std::string all;
+      for (const char* f : kFields) all += (all.empty() ? "" : " ") + std::string(f);
+      e.add("data.columns." + field + ": " + q(field) + " is not a field ptk reads (" + all +
+            "); a mapping goes {\"ptk field\": \"your column\"}");
+    }
+    if (column.empty()) e.add("data.columns." + field + " is empty: name the dataset's column");
+    auto [it, fresh] = seen.emplace(column, field);
+    if (!fresh) e.add("data.columns." + it->second + " and data.columns." + field + " both take column " + q(column));
+  }
+  if (!(eval_split >= 0 && eval_split < 1))
+    e.add("data.eval_split must be a fraction in [0, 1) (0 = none), got " + std::to_string(eval_split));
+  else if (eval_split > 0 && !eval.empty())
+    e.add("data.eval_split (" + std::to_string(eval_split) + ") and data.eval are exclusive: set one");
 }
 
 void TrainSection::visit(Visitor& v) {
@@ -91,6 +119,9 @@ void TrainSection::visit(Visitor& v) {
         "before loading anything, estimate the run's peak memory (weights, gradients, AdamW state, "
         "activations, logits, KV cache) and refuse the recipe when it exceeds the memory available here, "
         "naming the key to lower; false skips this and the trainer's check of the loaded weights");
+  v.opt(tensorboard, "tensorboard", true,
+        "write TensorBoard event files to run.dir/tb (every metrics.jsonl value, as train/<name> and eval/<name>; "
+        "`tensorboard --logdir <run.dir>/tb`, or `wandb sync --sync-tensorboard`); false writes none");
 }
 void TrainSection::validate(Errors& e) const {
   // TRL: max_steps=-1 means "use num_train_epochs", a positive value overrides. 0 (which once

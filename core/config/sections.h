@@ -45,6 +45,8 @@ struct DataSection : Section {
   int64_t max_seq_len;
   bool packing;
   std::string on_error;  // fail | skip
+  std::map<std::string, std::string> columns;  // ptk field -> the dataset's column name
+  double eval_split;     // 0, or the fraction of data.train held out for eval
   const char* name() const override { return "data"; }
   const char* help() const override { return "training and evaluation data"; }
   void visit(Visitor& v) override;
@@ -55,6 +57,7 @@ struct TrainSection : Section {
   int64_t epochs, max_steps, micro_batch_size, grad_accum, eval_every, log_every;
   bool zero1;
   bool memory_check;  // refuse a recipe whose memory estimate exceeds this machine (core/train/memory_estimate.h)
+  bool tensorboard;   // TensorBoard event files in run.dir/tb (core/train/tensorboard.h)
   const char* name() const override { return "train"; }
   const char* help() const override { return "the step loop"; }
   void visit(Visitor& v) override;

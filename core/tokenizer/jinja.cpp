@@ -38,9 +38,12 @@ namespace {
 
 constexpr int kMaxParseDepth = 200;            // nested expressions / blocks in the source
 constexpr int kMaxCallDepth = 100;              // nested macro / caller invocations
+// Nested evaluations (expressions and statement bodies, across macro calls) of one rendering: bounds
+// the interpreter's stack at about 1 MiB (a frame of eval is about 1.4 KB in a Release build).
+constexpr int kMaxEvalDepth = 600;
 constexpr int64_t kMaxLoopIterations = 10000000;  // all loops of one render together
 constexpr int64_t kMaxRange = 100000;           // jinja2's sandbox MAX_RANGE
-constexpr size_t kMaxOutputBytes = size_t(256) << 20;  // any string built while rendering
+constexpr size_t kMaxOutputBytes = size_t(64) << 20;  // any string built while rendering (and the output)
 
 // ---------------------------------------------------------------------------------------------
 // Values
@@ -236,7 +239,8 @@ struct FuncObj : Obj {
   Value self;                 // Method: the receiver
   std::string name;           // Method: the method name; Macro: macro name
   const MacroDef* macro = nullptr;
-  const Frame* scope = nullptr;   // caller: the frame of the call site
+  const Frame* scope = nullptr;   // the frame free names resolve in (nullptr: the template's top level)
+  std::shared_ptr<Frame> captured;  // a macro defined inside a loop / macro: the variables it saw there
   Value caller;                   // Macro invoked from a call block: its `caller`
 };
 Value make_func(Fn fn) {
@@ -346,6 +350,10 @@ std::string map_case(std::string_view s, int mode /*0 lower 1 upper*/) {
     i += n;
     if (c < 0x80) {
       out += char(mode ? (c >= 'a' && c <= 'z' ? c - 32 : c) : (c >= 'A' && c <= 'Z' ? c + 32 : c));
+    } else if (mode && c == 0xDF) {
+      out += "SS";  // Python's full case mapping: "ß".upper() == "SS"
+    } else if (!mode && c == 0x130) {
+      out += "i\xcc\x87";  // "İ".lower() == "i̇"
     } else {
       append_utf8(out, static_cast<uint32_t>(mode ? utf8proc_toupper(static_cast<utf8proc_int32_t>(c))
                                                   : utf8proc_tolower(static_cast<utf8proc_int32_t>(c))));
@@ -505,9 +513,7 @@ class Lexer {
       std::string_view text(s_.data() + pos, p - pos);
       size_t text_end = p;
       if (sign == '-') {
-        size_t e = text.size();
-        while (e > 0 && is_ws(text[e - 1])) --e;
-        text_end = pos + e;
+        text_end = pos + rstrip_len(text);
       } else if (sign != '+' && kind != '{') {
         size_t nl = text.rfind('\n');
         size_t l_pos = nl == std::string_view::npos ? 0 : nl + 1;
@@ -529,7 +535,7 @@ class Lexer {
         if (j == std::string::npos) fail_at(p, "Missing end of comment tag");
         size_t end = j + 2;
         if (j > after_sign && s_[j - 1] == '-') {
-          while (end < s_.size() && is_ws(s_[end])) ++end;
+          end = skip_ws(end);
         } else if (j > after_sign && s_[j - 1] == '+') {
         } else if (end < s_.size() && s_[end] == '\n') {
           ++end;
@@ -561,7 +567,16 @@ class Lexer {
   }
 
  private:
-  static bool is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+  // Python's \s and str.isspace(): ASCII whitespace and Unicode's (U+00A0, U+3000, ...).
+  size_t skip_ws(size_t i) const {
+    while (i < s_.size()) {
+      size_t n;
+      if (!py_space(decode_at(s_, i, &n))) break;
+      i += n;
+    }
+    return i;
+  }
+  static size_t rstrip_len(std::string_view text) { return py_strip(text, nullptr, false, true).size(); }
 
   [[noreturn]] void fail_at(size_t off, const std::string& msg) {
     int l, c;
@@ -588,14 +603,14 @@ class Lexer {
   bool match_raw_begin(size_t p, size_t* body) {
     size_t i = p + 2;
     if (i < s_.size() && (s_[i] == '-' || s_[i] == '+')) ++i;
-    while (i < s_.size() && is_ws(s_[i])) ++i;
+    i = skip_ws(i);
     if (s_.compare(i, 3, "raw") != 0) return false;
     i += 3;
     if (i < s_.size() && (std::isalnum(static_cast<unsigned char>(s_[i])) || s_[i] == '_')) return false;
-    while (i < s_.size() && is_ws(s_[i])) ++i;
+    i = skip_ws(i);
     if (s_.compare(i, 3, "-%}") == 0) {
       i += 3;
-      while (i < s_.size() && is_ws(s_[i])) ++i;
+      i = skip_ws(i);
     } else if (s_.compare(i, 2, "%}") == 0) {
       i += 2;
     } else {
@@ -609,15 +624,15 @@ class Lexer {
       size_t k = i + 2;
       char sign = k < s_.size() ? s_[k] : 0;
       if (sign == '-' || sign == '+') ++k;
-      while (k < s_.size() && is_ws(s_[k])) ++k;
+      k = skip_ws(k);
       if (s_.compare(k, 6, "endraw") != 0) continue;
       k += 6;
-      while (k < s_.size() && is_ws(s_[k])) ++k;
+      k = skip_ws(k);
       size_t end;
       if (s_.compare(k, 3, "+%}") == 0) end = k + 3;
       else if (s_.compare(k, 3, "-%}") == 0) {
         end = k + 3;
-        while (end < s_.size() && is_ws(s_[end])) ++end;
+        end = skip_ws(end);
       } else if (s_.compare(k, 2, "%}") == 0) {
         end = k + 2;
         if (end < s_.size() && s_[end] == '\n') ++end;
@@ -627,9 +642,7 @@ class Lexer {
       std::string_view text(s_.data() + body, i - body);
       size_t text_end = i;
       if (sign == '-') {
-        size_t e = text.size();
-        while (e > 0 && is_ws(text[e - 1])) --e;
-        text_end = body + e;
+        text_end = body + rstrip_len(text);
       } else if (sign != '+') {
         size_t nl = text.rfind('\n');
         size_t l_pos = nl == std::string_view::npos ? 0 : nl + 1;
@@ -650,14 +663,14 @@ class Lexer {
     int depth = 0;
     size_t start = i;
     while (true) {
-      while (i < s_.size() && is_ws(s_[i])) ++i;
+      i = skip_ws(i);
       if (i >= s_.size()) fail_at(start, block ? "unexpected end of template: missing '%}'" : "unexpected end of template: missing '}}'");
       if (depth == 0) {
         const char* close = block ? "%}" : "}}";
         if (s_[i] == '-' && s_.compare(i + 1, 2, close) == 0) {
           push(block ? T::BlockEnd : T::VarEnd, i);
           size_t e = i + 3;
-          while (e < s_.size() && is_ws(s_[e])) ++e;
+          e = skip_ws(e);
           *line_starting = s_[e - 1] == '\n';
           return e;
         }
@@ -800,6 +813,37 @@ class Lexer {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Python methods the interpreter knows, by receiver type
+
+bool is_str_method(std::string_view n) {
+  static const char* m[] = {"strip", "lstrip", "rstrip", "split", "rsplit", "startswith", "endswith", "replace",
+                            "upper", "lower", "title", "capitalize", "find", "rfind", "index", "count", "join",
+                            "format", "splitlines", "isdigit", "isalpha", "isalnum", "isspace", "isupper",
+                            "islower", "zfill", "center", "ljust", "rjust", "removeprefix", "removesuffix",
+                            "partition", "rpartition", "casefold", "swapcase", "isnumeric", "isdecimal", "istitle",
+                            "encode", "expandtabs", "rindex", "translate", "maketrans", "isidentifier",
+                            "isprintable", "isascii", "format_map"};
+  for (const char* x : m)
+    if (n == x) return true;
+  return false;
+}
+bool is_dict_method(std::string_view n) {
+  return n == "get" || n == "items" || n == "keys" || n == "values" || n == "copy" || n == "pop" || n == "update" ||
+         n == "setdefault" || n == "clear" || n == "popitem" || n == "fromkeys";
+}
+bool is_list_method(std::string_view n) {
+  return n == "index" || n == "count" || n == "append" || n == "extend" || n == "insert" || n == "pop" ||
+         n == "remove" || n == "reverse" || n == "sort" || n == "copy" || n == "clear";
+}
+// Which kinds of receiver `name` is a method of (kStrMethod | kDictMethod | kListMethod).
+enum : uint8_t { kStrMethod = 1, kDictMethod = 2, kListMethod = 4 };
+uint8_t method_mask(std::string_view n) {
+  return static_cast<uint8_t>((is_str_method(n) ? kStrMethod : 0) | (is_dict_method(n) ? kDictMethod : 0) |
+                              (is_list_method(n) ? kListMethod : 0));
+}
+
+
+// ---------------------------------------------------------------------------------------------
 // AST
 
 enum class E : uint8_t {
@@ -817,6 +861,7 @@ struct Expr {
   std::vector<std::pair<std::string, std::unique_ptr<Expr>>> kw;
   std::vector<Op> ops;  // Bin: ops[0]; Compare: one per rest operand
   int id = -1;          // Filter / Test id
+  uint8_t methods = 0;  // GetAttr: method_mask(name), computed once at parse time
   bool negated = false;  // Test
   bool has_slice_part[3] = {false, false, false};
 };
@@ -834,7 +879,8 @@ struct MacroDef {
   std::vector<std::string> params;
   std::vector<ExprP> defaults;  // aligned to the last params
   std::vector<std::unique_ptr<Stmt>> body;
-  bool uses_caller = false;
+  bool uses_varargs = false;  // the body names `varargs` / `kwargs`: extra arguments land there
+  bool uses_kwargs = false;
 };
 
 struct Stmt {
@@ -858,12 +904,15 @@ const char* const kFilters[] = {
     "tojson", "trim", "length", "count", "first", "last", "join", "upper", "lower", "string", "list", "items",
     "default", "d", "selectattr", "rejectattr", "select", "reject", "map", "reverse", "safe", "capitalize",
     "replace", "int", "float", "abs", "round", "dictsort", "indent", "unique", "sort", "sum", "min", "max",
-    "batch", "title", "wordcount", "center", "e", "escape", "attr", "truncate", "striptags", "forceescape", "bool"};
+    "batch", "title", "wordcount", "center", "e", "escape", "attr", "forceescape", "format"};
+// jinja2's other builtin filters: refused at parse time as outside the subset (no template TRL ships uses them).
+const char* const kUnsupportedFilters[] = {"filesizeformat", "groupby", "pprint", "random", "slice", "striptags",
+                                           "truncate", "urlencode", "urlize", "wordwrap", "xmlattr"};
 enum Filt {
   F_tojson, F_trim, F_length, F_count, F_first, F_last, F_join, F_upper, F_lower, F_string, F_list, F_items,
   F_default, F_d, F_selectattr, F_rejectattr, F_select, F_reject, F_map, F_reverse, F_safe, F_capitalize,
   F_replace, F_int, F_float, F_abs, F_round, F_dictsort, F_indent, F_unique, F_sort, F_sum, F_min, F_max,
-  F_batch, F_title, F_wordcount, F_center, F_e, F_escape, F_attr, F_truncate, F_striptags, F_forceescape, F_bool
+  F_batch, F_title, F_wordcount, F_center, F_e, F_escape, F_attr, F_forceescape, F_format
 };
 const char* const kTests[] = {
     "defined", "undefined", "none", "string", "number", "integer", "float", "boolean", "mapping", "iterable",
@@ -1028,7 +1077,9 @@ class Parser {
       }
       if (is_name("recursive")) fail_here("recursive for loops are not supported by ptk's chat-template interpreter");
       expect_block_end();
+      ++loop_depth_;
       s->body = subparse({"endfor", "else"});
+      --loop_depth_;
       next();
       if (next().v == "else") {
         expect_block_end();
@@ -1078,7 +1129,12 @@ class Parser {
       s->macro->name = expect_name();
       parse_signature(*s->macro);
       expect_block_end();
+      int saved_loops = loop_depth_;
+      loop_depth_ = 0;
+      macros_.push_back(s->macro.get());
       s->macro->body = subparse({"endmacro"});
+      macros_.pop_back();
+      loop_depth_ = saved_loops;
       next();
       next();
       if (cur().t == T::Name && cur().v == s->macro->name) next();
@@ -1091,7 +1147,12 @@ class Parser {
       s->expr = parse_expression();
       if (s->expr->kind != E::Call) fail(s->expr->line, s->expr->col, "expected a call");
       expect_block_end();
+      int saved_loops = loop_depth_;
+      loop_depth_ = 0;
+      macros_.push_back(s->macro.get());
       s->macro->body = subparse({"endcall"});
+      macros_.pop_back();
+      loop_depth_ = saved_loops;
       next();
       next();
       expect_block_end();
@@ -1113,6 +1174,7 @@ class Parser {
       expect_block_end();
     } else if (n == "break" || n == "continue") {
       s->kind = n == "break" ? S::Break : S::Continue;
+      if (loop_depth_ == 0) fail(tag.line, tag.col, "'" + n + "' outside loop");
       expect_block_end();
     } else if (n == "with") {
       s->kind = S::With;
@@ -1353,6 +1415,8 @@ class Parser {
       }
       auto e = node(E::Name, t);
       e->name = t.v;
+      if (!macros_.empty() && t.v == "varargs") macros_.back()->uses_varargs = true;
+      if (!macros_.empty() && t.v == "kwargs") macros_.back()->uses_kwargs = true;
       return e;
     }
     if (t.t == T::String) {
@@ -1428,6 +1492,7 @@ class Parser {
         } else {
           auto n = node(E::GetAttr, at);
           n->name = expect_name();
+          n->methods = method_mask(n->name);
           n->a.push_back(std::move(e));
           e = std::move(n);
         }
@@ -1494,6 +1559,8 @@ class Parser {
   }
   ExprP parse_call(ExprP callee) {
     Tok at = cur();
+    at.line = callee->line;
+    at.col = callee->col;
     auto n = node(E::Call, at);
     n->a.push_back(std::move(callee));
     parse_call_args(*n);
@@ -1525,6 +1592,8 @@ class Parser {
         name += "." + expect_name();
       }
       int id = lookup(kFilters, name);
+      if (id < 0 && lookup(kUnsupportedFilters, name) >= 0)
+        fail(at.line, at.col, "filter '" + name + "' is outside ptk's chat-template subset");
       if (id < 0) fail(at.line, at.col, "No filter named '" + name + "'.");
       auto n = node(E::Filter, at);
       n->name = name;
@@ -1545,7 +1614,6 @@ class Parser {
     Tok at = cur();
     std::string name;
     if (cur().t == T::Name) name = next().v;
-    else if (cur().t == T::Op && (cur().v == "==" || cur().v == "!=" || cur().v == "<" || cur().v == "<=" || cur().v == ">" || cur().v == ">=")) name = next().v;
     else fail_here("expected a test name, got " + describe(cur()));
     int id = lookup(kTests, name);
     if (id < 0) fail(at.line, at.col, "No test named '" + name + "'.");
@@ -1569,6 +1637,8 @@ class Parser {
   std::vector<Tok> t_;
   size_t p_ = 0;
   int depth_ = 0;
+  int loop_depth_ = 0;
+  std::vector<MacroDef*> macros_;
   bool has_generation_ = false;
 };
 
@@ -1624,12 +1694,18 @@ class Renderer {
   // --- errors
   [[noreturn]] void err(const Expr& e, const std::string& m) { fail(e.line, e.col, m); }
   [[noreturn]] void undefined_error(const Expr& at, const Value& u) {
-    if (u.undef_kind == 1) {
-      static const char* kinds[] = {"dict", "list", "str", "int", "float", "bool", "NoneType", "Namespace"};
-      err(at, std::string("'") + kinds[u.u.i] + " object' has no attribute '" + std::string(u.s) + "'");
-    }
+    static const char* kinds[] = {"dict", "list", "str", "int", "float", "bool", "NoneType", "Namespace"};
+    if (u.undef_kind == 1) err(at, std::string("'") + kinds[u.u.i] + " object' has no attribute '" + std::string(u.s) + "'");
+    if (u.undef_kind == 2) err(at, std::string(kinds[u.u.i & 15]) + " object has no element " + std::to_string(u.u.i >> 4));
     if (u.s.empty()) err(at, "value is undefined");
     err(at, "'" + std::string(u.s) + "' is undefined");
+  }
+  // seq[index] out of range: undefined, "list object has no element 5" when used.
+  static Value no_element(int type, int64_t index) {
+    Value v = Value::undef();
+    v.undef_kind = 2;
+    v.u.i = static_cast<int64_t>(static_cast<uint64_t>(index) << 4) | type;
+    return v;
   }
   static int type_code(const Value& v) {
     switch (v.k) {
@@ -1647,7 +1723,7 @@ class Renderer {
   // --- output
   void out(std::string_view s) {
     buf_->append(s);
-    if (buf_->size() > kMaxOutputBytes) throw TemplateError{cur_line_, 0, "output larger than 256 MiB: refusing to render further"};
+    if (buf_->size() > kMaxOutputBytes) throw TemplateError{cur_line_, 0, "output larger than 64 MiB: refusing to render further"};
   }
 
   // --- conversions
@@ -1682,7 +1758,7 @@ class Renderer {
     return Value::str(to_str(v));
   }
   void append_repr(std::string& o, const Value& v, int depth) {
-    if (depth > 200) throw TemplateError{cur_line_, 0, "value nested too deeply to print"};
+    if (depth > 512) throw TemplateError{cur_line_, 0, "value nested too deeply to print"};
     switch (v.k) {
       case K::Undef: return;
       case K::None: o += "None"; return;
@@ -1729,7 +1805,11 @@ class Renderer {
         return;
       }
       case K::Func: o += "<function>"; return;
-      case K::Loop: o += "<LoopContext>"; return;
+      case K::Loop: {
+        const auto& l = static_cast<const LoopObj&>(*v.o);
+        o += "<LoopContext " + std::to_string(l.index0 + 1) + "/" + std::to_string(l.length) + ">";
+        return;
+      }
     }
   }
   // json.dumps
@@ -1776,7 +1856,7 @@ class Renderer {
     o += '"';
   }
   void append_json(std::string& o, const Value& v, const JsonOpts& opt, int level, const Expr& at) {
-    if (level > 200) err(at, "tojson: value nested too deeply");
+    if (level > 512) err(at, "tojson: value nested too deeply");
     auto newline = [&](int lv) {
       o += '\n';
       for (int k = 0; k < lv; ++k) o += opt.indent;
@@ -1913,12 +1993,12 @@ class Renderer {
         Value tmp;
         return dict_get(hay, needle.s, &tmp);
       }
-      case K::Undef: undefined_error(at, hay);
+      case K::Undef: return false;
       default: err(at, std::string("argument of type '") + type_name(hay) + "' is not iterable");
     }
   }
   Value checked_str(std::string s, const Expr& at) {
-    if (s.size() > kMaxOutputBytes) err(at, "string larger than 256 MiB");
+    if (s.size() > kMaxOutputBytes) err(at, "string larger than 64 MiB");
     return Value::str(std::move(s));
   }
   Value arith(Op op, const Value& a, const Value& b, const Expr& at) {
@@ -1935,6 +2015,7 @@ class Renderer {
           r.markup = true;
           return r;
         }
+        if (a.s.size() + b.s.size() > kMaxOutputBytes) err(at, "string larger than 64 MiB");
         std::string s;
         s.reserve(a.s.size() + b.s.size());
         s.append(a.s).append(b.s);
@@ -1957,7 +2038,7 @@ class Renderer {
       else if (b.k == K::Str && intlike(a, &n)) seq = &b;
       if (seq) {
         if (n <= 0) return Value::view("");
-        if (static_cast<double>(n) * static_cast<double>(seq->s.size()) > static_cast<double>(kMaxOutputBytes)) err(at, "string larger than 256 MiB");
+        if (static_cast<double>(n) * static_cast<double>(seq->s.size()) > static_cast<double>(kMaxOutputBytes)) err(at, "string larger than 64 MiB");
         std::string s;
         for (int64_t k = 0; k < n; ++k) s.append(seq->s);
         return Value::str(std::move(s));
@@ -2032,27 +2113,90 @@ class Renderer {
     }
     err(at, "bad operator");
   }
+  // Python's printf-style `fmt % args`: flags (-, 0, +, space), width, precision and the conversions
+  // s r d i f F e E g G x X o c %; a mapping key (%(name)s) is refused.
   Value percent_format(const Value& fmt, const Value& args, const Expr& at) {
     std::vector<Value> xs;
     if (args.k == K::List && list_obj(args).tuple) xs = list_obj(args).v;
     else xs.push_back(args);
     std::string o;
     size_t ai = 0;
-    for (size_t i = 0; i < fmt.s.size(); ++i) {
-      char c = fmt.s[i];
+    std::string_view f = fmt.s;
+    for (size_t i = 0; i < f.size(); ++i) {
+      char c = f[i];
       if (c != '%') { o += c; continue; }
-      if (++i >= fmt.s.size()) err(at, "incomplete format");
-      char f = fmt.s[i];
-      if (f == '%') { o += '%'; continue; }
+      if (++i >= f.size()) err(at, "incomplete format");
+      if (f[i] == '%') { o += '%'; continue; }
+      if (f[i] == '(') err(at, "format: mapping keys (%(name)s) are not supported");
+      std::string spec = "%";
+      bool left = false, zero = false;
+      while (i < f.size() && std::strchr("-0+ #", f[i])) {
+        if (f[i] == '-') left = true;
+        if (f[i] == '0') zero = true;
+        spec += f[i++];
+      }
+      int width = -1, prec = -1;
+      auto number = [&](int* out) {
+        if (i < f.size() && f[i] == '*') err(at, "format: '*' width is not supported");
+        if (i < f.size() && std::isdigit(static_cast<unsigned char>(f[i]))) {
+          *out = 0;
+          while (i < f.size() && std::isdigit(static_cast<unsigned char>(f[i]))) {
+            *out = std::min(*out * 10 + (f[i] - '0'), 10000);
+            spec += f[i++];
+          }
+        }
+      };
+      number(&width);
+      if (i < f.size() && f[i] == '.') {
+        spec += f[i++];
+        prec = 0;
+        number(&prec);
+      }
+      if (i >= f.size()) err(at, "incomplete format");
+      char conv = f[i];
       if (ai >= xs.size()) err(at, "not enough arguments for format string");
       const Value& x = xs[ai++];
-      if (f == 's') append_str(o, x);
-      else if (f == 'r') append_repr(o, x, 0);
-      else if (f == 'd' || f == 'i') {
+      std::string piece;
+      if (conv == 's' || conv == 'r' || conv == 'a') {
+        if (conv == 's') append_str(piece, x);
+        else append_repr(piece, x, 0);
+        if (prec >= 0 && cp_count(piece) > static_cast<size_t>(prec)) piece = piece.substr(0, cp_offsets(piece)[static_cast<size_t>(prec)]);
+        size_t n = cp_count(piece);
+        if (width > 0 && n < static_cast<size_t>(width)) {
+          std::string pad(static_cast<size_t>(width) - n, ' ');
+          piece = left ? piece + pad : pad + piece;
+        }
+      } else if (conv == 'c') {
+        int64_t code;
+        if (x.k == K::Str && cp_count(x.s) == 1) piece = std::string(x.s);
+        else if (intlike(x, &code) && code >= 0 && code <= 0x10FFFF) append_utf8(piece, static_cast<uint32_t>(code));
+        else err(at, "%c requires an int or a single character");
+      } else if (std::strchr("diouxX", conv)) {
         double d;
-        if (!num(x, &d)) err(at, "%d format: a real number is required");
-        o += std::to_string(static_cast<int64_t>(d));
-      } else err(at, std::string("unsupported format character '") + f + "'");
+        int64_t iv;
+        if (!intlike(x, &iv)) {
+          if (!num(x, &d) || !std::isfinite(d)) err(at, std::string("%") + conv + " format: a real number is required, not " + type_name(x));
+          if (conv != 'd' && conv != 'i' && conv != 'u') err(at, std::string("%") + conv + " format: an integer is required, not float");
+          iv = static_cast<int64_t>(d);
+        }
+        spec += "ll";
+        spec += conv == 'i' || conv == 'u' ? 'd' : conv;
+        char buf[128];
+        std::snprintf(buf, sizeof buf, spec.c_str(), static_cast<long long>(iv));
+        piece = buf;
+        if (conv == 'o' && spec.find('#') != std::string::npos) piece.insert(piece.find('0'), "o");
+      } else if (std::strchr("fFeEgG", conv)) {
+        double d;
+        if (!num(x, &d)) err(at, std::string("%") + conv + " format: a real number is required, not " + type_name(x));
+        spec += conv;
+        std::vector<char> buf(static_cast<size_t>(std::max(width, 0)) + 400);
+        std::snprintf(buf.data(), buf.size(), spec.c_str(), d);
+        piece = buf.data();
+        (void)zero;
+      } else {
+        err(at, std::string("unsupported format character '") + conv + "'");
+      }
+      o += piece;
     }
     if (ai < xs.size()) err(at, "not all arguments converted during string formatting");
     return Value::str(std::move(o));
@@ -2076,26 +2220,6 @@ class Renderer {
     if (n == "strftime_now") return make_func(Fn::StrftimeNow);
     return Value::undef(e.name);
   }
-  static bool is_str_method(std::string_view n) {
-    static const char* m[] = {"strip", "lstrip", "rstrip", "split", "rsplit", "startswith", "endswith", "replace",
-                              "upper", "lower", "title", "capitalize", "find", "rfind", "index", "count", "join",
-                              "format", "splitlines", "isdigit", "isalpha", "isalnum", "isspace", "isupper",
-                              "islower", "zfill", "center", "ljust", "rjust", "removeprefix", "removesuffix",
-                              "partition", "rpartition", "casefold", "swapcase", "isnumeric", "isdecimal", "istitle",
-                              "encode", "expandtabs", "rindex", "translate", "maketrans", "isidentifier",
-                              "isprintable", "isascii", "format_map"};
-    for (const char* x : m)
-      if (n == x) return true;
-    return false;
-  }
-  static bool is_dict_method(std::string_view n) {
-    return n == "get" || n == "items" || n == "keys" || n == "values" || n == "copy" || n == "pop" || n == "update" ||
-           n == "setdefault" || n == "clear" || n == "popitem" || n == "fromkeys";
-  }
-  static bool is_list_method(std::string_view n) {
-    return n == "index" || n == "count" || n == "append" || n == "extend" || n == "insert" || n == "pop" ||
-           n == "remove" || n == "reverse" || n == "sort" || n == "copy" || n == "clear";
-  }
   Value method(const Value& self, std::string_view name) {
     auto f = std::make_shared<FuncObj>();
     f->fn = Fn::Method;
@@ -2106,16 +2230,18 @@ class Renderer {
     v.o = std::move(f);
     return v;
   }
-  bool has_method(const Value& obj, std::string_view name) {
-    return (obj.k == K::Str && is_str_method(name)) || (obj.is_dict() && is_dict_method(name)) ||
-           (obj.is_list() && is_list_method(name));
+  static bool has_method(const Value& obj, uint8_t mask) {
+    return (obj.k == K::Str && (mask & kStrMethod)) || (obj.is_dict() && (mask & kDictMethod)) ||
+           (obj.is_list() && (mask & kListMethod));
   }
+  static bool has_method(const Value& obj, std::string_view name) { return has_method(obj, method_mask(name)); }
   // obj.name: Python attribute first, then item (jinja2's getattr).
-  Value get_attr(const Value& obj, std::string_view name, const Expr& at) {
+  Value get_attr(const Value& obj, std::string_view name, const Expr& at) { return get_attr(obj, name, method_mask(name), at); }
+  Value get_attr(const Value& obj, std::string_view name, uint8_t mask, const Expr& at) {
     switch (obj.k) {
       case K::Undef: undefined_error(at, obj);
       case K::Dict: case K::JObj: {
-        if (is_dict_method(name)) return method(obj, name);
+        if (mask & kDictMethod) return method(obj, name);
         Value v;
         if (dict_get(obj, name, &v)) return v;
         return Value::undef(name, 1, 0);
@@ -2126,7 +2252,7 @@ class Renderer {
       }
       case K::Loop: return loop_attr(obj, name, at);
       default:
-        if (has_method(obj, name)) return method(obj, name);
+        if (has_method(obj, mask)) return method(obj, name);
         return Value::undef(name, 1, static_cast<uint8_t>(type_code(obj)));
     }
   }
@@ -2154,9 +2280,9 @@ class Renderer {
       case K::List: case K::JArr: {
         int64_t i;
         if (intlike(key, &i)) {
-          int64_t n = static_cast<int64_t>(list_size(obj));
+          int64_t n = static_cast<int64_t>(list_size(obj)), orig = i;
           if (i < 0) i += n;
-          if (i < 0 || i >= n) return Value::undef("", 1, 1);
+          if (i < 0 || i >= n) return no_element(1, orig);
           return list_at(obj, static_cast<size_t>(i));
         }
         if (key.k == K::Str) return get_attr(obj, key.s, at);
@@ -2166,15 +2292,15 @@ class Renderer {
         int64_t i;
         if (intlike(key, &i)) {
           if (is_ascii(obj.s)) {
-            int64_t n = static_cast<int64_t>(obj.s.size());
+            int64_t n = static_cast<int64_t>(obj.s.size()), orig = i;
             if (i < 0) i += n;
-            if (i < 0 || i >= n) return Value::undef("", 1, 2);
+            if (i < 0 || i >= n) return no_element(2, orig);
             return Value::view(obj.s.substr(static_cast<size_t>(i), 1), obj.o);
           }
           auto off = cp_offsets(obj.s);
-          int64_t n = static_cast<int64_t>(off.size()) - 1;
+          int64_t n = static_cast<int64_t>(off.size()) - 1, orig = i;
           if (i < 0) i += n;
-          if (i < 0 || i >= n) return Value::undef("", 1, 2);
+          if (i < 0 || i >= n) return no_element(2, orig);
           return Value::view(obj.s.substr(off[static_cast<size_t>(i)], off[static_cast<size_t>(i) + 1] - off[static_cast<size_t>(i)]), obj.o);
         }
         if (key.k == K::Str) return get_attr(obj, key.s, at);
@@ -2306,6 +2432,45 @@ class Renderer {
 
   // --- evaluation
   Value eval(const Expr& e, Frame& f);
+  // a + b + c + ...: left to right as Python does, but strings are appended into one buffer instead
+  // of building each intermediate string (chat templates chain a dozen pieces per message).
+  Value eval_add_chain(const Expr& e, Frame& f) {
+    const Expr* operands[64];
+    const Expr* nodes[64];
+    size_t n = 0;
+    const Expr* cur = &e;
+    while (cur->kind == E::Bin && cur->ops[0] == Op::Add && n < 63) {
+      nodes[n] = cur;
+      operands[n++] = cur->a[1].get();
+      cur = cur->a[0].get();
+    }
+    // operands[n-1..0] are the right-hand sides in source order; `cur` is the leftmost operand.
+    Value acc = eval(*cur, f);
+    std::string buf;
+    bool buffering = false;
+    for (size_t k = n; k-- > 0;) {
+      Value r = eval(*operands[k], f);
+      const Expr& at = *nodes[k];
+      if (acc.k == K::Str && !acc.markup && r.k == K::Str && !r.markup) {
+        if (!buffering) {
+          buf.assign(acc.s);
+          buffering = true;
+        }
+        if (buf.size() + r.s.size() > kMaxOutputBytes) err(at, "string larger than 64 MiB");
+        buf.append(r.s);
+        acc.s = std::string_view();  // stands for `buf` until materialised
+        continue;
+      }
+      if (buffering) {
+        acc = Value::str(std::move(buf));
+        buf.clear();
+        buffering = false;
+      }
+      acc = arith(Op::Add, acc, r, at);
+    }
+    if (buffering) return Value::str(std::move(buf));
+    return acc;
+  }
   Value call(const Expr& e, Frame& f);
   Value call_value(const Value& fn, Args& pos, std::vector<std::pair<std::string_view, Value>>& kw, const Expr& at, Frame& f);
   Value call_method(const Value& self, std::string_view name, Args& pos, std::vector<std::pair<std::string_view, Value>>& kw, const Expr& at);
@@ -2315,6 +2480,21 @@ class Renderer {
   void eval_args(const Expr& e, size_t first, Frame& f, Args* pos, std::vector<std::pair<std::string_view, Value>>* kw) {
     for (size_t i = first; i < e.a.size(); ++i) pos->push_back(eval(*e.a[i], f));
     for (const auto& kv : e.kw) kw->emplace_back(kv.first, eval(*kv.second, f));
+  }
+
+  // The variables visible from `f` below the top level, flattened (inner names win): what a macro
+  // defined (or a caller body run) there sees, kept alive for as long as the macro value lives.
+  std::shared_ptr<Frame> snapshot(const Frame& f) {
+    auto c = std::make_shared<Frame>();
+    c->parent = &root_;
+    for (const Frame* p = &f; p && p != &root_; p = p->parent)
+      for (const auto& kv : p->vars) {
+        bool shadowed = false;
+        for (const auto& have : c->vars)
+          if (have.first == kv.first) shadowed = true;
+        if (!shadowed) c->vars.push_back(kv);
+      }
+    return c;
   }
 
   // --- statements
@@ -2346,6 +2526,7 @@ class Renderer {
   std::vector<std::pair<size_t, size_t>> gen_;
   Frame root_;
   int call_depth_ = 0;
+  int eval_depth_ = 0;
   int64_t iterations_ = 0;
   int cur_line_ = 0;
 };
@@ -2382,11 +2563,23 @@ struct Binder {
 
 namespace {
 
+struct EvalDepth {
+  int& d;
+  EvalDepth(int& depth, int line, int col) : d(depth) {
+    if (++d > kMaxEvalDepth) {
+      --d;
+      fail(line, col, "template evaluation nested deeper than " + std::to_string(kMaxEvalDepth) + " levels (runaway recursion?)");
+    }
+  }
+  ~EvalDepth() { --d; }
+};
+
 Value Renderer::eval(const Expr& e, Frame& f) {
+  EvalDepth guard(eval_depth_, e.line, e.col);
   switch (e.kind) {
     case E::Const: return e.constant;
     case E::Name: return lookup_name(e, f);
-    case E::GetAttr: return get_attr(eval(*e.a[0], f), e.name, e);
+    case E::GetAttr: return get_attr(eval(*e.a[0], f), e.name, e.methods, e);
     case E::GetItem: {
       Value o = eval(*e.a[0], f);
       return get_item(o, eval(*e.a[1], f), e);
@@ -2439,6 +2632,7 @@ Value Renderer::eval(const Expr& e, Frame& f) {
       return eval(*e.a[1], f);
     }
     case E::Bin: {
+      if (e.ops[0] == Op::Add) return eval_add_chain(e, f);
       Value l = eval(*e.a[0], f);
       Value r = eval(*e.a[1], f);
       return arith(e.ops[0], l, r, e);
@@ -2466,7 +2660,11 @@ Value Renderer::eval(const Expr& e, Frame& f) {
     }
     case E::Concat: {
       std::string s;
-      for (const auto& x : e.a) append_str(s, eval(*x, f));
+      for (const auto& x : e.a) {
+        Value v = eval(*x, f);
+        if (v.k == K::Str && s.size() + v.s.size() > kMaxOutputBytes) err(e, "string larger than 64 MiB");
+        append_str(s, v);
+      }
       return checked_str(std::move(s), e);
     }
     case E::Cond: {
@@ -2501,11 +2699,11 @@ Value Renderer::call(const Expr& e, Frame& f) {
     // obj.method(...) without building a bound method.
     Value self = eval(*callee.a[0], f);
     if (self.k == K::Undef) undefined_error(callee, self);
-    if (has_method(self, callee.name) && !(self.is_dict() && !is_dict_method(callee.name))) {
+    if (has_method(self, callee.methods)) {
       eval_args(e, 1, f, &pos, &kw);
       return call_method(self, callee.name, pos, kw, e);
     }
-    Value fn = get_attr(self, callee.name, callee);
+    Value fn = get_attr(self, callee.name, callee.methods, callee);
     eval_args(e, 1, f, &pos, &kw);
     return call_value(fn, pos, kw, e, f);
   }
@@ -2596,7 +2794,8 @@ Value Renderer::call_macro(const FuncObj& fo, Args& pos, std::vector<std::pair<s
                            const Expr& at) {
   const MacroDef& m = *fo.macro;
   if (call_depth_ >= kMaxCallDepth) err(at, "macro calls nested deeper than " + std::to_string(kMaxCallDepth) + " levels (runaway recursion?)");
-  if (pos.size() > m.params.size()) err(at, "macro '" + m.name + "' takes not more than " + std::to_string(m.params.size()) + " argument(s)");
+  if (pos.size() > m.params.size() && !m.uses_varargs)
+    err(at, "macro '" + m.name + "' takes not more than " + std::to_string(m.params.size()) + " argument(s)");
   Frame mf;
   mf.parent = fo.scope ? fo.scope : &root_;
   size_t first_default = m.params.size() - m.defaults.size();
@@ -2611,10 +2810,18 @@ Value Renderer::call_macro(const FuncObj& fo, Args& pos, std::vector<std::pair<s
     else if (i >= first_default) mf.vars.emplace_back(m.params[i], eval(*m.defaults[i - first_default], mf));
     else mf.vars.emplace_back(m.params[i], Value::undef(m.params[i]));
   }
+  auto extra_kw = std::make_shared<DictObj>();
   for (auto& kv : kw) {
-    if (std::find(m.params.begin(), m.params.end(), kv.first) == m.params.end() && !(kv.first == "caller" && fo.caller.k == K::Func))
-      err(at, "macro '" + m.name + "' takes no keyword argument '" + std::string(kv.first) + "'");
+    if (std::find(m.params.begin(), m.params.end(), kv.first) != m.params.end()) continue;
+    if (m.uses_kwargs) extra_kw->set(Value::view(kv.first), kv.second);
+    else err(at, "macro '" + m.name + "' takes no keyword argument '" + std::string(kv.first) + "'");
   }
+  if (m.uses_varargs) {
+    std::vector<Value> extra;
+    for (size_t i = m.params.size(); i < pos.size(); ++i) extra.push_back(pos[i]);
+    mf.vars.emplace_back("varargs", make_list(std::move(extra), true));
+  }
+  if (m.uses_kwargs) mf.vars.emplace_back("kwargs", make_dict(std::move(extra_kw)));
   if (fo.caller.k == K::Func) mf.vars.emplace_back("caller", fo.caller);
   ++call_depth_;
   std::string s;
@@ -2703,16 +2910,14 @@ Value Renderer::call_method(const Value& self, std::string_view name, Args& pos,
           if (!rev) {
             std::vector<std::pair<size_t, size_t>> w2(words.begin(), words.begin() + maxsplit);
             if (static_cast<size_t>(maxsplit) < words.size()) {
-              size_t b = words[static_cast<size_t>(maxsplit)].first;
-              std::string_view rest = py_strip(s.substr(b), nullptr, false, true);
-              w2.emplace_back(b, b + rest.size());
+              // the remainder keeps its trailing whitespace, as CPython's split does
+              w2.emplace_back(words[static_cast<size_t>(maxsplit)].first, s.size());
             }
             words = w2;
           } else {
             std::vector<std::pair<size_t, size_t>> w2(words.end() - maxsplit, words.end());
             size_t e = words[words.size() - static_cast<size_t>(maxsplit) - 1].second;
-            std::string_view rest = py_strip(s.substr(0, e), nullptr, true, false);
-            w2.insert(w2.begin(), {e - rest.size(), e});
+            w2.insert(w2.begin(), {size_t(0), e});
             words = w2;
           }
         }
@@ -2729,6 +2934,8 @@ Value Renderer::call_method(const Value& self, std::string_view name, Args& pos,
         return name == "startswith" ? s.substr(0, x.size()) == x : s.substr(s.size() - x.size()) == x;
       };
       if (p->is_list()) {
+        if (!(p->k == K::List && list_obj(*p).tuple))
+          err(at, std::string(name) + " first arg must be str or a tuple of str, not " + type_name(*p));
         for (size_t i = 0, n = list_size(*p); i < n; ++i) {
           Value x = list_at(*p, i);
           if (test(need_str(&x, "tuple item"))) return Value::boolean(true);
@@ -2764,7 +2971,7 @@ Value Renderer::call_method(const Value& self, std::string_view name, Args& pos,
         o.append(s.substr(i, p - i)).append(b);
         i = p + a.size();
         ++done;
-        if (o.size() > kMaxOutputBytes) err(at, "string larger than 256 MiB");
+        if (o.size() > kMaxOutputBytes) err(at, "string larger than 64 MiB");
       }
       o.append(s.substr(i));
       return Value::str(std::move(o));
@@ -2814,6 +3021,16 @@ Value Renderer::call_method(const Value& self, std::string_view name, Args& pos,
       }
       if (b < s.size()) parts.push_back(Value::view(s.substr(b), self.o));
       return make_list(std::move(parts));
+    }
+    if (name == "partition" || name == "rpartition") {
+      std::string_view sep = need_str(arg(0, "sep"), "separator");
+      if (sep.empty()) err(at, "empty separator");
+      size_t p = name == "partition" ? s.find(sep) : s.rfind(sep);
+      if (p == std::string_view::npos)
+        return name == "partition" ? make_list({self, Value::view(""), Value::view("")}, true)
+                                   : make_list({Value::view(""), Value::view(""), self}, true);
+      return make_list({Value::view(s.substr(0, p), self.o), Value::view(s.substr(p, sep.size()), self.o),
+                        Value::view(s.substr(p + sep.size()), self.o)}, true);
     }
     if (name == "removeprefix" || name == "removesuffix") {
       std::string_view x = need_str(arg(0, "prefix"), "arg");
@@ -3220,6 +3437,7 @@ Value Renderer::apply_filter(int id, const Value& v, Args& pos, std::vector<std:
     case F_int: {
       args({"default", "base"});
       Value dflt = bind.get(0) ? *bind.get(0) : Value::integer(0);
+      need_defined(v);
       if (v.k == K::Int) return v;
       if (v.k == K::Bool) return Value::integer(v.u.b);
       if (v.k == K::Float) return std::isfinite(v.u.d) ? Value::integer(static_cast<int64_t>(v.u.d)) : dflt;
@@ -3238,6 +3456,7 @@ Value Renderer::apply_filter(int id, const Value& v, Args& pos, std::vector<std:
     case F_float: {
       args({"default"});
       Value dflt = bind.get(0) ? *bind.get(0) : Value::flt(0.0);
+      need_defined(v);
       double d;
       if (num(v, &d)) return Value::flt(d);
       if (v.k == K::Str) {
@@ -3248,7 +3467,12 @@ Value Renderer::apply_filter(int id, const Value& v, Args& pos, std::vector<std:
       }
       return dflt;
     }
-    case F_bool: args({}); return Value::boolean(truthy(v));
+    case F_format: {
+      // jinja2's do_format: str(value) % (kwargs or args)
+      if (!kw.empty()) err(at, "format: keyword arguments (%(name)s) are not supported");
+      Value sv = str_value(v);
+      return percent_format(sv, make_list(pos, true), at);
+    }
     case F_abs: {
       args({});
       if (v.k == K::Int) return Value::integer(v.u.i < 0 ? -v.u.i : v.u.i);
@@ -3269,10 +3493,18 @@ Value Renderer::apply_filter(int id, const Value& v, Args& pos, std::vector<std:
       double m = std::pow(10.0, static_cast<double>(prec));
       double r;
       if (method == "common") {
-        // Python round() (banker's on exact halves) is what jinja2 uses for "common"
-        double x = d * m;
-        r = std::nearbyint(x);
-        r /= m;
+        // jinja2's "common" is Python's round(value, precision): an int stays an int; a float is
+        // rounded correctly from its exact binary value, ties to even (round(2.675, 2) == 2.67).
+        if (v.k == K::Int || v.k == K::Bool) return Value::integer(v.k == K::Int ? v.u.i : v.u.b);
+        if (!std::isfinite(d) || prec > 300 || prec < -300) return Value::flt(d);
+        if (prec >= 0) {
+          char buf[400];
+          auto res = std::to_chars(buf, buf + sizeof buf, d, std::chars_format::fixed, static_cast<int>(prec));
+          r = std::strtod(std::string(buf, res.ptr).c_str(), nullptr);
+        } else {
+          r = std::nearbyint(d * m) / m;
+        }
+        if (r == 0) r = std::copysign(0.0, d);
       } else if (method == "ceil") r = std::ceil(d * m) / m;
       else if (method == "floor") r = std::floor(d * m) / m;
       else err(at, "method must be common, ceil or floor");
@@ -3540,6 +3772,7 @@ Flow Renderer::exec_for(const Stmt& s, Frame& f) {
     loop->index0 = static_cast<int64_t>(i);
     Frame it;
     it.parent = &f;
+    it.vars.reserve(4);
     it.vars.emplace_back("loop", lv);
     assign(s.target, its[i], it, s);
     Flow fl = exec(s.body, it);
@@ -3549,6 +3782,7 @@ Flow Renderer::exec_for(const Stmt& s, Frame& f) {
 }
 
 Flow Renderer::exec(const Body& body, Frame& f) {
+  EvalDepth guard(eval_depth_, body.empty() ? cur_line_ : body.front()->line, 0);
   for (const StmtP& sp : body) {
     const Stmt& s = *sp;
     cur_line_ = s.line;
@@ -3611,6 +3845,10 @@ Flow Renderer::exec(const Body& body, Frame& f) {
         fo->fn = Fn::Macro;
         fo->macro = s.macro.get();
         fo->name = s.macro->name;
+        if (&f != &root_) {
+          fo->captured = snapshot(f);
+          fo->scope = fo->captured.get();
+        }
         Value v;
         v.k = K::Func;
         v.o = std::move(fo);
@@ -3621,7 +3859,10 @@ Flow Renderer::exec(const Body& body, Frame& f) {
         auto caller = std::make_shared<FuncObj>();
         caller->fn = Fn::Macro;
         caller->macro = s.macro.get();
-        caller->scope = &f;
+        if (&f != &root_) {
+          caller->captured = snapshot(f);
+          caller->scope = caller->captured.get();
+        }
         Value cv;
         cv.k = K::Func;
         cv.o = caller;
@@ -3672,7 +3913,13 @@ Rendering Renderer::run() {
   exec(t_.body, root_);
   Rendering r;
   r.text = std::move(top_);
-  r.generation = std::move(gen_);
+  // A {% generation %} block inside a macro or {% set %} capture is placed, as transformers places it,
+  // where the top-level output stood when the block ran; a capture that is never printed would leave
+  // such a span past the end of the text (transformers keeps it): cut it to the text, drop it if empty.
+  for (auto& g : gen_) {
+    g.second = std::min(g.second, r.text.size());
+    if (g.first < g.second) r.generation.push_back(g);
+  }
   return r;
 }
 

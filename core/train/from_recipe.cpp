@@ -3,9 +3,11 @@
 #include <limits>
 
 #include "core/checkpoint/hf_config.h"
+#include "core/checkpoint/model_folder.h"
 #include "core/dist/comm.h"
 #include "core/util/error.h"
 #include "core/train/checkpoint_dir.h"
+#include "core/train/rerun.h"
 #include "core/train/run_folder.h"
 #include "core/runtime/log.h"
 
@@ -48,6 +50,12 @@ void check_memory_estimate(const config::TrainingRecipe& r, const MemoryPlan& pl
 
 TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::string& run_dir,
                                const std::string& resolved_recipe, const std::string& label) {
+  // First, before anything is prepared, loaded or written: a finished run of this recipe stops here
+  // (exit 0), and checkpoints trained with another recipe are refused with the differences.
+  check_rerun(run_dir, r.root.resume, resolved_recipe, label, log::info);
+  // A model.path that is not a model folder is named as such here, not later as a tokenizer problem
+  // (the stages read the tokenizer from model.path when tokenizer.path is empty).
+  if (!r.model.path.empty()) checkpoint::require_model_folder(r.model.path, "model.path");
   TrainerOptions o;
   o.run_dir = run_dir;
   o.resolved_recipe = resolved_recipe;
@@ -58,6 +66,7 @@ TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::strin
   o.grad_accum = r.train.grad_accum;
   o.eval_every = r.train.eval_every;
   o.log_every = r.train.log_every;
+  o.tensorboard = r.train.tensorboard;
   o.lr = r.optim.lr;
   o.min_lr = r.optim.min_lr;
   o.clip_grad_norm = r.optim.clip_grad_norm;

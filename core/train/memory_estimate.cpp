@@ -145,7 +145,7 @@ MemoryEstimate estimate_memory(const MemoryPlan& p) {
   e.resident.push_back({p.bf16 ? "AdamW moments + fp32 master weights" : "AdamW moments", adam_keys, adam});
   if (p.live_reference)
     e.resident.push_back({"frozen reference model",
-                          p.stage == StageKind::kGrpo ? "grpo.beta != 0" : "dpo.precompute_ref_log_probs=false",
+                          p.stage == StageKind::kGrpo ? "grpo.beta != 0" : "dpo.precompute_ref_log_probs=false or auto",
                           P * b});
   if (!p.cuda) e.resident.push_back({"LibTorch, MKL and ptk", "", kRuntimeBytes});
 

@@ -51,13 +51,27 @@ void Progress::update(int64_t done, const std::string& extra) {
   } else {
     if (since < interval_s_ && !(total_ > 0 && done >= total_)) return;
     std::fprintf(out_, "%s\n", line(done, elapsed, extra).c_str());
+    printed_done_ = done;
+    printed_extra_ = extra;
   }
   last_print_ = now;
+}
+
+void Progress::message(const std::string& text) {
+  if (tty_ && !finished_) {
+    double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    std::fprintf(out_, "\r\033[K%s\n%s", text.c_str(), line(done_, elapsed, extra_).c_str());
+  } else {
+    std::fprintf(out_, "%s\n", text.c_str());
+  }
+  std::fflush(out_);
 }
 
 void Progress::finish(const std::string& extra) {
   if (finished_) return;
   finished_ = true;
+  // In logs the last step's line is already there (an eval line may follow it): not twice.
+  if (!tty_ && printed_done_ == done_ && (extra.empty() || extra == printed_extra_)) return;
   double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   std::fprintf(out_, tty_ ? "\r\033[K%s\n" : "%s\n", line(done_, elapsed, extra.empty() ? extra_ : extra).c_str());
   std::fflush(out_);

@@ -19,6 +19,9 @@ class Progress {
   void update(int64_t done, const std::string& extra = "");
   // Final line (always printed).
   void finish(const std::string& extra = "");
+  // A line of its own (an eval result) between progress lines; on a TTY the redrawn progress line
+  // is cleared first and drawn again below it.
+  void message(const std::string& text);
 
   // The text of a line, exposed for tests.
   std::string line(int64_t done, double elapsed_s, const std::string& extra) const;
@@ -32,6 +35,8 @@ class Progress {
   bool tty_;
   bool finished_ = false;
   int64_t done_ = 0;
+  int64_t printed_done_ = -1;   // the `done` of the last plain (non-TTY) line
+  std::string printed_extra_;
   std::string extra_;
   std::chrono::steady_clock::time_point start_, last_print_;
 };

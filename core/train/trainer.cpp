@@ -24,9 +24,13 @@
 #include "core/runtime/log.h"
 #include "core/runtime/runtime.h"
 #include "core/train/checkpoint_dir.h"
+#include "core/train/peak_flops.h"
 #include "core/train/plot.h"
 #include "core/train/progress.h"
+#include "core/train/rerun.h"
 #include "core/train/run_folder.h"
+#include "core/train/stage_view.h"
+#include "core/train/tensorboard.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
 #include "core/util/json.h"
@@ -132,8 +136,12 @@ struct Trainer::Impl {
   int64_t total_steps = 0;
   int64_t total_micro_batches = -1;  // -1: unbounded (max_steps set)
   int64_t tokens_seen = 0;           // all ranks
+  StageView view;                    // what the progress line, eval lines, summary and report.md show
+  int64_t run_start_step = 0;        // where this process began (after resume)
+  Clock::time_point run_start = Clock::now();
 
-  Impl(Stage& s, TrainerOptions o) : stage(s), opt(std::move(o)), comm(opt.comm), guard(opt.max_bad_steps) {
+  Impl(Stage& s, TrainerOptions o)
+      : stage(s), opt(std::move(o)), comm(opt.comm), guard(opt.max_bad_steps), view(stage_view(opt.label)) {
     stage.set_rank(comm.rank(), comm.world_size());
     params = stage.parameters();
     check_memory();
@@ -165,6 +173,16 @@ struct Trainer::Impl {
       total_steps = (total_micro_batches + opt.grad_accum - 1) / opt.grad_accum;
     }
     schedule = optim::Schedule{opt.schedule, opt.lr, opt.min_lr, opt.warmup_steps, total_steps};
+    if (main() && opt.warmup_steps > 0 && opt.warmup_steps >= total_steps) {
+      char msg[512];
+      std::snprintf(msg, sizeof msg,
+                    "optim.warmup_steps=%lld is not shorter than this run's %lld optimizer steps: the learning rate "
+                    "never reaches optim.lr=%g (the last step uses %.3g)\n---> HINT: lower optim.warmup_steps; "
+                    "TRL's warmup_ratio=0.1 would be %lld steps here",
+                    static_cast<long long>(opt.warmup_steps), static_cast<long long>(total_steps), opt.lr,
+                    schedule.lr_at(total_steps - 1), static_cast<long long>(std::ceil(0.1 * total_steps)));
+      log::warn(msg);
+    }
   }
 
   bool main() const { return comm.rank() == 0; }
@@ -347,17 +365,26 @@ struct Trainer::Impl {
     return from;
   }
 
-  // report.md: what ran, the last step's metrics, and the curves (SVG beside it in plots/).
-  void write_report() const {
-    std::string md = "# " + opt.label + " run: " + opt.run_dir + "\n\n";
-    md += "- steps: " + std::to_string(step) + " of " + std::to_string(total_steps) + "\n";
-    md += "- final model: `final/` (Hugging Face folder)\n- metrics: `metrics.jsonl`; recipe: `config.json`\n\n";
-    md += "## Curves\n\n";
-    std::vector<std::string> names = {"loss", "eval/loss", "learning_rate", "grad_norm", "mean_token_accuracy",
-                                      "eval/mean_token_accuracy", "entropy", "tokens_per_s"};
-    for (const auto& extra : opt.report_metrics) names.push_back(extra);
-    md += plot::write_report_plots(opt.run_dir, names);
-    write_file_atomic(opt.run_dir + "/report.md", md);
+  RunFacts facts() const {
+    RunFacts f;
+    f.label = opt.label;
+    f.run_dir = opt.run_dir;
+    f.step = step;
+    f.total_steps = total_steps;
+    f.start_step = run_start_step;
+    f.wall_s = seconds_since(run_start);
+    f.tensorboard = opt.tensorboard;
+    return f;
+  }
+
+  // report.md: what ran, the summary, the eval results and the stage's metrics every N steps as
+  // tables, and the stage's curves (SVG beside it in plots/). Returns the end-of-run summary.
+  std::string write_report() const {
+    const RunFacts f = facts();
+    const plot::MetricsLog log = plot::read_metrics(opt.run_dir + "/metrics.jsonl", opt.label);
+    const Metrics before = read_eval_start(opt.run_dir);
+    write_file_atomic(opt.run_dir + "/report.md", stage_report(f, view, log, before, opt.report_metrics));
+    return run_summary(f, view, log, before);
   }
 
   void write_final() {
@@ -372,7 +399,10 @@ struct Trainer::Impl {
         checkpoint::discard_partial_write(tmp, "final/");
         throw;
       }
-      write_report();
+      const std::string summary = write_report();
+      std::fprintf(stderr, "%s\n", summary.c_str());
+      std::fflush(stderr);
+      write_finished_marker(opt.run_dir, step, total_steps);  // last: the run is complete
     }
     comm.barrier();
   }
@@ -404,14 +434,39 @@ int64_t Trainer::run() {
   const bool main = s.main();
   if (main) {
     claim_run_folder(o.run_dir, log::info);  // trainer_options did it already for the commands
+    clear_finished_marker(o.run_dir);        // until final/ is written again
     if (!o.resolved_recipe.empty()) write_file_atomic(o.run_dir + "/config.json", o.resolved_recipe);
   }
-  s.resume();
+  const std::string resumed_from = s.resume();
+  if (s.step >= s.total_steps) {
+    // Nothing to train (a checkpoint of the run's last step, e.g. written just before a crash that
+    // left final/ unwritten): no step loop, no throughput, only final/ from that checkpoint.
+    if (main)
+      log::info(o.label + ": " + (resumed_from.empty() ? std::string("the run") : resumed_from) + " is at step " +
+                std::to_string(s.step) + " of " + std::to_string(s.total_steps) +
+                ": nothing to train; writing final/ from it");
+    s.write_final();
+    if (main) log::info("wrote " + o.run_dir + "/final (step " + std::to_string(s.step) + ")");
+    return 0;
+  }
+  s.run_start = Clock::now();
+  s.run_start_step = s.step;
   std::unique_ptr<MetricsWriter> metrics;
+  std::unique_ptr<tb::EventWriter> events;
   if (main) metrics = std::make_unique<MetricsWriter>(o.run_dir + "/metrics.jsonl", s.step);
-  double peak = o.peak_flops > 0 ? o.peak_flops : (s.stage.flops_per_token() > 0 ? measure_matmul_flops() : 0);
-  if (comm.world_size() > 1) peak = comm.all_reduce(peak, dist::ReduceOp::kSum);  // the ranks' cores together
+  if (main && o.tensorboard) events = std::make_unique<tb::EventWriter>(o.run_dir + "/tb", s.step);
   const double flops_per_token = s.stage.flops_per_token();
+  // MFU against a stable peak: the declared one, else the theoretical peak of this process's CPU
+  // threads (never a timed matmul, which reads low on a loaded machine: peak_flops.h).
+  double peak = o.peak_flops;
+  if (peak <= 0 && flops_per_token > 0 && !(s.params.size() && s.params.front().second.is_cuda())) {
+    const bool bf16 = !s.params.empty() && s.params.front().second.scalar_type() == at::kBFloat16;
+    peak = this_cpu_peak_flops(at::get_num_threads(), bf16).flops;
+  }
+  if (comm.world_size() > 1) {  // the ranks' cores together; none when any rank lacks a peak
+    const double lacking = comm.all_reduce(peak > 0 ? 0.0 : 1.0, dist::ReduceOp::kSum);
+    peak = lacking > 0 ? 0 : comm.all_reduce(peak, dist::ReduceOp::kSum);
+  }
   const int64_t start_step = s.step;
   const int64_t mbpe = s.stage.micro_batches_per_epoch();
   std::unique_ptr<Progress> progress;
@@ -534,8 +589,10 @@ int64_t Trainer::run() {
     }
     bool last = s.step == s.total_steps ||
                 (s.total_micro_batches >= 0 && s.micro_batches_done >= s.total_micro_batches);
+    std::string eval_text;
     if ((o.eval_every > 0 && s.step % o.eval_every == 0) || last) {
       Metrics e;
+      const auto eval_t0 = Clock::now();
       s.stage.evaluate(&e);
       std::vector<double> v;
       std::string keys;
@@ -544,16 +601,19 @@ int64_t Trainer::run() {
         keys += k + ";";
       }
       sum_over_ranks(comm, &v, keys);  // eval metrics: the mean over ranks
-      for (size_t i = 0; i < v.size(); ++i) m.add("eval/" + e.values()[i].first, v[i] / comm.world_size());
+      Metrics shown;
+      for (size_t i = 0; i < v.size(); ++i) {
+        m.add("eval/" + e.values()[i].first, v[i] / comm.world_size());
+        shown.add(e.values()[i].first, v[i] / comm.world_size());
+      }
+      if (main && !shown.values().empty())
+        eval_text = eval_line(o.label, s.step, s.total_steps, s.view, shown, seconds_since(eval_t0));
     }
     if (main) {
       metrics->write(s.step, m);
-      if (s.step % o.log_every == 0 || last) {
-        char extra[160];
-        std::snprintf(extra, sizeof extra, "loss %.4f | lr %.3g | grad_norm %.3f | %.0f tok/s", loss_sum, lr, norm,
-                      n_tokens / dt);
-        progress->update(s.step, extra);
-      }
+      if (events) events->write(s.step, m.values());
+      if (s.step % o.log_every == 0 || last) progress->update(s.step, progress_metrics(s.view, m));
+      if (!eval_text.empty()) progress->message(eval_text);  // below the step's progress line
     }
     if (o.checkpoint_every > 0 && s.step % o.checkpoint_every == 0) s.save_checkpoint();
     if (last) break;

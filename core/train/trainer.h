@@ -77,15 +77,20 @@ struct TrainerOptions {
   optim::AdamWOptions adamw;
   // Checkpoints
   int64_t checkpoint_every = 0, keep_last = 2;
-  // Peak FLOP/s MFU is computed against; 0 = measure an fp32 matmul at start.
+  // Peak FLOP/s MFU is computed against; 0 = the theoretical peak of this process's CPU threads
+  // (core/train/peak_flops.h), or no MFU when that is unknown or the parameters are on a GPU.
   double peak_flops = 0;
+  // TensorBoard event files in run_dir/tb (core/train/tensorboard.h), one per process start.
+  bool tensorboard = true;
   int max_bad_steps = 5;  // NaN guard
   // Memory one rank may use for weights, gradients and optimizer state; a model whose estimate
   // exceeds it is refused before training starts (14B-72B need sharding beyond ZeRO-1). 0 = this
   // machine's physical memory divided by the local ranks (CPU); unchecked on CUDA devices.
   double memory_budget_bytes = 0;
+  // The stage's name ("sft", "dpo", "rm", "grpo"): it picks the metrics of the progress line, the eval
+  // lines, the end-of-run summary and report.md (core/train/stage_view.h).
   std::string label = "train";
-  // Metrics plotted in report.md besides the loop's own (loss, lr, grad_norm, accuracy, ...).
+  // Metrics plotted in report.md besides the stage's own (stage_view(label).plots).
   std::vector<std::string> report_metrics;
   // Data parallel. The default Comm is world size 1 (one process, no process group).
   // A rank's micro-batch holds its share of the step; N, gradients and metrics are summed over ranks.
@@ -129,8 +134,8 @@ double training_state_bytes(const optim::NamedTensors& params, int world_size, b
 // stay valid); refuses a missing or mis-shaped tensor.
 void load_weights_into(const optim::NamedTensors& params, const std::string& dir);
 
-// fp32 matmul FLOP/s of this process (the best 2048^3 product in ~1 s): the CPU peak MFU is
-// measured against.
+// fp32 matmul FLOP/s of this process (the best 2048^3 product in ~1 s). No longer what MFU is
+// computed against (its result falls whenever other processes share the cores: see peak_flops.h).
 double measure_matmul_flops();
 
 }  // namespace ptk::train

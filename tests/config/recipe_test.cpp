@@ -1,5 +1,7 @@
 // Recipe loading: relaxed JSON, base inheritance, overrides, typed binding and error messages.
 #include <gtest/gtest.h>
+#include <tuple>
+#include <vector>
 
 #include "core/config/recipe.h"
 #include "core/config/sections.h"
@@ -411,6 +413,99 @@ TEST(Recipe, OverrideIndexesIntoAList) {
 TEST(Recipe, DefaultRunDirIsRecipeName) {
   EXPECT_EQ(default_run_dir("recipes/tiny/sft.json"), "runs/sft");
   EXPECT_EQ(default_run_dir(""), "runs/adhoc");
+}
+
+}  // namespace
+}  // namespace ptk::config
+
+namespace ptk::config {
+namespace {
+
+// issue 26: a TRL user's key names, at the top level, inside a section and on the command line,
+// get ptk's key (and what differs in kind); a TRL name whose ptk key this command lacks gets none.
+TEST(Recipe, TrlKeyNamesSuggestPtkKeys) {
+  test::TempDir d;
+  std::string f = d.write("r.json", R"({"learning_rate": 2e-5, "gradient_accumulation_steps": 4,
+    "train": {"per_device_train_batch_size": 2, "num_train_epochs": 3, "lr_scheduler_type": "cosine"},
+    "optim": {"warmup_ratio": 0.1, "max_grad_norm": 1.0}, "output_dir": "out", "logging_steps": 10,
+    "bf16": true, "max_length": 1024, "beta": 0.1})");
+  TrainingRecipe r;
+  std::string err;
+  try {
+    bind_recipe(load_recipe(f, {"save_steps=100", "train.seed=3"}), r.sections());
+  } catch (const Error& e) {
+    err = e.what();
+  }
+  for (const char* want : {
+           "unknown key learning_rate (did you mean optim.lr? TRL's learning_rate is ptk's optim.lr)",
+           "unknown key gradient_accumulation_steps (did you mean train.grad_accum?",
+           "unknown key train.per_device_train_batch_size (did you mean train.micro_batch_size?",
+           "unknown key train.num_train_epochs (did you mean train.epochs?",
+           "unknown key train.lr_scheduler_type (did you mean optim.schedule?",
+           "unknown key optim.warmup_ratio (did you mean optim.warmup_steps? TRL's warmup_ratio is ptk's "
+           "optim.warmup_steps: a step count, not a ratio",
+           "unknown key optim.max_grad_norm (did you mean optim.clip_grad_norm?",
+           "unknown key output_dir (did you mean run.dir?", "unknown key logging_steps (did you mean train.log_every?",
+           "unknown key bf16 (did you mean model.dtype?", "unknown key max_length (did you mean data.max_seq_len?",
+           "command line: unknown key save_steps (did you mean checkpoint.every?",
+           "command line: unknown key train.seed (did you mean run.seed?"})
+    EXPECT_NE(err.find(want), std::string::npos) << want << "\n" << err;
+  // `beta` is dpo.beta or grpo.beta: an SFT recipe has neither, so no TRL hint names one.
+  EXPECT_NE(err.find("unknown key beta"), std::string::npos) << err;
+  EXPECT_EQ(err.find("dpo.beta"), std::string::npos) << err;
+}
+
+// A choice listing "true" and "false" (dpo.precompute_ref_log_probs: auto | true | false) takes
+// JSON booleans and writes them back as booleans, as the bool key it replaced did.
+struct TriState : Section {
+  std::string mode;
+  const char* name() const override { return "s"; }
+  const char* help() const override { return "test"; }
+  void visit(Visitor& v) override { v.choice(mode, "mode", "auto", {"auto", "true", "false"}, "help"); }
+};
+
+TEST(Recipe, ChoiceWithTrueFalseTakesBooleans) {
+  for (const auto& [override_text, want, written] :
+       std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"s.mode=false", "false", "\"mode\": false"}, {"s.mode=true", "true", "\"mode\": true"},
+           {"s.mode=auto", "auto", "\"mode\": \"auto\""}}) {
+    TriState s;
+    bind_recipe(load_recipe("", {override_text}), {&s});
+    EXPECT_EQ(s.mode, want);
+    EXPECT_NE(resolved_json({&s}).find(written), std::string::npos) << resolved_json({&s});
+  }
+  TriState s;
+  std::string err;
+  try {
+    bind_recipe(load_recipe("", {"s.mode=1"}), {&s});
+  } catch (const Error& e) {
+    err = e.what();
+  }
+  EXPECT_NE(err.find("s.mode: expected one of auto | true | false"), std::string::npos) << err;
+}
+
+// data.columns (an object of strings) and data.eval_split: bound from a file and from overrides
+// (whole object or one key), written back into the resolved recipe, refused with the key named.
+TEST(Recipe, DataColumnsAndEvalSplit) {
+  TempDir d;
+  std::string f = d.write("r.json", R"({"data": {"train": "t.jsonl", "columns": {"prompt": "question"}}})");
+  TrainingRecipe r;
+  ASSERT_EQ(bind_error(f, {"data.columns.completion=solution", "data.eval_split=0.1"}, &r), "");
+  EXPECT_EQ(r.data.columns, (std::map<std::string, std::string>{{"prompt", "question"}, {"completion", "solution"}}));
+  EXPECT_DOUBLE_EQ(r.data.eval_split, 0.1);
+  const std::string resolved = resolved_json(r.sections());
+  TempDir d2;
+  TrainingRecipe again;  // the resolved recipe (the run folder's config.json) binds to the same values
+  ASSERT_EQ(bind_error(d2.write("resolved.json", resolved), {}, &again), "") << resolved;
+  EXPECT_EQ(again.data.columns, r.data.columns);
+  EXPECT_DOUBLE_EQ(again.data.eval_split, 0.1);
+  TrainingRecipe bad;
+  std::string e = bind_error(f, {"data.columns={\"prompt\": 3}"}, &bad);
+  EXPECT_NE(e.find("data.columns: expected an object of strings"), std::string::npos) << e;
+  e = bind_error(f, {"data.columns={\"promt\": \"q\"}"}, &bad);
+  EXPECT_NE(e.find("data.columns.promt: \"promt\" is not a field ptk reads"), std::string::npos) << e;
+  e = bind_error(f, {"data.eval_split=1"}, &bad);
+  EXPECT_NE(e.find("data.eval_split must be a fraction in [0, 1)"), std::string::npos) << e;
 }
 
 }  // namespace

@@ -133,10 +133,14 @@ SftDoc whole_sft(const Tokenizer& t, const std::vector<std::pair<std::string, Fi
     ids = e.ids;
     d.mask = e.assistant_mask;
   } else if (!rec[0].second.messages) {
-    auto e = t.encode_prompt_completion(rec[0].second.text, rec[1].second.text, true);
-    ids = e.ids;
-    d.mask = e.completion_mask;
-    d.seg_a = static_cast<uint32_t>(e.prompt_tokens);
+    // Prompt and completion encoded apart, as at generation, then the EOS (kPrepareVersion 4).
+    ids = t.encode(rec[0].second.text);
+    d.seg_a = static_cast<uint32_t>(ids.size());
+    std::vector<TokenId> c = t.encode(rec[1].second.text);
+    ids.insert(ids.end(), c.begin(), c.end());
+    ids.push_back(t.eos_id());
+    d.mask.assign(ids.size(), 1);
+    std::fill(d.mask.begin(), d.mask.begin() + d.seg_a, 0);
   } else {
     std::vector<Message> all = rec[0].second.list;
     all.insert(all.end(), rec[1].second.list.begin(), rec[1].second.list.end());

@@ -3,9 +3,11 @@
 // through prepare, and the SHA-256 of every file it writes must equal the value recorded with the
 // prepare of commit 03458f0 (before the throughput work of issue 8; Qwen's sft case re-recorded
 // when prompt/completion masks on lines NFC changes were fixed, both sft cases for kPrepareVersion 3:
-// TRL's conversational completion masks and bfd tie-breaking; both sft cases for kPrepareVersion 4,
-// chat templates rendered by the Jinja interpreter: tokens, masks and rows unchanged, only the bad
-// role's reason in skipped.txt, which now lists "tool", and so the manifest's file sizes). With the byte-level tokenizer
+// TRL's conversational completion masks and bfd tie-breaking; every case for kPrepareVersion 4:
+// plain prompt/completion tokenized apart, the manifest's boundary_merged count; the sft cases for
+// kPrepareVersion 5, chat templates rendered by the Jinja interpreter: tokens, masks and rows
+// unchanged, only the bad role's reason in skipped.txt, which now lists "tool", and so the
+// manifest's file sizes). With the byte-level tokenizer
 // always; with Qwen's tokenizer.json (real merges, NFC, CJK, long words) when it is present.
 // The hashes are a regression pin of ptk's own output, not a reference: they say the bytes did not
 // change, not that they were right. A change to any output byte fails here: if one is intended,
@@ -234,7 +236,7 @@ void run_cases(const std::string& tokenizer, const char* chat_template, const st
 // Prepares `cases` and has prepare_reference_check.py rebuild every file's content independently
 // (see the top of this file); `template_file` is the Jinja source of the template ptk renders.
 void check_against_reference(const std::string& py, const std::string& tokenizer, const char* chat_template,
-                             const std::string& template_file, const std::vector<Case>& cases) {
+                             const std::string& template_file, const std::vector<Case>& cases, bool merges) {
   test::TempDir dir;
   rapidjson::StringBuffer buf;
   rapidjson::Writer<rapidjson::StringBuffer> w(buf);
@@ -282,22 +284,29 @@ void check_against_reference(const std::string& py, const std::string& tokenizer
     if (c.format != Format::kRl) {
       EXPECT_GT(x["truncated"].GetInt64(), 0) << c.name;
     }
+    // Plain prompt/completion pairs whose one-text encoding merges across the boundary (counted by
+    // both sides): Qwen's merges make some; the byte-level tokenizer has none.
+    if (merges && c.format != Format::kRl) {
+      EXPECT_GT(x["boundary_merged"].GetInt64(), 0) << c.name;
+    } else {
+      EXPECT_EQ(x["boundary_merged"].GetInt64(), 0) << c.name;
+    }
   }
 }
 
 std::vector<Case> byte_cases() {
   return {
-      {"sft", Format::kSft, sft_lines(1, 400), 2.0, 256, "68ce1104791eef93e08e6bba07f4bdadc7f26e05c490c5a2478ac6fe9f623180"},
-      {"preference", Format::kPreference, preference_lines(2, 200), 1.0, 200, "7f7d22c8daffa55e82b1356afd59665604fb8c749af7f44032bdfe655fe1f329"},
-      {"rl", Format::kRl, rl_lines(3, 200), 1.0, 120, "1c60ebc7ba73a7cb1b8f5c32105c97dd141d108c65743bf25feab92b2cec52e1"},
+      {"sft", Format::kSft, sft_lines(1, 400), 2.0, 256, "15f8b50f00053f54edd2c1dbe2b643ee74ac049923e59fd0e84810e8aaaf006e"},
+      {"preference", Format::kPreference, preference_lines(2, 200), 1.0, 200, "96cdf1474f51368400662a23916aeb7d5c88ca028d53e13bc9729766de211815"},
+      {"rl", Format::kRl, rl_lines(3, 200), 1.0, 120, "671ab06d4cb6517a82f0a64ed07dddd2b5875e623bd4e4cc06d88cf2c06707ca"},
   };
 }
 
 std::vector<Case> qwen_cases() {
   return {
-      {"sft", Format::kSft, sft_lines(11, 600), 1.0, 128, "63ae38312d77af111804beb6cb39312fc0ac9e84ad75293fce7c98646a9c8d1c"},
-      {"preference", Format::kPreference, preference_lines(12, 200), 1.0, 96, "c28176bf97c5c028b05956cf68401f648d653e659312db3b61f8aa3ac68b0cfa"},
-      {"rl", Format::kRl, rl_lines(13, 200), 1.0, 64, "2a937489ae77fc7a047c1577be279af1546c4b80d1f5c6a979d54dfd9e4bec87"},
+      {"sft", Format::kSft, sft_lines(11, 600), 1.0, 128, "ec80640c2bbf896a458ba107875145a56ec763c56cda72614b0aae85fde0a27d"},
+      {"preference", Format::kPreference, preference_lines(12, 200), 1.0, 96, "bffbd29cf5e2372dfacee9241e6c78d26c6c6838bee4e1d4a1ab85eb8b2e3add"},
+      {"rl", Format::kRl, rl_lines(13, 200), 1.0, 64, "5eec4b4c2f774f3503255182c29680b34f24897c45fbb932c8ebc03597f43552"},
   };
 }
 
@@ -324,7 +333,7 @@ TEST(PrepareGolden, ByteTokenizerMatchesHfReference) {
   if (py.empty()) PTK_SKIP_WITHOUT("venv") << "no .venv python with HF tokenizers and transformers: independent check skipped";
   test::TempDir dir;
   tasks::write_byte_tokenizer(dir.file("tok"));
-  check_against_reference(py, dir.file("tok"), "chatml", template_file("chatml"), byte_cases());
+  check_against_reference(py, dir.file("tok"), "chatml", template_file("chatml"), byte_cases(), false);
 }
 
 TEST(PrepareGolden, QwenTokenizerMatchesHfReference) {
@@ -333,7 +342,7 @@ TEST(PrepareGolden, QwenTokenizerMatchesHfReference) {
     PTK_SKIP_WITHOUT("qwen-tokenizer") << "Qwen tokenizer.json not found in assets/tokenizers/qwen: run scripts/setup.sh";
   std::string py = test::reference_python();
   if (py.empty()) PTK_SKIP_WITHOUT("venv") << "no .venv python with HF tokenizers and transformers: independent check skipped";
-  check_against_reference(py, tok, "qwen2.5", template_file("qwen2.5"), qwen_cases());
+  check_against_reference(py, tok, "qwen2.5", template_file("qwen2.5"), qwen_cases(), true);
 }
 
 }  // namespace

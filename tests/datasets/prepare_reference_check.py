@@ -15,9 +15,10 @@ any case has errors.
 What a document must hold (the formats of DESIGN.md, TRL's semantics):
   sft messages            the template's rendering (no generation prompt), encoded; mask 1 on tokens
                           overlapping an assistant message's content or its <|im_end|>
-  sft prompt/completion   strings: encode(prompt + completion) + EOS, mask 1 on tokens starting at or
-                          after the prompt's end and on the EOS; seg_a = tokens before the first
-                          masked one. Message lists: the whole conversation rendered, mask 1 on
+  sft prompt/completion   strings: encode(prompt) + encode(completion) + EOS (tokenized apart, as
+                          at generation), mask 1 on the completion's tokens and the EOS; seg_a =
+                          the prompt's tokens; counts.boundary_merged: records where
+                          encode(prompt + completion) differs from that. Message lists: the whole conversation rendered, mask 1 on
                           every token from seg_a on, seg_a = the common prefix of its ids and
                           encode(render(prompt, generation prompt)) (TRL's completion_mask: the
                           template's "\n" after <|im_end|> included)
@@ -29,7 +30,8 @@ What a document must hold (the formats of DESIGN.md, TRL's semantics):
                           render(prompt + reply)[len(that):] (TRL). Too long (prompt + longer reply >
                           L): the prompt keeps its last max(L/2, L - longer reply) tokens (at most all),
                           the replies their first L - kept. Mask 0 on the prompt, 1 on the replies;
-                          seg_a = prompt tokens, seg_b = chosen tokens
+                          seg_a = prompt tokens, seg_b = chosen tokens; counts.boundary_merged: pairs
+                          where encode(prompt + reply) differs from encode(prompt) + encode(reply)
   rl                      render(prompt, generation prompt) or encode(prompt), mask 0; dropped when
                           over max_seq_len; meta.bin holds the record's JSON
 Weights: floor(w) copies of each record, one more for a seeded fraction (prepare.cpp's splitmix64
@@ -189,19 +191,15 @@ def parse(raw, fmt):
 
 
 def sft_doc(tok, rec, L):
-    seg_a = 0
+    seg_a, merged = 0, False
     if "messages" in rec:
         ids, mask = tok.chat(rec["messages"])
     elif "prompt" in rec:
         p, c = rec["prompt"], rec["completion"]
         if isinstance(p, str):
-            text = p + c
-            ids = tok.encode(text)
-            starts, _ = tok.starts(text, ids)
-            cut = tok.nbytes(p)
-            mask = [int(s >= cut) for s in starts]
-            seg_a = mask.index(1) if 1 in mask else len(ids)
-            ids, mask = ids + [tok.eos], mask + [1]
+            pi, ci = tok.encode(p), tok.encode(c)
+            merged = tok.encode(p + c) != pi + ci
+            ids, mask, seg_a = pi + ci + [tok.eos], [0] * len(pi) + [1] * (len(ci) + 1), len(pi)
         else:
             ids, _ = tok.chat(p + c)
             prompt_ids = tok.encode(tok.render(p, True))
@@ -213,13 +211,14 @@ def sft_doc(tok, rec, L):
         ids = tok.encode(rec["text"]) + [tok.eos]
         mask = [1] * len(ids)
     truncated = len(ids) > L
-    return ids[:L], mask[:L], min(seg_a, L), 0, truncated
+    return ids[:L], mask[:L], min(seg_a, L), 0, truncated, merged
 
 
 def preference_doc(tok, rec, L):
     p, c, r = rec["prompt"], rec["chosen"], rec["rejected"]
     if isinstance(p, str):
         pi, ci, ri = tok.encode(p), tok.encode(c) + [tok.eos], tok.encode(r) + [tok.eos]
+        merged = tok.encode(p + c) != pi + ci[:-1] or tok.encode(p + r) != pi + ri[:-1]
     else:
         pt = tok.render(p, True)
         parts = []
@@ -228,6 +227,7 @@ def preference_doc(tok, rec, L):
             assert full.startswith(pt), "prompt + reply does not render after the prompt"
             parts.append(full[len(pt):])
         pi, ci, ri = tok.encode(pt), tok.encode(parts[0]), tok.encode(parts[1])
+        merged = tok.encode(pt + parts[0]) != pi + ci or tok.encode(pt + parts[1]) != pi + ri
     longest = max(len(ci), len(ri))
     truncated = len(pi) + longest > L
     if truncated:
@@ -235,13 +235,13 @@ def preference_doc(tok, rec, L):
         pi = pi[len(pi) - keep:]
         ci, ri = ci[:L - keep], ri[:L - keep]
     ids = pi + ci + ri
-    return ids, [0] * len(pi) + [1] * (len(ci) + len(ri)), len(pi), len(ci), truncated
+    return ids, [0] * len(pi) + [1] * (len(ci) + len(ri)), len(pi), len(ci), truncated, merged
 
 
 def rl_doc(tok, rec, L):
     p = rec["prompt"]
     ids = tok.encode(tok.render(p, True)) if isinstance(p, list) else tok.encode(p)
-    return ids, [0] * len(ids), 0, 0, False
+    return ids, [0] * len(ids), 0, 0, False, False
 
 
 def splitmix64(x):
@@ -277,7 +277,7 @@ def check_case(tok, case, errors):
     make = {"sft": sft_doc, "preference": preference_doc, "rl": rl_doc}[fmt]
     expected = []  # (source, line, ids, mask, seg_a, seg_b, meta, copies)
     skipped = set()
-    counts = dict(read=0, skipped=0, truncated=0, dropped=0, excluded_by_weight=0)
+    counts = dict(read=0, skipped=0, truncated=0, dropped=0, excluded_by_weight=0, boundary_merged=0)
     per_source = []
     kept_frac = []
     for si, src in enumerate(case["sources"]):
@@ -300,7 +300,7 @@ def check_case(tok, case, errors):
             if n == 0:
                 counts["excluded_by_weight"] += 1
                 continue
-            ids, mask, seg_a, seg_b, truncated = make(tok, rec, L)
+            ids, mask, seg_a, seg_b, truncated, merged = make(tok, rec, L)
             if fmt == "rl" and len(ids) > L:
                 counts["dropped"] += 1
                 continue
@@ -308,6 +308,7 @@ def check_case(tok, case, errors):
                 counts["dropped"] += 1  # TRL drops rows truncation left without a target (unpacked)
                 continue
             counts["truncated"] += truncated
+            counts["boundary_merged"] += merged
             meta = rec if fmt == "rl" else None
             expected.append((si, line_no, ids, mask, seg_a, seg_b, meta, n))
             ps["docs"] += n
@@ -449,7 +450,7 @@ def check_case(tok, case, errors):
     if listed != skipped:
         err(f"skipped.txt lists {sorted(listed)[:5]}..., expected {sorted(skipped)[:5]}... ({len(listed)} vs {len(skipped)})")
     return dict(docs=len(entries), records=counts["read"], skipped=len(skipped), rows=rows, tokens=written,
-                truncated=counts["truncated"])
+                truncated=counts["truncated"], boundary_merged=counts["boundary_merged"])
 
 
 def main():

@@ -459,5 +459,142 @@ TEST(Prepare, NoUsableRecordIsAnError) {
   }
 }
 
+// The byte-level tokenizer with one merge, "a" "b" -> "ab": it has no pre-tokenizer split, so "xa" +
+// "by" is 'x' 'ab' 'y' as one text and 'x' 'a' | 'b' 'y' apart. "ab" takes id 256 and the special
+// tokens move up one (HF numbers added tokens after the model's vocabulary): <|im_end|> is 259.
+constexpr uint32_t kAb = 256, kMergingEos = 259;
+std::string write_merging_tokenizer(const test::TempDir& dir) {
+  tasks::write_byte_tokenizer(dir.file("mtok"));
+  auto edit = [](std::string* s, const std::string& from, const std::string& to) {
+    size_t at = s->find(from);
+    ASSERT_NE(at, std::string::npos) << from;
+    s->replace(at, from.size(), to);
+  };
+  std::string json = read_file(dir.file("mtok/tokenizer.json")), cfg = read_file(dir.file("mtok/tokenizer_config.json"));
+  edit(&json, "\"merges\": []", "\"merges\": [\"a b\"]");
+  edit(&json, "\"\xC3\xBF\": 255", "\"\xC3\xBF\": 255,\n      \"ab\": 256");  // after byte 255's character
+  for (const char* id : {"258", "257", "256"}) {
+    edit(&json, std::string("\"id\": ") + id, "\"id\": " + std::to_string(std::stoi(id) + 1));
+    edit(&cfg, std::string("\"") + id + "\":", "\"" + std::to_string(std::stoi(id) + 1) + "\":");
+  }
+  write_file_atomic(dir.file("mtok/tokenizer.json"), json);
+  write_file_atomic(dir.file("mtok/tokenizer_config.json"), cfg);
+  return dir.file("mtok");
+}
+
+// Plain prompt/completion is tokenized apart (kPrepareVersion 4): the completion's first character
+// is trained even where one text would merge it into the prompt's last token; such records are
+// counted (summary, summary_line, manifest with positions, the note of prepare_warnings).
+TEST(Prepare, PromptCompletionTokenizedApartAndBoundaryMergesCounted) {
+  Fixture fx;
+  fx.tok = write_merging_tokenizer(fx.dir);
+  std::string in = fx.dir.write("d.jsonl", R"({"prompt":"xa","completion":"by"})"
+                                           "\n"
+                                           R"({"prompt":"xy","completion":"ab"})"
+                                           "\n"
+                                           R"({"text":"xaby"})"
+                                           "\n");
+  auto o = fx.options(in);
+  o.packing = false;
+  auto r = prepare(o, fx.dir.file("out"));
+  auto set = PreparedSet::open(fx.dir.file("out"));
+  ASSERT_EQ(set.num_docs(), 3);
+  // Apart: 'x' 'a' | 'b' 'y' EOS, loss on 'b' 'y' EOS (one text was 'x' 'ab' 'y': 'b' never trained).
+  EXPECT_EQ(set.doc(0).ids.to_vector(), (std::vector<uint32_t>{'x', 'a', 'b', 'y', kMergingEos}));
+  EXPECT_EQ(set.doc(0).mask.to_vector(), (std::vector<uint8_t>{0, 0, 1, 1, 1}));
+  EXPECT_EQ(set.doc(0).entry->seg_a, 2u);
+  // No merge across this boundary; the merge inside the completion stays.
+  EXPECT_EQ(set.doc(1).ids.to_vector(), (std::vector<uint32_t>{'x', 'y', kAb, kMergingEos}));
+  EXPECT_EQ(set.doc(1).mask.to_vector(), (std::vector<uint8_t>{0, 0, 1, 1}));
+  EXPECT_EQ(set.doc(2).ids.to_vector(), (std::vector<uint32_t>{'x', kAb, 'y', kMergingEos}));  // text: one text, as TRL
+  EXPECT_EQ(r.summary.boundary_merged, 1);
+  EXPECT_NE(summary_line(r).find("; 1 boundary merge avoided (prompt and completion tokenized apart)"), std::string::npos)
+      << summary_line(r);
+  EXPECT_EQ(r.merged_at, std::vector<std::string>{in + ":1"});
+  auto m = json::parse_file(fx.dir.file("out/manifest.json"));
+  EXPECT_EQ(m["counts"]["boundary_merged"].GetInt64(), 1);
+  EXPECT_EQ(json::to_string(m["examples"]["boundary_merged"]), "[\"" + in + ":1\"]");
+  EXPECT_EQ(std::string(m["tokenizer_path"].GetString()), fx.tok);
+  auto w = prepare_warnings(o, r);
+  ASSERT_EQ(w.size(), 1u);
+  EXPECT_EQ(w[0].rfind("prepare: note: 1 of 3 records (33.3%) would merge tokens across the prompt/completion boundary "
+                       "if encoded as one text (e.g. " + in + ":1); ptk encodes prompt and completion apart", 0), 0u)
+      << w[0];
+  // Reused: the same count and positions, from the manifest.
+  auto again = prepare(o, fx.dir.file("out"));
+  EXPECT_TRUE(again.reused);
+  EXPECT_EQ(again.summary.boundary_merged, 1);
+  EXPECT_EQ(again.merged_at, r.merged_at);
+  // Preference pairs (tokenized apart already) are counted the same way.
+  std::string pairs = fx.dir.write("p.jsonl", R"({"prompt":"xa","chosen":"by","rejected":"zz"})"
+                                              "\n"
+                                              R"({"prompt":"xa","chosen":"zz","rejected":"zz"})"
+                                              "\n");
+  auto pr = prepare(fx.options(pairs, Format::kPreference), fx.dir.file("pairs"));
+  EXPECT_EQ(pr.summary.boundary_merged, 1);
+  EXPECT_EQ(pr.merged_at, std::vector<std::string>{pairs + ":1"});
+}
+
+// Truncation above kWarnTruncatedFraction of the records and any drop warn, naming the counts, the
+// key and the first positions; below the threshold, nothing.
+TEST(Prepare, WarningsAboveThresholds) {
+  PrepareOptions o;
+  o.max_seq_len = 512;
+  PrepareResult r;
+  r.summary.read = 22;
+  r.summary.skipped = 1;
+  r.summary.excluded = 1;  // 20 records tokenized
+  r.summary.truncated = 1;  // 5%: not above
+  r.truncated_at = {"d.jsonl:4"};
+  EXPECT_TRUE(prepare_warnings(o, r).empty());
+  r.summary.truncated = 2;  // 10%
+  r.truncated_at = {"d.jsonl:4", "d.jsonl:9"};
+  auto w = prepare_warnings(o, r);
+  ASSERT_EQ(w.size(), 1u);
+  EXPECT_EQ(w[0], "prepare: WARNING: 2 of 20 records (10.0%) have more than data.max_seq_len = 512 tokens and were "
+                  "truncated to 512: the rest of each is not trained; e.g. d.jsonl:4, d.jsonl:9\n"
+                  "---> HINT: raise data.max_seq_len (ptk prepare --max-seq-len), or shorten these records; `ptk "
+                  "inspect-data` shows what is trained");
+  r.summary.truncated = 7;  // more than the positions kept: "..."
+  EXPECT_NE(prepare_warnings(o, r)[0].find("e.g. d.jsonl:4, d.jsonl:9, ...\n"), std::string::npos);
+  // One drop is enough; the wording follows the format.
+  r.summary.truncated = 0;
+  r.summary.dropped = 1;
+  r.dropped_at = {"p.jsonl:3"};
+  o.format = Format::kPreference;
+  o.overlong = "drop";
+  w = prepare_warnings(o, r);
+  ASSERT_EQ(w.size(), 1u);
+  EXPECT_EQ(w[0].rfind("prepare: WARNING: 1 of 20 pairs (5.0%) have a prompt + reply over data.max_seq_len = 512 tokens "
+                       "and were dropped", 0), 0u) << w[0];
+  EXPECT_NE(w[0].find("; e.g. p.jsonl:3\n---> HINT: raise data.max_seq_len"), std::string::npos) << w[0];
+  o.format = Format::kRl;
+  EXPECT_EQ(prepare_warnings(o, r)[0].rfind("prepare: WARNING: 1 of 20 prompts (5.0%) have more than data.max_seq_len", 0), 0u);
+  o.format = Format::kSft;
+  o.overlong = "truncate";
+  EXPECT_NE(prepare_warnings(o, r)[0].find("left them without a completion token"), std::string::npos);
+}
+
+// Through prepare: the positions are the records' file:line, and a reused folder warns again.
+TEST(Prepare, WarningPositionsFromARealPrepare) {
+  Fixture fx;
+  std::string in = fx.dir.write("d.jsonl", R"({"text":"ab"})"
+                                           "\n\n"
+                                           R"({"text":"0123456789"})"
+                                           "\n"
+                                           R"({"text":"9876543210"})"
+                                           "\n");
+  auto o = fx.options(in);
+  o.max_seq_len = 6;
+  auto r = prepare(o, fx.dir.file("t"));
+  EXPECT_EQ(r.truncated_at, (std::vector<std::string>{in + ":3", in + ":4"}));
+  auto w = prepare_warnings(o, r);
+  ASSERT_EQ(w.size(), 1u);
+  EXPECT_NE(w[0].find("2 of 3 records (66.7%) have more than data.max_seq_len = 6 tokens"), std::string::npos) << w[0];
+  auto again = prepare(o, fx.dir.file("t"));
+  ASSERT_TRUE(again.reused);
+  EXPECT_EQ(prepare_warnings(o, again), w);
+}
+
 }  // namespace
 }  // namespace ptk::data

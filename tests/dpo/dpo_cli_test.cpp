@@ -84,6 +84,30 @@ TEST_F(DpoCli, TrainsWritesFinalWithTrlMetricsAndResumes) {
   EXPECT_EQ(metric_lines().size(), 6u);
 }
 
+// issue 26: dpo.precompute_ref_log_probs=auto (the default) precomputes only when the pass costs no
+// more reference forwards than the run does live. 1 step x 4 pairs + 1 eval x 8 pairs = 12 live
+// forwards against a 24 + 8 pair pass: live, no cache written. The run above (4 steps, 3 evals: 16 +
+// 24 = 40 against 32) precomputed. true forces the pass whatever the length.
+TEST_F(DpoCli, AutoReferencePrecomputesOnlyWhenTheRunCoversTheData) {
+  auto r = test::run(dpo("train.max_steps=1 train.eval_every=0", "short"));
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("dpo: reference log-probs live (auto: 1 steps x 4 pairs = 4 trained pairs + 1 evals x 8 pairs "
+                       "= 12 live reference forwards vs 32 for the pass"),
+            std::string::npos)
+      << r.out;
+  EXPECT_EQ(r.out.find("computing reference log-probs"), std::string::npos) << r.out;
+  for (auto& e : std::filesystem::directory_iterator(d_.file("short/data")))
+    EXPECT_NE(e.path().filename().string().rfind("train-ref_logps-", 0), 0u) << "a cache was written: " << e.path();
+  auto forced = test::run(dpo("train.max_steps=1 train.eval_every=0 dpo.precompute_ref_log_probs=true", "forced"));
+  ASSERT_EQ(forced.exit_code, 0) << forced.out;
+  EXPECT_NE(forced.out.find("reference log-probs precomputed (dpo.precompute_ref_log_probs=true)"), std::string::npos)
+      << forced.out;
+  EXPECT_NE(forced.out.find("computing reference log-probs"), std::string::npos) << forced.out;
+  auto h = test::run(test::ptk_binary() + " dpo --help");
+  EXPECT_NE(h.out.find("dpo.precompute_ref_log_probs"), std::string::npos);
+  EXPECT_NE(h.out.find("auto|true|false"), std::string::npos) << h.out;
+}
+
 // dpo.eval_prompts: the SFT model's held-out accuracy before the first step, and the policy's at
 // the last eval, through ptk eval's code (the last equals `ptk eval` on final/).
 TEST_F(DpoCli, HeldoutAccuracyBeforeAndAfter) {

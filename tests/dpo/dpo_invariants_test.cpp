@@ -103,7 +103,7 @@ TEST_F(DpoInvariants, ResumeEqualsUninterruptedRun) {
       "train.micro_batch_size=2 train.grad_accum=2 train.eval_every=2 checkpoint.every=3 optim.schedule=constant "
       "optim.warmup_steps=2 ";
   // Each reference mode once and each dtype once (every combination would double the run time).
-  for (const ResumeCase& c : {ResumeCase{"precomputed-fp32", ""},
+  for (const ResumeCase& c : {ResumeCase{"precomputed-fp32", "dpo.precompute_ref_log_probs=true"},
                               ResumeCase{"live-bf16", "dpo.precompute_ref_log_probs=false model.dtype=bfloat16"}}) {
     SCOPED_TRACE(c.name);
     std::string full = std::string("full-") + c.name, stopped = std::string("resumed-") + c.name;

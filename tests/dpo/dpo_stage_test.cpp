@@ -190,7 +190,7 @@ TEST(DpoStage, PrecomputedReferenceEqualsLiveAndIsCached) {
   Fixture f;
   DpoRecipe live_r, pre_r;
   f.bind(live_r, f.dir.file("live"), {"dpo.precompute_ref_log_probs=false"});
-  f.bind(pre_r, f.dir.file("pre"), {"dpo.precompute_ref_batch_size=2"});
+  f.bind(pre_r, f.dir.file("pre"), {"dpo.precompute_ref_log_probs=true", "dpo.precompute_ref_batch_size=2"});
   DpoStage live(live_r, live_r.run.dir), pre(pre_r, pre_r.run.dir);
   pre.set_rank(0, 1);
   ASSERT_FALSE(pre.ref_cache_path().empty());

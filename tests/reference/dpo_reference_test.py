@@ -8,9 +8,9 @@ and then the trained weights. One case per loss type both implement (sigmoid, hi
 sft, sigmoid_norm; TRL's exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down
 and discopop have no ptk counterpart) and a weighted list, against a live reference model (TRL:
 ref_model = a second copy of the initial model; ptk: dpo.precompute_ref_log_probs=false); against
-precomputed reference log-probs (TRL: precompute_ref_log_probs=True; ptk: its default, the cached
-pass) sigmoid alone and all six in one weighted list; LD-DPO (ld_alpha) in both modes; chat messages
-in both modes.
+precomputed reference log-probs (TRL: precompute_ref_log_probs=True; ptk:
+dpo.precompute_ref_log_probs=true, the cached pass) sigmoid alone and all six in one weighted list;
+LD-DPO (ld_alpha) in both modes; chat messages in both modes.
 
 Found and fixed in ptk by this test: with ld_alpha, ptk mixed only the policy's sums (TRL before its
 DPO refactor) and also mixed the sft term; TRL 1.16 mixes the reference's sums too (so the log-ratios

@@ -6,7 +6,7 @@ with {% generation %} blocks).
 For each template, a set of conversations (single turn, system prompt, multi-turn, generation prompt
 on and off, reasoning_content and "<think>" in content, tools with tool_calls whose arguments are a
 dict or a JSON string plus tool results, unicode and JSON-special characters, enable_thinking=False,
-an unsupported role) is rendered by transformers (`_render_with_assistant_indices` on the template
+an unsupported role, and 12 seeded random conversations per template) is rendered by transformers (`_render_with_assistant_indices` on the template
 `_compile_jinja_template` compiles, with the context `apply_chat_template` builds: the tokenizer's
 special tokens, messages with None values dropped and reasoning aliased, tools, documents=None,
 add_generation_prompt) and by tests/tokenizer/jinja_render_probe (PTK_JINJA_PROBE). The text must be
@@ -88,9 +88,77 @@ def conversations():
         ("enable_thinking_true", [u1, a1, u2], {"enable_thinking": True}),
         ("empty_reply", [u1, {"role": "assistant", "content": ""}], {}),
         ("bad_role", [{"role": "narrator", "content": "Once upon a time"}, u1], {}),
+        ("content_parts", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}], {}),
+        ("system_only", [sys_], {}),
+        ("two_tool_calls", [{"role": "user", "content": "Weather in Paris and Rome?"},
+                            {"role": "assistant", "content": "Let me check.", "reasoning_content": "Two cities.",
+                             "tool_calls": [calls_dict[0], {"id": "call_2", "type": "function", "function": {
+                                 "name": "get_weather", "arguments": {"city": "Rome", "nested": {
+                                     "values": [1.0, 1e-05, 0.1, 12345678901234567, -3, True, None],
+                                     "text": "\u00e9\"\n"}}}}]},
+                            {"role": "tool", "content": "21", "tool_call_id": "call_1"},
+                            {"role": "tool", "content": "25", "tool_call_id": "call_2"},
+                            {"role": "assistant", "content": "21 and 25."}],
+         {"tools": [WEATHER_TOOL, {"type": "function", "function": {"name": "noop", "description": "Does nothing.",
+                                                                   "parameters": {"type": "object", "properties": {}}}}]}),
+        ("long_reasoning_history", [sys_, u1, {"role": "assistant", "content": "A.", "reasoning_content": "first"},
+                                    u2, {"role": "assistant", "content": "B.", "reasoning_content": "second"},
+                                    {"role": "user", "content": "And now?"}], {}),
+        ("documents", [u1, a1], {"documents": [{"title": "Doc 1", "text": "Paris is in France."},
+                                               {"title": "Doc 2", "text": "Rome is in Italy."}]}),
         ("assistant_first", [a1, u1], {}),
     ]
     return cases
+
+
+def random_conversations(seed, count):
+    """Deterministic random conversations (roles, contents, reasoning, tool calls and results, content
+    parts, template kwargs) for the cases the fixed list does not think of."""
+    import random
+    rng = random.Random(seed)
+    texts = ["Hi", "", "  padded  ", "line one\nline two\n", "caf\u00e9 \u4e2d\u6587 \U0001F600", "a \"quoted\" {{ x }} \\ end",
+             "<think>\nhidden\n</think>\n\nshown", "<tool_call>{}</tool_call>", "\t tab and trailing space ", "1.0"]
+    args = [{"city": "Paris"}, {"n": 1, "x": 1.5, "flag": True, "none": None, "list": [1, "a", {"k": []}]}, {},
+            {"q": "caf\u00e9 \"x\"\n"}, "{\"city\": \"Rome\"}"]
+    out = []
+    for k in range(count):
+        msgs = []
+        if rng.random() < 0.5:
+            msgs.append({"role": "system", "content": rng.choice(texts)})
+        for turn in range(rng.randint(1, 3)):
+            msgs.append({"role": "user", "content": rng.choice(texts)})
+            r = rng.random()
+            if r < 0.3:
+                calls = [{"type": "function", "function": {"name": rng.choice(["get_weather", "noop"]),
+                                                           "arguments": rng.choice(args)}}
+                         for _ in range(rng.randint(1, 2))]
+                if rng.random() < 0.5:
+                    for i, c in enumerate(calls):
+                        c["id"] = f"call_{turn}_{i}"
+                msg = {"role": "assistant", "tool_calls": calls}
+                if rng.random() < 0.6:
+                    msg["content"] = rng.choice(texts)
+                if rng.random() < 0.3:
+                    msg["reasoning_content"] = rng.choice(texts)
+                msgs.append(msg)
+                for c in calls:
+                    msgs.append({"role": "tool", "content": rng.choice(texts), "name": c["function"]["name"]})
+                msgs.append({"role": "assistant", "content": rng.choice(texts)})
+            elif r < 0.9 or turn < 2:
+                msg = {"role": "assistant", "content": rng.choice(texts)}
+                if rng.random() < 0.3:
+                    msg["reasoning_content"] = rng.choice(texts)
+                msgs.append(msg)
+        if rng.random() < 0.3:
+            msgs = msgs[:-1] if msgs[-1]["role"] == "assistant" and len(msgs) > 1 else msgs
+        extra = {}
+        if rng.random() < 0.4:
+            extra["tools"] = [WEATHER_TOOL]
+        if rng.random() < 0.5:
+            extra["enable_thinking"] = rng.random() < 0.5
+        out.append((f"random{k}", msgs, extra))
+    return out
 
 
 def special_tokens(template_name):
@@ -119,9 +187,10 @@ def build_context(cu, name, messages, extra, add_generation_prompt):
     msgs = cu._alias_reasoning_fields(cu._plain_template_data(msgs))
     extra = dict(extra)
     tools = extra.pop("tools", None)
+    documents = extra.pop("documents", None)
     ctx = {**special_tokens(name), **extra}
     ctx = cu._plain_template_data(ctx)
-    ctx.update(messages=msgs, tools=cu._plain_template_data(tools), documents=None,
+    ctx.update(messages=msgs, tools=cu._plain_template_data(tools), documents=cu._plain_template_data(documents),
                add_generation_prompt=add_generation_prompt)
     return ctx
 
@@ -149,6 +218,8 @@ class JinjaReferenceTest(ptkref.TempDirTestCase):
             self.fail(f"{PROBE} is missing: build the jinja_render_probe target")
         templates = sorted(glob.glob(str(Path(trl.__file__).parent / "chat_templates" / "*.jinja")))
         self.assertGreater(len(templates), 50, "trl/chat_templates holds fewer templates than expected")
+        # and the ones tests/tokenizer keeps (Qwen2.5-Instruct's published template, plain ChatML)
+        templates += sorted(glob.glob(str(ptkref.SOURCE_DIR / "tests" / "tokenizer" / "data" / "*.jinja")))
         failures = []
         renders = errors_both = 0
         for path in templates:
@@ -158,7 +229,7 @@ class JinjaReferenceTest(ptkref.TempDirTestCase):
                 continue
             compiled = cu._compile_jinja_template(source)
             contexts, expected = [], []
-            for case, messages, extra in conversations():
+            for case, messages, extra in conversations() + random_conversations(name, 12):
                 for agp in (False, True):
                     ctx = build_context(cu, name, messages, extra, agp)
                     contexts.append(ctx)

@@ -14,6 +14,8 @@ num_tokens, grad_norm and learning_rate, and the weights after the last step.
   PreparedRowsAgainstTrl (no training)
   - completion masks at awkward prompt/completion boundaries and with multi-turn completions, and
     records truncation leaves without a target (dropped by both, unpacked);
+  - plain prompt/completion whose text merges across the boundary: ptk tokenizes prompt and completion
+    apart, TRL as one text (a pinned, documented difference);
   - packing with rows of equal room (tie-breaking);
   - "messages" records: ptk's loss on assistant turns against TRL's default loss on every token
     (a pinned, documented difference: DESIGN.md's data formats).
@@ -334,6 +336,48 @@ class PreparedRowsAgainstTrl(ptkref.TempDirTestCase):
                            "--output", self.tmp / f"prep-{name}", "--no-packing", "--max-seq-len", 128)
                 trainer = sft_trainer(self.tmp, model_dir, records, max_length=128)
                 assert_same_rows(self, trainer.train_dataset, self.tmp / f"prep-{name}", False)
+
+    def test_boundary_merge_tokenized_apart(self):
+        """Pinned difference: a plain prompt/completion record whose text merges across the boundary as one
+        text ("the ans" + "wer" is 'the' 'Ġanswer' with the harness tokenizer; Qwen2.5 makes '.M'|'aking' of
+        "Describe it." + "Making"). TRL tokenizes prompt + completion as one text and starts the loss where
+        that leaves the prompt's own ids (common_prefix_length), so it trains 'Ġanswer' after 'the': ids the
+        model never sees at generation, and prompt text ("ans") in the target. ptk tokenizes the prompt and
+        the completion apart, as generation does: 'the' 'Ġans' | 'wer' EOS, the loss on exactly the
+        completion. Records without such a merge are the same on both sides."""
+        ptkref.need("trl")
+        tok = ptkref.tiny_tokenizer(self.tmp / "tok")
+        model_dir = ptkref.tiny_qwen2(self.tmp / "model", tok, seed=5)
+        records = [{"prompt": "the ans", "completion": "wer"}, {"prompt": "What is 2+3?", "completion": " 5"},
+                   {"prompt": "The quick brown fox jumps over the lazy dog. The ans", "completion": "wer is Paris."}]
+        data = ptkref.write_jsonl(self.tmp / "merge.jsonl", records)
+        out = ptkref.ptk("prepare", "--threads", 1, "--tokenizer", model_dir, "--input", data,
+                         "--output", self.tmp / "prep", "--no-packing", "--max-seq-len", 128)
+        self.assertIn("2 boundary merges avoided (prompt and completion tokenized apart)", out.stdout)
+        docs, _ = read_ptk_prepared(self.tmp / "prep")
+        trainer = sft_trainer(self.tmp, model_dir, records, max_length=128)
+        hf = trainer.processing_class
+        enc = lambda text: hf(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        eos = hf.eos_token_id
+        merged = 0
+        for (ids, mask), row, rec in zip(docs, trainer.train_dataset, records):
+            p, c = rec["prompt"], rec["completion"]
+            apart, joint = enc(p) + enc(c), enc(p + c)
+            # ptk: the prompt's ids, then the completion's, the loss on the completion and the EOS.
+            self.assertEqual(ids, apart + [eos])
+            self.assertEqual(mask, [0] * len(enc(p)) + [1] * (len(enc(c)) + 1))
+            self.assertEqual(hf.decode([t for t, m in zip(ids, mask) if m]), c + hf.eos_token)
+            # TRL: one text.
+            self.assertEqual(list(row["input_ids"]), joint + [eos])
+            if apart == joint:
+                self.assertEqual(list(row["labels"]), [t if m else -100 for t, m in zip(ids, mask)])
+                continue
+            merged += 1
+            self.assertNotEqual(list(row["input_ids"]), ids)
+            trl_trained = hf.decode([t for t in row["labels"] if t != -100])
+            self.assertTrue(trl_trained.endswith(c + hf.eos_token))
+            self.assertNotEqual(trl_trained, c + hf.eos_token, "TRL's target starts inside the prompt")
+        self.assertEqual(merged, 2, "the data must hold records that merge across the boundary")
 
     def test_messages_loss_on_assistant_turns_only(self):
         """Pinned difference: a "messages" record trains ptk on its assistant turns (content and

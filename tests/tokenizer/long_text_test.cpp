@@ -10,6 +10,7 @@
 
 #include <random>
 
+#include "core/tokenizer/prompt_completion.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/error.h"
 #include "tests/tokenizer/golden.h"
@@ -290,6 +291,45 @@ TEST_F(LongText, BoundedPromptCompletionIsTheTruncatedWhole) {
       EXPECT_EQ(cut.completion_mask,
                 std::vector<uint8_t>(whole.completion_mask.begin(), whole.completion_mask.begin() + static_cast<std::ptrdiff_t>(n)));
       EXPECT_EQ(cut.prompt_tokens, std::min(whole.prompt_tokens, n));
+    }
+  }
+}
+
+// The same for prompt and completion tokenized apart (prepare's plain-text prompt/completion): the
+// bounded result is the first n of the whole one, and boundary_merged says whether the one-text
+// encoding differs within those n ids.
+TEST_F(LongText, BoundedPromptCompletionApartIsTheTruncatedWhole) {
+  const size_t n = 300, big = tok().head_bytes(n) * 2;
+  std::string prose = real_text(big), word = adversarial(big)[0].text;
+  const std::pair<std::string, std::string> cases[] = {
+      {prose, "short answer"},
+      {"short question", prose},
+      {std::string(utf8_head(prose, tok().head_bytes(n) - 3)), word},
+      {"a question.", word},  // '.' + letters: one pre-token as one text
+      {word, word},
+      {std::string(big, ' '), prose},
+  };
+  for (size_t k = 0; k < std::size(cases); ++k) {
+    SCOPED_TRACE("case " + std::to_string(k));
+    const auto& [p, c] = cases[k];
+    for (bool eos : {true, false}) {
+      bool merged_whole = false, merged_cut = false;
+      auto whole = encode_prompt_completion_apart(tok(), p, c, eos, SIZE_MAX, &merged_whole);
+      auto cut = encode_prompt_completion_apart(tok(), p, c, eos, n, &merged_cut);
+      std::vector<TokenId> want = tok().encode(p), ci = tok().encode(c);
+      want.insert(want.end(), ci.begin(), ci.end());
+      if (eos) want.push_back(tok().eos_id());
+      EXPECT_EQ(whole.ids, want);
+      EXPECT_EQ(whole.prompt_tokens, tok().encode(p).size());
+      ASSERT_GT(whole.ids.size(), n);
+      EXPECT_EQ(cut.ids, first(whole.ids, n));
+      EXPECT_EQ(cut.completion_mask,
+                std::vector<uint8_t>(whole.completion_mask.begin(), whole.completion_mask.begin() + static_cast<std::ptrdiff_t>(n)));
+      EXPECT_EQ(cut.prompt_tokens, std::min(whole.prompt_tokens, n));
+      std::vector<TokenId> one = tok().encode(p + c);
+      if (eos) one.push_back(tok().eos_id());
+      EXPECT_EQ(merged_whole, one != whole.ids);
+      EXPECT_EQ(merged_cut, first(one, n) != cut.ids);
     }
   }
 }

@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 
+#include "core/tokenizer/prompt_completion.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/error.h"
 #include "tests/tokenizer/golden.h"
@@ -160,6 +161,27 @@ TEST_F(Qwen, BatchOnAllCoresEqualsSerial) {
   while (texts.size() < 2000) texts.push_back(texts[texts.size() % 300]);
   auto batch = t.encode_batch(texts);
   for (size_t i = 0; i < texts.size(); ++i) ASSERT_EQ(batch[i], t.encode(texts[i])) << i;
+}
+
+// The case with Qwen2.5's vocabulary: "Describe it." + "Making" is '.M'|'aking' as one text
+// (HF tokenizers gives 1321, 1765), so the one-text mask left 'M' untrained; apart it is '.'|'Making'
+// (13 | 42246), the ids generation sees after the prompt, with all of "Making" trained.
+TEST_F(Qwen, PromptCompletionApartKeepsTheCompletionsFirstCharacters) {
+  Tokenizer t = load(ChatTemplate::kQwen25);
+  auto joint = t.encode_prompt_completion("Describe it.", "Making", false);
+  EXPECT_EQ(joint.ids, (std::vector<TokenId>{74785, 432, 1321, 1765}));
+  EXPECT_EQ(joint.completion_mask, (std::vector<uint8_t>{0, 0, 0, 1}));  // '.M' not trained
+  bool merged = false;
+  auto r = encode_prompt_completion_apart(t, "Describe it.", "Making", true, SIZE_MAX, &merged);
+  EXPECT_EQ(r.ids, (std::vector<TokenId>{74785, 432, 13, 42246, t.eos_id()}));
+  EXPECT_EQ(r.completion_mask, (std::vector<uint8_t>{0, 0, 0, 1, 1}));
+  EXPECT_EQ(r.prompt_tokens, 3u);
+  EXPECT_EQ(t.decode({r.ids[3]}), "Making");
+  EXPECT_TRUE(merged);
+  // A leading space starts its own pre-token: nothing merges.
+  auto s = encode_prompt_completion_apart(t, "Describe it.", " Making", true, SIZE_MAX, &merged);
+  EXPECT_EQ(s.ids, t.encode_prompt_completion("Describe it.", " Making", true).ids);
+  EXPECT_FALSE(merged);
 }
 
 // Regenerates the golden files with the Python references now and compares them to the committed

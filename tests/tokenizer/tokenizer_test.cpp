@@ -6,6 +6,7 @@
 #include <random>
 
 #include "core/tokenizer/messages_json.h"
+#include "core/tokenizer/prompt_completion.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/error.h"
 #include "tests/tokenizer/golden.h"
@@ -246,6 +247,49 @@ TEST(Tokenizer, PromptCompletionMask) {
   auto e = b.encode_prompt_completion("1+2=", "3<|endoftext|>", true);
   EXPECT_EQ(e.ids, s.ids);
   EXPECT_EQ(e.completion_mask, s.completion_mask);
+}
+
+// Tokenized apart (what prepare does since kPrepareVersion 4): "hel" + "lo" is one token "hello" as
+// one text, which started in the prompt, so the one-text mask left the completion with no trained
+// token at all; apart it is 'he' 'l' | 'l' 'o', the completion's two tokens trained, and
+// boundary_merged says the one text would have differed.
+TEST(Tokenizer, PromptCompletionApartAtAMergingBoundary) {
+  Tokenizer t = Tokenizer::load(data_dir() + "/tiny_merges_pairs.json");
+  auto joint = t.encode_prompt_completion("hel", "lo", false);
+  ASSERT_EQ(joint.ids, std::vector<TokenId>{t.token_to_id("hello")});
+  EXPECT_EQ(joint.completion_mask, std::vector<uint8_t>{0});  // what prepare trained before: nothing
+  bool merged = false;
+  auto r = encode_prompt_completion_apart(t, "hel", "lo", false, SIZE_MAX, &merged);
+  std::vector<TokenId> want = t.encode("hel"), c = t.encode("lo");
+  want.insert(want.end(), c.begin(), c.end());
+  EXPECT_EQ(r.ids, want);
+  EXPECT_EQ(r.ids.size(), 4u);
+  EXPECT_EQ(r.completion_mask, (std::vector<uint8_t>{0, 0, 1, 1}));
+  EXPECT_EQ(r.prompt_tokens, 2u);
+  EXPECT_EQ(t.decode({r.ids.begin() + 2, r.ids.end()}), "lo");
+  EXPECT_TRUE(merged);
+  // A boundary at a token boundary: the same ids as one text, no merge reported.
+  auto same = encode_prompt_completion_apart(t, "hello", " world", false, SIZE_MAX, &merged);
+  EXPECT_EQ(same.ids, t.encode("hello world"));
+  EXPECT_EQ(same.completion_mask, (std::vector<uint8_t>{0, 1}));
+  EXPECT_FALSE(merged);
+  // max_ids keeps the first ids and mask values: inside the prompt, at the boundary, inside the completion.
+  for (size_t n : {1, 2, 3, 4, 5}) {
+    SCOPED_TRACE(n);
+    auto cut = encode_prompt_completion_apart(t, "hel", "lo", false, n, &merged);
+    const size_t k = std::min<size_t>(n, 4);
+    EXPECT_EQ(cut.ids, std::vector<TokenId>(r.ids.begin(), r.ids.begin() + static_cast<std::ptrdiff_t>(k)));
+    EXPECT_EQ(cut.completion_mask, std::vector<uint8_t>(r.completion_mask.begin(), r.completion_mask.begin() + static_cast<std::ptrdiff_t>(k)));
+    EXPECT_EQ(cut.prompt_tokens, std::min<size_t>(n, 2));
+    EXPECT_TRUE(merged);  // the one text differs already in its first id
+  }
+  // EOS appended (TRL's rule: not when the completion ends with its text), and cut by max_ids.
+  Tokenizer b = Tokenizer::load(data_dir() + "/bytelevel_chatml.json");
+  auto e = encode_prompt_completion_apart(b, "1+2=", "3", true);
+  EXPECT_EQ(e.ids, (std::vector<TokenId>{'1', '+', '2', '=', '3', 256}));
+  EXPECT_EQ(e.completion_mask, (std::vector<uint8_t>{0, 0, 0, 0, 1, 1}));
+  EXPECT_EQ(encode_prompt_completion_apart(b, "1+2=", "3<|endoftext|>", true).ids, e.ids);
+  EXPECT_EQ(encode_prompt_completion_apart(b, "1+2=", "3", true, 5).ids, (std::vector<TokenId>{'1', '+', '2', '=', '3'}));
 }
 
 // NFC changes a line (e + U+0301 -> é): token starts inside such a line were the line's start, so

@@ -1,7 +1,7 @@
 // The shared step loop on a tiny Qwen2 (random init) with an SFT-shaped loss: the loss falls,
 // micro-batch 1 x accumulation 8 equals micro-batch 8 x accumulation 1, a resumed run continues
 // bit-for-bit (also from a checkpoint exactly at an epoch boundary), and the run folder has what
-// DESIGN.md promises.
+// DESIGN.md promises; a checkpoint of the last step writes final/ without training.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -252,6 +252,51 @@ TEST(Trainer, RefusesAModelThatCannotFit) {
   }
   o.memory_budget_bytes = need * 2;
   EXPECT_NO_THROW(Trainer(stage, o));
+}
+
+}  // namespace
+}  // namespace ptk::train
+
+namespace ptk::train {
+namespace {
+
+// issue 26: a run resumed from a checkpoint of its last step (final/ lost, e.g. a crash after the
+// checkpoint) has nothing to train: no step, metrics.jsonl untouched, final/ written from that
+// checkpoint's weights and finished.json (step N) beside it; a new run clears finished.json.
+TEST(Trainer, CheckpointAtTheLastStepWritesFinalWithoutTraining) {
+  at::set_num_threads(1);
+  test::TempDir d;
+  auto o = options(d.file("run"));
+  o.max_steps = 4;
+  o.checkpoint_every = 4;
+  {
+    TinyLmStage stage(32, 4, 1);
+    Trainer t(stage, o);
+    ASSERT_EQ(t.run(), 4);
+  }
+  EXPECT_EQ(json::parse_file(o.run_dir + "/finished.json")["step"].GetInt64(), 4);
+  const std::string metrics = read_file(o.run_dir + "/metrics.jsonl");
+  const std::string weights = read_file(o.run_dir + "/final/model.safetensors");
+  std::filesystem::remove_all(o.run_dir + "/final");
+  std::filesystem::remove(o.run_dir + "/finished.json");
+  {
+    TinyLmStage stage(32, 4, 1);
+    Trainer t(stage, o);
+    EXPECT_EQ(t.run(), 0);
+    EXPECT_EQ(t.step(), 4);
+  }
+  EXPECT_EQ(read_file(o.run_dir + "/metrics.jsonl"), metrics);
+  EXPECT_EQ(read_file(o.run_dir + "/final/model.safetensors"), weights) << "final/ is not the step-4 checkpoint's";
+  EXPECT_EQ(json::parse_file(o.run_dir + "/finished.json")["step"].GetInt64(), 4);
+  // A run that trains (here from step 0) removes finished.json until its own final/ is written.
+  auto fresh = o;
+  fresh.resume = "never";
+  fresh.max_steps = 2;
+  fresh.checkpoint_every = 0;
+  TinyLmStage stage(32, 4, 1);
+  Trainer t(stage, fresh);
+  ASSERT_EQ(t.run(), 2);
+  EXPECT_EQ(json::parse_file(o.run_dir + "/finished.json")["step"].GetInt64(), 2);
 }
 
 }  // namespace
