@@ -99,6 +99,8 @@ std::vector<std::string> tokenizer_files(const std::string& path) {
   std::vector<std::string> files{json};
   std::string cfg = parent_dir(json) + "/tokenizer_config.json";
   if (path_exists(cfg)) files.push_back(cfg);
+  std::string jinja = parent_dir(json) + "/chat_template.jinja";  // the folder's template (transformers 5)
+  if (path_exists(jinja)) files.push_back(jinja);
   return files;
 }
 
@@ -128,6 +130,15 @@ std::string identity_json(const PrepareOptions& o, const std::vector<SourceFile>
   write_str(w, o.on_error);
   w.Key("chat_template");
   write_str(w, o.chat_template);
+  if (o.chat_template != "auto" && o.chat_template != "qwen2.5" && o.chat_template != "chatml" &&
+      path_exists(o.chat_template) && !fs::is_directory(o.chat_template)) {
+    w.Key("chat_template_sha256");  // a template file: its text decides the rows, not its name
+    write_str(w, sha256_file(o.chat_template));
+  }
+  if (!o.chat_template_kwargs.empty()) {
+    w.Key("chat_template_kwargs");
+    write_str(w, o.chat_template_kwargs);
+  }
   w.Key("tokenizer_sha256");
   std::string tok_hash;
   for (const auto& f : tokenizer_files(o.tokenizer_path)) tok_hash += fs::path(f).filename().string() + ":" + sha256_file(f) + ";";
@@ -244,7 +255,7 @@ std::vector<TokenId> encode_head_with_eos(const Tokenizer& tok, std::string_view
 void tokenize_sft(const Tokenizer& tok, const SftRecord& r, size_t n, LineResult* out) {
   switch (r.kind) {
     case SftRecord::Kind::kMessages: {
-      auto e = tok.render_chat(r.messages, false, n);
+      auto e = tok.render_chat(r.messages, false, n, r.chat);
       out->ids = std::move(e.ids);
       out->mask = std::move(e.assistant_mask);
       break;
@@ -263,16 +274,15 @@ void tokenize_sft(const Tokenizer& tok, const SftRecord& r, size_t n, LineResult
         // render with the generation prompt: TRL's completion_mask, which starts at the common
         // prefix of the two (common_prefix_length) and so also holds what the template writes
         // after the assistant's <|im_end|> (Qwen2.5's "\n") and any non-assistant turn of the
-        // completion. (Before, only the assistant mask past the prompt counted: one target fewer
-        // per record than TRL, which tests/reference/sft_reference_test.py showed.) Both renders
-        // hold at most n ids: only the first n - 1 mask values can survive.
-        std::vector<tokenizer::Message> all =
-            tokenizer::head_messages({&r.prompt.messages, &r.completion.messages}, tok.head_bytes(n));
-        auto e = tok.render_chat(all, false, n);
-        std::vector<TokenId> prompt_ids = tok.render_chat(r.prompt.messages, true, n).ids;
+        // completion. Both renders are whole (a template may render earlier turns differently once
+        // later ones are gone), and only their first n ids are encoded.
+        std::vector<tokenizer::Message> all = r.prompt.messages;
+        all.insert(all.end(), r.completion.messages.begin(), r.completion.messages.end());
+        std::vector<TokenId> ids = tok.encode_head(tok.render_chat_text(all, false, r.chat), n);
+        std::vector<TokenId> prompt_ids = tok.encode_head(tok.render_chat_text(r.prompt.messages, true, r.chat), n);
         size_t p = 0;
-        while (p < prompt_ids.size() && p < e.ids.size() && prompt_ids[p] == e.ids[p]) ++p;
-        out->ids = std::move(e.ids);
+        while (p < prompt_ids.size() && p < ids.size() && prompt_ids[p] == ids[p]) ++p;
+        out->ids = std::move(ids);
         out->mask.assign(out->ids.size(), 0);
         for (size_t i = p; i < out->mask.size(); ++i) out->mask[i] = 1;
         out->seg_a = static_cast<uint32_t>(p);
@@ -309,34 +319,23 @@ bool merges_across(const Tokenizer& tok, std::string_view a, std::initializer_li
   return false;
 }
 
-// The prompt's messages with empty contents: a reply renders after them exactly as after the real
-// prompt (the templates look only at roles), without copying a long prompt for each reply.
-std::vector<tokenizer::Message> roles_only(const std::vector<tokenizer::Message>& m) {
-  std::vector<tokenizer::Message> out;
-  out.reserve(m.size());
-  for (const auto& x : m) out.push_back({x.role, std::string()});
-  return out;
-}
-
 // Prompt text with the generation prompt, and each reply as the text the full render adds after it
-// (TRL: apply_chat_template(prompt + reply)[len(prompt):]); each reply's messages cut to what
-// decides its first `budget` bytes.
-bool render_pair_texts(const Tokenizer& tok, const PreferenceRecord& r, size_t budget, std::string* p, std::string* c,
+// (TRL: apply_chat_template(prompt + reply)[len(prompt):]). Renders are whole: a template may
+// render the prompt's turns differently from its contents (Qwen3's <think> handling, tool results).
+bool render_pair_texts(const Tokenizer& tok, const PreferenceRecord& r, std::string* p, std::string* c,
                        std::string* rj, std::string* reason) {
-  *p = tok.render_chat_text(r.prompt.messages, true);
-  const std::vector<tokenizer::Message> roles = roles_only(r.prompt.messages);
-  const std::string head = tok.render_chat_text(roles, true);
+  *p = tok.render_chat_text(r.prompt.messages, true, r.chat);
   for (int k = 0; k < 2; ++k) {
     const auto& reply = k == 0 ? r.chosen.messages : r.rejected.messages;
-    std::vector<tokenizer::Message> all = roles, cut = tokenizer::head_messages({&reply}, budget);
-    all.insert(all.end(), std::make_move_iterator(cut.begin()), std::make_move_iterator(cut.end()));
-    std::string full = tok.render_chat_text(all);
-    if (full.compare(0, head.size(), head) != 0) {
+    std::vector<tokenizer::Message> all = r.prompt.messages;
+    all.insert(all.end(), reply.begin(), reply.end());
+    std::string full = tok.render_chat_text(all, false, r.chat);
+    if (full.compare(0, p->size(), *p) != 0) {
       *reason = std::string("the chat template renders \"prompt\" + \"") + (k == 0 ? "chosen" : "rejected") +
                 "\" differently from \"prompt\" alone (does the reply start with an assistant message?)";
       return false;
     }
-    (k == 0 ? *c : *rj) = full.substr(head.size());
+    (k == 0 ? *c : *rj) = full.substr(p->size());
   }
   return true;
 }
@@ -356,7 +355,7 @@ void tokenize_preference(const Tokenizer& tok, const PreferenceRecord& r, const 
     out->boundary_merged = merges_across(tok, r.prompt.text, {r.chosen.text, r.rejected.text});
   } else {
     std::string pt, ct, rt;
-    if (!render_pair_texts(tok, r, tok.head_bytes(L + 1), &pt, &ct, &rt, &out->reason)) {
+    if (!render_pair_texts(tok, r, &pt, &ct, &rt, &out->reason)) {
       out->bad = true;
       return;
     }
@@ -388,7 +387,7 @@ void tokenize_preference(const Tokenizer& tok, const PreferenceRecord& r, const 
 
 void tokenize_rl(const Tokenizer& tok, const RlRecord& r, const PrepareOptions& o, LineResult* out) {
   const size_t n = static_cast<size_t>(o.max_seq_len) + 1;  // enough to tell a prompt that is too long
-  out->ids = r.prompt.is_messages ? tok.render_chat(r.prompt.messages, true, n).ids : tok.encode_head(r.prompt.text, n);
+  out->ids = tok.encode_head(r.prompt.is_messages ? tok.render_chat_text(r.prompt.messages, true, r.chat) : r.prompt.text, n);
   if (static_cast<int64_t>(out->ids.size()) > o.max_seq_len) {
     out->ids.clear();
     out->dropped = true;  // a cut prompt asks a different question
@@ -711,9 +710,7 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
     return res;
   }
 
-  tokenizer::LoadOptions lo;
-  lo.chat_template = tokenizer::parse_chat_template(o.chat_template);
-  Tokenizer tok = Tokenizer::load(o.tokenizer_path, lo);
+  Tokenizer tok = Tokenizer::load(o.tokenizer_path, tokenizer::chat_load_options(o.chat_template, o.chat_template_kwargs));
   // Work in a temporary sibling folder; it replaces `dir` only when complete.
   std::string parent = parent_dir(dir);
   make_dirs(parent);
@@ -950,6 +947,8 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
         for (size_t i = b; i < std::min(work_block->size(), b + 16); ++i) {
           try {
             process_line(tok, o, work_block->line(i), file.weight, src, &work_block->results[i]);
+          } catch (const tokenizer::ChatTemplateError&) {
+            throw;  // the tokenizer's template itself (none, unreadable): reported once, prepare fails
           } catch (const std::exception& e) {  // e.g. the chat template refusing a conversation
             work_block->results[i].bad = true;
             work_block->results[i].reason = e.what();
@@ -1158,6 +1157,7 @@ PrepareOptions prepare_options_from_recipe(const config::DataSection& data, cons
   if (o.tokenizer_path.empty())
     throw Error("no tokenizer: tokenizer.path and model.path are both empty\n---> HINT: set tokenizer.path=DIR");
   o.chat_template = tok.chat_template.empty() ? "auto" : tok.chat_template;
+  o.chat_template_kwargs = tok.chat_template_kwargs;
   o.max_seq_len = data.max_seq_len;
   o.packing = data.packing;
   o.on_error = data.on_error;

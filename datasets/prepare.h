@@ -25,7 +25,8 @@ struct PrepareOptions {
   std::vector<config::DataSource> sources;  // files or globs with mixing weights
   std::string sources_key = "data.train";   // names the sources in errors
   std::string tokenizer_path;               // folder with tokenizer.json, or the file
-  std::string chat_template = "auto";       // auto | qwen2.5 | chatml
+  std::string chat_template = "auto";       // auto | qwen2.5 | chatml | a .jinja file | inline Jinja
+  std::string chat_template_kwargs;         // JSON object of extra template variables ("" = none)
   int64_t max_seq_len = 2048;               // tokens per row (sft), per prompt+reply (preference), per prompt (rl)
   bool packing = true;                      // sft: pack documents into rows; else one document per row
   std::string on_error = "fail";            // fail | skip

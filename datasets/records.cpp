@@ -98,42 +98,12 @@ bool parse_message_list(const Value& v, const std::string& name, std::vector<tok
     return false;
   }
   out->clear();
-  out->reserve(v.Size());
+  out->resize(v.Size());
   for (rapidjson::SizeType i = 0; i < v.Size(); ++i) {
-    const Value& m = v[i];
-    auto at_str = [&] { return name + "[" + std::to_string(i) + "]"; };  // only built for an error
-    if (!m.IsObject()) {
-      *reason = at_str() + " must be an object with role and content, got " + json::type_name(m);
+    if (!tokenizer::read_message(v[i], &(*out)[i], reason)) {
+      *reason = name + "[" + std::to_string(i) + "]" + *reason;
       return false;
     }
-    if (m.HasMember("tool_calls") && !m["tool_calls"].IsNull()) {
-      *reason = at_str() + " has tool_calls (tool calls are not supported)";
-      return false;
-    }
-    auto role = m.FindMember("role");
-    if (role == m.MemberEnd()) {
-      *reason = at_str() + ".role missing";
-      return false;
-    }
-    if (!role->value.IsString()) {
-      *reason = at_str() + ".role must be a string, got " + json::type_name(role->value);
-      return false;
-    }
-    std::string r(role->value.GetString(), role->value.GetStringLength());
-    if (r != "system" && r != "user" && r != "assistant") {
-      *reason = at_str() + ".role \"" + r + "\" is not one of system, user, assistant";
-      return false;
-    }
-    auto content = m.FindMember("content");
-    if (content == m.MemberEnd()) {
-      *reason = at_str() + ".content missing";
-      return false;
-    }
-    if (!content->value.IsString()) {
-      *reason = at_str() + ".content must be a string, got " + json::type_name(content->value);
-      return false;
-    }
-    out->push_back({std::move(r), std::string(content->value.GetString(), content->value.GetStringLength())});
   }
   return true;
 }
@@ -168,13 +138,10 @@ bool has_assistant(const std::vector<tokenizer::Message>& m) {
   return std::any_of(m.begin(), m.end(), [](const tokenizer::Message& x) { return x.role == "assistant"; });
 }
 
-// A chat record with tool definitions: TRL's SFT, DPO and reward trainers render a record's "tools"
-// into the system turn (apply_chat_template(tools=...)); ptk's renderers have none, so the record is
-// refused rather than trained on without them. Plain-text records ignore the field, as TRL does.
-bool refuse_tools(const Value& d, std::string* reason) {
-  if (!tokenizer::has_tool_definitions(d)) return false;
-  *reason = "has \"tools\" (tool definitions are not supported: a chat template renders them into the system turn)";
-  return true;
+// A chat record's "tools" and "chat_template_kwargs" (TRL passes both to apply_chat_template);
+// plain-text records ignore them, as TRL does.
+bool read_extras(const Value& d, tokenizer::ChatExtras* out, std::string* reason) {
+  return tokenizer::read_chat_extras(d, out, reason);
 }
 
 // ---- ShareGPT and Alpaca ---------------------------------------------------------------------
@@ -355,7 +322,7 @@ bool parse_sft(const Value& d, SftRecord* out, std::string* reason) {
   if (has(d, "messages")) {
     out->kind = SftRecord::Kind::kMessages;
     if (!parse_message_list(d["messages"], "messages", &out->messages, reason)) return false;
-    if (refuse_tools(d, reason)) return false;
+    if (!read_extras(d, &out->chat, reason)) return false;
     if (!has_assistant(out->messages)) {
       *reason = "no assistant message in \"messages\" (nothing to train on)";
       return false;
@@ -365,7 +332,7 @@ bool parse_sft(const Value& d, SftRecord* out, std::string* reason) {
   if (has(d, "conversations")) {
     out->kind = SftRecord::Kind::kMessages;
     if (!parse_sharegpt(d, &out->messages, reason)) return false;
-    if (refuse_tools(d, reason)) return false;
+    if (!read_extras(d, &out->chat, reason)) return false;
     if (!has_assistant(out->messages)) {
       *reason = "no assistant turn in \"conversations\" (nothing to train on)";
       return false;
@@ -380,7 +347,7 @@ bool parse_sft(const Value& d, SftRecord* out, std::string* reason) {
       *reason = "\"prompt\" and \"completion\" must both be strings or both be message lists";
       return false;
     }
-    if (out->prompt.is_messages && refuse_tools(d, reason)) return false;
+    if (out->prompt.is_messages && !read_extras(d, &out->chat, reason)) return false;
     if (is_empty(out->completion)) {
       *reason = "empty \"completion\"";
       return false;
@@ -404,7 +371,7 @@ bool parse_sft(const Value& d, SftRecord* out, std::string* reason) {
       *reason = "empty \"output\"";
       return false;
     }
-    if (refuse_tools(d, reason)) return false;
+    if (!read_extras(d, &out->chat, reason)) return false;
     out->messages.push_back({"assistant", std::move(output)});
     return true;
   }
@@ -445,7 +412,7 @@ bool parse_preference(const Value& d, PreferenceRecord* out, std::string* reason
     std::vector<tokenizer::Message> prompt;
     if (has(d, "conversations") ? !parse_sharegpt(d, &prompt, reason) : !parse_alpaca_prompt(d, &prompt, reason))
       return false;
-    if (refuse_tools(d, reason)) return false;
+    if (!read_extras(d, &out->chat, reason)) return false;
     std::vector<tokenizer::Message> chosen, rejected;
     auto output = d.FindMember("output");
     if (!has(d, "chosen") && !has(d, "rejected") && output != d.MemberEnd() && output->value.IsArray() &&
@@ -482,7 +449,7 @@ bool parse_preference(const Value& d, PreferenceRecord* out, std::string* reason
       return false;
     }
     if (c.is_messages) {
-      if (refuse_tools(d, reason)) return false;
+      if (!read_extras(d, &out->chat, reason)) return false;
       out->prompt.is_messages = out->chosen.is_messages = out->rejected.is_messages = true;
       if (!extract_prompt(c.messages, r.messages, &out->prompt.messages, &out->chosen.messages, &out->rejected.messages,
                           reason))
@@ -500,7 +467,7 @@ bool parse_preference(const Value& d, PreferenceRecord* out, std::string* reason
     *reason = "\"prompt\", \"chosen\" and \"rejected\" must all be strings or all be message lists";
     return false;
   }
-  if (out->prompt.is_messages && refuse_tools(d, reason)) return false;
+  if (out->prompt.is_messages && !read_extras(d, &out->chat, reason)) return false;
   return check_replies(out, reason);
 }
 
@@ -549,6 +516,7 @@ bool parse_rl(const Value& d, RlRecord* out, std::string* reason) {
     }
     if (!parse_answer(d, "answer", &out->answer, reason)) return false;
   }
+  if (out->prompt.is_messages && !read_extras(d, &out->chat, reason)) return false;
   out->record_json = json::to_string(d);
   return true;
 }

@@ -30,6 +30,10 @@ struct TextOrMessages {
   std::vector<tokenizer::Message> messages;
 };
 
+// Chat messages: role system | user | assistant | tool, content a string (null on an assistant
+// message with tool_calls), tool_calls / name / tool_call_id / reasoning_content / ... passed to the
+// chat template; a chat record's "tools" (a list, or its JSON text) and "chat_template_kwargs" (an
+// object) go to apply_chat_template with it, as in TRL.
 // sft lines, by the field present (checked in this order):
 //   {"messages": [...]}                  chat; loss on assistant turns only
 //   {"conversations": [{"from", "value"}...]}  ShareGPT: the same as "messages" once roles are mapped
@@ -46,6 +50,7 @@ struct SftRecord {
   std::vector<tokenizer::Message> messages;  // kMessages
   TextOrMessages prompt, completion;         // kPromptCompletion
   std::string text;                          // kText
+  tokenizer::ChatExtras chat;                // chat records: "tools", "chat_template_kwargs"
 };
 
 // preference lines: {"prompt": P, "chosen": C, "rejected": R}, all strings or all message lists;
@@ -59,6 +64,7 @@ struct SftRecord {
 //                                        (a ranked "output" list: the first two, as ChatGLM-Efficient-Tuning)
 struct PreferenceRecord {
   TextOrMessages prompt, chosen, rejected;
+  tokenizer::ChatExtras chat;  // chat records: "tools", "chat_template_kwargs"
 };
 
 // rl lines: {"prompt": P, "answer": "..."} plus any other fields; P a string or a message list.
@@ -66,6 +72,7 @@ struct PreferenceRecord {
 // Alpaca {"instruction", "input"?, "system"?, "history"?, "answer" or "output"}.
 struct RlRecord {
   TextOrMessages prompt;
+  tokenizer::ChatExtras chat;  // a chat prompt's "tools", "chat_template_kwargs"
   std::string answer;       // a JSON number is kept as its text ("72", "5.5")
   std::string record_json;  // the whole line re-serialised compactly: answer and every extra field
 };
@@ -79,7 +86,7 @@ struct Record {
 // Parses one JSONL line as `format`. On a bad line returns false and sets *reason to a one-line
 // reason without the file:line prefix, e.g. `missing field "completion"`, `invalid JSON at column
 // 12: Missing a comma or '}' after an object member.`, `invalid UTF-8 at byte 7`,
-// `messages[1].role "bot" is not one of system, user, assistant`, `empty "completion"`.
+// `messages[1].role "bot" is not one of system, user, assistant, tool`, `empty "completion"`.
 bool parse_record(std::string_view line, Format format, Record* out, std::string* reason);
 
 // What parse_record needs beyond the format.

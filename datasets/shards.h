@@ -21,7 +21,9 @@ namespace ptk::data {
 // 4: plain-text prompt/completion records tokenized apart (encode(prompt) + encode(completion), as
 // at generation; a merge across the boundary no longer hides the completion's start from the loss);
 // the manifest counts boundary merges and keeps example positions and the tokenizer's path.
-constexpr int kPrepareVersion = 4;
+// 5: chat templates rendered by the Jinja interpreter (the folder's own under auto), tool calls and
+// "tools" in chat records.
+constexpr int kPrepareVersion = 5;
 
 // One document (sft), pair (preference: prompt, chosen, rejected back to back) or prompt (rl).
 // A mixing weight above 1 repeats entries that point at the same tokens.

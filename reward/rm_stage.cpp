@@ -138,7 +138,8 @@ class RmStage : public train::Stage {
     if (tok_path_.empty())
       throw Error("no tokenizer: set tokenizer.path (a folder with tokenizer.json, or the file) or model.path");
     tok_dir_ = path_exists(tok_path_ + "/tokenizer.json") ? tok_path_ : parent_dir(tok_path_);
-    auto tok = tokenizer::Tokenizer::load(tok_path_);
+    auto tok = tokenizer::Tokenizer::load(tok_path_, tokenizer::chat_load_options(r.tokenizer.chat_template, r.tokenizer.chat_template_kwargs));
+    if (tok.chat_template_overridden()) chat_template_ = tok.chat_template_source();
     // TRL: config.pad_token_id from the tokenizer, falling back to EOS.
     pad_id_ = tok.pad_id() >= 0 ? tok.pad_id() : tok.eos_id();
     if (pad_id_ < 0) throw Error("the tokenizer at " + tok_path_ + " names neither a pad nor an EOS token; score pooling needs one");
@@ -255,6 +256,7 @@ class RmStage : public train::Stage {
   void save_model(const std::string& dir) override {
     checkpoint::SaveOptions so;
     so.source_dir = tok_dir_;
+    so.chat_template = chat_template_;
     so.max_shard_bytes = r_.checkpoint.max_shard_bytes();
     model_.save_pretrained(dir, so);
   }
@@ -269,6 +271,7 @@ class RmStage : public train::Stage {
   RmRecipe& r_;
   dist::Comm comm_;
   std::string tok_path_, tok_dir_;
+  std::string chat_template_;  // written into saved folders when tokenizer.chat_template overrides the folder's
   int64_t pad_id_ = 0;
   model::Qwen2Model model_;
   std::unique_ptr<data::PreparedSet> train_, eval_;

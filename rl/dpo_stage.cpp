@@ -254,6 +254,7 @@ std::vector<train::Ratio> pair_ratios(const PairMetricSums& m, const SequenceSco
 struct DpoStage::Impl {
   DpoRecipe& r;
   std::string run_dir, tok_path, tok_dir, ref_dir, ref_identity;
+  std::string chat_template;  // written into saved folders when tokenizer.chat_template overrides the folder's
   int32_t pad_id = 0;
   dist::Comm comm;
   int rank = 0, world_size = 1;
@@ -277,8 +278,9 @@ struct DpoStage::Impl {
     if (tok_path.empty())
       throw Error("no tokenizer: set tokenizer.path (a folder with tokenizer.json, or the file) or model.path");
     tok_dir = path_exists(tok_path + "/tokenizer.json") ? tok_path : parent_dir(tok_path);
-    auto tok_ptr = std::make_shared<const tokenizer::Tokenizer>(tokenizer::Tokenizer::load(tok_path));
+    auto tok_ptr = std::make_shared<const tokenizer::Tokenizer>(tokenizer::Tokenizer::load(tok_path, tokenizer::chat_load_options(r.tokenizer.chat_template, r.tokenizer.chat_template_kwargs)));
     const auto& tok = *tok_ptr;
+    if (tok.chat_template_overridden()) chat_template = tok.chat_template_source();
     pad_id = tok.pad_id() >= 0 ? tok.pad_id() : tok.eos_id();
     heldout = eval::Heldout(r.dpo.heldout, tok_ptr);
     // Policy.
@@ -588,6 +590,7 @@ void DpoStage::evaluate_pairs(Metrics* out) {
 void DpoStage::save_model(const std::string& dir) {
   checkpoint::SaveOptions so;
   so.source_dir = impl_->tok_dir;
+  so.chat_template = impl_->chat_template;
   so.max_shard_bytes = impl_->r.checkpoint.max_shard_bytes();
   impl_->policy.save_pretrained(dir, so);
 }

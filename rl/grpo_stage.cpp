@@ -260,6 +260,7 @@ struct GrpoStage::Impl {
   int rank = 0, world = 1;
   std::unique_ptr<tokenizer::Tokenizer> tok;
   std::string tok_dir;
+  std::string chat_template;  // written into saved folders when tokenizer.chat_template overrides the folder's
   int64_t pad_id = 0;
   std::vector<int64_t> stop_ids;
   model::Qwen2Model policy, reference;
@@ -313,7 +314,8 @@ struct GrpoStage::Impl {
     if (tok_path.empty())
       throw Error("no tokenizer: set tokenizer.path (a folder with tokenizer.json) or model.path");
     tok_dir = path_exists(tok_path + "/tokenizer.json") ? tok_path : parent_dir(tok_path);
-    tok = std::make_unique<tokenizer::Tokenizer>(tokenizer::Tokenizer::load(tok_path));
+    tok = std::make_unique<tokenizer::Tokenizer>(tokenizer::Tokenizer::load(tok_path, tokenizer::chat_load_options(r.tokenizer.chat_template, r.tokenizer.chat_template_kwargs)));
+    if (tok->chat_template_overridden()) chat_template = tok->chat_template_source();
     pad_id = tok->pad_id() >= 0 ? tok->pad_id() : tok->eos_id();
     for (int64_t id : {static_cast<int64_t>(tok->eos_id()), static_cast<int64_t>(tok->im_end_id())})
       if (id >= 0 && std::find(stop_ids.begin(), stop_ids.end(), id) == stop_ids.end()) stop_ids.push_back(id);
@@ -1006,6 +1008,7 @@ void GrpoStage::evaluate_accuracy(Metrics* out) {
 void GrpoStage::save_model(const std::string& dir) {
   checkpoint::SaveOptions so;
   so.source_dir = impl_->tok_dir;
+  so.chat_template = impl_->chat_template;
   so.max_shard_bytes = impl_->r.checkpoint.max_shard_bytes();
   impl_->policy.save_pretrained(dir, so);
 }

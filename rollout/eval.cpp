@@ -39,9 +39,8 @@ std::vector<EvalPrompt> read_eval_prompts(const std::string& path, const tokeniz
     p.answer = rec.rl.answer;
     std::vector<tokenizer::TokenId> ids;
     if (rec.rl.prompt.is_messages) {
-      auto enc = tok.render_chat(rec.rl.prompt.messages, /*add_generation_prompt=*/true);
-      ids = enc.ids;
-      p.text = enc.text;
+      p.text = tok.render_chat_text(rec.rl.prompt.messages, /*add_generation_prompt=*/true, rec.rl.chat);
+      ids = tok.encode(p.text);
     } else {
       p.text = rec.rl.prompt.text;
       ids = tok.encode(p.text);

@@ -61,8 +61,9 @@ class SftStage : public train::Stage {
     if (tok_path_.empty())
       throw Error("no tokenizer: set tokenizer.path (a folder with tokenizer.json, or the file) or model.path");
     tok_dir_ = path_exists(tok_path_ + "/tokenizer.json") ? tok_path_ : parent_dir(tok_path_);
-    auto tok_ptr = std::make_shared<const tokenizer::Tokenizer>(tokenizer::Tokenizer::load(tok_path_));
+    auto tok_ptr = std::make_shared<const tokenizer::Tokenizer>(tokenizer::Tokenizer::load(tok_path_, tokenizer::chat_load_options(r.tokenizer.chat_template, r.tokenizer.chat_template_kwargs)));
     const auto& tok = *tok_ptr;
+    if (tok.chat_template_overridden()) chat_template_ = tok.chat_template_source();
     pad_id_ = tok.pad_id() >= 0 ? tok.pad_id() : tok.eos_id();
     heldout_ = eval::Heldout(r.sft.heldout, tok_ptr);
     // Model.
@@ -174,6 +175,7 @@ class SftStage : public train::Stage {
   void save_model(const std::string& dir) override {
     checkpoint::SaveOptions so;
     so.source_dir = tok_dir_;
+    so.chat_template = chat_template_;
     so.max_shard_bytes = r_.checkpoint.max_shard_bytes();
     model_.save_pretrained(dir, so);
   }
@@ -198,6 +200,7 @@ class SftStage : public train::Stage {
 
   SftRecipe& r_;
   std::string run_dir_, tok_path_, tok_dir_;
+  std::string chat_template_;  // written into saved folders when tokenizer.chat_template overrides the folder's
   dist::Comm* comm_;
   eval::Heldout heldout_;
   int32_t pad_id_ = 0;

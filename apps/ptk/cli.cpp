@@ -1,5 +1,8 @@
 #include "apps/ptk/cli.h"
 
+#include <rapidjson/stringbuffer.h>
+#include <rapidjson/writer.h>
+
 #include <iostream>
 
 #include "core/config/recipe.h"
@@ -21,6 +24,25 @@ void CommandLine::accept_recipe(std::vector<config::Section*> sections) {
   sections_ = std::move(sections);
   flags_.add_options()("recipe", po::value<std::string>(&recipe_),
                        "recipe JSON (comments, trailing commas and \"base\": \"other.json\" allowed)");
+}
+
+void CommandLine::accept_chat_template() {
+  takes_chat_template_ = true;
+  flags_.add_options()(
+      "chat-template", po::value<std::string>(),
+      "chat template: auto (the tokenizer folder's own) | qwen2.5 | chatml | a .jinja file; same as "
+      "tokenizer.chat_template")(
+      "chat-template-kwargs", po::value<std::string>(),
+      "extra template variables as a JSON object, e.g. '{\"enable_thinking\": false}'; same as "
+      "tokenizer.chat_template_kwargs");
+}
+
+std::string CommandLine::chat_template() const {
+  return vm_.count("chat-template") ? vm_["chat-template"].as<std::string>() : std::string("auto");
+}
+
+std::string CommandLine::chat_template_kwargs() const {
+  return vm_.count("chat-template-kwargs") ? vm_["chat-template-kwargs"].as<std::string>() : std::string();
 }
 
 void CommandLine::accept_check() {
@@ -59,6 +81,18 @@ bool CommandLine::parse(int argc, char** argv) {
         throw UsageError("ptk " + name_ + ": `" + ov +
                          "` is neither a flag nor a key.path=value override\n---> HINT: ptk " + name_ + " --help");
     }
+  }
+  if (takes_chat_template_ && takes_recipe_) {
+    // As JSON strings, so a value that parses as JSON (a number-like file name) stays a string.
+    auto quoted = [](const std::string& v) {
+      rapidjson::StringBuffer sb;
+      rapidjson::Writer<rapidjson::StringBuffer> w(sb);
+      w.String(v.data(), static_cast<rapidjson::SizeType>(v.size()));
+      return std::string(sb.GetString(), sb.GetSize());
+    };
+    if (vm_.count("chat-template")) overrides_.push_back("tokenizer.chat_template=" + quoted(chat_template()));
+    if (vm_.count("chat-template-kwargs"))
+      overrides_.push_back("tokenizer.chat_template_kwargs=" + quoted(chat_template_kwargs()));
   }
   return true;
 }

@@ -21,6 +21,12 @@ class CommandLine {
   boost::program_options::options_description& flags() { return flags_; }
   // Adds --recipe FILE and accepts positional `key.path=value` overrides.
   void accept_recipe(std::vector<config::Section*> sections);
+  // Adds --chat-template NAME|FILE and --chat-template-kwargs JSON. With a recipe they become the
+  // overrides tokenizer.chat_template=... and tokenizer.chat_template_kwargs=... (after the positional
+  // ones); commands without a recipe read chat_template() / chat_template_kwargs().
+  void accept_chat_template();
+  std::string chat_template() const;         // the flag, else "auto"
+  std::string chat_template_kwargs() const;  // the flag, else ""
   // Adds --check: the command validates its recipe (load, bind, cross-checks) and exits before it
   // reads any weights or data; check_only() says whether it was given.
   void accept_check();
@@ -48,6 +54,7 @@ class CommandLine {
   boost::program_options::options_description flags_;
   std::vector<config::Section*> sections_;
   bool takes_recipe_ = false;
+  bool takes_chat_template_ = false;
   boost::program_options::variables_map vm_;
   std::string recipe_;
   std::vector<std::string> overrides_;

@@ -28,6 +28,7 @@ int cmd_dpo(int argc, char** argv) {
                       "a finished run says so, and a folder trained with another recipe is refused, naming the keys.\n"
                       "train.micro_batch_size counts pairs; data.max_seq_len bounds prompt + the longer reply.");
   cl.accept_recipe(recipe.all_sections());
+  cl.accept_chat_template();
   cl.accept_check();
   if (!cl.parse(argc, argv)) return 0;
   auto json = config::load_recipe(cl.recipe(), cl.overrides());

@@ -63,6 +63,7 @@ int cmd_eval(int argc, char** argv) {
       "reward-model", po::value<std::string>()->default_value(""),
       "a Qwen2ForSequenceClassification folder: also report the mean reward")(
       "output", po::value<std::string>()->default_value(""), "JSON results file; default <run>/eval/final-<data>.json (see above)");
+  cl.accept_chat_template();
   if (!cl.parse(argc, argv)) return 0;
   runtime::init_and_announce(cl.threads());
   std::string model_dir = cl.get<std::string>("model"), data = cl.get<std::string>("data");
@@ -82,7 +83,7 @@ int cmd_eval(int argc, char** argv) {
   checkpoint::require_model_folder(model_dir, "--model");
   const std::string rm_dir = cl.get<std::string>("reward-model");
   if (!rm_dir.empty()) checkpoint::require_model_folder(rm_dir, "--reward-model");
-  auto tok = tokenizer::Tokenizer::load(tok_path);
+  auto tok = tokenizer::Tokenizer::load(tok_path, tokenizer::chat_load_options(cl.chat_template(), cl.chat_template_kwargs()));
   auto model = model::Qwen2Model::from_pretrained(model_dir);
   checkpoint::check_tokenizer_fits(static_cast<int64_t>(tok.vocab_size()), tok_path, model.config().vocab_size, model_dir);
   model::Qwen2Model rm;

@@ -67,6 +67,7 @@ int cmd_generate(int argc, char** argv) {
       ("slots", po::value<int64_t>()->default_value(32),
        "sequences decoded together (KV-cache slots); more = faster until compute-bound, more memory")
       ("dtype", po::value<std::string>()->default_value("float32"), "float32 | bfloat16 (GPU)");
+  cl.accept_chat_template();
   if (!cl.parse(argc, argv)) return 0;
   runtime::init_and_announce(cl.threads());
   const std::string dir = cl.get<std::string>("model"), in_path = cl.get<std::string>("input"),
@@ -84,7 +85,8 @@ int cmd_generate(int argc, char** argv) {
   // The tokenizer is optional: prompt_ids input needs none.
   std::unique_ptr<tokenizer::Tokenizer> tok;
   if (path_exists(dir + "/tokenizer.json"))
-    tok = std::make_unique<tokenizer::Tokenizer>(tokenizer::Tokenizer::load(dir));
+    tok = std::make_unique<tokenizer::Tokenizer>(
+        tokenizer::Tokenizer::load(dir, tokenizer::chat_load_options(cl.chat_template(), cl.chat_template_kwargs())));
 
   // ---- read every request first, so a bad line fails before any compute ----
   std::ifstream in(in_path, std::ios::binary);
@@ -124,8 +126,10 @@ int cmd_generate(int argc, char** argv) {
         if (!d["prompt"].IsString()) throw Error(where + ": \"prompt\" must be a string (use \"messages\" for a chat)");
         ids = tok->encode(std::string(d["prompt"].GetString(), d["prompt"].GetStringLength()));
       } else {
-        tokenizer::refuse_tool_definitions(d, where);
-        ids = tok->render_chat(tokenizer::parse_messages(d["messages"], where + ": messages"), true).ids;
+        tokenizer::ChatExtras extras;
+        std::string reason;
+        if (!tokenizer::read_chat_extras(d, &extras, &reason)) throw Error(where + ": " + reason);
+        ids = tok->encode(tok->render_chat_text(tokenizer::parse_messages(d["messages"], where + ": messages"), true, extras));
       }
       r.prompt.assign(ids.begin(), ids.end());
       if (r.prompt.empty()) throw Error(where + ": the prompt encodes to no tokens");

@@ -23,6 +23,7 @@ int cmd_grpo(int argc, char** argv) {
                       "rollouts/step-N.jsonl, checkpoints/. Rerunning the same recipe resumes (resume=auto);\n"
                       "a finished run says so, and a folder trained with another recipe is refused, naming the keys.");
   cl.accept_recipe(recipe.all_sections());
+  cl.accept_chat_template();
   cl.accept_check();
   if (!cl.parse(argc, argv)) return 0;
   auto json = config::load_recipe(cl.recipe(), cl.overrides());

@@ -96,6 +96,7 @@ int cmd_prepare(int argc, char** argv) {
       "data.eval_split=0.1 holds out a hashed 10% of data.train as OUT/eval (also with --input).\n"
       "Bad lines are reported as file:line: reason; data.on_error=skip lists them in DIR/skipped.txt.");
   cl.accept_recipe(sections);
+  cl.accept_chat_template();
   cl.flags().add_options()
       ("stage", po::value<std::string>(), "sft | dpo | rm | grpo: the stage whose recipe --recipe is (default: from the recipe)")
       ("tokenizer", po::value<std::string>(), "HF folder with tokenizer.json, or the file (default: tokenizer.path, else model.path)")

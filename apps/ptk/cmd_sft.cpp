@@ -19,6 +19,7 @@ int cmd_sft(int argc, char** argv) {
                       "metrics.jsonl, checkpoints/ and config.json. Rerunning the same recipe resumes (resume=auto);\n"
                       "a finished run says so, and a folder trained with another recipe is refused, naming the keys.");
   cl.accept_recipe(recipe.all_sections());
+  cl.accept_chat_template();
   cl.accept_check();
   if (!cl.parse(argc, argv)) return 0;
   auto json = config::load_recipe(cl.recipe(), cl.overrides());

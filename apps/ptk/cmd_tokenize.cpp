@@ -45,11 +45,10 @@ int cmd_tokenize(int argc, char** argv) {
       ("input", po::value<std::string>()->required(), "JSONL input")
       ("output", po::value<std::string>()->required(), "JSONL output (written to a temporary file, then renamed)")
       ("chat", po::bool_switch(), "lines hold \"messages\"; render them with the chat template")
-      ("chat-template", po::value<std::string>()->default_value("auto"),
-       "auto (recognise tokenizer_config.json's) | qwen2.5 | chatml; same as tokenizer.chat_template")
       ("add-generation-prompt", po::bool_switch(), "with --chat: end with \"<|im_start|>assistant\\n\"")
       ("with-mask", po::bool_switch(), "with --chat: also write \"assistant_mask\" (1 on assistant tokens)")
       ("batch-lines", po::value<int>()->default_value(8192), "lines encoded together across threads");
+  cl.accept_chat_template();
   if (!cl.parse(argc, argv)) return 0;
   const bool chat = cl.get<bool>("chat");
   const bool gen = cl.get<bool>("add-generation-prompt");
@@ -57,10 +56,9 @@ int cmd_tokenize(int argc, char** argv) {
   const int batch_lines = std::max(1, cl.get<int>("batch-lines"));
   const std::string in_path = cl.get<std::string>("input"), out_path = cl.get<std::string>("output");
 
-  tokenizer::LoadOptions opts;
-  opts.chat_template = tokenizer::parse_chat_template(cl.get<std::string>("chat-template"));
-  tokenizer::Tokenizer tok = tokenizer::Tokenizer::load(cl.get<std::string>("tokenizer"), opts);
-  if (chat) tok.chat_template();  // fail before reading data when the template is not recognised
+  tokenizer::Tokenizer tok = tokenizer::Tokenizer::load(
+      cl.get<std::string>("tokenizer"), tokenizer::chat_load_options(cl.chat_template(), cl.chat_template_kwargs()));
+  if (chat) tok.chat_template();  // fail before reading data when there is no usable template
 
   std::ifstream in(in_path, std::ios::binary);
   if (!in) throw Error("ptk tokenize: cannot open --input " + in_path);
@@ -69,13 +67,25 @@ int cmd_tokenize(int argc, char** argv) {
   if (!out) throw Error("ptk tokenize: cannot write " + tmp + "\n---> HINT: does the output folder exist?");
 
   std::vector<std::string> texts;
-  std::vector<std::vector<tokenizer::Message>> convs;
+  struct Conv {
+    std::vector<tokenizer::Message> messages;
+    tokenizer::ChatExtras extras;
+    std::string where;
+  };
+  std::vector<Conv> convs;
   size_t line_no = 0, written = 0;
   auto flush = [&] {
     std::string buf;
     if (chat) {
       for (const auto& c : convs) {
-        tokenizer::ChatEncoding e = tok.render_chat(c, gen);
+        tokenizer::ChatEncoding e;
+        try {
+          e = tok.render_chat(c.messages, gen, SIZE_MAX, c.extras);
+        } catch (const tokenizer::ChatTemplateError&) {
+          throw;
+        } catch (const Error& err) {
+          throw Error(c.where + ": " + err.what());
+        }
         buf += '{';
         append_ids(&buf, "ids", e.ids);
         if (with_mask) {
@@ -106,8 +116,12 @@ int cmd_tokenize(int argc, char** argv) {
     if (chat) {
       if (!d.IsObject() || !d.HasMember("messages"))
         throw Error(where + ": expected {\"messages\": [...]} (--chat)");
-      tokenizer::refuse_tool_definitions(d, where);
-      convs.push_back(tokenizer::parse_messages(d["messages"], where + ": messages"));
+      Conv c;
+      std::string reason;
+      if (!tokenizer::read_chat_extras(d, &c.extras, &reason)) throw Error(where + ": " + reason);
+      c.messages = tokenizer::parse_messages(d["messages"], where + ": messages");
+      c.where = where;
+      convs.push_back(std::move(c));
       if (!tokenizer::is_valid_utf8(line)) throw Error(where + ": invalid UTF-8");
     } else {
       if (!d.IsObject() || !d.HasMember("text") || !d["text"].IsString())

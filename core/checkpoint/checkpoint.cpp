@@ -91,7 +91,35 @@ void write_all(FILE* f, const void* data, size_t n, const std::string& path) {
 }
 
 const char* kTokenizerFiles[] = {"tokenizer.json",          "tokenizer_config.json", "vocab.json", "merges.txt",
-                                 "special_tokens_map.json", "added_tokens.json"};
+                                 "special_tokens_map.json", "added_tokens.json",     "chat_template.jinja"};
+
+// tokenizer_config.json's text with its chat template replaced by `tmpl` (added when absent; in the
+// list form, the "default" entry's), other keys kept in order. An unreadable config is written anew.
+std::string with_chat_template(const std::string& config_text, const std::string& tmpl, const std::string& origin) {
+  rapidjson::Document d;
+  if (!config_text.empty()) d = json::parse(config_text, origin);
+  if (!d.IsObject()) d.SetObject();
+  auto& a = d.GetAllocator();
+  rapidjson::Value t(tmpl.c_str(), static_cast<rapidjson::SizeType>(tmpl.size()), a);
+  auto it = d.FindMember("chat_template");
+  bool done = false;
+  if (it != d.MemberEnd() && it->value.IsArray()) {
+    for (auto& e : it->value.GetArray())
+      if (e.IsObject() && e.HasMember("name") && e["name"].IsString() && std::string(e["name"].GetString()) == "default" &&
+          e.HasMember("template")) {
+        e["template"] = t;
+        done = true;
+      }
+  }
+  if (!done) {
+    if (it != d.MemberEnd()) {
+      it->value = t;
+    } else {
+      d.AddMember("chat_template", t, a);
+    }
+  }
+  return json::to_string(d, /*pretty=*/true) + "\n";
+}
 
 }  // namespace
 
@@ -343,6 +371,12 @@ void save_checkpoint(const std::string& dir, const Qwen2Config& config, const Na
     if (!src.empty())
       for (const char* f : kTokenizerFiles)
         if (path_exists(src + "/" + f)) write_text(f, read_file(src + "/" + f));
+    if (!options.chat_template.empty()) {
+      const std::string cfg = src.empty() ? std::string() : src + "/tokenizer_config.json";
+      write_text("tokenizer_config.json", with_chat_template(!cfg.empty() && path_exists(cfg) ? read_file(cfg) : "",
+                                                             options.chat_template, cfg));
+      if (!src.empty() && path_exists(src + "/chat_template.jinja")) write_text("chat_template.jinja", options.chat_template);
+    }
     fsync_path(tmp);
   } catch (...) {
     discard_partial_write(tmp, clean);  // a full disk, say: its space comes back now

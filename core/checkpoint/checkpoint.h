@@ -77,6 +77,12 @@ struct SaveOptions {
   // tokenizer_config.json, vocab.json, merges.txt, special_tokens_map.json, added_tokens.json);
   // "" for none. Without a generation_config.json one is derived from the config.
   std::string source_dir;
+  // The chat template the run rendered with when it is not the source folder's own
+  // (tokenizer.chat_template set; Tokenizer::chat_template_overridden()): written into the copied
+  // tokenizer_config.json's "chat_template" (the list form's "default" entry), and into
+  // chat_template.jinja when the source folder has one (transformers reads that file first), so the
+  // saved folder renders chats as the model was trained. "" = copy the files as they are.
+  std::string chat_template;
 };
 
 // Saves a whole HF folder: tensors, config.json (torch_dtype set from the tensors), generation

@@ -1,5 +1,7 @@
 #include "core/config/sections.h"
 
+#include <rapidjson/document.h>
+
 #include <algorithm>
 #include <filesystem>
 #include <map>
@@ -41,8 +43,27 @@ void ModelSection::validate(Errors& e) const {
 
 void TokenizerSection::visit(Visitor& v) {
   v.opt(path, "path", "", "tokenizer folder or tokenizer.json; empty = model.path");
-  v.choice(chat_template, "chat_template", "auto", {"auto", "qwen2.5", "chatml"},
-           "chat renderer; auto = recognise tokenizer_config.json's chat_template");
+  v.opt(chat_template, "chat_template", "auto",
+        "chat template: auto (the tokenizer folder's own: chat_template.jinja, else tokenizer_config.json's) | "
+        "qwen2.5 | chatml (built in) | a .jinja file | inline Jinja text; written into checkpoints and final/");
+  v.opt(chat_template_kwargs, "chat_template_kwargs", "",
+        "extra template variables as a JSON object, e.g. {\"enable_thinking\": false} (apply_chat_template's kwargs)");
+}
+void TokenizerSection::validate(Errors& e) const {
+  const std::string& t = chat_template;
+  bool named = t == "auto" || t == "qwen2.5" || t == "chatml";
+  bool is_inline = t.find("{{") != std::string::npos || t.find("{%") != std::string::npos;
+  std::error_code ec;
+  if (!named && !is_inline && !std::filesystem::is_regular_file(t, ec))
+    e.add("tokenizer.chat_template: `" + t + "` is neither auto, qwen2.5, chatml nor an existing file (a .jinja "
+          "chat template); relative paths are from the working directory");
+  if (!chat_template_kwargs.empty()) {
+    rapidjson::Document d;
+    d.Parse(chat_template_kwargs.c_str(), chat_template_kwargs.size());
+    if (d.HasParseError() || !d.IsObject())
+      e.add("tokenizer.chat_template_kwargs: `" + chat_template_kwargs +
+            "` is not a JSON object (e.g. {\"enable_thinking\": false})");
+  }
 }
 
 void DataSection::visit(Visitor& v) {

@@ -31,11 +31,13 @@ struct ModelSection : Section {
 };
 
 struct TokenizerSection : Section {
-  std::string path;           // "" = model.path
-  std::string chat_template;  // auto | qwen2.5 | chatml
+  std::string path;                  // "" = model.path
+  std::string chat_template;         // auto | qwen2.5 | chatml | a .jinja file | inline Jinja text
+  std::string chat_template_kwargs;  // JSON object text of extra template variables; "" = none
   const char* name() const override { return "tokenizer"; }
   const char* help() const override { return "tokenizer files and chat template"; }
   void visit(Visitor& v) override;
+  void validate(Errors& e) const override;
 };
 
 struct DataSection : Section {

@@ -56,6 +56,42 @@ std::string token_text(const rapidjson::Value& cfg, const char* key) {
   return "";
 }
 
+// The chat templates of a tokenizer folder (see FolderTemplates): `cfg` is the parsed
+// tokenizer_config.json or null, `jinja` chat_template.jinja's text or null.
+FolderTemplates folder_templates(const rapidjson::Value* cfg, const std::string& cfg_origin, const std::string* jinja,
+                                 const std::string& jinja_origin) {
+  FolderTemplates f;
+  f.config = cfg;
+  f.config_origin = cfg_origin;
+  f.file_origin = jinja_origin;
+  if (jinja) {
+    f.has_file = true;
+    f.file = *jinja;
+  }
+  if (cfg && cfg->IsObject() && cfg->HasMember("chat_template")) {
+    const auto& ct = (*cfg)["chat_template"];
+    if (ct.IsString()) {
+      f.config_default.assign(ct.GetString(), ct.GetStringLength());
+      f.has_config_default = true;
+    } else if (ct.IsArray()) {
+      for (const auto& e : ct.GetArray()) {
+        if (!(e.IsObject() && e.HasMember("name") && e["name"].IsString() && e.HasMember("template") &&
+              e["template"].IsString()))
+          continue;
+        std::string name = e["name"].GetString();
+        if (name == "default") {
+          f.config_default.assign(e["template"].GetString(), e["template"].GetStringLength());
+          f.has_config_default = true;
+        } else if (name == "tool_use") {
+          f.config_tool_use.assign(e["template"].GetString(), e["template"].GetStringLength());
+          f.has_config_tool_use = true;
+        }
+      }
+    }
+  }
+  return f;
+}
+
 void load_normalizer(const rapidjson::Value& n, const std::string& origin, Tokenizer::Impl* impl) {
   if (n.IsNull()) return;
   std::string t = type_of(n);
@@ -577,23 +613,7 @@ Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, std::string_view
   im->eos = have_cfg && !token_text(cfg, "eos_token").empty() ? id_of(token_text(cfg, "eos_token")) : eot;
   im->pad = have_cfg && !token_text(cfg, "pad_token").empty() ? id_of(token_text(cfg, "pad_token")) : eot;
 
-  std::string tmpl;
-  bool have_tmpl = false;
-  if (have_cfg && cfg.HasMember("chat_template")) {
-    const auto& ct = cfg["chat_template"];
-    if (ct.IsString()) {
-      tmpl = ct.GetString();
-      have_tmpl = true;
-    } else if (ct.IsArray()) {
-      for (const auto& e : ct.GetArray())
-        if (e.IsObject() && e.HasMember("name") && e["name"].IsString() && std::string(e["name"].GetString()) == "default" &&
-            e.HasMember("template") && e["template"].IsString()) {
-          tmpl = e["template"].GetString();
-          have_tmpl = true;
-        }
-    }
-  }
-  resolve_chat_template(im, options.chat_template, have_tmpl ? &tmpl : nullptr, cfg_origin);
+  resolve_chat_template(im, options, folder_templates(have_cfg ? &cfg : nullptr, cfg_origin, nullptr, ""));
   return t;
 }
 
@@ -611,7 +631,18 @@ Tokenizer Tokenizer::load(const std::string& path, LoadOptions options) {
                 "assets/tokenizers/qwen/");
   std::string cfg_path = dir + "/tokenizer_config.json";
   std::string cfg = path_exists(cfg_path) ? read_file(cfg_path) : std::string();
-  return from_json(read_file(json_path), cfg, json_path, options);
+  // The folder's chat_template.jinja (transformers 5 saves the template there) and error messages
+  // that name the config file: the chat template is resolved again with them (from_json knows
+  // neither).
+  std::string jinja_path = dir + "/chat_template.jinja", jinja;
+  bool have_jinja = path_exists(jinja_path) && !std::filesystem::is_directory(jinja_path);
+  if (have_jinja) jinja = read_file(jinja_path);
+  Tokenizer t = from_json(read_file(json_path), cfg, json_path, LoadOptions());  // the options are resolved below
+  rapidjson::Document d;
+  if (!cfg.empty()) d = json::parse(cfg, cfg_path);
+  resolve_chat_template(t.impl_.get(), options,
+                        folder_templates(cfg.empty() ? nullptr : &d, cfg_path, have_jinja ? &jinja : nullptr, jinja_path));
+  return t;
 }
 
 std::vector<TokenId> Tokenizer::encode(std::string_view text) const {

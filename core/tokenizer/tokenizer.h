@@ -1,5 +1,6 @@
 // ptk's tokenizer: Hugging Face tokenizer.json byte-level BPE (Qwen2/Qwen2.5 and GPT-2-style files)
-// giving the ids HF `tokenizers` gives, plus Qwen2.5/ChatML chat rendering with assistant masks.
+// giving the ids HF `tokenizers` gives, plus chat rendering with the model folder's own Jinja
+// chat_template (core/tokenizer/jinja.h) and assistant masks derived from the rendering.
 // Not a general HF pipeline: other models, normalizers and pre-tokenizers are refused at load.
 //
 // Threading: a loaded Tokenizer is immutable; every const method may be called from many threads
@@ -12,28 +13,52 @@
 #include <string_view>
 #include <vector>
 
+#include "core/util/error.h"
+
 namespace ptk::tokenizer {
 
 using TokenId = int32_t;
 constexpr TokenId kNoToken = -1;  // "this tokenizer has no such special token"
 
-// One chat turn. role: system | user | assistant. (Tool calls and tool messages are refused.)
+// One chat message. role: system | user | assistant | tool. `json`: "" for a plain {role, content}
+// message; otherwise the whole message as compact JSON (members with null values dropped, as
+// transformers drops them), passed to the chat template as it is: tool_calls, name, tool_call_id,
+// reasoning_content, ... (a missing or null content: content is "" and `json` has no "content").
+// A string content in `json` is replaced by `content` when rendering (head_messages cuts it there).
 struct Message {
   std::string role;
   std::string content;
+  std::string json{};
 };
 
-// tokenizer.chat_template: auto (recognise tokenizer_config.json's template), qwen2.5, chatml.
-enum class ChatTemplate { kAuto, kQwen25, kChatML };
+// What a conversation hands apply_chat_template besides its messages: TRL's "tools" and
+// "chat_template_kwargs" columns. Both JSON text, "" = none (the template sees tools = none).
+struct ChatExtras {
+  std::string tools;   // a JSON list of tool definitions
+  std::string kwargs;  // a JSON object of extra template variables, e.g. {"enable_thinking": false}
+};
+
+// tokenizer.chat_template: auto (the template the tokenizer folder carries: chat_template.jinja, else
+// tokenizer_config.json's chat_template), qwen2.5 and chatml (built-in template texts), or kJinja: a
+// .jinja file or inline Jinja text (LoadOptions::chat_template_source). Every one is rendered by the
+// same Jinja interpreter.
+enum class ChatTemplate { kAuto, kQwen25, kChatML, kJinja };
 // Parses "auto" | "qwen2.5" | "chatml"; throws ptk::Error naming tokenizer.chat_template otherwise.
 ChatTemplate parse_chat_template(const std::string& name);
 const char* chat_template_name(ChatTemplate t);
+
+// A tokenizer-level chat template problem (no template, one that does not parse, a file that cannot
+// be read): the same for every conversation, so callers report it once rather than per record.
+class ChatTemplateError : public Error {
+ public:
+  using Error::Error;
+};
 
 // A rendered conversation.
 struct ChatEncoding {
   std::string text;                 // exactly what HF's Jinja renders from the chat template
   std::vector<TokenId> ids;         // encode(text)
-  std::vector<uint8_t> assistant_mask;  // per id: 1 on tokens overlapping an assistant content or its <|im_end|>
+  std::vector<uint8_t> assistant_mask;  // per id: 1 on tokens overlapping an assistant span (render_chat)
 };
 
 // Plain prompt + completion, encoded as one text (what HF gives for prompt + completion).
@@ -44,9 +69,19 @@ struct PromptCompletionEncoding {
 };
 
 struct LoadOptions {
-  // Chat renderer; kAuto reads chat_template from tokenizer_config.json (see render_chat).
+  // Chat template; kAuto uses the folder's own (see render_chat).
   ChatTemplate chat_template = ChatTemplate::kAuto;
+  // With kJinja: a .jinja file's path, or inline Jinja text (holding "{{" or "{%").
+  std::string chat_template_source{};
+  // A JSON object of extra template variables for every rendering ("" = none), e.g.
+  // {"enable_thinking": false}; a conversation's ChatExtras::kwargs override them.
+  std::string chat_template_kwargs{};
 };
+
+// LoadOptions from tokenizer.chat_template's value: auto | qwen2.5 | chatml | a .jinja file | inline
+// Jinja text; and tokenizer.chat_template_kwargs (a JSON object's text, "" = none). Throws ptk::Error
+// naming the recipe key for anything else (a file that does not exist, kwargs that are not an object).
+LoadOptions chat_load_options(const std::string& chat_template, const std::string& kwargs = "");
 
 class Tokenizer {
  public:
@@ -88,20 +123,38 @@ class Tokenizer {
   TokenId im_start_id() const;  // <|im_start|>, kNoToken if absent
   TokenId im_end_id() const;    // <|im_end|>, kNoToken if absent
 
-  // The renderer render_chat uses, after `auto` resolution. Throws ptk::Error when `auto` could not
-  // recognise tokenizer_config.json's template (the message names tokenizer.chat_template).
+  // The template render_chat uses: kQwen25 / kChatML when its text is one of those templates
+  // (whatever was asked for), else kJinja. Throws ChatTemplateError when there is none or it could
+  // not be read or parsed (the message names the file and the fix); check it once before rendering.
   ChatTemplate chat_template() const;
-  // Renders `messages` as the chat template does and encodes the text. qwen2.5: ChatML with the
-  // default system prompt ("You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-  // or the one in the recognised template) when the first message is not a system message.
-  // chatml: every message as is. add_generation_prompt appends "<|im_start|>assistant\n".
-  // Throws ptk::Error for an empty conversation, an unknown role or a tool message.
-  // With max_ids: the first max_ids ids and mask values of the whole rendering, from a rendering of
-  // head_messages({&messages}, head_bytes(max_ids)) (text is then that cut rendering).
+  // The Jinja source of that template (throws as chat_template() does) and where it came from
+  // ("DIR/tokenizer_config.json", "DIR/chat_template.jinja", "built-in qwen2.5", a file's path).
+  const std::string& chat_template_source() const;
+  const std::string& chat_template_origin() const;
+  // Whether the template was set by LoadOptions (qwen2.5, chatml, a file) rather than taken from the
+  // folder (auto): then checkpoints write it into their tokenizer files (checkpoint::SaveOptions).
+  bool chat_template_overridden() const;
+
+  // Renders `messages` with the chat template as transformers' apply_chat_template(messages,
+  // tools=extras.tools, add_generation_prompt, **extras.kwargs) does (bos_token, eos_token, pad_token,
+  // unk_token, ... from tokenizer_config.json; LoadOptions::chat_template_kwargs) and encodes it.
+  // Assistant mask: with {% generation %} blocks in the template, 1 on tokens overlapping one (exactly
+  // transformers' return_assistant_tokens_mask). Without, per assistant message i: G = render of
+  // messages[:i] with the generation prompt, F = render of messages[:i+1], H = the whole rendering;
+  // G must be a prefix of F and of H; the turn's span starts at len(G) in H and is the longest suffix
+  // of F[len(G):] that H continues with there (all of it for prefix-preserving templates; for Qwen3's,
+  // whose history turns drop <think>, the part the history keeps), less whitespace after its last
+  // added token (the "\n" after <|im_end|> is the template's separator); 1 on tokens overlapping it.
+  // Throws ChatTemplateError as chat_template() does; ptk::Error naming the message for a
+  // conversation the template refuses (raise_exception), an empty one, a role other than system,
+  // user, assistant or tool, or an assistant turn without a span (G not a prefix, nothing kept).
+  // With max_ids: the first max_ids ids and mask values, encoding only head_bytes(max_ids) bytes of
+  // the rendering (text is still the whole rendering).
   ChatEncoding render_chat(const std::vector<Message>& messages, bool add_generation_prompt = false,
-                           size_t max_ids = SIZE_MAX) const;
-  // Only the text of render_chat (no encoding).
-  std::string render_chat_text(const std::vector<Message>& messages, bool add_generation_prompt = false) const;
+                           size_t max_ids = SIZE_MAX, const ChatExtras& extras = ChatExtras()) const;
+  // Only the text of render_chat (no encoding, no mask).
+  std::string render_chat_text(const std::vector<Message>& messages, bool add_generation_prompt = false,
+                               const ChatExtras& extras = ChatExtras()) const;
 
   // encode(prompt + completion) with the completion's tokens masked in (a token belongs to the
   // completion when it starts at or after the prompt's end), plus eos_id() when add_eos.
@@ -145,10 +198,11 @@ class Tokenizer {
 };
 
 // One conversation given in parts (e.g. a prompt's messages, then its completion's) cut to what
-// decides the first `bytes` bytes of its rendering: contents cut where their running total passes
-// `bytes`, later messages left out. Every content byte renders at or after its offset among the
-// contents, so the rendering of the result equals that of the whole for at least `bytes` bytes;
-// at most `bytes` bytes of contents are copied.
+// decides the first `bytes` bytes of its rendering by a prefix-preserving template that renders
+// every content byte at or after its offset among the contents (Qwen2.5's, ChatML): contents cut
+// where their running total passes `bytes`, later messages left out; at most `bytes` bytes of
+// contents are copied. (render_chat no longer relies on it: templates such as Qwen3's render earlier
+// turns differently once later ones are gone.)
 std::vector<Message> head_messages(const std::vector<const std::vector<Message>*>& parts, size_t bytes);
 
 // `s` cut to its first `bytes` bytes, moved forward to the next character boundary (so at least

@@ -2,6 +2,7 @@
 // pre-tokenizer, special ids, chat settings). Not a public header: include tokenizer.h instead.
 #pragma once
 #include <absl/container/flat_hash_map.h>
+#include <rapidjson/document.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -10,6 +11,7 @@
 #include <string_view>
 #include <vector>
 
+#include "core/tokenizer/jinja.h"
 #include "core/tokenizer/pretokenizer.h"
 #include "core/tokenizer/tokenizer.h"
 
@@ -67,9 +69,15 @@ struct Tokenizer::Impl {
 
   TokenId eos = kNoToken, pad = kNoToken, im_start = kNoToken, im_end = kNoToken;
 
-  // Chat: what `auto` resolved to, or why it could not.
-  ChatTemplate chat = ChatTemplate::kQwen25;
+  // Chat (chat.cpp): the parsed template (and a list-form "tool_use" one), its source and origin, or
+  // why there is none; what it is recognised as; what every rendering's context holds besides the
+  // conversation (special tokens, LoadOptions::chat_template_kwargs).
+  ChatTemplate chat = ChatTemplate::kJinja;
   std::string chat_error;
+  std::shared_ptr<const jinja::Template> chat_tmpl, chat_tmpl_tools;
+  std::string chat_source, chat_origin;
+  bool chat_overridden = false;
+  rapidjson::Document chat_globals;
   std::string default_system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
 
   // Bounds for encode_head/encode_tail (see tokenizer.h): the longest id in bytes, and whether an
@@ -118,8 +126,17 @@ struct Tokenizer::Impl {
 }  // namespace ptk::tokenizer
 
 namespace ptk::tokenizer {
-// chat.cpp: sets impl->chat / chat_error / default_system from the requested renderer and the
-// chat_template text of tokenizer_config.json (nullptr when there is none).
-void resolve_chat_template(Tokenizer::Impl* impl, ChatTemplate requested, const std::string* template_text,
-                           const std::string& origin);
+// The chat templates a tokenizer folder carries: tokenizer_config.json's "chat_template" (a string,
+// or the list form's "default" and "tool_use"), and chat_template.jinja beside it (transformers 5's
+// form, which wins over the config's, as in transformers).
+struct FolderTemplates {
+  bool has_config_default = false, has_config_tool_use = false, has_file = false;
+  std::string config_default, config_tool_use, file;
+  std::string config_origin, file_origin;  // paths for messages
+  const rapidjson::Value* config = nullptr;  // the parsed tokenizer_config.json (special tokens), or null
+};
+// chat.cpp: sets impl's chat fields from the options and the folder's templates. Throws
+// ChatTemplateError when a template the options name cannot be read or parsed (a folder's own
+// template that does not parse is kept as chat_error: plain-text use of the tokenizer still works).
+void resolve_chat_template(Tokenizer::Impl* impl, const LoadOptions& options, const FolderTemplates& folder);
 }  // namespace ptk::tokenizer

@@ -4,7 +4,10 @@
 // prepare of commit 03458f0 (before the throughput work of issue 8; Qwen's sft case re-recorded
 // when prompt/completion masks on lines NFC changes were fixed, both sft cases for kPrepareVersion 3:
 // TRL's conversational completion masks and bfd tie-breaking; every case for kPrepareVersion 4:
-// plain prompt/completion tokenized apart, the manifest's boundary_merged count). With the byte-level tokenizer
+// plain prompt/completion tokenized apart, the manifest's boundary_merged count; the sft cases for
+// kPrepareVersion 5, chat templates rendered by the Jinja interpreter: tokens, masks and rows
+// unchanged, only the bad role's reason in skipped.txt, which now lists "tool", and so the
+// manifest's file sizes). With the byte-level tokenizer
 // always; with Qwen's tokenizer.json (real merges, NFC, CJK, long words) when it is present.
 // The hashes are a regression pin of ptk's own output, not a reference: they say the bytes did not
 // change, not that they were right. A change to any output byte fails here: if one is intended,
@@ -293,7 +296,7 @@ void check_against_reference(const std::string& py, const std::string& tokenizer
 
 std::vector<Case> byte_cases() {
   return {
-      {"sft", Format::kSft, sft_lines(1, 400), 2.0, 256, "15f8b50f00053f54edd2c1dbe2b643ee74ac049923e59fd0e84810e8aaaf006e"},
+      {"sft", Format::kSft, sft_lines(1, 400), 2.0, 256, "58db19ce8fcfaa03fa5916f4def59481ec39fc3345747cefcdb8f0ae5922c532"},
       {"preference", Format::kPreference, preference_lines(2, 200), 1.0, 200, "96cdf1474f51368400662a23916aeb7d5c88ca028d53e13bc9729766de211815"},
       {"rl", Format::kRl, rl_lines(3, 200), 1.0, 120, "671ab06d4cb6517a82f0a64ed07dddd2b5875e623bd4e4cc06d88cf2c06707ca"},
   };
@@ -301,7 +304,7 @@ std::vector<Case> byte_cases() {
 
 std::vector<Case> qwen_cases() {
   return {
-      {"sft", Format::kSft, sft_lines(11, 600), 1.0, 128, "ec80640c2bbf896a458ba107875145a56ec763c56cda72614b0aae85fde0a27d"},
+      {"sft", Format::kSft, sft_lines(11, 600), 1.0, 128, "5c378753626b4f39b1cfd89dbb7288287c3bdaa4226acad4e082586be614b1be"},
       {"preference", Format::kPreference, preference_lines(12, 200), 1.0, 96, "bffbd29cf5e2372dfacee9241e6c78d26c6c6838bee4e1d4a1ab85eb8b2e3add"},
       {"rl", Format::kRl, rl_lines(13, 200), 1.0, 64, "5eec4b4c2f774f3503255182c29680b34f24897c45fbb932c8ebc03597f43552"},
   };

@@ -93,35 +93,49 @@ TEST(Records, SftBadRecords) {
   EXPECT_EQ(reason_of(R"({"messages": "hi"})", f), "\"messages\" must be a list of messages, got string");
   EXPECT_EQ(reason_of(R"({"messages": []})", f), "\"messages\" is empty");
   EXPECT_EQ(reason_of(R"({"messages": [{"role":"user","content":"a"},{"role":"bot","content":"b"}]})", f),
-            "messages[1].role \"bot\" is not one of system, user, assistant");
+            "messages[1].role \"bot\" is not one of system, user, assistant, tool");
   EXPECT_EQ(reason_of(R"({"messages": [{"role":"user"}]})", f), "messages[0].content missing");
   EXPECT_EQ(reason_of(R"({"messages": [{"content":"x"}]})", f), "messages[0].role missing");
   EXPECT_EQ(reason_of(R"({"messages": [{"role":"user","content":[{"type":"text"}]}]})", f),
-            "messages[0].content must be a string, got array");
+            "messages[0].content must be a string, got array (content parts lists are not supported)");
   EXPECT_EQ(reason_of(R"({"messages": [{"role":"user","content":"a"}]})", f),
             "no assistant message in \"messages\" (nothing to train on)");
-  EXPECT_EQ(reason_of(R"({"messages": [{"role":"assistant","content":"","tool_calls":[{}]}]})", f),
-            "messages[0] has tool_calls (tool calls are not supported)");
+  EXPECT_EQ(reason_of(R"({"messages": [{"role":"user","content":"","tool_calls":[{}]}]})", f),
+            "messages[0].tool_calls on a user message (only assistant messages make tool calls)");
+  EXPECT_EQ(reason_of(R"({"messages": [{"role":"assistant","content":"a"}],"tools":{"a":1}})", f),
+            "\"tools\" must be a list of tool definitions, got object");
   EXPECT_EQ(reason_of(R"({"messages": [3]})", f), "messages[0] must be an object with role and content, got number");
 }
 
-// TRL's SFT, DPO and reward trainers render a chat record's "tools" into the system turn; ptk has no
-// tool rendering, so such a record is refused (it used to be trained on without them). null, [] and
-// plain-text records are unaffected, as in TRL (tests/reference/chat_template_reference_test.py).
-TEST(Records, ChatRecordsWithToolDefinitionsAreRefused) {
-  const std::string why = "has \"tools\" (tool definitions are not supported: a chat template renders them into the system turn)";
-  const std::string msgs = R"("messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}])";
-  EXPECT_EQ(reason_of("{" + msgs + R"(,"tools":[{"type":"function"}]})", Format::kSft), why);
-  EXPECT_EQ(reason_of(R"({"prompt":[{"role":"user","content":"hi"}],"completion":[{"role":"assistant","content":"yo"}],"tools":[{}]})",
-                      Format::kSft), why);
-  EXPECT_EQ(reason_of(R"({"prompt":[{"role":"user","content":"p"}],"chosen":[{"role":"assistant","content":"a"}],)"
-                      R"("rejected":[{"role":"assistant","content":"b"}],"tools":[{}]})", Format::kPreference), why);
+// TRL's SFT, DPO, reward and GRPO trainers pass a chat record's "tools" (a list, or its JSON text)
+// and "chat_template_kwargs" to apply_chat_template; ptk keeps them with the record (ChatExtras), and
+// tool calls / tool messages in the messages. Plain-text records ignore them, as in TRL.
+TEST(Records, ChatRecordsKeepToolDefinitionsAndToolCalls) {
+  const std::string msgs =
+      R"("messages":[{"role":"user","content":"hi"},{"role":"assistant","content":null,"tool_calls":[{"type":"function",)"
+      R"("function":{"name":"f","arguments":{}}}]},{"role":"tool","content":"1","tool_call_id":"c"},)"
+      R"({"role":"assistant","content":"yo"}])";
   Record r;
   std::string w;
-  for (const std::string& ok : {"{" + msgs + ",\"tools\":null}", "{" + msgs + ",\"tools\":[]}",
-                                std::string(R"({"prompt":"p","completion":"c","tools":[{}]})")})
+  ASSERT_TRUE(parse_record("{" + msgs + R"(,"tools":[{"type":"function"}],"chat_template_kwargs":{"x":1}})", Format::kSft, &r, &w)) << w;
+  EXPECT_EQ(r.sft.chat.tools, R"([{"type":"function"}])");
+  EXPECT_EQ(r.sft.chat.kwargs, R"({"x":1})");
+  ASSERT_EQ(r.sft.messages.size(), 4u);
+  EXPECT_EQ(r.sft.messages[2].role, "tool");
+  EXPECT_NE(r.sft.messages[1].json.find("\"tool_calls\""), std::string::npos);
+  EXPECT_NE(r.sft.messages[2].json.find("\"tool_call_id\":\"c\""), std::string::npos);
+  EXPECT_TRUE(r.sft.messages[3].json.empty());
+  ASSERT_TRUE(parse_record(R"({"prompt":[{"role":"user","content":"hi"}],"completion":[{"role":"assistant","content":"yo"}],"tools":"[{}]"})",
+                           Format::kSft, &r, &w)) << w;
+  EXPECT_EQ(r.sft.chat.tools, "[{}]");
+  ASSERT_TRUE(parse_record(R"({"prompt":[{"role":"user","content":"p"}],"chosen":[{"role":"assistant","content":"a"}],)"
+                           R"("rejected":[{"role":"assistant","content":"b"}],"tools":[{}]})", Format::kPreference, &r, &w)) << w;
+  EXPECT_EQ(r.preference.chat.tools, "[{}]");
+  ASSERT_TRUE(parse_record(R"({"prompt":[{"role":"user","content":"p"}],"answer":"1","tools":[{}]})", Format::kRl, &r, &w)) << w;
+  EXPECT_EQ(r.rl.chat.tools, "[{}]");
+  for (const std::string& ok : {std::string(R"({"prompt":"p","completion":"c","tools":[{}]})")})
     EXPECT_TRUE(parse_record(ok, Format::kSft, &r, &w)) << ok << ": " << w;
-  EXPECT_TRUE(parse_record(R"({"prompt":"p","chosen":"a","rejected":"b","tools":[{}]})", Format::kPreference, &r, &w)) << w;
+  EXPECT_TRUE(parse_record(R"({"prompt":"p","chosen":"a","rejected":"b","tools":3})", Format::kPreference, &r, &w)) << w;
 }
 
 TEST(Records, Preference) {
@@ -147,7 +161,7 @@ TEST(Records, Preference) {
   EXPECT_EQ(reason_of(R"({"prompt":"p","chosen":[{"role":"assistant","content":"a"}],"rejected":"b"})", f),
             "\"prompt\", \"chosen\" and \"rejected\" must all be strings or all be message lists");
   EXPECT_EQ(reason_of(R"({"prompt":[{"role":"human","content":"q"}],"chosen":[],"rejected":[]})", f),
-            "prompt[0].role \"human\" is not one of system, user, assistant");
+            "prompt[0].role \"human\" is not one of system, user, assistant, tool");
 }
 
 TEST(Records, RlPromptsKeepAnswerAndExtraFields) {

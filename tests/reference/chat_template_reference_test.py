@@ -13,9 +13,9 @@ tests/tokenizer/data/qwen2.5_tokenizer_config.json), and ptk's assistant mask is
   difference is exactly the two newline tokens the template itself writes around each reply (a reply
   that starts with "\\n" would merge with the header's where the vocabulary has "\\n\\n"; the tiny
   tokenizer has no such merge).
-- Tools: ptk renders no tool definitions or tool calls; it refuses them with an error naming them
-  (tool_calls, role "tool", and a "tools" list next to the messages, which transformers and TRL's
-  trainers render into the system turn).
+- Tools: tool calls (assistant "tool_calls", content "" or null), tool results (role "tool") and a
+  "tools" list next to the messages render as transformers renders them, in `ptk tokenize --chat`
+  and in prepared SFT rows (tests/reference/chat_mask_reference_test.py checks their masks).
 """
 import json
 import unicodedata
@@ -160,7 +160,7 @@ class ChatTemplate(ptkref.TempDirTestCase):
                                for x in messages if x["role"] == "assistant")
                 self.assertEqual(self.tok.decode(kept, skip_special_tokens=False), want)
 
-    def test_tools_are_refused_not_silently_dropped(self):
+    def test_tools_render_as_transformers_renders_them(self):
         call = {"type": "function", "function": {"name": "add", "arguments": {"a": 12, "b": 30}}}
         tool_schema = {"type": "function", "function": {
             "name": "add", "description": "Adds two integers.",
@@ -168,46 +168,34 @@ class ChatTemplate(ptkref.TempDirTestCase):
                            "required": ["a", "b"]}}}
         user = {"role": "user", "content": "What is 12 + 30?"}
         with_call = [user, {"role": "assistant", "content": "", "tool_calls": [call]}]
-        with_result = with_call + [{"role": "tool", "content": "42"}]
-        # transformers renders all three forms: each changes the text, so ptk cannot ignore any of them.
-        base = self.tok.apply_chat_template([user], tokenize=False)
-        self.assertIn("<tool_call>", self.tok.apply_chat_template(with_call, tokenize=False))
-        self.assertIn("<tool_response>\n42", self.tok.apply_chat_template(with_result, tokenize=False))
-        with_tools = self.tok.apply_chat_template([user], tokenize=False, tools=[tool_schema])
-        self.assertIn("# Tools", with_tools)
-        self.assertNotEqual(with_tools, base)
-        lines = {
-            "tool_calls": ({"messages": with_call}, "tool calls are not supported"),
-            "tool_role": ({"messages": [user, {"role": "tool", "content": "42"}]}, "tool messages are not supported"),
-            "tools": ({"messages": [user], "tools": [tool_schema]}, "tool definitions"),
-        }
-        for name, (record, message) in lines.items():
-            with self.subTest(form=name):
-                src = ptkref.write_jsonl(self.tmp / f"{name}.jsonl", [record])
-                p = ptkref.ptk("tokenize", "--threads", 1, "--tokenizer", self.tok_dir, "--input", src,
-                               "--output", self.tmp / f"{name}_out.jsonl", "--chat", check=False)
-                self.assertNotEqual(p.returncode, 0, p.stdout)
-                self.assertIn(message, p.stdout)
-                self.assertIn(f"{name}.jsonl:1", p.stdout)
-                self.assertFalse((self.tmp / f"{name}_out.jsonl").exists())
-        # `ptk generate` renders "messages" lines with the same template: a "tools" list is refused there too.
+        null_content = [user, {"role": "assistant", "content": None, "tool_calls": [call]}]
+        with_result = with_call + [{"role": "tool", "content": "42"}, {"role": "assistant", "content": "It is 42."}]
+        records = [({"messages": with_call}, None), ({"messages": null_content}, None),
+                   ({"messages": with_result}, None), ({"messages": [user], "tools": [tool_schema]}, [tool_schema]),
+                   ({"messages": with_result, "tools": json.dumps([tool_schema])}, [tool_schema])]
+        src = ptkref.write_jsonl(self.tmp / "tools.jsonl", [r for r, _ in records])
+        out = self.tmp / "tools_out.jsonl"
+        ptkref.ptk("tokenize", "--threads", 1, "--tokenizer", self.tok_dir, "--input", src, "--output", out, "--chat")
+        lines = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
+        self.assertEqual(len(lines), len(records))
+        for i, ((record, tools), line) in enumerate(zip(records, lines)):
+            with self.subTest(record=i):
+                text = self.tok.apply_chat_template(record["messages"], tools=tools, tokenize=False)
+                # Each form changes the text, so a test that ignored them would fail here.
+                self.assertTrue("<tool_call>" in text or "# Tools" in text, text)
+                self.assertEqual(line["ids"], hf_ids(self.tok, record["messages"], False, tools=tools))
+        # `ptk generate` renders "messages" lines with their "tools" too.
         model = ptkref.tiny_qwen2(self.tmp / "model", self.tok_dir)
-        src = ptkref.write_jsonl(self.tmp / "gen.jsonl", [{"messages": [user]}, {"messages": [user], "tools": [tool_schema]}])
-        p = ptkref.ptk("generate", "--threads", 1, "--model", model, "--input", src, "--output", self.tmp / "gen_out.jsonl",
-                       "--temperature", 0, "--max-new-tokens", 2, check=False)
-        self.assertNotEqual(p.returncode, 0, p.stdout)
-        self.assertIn("gen.jsonl:2", p.stdout)
-        self.assertIn("tool definitions", p.stdout)
-        # Training data: an SFT record with a "tools" list is a bad record (TRL's SFTTrainer would render
-        # the tools into the system turn), named with its line, not trained on without them.
-        src = ptkref.write_jsonl(self.tmp / "sft.jsonl", [
-            {"messages": with_call[:1] + [{"role": "assistant", "content": "42"}]},
-            {"messages": with_call[:1] + [{"role": "assistant", "content": "42"}], "tools": [tool_schema]}])
+        src = ptkref.write_jsonl(self.tmp / "gen.jsonl", [{"messages": [user], "tools": [tool_schema]}])
+        ptkref.ptk("generate", "--threads", 1, "--model", model, "--input", src, "--output", self.tmp / "gen_out.jsonl",
+                   "--temperature", 0, "--max-new-tokens", 2)
+        # Training data: an SFT record with tools and tool calls is prepared (no bad record).
+        src = ptkref.write_jsonl(self.tmp / "sft.jsonl", [{"messages": with_result, "tools": [tool_schema]}])
         p = ptkref.ptk("prepare", "--threads", 1, "--tokenizer", self.tok_dir, "--input", src, "--output",
-                       self.tmp / "prepared", "--format", "sft", check=False)
-        self.assertNotEqual(p.returncode, 0, p.stdout)
-        self.assertIn("sft.jsonl:2", p.stdout)
-        self.assertIn("tool definitions", p.stdout)
+                       self.tmp / "prepared", "--format", "sft")
+        manifest = json.loads((self.tmp / "prepared" / "manifest.json").read_text())
+        self.assertEqual(manifest["counts"]["skipped"], 0, p.stdout)
+        self.assertEqual(manifest["tokens"]["written"], len(hf_ids(self.tok, with_result, False, tools=[tool_schema])))
 
 
 if __name__ == "__main__":

