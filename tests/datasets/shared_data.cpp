@@ -301,9 +301,9 @@ std::vector<MappedSet> map_shared_data(const std::string& d) {
 std::vector<std::string> unmapped_shared_files() {
   return {
       "sft/llamafactory_demo/glaive_toolcall_{en,zh}_demo.json: tool-call conversations (function_call/observation turns); "
-      "ptk's chat renderers refuse tool calls, so these are not mapped",
+      "ShareGPT function_call/observation turns are refused (TRL-format tool_calls in messages are read), so these are not mapped",
       "preference/llamafactory_demo/kto_en_demo.json: KTO (single completions with a bool label), not pairs; no ptk format",
-      "preference/hh_rlhf/harmless-base/test.jsonl.gz: the same rows as test.jsonl (gzip is not read)",
+      "preference/hh_rlhf/harmless-base/test.jsonl.gz: the same rows as test.jsonl (read as .gz by readers_reference_test)",
   };
 }
 
