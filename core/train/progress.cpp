@@ -21,7 +21,7 @@ Progress::~Progress() {
 
 std::string Progress::line(int64_t done, double elapsed, const std::string& extra) const {
   char buf[256];
-  double rate = elapsed > 0 ? done / elapsed : 0.0;
+  double rate = elapsed > 0 && done > start_done_ ? (done - start_done_) / elapsed : 0.0;
   std::string s = label_ + " ";
   if (total_ > 0) {
     std::snprintf(buf, sizeof buf, "%lld/%lld %s (%.1f%%)", static_cast<long long>(done),

@@ -17,6 +17,9 @@ class Progress {
 
   // `done` is absolute; `extra` is appended (e.g. "loss 1.234").
   void update(int64_t done, const std::string& extra = "");
+  // Work done before this process started (a resumed run's step): counted in done/total, not in
+  // the rate or the ETA, which measure this process only.
+  void set_start(int64_t done) { start_done_ = done; }
   // Final line (always printed).
   void finish(const std::string& extra = "");
   // A line of its own (an eval result) between progress lines; on a TTY the redrawn progress line
@@ -35,6 +38,7 @@ class Progress {
   bool tty_;
   bool finished_ = false;
   int64_t done_ = 0;
+  int64_t start_done_ = 0;
   int64_t printed_done_ = -1;   // the `done` of the last plain (non-TTY) line
   std::string printed_extra_;
   std::string extra_;

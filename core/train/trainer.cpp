@@ -472,6 +472,7 @@ int64_t Trainer::run() {
   std::unique_ptr<Progress> progress;
   if (main) {
     progress = std::make_unique<Progress>(o.label, s.total_steps, "steps", 10.0);
+    progress->set_start(s.step);  // a resumed run's rate counts this process's steps only
     progress->update(s.step);
   }
   std::vector<at::Tensor> param_tensors = tensors_of(s.params);

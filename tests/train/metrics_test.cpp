@@ -50,5 +50,18 @@ TEST(Progress, LineShowsRateEtaAndUnits) {
   EXPECT_NE(log.find("train 100/100 steps (100.0%)"), std::string::npos) << log;
 }
 
+// A run resumed at step 80 of 100: the rate and ETA count this process's steps, not the 80 before
+// (the first line of a resumed run once read 80 steps in a few milliseconds: millions of steps/s).
+TEST(Progress, ResumedRunRateCountsThisProcessOnly) {
+  test::TempDir d;
+  FILE* f = std::fopen(d.file("log").c_str(), "w");
+  Progress p("train", 100, "steps", 10.0, f);
+  p.set_start(80);
+  EXPECT_EQ(p.line(80, 0.001, ""), "train 80/100 steps (80.0%) | 0.00 steps/s | elapsed 0.0s");
+  EXPECT_EQ(p.line(90, 20.0, ""), "train 90/100 steps (90.0%) | 0.50 steps/s | elapsed 20.0s | ETA 20.0s");
+  p.finish();
+  std::fclose(f);
+}
+
 }  // namespace
 }  // namespace ptk
