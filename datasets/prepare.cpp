@@ -849,7 +849,8 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
         continue;
       }
       auto note = [&](std::vector<std::string>* at) {
-        if (at->size() < PrepareResult::kExamplePositions) at->push_back(file.path + ":" + std::to_string(r.line_no));
+        if (at->size() < PrepareResult::kExamplePositions)
+          at->push_back(record_position(file.path, b->kind, {r.record_no, r.line_no}));  // a Parquet row is no line
       };
       if (r.dropped) {
         ++s.dropped;
@@ -908,7 +909,10 @@ PrepareResult prepare(const PrepareOptions& o, const std::string& dir) {
       // Every record of the block refused for the same reason is the file's problem, not the
       // records': said once, naming the file (e.g. a dataset whose fields need data.columns).
       const std::string first_reason = bad_lines[0].substr(bad_lines[0].find(": ") + 2);
-      const bool all_same = bad_lines.size() > 1 && bad_lines.size() == b->results.size() &&
+      // Records data.eval_split sent to the other side were not parsed for this side: not counted.
+      const size_t this_side = static_cast<size_t>(std::count_if(b->results.begin(), b->results.end(),
+                                                                 [](const auto& x) { return !x.other_split; }));
+      const bool all_same = bad_lines.size() > 1 && bad_lines.size() == this_side &&
                             std::all_of(bad_lines.begin(), bad_lines.end(), [&](const std::string& l) {
                               return l.size() >= first_reason.size() &&
                                      l.compare(l.size() - first_reason.size(), first_reason.size(), first_reason) == 0;

@@ -635,7 +635,10 @@ bool extract_prompt(const std::vector<tokenizer::Message>& chosen, const std::ve
   }
   size_t idx = m - 1;
   for (size_t i = 0; i < m; ++i) {
-    if (chosen[i].role != rejected[i].role || chosen[i].content != rejected[i].content) {
+    // TRL compares whole message dicts: tool_calls, name, reasoning_content too (Message::json holds
+    // them, compactly in the record's key order).
+    if (chosen[i].role != rejected[i].role || chosen[i].content != rejected[i].content ||
+        chosen[i].json != rejected[i].json) {
       idx = i;  // a message never equals " ": no space rule
       break;
     }
@@ -696,9 +699,19 @@ bool parse_record(std::string_view line, Format format, const ParseOptions& opti
   // long line's decoded strings back before the record copies them out.
   arena.stack_pool.Clear();
   if (options.content_hash) {
+    // Top-level nulls count as absent here as everywhere (Parquet rows leave null columns out,
+    // `datasets` writes them into JSONL as null): the same record hashes the same in every format.
     HashStream hs;
     rapidjson::Writer<HashStream> w(hs);
-    d.Accept(w);
+    w.StartObject();
+    rapidjson::SizeType n = 0;
+    for (auto it = d.MemberBegin(); it != d.MemberEnd(); ++it) {
+      if (it->value.IsNull()) continue;
+      w.Key(it->name.GetString(), it->name.GetStringLength());
+      it->value.Accept(w);
+      ++n;
+    }
+    w.EndObject(n);
     *options.content_hash = hs.h;
   }
   // data.columns: every mapped column taken out first, then put back under ptk's name (so a mapping
@@ -871,6 +884,10 @@ LineReader::Found LineReader::buffered_line(size_t* len) {
 }
 
 // Appends the line that starts at begin_ and does not fit in the buffer to *out.
+namespace {
+constexpr size_t kMaxStreamedLineBytes = size_t{1} << 30;
+}
+
 void LineReader::read_long(std::string* out) {
   const size_t have = end_ - begin_;
   if (!seekable_) {  // a pipe: append as it comes
@@ -881,6 +898,11 @@ void LineReader::read_long(std::string* out) {
       if (!fill()) return;  // the end of the file ends the line
       const char* nl = static_cast<const char*>(std::memchr(buf_.data(), '\n', end_));
       size_t n = nl ? static_cast<size_t>(nl - buf_.data()) : end_;
+      // A .gz or a pipe gives no size up front: a small gzip bomb of one endless line must not take
+      // all memory (the JSON-array reader caps a record the same way).
+      if (out->size() + n > kMaxStreamedLineBytes)
+        throw Error(path_ + ":" + std::to_string(line_no_ + 1) + ": a line over 1 GiB (a compressed or piped file is "
+                    "read a line at a time; no record is that long)");
       out->append(buf_.data(), n);
       consumed_ += n + (nl ? 1 : 0);
       begin_ = nl ? n + 1 : end_;

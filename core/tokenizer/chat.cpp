@@ -154,6 +154,14 @@ bool is_inline(const std::string& s) {
   return s.find("{{") != std::string::npos || s.find("{%") != std::string::npos;
 }
 
+// The variables apply_chat_template sets itself: a kwarg of that name is a TypeError in transformers
+// ("got multiple values for keyword argument"), and here it would replace the messages list.
+void refuse_fixed_key(const std::string& name, const std::string& origin) {
+  for (const char* k : {"messages", "tools", "documents", "add_generation_prompt"})
+    if (name == k)
+      throw Error(origin + ": \"" + name + "\" is set by the chat rendering itself and cannot be a template kwarg");
+}
+
 // The special tokens transformers puts into every rendering (special_tokens_map: the named ones that
 // are set), as a JSON object, followed by LoadOptions::chat_template_kwargs' members.
 void chat_globals(const rapidjson::Value* cfg, const std::string& kwargs, const std::string& kwargs_origin,
@@ -174,6 +182,7 @@ void chat_globals(const rapidjson::Value* cfg, const std::string& kwargs, const 
     rapidjson::Document k = json::parse(kwargs, kwargs_origin);
     if (!k.IsObject()) throw Error(kwargs_origin + ": expected a JSON object, got " + json::type_name(k));
     for (auto it = k.MemberBegin(); it != k.MemberEnd(); ++it) {
+      refuse_fixed_key(it->name.GetString(), kwargs_origin);
       auto have = out->FindMember(it->name);
       if (have != out->MemberEnd()) {
         have->value.CopyFrom(it->value, a);
@@ -399,6 +408,7 @@ rapidjson::Document base_context(const Tokenizer::Impl& im, bool add_generation_
   c.AddMember("add_generation_prompt", add_generation_prompt, a);
   auto merge = [&](const Value& obj) {
     for (auto it = obj.MemberBegin(); it != obj.MemberEnd(); ++it) {
+      refuse_fixed_key(it->name.GetString(), "chat_template_kwargs");
       auto have = c.FindMember(it->name);
       if (have != c.MemberEnd()) {
         have->value.CopyFrom(it->value, a);

@@ -44,6 +44,11 @@ constexpr int kMaxEvalDepth = 600;
 constexpr int64_t kMaxLoopIterations = 10000000;  // all loops of one render together
 constexpr int64_t kMaxRange = 100000;           // jinja2's sandbox MAX_RANGE
 constexpr size_t kMaxOutputBytes = size_t(64) << 20;  // any string built while rendering (and the output)
+constexpr size_t kMaxListItems = 10'000'000;           // a list built by + (as `*` is capped)
+
+// Whether a double converts to int64 without undefined behaviour (Python's int() would give a big
+// integer here; ptk's integers are 64-bit, so such a value is an error rather than a wrapped number).
+bool fits_int64(double d) { return d >= -9223372036854775808.0 && d < 9223372036854775808.0; }
 
 // ---------------------------------------------------------------------------------------------
 // Values
@@ -1858,6 +1863,8 @@ class Renderer {
   void append_json(std::string& o, const Value& v, const JsonOpts& opt, int level, const Expr& at) {
     if (level > 512) err(at, "tojson: value nested too deeply");
     auto newline = [&](int lv) {
+      // Indents multiply (depth x items): checked as they are written, not after.
+      if (o.size() + 1 + static_cast<size_t>(lv) * opt.indent.size() > kMaxOutputBytes) err(at, "string larger than 64 MiB");
       o += '\n';
       for (int k = 0; k < lv; ++k) o += opt.indent;
     };
@@ -2022,6 +2029,9 @@ class Renderer {
         return checked_str(std::move(s), at);
       }
       if (a.is_list() && b.is_list()) {
+        // Lists are capped as strings are: doubling one through a namespace or recursion would
+        // otherwise reach 2^40 items under the other limits.
+        if (list_size(a) + list_size(b) > kMaxListItems) err(at, "list longer than 10 million items");
         std::vector<Value> v;
         for (size_t i = 0, n = list_size(a); i < n; ++i) v.push_back(list_at(a, i));
         for (size_t i = 0, n = list_size(b); i < n; ++i) v.push_back(list_at(b, i));
@@ -2177,6 +2187,7 @@ class Renderer {
         if (!intlike(x, &iv)) {
           if (!num(x, &d) || !std::isfinite(d)) err(at, std::string("%") + conv + " format: a real number is required, not " + type_name(x));
           if (conv != 'd' && conv != 'i' && conv != 'u') err(at, std::string("%") + conv + " format: an integer is required, not float");
+          if (!fits_int64(d)) err(at, "%d format: the number does not fit 64 bits");
           iv = static_cast<int64_t>(d);
         }
         spec += "ll";
@@ -2332,13 +2343,19 @@ class Renderer {
       stop = n;
       if (as_int(s0, &x)) start = x < 0 ? std::max<int64_t>(x + n, 0) : std::min(x, n);
       if (as_int(s1, &x)) stop = x < 0 ? std::max<int64_t>(x + n, 0) : std::min(x, n);
-      for (int64_t i = start; i < stop; i += step) idx->push_back(i);
+      for (int64_t i = start; i < stop;) {  // no signed overflow past stop with a huge step
+        idx->push_back(i);
+        if (__builtin_add_overflow(i, step, &i)) break;
+      }
     } else {
       start = n - 1;
       stop = -1;
       if (as_int(s0, &x)) start = x < 0 ? std::max<int64_t>(x + n, -1) : std::min(x, n - 1);
       if (as_int(s1, &x)) stop = x < 0 ? std::max<int64_t>(x + n, -1) : std::min(x, n - 1);
-      for (int64_t i = start; i > stop; i += step) idx->push_back(i);
+      for (int64_t i = start; i > stop;) {
+        idx->push_back(i);
+        if (__builtin_add_overflow(i, step, &i)) break;
+      }
     }
   }
   Value slice(const Value& obj, const Value* s0, const Value* s1, const Value* s2, const Expr& at) {
@@ -2730,9 +2747,10 @@ Value Renderer::call_value(const Value& fn, Args& pos, std::vector<std::pair<std
       int64_t start = pos.size() == 1 ? 0 : a[0], stop = pos.size() == 1 ? a[0] : a[1], step = pos.size() == 3 ? a[2] : 1;
       if (step == 0) err(at, "range() arg 3 must not be zero");
       std::vector<Value> v;
-      for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) {
+      for (int64_t i = start; step > 0 ? i < stop : i > stop;) {
         if (static_cast<int64_t>(v.size()) >= kMaxRange) err(at, "Range too big. The sandbox blocks ranges larger than MAX_RANGE (100000).");
         v.push_back(Value::integer(i));
+        if (__builtin_add_overflow(i, step, &i)) break;  // past INT64's end: past stop too
       }
       return make_list(std::move(v));
     }
@@ -3106,6 +3124,7 @@ Value Renderer::call_method(const Value& self, std::string_view name, Args& pos,
     if (name == "zfill") {
       int64_t w = 0;
       if (!arg(0, "width") || !intlike(*arg(0, "width"), &w)) err(at, "zfill() needs an integer width");
+      if (w > 1 << 20) err(at, "width too large");
       int64_t n = static_cast<int64_t>(cp_count(s));
       if (n >= w) return self;
       std::string o;
@@ -3121,6 +3140,7 @@ Value Renderer::call_method(const Value& self, std::string_view name, Args& pos,
       if (w > 1 << 20) err(at, "width too large");
       std::string_view fill = " ";
       if (const Value* fv = arg(1, "fillchar")) fill = need_str(fv, "fillchar");
+      if (cp_count(fill) != 1) err(at, "The fill character must be exactly one character long");
       int64_t n = static_cast<int64_t>(cp_count(s));
       if (n >= w) return self;
       int64_t pad = w - n, left = name == "rjust" ? pad : name == "ljust" ? 0 : pad / 2 + (pad & w & 1);
@@ -3440,7 +3460,10 @@ Value Renderer::apply_filter(int id, const Value& v, Args& pos, std::vector<std:
       need_defined(v);
       if (v.k == K::Int) return v;
       if (v.k == K::Bool) return Value::integer(v.u.b);
-      if (v.k == K::Float) return std::isfinite(v.u.d) ? Value::integer(static_cast<int64_t>(v.u.d)) : dflt;
+      if (v.k == K::Float) {
+        if (std::isfinite(v.u.d) && !fits_int64(v.u.d)) err(at, "int: the number does not fit 64 bits");
+        return std::isfinite(v.u.d) ? Value::integer(static_cast<int64_t>(v.u.d)) : dflt;
+      }
       if (v.k == K::Str) {
         std::string s(py_strip(v.s, nullptr, true, true));
         s.erase(std::remove(s.begin(), s.end(), '_'), s.end());
@@ -3449,7 +3472,10 @@ Value Renderer::apply_filter(int id, const Value& v, Args& pos, std::vector<std:
         if (res.ec == std::errc() && res.ptr == s.data() + s.size()) return Value::integer(r);
         char* end = nullptr;
         double d = std::strtod(s.c_str(), &end);
-        if (!s.empty() && end == s.c_str() + s.size() && std::isfinite(d)) return Value::integer(static_cast<int64_t>(d));
+        if (!s.empty() && end == s.c_str() + s.size() && std::isfinite(d)) {
+          if (!fits_int64(d)) err(at, "int: the number does not fit 64 bits");
+          return Value::integer(static_cast<int64_t>(d));
+        }
       }
       return dflt;
     }
@@ -3615,6 +3641,7 @@ Value Renderer::apply_filter(int id, const Value& v, Args& pos, std::vector<std:
         if (i == 0 && first && !blank && lines[i].empty()) indent_it = first;
         if (indent_it) o += ind;
         o.append(lines[i]);
+        if (o.size() > kMaxOutputBytes) err(at, "string larger than 64 MiB");  // lines x indent
       }
       return Value::str(std::move(o));
     }

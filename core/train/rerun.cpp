@@ -45,8 +45,12 @@ std::string leaf_of(const std::string& key) {
   return dot == std::string::npos ? key : key.substr(dot + 1);
 }
 
+// Keys whose value is a map option (an object of its own): compared whole, so adding, removing or
+// swapping an entry is one change of the key (flattened, a key only one side had went unseen).
+bool is_map_option(const std::string& path) { return path == "data.columns"; }
+
 void flatten(const rapidjson::Value& v, const std::string& path, std::map<std::string, std::string>* out) {
-  if (v.IsObject() && v.MemberCount() > 0) {
+  if (v.IsObject() && v.MemberCount() > 0 && !is_map_option(path)) {
     for (auto it = v.MemberBegin(); it != v.MemberEnd(); ++it)
       flatten(it->value, path.empty() ? it->name.GetString() : path + "." + it->name.GetString(), out);
   } else if (!path.empty()) {

@@ -229,6 +229,12 @@ TEST(Readers, ContentHashIgnoresWhitespaceAndMapping) {
   EXPECT_EQ(a, c);
   parse_ok(R"({"prompt":"p","completion":"d"})", Format::kSft, po);
   EXPECT_NE(a, c);
+  // A null column (JSONL written by `datasets`) hashes as the absent one (a Parquet row leaves it out).
+  uint64_t with_null = 0;
+  ParseOptions pn;
+  pn.content_hash = &with_null;
+  parse_ok(R"({"prompt":"p","system":null,"completion":"c"})", Format::kSft, pn);
+  EXPECT_EQ(a, with_null);
 }
 
 void write_gz(const std::string& path, const std::string& content) {

@@ -106,6 +106,22 @@ TEST(ChatTemplate, Qwen3HistoryTurnsKeepWhatTheHistoryRenders) {
   ChatExtras think;
   think.kwargs = R"({"enable_thinking": true})";
   EXPECT_EQ(nt.render_chat_text({{"user", "Q"}}, true, think), "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n");
+  // Kwargs cannot replace what the rendering sets itself (a record's {"messages": 1} once replaced
+  // the list being filled); transformers raises a TypeError for these.
+  for (const char* key : {"messages", "tools", "documents", "add_generation_prompt"}) {
+    ChatExtras bad;
+    bad.kwargs = std::string("{\"") + key + "\": 1}";
+    try {
+      nt.render_chat({{"user", "Q"}, {"assistant", "A"}}, false, SIZE_MAX, bad);
+      ADD_FAILURE() << key;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(std::string("\"") + key + "\" is set by the chat rendering"), std::string::npos)
+          << e.what();
+    }
+    LoadOptions lo;
+    lo.chat_template_kwargs = std::string("{\"") + key + "\": []}";
+    EXPECT_THROW(with_template(read_file(data_dir() + "/qwen3_chat_template.jinja"), lo), Error) << key;
+  }
 }
 
 TEST(ChatTemplate, GenerationBlocksGiveTheMaskExactly) {

@@ -430,6 +430,24 @@ TEST(Jinja, RuntimeErrorsNameLineAndColumn) {
   EXPECT_EQ(render_error("x", "[1]"), "tpl: the rendering context must be a JSON object");
 }
 
+// What a review found past the caps: every way to build a big value is bounded before it is built,
+// and numbers that do not fit 64 bits are errors, not undefined behaviour.
+TEST(Jinja, EveryBuilderIsCapped) {
+  EXPECT_NE(render_error("{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}"
+                         "{% endfor %}").find("list longer than 10 million items"), std::string::npos);
+  EXPECT_NE(render_error("{{ 'a'.zfill(100000000000) }}").find("width too large"), std::string::npos);
+  EXPECT_NE(render_error("{{ 'a'.center(9, 'xy') }}").find("exactly one character"), std::string::npos);
+  const std::string many_lines = "{% set s = 'a\\n' * 1000000 %}{{ s | indent('" + std::string(200, ' ') + "') | length }}";
+  EXPECT_NE(render_error(many_lines).find("larger than 64 MiB"), std::string::npos) << render_error(many_lines);
+  EXPECT_NE(render_error("{{ '%d' % 1e300 }}").find("does not fit 64 bits"), std::string::npos);
+  EXPECT_NE(render_error("{{ 1e300 | int }}").find("does not fit 64 bits"), std::string::npos);
+  EXPECT_NE(render_error("{{ '1e300' | int }}").find("does not fit 64 bits"), std::string::npos);
+  // A huge step ends a range or slice instead of overflowing.
+  auto render = [](const std::string& tmpl) { return Template::parse(tmpl, "tpl").render(std::string_view("{}")).text; };
+  EXPECT_EQ(render("{{ range(9223372036854775800, 9223372036854775807, 5) | list | length }}"), "2");
+  EXPECT_EQ(render("{{ 'abcdef'[1::9223372036854775807] }}"), "b");
+}
+
 TEST(Jinja, HostileTemplatesStopWithAClearError) {
   // Nesting deep enough to overflow a recursive parser's stack.
   std::string deep = "{{ " + std::string(100000, '(') + "1" + std::string(100000, ')') + " }}";

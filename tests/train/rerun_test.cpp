@@ -61,6 +61,19 @@ TEST(RecipeChanges, LeafByLeafInKeyOrderListsWhole) {
   EXPECT_THROW(recipe_changes("[1]", "{}"), Error);
 }
 
+// data.columns is one value: a mapping added, removed or swapped is a change of data.columns (as
+// leaves, a key only one side has was skipped, so {"chosen": "rejected", ...} resumed silently).
+TEST(RecipeChanges, ColumnMappingComparedWhole) {
+  auto added = recipe_changes(R"({"data": {"columns": {}}})", R"({"data": {"columns": {"prompt": "question"}}})");
+  ASSERT_EQ(added.size(), 1u);
+  EXPECT_EQ(added[0].key, "data.columns");
+  auto swapped = recipe_changes(R"({"data": {"columns": {"chosen": "a", "rejected": "b"}}})",
+                                R"({"data": {"columns": {"chosen": "b", "rejected": "a"}}})");
+  ASSERT_EQ(swapped.size(), 1u);
+  EXPECT_EQ(swapped[0].key, "data.columns");
+  EXPECT_TRUE(changes_training("data.columns"));
+}
+
 TEST(RecipeChanges, WhatBlocksAResume) {
   for (const char* k : {"optim.lr", "data.max_seq_len", "data.train", "model.path", "train.micro_batch_size",
                         "train.grad_accum", "run.seed", "dpo.beta", "grpo.num_generations", "tokenizer.chat_template",
