@@ -284,8 +284,7 @@ class RmStage : public train::Stage {
 }  // namespace
 
 std::string run_rm(RmRecipe& r, const std::string& recipe_file, const std::string& resolved) {
-  std::string run_dir = train::run_dir_of(r, recipe_file);
-  make_dirs(run_dir);
+  std::string run_dir = train::run_dir_of(r, recipe_file);  // made by trainer_options, after the rerun check
   torch::manual_seed(static_cast<uint64_t>(r.run.seed));
   train::TrainerOptions options = train::trainer_options(r, run_dir, resolved, "rm");
   if (auto plan = train::memory_plan_from_recipe(r, train::StageKind::kRm)) {

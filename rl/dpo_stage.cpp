@@ -606,8 +606,7 @@ const data::PreparedSet& DpoStage::train_set() const { return *impl_->train; }
 int32_t DpoStage::pad_id() const { return impl_->pad_id; }
 
 std::string run_dpo(DpoRecipe& r, const std::string& recipe_file, const std::string& resolved) {
-  std::string run_dir = train::run_dir_of(r, recipe_file);
-  make_dirs(run_dir);
+  std::string run_dir = train::run_dir_of(r, recipe_file);  // made by trainer_options, after the rerun check
   torch::manual_seed(static_cast<uint64_t>(r.run.seed));
   train::TrainerOptions options = train::trainer_options(r, run_dir, resolved, "dpo");
   bool live_fits = true;

@@ -1020,8 +1020,7 @@ const model::Qwen2Model& GrpoStage::policy() const { return impl_->policy; }
 const GrpoLossInputs& GrpoStage::last_loss_inputs() const { return impl_->last; }
 
 std::string run_grpo(GrpoRecipe& r, const std::string& recipe_file, const std::string& resolved) {
-  std::string run_dir = train::run_dir_of(r, recipe_file);
-  make_dirs(run_dir);
+  std::string run_dir = train::run_dir_of(r, recipe_file);  // made by trainer_options, after the rerun check
   torch::manual_seed(static_cast<uint64_t>(r.run.seed));
   auto opts = train::trainer_options(r, run_dir, resolved, "grpo");
   if (auto plan = train::memory_plan_from_recipe(r, train::StageKind::kGrpo)) {

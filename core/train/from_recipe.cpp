@@ -6,6 +6,7 @@
 #include "core/checkpoint/model_folder.h"
 #include "core/dist/comm.h"
 #include "core/util/error.h"
+#include "core/util/fs.h"
 #include "core/train/checkpoint_dir.h"
 #include "core/train/rerun.h"
 #include "core/train/run_folder.h"
@@ -56,6 +57,7 @@ TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::strin
   // A model.path that is not a model folder is named as such here, not later as a tokenizer problem
   // (the stages read the tokenizer from model.path when tokenizer.path is empty).
   if (!r.model.path.empty()) checkpoint::require_model_folder(r.model.path, "model.path");
+  make_dirs(run_dir);  // only now: a refused rerun or a wrong model.path leaves no new folder behind
   TrainerOptions o;
   o.run_dir = run_dir;
   o.resolved_recipe = resolved_recipe;

@@ -130,6 +130,7 @@ TEST_F(RerunCli, WrongModelFolderIsNamedAndEvalWritesBesideTheRun) {
       << r.out;
   EXPECT_NE(r.out.find("tokenizer files only"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("holds config.json, model.safetensors"), std::string::npos) << r.out;
+  EXPECT_FALSE(std::filesystem::exists(d_.file("run"))) << "a refused start left a run folder behind";
 
   ASSERT_EQ(test::run(sft("")).exit_code, 0);
   // A run folder as model.path: the hint names its final/.
