@@ -13,17 +13,12 @@
 #include "core/util/fs.h"
 #include "core/util/json.h"
 #include "tests/support/test_util.h"
+#include "tests/support/tiny_model_json.h"
 
 namespace ptk {
 namespace {
 
 namespace fs = std::filesystem;
-
-const char* kModel = R"({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 259,
-  "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-  "num_key_value_heads": 2, "max_position_embeddings": 128, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
-  "hidden_act": "silu", "initializer_range": 0.02, "tie_word_embeddings": true, "use_sliding_window": false,
-  "eos_token_id": 258, "pad_token_id": 256})";
 
 class RerunCli : public ::testing::Test {
  protected:
@@ -31,7 +26,7 @@ class RerunCli : public ::testing::Test {
     auto r = test::run(test::ptk_binary() + " make-data arithmetic --out " + d_.file("data") +
                        " --train 32 --eval 8 --tokenizer bytes");
     ASSERT_EQ(r.exit_code, 0) << r.out;
-    d_.write("model.json", kModel);
+    d_.write("model.json", test::kTinyByteModelJson);
     d_.write("sft.json", "{\"model\": {\"config\": \"" + d_.file("model.json") + "\"},\n"
                          " \"tokenizer\": {\"path\": \"" + d_.file("data") + "\"},\n"
                          " \"data\": {\"train\": [\"" + d_.file("data/sft_train.jsonl") + "\"], \"max_seq_len\": 128},\n"

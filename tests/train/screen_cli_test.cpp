@@ -8,17 +8,12 @@
 
 #include "core/util/fs.h"
 #include "tests/support/test_util.h"
+#include "tests/support/tiny_model_json.h"
 
 namespace ptk {
 namespace {
 
 namespace fs = std::filesystem;
-
-const char* kModel = R"({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 259,
-  "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-  "num_key_value_heads": 2, "max_position_embeddings": 128, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
-  "hidden_act": "silu", "initializer_range": 0.02, "tie_word_embeddings": true, "use_sliding_window": false,
-  "eos_token_id": 258, "pad_token_id": 256})";
 
 int event_files(const std::string& dir) {
   if (!fs::is_directory(dir)) return 0;
@@ -33,7 +28,7 @@ class ScreenCli : public ::testing::Test {
     auto r = test::run(test::ptk_binary() + " make-data arithmetic --out " + d_.file("data") +
                        " --train 64 --eval 16 --tokenizer bytes");
     ASSERT_EQ(r.exit_code, 0) << r.out;
-    d_.write("model.json", kModel);
+    d_.write("model.json", test::kTinyByteModelJson);
   }
   // A stage recipe: `data` names make-data's files, `extra` adds sections.
   std::string recipe(const std::string& name, const std::string& model, const std::string& data,
