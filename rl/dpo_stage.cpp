@@ -353,10 +353,11 @@ struct DpoStage::Impl {
     std::string key;
     // Every rank decides the same way (a rank going live while another precomputes would run
     // different collectives), by rank 0's cache: the pass reads or writes it there (cached_ref_logps).
-    double cached = rank == 0 && path_exists(cache_path(*train, "train", &key)) ? 1.0 : 0.0;
+    const std::string cache = cache_path(*train, "train", &key);
+    double cached = rank == 0 && path_exists(cache) ? 1.0 : 0.0;
     if (world_size > 1) cached = comm.all_reduce(cached, dist::ReduceOp::kSum);
     if (cached > 0) {
-      *why = "auto: reusing the cached pass " + cache_path(*train, "train", &key);
+      *why = "auto: reusing the cached pass " + cache;
       return true;
     }
     if (!live_fits) {
