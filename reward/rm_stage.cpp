@@ -7,7 +7,7 @@
 #include <fstream>
 #include <map>
 
-#include "core/dist/comm.h"
+#include "core/parallel/comm.h"
 #include "core/model/qwen2.h"
 #include "core/runtime/log.h"
 #include "core/tokenizer/tokenizer.h"
@@ -133,7 +133,7 @@ class RmStage : public train::Stage {
  public:
   // With several ranks (`comm`), rank 0 prepares the data while the others wait; the run folder
   // must be on a filesystem every rank sees, as for checkpoints.
-  RmStage(RmRecipe& r, const std::string& run_dir, dist::Comm comm) : r_(r), comm_(std::move(comm)) {
+  RmStage(RmRecipe& r, const std::string& run_dir, parallel::Comm comm) : r_(r), comm_(std::move(comm)) {
     tok_path_ = !r.tokenizer.path.empty() ? r.tokenizer.path : r.model.path;
     if (tok_path_.empty())
       throw Error("no tokenizer: set tokenizer.path (a folder with tokenizer.json, or the file) or model.path");
@@ -224,7 +224,7 @@ class RmStage : public train::Stage {
       // TRL takes min/max over every process's gathered scores (rm_loss.h); the loop averages plain
       // metrics over ranks, which is right for the means (equal pairs per rank) but not for these.
       at::Tensor t = torch::tensor({-sums.reward_min, sums.reward_max}, torch::kFloat64);
-      comm_.all_reduce(t, dist::ReduceOp::kMax);
+      comm_.all_reduce(t, parallel::ReduceOp::kMax);
       sums.reward_min = -t[0].item<double>();
       sums.reward_max = t[1].item<double>();
     }
@@ -269,7 +269,7 @@ class RmStage : public train::Stage {
   }
 
   RmRecipe& r_;
-  dist::Comm comm_;
+  parallel::Comm comm_;
   std::string tok_path_, tok_dir_;
   std::string chat_template_;  // written into saved folders when tokenizer.chat_template overrides the folder's
   int64_t pad_id_ = 0;

@@ -256,7 +256,7 @@ struct DpoStage::Impl {
   std::string run_dir, tok_path, tok_dir, ref_dir, ref_identity;
   std::string chat_template;  // written into saved folders when tokenizer.chat_template overrides the folder's
   int32_t pad_id = 0;
-  dist::Comm comm;
+  parallel::Comm comm;
   int rank = 0, world_size = 1;
   model::Qwen2Model policy, reference;
   std::unique_ptr<data::PreparedSet> train, eval;
@@ -270,7 +270,7 @@ struct DpoStage::Impl {
   bool precompute = false;  // dpo.precompute_ref_log_probs resolved
   std::string mode_reason;
 
-  Impl(DpoRecipe& recipe, const std::string& dir, dist::Comm group, bool live_reference_fits)
+  Impl(DpoRecipe& recipe, const std::string& dir, parallel::Comm group, bool live_reference_fits)
       : r(recipe), run_dir(dir), comm(std::move(group)), live_fits(live_reference_fits) {
     rank = comm.rank();
     world_size = comm.world_size();
@@ -355,7 +355,7 @@ struct DpoStage::Impl {
     // different collectives), by rank 0's cache: the pass reads or writes it there (cached_ref_logps).
     const std::string cache = cache_path(*train, "train", &key);
     double cached = rank == 0 && path_exists(cache) ? 1.0 : 0.0;
-    if (world_size > 1) cached = comm.all_reduce(cached, dist::ReduceOp::kSum);
+    if (world_size > 1) cached = comm.all_reduce(cached, parallel::ReduceOp::kSum);
     if (cached > 0) {
       *why = "auto: reusing the cached pass " + cache;
       return true;
@@ -516,7 +516,7 @@ struct DpoStage::Impl {
   }
 };
 
-DpoStage::DpoStage(DpoRecipe& recipe, const std::string& run_dir, dist::Comm comm, bool live_reference_fits)
+DpoStage::DpoStage(DpoRecipe& recipe, const std::string& run_dir, parallel::Comm comm, bool live_reference_fits)
     : impl_(std::make_unique<Impl>(recipe, run_dir, std::move(comm), live_reference_fits)) {}
 DpoStage::~DpoStage() = default;
 
@@ -625,7 +625,7 @@ std::string run_dpo(DpoRecipe& r, const std::string& recipe_file, const std::str
       train::MemoryPlan live = *plan;
       live.live_reference = true;
       double refused = train::memory_refusal(live, train::available_memory(live.cuda)).empty() ? 0.0 : 1.0;
-      if (options.comm.world_size() > 1) refused = options.comm.all_reduce(refused, dist::ReduceOp::kSum);
+      if (options.comm.world_size() > 1) refused = options.comm.all_reduce(refused, parallel::ReduceOp::kSum);
       live_fits = refused == 0;
     }
     plan->live_reference = reference && (mode == "false" || (mode == "auto" && live_fits));

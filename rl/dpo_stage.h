@@ -19,12 +19,12 @@
 #include <vector>
 
 #include "core/config/sections.h"  // TrainingRecipe
-#include "core/dist/comm.h"         // Comm
+#include "core/parallel/comm.h"         // Comm
 #include "core/model/qwen2.h"      // Qwen2Model
 #include "core/train/trainer.h"    // Stage
 #include "datasets/loader.h"       // PairView, PreparedSet, Loader
 #include "rl/dpo_loss.h"           // DpoLossOptions, CpoLossOptions
-#include "rollout/eval.h"          // HeldoutOptions
+#include "eval/eval.h"          // HeldoutOptions
 
 namespace ptk::rl {
 
@@ -97,7 +97,7 @@ class DpoStage : public train::Stage {
   // others wait; the run folder must be on a filesystem every rank sees, as for checkpoints.
   // `live_reference_fits`: false when the memory estimate refuses a live reference beside the
   // policy, so that dpo.precompute_ref_log_probs=auto precomputes.
-  DpoStage(DpoRecipe& recipe, const std::string& run_dir, dist::Comm comm = dist::Comm(),
+  DpoStage(DpoRecipe& recipe, const std::string& run_dir, parallel::Comm comm = parallel::Comm(),
            bool live_reference_fits = true);
   ~DpoStage() override;
 

@@ -28,7 +28,7 @@
 #include "reward/reward_client.h"
 #include "reward/verifiers.h"
 #include "rollout/engine.h"
-#include "rollout/eval.h"
+#include "eval/eval.h"
 
 namespace ptk::rl {
 
@@ -256,7 +256,7 @@ double nan_var(const std::vector<double>& v) {
 struct GrpoStage::Impl {
   GrpoRecipe& r;
   std::string run_dir;
-  dist::Comm comm;
+  parallel::Comm comm;
   int rank = 0, world = 1;
   std::unique_ptr<tokenizer::Tokenizer> tok;
   std::string tok_dir;
@@ -285,7 +285,7 @@ struct GrpoStage::Impl {
   GrpoLossInputs last;
   std::map<std::string, std::pair<double, double>> remote_logs;  // server extra_logs: sum, count this batch
 
-  Impl(GrpoRecipe& rec, const std::string& dir, dist::Comm c, std::vector<RewardFunction> extra)
+  Impl(GrpoRecipe& rec, const std::string& dir, parallel::Comm c, std::vector<RewardFunction> extra)
       : r(rec), run_dir(dir), comm(std::move(c)) {
     r.check();
     const auto& g = r.grpo;
@@ -587,7 +587,7 @@ struct GrpoStage::Impl {
       if (!g.dynamic_sampling) break;
       // Every rank runs the same number of rounds (the next rounds' collectives must match).
       double short_here = static_cast<double>(prompts_per_gen - static_cast<int64_t>(gen->prompts.size()));
-      double short_any = world > 1 ? comm.all_reduce(short_here, dist::ReduceOp::kMax) : short_here;
+      double short_any = world > 1 ? comm.all_reduce(short_here, parallel::ReduceOp::kMax) : short_here;
       if (short_any <= 0 || rounds >= g.dynamic_sampling_max_rounds) break;
     }
     // Dynamic sampling that stayed short: top up with dropped (zero-advantage) groups.
@@ -628,9 +628,9 @@ struct GrpoStage::Impl {
     for (auto& [k, v] : adv.metrics) m.add(k, v);
     double gen_all = gen_s, score_all = score_s, tok_all = static_cast<double>(gen_tokens);
     if (world > 1) {
-      gen_all = comm.all_reduce(gen_s, dist::ReduceOp::kMax);
-      score_all = comm.all_reduce(score_s, dist::ReduceOp::kMax);
-      tok_all = comm.all_reduce(tok_all, dist::ReduceOp::kSum);
+      gen_all = comm.all_reduce(gen_s, parallel::ReduceOp::kMax);
+      score_all = comm.all_reduce(score_s, parallel::ReduceOp::kMax);
+      tok_all = comm.all_reduce(tok_all, parallel::ReduceOp::kSum);
     }
     m.add("time/generate_s", gen_all).add("time/score_s", score_all);
     m.add("generation/tokens_per_s", gen_all > 0 ? tok_all / gen_all : 0.0);
@@ -638,7 +638,7 @@ struct GrpoStage::Impl {
       double sums[3] = {static_cast<double>(generated_groups), static_cast<double>(kept_groups),
                         static_cast<double>(short_groups)};
       if (world > 1)
-        for (double& x : sums) x = comm.all_reduce(x, dist::ReduceOp::kSum);
+        for (double& x : sums) x = comm.all_reduce(x, parallel::ReduceOp::kSum);
       m.add("dynamic_sampling/rounds", static_cast<double>(rounds));
       m.add("dynamic_sampling/kept_group_ratio", sums[1] / std::max(1.0, sums[0]));
       m.add("dynamic_sampling/short_groups", sums[2]);
@@ -648,7 +648,7 @@ struct GrpoStage::Impl {
     for (auto& [key, sc] : remote_logs) {
       double s2[2] = {sc.first, sc.second};
       if (world > 1)
-        for (double& x : s2) x = comm.all_reduce(x, dist::ReduceOp::kSum);
+        for (double& x : s2) x = comm.all_reduce(x, parallel::ReduceOp::kSum);
       m.add("rewards/remote/" + key + "/mean", s2[1] > 0 ? s2[0] / s2[1] : std::nan(""));
     }
     // Shuffle (TRL shuffles the generation batch before cutting micro-batches), then cut.
@@ -977,7 +977,7 @@ struct GrpoStage::Impl {
   }
 };
 
-GrpoStage::GrpoStage(GrpoRecipe& recipe, const std::string& run_dir, dist::Comm comm,
+GrpoStage::GrpoStage(GrpoRecipe& recipe, const std::string& run_dir, parallel::Comm comm,
                      std::vector<RewardFunction> extra_rewards)
     : impl_(std::make_unique<Impl>(recipe, run_dir, std::move(comm), std::move(extra_rewards))) {}
 GrpoStage::~GrpoStage() = default;

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "core/config/sections.h"  // TrainingRecipe
-#include "core/dist/comm.h"        // Comm
+#include "core/parallel/comm.h"        // Comm
 #include "core/train/trainer.h"    // Stage
 #include "rl/grpo_loss.h"          // GrpoMicroBatch, GrpoLossOptions, GrpoScaling
 
@@ -113,7 +113,7 @@ class GrpoStage : public train::Stage {
   // `comm`: the data-parallel group (rewards are gathered over it so advantages see the global
   // batch). Loads the policy (model.path or model.config) and, when beta != 0, a frozen clone.
   // `extra_rewards`: C++ reward sources grpo.reward_funcs may name (verifier names win).
-  GrpoStage(GrpoRecipe& recipe, const std::string& run_dir, dist::Comm comm = {},
+  GrpoStage(GrpoRecipe& recipe, const std::string& run_dir, parallel::Comm comm = {},
             std::vector<RewardFunction> extra_rewards = {});
   ~GrpoStage() override;
 

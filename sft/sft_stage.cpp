@@ -4,7 +4,7 @@
 
 #include <cmath>
 
-#include "core/dist/comm.h"
+#include "core/parallel/comm.h"
 #include "core/model/qwen2.h"
 #include "core/runtime/log.h"
 #include "core/tokenizer/tokenizer.h"
@@ -55,7 +55,7 @@ class SftStage : public train::Stage {
  public:
   // With several ranks, rank 0 prepares the data while the others wait (the run folder must be on
   // a filesystem every rank sees, as for checkpoints).
-  SftStage(SftRecipe& r, const std::string& run_dir, dist::Comm& comm) : r_(r), run_dir_(run_dir), comm_(&comm) {
+  SftStage(SftRecipe& r, const std::string& run_dir, parallel::Comm& comm) : r_(r), run_dir_(run_dir), comm_(&comm) {
     // Tokenizer: tokenizer.path, else model.path.
     tok_path_ = !r.tokenizer.path.empty() ? r.tokenizer.path : r.model.path;
     if (tok_path_.empty())
@@ -201,7 +201,7 @@ class SftStage : public train::Stage {
   SftRecipe& r_;
   std::string run_dir_, tok_path_, tok_dir_;
   std::string chat_template_;  // written into saved folders when tokenizer.chat_template overrides the folder's
-  dist::Comm* comm_;
+  parallel::Comm* comm_;
   eval::Heldout heldout_;
   int32_t pad_id_ = 0;
   model::Qwen2Model model_;

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "core/config/sections.h"  // TrainingRecipe
-#include "rollout/eval.h"           // HeldoutOptions
+#include "eval/eval.h"           // HeldoutOptions
 
 namespace ptk::sft {
 

@@ -1,5 +1,5 @@
 // `ptk eval --model DIR --data prompts.jsonl [--verifier NAME]`: held-out accuracy of a model
-// (rollout/eval.h): a table on the terminal and a JSON file. Not a benchmark of speed.
+// (eval/eval.h): a table on the terminal and a JSON file. Not a benchmark of speed.
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -12,7 +12,7 @@
 #include "core/util/error.h"
 #include "core/util/fs.h"
 #include "reward/verifiers.h"
-#include "rollout/eval.h"
+#include "eval/eval.h"
 
 namespace po = boost::program_options;
 

@@ -8,6 +8,7 @@
 #include <limits>
 #include <utility>
 
+#include "core/runtime/device_spec.h"
 #include "core/util/error.h"
 
 namespace ptk::config {
@@ -20,9 +21,13 @@ void RunSection::visit(Visitor& v) {
   v.opt(dir, "dir", "", "output folder; empty = runs/<recipe file name>, so a rerun finds its checkpoints");
   v.opt(seed, "seed", 1234, "the one seed that data order, init and sampling derive from");
   v.opt(threads, "threads", 0, "CPU threads; 0 = $OMP_NUM_THREADS or else every core");
+  v.opt(device, "device", "auto",
+        "where the model runs: auto (cuda:LOCAL_RANK when a GPU is there, else cpu) | cpu | cuda | cuda:N");
 }
 void RunSection::validate(Errors& e) const {
   if (threads < 0) e.add("run.threads must be >= 0, got " + std::to_string(threads));
+  if (!runtime::valid_device_spec(device))
+    e.add("run.device = \"" + device + "\" is not a device: auto | cpu | cuda | cuda:N (a GPU index)");
 }
 
 void ModelSection::visit(Visitor& v) {

@@ -13,8 +13,9 @@ struct RunSection : Section {
   std::string dir;   // "" = runs/<recipe file name>
   int64_t seed;
   int64_t threads;   // 0 = OMP_NUM_THREADS, else all cores
+  std::string device;  // auto | cpu | cuda | cuda:N | meta (core/runtime/device.h)
   const char* name() const override { return "run"; }
-  const char* help() const override { return "where outputs go, the seed, threads"; }
+  const char* help() const override { return "where outputs go, the seed, threads, the device"; }
   void visit(Visitor& v) override;
   void validate(Errors& e) const override;
 };

@@ -153,6 +153,23 @@ std::vector<std::vector<Segment>> segments_of(const ForwardInput& in, int64_t B,
     for (auto& r : segs) r.push_back({0, T});
     return segs;
   }
+  if (!in.row_spans.empty()) {
+    PTK_CHECK(static_cast<int64_t>(in.row_spans.size()) == B,
+              "row_spans has " + std::to_string(in.row_spans.size()) + " rows but input_ids has " + std::to_string(B));
+    for (int64_t b = 0; b < B; ++b) {
+      const auto [first, count] = in.row_spans[b];
+      PTK_CHECK(first >= 0 && count >= 0 && first + count <= T,
+                "row_spans row " + std::to_string(b) + " = {" + std::to_string(first) + ", " + std::to_string(count) +
+                    "} does not fit a row of " + std::to_string(T) + " tokens");
+      if (count == 0) {
+        *simple = false;  // an all-padding row attends to nothing
+        continue;
+      }
+      segs[b].push_back({first, count});
+      if (first != 0) *simple = false;
+    }
+    return segs;
+  }
   auto m = in.attention_mask.to(at::kCPU, at::kLong).contiguous();
   PTK_CHECK(m.dim() == 2 && m.size(0) == B && m.size(1) == T,
             "attention_mask has shape " + shape_str(m.sizes()) + ", input_ids " + shape_str({B, T}));

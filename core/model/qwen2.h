@@ -59,6 +59,11 @@ struct ForwardInput {
   // Per row, the lengths of the documents packed into it from position 0 (cu_seqlens-style);
   // tokens past their sum are padding. Empty: not packed.
   std::vector<std::vector<int64_t>> doc_lengths;
+  // With attention_mask: per row, {first real token, number of real tokens} (0 real tokens: an
+  // all-padding row), host-side. The forward then plans attention from these instead of copying
+  // the mask to the host (a device synchronisation on CUDA, impossible on the `meta` device); they
+  // must describe the mask. Empty: read from the mask.
+  std::vector<std::pair<int64_t, int64_t>> row_spans;
 };
 
 struct ForwardOptions {

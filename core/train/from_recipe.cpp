@@ -4,7 +4,7 @@
 
 #include "core/checkpoint/hf_config.h"
 #include "core/checkpoint/model_folder.h"
-#include "core/dist/comm.h"
+#include "core/parallel/comm.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
 #include "core/train/checkpoint_dir.h"
@@ -37,12 +37,12 @@ model::Qwen2Model load_model(const config::ModelSection& m, uint64_t seed, const
   throw Error("set model.path (" + path_hint + ") or model.config (a config.json for random init)");
 }
 
-void check_memory_estimate(const config::TrainingRecipe& r, const MemoryPlan& plan, dist::Comm& comm) {
+void check_memory_estimate(const config::TrainingRecipe& r, const MemoryPlan& plan, parallel::Comm& comm) {
   if (!r.train.memory_check) return;
   const std::string why = memory_refusal(plan, available_memory(plan.cuda));
   // Every rank decides for itself (memory differs between machines) and all stop together.
   double refused = why.empty() ? 0.0 : 1.0;
-  if (comm.world_size() > 1) refused = comm.all_reduce(refused, dist::ReduceOp::kSum);
+  if (comm.world_size() > 1) refused = comm.all_reduce(refused, parallel::ReduceOp::kSum);
   if (!why.empty()) throw Error(why);
   if (refused > 0)
     throw Error(std::to_string(static_cast<int>(refused)) + " other rank(s) refused this recipe: its memory estimate "
@@ -84,10 +84,10 @@ TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::strin
   o.zero1 = r.train.zero1;
   if (!r.train.memory_check) o.memory_budget_bytes = std::numeric_limits<double>::infinity();
   // World size 1 (no process group) unless torchrun's environment names more ranks.
-  dist::CommOptions co;
+  parallel::CommOptions co;
   co.timeout_s = r.dist.timeout_s;
   co.backend = r.dist.backend;
-  o.comm = dist::Comm::from_environment(co);
+  o.comm = parallel::Comm::from_environment(co);
   // Before the stage prepares data or loads anything: this process owns the run folder, and what
   // crashed runs left there (a partial final/ or checkpoint, maybe hundreds of GB) is removed.
   if (o.comm.rank() == 0) claim_run_folder(run_dir, log::info);

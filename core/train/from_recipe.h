@@ -30,9 +30,9 @@ model::Qwen2Model load_model(const config::ModelSection& m, uint64_t seed, const
 // Refuses the run (a ptk::Error on every rank of `comm`) when `plan`'s memory estimate exceeds what
 // this rank has (memory_refusal). Stages call it after trainer_options() and before they load or
 // allocate anything. Does nothing with train.memory_check=false.
-void check_memory_estimate(const config::TrainingRecipe& r, const MemoryPlan& plan, dist::Comm& comm);
+void check_memory_estimate(const config::TrainingRecipe& r, const MemoryPlan& plan, parallel::Comm& comm);
 
-// Also connects to the other ranks (dist::Comm::from_environment) when WORLD_SIZE > 1.
+// Also connects to the other ranks (parallel::Comm::from_environment) when WORLD_SIZE > 1.
 // train.memory_check=false also lifts the trainer's own check of the loaded weights.
 TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::string& run_dir,
                                const std::string& resolved_recipe, const std::string& label);

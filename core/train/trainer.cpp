@@ -17,8 +17,8 @@
 #include <mutex>
 
 #include "core/checkpoint/checkpoint.h"
-#include "core/dist/grad_sync.h"
-#include "core/dist/zero1.h"
+#include "core/parallel/grad_sync.h"
+#include "core/optim/zero1.h"
 #include "core/optim/clip.h"
 #include "core/optim/schedule.h"
 #include "core/runtime/log.h"
@@ -51,10 +51,10 @@ std::vector<at::Tensor> tensors_of(const optim::NamedTensors& named) {
 
 // Fails on every rank when ranks disagree on `value` (a count, a hash): the collectives that
 // follow would otherwise mismatch or hang.
-void check_same_on_all_ranks(dist::Comm& comm, int64_t value, const std::string& what, const std::string& hint) {
+void check_same_on_all_ranks(parallel::Comm& comm, int64_t value, const std::string& what, const std::string& hint) {
   if (comm.world_size() == 1) return;
   auto t = at::tensor({value, -value}, at::kLong);
-  comm.all_reduce(t, dist::ReduceOp::kMax);
+  comm.all_reduce(t, parallel::ReduceOp::kMax);
   int64_t hi = t[0].item<int64_t>(), lo = -t[1].item<int64_t>();
   if (hi != lo)
     throw Error("data parallel: ranks disagree on " + what + " (rank " + std::to_string(comm.rank()) + " has " +
@@ -124,11 +124,11 @@ double training_state_bytes(const optim::NamedTensors& params, int world_size, b
 struct Trainer::Impl {
   Stage& stage;
   TrainerOptions opt;
-  dist::Comm comm;
+  parallel::Comm comm;
   optim::NamedTensors params;
   std::unique_ptr<optim::AdamW> adamw;      // without ZeRO-1
-  std::unique_ptr<dist::Zero1AdamW> zero1;  // with ZeRO-1
-  std::unique_ptr<dist::GradSync> grad_sync;  // world size > 1
+  std::unique_ptr<optim::Zero1AdamW> zero1;  // with ZeRO-1
+  std::unique_ptr<parallel::GradSync> grad_sync;  // world size > 1
   optim::Schedule schedule;
   optim::NanGuard guard;
   int64_t step = 0;
@@ -156,9 +156,9 @@ struct Trainer::Impl {
         if (!buf.is_same(p)) p.detach().copy_(buf);
       }
     }
-    if (opt.zero1) zero1 = std::make_unique<dist::Zero1AdamW>(comm, params, opt.adamw);
+    if (opt.zero1) zero1 = std::make_unique<optim::Zero1AdamW>(comm, params, opt.adamw);
     else adamw = std::make_unique<optim::AdamW>(params, opt.adamw);
-    if (comm.world_size() > 1) grad_sync = std::make_unique<dist::GradSync>(comm, params, opt.bucket_mb);
+    if (comm.world_size() > 1) grad_sync = std::make_unique<parallel::GradSync>(comm, params, opt.bucket_mb);
     int64_t mbpe = stage.micro_batches_per_epoch();
     PTK_CHECK(mbpe > 0, "the training data has no micro-batches (empty dataset?)");
     check_same_on_all_ranks(comm, mbpe, "the number of micro-batches per epoch",
@@ -410,12 +410,12 @@ struct Trainer::Impl {
 
 // Sums per-step values over ranks in one collective: `keys` (the metric names, in order) must be
 // the same on every rank.
-void sum_over_ranks(dist::Comm& comm, std::vector<double>* values, const std::string& keys) {
+void sum_over_ranks(parallel::Comm& comm, std::vector<double>* values, const std::string& keys) {
   if (comm.world_size() == 1) return;
   check_same_on_all_ranks(comm, hash_of(keys) ^ static_cast<int64_t>(values->size()), "the metric names of this step",
                           "every rank's stage must report the same metrics (" + keys + ")");
   at::Tensor t = at::tensor(*values, at::kDouble);
-  comm.all_reduce(t, dist::ReduceOp::kSum);
+  comm.all_reduce(t, parallel::ReduceOp::kSum);
   std::memcpy(values->data(), t.data_ptr<double>(), values->size() * sizeof(double));
 }
 
@@ -430,7 +430,7 @@ const optim::AdamW& Trainer::optimizer() const {
 int64_t Trainer::run() {
   Impl& s = *impl_;
   const TrainerOptions& o = s.opt;
-  dist::Comm& comm = s.comm;
+  parallel::Comm& comm = s.comm;
   const bool main = s.main();
   if (main) {
     claim_run_folder(o.run_dir, log::info);  // trainer_options did it already for the commands
@@ -464,8 +464,8 @@ int64_t Trainer::run() {
     peak = this_cpu_peak_flops(at::get_num_threads(), bf16).flops;
   }
   if (comm.world_size() > 1) {  // the ranks' cores together; none when any rank lacks a peak
-    const double lacking = comm.all_reduce(peak > 0 ? 0.0 : 1.0, dist::ReduceOp::kSum);
-    peak = lacking > 0 ? 0 : comm.all_reduce(peak, dist::ReduceOp::kSum);
+    const double lacking = comm.all_reduce(peak > 0 ? 0.0 : 1.0, parallel::ReduceOp::kSum);
+    peak = lacking > 0 ? 0 : comm.all_reduce(peak, parallel::ReduceOp::kSum);
   }
   const int64_t start_step = s.step;
   const int64_t mbpe = s.stage.micro_batches_per_epoch();
@@ -497,7 +497,7 @@ int64_t Trainer::run() {
     }
     if (comm.world_size() > 1) {
       auto t = at::tensor({n_targets, n_tokens}, at::kLong);
-      comm.all_reduce(t, dist::ReduceOp::kSum);
+      comm.all_reduce(t, parallel::ReduceOp::kSum);
       n_targets = t[0].item<int64_t>();
       n_tokens = t[1].item<int64_t>();
     }

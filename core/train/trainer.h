@@ -1,7 +1,7 @@
 // The step loop every stage shares: K micro-batches per optimizer step with the loss normalized by
 // the step's target count, clipping, the NaN guard, the schedule, metrics.jsonl, the progress line,
 // periodic eval, crash-safe checkpoints (HF folder + trainer_state/), keep-last-K, final/, and exact
-// resume, and data parallelism over a dist::Comm (global target count, bucketed gradient sum,
+// resume, and data parallelism over a parallel::Comm (global target count, bucketed gradient sum,
 // optional ZeRO-1; rank 0 writes). Not a stage: data, loss and model saving come from a Stage.
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "core/dist/comm.h"      // Comm
+#include "core/parallel/comm.h"      // Comm
 #include "core/optim/adamw.h"    // AdamW, NamedTensors
 #include "core/train/metrics.h"  // Metrics
 
@@ -94,7 +94,7 @@ struct TrainerOptions {
   std::vector<std::string> report_metrics;
   // Data parallel. The default Comm is world size 1 (one process, no process group).
   // A rank's micro-batch holds its share of the step; N, gradients and metrics are summed over ranks.
-  dist::Comm comm;
+  parallel::Comm comm;
   // ZeRO-1 (recipe key train.zero1): each rank keeps AdamW moments/master weights for 1/world of
   // the parameters only (less memory), at the cost of an all-gather of the parameters per step.
   // Checkpoints then hold one optimizer shard per rank: resume needs the same world size.

@@ -1,4 +1,4 @@
-// Held-out evaluation (rollout/eval.h) on the HF fixture model with make-data's byte tokenizer:
+// Held-out evaluation (eval/eval.h) on the HF fixture model with make-data's byte tokenizer:
 // the completions equal a plain uncached greedy loop, and the accuracy equals the one computed by
 // hand from those completions.
 #include <gtest/gtest.h>
@@ -11,7 +11,7 @@
 #include "core/util/error.h"
 #include "datasets/byte_tokenizer.h"
 #include "reward/verifiers.h"
-#include "rollout/eval.h"
+#include "eval/eval.h"
 #include "tests/support/test_util.h"
 
 namespace ptk::eval {

@@ -451,6 +451,31 @@ TEST(Qwen2Inputs, BadInputsAreRefused) {
   EXPECT_THROW(m.score(torch::zeros({1, 4, 64}), torch::zeros({1}, torch::kLong)), Error);    // no score head
 }
 
+TEST(Qwen2Inputs, HostRowSpansPlanAsTheMaskDoesAndNeverReadIt) {
+  // row_spans describe the mask host-side: the same logits as reading the mask, and a forward on
+  // the meta device (where a mask cannot be read back) plans from them alone.
+  at::set_num_threads(1);
+  auto m = Qwen2Model::from_pretrained(fixture_dir("tiny-tied") + "/checkpoint");
+  auto ids = torch::tensor({5, 6, 7, 0, 0, 8, 9, 10, 0, 0, 0, 0}, torch::kLong).view({3, 4});
+  auto mask = torch::tensor({1, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0}, torch::kLong).view({3, 4});
+  ForwardInput in{ids, {}, mask, {}};
+  auto want = m.forward(in).logits;
+  in.row_spans = {{0, 3}, {1, 3}, {0, 0}};
+  auto got = m.forward(in).logits;
+  for (int64_t b = 0; b < 2; ++b)  // real rows; the all-padding row's logits are not meaningful
+    EXPECT_TRUE(torch::equal(got[b], want[b])) << "row " << b;
+  in.row_spans = {{0, 3}, {1, 4}, {0, 0}};
+  EXPECT_THROW(m.forward(in), Error);  // does not fit the row
+  in.row_spans = {{0, 3}};
+  EXPECT_THROW(m.forward(in), Error);  // one span per row
+  auto meta = m;
+  meta.to(torch::kMeta, torch::kFloat);
+  ForwardInput mi{ids.to(torch::kMeta), {}, mask.to(torch::kMeta), {}, {{0, 3}, {1, 3}, {0, 0}}};
+  auto out = meta.forward(mi).logits;
+  EXPECT_TRUE(out.is_meta());
+  EXPECT_EQ(out.sizes(), (std::vector<int64_t>{3, 4, m.config().vocab_size}));
+}
+
 TEST(Qwen2Inputs, ScoreIndexIsTheLastNonPadToken) {
   // transformers' Qwen2ForSequenceClassification reads the rightmost token whose id is not the pad
   // id: a real token equal to it (an EOS that is also the pad token) is passed over, where the

@@ -9,7 +9,7 @@
 //   mid-epoch, packed rows) equals an uninterrupted 6-step run bit for bit, in fp32 and with bf16
 //   parameters (fp32 master weights and moments), parameters, optimizer state and metrics alike.
 // What the loss is (TRL's numbers) is sft_loss_test's; the test-only stage's invariants are
-// tests/dist/dp_trainer_test's.
+// tests/parallel/dp_trainer_test's.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 

@@ -8,7 +8,7 @@
 #include <sstream>
 #include <string>
 
-#include "tests/dist/spawn.h"
+#include "tests/parallel/spawn.h"
 #include "tests/support/test_util.h"
 
 namespace ptk {

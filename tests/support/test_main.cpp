@@ -1,6 +1,6 @@
 // GoogleTest main shared by every test executable. Besides running the tests it
 //  - keeps child-process bodies out of an ordinary run: suites whose name ends in "Worker" (the rank
-//    bodies of multi-process tests, started by tests/dist/spawn.h with PTK_TEST_CHILD=1 and an empty
+//    bodies of multi-process tests, started by tests/parallel/spawn.h with PTK_TEST_CHILD=1 and an empty
 //    PTK_TEST_RESULTS_DIR) run only in such a child, so they neither pass nor skip in the parent's count;
 //  - writes one line per test to $PTK_TEST_RESULTS_DIR/<executable>.tsv (status, test, skip reason),
 //    which scripts/test_summary.sh adds up into the suite's summary (passed / skipped with reasons /

@@ -10,7 +10,7 @@
 #include <sstream>
 
 #include "core/config/sections.h"
-#include "core/dist/comm.h"
+#include "core/parallel/comm.h"
 #include "core/train/from_recipe.h"
 #include "core/train/memory_estimate.h"
 #include "core/util/error.h"
@@ -247,7 +247,7 @@ TEST(MemoryEstimate, MemoryCheckFalseSkipsTheRefusal) {
   p.micro_batch_size = 1000000000;  // ~10^5 TiB: more than any machine
   config::TrainingRecipe r;
   r.train.memory_check = true;
-  dist::Comm one;
+  parallel::Comm one;
   try {
     check_memory_estimate(r, p, one);
     ADD_FAILURE() << "not refused";

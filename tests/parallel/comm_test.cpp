@@ -1,4 +1,4 @@
-// ptk::dist::Comm on loopback: world size 1 without a process group, torchrun environment parsing,
+// ptk::parallel::Comm on loopback: world size 1 without a process group, torchrun environment parsing,
 // every collective with 2 Gloo ranks (each rank is this binary re-run as a child), and a peer that
 // dies making the survivor fail with a clear error within the timeout instead of hanging.
 #include <gtest/gtest.h>
@@ -8,14 +8,14 @@
 #include <cstdlib>
 #include <thread>
 
-#include "core/dist/comm.h"
-#include "core/dist/grad_sync.h"
+#include "core/parallel/comm.h"
+#include "core/parallel/grad_sync.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
-#include "tests/dist/spawn.h"
+#include "tests/parallel/spawn.h"
 #include "tests/support/test_util.h"
 
-namespace ptk::dist {
+namespace ptk::parallel {
 namespace {
 
 std::string scenario() {
@@ -246,4 +246,4 @@ TEST(Comm, SilentPeerTimesOut) {
 }
 
 }  // namespace
-}  // namespace ptk::dist
+}  // namespace ptk::parallel

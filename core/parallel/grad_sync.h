@@ -7,10 +7,10 @@
 #pragma once
 #include <memory>
 
-#include "core/dist/comm.h"    // Comm
+#include "core/parallel/comm.h"    // Comm
 #include "core/optim/adamw.h"  // NamedTensors
 
-namespace ptk::dist {
+namespace ptk::parallel {
 
 class GradSync {
  public:
@@ -38,4 +38,4 @@ class GradSync {
   std::unique_ptr<Impl> impl_;
 };
 
-}  // namespace ptk::dist
+}  // namespace ptk::parallel

@@ -7,15 +7,15 @@
 #include <cstdint>
 #include <memory>
 
-#include "core/dist/comm.h"    // Comm
+#include "core/parallel/comm.h"    // Comm
 #include "core/optim/adamw.h"  // AdamW, AdamWOptions, NamedTensors
 
-namespace ptk::dist {
+namespace ptk::optim {
 
 class Zero1AdamW {
  public:
   // `params` in the same order on every rank, contiguous, one dtype and device.
-  Zero1AdamW(Comm comm, optim::NamedTensors params, optim::AdamWOptions opt);
+  Zero1AdamW(parallel::Comm comm, NamedTensors params, AdamWOptions opt);
   ~Zero1AdamW();
 
   // Updates this rank's slice from the parameters' .grad() (equal on every rank), then all-gathers.
@@ -26,19 +26,19 @@ class Zero1AdamW {
   // This rank's shard: "exp_avg.<name>", "exp_avg_sq.<name>" ("master.<name>" for non-fp32
   // parameters) for the part of each parameter in the slice, plus "zero1.range.<name>" = (begin,
   // end) within the flattened parameter. load_state() refuses a shard cut for another layout.
-  optim::NamedTensors state() const;
-  void load_state(const optim::NamedTensors& tensors, int64_t step);
+  NamedTensors state() const;
+  void load_state(const NamedTensors& tensors, int64_t step);
 
   // Elements of the flattened parameters, and this rank's [begin, end) slice of them.
   int64_t numel() const;
   int64_t shard_begin() const;
   int64_t shard_end() const;
   // The AdamW over this rank's slices.
-  const optim::AdamW& local() const;
+  const AdamW& local() const;
 
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
 
-}  // namespace ptk::dist
+}  // namespace ptk::optim

@@ -18,7 +18,7 @@ namespace ptk::config {
 class Visitor;
 struct Errors;
 }  // namespace ptk::config
-namespace ptk::dist {
+namespace ptk::parallel {
 class Comm;
 }
 namespace ptk::model {
@@ -98,7 +98,7 @@ struct GlobalEval {
   int64_t samples = 0;
 };
 GlobalEval evaluate_across_ranks(const model::Qwen2Model& model, const tokenizer::Tokenizer& tok,
-                                 const std::vector<EvalPrompt>& mine, const EvalOptions& options, dist::Comm* comm);
+                                 const std::vector<EvalPrompt>& mine, const EvalOptions& options, parallel::Comm* comm);
 
 // Writes run_dir/eval_start.json: the held-out figures measured before the first step, each under
 // the name metrics.jsonl gives it (eval/<key>), at step 0.
@@ -114,10 +114,10 @@ class Heldout {
   Heldout(const HeldoutOptions& options, std::shared_ptr<const tokenizer::Tokenizer> tok);
   bool enabled() const { return !prompts_.empty(); }
   // Adds "accuracy" (mean verifier reward) and "completions/mean_length" (tokens) to `out`.
-  void run(const model::Qwen2Model& model, Metrics* out, dist::Comm* comm) const;
+  void run(const model::Qwen2Model& model, Metrics* out, parallel::Comm* comm) const;
   // When options.at_start and the run is fresh: runs, logs "<stage>: before training, held-out
   // accuracy ..." and writes run_dir/eval_start.json (rank 0).
-  void run_at_start(const model::Qwen2Model& model, dist::Comm* comm, bool fresh, const std::string& run_dir,
+  void run_at_start(const model::Qwen2Model& model, parallel::Comm* comm, bool fresh, const std::string& run_dir,
                     const std::string& stage) const;
 
  private:

@@ -1,4 +1,4 @@
-// ptk::dist::Comm — the few collectives ptk needs (all-reduce, all-gather, broadcast, barrier) over a
+// ptk::parallel::Comm — the few collectives ptk needs (all-reduce, all-gather, broadcast, barrier) over a
 // c10d process group (Gloo on CPU, NCCL on GPU builds), with rendezvous through c10d's TCPStore from
 // torchrun's environment. Not a data-parallel trainer (core/train does that) nor a launcher (`ptk launch`).
 #pragma once
@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-namespace ptk::dist {
+namespace ptk::parallel {
 
 enum class ReduceOp { kSum, kAvg, kMax, kMin };
 
@@ -95,4 +95,4 @@ class Comm {
   std::shared_ptr<Impl> impl_;
 };
 
-}  // namespace ptk::dist
+}  // namespace ptk::parallel

@@ -1,7 +1,7 @@
 // Comm over c10d: TCPStore rendezvous and a Gloo (or NCCL) process group, used as a c10d::Backend
 // directly (no ProcessGroup wrapper: one backend per Comm). Gloo has no AVG (nor reduce-scatter,
 // which ptk does not use): AVG is a sum, then a division.
-#include "core/dist/comm.h"
+#include "core/parallel/comm.h"
 
 #include <torch/torch.h>
 
@@ -24,7 +24,7 @@
 #endif
 #endif
 
-namespace ptk::dist {
+namespace ptk::parallel {
 
 #if PTK_HAVE_C10D
 using Group = c10d::Backend;  // Gloo's and NCCL's process groups are backends
@@ -379,4 +379,4 @@ std::string Comm::broadcast(const std::string& s, int root) {
   return std::string(reinterpret_cast<const char*>(bytes.data_ptr<uint8_t>()), static_cast<size_t>(len));
 }
 
-}  // namespace ptk::dist
+}  // namespace ptk::parallel

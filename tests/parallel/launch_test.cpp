@@ -9,7 +9,7 @@
 #include <thread>
 
 #include "core/util/fs.h"
-#include "tests/dist/spawn.h"
+#include "tests/parallel/spawn.h"
 #include "tests/support/test_util.h"
 
 namespace ptk {

@@ -1,4 +1,4 @@
-#include "rollout/eval.h"
+#include "eval/eval.h"
 
 #include <rapidjson/document.h>
 #include <rapidjson/prettywriter.h>
@@ -8,7 +8,7 @@
 #include <chrono>
 
 #include "core/config/options.h"
-#include "core/dist/comm.h"
+#include "core/parallel/comm.h"
 #include "core/model/qwen2.h"
 #include "core/runtime/log.h"
 #include "core/train/metrics.h"
@@ -227,7 +227,7 @@ Heldout::Heldout(const HeldoutOptions& options, std::shared_ptr<const tokenizer:
 }
 
 GlobalEval evaluate_across_ranks(const model::Qwen2Model& model, const tokenizer::Tokenizer& tok,
-                                 const std::vector<EvalPrompt>& mine, const EvalOptions& options, dist::Comm* comm) {
+                                 const std::vector<EvalPrompt>& mine, const EvalOptions& options, parallel::Comm* comm) {
   double sums[3] = {0, 0, 0};  // correct, generated tokens, samples
   if (!mine.empty()) {
     auto r = evaluate(model, tok, mine, options);
@@ -236,7 +236,7 @@ GlobalEval evaluate_across_ranks(const model::Qwen2Model& model, const tokenizer
     sums[2] = static_cast<double>(r.samples);
   }
   if (comm && comm->world_size() > 1)
-    for (double& x : sums) x = comm->all_reduce(x, dist::ReduceOp::kSum);
+    for (double& x : sums) x = comm->all_reduce(x, parallel::ReduceOp::kSum);
   GlobalEval g;
   g.samples = static_cast<int64_t>(sums[2]);
   if (g.samples > 0) {
@@ -246,7 +246,7 @@ GlobalEval evaluate_across_ranks(const model::Qwen2Model& model, const tokenizer
   return g;
 }
 
-void Heldout::run(const model::Qwen2Model& model, Metrics* out, dist::Comm* comm) const {
+void Heldout::run(const model::Qwen2Model& model, Metrics* out, parallel::Comm* comm) const {
   if (!enabled()) return;
   const int rank = comm ? comm->rank() : 0, world = comm ? comm->world_size() : 1;
   std::vector<EvalPrompt> mine;
@@ -260,7 +260,7 @@ void Heldout::run(const model::Qwen2Model& model, Metrics* out, dist::Comm* comm
   out->add("accuracy", g.accuracy).add("completions/mean_length", g.mean_length);
 }
 
-void Heldout::run_at_start(const model::Qwen2Model& model, dist::Comm* comm, bool fresh, const std::string& run_dir,
+void Heldout::run_at_start(const model::Qwen2Model& model, parallel::Comm* comm, bool fresh, const std::string& run_dir,
                            const std::string& stage) const {
   if (!enabled() || !options_.at_start || !fresh) return;
   auto t0 = std::chrono::steady_clock::now();

@@ -1,5 +1,5 @@
 // See spawn.h.
-#include "tests/dist/spawn.h"
+#include "tests/parallel/spawn.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>

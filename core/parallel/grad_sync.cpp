@@ -2,13 +2,13 @@
 // soon as it and every bucket before it are full, so every rank issues the same collectives in the
 // same order (Gloo and NCCL match collectives by order). Not c10d's Reducer: that one is built for
 // Python's DistributedDataParallel (module replicas, Python comm hooks); tensor hooks are all ptk needs.
-#include "core/dist/grad_sync.h"
+#include "core/parallel/grad_sync.h"
 
 #include <torch/torch.h>
 
 #include "core/util/error.h"
 
-namespace ptk::dist {
+namespace ptk::parallel {
 
 struct GradSync::Impl {
   struct Slot {
@@ -156,4 +156,4 @@ void GradSync::finish() {
 int GradSync::num_buckets() const { return static_cast<int>(impl_->buckets.size()); }
 int GradSync::launched_during_backward() const { return impl_->launched_early; }
 
-}  // namespace ptk::dist
+}  // namespace ptk::parallel

@@ -1,6 +1,6 @@
 // Zero1AdamW: the shard's AdamW runs on 1-D views into the parameters (so the fused kernel updates
 // them in place); an all-gather into a flat buffer then brings every rank's slice to everyone.
-#include "core/dist/zero1.h"
+#include "core/optim/zero1.h"
 
 #include <torch/torch.h>
 
@@ -8,24 +8,24 @@
 
 #include "core/util/error.h"
 
-namespace ptk::dist {
+namespace ptk::optim {
 
 struct Zero1AdamW::Impl {
   struct Segment {
     int param;          // index into params
     int64_t begin, end;  // within the flattened parameter
   };
-  Comm comm;
-  optim::NamedTensors params;
+  parallel::Comm comm;
+  NamedTensors params;
   std::vector<int64_t> offsets;  // flat offset of each parameter
   std::vector<Segment> segments;
-  optim::NamedTensors views;  // (end - begin,) views into the parameters, AdamW's "parameters"
-  std::unique_ptr<optim::AdamW> adamw;
+  NamedTensors views;  // (end - begin,) views into the parameters, AdamW's "parameters"
+  std::unique_ptr<AdamW> adamw;
   int64_t total = 0, chunk = 0, begin = 0, end = 0;
   at::Tensor flat;  // (chunk * world,) gather buffer
 };
 
-Zero1AdamW::Zero1AdamW(Comm comm, optim::NamedTensors params, optim::AdamWOptions opt)
+Zero1AdamW::Zero1AdamW(parallel::Comm comm, NamedTensors params, AdamWOptions opt)
     : impl_(std::make_unique<Impl>()) {
   Impl& s = *impl_;
   s.comm = comm;
@@ -52,7 +52,7 @@ Zero1AdamW::Zero1AdamW(Comm comm, optim::NamedTensors params, optim::AdamWOption
     s.segments.push_back(seg);
     s.views.emplace_back(s.params[i].first, s.params[i].second.detach().view(-1).slice(0, seg.begin, seg.end));
   }
-  s.adamw = std::make_unique<optim::AdamW>(s.views, opt);
+  s.adamw = std::make_unique<AdamW>(s.views, opt);
   s.flat = at::zeros({s.chunk * w}, first.options().requires_grad(false));
 }
 
@@ -65,7 +65,7 @@ void Zero1AdamW::step(double lr) {
     const auto& seg = s.segments[k];
     const at::Tensor& g = s.params[seg.param].second.grad();
     at::Tensor& v = s.views[k].second;
-    if (g.defined()) v.mutable_grad() = optim::dense_grad(g).reshape(-1).slice(0, seg.begin, seg.end);
+    if (g.defined()) v.mutable_grad() = dense_grad(g).reshape(-1).slice(0, seg.begin, seg.end);
     else v.mutable_grad().reset();
   }
   s.adamw->step(lr);
@@ -96,17 +96,17 @@ int64_t Zero1AdamW::steps() const { return impl_->adamw->steps(); }
 int64_t Zero1AdamW::numel() const { return impl_->total; }
 int64_t Zero1AdamW::shard_begin() const { return impl_->begin; }
 int64_t Zero1AdamW::shard_end() const { return impl_->end; }
-const optim::AdamW& Zero1AdamW::local() const { return *impl_->adamw; }
+const AdamW& Zero1AdamW::local() const { return *impl_->adamw; }
 
-optim::NamedTensors Zero1AdamW::state() const {
+NamedTensors Zero1AdamW::state() const {
   const Impl& s = *impl_;
-  optim::NamedTensors out = s.adamw->state();
+  NamedTensors out = s.adamw->state();
   for (const auto& seg : s.segments)
     out.emplace_back("zero1.range." + s.params[seg.param].first, at::tensor({seg.begin, seg.end}, at::kLong));
   return out;
 }
 
-void Zero1AdamW::load_state(const optim::NamedTensors& tensors, int64_t step) {
+void Zero1AdamW::load_state(const NamedTensors& tensors, int64_t step) {
   const Impl& s = *impl_;
   std::unordered_map<std::string, const at::Tensor*> by_name;
   for (auto& [n, t] : tensors) by_name[n] = &t;
@@ -126,10 +126,10 @@ void Zero1AdamW::load_state(const optim::NamedTensors& tensors, int64_t step) {
     throw Error("ZeRO-1 optimizer shard of rank " + std::to_string(s.comm.rank()) + " holds " + std::to_string(ranges) +
                 " parameter slices, this rank owns " + std::to_string(s.segments.size()) +
                 "\n---> HINT: resume with the world size and model the checkpoint was written with");
-  optim::NamedTensors moments;
+  NamedTensors moments;
   for (auto& [n, t] : tensors)
     if (n.rfind("zero1.range.", 0) != 0) moments.emplace_back(n, t);
   impl_->adamw->load_state(moments, step);
 }
 
-}  // namespace ptk::dist
+}  // namespace ptk::optim

@@ -11,12 +11,12 @@
 #include <sstream>
 
 #include "core/checkpoint/checkpoint.h"
-#include "core/dist/comm.h"
+#include "core/parallel/comm.h"
 #include "core/train/trainer.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
 #include "core/util/json.h"
-#include "tests/dist/spawn.h"
+#include "tests/parallel/spawn.h"
 #include "tests/support/tiny_lm_stage.h"
 #include "tests/support/test_util.h"
 
@@ -51,9 +51,9 @@ TrainerOptions options(const std::string& dir, bool zero1, int64_t checkpoint_ev
 // The rank body, run as a child: trains and writes this rank's parameters.
 TEST(DistWorker, Train) {
   at::set_num_threads(1);
-  dist::CommOptions co;
+  parallel::CommOptions co;
   co.timeout_s = std::atof(env("PTK_DT_TIMEOUT"));
-  dist::Comm comm = dist::Comm::from_environment(co);
+  parallel::Comm comm = parallel::Comm::from_environment(co);
   const int die_at = std::atoi(env("PTK_DT_DIE_AT")), die_rank = std::atoi(env("PTK_DT_DIE_RANK"));
   test::TinyLmStage stage(kDocs, std::atoi(env("PTK_DT_MBS")), kSeed, [&](int64_t n) {
     if (n == die_at && (die_rank < 0 || die_rank == comm.rank())) std::raise(SIGKILL);

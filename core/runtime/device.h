@@ -1,0 +1,22 @@
+// Where a command runs its model: the `run.device` recipe key and the `--device` flag of commands
+// without a recipe. One parser, so every command accepts the same spellings and refuses the same
+// way. Not placement itself: each command moves its model and batches to the device this returns.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <string>
+
+#include "core/runtime/device_spec.h"  // valid_device_spec
+
+namespace ptk::runtime {
+
+// The device for `spec`: auto = cuda:LOCAL_RANK when this build has CUDA and a GPU is there (the
+// rank's GPU modulo the GPU count), else cpu; cuda = cuda:LOCAL_RANK; cuda:N as given. Throws a
+// ptk::Error naming `key` (e.g. "run.device") when the spelling is wrong, when CUDA is asked for on a
+// build or machine without a GPU, or when N is not a GPU of this machine.
+at::Device resolve_device(const std::string& spec, const std::string& key = "run.device");
+
+// "cpu", "cuda:0", "meta": the device as the recipe spells it (for logs and config.json).
+std::string device_name(const at::Device& device);
+
+}  // namespace ptk::runtime

@@ -1,0 +1,52 @@
+// run.device / --device: the spellings, what auto picks, and the error for a GPU that is not there.
+#include "core/runtime/device.h"
+
+#include <gtest/gtest.h>
+#include <torch/cuda.h>
+
+#include <cstdlib>
+
+#include "core/util/error.h"
+
+namespace ptk::runtime {
+namespace {
+
+TEST(DeviceSpec, Spellings) {
+  for (const char* ok : {"auto", "cpu", "cuda", "cuda:0", "cuda:7", "meta"}) EXPECT_TRUE(valid_device_spec(ok)) << ok;
+  for (const char* bad : {"", "gpu", "CUDA", "cuda:", "cuda:x", "cuda:-1", "cpu:0", "cuda:0 ", "cuda:12345"})
+    EXPECT_FALSE(valid_device_spec(bad)) << bad;
+}
+
+TEST(DeviceSpec, ResolvesOrRefusesClearly) {
+  EXPECT_EQ(resolve_device("cpu"), at::Device(at::kCPU));
+  EXPECT_EQ(resolve_device("meta"), at::Device(at::kMeta));
+  try {
+    resolve_device("gpu");
+    FAIL() << "gpu is not a device spelling";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("run.device"), std::string::npos) << e.what();
+  }
+  const int n = torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0;
+  if (n == 0) {
+    EXPECT_EQ(resolve_device("auto"), at::Device(at::kCPU));
+    for (const char* spec : {"cuda", "cuda:0"}) {
+      try {
+        resolve_device(spec, "--device");
+        FAIL() << spec << " resolved on a machine without a GPU";
+      } catch (const Error& e) {
+        const std::string m = e.what();
+        EXPECT_NE(m.find("--device = " + std::string(spec)), std::string::npos) << m;
+        EXPECT_NE(m.find("HINT"), std::string::npos) << m;
+      }
+    }
+  } else {
+    EXPECT_TRUE(resolve_device("auto").is_cuda());
+    EXPECT_EQ(resolve_device("cuda:0"), at::Device(at::kCUDA, 0));
+    EXPECT_THROW(resolve_device("cuda:" + std::to_string(n)), Error);
+  }
+  EXPECT_EQ(device_name(at::Device(at::kCUDA, 1)), "cuda:1");
+  EXPECT_EQ(device_name(at::Device(at::kCPU)), "cpu");
+}
+
+}  // namespace
+}  // namespace ptk::runtime
