@@ -785,8 +785,11 @@ ForwardOutput Qwen2Model::forward(const ForwardInput& in, const ForwardOptions& 
   const int64_t B = in.input_ids.size(0), T = in.input_ids.size(1), D = c.head_dim, nh = c.num_attention_heads,
                 nkv = c.num_key_value_heads;
   auto ids = in.input_ids.to(embed_tokens_.device(), at::kLong);
-  if (ids.numel() > 0) {
-    int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
+  // Checked where the ids are host memory (no synchronisation); ids already on a GPU are checked by
+  // the embedding kernel itself, and meta tensors hold no values.
+  if (ids.numel() > 0 && in.input_ids.is_cpu()) {
+    const auto host = in.input_ids.to(at::kLong);
+    int64_t lo = host.min().item<int64_t>(), hi = host.max().item<int64_t>();
     PTK_CHECK(lo >= 0 && hi < c.vocab_size, "input_ids hold token " + std::to_string(lo < 0 ? lo : hi) +
                                                 " outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
   }

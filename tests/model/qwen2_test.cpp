@@ -12,6 +12,7 @@
 #include "core/model/qwen2.h"
 #include "core/util/error.h"
 #include "tests/model/hf_fixture.h"
+#include "tests/support/meta_kernels.h"
 
 namespace ptk {
 namespace {
@@ -468,6 +469,7 @@ TEST(Qwen2Inputs, HostRowSpansPlanAsTheMaskDoesAndNeverReadIt) {
   EXPECT_THROW(m.forward(in), Error);  // does not fit the row
   in.row_spans = {{0, 3}};
   EXPECT_THROW(m.forward(in), Error);  // one span per row
+  test::register_meta_kernels();
   auto meta = m;
   meta.to(torch::kMeta, torch::kFloat);
   ForwardInput mi{ids.to(torch::kMeta), {}, mask.to(torch::kMeta), {}, {{0, 3}, {1, 3}, {0, 0}}};
