@@ -10,8 +10,10 @@
 //    step (policy = reference). Sampled completions differ between devices (other random streams
 //    and bf16 probabilities), so nothing that depends on them is compared.
 // Each test skips with a message where no GPU is usable (fails instead under PTK_REQUIRE=gpu, as
-// scripts/gpu_check.sh sets it on a GPU machine). Tolerances: bf16 keeps 8 bits of mantissa, so a
-// loss of ~5 computed in bf16 is ~1e-2 off; over 50 steps the two runs drift apart by a few 1e-2.
+// scripts/gpu_check.sh sets it on a GPU machine). Tolerances: bf16 keeps 8 bits of mantissa. The same
+// comparison on a CPU (model.dtype=bfloat16 vs float32, 2026-12-07) differed by at most 2e-3 in the
+// SFT loss over the 50 steps, 1e-2 in DPO's summed log-probs (~-105), 2e-3 in RM's loss and 11% in
+// RM's grad norm (~0.03 after one step); the bounds below leave GPU kernels 5-20 times that.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -84,7 +86,7 @@ class CudaStages : public ::testing::Test {
     d_->write("grpo.json", "{\"run\": {\"seed\": 3},\n"
                            " \"model\": {\"path\": \"" + d_->file("start/final") + "\"},\n"
                            " \"data\": {\"train\": [\"" + d_->file("data/rl_train.jsonl") + "\"], \"max_seq_len\": 128},\n"
-                           " \"train\": {\"max_steps\": 1, \"micro_batch_size\": 4},\n"
+                           " \"train\": {\"max_steps\": 1, \"micro_batch_size\": 8},\n"
                            " \"checkpoint\": {\"every\": 0},\n"
                            " \"grpo\": {\"num_generations\": 4, \"max_completion_length\": 8,"
                            " \"reward_funcs\": [\"math\", \"format_answer\"], \"beta\": 0.04}}");
@@ -129,12 +131,12 @@ TEST_F(CudaStages, SftBf16OnCudaTracksFp32OnCpuOver50Steps) {
     const std::string step = "step " + std::to_string(s + 1);
     EXPECT_EQ(num(cuda[s], "num_tokens"), num(cpu[s], "num_tokens")) << step << ": not the same rows";
     const double lc = num(cpu[s], "loss"), lg = num(cuda[s], "loss");
-    EXPECT_TRUE(close(step + " loss", lg, lc, 2e-2, 2e-2));
+    EXPECT_TRUE(close(step + " loss", lg, lc, 1e-2, 1e-2));
     EXPECT_TRUE(std::isfinite(num(cuda[s], "grad_norm"))) << step;
     identical = identical && lg == lc;
     if (s >= 40) cpu_tail += lc / 10, cuda_tail += lg / 10;
   }
-  EXPECT_TRUE(close("mean loss of steps 41-50", cuda_tail, cpu_tail, 1e-2, 1e-2));
+  EXPECT_TRUE(close("mean loss of steps 41-50", cuda_tail, cpu_tail, 5e-3, 5e-3));
   // The comparison shows something only if training moved the loss.
   EXPECT_LT(cpu_tail, num(cpu[0], "loss") - 0.5) << "the CPU run did not learn: the comparison shows nothing";
   EXPECT_FALSE(identical) << "run.device=cuda gave the CPU's fp32 losses bit for bit: the stage did not run on the "
@@ -165,7 +167,7 @@ TEST_F(CudaStages, RmStepsOnCudaMatchTheCpu) {
     const std::string step = "rm step " + std::to_string(s + 1);
     EXPECT_TRUE(close(step + " loss", num(cuda[s], "loss"), num(cpu[s], "loss"), 0, 3e-2));
     EXPECT_TRUE(close(step + " margin", num(cuda[s], "margin"), num(cpu[s], "margin"), 0, 1e-1));
-    EXPECT_TRUE(close(step + " grad_norm", num(cuda[s], "grad_norm"), num(cpu[s], "grad_norm"), 1e-1, 1e-3));
+    EXPECT_TRUE(close(step + " grad_norm", num(cuda[s], "grad_norm"), num(cpu[s], "grad_norm"), 2e-1, 1e-3));
   }
 }
 
@@ -185,7 +187,7 @@ TEST_F(CudaStages, GrpoStepOnCudaRollsOutTheSamePrompts) {
     return out;
   };
   auto pc = prompts("grpo-cpu"), pg = prompts("grpo-cuda");
-  EXPECT_EQ(pg.size(), 16u);
+  EXPECT_EQ(pg.size(), 8u);  // train.micro_batch_size completions: 2 prompts x 4
   EXPECT_EQ(pg, pc) << "the GPU run rolled out other prompts, or in another order";
 }
 
