@@ -158,6 +158,9 @@ def bench_ptk(a, out, flops, peak):
            "ptk_mfu_metric": statistics.median([m["mfu"] for m in measured if "mfu" in m] or [float("nan")]),
            "gpu_used_gib": mem.max_mib / 1024 if mem.max_mib else None,
            "self_reported_memory": {}, "losses": [m.get("loss") for m in steps]}
+    rss = [m["peak_rss_bytes"] for m in steps if "peak_rss_bytes" in m]
+    if rss:
+        res["self_reported_memory"]["host peak RSS"] = max(rss) / 2**30
     for m in measured:
         for k, v in m.items():
             if "mem" in k and isinstance(v, (int, float)):

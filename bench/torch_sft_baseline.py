@@ -27,7 +27,6 @@ Qwen2ForCausalLM on a CPU by tests/reference/torch_baseline_reference_test.py.
 """
 import argparse
 import json
-import math
 import sys
 import time
 
@@ -261,6 +260,22 @@ class Trainer:
         return total, norm
 
 
+def run_steps(a, tr, micro_batches, tokens_per_step, sync, rates):
+    """Warm-up then measured optimizer steps; appends each measured step's tokens/s to rates."""
+    for step in range(1, a.warmup + a.steps + 1):
+        batches, n_targets = micro_batches()
+        sync()
+        t = time.perf_counter()
+        loss, norm = tr.step(batches, n_targets, clip=1.0)
+        loss_v, norm_v = float(loss), float(norm)  # one sync per step, as ptk's metrics
+        dt = time.perf_counter() - t
+        measured = step > a.warmup
+        if measured:
+            rates.append(tokens_per_step / dt)
+        print(f"step {step}{'' if measured else ' (warm-up)'}: loss {loss_v:.4f} grad_norm {norm_v:.3f} "
+              f"{dt * 1e3:.1f} ms {tokens_per_step / dt:.0f} tok/s", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="a Qwen2 config.json (random init from it)")
@@ -276,6 +291,9 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    ap.add_argument("--sdpa-any", action="store_true",
+                    help="let SDPA pick any backend (default on CUDA: flash attention only, so a silent fall-back "
+                         "to the math kernel, which keeps T x T scores, fails instead)")
     a = ap.parse_args(argv)
 
     device = torch.device(a.device)
@@ -309,19 +327,15 @@ def main(argv=None):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    import contextlib
+    if device.type == "cuda" and not a.sdpa_any:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        attention = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+    else:
+        attention = contextlib.nullcontext()
     rates = []
-    for step in range(1, a.warmup + a.steps + 1):
-        batches, n_targets = micro_batches()
-        sync()
-        t = time.perf_counter()
-        loss, norm = tr.step(batches, n_targets, clip=1.0)
-        loss_v, norm_v = float(loss), float(norm)  # one sync per step, as ptk's metrics
-        dt = time.perf_counter() - t
-        measured = step > a.warmup
-        if measured:
-            rates.append(tokens_per_step / dt)
-        print(f"step {step}{'' if measured else ' (warm-up)'}: loss {loss_v:.4f} grad_norm {norm_v:.3f} "
-              f"{dt * 1e3:.1f} ms {tokens_per_step / dt:.0f} tok/s", flush=True)
+    with attention:
+        run_steps(a, tr, micro_batches, tokens_per_step, sync, rates)
 
     causal, mosaic = model_flops_per_token(cfg, T)
     peak = a.peak_tflops if a.peak_tflops is not None else default_peak_tflops(device)
