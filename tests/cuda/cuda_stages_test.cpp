@@ -50,7 +50,7 @@ double num(const rapidjson::Document& m, const char* key) {
 }
 
 // |gpu - cpu| <= atol + rtol * |cpu|, with both values in the message.
-::testing::AssertionResult close(const std::string& what, double gpu_v, double cpu_v, double rtol, double atol) {
+::testing::AssertionResult within_tol(const std::string& what, double gpu_v, double cpu_v, double rtol, double atol) {
   if (std::isfinite(gpu_v) && std::isfinite(cpu_v) && std::abs(gpu_v - cpu_v) <= atol + rtol * std::abs(cpu_v))
     return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << what << ": cuda " << gpu_v << " vs cpu " << cpu_v << " (|diff| "
@@ -131,12 +131,12 @@ TEST_F(CudaStages, SftBf16OnCudaTracksFp32OnCpuOver50Steps) {
     const std::string step = "step " + std::to_string(s + 1);
     EXPECT_EQ(num(cuda[s], "num_tokens"), num(cpu[s], "num_tokens")) << step << ": not the same rows";
     const double lc = num(cpu[s], "loss"), lg = num(cuda[s], "loss");
-    EXPECT_TRUE(close(step + " loss", lg, lc, 1e-2, 1e-2));
+    EXPECT_TRUE(within_tol(step + " loss", lg, lc, 1e-2, 1e-2));
     EXPECT_TRUE(std::isfinite(num(cuda[s], "grad_norm"))) << step;
     identical = identical && lg == lc;
     if (s >= 40) cpu_tail += lc / 10, cuda_tail += lg / 10;
   }
-  EXPECT_TRUE(close("mean loss of steps 41-50", cuda_tail, cpu_tail, 5e-3, 5e-3));
+  EXPECT_TRUE(within_tol("mean loss of steps 41-50", cuda_tail, cpu_tail, 5e-3, 5e-3));
   // The comparison shows something only if training moved the loss.
   EXPECT_LT(cpu_tail, num(cpu[0], "loss") - 0.5) << "the CPU run did not learn: the comparison shows nothing";
   EXPECT_FALSE(identical) << "run.device=cuda gave the CPU's fp32 losses bit for bit: the stage did not run on the "
@@ -150,11 +150,11 @@ TEST_F(CudaStages, DpoStepsOnCudaMatchTheCpu) {
   ASSERT_EQ(cpu.size(), 2u);
   for (size_t s = 0; s < 2; ++s) {
     const std::string step = "dpo step " + std::to_string(s + 1);
-    EXPECT_TRUE(close(step + " loss", num(cuda[s], "loss"), num(cpu[s], "loss"), 0, 3e-2));
+    EXPECT_TRUE(within_tol(step + " loss", num(cuda[s], "loss"), num(cpu[s], "loss"), 0, 3e-2));
     for (const char* k : {"logps/chosen", "logps/rejected"})
-      EXPECT_TRUE(close(step + " " + k, num(cuda[s], k), num(cpu[s], k), 2e-2, 1e-1));
-    EXPECT_TRUE(close(step + " rewards/margins", num(cuda[s], "rewards/margins"), num(cpu[s], "rewards/margins"), 0, 1e-1));
-    EXPECT_TRUE(close(step + " grad_norm", num(cuda[s], "grad_norm"), num(cpu[s], "grad_norm"), 1e-1, 1e-3));
+      EXPECT_TRUE(within_tol(step + " " + k, num(cuda[s], k), num(cpu[s], k), 2e-2, 1e-1));
+    EXPECT_TRUE(within_tol(step + " rewards/margins", num(cuda[s], "rewards/margins"), num(cpu[s], "rewards/margins"), 0, 1e-1));
+    EXPECT_TRUE(within_tol(step + " grad_norm", num(cuda[s], "grad_norm"), num(cpu[s], "grad_norm"), 1e-1, 1e-3));
   }
 }
 
@@ -165,9 +165,9 @@ TEST_F(CudaStages, RmStepsOnCudaMatchTheCpu) {
   ASSERT_EQ(cpu.size(), 2u);
   for (size_t s = 0; s < 2; ++s) {
     const std::string step = "rm step " + std::to_string(s + 1);
-    EXPECT_TRUE(close(step + " loss", num(cuda[s], "loss"), num(cpu[s], "loss"), 0, 3e-2));
-    EXPECT_TRUE(close(step + " margin", num(cuda[s], "margin"), num(cpu[s], "margin"), 0, 1e-1));
-    EXPECT_TRUE(close(step + " grad_norm", num(cuda[s], "grad_norm"), num(cpu[s], "grad_norm"), 2e-1, 1e-3));
+    EXPECT_TRUE(within_tol(step + " loss", num(cuda[s], "loss"), num(cpu[s], "loss"), 0, 3e-2));
+    EXPECT_TRUE(within_tol(step + " margin", num(cuda[s], "margin"), num(cpu[s], "margin"), 0, 1e-1));
+    EXPECT_TRUE(within_tol(step + " grad_norm", num(cuda[s], "grad_norm"), num(cpu[s], "grad_norm"), 2e-1, 1e-3));
   }
 }
 
@@ -178,7 +178,7 @@ TEST_F(CudaStages, GrpoStepOnCudaRollsOutTheSamePrompts) {
   ASSERT_EQ(cpu.size(), 1u);
   for (const char* k : {"loss", "grad_norm", "reward", "completions/mean_length"})
     EXPECT_TRUE(std::isfinite(num(cuda[0], k))) << k << " on cuda: " << num(cuda[0], k);
-  EXPECT_TRUE(close("kl at step 1 (policy = reference)", num(cuda[0], "kl"), 0.0, 0, 1e-3));
+  EXPECT_TRUE(within_tol("kl at step 1 (policy = reference)", num(cuda[0], "kl"), 0.0, 0, 1e-3));
   auto prompts = [](const std::string& run) {
     std::istringstream in(read_file(d_->file(run + "/rollouts/step-1.jsonl")));
     std::vector<std::string> out;
