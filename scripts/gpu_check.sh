@@ -112,7 +112,7 @@ test_part() {  # test_part BINARY CAP
   skipped=$(grep -oE "^\[  SKIPPED \] [0-9]+ tests?," "$LOGS/$t.log" | grep -oE "[0-9]+" || echo 0)
   say "  $t: skipped $skipped; $line"
   # Why: skip reasons counted once each, then the failures' first lines.
-  grep -hA1 ": Skipped$" "$LOGS/$t.log" | grep -v -e ": Skipped$" -e "^--$" | sort | uniq -c | head -n 5 |
+  grep -hA2 ": Skipped$" "$LOGS/$t.log" | grep -v -e ": Skipped$" -e "^--$" -e "^\[  SKIPPED \]" | sort | uniq -c | head -n 5 |
     sed 's/^ */    skipped: /' >> "$SUMMARY"
   grep -hE "Failure|error:|: cuda .* vs cpu|Expected|Which is" "$LOGS/$t.log" | head -n 20 | sed 's/^/    /' >> "$SUMMARY"
   [ "$rc" = 0 ] || status=1
