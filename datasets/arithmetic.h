@@ -62,7 +62,7 @@ ArithmeticSplits arithmetic_splits(const ArithmeticOptions& opt);
 // added or left out), never the right one and never negative; deterministic in (problem, salt).
 int64_t arithmetic_wrong_answer(const ArithmeticProblem& p, uint64_t salt);
 
-// JSONL text, one line per problem, in DESIGN.md's formats (TRL's conversational form):
+// JSONL text, one line per problem, in docs/DESIGN.md's formats (TRL's conversational form):
 //   sft:        {"messages": [{"role": "user", ...}, {"role": "assistant", "content": "The answer is 82."}]}
 //   preference: {"prompt": [user message], "chosen": [assistant message], "rejected": [assistant message]}
 //   rl:         {"prompt": [user message], "answer": "82"}

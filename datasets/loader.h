@@ -137,7 +137,7 @@ struct SftBatch {
   int64_t targets = 0;                 // sum(loss_mask): the step's N adds these
   int64_t tokens = 0;                  // sum(row_lengths)
   // Stored mask ones including documents' first tokens: TRL's N for padded (not padding-free) data
-  // counts those (FORMULAS.md §1 caveat); equal to `targets` for chat and prompt/completion data.
+  // counts those (docs/FORMULAS.md §1 caveat); equal to `targets` for chat and prompt/completion data.
   int64_t unshifted_label_count = 0;
 };
 

@@ -1,4 +1,4 @@
-// Records in DESIGN.md's formats (TRL field names) and the common dataset shapes mapped onto them
+// Records in docs/DESIGN.md's formats (TRL field names) and the common dataset shapes mapped onto them
 // (ShareGPT, Alpaca, implicit-prompt preference pairs, a column mapping), parsed one JSON object at a
 // time with the reason a bad one is refused, plus the file side: globs, weights, and a streaming line
 // reader (plain or gzip). File formats (JSONL, JSON array, Parquet): readers.h.

@@ -1,4 +1,4 @@
-// Reward-model (Bradley–Terry) loss and metrics as TRL defines them (FORMULAS.md section 3), as pure
+// Reward-model (Bradley–Terry) loss and metrics as TRL defines them (docs/FORMULAS.md section 3), as pure
 // functions of the scores: no model, no score head, no data. Not the RM stage: the stage pools the
 // head output, gathers across processes and divides by K (accumulation).
 //

@@ -1,5 +1,5 @@
 // The reward-model stage (`ptk rm`): Bradley–Terry training of Qwen2 + a scalar score head on
-// preference pairs, TRL's RewardTrainer definitions (FORMULAS.md section 3). Algorithm: put the B
+// preference pairs, TRL's RewardTrainer definitions (docs/FORMULAS.md section 3). Algorithm: put the B
 // chosen rows then the B rejected rows (prompt + reply, right-padded) through the model in one batch,
 // read the score at each row's rightmost non-pad token, loss −logσ(r⁺ − r⁻ − margin) (+ centering).
 // Starts from an SFT folder (a score head is added, normal(0, initializer_range)) or a config; writes

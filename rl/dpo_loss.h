@@ -1,4 +1,4 @@
-// DPO and SimPO/CPO losses and metrics as TRL defines them (FORMULAS.md section 2), as pure functions
+// DPO and SimPO/CPO losses and metrics as TRL defines them (docs/FORMULAS.md section 2), as pure functions
 // of per-pair sequence log-probs: no model, no data, no process group. Not the DPO stage: the stage
 // runs the fused log-prob op, gathers across processes and divides by K (accumulation).
 //

@@ -1,5 +1,5 @@
 // The offline-RL stage: DPO (or reference-free SimPO/CPO) on preference pairs, TRL's definitions
-// (FORMULAS.md section 2), from an SFT HF folder to an HF folder. Not the losses (rl/dpo_loss.h),
+// (docs/FORMULAS.md section 2), from an SFT HF folder to an HF folder. Not the losses (rl/dpo_loss.h),
 // not the loop, checkpoints or data parallelism (core/train), not GRPO.
 //
 // Algorithm: each micro-batch of P pairs runs through the policy as ONE batch of 2P right-padded

@@ -1,4 +1,4 @@
-// GRPO as TRL defines it (FORMULAS.md section 4), as pure tensor functions: rewards → advantages,
+// GRPO as TRL defines it (docs/FORMULAS.md section 4), as pure tensor functions: rewards → advantages,
 // the sampler/trainer importance-sampling weights, the per-token clipped objective with its
 // aggregation and metrics. Not the GRPO stage: no model, no generation, no reward calls, no
 // cross-process communication (each function says what the caller must gather or reduce).

@@ -1,4 +1,4 @@
-// The GRPO stage (online RL) on core/train's loop, TRL's definitions (FORMULAS.md section 4).
+// The GRPO stage (online RL) on core/train's loop, TRL's definitions (docs/FORMULAS.md section 4).
 // Algorithm: every num_iterations optimizer steps, take B prompts, sample G completions each with
 // the rollout engine from the policy's own weights, score them with rule verifiers and/or reward
 // servers, turn rewards

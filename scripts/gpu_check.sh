@@ -1,44 +1,87 @@
 #!/usr/bin/env bash
-# The GPU check, for a machine with an NVIDIA GPU and torch==2.11.0 (CUDA 13) installed but no
-# network and none of Debian's -dev packages:
-#   1. ptk itself: the binaries scripts/gpu_prepare.sh built against the same torch wheel on a
-#      Debian machine (.gpu/, carried); without .gpu/ it runs gpu_prepare.sh here (needs the -dev
-#      packages);
+# The GPU check, one run on a machine with an NVIDIA GPU and torch==2.11.0 (CUDA 13) installed but no
+# network and none of Debian's -dev packages (the device machines: one H100/H200, 16 cores). Parts,
+# each under its own time limit, a later part running whatever an earlier one did:
+#   1. ptk itself: the binaries scripts/gpu_prepare.sh built against the same torch wheel on a Debian
+#      machine (.gpu/, carried); without .gpu/ it runs gpu_prepare.sh here (needs the -dev packages,
+#      and most of the time budget);
 #   2. `ptk info` (torch, CUDA compiled in and available, cuDNN, NCCL, BLAS, OpenMP, threads);
-#   3. the CUDA-labelled tests (tests/cuda: HF fixture logits and gradients on the GPU, bf16), and the
-#      tests whose ptk commands place models on a GPU when one is there (forward, generate), plus the
-#      HF fixture tests on this machine's CPU;
-# each writing its log under OUT; a summary at the end. Finishes in a few minutes on 16 cores.
-#   scripts/gpu_check.sh OUT_DIR         env: PTK_TORCH_DIR (default: python3's torch)
+#   3. the CUDA-labelled tests: tests/cuda/cuda_test (HF fixture logits and gradients on the GPU, bf16)
+#      and cuda_stages_test (`ptk sft` 50 steps run.device=cuda (bf16) vs cpu (fp32) within bf16
+#      tolerance; DPO, RM, GRPO steps vs the CPU), the commands that place models on a GPU (forward,
+#      generate), then the HF fixture tests on this machine's CPU (qwen2_test) if time is left;
+#   4. the benchmark (bench/gpu_sft_bench.py): `ptk sft` at the Qwen2.5-0.5B and 3B shapes, random
+#      init, bf16 with fp32 master weights, packed rows of 4096 tokens, 4 micro-batches a step, 2
+#      warm-up + 5 measured steps: tokens/s, MFU against 989 TFLOP/s (H100 SXM / H200 bf16 dense) and
+#      peak GPU memory, beside the same step in plain PyTorch (bench/torch_sft_baseline.py).
+# What comes back (the device tool returns at most 8 files): OUT/summary.txt (what ran, each figure,
+# what did not run and why; written as it goes), OUT/bench.json (both shapes' results), and
+# OUT/logs.tar.gz (every part's log, the tests' XML, the benchmark's metrics; refreshed after each
+# part, so a run stopped at its limit still returns what it did). The whole run stays under
+# PTK_GPU_CHECK_BUDGET seconds (default 540: the device tool allows 600 a command).
+#   scripts/gpu_check.sh OUT_DIR      env: PTK_TORCH_DIR (default: python3's torch),
+#                                     PTK_GPU_CHECK_BUDGET, PTK_GPU_CHECK_SHAPES (default "0.5b 3b")
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 start=$(date +%s)
+BUDGET=${PTK_GPU_CHECK_BUDGET:-540}
+SHAPES=${PTK_GPU_CHECK_SHAPES:-"0.5b 3b"}
+SUMMARY=$OUT/summary.txt
+: > "$SUMMARY"
+
+say() { echo "$*" | tee -a "$SUMMARY"; }
+pack() { tar -czf "$OUT/logs.tar.gz.tmp" -C "$LOGS" . 2>/dev/null && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"; }
+left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+# part NAME CAP_SECONDS CMD...: runs CMD with its output in LOGS/NAME.log under min(CAP, what the
+# budget has left - 15 s); too little left: "not run". Sets $rc; prints one summary line.
+part() {
+  local name=$1 cap=$2
+  shift 2
+  local t
+  t=$(left)
+  t=$(( t - 15 < cap ? t - 15 : cap ))
+  if [ "$t" -lt 20 ]; then
+    say "$name: not run (the ${BUDGET} s budget is spent)"
+    rc=skipped
+    return
+  fi
+  local t0
+  t0=$(date +%s)
+  timeout -k 10 "$t" "$@" > "$LOGS/$name.log" 2>&1
+  rc=$?
+  local how="rc $rc"
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && how="stopped at its ${t} s limit"
+  say "$name: $how, $(( $(date +%s) - t0 )) s"
+  pack
+}
 
 TORCH_DIR=${PTK_TORCH_DIR:-$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)}
 if [ -z "$TORCH_DIR" ] || [ ! -f "$TORCH_DIR/lib/libtorch_cpu.so" ]; then
-  echo "gpu_check: no torch found (python3 -c 'import torch' failed); set PTK_TORCH_DIR=<site-packages>/torch" >&2
+  say "gpu_check: no torch found (python3 -c 'import torch' failed); set PTK_TORCH_DIR=<site-packages>/torch"
   exit 2
 fi
-{
-  echo "date: $(date -u +%FT%TZ)"
-  echo "host: $(. /etc/os-release 2>/dev/null && echo "$PRETTY_NAME"), $(ldd --version | head -n1), $(nproc) cores"
-  echo "torch: $TORCH_DIR ($(grep -m1 '^__version__' "$TORCH_DIR/version.py"))"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "nvidia-smi failed"
-} > "$OUT/machine.txt"
+LOGS=$(mktemp -d /tmp/ptk-gpu-check.XXXXXX)  # packed into OUT/logs.tar.gz
+WORK=$(mktemp -d /tmp/ptk-gpu-work.XXXXXX)   # benchmark run folders (GBs of final/): never under OUT
+say "=== gpu_check $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+say "host: $(. /etc/os-release 2>/dev/null && echo "$PRETTY_NAME"), $(ldd --version | head -n1), $(nproc) cores"
+say "torch: $TORCH_DIR ($(grep -m1 '^__version__' "$TORCH_DIR/version.py"))"
+say "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 2 | tr '\n' ' ')"
 gpu=no
 if nvidia-smi -L >/dev/null 2>&1; then gpu=yes; fi
-cat "$OUT/machine.txt"
 
+# 1. ptk
 if [ -x .gpu/bin/ptk ]; then
-  echo "ptk: carried build of $(cat .gpu/commit 2>/dev/null) ($(head -n1 .gpu/built.txt 2>/dev/null))"
+  say "ptk: carried build of $(cat .gpu/commit 2>/dev/null) ($(head -n1 .gpu/built.txt 2>/dev/null))"
+  [ "$(cat .gpu/commit 2>/dev/null)" = "$(git rev-parse HEAD 2>/dev/null)" ] ||
+    say "ptk: WARNING: .gpu/ was built from another commit than this tree's HEAD ($(git rev-parse --short HEAD 2>/dev/null))"
 else
-  echo "ptk: no .gpu/ carried: building here against $TORCH_DIR (needs the -dev packages)"
-  PTK_BUILD_DIR=build-gpu scripts/gpu_prepare.sh -DPTK_TORCH_DIR="$TORCH_DIR" -DPTK_CUDA=ON > "$OUT/build.log" 2>&1 ||
-    { tail -n 30 "$OUT/build.log"; echo "gpu_check: build failed (log: $OUT/build.log)"; exit 1; }
+  say "ptk: no .gpu/ carried: building here against $TORCH_DIR (needs the -dev packages)"
+  part build 400 env PTK_BUILD_DIR=build-gpu scripts/gpu_prepare.sh -DPTK_TORCH_DIR="$TORCH_DIR" -DPTK_CUDA=ON
+  if [ "$rc" != 0 ]; then say "gpu_check: build failed (logs.tar.gz: build.log)"; exit 1; fi
 fi
 BIN=$ROOT/.gpu/bin
 LIBS=$ROOT/.gpu/lib:$TORCH_DIR/lib
@@ -46,29 +89,75 @@ LIBS=$ROOT/.gpu/lib:$TORCH_DIR/lib
 if ldd "$BIN/ptk" 2>&1 | grep -q "GLIBCXX.*not found"; then LIBS=$LIBS:$ROOT/.gpu/lib-fallback; fi
 export LD_LIBRARY_PATH=$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 if ldd "$BIN/ptk" | grep -q "not found"; then
-  ldd "$BIN/ptk" | grep "not found" | tee "$OUT/missing-libs.txt"
-  echo "gpu_check: ptk cannot load the libraries above" >&2
+  ldd "$BIN/ptk" | grep "not found" | tee -a "$SUMMARY"
+  say "gpu_check: ptk cannot load the libraries above"
   exit 1
 fi
 
-"$BIN/ptk" info --matmul-size 2048 > "$OUT/info.txt" 2>&1
-echo "--- ptk info"; cat "$OUT/info.txt"
+# 2. ptk info
+part ptk-info 60 "$BIN/ptk" info --matmul-size 4096
+sed 's/^/  /' "$LOGS/ptk-info.log" | head -n 30 >> "$SUMMARY"
 
+# 3. tests
 export PTK_SOURCE_DIR=$ROOT PTK_BINARY=$BIN/ptk OMP_WAIT_POLICY=PASSIVE
 # On a machine with a working GPU a test that would skip for want of one fails instead (PTK_SKIP_WITHOUT).
 [ "$gpu" = yes ] && export PTK_REQUIRE=gpu
 status=0
-summary=()
-for t in cuda_test forward_cmd_test generate_cmd_test qwen2_test; do
-  t0=$(date +%s)
-  timeout 300 "$BIN/$t" --gtest_output="xml:$OUT/$t.xml" > "$OUT/$t.log" 2>&1
-  rc=$?
-  line=$(grep -E "^\[  (PASSED|FAILED)  \]|tests? ran" "$OUT/$t.log" | tail -n 2 | tr '\n' ' ')
-  skipped=$(grep -oE "^\[  SKIPPED \] [0-9]+ tests?," "$OUT/$t.log" | grep -oE "[0-9]+" || echo 0)
-  summary+=("$t: rc $rc, $(( $(date +%s) - t0 )) s, skipped $skipped; $line")
-  [ $rc -eq 0 ] || status=1
+test_part() {  # test_part BINARY CAP
+  local t=$1
+  if [ ! -x "$BIN/$t" ]; then say "$t: not run (not in .gpu/bin: rerun scripts/gpu_prepare.sh)"; status=1; return; fi
+  part "$t" "$2" "$BIN/$t" --gtest_output="xml:$LOGS/$t.xml"
+  local line skipped
+  line=$(grep -E "^\[  (PASSED|FAILED)  \]|tests? ran" "$LOGS/$t.log" | tail -n 2 | tr '\n' ' ')
+  skipped=$(grep -oE "^\[  SKIPPED \] [0-9]+ tests?," "$LOGS/$t.log" | grep -oE "[0-9]+" || echo 0)
+  say "  $t: skipped $skipped; $line"
+  # Why: skip reasons counted once each, then the failures' first lines.
+  grep -hA2 ": Skipped$" "$LOGS/$t.log" | grep -v -e ": Skipped$" -e "^--$" -e "^\[  SKIPPED \]" | sort | uniq -c | head -n 5 |
+    sed 's/^ */    skipped: /' >> "$SUMMARY"
+  grep -hE "Failure|error:|: cuda .* vs cpu|Expected|Which is" "$LOGS/$t.log" | head -n 20 | sed 's/^/    /' >> "$SUMMARY"
+  [ "$rc" = 0 ] || status=1
+}
+test_part cuda_test 90
+test_part cuda_stages_test 180
+test_part forward_cmd_test 60
+test_part generate_cmd_test 60
+
+# 4. benchmark
+bench_ok=yes
+[ "$gpu" = yes ] || { say "bench: not run (no usable GPU: nvidia-smi -L failed)"; SHAPES=; bench_ok=no; }
+for shape in $SHAPES; do
+  cap=$([ "$shape" = 3b ] && echo 230 || echo 150)
+  side_cap=$(( (cap - 20) / 2 ))
+  part "bench-$shape" "$cap" python3 bench/gpu_sft_bench.py --ptk "$BIN/ptk" --shape "$shape" --seq 4096 \
+    --grad-accum 4 --steps 5 --warmup 2 --timeout "$side_cap" --out "$WORK/bench-$shape"
+  [ "$rc" = 0 ] || bench_ok=no
+  if [ -f "$WORK/bench-$shape/result.txt" ]; then
+    sed 's/^/  /' "$WORK/bench-$shape/result.txt" >> "$SUMMARY"
+  else
+    say "  bench-$shape: no result ($(tail -n 3 "$LOGS/bench-$shape.log" | tr '\n' ' '))"
+  fi
+  # The small files only (logs, recipes, metrics, results), not the data or final/.
+  mkdir -p "$LOGS/bench-$shape"
+  (cd "$WORK/bench-$shape" 2>/dev/null &&
+    find . \( -name '*.log' -o -name '*.json' -o -name 'metrics.jsonl' -o -name 'result.txt' \) -size -2M \
+      -not -path './*/run/final/*' -not -path './*/data/*' -exec cp --parents {} "$LOGS/bench-$shape/" \;)
+  python3 - "$WORK" "$OUT/bench.json" <<'EOF' 2>/dev/null
+import glob, json, os, sys
+res = {}
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "bench-*", "result.json"))):
+    res[os.path.basename(os.path.dirname(f))] = json.load(open(f))
+json.dump(res, open(sys.argv[2], "w"), indent=1)
+EOF
+  pack
+  rm -rf "$WORK/bench-$shape/ptk/run/final" "$WORK/bench-$shape/ptk/run/checkpoints"  # disk: a 3B final/ is 6 GB
 done
-echo "--- summary ($(( $(date +%s) - start )) s)" | tee "$OUT/summary.txt"
-printf '%s\n' "${summary[@]}" | tee -a "$OUT/summary.txt"
-grep -h "SKIPPED\|Failure\|error:" "$OUT"/*_test.log | head -n 40 | tee -a "$OUT/summary.txt"
+
+# 3b. the CPU fixture tests, with what time is left
+test_part qwen2_test 90
+
+say "=== summary: $(( $(date +%s) - start )) s; tests $([ $status = 0 ] && echo passed || echo 'FAILED or not all run');" \
+    "benchmark $([ $bench_ok = yes ] && echo 'ran' || echo 'incomplete (see above)')"
+say "not run here: the reference suite (no transformers/TRL on this machine), multi-GPU (NCCL, ptk launch)"
+pack
+rm -rf "$WORK" "$LOGS"
 exit $status

@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${PTK_BUILD_DIR:-build}
 # The binaries gpu_check.sh runs, as paths in the build folder; the ninja target is the file name.
-BINARIES=(bin/ptk tests/cuda/cuda_test tests/model/qwen2_test tests/model/forward_cmd_test
+BINARIES=(bin/ptk tests/cuda/cuda_test tests/cuda/cuda_stages_test tests/model/qwen2_test tests/model/forward_cmd_test
           tests/rollout/generate_cmd_test)
 scripts/build.sh "$@" >/dev/null
 ninja -C "$BUILD_DIR" "${BINARIES[@]##*/}" >/dev/null

@@ -1,4 +1,4 @@
-// SFT loss terms as TRL defines them (FORMULAS.md section 1; trl/trainer/sft_trainer.py, chunked
+// SFT loss terms as TRL defines them (docs/FORMULAS.md section 1; trl/trainer/sft_trainer.py, chunked
 // NLL): the summed next-token NLL over every target of a micro-batch, through the fused lm_head op,
 // plus the numerators of mean_token_accuracy and entropy. The caller divides by the optimizer
 // step's target count N (the training loop does). Not the data pipeline, not the stage.

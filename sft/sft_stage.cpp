@@ -126,7 +126,7 @@ class SftStage : public train::Stage {
     SftTerms t = terms(b);
     train::LossOut out;
     out.loss = t.nll_sum / n;
-    // Numerators and denominators are summed over ranks before dividing (FORMULAS.md section 1).
+    // Numerators and denominators are summed over ranks before dividing (docs/FORMULAS.md section 1).
     out.ratios.push_back({"mean_token_accuracy", static_cast<double>(t.correct), static_cast<double>(t.targets)});
     out.ratios.push_back({"entropy", t.entropy_sum, static_cast<double>(t.targets)});
     return out;

@@ -21,7 +21,7 @@ int cmd_make_data(int argc, char** argv) {
       "ptk make-data arithmetic --out DIR [--seed S] [--train N] [--eval M] [--digits D] [--ops +-*] "
       "[--operands padded|plain] [--tokenizer bytes]",
       "Generates the arithmetic demo task: \"What is 07 * 08?\" -> \"The answer is 56.\" in chat form.\n"
-      "Writes DIR/{sft,preference,rl}_{train,eval}.jsonl (DESIGN.md's formats; preference pairs reject a\n"
+      "Writes DIR/{sft,preference,rl}_{train,eval}.jsonl (docs/DESIGN.md's formats; preference pairs reject a\n"
       "plausible wrong answer, RL prompts carry \"answer\") and DIR/manifest.json. Train and eval are disjoint\n"
       "by problem; the same flags give the same bytes. Subtraction keeps a >= b (no negative answers).\n\n"
       "Default difficulty: two-digit addition with zero-padded operands (10,000 problems, 300 held out).\n"

@@ -21,7 +21,7 @@ int cmd_sweep(int argc, char** argv);
 int cmd_plot(int argc, char** argv);
 int cmd_info(int argc, char** argv);
 
-// Keep DESIGN.md's order.
+// Keep docs/DESIGN.md's order.
 const std::vector<Command>& commands() {
   static const std::vector<Command> kCommands = {
       {"sft", "supervised fine-tuning from an HF folder to a fine-tuned one", cmd_sft},

@@ -1,4 +1,4 @@
-// The recipe sections every stage shares (DESIGN.md, "Recipe keys every stage shares"). Defaults
+// The recipe sections every stage shares (docs/DESIGN.md, "Recipe keys every stage shares"). Defaults
 // live in sections.cpp's visit() and nowhere else. Stage sections (sft, dpo, ...) live in the stages.
 #pragma once
 #include <cstdint>

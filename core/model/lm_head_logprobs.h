@@ -4,7 +4,7 @@
 // logits in backward. Peak extra memory is about two chunks of (rows x V) logits plus the weight's
 // gradient, never (N x V) — unless (N x V) fits LogProbOptions::keep_logits_bytes, where it keeps
 // them instead of recomputing.
-// Not a loss: SFT/DPO/GRPO reduce its per-token outputs as FORMULAS.md says.
+// Not a loss: SFT/DPO/GRPO reduce its per-token outputs as docs/FORMULAS.md says.
 #pragma once
 #include <ATen/core/Tensor.h>
 

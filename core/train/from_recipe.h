@@ -1,4 +1,4 @@
-// The shared recipe sections (DESIGN.md's keys) turned into the loop's options, so every stage
+// The shared recipe sections (docs/DESIGN.md's keys) turned into the loop's options, so every stage
 // maps them the same way. Not the stage-specific sections.
 #pragma once
 #include <string>

@@ -536,7 +536,7 @@ int64_t Trainer::run() {
         ratio_nd[i][2 * k + 1] = r.den;
       }
     }
-    // Metrics over ranks (FORMULAS.md section 0): the loss and counts summed, plain metrics averaged
+    // Metrics over ranks (docs/FORMULAS.md section 0): the loss and counts summed, plain metrics averaged
     // over every (rank, micro-batch) value, ratios as sum(num) / sum(den) per micro-batch.
     if (comm.world_size() > 1) {
       std::vector<double> v{loss_sum};

@@ -25,7 +25,7 @@ struct MicroBatch {
 };
 
 // A ratio metric whose numerator and denominator are each summed over ranks before dividing
-// (FORMULAS.md section 0), e.g. mean_token_accuracy = correct / targets.
+// (docs/FORMULAS.md section 0), e.g. mean_token_accuracy = correct / targets.
 struct Ratio {
   std::string name;
   double num = 0, den = 0;

@@ -12,7 +12,7 @@ SPEC: {"cases": [{"name", "dir", "format": sft|preference|rl, "tokenizer": folde
 RESULT: {name: {"docs", "records", "skipped", "rows", "tokens", "errors": [...]}}; exit status 1 when
 any case has errors.
 
-What a document must hold (the formats of DESIGN.md, TRL's semantics):
+What a document must hold (the formats of docs/DESIGN.md, TRL's semantics):
   sft messages            the template's rendering (no generation prompt), encoded; mask 1 on tokens
                           overlapping an assistant message's content or its <|im_end|>
   sft prompt/completion   strings: encode(prompt) + encode(completion) + EOS (tokenized apart, as

@@ -1,4 +1,4 @@
-// Field mappings from ../shared/data's sets to DESIGN.md's formats (see shared_data.h and
+// Field mappings from ../shared/data's sets to docs/DESIGN.md's formats (see shared_data.h and
 // ../shared/data/README.md for each set's own fields). Not part of ptk.
 #include "tests/datasets/shared_data.h"
 

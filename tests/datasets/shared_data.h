@@ -1,6 +1,6 @@
 // Maps the real sets in ../shared/data (their own field names: Alpaca, ShareGPT, HH-RLHF, GSM8K ...)
-// to DESIGN.md's JSONL formats, in memory. Used by the integration test and the prepare benchmark.
-// Not a product feature: ptk reads only DESIGN.md's formats; this is how a user's converter looks.
+// to docs/DESIGN.md's JSONL formats, in memory. Used by the integration test and the prepare benchmark.
+// Not a product feature: ptk reads only docs/DESIGN.md's formats; this is how a user's converter looks.
 #pragma once
 #include <string>
 #include <vector>
@@ -14,7 +14,7 @@ struct MappedSet {
   data::Format format;   // which reader it goes through
   std::string source;    // file(s) under data/
   std::string mapping;   // how fields were mapped, one line
-  std::vector<std::string> lines;  // JSONL records in DESIGN.md's format
+  std::vector<std::string> lines;  // JSONL records in docs/DESIGN.md's format
 };
 
 // Every mappable set under `data_dir` (../shared/data). Files left out (and why) are listed by

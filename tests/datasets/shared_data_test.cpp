@@ -1,4 +1,4 @@
-// The real sets in ../shared/data (mapped to DESIGN.md's formats by shared_data.cpp) through every
+// The real sets in ../shared/data (mapped to docs/DESIGN.md's formats by shared_data.cpp) through every
 // reader and prepare, with the Qwen tokenizer when assets/tokenizers/qwen is set up (else the
 // byte-level one); and the raw files, unmapped, fed to a reader to show the errors a user sees.
 // Skips with a message when ../shared/data is absent.

@@ -1,5 +1,5 @@
 // `ptk grpo` end to end on a tiny random model, the byte tokenizer and a few arithmetic prompts
-// with the math verifier: the run folder DESIGN.md promises, a resumed rerun, clear recipe errors.
+// with the math verifier: the run folder docs/DESIGN.md promises, a resumed rerun, clear recipe errors.
 // Not the stage's numbers (grpo_stage_test.cpp).
 #include <gtest/gtest.h>
 

@@ -207,7 +207,7 @@ double metric(const rapidjson::Document& m, const std::string& key) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// FORMULAS.md 4.2 and 4.4, recomputed in plain doubles
+// docs/FORMULAS.md 4.2 and 4.4, recomputed in plain doubles
 
 double nan_mean(const std::vector<double>& v) {
   double s = 0;

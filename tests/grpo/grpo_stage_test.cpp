@@ -1,7 +1,7 @@
 // The GRPO stage on a tiny random Qwen2 with the byte tokenizer: its loss equals grpo_loss on
 // log-probs recomputed from plain full logits; at mu = 1 the ratio is exactly 1; the reference never
 // changes and beta 0 loads none; rollouts/step-N.jsonl is written; a killed run resumes bit-for-bit.
-// Not the loss formulas themselves (tests/rl_losses checks those against FORMULAS.md).
+// Not the loss formulas themselves (tests/rl_losses checks those against docs/FORMULAS.md).
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 

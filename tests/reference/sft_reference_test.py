@@ -18,7 +18,7 @@ num_tokens, grad_norm and learning_rate, and the weights after the last step.
     apart, TRL as one text (a pinned, documented difference);
   - packing with rows of equal room (tie-breaking);
   - "messages" records: ptk's loss on assistant turns against TRL's default loss on every token
-    (a pinned, documented difference: DESIGN.md's data formats).
+    (a pinned, documented difference: docs/DESIGN.md's data formats).
 
 Aligning the two sides:
   - The rows. Before any number is compared, ptk's prepared folder (token ids, loss mask, packed rows;

@@ -1,4 +1,4 @@
-// DPO and SimPO/CPO losses and metrics against FORMULAS.md section 2's worked example (β = 0.1,
+// DPO and SimPO/CPO losses and metrics against docs/FORMULAS.md section 2's worked example (β = 0.1,
 // 2 pairs), plus LD-DPO sums, the vocab-mean logits shortcut, validation and gradients.
 #include <gtest/gtest.h>
 #include <torch/torch.h>

@@ -1,5 +1,5 @@
 // GRPO rewards, advantages, importance weights, per-token objective, aggregation and metrics against
-// FORMULAS.md section 4.8's worked example (2 prompts × G = 3, max_completion_length 4, β = 0.04,
+// docs/FORMULAS.md section 4.8's worked example (2 prompts × G = 3, max_completion_length 4, β = 0.04,
 // ε = 0.2 / 0.28, reward weights (1, 0.5)), plus gradient checks for the subtle cases.
 #include <gtest/gtest.h>
 #include <torch/torch.h>

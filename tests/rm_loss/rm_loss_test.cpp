@@ -1,4 +1,4 @@
-// Reward-model loss and metrics against FORMULAS.md section 3's worked example (3 pairs, P = 1):
+// Reward-model loss and metrics against docs/FORMULAS.md section 3's worked example (3 pairs, P = 1):
 // r⁺ = (1.5, 0.2, −0.4), r⁻ = (0.3, 0.9, −0.4), m = (0.5, 0, 1), c = 0.01.
 #include <gtest/gtest.h>
 #include <torch/torch.h>

@@ -4,7 +4,7 @@
 //   parameters of 1 rank x 4 rows after 4 optimizer steps, on packed chat rows and on unpacked
 //   prompt/completion rows (completion-only loss, so micro-batches hold very different target
 //   counts: the loss is normalized by the optimizer step's target count over every micro-batch and
-//   rank, FORMULAS.md section 1, not per micro-batch);
+//   rank, docs/FORMULAS.md section 1, not per micro-batch);
 // - a run stopped at step 3 and rerun to step 6 (resume=auto from checkpoints/step-3, loader cursor
 //   mid-epoch, packed rows) equals an uninterrupted 6-step run bit for bit, in fp32 and with bf16
 //   parameters (fp32 master weights and moments), parameters, optimizer state and metrics alike.

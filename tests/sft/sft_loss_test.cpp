@@ -1,4 +1,4 @@
-// SFT loss terms against FORMULAS.md section 1's worked example (vocab 3, two micro-batches, N = 7).
+// SFT loss terms against docs/FORMULAS.md section 1's worked example (vocab 3, two micro-batches, N = 7).
 // The example gives logit rows; with an identity lm_head (V = H = 3) the hidden states are the logits.
 #include <gtest/gtest.h>
 #include <torch/torch.h>

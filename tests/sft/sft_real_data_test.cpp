@@ -1,4 +1,4 @@
-// `ptk sft` on real chat data (../shared/data: LIMA, Alpaca, OASST, ShareGPT ... mapped to DESIGN.md's
+// `ptk sft` on real chat data (../shared/data: LIMA, Alpaca, OASST, ShareGPT ... mapped to docs/DESIGN.md's
 // messages format) with the real Qwen tokenizer, for a few steps on a tiny random model with the
 // full 151,936-row vocabulary. Skips with a message when ../shared or the tokenizer is absent.
 #include <gtest/gtest.h>

@@ -1,5 +1,5 @@
 // The arithmetic demo task: disjoint and reproducible splits, correct answers in the verifiers'
-// format, plausible wrong answers, DESIGN.md's JSONL formats and option errors.
+// format, plausible wrong answers, docs/DESIGN.md's JSONL formats and option errors.
 #include <gtest/gtest.h>
 
 #include <cstdio>

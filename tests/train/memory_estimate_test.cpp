@@ -49,7 +49,7 @@ TEST(MemoryEstimate, CountsQwen25HalfBParameters) {
   EXPECT_EQ(estimate_memory(untied).parameters, 494032768.0 + 151936.0 * 896);
 }
 
-// The measured peaks the estimate was checked against (README status table, BENCHMARKS.md; 2 cores,
+// The measured peaks the estimate was checked against (BENCHMARKS.md, "The figures behind the README"; 2 cores,
 // 24 GiB, fp32, AVX-512 flash attention, peak RSS = VmHWM including the process itself): it must not
 // fall below them, stay within 25% above them, and let these runs through on a 24 GiB machine with
 // a few GiB taken by others (under 16 GiB).

@@ -1,7 +1,7 @@
 // The shared step loop on a tiny Qwen2 (random init) with an SFT-shaped loss: the loss falls,
 // micro-batch 1 x accumulation 8 equals micro-batch 8 x accumulation 1, a resumed run continues
 // bit-for-bit (also from a checkpoint exactly at an epoch boundary), and the run folder has what
-// DESIGN.md promises; a checkpoint of the last step writes final/ without training.
+// docs/DESIGN.md promises; a checkpoint of the last step writes final/ without training.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
