@@ -94,25 +94,41 @@ void fused_adamw_cpu(float* p, const float* g, float* m, float* v, int64_t n, fl
 
 }  // namespace
 
-// torch.optim.AdamW(fused=True)'s _fused_adam: one at::_fused_adamw_ call per weight-decay group
-// over the fp32 weights (the masters of bf16 parameters), fp32 gradients and moments, the step count
-// as a device tensor; the learning rate and betas as host scalars, so nothing is read back.
+// torch.optim.AdamW(fused=True)'s _fused_adam: at::_fused_adamw_ calls per weight-decay group over
+// the fp32 weights (the masters of bf16 parameters), fp32 gradients and moments, the step count as a
+// device tensor; the learning rate and betas as host scalars, so nothing is read back. bf16 gradients
+// are cast to fp32 copies first; a call takes at most kCastBytes of such copies, so the transient
+// memory stays small (one call per group when the gradients are fp32).
 void AdamW::step_multi_tensor(double lr) {
+  const double kCastBytes = cast_chunk_bytes_;
   std::vector<double> decays;
   for (const Slot& s : slots_)
     if (std::find(decays.begin(), decays.end(), s.weight_decay) == decays.end()) decays.push_back(s.weight_decay);
   std::vector<at::Tensor> low, masters;  // bf16 parameters and their masters, refreshed after the update
   for (double wd : decays) {
     std::vector<at::Tensor> ws, gs, ms, vs, steps;
+    double cast_bytes = 0;
+    auto flush = [&] {
+      if (ws.empty()) return;
+      at::_fused_adamw_(ws, gs, ms, vs, /*max_exp_avg_sqs=*/{}, steps, lr, opt_.beta1, opt_.beta2, wd, opt_.eps,
+                        /*amsgrad=*/false, /*maximize=*/false);
+      ws.clear(), gs.clear(), ms.clear(), vs.clear(), steps.clear();
+      cast_bytes = 0;
+    };
     for (size_t i = 0; i < params_.size(); ++i) {
       const at::Tensor& p = params_[i].second;
       Slot& s = slots_[i];
       if (s.weight_decay != wd || !p.grad().defined()) continue;
-      at::Tensor grad = dense_grad(p.grad());
-      if (grad.scalar_type() != torch::kFloat32) grad = grad.to(torch::kFloat32);
       at::Tensor w = s.master.defined() ? s.master : p.detach();
-      if (!step_tensor_.defined() || step_tensor_.device() != w.device())
+      if (!step_tensor_.defined() || step_tensor_.device() != w.device()) {
         step_tensor_ = at::zeros({}, w.options().dtype(torch::kFloat32));
+        step_tensor_.fill_(static_cast<double>(step_));
+      }
+      at::Tensor grad = dense_grad(p.grad());
+      if (grad.scalar_type() != torch::kFloat32) {
+        grad = grad.to(torch::kFloat32);
+        cast_bytes += 4.0 * static_cast<double>(grad.numel());
+      }
       ws.push_back(w);
       gs.push_back(grad.contiguous());
       ms.push_back(s.exp_avg);
@@ -122,11 +138,9 @@ void AdamW::step_multi_tensor(double lr) {
         low.push_back(p.detach());
         masters.push_back(s.master);
       }
+      if (cast_bytes >= kCastBytes) flush();
     }
-    if (ws.empty()) continue;
-    step_tensor_.fill_(static_cast<double>(step_));
-    at::_fused_adamw_(ws, gs, ms, vs, /*max_exp_avg_sqs=*/{}, steps, lr, opt_.beta1, opt_.beta2, wd, opt_.eps,
-                      /*amsgrad=*/false, /*maximize=*/false);
+    flush();
   }
   if (!low.empty()) at::_foreach_copy_(low, masters);
 }
@@ -135,6 +149,7 @@ void AdamW::step(double lr) {
   torch::NoGradGuard ng;
   ++step_;
   if (path_ == AdamWPath::kMultiTensor) {
+    if (step_tensor_.defined()) step_tensor_.fill_(static_cast<double>(step_));  // no read: a fill kernel
     step_multi_tensor(lr);
     return;
   }

@@ -67,6 +67,9 @@ class AdamW {
   // Any path on any device (tests run kMultiTensor on the CPU: ATen has a CPU kernel of it too).
   void set_path(AdamWPath path) { path_ = path; }
   AdamWPath path() const { return path_; }
+  // kMultiTensor with bf16 gradients: the fp32 copies of the gradients one _fused_adamw_ call takes
+  // at most (default 512 MiB; a tensor larger than this gets a call of its own).
+  void set_cast_chunk_bytes(double bytes) { cast_chunk_bytes_ = bytes; }
 
  private:
   struct Slot {
@@ -79,6 +82,7 @@ class AdamW {
   int64_t step_ = 0;
   AdamWPath path_ = AdamWPath::kCpuFused;
   at::Tensor step_tensor_;  // kMultiTensor: the step count as a float32 scalar on the weights' device
+  double cast_chunk_bytes_ = 512.0 * (1 << 20);
 
   void step_multi_tensor(double lr);
 };

@@ -438,7 +438,8 @@ TEST(AdamW, PathChosenByDevice) {
 // gradient on odd steps, on the given path and dtype; returns the fp32 weights (the masters for bf16)
 // then the moments, by name.
 std::map<std::string, at::Tensor> run_paths(AdamWPath path, at::ScalarType dtype, int steps,
-                                            std::map<std::string, at::Tensor>* params_out = nullptr) {
+                                            std::map<std::string, at::Tensor>* params_out = nullptr,
+                                            double cast_chunk_bytes = 512.0 * (1 << 20)) {
   torch::manual_seed(11);
   const std::vector<std::pair<std::string, std::vector<int64_t>>> shapes = {
       {"layers.0.mlp.up_proj.weight", {37, 19}}, {"layers.0.self_attn.q_proj.bias", {37}},
@@ -451,6 +452,7 @@ std::map<std::string, at::Tensor> run_paths(AdamWPath path, at::ScalarType dtype
   }
   AdamW opt(params, AdamWOptions{0.9, 0.95, 1e-8, 0.1, false});
   opt.set_path(path);
+  opt.set_cast_chunk_bytes(cast_chunk_bytes);
   for (int step = 0; step < steps; ++step) {
     const double scale = step % 3 == 0 ? 1.0 : step % 3 == 1 ? 1e-2 : 5.0;
     for (size_t i = 0; i < params.size(); ++i) {
@@ -510,6 +512,11 @@ TEST(AdamW, MultiTensorBf16MasterEqualsReference) {
     EXPECT_EQ(p.scalar_type(), torch::kBFloat16) << n;
     EXPECT_TRUE(torch::equal(p, multi["master." + n].to(torch::kBFloat16))) << n << " is not its master rounded";
   }
+  // One call per tensor (the fp32 copies of bf16 gradients cut into chunks): the same bits.
+  std::map<std::string, at::Tensor> pc;
+  auto chunked = run_paths(AdamWPath::kMultiTensor, torch::kBFloat16, 7, &pc, /*cast_chunk_bytes=*/1);
+  for (auto& [n, t] : multi) EXPECT_TRUE(torch::equal(chunked[n], t)) << n << " chunked";
+  for (auto& [n, p] : pm) EXPECT_TRUE(torch::equal(pc[n], p)) << n << " chunked";
 }
 
 // The old clip_grad_norm: per-tensor fp32 norms, squares summed in fp32 in order, root in fp64.
