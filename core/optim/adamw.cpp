@@ -1,8 +1,11 @@
 #include "core/optim/adamw.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/_foreach_copy.h>
+#include <ATen/ops/_fused_adamw.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/util/error.h"
@@ -19,8 +22,29 @@ bool is_no_decay(const std::string& name) {
 
 at::Tensor dense_grad(const at::Tensor& g) { return g.is_sparse() ? g.to_dense() : g; }
 
+AdamWPath adamw_path_for(const at::Device& device) {
+  if (device.is_cpu()) return AdamWPath::kCpuFused;
+  if (device.is_cuda()) return AdamWPath::kMultiTensor;
+  return AdamWPath::kReference;
+}
+
+const char* adamw_path_name(AdamWPath path) {
+  switch (path) {
+    case AdamWPath::kCpuFused: return "cpu_fused";
+    case AdamWPath::kMultiTensor: return "multi_tensor";
+    case AdamWPath::kReference: return "reference";
+  }
+  return "?";
+}
+
+void AdamW::set_fused(bool fused) {
+  path_ = !fused ? AdamWPath::kReference
+                 : adamw_path_for(params_.empty() ? at::Device(at::kCPU) : params_.front().second.device());
+}
+
 AdamW::AdamW(NamedTensors params, AdamWOptions opt) : params_(std::move(params)), opt_(opt) {
   torch::NoGradGuard ng;
+  set_fused(true);
   for (auto& [name, p] : params_) {
     Slot s;
     auto f32 = p.options().dtype(torch::kFloat32);
@@ -70,9 +94,66 @@ void fused_adamw_cpu(float* p, const float* g, float* m, float* v, int64_t n, fl
 
 }  // namespace
 
+// torch.optim.AdamW(fused=True)'s _fused_adam: at::_fused_adamw_ calls per weight-decay group over
+// the fp32 weights (the masters of bf16 parameters), fp32 gradients and moments, the step count as a
+// device tensor; the learning rate and betas as host scalars, so nothing is read back. bf16 gradients
+// are cast to fp32 copies first; a call takes at most kCastBytes of such copies, so the transient
+// memory stays small (one call per group when the gradients are fp32).
+void AdamW::step_multi_tensor(double lr) {
+  const double kCastBytes = cast_chunk_bytes_;
+  std::vector<double> decays;
+  for (const Slot& s : slots_)
+    if (std::find(decays.begin(), decays.end(), s.weight_decay) == decays.end()) decays.push_back(s.weight_decay);
+  std::vector<at::Tensor> low, masters;  // bf16 parameters and their masters, refreshed after the update
+  for (double wd : decays) {
+    std::vector<at::Tensor> ws, gs, ms, vs, steps;
+    double cast_bytes = 0;
+    auto flush = [&] {
+      if (ws.empty()) return;
+      at::_fused_adamw_(ws, gs, ms, vs, /*max_exp_avg_sqs=*/{}, steps, lr, opt_.beta1, opt_.beta2, wd, opt_.eps,
+                        /*amsgrad=*/false, /*maximize=*/false);
+      ws.clear(), gs.clear(), ms.clear(), vs.clear(), steps.clear();
+      cast_bytes = 0;
+    };
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& p = params_[i].second;
+      Slot& s = slots_[i];
+      if (s.weight_decay != wd || !p.grad().defined()) continue;
+      at::Tensor w = s.master.defined() ? s.master : p.detach();
+      if (!step_tensor_.defined() || step_tensor_.device() != w.device()) {
+        step_tensor_ = at::zeros({}, w.options().dtype(torch::kFloat32));
+        step_tensor_.fill_(static_cast<double>(step_));
+      }
+      at::Tensor grad = dense_grad(p.grad());
+      if (grad.scalar_type() != torch::kFloat32) {
+        grad = grad.to(torch::kFloat32);
+        cast_bytes += 4.0 * static_cast<double>(grad.numel());
+      }
+      ws.push_back(w);
+      gs.push_back(grad.contiguous());
+      ms.push_back(s.exp_avg);
+      vs.push_back(s.exp_avg_sq);
+      steps.push_back(step_tensor_);
+      if (s.master.defined()) {
+        low.push_back(p.detach());
+        masters.push_back(s.master);
+      }
+      if (cast_bytes >= kCastBytes) flush();
+    }
+    flush();
+  }
+  if (!low.empty()) at::_foreach_copy_(low, masters);
+}
+
 void AdamW::step(double lr) {
   torch::NoGradGuard ng;
   ++step_;
+  if (path_ == AdamWPath::kMultiTensor) {
+    if (step_tensor_.defined()) step_tensor_.fill_(static_cast<double>(step_));  // no read: a fill kernel
+    step_multi_tensor(lr);
+    return;
+  }
+  const bool fused = path_ == AdamWPath::kCpuFused;
   const double b1 = opt_.beta1, b2 = opt_.beta2;
   const double bc1 = 1.0 - std::pow(b1, static_cast<double>(step_));
   const double bc2 = 1.0 - std::pow(b2, static_cast<double>(step_));
@@ -86,7 +167,7 @@ void AdamW::step(double lr) {
     at::Tensor w = s.master.defined() ? s.master : p;  // the fp32 weights being updated
     if (grad.scalar_type() != torch::kFloat32) grad = grad.to(torch::kFloat32);
     const double decay_mul = 1.0 - lr * s.weight_decay;
-    bool fusable = fused_ && w.device().is_cpu() && w.is_contiguous() && grad.is_contiguous() &&
+    bool fusable = fused && w.device().is_cpu() && w.is_contiguous() && grad.is_contiguous() &&
                    grad.device().is_cpu();
     if (fusable) {
       fused_adamw_cpu(w.data_ptr<float>(), grad.data_ptr<float>(), s.exp_avg.data_ptr<float>(),

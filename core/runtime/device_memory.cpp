@@ -1,5 +1,7 @@
 #include "core/runtime/device_memory.h"
 
+#include "core/runtime/device.h"
+
 #include <torch/torch.h>
 #if PTK_TORCH_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -28,6 +30,30 @@ bool cuda_free_memory(int device, size_t* free_bytes, size_t* total_bytes) {
   return true;
 #else
   (void)device, (void)free_bytes, (void)total_bytes;
+  return false;
+#endif
+}
+
+int cuda_index_of(const std::string& spec, const std::string& key) {
+  const at::Device d = resolve_device(spec.empty() ? "auto" : spec, key);
+  return d.is_cuda() ? (d.has_index() ? d.index() : 0) : -1;
+}
+
+bool cuda_memory_stats(int device, CudaMemoryStats* out, bool reset_peak) {
+#if PTK_TORCH_CUDA
+  if (device < 0 || !torch::cuda::is_available() || device >= static_cast<int>(torch::cuda::device_count()))
+    return false;
+  const auto d = static_cast<c10::DeviceIndex>(device);
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(d);
+  const auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  out->allocated = static_cast<double>(stats.allocated_bytes[agg].current);
+  out->reserved = static_cast<double>(stats.reserved_bytes[agg].current);
+  out->peak_allocated = static_cast<double>(stats.allocated_bytes[agg].peak);
+  out->peak_reserved = static_cast<double>(stats.reserved_bytes[agg].peak);
+  if (reset_peak) c10::cuda::CUDACachingAllocator::resetPeakStats(d);
+  return true;
+#else
+  (void)device, (void)out, (void)reset_peak;
   return false;
 #endif
 }

@@ -39,7 +39,7 @@ model::Qwen2Model load_model(const config::ModelSection& m, uint64_t seed, const
 
 void check_memory_estimate(const config::TrainingRecipe& r, const MemoryPlan& plan, parallel::Comm& comm) {
   if (!r.train.memory_check) return;
-  const std::string why = memory_refusal(plan, available_memory(plan.cuda));
+  const std::string why = memory_refusal(plan, available_memory(plan.cuda, plan.device));
   // Every rank decides for itself (memory differs between machines) and all stop together.
   double refused = why.empty() ? 0.0 : 1.0;
   if (comm.world_size() > 1) refused = comm.all_reduce(refused, parallel::ReduceOp::kSum);

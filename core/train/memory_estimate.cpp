@@ -516,6 +516,10 @@ std::optional<MemoryPlan> memory_plan_from_recipe(const config::TrainingRecipe& 
   p.decode_packing = model::cpu_has_avx512f();
   if (const char* ws = std::getenv("WORLD_SIZE")) p.world_size = std::max(1L, std::strtol(ws, nullptr, 10));
   p.zero1 = r.train.zero1;
+  // On a GPU (run.device, auto included) the plan is compared with that device's memory.
+  const int cuda_index = runtime::cuda_index_of(r.run.device);
+  p.cuda = cuda_index >= 0;
+  p.device = p.cuda ? cuda_index : 0;
   return p;
 }
 

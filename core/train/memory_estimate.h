@@ -48,6 +48,7 @@ struct MemoryPlan {
   std::string model_key;          // "model.path=runs/sft/final" (messages)
   bool bf16 = false;              // model.dtype=bfloat16
   bool cuda = false;              // placed on a CUDA device (compared with its free memory)
+  int device = 0;                 // which CUDA device (run.device): available_memory(cuda, device)
   int64_t micro_batch_size = 1;   // rows (sft, grpo) or pairs (dpo, rm)
   int64_t max_seq_len = 2048;
   bool packing = true;            // sft: rows are always max_seq_len long; else up to it

@@ -77,4 +77,17 @@ CpuPeak this_cpu_peak_flops(int threads, bool bf16) {
                         threads, bf16);
 }
 
+double known_gpu_peak_flops(const std::string& device_name, bool bf16) {
+  auto has = [&](const char* s) { return device_name.find(s) != std::string::npos; };
+  struct Row {
+    double bf16, fp32;
+  };
+  Row r{0, 0};
+  if (has("GH200")) r = {989.4e12, 66.9e12};
+  else if (has("H200")) r = has("NVL") ? Row{835.5e12, 60.0e12} : Row{989.4e12, 66.9e12};
+  else if (has("H100")) r = has("NVL") ? Row{835.5e12, 60.0e12} : has("PCIe") ? Row{756.5e12, 51.2e12} : Row{989.4e12, 66.9e12};
+  else if (has("A100")) r = {312e12, 19.5e12};
+  return bf16 ? r.bf16 : r.fp32;
+}
+
 }  // namespace ptk::train

@@ -23,4 +23,15 @@ CpuPeak cpu_peak_flops(const std::string& cpuinfo, const std::string& max_freq_k
 // This machine's, read from /proc/cpuinfo and /sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq.
 CpuPeak this_cpu_peak_flops(int threads, bool bf16);
 
+// On a GPU, MFU is computed against the vendor's dense peak of the device, looked up by the name
+// CUDA reports (cudaDeviceProp::name) — like the CPU's, an upper bound that does not move with the
+// load — and, for a device not in the table, against a synced GEMM timed once at start
+// (core/train/device_peak.h). Dense (no 2:4 sparsity) FLOP/s, SXM clocks where the name does not say:
+//   H100 SXM / GH200   bf16 989.4 T   fp32 66.9 T      H100 PCIe  bf16 756.5 T  fp32 51.2 T
+//   H100 NVL           bf16 835.5 T   fp32 60.0 T      H200 (SXM) bf16 989.4 T  fp32 66.9 T
+//   H200 NVL           bf16 835.5 T   fp32 60.0 T      A100       bf16 312 T    fp32 19.5 T
+// fp32: the FMA units' rate (LibTorch's default matmul precision is "highest": no TF32).
+// 0 = not in the table.
+double known_gpu_peak_flops(const std::string& device_name, bool bf16);
+
 }  // namespace ptk::train

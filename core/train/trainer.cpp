@@ -21,13 +21,17 @@
 #include "core/optim/zero1.h"
 #include "core/optim/clip.h"
 #include "core/optim/schedule.h"
+#include "core/runtime/device.h"
+#include "core/runtime/device_memory.h"
 #include "core/runtime/log.h"
 #include "core/runtime/runtime.h"
 #include "core/train/checkpoint_dir.h"
+#include "core/train/device_peak.h"
 #include "core/train/peak_flops.h"
 #include "core/train/plot.h"
 #include "core/train/progress.h"
 #include "core/train/rerun.h"
+#include "core/train/rng_state.h"
 #include "core/train/run_folder.h"
 #include "core/train/stage_view.h"
 #include "core/train/tensorboard.h"
@@ -63,6 +67,64 @@ void check_same_on_all_ranks(parallel::Comm& comm, int64_t value, const std::str
 }
 
 int64_t hash_of(const std::string& s) { return static_cast<int64_t>(std::hash<std::string>{}(s) >> 2); }
+
+// The device scalars of one optimizer step — each micro-batch's loss, the stage's tensor metrics and
+// tensor ratios, the gradient norm — kept (detached) until read() copies them to the host as one
+// stacked float64 tensor: the step's only synchronisation with the device. The host then adds them
+// up exactly as it adds the stages' double metrics (so a CPU run logs the same bits as when every
+// value was read with .item() at once).
+class StepReads {
+ public:
+  void add_loss(const at::Tensor& loss) { losses_.push_back(scalar(loss, "the loss")); }
+  void add_metric(size_t index, const std::string& name, const at::Tensor& value) {
+    metrics_.push_back({index, 0, scalar(value, "tensor metric " + name)});
+  }
+  void add_ratio(size_t index, size_t micro_batch, const std::string& name, const at::Tensor& num,
+                 const at::Tensor& den) {
+    ratios_.push_back({index, micro_batch, scalar(num, "tensor ratio " + name + " (numerator)")});
+    ratios_.push_back({index, micro_batch, scalar(den, "tensor ratio " + name + " (denominator)")});
+  }
+  // Reads everything with `norm` (the gradient norm): loss_sum = the losses' sum, metrics added to
+  // sums/counts where finite, ratios into ratio_nd[index][2 * micro_batch (+ 1)].
+  void read(const at::Tensor& norm, double* loss_sum, double* norm_out, std::vector<std::pair<std::string, double>>* sums,
+            std::vector<int>* counts, std::vector<std::vector<double>>* ratio_nd) const {
+    const at::Device dev = losses_.empty() ? norm.device() : losses_.front().device();
+    std::vector<at::Tensor> parts{norm.detach().reshape({}).to(dev, at::kDouble)};
+    for (const auto& l : losses_) parts.push_back(l.to(dev, at::kDouble));
+    for (const auto& e : metrics_) parts.push_back(e.value.to(dev, at::kDouble));
+    for (const auto& e : ratios_) parts.push_back(e.value.to(dev, at::kDouble));
+    const at::Tensor host = at::stack(parts).to(at::kCPU);  // the one synchronisation of the step
+    const double* h = host.data_ptr<double>();
+    size_t at = 0;
+    *norm_out = h[at++];
+    for (size_t i = 0; i < losses_.size(); ++i) *loss_sum += h[at++];
+    for (const auto& e : metrics_) {
+      const double v = h[at++];
+      if (!std::isfinite(v)) continue;
+      (*sums)[e.index].second += v;
+      ++(*counts)[e.index];
+    }
+    for (size_t i = 0; i < ratios_.size(); i += 2) {
+      (*ratio_nd)[ratios_[i].index][2 * ratios_[i].micro_batch] = h[at++];
+      (*ratio_nd)[ratios_[i].index][2 * ratios_[i].micro_batch + 1] = h[at++];
+    }
+  }
+
+ private:
+  struct Entry {
+    size_t index, micro_batch;
+    at::Tensor value;
+  };
+  static at::Tensor scalar(const at::Tensor& t, const std::string& what) {
+    if (!t.defined() || t.numel() != 1)
+      throw Error("the stage's " + what + " is " + (t.defined() ? "a tensor of " + std::to_string(t.numel()) +
+                  " elements" : std::string("undefined")) + "; one value is expected\n---> HINT: reduce it to a "
+                  "0-dim tensor (.sum(), .mean()) in Stage::loss");
+    return t.detach().reshape({});
+  }
+  std::vector<at::Tensor> losses_;
+  std::vector<Entry> metrics_, ratios_;
+};
 
 }  // namespace
 
@@ -186,9 +248,20 @@ struct Trainer::Impl {
   }
 
   bool main() const { return comm.rank() == 0; }
+  // Where the parameters are (the first one's device; cpu without parameters).
+  at::Device device() const { return params.empty() ? at::Device(at::kCPU) : params.front().second.device(); }
   void check_memory() const {
-    if (!params.empty() && params.front().second.is_cuda() && opt.memory_budget_bytes <= 0) return;
     double budget = opt.memory_budget_bytes;
+    if (budget <= 0 && device().is_cuda()) {
+      // The device's free memory (with what LibTorch's cache holds unused) plus what the parameters
+      // already take there: the training state's weights are counted in the estimate below.
+      size_t free_bytes = 0, total = 0;
+      if (!runtime::cuda_free_memory(device().index(), &free_bytes, &total)) return;  // unknown: unchecked
+      double held = 0;
+      for (const auto& [name, p] : params)
+        if (p.device() == device()) held += static_cast<double>(p.numel()) * p.element_size();
+      budget = static_cast<double>(free_bytes) + held;
+    }
     if (budget <= 0) {
       long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
       int local = std::max(1, static_cast<int>(comm.world_size()));
@@ -250,14 +323,14 @@ struct Trainer::Impl {
     }
     tmp = comm.broadcast(tmp, 0);  // also: the folder exists now
     std::string ts = tmp + "/trainer_state";
-    at::Tensor rng = at::detail::getDefaultCPUGenerator().get_state();
+    const auto rng = rng_state(device());  // torch_cpu, and torch_cuda on a GPU
     if (zero1) checkpoint::write_safetensors(ts + "/" + rank_file("optimizer", ".safetensors"), zero1->state());
     if (!main()) {
-      checkpoint::write_safetensors(ts + "/" + rank_file("rng", ".safetensors"), {{"torch_cpu", rng}});
+      checkpoint::write_safetensors(ts + "/" + rank_file("rng", ".safetensors"), rng);
       write_file_atomic(ts + "/" + rank_file("cursor", ".json"), "{\"cursor\":" + stage.cursor_json() + "}\n");
     } else {
       if (!zero1) checkpoint::write_safetensors(ts + "/optimizer.safetensors", adamw->state());
-      checkpoint::write_safetensors(ts + "/rng.safetensors", {{"torch_cpu", rng}});
+      checkpoint::write_safetensors(ts + "/rng.safetensors", rng);
       rapidjson::StringBuffer buf;
       rapidjson::Writer<rapidjson::StringBuffer> w(buf);
       w.StartObject();
@@ -345,12 +418,8 @@ struct Trainer::Impl {
                   "from the original run");
       }
     }
-    auto rng = checkpoint::read_safetensors(rng_file);
-    at::Generator gen = at::detail::getDefaultCPUGenerator();  // a handle to the global generator
-    {
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      gen.set_state(rng.at("torch_cpu").clone());
-    }
+    const std::string rng_note = restore_rng_state(checkpoint::read_safetensors(rng_file), device(), rng_file);
+    if (!rng_note.empty() && main()) log::info(rng_note);
     step = state["step"].GetInt64();
     micro_batches_done = state["micro_batches_done"].GetInt64();
     tokens_seen = state["tokens_seen"].GetInt64();
@@ -458,10 +527,21 @@ int64_t Trainer::run() {
   const double flops_per_token = s.stage.flops_per_token();
   // MFU against a stable peak: the declared one, else the theoretical peak of this process's CPU
   // threads (never a timed matmul, which reads low on a loaded machine: peak_flops.h).
+  // On a CUDA device: its dense peak from the table by name, else a synced GEMM (device_peak.h).
   double peak = o.peak_flops;
-  if (peak <= 0 && flops_per_token > 0 && !(s.params.size() && s.params.front().second.is_cuda())) {
+  if (peak <= 0 && flops_per_token > 0) {
     const bool bf16 = !s.params.empty() && s.params.front().second.scalar_type() == at::kBFloat16;
-    peak = this_cpu_peak_flops(at::get_num_threads(), bf16).flops;
+    if (s.device().is_cuda()) {
+      const DevicePeak dp = cuda_peak_flops(s.device().index(), bf16);
+      peak = dp.flops;
+      if (main) {
+        char tf[64];
+        std::snprintf(tf, sizeof tf, "%.1f TFLOP/s", peak / 1e12);
+        log::info("MFU against " + dp.source + (peak > 0 ? std::string(": ") + tf : std::string(" (no MFU)")));
+      }
+    } else {
+      peak = this_cpu_peak_flops(at::get_num_threads(), bf16).flops;
+    }
   }
   if (comm.world_size() > 1) {  // the ranks' cores together; none when any rank lacks a peak
     const double lacking = comm.all_reduce(peak > 0 ? 0.0 : 1.0, parallel::ReduceOp::kSum);
@@ -501,41 +581,58 @@ int64_t Trainer::run() {
       n_targets = t[0].item<int64_t>();
       n_tokens = t[1].item<int64_t>();
     }
-    double loss_sum = 0;
+    // The loss, tensor metrics and tensor ratios stay on the device through the micro-batches and
+    // are read once per optimizer step, together with the gradient norm (StepReads).
+    StepReads reads;
     std::vector<std::pair<std::string, double>> sums;
     std::vector<int> counts;
     std::vector<std::string> ratio_keys;
     std::vector<std::vector<double>> ratio_nd;  // per key: num, den per micro-batch
+    auto metric_index = [&](const std::string& key) {
+      size_t i = 0;
+      while (i < sums.size() && sums[i].first != key) ++i;
+      if (i == sums.size()) {
+        sums.emplace_back(key, 0.0);
+        counts.push_back(0);
+      }
+      return i;
+    };
+    auto ratio_index = [&](const std::string& name) {
+      size_t i = 0;
+      while (i < ratio_keys.size() && ratio_keys[i] != name) ++i;
+      if (i == ratio_keys.size()) {
+        ratio_keys.push_back(name);
+        ratio_nd.emplace_back(2 * mbs.size(), 0.0);
+      }
+      return i;
+    };
     for (size_t k = 0; k < mbs.size(); ++k) {
       const bool last_mb = k + 1 == mbs.size();
       LossOut out = s.stage.loss(mbs[k], static_cast<double>(std::max<int64_t>(n_targets, 1)));
       if (last_mb && s.grad_sync) s.grad_sync->arm();  // earlier micro-batches accumulate locally
       out.loss.backward();
       if (last_mb && s.grad_sync) s.grad_sync->finish();
-      loss_sum += out.loss.item<double>();
+      reads.add_loss(out.loss);
       for (auto& [key, v] : out.metrics.values()) {
-        size_t i = 0;
-        while (i < sums.size() && sums[i].first != key) ++i;
-        if (i == sums.size()) {
-          sums.emplace_back(key, 0.0);
-          counts.push_back(0);
-        }
+        size_t i = metric_index(key);
         if (std::isfinite(v)) {
           sums[i].second += v;
           ++counts[i];
         }
       }
+      for (auto& [key, t] : out.tensor_metrics) reads.add_metric(metric_index(key), key, t);
       for (auto& r : out.ratios) {
-        size_t i = 0;
-        while (i < ratio_keys.size() && ratio_keys[i] != r.name) ++i;
-        if (i == ratio_keys.size()) {
-          ratio_keys.push_back(r.name);
-          ratio_nd.emplace_back(2 * mbs.size(), 0.0);
-        }
+        size_t i = ratio_index(r.name);
         ratio_nd[i][2 * k] = r.num;
         ratio_nd[i][2 * k + 1] = r.den;
       }
+      for (auto& r : out.tensor_ratios) reads.add_ratio(ratio_index(r.name), k, r.name, r.num, r.den);
     }
+    // Clipping before the read: the norm joins the one copy to the host of this step, and the NaN
+    // guard decides on it (the same on every rank: the gradients are summed) before AdamW runs.
+    at::Tensor norm_t = optim::clip_grad_norm_tensor(param_tensors, o.clip_grad_norm);
+    double loss_sum = 0, norm = 0;
+    reads.read(norm_t, &loss_sum, &norm, &sums, &counts, &ratio_nd);
     // Metrics over ranks (docs/FORMULAS.md section 0): the loss and counts summed, plain metrics averaged
     // over every (rank, micro-batch) value, ratios as sum(num) / sum(den) per micro-batch.
     if (comm.world_size() > 1) {
@@ -561,7 +658,6 @@ int64_t Trainer::run() {
         for (auto& x : ratio_nd[i]) x = v[at++];
     }
     double lr = s.schedule.lr_at(s.step);
-    double norm = optim::clip_grad_norm(param_tensors, o.clip_grad_norm);
     bool ok = s.guard.check(norm, s.step + 1);  // the same on every rank: the gradients are
     if (ok) s.optimizer_step(lr);
     s.zero_grad();
@@ -573,6 +669,13 @@ int64_t Trainer::run() {
     m.add("tokens_per_s", n_tokens / dt);
     if (flops_per_token > 0 && peak > 0) m.add("mfu", flops_per_token * n_tokens / dt / peak);
     m.add("step_time_s", dt).add("peak_rss_bytes", static_cast<double>(runtime::peak_rss_bytes()));
+    runtime::CudaMemoryStats mem;
+    if (s.device().is_cuda() && runtime::cuda_memory_stats(s.device().index(), &mem, /*reset_peak=*/true)) {
+      // The caching allocator since the previous step's line (its peaks are reset after each read).
+      constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+      m.add("memory/allocated_gib", mem.allocated / kGiB).add("memory/reserved_gib", mem.reserved / kGiB);
+      m.add("memory/peak_allocated_gib", mem.peak_allocated / kGiB).add("memory/peak_reserved_gib", mem.peak_reserved / kGiB);
+    }
     m.add("num_tokens", static_cast<double>(s.tokens_seen));
     m.add("epoch", static_cast<double>(s.micro_batches_done) / mbpe);
     if (!ok) m.add("skipped_step", 1);

@@ -31,10 +31,21 @@ struct Ratio {
   double num = 0, den = 0;
 };
 
+// A Ratio whose numerator and denominator are 0-dim tensors on the model's device (read by the loop
+// once per optimizer step, with the loss and the gradient norm: no host synchronisation per micro-batch).
+struct TensorRatio {
+  std::string name;
+  at::Tensor num, den;
+};
+
 struct LossOut {
   at::Tensor loss;  // scalar, already divided by the step's N: the loop calls backward() on it
   Metrics metrics;  // per-micro-batch values; logged: their mean over the step's micro-batches and ranks
   std::vector<Ratio> ratios;  // per micro-batch sum(num)/sum(den) over ranks, then the mean over micro-batches
+  // Per-micro-batch values as 0-dim tensors (any dtype, on the model's device), logged exactly like
+  // `metrics` (mean of the finite values over micro-batches and ranks; a name may appear in both).
+  std::vector<std::pair<std::string, at::Tensor>> tensor_metrics;
+  std::vector<TensorRatio> tensor_ratios;  // as `ratios`
 };
 
 class Stage {
@@ -78,14 +89,16 @@ struct TrainerOptions {
   // Checkpoints
   int64_t checkpoint_every = 0, keep_last = 2;
   // Peak FLOP/s MFU is computed against; 0 = the theoretical peak of this process's CPU threads
-  // (core/train/peak_flops.h), or no MFU when that is unknown or the parameters are on a GPU.
+  // (core/train/peak_flops.h) or, with the parameters on a CUDA device, that device's dense peak
+  // (core/train/device_peak.h); no MFU when that is unknown.
   double peak_flops = 0;
   // TensorBoard event files in run_dir/tb (core/train/tensorboard.h), one per process start.
   bool tensorboard = true;
   int max_bad_steps = 5;  // NaN guard
   // Memory one rank may use for weights, gradients and optimizer state; a model whose estimate
   // exceeds it is refused before training starts (14B-72B need sharding beyond ZeRO-1). 0 = this
-  // machine's physical memory divided by the local ranks (CPU); unchecked on CUDA devices.
+  // machine's physical memory divided by the local ranks (CPU), or the CUDA device's free memory plus
+  // what the parameters already hold there (unchecked when that cannot be read).
   double memory_budget_bytes = 0;
   // The stage's name ("sft", "dpo", "rm", "grpo"): it picks the metrics of the progress line, the eval
   // lines, the end-of-run summary and report.md (core/train/stage_view.h).

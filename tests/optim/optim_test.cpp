@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <map>
 
 #include "core/optim/adamw.h"
 #include "core/optim/clip.h"
@@ -412,6 +413,176 @@ TEST(Clip, GlobalNormLikeTorch) {
   b.mutable_grad() = torch::tensor({0.4f});
   EXPECT_NEAR(clip_grad_norm({a, b}, 1.0), 0.5, 1e-7);
   EXPECT_FLOAT_EQ(a.grad()[0].item<float>(), 0.3f);
+}
+
+// The path step() takes is a function of the device: the fused one-pass kernel on the CPU, ATen's
+// fused multi-tensor kernel (torch.optim.AdamW(fused=True)) on CUDA, the reference ops elsewhere.
+TEST(AdamW, PathChosenByDevice) {
+  EXPECT_EQ(adamw_path_for(at::Device(at::kCPU)), AdamWPath::kCpuFused);
+  EXPECT_EQ(adamw_path_for(at::Device(at::kCUDA, 0)), AdamWPath::kMultiTensor);
+  EXPECT_EQ(adamw_path_for(at::Device(at::kCUDA, 3)), AdamWPath::kMultiTensor);
+  EXPECT_EQ(adamw_path_for(at::Device(at::kMeta)), AdamWPath::kReference);
+  EXPECT_STREQ(adamw_path_name(AdamWPath::kMultiTensor), "multi_tensor");
+  auto p = torch::zeros({3}).set_requires_grad(true);
+  AdamW a({{"w", p}}, AdamWOptions{});
+  EXPECT_EQ(a.path(), AdamWPath::kCpuFused);
+  a.set_fused(false);
+  EXPECT_EQ(a.path(), AdamWPath::kReference);
+  a.set_fused(true);
+  EXPECT_EQ(a.path(), AdamWPath::kCpuFused);
+  EXPECT_EQ(norm_path_for(at::Device(at::kCPU)), NormPath::kCpuOrdered);
+  EXPECT_EQ(norm_path_for(at::Device(at::kCUDA, 0)), NormPath::kForeach);
+}
+
+// Runs `steps` AdamW steps over a decay weight, a no-decay bias and norm, and a weight that gets no
+// gradient on odd steps, on the given path and dtype; returns the fp32 weights (the masters for bf16)
+// then the moments, by name.
+std::map<std::string, at::Tensor> run_paths(AdamWPath path, at::ScalarType dtype, int steps,
+                                            std::map<std::string, at::Tensor>* params_out = nullptr,
+                                            double cast_chunk_bytes = 512.0 * (1 << 20)) {
+  torch::manual_seed(11);
+  const std::vector<std::pair<std::string, std::vector<int64_t>>> shapes = {
+      {"layers.0.mlp.up_proj.weight", {37, 19}}, {"layers.0.self_attn.q_proj.bias", {37}},
+      {"layers.0.input_layernorm.weight", {19}}, {"lm_head.weight", {23, 19}}};
+  NamedTensors params;
+  std::vector<at::Tensor> inits;
+  for (auto& [n, shape] : shapes) {
+    auto w = torch::randn(shape).to(torch::kBFloat16).to(torch::kFloat32);  // bf16-exact start
+    params.emplace_back(n, w.to(dtype).set_requires_grad(true));
+  }
+  AdamW opt(params, AdamWOptions{0.9, 0.95, 1e-8, 0.1, false});
+  opt.set_path(path);
+  opt.set_cast_chunk_bytes(cast_chunk_bytes);
+  for (int step = 0; step < steps; ++step) {
+    const double scale = step % 3 == 0 ? 1.0 : step % 3 == 1 ? 1e-2 : 5.0;
+    for (size_t i = 0; i < params.size(); ++i) {
+      auto g = (torch::randn(params[i].second.sizes()) * scale).to(dtype);
+      if (i == 3 && step % 2 == 1) params[i].second.mutable_grad().reset();  // no gradient: skipped
+      else params[i].second.mutable_grad() = g;
+    }
+    opt.step(step < 2 ? 1e-2 : 3e-3);
+  }
+  std::map<std::string, at::Tensor> out;
+  for (auto& [n, t] : opt.state()) out[n] = t.clone();
+  for (auto& [n, p] : params) {
+    if (dtype == torch::kFloat32) out["w." + n] = p.detach().clone();
+    if (params_out) (*params_out)[n] = p.detach().clone();
+  }
+  return out;
+}
+
+// ATen's fused multi-tensor AdamW (the CUDA path) run through its CPU kernel equals the reference
+// ops and ptk's one-pass CPU kernel within fp32 rounding, for fp32 parameters: weights and moments
+// of every tensor, decay and no-decay groups, a parameter without a gradient on some steps. A decay
+// applied to the wrong group would move those weights by lr·wd·|w| ~ 1e-3 a step; the bound is 2e-6.
+TEST(AdamW, MultiTensorEqualsReferenceAndCpuKernelFp32) {
+  auto multi = run_paths(AdamWPath::kMultiTensor, torch::kFloat32, 7);
+  auto ref = run_paths(AdamWPath::kReference, torch::kFloat32, 7);
+  auto cpu = run_paths(AdamWPath::kCpuFused, torch::kFloat32, 7);
+  auto start = run_paths(AdamWPath::kReference, torch::kFloat32, 0);
+  ASSERT_EQ(multi.size(), ref.size());
+  for (auto& [n, t] : ref) {
+    ASSERT_TRUE(multi.count(n)) << n;
+    auto rel = [&](const at::Tensor& a) { return ((a - t).abs() / t.abs().clamp_min(1.0)).max().item<double>(); };
+    EXPECT_LT(rel(multi[n]), 2e-6) << n << " multi-tensor vs reference";
+    EXPECT_LT(rel(cpu[n]), 2e-6) << n << " one-pass CPU kernel vs reference";
+  }
+  for (auto& [n, t] : start) {
+    if (n.rfind("w.", 0) != 0) continue;
+    EXPECT_GT((ref[n] - t).abs().mean().item<double>(), 5e-3) << n << " barely moved: the comparison proves nothing";
+  }
+}
+
+// bf16 parameters: the multi-tensor path updates the fp32 masters (gradients cast to fp32), then
+// refreshes the bf16 parameters from them: masters and moments equal the reference path's within
+// fp32 rounding, and each bf16 parameter is exactly its master rounded.
+TEST(AdamW, MultiTensorBf16MasterEqualsReference) {
+  std::map<std::string, at::Tensor> pm, pr;
+  auto multi = run_paths(AdamWPath::kMultiTensor, torch::kBFloat16, 7, &pm);
+  auto ref = run_paths(AdamWPath::kReference, torch::kBFloat16, 7, &pr);
+  int masters = 0;
+  for (auto& [n, t] : ref) {
+    ASSERT_TRUE(multi.count(n)) << n;
+    EXPECT_EQ(multi[n].scalar_type(), torch::kFloat32) << n;
+    EXPECT_LT(((multi[n] - t).abs() / t.abs().clamp_min(1.0)).max().item<double>(), 2e-6) << n;
+    masters += n.rfind("master.", 0) == 0;
+  }
+  EXPECT_EQ(masters, 4);
+  for (auto& [n, p] : pm) {
+    EXPECT_EQ(p.scalar_type(), torch::kBFloat16) << n;
+    EXPECT_TRUE(torch::equal(p, multi["master." + n].to(torch::kBFloat16))) << n << " is not its master rounded";
+  }
+  // One call per tensor (the fp32 copies of bf16 gradients cut into chunks): the same bits.
+  std::map<std::string, at::Tensor> pc;
+  auto chunked = run_paths(AdamWPath::kMultiTensor, torch::kBFloat16, 7, &pc, /*cast_chunk_bytes=*/1);
+  for (auto& [n, t] : multi) EXPECT_TRUE(torch::equal(chunked[n], t)) << n << " chunked";
+  for (auto& [n, p] : pm) EXPECT_TRUE(torch::equal(pc[n], p)) << n << " chunked";
+}
+
+// The old clip_grad_norm: per-tensor fp32 norms, squares summed in fp32 in order, root in fp64.
+double old_grad_norm(const std::vector<at::Tensor>& params) {
+  at::Tensor total;
+  for (const auto& p : params) {
+    if (!p.grad().defined()) continue;
+    const at::Tensor& g = p.grad();
+    at::Tensor n = (g.is_sparse() ? g.coalesce().values() : g).to(torch::kFloat32).norm(2);
+    total = total.defined() ? total + n * n : n * n;
+  }
+  return total.defined() ? std::sqrt(total.item<double>()) : 0.0;
+}
+
+std::vector<at::Tensor> clip_params(uint64_t seed, double scale) {
+  torch::manual_seed(seed);
+  std::vector<at::Tensor> ps;
+  for (auto shape : std::vector<std::vector<int64_t>>{{300, 17}, {17}, {5, 4, 3}, {1}, {4096}}) {
+    auto p = torch::zeros(shape).set_requires_grad(true);
+    p.mutable_grad() = torch::randn(shape) * scale;
+    ps.push_back(p);
+  }
+  auto bf = torch::zeros({33}, torch::kBFloat16).set_requires_grad(true);
+  bf.mutable_grad() = (torch::randn({33}) * scale).to(torch::kBFloat16);
+  ps.push_back(bf);
+  ps.push_back(torch::zeros({2}).set_requires_grad(true));  // no gradient
+  return ps;
+}
+
+// On the CPU the _foreach-based norm and clip give today's bits: the norm equals the old per-tensor
+// formula exactly, and the clipped gradients equal g * float(max_norm / (norm + 1e-6)) exactly;
+// below the limit the gradients are untouched. The kForeach path (what CUDA runs: the norm of the
+// norms, a device-scalar multiply) agrees within fp32 rounding.
+TEST(Clip, ForeachNormBitIdenticalOnCpuAndForeachPathWithinRounding) {
+  for (double scale : {0.01, 1.0, 30.0}) {
+    auto a = clip_params(5, scale), b = clip_params(5, scale), before = clip_params(5, scale);
+    const double old = old_grad_norm(a);
+    at::Tensor na = clip_grad_norm_tensor(a, 1.0);
+    EXPECT_EQ(na.scalar_type(), at::kDouble);
+    EXPECT_EQ(na.item<double>(), old) << "scale " << scale;
+    at::Tensor nb = clip_grad_norm_tensor(b, 1.0, NormPath::kForeach);
+    EXPECT_EQ(nb.dim(), 0);
+    EXPECT_NEAR(nb.item<double>(), old, 2e-6 * old) << "scale " << scale;
+    const double coef = 1.0 / (old + 1e-6);
+    for (size_t i = 0; i < a.size(); ++i) {
+      if (!a[i].grad().defined()) continue;
+      at::Tensor want = coef < 1.0 ? before[i].grad().mul(coef) : before[i].grad();
+      EXPECT_TRUE(torch::equal(a[i].grad(), want)) << "tensor " << i << " scale " << scale;
+      const double d = (b[i].grad().to(torch::kFloat32) - want.to(torch::kFloat32)).abs().max().item<double>();
+      const double tol = (a[i].grad().scalar_type() == torch::kBFloat16 ? 8e-3 : 2e-6) *
+                         std::max(1.0, want.to(torch::kFloat32).abs().max().item<double>());
+      EXPECT_LE(d, tol) << "foreach path, tensor " << i << " scale " << scale;
+    }
+  }
+}
+
+// A non-finite norm leaves the gradients as they are on both paths (the NaN guard skips the step).
+TEST(Clip, NonFiniteNormLeavesGradientsAlone) {
+  for (NormPath path : {NormPath::kCpuOrdered, NormPath::kForeach}) {
+    auto a = clip_params(6, 10.0), before = clip_params(6, 10.0);
+    a[2].mutable_grad()[1][2][0] = NAN;
+    before[2].mutable_grad()[1][2][0] = NAN;
+    EXPECT_TRUE(std::isnan(clip_grad_norm_tensor(a, 1.0, path).item<double>()));
+    for (size_t i = 0; i < a.size(); ++i)
+      if (a[i].grad().defined()) EXPECT_TRUE(torch::equal(a[i].grad().nan_to_num(), before[i].grad().nan_to_num())) << i;
+  }
 }
 
 TEST(NanGuard, SkipsThenStops) {

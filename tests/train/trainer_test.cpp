@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <filesystem>
 #include <random>
+#include <sstream>
 
+#include "core/checkpoint/checkpoint.h"
 #include "core/model/qwen2.h"
 #include "core/train/checkpoint_dir.h"
 #include "core/train/trainer.h"
@@ -297,6 +299,141 @@ TEST(Trainer, CheckpointAtTheLastStepWritesFinalWithoutTraining) {
   Trainer t(stage, fresh);
   ASSERT_EQ(t.run(), 2);
   EXPECT_EQ(json::parse_file(o.run_dir + "/finished.json")["step"].GetInt64(), 2);
+}
+
+}  // namespace
+}  // namespace ptk::train
+
+namespace ptk::train {
+namespace {
+
+// TinyLmStage with its metrics handed over as device tensors (LossOut::tensor_metrics and
+// tensor_ratios: no .item() in Stage::loss), and optionally a NaN loss on one micro-batch.
+class TensorMetricsStage : public TinyLmStage {
+ public:
+  using TinyLmStage::TinyLmStage;
+  int64_t nan_at = -1;  // this micro-batch (0-based, this stage's count) gets a NaN loss
+  LossOut loss(const MicroBatch& mb, double n) override {
+    auto& b = *static_cast<Batch*>(mb.data.get());
+    model::ForwardInput in;
+    in.input_ids = b.ids;
+    in.attention_mask = b.mask;
+    auto logits = model_.forward(in).logits;
+    auto lp = torch::log_softmax(logits.slice(1, 0, -1), -1);
+    auto tgt = b.labels.slice(1, 1);
+    auto valid = tgt.ne(-100);
+    auto nll = -lp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1);
+    LossOut out;
+    out.loss = (nll * valid).sum() / n;
+    if (calls_++ == nan_at) out.loss = out.loss * std::nan("");
+    out.tensor_ratios.push_back({"mean_token_accuracy", (lp.argmax(-1).eq(tgt) & valid).sum(), valid.sum()});
+    out.tensor_metrics.emplace_back("rank_local_targets", at::scalar_tensor(static_cast<double>(mb.targets)));
+    return out;
+  }
+
+ private:
+  int64_t calls_ = 0;
+};
+
+// metrics.jsonl without the keys that time the run.
+std::vector<std::string> untimed_metrics(const std::string& run_dir) {
+  std::vector<std::string> out;
+  std::istringstream in(read_file(run_dir + "/metrics.jsonl"));
+  std::string line;
+  while (std::getline(in, line)) {
+    auto d = json::parse(line, "metrics");
+    for (const char* k : {"tokens_per_s", "mfu", "step_time_s", "peak_rss_bytes"}) d.RemoveMember(k);
+    out.push_back(json::to_string(d));
+  }
+  return out;
+}
+
+// The step loop reads the loss, the stage's tensor metrics and ratios and the gradient norm once per
+// optimizer step; metrics.jsonl is the same, value for value, as when a stage reads its metrics with
+// .item() per micro-batch (TinyLmStage), and so are the trained weights.
+TEST(Trainer, TensorMetricsLogTheSameAsDoubles) {
+  at::set_num_threads(1);
+  test::TempDir d;
+  auto oa = options(d.file("doubles")), ob = options(d.file("tensors"));
+  for (auto* o : {&oa, &ob}) {
+    o->epochs = 2;
+    o->grad_accum = 3;
+  }
+  TinyLmStage a(24, 2, 7);
+  TensorMetricsStage b(24, 2, 7);
+  Trainer(a, oa).run();
+  Trainer(b, ob).run();
+  auto ma = untimed_metrics(oa.run_dir), mb = untimed_metrics(ob.run_dir);
+  ASSERT_EQ(ma.size(), 8u);
+  EXPECT_EQ(ma, mb);
+  EXPECT_NE(ma.front().find("\"mean_token_accuracy\""), std::string::npos) << ma.front();
+  auto pa = a.parameters(), pb = b.parameters();
+  for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(torch::equal(pa[i].second, pb[i].second)) << pa[i].first;
+}
+
+// A micro-batch with a NaN loss makes the step's gradient norm NaN: the guard, deciding on the
+// step's one read, skips that optimizer step (logged as skipped_step, grad_norm null) and the run
+// goes on; the other steps update the weights.
+TEST(Trainer, NanGuardSkipsTheBadStep) {
+  at::set_num_threads(1);
+  test::TempDir d;
+  auto o = options(d.file("run"));
+  o.max_steps = 4;
+  o.grad_accum = 2;
+  TensorMetricsStage stage(32, 2, 3);
+  stage.nan_at = 3;  // step 2's second micro-batch
+  Trainer t(stage, o);
+  EXPECT_EQ(t.run(), 4);
+  EXPECT_EQ(t.optimizer().steps(), 3);
+  std::istringstream in(read_file(o.run_dir + "/metrics.jsonl"));
+  std::string line;
+  int step = 0;
+  while (std::getline(in, line)) {
+    ++step;
+    auto m = json::parse(line, "metrics");
+    EXPECT_EQ(m.HasMember("skipped_step"), step == 2) << line;
+    EXPECT_EQ(m["grad_norm"].IsNull(), step == 2) << line;
+  }
+  EXPECT_EQ(step, 4);
+  for (auto& [n, p] : stage.parameters()) EXPECT_TRUE(torch::isfinite(p).all().item<bool>()) << n;
+}
+
+// Checkpoints keep "torch_cpu" (and "torch_cuda" on a GPU) in rng.safetensors. A checkpoint whose
+// rng.safetensors also holds a torch_cuda state (written on a GPU) resumes on the CPU bit for bit, as
+// does one without it (written on the CPU or by an older ptk).
+TEST(Trainer, ResumesWithAndWithoutCudaGeneratorState) {
+  at::set_num_threads(1);
+  test::TempDir d;
+  auto o = options(d.file("run"));
+  o.max_steps = 6;
+  o.checkpoint_every = 3;
+  std::vector<double> full;
+  {
+    TinyLmStage s(24, 2, 9);
+    Trainer(s, o).run();
+    full = losses(o.run_dir);
+  }
+  const std::string rng_file = o.run_dir + "/checkpoints/step-3/trainer_state/rng.safetensors";
+  at::Tensor cpu_state;
+  {
+    auto saved = checkpoint::read_safetensors(rng_file);  // maps the file: copy before rewriting it
+    ASSERT_EQ(saved.size(), 1u);
+    ASSERT_TRUE(saved.count("torch_cpu"));
+    cpu_state = saved.at("torch_cpu").clone();
+  }
+  for (bool with_cuda : {false, true}) {
+    if (with_cuda) {
+      // What a GPU run writes: the CUDA generator's 16 bytes (seed and offset) beside the CPU's.
+      checkpoint::write_safetensors(rng_file, {{"torch_cpu", cpu_state},
+                                               {"torch_cuda", at::zeros({16}, at::kByte)}});
+    }
+    std::filesystem::remove_all(o.run_dir + "/checkpoints/step-6");
+    std::filesystem::remove_all(o.run_dir + "/final");
+    TinyLmStage r(24, 2, 9);
+    Trainer t(r, o);
+    EXPECT_EQ(t.run(), 3) << "with torch_cuda: " << with_cuda;
+    EXPECT_EQ(losses(o.run_dir), full) << "with torch_cuda: " << with_cuda;
+  }
 }
 
 }  // namespace
