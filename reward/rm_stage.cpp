@@ -12,6 +12,7 @@
 #include "core/runtime/log.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/train/from_recipe.h"
+#include "core/train/stage_setup.h"
 #include "core/train/trainer.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
@@ -53,12 +54,14 @@ std::pair<at::Tensor, at::Tensor> pad_rows(const std::vector<std::vector<int64_t
 }
 
 at::Tensor score_rows(const model::Qwen2Model& model, const at::Tensor& ids, const at::Tensor& lengths,
-                      int64_t pad_id, bool checkpointed) {
+                      std::optional<int64_t> pad_id, bool checkpointed,
+                      const std::vector<std::pair<int64_t, int64_t>>& row_spans) {
   const int64_t T = ids.size(1);
-  at::Tensor pos = torch::arange(T, torch::kInt64).unsqueeze(0);  // (1, T)
+  at::Tensor pos = torch::arange(T, ids.options().dtype(torch::kInt64)).unsqueeze(0);  // (1, T)
   model::ForwardInput in;
   in.input_ids = ids;
-  in.attention_mask = pos.lt(lengths.unsqueeze(1)).to(torch::kInt64);  // (R, T)
+  in.attention_mask = pos.lt(lengths.to(ids.device()).unsqueeze(1)).to(torch::kInt64);  // (R, T)
+  in.row_spans = row_spans;
   model::ForwardOptions fo;
   fo.logits = false;
   fo.activation_checkpointing = checkpointed;
@@ -71,9 +74,11 @@ at::Tensor score_rows(const model::Qwen2Model& model, const at::Tensor& ids, con
 namespace {
 
 struct Batch {
-  at::Tensor ids, lengths;  // (2P, T), (2P): P chosen rows then P rejected rows
+  at::Tensor ids, lengths;  // (2P, T), (2P): P chosen rows then P rejected rows, on the model's device
   at::Tensor margin;        // (P) or undefined
   int64_t pairs = 0;
+  std::vector<int64_t> host_lengths;                   // (2P) the lengths, host-side
+  std::vector<std::pair<int64_t, int64_t>> row_spans;  // (2P) {0, length}: ForwardInput::row_spans
 };
 
 // (source, line) -> margin for the records that carry the margin column.
@@ -105,7 +110,8 @@ MarginMap read_margins(const data::PreparedSet& set, const std::string& column) 
   return out;
 }
 
-std::shared_ptr<Batch> make_batch(const std::vector<data::PairView>& pairs, int64_t pad_id, const MarginMap& margins) {
+std::shared_ptr<Batch> make_batch(const std::vector<data::PairView>& pairs, int64_t pad_id, const MarginMap& margins,
+                                  const at::Device& device) {
   auto b = std::make_shared<Batch>();
   b->pairs = static_cast<int64_t>(pairs.size());
   std::vector<std::vector<int64_t>> rows;
@@ -118,77 +124,43 @@ std::shared_ptr<Batch> make_batch(const std::vector<data::PairView>& pairs, int6
     }
   }
   std::tie(b->ids, b->lengths) = pad_rows(rows, pad_id);
+  for (const auto& r : rows) b->host_lengths.push_back(static_cast<int64_t>(r.size()));
+  b->row_spans = train::right_padded_spans(b->host_lengths);
+  b->ids = train::to_device(b->ids, device);
+  b->lengths = train::to_device(b->lengths, device);
   if (!margins.empty()) {
     std::vector<double> m;
     for (const auto& p : pairs) {
       auto it = margins.find({p.source, p.line});
       m.push_back(it == margins.end() ? 0.0 : it->second);
     }
-    b->margin = torch::tensor(m, torch::kFloat);
+    b->margin = train::to_device(torch::tensor(m, torch::kFloat), device);
   }
   return b;
 }
 
-class RmStage : public train::Stage {
+class RmStage : public train::TypedStage<Batch> {
  public:
   // With several ranks (`comm`), rank 0 prepares the data while the others wait; the run folder
   // must be on a filesystem every rank sees, as for checkpoints.
   RmStage(RmRecipe& r, const std::string& run_dir, parallel::Comm comm) : r_(r), comm_(std::move(comm)) {
-    tok_path_ = !r.tokenizer.path.empty() ? r.tokenizer.path : r.model.path;
-    if (tok_path_.empty())
-      throw Error("no tokenizer: set tokenizer.path (a folder with tokenizer.json, or the file) or model.path");
-    tok_dir_ = path_exists(tok_path_ + "/tokenizer.json") ? tok_path_ : parent_dir(tok_path_);
-    auto tok = tokenizer::Tokenizer::load(tok_path_, tokenizer::chat_load_options(r.tokenizer.chat_template, r.tokenizer.chat_template_kwargs));
-    if (tok.chat_template_overridden()) chat_template_ = tok.chat_template_source();
+    p_ = train::load_policy(r, train::run_device(r), "an SFT HF folder");
     // TRL: config.pad_token_id from the tokenizer, falling back to EOS.
-    pad_id_ = tok.pad_id() >= 0 ? tok.pad_id() : tok.eos_id();
-    if (pad_id_ < 0) throw Error("the tokenizer at " + tok_path_ + " names neither a pad nor an EOS token; score pooling needs one");
-    model_ = train::load_model(r.model, r.run.seed, "an SFT HF folder");
-    if (!model_.has_score_head()) {
-      model_.add_score_head(static_cast<uint64_t>(r.run.seed) + 1, pad_id_);
-    } else if (model_.config().pad_token_id && *model_.config().pad_token_id != pad_id_) {
-      pad_id_ = *model_.config().pad_token_id;  // a reward model keeps the pooling it was trained with
+    if (p_.pad_id < 0) throw Error("the tokenizer at " + p_.tok_path + " names neither a pad nor an EOS token; score pooling needs one");
+    pad_id_ = p_.pad_id;
+    if (!p_.model.has_score_head()) {
+      p_.model.add_score_head(static_cast<uint64_t>(r.run.seed) + 1, pad_id_);
+    } else if (p_.model.config().pad_token_id && *p_.model.config().pad_token_id != pad_id_) {
+      pad_id_ = *p_.model.config().pad_token_id;  // a reward model keeps the pooling it was trained with
     }
-    if (static_cast<int64_t>(tok.vocab_size()) > model_.config().vocab_size)
-      throw Error("the tokenizer at " + tok_path_ + " has " + std::to_string(tok.vocab_size()) +
-                  " ids but the model's vocab_size is " + std::to_string(model_.config().vocab_size) +
-                  "\n---> HINT: the model and tokenizer do not belong together; check model.path / tokenizer.path");
-    model_.set_requires_grad(true);
-    if (r.data.train.empty()) throw Error("data.train is empty: name the preference JSONL files");
-    auto popt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kPreference);
-    popt.tokenizer_path = tok_path_;
-    popt.overlong = "drop";  // TRL's RewardTrainer drops pairs over max_length rather than cutting them
-    std::string train_dir = data::prepared_dir(run_dir, "train"), eval_dir = data::prepared_dir(run_dir, "eval");
-    data::PrepareOptions eopt;
-    if (data::has_eval_data(r.data)) {
-      eopt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kPreference, true);
-      eopt.tokenizer_path = tok_path_;
-      eopt.overlong = "drop";
-    }
-    if (comm_.rank() == 0) {
-      data::ensure_prepared(popt, train_dir);
-      if (data::has_eval_data(r.data)) data::ensure_prepared(eopt, eval_dir);
-    }
-    comm_.barrier();
-    train_ = std::make_unique<data::PreparedSet>(data::PreparedSet::open(train_dir));
-    train_margins_ = read_margins(*train_, r.rm.margin_column);
-    data::LoaderOptions lo;
-    lo.micro_batch_size = r.train.micro_batch_size;
-    lo.seed = static_cast<uint64_t>(r.run.seed);
-    loader_ = std::make_unique<data::Loader>(*train_, lo);
-    if (data::has_eval_data(r.data)) {
-      eval_ = std::make_unique<data::PreparedSet>(data::PreparedSet::open(eval_dir));
-      eval_margins_ = read_margins(*eval_, r.rm.margin_column);
-    }
+    p_.model.set_requires_grad(true);
+    // TRL's RewardTrainer drops pairs over max_length rather than cutting them.
+    splits_ = train::open_splits(r, run_dir, data::Format::kPreference, p_.tok_path, comm_, "preference JSONL files",
+                                 [](data::PrepareOptions& o) { o.overlong = "drop"; });
+    train_margins_ = read_margins(*splits_.train, r.rm.margin_column);
+    if (splits_.eval) eval_margins_ = read_margins(*splits_.eval, r.rm.margin_column);
     if (r.rm.center_rewards_coefficient > 0) loss_opt_.center_rewards_coefficient = r.rm.center_rewards_coefficient;
-    const auto& c = model_.config();
-    int64_t n_params = 0;
-    // MFU counts the decoder's matmuls: not the embedding (a lookup) nor the output layer, which
-    // ptk projects for target tokens only (Qwen2.5-0.5B: 136M of 494M parameters, 1.38x too many FLOPs).
-    for (auto& [n, t] : model_.named_parameters())
-      if (n.find("embed_tokens") == std::string::npos && n.find("lm_head") == std::string::npos) n_params += t.numel();
-    flops_per_token_ = 6.0 * n_params + 6.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim *
-                                            static_cast<double>(r.data.max_seq_len) / 2.0;
+    flops_per_token_ = train::decoder_flops_per_token(p_.model, r.data.max_seq_len);
   }
 
   // Each rank reads its share of every global micro-batch (datasets/loader.h): W ranks x B pairs see
@@ -197,54 +169,58 @@ class RmStage : public train::Stage {
     PTK_CHECK(rank == comm_.rank() && world_size == comm_.world_size(),
               "RmStage::set_rank: the stage was built for rank " + std::to_string(comm_.rank()) + " of " +
                   std::to_string(comm_.world_size()) + "; pass the Trainer's comm to the RmStage constructor");
-    data::LoaderOptions lo = loader_->options();
-    lo.rank = rank;
-    lo.world_size = world_size;
-    loader_ = std::make_unique<data::Loader>(*train_, lo);
+    train::set_loader_rank(splits_, rank, world_size);
   }
-  optim::NamedTensors parameters() override { return model_.named_parameters(); }
-  int64_t micro_batches_per_epoch() const override { return loader_->batches_per_epoch(); }
-  train::MicroBatch next_micro_batch() override {
-    auto b = make_batch(data::make_preference_batch(*train_, loader_->next_rows()), pad_id_, train_margins_);
-    return {b, b->pairs, b->lengths.sum().item<int64_t>()};
+  optim::NamedTensors parameters() override { return p_.model.named_parameters(); }
+  int64_t micro_batches_per_epoch() const override { return splits_.loader->batches_per_epoch(); }
+  Batch next_batch(int64_t* targets, int64_t* tokens) override {
+    auto b = make_batch(data::make_preference_batch(*splits_.train, splits_.loader->next_rows()), pad_id_, train_margins_,
+                        p_.device);
+    *targets = b->pairs;
+    *tokens = 0;
+    for (int64_t n : b->host_lengths) *tokens += n;
+    return std::move(*b);
   }
-  std::string cursor_json() const override { return loader_->cursor_json(); }
-  void restore_cursor(const std::string& j) override { loader_->restore_cursor(j); }
+  std::string cursor_json() const override { return splits_.loader->cursor_json(); }
+  void restore_cursor(const std::string& j) override { splits_.loader->restore_cursor(j); }
 
   // TRL: the micro-batch's mean loss divided by K; here scaled by pairs / the step's pairs, which is
   // that when micro-batches are equal and weights pairs correctly when they are not.
-  train::LossOut loss(const train::MicroBatch& mb, double n) override {
-    auto& b = *static_cast<Batch*>(mb.data.get());
+  train::LossOut batch_loss(const Batch& b, double n) override {
     auto [chosen, rejected] = scores(b);
     auto l = rm_loss(chosen, rejected, b.margin, loss_opt_);
     train::LossOut out;
     out.loss = l.loss * (static_cast<double>(b.pairs) / n);
-    RmMetricSums sums = rm_metric_sums(chosen.detach(), rejected.detach());
-    if (comm_.world_size() > 1) {
-      // TRL takes min/max over every process's gathered scores (rm_loss.h); the loop averages plain
-      // metrics over ranks, which is right for the means (equal pairs per rank) but not for these.
-      at::Tensor t = torch::tensor({-sums.reward_min, sums.reward_max}, torch::kFloat64);
-      comm_.all_reduce(t, parallel::ReduceOp::kMax);
-      sums.reward_min = -t[0].item<double>();
-      sums.reward_max = t[1].item<double>();
-    }
-    for (auto& [k, v] : rm_metrics(sums)) out.metrics.add(k, v);
+    // Read back after the step (LossOut::read_back), not here.
+    out.read_back = [this, c = chosen.detach(), r = rejected.detach()](train::LossOut& o) {
+      RmMetricSums sums = rm_metric_sums(c, r);
+      if (comm_.world_size() > 1) {
+        // TRL takes min/max over every process's gathered scores (rm_loss.h); the loop averages plain
+        // metrics over ranks, which is right for the means (equal pairs per rank) but not for these.
+        at::Tensor t = torch::tensor({-sums.reward_min, sums.reward_max}, torch::kFloat64);
+        comm_.all_reduce(t, parallel::ReduceOp::kMax);
+        sums.reward_min = -t[0].item<double>();
+        sums.reward_max = t[1].item<double>();
+      }
+      for (auto& [k, v] : rm_metrics(sums)) o.metrics.add(k, v);
+    };
     return out;
   }
 
   void evaluate(Metrics* out) override {
-    if (!eval_) return;
+    if (!splits_.eval) return;
     torch::NoGradGuard ng;
-    const int64_t rows = eval_->num_rows(), mbs = r_.rm.eval_micro_batch_size;
+    const data::PreparedSet& set = *splits_.eval;
+    const int64_t rows = set.num_rows(), mbs = r_.rm.eval_micro_batch_size;
     std::vector<at::Tensor> cs, rs, ms;
     for (int64_t s = 0; s < rows; s += mbs) {
       std::vector<int64_t> ids;
       for (int64_t i = s; i < std::min(rows, s + mbs); ++i) ids.push_back(i);
-      auto b = make_batch(data::make_preference_batch(*eval_, ids), pad_id_, eval_margins_);
+      auto b = make_batch(data::make_preference_batch(set, ids), pad_id_, eval_margins_, p_.device);
       auto [c, r] = scores(*b);
       cs.push_back(c);
       rs.push_back(r);
-      ms.push_back(b->margin.defined() ? b->margin : torch::zeros({b->pairs}, torch::kFloat));
+      ms.push_back(b->margin.defined() ? b->margin : torch::zeros({b->pairs}, c.options().dtype(torch::kFloat)));
     }
     if (cs.empty()) return;
     auto c = torch::cat(cs), r = torch::cat(rs);
@@ -253,35 +229,30 @@ class RmStage : public train::Stage {
     for (auto& [k, v] : rm_metrics(rm_metric_sums(c, r))) out->add(k, v);
   }
 
-  void save_model(const std::string& dir) override {
-    checkpoint::SaveOptions so;
-    so.source_dir = tok_dir_;
-    so.chat_template = chat_template_;
-    so.max_shard_bytes = r_.checkpoint.max_shard_bytes();
-    model_.save_pretrained(dir, so);
-  }
+  void save_model(const std::string& dir) override { train::save_policy_model(p_.model, p_, r_, dir); }
   double flops_per_token() const override { return flops_per_token_; }
 
  private:
   std::pair<at::Tensor, at::Tensor> scores(const Batch& b) const {
-    at::Tensor s = score_rows(model_, b.ids, b.lengths, pad_id_, r_.model.activation_checkpointing);  // (2P)
+    at::Tensor s = score_rows(p_.model, b.ids, b.lengths, pad_id_, r_.model.activation_checkpointing, b.row_spans);  // (2P)
     return {s.narrow(0, 0, b.pairs), s.narrow(0, b.pairs, b.pairs)};
   }
 
   RmRecipe& r_;
   parallel::Comm comm_;
-  std::string tok_path_, tok_dir_;
-  std::string chat_template_;  // written into saved folders when tokenizer.chat_template overrides the folder's
+  train::Policy p_;  // the reward model (p_.model, with its score head) and its tokenizer, on run.device
   int64_t pad_id_ = 0;
-  model::Qwen2Model model_;
-  std::unique_ptr<data::PreparedSet> train_, eval_;
-  std::unique_ptr<data::Loader> loader_;
+  train::Splits splits_;
   MarginMap train_margins_, eval_margins_;
   RmLossOptions loss_opt_;
   double flops_per_token_ = 0;
 };
 
 }  // namespace
+
+std::unique_ptr<train::Stage> make_rm_stage(RmRecipe& r, const std::string& run_dir, parallel::Comm comm) {
+  return std::make_unique<RmStage>(r, run_dir, std::move(comm));
+}
 
 std::string run_rm(RmRecipe& r, const std::string& recipe_file, const std::string& resolved) {
   std::string run_dir = train::run_dir_of(r, recipe_file);  // made by trainer_options, after the rerun check

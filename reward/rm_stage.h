@@ -8,10 +8,16 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/config/sections.h"  // TrainingRecipe
+#include "core/model/qwen2.h"       // Qwen2Model
+#include "core/parallel/comm.h"     // Comm
+#include "core/train/trainer.h"     // Stage
 
 namespace ptk::model {
 class Qwen2Model;
@@ -43,11 +49,19 @@ struct RmRecipe : config::TrainingRecipe {
 // rightmost token whose id is not `pad_id`. ids (R, T) int64 right-padded with pad_id, lengths (R)
 // real tokens per row (attention). Returns (R) float, differentiable. Thread-safe as model.forward.
 // `checkpointed`: recompute each decoder layer in backward (model.activation_checkpointing).
+// Works on any device (ids and lengths on the model's); `row_spans` (host-side {0, length} per row,
+// train::right_padded_spans) spares the forward a read of the mask back to the host.
+// One function for every reader of a reward model: the RM stage (training and eval), the reward
+// server, `ptk eval --reward-model` and GRPO's held-out eval. pad_id unset: the last real token.
 at::Tensor score_rows(const model::Qwen2Model& model, const at::Tensor& ids, const at::Tensor& lengths,
-                      int64_t pad_id, bool checkpointed = false);
+                      std::optional<int64_t> pad_id, bool checkpointed = false,
+                      const std::vector<std::pair<int64_t, int64_t>>& row_spans = {});
 
 // Right-pads token lists into (R, T) ids (pad_id) and (R) lengths.
 std::pair<at::Tensor, at::Tensor> pad_rows(const std::vector<std::vector<int64_t>>& rows, int64_t pad_id);
+
+// The stage `ptk rm` trains (run_rm builds it the same way), for tests that drive its steps.
+std::unique_ptr<train::Stage> make_rm_stage(RmRecipe& recipe, const std::string& run_dir, parallel::Comm comm);
 
 // Runs the whole stage: prepare (or reuse) pairs, build/load the model and add the score head,
 // train with core/train's loop (checkpoints, resume), write run_dir/final. Returns the run folder.

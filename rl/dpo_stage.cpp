@@ -4,6 +4,8 @@
 #include <unistd.h>
 #include <torch/torch.h>
 
+#include <functional>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -15,6 +17,7 @@
 #include "core/runtime/log.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/train/from_recipe.h"
+#include "core/train/stage_setup.h"
 #include "core/train/progress.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
@@ -142,22 +145,52 @@ PairBatch make_pair_batch(const std::vector<data::PairView>& pairs, std::vector<
   b.completion_mask = torch::tensor(cm, torch::kFloat32).view({2 * P, T});
   b.completion_tokens = torch::tensor(n, torch::kFloat32);
   b.rows = std::move(rows);
+  b.row_index = torch::tensor(b.rows, torch::kInt64);
+  b.target_index = b.completion_mask.reshape(-1).nonzero().squeeze(1);  // host: no device read later
+  for (int64_t i = 0; i < 2 * P; ++i) {
+    const data::PairView& p = pairs[i % P];
+    b.row_spans.emplace_back(0, static_cast<int64_t>(p.prompt.size) + static_cast<int64_t>((i < P ? p.chosen : p.rejected).size));
+  }
+  b.chosen_targets = b.completion_mask.slice(0, 0, P).sum().item<int64_t>();  // host tensor
   return b;
 }
 
+PairBatch to_device(const PairBatch& h, const at::Device& device) {
+  PairBatch b = h;
+  b.ids = train::to_device(h.ids, device);
+  b.attention_mask = train::to_device(h.attention_mask, device);
+  b.completion_mask = train::to_device(h.completion_mask, device);
+  b.completion_tokens = train::to_device(h.completion_tokens, device);
+  b.target_index = train::to_device(h.target_index, device);
+  b.row_index = train::to_device(h.row_index, device);
+  return b;
+}
+
+void read_stats(SequenceScores& s) {
+  if (!s.stats.defined()) return;
+  at::Tensor v = s.stats.to(torch::kCPU);
+  s.entropy_sum = v[0].item<double>();
+  s.chosen_correct = v[1].item<double>();
+  s.logits_chosen = v[2].item<double>();
+  s.logits_rejected = v[3].item<double>();
+}
+
 SequenceScores sequence_scores(const model::Qwen2Model& m, const PairBatch& b, std::optional<double> ld_alpha,
-                               bool cpo_logits, bool checkpointed) {
+                               bool cpo_logits, bool checkpointed, bool read) {
   const int64_t R = b.ids.size(0), T = b.ids.size(1), P = R / 2;
   model::ForwardInput in;
   in.input_ids = b.ids;
   in.attention_mask = b.attention_mask;
+  in.row_spans = b.row_spans;
   model::ForwardOptions fo;
   fo.logits = false;  // the fused op projects only the completion targets
   fo.activation_checkpointing = checkpointed;
   at::Tensor h = m.forward(in, fo).hidden;  // (R, T, H)
   const int64_t H = h.size(2);
   at::Tensor flat_h = h.reshape({R * T, H});                        // (R·T, H)
-  at::Tensor tgt = b.completion_mask.reshape(-1).nonzero().squeeze(1);  // (N) flat r·T + t
+  // (N) flat r·T + t; found on the host (make_pair_batch) unless the batch was made by hand.
+  at::Tensor tgt = b.target_index.defined() ? b.target_index
+                                            : b.completion_mask.reshape(-1).nonzero().squeeze(1).to(h.device());
   at::Tensor hs = flat_h.index_select(0, tgt - 1);                  // (N, H) the predicting positions
   at::Tensor targets = b.ids.reshape(-1).index_select(0, tgt);      // (N)
   const at::Tensor& W = m.lm_head_weight();                         // (V, H)
@@ -168,23 +201,27 @@ SequenceScores sequence_scores(const model::Qwen2Model& m, const PairBatch& b, s
   s.logps = dpo_sequence_logps(tok, b.completion_mask, ld_alpha);  // (R)
   s.plain_logps = ld_alpha ? dpo_sequence_logps(tok, b.completion_mask) : s.logps;
   torch::NoGradGuard ng;
-  at::Tensor chosen = tgt.div(T, "floor").lt(P);  // (N) target belongs to a chosen row
-  s.entropy_sum = lp.entropy.detach().to(torch::kFloat64).sum().item<double>();
   s.targets = static_cast<double>(tgt.numel());
-  s.chosen_correct = (lp.correct & chosen).sum().item<double>();
-  s.chosen_targets = chosen.sum().item<double>();
+  // Targets are in row order, chosen rows first: the first chosen_targets of them are the chosen ones.
+  const int64_t nc = b.chosen_targets >= 0 ? b.chosen_targets : b.completion_mask.slice(0, 0, P).sum().item<int64_t>();
+  s.chosen_targets = static_cast<double>(nc);
+  at::Tensor entropy = lp.entropy.detach().to(torch::kFloat64).sum();
+  at::Tensor correct = lp.correct.slice(0, 0, nc).sum().to(torch::kFloat64);
+  at::Tensor lc, lr;
   if (!cpo_logits) {
     at::Tensor vm = dpo_vocab_mean_logits(hs.detach(), W).to(torch::kFloat64);  // (N)
-    s.logits_chosen = vm.masked_select(chosen).sum().item<double>();
-    s.logits_rejected = vm.masked_select(chosen.logical_not()).sum().item<double>();
+    lc = vm.slice(0, 0, nc).sum();
+    lr = vm.slice(0, nc).sum();
     s.logits_chosen_count = s.chosen_targets;
     s.logits_rejected_count = s.targets - s.chosen_targets;
   } else {
     at::Tensor vm = dpo_vocab_mean_logits(flat_h.detach(), W).to(torch::kFloat64).view({R, T});
-    s.logits_chosen = vm.slice(0, 0, P).mean().item<double>();
-    s.logits_rejected = vm.slice(0, P).mean().item<double>();
+    lc = vm.slice(0, 0, P).mean();
+    lr = vm.slice(0, P).mean();
     s.logits_chosen_count = s.logits_rejected_count = 1;
   }
+  s.stats = torch::stack({entropy, correct, lc, lr});
+  if (read) read_stats(s);
   return s;
 }
 
@@ -198,8 +235,9 @@ at::Tensor compute_ref_logps(const model::Qwen2Model& reference, const data::Pre
     std::vector<int64_t> ids;
     for (int64_t i = s; i < std::min(rows, s + batch_size); ++i) ids.push_back(i);
     const int64_t P = static_cast<int64_t>(ids.size());
-    PairBatch b = make_pair_batch(data::make_preference_batch(set, ids), ids, pad_id);
-    at::Tensor lp = sequence_scores(reference, b, ld_alpha).logps;  // (2P)
+    PairBatch b = to_device(make_pair_batch(data::make_preference_batch(set, ids), ids, pad_id),
+                            reference.embed_tokens_.device());
+    at::Tensor lp = sequence_scores(reference, b, ld_alpha, false, false, /*read=*/false).logps.to(torch::kCPU);  // (2P)
     out.slice(0, s, s + P).copy_(torch::stack({lp.slice(0, 0, P), lp.slice(0, P)}, 1));
     progress.update(s + P);
   }
@@ -253,15 +291,18 @@ std::vector<train::Ratio> pair_ratios(const PairMetricSums& m, const SequenceSco
 
 struct DpoStage::Impl {
   DpoRecipe& r;
-  std::string run_dir, tok_path, tok_dir, ref_dir, ref_identity;
-  std::string chat_template;  // written into saved folders when tokenizer.chat_template overrides the folder's
-  int32_t pad_id = 0;
+  std::string run_dir, ref_dir, ref_identity;
   parallel::Comm comm;
   int rank = 0, world_size = 1;
-  model::Qwen2Model policy, reference;
-  std::unique_ptr<data::PreparedSet> train, eval;
-  std::unique_ptr<data::Loader> loader;
-  at::Tensor ref_train, ref_eval;  // (rows, 2) when precomputed
+  train::Policy p;  // the policy (p.model), its tokenizer and pad id, on run.device
+  model::Qwen2Model& policy = p.model;
+  int32_t& pad_id = p.pad_id;
+  model::Qwen2Model reference;  // on the policy's device
+  train::Splits splits;
+  std::unique_ptr<data::PreparedSet>& train = splits.train;
+  std::unique_ptr<data::PreparedSet>& eval = splits.eval;
+  std::unique_ptr<data::Loader>& loader = splits.loader;
+  at::Tensor ref_train, ref_eval;  // (rows, 2) when precomputed, on the policy's device
   bool ref_ready = false;
   std::string ref_cache;
   double flops_per_token = 0;
@@ -274,21 +315,8 @@ struct DpoStage::Impl {
       : r(recipe), run_dir(dir), comm(std::move(group)), live_fits(live_reference_fits) {
     rank = comm.rank();
     world_size = comm.world_size();
-    tok_path = !r.tokenizer.path.empty() ? r.tokenizer.path : r.model.path;
-    if (tok_path.empty())
-      throw Error("no tokenizer: set tokenizer.path (a folder with tokenizer.json, or the file) or model.path");
-    tok_dir = path_exists(tok_path + "/tokenizer.json") ? tok_path : parent_dir(tok_path);
-    auto tok_ptr = std::make_shared<const tokenizer::Tokenizer>(tokenizer::Tokenizer::load(tok_path, tokenizer::chat_load_options(r.tokenizer.chat_template, r.tokenizer.chat_template_kwargs)));
-    const auto& tok = *tok_ptr;
-    if (tok.chat_template_overridden()) chat_template = tok.chat_template_source();
-    pad_id = tok.pad_id() >= 0 ? tok.pad_id() : tok.eos_id();
-    heldout = eval::Heldout(r.dpo.heldout, tok_ptr);
-    // Policy.
-    policy = train::load_model(r.model, r.run.seed, "the SFT stage's final/ folder");
-    if (static_cast<int64_t>(tok.vocab_size()) > policy.config().vocab_size)
-      throw Error("the tokenizer at " + tok_path + " has " + std::to_string(tok.vocab_size()) +
-                  " ids but the model's vocab_size is " + std::to_string(policy.config().vocab_size) +
-                  "\n---> HINT: the model and tokenizer do not belong together; check model.path / tokenizer.path");
+    p = train::load_policy(r, train::run_device(r), "the SFT stage's final/ folder");
+    heldout = eval::Heldout(r.dpo.heldout, p.tokenizer);
     policy.set_requires_grad(true);
     // Reference: dpo.ref_path, else the policy's starting point.
     if (!r.dpo.is_cpo()) {
@@ -303,39 +331,16 @@ struct DpoStage::Impl {
       }
     }
     // Data: one pair per row; the prompt keeps its end, replies their start (datasets/prepare.h).
-    if (r.data.train.empty()) throw Error("data.train is empty: name the preference JSONL files (prompt/chosen/rejected)");
-    auto popt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kPreference);
-    popt.tokenizer_path = tok_path;
-    std::string train_dir = data::prepared_dir(run_dir, "train"), eval_dir = data::prepared_dir(run_dir, "eval");
-    data::PrepareOptions eopt;
-    if (data::has_eval_data(r.data)) {
-      eopt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kPreference, true);
-      eopt.tokenizer_path = tok_path;
-    }
-    if (rank == 0) {
-      data::ensure_prepared(popt, train_dir);
-      if (data::has_eval_data(r.data)) data::ensure_prepared(eopt, eval_dir);
-    }
-    comm.barrier();
-    train = std::make_unique<data::PreparedSet>(data::PreparedSet::open(train_dir));
-    data::LoaderOptions lo;
-    lo.micro_batch_size = r.train.micro_batch_size;
-    lo.seed = static_cast<uint64_t>(r.run.seed);
-    loader = std::make_unique<data::Loader>(*train, lo);
-    if (data::has_eval_data(r.data)) eval = std::make_unique<data::PreparedSet>(data::PreparedSet::open(eval_dir));
+    splits = train::open_splits(r, run_dir, data::Format::kPreference, p.tok_path, comm,
+                                "preference JSONL files (prompt/chosen/rejected)");
     if (!r.dpo.is_cpo()) {
       precompute = decide_precompute(&mode_reason);
       if (rank == 0) log::info("dpo: reference log-probs " + std::string(precompute ? "precomputed" : "live") + " (" + mode_reason + ")");
       if (!precompute) load_reference();
     }
+    double attn = 0;
     int64_t n_params = 0;
-    // MFU counts the decoder's matmuls: not the embedding (a lookup) nor the output layer, which
-    // ptk projects for target tokens only (Qwen2.5-0.5B: 136M of 494M parameters, 1.38x too many FLOPs).
-    for (auto& [n, t] : policy.named_parameters())
-      if (n.find("embed_tokens") == std::string::npos && n.find("lm_head") == std::string::npos) n_params += t.numel();
-    const auto& c = policy.config();
-    const double attn = 6.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim *
-                        static_cast<double>(r.data.max_seq_len) / 2.0;
+    train::decoder_flops_per_token(policy, r.data.max_seq_len, &attn, &n_params);
     // Policy forward+backward (6N), plus a live reference forward (2N) when there is one.
     flops_per_token = 6.0 * n_params + attn;
     if (!r.dpo.is_cpo() && !precompute) flops_per_token += 2.0 * n_params + attn / 3.0;
@@ -389,7 +394,7 @@ struct DpoStage::Impl {
     // model.config and the seed when neither is set.
     config::ModelSection m = r.model;
     m.path = ref_dir;
-    reference = train::load_model(m, r.run.seed, "dpo.ref_path or model.path");
+    reference = train::load_model(m, r.run.seed, "dpo.ref_path or model.path", p.device);
     reference.set_requires_grad(false);
     if (reference.config().vocab_size != policy.config().vocab_size)
       throw Error("dpo reference " + ref_dir + " has vocab_size " + std::to_string(reference.config().vocab_size) +
@@ -465,8 +470,8 @@ struct DpoStage::Impl {
   void ensure_reference() {
     if (ref_ready || r.dpo.is_cpo()) return;
     if (precompute) {
-      ref_train = cached_ref_logps(*train, "train");
-      if (eval) ref_eval = cached_ref_logps(*eval, "eval");
+      ref_train = train::to_device(cached_ref_logps(*train, "train"), p.device);
+      if (eval) ref_eval = train::to_device(cached_ref_logps(*eval, "eval"), p.device);
       reference = model::Qwen2Model();  // freed: the cache is all that is needed
     }
     ref_ready = true;
@@ -477,40 +482,50 @@ struct DpoStage::Impl {
     ensure_reference();
     if (precompute) {
       const at::Tensor& all = is_eval ? ref_eval : ref_train;
-      return all.index_select(0, torch::tensor(b.rows, torch::kInt64));
+      return all.index_select(0, b.row_index.defined() ? b.row_index : torch::tensor(b.rows, torch::kInt64).to(all.device()));
     }
     torch::NoGradGuard ng;
-    at::Tensor lp = sequence_scores(reference, b, r.dpo.ld()).logps;  // (2P), LD-mixed as the policy's
+    at::Tensor lp = sequence_scores(reference, b, r.dpo.ld(), false, false, /*read=*/false).logps;  // (2P), LD-mixed as the policy's
     const int64_t P = lp.size(0) / 2;
     return torch::stack({lp.slice(0, 0, P), lp.slice(0, P)}, 1);
   }
 
   struct Computed {
     at::Tensor loss;  // not yet divided by the step's N
-    std::vector<train::Ratio> ratios;
+    // The micro-batch's ratio metrics, read back from the device when called (after the step).
+    std::function<std::vector<train::Ratio>()> ratios;
   };
 
   Computed compute(const PairBatch& b, bool is_eval) {
     const bool cpo = r.dpo.is_cpo();
-    SequenceScores sc = sequence_scores(policy, b, cpo ? std::nullopt : r.dpo.ld(), cpo, r.model.activation_checkpointing);
+    SequenceScores sc = sequence_scores(policy, b, cpo ? std::nullopt : r.dpo.ld(), cpo, r.model.activation_checkpointing,
+                                        /*read=*/false);
     const int64_t P = static_cast<int64_t>(b.rows.size());
     at::Tensor pc = sc.logps.slice(0, 0, P), pr = sc.logps.slice(0, P);  // (P) each
     at::Tensor nc = b.completion_tokens.slice(0, 0, P), nr = b.completion_tokens.slice(0, P);
     Computed c;
-    PairMetricSums sums;
+    SequenceScores stats = sc;
+    stats.logps = stats.plain_logps = at::Tensor();  // the closure keeps no graph
     if (cpo) {
       CpoLossOutput o = cpo_loss({pc, pr, nc, nr}, r.dpo.cpo_options());
       c.loss = o.loss;
-      sums = pair_metric_sums(o.chosen_rewards, o.rejected_rewards, o.chosen_scores, o.rejected_scores);
-      c.ratios = pair_ratios(sums, sc);
-      c.ratios.push_back({"nll_loss", o.nll.item<double>(), 1.0});
+      c.ratios = [stats, cr = o.chosen_rewards.detach(), rr = o.rejected_rewards.detach(), cs = o.chosen_scores.detach(),
+                  rs = o.rejected_scores.detach(), nll = o.nll.detach()]() mutable {
+        read_stats(stats);
+        auto v = pair_ratios(pair_metric_sums(cr, rr, cs, rs), stats);
+        v.push_back({"nll_loss", nll.item<double>(), 1.0});
+        return v;
+      };
     } else {
       at::Tensor ref = ref_for(b, is_eval);  // (P, 2)
       DpoLossOutput o = dpo_loss({pc, pr, ref.select(1, 0), ref.select(1, 1), nc, nr, sc.plain_logps.slice(0, 0, P)},
                                  r.dpo.dpo_options());
       c.loss = o.loss;
-      sums = pair_metric_sums(o.chosen_rewards, o.rejected_rewards, pc, pr);
-      c.ratios = pair_ratios(sums, sc);
+      c.ratios = [stats, cr = o.chosen_rewards.detach(), rr = o.rejected_rewards.detach(), pcd = pc.detach(),
+                  prd = pr.detach()]() mutable {
+        read_stats(stats);
+        return pair_ratios(pair_metric_sums(cr, rr, pcd, prd), stats);
+      };
     }
     return c;
   }
@@ -534,25 +549,24 @@ void DpoStage::set_rank(int rank, int world_size) {
 optim::NamedTensors DpoStage::parameters() { return impl_->policy.named_parameters(); }
 int64_t DpoStage::micro_batches_per_epoch() const { return impl_->loader->batches_per_epoch(); }
 
-train::MicroBatch DpoStage::next_micro_batch() {
+PairBatch DpoStage::next_batch(int64_t* targets, int64_t* tokens) {
   impl_->ensure_reference();
   auto rows = impl_->loader->next_rows();
-  auto b = std::make_shared<PairBatch>(
-      make_pair_batch(data::make_preference_batch(*impl_->train, rows), rows, impl_->pad_id));
-  const int64_t tokens = b->tokens;
+  PairBatch b = make_pair_batch(data::make_preference_batch(*impl_->train, rows), rows, impl_->pad_id);
   // One target per micro-batch: the loop's N is then K·ranks (see the header).
-  return {b, 1, tokens};
+  *targets = 1;
+  *tokens = b.tokens;
+  return to_device(b, impl_->p.device);
 }
 
 std::string DpoStage::cursor_json() const { return impl_->loader->cursor_json(); }
 void DpoStage::restore_cursor(const std::string& j) { impl_->loader->restore_cursor(j); }
 
-train::LossOut DpoStage::loss(const train::MicroBatch& mb, double step_targets) {
-  const auto& b = *static_cast<const PairBatch*>(mb.data.get());
+train::LossOut DpoStage::batch_loss(const PairBatch& b, double step_targets) {
   Impl::Computed c = impl_->compute(b, false);
   train::LossOut out;
   out.loss = c.loss / step_targets;
-  out.ratios = std::move(c.ratios);
+  out.read_back = [ratios = std::move(c.ratios)](train::LossOut& o) { o.ratios = ratios(); };
   return out;
 }
 
@@ -572,11 +586,11 @@ void DpoStage::evaluate_pairs(Metrics* out) {
   for (int64_t s = 0; s < rows; s += bs) {
     std::vector<int64_t> ids;
     for (int64_t i = s; i < std::min(rows, s + bs); ++i) ids.push_back(i);
-    PairBatch b = make_pair_batch(data::make_preference_batch(set, ids), ids, impl_->pad_id);
+    PairBatch b = to_device(make_pair_batch(data::make_preference_batch(set, ids), ids, impl_->pad_id), impl_->p.device);
     Impl::Computed c = impl_->compute(b, true);
     sum[0] += c.loss.item<double>();
     count[0] += 1;
-    for (auto& ratio : c.ratios) {
+    for (auto& ratio : c.ratios()) {
       size_t i = std::find(names.begin(), names.end(), ratio.name) - names.begin();
       if (i == names.size()) {
         names.push_back(ratio.name);
@@ -592,13 +606,7 @@ void DpoStage::evaluate_pairs(Metrics* out) {
   for (size_t i = 0; i < names.size(); ++i) out->add(names[i], count[i] ? sum[i] / count[i] : std::nan(""));
 }
 
-void DpoStage::save_model(const std::string& dir) {
-  checkpoint::SaveOptions so;
-  so.source_dir = impl_->tok_dir;
-  so.chat_template = impl_->chat_template;
-  so.max_shard_bytes = impl_->r.checkpoint.max_shard_bytes();
-  impl_->policy.save_pretrained(dir, so);
-}
+void DpoStage::save_model(const std::string& dir) { train::save_policy_model(impl_->policy, impl_->p, impl_->r, dir); }
 
 double DpoStage::flops_per_token() const { return impl_->flops_per_token; }
 const model::Qwen2Model& DpoStage::policy() const { return impl_->policy; }

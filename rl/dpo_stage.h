@@ -66,8 +66,16 @@ struct PairBatch {
   at::Tensor completion_tokens;  // (2P) float32 n±: reply lengths (TRL's completion-mask sums)
   std::vector<int64_t> rows;     // (P) prepared row ids (index the precomputed reference)
   int64_t tokens = 0;            // real tokens in the 2P rows
+  // Worked out on the host by make_pair_batch, so a step on another device reads nothing back
+  // (undefined / empty / -1 in a hand-made batch: derived from the masks, on the host).
+  at::Tensor target_index;       // (N) int64 flat r·T + t of the completion targets (nonzero(completion_mask))
+  at::Tensor row_index;          // (P) int64 `rows` as a tensor on the batch's device
+  std::vector<std::pair<int64_t, int64_t>> row_spans;  // (2P) {0, prompt + reply}: ForwardInput::row_spans
+  int64_t chosen_targets = -1;   // completion targets in the P chosen rows
 };
 PairBatch make_pair_batch(const std::vector<data::PairView>& pairs, std::vector<int64_t> rows, int32_t pad_id);
+// The batch's tensors on `device` (pinned, non-blocking copies on CUDA; see train::to_device).
+PairBatch to_device(const PairBatch& host, const at::Device& device);
 
 // A model's sequence log-probs on a PairBatch through the fused op, plus the metric numerators.
 struct SequenceScores {
@@ -80,10 +88,16 @@ struct SequenceScores {
   // DPO: Σ of the vocab-mean logit over chosen (rejected) targets and their count.
   // CPO: the mean over every chosen (rejected) row position, padding included, with count 1.
   double logits_chosen = 0, logits_chosen_count = 0, logits_rejected = 0, logits_rejected_count = 0;
+  // With read=false: [entropy_sum, chosen_correct, logits_chosen, logits_rejected] as a float64 device
+  // tensor (detached), the doubles above still 0 until read_stats(); targets, chosen_targets and the
+  // counts are host facts, always set.
+  at::Tensor stats;
 };
+void read_stats(SequenceScores& s);  // fills the four doubles from `stats` (one device read)
 // `checkpointed`: recompute each decoder layer in backward (model.activation_checkpointing).
 SequenceScores sequence_scores(const model::Qwen2Model& model, const PairBatch& batch,
-                               std::optional<double> ld_alpha, bool cpo_logits = false, bool checkpointed = false);
+                               std::optional<double> ld_alpha, bool cpo_logits = false, bool checkpointed = false,
+                               bool read = true);
 
 // Reference log-probs of every row of `set`: (rows, 2) float32 [s_ref(y⁺), s_ref(y⁻)], batches of
 // `batch_size` pairs in stored order, no gradient; LD-DPO mixed with `ld_alpha` as the policy's are.
@@ -91,7 +105,7 @@ at::Tensor compute_ref_logps(const model::Qwen2Model& reference, const data::Pre
                              int64_t batch_size, std::optional<double> ld_alpha = std::nullopt);
 
 // The stage. Threading: one owner (the Trainer's thread).
-class DpoStage : public train::Stage {
+class DpoStage : public train::TypedStage<PairBatch> {
  public:
   // With several ranks (`comm`), rank 0 prepares the data and writes the reference cache while the
   // others wait; the run folder must be on a filesystem every rank sees, as for checkpoints.
@@ -104,10 +118,10 @@ class DpoStage : public train::Stage {
   void set_rank(int rank, int world_size) override;
   optim::NamedTensors parameters() override;
   int64_t micro_batches_per_epoch() const override;
-  train::MicroBatch next_micro_batch() override;
+  PairBatch next_batch(int64_t* targets, int64_t* tokens) override;  // on run.device
   std::string cursor_json() const override;
   void restore_cursor(const std::string& json) override;
-  train::LossOut loss(const train::MicroBatch& mb, double step_targets) override;
+  train::LossOut batch_loss(const PairBatch& batch, double step_targets) override;
   // data.eval pair metrics (TRL's names) plus, with dpo.eval_prompts, held-out accuracy.
   void evaluate(Metrics* out) override;
   void evaluate_pairs(Metrics* out);

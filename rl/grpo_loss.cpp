@@ -200,7 +200,7 @@ std::vector<std::string> grpo_validate(const GrpoImportanceOptions& o) {
 }
 
 GrpoImportanceWeights grpo_importance_weights(const at::Tensor& old_logps, const at::Tensor& sampler_logps,
-                                              const at::Tensor& mask, const GrpoImportanceOptions& o) {
+                                              const at::Tensor& mask, const GrpoImportanceOptions& o, bool read_metrics) {
   throw_if(grpo_validate(o), "grpo_importance_weights");
   PTK_CHECK(old_logps.dim() == 2 && old_logps.sizes() == sampler_logps.sizes() && old_logps.sizes() == mask.sizes(),
             "grpo_importance_weights: old_logps, sampler_logps and mask must all be (B, T), got " +
@@ -220,19 +220,24 @@ GrpoImportanceWeights grpo_importance_weights(const at::Tensor& old_logps, const
   }
   GrpoImportanceWeights out;
   out.weights = w;
-  at::Tensor active = m.ne(0);
-  at::Tensor abs_diff = diff.abs().masked_select(active);  // (M)
-  at::Tensor flat = token ? w.masked_select(active) : w.reshape({-1});
-  const double nan = std::nan("");
-  auto stat = [&](const at::Tensor& t, int which) {
-    if (t.numel() == 0) return nan;
-    return item(which == 0 ? t.min() : which == 1 ? t.to(torch::kFloat64).mean() : t.max());
+  auto metrics = [m, diff, w, token]() -> NamedValues {
+    torch::NoGradGuard no_grad;
+    at::Tensor active = m.ne(0);
+    at::Tensor abs_diff = diff.abs().masked_select(active);  // (M)
+    at::Tensor flat = token ? w.masked_select(active) : w.reshape({-1});
+    const double nan = std::nan("");
+    auto stat = [&](const at::Tensor& t, int which) {
+      if (t.numel() == 0) return nan;
+      return item(which == 0 ? t.min() : which == 1 ? t.to(torch::kFloat64).mean() : t.max());
+    };
+    return {{"sampling/sampling_logp_difference/mean", stat(abs_diff, 1)},
+            {"sampling/sampling_logp_difference/max", stat(abs_diff, 2)},
+            {"sampling/importance_sampling_ratio/min", stat(flat, 0)},
+            {"sampling/importance_sampling_ratio/mean", stat(flat, 1)},
+            {"sampling/importance_sampling_ratio/max", stat(flat, 2)}};
   };
-  out.metrics = {{"sampling/sampling_logp_difference/mean", stat(abs_diff, 1)},
-                 {"sampling/sampling_logp_difference/max", stat(abs_diff, 2)},
-                 {"sampling/importance_sampling_ratio/min", stat(flat, 0)},
-                 {"sampling/importance_sampling_ratio/mean", stat(flat, 1)},
-                 {"sampling/importance_sampling_ratio/max", stat(flat, 2)}};
+  if (read_metrics) out.metrics = metrics();
+  else out.read_metrics = metrics;
   return out;
 }
 
@@ -265,7 +270,7 @@ double grpo_entropy_threshold(const at::Tensor& active_entropies, double rho) {
   return item(torch::quantile(active_entropies.detach().reshape({-1}).to(torch::kFloat32), 1.0 - rho));
 }
 
-GrpoLossOutput grpo_loss(const GrpoMicroBatch& b, const GrpoLossOptions& o, const GrpoScaling& s) {
+GrpoLossOutput grpo_loss(const GrpoMicroBatch& b, const GrpoLossOptions& o, const GrpoScaling& s, bool read_metrics) {
   throw_if(grpo_validate(o), "grpo_loss");
   PTK_CHECK(b.logps.defined() && b.logps.dim() == 2, "grpo_loss: logps must be (B, T)");
   const int64_t B = b.logps.size(0);
@@ -352,50 +357,57 @@ GrpoLossOutput grpo_loss(const GrpoMicroBatch& b, const GrpoLossOptions& o, cons
       break;
   }
 
-  // Metrics (no gradient).
-  torch::NoGradGuard no_grad;
-  GrpoLossMetricSums& ms = out.metrics;
-  ms.tokens = item(m.sum());
-  if (kl.defined()) {
-    ms.has_kl = true;
-    ms.kl_sum = item((kl.detach() * m).sum());
-  }
-  if (b.entropy.defined()) {
-    ms.has_entropy = true;
-    ms.entropy_sum = item((b.entropy.detach().to(dt) * m).sum());
-  }
-  // Sums of an indicator as gmean counts it (token: masked tokens; sequence: each completion once),
-  // plus the per-completion shares for low_min / high_max.
-  auto indicator_sum = [&](const at::Tensor& x) {
-    at::Tensor xf = x.to(dt);
-    return token_level ? item((xf * m).sum()) : item(xf.sum());
+  // Metrics (no gradient), from detached tensors: now, or when out.read_metrics is called.
+  auto metrics = [dt, token_level, clip_family, type, B, eps_low, eps_high, m = m.detach(),
+                  kl = kl.defined() ? kl.detach() : at::Tensor(), entropy = b.entropy.defined() ? b.entropy.detach() : at::Tensor(),
+                  r_clamp = r_clamp.defined() ? r_clamp.detach() : at::Tensor(), r = r.detach(), A = A.detach()]() {
+    torch::NoGradGuard no_grad;
+    GrpoLossMetricSums ms;
+    ms.tokens = item(m.sum());
+    if (kl.defined()) {
+      ms.has_kl = true;
+      ms.kl_sum = item((kl * m).sum());
+    }
+    if (entropy.defined()) {
+      ms.has_entropy = true;
+      ms.entropy_sum = item((entropy.to(dt) * m).sum());
+    }
+    // Sums of an indicator as gmean counts it (token: masked tokens; sequence: each completion once),
+    // plus the per-completion shares for low_min / high_max.
+    auto indicator_sum = [&](const at::Tensor& x) {
+      at::Tensor xf = x.to(dt);
+      return token_level ? item((xf * m).sum()) : item(xf.sum());
+    };
+    auto per_completion = [&](const at::Tensor& x) {  // (B), NaN where a completion has no active token
+      at::Tensor xf = x.to(dt);
+      return token_level ? (xf * m).sum(1) / m.sum(1) : xf.squeeze(1);
+    };
+    const double nan = std::nan("");
+    auto nan_reduce = [&](const at::Tensor& v, bool is_min) {
+      at::Tensor ok = v.masked_select(v.isnan().logical_not());
+      return ok.numel() == 0 ? nan : item(is_min ? ok.min() : ok.max());
+    };
+    ms.clip_count = token_level ? ms.tokens : static_cast<double>(B);
+    if (clip_family) {
+      ms.has_clip = true;
+      at::Tensor low = r_clamp.lt(1.0 - eps_low) & A.lt(0);
+      at::Tensor high = r_clamp.gt(1.0 + eps_high) & A.gt(0);
+      ms.clip_low_sum = indicator_sum(low);
+      ms.clip_high_sum = indicator_sum(high);
+      ms.clip_region_sum = indicator_sum(low | high);
+      ms.clip_low_min = nan_reduce(per_completion(low), true);
+      ms.clip_high_max = nan_reduce(per_completion(high), false);
+    } else {
+      ms.clip_low_min = ms.clip_high_max = nan;
+    }
+    if (type == LossType::kCispo) {
+      ms.has_cispo = true;
+      ms.cispo_clip_sum = indicator_sum(r.gt(eps_high) & A.gt(0));
+    }
+    return ms;
   };
-  auto per_completion = [&](const at::Tensor& x) {  // (B), NaN where a completion has no active token
-    at::Tensor xf = x.to(dt);
-    return token_level ? (xf * m).sum(1) / m.sum(1) : xf.squeeze(1);
-  };
-  const double nan = std::nan("");
-  auto nan_reduce = [&](const at::Tensor& v, bool is_min) {
-    at::Tensor ok = v.masked_select(v.isnan().logical_not());
-    return ok.numel() == 0 ? nan : item(is_min ? ok.min() : ok.max());
-  };
-  ms.clip_count = token_level ? ms.tokens : static_cast<double>(B);
-  if (clip_family) {
-    ms.has_clip = true;
-    at::Tensor low = r_clamp.detach().lt(1.0 - eps_low) & A.lt(0);
-    at::Tensor high = r_clamp.detach().gt(1.0 + eps_high) & A.gt(0);
-    ms.clip_low_sum = indicator_sum(low);
-    ms.clip_high_sum = indicator_sum(high);
-    ms.clip_region_sum = indicator_sum(low | high);
-    ms.clip_low_min = nan_reduce(per_completion(low), true);
-    ms.clip_high_max = nan_reduce(per_completion(high), false);
-  } else {
-    ms.clip_low_min = ms.clip_high_max = nan;
-  }
-  if (type == LossType::kCispo) {
-    ms.has_cispo = true;
-    ms.cispo_clip_sum = indicator_sum(r.detach().gt(eps_high) & A.gt(0));
-  }
+  if (read_metrics) out.metrics = metrics();
+  else out.read_metrics = metrics;
   return out;
 }
 

@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
@@ -85,13 +86,15 @@ struct GrpoImportanceWeights {
   // This process's values. Across processes TRL takes the mean of the per-process means and the
   // min/max of the minima/maxima.
   NamedValues metrics;  // sampling/sampling_logp_difference/{mean,max}, sampling/importance_sampling_ratio/{min,mean,max}
+  std::function<NamedValues()> read_metrics;  // with read_metrics=false: computes `metrics` later (host reads then)
 };
 
 // old_logps (B, T): the trainer's log-probs at generation (ℓ^old); sampler_logps (B, T); mask (B, T).
 // d = (ℓ^old − ℓ^sampler)·m; token: w = e^d; sequence: w = e^{Σ_t d}; truncate clamps to [C_min, C_max],
 // mask zeroes weights outside it.
 GrpoImportanceWeights grpo_importance_weights(const at::Tensor& old_logps, const at::Tensor& sampler_logps,
-                                              const at::Tensor& mask, const GrpoImportanceOptions& options);
+                                              const at::Tensor& mask, const GrpoImportanceOptions& options,
+                                              bool read_metrics = true);
 
 // ---------------------------------------------------------------------------------------------
 // The per-token objective and its aggregation, one micro-batch.
@@ -157,10 +160,16 @@ NamedValues grpo_loss_metrics(const GrpoLossMetricSums& sums);
 struct GrpoLossOutput {
   at::Tensor loss;  // scalar, already scaled (÷K or ÷(N/P)): backward it as is
   GrpoLossMetricSums metrics;
+  // With read_metrics=false: `metrics` is left empty and this computes it later from the detached
+  // tensors it keeps (the host reads happen when it is called, e.g. after the step's backward).
+  std::function<GrpoLossMetricSums()> read_metrics;
 };
 
 // Throws ptk::Error listing every grpo_validate() problem, a missing required input, or a shape mismatch.
-GrpoLossOutput grpo_loss(const GrpoMicroBatch& batch, const GrpoLossOptions& options, const GrpoScaling& scaling);
+// read_metrics=false: nothing is read back to the host here (except top_entropy_quantile < 1's
+// threshold when batch.entropy_threshold is unset); see GrpoLossOutput::read_metrics.
+GrpoLossOutput grpo_loss(const GrpoMicroBatch& batch, const GrpoLossOptions& options, const GrpoScaling& scaling,
+                         bool read_metrics = true);
 
 // τ = quantile(active_entropies, 1 − ρ) with linear interpolation in float32, as torch.quantile.
 // active_entropies (M): H at every m = 1 token of the micro-batch, gathered over processes.

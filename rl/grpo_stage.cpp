@@ -20,6 +20,7 @@
 #include "core/runtime/log.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/train/from_recipe.h"
+#include "core/train/stage_setup.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
 #include "core/util/json.h"
@@ -189,6 +190,9 @@ uint64_t mix64(uint64_t x) {  // splitmix64 finalizer
   return x ^ (x >> 31);
 }
 
+}  // namespace
+
+// The generation batch's pieces (outside the anonymous namespace: GrpoSlice, named in the header, holds them).
 struct Prompt {
   int64_t row = 0;  // row of the prepared set
   std::vector<int64_t> ids;
@@ -214,7 +218,7 @@ struct GenBatch {
 };
 
 // One micro-batch's rows of a GenBatch, with what pass 0 computes for later passes.
-struct Slice {
+struct GrpoSlice {
   std::shared_ptr<GenBatch> gen;
   std::vector<int64_t> rows;  // indices into gen->completions
   at::Tensor input_ids, attention_mask;       // (B, L)
@@ -223,16 +227,16 @@ struct Slice {
   at::Tensor advantages;                      // (B)
   at::Tensor sampler_logps;                   // (B, Tc)
   std::vector<int64_t> prompt_lengths;
+  std::vector<std::pair<int64_t, int64_t>> row_spans;  // (B) {0, prompt + completion}, host-side
   at::Tensor old_logps, ref_logps, is_weights;  // filled by pass 0
-  Metrics is_metrics;
+  std::function<NamedValues()> is_metrics;      // pass 0's importance-sampling metrics, read back after its step
   int64_t active_tokens = 0, tokens = 0;
 };
 
-struct MbData {
-  std::shared_ptr<Slice> slice;
-  int64_t pass = 0;
-  bool first_of_generation = false;
-};
+namespace {
+
+using Slice = GrpoSlice;
+using MbData = GrpoMicroBatchData;
 
 double nan_mean(const std::vector<double>& v) {
   double s = 0;
@@ -258,12 +262,12 @@ struct GrpoStage::Impl {
   std::string run_dir;
   parallel::Comm comm;
   int rank = 0, world = 1;
-  std::unique_ptr<tokenizer::Tokenizer> tok;
-  std::string tok_dir;
-  std::string chat_template;  // written into saved folders when tokenizer.chat_template overrides the folder's
+  train::Policy p;  // the policy (p.model) on run.device, its tokenizer and pad id
+  std::shared_ptr<const tokenizer::Tokenizer> tok;
   int64_t pad_id = 0;
   std::vector<int64_t> stop_ids;
-  model::Qwen2Model policy, reference;
+  model::Qwen2Model& policy = p.model;
+  model::Qwen2Model reference;  // on the policy's device
   bool has_ref = false;
   std::unique_ptr<rollout::Engine> engine;
   std::unique_ptr<data::PreparedSet> train_set, eval_set;
@@ -280,7 +284,7 @@ struct GrpoStage::Impl {
   int64_t epoch = 0, pos = 0, generations = 0;
   std::vector<int64_t> order;        // this epoch's global row order
   std::vector<double> variance;      // per row: reward variance at its last visit (NaN = unseen)
-  std::vector<train::MicroBatch> buffer;  // remaining micro-batches of the current generation batch
+  std::vector<MbData> buffer;  // remaining micro-batches of the current generation batch
   size_t buffer_next = 0;
   GrpoLossInputs last;
   std::map<std::string, std::pair<double, double>> remote_logs;  // server extra_logs: sum, count this batch
@@ -309,25 +313,16 @@ struct GrpoStage::Impl {
       }
       reward_fns.push_back(it->fn);
     }
-    // Tokenizer
-    std::string tok_path = !r.tokenizer.path.empty() ? r.tokenizer.path : r.model.path;
-    if (tok_path.empty())
-      throw Error("no tokenizer: set tokenizer.path (a folder with tokenizer.json) or model.path");
-    tok_dir = path_exists(tok_path + "/tokenizer.json") ? tok_path : parent_dir(tok_path);
-    tok = std::make_unique<tokenizer::Tokenizer>(tokenizer::Tokenizer::load(tok_path, tokenizer::chat_load_options(r.tokenizer.chat_template, r.tokenizer.chat_template_kwargs)));
-    if (tok->chat_template_overridden()) chat_template = tok->chat_template_source();
-    pad_id = tok->pad_id() >= 0 ? tok->pad_id() : tok->eos_id();
+    // Tokenizer and policy (and the frozen reference: a copy of the start weights), on run.device
+    p = train::load_policy(r, train::run_device(r), "an HF folder, e.g. the SFT or DPO run's final/");
+    tok = p.tokenizer;
+    const std::string& tok_path = p.tok_path;
+    pad_id = p.pad_id;
     for (int64_t id : {static_cast<int64_t>(tok->eos_id()), static_cast<int64_t>(tok->im_end_id())})
       if (id >= 0 && std::find(stop_ids.begin(), stop_ids.end(), id) == stop_ids.end()) stop_ids.push_back(id);
     if (stop_ids.empty())
       throw Error(tok_path + ": the tokenizer names no eos token (tokenizer_config.json eos_token) nor <|im_end|>; "
                   "GRPO needs one to end completions");
-    // Policy (and the frozen reference: a copy of the start weights)
-    policy = train::load_model(r.model, r.run.seed, "an HF folder, e.g. the SFT or DPO run's final/");
-    if (static_cast<int64_t>(tok->vocab_size()) > policy.config().vocab_size)
-      throw Error("the tokenizer at " + tok_path + " has " + std::to_string(tok->vocab_size()) +
-                  " ids but the model's vocab_size is " + std::to_string(policy.config().vocab_size) +
-                  "\n---> HINT: the model and tokenizer do not belong together; check model.path / tokenizer.path");
     if (g.beta != 0) {
       reference = policy.clone();
       reference.set_requires_grad(false);
@@ -671,11 +666,7 @@ struct GrpoStage::Impl {
     buffer_next = 0;
     for (int64_t p = 0; p < mu; ++p) {
       for (int64_t k = 0; k < K; ++k) {
-        auto d = std::make_shared<MbData>();
-        d->slice = slices[k];
-        d->pass = p;
-        d->first_of_generation = p == 0 && k == 0;
-        buffer.push_back({d, slices[k]->active_tokens, slices[k]->tokens});
+        buffer.push_back({slices[k], p, p == 0 && k == 0});
       }
     }
     ++generations;
@@ -700,6 +691,7 @@ struct GrpoStage::Impl {
       const auto& p = gen->prompts[c.prompt];
       const int64_t lp = static_cast<int64_t>(p.ids.size()), lc = static_cast<int64_t>(c.ids.size());
       s->prompt_lengths.push_back(lp);
+      s->row_spans.emplace_back(0, lp + lc);
       for (int64_t t = 0; t < lp; ++t) ids[b * L + t] = p.ids[t], am[b * L + t] = 1;
       const bool masked = r.grpo.mask_truncated_completions && c.truncated;
       for (int64_t t = 0; t < lc; ++t) {
@@ -715,15 +707,17 @@ struct GrpoStage::Impl {
       s->tokens += lp + lc;
       advs[b] = static_cast<float>(c.advantage);
     }
+    // Built on the host, moved to the policy's device once (train::to_device).
     auto i64 = torch::TensorOptions().dtype(torch::kInt64);
-    s->input_ids = torch::tensor(ids, i64).view({B, L});
-    s->attention_mask = torch::tensor(am, i64).view({B, L});
-    s->completion_ids = torch::tensor(cids, i64).view({B, Tc});
-    s->mask = torch::tensor(mask).view({B, Tc});
-    s->sampler_logps = torch::tensor(slp).view({B, Tc});
-    s->advantages = torch::tensor(advs);
-    s->gather_src = torch::tensor(src, i64);
-    s->gather_dst = torch::tensor(dst, i64);
+    auto on = [&](const at::Tensor& t) { return train::to_device(t, p.device); };
+    s->input_ids = on(torch::tensor(ids, i64).view({B, L}));
+    s->attention_mask = on(torch::tensor(am, i64).view({B, L}));
+    s->completion_ids = on(torch::tensor(cids, i64).view({B, Tc}));
+    s->mask = on(torch::tensor(mask).view({B, Tc}));
+    s->sampler_logps = on(torch::tensor(slp).view({B, Tc}));
+    s->advantages = on(torch::tensor(advs));
+    s->gather_src = on(torch::tensor(src, i64));
+    s->gather_dst = on(torch::tensor(dst, i64));
     return s;
   }
 
@@ -732,6 +726,7 @@ struct GrpoStage::Impl {
     model::ForwardInput in;
     in.input_ids = s.input_ids;
     in.attention_mask = s.attention_mask;
+    in.row_spans = s.row_spans;
     model::ForwardOptions fo;
     fo.logits = false;
     fo.activation_checkpointing = r.model.activation_checkpointing;  // only where gradients are taken
@@ -742,14 +737,13 @@ struct GrpoStage::Impl {
     lo.temperature = r.grpo.temperature;
     auto targets = s.completion_ids.reshape({-1}).index_select(0, s.gather_dst);
     auto tl = model::lm_head_logprobs(h, m.lm_head_weight(), targets, lo);
-    auto zeros = torch::zeros({B * Tc}, torch::kFloat32);
+    auto zeros = torch::zeros({B * Tc}, tl.logprobs.options().dtype(torch::kFloat32));
     auto lp = zeros.index_copy(0, s.gather_dst, tl.logprobs).view({B, Tc});
     auto ent = zeros.index_copy(0, s.gather_dst, tl.entropy.detach()).view({B, Tc});
     return {lp, ent};
   }
 
-  train::LossOut loss(const train::MicroBatch& mb, double step_targets) {
-    auto& d = *static_cast<MbData*>(mb.data.get());
+  train::LossOut loss(const MbData& d, double step_targets) {
     Slice& s = *d.slice;
     auto [logps, entropy] = token_logprobs(policy, s);
     GrpoMicroBatch b;
@@ -766,9 +760,9 @@ struct GrpoStage::Impl {
         s.ref_logps = token_logprobs(reference, s).first;
       }
       if (r.grpo.vllm_importance_sampling_correction) {
-        auto w = grpo_importance_weights(s.old_logps, s.sampler_logps, s.mask, is_opt);
+        auto w = grpo_importance_weights(s.old_logps, s.sampler_logps, s.mask, is_opt, /*read_metrics=*/false);
         s.is_weights = w.weights;
-        for (auto& [k, v] : w.metrics) s.is_metrics.add(k, v);
+        s.is_metrics = w.read_metrics;
       }
     } else {
       b.old_logps = s.old_logps;
@@ -784,26 +778,31 @@ struct GrpoStage::Impl {
       // TRL divides by K and DDP averages over P; the loop sums over ranks, so divide by K·P.
       sc.accumulation_steps = K * world;
     }
-    auto res = grpo_loss(b, loss_opt, sc);
+    auto res = grpo_loss(b, loss_opt, sc, /*read_metrics=*/false);
     out.loss = res.loss;
     b.logps = b.logps.detach();  // tests need the values, not the graph
     last = GrpoLossInputs{b, loss_opt, sc, s.input_ids, s.attention_mask, s.completion_ids, s.prompt_lengths, d.pass};
-    // Metrics: generation metrics once per generation batch; per-micro-batch gmeans as ratios.
-    if (d.first_of_generation)
-      for (auto& [k, v] : s.gen->metrics.values()) out.metrics.add(k, v);
-    if (d.pass == 0)
-      for (auto& [k, v] : s.is_metrics.values()) out.metrics.add(k, v);
-    const auto& ms = res.metrics;
-    if (ms.has_kl) out.ratios.push_back({"kl", ms.kl_sum, ms.tokens});
-    if (ms.has_entropy) out.ratios.push_back({"entropy", ms.entropy_sum, ms.tokens});
-    if (ms.has_clip) {
-      out.ratios.push_back({"clip_ratio/low_mean", ms.clip_low_sum, ms.clip_count});
-      out.ratios.push_back({"clip_ratio/high_mean", ms.clip_high_sum, ms.clip_count});
-      out.ratios.push_back({"clip_ratio/region_mean", ms.clip_region_sum, ms.clip_count});
-      // min/max over ranks are averaged by the loop (exact with one rank).
-      out.metrics.add("clip_ratio/low_min", ms.clip_low_min).add("clip_ratio/high_max", ms.clip_high_max);
-    }
-    if (ms.has_cispo) out.ratios.push_back({"cispo_clip_ratio", ms.cispo_clip_sum, ms.tokens});
+    // Metrics, read back after the step (LossOut::read_back): generation metrics once per generation
+    // batch; per-micro-batch gmeans as ratios.
+    std::shared_ptr<GenBatch> gen = d.first_of_generation ? s.gen : nullptr;
+    std::function<NamedValues()> is_metrics = d.pass == 0 ? s.is_metrics : nullptr;
+    out.read_back = [gen, is_metrics, read = std::move(res.read_metrics)](train::LossOut& o) {
+      if (gen)
+        for (auto& [k, v] : gen->metrics.values()) o.metrics.add(k, v);
+      if (is_metrics)
+        for (auto& [k, v] : is_metrics()) o.metrics.add(k, v);
+      const GrpoLossMetricSums ms = read();
+      if (ms.has_kl) o.ratios.push_back({"kl", ms.kl_sum, ms.tokens});
+      if (ms.has_entropy) o.ratios.push_back({"entropy", ms.entropy_sum, ms.tokens});
+      if (ms.has_clip) {
+        o.ratios.push_back({"clip_ratio/low_mean", ms.clip_low_sum, ms.clip_count});
+        o.ratios.push_back({"clip_ratio/high_mean", ms.clip_high_sum, ms.clip_count});
+        o.ratios.push_back({"clip_ratio/region_mean", ms.clip_region_sum, ms.clip_count});
+        // min/max over ranks are averaged by the loop (exact with one rank).
+        o.metrics.add("clip_ratio/low_min", ms.clip_low_min).add("clip_ratio/high_max", ms.clip_high_max);
+      }
+      if (ms.has_cispo) o.ratios.push_back({"cispo_clip_ratio", ms.cispo_clip_sum, ms.tokens});
+    };
     return out;
   }
 
@@ -989,14 +988,17 @@ void GrpoStage::set_rank(int rank, int world_size) {
 }
 optim::NamedTensors GrpoStage::parameters() { return impl_->policy.named_parameters(); }
 int64_t GrpoStage::micro_batches_per_epoch() const { return impl_->gens_per_epoch() * impl_->K * impl_->mu; }
-train::MicroBatch GrpoStage::next_micro_batch() {
+MbData GrpoStage::next_batch(int64_t* targets, int64_t* tokens) {
   auto& s = *impl_;
   if (s.buffer_next >= s.buffer.size()) s.generate_batch();
-  return s.buffer[s.buffer_next++];
+  const MbData& d = s.buffer[s.buffer_next++];
+  *targets = d.slice->active_tokens;
+  *tokens = d.slice->tokens;
+  return d;
 }
 std::string GrpoStage::cursor_json() const { return impl_->cursor_json(); }
 void GrpoStage::restore_cursor(const std::string& json) { impl_->restore_cursor(json); }
-train::LossOut GrpoStage::loss(const train::MicroBatch& mb, double n) { return impl_->loss(mb, n); }
+train::LossOut GrpoStage::batch_loss(const MbData& d, double n) { return impl_->loss(d, n); }
 void GrpoStage::evaluate(Metrics* out) {
   torch::NoGradGuard ng;
   impl_->evaluate_accuracy(out);
@@ -1005,13 +1007,32 @@ void GrpoStage::evaluate_accuracy(Metrics* out) {
   torch::NoGradGuard ng;
   impl_->evaluate_accuracy(out);
 }
-void GrpoStage::save_model(const std::string& dir) {
-  checkpoint::SaveOptions so;
-  so.source_dir = impl_->tok_dir;
-  so.chat_template = impl_->chat_template;
-  so.max_shard_bytes = impl_->r.checkpoint.max_shard_bytes();
-  impl_->policy.save_pretrained(dir, so);
+void GrpoStage::save_model(const std::string& dir) { train::save_policy_model(impl_->policy, impl_->p, impl_->r, dir); }
+train::MicroBatch GrpoStage::prepared_micro_batch(const std::vector<std::vector<int64_t>>& prompts,
+                                                  const std::vector<std::vector<int64_t>>& completions,
+                                                  const std::vector<double>& advantages) {
+  PTK_CHECK(prompts.size() == completions.size() && prompts.size() == advantages.size() && !prompts.empty(),
+            "prepared_micro_batch: one prompt, completion and advantage per row");
+  auto gen = std::make_shared<GenBatch>();
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    Prompt pr;
+    pr.row = static_cast<int64_t>(i);
+    pr.ids = prompts[i];
+    gen->prompts.push_back(std::move(pr));
+    Completion c;
+    c.prompt = static_cast<int64_t>(i);
+    c.ids = completions[i];
+    c.sampler_logps.assign(completions[i].size(), 0.f);
+    c.advantage = advantages[i];
+    gen->completions.push_back(std::move(c));
+    rows.push_back(static_cast<int64_t>(i));
+  }
+  auto slice = impl_->make_slice(gen, rows);
+  auto d = std::make_shared<MbData>(MbData{slice, 0, false});
+  return {d, slice->active_tokens, slice->tokens, &typeid(MbData)};
 }
+
 bool GrpoStage::has_reference() const { return impl_->has_ref; }
 optim::NamedTensors GrpoStage::reference_parameters() const {
   return impl_->has_ref ? impl_->reference.named_parameters() : optim::NamedTensors{};

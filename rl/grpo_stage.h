@@ -105,10 +105,18 @@ struct GrpoLossInputs {
   int64_t pass = 0;                      // 0 .. num_iterations-1
 };
 
+struct GrpoSlice;  // one micro-batch's rows of a generation batch, on the policy's device (grpo_stage.cpp)
+// A GRPO micro-batch: one pass (0 .. num_iterations-1) over one slice of a generation batch.
+struct GrpoMicroBatchData {
+  std::shared_ptr<GrpoSlice> slice;
+  int64_t pass = 0;
+  bool first_of_generation = false;
+};
+
 // One rank's GRPO stage. Generation batch per rank = train.micro_batch_size * train.grad_accum
 // completions (whole groups of G), generated at the first micro-batch of every num_iterations-th
 // step and handed out as grad_accum micro-batches per pass. Threading: one thread.
-class GrpoStage : public train::Stage {
+class GrpoStage : public train::TypedStage<GrpoMicroBatchData> {
  public:
   // `comm`: the data-parallel group (rewards are gathered over it so advantages see the global
   // batch). Loads the policy (model.path or model.config) and, when beta != 0, a frozen clone.
@@ -120,10 +128,11 @@ class GrpoStage : public train::Stage {
   void set_rank(int rank, int world_size) override;
   optim::NamedTensors parameters() override;
   int64_t micro_batches_per_epoch() const override;
-  train::MicroBatch next_micro_batch() override;
+  // The next micro-batch of the generation batch (generating the next one when it is used up).
+  GrpoMicroBatchData next_batch(int64_t* targets, int64_t* tokens) override;
   std::string cursor_json() const override;
   void restore_cursor(const std::string& json) override;
-  train::LossOut loss(const train::MicroBatch& mb, double step_targets) override;
+  train::LossOut batch_loss(const GrpoMicroBatchData& batch, double step_targets) override;
   void evaluate(Metrics* out) override;
   void save_model(const std::string& dir) override;
 
@@ -132,7 +141,12 @@ class GrpoStage : public train::Stage {
   // sampled_accuracy. Nothing when data.eval is empty.
   void evaluate_accuracy(Metrics* out);
 
-  // For tests.
+  // For tests: pass 0 of a micro-batch of given completions, as a generation batch would make it,
+  // without generating or scoring (prompts[i] and completions[i] token ids, advantages[i] its
+  // advantage; sampler log-probs 0). Its tensors are on the policy's device.
+  train::MicroBatch prepared_micro_batch(const std::vector<std::vector<int64_t>>& prompts,
+                                         const std::vector<std::vector<int64_t>>& completions,
+                                         const std::vector<double>& advantages);
   bool has_reference() const;
   optim::NamedTensors reference_parameters() const;
   const model::Qwen2Model& policy() const;

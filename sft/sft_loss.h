@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <utility>
 
 namespace ptk::sft {
 
@@ -20,6 +21,22 @@ struct SftTerms {
 // input ids (not shifted), -100 where no loss: the target set is {(b, s): s >= 1, labels[b, s] != -100},
 // scored from position s - 1 (a label at position 0 is never a target).
 SftTerms sft_terms(const at::Tensor& hidden, const at::Tensor& lm_head, const at::Tensor& labels);
+
+// The same terms from targets found on the host: `index` (M) int64 holds the flat positions b·(T-1) + s-1
+// of the targets (the predicting positions), `targets` (M) their token ids, both on hidden's device.
+// Nothing is read back: the sums stay device tensors (entropy_sum, correct), for the loop to read
+// once per step. sft_terms above is this with index = nonzero(shifted labels != -100).
+struct SftTermTensors {
+  at::Tensor nll_sum;      // scalar, differentiable
+  at::Tensor entropy_sum;  // scalar float32, detached
+  at::Tensor correct;      // scalar int64
+  int64_t targets = 0;     // M
+};
+SftTermTensors sft_term_tensors(const at::Tensor& hidden, const at::Tensor& lm_head, const at::Tensor& index,
+                                const at::Tensor& targets);
+
+// The flat target positions of host-side `labels` (B, T) as sft_term_tensors takes them: {index, targets}.
+std::pair<at::Tensor, at::Tensor> target_index(const at::Tensor& labels);
 
 // N for the step, counted on targets (shifted labels): what the loop sums over micro-batches.
 int64_t count_targets(const at::Tensor& labels);

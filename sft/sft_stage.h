@@ -9,6 +9,8 @@
 #include <vector>
 
 #include "core/config/sections.h"  // TrainingRecipe
+#include "core/parallel/comm.h"     // Comm
+#include "core/train/trainer.h"     // Stage
 #include "eval/eval.h"           // HeldoutOptions
 
 namespace ptk::sft {
@@ -31,6 +33,10 @@ struct SftRecipe : config::TrainingRecipe {
     return s;
   }
 };
+
+// The stage `ptk sft` trains (run_sft builds it the same way): the policy on run.device, data prepared
+// into run_dir on rank 0 of `comm`. For tests that drive its steps themselves.
+std::unique_ptr<train::Stage> make_sft_stage(SftRecipe& recipe, const std::string& run_dir, parallel::Comm& comm);
 
 // Runs the whole stage: prepare (or reuse) data, build/load the model, train with core/train's
 // loop, write run_dir/final. `recipe_file` names the run folder when run.dir is empty.

@@ -35,8 +35,8 @@ void ModelSection::visit(Visitor& v) {
   v.opt(config, "config", "", "a config.json for random init (instead of model.path)");
   v.choice(dtype, "dtype", "auto", {"auto", "float32", "bfloat16"},
            "dtype of the trained model's parameters (bfloat16: AdamW keeps fp32 master weights and moments; "
-           "the lm_head log-softmax runs in fp32); auto = float32 (stages run on the CPU, where bf16 is "
-           "emulated and ~3x slower)");
+           "the lm_head log-softmax runs in fp32); auto = bfloat16 when run.device is a GPU, float32 on the "
+           "CPU (where bf16 is emulated and ~3x slower)");
   v.opt(activation_checkpointing, "activation_checkpointing", false,
         "keep only each decoder layer's input and recompute the layer in backward: activation memory per "
         "layer falls from ~40 (tokens x hidden) tensors plus attention probabilities to one, for ~1/3 more compute");

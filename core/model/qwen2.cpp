@@ -814,8 +814,9 @@ ForwardOutput Qwen2Model::forward(const ForwardInput& in, const ForwardOptions& 
     // Tied LM (no score head): the lm_head op's dense (V, H) gradient reaches this weight too, and
     // autograd adds a sparse (T rows) embedding gradient into it in place. A dense one would be a
     // zero-filled (V, H) tensor plus a full add: ~1 s a step at the 0.5B shape (train_step_bench).
+    // CPU only: on a GPU the dense gradient is one scatter-add kernel (and meta has no sparse kernels).
     const bool sparse_grad = config_.tie_word_embeddings && !score_.defined() && at::GradMode::is_enabled() &&
-                             embed_tokens_.requires_grad();
+                             embed_tokens_.requires_grad() && embed_tokens_.is_cpu();
     x = at::embedding(embed_tokens_, ids, /*padding_idx=*/-1, /*scale_grad_by_freq=*/false, sparse_grad);  // (B, T, H)
   }
   if (options.layer_outputs) out.layer_outputs.push_back(x);

@@ -10,6 +10,7 @@
 #include "core/train/checkpoint_dir.h"
 #include "core/train/rerun.h"
 #include "core/train/run_folder.h"
+#include "core/runtime/device.h"
 #include "core/runtime/log.h"
 
 namespace ptk::train {
@@ -24,16 +25,18 @@ bool is_fresh_run(const config::TrainingRecipe& r, const std::string& run_dir) {
   return CheckpointDir(run_dir + "/checkpoints", r.checkpoint.keep_last).latest().empty();
 }
 
-model::LoadOptions model_load_options(const config::ModelSection& m) {
+model::LoadOptions model_load_options(const config::ModelSection& m, const at::Device& device) {
   model::LoadOptions o;
-  o.dtype = m.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+  o.device = device;
+  o.dtype = m.dtype == "bfloat16" || (m.dtype == "auto" && device.is_cuda()) ? at::kBFloat16 : at::kFloat;
   return o;
 }
 
-model::Qwen2Model load_model(const config::ModelSection& m, uint64_t seed, const std::string& path_hint) {
-  if (!m.path.empty()) return model::Qwen2Model::from_pretrained(m.path, model_load_options(m));
-  if (!m.config.empty())
-    return model::Qwen2Model::from_config(checkpoint::read_config(m.config), seed, model_load_options(m));
+model::Qwen2Model load_model(const config::ModelSection& m, uint64_t seed, const std::string& path_hint,
+                             const at::Device& device) {
+  const model::LoadOptions o = model_load_options(m, device);
+  if (!m.path.empty()) return model::Qwen2Model::from_pretrained(m.path, o);
+  if (!m.config.empty()) return model::Qwen2Model::from_config(checkpoint::read_config(m.config), seed, o);
   throw Error("set model.path (" + path_hint + ") or model.config (a config.json for random init)");
 }
 
@@ -54,6 +57,8 @@ TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::strin
   // First, before anything is prepared, loaded or written: a finished run of this recipe stops here
   // (exit 0), and checkpoints trained with another recipe are refused with the differences.
   check_rerun(run_dir, r.root.resume, resolved_recipe, label, log::info);
+  // run.device next: a GPU asked for on a machine without one is refused before anything is made.
+  runtime::resolve_device(r.run.device, "run.device");
   // A model.path that is not a model folder is named as such here, not later as a tokenizer problem
   // (the stages read the tokenizer from model.path when tokenizer.path is empty).
   if (!r.model.path.empty()) checkpoint::require_model_folder(r.model.path, "model.path");

@@ -17,15 +17,16 @@ std::string run_dir_of(const config::TrainingRecipe& r, const std::string& recip
 // checkpoint in run_dir/checkpoints yet (for "before training" evals).
 bool is_fresh_run(const config::TrainingRecipe& r, const std::string& run_dir);
 
-// model.dtype as the dtype a stage loads or initialises its trained model in: float32, bfloat16
-// (bf16 parameters; AdamW keeps fp32 master weights and moments), or auto = float32 (the stages
-// place models on the CPU, where bf16 is emulated and ~3x slower).
-model::LoadOptions model_load_options(const config::ModelSection& m);
+// model.dtype on `device` (run.device, resolved: stage_setup.h's run_device): float32 / bfloat16 as set;
+// auto = bfloat16 on CUDA (AdamW keeps fp32 master weights and moments), float32 elsewhere (on the
+// CPU bf16 is emulated and ~3x slower).
+model::LoadOptions model_load_options(const config::ModelSection& m, const at::Device& device = at::kCPU);
 
 // The model a stage trains: model.path (an HF folder) or model.config (random init from `seed`), in
-// model.dtype. Neither set: an Error "set model.path (<path_hint>) or model.config (a config.json
-// for random init)".
-model::Qwen2Model load_model(const config::ModelSection& m, uint64_t seed, const std::string& path_hint);
+// model.dtype, on `device`. Neither set: an Error "set model.path (<path_hint>) or model.config (a
+// config.json for random init)".
+model::Qwen2Model load_model(const config::ModelSection& m, uint64_t seed, const std::string& path_hint,
+                             const at::Device& device = at::kCPU);
 
 // Refuses the run (a ptk::Error on every rank of `comm`) when `plan`'s memory estimate exceeds what
 // this rank has (memory_refusal). Stages call it after trainer_options() and before they load or

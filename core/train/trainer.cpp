@@ -606,6 +606,22 @@ int64_t Trainer::run() {
       }
       return i;
     };
+    // A micro-batch's host-side metrics and ratios (LossOut::metrics, ::ratios).
+    auto host_values = [&](const LossOut& lo, size_t mb) {
+      for (auto& [key, v] : lo.metrics.values()) {
+        size_t i = metric_index(key);
+        if (std::isfinite(v)) {
+          sums[i].second += v;
+          ++counts[i];
+        }
+      }
+      for (auto& r : lo.ratios) {
+        size_t i = ratio_index(r.name);
+        ratio_nd[i][2 * mb] = r.num;
+        ratio_nd[i][2 * mb + 1] = r.den;
+      }
+    };
+    std::vector<std::pair<size_t, std::function<void(LossOut&)>>> deferred;  // LossOut::read_back per micro-batch
     for (size_t k = 0; k < mbs.size(); ++k) {
       const bool last_mb = k + 1 == mbs.size();
       LossOut out = s.stage.loss(mbs[k], static_cast<double>(std::max<int64_t>(n_targets, 1)));
@@ -613,19 +629,10 @@ int64_t Trainer::run() {
       out.loss.backward();
       if (last_mb && s.grad_sync) s.grad_sync->finish();
       reads.add_loss(out.loss);
-      for (auto& [key, v] : out.metrics.values()) {
-        size_t i = metric_index(key);
-        if (std::isfinite(v)) {
-          sums[i].second += v;
-          ++counts[i];
-        }
-      }
+      // Filled after the step's one read below (LossOut::read_back): no host read per micro-batch.
+      if (out.read_back) deferred.emplace_back(k, std::move(out.read_back));
+      host_values(out, k);
       for (auto& [key, t] : out.tensor_metrics) reads.add_metric(metric_index(key), key, t);
-      for (auto& r : out.ratios) {
-        size_t i = ratio_index(r.name);
-        ratio_nd[i][2 * k] = r.num;
-        ratio_nd[i][2 * k + 1] = r.den;
-      }
       for (auto& r : out.tensor_ratios) reads.add_ratio(ratio_index(r.name), k, r.name, r.num, r.den);
     }
     // Clipping before the read: the norm joins the one copy to the host of this step, and the NaN
@@ -633,6 +640,13 @@ int64_t Trainer::run() {
     at::Tensor norm_t = optim::clip_grad_norm_tensor(param_tensors, o.clip_grad_norm);
     double loss_sum = 0, norm = 0;
     reads.read(norm_t, &loss_sum, &norm, &sums, &counts, &ratio_nd);
+    // The stages' read_back closures, in micro-batch order on every rank (some all-reduce): the device
+    // work is done by now, so their reads wait for nothing.
+    for (auto& [mb, fill] : deferred) {
+      LossOut later;
+      fill(later);
+      host_values(later, mb);
+    }
     // Metrics over ranks (docs/FORMULAS.md section 0): the loss and counts summed, plain metrics averaged
     // over every (rank, micro-batch) value, ratios as sum(num) / sum(den) per micro-batch.
     if (comm.world_size() > 1) {

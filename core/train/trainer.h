@@ -7,8 +7,11 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <stdexcept>
 #include <string>
+#include <typeinfo>
 #include <vector>
 
 #include "core/parallel/comm.h"      // Comm
@@ -17,11 +20,13 @@
 
 namespace ptk::train {
 
-// One micro-batch, opaque to the loop.
+// One micro-batch, opaque to the loop. Stages make and read them through TypedStage<Batch> (below),
+// which checks `type`: a stage cannot be handed another stage's batch.
 struct MicroBatch {
-  std::shared_ptr<void> data;  // the stage's own batch type
-  int64_t targets = 0;         // loss-normalizing count this micro-batch adds to the step's N
-  int64_t tokens = 0;          // tokens processed (tokens/s, MFU)
+  std::shared_ptr<void> data;            // the stage's own batch type, already on the model's device
+  int64_t targets = 0;                   // loss-normalizing count this micro-batch adds to the step's N
+  int64_t tokens = 0;                    // tokens processed (tokens/s, MFU)
+  const std::type_info* type = nullptr;  // typeid of *data (TypedStage sets and checks it)
 };
 
 // A ratio metric whose numerator and denominator are each summed over ranks before dividing
@@ -46,6 +51,11 @@ struct LossOut {
   // `metrics` (mean of the finite values over micro-batches and ranks; a name may appear in both).
   std::vector<std::pair<std::string, at::Tensor>> tensor_metrics;
   std::vector<TensorRatio> tensor_ratios;  // as `ratios`
+  // The step's only host reads: a stage whose metrics come from device tensors keeps them (detached)
+  // in this closure, which fills `metrics` and `ratios` when the loop calls it, after the step's
+  // backward passes, instead of reading them back (a device synchronisation) inside loss(). The
+  // loop calls it once per LossOut before it reads metrics/ratios; empty: nothing to read.
+  std::function<void(LossOut&)> read_back;
 };
 
 class Stage {
@@ -72,6 +82,29 @@ class Stage {
   virtual void save_model(const std::string& dir) = 0;
   // Model FLOPs per trained token (6N + attention) for MFU; 0 = not reported.
   virtual double flops_per_token() const { return 0; }
+};
+
+// A Stage whose micro-batches are `Batch`es: it owns the cast from MicroBatch::data, so a stage's
+// loss() only ever sees its own batch type (a MicroBatch of another type is refused).
+template <class Batch>
+class TypedStage : public Stage {
+ public:
+  MicroBatch next_micro_batch() final {
+    int64_t targets = 0, tokens = 0;
+    auto b = std::make_shared<Batch>(next_batch(&targets, &tokens));
+    return {std::move(b), targets, tokens, &typeid(Batch)};
+  }
+  LossOut loss(const MicroBatch& mb, double step_targets) final {
+    if (!mb.data || !mb.type || *mb.type != typeid(Batch))
+      throw std::logic_error(std::string("a micro-batch of type ") + (mb.type ? mb.type->name() : "unknown") +
+                             " was handed to a stage that reads " + typeid(Batch).name());
+    return batch_loss(*static_cast<const Batch*>(mb.data.get()), step_targets);
+  }
+
+ protected:
+  // The next micro-batch, on the model's device; sets its target and token counts (host-side).
+  virtual Batch next_batch(int64_t* targets, int64_t* tokens) = 0;
+  virtual LossOut batch_loss(const Batch& batch, double step_targets) = 0;
 };
 
 struct TrainerOptions {

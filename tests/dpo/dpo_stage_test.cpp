@@ -75,7 +75,8 @@ at::Tensor hand_logps(const model::Qwen2Model& m, const PairBatch& b) {
   return (tok * b.completion_mask.slice(1, 1)).sum(1);                // (R)
 }
 
-double ratio(const train::LossOut& o, const std::string& name) {
+double ratio(train::LossOut o, const std::string& name) {
+  if (o.read_back) o.read_back(o);  // what the loop does once per step
   for (auto& r : o.ratios)
     if (r.name == name) return r.num / r.den;
   ADD_FAILURE() << "no metric " << name;

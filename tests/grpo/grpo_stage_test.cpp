@@ -148,6 +148,9 @@ TEST(GrpoStage, RatioIsExactlyOneAtMu1AndOldLogprobsAreThePass0Ones) {
   EXPECT_FALSE(in0.batch.old_logps.defined());
   double expect = -(in0.batch.mask * in0.batch.advantages.unsqueeze(1)).sum().item<double>() / mb0.targets;
   EXPECT_NEAR(out0.loss.item<double>(), expect, 1e-7);
+  ASSERT_TRUE(out0.read_back);
+  out0.read_back(out0);  // what the loop does once per step
+  EXPECT_FALSE(out0.ratios.empty());
   for (auto& rt : out0.ratios) {
     if (rt.name.rfind("clip_ratio/", 0) == 0) {
       EXPECT_EQ(rt.num, 0) << rt.name;

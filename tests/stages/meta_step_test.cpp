@@ -1,0 +1,253 @@
+// One optimizer step of every stage with run.device=meta: SFT (packed and padded rows), DPO with a
+// live reference and with cached reference log-probs, CPO, RM, and GRPO's loss on a prepared batch.
+// Each stage is built the way its command builds it (a recipe bound from JSON, a tiny random model
+// from a config.json or an HF folder, the byte tokenizer); the step is the trainer's: the
+// micro-batches of one step, each loss divided by the step's target count and backward, clipping,
+// and an AdamW update. The meta device holds shapes, not numbers: any tensor the step makes on the
+// CPU while the model is on meta (a mask, an index, reference log-probs, advantages) fails the op
+// that mixes them, and any read back to the host (.item(), nonzero, a copy to the CPU) throws.
+// LossOut::read_back (the loop's once-per-step read) is not called: it is the host read.
+// Not numbers (the stage tests check those on the CPU), not the loop's own metrics reads (part of
+// Trainer::run).
+#include <ATen/ExpandUtils.h>
+#include <ATen/WrapDimUtils.h>
+#include <gtest/gtest.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+#include "core/config/recipe.h"
+#include "core/model/qwen2.h"
+#include "core/optim/adamw.h"
+#include "core/optim/clip.h"
+#include "core/parallel/comm.h"
+#include "core/train/trainer.h"
+#include "core/util/fs.h"
+#include "datasets/byte_tokenizer.h"
+#include "reward/rm_stage.h"
+#include "rl/dpo_stage.h"
+#include "rl/grpo_stage.h"
+#include "sft/sft_stage.h"
+#include "tests/support/test_util.h"
+#include "tests/support/tiny_model_json.h"
+
+namespace ptk {
+namespace {
+
+// LibTorch's C++ dispatcher has no Meta kernel for a few ops a step runs (torch registers theirs in
+// Python, torch/_meta_registrations.py): shape functions for them here. Each refuses a tensor
+// argument that is not on meta (a 0-dim CPU scalar aside, which ATen allows on any device), so
+// they keep what the test checks.
+void require_meta(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK(t.is_meta() || (t.is_cpu() && t.dim() == 0), op, ": ", arg, " is on ", t.device(),
+              " while the step runs on meta (a tensor made on the CPU)");
+}
+
+at::Tensor meta_index_select(const at::Tensor& self, int64_t dim, const at::Tensor& index) {
+  require_meta(self, "index_select", "self");
+  require_meta(index, "index_select", "index");
+  auto sizes = self.sizes().vec();
+  if (!sizes.empty()) sizes[at::maybe_wrap_dim(dim, self.dim())] = index.numel();
+  return at::empty(sizes, self.options());
+}
+
+at::Tensor meta_embedding_dense_backward(const at::Tensor& grad, const at::Tensor& indices, c10::SymInt num_weights,
+                                         c10::SymInt /*padding_idx*/, bool /*scale_grad_by_freq*/) {
+  require_meta(grad, "embedding_dense_backward", "grad");
+  require_meta(indices, "embedding_dense_backward", "indices");
+  return at::empty({num_weights.expect_int(), grad.size(-1)}, grad.options());
+}
+
+at::Tensor meta_where(const at::Tensor& cond, const at::Tensor& self, const at::Tensor& other) {
+  for (const auto* t : {&cond, &self, &other}) require_meta(*t, "where", "an argument");
+  auto sizes = at::infer_size(at::infer_size(cond.sizes(), self.sizes()), other.sizes());
+  return at::empty(sizes, self.options().dtype(at::result_type(self, other)).device(at::kMeta));
+}
+
+at::Tensor& meta_logical_and_out(const at::Tensor& self, const at::Tensor& other, at::Tensor& out) {
+  require_meta(self, "logical_and", "self");
+  require_meta(other, "logical_and", "other");
+  out.resize_(at::infer_size(self.sizes(), other.sizes()));
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(aten, Meta, m) {
+  m.impl("index_select", meta_index_select);
+  m.impl("embedding_dense_backward", meta_embedding_dense_backward);
+  m.impl("where.self", meta_where);
+  m.impl("logical_and.out", meta_logical_and_out);
+}
+
+struct Fixture {
+  test::TempDir d;
+  Fixture() {
+    tasks::write_byte_tokenizer(d.file("tok"));
+    d.write("model.json", test::kTinyByteModelJson);
+    std::string sft, pairs, prompts;
+    for (int i = 0; i < 8; ++i) {
+      const std::string q = "What is " + std::to_string(i) + " + " + std::to_string(2 * i) + "?";
+      sft += "{\"prompt\": \"" + q + " \", \"completion\": \"It is " + std::to_string(3 * i) +
+             (i % 2 ? "." : ", I think.") + "\"}\n";
+      pairs += "{\"prompt\": \"" + q + " \", \"chosen\": \"" + std::to_string(3 * i) + (i % 3 ? "." : ", surely.") +
+               "\", \"rejected\": \"" + std::to_string(3 * i + 7) + "\"}\n";
+      prompts += "{\"prompt\": \"" + q + "\", \"answer\": \"" + std::to_string(3 * i) + "\"}\n";
+    }
+    d.write("sft.jsonl", sft);
+    d.write("pairs.jsonl", pairs);
+    d.write("prompts.jsonl", prompts);
+  }
+  // The shared keys: run.device=meta, the tiny random model, the byte tokenizer, `data`.
+  std::vector<std::string> keys(const std::string& run, const std::string& data, std::vector<std::string> more = {}) {
+    std::vector<std::string> k{"run.device=meta", "run.seed=3", "run.dir=" + d.file(run),
+                               "model.config=" + d.file("model.json"), "tokenizer.path=" + d.file("tok"),
+                               "data.train=[\"" + d.file(data) + "\"]", "data.max_seq_len=64",
+                               "train.micro_batch_size=2", "train.grad_accum=2"};
+    k.insert(k.end(), more.begin(), more.end());
+    return k;
+  }
+  template <class Recipe>
+  void bind(Recipe& r, const std::vector<std::string>& keys) {
+    config::bind_recipe(config::load_recipe("", keys), r.all_sections());
+  }
+};
+
+void expect_meta(const at::Tensor& t, const std::string& what) {
+  ASSERT_TRUE(t.defined()) << what;
+  EXPECT_TRUE(t.is_meta()) << what << " is on " << t.device();
+}
+
+// The trainer's step on `stage`: K micro-batches, each loss (÷ the step's targets) backward, the
+// gradient norm clipped to 1 (optim::clip_grad_norm_tensor, as Trainer::run), AdamW.
+void one_step(train::Stage& stage, int64_t K) {
+  auto params = stage.parameters();
+  ASSERT_FALSE(params.empty());
+  for (auto& [name, p] : params) expect_meta(p, name);
+  optim::AdamW adamw(params, optim::AdamWOptions{});
+  std::vector<train::MicroBatch> mbs;
+  int64_t targets = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    mbs.push_back(stage.next_micro_batch());
+    targets += mbs.back().targets;
+  }
+  for (auto& mb : mbs) {
+    train::LossOut out = stage.loss(mb, static_cast<double>(std::max<int64_t>(targets, 1)));
+    expect_meta(out.loss, "the loss");
+    EXPECT_EQ(out.loss.dim(), 0);
+    out.loss.backward();
+  }
+  int with_grad = 0;
+  std::vector<at::Tensor> tensors;
+  for (auto& [name, p] : params) {
+    tensors.push_back(p);
+    if (!p.grad().defined()) continue;
+    ++with_grad;
+    expect_meta(p.grad(), name + ".grad");
+  }
+  EXPECT_GT(with_grad, 0) << "no parameter got a gradient";
+  expect_meta(optim::clip_grad_norm_tensor(tensors, 1.0), "the gradient norm");  // the loop's clipping
+  adamw.step(1e-3);
+  for (auto& [name, p] : params) expect_meta(p, name + " after the update");
+}
+
+// What the tests below rely on: an op mixing a meta tensor with a CPU one (here the kinds of tensor a
+// step builds: an index, a mask, cached log-probs) throws, and so does a read back to the host.
+TEST(MetaStep, MixingCpuTensorsIntoAMetaStepThrows) {
+  at::Tensor h = torch::empty({4, 3}, torch::device(torch::kMeta));
+  EXPECT_ANY_THROW(h.index_select(0, torch::tensor({0, 2}, torch::kLong)));
+  EXPECT_ANY_THROW(h * torch::ones({4, 3}));
+  EXPECT_ANY_THROW(h.sum(1) - torch::zeros({4}));
+  EXPECT_ANY_THROW(h.sum().item<double>());
+  EXPECT_NO_THROW(h.index_select(0, torch::tensor({0, 2}, torch::kLong).to(torch::kMeta)));
+}
+
+TEST(MetaStep, SftPaddedAndPacked) {
+  Fixture f;
+  for (const char* packing : {"false", "true"}) {
+    SCOPED_TRACE(std::string("data.packing=") + packing);
+    sft::SftRecipe r;
+    f.bind(r, f.keys(std::string("sft-") + packing, "sft.jsonl", {std::string("data.packing=") + packing}));
+    parallel::Comm comm;
+    auto stage = sft::make_sft_stage(r, r.run.dir, comm);
+    one_step(*stage, 2);
+  }
+}
+
+TEST(MetaStep, DpoLiveReferenceAndCpo) {
+  Fixture f;
+  {
+    rl::DpoRecipe r;
+    f.bind(r, f.keys("dpo-live", "pairs.jsonl", {"dpo.precompute_ref_log_probs=false"}));
+    rl::DpoStage stage(r, r.run.dir);
+    ASSERT_FALSE(stage.precomputes_reference());
+    expect_meta(stage.reference().named_parameters().front().second, "the reference");
+    one_step(stage, 2);
+  }
+  {
+    rl::DpoRecipe r;
+    f.bind(r, f.keys("cpo", "pairs.jsonl", {"dpo.algorithm=cpo", "dpo.loss_type=sigmoid"}));
+    rl::DpoStage stage(r, r.run.dir);
+    one_step(stage, 2);
+  }
+}
+
+// The cache is written by a CPU run of the same recipe (its key is the reference and the data, not
+// the device); the meta stage reads it and moves it to its device.
+TEST(MetaStep, DpoCachedReference) {
+  Fixture f;
+  const std::string run = "dpo-cached";
+  {
+    rl::DpoRecipe cpu;
+    f.bind(cpu, f.keys(run, "pairs.jsonl", {"run.device=cpu", "dpo.precompute_ref_log_probs=true"}));
+    rl::DpoStage stage(cpu, cpu.run.dir);
+    stage.set_rank(0, 1);  // computes and writes the cache
+    ASSERT_TRUE(path_exists(stage.ref_cache_path()));
+  }
+  rl::DpoRecipe r;
+  f.bind(r, f.keys(run, "pairs.jsonl", {"dpo.precompute_ref_log_probs=true"}));
+  rl::DpoStage stage(r, r.run.dir);
+  stage.set_rank(0, 1);
+  ASSERT_TRUE(stage.precomputes_reference());
+  one_step(stage, 2);
+}
+
+TEST(MetaStep, RewardModel) {
+  Fixture f;
+  reward::RmRecipe r;
+  f.bind(r, f.keys("rm", "pairs.jsonl", {"rm.center_rewards_coefficient=0.01"}));
+  auto stage = reward::make_rm_stage(r, r.run.dir, parallel::Comm());
+  one_step(*stage, 2);
+}
+
+// Rollouts need real numbers: the micro-batch is a prepared one (prompt and completion ids,
+// advantages), as generation would hand it to the loss; with a reference (beta) and the
+// importance-sampling correction (on by default).
+TEST(MetaStep, GrpoLossOnAPreparedBatch) {
+  Fixture f;
+  rl::GrpoRecipe r;
+  f.bind(r, f.keys("grpo", "prompts.jsonl",
+                   {"train.micro_batch_size=4", "train.grad_accum=1", "grpo.num_generations=4", "grpo.beta=0.04",
+                    "grpo.max_completion_length=8", "grpo.reward_funcs=[\"math\"]"}));
+  for (const char* loss_type : {"dapo", "grpo"}) {
+    SCOPED_TRACE(loss_type);
+    r.grpo.loss_type = loss_type;
+    rl::GrpoStage stage(r, r.run.dir);
+    ASSERT_TRUE(stage.has_reference());
+    auto params = stage.parameters();
+    optim::AdamW adamw(params, optim::AdamWOptions{});
+    train::MicroBatch mb = stage.prepared_micro_batch({{72, 105, 63}, {72, 105, 63}, {50, 43, 50, 61}, {50, 43, 50, 61}},
+                                                      {{52, 258}, {53, 53, 46}, {52, 258}, {120}},
+                                                      {0.5, -0.5, 1.0, -1.0});
+    train::LossOut out = stage.loss(mb, static_cast<double>(mb.targets));
+    expect_meta(out.loss, "the loss");
+    out.loss.backward();
+    for (auto& [name, p] : params)
+      if (p.grad().defined()) p.grad().mul_(0.5);
+    adamw.step(1e-3);
+    for (auto& [name, p] : params) expect_meta(p, name);
+  }
+}
+
+}  // namespace
+}  // namespace ptk
