@@ -16,6 +16,7 @@
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/error.h"
 #include "datasets/records.h"
+#include "reward/rm_stage.h"
 #include "reward/verifiers.h"
 #include "rollout/engine.h"
 
@@ -104,27 +105,17 @@ EvalResult evaluate(const model::Qwen2Model& model, const tokenizer::Tokenizer& 
   }
   if (o.reward_model) {
     torch::NoGradGuard ng;
-    const int64_t pad = o.reward_model->config().pad_token_id.value_or(0);
+    const auto pad_id = o.reward_model->config().pad_token_id;
+    const at::Device device = o.reward_model->embed_tokens_.device();
     for (size_t start = 0; start < full.size(); start += 16) {
       size_t end = std::min(full.size(), start + 16);
-      int64_t T = 0;
-      for (size_t k = start; k < end; ++k) T = std::max<int64_t>(T, full[k].size());
-      auto ids = torch::full({static_cast<int64_t>(end - start), T}, pad, torch::kInt64);
-      auto mask = torch::zeros({static_cast<int64_t>(end - start), T}, torch::kInt64);
-      for (size_t k = start; k < end; ++k) {
-        int64_t b = static_cast<int64_t>(k - start), n = static_cast<int64_t>(full[k].size());
-        ids[b].slice(0, 0, n).copy_(torch::tensor(full[k], torch::kInt64));
-        mask[b].slice(0, 0, n).fill_(1);
-      }
-      model::ForwardInput in;
-      in.input_ids = ids;
-      in.attention_mask = mask;
-      model::ForwardOptions fo;
-      fo.logits = false;
-      auto out = o.reward_model->forward(in, fo);
-      // Read where training and the reward server read: the last token that is not the pad id.
-      auto scores =
-          o.reward_model->score(out.hidden, model::score_index(ids, mask, o.reward_model->config().pad_token_id));
+      std::vector<std::vector<int64_t>> rows(full.begin() + start, full.begin() + end);
+      auto [ids, lens] = reward::pad_rows(rows, pad_id.value_or(0));
+      std::vector<std::pair<int64_t, int64_t>> spans;  // right padding, host-side (no mask read back)
+      for (const auto& r : rows) spans.emplace_back(0, static_cast<int64_t>(r.size()));
+      // Read where training and the reward server read (reward::score_rows); one copy back per batch.
+      at::Tensor scores = reward::score_rows(*o.reward_model, ids.to(device), lens.to(device), pad_id, false, spans)
+                              .to(torch::kCPU, torch::kDouble);
       for (size_t k = start; k < end; ++k) res.items[k].reward = scores[k - start].item<double>();
     }
     res.has_reward = true;

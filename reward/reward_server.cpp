@@ -249,7 +249,13 @@ struct RewardServer::Impl {
     std::exception_ptr failure;
     try {
       auto [ids, lens] = pad_rows(rows, pad_id);
-      at::Tensor out = score_rows(model, ids, lens, pad_id).to(torch::kDouble).contiguous();  // (R)
+      std::vector<std::pair<int64_t, int64_t>> spans;  // right padding, host-side
+      for (const auto& r : rows) spans.emplace_back(0, static_cast<int64_t>(r.size()));
+      const at::Device device = model.embed_tokens_.device();
+      // On the model's device; the (R) scores come back to the host once per batch.
+      at::Tensor out = score_rows(model, ids.to(device), lens.to(device), pad_id, false, spans)
+                           .to(torch::kCPU, torch::kDouble)
+                           .contiguous();  // (R)
       s.assign(out.data_ptr<double>(), out.data_ptr<double>() + out.numel());
     } catch (...) {
       failure = std::current_exception();
@@ -585,7 +591,7 @@ struct RewardServer::Impl {
   }
 };
 
-RewardServer::RewardServer(const RewardSection& options) : impl_(std::make_unique<Impl>()) {
+RewardServer::RewardServer(const RewardSection& options, const at::Device& device) : impl_(std::make_unique<Impl>()) {
   auto& m = *impl_;
   m.opt = options;
   config::Errors errs;
@@ -600,7 +606,9 @@ RewardServer::RewardServer(const RewardSection& options) : impl_(std::make_uniqu
     m.verifier_weights.push_back(options.verifier_weights.empty() ? 1.0 : options.verifier_weights[k]);
   }
   if (!options.model.empty()) {
-    m.model = model::Qwen2Model::from_pretrained(options.model);
+    model::LoadOptions lo;
+    lo.device = device;
+    m.model = model::Qwen2Model::from_pretrained(options.model, lo);
     if (!m.model.has_score_head())
       throw Error("reward.model = " + options.model + " is a " + m.model.config().architecture +
                   ", not a reward model (Qwen2ForSequenceClassification)\n---> HINT: train one with `ptk rm` and "

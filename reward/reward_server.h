@@ -10,6 +10,7 @@
 // serve() blocks the calling thread until stop(); stop() may be called from any thread (e.g. a
 // signal-watching thread) and is idempotent. The destructor stops and joins everything.
 #pragma once
+#include <ATen/core/Tensor.h>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -52,8 +53,10 @@ struct RewardRecipe {
 
 class RewardServer {
  public:
-  // Loads the model (if any) and checks the verifier names; throws ptk::Error on a bad folder or name.
-  explicit RewardServer(const RewardSection& options);
+  // Loads the model (if any) onto `device` (runtime::resolve_device of run.device / --device) and
+  // checks the verifier names; throws ptk::Error on a bad folder or name. Scores come back to the host
+  // once per batch.
+  explicit RewardServer(const RewardSection& options, const at::Device& device = at::kCPU);
   ~RewardServer();
   RewardServer(const RewardServer&) = delete;
   RewardServer& operator=(const RewardServer&) = delete;

@@ -7,6 +7,7 @@
 #include "apps/ptk/cli.h"
 #include "core/checkpoint/model_folder.h"
 #include "core/model/qwen2.h"
+#include "core/runtime/device.h"
 #include "core/runtime/runtime.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/util/error.h"
@@ -62,7 +63,9 @@ int cmd_eval(int argc, char** argv) {
       "slots", po::value<int64_t>()->default_value(64), "sequences decoded together")(
       "reward-model", po::value<std::string>()->default_value(""),
       "a Qwen2ForSequenceClassification folder: also report the mean reward")(
-      "output", po::value<std::string>()->default_value(""), "JSON results file; default <run>/eval/final-<data>.json (see above)");
+      "output", po::value<std::string>()->default_value(""), "JSON results file; default <run>/eval/final-<data>.json (see above)")(
+      "device", po::value<std::string>()->default_value("auto"),
+      "where the models run: auto (a GPU when there is one, else the CPU) | cpu | cuda | cuda:N");
   cl.accept_chat_template();
   if (!cl.parse(argc, argv)) return 0;
   runtime::init_and_announce(cl.threads());
@@ -78,17 +81,19 @@ int cmd_eval(int argc, char** argv) {
   o.slots = cl.get<int64_t>("slots");
   if (o.samples < 1 || o.max_new_tokens < 1 || o.slots < 1)
     throw UsageError("ptk eval: --samples, --max-new-tokens and --slots must be >= 1");
+  model::LoadOptions lo;
+  lo.device = runtime::resolve_device(cl.get<std::string>("device"), "--device");
   // The folders first (a wrong --model is named as such, not as a tokenizer problem), then the
   // tokenizer against each model's embedding, as the training stages check it.
   checkpoint::require_model_folder(model_dir, "--model");
   const std::string rm_dir = cl.get<std::string>("reward-model");
   if (!rm_dir.empty()) checkpoint::require_model_folder(rm_dir, "--reward-model");
   auto tok = tokenizer::Tokenizer::load(tok_path, tokenizer::chat_load_options(cl.chat_template(), cl.chat_template_kwargs()));
-  auto model = model::Qwen2Model::from_pretrained(model_dir);
+  auto model = model::Qwen2Model::from_pretrained(model_dir, lo);
   checkpoint::check_tokenizer_fits(static_cast<int64_t>(tok.vocab_size()), tok_path, model.config().vocab_size, model_dir);
   model::Qwen2Model rm;
   if (!rm_dir.empty()) {
-    rm = model::Qwen2Model::from_pretrained(rm_dir);
+    rm = model::Qwen2Model::from_pretrained(rm_dir, lo);
     if (!rm.has_score_head())
       throw Error(rm_dir + " has no score head (not a Qwen2ForSequenceClassification folder)");
     checkpoint::check_tokenizer_fits(static_cast<int64_t>(tok.vocab_size()), tok_path, rm.config().vocab_size, rm_dir);

@@ -8,6 +8,7 @@
 #include "apps/ptk/cli.h"
 #include "core/checkpoint/checkpoint.h"
 #include "core/model/qwen2.h"
+#include "core/runtime/device.h"
 #include "core/runtime/runtime.h"
 #include "core/util/error.h"
 #include "core/util/json.h"
@@ -56,13 +57,16 @@ int cmd_forward(int argc, char** argv) {
       "input", po::value<std::string>()->required(), "JSON file with input_ids, attention_mask[, position_ids]")(
       "output", po::value<std::string>()->required(), "safetensors file to write")(
       "dtype", po::value<std::string>()->default_value("float32"),
-      "compute dtype: float32 (exact reference) or bfloat16 (faster on GPU, ~1e-2 off)");
+      "compute dtype: float32 (exact reference) or bfloat16 (faster on GPU, ~1e-2 off)")(
+      "device", po::value<std::string>()->default_value("auto"),
+      "where the model runs: auto (a GPU when there is one, else the CPU) | cpu | cuda | cuda:N");
   if (!cl.parse(argc, argv)) return 0;
   runtime::init_and_announce(cl.threads());
   const auto input = cl.get<std::string>("input"), output = cl.get<std::string>("output");
   const auto dtype_name = cl.get<std::string>("dtype");
   if (dtype_name != "float32" && dtype_name != "bfloat16")
     throw UsageError("ptk forward: --dtype must be float32 or bfloat16, not " + dtype_name);
+  const at::Device device = runtime::resolve_device(cl.get<std::string>("device"), "--device");
 
   auto doc = json::parse_file(input);
   if (!doc.IsObject()) throw Error(input + ": must be a JSON object with input_ids and attention_mask");
@@ -78,13 +82,13 @@ int cmd_forward(int argc, char** argv) {
   torch::NoGradGuard no_grad;
   model::LoadOptions lo;
   lo.dtype = dtype_name == "bfloat16" ? at::kBFloat16 : at::kFloat;
-  lo.device = torch::cuda::is_available() ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  lo.device = device;
   auto m = model::Qwen2Model::from_pretrained(cl.get<std::string>("model"), lo);
   // A score-head folder has an LM head only through tied embeddings.
   const bool lm_head = !m.has_score_head() || m.config().tie_word_embeddings;
   model::ForwardOptions fo;
   fo.logits = lm_head;
-  auto out = m.forward({ids, positions, mask, {}}, fo);
+  auto out = m.forward({ids, positions, mask, {}, {}}, fo);
   checkpoint::NamedTensors result;
   if (lm_head) result.emplace_back("logits", out.logits.to(at::kCPU, at::kFloat));
   if (m.has_score_head())

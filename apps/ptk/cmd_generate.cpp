@@ -10,6 +10,7 @@
 #include "apps/ptk/cli.h"
 #include "core/checkpoint/model_folder.h"
 #include "core/model/qwen2.h"
+#include "core/runtime/device.h"
 #include "core/runtime/runtime.h"
 #include "core/tokenizer/messages_json.h"
 #include "core/tokenizer/tokenizer.h"
@@ -66,7 +67,9 @@ int cmd_generate(int argc, char** argv) {
        "line i draws with seed + i: the same samples whatever else is in the batch")
       ("slots", po::value<int64_t>()->default_value(32),
        "sequences decoded together (KV-cache slots); more = faster until compute-bound, more memory")
-      ("dtype", po::value<std::string>()->default_value("float32"), "float32 | bfloat16 (GPU)");
+      ("dtype", po::value<std::string>()->default_value("float32"), "float32 | bfloat16 (GPU)")
+      ("device", po::value<std::string>()->default_value("auto"),
+       "where the model runs: auto (a GPU when there is one, else the CPU) | cpu | cuda | cuda:N");
   cl.accept_chat_template();
   if (!cl.parse(argc, argv)) return 0;
   runtime::init_and_announce(cl.threads());
@@ -74,6 +77,7 @@ int cmd_generate(int argc, char** argv) {
                     out_path = cl.get<std::string>("output"), dtype_name = cl.get<std::string>("dtype");
   if (dtype_name != "float32" && dtype_name != "bfloat16")
     throw UsageError("ptk generate: --dtype must be float32 or bfloat16, not " + dtype_name);
+  const at::Device device = runtime::resolve_device(cl.get<std::string>("device"), "--device");
 
   rollout::SamplingParams sp{cl.get<double>("temperature"), cl.get<double>("top-p"), cl.get<int64_t>("top-k")};
   rollout::validate(sp, "ptk generate flags");
@@ -146,7 +150,7 @@ int cmd_generate(int argc, char** argv) {
   // ---- model and engine ----
   model::LoadOptions lo;
   lo.dtype = dtype_name == "bfloat16" ? at::kBFloat16 : at::kFloat;
-  lo.device = torch::cuda::is_available() ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  lo.device = device;
   auto m = model::Qwen2Model::from_pretrained(dir, lo);
   rollout::EngineOptions eo;
   eo.slots = cl.get<int64_t>("slots");

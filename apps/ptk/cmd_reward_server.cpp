@@ -10,6 +10,7 @@
 
 #include "apps/ptk/cli.h"
 #include "core/config/recipe.h"
+#include "core/runtime/device.h"
 #include "core/runtime/log.h"
 #include "core/runtime/runtime.h"
 #include "reward/reward_server.h"
@@ -28,15 +29,20 @@ int cmd_reward_server(int argc, char** argv) {
                       "Prints `listening on http://H:P` when ready; SIGTERM/SIGINT stop it cleanly.");
   cl.flags().add_options()("host", boost::program_options::value<std::string>(),
                            "address to bind (overrides reward.host; default 127.0.0.1)")(
-      "port", boost::program_options::value<int>(), "TCP port (overrides reward.port; 0 = any free port)");
+      "port", boost::program_options::value<int>(), "TCP port (overrides reward.port; 0 = any free port)")(
+      "device", boost::program_options::value<std::string>(),
+      "where the reward model runs (overrides run.device): auto (a GPU when there is one) | cpu | cuda | cuda:N");
   cl.accept_recipe(recipe.sections());
   cl.accept_check();
   if (!cl.parse(argc, argv)) return 0;
   auto overrides = cl.overrides();
   if (cl.has("host")) overrides.push_back("reward.host=" + cl.get<std::string>("host"));
   if (cl.has("port")) overrides.push_back("reward.port=" + std::to_string(cl.get<int>("port")));
+  if (cl.has("device")) overrides.push_back("run.device=" + cl.get<std::string>("device"));
   auto json = config::load_recipe(cl.recipe(), overrides);
   config::bind_recipe(json, recipe.sections());
+  // Before anything starts: a GPU asked for on a machine without one is refused here, naming the key.
+  const at::Device device = runtime::resolve_device(recipe.run.device, cl.has("device") ? "--device" : "run.device");
   if (cl.check_only()) {  // what the server's constructor checks, short of loading the reward model
     for (auto& v : recipe.reward.verifiers) reward::find_verifier(v);
     cl.report_valid();
@@ -50,7 +56,7 @@ int cmd_reward_server(int argc, char** argv) {
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   runtime::init_and_announce(cl.threads() > 0 ? cl.threads() : static_cast<int>(recipe.run.threads));
-  reward::RewardServer server(recipe.reward);
+  reward::RewardServer server(recipe.reward, device);
   int port = server.bind();
   std::atomic<bool> exiting{false};
   std::thread watcher([&] {
