@@ -9,10 +9,7 @@
 // LossOut::read_back (the loop's once-per-step read) is not called: it is the host read.
 // Not numbers (the stage tests check those on the CPU), not the loop's own metrics reads (part of
 // Trainer::run).
-#include <ATen/ExpandUtils.h>
-#include <ATen/WrapDimUtils.h>
 #include <gtest/gtest.h>
-#include <torch/library.h>
 #include <torch/torch.h>
 
 #include <string>
@@ -30,59 +27,17 @@
 #include "rl/dpo_stage.h"
 #include "rl/grpo_stage.h"
 #include "sft/sft_stage.h"
+#include "tests/support/meta_kernels.h"
 #include "tests/support/test_util.h"
 #include "tests/support/tiny_model_json.h"
 
 namespace ptk {
 namespace {
 
-// LibTorch's C++ dispatcher has no Meta kernel for a few ops a step runs (torch registers theirs in
-// Python, torch/_meta_registrations.py): shape functions for them here. Each refuses a tensor
-// argument that is not on meta (a 0-dim CPU scalar aside, which ATen allows on any device), so
-// they keep what the test checks.
-void require_meta(const at::Tensor& t, const char* op, const char* arg) {
-  TORCH_CHECK(t.is_meta() || (t.is_cpu() && t.dim() == 0), op, ": ", arg, " is on ", t.device(),
-              " while the step runs on meta (a tensor made on the CPU)");
-}
-
-at::Tensor meta_index_select(const at::Tensor& self, int64_t dim, const at::Tensor& index) {
-  require_meta(self, "index_select", "self");
-  require_meta(index, "index_select", "index");
-  auto sizes = self.sizes().vec();
-  if (!sizes.empty()) sizes[at::maybe_wrap_dim(dim, self.dim())] = index.numel();
-  return at::empty(sizes, self.options());
-}
-
-at::Tensor meta_embedding_dense_backward(const at::Tensor& grad, const at::Tensor& indices, c10::SymInt num_weights,
-                                         c10::SymInt /*padding_idx*/, bool /*scale_grad_by_freq*/) {
-  require_meta(grad, "embedding_dense_backward", "grad");
-  require_meta(indices, "embedding_dense_backward", "indices");
-  return at::empty({num_weights.expect_int(), grad.size(-1)}, grad.options());
-}
-
-at::Tensor meta_where(const at::Tensor& cond, const at::Tensor& self, const at::Tensor& other) {
-  for (const auto* t : {&cond, &self, &other}) require_meta(*t, "where", "an argument");
-  auto sizes = at::infer_size(at::infer_size(cond.sizes(), self.sizes()), other.sizes());
-  return at::empty(sizes, self.options().dtype(at::result_type(self, other)).device(at::kMeta));
-}
-
-at::Tensor& meta_logical_and_out(const at::Tensor& self, const at::Tensor& other, at::Tensor& out) {
-  require_meta(self, "logical_and", "self");
-  require_meta(other, "logical_and", "other");
-  out.resize_(at::infer_size(self.sizes(), other.sizes()));
-  return out;
-}
-
-TORCH_LIBRARY_IMPL(aten, Meta, m) {
-  m.impl("index_select", meta_index_select);
-  m.impl("embedding_dense_backward", meta_embedding_dense_backward);
-  m.impl("where.self", meta_where);
-  m.impl("logical_and.out", meta_logical_and_out);
-}
-
 struct Fixture {
   test::TempDir d;
   Fixture() {
+    test::register_meta_kernels();  // the meta kernels LibTorch has only in Python
     tasks::write_byte_tokenizer(d.file("tok"));
     d.write("model.json", test::kTinyByteModelJson);
     std::string sft, pairs, prompts;
@@ -154,6 +109,7 @@ void one_step(train::Stage& stage, int64_t K) {
 // What the tests below rely on: an op mixing a meta tensor with a CPU one (here the kinds of tensor a
 // step builds: an index, a mask, cached log-probs) throws, and so does a read back to the host.
 TEST(MetaStep, MixingCpuTensorsIntoAMetaStepThrows) {
+  test::register_meta_kernels();
   at::Tensor h = torch::empty({4, 3}, torch::device(torch::kMeta));
   EXPECT_ANY_THROW(h.index_select(0, torch::tensor({0, 2}, torch::kLong)));
   EXPECT_ANY_THROW(h * torch::ones({4, 3}));

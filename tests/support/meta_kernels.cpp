@@ -1,6 +1,7 @@
 #include "tests/support/meta_kernels.h"
 
 #include <ATen/ATen.h>
+#include <ATen/ExpandUtils.h>
 #include <torch/library.h>
 
 #include <memory>
@@ -14,14 +15,45 @@ at::Tensor meta_empty(at::IntArrayRef shape, const at::Tensor& like) {
   return at::empty(shape, like.options().device(at::kMeta));
 }
 
+// Each kernel refuses a tensor argument that is not on meta (a 0-dim CPU scalar aside, which ATen
+// allows beside any device): a step that made it on the CPU fails here as it would on a GPU.
+void require_meta(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK(t.is_meta() || (t.is_cpu() && t.dim() == 0), op, ": ", arg, " is on ", t.device(),
+              " while the other arguments are on meta (a tensor made on the CPU)");
+}
+
 // index_select(self, dim, index): self's shape with dim replaced by index's length.
 at::Tensor index_select_meta(const at::Tensor& self, int64_t dim, const at::Tensor& index) {
+  require_meta(index, "index_select", "index");
   TORCH_CHECK(index.dim() <= 1, "index_select: index must be 0- or 1-dimensional");
   std::vector<int64_t> shape(self.sizes().begin(), self.sizes().end());
   if (shape.empty()) return meta_empty({}, self);
   dim = at::maybe_wrap_dim(dim, self.dim());
   shape[dim] = index.numel();
   return meta_empty(shape, self);
+}
+
+// embedding_dense_backward(grad, indices, num_weights, ...): (num_weights, H), the weight's gradient.
+at::Tensor embedding_dense_backward_meta(const at::Tensor& grad, const at::Tensor& indices, c10::SymInt num_weights,
+                                         c10::SymInt /*padding_idx*/, bool /*scale_grad_by_freq*/) {
+  require_meta(grad, "embedding_dense_backward", "grad");
+  require_meta(indices, "embedding_dense_backward", "indices");
+  return meta_empty({num_weights.expect_int(), grad.size(-1)}, grad);
+}
+
+// where(condition, self, other): the broadcast shape, the promoted dtype.
+at::Tensor where_meta(const at::Tensor& cond, const at::Tensor& self, const at::Tensor& other) {
+  for (const auto* t : {&cond, &self, &other}) require_meta(*t, "where", "an argument");
+  auto shape = at::infer_size(at::infer_size(cond.sizes(), self.sizes()), other.sizes());
+  return at::empty(shape, self.options().dtype(at::result_type(self, other)).device(at::kMeta));
+}
+
+// logical_and.out(self, other, out): out resized to the broadcast shape.
+at::Tensor& logical_and_out_meta(const at::Tensor& self, const at::Tensor& other, at::Tensor& out) {
+  require_meta(self, "logical_and", "self");
+  require_meta(other, "logical_and", "other");
+  out.resize_(at::infer_size(self.sizes(), other.sizes()));
+  return out;
 }
 
 std::once_flag once;
@@ -33,6 +65,9 @@ void register_meta_kernels() {
   std::call_once(once, [] {
     library = std::make_unique<torch::Library>(torch::Library::IMPL, "aten", c10::DispatchKey::Meta, __FILE__, __LINE__);
     library->impl("index_select", TORCH_FN(index_select_meta));
+    library->impl("embedding_dense_backward", TORCH_FN(embedding_dense_backward_meta));
+    library->impl("where.self", TORCH_FN(where_meta));
+    library->impl("logical_and.out", TORCH_FN(logical_and_out_meta));
   });
 }
 
