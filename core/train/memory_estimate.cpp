@@ -519,6 +519,7 @@ std::optional<MemoryPlan> memory_plan_from_recipe(const config::TrainingRecipe& 
   // On a GPU (run.device, auto included) the plan is compared with that device's memory.
   const int cuda_index = runtime::cuda_index_of(r.run.device);
   p.cuda = cuda_index >= 0;
+  if (r.model.dtype == "auto") p.bf16 = p.cuda;  // as the stages load it (from_recipe.h model_load_options)
   p.device = p.cuda ? cuda_index : 0;
   return p;
 }

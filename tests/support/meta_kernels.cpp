@@ -56,6 +56,14 @@ at::Tensor& logical_and_out_meta(const at::Tensor& self, const at::Tensor& other
   return out;
 }
 
+// abs.out(self, out): out resized to self's shape (isfinite and the _foreach_norm fallback of the
+// gradient clipping go through it).
+at::Tensor& abs_out_meta(const at::Tensor& self, at::Tensor& out) {
+  require_meta(self, "abs", "self");
+  out.resize_(self.sizes());
+  return out;
+}
+
 std::once_flag once;
 std::unique_ptr<torch::Library> library;
 
@@ -68,6 +76,7 @@ void register_meta_kernels() {
     library->impl("embedding_dense_backward", TORCH_FN(embedding_dense_backward_meta));
     library->impl("where.self", TORCH_FN(where_meta));
     library->impl("logical_and.out", TORCH_FN(logical_and_out_meta));
+    library->impl("abs.out", TORCH_FN(abs_out_meta));
   });
 }
 
