@@ -29,7 +29,7 @@
 
 #include <absl/strings/str_split.h>
 
-#include "core/model/causal_attention.h"
+#include "core/kernels/cpu/causal_attention.h"
 #include "core/model/lm_head_logprobs.h"
 #include "core/model/qwen2.h"
 #include "core/optim/adamw.h"
@@ -177,7 +177,7 @@ void attention_sweep(const std::vector<std::string>& kernels, int64_t T, int64_t
         q.mutable_grad().reset();
         k.mutable_grad().reset();
         v.mutable_grad().reset();
-        (flash ? ptk::model::causal_flash_attention(q, k, v, b) : ptk::model::causal_block_attention(q, k, v, b))
+        (flash ? ptk::kernels::cpu::causal_flash_attention(q, k, v, b) : ptk::kernels::cpu::causal_block_attention(q, k, v, b))
             .backward(dout);
       }
       if (r > 0) times[kernel].push_back(seconds_since(t0));

@@ -216,6 +216,31 @@ void DistSection::validate(Errors& e) const {
   if (!(timeout_s > 0)) e.add("dist.timeout_s must be > 0, got " + std::to_string(timeout_s));
 }
 
+void KernelsSection::visit(Visitor& v) {
+  v.choice(attention, "attention", "auto", {"auto", "ref", "cpu_flash", "cpu_block", "sdpa", "flash_varlen"},
+           "causal attention of training and prefill: auto (cuda: flash_varlen for packed bf16/fp16 rows, else "
+           "sdpa; cpu float32: cpu_flash on AVX-512, else cpu_block; else ref) | ref (ATen matmuls, any device) | "
+           "cpu_flash | cpu_block | sdpa (scaled_dot_product_attention, enable_gqa) | flash_varlen (CUDA bf16/fp16: "
+           "packed documents in one call); a kernel that cannot serve a call falls back to auto's choice. "
+           "Aliases: PTK_ATTENTION_FLASH=0 (cpu_block), PTK_ATTENTION_BLOCK_ROWS=0 (ref)");
+  v.opt(attention_block_rows, "attention_block_rows", 0,
+        "query positions per block of cpu_block; 0 = 128 (alias: PTK_ATTENTION_BLOCK_ROWS=N)");
+  v.choice(packed_attention, "packed_attention", "auto", {"auto", "batched", "per_document"},
+           "packed rows under a per-document kernel: auto = batched (short documents gathered into padded "
+           "batches) | per_document (one attention per document); alias PTK_PACKED_ATTENTION=per-document");
+  v.choice(decode_attention, "decode_attention", "auto", {"auto", "rows", "window", "gather", "batched"},
+           "one decode step's attention over the KV cache: auto = rows (each sequence's own keys; CPU float32, "
+           "AVX-512) where it serves, else batched (window or gather, whichever reads less) | window | gather; "
+           "alias PTK_DECODE_ATTENTION=window|gather");
+  v.choice(lm_head, "lm_head", "auto", {"auto", "cpu_rows", "ref"},
+           "the lm_head log-prob op's passes over fp32 logits: auto = cpu_rows (AVX-512) where they serve | ref "
+           "(ATen ops); alias PTK_LM_HEAD_ROWS=aten (ref)");
+}
+void KernelsSection::validate(Errors& e) const {
+  if (attention_block_rows < 0)
+    e.add("kernels.attention_block_rows must be >= 0 (0 = default), got " + std::to_string(attention_block_rows));
+}
+
 void RootSection::visit(Visitor& v) {
   v.opt(resume, "resume", "auto",
         "auto = continue from the newest complete checkpoint in run.dir; never; or a checkpoint path");

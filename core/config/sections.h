@@ -97,6 +97,20 @@ struct DistSection : Section {
   void validate(Errors& e) const override;
 };
 
+// Which kernels run (core/kernels/dispatch.h); auto = by device and dtype. Set once per process by
+// the stages (kernels::configure); the PTK_* environment variables are aliases of the auto values.
+struct KernelsSection : Section {
+  std::string attention;         // auto | ref | cpu_flash | cpu_block | sdpa | flash_varlen
+  int64_t attention_block_rows;  // cpu_block's query block; 0 = default (128)
+  std::string packed_attention;  // auto | batched | per_document
+  std::string decode_attention;  // auto | rows | window | gather | batched
+  std::string lm_head;           // auto | cpu_rows | ref
+  const char* name() const override { return "kernels"; }
+  const char* help() const override { return "which attention / decode / lm_head kernels run (auto: by device and dtype)"; }
+  void visit(Visitor& v) override;
+  void validate(Errors& e) const override;
+};
+
 // Top-level keys.
 struct RootSection : Section {
   std::string resume;  // auto | never | a checkpoint path
@@ -116,8 +130,9 @@ struct TrainingRecipe {
   OptimSection optim;
   CheckpointSection checkpoint;
   DistSection dist;
+  KernelsSection kernels;
   std::vector<Section*> sections() {
-    return {&root, &run, &model, &tokenizer, &data, &train, &optim, &checkpoint, &dist};
+    return {&root, &run, &model, &tokenizer, &data, &train, &optim, &checkpoint, &dist, &kernels};
   }
 };
 

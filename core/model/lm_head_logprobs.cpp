@@ -4,10 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <string>
 
-#include "core/model/lm_head_rows_cpu.h"
+#include "core/kernels/cpu/lm_head_rows_cpu.h"
+#include "core/kernels/dispatch.h"
 #include "core/util/error.h"
 
 namespace ptk::model {
@@ -25,8 +25,15 @@ int64_t rows_per_chunk(const LogProbOptions& o, int64_t vocab) {
 // by 1/temperature: (c, Vv). Ids at or past valid_vocab have logit -inf, probability 0 and zero
 // gradient, so they are simply never computed. Written into z: the kept (N, Vv) logits, or rows of
 // one chunk buffer that every chunk reuses.
+// With a bf16/fp16 weight off the CPU (see in_weight_dtype), `w32` is that weight itself: the GEMM
+// runs in its dtype and writes fp32 logits (no fp32 copy of the weight).
 at::Tensor chunk_logits_out(at::Tensor z, const at::Tensor& h, const at::Tensor& w32, double inv_t) {
-  torch::mm_out(z, h.to(torch::kFloat32), w32.t());
+  if (w32.scalar_type() != torch::kFloat32) {
+    if (w32.is_cuda()) torch::mm_out(z, h.to(w32.scalar_type()), w32.t(), torch::kFloat32);
+    else z.copy_(torch::mm(h.to(w32.scalar_type()), w32.t()));
+  } else {
+    torch::mm_out(z, h.to(torch::kFloat32), w32.t());
+  }
   if (inv_t != 1.0) z.mul_(inv_t);
   return z;
 }
@@ -39,19 +46,30 @@ at::Tensor chunk_buffer(int64_t n, int64_t chunk, int64_t vocab, const at::Tenso
   return torch::empty({std::min(n, chunk), vocab}, f32);
 }
 
-// The weight in fp32, cut to the valid vocabulary.
+// Whether the GEMMs run in the weight's own dtype (bf16/fp16 weights on CUDA and on the `meta`
+// device: a (V, H) fp32 copy of a 0.5B model's embedding is 545 MB, of a 7B's 2.2 GB). On the CPU
+// a half-precision weight is still upcast once (its GEMMs are emulated; fp32 is both faster and
+// what the CPU tests pin).
+bool in_weight_dtype(const at::Tensor& weight) {
+  return weight.scalar_type() != torch::kFloat32 && !weight.is_cpu();
+}
+
+// The weight in fp32 (or in its own dtype, see in_weight_dtype), cut to the valid vocabulary.
 at::Tensor valid_weight(const at::Tensor& weight, int64_t valid_vocab) {
-  at::Tensor w32 = weight.scalar_type() == torch::kFloat32 ? weight : weight.to(torch::kFloat32);
+  at::Tensor w32 = weight.scalar_type() == torch::kFloat32 || in_weight_dtype(weight) ? weight : weight.to(torch::kFloat32);
   if (valid_vocab > 0 && valid_vocab < w32.size(0)) w32 = w32.narrow(0, 0, valid_vocab);
   return w32;
 }
 
-// On AVX-512 CPUs (lm_head_rows_cpu.h) forward reads each row twice and backward (for a loss of the
-// log-probs only) writes it once; PTK_LM_HEAD_ROWS=aten keeps the ATen passes below (tests compare both).
+// On AVX-512 CPUs (kernels/cpu/lm_head_rows_cpu.h) forward reads each row twice and backward (for
+// a loss of the log-probs only) writes it once; kernels.lm_head = ref (PTK_LM_HEAD_ROWS=aten) keeps
+// the ATen passes below (tests compare both).
 bool rows_kernel(const at::Tensor& z) {
-  const char* env = std::getenv("PTK_LM_HEAD_ROWS");
-  return !(env && std::string(env) == "aten") && lm_head_rows_supported(z);
+  return kernels::select_lm_head(kernels::cpu::lm_head_rows_supported(z), kernels::options()) ==
+         kernels::LmHead::kCpuRows;
 }
+using kernels::cpu::lm_head_logp_grad_inplace;
+using kernels::cpu::lm_head_row_stats;
 
 // Every pass over a (c, V) chunk costs about as much as a sizeable slice of the chunk's GEMM at
 // real vocabulary sizes, so both directions keep them few: forward reads z for the row max (with
@@ -152,13 +170,28 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
       }
       if (use_kept) continue;  // one GEMM each over all rows below
       at::Tensor dh = d_hidden.slice(0, s, e);
+      if (w32.scalar_type() != torch::kFloat32) {
+        // Weight-dtype GEMMs (in_weight_dtype): dz and h in that dtype, products into the fp32 gradients.
+        const at::Tensor dz_w = dz.to(w32.scalar_type()), h_w = hidden.slice(0, s, e).to(w32.scalar_type());
+        dh.copy_(torch::mm(dz_w, w32));
+        at::Tensor dw = w32.is_cuda() ? torch::mm(dz_w.t(), h_w, torch::kFloat32) : torch::mm(dz_w.t(), h_w).to(torch::kFloat32);
+        if (s == 0) d_valid.copy_(dw);
+        else d_valid.add_(dw);
+        continue;
+      }
       torch::mm_out(dh, dz, w32);
       if (s == 0) torch::mm_out(d_valid, dz.t(), h);
       else d_valid.addmm_(dz.t(), h);
     }
     if (use_kept && n > 0) {
-      torch::mm_out(d_hidden, kept, w32);
-      torch::mm_out(d_valid, kept.t(), hidden.to(torch::kFloat32));
+      if (w32.scalar_type() != torch::kFloat32) {
+        const at::Tensor dz_w = kept.to(w32.scalar_type()), h_w = hidden.to(w32.scalar_type());
+        d_hidden.copy_(torch::mm(dz_w, w32));
+        d_valid.copy_(w32.is_cuda() ? torch::mm(dz_w.t(), h_w, torch::kFloat32) : torch::mm(dz_w.t(), h_w));
+      } else {
+        torch::mm_out(d_hidden, kept, w32);
+        torch::mm_out(d_valid, kept.t(), hidden.to(torch::kFloat32));
+      }
     }
     return {d_hidden.to(hidden.scalar_type()), d_weight.to(weight.scalar_type()), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor()};

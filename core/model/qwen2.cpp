@@ -1,6 +1,9 @@
-// Qwen2 forward (packed / padded / cached), loading, saving and random init. Attention stays inside
-// each document: short documents of packed rows are batched by padding (see PackedPlan), the others
-// run one causal attention each; the fused backend calls SDPA where LibTorch has it.
+// Qwen2 forward (packed / padded / cached), loading, saving and random init. One decoder-layer body
+// (layer_body) serves the training forward and the KV-cache forward; what differs is its attention
+// step (AttentionStep: segments of rows vs the cache) and its linears (core/model/linear.h: plain,
+// packed for decode, wrapped by an adapter). Kernels come from core/kernels/dispatch.h. Attention
+// stays inside each document: short documents of packed rows are batched by padding (see
+// PackedPlan), the others run one causal attention each; on CUDA, packed bf16 rows go to varlen flash.
 // Not the loss and not sampling (see the trainer's chunked loss op and rollout/).
 #include "core/model/qwen2.h"
 
@@ -10,12 +13,15 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstdlib>
 #include <memory>
 #include <set>
 
-#include "core/model/causal_attention.h"
-#include "core/model/decode_attention_cpu.h"
+#include "core/kernels/cpu/causal_attention.h"
+#include "core/kernels/cpu/cpu_features.h"
+#include "core/kernels/cpu/decode_attention_cpu.h"
+#include "core/kernels/cuda/attention.h"
+#include "core/kernels/dispatch.h"
+#include "core/kernels/ref/attention.h"
 #include "core/model/kv_cache.h"
 #include "core/model/packed_linear.h"
 #include "core/util/error.h"
@@ -49,82 +55,53 @@ at::Tensor rotate_half(const at::Tensor& x) {
   return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
 }
 
-bool use_fused(AttentionBackend b, const at::Tensor& x) {
-  if (b == AttentionBackend::kFused) return true;
-  if (b == AttentionBackend::kAuto) return x.is_cuda();
-  return false;
+// The attention kernel a forward uses (kernels::select_attention) and cpu_block's block size.
+struct AttentionKernel {
+  kernels::Attention kind = kernels::Attention::kRef;
+  int64_t block_rows = 128;
+};
+
+AttentionKernel attention_kernel(AttentionBackend backend, const at::Tensor& like, int64_t head_dim, bool packed) {
+  kernels::Options o = kernels::options();
+  if (backend == AttentionBackend::kFused) o.attention = kernels::Attention::kSdpa;
+  kernels::AttentionCall call{like.device().type(), like.scalar_type(), head_dim, packed, kernels::cpu::cpu_has_avx512f()};
+  AttentionKernel k{kernels::select_attention(call, o), kernels::attention_block_rows(o)};
+  if (backend == AttentionBackend::kExact &&
+      (k.kind == kernels::Attention::kSdpa || k.kind == kernels::Attention::kFlashVarlen)) {
+    o.attention = kernels::Attention::kAuto;
+    call.device = at::kCPU;  // ptk's own kernels where they serve (CPU float32), else the reference
+    k.kind = like.is_cpu() ? kernels::select_attention(call, o) : kernels::Attention::kRef;
+    if (k.kind == kernels::Attention::kSdpa || k.kind == kernels::Attention::kFlashVarlen) k.kind = kernels::Attention::kRef;
+  }
+  return k;
 }
 
-at::Tensor causal_mask(int64_t q_len, int64_t k_len, const at::Tensor& like) {
-  // (q_len, k_len): query i (the last q_len of k_len positions) sees keys j <= k_len - q_len + i.
-  return at::full({q_len, k_len}, -std::numeric_limits<float>::infinity(), like.options().dtype(at::kFloat))
-      .triu(k_len - q_len + 1);
-}
-
-// q (heads, Lq, D), k/v (kv_heads, Lk, D) -> (heads, Lq, D); queries are the last Lq of the Lk
-// positions, causal. Batched variants take a leading batch dim: q (N, heads, Lq, D).
-at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool fused) {
+// Causal attention of one batch of documents: q (N, heads, Lq, D) or (heads, Lq, D), k/v with
+// kv_heads; the queries are the last Lq of the Lk positions. (flash_varlen works on whole packed
+// rows, not here: per-document calls take SDPA.)
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionKernel& kern) {
+  using kernels::Attention;
   const bool batched = q.dim() == 4;
-  const int64_t heads = q.size(-3), kv = k.size(-3), g = heads / kv, lq = q.size(-2), lk = k.size(-2),
-                d = q.size(-1);
-  if (fused) {
-    // SDPA wants as many K/V heads as query heads: expand the groups (a copy, fused kernels only).
-    std::vector<int64_t> grouped(k.sizes().begin(), k.sizes().end()), flat = grouped;
-    grouped.insert(grouped.end() - 2, g);  // (.., kv, g, Lk, D)
-    flat[flat.size() - 3] = heads;         // (.., heads, Lk, D)
-    auto kk = k.unsqueeze(-3).expand(grouped).reshape(flat);
-    auto vv = v.unsqueeze(-3).expand(grouped).reshape(flat);
-    if (lq == lk) return at::scaled_dot_product_attention(q, kk, vv, {}, 0.0, /*is_causal=*/true);
-    return at::scaled_dot_product_attention(q, kk, vv, causal_mask(lq, lk, q).to(q.scalar_type()), 0.0, false);
+  auto four = [&](auto&& f) { return batched ? f(q, k, v) : f(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)).squeeze(0); };
+  switch (kern.kind) {
+    case Attention::kSdpa:
+    case Attention::kFlashVarlen:
+      return kernels::cuda::sdpa_causal_attention(q, k, v);
+    case Attention::kCpuFlash:
+      if (kernels::cpu::causal_flash_attention_supported(q, k, v))
+        return four([](const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+          return kernels::cpu::causal_flash_attention(a, b, c);
+        });
+      [[fallthrough]];
+    case Attention::kCpuBlock:
+      if (q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat)
+        return four([&](const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+          return kernels::cpu::causal_block_attention(a, b, c, kern.block_rows);
+        });
+      [[fallthrough]];
+    default:
+      return kernels::ref::causal_attention(q, k, v);
   }
-  // Grouped-query attention without copying K/V: heads -> (kv_heads, group).
-  at::Tensor qg = batched ? q.view({q.size(0), kv, g, lq, d}) : q.view({kv, g, lq, d});
-  at::Tensor scores = at::matmul(qg, k.unsqueeze(-3).transpose(-1, -2)) / std::sqrt(static_cast<double>(d));
-  scores = scores + causal_mask(lq, lk, q);  // promotes to float32 for the softmax
-  auto p = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
-  auto out = at::matmul(p, v.unsqueeze(-3));  // (.., kv, g, Lq, D)
-  return batched ? out.reshape({q.size(0), heads, lq, d}) : out.reshape({heads, lq, d});
-}
-
-// The training forward's exact attention (decoder_layer): attend()'s arithmetic laid out for BLAS.
-// The query heads of each K/V group are stacked into one (g * Lq, D) matrix, so QK^T and PV are one
-// GEMM per K/V head (2 at Qwen2.5-0.5B) on contiguous operands, instead of a strided matmul per
-// query head over a broadcast (copied) K; 1/sqrt(D) scales q (Lq x D) rather than the scores
-// (Lq x Lk). Same signature as attend(); the fused backend goes to attend().
-at::Tensor attend_grouped(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool fused) {
-  if (fused) return attend(q, k, v, fused);
-  const bool batched = q.dim() == 4;
-  // float32 on an AVX-512 CPU: causal_flash_attention (cache-sized tiles, nothing kept but one
-  // log-sum-exp per query row); PTK_ATTENTION_FLASH=0 turns it off. Otherwise float32 goes to
-  // causal_block_attention, which skips the masked half (blocks of query positions, each against
-  // the keys it can see); PTK_ATTENTION_BLOCK_ROWS sets its block (default 128), 0 = the masked
-  // full-square path below for every dtype (flash included), which also serves other dtypes.
-  static const bool flash = [] {
-    const char* env = std::getenv("PTK_ATTENTION_FLASH");
-    return !(env && std::string(env) == "0");
-  }();
-  static const int64_t block_rows = [] {
-    const char* env = std::getenv("PTK_ATTENTION_BLOCK_ROWS");
-    return env ? std::max<int64_t>(0, std::atoll(env)) : int64_t{128};
-  }();
-  if (flash && block_rows > 0 && causal_flash_attention_supported(q, k, v)) {
-    if (batched) return causal_flash_attention(q, k, v);
-    return causal_flash_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)).squeeze(0);
-  }
-  if (block_rows > 0 && q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-      v.scalar_type() == at::kFloat) {
-    if (batched) return causal_block_attention(q, k, v, block_rows);
-    return causal_block_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), block_rows).squeeze(0);
-  }
-  const int64_t n = batched ? q.size(0) : 1, heads = q.size(-3), kv = k.size(-3), g = heads / kv, lq = q.size(-2),
-                lk = k.size(-2), d = q.size(-1);
-  at::Tensor qg = (q * (1.0 / std::sqrt(static_cast<double>(d)))).reshape({n * kv, g * lq, d});
-  at::Tensor scores = at::bmm(qg, k.reshape({n * kv, lk, d}).transpose(1, 2));  // (n kv, g Lq, Lk)
-  // Out of place: an in-place add on this view costs a CopySlices node in backward (4% of a step).
-  scores = scores.view({n * kv, g, lq, lk}) + causal_mask(lq, lk, q);
-  auto p = at::softmax(scores, -1, at::kFloat).to(q.scalar_type()).view({n * kv, g * lq, lk});
-  auto out = at::bmm(p, v.reshape({n * kv, lk, d}));  // (n kv, g Lq, D)
-  return batched ? out.view({n, heads, lq, d}) : out.view({heads, lq, d});
 }
 
 // Segments of every row from the input's mask or doc_lengths; true when every row is one segment
@@ -210,6 +187,16 @@ at::Tensor default_positions(const ForwardInput& in, int64_t B, int64_t T, const
   }
   if (in.attention_mask.defined()) return positions_from_mask(in.attention_mask).to(o.device());
   return at::arange(T, o.dtype(at::kLong)).unsqueeze(0).expand({B, T});
+}
+
+// The embedding lookup: at::embedding, or on the `meta` device the same rows through index_rows.
+at::Tensor embed(const at::Tensor& weight, const at::Tensor& ids, bool sparse_grad) {
+  if (weight.is_meta()) {
+    std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+    shape.push_back(weight.size(1));
+    return kernels::ref::index_rows(weight, ids.reshape({-1})).view(shape);
+  }
+  return at::embedding(weight, ids, /*padding_idx=*/-1, /*scale_grad_by_freq=*/false, sparse_grad);
 }
 
 at::Tensor normal_init(at::IntArrayRef size, double std, at::Generator& gen) {
@@ -489,7 +476,7 @@ constexpr int64_t kMaxBatchScores = int64_t(1) << 25;   // n * heads * L^2 of a 
 at::Tensor select_rows(const at::Tensor& x, const at::Tensor& idx) {
   std::vector<int64_t> one(x.sizes().begin(), x.sizes().end());
   one[0] = 1;
-  return at::cat({x, at::zeros(one, x.options())}, 0).index_select(0, idx);
+  return kernels::ref::index_rows(at::cat({x, at::zeros(one, x.options())}, 0), idx);
 }
 
 // y = select_rows(x, fwd) where fwd is injective on its non-zero-row entries and bwd (N) is its
@@ -530,11 +517,11 @@ struct PackedPlan {
 
 // The plan for rows `segs` of (B, T), nh query heads; null when no group of >= 2 documents pays
 // (every document then goes through the per-document loop). Deterministic in its arguments: the
-// checkpointed backward rebuilds the forward's plan. PTK_PACKED_ATTENTION=per-document forces null.
+// checkpointed backward rebuilds the forward's plan. kernels.packed_attention = per_document
+// (PTK_PACKED_ATTENTION=per-document) forces null.
 std::shared_ptr<const PackedPlan> plan_packed(const std::vector<std::vector<Segment>>& segs, int64_t B, int64_t T,
                                               int64_t nh, at::Device device) {
-  const char* force = std::getenv("PTK_PACKED_ATTENTION");
-  if (force && std::string(force) == "per-document") return nullptr;
+  if (kernels::select_packed_attention(kernels::options()) == kernels::PackedAttention::kPerDocument) return nullptr;
   struct Doc {
     int64_t len, row, start;
   };
@@ -596,16 +583,48 @@ std::shared_ptr<const PackedPlan> plan_packed(const std::vector<std::vector<Segm
   return plan;
 }
 
-// What a decoder layer needs besides its weights and input: head layout, norm epsilon, attention
-// kernel, and the row segments (documents / unpadded spans) attention stays inside.
+// What a decoder layer's training attention needs: head layout, norm epsilon, attention kernel,
+// and the row segments (documents / unpadded spans) attention stays inside.
 struct LayerShape {
   int64_t nh, nkv, D;
   double eps;
-  bool fused;   // SDPA per document
+  AttentionKernel kernel;
   bool simple;  // every row is one segment from position 0: one batched causal attention
   std::vector<std::vector<Segment>> segs;
   std::shared_ptr<const PackedPlan> packed;  // !simple: the padded batches (plan_packed), or null
+  // kernel flash_varlen (!simple): every row's documents, and the runs of positions in no document,
+  // end to end over the (B T) positions: offsets (runs + 1) int32 on the device, longest run.
+  at::Tensor cu_seqlens;
+  int64_t max_len = 0;
+  const std::vector<LayerAdapters>* adapters = nullptr;  // the model's, or null
 };
+
+// Fills the per-forward plan of a shape whose segments are set: padded batches, or cu_seqlens.
+void plan_attention(LayerShape& s, int64_t B, int64_t T, at::Device device) {
+  if (s.simple) return;
+  if (s.kernel.kind != kernels::Attention::kFlashVarlen) {
+    s.packed = plan_packed(s.segs, B, T, s.nh, device);
+    return;
+  }
+  std::vector<int32_t> cu{0};
+  int64_t max_len = 0;
+  auto run = [&](int64_t len) {
+    if (len <= 0) return;
+    cu.push_back(static_cast<int32_t>(cu.back() + len));
+    max_len = std::max(max_len, len);
+  };
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t t = 0;
+    for (const auto& g : s.segs[b]) {
+      run(g.start - t);  // positions in no document attend among themselves (outputs unused)
+      run(g.len);
+      t = g.start + g.len;
+    }
+    run(T - t);
+  }
+  s.cu_seqlens = at::tensor(cu, at::kInt).to(device, /*non_blocking=*/true);
+  s.max_len = max_len;
+}
 
 // The layer's parameters as a flat list, in a fixed order (the checkpoint Function's inputs).
 constexpr size_t kLayerTensors = 12;
@@ -622,22 +641,51 @@ Qwen2Layer layer_from(const std::vector<at::Tensor>& t) {
   return l;
 }
 
-// One decoder layer: x (B, T, H) -> (B, T, H). The one body both the plain and the checkpointed
-// paths run. cos/sin (B, T, D) float32.
-at::Tensor decoder_layer(const Qwen2Layer& l, const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin,
-                         const LayerShape& s) {
-  // The scopes name the phases in a profile (bench/train_step_bench); free when no profiler runs.
-  const int64_t B = x_in.size(0), T = x_in.size(1), nh = s.nh, nkv = s.nkv, D = s.D;
+// ---- the one decoder-layer body ------------------------------------------------------------------
+
+// A layer's seven linears as the body calls them.
+struct LayerLinears {
+  Linear q, k, v, o, gate, up, down;
+};
+LayerLinears linears_of(const Qwen2Layer& l, const PackedDecodeWeights::Layer* p, const LayerAdapters* a) {
+  auto ad = [&](LinearId id) { return a ? (*a)[static_cast<size_t>(id)].get() : nullptr; };
+  return {{&l.q_proj_w, &l.q_proj_b, p ? &p->q : nullptr, ad(LinearId::kQ)},
+          {&l.k_proj_w, &l.k_proj_b, p ? &p->k : nullptr, ad(LinearId::kK)},
+          {&l.v_proj_w, &l.v_proj_b, p ? &p->v : nullptr, ad(LinearId::kV)},
+          {&l.o_proj_w, nullptr, p ? &p->o : nullptr, ad(LinearId::kO)},
+          {&l.gate_proj_w, nullptr, p ? &p->gate : nullptr, ad(LinearId::kGate)},
+          {&l.up_proj_w, nullptr, p ? &p->up : nullptr, ad(LinearId::kUp)},
+          {&l.down_proj_w, nullptr, p ? &p->down : nullptr, ad(LinearId::kDown)}};
+}
+const LayerAdapters* adapters_at(const std::vector<LayerAdapters>* all, size_t layer) {
+  return all && layer < all->size() ? &(*all)[layer] : nullptr;
+}
+
+// The attention step of a layer: q (B, nh, T, D) after RoPE, k (B, nkv, T, D) after RoPE, v
+// (B, nkv, T, D) -> (B, nh, T, D).
+class AttentionStep {
+ public:
+  virtual ~AttentionStep() = default;
+  virtual at::Tensor operator()(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const = 0;
+};
+
+// x (B, T, H) -> (B, T, H): norm -> q/k/v -> RoPE -> attention -> o_proj -> norm -> MLP, both
+// residuals. cos/sin (B, T, D) float32. The scopes name the phases in a profile
+// (bench/train_step_bench); free when no profiler runs.
+at::Tensor layer_body(const Qwen2Layer& l, const LayerLinears& lin, const at::Tensor& x_in, const at::Tensor& cos,
+                      const at::Tensor& sin, double eps, int64_t nh, int64_t nkv, int64_t D, int64_t layer,
+                      const AttentionStep& attention) {
+  const int64_t B = x_in.size(0), T = x_in.size(1);
   at::Tensor h, q, k, v, a, x;
   {
     RECORD_FUNCTION("ptk::norm", std::vector<c10::IValue>());
-    h = rms_norm(x_in, l.input_layernorm, s.eps);
+    h = rms_norm(x_in, l.input_layernorm, eps);
   }
   {
     RECORD_FUNCTION("ptk::qkv_proj", std::vector<c10::IValue>());
-    q = at::linear(h, l.q_proj_w, l.q_proj_b).view({B, T, nh, D}).transpose(1, 2);   // (B, nh, T, D)
-    k = at::linear(h, l.k_proj_w, l.k_proj_b).view({B, T, nkv, D}).transpose(1, 2);  // (B, nkv, T, D)
-    v = at::linear(h, l.v_proj_w, l.v_proj_b).view({B, T, nkv, D}).transpose(1, 2);  // (B, nkv, T, D)
+    q = lin.q(h).view({B, T, nh, D}).transpose(1, 2);   // (B, nh, T, D)
+    k = lin.k(h).view({B, T, nkv, D}).transpose(1, 2);  // (B, nkv, T, D)
+    v = lin.v(h).view({B, T, nkv, D}).transpose(1, 2);  // (B, nkv, T, D)
   }
   {
     RECORD_FUNCTION("ptk::rope", std::vector<c10::IValue>());
@@ -646,12 +694,38 @@ at::Tensor decoder_layer(const Qwen2Layer& l, const at::Tensor& x_in, const at::
   }
   {
     RECORD_FUNCTION("ptk::attention", std::vector<c10::IValue>());
-    if (s.simple) {
-      a = attend_grouped(q, k, v, s.fused);  // one document per row from position 0: the row's causal mask
-    } else if (s.packed) {
+    a = attention(layer, q, k, v);
+  }
+  {
+    RECORD_FUNCTION("ptk::o_proj", std::vector<c10::IValue>());
+    a = a.transpose(1, 2).reshape({B, T, nh * D});
+    x = x_in + lin.o(a);
+  }
+  {
+    RECORD_FUNCTION("ptk::norm", std::vector<c10::IValue>());
+    h = rms_norm(x, l.post_attention_layernorm, eps);
+  }
+  RECORD_FUNCTION("ptk::mlp", std::vector<c10::IValue>());
+  return x + lin.down(at::silu(lin.gate(h)) * lin.up(h));
+}
+
+// Training attention: causal inside each row segment (LayerShape).
+class SegmentAttention : public AttentionStep {
+ public:
+  explicit SegmentAttention(const LayerShape& s) : s_(s) {}
+  at::Tensor operator()(int64_t, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const override {
+    const auto& s = s_;
+    const int64_t B = q.size(0), T = q.size(2), nh = s.nh, nkv = s.nkv, D = s.D;
+    if (s.simple) return attend(q, k, v, s.kernel);  // one document per row from position 0: the row's causal mask
+    auto flat = [&](const at::Tensor& t, int64_t heads) { return t.transpose(1, 2).reshape({B * T, heads, D}); };
+    if (s.kernel.kind == kernels::Attention::kFlashVarlen) {
+      // Every document (and every run of padding) of every row in one call: (B T, heads, D).
+      auto o = kernels::cuda::flash_varlen_attention(flat(q, nh), flat(k, nkv), flat(v, nkv), s.cu_seqlens, s.max_len);
+      return o.view({B, T, nh, D}).transpose(1, 2);
+    }
+    if (s.packed) {
       // Flat (B T, heads, D) rows -> padded batches -> one attention each -> back to (B, nh, T, D).
       const auto& P = *s.packed;
-      auto flat = [&](const at::Tensor& t, int64_t heads) { return t.transpose(1, 2).reshape({B * T, heads, D}); };
       const auto qf = flat(q, nh), kf = flat(k, nkv), vf = flat(v, nkv);
       std::vector<at::Tensor> parts;
       for (const auto& d : P.batches) {
@@ -659,45 +733,43 @@ at::Tensor decoder_layer(const Qwen2Layer& l, const at::Tensor& x_in, const at::
         auto pad = [&](const at::Tensor& f, int64_t heads) {
           return SelectRows::apply(f, d.gather, d.gather_inv).view({d.n, d.L, heads, D}).transpose(1, 2);
         };
-        auto o = attend_grouped(pad(qf, nh), pad(kf, nkv), pad(vf, nkv), s.fused);  // (n, nh, L, D)
+        auto o = attend(pad(qf, nh), pad(kf, nkv), pad(vf, nkv), s.kernel);  // (n, nh, L, D)
         parts.push_back(o.transpose(1, 2).reshape({d.n * d.L, nh, D}));
       }
       for (const auto& [b, g] : P.alone) {
         RECORD_FUNCTION("ptk::attention_alone_document", std::vector<c10::IValue>());
-        parts.push_back(attend_grouped(q[b].narrow(1, g.start, g.len), k[b].narrow(1, g.start, g.len),
-                                       v[b].narrow(1, g.start, g.len), s.fused)
+        parts.push_back(attend(q[b].narrow(1, g.start, g.len), k[b].narrow(1, g.start, g.len),
+                               v[b].narrow(1, g.start, g.len), s.kernel)
                             .transpose(0, 1));  // (len, nh, D)
       }
       auto rows = parts.size() == 1 ? parts[0] : at::cat(parts, 0);
-      a = SelectRows::apply(rows, P.scatter, P.scatter_inv).view({B, T, nh, D}).transpose(1, 2);
-    } else {
-      std::vector<at::Tensor> rows;
-      for (int64_t b = 0; b < B; ++b) {
-        std::vector<at::Tensor> parts;
-        int64_t t = 0;
-        for (const auto& g : s.segs[b]) {
-          if (g.start > t) parts.push_back(at::zeros({nh, g.start - t, D}, q.options()));
-          parts.push_back(attend_grouped(q[b].narrow(1, g.start, g.len), k[b].narrow(1, g.start, g.len),
-                                 v[b].narrow(1, g.start, g.len), s.fused));
-          t = g.start + g.len;
-        }
-        if (t < T) parts.push_back(at::zeros({nh, T - t, D}, q.options()));
-        rows.push_back(parts.size() == 1 ? parts[0] : at::cat(parts, 1));
-      }
-      a = at::stack(rows, 0);  // (B, nh, T, D)
+      return SelectRows::apply(rows, P.scatter, P.scatter_inv).view({B, T, nh, D}).transpose(1, 2);
     }
+    std::vector<at::Tensor> rows;
+    for (int64_t b = 0; b < B; ++b) {
+      std::vector<at::Tensor> parts;
+      int64_t t = 0;
+      for (const auto& g : s.segs[b]) {
+        if (g.start > t) parts.push_back(at::zeros({nh, g.start - t, D}, q.options()));
+        parts.push_back(attend(q[b].narrow(1, g.start, g.len), k[b].narrow(1, g.start, g.len),
+                               v[b].narrow(1, g.start, g.len), s.kernel));
+        t = g.start + g.len;
+      }
+      if (t < T) parts.push_back(at::zeros({nh, T - t, D}, q.options()));
+      rows.push_back(parts.size() == 1 ? parts[0] : at::cat(parts, 1));
+    }
+    return at::stack(rows, 0);  // (B, nh, T, D)
   }
-  {
-    RECORD_FUNCTION("ptk::o_proj", std::vector<c10::IValue>());
-    a = a.transpose(1, 2).reshape({B, T, nh * D});
-    x = x_in + at::linear(a, l.o_proj_w);
-  }
-  {
-    RECORD_FUNCTION("ptk::norm", std::vector<c10::IValue>());
-    h = rms_norm(x, l.post_attention_layernorm, s.eps);
-  }
-  RECORD_FUNCTION("ptk::mlp", std::vector<c10::IValue>());
-  return x + at::linear(at::silu(at::linear(h, l.gate_proj_w)) * at::linear(h, l.up_proj_w), l.down_proj_w);
+
+ private:
+  const LayerShape& s_;
+};
+
+// One training decoder layer (the plain and the checkpointed paths run this).
+at::Tensor decoder_layer(const Qwen2Layer& l, const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin,
+                         const LayerShape& s, int64_t layer) {
+  return layer_body(l, linears_of(l, nullptr, adapters_at(s.adapters, static_cast<size_t>(layer))), x_in, cos, sin,
+                    s.eps, s.nh, s.nkv, s.D, layer, SegmentAttention(s));
 }
 
 using torch::autograd::AutogradContext;
@@ -711,7 +783,7 @@ using torch::autograd::variable_list;
 struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
   // Inputs in edge order: x, cos, sin, then the kLayerTensors parameters; `shape` is not a tensor.
   static variable_list forward(AutogradContext* ctx, at::Tensor x, at::Tensor cos, at::Tensor sin,
-                               at::TensorList params, const LayerShape& shape) {
+                               at::TensorList params, const LayerShape& shape, int64_t layer) {
     std::vector<at::Tensor> keep{x, cos, sin};
     keep.insert(keep.end(), params.begin(), params.end());
     ctx->save_for_backward(keep);
@@ -723,26 +795,34 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     }
     ctx->saved_data["heads"] = std::vector<int64_t>{shape.nh, shape.nkv, shape.D};
     ctx->saved_data["eps"] = shape.eps;
-    ctx->saved_data["fused"] = shape.fused;
+    ctx->saved_data["kernel"] = std::vector<int64_t>{static_cast<int64_t>(shape.kernel.kind), shape.kernel.block_rows};
+    ctx->saved_data["layer"] = layer;
     ctx->saved_data["simple"] = shape.simple;
     ctx->saved_data["segs"] = segs;
-    return {decoder_layer(layer_from(std::vector<at::Tensor>(params.begin(), params.end())), x, cos, sin, shape)};
+    return {decoder_layer(layer_from(std::vector<at::Tensor>(params.begin(), params.end())), x, cos, sin, shape, layer)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     auto heads = ctx->saved_data["heads"].toIntVector();
-    LayerShape shape{heads[0], heads[1], heads[2], ctx->saved_data["eps"].toDouble(),
-                     ctx->saved_data["fused"].toBool(), ctx->saved_data["simple"].toBool(), {}, nullptr};
+    auto kernel = ctx->saved_data["kernel"].toIntVector();
+    LayerShape shape{heads[0],
+                     heads[1],
+                     heads[2],
+                     ctx->saved_data["eps"].toDouble(),
+                     {static_cast<kernels::Attention>(kernel[0]), kernel[1]},
+                     ctx->saved_data["simple"].toBool(),
+                     {},
+                     nullptr};
+    const int64_t layer = ctx->saved_data["layer"].toInt();
     auto segs = ctx->saved_data["segs"].toIntVector();
     for (size_t i = 0; i < segs.size();) {
       std::vector<Segment> row(static_cast<size_t>(segs[i++]));
       for (auto& g : row) g = {segs[i], segs[i + 1]}, i += 2;
       shape.segs.push_back(std::move(row));
     }
-    // The forward's padded batches, rebuilt from the segments (plan_packed is deterministic).
-    if (!shape.simple)
-      shape.packed = plan_packed(shape.segs, saved[0].size(0), saved[0].size(1), shape.nh, saved[0].device());
+    // The forward's padded batches (or cu_seqlens), rebuilt from the segments (deterministic).
+    plan_attention(shape, saved[0].size(0), saved[0].size(1), saved[0].device());
     // Fresh leaves sharing storage with the saved tensors; only those autograd asked for get grads.
     std::vector<at::Tensor> leaves(saved.size()), wanted;
     std::vector<size_t> wanted_index;
@@ -754,13 +834,13 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
         wanted_index.push_back(i);
       }
     }
-    variable_list out(saved.size() + 1);  // + the non-tensor shape argument
+    variable_list out(saved.size() + 2);  // + the non-tensor shape and layer arguments
     if (wanted.empty()) return out;
     at::Tensor y;
     {
       at::AutoGradMode grad_on(true);
       y = decoder_layer(layer_from(std::vector<at::Tensor>(leaves.begin() + 3, leaves.end())), leaves[0], leaves[1],
-                        leaves[2], shape);
+                        leaves[2], shape, layer);
     }
     auto g = torch::autograd::grad({y}, wanted, {grads[0]}, /*retain_graph=*/false, /*create_graph=*/false,
                                    /*allow_unused=*/true);
@@ -770,9 +850,9 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
 };
 
 at::Tensor checkpointed_layer(const Qwen2Layer& l, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                              const LayerShape& shape) {
+                              const LayerShape& shape, int64_t layer) {
   auto params = layer_tensors(l);
-  return CheckpointedLayer::apply(x, cos, sin, at::TensorList(params), shape)[0];
+  return CheckpointedLayer::apply(x, cos, sin, at::TensorList(params), shape, layer)[0];
 }
 
 }  // namespace
@@ -784,15 +864,15 @@ ForwardOutput Qwen2Model::forward(const ForwardInput& in, const ForwardOptions& 
             "give either attention_mask (padded rows) or doc_lengths (packed rows), not both");
   const int64_t B = in.input_ids.size(0), T = in.input_ids.size(1), D = c.head_dim, nh = c.num_attention_heads,
                 nkv = c.num_key_value_heads;
-  auto ids = in.input_ids.to(embed_tokens_.device(), at::kLong);
-  // Checked where the ids are host memory (no synchronisation); ids already on a GPU are checked by
-  // the embedding kernel itself, and meta tensors hold no values.
-  if (ids.numel() > 0 && in.input_ids.is_cpu()) {
-    const auto host = in.input_ids.to(at::kLong);
-    int64_t lo = host.min().item<int64_t>(), hi = host.max().item<int64_t>();
+  // Checked where the ids are on the host (reading them back from a GPU would synchronise; the
+  // `meta` device has no values).
+  if (in.input_ids.is_cpu() && in.input_ids.numel() > 0) {
+    auto ids_cpu = in.input_ids.to(at::kLong);
+    int64_t lo = ids_cpu.min().item<int64_t>(), hi = ids_cpu.max().item<int64_t>();
     PTK_CHECK(lo >= 0 && hi < c.vocab_size, "input_ids hold token " + std::to_string(lo < 0 ? lo : hi) +
                                                 " outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
   }
+  auto ids = in.input_ids.to(embed_tokens_.device(), at::kLong);
   bool simple = true;
   auto segs = segments_of(in, B, T, &simple);
   auto positions = in.positions.defined() ? in.positions.to(ids.device(), at::kLong)
@@ -800,28 +880,33 @@ ForwardOutput Qwen2Model::forward(const ForwardInput& in, const ForwardOptions& 
   PTK_CHECK(positions.sizes() == ids.sizes(), "positions has shape " + shape_str(positions.sizes()) +
                                                   ", input_ids " + shape_str(ids.sizes()));
   auto [cos, sin] = rope_cos_sin(c, positions);  // (B, T, D) float32
-  const bool fused = use_fused(options.backend, embed_tokens_);
-
-  LayerShape shape{nh, nkv, D, c.rms_norm_eps, fused, simple, std::move(segs), nullptr};
-  if (!simple) shape.packed = plan_packed(shape.segs, B, T, nh, ids.device());  // once per forward
+  LayerShape shape{nh, nkv, D, c.rms_norm_eps, attention_kernel(options.backend, embed_tokens_, D, !simple),
+                   simple, std::move(segs), nullptr};
+  shape.adapters = adapters_.empty() ? nullptr : &adapters_;
+  plan_attention(shape, B, T, ids.device());  // once per forward
   // Checkpointing only pays when a graph is being recorded (not under NoGradGuard / evaluation).
   const bool checkpointed = options.activation_checkpointing && at::GradMode::is_enabled();
+  PTK_CHECK(!(checkpointed && shape.adapters),
+            "activation checkpointing with linear adapters is not supported yet: set model.activation_checkpointing "
+            "to false");
 
   ForwardOutput out;
   at::Tensor x;
   {
     RECORD_FUNCTION("ptk::embedding", std::vector<c10::IValue>());
-    // Tied LM (no score head): the lm_head op's dense (V, H) gradient reaches this weight too, and
-    // autograd adds a sparse (T rows) embedding gradient into it in place. A dense one would be a
-    // zero-filled (V, H) tensor plus a full add: ~1 s a step at the 0.5B shape (train_step_bench).
-    // CPU only: on a GPU the dense gradient is one scatter-add kernel (and meta has no sparse kernels).
+    // Tied LM (no score head) on the CPU: the lm_head op's dense (V, H) gradient reaches this weight
+    // too, and autograd adds a sparse (T rows) embedding gradient into it in place. A dense one would
+    // be a zero-filled (V, H) tensor plus a full add: ~1 s a step at the 0.5B shape (train_step_bench).
+    // On CUDA (and meta) the dense one: one fast kernel, no sparse-to-dense coalescing.
     const bool sparse_grad = config_.tie_word_embeddings && !score_.defined() && at::GradMode::is_enabled() &&
-                             embed_tokens_.requires_grad() && embed_tokens_.is_cpu();
-    x = at::embedding(embed_tokens_, ids, /*padding_idx=*/-1, /*scale_grad_by_freq=*/false, sparse_grad);  // (B, T, H)
+                             embed_tokens_.requires_grad() && kernels::sparse_embedding_grad(embed_tokens_.device().type());
+    x = embed(embed_tokens_, ids, sparse_grad);  // (B, T, H)
   }
   if (options.layer_outputs) out.layer_outputs.push_back(x);
-  for (const auto& l : layers_) {
-    x = checkpointed ? checkpointed_layer(l, x, cos, sin, shape) : decoder_layer(l, x, cos, sin, shape);
+  for (size_t li = 0; li < layers_.size(); ++li) {
+    const auto& l = layers_[li];
+    const auto i = static_cast<int64_t>(li);
+    x = checkpointed ? checkpointed_layer(l, x, cos, sin, shape, i) : decoder_layer(l, x, cos, sin, shape, i);
     if (options.layer_outputs) out.layer_outputs.push_back(x);
   }
   {
@@ -834,95 +919,78 @@ ForwardOutput Qwen2Model::forward(const ForwardInput& in, const ForwardOptions& 
 
 namespace {
 
-// ---- cached decode attention -------------------------------------------------------------------
+// ---- cached attention --------------------------------------------------------------------------
 //
 // One decode step attends row r's single query to keys [0, base[r] + 1) of its slot. On AVX-512
-// CPUs (float32) each row reads its own keys only (decode_attention_rows, decode_attention_cpu.h:
-// no padding). Elsewhere two layouts, both one batched op per layer whatever the set of slots:
-//  - window: the slots' range [lo, hi] of the cache is read in place (a view, no copy); slots of
-//    that range not in the batch compute a throwaway row (their queries are zero, they see key 0).
-//    Cheap when the busy slots fill most of their range (continuous batching keeps them dense).
-//  - gather: the rows' K/V windows [0, max_k) are copied out with index_select (R rows, no waste).
-// The window costs ~n rows of attention, the gather ~2R (copy, then read), so the window is taken
-// unless it holds over twice the rows (the engine's slot sets are dense). PTK_DECODE_ATTENTION=
-// window|gather forces one of them (rollout_bench --decode-attention compares all three).
-// Either way each row's scores are masked past its own length and the result equals the per-row
-// attention up to float rounding.
-struct DecodeBatch {
-  at::Tensor slots, pos;  // (R) int64: each row's slot and the position its new token takes
-  bool by_rows = false;   // decode_attention_rows over row_slots / lens; the fields below unused
-  std::vector<int64_t> row_slots, lens;  // by rows: each row's slot and its key count
-  bool window = true;
-  int64_t lo = 0, n = 0;   // window: slots [lo, lo + n); gather: n = R
-  int64_t max_k = 0;       // keys read per row
-  at::Tensor rows;         // window: index of each row within [lo, lo + n)
-  at::Tensor invisible;    // (n, max_k) bool: keys a row must not see
-};
-
-// `rows_supported`: decode_attention_rows can serve this model and cache.
-DecodeBatch decode_batch(const std::vector<int64_t>& slots, const std::vector<int64_t>& base, int64_t max_k,
-                         at::Device dev, bool rows_supported) {
-  const int64_t R = static_cast<int64_t>(slots.size());
-  DecodeBatch b;
-  auto opt = at::TensorOptions().dtype(at::kLong);
-  b.slots = at::tensor(slots, opt).to(dev);
-  b.pos = at::tensor(base, opt).to(dev);
-  const char* env = std::getenv("PTK_DECODE_ATTENTION");
-  const std::string force = env ? env : "";
-  if (rows_supported && force != "window" && force != "gather") {
-    b.by_rows = true;
-    b.row_slots = slots;
-    for (int64_t r = 0; r < R; ++r) b.lens.push_back(base[r] + 1);
-    return b;
-  }
-  const auto lo_hi = std::minmax_element(slots.begin(), slots.end());
-  const int64_t lo = *lo_hi.first, n = *lo_hi.second - lo + 1;
-  b.window = force == "window" ? true : force == "gather" ? false : n <= 2 * R;
-  b.max_k = max_k;
-  std::vector<int64_t> lens;  // keys visible to each computed row
-  if (b.window) {
-    b.lo = lo;
-    b.n = n;
-    lens.assign(static_cast<size_t>(n), 1);  // rows of idle slots: key 0 only (never all masked: no NaN)
-    std::vector<int64_t> rows(static_cast<size_t>(R));
-    for (int64_t r = 0; r < R; ++r) {
-      rows[r] = slots[r] - lo;
-      lens[rows[r]] = base[r] + 1;
+// CPUs (float32) each row reads its own keys only (kernels::cpu::decode_attention_rows: no
+// padding); elsewhere the reference's batched layouts (kernels::ref::plan_decode: window / gather).
+// kernels.decode_attention (PTK_DECODE_ATTENTION) forces one; rollout_bench --decode-attention
+// compares them. Prefill rows attend one by one over their slot's history.
+class CachedAttention : public AttentionStep {
+ public:
+  CachedAttention(KVCache& cache, const std::vector<int64_t>& slots, const std::vector<int64_t>& base,
+                  const std::vector<int64_t>& n_new, bool all_decode, const AttentionKernel& prefill, at::Device dev,
+                  const at::Tensor& like)
+      : cache_(cache), slots_(slots), base_(base), n_new_(n_new), all_decode_(all_decode), prefill_(prefill) {
+    if (!all_decode) return;
+    const int64_t R = static_cast<int64_t>(slots.size());
+    auto opt = at::TensorOptions().dtype(at::kLong);
+    slot_t_ = at::tensor(slots, opt).to(dev);
+    pos_t_ = at::tensor(base, opt).to(dev);
+    for (int64_t r = 0; r < R; ++r) lens_.push_back(base[r] + 1);
+    kernels::DecodeCall call{like.device().type(), like.scalar_type(),
+                             kernels::cpu::decode_attention_rows_supported(like, cache.keys(0))};
+    decode_ = kernels::select_decode_attention(call, kernels::options());
+    if (decode_ != kernels::DecodeAttention::kRows) {
+      int64_t max_k = 0;
+      for (int64_t len : lens_) max_k = std::max(max_k, len);
+      const int force = decode_ == kernels::DecodeAttention::kWindow ? 1 : decode_ == kernels::DecodeAttention::kGather ? 2 : 0;
+      plan_ = kernels::ref::plan_decode(slots, lens_, max_k, dev, force);
     }
-    b.rows = at::tensor(rows, opt).to(dev);
-  } else {
-    b.n = R;
-    for (int64_t r = 0; r < R; ++r) lens.push_back(base[r] + 1);
   }
-  b.invisible = at::arange(max_k, opt.device(dev)).unsqueeze(0) >= at::tensor(lens, opt).to(dev).unsqueeze(1);
-  return b;
-}
 
-// q (R, nh, D) of one decode step; K/V the layer's cache (S, nkv, T_max, D), the step's keys
-// already written. Returns (R, nh, D).
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& K, const at::Tensor& V, const DecodeBatch& b) {
-  if (b.by_rows) return decode_attention_rows(q, K, V, b.row_slots, b.lens);
-  const int64_t R = q.size(0), nh = q.size(1), D = q.size(2), nkv = K.size(1), g = nh / nkv, n = b.n;
-  at::Tensor Kw, Vw, qw;
-  if (b.window) {
-    Kw = K.narrow(0, b.lo, n).narrow(2, 0, b.max_k);  // (n, nkv, max_k, D), a view
-    Vw = V.narrow(0, b.lo, n).narrow(2, 0, b.max_k);
-    qw = n == R ? q : at::zeros({n, nh, D}, q.options()).index_copy_(0, b.rows, q);
-  } else {
-    Kw = K.narrow(2, 0, b.max_k).index_select(0, b.slots);  // (R, nkv, max_k, D), a copy
-    Vw = V.narrow(2, 0, b.max_k).index_select(0, b.slots);
-    qw = q;
+  // Writes the rows' new keys / values into layer `li`'s cache, then attends.
+  at::Tensor operator()(int64_t li, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const override {
+    const int64_t R = q.size(0), T = q.size(2), nh = q.size(1), D = q.size(3);
+    auto K = cache_.keys(li), V = cache_.values(li);  // (S, nkv, T_max, D)
+    if (all_decode_) {
+      // One scatter per layer: position base[r] of slot slots[r] gets row r's key / value.
+      K.index_put_({slot_t_, torch::indexing::Slice(), pos_t_}, k.select(2, 0));
+      V.index_put_({slot_t_, torch::indexing::Slice(), pos_t_}, v.select(2, 0));
+      const auto q1 = q.select(2, 0);
+      at::Tensor a = decode_ == kernels::DecodeAttention::kRows
+                         ? kernels::cpu::decode_attention_rows(q1, K, V, slots_, lens_)
+                         : kernels::ref::decode_attention(q1, K, V, plan_);
+      return a.unsqueeze(2);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      K[slots_[r]].narrow(1, base_[r], n_new_[r]).copy_(k[r].narrow(1, 0, n_new_[r]));
+      V[slots_[r]].narrow(1, base_[r], n_new_[r]).copy_(v[r].narrow(1, 0, n_new_[r]));
+    }
+    const bool sdpa = prefill_.kind == kernels::Attention::kSdpa || prefill_.kind == kernels::Attention::kFlashVarlen;
+    std::vector<at::Tensor> rows;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t lk = base_[r] + n_new_[r];
+      auto qr = q[r].narrow(1, 0, n_new_[r]), kr = K[slots_[r]].narrow(1, 0, lk), vr = V[slots_[r]].narrow(1, 0, lk);
+      auto o = sdpa ? kernels::cuda::sdpa_causal_attention(qr, kr, vr) : kernels::ref::prefill_attention(qr, kr, vr);
+      if (n_new_[r] < T) o = at::cat({o, at::zeros({nh, T - n_new_[r], D}, o.options())}, 1);
+      rows.push_back(o);
+    }
+    return at::stack(rows, 0);
   }
-  // Grouped-query attention as one bmm over (row, kv head): the g query heads of a kv head are
-  // the rows of one (g, D) x (D, max_k) product, so K/V are never expanded to nh heads.
-  auto Kf = Kw.reshape({n * nkv, b.max_k, D}), Vf = Vw.reshape({n * nkv, b.max_k, D});
-  auto scores = at::bmm(qw.reshape({n * nkv, g, D}), Kf.transpose(1, 2)) / std::sqrt(static_cast<double>(D));
-  scores = scores.to(at::kFloat).view({n, nkv, g, b.max_k})
-               .masked_fill(b.invisible.view({n, 1, 1, b.max_k}), -std::numeric_limits<float>::infinity());
-  auto p = at::softmax(scores, -1).to(q.scalar_type()).view({n * nkv, g, b.max_k});
-  auto out = at::bmm(p, Vf).view({n, nh, D});
-  return b.window && n != R ? out.index_select(0, b.rows) : out;
-}
+
+ private:
+  KVCache& cache_;
+  const std::vector<int64_t>& slots_;
+  const std::vector<int64_t>& base_;
+  const std::vector<int64_t>& n_new_;
+  bool all_decode_;
+  AttentionKernel prefill_;
+  at::Tensor slot_t_, pos_t_;  // decode: (R) int64 each row's slot and the position its new token takes
+  std::vector<int64_t> lens_;  // decode: each row's key count
+  kernels::DecodeAttention decode_ = kernels::DecodeAttention::kRows;
+  kernels::ref::DecodePlan plan_;
+};
 
 }  // namespace
 
@@ -979,62 +1047,21 @@ at::Tensor Qwen2Model::forward_cached_hidden(const at::Tensor& ids_in, const std
   for (int64_t r = 0; r < R; ++r) base[r] = cache.length(slots[r]);
   auto positions = at::tensor(base, at::kLong).to(dev).unsqueeze(1) + at::arange(T, ids.options()).unsqueeze(0);
   auto [cos, sin] = rope_cos_sin(c, positions);  // (R, T, D)
-  const bool fused = use_fused(backend, embed_tokens_);
-  int64_t max_k = 0;
-  for (int64_t r = 0; r < R; ++r) max_k = std::max(max_k, base[r] + n_new[r]);
   // Decode (one token per row) over any set of slots is one attention call per layer; see
-  // decode_attention.
-  DecodeBatch db;
-  if (all_decode)
-    db = decode_batch(slots, base, max_k, dev, decode_attention_rows_supported(embed_tokens_, cache.keys(0)));
+  // CachedAttention.
+  const CachedAttention attention(cache, slots, base, n_new, all_decode,
+                                  attention_kernel(backend, embed_tokens_, D, /*packed=*/false), dev, embed_tokens_);
 
-  at::Tensor x = at::embedding(embed_tokens_, ids);  // (R, T, H)
+  at::Tensor x = embed(embed_tokens_, ids, false);  // (R, T, H)
   // Decode steps through the packed linears when given: x (R, 1, in) -> (R, 1, out).
   const bool packed_trunk = all_decode && T == 1 && packed && !packed->layers.empty();
   if (packed) PTK_CHECK(packed->layers.empty() || static_cast<int64_t>(packed->layers.size()) == c.num_hidden_layers,
                         "forward_cached: the packed weights are not this model's");
-  auto lin = [&](const at::Tensor& in, const at::Tensor& w, const at::Tensor& b, const PackedLinear* p) {
-    if (!p) return at::linear(in, w, b);
-    at::Tensor y;
-    p->forward_out(in.reshape({R, in.size(-1)}), y);
-    if (b.defined()) y.add_(b);
-    return y.view({R, 1, p->out_features()});
-  };
   for (int64_t li = 0; li < c.num_hidden_layers; ++li) {
     const auto& l = layers_[li];
-    const PackedDecodeWeights::Layer* pl = packed_trunk ? &packed->layers[li] : nullptr;
-    auto h = rms_norm(x, l.input_layernorm, c.rms_norm_eps);
-    auto q = apply_rope(lin(h, l.q_proj_w, l.q_proj_b, pl ? &pl->q : nullptr).view({R, T, nh, D}).transpose(1, 2),
-                        cos, sin);
-    auto k = apply_rope(lin(h, l.k_proj_w, l.k_proj_b, pl ? &pl->k : nullptr).view({R, T, nkv, D}).transpose(1, 2),
-                        cos, sin);
-    auto v = lin(h, l.v_proj_w, l.v_proj_b, pl ? &pl->v : nullptr).view({R, T, nkv, D}).transpose(1, 2);
-    auto K = cache.keys(li), V = cache.values(li);  // (S, nkv, T_max, D)
-    at::Tensor a;                                   // (R, nh, T, D)
-    if (all_decode) {
-      // One scatter per layer: position base[r] of slot slots[r] gets row r's key / value.
-      K.index_put_({db.slots, torch::indexing::Slice(), db.pos}, k.select(2, 0));
-      V.index_put_({db.slots, torch::indexing::Slice(), db.pos}, v.select(2, 0));
-      a = decode_attention(q.select(2, 0), K, V, db).unsqueeze(2);
-    } else {
-      for (int64_t r = 0; r < R; ++r) {
-        K[slots[r]].narrow(1, base[r], n_new[r]).copy_(k[r].narrow(1, 0, n_new[r]));
-        V[slots[r]].narrow(1, base[r], n_new[r]).copy_(v[r].narrow(1, 0, n_new[r]));
-      }
-      std::vector<at::Tensor> rows;
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t lk = base[r] + n_new[r];
-        auto o = attend(q[r].narrow(1, 0, n_new[r]), K[slots[r]].narrow(1, 0, lk), V[slots[r]].narrow(1, 0, lk), fused);
-        if (n_new[r] < T) o = at::cat({o, at::zeros({nh, T - n_new[r], D}, o.options())}, 1);
-        rows.push_back(o);
-      }
-      a = at::stack(rows, 0);
-    }
-    a = a.transpose(1, 2).reshape({R, T, nh * D});
-    x = x + lin(a, l.o_proj_w, {}, pl ? &pl->o : nullptr);
-    h = rms_norm(x, l.post_attention_layernorm, c.rms_norm_eps);
-    auto gate = at::silu(lin(h, l.gate_proj_w, {}, pl ? &pl->gate : nullptr));
-    x = x + lin(gate * lin(h, l.up_proj_w, {}, pl ? &pl->up : nullptr), l.down_proj_w, {}, pl ? &pl->down : nullptr);
+    const auto lin = linears_of(l, packed_trunk ? &packed->layers[li] : nullptr,
+                                adapters_at(adapters_.empty() ? nullptr : &adapters_, static_cast<size_t>(li)));
+    x = layer_body(l, lin, x, cos, sin, c.rms_norm_eps, nh, nkv, D, li, attention);
   }
   for (int64_t r = 0; r < R; ++r) cache.set_length(slots[r], base[r] + n_new[r]);
   auto last = at::tensor(n_new, at::kLong).to(dev) - 1;
@@ -1064,6 +1091,46 @@ PackedDecodeWeights Qwen2Model::pack_for_decode(bool lm_head, int64_t max_trunk_
 
 void Qwen2Model::save_pretrained(const std::string& dir, const checkpoint::SaveOptions& options) const {
   checkpoint::save_checkpoint(dir, config_, named_parameters(), options);
+}
+
+// ---- linears and adapters ---------------------------------------------------------------------
+
+const char* linear_name(LinearId id) {
+  static const char* names[kLayerLinears] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                             "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
+                                             "mlp.down_proj"};
+  return names[static_cast<size_t>(id)];
+}
+
+at::Tensor Linear::operator()(const at::Tensor& x) const {
+  at::Tensor y;
+  if (packed) {
+    at::Tensor flat;
+    packed->forward_out(x.reshape({-1, x.size(-1)}), flat);
+    if (bias) flat.add_(*bias);
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = packed->out_features();
+    y = flat.view(shape);
+  } else {
+    y = bias ? at::linear(x, *weight, *bias) : at::linear(x, *weight);
+  }
+  return adapter ? adapter->forward(x, y) : y;
+}
+
+void Qwen2Model::set_adapter(int64_t layer, LinearId which, std::shared_ptr<const LinearAdapter> adapter) {
+  PTK_CHECK(layer >= 0 && layer < static_cast<int64_t>(layers_.size()),
+            "set_adapter: layer " + std::to_string(layer) + " outside [0, " + std::to_string(layers_.size()) + ")");
+  if (adapters_.empty()) adapters_.resize(layers_.size());
+  adapters_[static_cast<size_t>(layer)][static_cast<size_t>(which)] = std::move(adapter);
+  bool any = false;
+  for (const auto& l : adapters_)
+    for (const auto& a : l) any = any || a != nullptr;
+  if (!any) adapters_.clear();
+}
+
+const LinearAdapter* Qwen2Model::adapter(int64_t layer, LinearId which) const {
+  if (layer < 0 || layer >= static_cast<int64_t>(adapters_.size())) return nullptr;
+  return adapters_[static_cast<size_t>(layer)][static_cast<size_t>(which)].get();
 }
 
 }  // namespace ptk::model

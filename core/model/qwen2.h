@@ -21,6 +21,7 @@
 
 #include "core/checkpoint/checkpoint.h"  // NamedTensors, SaveOptions
 #include "core/checkpoint/hf_config.h"   // Qwen2Config
+#include "core/model/linear.h"              // LinearId, LinearAdapter
 
 namespace ptk::model {
 
@@ -40,9 +41,9 @@ struct Qwen2Layer {
   at::Tensor down_proj_w;               // (H, I)
 };
 
-// Which attention kernel runs. kExact: one causal attention per document with explicit matmuls
-// (the reference; CPU default). kFused: at::scaled_dot_product_attention per document. kAuto:
-// kFused on CUDA tensors, otherwise kExact.
+// Which attention kernel runs (kept for source compatibility; core/kernels/dispatch.h decides, from
+// the device, the dtype and the recipe's kernels.* options). kAuto: the dispatch's choice. kExact:
+// never SDPA / varlen flash (ptk's own kernels, else the ATen reference). kFused: SDPA.
 enum class AttentionBackend { kAuto, kExact, kFused };
 
 // One batch. Rows hold either padded sequences (attention_mask) or packed documents
@@ -161,6 +162,12 @@ class Qwen2Model {
   // CPU). A snapshot: stale once the weights change.
   PackedDecodeWeights pack_for_decode(bool lm_head, int64_t max_trunk_bytes) const;
 
+  // Wraps linear `which` of decoder layer `layer` with an adapter (null removes it): forward and
+  // the cached forward then return adapter->forward(x, x W^T + b) for it. Copies of this handle
+  // share the adapters; clone() keeps them. Not with activation checkpointing (throws).
+  void set_adapter(int64_t layer, LinearId which, std::shared_ptr<const LinearAdapter> adapter);
+  const LinearAdapter* adapter(int64_t layer, LinearId which) const;
+
   // Saves an HF folder that transformers and vLLM load unchanged (see checkpoint::save_checkpoint).
   void save_pretrained(const std::string& dir, const checkpoint::SaveOptions& options = {}) const;
 
@@ -173,6 +180,7 @@ class Qwen2Model {
 
  private:
   Qwen2Config config_;
+  std::vector<LayerAdapters> adapters_;  // empty: none
 };
 
 // ---- building blocks, exposed for tests and fused ops ------------------------------------------

@@ -4,6 +4,7 @@
 
 #include "core/checkpoint/hf_config.h"
 #include "core/checkpoint/model_folder.h"
+#include "core/kernels/dispatch.h"
 #include "core/parallel/comm.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
@@ -63,6 +64,7 @@ TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::strin
   // (the stages read the tokenizer from model.path when tokenizer.path is empty).
   if (!r.model.path.empty()) checkpoint::require_model_folder(r.model.path, "model.path");
   make_dirs(run_dir);  // only now: a refused rerun or a wrong model.path leaves no new folder behind
+  kernels::configure(kernels::options_from(r.kernels));  // once per process, before any forward
   TrainerOptions o;
   o.run_dir = run_dir;
   o.resolved_recipe = resolved_recipe;

@@ -9,7 +9,7 @@
 #include <cstdlib>
 #include <sstream>
 
-#include "core/model/cpu_features.h"
+#include "core/kernels/cpu/cpu_features.h"
 #include "core/runtime/device_memory.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
@@ -507,13 +507,16 @@ std::optional<MemoryPlan> memory_plan_from_recipe(const config::TrainingRecipe& 
   p.max_seq_len = r.data.max_seq_len;
   p.packing = r.data.packing;
   p.activation_checkpointing = r.model.activation_checkpointing;
-  // The conditions under which model/qwen2.cpp runs the flash kernel (else the block path keeps
-  // probabilities); the decode packing needs AVX-512 as well.
+  // The conditions under which core/kernels/dispatch.h picks the flash kernel on the CPU (else the
+  // block path keeps probabilities): kernels.attention auto or cpu_flash (PTK_ATTENTION_FLASH=0 and
+  // PTK_ATTENTION_BLOCK_ROWS=0 are its aliases for cpu_block and ref); the decode packing needs AVX-512 as well.
   const char* flash_env = std::getenv("PTK_ATTENTION_FLASH");
   const char* block_env = std::getenv("PTK_ATTENTION_BLOCK_ROWS");
-  p.flash_attention = model::cpu_has_avx512f() && !(flash_env && std::string(flash_env) == "0") &&
-                      !(block_env && std::atoll(block_env) <= 0) && head_dim_of(p.model) % 16 == 0;
-  p.decode_packing = model::cpu_has_avx512f();
+  const std::string& kernel = r.kernels.attention;
+  const bool env_off = (flash_env && std::string(flash_env) == "0") || (block_env && std::atoll(block_env) <= 0);
+  p.flash_attention = kernels::cpu::cpu_has_avx512f() && head_dim_of(p.model) % 16 == 0 &&
+                      (kernel == "cpu_flash" || (kernel == "auto" && !env_off));
+  p.decode_packing = kernels::cpu::cpu_has_avx512f();
   if (const char* ws = std::getenv("WORLD_SIZE")) p.world_size = std::max(1L, std::strtol(ws, nullptr, 10));
   p.zero1 = r.train.zero1;
   // On a GPU (run.device, auto included) the plan is compared with that device's memory.

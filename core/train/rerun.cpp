@@ -26,6 +26,7 @@ const char* const kNeutralKeys[] = {
     "train.memory_check",                // a check before the run
     "checkpoint.",                       // checkpoint cadence, keep_last, shard size
     "dist.",                             // timeout, backend
+    "kernels.",                          // which kernels compute the same math: speed (not bit for bit)
     "data.eval",                         // held-out data: measured, not trained
     "rollout.slots",                     // GRPO's decode batch: speed (seeds are per prompt row)
     "grpo.log_rollouts_every",           // rollouts/*.jsonl

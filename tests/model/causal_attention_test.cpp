@@ -10,7 +10,7 @@
 #include <limits>
 #include <vector>
 
-#include "core/model/causal_attention.h"
+#include "core/kernels/cpu/causal_attention.h"
 #include "core/util/error.h"
 #include "tests/support/test_util.h"
 
@@ -72,7 +72,7 @@ TEST(CausalBlockAttention, EqualsMaskedSoftmaxAttentionWithGradients) {
   for (Case c : {Case{2, 14, 2, 37, 37, 16, 8}, Case{1, 4, 4, 5, 12, 8, 2}, Case{1, 6, 3, 20, 20, 8, 128},
                  Case{2, 4, 2, 33, 33, 32, 11}, Case{1, 2, 1, 1, 1, 4, 1}}) {
     SCOPED_TRACE(describe(c));
-    expect_matches_reference(c, &model::causal_block_attention, 1e-30);
+    expect_matches_reference(c, &kernels::cpu::causal_block_attention, 1e-30);
   }
 }
 
@@ -88,7 +88,7 @@ struct ThreadCountGuard {
 // 64-key panel, and queries that are the last Lq of Lk > Lq positions; on 1, 2 and 4 intra-op
 // threads (each worker accumulates its own dK / dV; 4 is more workers than some shapes' blocks).
 TEST(CausalFlashAttention, EqualsMaskedSoftmaxAttentionWithGradients) {
-  if (!model::causal_flash_attention_supported(torch::zeros({1, 1, 1, 16}), torch::zeros({1, 1, 1, 16}),
+  if (!kernels::cpu::causal_flash_attention_supported(torch::zeros({1, 1, 1, 16}), torch::zeros({1, 1, 1, 16}),
                                                torch::zeros({1, 1, 1, 16})))
     PTK_SKIP_WITHOUT("avx512") << "no AVX-512F on this CPU: the flash kernels do not run here";
   ThreadCountGuard guard;
@@ -99,7 +99,7 @@ TEST(CausalFlashAttention, EqualsMaskedSoftmaxAttentionWithGradients) {
                    Case{1, 2, 2, 130, 130, 32, 600}, Case{1, 4, 2, 40, 90, 128, 7}}) {
       SCOPED_TRACE(describe(c) << " threads " << t);
       // With one visible key (Lk = 1) the q and k gradients are exactly 0: compare absolutely there.
-      expect_matches_reference(c, &model::causal_flash_attention, c.lk == 1 ? 1.0 : 1e-30);
+      expect_matches_reference(c, &kernels::cpu::causal_flash_attention, c.lk == 1 ? 1.0 : 1e-30);
     }
   }
 }
@@ -107,7 +107,7 @@ TEST(CausalFlashAttention, EqualsMaskedSoftmaxAttentionWithGradients) {
 // Training runs repeat bit for bit at a given thread count: the per-worker dK / dV sums must not
 // depend on which thread got which block first.
 TEST(CausalFlashAttention, GradientsRepeatBitForBitOnTwoThreads) {
-  if (!model::causal_flash_attention_supported(torch::zeros({1, 1, 1, 16}), torch::zeros({1, 1, 1, 16}),
+  if (!kernels::cpu::causal_flash_attention_supported(torch::zeros({1, 1, 1, 16}), torch::zeros({1, 1, 1, 16}),
                                                torch::zeros({1, 1, 1, 16})))
     PTK_SKIP_WITHOUT("avx512") << "no AVX-512F on this CPU: the flash kernels do not run here";
   ThreadCountGuard guard;
@@ -121,7 +121,7 @@ TEST(CausalFlashAttention, GradientsRepeatBitForBitOnTwoThreads) {
     q.mutable_grad().reset();
     k.mutable_grad().reset();
     v.mutable_grad().reset();
-    model::causal_flash_attention(q, k, v, 12).backward(grad_out);
+    kernels::cpu::causal_flash_attention(q, k, v, 12).backward(grad_out);
     if (run == 0) {
       first = {q.grad().clone(), k.grad().clone(), v.grad().clone()};
       continue;
@@ -134,18 +134,18 @@ TEST(CausalFlashAttention, GradientsRepeatBitForBitOnTwoThreads) {
 
 TEST(CausalFlashAttention, RejectsBadShapes) {
   auto q = torch::randn({1, 3, 4, 16}), k = torch::randn({1, 2, 4, 16});
-  EXPECT_THROW(model::causal_flash_attention(q, k, k), Error);  // 3 heads over 2 K/V heads
+  EXPECT_THROW(kernels::cpu::causal_flash_attention(q, k, k), Error);  // 3 heads over 2 K/V heads
   auto q8 = torch::randn({1, 2, 4, 8}), k8 = torch::randn({1, 1, 4, 8});
-  EXPECT_THROW(model::causal_flash_attention(q8, k8, k8), Error);  // head size not a multiple of 16
-  EXPECT_THROW(model::causal_flash_attention(q.narrow(1, 0, 2), k, k, 0), Error);
+  EXPECT_THROW(kernels::cpu::causal_flash_attention(q8, k8, k8), Error);  // head size not a multiple of 16
+  EXPECT_THROW(kernels::cpu::causal_flash_attention(q.narrow(1, 0, 2), k, k, 0), Error);
 }
 
 TEST(CausalBlockAttention, RejectsBadShapes) {
   auto q = torch::randn({1, 3, 4, 8}), k = torch::randn({1, 2, 4, 8});
-  EXPECT_THROW(model::causal_block_attention(q, k, k), Error);  // 3 heads over 2 K/V heads
+  EXPECT_THROW(kernels::cpu::causal_block_attention(q, k, k), Error);  // 3 heads over 2 K/V heads
   auto k_short = torch::randn({1, 1, 3, 8});
-  EXPECT_THROW(model::causal_block_attention(q, k_short, k_short), Error);  // Lq > Lk
-  EXPECT_THROW(model::causal_block_attention(q.to(torch::kDouble), k.narrow(1, 0, 1).to(torch::kDouble),
+  EXPECT_THROW(kernels::cpu::causal_block_attention(q, k_short, k_short), Error);  // Lq > Lk
+  EXPECT_THROW(kernels::cpu::causal_block_attention(q.to(torch::kDouble), k.narrow(1, 0, 1).to(torch::kDouble),
                                              k.narrow(1, 0, 1).to(torch::kDouble)),
                Error);
 }

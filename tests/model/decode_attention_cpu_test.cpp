@@ -7,7 +7,7 @@
 
 #include <cmath>
 
-#include "core/model/decode_attention_cpu.h"
+#include "core/kernels/cpu/decode_attention_cpu.h"
 #include "core/util/error.h"
 #include "tests/support/test_util.h"
 
@@ -25,11 +25,11 @@ TEST(DecodeAttentionRows, EqualsPerRowSoftmaxAttention) {
   for (Shape sh : {Shape{4, 2, 64}, Shape{14, 2, 64}, Shape{28, 4, 128}, Shape{28, 4, 128, 40.0}}) {
     const int64_t S = 6, T_max = 40;
     auto K = torch::randn({S, sh.nkv, T_max, sh.D}), V = torch::randn({S, sh.nkv, T_max, sh.D});
-    if (!model::decode_attention_rows_supported(K, K)) PTK_SKIP_WITHOUT("avx512") << "no AVX-512F on this CPU";
+    if (!kernels::cpu::decode_attention_rows_supported(K, K)) PTK_SKIP_WITHOUT("avx512") << "no AVX-512F on this CPU";
     const std::vector<int64_t> slots = {4, 0, 5, 2}, lens = {1, 17, 40, 33};
     const int64_t R = static_cast<int64_t>(slots.size()), g = sh.nh / sh.nkv;
     auto q = torch::randn({R, sh.nh, sh.D}) * sh.q_scale;
-    auto got = model::decode_attention_rows(q, K, V, slots, lens);
+    auto got = kernels::cpu::decode_attention_rows(q, K, V, slots, lens);
     ASSERT_EQ(got.sizes(), q.sizes());
     double worst = 0;
     for (int64_t r = 0; r < R; ++r)
@@ -43,7 +43,7 @@ TEST(DecodeAttentionRows, EqualsPerRowSoftmaxAttention) {
         worst = std::max(worst, err);
       }
     // A row alone gives the bits it gives in the batch.
-    auto alone = model::decode_attention_rows(q.narrow(0, 2, 1), K, V, {slots[2]}, {lens[2]});
+    auto alone = kernels::cpu::decode_attention_rows(q.narrow(0, 2, 1), K, V, {slots[2]}, {lens[2]});
     EXPECT_TRUE(torch::equal(alone[0], got[2]));
     std::printf("  nh %lld / nkv %lld, D %lld, q x %.0f: max |diff| vs float64 reference %.3g\n", (long long)sh.nh,
                 (long long)sh.nkv, (long long)sh.D, sh.q_scale, worst);
@@ -52,12 +52,12 @@ TEST(DecodeAttentionRows, EqualsPerRowSoftmaxAttention) {
 
 TEST(DecodeAttentionRows, RefusesKeyCountsOutsideTheCache) {
   auto K = torch::zeros({2, 1, 8, 16});
-  if (!model::decode_attention_rows_supported(K, K)) PTK_SKIP_WITHOUT("avx512") << "no AVX-512F on this CPU";
+  if (!kernels::cpu::decode_attention_rows_supported(K, K)) PTK_SKIP_WITHOUT("avx512") << "no AVX-512F on this CPU";
   auto q = torch::zeros({1, 2, 16});
-  EXPECT_THROW(model::decode_attention_rows(q, K, K, {0}, {0}), Error);
-  EXPECT_THROW(model::decode_attention_rows(q, K, K, {0}, {9}), Error);
-  EXPECT_FALSE(model::decode_attention_rows_supported(q, torch::zeros({2, 1, 8, 12})));  // head_dim not 16k
-  EXPECT_FALSE(model::decode_attention_rows_supported(q.to(torch::kDouble), K));
+  EXPECT_THROW(kernels::cpu::decode_attention_rows(q, K, K, {0}, {0}), Error);
+  EXPECT_THROW(kernels::cpu::decode_attention_rows(q, K, K, {0}, {9}), Error);
+  EXPECT_FALSE(kernels::cpu::decode_attention_rows_supported(q, torch::zeros({2, 1, 8, 12})));  // head_dim not 16k
+  EXPECT_FALSE(kernels::cpu::decode_attention_rows_supported(q.to(torch::kDouble), K));
 }
 
 }  // namespace

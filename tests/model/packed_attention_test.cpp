@@ -1,7 +1,7 @@
 // Packed rows' attention (core/model/qwen2.cpp, PackedPlan): short documents are gathered into
 // padded batches and take one causal attention per batch; long or lone documents are attended one
 // by one. Checked on a small random Qwen2 against (a) every document run alone and (b) the
-// per-document loop (PTK_PACKED_ATTENTION=per-document): logits at every position (gaps and
+// per-document loop (kernels.packed_attention = per_document): logits at every position (gaps and
 // padding included), every parameter's gradient, and the checkpointed backward. Which path ran is
 // read from the layer's profiler scopes, so a plan that silently falls back fails the test.
 #include <gtest/gtest.h>
@@ -15,6 +15,7 @@
 #include <map>
 #include <string>
 
+#include "core/kernels/dispatch.h"
 #include "core/model/qwen2.h"
 
 namespace ptk::model {
@@ -53,10 +54,14 @@ struct ScopeCounter {
   ~ScopeCounter() { at::removeCallback(handle); }
 };
 
-// Sets PTK_PACKED_ATTENTION=per-document (the per-document loop) while alive.
+// kernels.packed_attention = per_document (the per-document loop) while alive.
 struct PerDocumentLoop {
-  PerDocumentLoop() { setenv("PTK_PACKED_ATTENTION", "per-document", 1); }
-  ~PerDocumentLoop() { unsetenv("PTK_PACKED_ATTENTION"); }
+  static kernels::Options per_document() {
+    kernels::Options o = kernels::options();
+    o.packed_attention = kernels::PackedAttention::kPerDocument;
+    return o;
+  }
+  kernels::ScopedOptions scoped{per_document()};
 };
 
 struct Result {
@@ -148,7 +153,7 @@ void check_packing(const std::string& what, const std::vector<std::vector<int64_
     PerDocumentLoop force;
     loop = run(m, in, w);
   }
-  EXPECT_EQ(loop.padded + loop.alone, 0) << what << ": PTK_PACKED_ATTENTION=per-document still batched";
+  EXPECT_EQ(loop.padded + loop.alone, 0) << what << ": per_document still batched";
 
   // Every position, gaps and padding included, as the per-document loop gives it.
   const double d_loop = max_diff(packed.logits, loop.logits);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 
+#include "core/kernels/dispatch.h"
 #include "core/model/kv_cache.h"
 #include "core/model/packed_linear.h"
 #include "core/model/qwen2.h"
@@ -249,8 +250,11 @@ TEST_P(Fixture, DecodeOverAnySetOfSlotsEqualsUncachedForward) {
   // Every decode attention layout: the default (per-row kernel on AVX-512 CPUs, else window or
   // gather by the slot set), then each batched layout forced.
   for (const char* mode : {"", "window", "gather"}) {
-    if (*mode) setenv("PTK_DECODE_ATTENTION", mode, 1);
-    SCOPED_TRACE(std::string("PTK_DECODE_ATTENTION=") + mode);
+    kernels::Options opts = kernels::options();
+    if (*mode) opts.decode_attention = std::string(mode) == "window" ? kernels::DecodeAttention::kWindow
+                                                                     : kernels::DecodeAttention::kGather;
+    kernels::ScopedOptions scoped(opts);
+    SCOPED_TRACE(std::string("kernels.decode_attention=") + (*mode ? mode : "auto"));
     const int64_t S = 8, V = m.config().vocab_size;
     torch::manual_seed(3);
     model::KVCache cache(m.config(), S, 48, at::kFloat, at::kCPU);
@@ -297,7 +301,6 @@ TEST_P(Fixture, DecodeOverAnySetOfSlotsEqualsUncachedForward) {
       }
     }
     std::printf("  decode over slot sets (%s): max |diff| vs uncached forward %.3g\n", *mode ? mode : "default", worst);
-    unsetenv("PTK_DECODE_ATTENTION");
   }
 }
 

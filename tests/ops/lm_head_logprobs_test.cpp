@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 
+#include "core/kernels/dispatch.h"
 #include "core/model/lm_head_logprobs.h"
 
 namespace ptk::model {
@@ -57,9 +58,10 @@ void check_once(double temp, int64_t valid, int64_t chunk, bool keep) {
 void check(double temp, int64_t valid, int64_t chunk, bool keep) {
   for (bool aten : {false, true}) {
     SCOPED_TRACE(aten ? "ATen passes" : "row kernels where supported");
-    if (aten) setenv("PTK_LM_HEAD_ROWS", "aten", 1);
+    kernels::Options o = kernels::options();
+    if (aten) o.lm_head = kernels::LmHead::kRef;
+    kernels::ScopedOptions scoped(o);
     check_once(temp, valid, chunk, keep);
-    unsetenv("PTK_LM_HEAD_ROWS");
   }
 }
 

@@ -5,11 +5,11 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include "core/model/lm_head_rows_cpu.h"
+#include "core/kernels/cpu/lm_head_rows_cpu.h"
 #include "core/util/error.h"
 #include "tests/support/test_util.h"
 
-namespace ptk::model {
+namespace ptk::kernels::cpu {
 namespace {
 
 TEST(LmHeadRowsCpu, StatsAndGradientEqualAtenInFloat64) {
@@ -67,4 +67,4 @@ TEST(LmHeadRowsCpu, RejectsWhatItCannotRead) {
 }
 
 }  // namespace
-}  // namespace ptk::model
+}  // namespace ptk::kernels::cpu

@@ -1,4 +1,4 @@
-#include "core/model/lm_head_rows_cpu.h"
+#include "core/kernels/cpu/lm_head_rows_cpu.h"
 
 // GCC 12's AVX-512 intrinsics trip -Wmaybe-uninitialized when inlined (see decode_attention_cpu.cpp).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -11,11 +11,11 @@
 #include <cstdint>
 #include <limits>
 
-#include "core/model/avx512_math.h"
-#include "core/model/cpu_features.h"
+#include "core/kernels/cpu/avx512_math.h"
+#include "core/kernels/cpu/cpu_features.h"
 #include "core/util/error.h"
 
-namespace ptk::model {
+namespace ptk::kernels::cpu {
 namespace {
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -167,4 +167,4 @@ void lm_head_logp_grad_inplace(at::Tensor z, const at::Tensor& targets, const at
 #endif
 }
 
-}  // namespace ptk::model
+}  // namespace ptk::kernels::cpu

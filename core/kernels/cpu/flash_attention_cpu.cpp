@@ -1,4 +1,4 @@
-#include "core/model/flash_attention_cpu.h"
+#include "core/kernels/cpu/flash_attention_cpu.h"
 
 // GCC 12's AVX-512 intrinsics build on _mm512_undefined_ps and trip -Wmaybe-uninitialized when
 // inlined here: a known false positive (as in decode_attention_cpu.cpp).
@@ -12,16 +12,16 @@
 #include <cmath>
 #include <vector>
 
-#include "core/model/cpu_features.h"
+#include "core/kernels/cpu/cpu_features.h"
 #include "core/util/error.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
-#include "core/model/avx512_math.h"
+#include "core/kernels/cpu/avx512_math.h"
 #endif
 
-namespace ptk::model {
+namespace ptk::kernels::cpu {
 namespace {
 
 constexpr int64_t kMr = 6;      // accumulator rows of the micro-kernel
@@ -297,4 +297,4 @@ void flash_attention_backward(const at::Tensor& qs, const at::Tensor& k, const a
 #endif
 }
 
-}  // namespace ptk::model
+}  // namespace ptk::kernels::cpu

@@ -1,7 +1,7 @@
 // AVX-512 helpers shared by ptk's CPU kernels (decode attention, flash attention, the lm_head op's
 // row passes).
 // Internal: include only from .cpp files that call them inside target("avx512f") functions, after
-// checking cpu_has_avx512f() (core/model/cpu_features.h) at run time.
+// checking cpu_has_avx512f() (core/kernels/cpu/cpu_features.h) at run time.
 #pragma once
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <limits>
 
-namespace ptk::model::avx512 {
+namespace ptk::kernels::cpu::avx512 {
 
 // The sum of a vector's 16 lanes (GCC 12's _mm512_reduce_add_ps trips -Wmaybe-uninitialized).
 __attribute__((target("avx512f"))) inline float lane_sum(__m512 x) {
@@ -73,5 +73,5 @@ __attribute__((target("avx512f"))) inline ExpRow exp_row(float* x, int64_t len, 
   return {lane_sum(sum), m};
 }
 
-}  // namespace ptk::model::avx512
+}  // namespace ptk::kernels::cpu::avx512
 #endif

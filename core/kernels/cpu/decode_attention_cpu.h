@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <vector>
 
-namespace ptk::model {
+namespace ptk::kernels::cpu {
 
 // Whether decode_attention_rows can serve this step: float32 CPU tensors, a contiguous cache,
 // head_dim a multiple of 16, AVX-512F.
@@ -22,4 +22,4 @@ bool decode_attention_rows_supported(const at::Tensor& q, const at::Tensor& K);
 at::Tensor decode_attention_rows(const at::Tensor& q, const at::Tensor& K, const at::Tensor& V,
                                  const std::vector<int64_t>& slots, const std::vector<int64_t>& lens);
 
-}  // namespace ptk::model
+}  // namespace ptk::kernels::cpu

@@ -18,7 +18,7 @@
 
 #include <cstdint>
 
-namespace ptk::model {
+namespace ptk::kernels::cpu {
 
 // True where the kernels run: x86 with AVX-512F, float32, head size a multiple of 16.
 bool flash_attention_cpu_supported(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
@@ -34,4 +34,4 @@ void flash_attention_backward(const at::Tensor& qs, const at::Tensor& k, const a
                               const at::Tensor& lse, const at::Tensor& delta, int64_t g, int64_t block_rows,
                               at::Tensor& dqs, at::Tensor& dk, at::Tensor& dv);
 
-}  // namespace ptk::model
+}  // namespace ptk::kernels::cpu

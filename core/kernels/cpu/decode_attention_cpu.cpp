@@ -1,7 +1,7 @@
 // decode_attention_rows: per (row, K/V head), the g query heads of the group score the row's keys
 // (one pass over K, each key loaded once for the g dot products), softmax in float32, then one
 // pass over V accumulating the g outputs. Parallel over (row, K/V head) pairs.
-#include "core/model/decode_attention_cpu.h"
+#include "core/kernels/cpu/decode_attention_cpu.h"
 
 // GCC 12's AVX-512 intrinsics (_mm512_set1_ps, _mm512_cvtss_f32, ...) build on _mm512_undefined_ps
 // and trip -Wmaybe-uninitialized when inlined here: a known false positive.
@@ -14,11 +14,11 @@
 #include <algorithm>
 #include <cmath>
 
-#include "core/model/avx512_math.h"
-#include "core/model/cpu_features.h"
+#include "core/kernels/cpu/avx512_math.h"
+#include "core/kernels/cpu/cpu_features.h"
 #include "core/util/error.h"
 
-namespace ptk::model {
+namespace ptk::kernels::cpu {
 namespace {
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -106,4 +106,4 @@ at::Tensor decode_attention_rows(const at::Tensor& q_in, const at::Tensor& K, co
   return out;
 }
 
-}  // namespace ptk::model
+}  // namespace ptk::kernels::cpu

@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-namespace ptk::model {
+namespace ptk::kernels::cpu {
 
 // q (N, heads, Lq, D), k/v (N, kv_heads, Lk, D), heads a multiple of kv_heads, Lq <= Lk: the
 // queries are the last Lq of the Lk positions (query i sees keys j <= Lk - Lq + i). Returns
@@ -19,7 +19,7 @@ namespace ptk::model {
 at::Tensor causal_block_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   int64_t block_rows = 128);
 
-// The same attention on ptk's AVX-512 flash kernels (core/model/flash_attention_cpu.h): tiles that
+// The same attention on ptk's AVX-512 flash kernels (core/kernels/cpu/flash_attention_cpu.h): tiles that
 // stay in cache, no probabilities kept for backward (one log-sum-exp per query row instead).
 // Same shapes and result; block_rows here counts query rows of one K/V head's group (positions x
 // heads / kv_heads), rounded up to a multiple of 6. Needs causal_flash_attention_supported().
@@ -27,4 +27,4 @@ bool causal_flash_attention_supported(const at::Tensor& q, const at::Tensor& k, 
 at::Tensor causal_flash_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   int64_t block_rows = 48);
 
-}  // namespace ptk::model
+}  // namespace ptk::kernels::cpu

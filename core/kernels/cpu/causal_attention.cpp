@@ -1,4 +1,4 @@
-#include "core/model/causal_attention.h"
+#include "core/kernels/cpu/causal_attention.h"
 
 #include <torch/torch.h>
 
@@ -7,10 +7,10 @@
 #include <limits>
 #include <vector>
 
-#include "core/model/flash_attention_cpu.h"
+#include "core/kernels/cpu/flash_attention_cpu.h"
 #include "core/util/error.h"
 
-namespace ptk::model {
+namespace ptk::kernels::cpu {
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -159,4 +159,4 @@ at::Tensor causal_block_attention(const at::Tensor& q, const at::Tensor& k, cons
   return CausalBlockAttention::apply(q, k, v, block_rows);
 }
 
-}  // namespace ptk::model
+}  // namespace ptk::kernels::cpu

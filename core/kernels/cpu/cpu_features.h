@@ -2,7 +2,7 @@
 // per-row decode attention, the lm_head op's row passes) are used only where it says yes.
 #pragma once
 
-namespace ptk::model {
+namespace ptk::kernels::cpu {
 
 inline bool cpu_has_avx512f() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -13,4 +13,4 @@ inline bool cpu_has_avx512f() {
 #endif
 }
 
-}  // namespace ptk::model
+}  // namespace ptk::kernels::cpu

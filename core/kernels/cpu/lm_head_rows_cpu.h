@@ -7,7 +7,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
-namespace ptk::model {
+namespace ptk::kernels::cpu {
 
 // z: CPU float32 contiguous (rows, V), and this CPU has AVX-512F.
 bool lm_head_rows_supported(const at::Tensor& z);
@@ -23,4 +23,4 @@ void lm_head_row_stats(const at::Tensor& z, const at::Tensor& targets, at::Tenso
 void lm_head_logp_grad_inplace(at::Tensor z, const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& g,
                                double scale);
 
-}  // namespace ptk::model
+}  // namespace ptk::kernels::cpu

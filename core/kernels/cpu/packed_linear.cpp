@@ -7,7 +7,7 @@
 // (48 x K floats: 48 KB at K = 256, 172 KB at K = 896) stay in L1/L2 while every row block of x
 // passes over them, so W streams from memory once per call. 8 x 3 measured best of 12 x 2, 8 x 3,
 // 6 x 4, 14 x 2 on a Sapphire-Rapids-class core at K = 896.
-#include "core/model/packed_linear.h"
+#include "core/kernels/cpu/packed_linear.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -15,10 +15,10 @@
 
 #include <algorithm>
 
-#include "core/model/cpu_features.h"
+#include "core/kernels/cpu/cpu_features.h"
 #include "core/util/error.h"
 
-namespace ptk::model {
+namespace ptk::kernels::cpu {
 namespace {
 
 constexpr int kLanes = 16;  // floats per AVX-512 vector = output features per panel
@@ -94,13 +94,6 @@ PackedLinear::PackedLinear(const at::Tensor& w) {
 
 int64_t PackedLinear::bytes() const { return panels_.numel() * static_cast<int64_t>(sizeof(float)); }
 
-int64_t PackedDecodeWeights::bytes() const {
-  int64_t b = lm_head ? lm_head->bytes() : 0;
-  for (const auto& l : layers)
-    b += l.q.bytes() + l.k.bytes() + l.v.bytes() + l.o.bytes() + l.gate.bytes() + l.up.bytes() + l.down.bytes();
-  return b;
-}
-
 const at::Tensor& PackedLinear::forward_out(const at::Tensor& x_in, at::Tensor& out) const {
   PTK_CHECK(x_in.dim() == 2 && x_in.size(1) == k_ && x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat,
             "PackedLinear: x must be (R, " + std::to_string(k_) + ") float32 on CPU");
@@ -135,4 +128,4 @@ const at::Tensor& PackedLinear::forward_out(const at::Tensor& x_in, at::Tensor& 
   return out;
 }
 
-}  // namespace ptk::model
+}  // namespace ptk::kernels::cpu
