@@ -67,8 +67,10 @@ at::Tensor score_rows(const model::Qwen2Model& model, const at::Tensor& ids, con
   fo.activation_checkpointing = checkpointed;
   auto out = model.forward(in, fo);
   // transformers' Qwen2ForSequenceClassification pooling: the rightmost non-pad token (with
-  // pad == eos, the token before an appended EOS).
-  return model.score(out.hidden, model::score_index(ids, in.attention_mask, pad_id));  // (R)
+  // pad == eos, the token before an appended EOS). Scores in fp32 whatever the weights' dtype (as the
+  // lm_head op's logits): with bf16 weights (model.dtype=auto on a GPU) the loss, margins and the
+  // differences between close rewards would otherwise round to ~|r| 2^-8.
+  return model.score(out.hidden, model::score_index(ids, in.attention_mask, pad_id)).to(at::kFloat);  // (R)
 }
 
 namespace {

@@ -9,25 +9,37 @@
 namespace ptk::runtime {
 namespace {
 
-int local_rank() {
-  const char* env = std::getenv("LOCAL_RANK");
-  if (!env || !*env) return 0;
+int env_int(const char* name) {
+  const char* env = std::getenv(name);
+  if (!env || !*env) return -1;
   char* end = nullptr;
   long v = std::strtol(env, &end, 10);
-  return (end && *end == '\0' && v >= 0) ? static_cast<int>(v) : 0;
+  return (end && *end == '\0' && v >= 0) ? static_cast<int>(v) : -1;
+}
+
+// LOCAL_RANK, else RANK (one machine), else 0: what parallel::Comm binds its GPU to.
+int local_rank() {
+  const int l = env_int("LOCAL_RANK");
+  if (l >= 0) return l;
+  const int r = env_int("RANK");
+  return r >= 0 ? r : 0;
 }
 
 int gpu_count() { return torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0; }
 
 }  // namespace
 
-at::Device resolve_device(const std::string& spec, const std::string& key) {
+at::Device resolve_device(const std::string& spec, const std::string& key, bool allow_meta) {
   if (!valid_device_spec(spec))
-    throw Error(key + " = `" + spec + "` is not a device\n---> HINT: auto | cpu | cuda | cuda:N (a GPU index) | meta");
+    throw Error(key + " = `" + spec + "` is not a device\n---> HINT: auto | cpu | cuda | cuda:N (a GPU index)");
   if (spec == "cpu") return at::Device(at::kCPU);
-  if (spec == "meta") return at::Device(at::kMeta);
+  if (spec == "meta") {
+    if (allow_meta) return at::Device(at::kMeta);
+    throw Error(key + " = meta places tensors without data: it is for tests, a command computes nothing there"
+                      "\n---> HINT: auto | cpu | cuda | cuda:N");
+  }
   const int n = gpu_count();
-  if (spec == "auto") return n > 0 ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(local_rank() % n)) : at::Device(at::kCPU);
+  if (spec == "auto" && n == 0) return at::Device(at::kCPU);
   if (n == 0)
     throw Error(key + " = " + spec + " but " +
 #if PTK_TORCH_CUDA
@@ -37,9 +49,10 @@ at::Device resolve_device(const std::string& spec, const std::string& key) {
                 std::string("this build of ptk has no CUDA (configured with PTK_CUDA=OFF, or a CPU-only torch wheel)") +
 #endif
                 "\n---> HINT: " + key + "=cpu, or auto (a GPU when there is one, else the CPU)");
-  const int index = spec == "cuda" ? local_rank() : std::atoi(spec.c_str() + 5);
+  const bool by_rank = spec == "auto" || spec == "cuda";
+  const int index = by_rank ? local_rank() : std::atoi(spec.c_str() + 5);
   if (index >= n)
-    throw Error(key + " = " + spec + (spec == "cuda" ? " (LOCAL_RANK " + std::to_string(index) + ")" : std::string()) +
+    throw Error(key + " = " + spec + (by_rank ? " (local rank " + std::to_string(index) + ")" : std::string()) +
                 " but this machine has " + std::to_string(n) + " CUDA GPU" + (n == 1 ? "" : "s") + " (cuda:0" +
                 (n > 1 ? "..cuda:" + std::to_string(n - 1) : std::string()) + ")\n---> HINT: pick one of them, or auto");
   return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(index));

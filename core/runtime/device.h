@@ -10,11 +10,13 @@
 
 namespace ptk::runtime {
 
-// The device for `spec`: auto = cuda:LOCAL_RANK when this build has CUDA and a GPU is there (the
-// rank's GPU modulo the GPU count), else cpu; cuda = cuda:LOCAL_RANK; cuda:N as given. Throws a
-// ptk::Error naming `key` (e.g. "run.device") when the spelling is wrong, when CUDA is asked for on a
-// build or machine without a GPU, or when N is not a GPU of this machine.
-at::Device resolve_device(const std::string& spec, const std::string& key = "run.device");
+// The device for `spec`: auto = cuda:LOCAL_RANK when this build has CUDA and a GPU is there, else
+// cpu; cuda = cuda:LOCAL_RANK; cuda:N as given. The local rank is LOCAL_RANK, else RANK, else 0 (as
+// parallel::Comm reads it, so a rank's model and its process group share a GPU). Throws a ptk::Error
+// naming `key` (e.g. "run.device") when the spelling is wrong, when CUDA is asked for on a build or
+// machine without a GPU, when N (or the local rank) is not a GPU of this machine, and for `meta`
+// unless `allow_meta` (tests build stages on meta; a command computes nothing there).
+at::Device resolve_device(const std::string& spec, const std::string& key = "run.device", bool allow_meta = false);
 
 // "cpu", "cuda:0", "meta": the device as the recipe spells it (for logs and config.json).
 std::string device_name(const at::Device& device);

@@ -35,7 +35,7 @@ bool cuda_free_memory(int device, size_t* free_bytes, size_t* total_bytes) {
 }
 
 int cuda_index_of(const std::string& spec, const std::string& key) {
-  const at::Device d = resolve_device(spec.empty() ? "auto" : spec, key);
+  const at::Device d = resolve_device(spec.empty() ? "auto" : spec, key, /*allow_meta=*/true);
   return d.is_cuda() ? (d.has_index() ? d.index() : 0) : -1;
 }
 

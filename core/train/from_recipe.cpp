@@ -95,6 +95,14 @@ TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::strin
   co.timeout_s = r.dist.timeout_s;
   co.backend = r.dist.backend;
   o.comm = parallel::Comm::from_environment(co);
+  if (o.comm.world_size() > 1) {
+    // Each rank's model on the GPU its process group uses: cuda:N would put every rank on one GPU.
+    const at::Device d = runtime::resolve_device(r.run.device, "run.device");
+    if (d.is_cuda() && d.index() != o.comm.local_rank())
+      throw Error("run.device = " + r.run.device + " puts rank " + std::to_string(o.comm.rank()) + "'s model on cuda:" +
+                  std::to_string(d.index()) + " but its process group on cuda:" + std::to_string(o.comm.local_rank()) +
+                  " (LOCAL_RANK)\n---> HINT: with several ranks use run.device=auto or cuda (each rank: cuda:LOCAL_RANK)");
+  }
   // Before the stage prepares data or loads anything: this process owns the run folder, and what
   // crashed runs left there (a partial final/ or checkpoint, maybe hundreds of GB) is removed.
   if (o.comm.rank() == 0) claim_run_folder(run_dir, log::info);

@@ -8,7 +8,10 @@
 
 namespace ptk::train {
 
-at::Device run_device(const config::TrainingRecipe& r) { return runtime::resolve_device(r.run.device, "run.device"); }
+// meta is allowed here: tests build stages on it; the commands refuse it earlier (trainer_options).
+at::Device run_device(const config::TrainingRecipe& r) {
+  return runtime::resolve_device(r.run.device, "run.device", /*allow_meta=*/true);
+}
 
 Policy load_policy(const config::TrainingRecipe& r, const at::Device& device, const std::string& path_hint) {
   Policy p;

@@ -19,7 +19,13 @@ TEST(DeviceSpec, Spellings) {
 
 TEST(DeviceSpec, ResolvesOrRefusesClearly) {
   EXPECT_EQ(resolve_device("cpu"), at::Device(at::kCPU));
-  EXPECT_EQ(resolve_device("meta"), at::Device(at::kMeta));
+  EXPECT_EQ(resolve_device("meta", "run.device", /*allow_meta=*/true), at::Device(at::kMeta));
+  try {  // a command computes nothing on meta: only tests ask for it
+    resolve_device("meta", "--device");
+    FAIL() << "meta resolved without allow_meta";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--device = meta"), std::string::npos) << e.what();
+  }
   try {
     resolve_device("gpu");
     FAIL() << "gpu is not a device spelling";
