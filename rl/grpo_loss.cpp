@@ -270,6 +270,13 @@ double grpo_entropy_threshold(const at::Tensor& active_entropies, double rho) {
   return item(torch::quantile(active_entropies.detach().reshape({-1}).to(torch::kFloat32), 1.0 - rho));
 }
 
+at::Tensor grpo_entropy_threshold_tensor(const at::Tensor& entropy, const at::Tensor& mask, double rho) {
+  PTK_CHECK(rho > 0 && rho <= 1, "grpo_entropy_threshold: top_entropy_quantile = " + num(rho) + " must be in (0, 1]");
+  torch::NoGradGuard no_grad;
+  auto e = entropy.detach().to(torch::kFloat32).masked_fill(mask.eq(0), std::numeric_limits<float>::quiet_NaN());
+  return torch::nanquantile(e.reshape({-1}), 1.0 - rho);
+}
+
 GrpoLossOutput grpo_loss(const GrpoMicroBatch& b, const GrpoLossOptions& o, const GrpoScaling& s, bool read_metrics) {
   throw_if(grpo_validate(o), "grpo_loss");
   PTK_CHECK(b.logps.defined() && b.logps.dim() == 2, "grpo_loss: logps must be (B, T)");
@@ -326,10 +333,16 @@ GrpoLossOutput grpo_loss(const GrpoMicroBatch& b, const GrpoLossOptions& o, cons
     p = -(at::sigmoid(tau * (r - 1.0)) * 4.0 / tau) * A;
   }
   if (o.top_entropy_quantile < 1.0) {
-    const double tau = b.entropy_threshold ? *b.entropy_threshold
-                                           : grpo_entropy_threshold(b.entropy.masked_select(m.ne(0)),
-                                                                    o.top_entropy_quantile);
-    at::Tensor keep = (b.entropy.detach().to(dt) * m).ge(tau) & m.ne(0);  // (B, T)
+    at::Tensor keep;  // (B, T)
+    if (b.entropy_threshold || b.entropy.is_cpu()) {
+      const double tau = b.entropy_threshold ? *b.entropy_threshold
+                                             : grpo_entropy_threshold(b.entropy.masked_select(m.ne(0)),
+                                                                      o.top_entropy_quantile);
+      keep = (b.entropy.detach().to(dt) * m).ge(tau) & m.ne(0);
+    } else {  // on a device: τ stays there (reading it back would synchronise inside the step)
+      const at::Tensor tau = grpo_entropy_threshold_tensor(b.entropy, m, o.top_entropy_quantile);
+      keep = (b.entropy.detach().to(dt) * m).ge(tau.to(dt)) & m.ne(0);
+    }
     p = p * keep.to(dt);
   }
   if (b.is_weights.defined()) p = p * b.is_weights.detach().to(dt);

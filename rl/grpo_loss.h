@@ -175,5 +175,9 @@ GrpoLossOutput grpo_loss(const GrpoMicroBatch& batch, const GrpoLossOptions& opt
 // active_entropies (M): H at every m = 1 token of the micro-batch, gathered over processes.
 // M = 0 gives +inf (nothing kept).
 double grpo_entropy_threshold(const at::Tensor& active_entropies, double top_entropy_quantile);
+// The same τ from the (B, T) entropies and loss mask, computed where they are (a 0-dim float32
+// tensor: no host read, for the loss on a GPU): nanquantile over the entropies with m = 0 set to NaN.
+// No active token gives NaN, which keeps nothing, as +inf does.
+at::Tensor grpo_entropy_threshold_tensor(const at::Tensor& entropy, const at::Tensor& mask, double top_entropy_quantile);
 
 }  // namespace ptk::rl

@@ -253,6 +253,12 @@ TEST(GrpoLoss, TopEntropyQuantile) {
   Example ex;
   // ρ = 0.2: τ = quantile of the 17 active entropies at 0.8 = 1.3 + 0.8·(1.5 − 1.3) = 1.46.
   EXPECT_NEAR(grpo_entropy_threshold(ex.entropy.masked_select(ex.mask.ne(0)), 0.2), 1.46, 1e-6);
+  // The device form (no host read) gives the same τ, and NaN (keep nothing) without active tokens.
+  for (double rho : {0.2, 0.5, 0.9, 1.0})
+    EXPECT_FLOAT_EQ(grpo_entropy_threshold_tensor(ex.entropy, ex.mask, rho).item<float>(),
+                    static_cast<float>(grpo_entropy_threshold(ex.entropy.masked_select(ex.mask.ne(0)), rho)))
+        << rho;
+  EXPECT_TRUE(std::isnan(grpo_entropy_threshold_tensor(ex.entropy, torch::zeros_like(ex.mask), 0.2).item<float>()));
   auto o = options("dapo");
   o.top_entropy_quantile = 0.2;
   EXPECT_NEAR(loss_of(ex.batch(), o, scaling()), 0.0361424, sig6(0.0361424));
