@@ -82,6 +82,7 @@ const Options& env_options() {
       else e.attention_block_rows = n;
     }
     if (e.attention == Attention::kAuto && env("PTK_ATTENTION_FLASH") == "0") e.attention = Attention::kCpuBlock;
+    e.attention_cpu_only = e.attention != Attention::kAuto;
     const std::string packed = env("PTK_PACKED_ATTENTION");
     if (packed == "per-document" || packed == "per_document") e.packed_attention = PackedAttention::kPerDocument;
     const std::string decode = env("PTK_DECODE_ATTENTION");
@@ -96,7 +97,10 @@ const Options& env_options() {
 
 void configure(const Options& recipe) {
   Options o = env_options();
-  if (recipe.attention != Attention::kAuto) o.attention = recipe.attention;
+  if (recipe.attention != Attention::kAuto) {
+    o.attention = recipe.attention;
+    o.attention_cpu_only = false;
+  }
   if (recipe.attention_block_rows != 0) o.attention_block_rows = recipe.attention_block_rows;
   if (recipe.packed_attention != PackedAttention::kAuto) o.packed_attention = recipe.packed_attention;
   if (recipe.decode_attention != DecodeAttention::kAuto) o.decode_attention = recipe.decode_attention;
@@ -144,6 +148,7 @@ Attention select_attention(const AttentionCall& c, const Options& o) {
     if (cpu_f32) return Attention::kCpuBlock;
     return Attention::kRef;
   };
+  if (o.attention_cpu_only && c.device != c10::DeviceType::CPU) return automatic();
   switch (o.attention) {
     case Attention::kRef:
     case Attention::kSdpa:

@@ -66,6 +66,9 @@ struct Options {
   PackedAttention packed_attention = PackedAttention::kAuto;
   DecodeAttention decode_attention = DecodeAttention::kAuto;
   LmHead lm_head = LmHead::kAuto;
+  // `attention` came from an env alias (PTK_ATTENTION_*), which names CPU kernels: on other devices
+  // attention stays auto.
+  bool attention_cpu_only = false;
 };
 
 // Names as the recipe spells them (kernels.attention = "cpu_flash", ...) and back.

@@ -613,14 +613,19 @@ void plan_attention(LayerShape& s, int64_t B, int64_t T, at::Device device) {
     cu.push_back(static_cast<int32_t>(cu.back() + len));
     max_len = std::max(max_len, len);
   };
+  // Positions in no document (padding; outputs unused) as sequences of one token each: a padded tail
+  // attended as one sequence would cost as much as a real document of its length.
+  auto pad = [&](int64_t len) {
+    for (int64_t i = 0; i < len; ++i) run(1);
+  };
   for (int64_t b = 0; b < B; ++b) {
     int64_t t = 0;
     for (const auto& g : s.segs[b]) {
-      run(g.start - t);  // positions in no document attend among themselves (outputs unused)
+      pad(g.start - t);
       run(g.len);
       t = g.start + g.len;
     }
-    run(T - t);
+    pad(T - t);
   }
   s.cu_seqlens = at::tensor(cu, at::kInt).to(device, /*non_blocking=*/true);
   s.max_len = max_len;

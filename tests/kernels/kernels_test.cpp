@@ -170,6 +170,19 @@ TEST(Dispatch, PicksByDeviceAndDtype) {
   EXPECT_FALSE(kernels::sparse_embedding_grad(DeviceType::CUDA));
   EXPECT_FALSE(kernels::sparse_embedding_grad(DeviceType::Meta));
   EXPECT_EQ(kernels::attention_block_rows(a), 128);
+
+  // An env alias (PTK_ATTENTION_BLOCK_ROWS=0 -> ref) speaks of the CPU: other devices stay auto.
+  kernels::Options env_ref;
+  env_ref.attention = Attention::kRef;
+  env_ref.attention_cpu_only = true;
+  EXPECT_EQ(kernels::select_attention(call(DeviceType::CPU, ScalarType::Float, false), env_ref), Attention::kRef);
+  EXPECT_EQ(kernels::select_attention(call(DeviceType::CUDA, ScalarType::BFloat16, true), env_ref),
+            Attention::kFlashVarlen);
+  EXPECT_EQ(kernels::select_attention(call(DeviceType::CUDA, ScalarType::Float, false), env_ref), Attention::kSdpa);
+  // The recipe's choice applies everywhere.
+  kernels::Options recipe;
+  recipe.attention = Attention::kRef;
+  EXPECT_EQ(kernels::select_attention(call(DeviceType::CUDA, ScalarType::BFloat16, true), recipe), Attention::kRef);
 }
 
 TEST(Dispatch, ForcedKernelsFallBackWhereTheyCannotServe) {

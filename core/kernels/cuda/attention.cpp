@@ -12,6 +12,8 @@
 namespace ptk::kernels::cuda {
 
 at::Tensor sdpa_causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  // SDPA's fused kernels take 4-D (N, heads, L, D) only; a 3-D call would fall to its math path.
+  if (q.dim() == 3) return sdpa_causal_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)).squeeze(0);
   const int64_t lq = q.size(-2), lk = k.size(-2);
   if (lq == lk)
     return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, std::nullopt, /*enable_gqa=*/true);
