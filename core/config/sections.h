@@ -25,6 +25,8 @@ struct ModelSection : Section {
   std::string config;  // config.json for random init
   std::string dtype;   // auto | float32 | bfloat16
   bool activation_checkpointing;  // recompute each decoder layer in backward (less memory, ~1/3 more compute)
+  // Whether the trained parameters are bf16 on a GPU (`cuda`) or the CPU: bfloat16, or auto on a GPU.
+  bool bf16_params(bool cuda) const { return dtype == "bfloat16" || (dtype == "auto" && cuda); }
   const char* name() const override { return "model"; }
   const char* help() const override { return "the model to start from"; }
   void visit(Visitor& v) override;

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "core/runtime/device.h"
 #include "core/util/error.h"
 
 #if PTK_HAVE_C10D
@@ -81,7 +82,7 @@ Env env_from_environment() {
   if (e.world_size == 0) throw Error("distributed run: WORLD_SIZE=0; it must be at least 1");
   bool multi = e.world_size > 1;
   e.rank = env_int("RANK", 0, multi);
-  e.local_rank = env_int("LOCAL_RANK", e.rank, false);
+  e.local_rank = runtime::env_local_rank();  // LOCAL_RANK, else RANK: the GPU run.device=auto takes
   e.local_world_size = env_int("LOCAL_WORLD_SIZE", e.world_size, false);
   if (const char* a = std::getenv("MASTER_ADDR"); a && *a) e.master_addr = a;
   else if (multi) env_int("MASTER_ADDR", 0, true);  // throws the "not set" message

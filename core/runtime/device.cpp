@@ -9,25 +9,27 @@
 namespace ptk::runtime {
 namespace {
 
-int env_int(const char* name) {
-  const char* env = std::getenv(name);
-  if (!env || !*env) return -1;
-  char* end = nullptr;
-  long v = std::strtol(env, &end, 10);
-  return (end && *end == '\0' && v >= 0) ? static_cast<int>(v) : -1;
-}
-
-// LOCAL_RANK, else RANK (one machine), else 0: what parallel::Comm binds its GPU to.
-int local_rank() {
-  const int l = env_int("LOCAL_RANK");
-  if (l >= 0) return l;
-  const int r = env_int("RANK");
-  return r >= 0 ? r : 0;
-}
-
 int gpu_count() { return torch::cuda::is_available() ? static_cast<int>(torch::cuda::device_count()) : 0; }
 
+// A non-negative integer variable, or -1 when unset.
+int env_index(const char* name) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return -1;
+  char* end = nullptr;
+  const long x = std::strtol(v, &end, 10);
+  if (*end != '\0' || x < 0 || x > 1 << 30)
+    throw Error(std::string("distributed run: ") + name + "=" + v + " is not a non-negative integer");
+  return static_cast<int>(x);
+}
+
 }  // namespace
+
+int env_local_rank() {
+  const int local = env_index("LOCAL_RANK");
+  if (local >= 0) return local;
+  const int rank = env_index("RANK");
+  return rank >= 0 ? rank : 0;
+}
 
 at::Device resolve_device(const std::string& spec, const std::string& key, bool allow_meta) {
   if (!valid_device_spec(spec))
@@ -50,7 +52,7 @@ at::Device resolve_device(const std::string& spec, const std::string& key, bool 
 #endif
                 "\n---> HINT: " + key + "=cpu, or auto (a GPU when there is one, else the CPU)");
   const bool by_rank = spec == "auto" || spec == "cuda";
-  const int index = by_rank ? local_rank() : std::atoi(spec.c_str() + 5);
+  const int index = by_rank ? env_local_rank() : std::atoi(spec.c_str() + 5);
   if (index >= n)
     throw Error(key + " = " + spec + (by_rank ? " (local rank " + std::to_string(index) + ")" : std::string()) +
                 " but this machine has " + std::to_string(n) + " CUDA GPU" + (n == 1 ? "" : "s") + " (cuda:0" +

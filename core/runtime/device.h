@@ -18,6 +18,11 @@ namespace ptk::runtime {
 // unless `allow_meta` (tests build stages on meta; a command computes nothing there).
 at::Device resolve_device(const std::string& spec, const std::string& key = "run.device", bool allow_meta = false);
 
+// This process's local rank: LOCAL_RANK, else RANK, else 0 — the GPU a rank takes (parallel::Comm
+// reads it here too). Throws a ptk::Error naming the variable when its value is not a non-negative
+// integer.
+int env_local_rank();
+
 // "cpu", "cuda:0", "meta": the device as the recipe spells it (for logs and config.json).
 std::string device_name(const at::Device& device);
 

@@ -29,7 +29,7 @@ bool is_fresh_run(const config::TrainingRecipe& r, const std::string& run_dir) {
 model::LoadOptions model_load_options(const config::ModelSection& m, const at::Device& device) {
   model::LoadOptions o;
   o.device = device;
-  o.dtype = m.dtype == "bfloat16" || (m.dtype == "auto" && device.is_cuda()) ? at::kBFloat16 : at::kFloat;
+  o.dtype = m.bf16_params(device.is_cuda()) ? at::kBFloat16 : at::kFloat;
   return o;
 }
 
@@ -59,7 +59,7 @@ TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::strin
   // (exit 0), and checkpoints trained with another recipe are refused with the differences.
   check_rerun(run_dir, r.root.resume, resolved_recipe, label, log::info);
   // run.device next: a GPU asked for on a machine without one is refused before anything is made.
-  runtime::resolve_device(r.run.device, "run.device");
+  const at::Device device = runtime::resolve_device(r.run.device, "run.device");
   // A model.path that is not a model folder is named as such here, not later as a tokenizer problem
   // (the stages read the tokenizer from model.path when tokenizer.path is empty).
   if (!r.model.path.empty()) checkpoint::require_model_folder(r.model.path, "model.path");
@@ -97,10 +97,9 @@ TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::strin
   o.comm = parallel::Comm::from_environment(co);
   if (o.comm.world_size() > 1) {
     // Each rank's model on the GPU its process group uses: cuda:N would put every rank on one GPU.
-    const at::Device d = runtime::resolve_device(r.run.device, "run.device");
-    if (d.is_cuda() && d.index() != o.comm.local_rank())
+    if (device.is_cuda() && device.index() != o.comm.local_rank())
       throw Error("run.device = " + r.run.device + " puts rank " + std::to_string(o.comm.rank()) + "'s model on cuda:" +
-                  std::to_string(d.index()) + " but its process group on cuda:" + std::to_string(o.comm.local_rank()) +
+                  std::to_string(device.index()) + " but its process group on cuda:" + std::to_string(o.comm.local_rank()) +
                   " (LOCAL_RANK)\n---> HINT: with several ranks use run.device=auto or cuda (each rank: cuda:LOCAL_RANK)");
   }
   // Before the stage prepares data or loads anything: this process owns the run folder, and what

@@ -502,7 +502,6 @@ std::optional<MemoryPlan> memory_plan_from_recipe(const config::TrainingRecipe& 
   }
   if (source.empty()) return std::nullopt;
   p.model = checkpoint::read_config(source);
-  p.bf16 = r.model.dtype == "bfloat16";
   p.micro_batch_size = r.train.micro_batch_size;
   p.max_seq_len = r.data.max_seq_len;
   p.packing = r.data.packing;
@@ -522,7 +521,7 @@ std::optional<MemoryPlan> memory_plan_from_recipe(const config::TrainingRecipe& 
   // On a GPU (run.device, auto included) the plan is compared with that device's memory.
   const int cuda_index = runtime::cuda_index_of(r.run.device);
   p.cuda = cuda_index >= 0;
-  if (r.model.dtype == "auto") p.bf16 = p.cuda;  // as the stages load it (from_recipe.h model_load_options)
+  p.bf16 = r.model.bf16_params(p.cuda);  // as the stages load it (from_recipe.h model_load_options)
   p.device = p.cuda ? cuda_index : 0;
   return p;
 }
