@@ -16,6 +16,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 
 #include "core/runtime/log.h"
 #include "core/util/error.h"
@@ -188,6 +189,7 @@ TensorMap read_safetensors(const std::string& path) {
 }
 
 TensorMap read_checkpoint_tensors(const std::string& dir) {
+  if (is_adapter_folder(dir)) return read_safetensors(dir + "/" + kAdapterWeightsFile);
   const std::string index = dir + "/model.safetensors.index.json";
   if (!path_exists(index)) {
     if (!path_exists(dir + "/model.safetensors"))
@@ -339,10 +341,14 @@ void discard_partial_write(const std::string& tmp, const std::string& what) {
   if (!done.empty()) log::warn("writing " + what + " failed; " + done);
 }
 
-void save_checkpoint(const std::string& dir, const Qwen2Config& config, const NamedTensors& tensors,
-                     const SaveOptions& options) {
+namespace {
+using WriteText = std::function<void(const std::string& name, const std::string& text)>;
+
+// A folder written into "<dir>.tmp-<pid>" by `payload` (its tensors and config) plus the tokenizer
+// files and chat template of `options`, fsynced, then swapped into place with one rename.
+void save_folder(const std::string& dir, const SaveOptions& options,
+                 const std::function<void(const std::string& tmp, const WriteText& write_text)>& payload) {
   namespace fs = std::filesystem;
-  PTK_CHECK(!tensors.empty(), "save_checkpoint(" + dir + "): no tensors to save");
   std::string clean = dir;
   while (clean.size() > 1 && clean.back() == '/') clean.pop_back();
   const std::string tmp = clean + ".tmp-" + std::to_string(getpid());
@@ -358,16 +364,8 @@ void save_checkpoint(const std::string& dir, const Qwen2Config& config, const Na
   };
 
   try {
-    write_sharded_safetensors(tmp, tensors, options.max_shard_bytes);
-    Qwen2Config c = config;
-    c.torch_dtype = torch_dtype_name(tensors.front().second.scalar_type());
-    write_text("config.json", config_to_json(c));
+    payload(tmp, write_text);
     const std::string src = options.source_dir;
-    if (!src.empty() && path_exists(src + "/generation_config.json")) {
-      write_text("generation_config.json", read_file(src + "/generation_config.json"));
-    } else {
-      write_text("generation_config.json", default_generation_config_json(c));
-    }
     if (!src.empty())
       for (const char* f : kTokenizerFiles)
         if (path_exists(src + "/" + f)) write_text(f, read_file(src + "/" + f));
@@ -403,6 +401,33 @@ void save_checkpoint(const std::string& dir, const Qwen2Config& config, const Na
       throw Error(clean + ": cannot rename " + tmp + " into place: " + errno_text());
   }
   fsync_path(parent_dir(clean));
+}
+}  // namespace
+
+void save_checkpoint(const std::string& dir, const Qwen2Config& config, const NamedTensors& tensors,
+                     const SaveOptions& options) {
+  PTK_CHECK(!tensors.empty(), "save_checkpoint(" + dir + "): no tensors to save");
+  save_folder(dir, options, [&](const std::string& tmp, const WriteText& write_text) {
+    write_sharded_safetensors(tmp, tensors, options.max_shard_bytes);
+    Qwen2Config c = config;
+    c.torch_dtype = torch_dtype_name(tensors.front().second.scalar_type());
+    write_text("config.json", config_to_json(c));
+    const std::string src = options.source_dir;
+    if (!src.empty() && path_exists(src + "/generation_config.json")) {
+      write_text("generation_config.json", read_file(src + "/generation_config.json"));
+    } else {
+      write_text("generation_config.json", default_generation_config_json(c));
+    }
+  });
+}
+
+void save_adapter_folder(const std::string& dir, const AdapterConfig& config, const NamedTensors& tensors,
+                         const SaveOptions& options) {
+  PTK_CHECK(!tensors.empty(), "save_adapter_folder(" + dir + "): no tensors to save");
+  save_folder(dir, options, [&](const std::string& tmp, const WriteText& write_text) {
+    write_safetensors(tmp + "/" + kAdapterWeightsFile, tensors);
+    write_text(kAdapterConfigFile, adapter_config_json(config) + "\n");
+  });
 }
 
 }  // namespace ptk::checkpoint

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/checkpoint/adapter_config.h"     // AdapterConfig
 #include "core/checkpoint/hf_config.h"          // Qwen2Config
 #include "core/checkpoint/safetensors_header.h"  // SafetensorsHeader
 
@@ -55,6 +56,7 @@ TensorMap read_safetensors(const std::string& path);
 
 // Every tensor of a checkpoint folder: model.safetensors, or the shards named by
 // model.safetensors.index.json (each shard must hold exactly the tensors the index assigns it).
+// For a PEFT adapter folder: the adapter's tensors (adapter_model.safetensors), under PEFT's names.
 TensorMap read_checkpoint_tensors(const std::string& dir);
 
 // Writes one safetensors file exactly as the `safetensors` library does (header keys and data
@@ -91,6 +93,12 @@ struct SaveOptions {
 // or the new one. Not thread-safe for the same `dir`.
 void save_checkpoint(const std::string& dir, const Qwen2Config& config, const NamedTensors& tensors,
                      const SaveOptions& options = {});
+
+// Saves a PEFT adapter folder the same way: adapter_config.json, adapter_model.safetensors (the
+// tensors under PEFT's names, core/model/lora.h), and the tokenizer files and chat template of
+// `options` (max_shard_bytes is not used: PEFT writes one file).
+void save_adapter_folder(const std::string& dir, const AdapterConfig& config, const NamedTensors& tensors,
+                         const SaveOptions& options = {});
 
 // After a failed write of `what` (the error goes on): removes its partial output `tmp` (a file or a
 // folder) and logs a warning naming it and its size, so a full disk gets its space back at once

@@ -2,6 +2,8 @@
 // Not model construction (see core/model/qwen2.h).
 #include "core/checkpoint/hf_config.h"
 
+#include "core/checkpoint/adapter_config.h"
+
 #include <rapidjson/document.h>
 #include <rapidjson/prettywriter.h>
 #include <rapidjson/stringbuffer.h>
@@ -226,7 +228,8 @@ Qwen2Config parse_config(const std::string& json_text, const std::string& origin
 Qwen2Config read_config(const std::string& path) {
   // A folder means its config.json; read_file names a missing file, a folder or a FIFO as such (a
   // folder without config.json used to be read as an empty text: "The document is empty").
-  std::string file = std::filesystem::is_directory(path) ? path + "/config.json" : path;
+  // An adapter folder (PEFT) means its base model's config.json (core/checkpoint/adapter_config.h).
+  std::string file = std::filesystem::is_directory(path) ? model_root_dir(path) + "/config.json" : path;
   if (!path_exists(file))
     throw Error(file + ": no such file\n---> HINT: pass a Hugging Face model folder (config.json + *.safetensors).");
   return parse_config(read_file(file), file);

@@ -1,6 +1,8 @@
 // Model-folder and tokenizer-fit checks (see model_folder.h).
 #include "core/checkpoint/model_folder.h"
 
+#include "core/checkpoint/adapter_config.h"
+
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -19,14 +21,16 @@ bool has_weights(const std::string& dir) {
 
 // The model folders inside a run folder or a checkpoints/ folder: final/, the newest step-N.
 std::string model_inside(const std::string& dir) {
-  if (path_exists(dir + "/final/config.json")) return dir + "/final";
+  if (path_exists(dir + "/final/config.json") || is_adapter_folder(dir + "/final")) return dir + "/final";
   std::string ckpts = path_exists(dir + "/checkpoints") ? dir + "/checkpoints" : dir;
   std::string best;
   long best_step = -1;
   std::error_code ec;
   for (auto it = fs::directory_iterator(ckpts, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
     const std::string name = it->path().filename().string();
-    if (name.rfind("step-", 0) != 0 || !path_exists(it->path().string() + "/config.json")) continue;
+    if (name.rfind("step-", 0) != 0 ||
+        !(path_exists(it->path().string() + "/config.json") || is_adapter_folder(it->path().string())))
+      continue;
     try {
       long step = std::stol(name.substr(5));
       if (step > best_step) best_step = step, best = it->path().string();
@@ -43,6 +47,18 @@ std::string model_folder_problem(const std::string& dir) {
   if (dir.empty()) return "the path is empty";
   if (!fs::exists(dir, ec)) return "it does not exist";
   if (!fs::is_directory(dir, ec)) return "it is a file, not a folder (give the folder that holds it: " + parent_dir(dir) + ")";
+  if (is_adapter_folder(dir)) {
+    // A PEFT adapter folder: its weights, and a base model folder to go onto.
+    if (!path_exists(dir + "/" + kAdapterWeightsFile)) return std::string("it is an adapter folder without ") + kAdapterWeightsFile;
+    try {
+      const std::string base = model_root_dir(dir);
+      const std::string problem = model_folder_problem(base);
+      if (!problem.empty()) return "it is an adapter folder whose base model " + base + " is not a model folder: " + problem;
+    } catch (const Error& e) {
+      return std::string("it is an adapter folder whose base model cannot be found: ") + e.what();
+    }
+    return "";
+  }
   const bool config = path_exists(dir + "/config.json"), weights = has_weights(dir);
   if (config && weights) return "";
   if (!weights && (path_exists(dir + "/final") || path_exists(dir + "/checkpoints") || path_exists(dir + "/metrics.jsonl")))

@@ -8,7 +8,8 @@
 
 namespace ptk::checkpoint {
 
-// "" when `dir` holds config.json and model.safetensors (or model.safetensors.index.json); else
+// "" when `dir` holds config.json and model.safetensors (or model.safetensors.index.json), or is a
+// PEFT adapter folder (adapter_config.json + adapter_model.safetensors) whose base is such a folder; else
 // the reason, e.g. "has no config.json and no *.safetensors weights (it holds tokenizer files only)".
 std::string model_folder_problem(const std::string& dir);
 

@@ -650,6 +650,18 @@ const TrlName kTrlNames[] = {
     {"loss_type", {"dpo.loss_type", "grpo.loss_type"}, ""},
     {"precompute_ref_log_probs", {"dpo.precompute_ref_log_probs"}, ""},
     {"resume_from_checkpoint", {"resume"}, "auto | never | a checkpoint folder"},
+    // TRL's ModelConfig / PEFT's LoraConfig
+    {"use_peft", {"model.lora.enabled"}, ""},
+    {"lora_r", {"model.lora.rank"}, ""},
+    {"r", {"model.lora.rank"}, ""},
+    {"lora_alpha", {"model.lora.alpha"}, ""},
+    {"lora_dropout", {"model.lora.dropout"}, ""},
+    {"lora_target_modules", {"model.lora.targets"}, "a list of q_proj ... down_proj, or [\"all-linear\"]"},
+    {"target_modules", {"model.lora.targets"}, "a list of q_proj ... down_proj, or [\"all-linear\"]"},
+    {"use_rslora", {"model.lora.rslora"}, ""},
+    {"lora_modules_to_save", {"model.lora.modules_to_save"}, ""},
+    {"modules_to_save", {"model.lora.modules_to_save"}, ""},
+    {"init_lora_weights", {"model.lora.init"}, "default | gaussian"},
 };
 
 // "did you mean optim.lr? (TRL's learning_rate)" for an unknown key whose last component is a TRL

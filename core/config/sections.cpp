@@ -1,5 +1,7 @@
 #include "core/config/sections.h"
 
+#include <set>
+
 #include <rapidjson/document.h>
 
 #include <algorithm>
@@ -33,6 +35,10 @@ void RunSection::validate(Errors& e) const {
 void ModelSection::visit(Visitor& v) {
   v.opt(path, "path", "", "Hugging Face model folder (config.json + *.safetensors) to start from");
   v.opt(config, "config", "", "a config.json for random init (instead of model.path)");
+  v.opt(adapter, "adapter", "",
+        "a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to start the LoRA weights from; "
+        "needs model.lora.enabled=true with the adapter's rank, alpha, targets and rslora. (A model.path that is an "
+        "adapter folder is different: that adapter is merged into its base, which is then trained)");
   v.choice(dtype, "dtype", "auto", {"auto", "float32", "bfloat16"},
            "dtype of the trained model's parameters (bfloat16: AdamW keeps fp32 master weights and moments; "
            "the lm_head log-softmax runs in fp32); auto = bfloat16 when run.device is a GPU, float32 on the "
@@ -44,6 +50,44 @@ void ModelSection::visit(Visitor& v) {
 void ModelSection::validate(Errors& e) const {
   if (!path.empty() && !config.empty())
     e.add("model.path (" + q(path) + ") and model.config (" + q(config) + ") are exclusive: set one");
+}
+
+void LoraSection::visit(Visitor& v) {
+  v.opt(enabled, "enabled", false,
+        "train LoRA adapters instead of the whole model (TRL's use_peft): the base weights stay frozen in model.dtype "
+        "(no gradients, no optimizer state); checkpoints and final/ are PEFT adapter folders");
+  v.opt(rank, "rank", 16, "the adapters' rank r (PEFT's r, TRL's lora_r)");
+  v.opt(alpha, "alpha", 32.0, "lora_alpha: the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)");
+  v.opt(dropout, "dropout", 0.0,
+        "lora_dropout on the adapters' input while training (0 keeps GRPO's ratio exactly 1 on its first pass)");
+  v.opt(targets, "targets", {"all-linear"},
+        "linears that get adapters: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or all-linear (all "
+        "seven; PEFT's default for Qwen2 is [q_proj, v_proj])");
+  v.opt(rslora, "rslora", false, "rank-stabilized LoRA: scale by alpha / sqrt(rank) (PEFT's use_rslora)");
+  v.choice(init, "init", "default", {"default", "gaussian"},
+           "adapter initialisation, B always zero: default = A Kaiming-uniform as PEFT (U(+-1/sqrt(in))) | gaussian "
+           "= A normal(0, 1/rank)");
+  v.opt(modules_to_save, "modules_to_save", {},
+        "whole modules trained and saved beside the adapters: score (ptk rm adds it always, as PEFT does for "
+        "SEQ_CLS), embed_tokens, lm_head (models with untied embeddings)");
+  v.opt(save_merged, "save_merged", false,
+        "also write run.dir/final-merged: the base with the adapters merged, a plain HF folder (ptk merge-lora does "
+        "the same afterwards)");
+}
+void LoraSection::validate(Errors& e) const {
+  if (rank < 1) e.add("model.lora.rank must be >= 1, got " + std::to_string(rank));
+  if (!(alpha > 0)) e.add("model.lora.alpha must be > 0");
+  if (!(dropout >= 0 && dropout < 1)) e.add("model.lora.dropout must be in [0, 1)");
+  static const std::set<std::string> linears{"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                             "all-linear"};
+  if (targets.empty()) e.add("model.lora.targets is empty: name the linears to adapt, or all-linear");
+  for (const auto& t : targets)
+    if (!linears.count(t))
+      e.add("model.lora.targets holds " + q(t) + ": Qwen2's linears are q_proj, k_proj, v_proj, o_proj, gate_proj, "
+            "up_proj, down_proj (or all-linear)");
+  for (const auto& m : modules_to_save)
+    if (m != "score" && m != "embed_tokens" && m != "lm_head")
+      e.add("model.lora.modules_to_save holds " + q(m) + ": ptk saves score, embed_tokens or lm_head");
 }
 
 void TokenizerSection::visit(Visitor& v) {

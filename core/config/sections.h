@@ -21,7 +21,8 @@ struct RunSection : Section {
 };
 
 struct ModelSection : Section {
-  std::string path;    // HF folder to start from
+  std::string path;    // HF folder to start from (or a PEFT adapter folder: its base with the adapter merged)
+  std::string adapter; // PEFT adapter folder whose LoRA weights training starts from (model.lora)
   std::string config;  // config.json for random init
   std::string dtype;   // auto | float32 | bfloat16
   bool activation_checkpointing;  // recompute each decoder layer in backward (less memory, ~1/3 more compute)
@@ -29,6 +30,22 @@ struct ModelSection : Section {
   bool bf16_params(bool cuda) const { return dtype == "bfloat16" || (dtype == "auto" && cuda); }
   const char* name() const override { return "model"; }
   const char* help() const override { return "the model to start from"; }
+  void visit(Visitor& v) override;
+  void validate(Errors& e) const override;
+};
+
+// LoRA (core/model/lora.h): the base frozen, low-rank adapters trained, saved in PEFT's layout.
+struct LoraSection : Section {
+  bool enabled;
+  int64_t rank;
+  double alpha, dropout;
+  std::vector<std::string> targets;          // q_proj ... down_proj, or all-linear
+  bool rslora;
+  std::string init;                          // default | gaussian
+  std::vector<std::string> modules_to_save;  // score | embed_tokens | lm_head
+  bool save_merged;                          // also write run.dir/final-merged (a plain HF folder)
+  const char* name() const override { return "model.lora"; }
+  const char* help() const override { return "LoRA adapters (PEFT's files): train them instead of the whole model"; }
   void visit(Visitor& v) override;
   void validate(Errors& e) const override;
 };
@@ -126,6 +143,7 @@ struct TrainingRecipe {
   RootSection root;
   RunSection run;
   ModelSection model;
+  LoraSection lora;  // model.lora
   TokenizerSection tokenizer;
   DataSection data;
   TrainSection train;
@@ -134,7 +152,7 @@ struct TrainingRecipe {
   DistSection dist;
   KernelsSection kernels;
   std::vector<Section*> sections() {
-    return {&root, &run, &model, &tokenizer, &data, &train, &optim, &checkpoint, &dist, &kernels};
+    return {&root, &run, &model, &lora, &tokenizer, &data, &train, &optim, &checkpoint, &dist, &kernels};
   }
 };
 

@@ -14,6 +14,7 @@
 #include <array>
 #include <cmath>
 #include <memory>
+#include <mutex>
 #include <set>
 
 #include "core/kernels/cpu/causal_attention.h"
@@ -23,6 +24,7 @@
 #include "core/kernels/dispatch.h"
 #include "core/kernels/ref/attention.h"
 #include "core/model/kv_cache.h"
+#include "core/model/lora.h"
 #include "core/model/packed_linear.h"
 #include "core/util/error.h"
 
@@ -349,6 +351,7 @@ std::vector<int64_t> expected_shape(const Qwen2Config& c, const std::string& nam
 }  // namespace
 
 Qwen2Model Qwen2Model::from_pretrained(const std::string& dir, const LoadOptions& options) {
+  if (checkpoint::is_adapter_folder(dir)) return load_merged_adapter(dir, options);
   Qwen2Model m;
   m.config_ = checkpoint::read_config(dir);
   const auto& c = m.config_;
@@ -422,6 +425,7 @@ void Qwen2Model::add_score_head(uint64_t seed, int64_t pad_token_id) {
 
 Qwen2Model Qwen2Model::clone() const {
   Qwen2Model m = *this;
+  m.adapters_.clear();  // the adapters' tensors are not copied: a copy that kept them would share them
   auto src = named_parameters();
   std::map<std::string, at::Tensor> copies;
   for (const auto& [name, t] : src) copies[name] = t.detach().clone();
@@ -780,13 +784,56 @@ at::Tensor decoder_layer(const Qwen2Layer& l, const at::Tensor& x_in, const at::
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The adapters of one layer as a checkpointed layer's saved data (an IValue capsule).
+struct SavedAdapters : torch::CustomClassHolder {
+  LayerAdapters adapters;
+};
+
+// The layer's adapters' tensors, appended after its kLayerTensors parameters; `counts` gets how many
+// each of the seven linears contributed.
+std::vector<at::Tensor> adapter_tensors(const LayerAdapters* a, std::vector<int64_t>* counts) {
+  std::vector<at::Tensor> out;
+  counts->assign(kLayerLinears, 0);
+  if (!a) return out;
+  for (size_t i = 0; i < kLayerLinears; ++i) {
+    if (!(*a)[i]) continue;
+    auto p = (*a)[i]->parameters();
+    (*counts)[i] = static_cast<int64_t>(p.size());
+    out.insert(out.end(), p.begin(), p.end());
+  }
+  return out;
+}
+
+bool any_stochastic(const LayerAdapters* a) {
+  if (!a) return false;
+  for (const auto& x : *a)
+    if (x && x->stochastic()) return true;
+  return false;
+}
+
+// The default generator's state of `device`, or sets it (dropout in adapters draws from it).
+at::Tensor generator_state(const at::Device& device) {
+  auto gen = at::globalContext().defaultGenerator(device);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+void set_generator_state(const at::Device& device, const at::Tensor& state) {
+  auto gen = at::globalContext().defaultGenerator(device);
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
 // Activation checkpointing for one decoder layer (what torch.utils.checkpoint does, which LibTorch
 // C++ lacks): forward runs decoder_layer without recording a graph and keeps only its input;
 // backward runs it again with grad on and back-propagates into the input and the parameters.
 // Saved per layer: x (B, T, H) instead of every intermediate (~37 x (B, T, H) plus the attention
-// probabilities); cost: one more forward of the layer during backward.
+// probabilities); cost: one more forward of the layer during backward. Linear adapters (LoRA) pass
+// their tensors in after the layer's own, so they get gradients; an adapter that draws random
+// numbers (dropout) has the generator's state replayed for the recomputation (torch.utils.checkpoint's
+// preserve_rng_state), so both passes draw the same masks.
 struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
-  // Inputs in edge order: x, cos, sin, then the kLayerTensors parameters; `shape` is not a tensor.
+  // Inputs in edge order: x, cos, sin, then the kLayerTensors parameters and the adapters' tensors;
+  // `shape` is not a tensor.
   static variable_list forward(AutogradContext* ctx, at::Tensor x, at::Tensor cos, at::Tensor sin,
                                at::TensorList params, const LayerShape& shape, int64_t layer) {
     std::vector<at::Tensor> keep{x, cos, sin};
@@ -804,7 +851,15 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     ctx->saved_data["layer"] = layer;
     ctx->saved_data["simple"] = shape.simple;
     ctx->saved_data["segs"] = segs;
-    return {decoder_layer(layer_from(std::vector<at::Tensor>(params.begin(), params.end())), x, cos, sin, shape, layer)};
+    const LayerAdapters* a = adapters_at(shape.adapters, static_cast<size_t>(layer));
+    if (a) {
+      auto holder = c10::make_intrusive<SavedAdapters>();
+      holder->adapters = *a;
+      ctx->saved_data["adapters"] = c10::IValue::make_capsule(std::move(holder));
+      if (any_stochastic(a)) ctx->saved_data["rng"] = generator_state(x.device());
+    }
+    return {decoder_layer(layer_from(std::vector<at::Tensor>(params.begin(), params.begin() + kLayerTensors)), x, cos,
+                          sin, shape, layer)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -841,12 +896,40 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     }
     variable_list out(saved.size() + 2);  // + the non-tensor shape and layer arguments
     if (wanted.empty()) return out;
-    at::Tensor y;
-    {
-      at::AutoGradMode grad_on(true);
-      y = decoder_layer(layer_from(std::vector<at::Tensor>(leaves.begin() + 3, leaves.end())), leaves[0], leaves[1],
-                        leaves[2], shape, layer);
+    // The layer's adapters again, over the fresh leaves of their tensors.
+    std::vector<LayerAdapters> rebuilt;
+    auto found = ctx->saved_data.find("adapters");
+    if (found != ctx->saved_data.end()) {
+      auto holder = c10::static_intrusive_pointer_cast<SavedAdapters>(found->second.toCapsule());
+      rebuilt.resize(static_cast<size_t>(layer) + 1);
+      size_t next = 3 + kLayerTensors;
+      for (size_t i = 0; i < kLayerLinears; ++i) {
+        const auto& a = holder->adapters[i];
+        if (!a) continue;
+        const size_t n = a->parameters().size();
+        rebuilt.back()[i] = a->with_parameters(std::vector<at::Tensor>(leaves.begin() + next, leaves.begin() + next + n));
+        PTK_CHECK(rebuilt.back()[i] != nullptr, "activation checkpointing: a linear adapter without with_parameters()");
+        next += n;
+      }
+      shape.adapters = &rebuilt;
     }
+    auto rng = ctx->saved_data.find("rng");
+    at::Tensor rng_now;
+    if (rng != ctx->saved_data.end()) {
+      rng_now = generator_state(saved[0].device());
+      set_generator_state(saved[0].device(), rng->second.toTensor());
+    }
+    at::Tensor y;
+    try {
+      at::AutoGradMode grad_on(true);
+      AdaptersTrainingScope training(true);
+      y = decoder_layer(layer_from(std::vector<at::Tensor>(leaves.begin() + 3, leaves.begin() + 3 + kLayerTensors)),
+                        leaves[0], leaves[1], leaves[2], shape, layer);
+    } catch (...) {
+      if (rng_now.defined()) set_generator_state(saved[0].device(), rng_now);
+      throw;
+    }
+    if (rng_now.defined()) set_generator_state(saved[0].device(), rng_now);
     auto g = torch::autograd::grad({y}, wanted, {grads[0]}, /*retain_graph=*/false, /*create_graph=*/false,
                                    /*allow_unused=*/true);
     for (size_t j = 0; j < wanted.size(); ++j) out[wanted_index[j]] = g[j];
@@ -857,6 +940,9 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
 at::Tensor checkpointed_layer(const Qwen2Layer& l, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                               const LayerShape& shape, int64_t layer) {
   auto params = layer_tensors(l);
+  std::vector<int64_t> counts;
+  auto extra = adapter_tensors(adapters_at(shape.adapters, static_cast<size_t>(layer)), &counts);
+  params.insert(params.end(), extra.begin(), extra.end());
   return CheckpointedLayer::apply(x, cos, sin, at::TensorList(params), shape, layer)[0];
 }
 
@@ -891,9 +977,7 @@ ForwardOutput Qwen2Model::forward(const ForwardInput& in, const ForwardOptions& 
   plan_attention(shape, B, T, ids.device());  // once per forward
   // Checkpointing only pays when a graph is being recorded (not under NoGradGuard / evaluation).
   const bool checkpointed = options.activation_checkpointing && at::GradMode::is_enabled();
-  PTK_CHECK(!(checkpointed && shape.adapters),
-            "activation checkpointing with linear adapters is not supported yet: set model.activation_checkpointing "
-            "to false");
+  AdaptersTrainingScope adapters_training_scope(at::GradMode::is_enabled());  // LoRA dropout while training
 
   ForwardOutput out;
   at::Tensor x;
@@ -1100,6 +1184,13 @@ void Qwen2Model::save_pretrained(const std::string& dir, const checkpoint::SaveO
 
 // ---- linears and adapters ---------------------------------------------------------------------
 
+namespace {
+thread_local bool g_adapters_training = false;
+}
+bool adapters_training() { return g_adapters_training; }
+AdaptersTrainingScope::AdaptersTrainingScope(bool on) : previous_(g_adapters_training) { g_adapters_training = on; }
+AdaptersTrainingScope::~AdaptersTrainingScope() { g_adapters_training = previous_; }
+
 const char* linear_name(LinearId id) {
   static const char* names[kLayerLinears] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                              "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
@@ -1132,6 +1223,8 @@ void Qwen2Model::set_adapter(int64_t layer, LinearId which, std::shared_ptr<cons
     for (const auto& a : l) any = any || a != nullptr;
   if (!any) adapters_.clear();
 }
+
+void Qwen2Model::clear_adapters() { adapters_.clear(); }
 
 const LinearAdapter* Qwen2Model::adapter(int64_t layer, LinearId which) const {
   if (layer < 0 || layer >= static_cast<int64_t>(adapters_.size())) return nullptr;

@@ -101,7 +101,8 @@ class Qwen2Model {
   Qwen2Model() = default;
 
   // Loads a Hugging Face folder (config.json + model.safetensors or sharded index). Refuses a
-  // missing, extra or mis-shaped tensor by name. Works for every Qwen2 / Qwen2.5 size.
+  // missing, extra or mis-shaped tensor by name. Works for every Qwen2 / Qwen2.5 size. A PEFT
+  // adapter folder loads as its base model with the adapter merged (core/model/lora.h).
   static Qwen2Model from_pretrained(const std::string& dir, const LoadOptions& options = {});
   // Random weights from a config alone (normal(0, initializer_range), zero biases, unit norms), as
   // transformers' _init_weights; seeded, so the same seed gives the same model.
@@ -120,7 +121,7 @@ class Qwen2Model {
   // lm_head dropped, config.pad_token_id = pad_token_id (where score pooling stops; TRL sets it
   // from the tokenizer). Throws when the model already has a score head.
   void add_score_head(uint64_t seed, int64_t pad_token_id);
-  // Deep copy (new storage); the copy has no grad and no shared tensors with this one.
+  // Deep copy (new storage); the copy has no grad, no shared tensors with this one and no adapters.
   Qwen2Model clone() const;
   // Moves / casts every parameter.
   void to(at::Device device, at::ScalarType dtype);
@@ -164,9 +165,13 @@ class Qwen2Model {
 
   // Wraps linear `which` of decoder layer `layer` with an adapter (null removes it): forward and
   // the cached forward then return adapter->forward(x, x W^T + b) for it. Copies of this handle
-  // share the adapters; clone() keeps them. Not with activation checkpointing (throws).
+  // share the adapters; clone() drops them; activation checkpointing recomputes them (their
+  // tensors get gradients through LinearAdapter::parameters/with_parameters).
   void set_adapter(int64_t layer, LinearId which, std::shared_ptr<const LinearAdapter> adapter);
   const LinearAdapter* adapter(int64_t layer, LinearId which) const;
+  bool has_adapters() const { return !adapters_.empty(); }
+  // Removes every adapter from this handle (other copies keep theirs).
+  void clear_adapters();
 
   // Saves an HF folder that transformers and vLLM load unchanged (see checkpoint::save_checkpoint).
   void save_pretrained(const std::string& dir, const checkpoint::SaveOptions& options = {}) const;

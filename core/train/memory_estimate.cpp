@@ -493,7 +493,8 @@ std::optional<MemoryPlan> memory_plan_from_recipe(const config::TrainingRecipe& 
   MemoryPlan p;
   p.stage = stage;
   std::string source;
-  if (!r.model.path.empty() && path_exists(r.model.path + "/config.json")) {
+  // An adapter folder's config.json is its base's (read_config follows base_model_name_or_path).
+  if (!r.model.path.empty() && (path_exists(r.model.path + "/config.json") || path_exists(r.model.path + "/adapter_config.json"))) {
     source = r.model.path;
     p.model_key = "model.path=" + r.model.path;
   } else if (r.model.path.empty() && !r.model.config.empty() && path_exists(r.model.config)) {

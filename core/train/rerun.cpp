@@ -69,8 +69,10 @@ std::map<std::string, std::string> flat(const std::string& text, const std::stri
 
 bool final_complete(const std::string& run_dir) {
   const std::string f = run_dir + "/final";
-  return path_exists(f + "/config.json") &&
-         (path_exists(f + "/model.safetensors") || path_exists(f + "/model.safetensors.index.json"));
+  return (path_exists(f + "/config.json") &&
+          (path_exists(f + "/model.safetensors") || path_exists(f + "/model.safetensors.index.json"))) ||
+         // LoRA: a PEFT adapter folder (core/checkpoint/adapter_config.h)
+         (path_exists(f + "/adapter_config.json") && path_exists(f + "/adapter_model.safetensors"));
 }
 
 std::string list_changes(const std::vector<RecipeChange>& changes) {

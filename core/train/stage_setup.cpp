@@ -2,7 +2,12 @@
 
 #include <c10/core/TensorOptions.h>
 
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+
 #include "core/runtime/device.h"
+#include "core/runtime/log.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
 
@@ -31,6 +36,113 @@ Policy load_policy(const config::TrainingRecipe& r, const at::Device& device, co
                 " ids but the model's vocab_size is " + std::to_string(p.model.config().vocab_size) +
                 "\n---> HINT: the model and tokenizer do not belong together; check model.path / tokenizer.path");
   return p;
+}
+
+void make_trainable(Policy& p, const config::TrainingRecipe& r, const std::string& run_dir, parallel::Comm& comm,
+                    const std::string& task_type) {
+  const auto& L = r.lora;
+  if (!L.enabled) {
+    if (!r.model.adapter.empty())
+      throw Error("model.adapter=" + r.model.adapter + " is set but model.lora.enabled is false\n---> HINT: set "
+                  "model.lora.enabled=true to go on training that adapter, or model.path=" + r.model.adapter +
+                  " to train the whole model with it merged");
+    p.model.set_requires_grad(true);
+    return;
+  }
+  p.model.set_requires_grad(false);  // the base: frozen
+  std::string base;
+  if (!r.model.path.empty()) {
+    base = std::filesystem::absolute(r.model.path).lexically_normal().string();
+    while (base.size() > 1 && base.back() == '/') base.pop_back();
+  } else {
+    // A random-init base exists nowhere else: the adapter needs a folder to go onto.
+    base = std::filesystem::absolute(run_dir + "/base").lexically_normal().string();
+    if (comm.rank() == 0 && !path_exists(base + "/config.json")) {
+      checkpoint::SaveOptions so;
+      so.source_dir = p.tok_dir;
+      so.chat_template = p.chat_template;
+      so.max_shard_bytes = r.checkpoint.max_shard_bytes();
+      p.model.save_pretrained(base, so);
+    }
+    comm.barrier();
+  }
+  if (!r.model.adapter.empty()) {
+    p.lora = std::make_shared<model::Lora>(model::Lora::load(p.model, r.model.adapter));
+    const auto& c = p.lora->config();
+    std::vector<std::string> want;
+    for (const auto& n : model::lora_linear_names())
+      for (const auto& t : L.targets)
+        if (t == n || t == "all-linear") {
+          want.push_back(n);
+          break;
+        }
+    std::vector<std::string> have;
+    for (int64_t i = 0; i < static_cast<int64_t>(p.model.layers_.size()); ++i)
+      for (size_t k = 0; k < model::kLayerLinears; ++k)
+        if (p.model.adapter(i, static_cast<model::LinearId>(k)) && i == 0) have.push_back(model::lora_linear_names()[k]);
+    std::string diff;
+    if (c.r != L.rank) diff += " rank " + std::to_string(c.r) + " (recipe " + std::to_string(L.rank) + ")";
+    if (c.lora_alpha != L.alpha) diff += " alpha " + std::to_string(c.lora_alpha) + " (recipe " + std::to_string(L.alpha) + ")";
+    if (c.use_rslora != L.rslora) diff += std::string(" rslora ") + (c.use_rslora ? "true" : "false");
+    if (have != want) {
+      diff += " targets [";
+      for (size_t i = 0; i < have.size(); ++i) diff += (i ? ", " : "") + have[i];
+      diff += "] in layer 0";
+    }
+    if (!diff.empty())
+      throw Error("model.adapter=" + r.model.adapter + " differs from model.lora:" + diff +
+                  "\n---> HINT: set model.lora.rank / alpha / targets / rslora to the adapter's (its adapter_config.json)");
+  } else {
+    model::LoraOptions o;
+    o.rank = L.rank;
+    o.alpha = L.alpha;
+    o.dropout = L.dropout;
+    o.targets = L.targets;
+    o.rslora = L.rslora;
+    o.init = L.init;
+    o.modules_to_save = L.modules_to_save;
+    o.task_type = task_type;
+    // PEFT trains and saves a sequence classifier's head with the adapter (modules_to_save).
+    if (task_type == "SEQ_CLS" && std::find(o.modules_to_save.begin(), o.modules_to_save.end(), "score") == o.modules_to_save.end())
+      o.modules_to_save.push_back("score");
+    // Its own stream: the adapters' initial values do not depend on anything drawn before.
+    p.lora = std::make_shared<model::Lora>(model::Lora::attach(p.model, o, static_cast<uint64_t>(r.run.seed) + 0x10A4));
+  }
+  p.lora->set_base_model(base);
+  for (auto& [name, t] : p.lora->named_parameters()) t.set_requires_grad(true);
+  if (comm.rank() == 0) {
+    int64_t total = 0;
+    for (const auto& [name, t] : p.model.named_parameters()) total += t.numel();
+    const auto& c = p.lora->config();
+    std::string targets;
+    for (const auto& t : c.target_modules) targets += (targets.empty() ? "" : ",") + t;
+    char buf[512];
+    std::snprintf(buf, sizeof buf,
+                  "LoRA: rank %lld, alpha %g (scaling %.4g), dropout %g on %s%s: %lld trainable parameters "
+                  "(%.3f%% of %lld); the base is frozen in %s; adapter base %s",
+                  static_cast<long long>(c.r), c.lora_alpha, c.scaling(), c.lora_dropout, targets.c_str(),
+                  c.modules_to_save.empty() ? "" : (" + " + std::to_string(c.modules_to_save.size()) + " saved module(s)").c_str(),
+                  static_cast<long long>(p.lora->numel()), 100.0 * static_cast<double>(p.lora->numel()) / static_cast<double>(total),
+                  static_cast<long long>(total), c10::toString(p.model.embed_tokens_.scalar_type()), base.c_str());
+    log::info(buf);
+  }
+}
+
+optim::NamedTensors trainable_parameters(const Policy& p) {
+  return p.lora ? p.lora->named_parameters() : p.model.named_parameters();
+}
+
+double frozen_bytes(const Policy& p) {
+  if (!p.lora) return 0;
+  double bytes = 0;
+  for (const auto& [name, t] : p.model.named_parameters())
+    if (!t.requires_grad()) bytes += static_cast<double>(t.numel()) * t.element_size();
+  return bytes;
+}
+
+std::optional<model::Qwen2Model> adapters_off(const Policy& p) {
+  if (!p.lora) return std::nullopt;
+  return p.lora->base_of(p.model);
 }
 
 Splits open_splits(const config::TrainingRecipe& r, const std::string& run_dir, data::Format format,
@@ -70,7 +182,8 @@ void set_loader_rank(Splits& s, int rank, int world_size) {
   s.loader = std::make_unique<data::Loader>(*s.train, lo);
 }
 
-double decoder_flops_per_token(const model::Qwen2Model& m, int64_t seq_len, double* attn, int64_t* decoder_params) {
+double decoder_flops_per_token(const model::Qwen2Model& m, int64_t seq_len, double* attn, int64_t* decoder_params,
+                               const model::Lora* lora) {
   int64_t n_params = 0;
   for (auto& [n, t] : m.named_parameters())
     if (n.find("embed_tokens") == std::string::npos && n.find("lm_head") == std::string::npos) n_params += t.numel();
@@ -78,6 +191,7 @@ double decoder_flops_per_token(const model::Qwen2Model& m, int64_t seq_len, doub
   const double a = 6.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * static_cast<double>(seq_len) / 2.0;
   if (attn) *attn = a;
   if (decoder_params) *decoder_params = n_params;
+  if (lora) return 4.0 * n_params + 6.0 * static_cast<double>(lora->numel()) + a;
   return 6.0 * n_params + a;
 }
 
@@ -87,7 +201,17 @@ void save_policy_model(const model::Qwen2Model& model, const Policy& p, const co
   so.source_dir = p.tok_dir;
   so.chat_template = p.chat_template;
   so.max_shard_bytes = r.checkpoint.max_shard_bytes();
-  model.save_pretrained(dir, so);
+  if (p.lora) p.lora->save(dir, so);
+  else model.save_pretrained(dir, so);
+}
+
+void save_merged_final(const Policy& p, const config::TrainingRecipe& r, const std::string& run_dir) {
+  if (!p.lora || !r.lora.save_merged) return;
+  checkpoint::SaveOptions so;
+  so.source_dir = p.tok_dir;
+  so.chat_template = p.chat_template;
+  so.max_shard_bytes = r.checkpoint.max_shard_bytes();
+  p.lora->merged(p.model).save_pretrained(run_dir + "/final-merged", so);
 }
 
 at::Tensor to_device(const at::Tensor& host, const at::Device& device) {

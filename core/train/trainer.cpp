@@ -268,7 +268,7 @@ struct Trainer::Impl {
       if (const char* lws = std::getenv("LOCAL_WORLD_SIZE")) local = std::max(1, std::atoi(lws));
       budget = static_cast<double>(pages) * page / local;
     }
-    double need = training_state_bytes(params, comm.world_size(), opt.zero1);
+    double need = training_state_bytes(params, comm.world_size(), opt.zero1) + stage.frozen_bytes();
     int64_t n = 0;
     for (const auto& [name, p] : params) n += p.numel();
     if (need > budget)
@@ -464,6 +464,7 @@ struct Trainer::Impl {
       try {
         stage.save_model(tmp);
         replace_dir_atomic(tmp, opt.run_dir + "/final");
+        stage.after_final(opt.run_dir);
       } catch (...) {
         checkpoint::discard_partial_write(tmp, "final/");
         throw;

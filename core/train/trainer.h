@@ -78,8 +78,14 @@ class Stage {
   virtual LossOut loss(const MicroBatch& mb, double step_targets) = 0;
   // Held-out metrics (names get an "eval/" prefix); default: none.
   virtual void evaluate(Metrics* out) {}
-  // Writes the model as a plain HF folder (config, weights, tokenizer files).
+  // Writes the model as a plain HF folder (config, weights, tokenizer files), or with LoRA the PEFT
+  // adapter folder (stage_setup.h's save_policy_model); checkpoints and final/ are this folder.
   virtual void save_model(const std::string& dir) = 0;
+  // Rank 0, right after final/ is written: what goes beside it (LoRA's final-merged/). Default: nothing.
+  virtual void after_final(const std::string& run_dir) {}
+  // Bytes of parameters the model holds that parameters() leaves out (a frozen LoRA base): the
+  // loop's memory check counts them as weights without gradients or optimizer state.
+  virtual double frozen_bytes() const { return 0; }
   // Model FLOPs per trained token (6N + attention) for MFU; 0 = not reported.
   virtual double flops_per_token() const { return 0; }
 };
