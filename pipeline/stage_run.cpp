@@ -75,8 +75,10 @@ void compute_fingerprint(StageRun& run, const std::vector<std::string>& volatile
 
 bool final_complete(const std::string& run_dir) {
   std::string f = run_dir + "/final";
-  return path_exists(f + "/config.json") &&
-         (path_exists(f + "/model.safetensors") || path_exists(f + "/model.safetensors.index.json"));
+  return (path_exists(f + "/config.json") &&
+          (path_exists(f + "/model.safetensors") || path_exists(f + "/model.safetensors.index.json"))) ||
+         // LoRA: a PEFT adapter folder (core/checkpoint/adapter_config.h)
+         (path_exists(f + "/adapter_config.json") && path_exists(f + "/adapter_model.safetensors"));
 }
 
 RunState inspect(const StageRun& run) {

@@ -67,14 +67,14 @@ class SftStage : public train::TypedStage<Batch> {
   // a filesystem every rank sees, as for checkpoints).
   SftStage(SftRecipe& r, const std::string& run_dir, parallel::Comm& comm) : r_(r), run_dir_(run_dir), comm_(&comm) {
     p_ = train::load_policy(r, train::run_device(r), "an HF folder");
-    p_.model.set_requires_grad(true);
+    train::make_trainable(p_, r, run_dir, comm, "CAUSAL_LM");
     heldout_ = eval::Heldout(r.sft.heldout, p_.tokenizer);
     splits_ = train::open_splits(r, run_dir, data::Format::kSft, p_.tok_path, comm, "training JSONL files");
-    flops_per_token_ = train::decoder_flops_per_token(p_.model, r.data.max_seq_len);
+    flops_per_token_ = train::decoder_flops_per_token(p_.model, r.data.max_seq_len, nullptr, nullptr, p_.lora.get());
   }
 
   void set_rank(int rank, int world_size) override { train::set_loader_rank(splits_, rank, world_size); }
-  optim::NamedTensors parameters() override { return p_.model.named_parameters(); }
+  optim::NamedTensors parameters() override { return train::trainable_parameters(p_); }
   int64_t micro_batches_per_epoch() const override { return splits_.loader->batches_per_epoch(); }
   Batch next_batch(int64_t* targets, int64_t* tokens) override {
     auto rows = splits_.loader->next_rows();
@@ -137,6 +137,8 @@ class SftStage : public train::TypedStage<Batch> {
   }
 
   void save_model(const std::string& dir) override { train::save_policy_model(p_.model, p_, r_, dir); }
+  void after_final(const std::string& run_dir) override { train::save_merged_final(p_, r_, run_dir); }
+  double frozen_bytes() const override { return train::frozen_bytes(p_); }
   double flops_per_token() const override { return flops_per_token_; }
 
  private:
