@@ -811,8 +811,10 @@ bool any_stochastic(const LayerAdapters* a) {
   return false;
 }
 
-// The default generator's state of `device`, or sets it (dropout in adapters draws from it).
+// The default generator's state of `device`, or sets it (dropout in adapters draws from it). Devices
+// without a generator (meta) draw nothing: undefined.
 at::Tensor generator_state(const at::Device& device) {
+  if (!device.is_cpu() && !device.is_cuda()) return at::Tensor();
   auto gen = at::globalContext().defaultGenerator(device);
   std::lock_guard<std::mutex> lock(gen.mutex());
   return gen.get_state();
@@ -856,7 +858,8 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
       auto holder = c10::make_intrusive<SavedAdapters>();
       holder->adapters = *a;
       ctx->saved_data["adapters"] = c10::IValue::make_capsule(std::move(holder));
-      if (any_stochastic(a)) ctx->saved_data["rng"] = generator_state(x.device());
+      if (any_stochastic(a))
+        if (at::Tensor state = generator_state(x.device()); state.defined()) ctx->saved_data["rng"] = state;
     }
     return {decoder_layer(layer_from(std::vector<at::Tensor>(params.begin(), params.begin() + kLayerTensors)), x, cos,
                           sin, shape, layer)};

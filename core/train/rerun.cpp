@@ -36,6 +36,7 @@ const char* const kNeutralKeys[] = {
     "grpo.reward_api_key",
     "dpo.precompute_ref_log_probs",      // the same reference log-probs, computed once or live
     "dpo.precompute_ref_batch_size",
+    "model.lora.save_merged",            // also writing final-merged/: an output, not training
 };
 // Last key components starting with this are eval-only settings (sft.eval_prompts,
 // dpo.eval_micro_batch_size, grpo.eval_num_samples, ...).

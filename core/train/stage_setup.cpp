@@ -57,7 +57,8 @@ void make_trainable(Policy& p, const config::TrainingRecipe& r, const std::strin
   } else {
     // A random-init base exists nowhere else: the adapter needs a folder to go onto.
     base = std::filesystem::absolute(run_dir + "/base").lexically_normal().string();
-    if (comm.rank() == 0 && !path_exists(base + "/config.json")) {
+    // (The meta device of the tests has no values to write.)
+    if (comm.rank() == 0 && !p.device.is_meta() && !path_exists(base + "/config.json")) {
       checkpoint::SaveOptions so;
       so.source_dir = p.tok_dir;
       so.chat_template = p.chat_template;
@@ -123,7 +124,7 @@ void make_trainable(Policy& p, const config::TrainingRecipe& r, const std::strin
                   static_cast<long long>(c.r), c.lora_alpha, c.scaling(), c.lora_dropout, targets.c_str(),
                   c.modules_to_save.empty() ? "" : (" + " + std::to_string(c.modules_to_save.size()) + " saved module(s)").c_str(),
                   static_cast<long long>(p.lora->numel()), 100.0 * static_cast<double>(p.lora->numel()) / static_cast<double>(total),
-                  static_cast<long long>(total), c10::toString(p.model.embed_tokens_.scalar_type()), base.c_str());
+                  static_cast<long long>(total), checkpoint::torch_dtype_name(p.model.embed_tokens_.scalar_type()).c_str(), base.c_str());
     log::info(buf);
   }
 }

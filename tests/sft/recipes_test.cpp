@@ -34,5 +34,20 @@ TEST(Recipes, QwenSftRecipesCarryTheReportSettings) {
   EXPECT_DOUBLE_EQ(r.optim.clip_grad_norm, 1.0);
 }
 
+TEST(Recipes, EveryLoraSftRecipeBindsWithLoraOn) {
+  int n = 0;
+  for (auto& e : std::filesystem::recursive_directory_iterator(test::source_dir() + "/recipes")) {
+    if (e.path().filename() != "sft-lora.json") continue;
+    SftRecipe r;
+    EXPECT_NO_THROW(config::bind_recipe(config::load_recipe(e.path().string(), {}), r.all_sections())) << e.path();
+    EXPECT_TRUE(r.lora.enabled) << e.path();
+    EXPECT_EQ(r.lora.rank, 16) << e.path();
+    EXPECT_EQ(r.lora.targets, std::vector<std::string>{"all-linear"}) << e.path();
+    EXPECT_TRUE(r.model.activation_checkpointing) << e.path();
+    ++n;
+  }
+  EXPECT_EQ(n, 7) << "recipes/qwen2.5-{0.5b,1.5b,3b,7b,14b,32b,72b}/sft-lora.json";
+}
+
 }  // namespace
 }  // namespace ptk::sft

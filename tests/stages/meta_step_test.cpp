@@ -130,6 +130,19 @@ TEST(MetaStep, SftPaddedAndPacked) {
   }
 }
 
+// LoRA: the adapters (and the frozen base) on the device, and only the adapters trained.
+TEST(MetaStep, SftLoraWithCheckpointingAndDropout) {
+  Fixture f;
+  sft::SftRecipe r;
+  f.bind(r, f.keys("sft-lora", "sft.jsonl",
+                   {"model.lora.enabled=true", "model.lora.rank=4", "model.lora.dropout=0.1",
+                    "model.activation_checkpointing=true"}));
+  parallel::Comm comm;
+  auto stage = sft::make_sft_stage(r, r.run.dir, comm);
+  for (auto& [name, p] : stage->parameters()) EXPECT_NE(name.find("lora_"), std::string::npos) << name;
+  one_step(*stage, 2);
+}
+
 TEST(MetaStep, DpoLiveReferenceAndCpo) {
   Fixture f;
   {
