@@ -4,6 +4,9 @@ loads; its tensors equal PEFT's merge_and_unload() and its outputs the adapter m
   - CAUSAL_LM: all-linear LoRA, rsLoRA off; AutoModelForCausalLM on the merged folder.
   - SEQ_CLS (a reward model): the adapter goes onto the causal-LM folder with the score head as
     modules_to_save (what `ptk rm` with model.lora writes); AutoModelForSequenceClassification on it.
+And the other way: a reward model `ptk rm` trained with model.lora (a SEQ_CLS adapter folder) loads in
+PEFT (PeftModel.from_pretrained on AutoModelForSequenceClassification of the base) with the scores
+`ptk forward` gives for it.
 The ptk side of merge-lora (logits, refusals) is tests/model/merge_lora_cli_test.cpp.
 """
 import ptkref
@@ -68,6 +71,43 @@ class MergeLoraReference(ptkref.TempDirTestCase):
         self.assertEqual(ours.config.architectures, ["Qwen2ForSequenceClassification"])
         self.assertEqual(ours.config.num_labels, 1)
 
+
+    def test_ptk_rm_adapter_loads_in_peft(self):
+        torch = ptkref.need("torch")
+        ptkref.need("transformers", "safetensors")
+        peft = ptkref.need("peft")
+        from safetensors.torch import load_file
+        from transformers import AutoModelForSequenceClassification
+        tok = ptkref.tiny_tokenizer(self.tmp / "tok")
+        base = ptkref.tiny_qwen2(self.tmp / "base", tok, seed=4)
+        pairs = [{"prompt": f"What is {a} + {b}?", "chosen": f" {a + b}", "rejected": f" {a + b + 1}"}
+                 for a in range(3, 9) for b in (10, 20)]
+        data = ptkref.write_jsonl(self.tmp / "pairs.jsonl", pairs)
+        ptkref.write_json(self.tmp / "rm.json", {
+            "run": {"seed": 3, "dir": str(self.tmp / "rm")},
+            "model": {"path": str(base), "lora": {"enabled": True, "rank": 4, "alpha": 8}},
+            "tokenizer": {"path": str(base)},
+            "data": {"train": [str(data)], "max_seq_len": 64},
+            "train": {"max_steps": 3, "micro_batch_size": 4},
+            "optim": {"lr": 5e-2, "schedule": "constant", "warmup_steps": 0},
+            "checkpoint": {"every": 0}})
+        ptkref.ptk("rm", "--recipe", self.tmp / "rm.json", "--threads", 1)
+        final = self.tmp / "rm" / "final"
+        self.assertTrue((final / "adapter_config.json").exists())
+        ptkref.write_json(self.tmp / "probe.json", {"input_ids": IDS, "attention_mask": [[1] * len(r) for r in IDS]})
+        ptkref.ptk("forward", "--threads", 1, "--model", final, "--input", self.tmp / "probe.json",
+                   "--output", self.tmp / "probe.safetensors")
+        ours = load_file(str(self.tmp / "probe.safetensors"))["scores"]
+        model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1)
+        pm = peft.PeftModel.from_pretrained(model, str(final))
+        pm.eval()
+        with torch.no_grad():
+            theirs = pm(input_ids=torch.tensor(IDS)).logits.squeeze(-1)
+        ptkref.assert_close("scores of ptk's RM adapter in PEFT vs ptk forward", ours, theirs, rtol=1e-5, atol=1e-5)
+        # The adapter did something: PEFT with it off scores otherwise.
+        with torch.no_grad(), pm.disable_adapter():
+            off = pm(input_ids=torch.tensor(IDS)).logits.squeeze(-1)
+        self.assertGreater(float((off - theirs).abs().max()), 1e-4)
 
 if __name__ == "__main__":
     ptkref.main()
