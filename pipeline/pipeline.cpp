@@ -50,6 +50,7 @@ struct PipelineSpec {
   std::vector<SetupStep> setup;
   EvalSpec eval;
   std::vector<StageSpec> stages;
+  std::vector<std::string> overrides;  // the top-level "overrides": every stage's, before its own
 };
 
 bool is_policy(const std::string& command) { return command != "rm"; }
@@ -100,7 +101,12 @@ PipelineSpec parse(const config::RecipeJson& json, const std::string& file, cons
   PipelineSpec p;
   p.file = file;
   const Value& root = r.root();
-  r.only_keys(root, "", {"run", "setup", "eval", "stages"});
+  r.only_keys(root, "", {"run", "setup", "eval", "stages", "overrides"});
+  // Top-level overrides reach every stage (e.g. {"model.lora.enabled": true}); a stage's own
+  // overrides come after them and win.
+  p.overrides = r.overrides(root, "", "overrides");
+  for (auto& o : p.overrides)
+    if (o.rfind("run.dir=", 0) == 0) r.error("overrides", "run.dir is set by the pipeline (<run.dir>/<stage name>); remove it");
   if (const Value* run = r.find(root, "", "run")) {
     r.only_keys(*run, "run", {"dir"});
     p.dir = r.str(*run, "run", "dir", "");
@@ -345,7 +351,8 @@ int run_pipeline(const std::string& recipe_file, const std::vector<std::string>&
     run.label = st.name;
     run.command = st.command;
     run.recipe = st.recipe;
-    run.overrides = st.overrides;
+    run.overrides = spec.overrides;
+    run.overrides.insert(run.overrides.end(), st.overrides.begin(), st.overrides.end());
     run.run_dir = row.run_dir;
     std::string from = !st.model_from.empty() ? st.model_from : last_policy;
     if (!from.empty()) {

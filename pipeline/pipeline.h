@@ -8,6 +8,8 @@
 //   "run":   {"dir": "runs/<file name>"}           each stage writes <run.dir>/<stage name>/
 //   "setup": [{"ptk": ["make-data", ...], "creates": "data/arith/rl_eval.jsonl"}]   skipped when `creates` exists
 //   "eval":  {"data": "...rl_eval.jsonl", "verifier": "math", "max_new_tokens": 0, "limit": 0}
+//   "overrides": {"model.lora.enabled": true}     every stage's recipe overrides, before the stage's own
+//                                                 (on the command line: overrides.model.lora.enabled=true)
 //   "stages": [{"name": "sft", "command": "sft|dpo|rm|grpo", "recipe": "sft.json", "overrides": {...},
 //               "model_from": "<stage>" (its final/) or "<stage>@step-N" (its checkpoints/step-N), "eval": true,
 //               "reward_server": {"recipe": "...", "overrides": {...}, "model_from": "<rm stage>",

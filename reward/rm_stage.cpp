@@ -151,18 +151,23 @@ class RmStage : public train::TypedStage<Batch> {
     if (p_.pad_id < 0) throw Error("the tokenizer at " + p_.tok_path + " names neither a pad nor an EOS token; score pooling needs one");
     pad_id_ = p_.pad_id;
     if (!p_.model.has_score_head()) {
+      // With LoRA the adapter goes onto model.path as it is: loading it (here, PEFT) pools at the base
+      // config's pad_token_id when it names one, so train with that pooling too.
+      if (r.lora.enabled && p_.model.config().pad_token_id) pad_id_ = static_cast<int64_t>(*p_.model.config().pad_token_id);
       p_.model.add_score_head(static_cast<uint64_t>(r.run.seed) + 1, pad_id_);
     } else if (p_.model.config().pad_token_id && *p_.model.config().pad_token_id != pad_id_) {
       pad_id_ = *p_.model.config().pad_token_id;  // a reward model keeps the pooling it was trained with
     }
-    p_.model.set_requires_grad(true);
+    // model.lora.enabled: the base frozen, adapters attached; the score head is trained and saved with
+    // the adapter (PEFT's modules_to_save for task_type SEQ_CLS). Otherwise every parameter trains.
+    train::make_trainable(p_, r, run_dir, comm_, "SEQ_CLS");
     // TRL's RewardTrainer drops pairs over max_length rather than cutting them.
     splits_ = train::open_splits(r, run_dir, data::Format::kPreference, p_.tok_path, comm_, "preference JSONL files",
                                  [](data::PrepareOptions& o) { o.overlong = "drop"; });
     train_margins_ = read_margins(*splits_.train, r.rm.margin_column);
     if (splits_.eval) eval_margins_ = read_margins(*splits_.eval, r.rm.margin_column);
     if (r.rm.center_rewards_coefficient > 0) loss_opt_.center_rewards_coefficient = r.rm.center_rewards_coefficient;
-    flops_per_token_ = train::decoder_flops_per_token(p_.model, r.data.max_seq_len);
+    flops_per_token_ = train::decoder_flops_per_token(p_.model, r.data.max_seq_len, nullptr, nullptr, p_.lora.get());
   }
 
   // Each rank reads its share of every global micro-batch (datasets/loader.h): W ranks x B pairs see
@@ -173,7 +178,7 @@ class RmStage : public train::TypedStage<Batch> {
                   std::to_string(comm_.world_size()) + "; pass the Trainer's comm to the RmStage constructor");
     train::set_loader_rank(splits_, rank, world_size);
   }
-  optim::NamedTensors parameters() override { return p_.model.named_parameters(); }
+  optim::NamedTensors parameters() override { return train::trainable_parameters(p_); }
   int64_t micro_batches_per_epoch() const override { return splits_.loader->batches_per_epoch(); }
   Batch next_batch(int64_t* targets, int64_t* tokens) override {
     auto b = make_batch(data::make_preference_batch(*splits_.train, splits_.loader->next_rows()), pad_id_, train_margins_,
@@ -232,6 +237,8 @@ class RmStage : public train::TypedStage<Batch> {
   }
 
   void save_model(const std::string& dir) override { train::save_policy_model(p_.model, p_, r_, dir); }
+  void after_final(const std::string& run_dir) override { train::save_merged_final(p_, r_, run_dir); }
+  double frozen_bytes() const override { return train::frozen_bytes(p_); }
   double flops_per_token() const override { return flops_per_token_; }
 
  private:

@@ -18,6 +18,9 @@ int cmd_pipeline(int argc, char** argv) {
       "loopback port and stopped after it (or reached at a URL). Finished stages are skipped on a rerun; an\n"
       "interrupted one resumes from its checkpoint. Prints held-out accuracy after each stage (`ptk eval`)\n"
       "and a summary table (also <run.dir>/summary.md). SIGINT/SIGTERM are forwarded to the stage.\n"
+      "The recipe's top-level \"overrides\" apply to every stage before its own, e.g. LoRA in every stage:\n"
+      "  ptk pipeline --recipe recipes/tiny/pipeline.json overrides.model.lora.enabled=true\n"
+      "(each stage's final/ is then a PEFT adapter folder; the next stage loads it merged onto its base).\n"
       "Recipe format: pipeline/pipeline.h; example: recipes/tiny/pipeline.json. Exit status: 0 done,\n"
       "1 a stage failed (2: its command refused its recipe or flags), 128+N after signal N.");
   cl.flags().add_options()("dry-run", "print the stages and what each would do (run, resume, skip) and check each stage's "
