@@ -124,6 +124,11 @@ AdapterConfig parse_adapter_config(const std::string& text, const std::string& o
   if (auto* v = member(doc, "init_lora_weights")) {
     if (v->IsBool()) c.init_lora_weights = v->GetBool() ? "true" : "false";
     else if (v->IsString()) c.init_lora_weights = v->GetString();
+    // PiSSA, OLoRA, CorDA, LoftQ, EVA... adapters go onto a base modified at initialisation (the
+    // residual, or a quantized one): merged onto the original base they would give another model.
+    if (c.init_lora_weights != "true" && c.init_lora_weights != "false" && c.init_lora_weights != "gaussian")
+      refuse(origin, "init_lora_weights is " + json::to_string(*v) + ": such an adapter belongs on a base PEFT "
+             "changed when it made it (convert it first with PEFT's path_initial_model_for_weight_conversion)");
   }
   if (auto* v = member(doc, "target_modules")) {
     if (v->IsString()) {
@@ -152,7 +157,7 @@ AdapterConfig parse_adapter_config(const std::string& text, const std::string& o
     refuse(origin, "bias is " + json::to_string(*v) + "; ptk trains no biases in adapters (bias=\"none\")");
   const char* unsupported[] = {"use_dora", "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
                                "layers_to_transform", "layer_replication", "use_qalora", "target_parameters",
-                               "trainable_token_indices", "alora_invocation_tokens"};
+                               "trainable_token_indices", "alora_invocation_tokens", "exclude_modules"};
   for (const char* k : unsupported)
     if (!empty_or_false(member(doc, k))) refuse(origin, std::string(k) + " is set (" + json::to_string(*member(doc, k)) + ")");
   return c;

@@ -44,8 +44,9 @@ bool is_adapter_folder(const std::string& dir);
 AdapterConfig parse_adapter_config(const std::string& json_text, const std::string& origin);
 AdapterConfig read_adapter_config(const std::string& dir);
 
-// adapter_config.json as PEFT 0.22's save_pretrained writes it (every field it writes, sorted,
-// 2-space indent), so PEFT's from_pretrained loads it without warnings.
+// adapter_config.json with the fields of PEFT's LoraConfig that describe a plain LoRA adapter, sorted,
+// 2-space indent, as PEFT 0.22's save_pretrained writes them (the fields left out take PEFT's
+// defaults when PEFT loads it).
 std::string adapter_config_json(const AdapterConfig& c);
 
 // The folder an adapter folder's base_model_name_or_path names: absolute as written, else relative

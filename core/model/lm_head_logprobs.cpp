@@ -137,12 +137,17 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
     at::Tensor w32 = valid_weight(weight, valid_vocab);
     auto f32 = hidden.options().dtype(torch::kFloat32);
     at::Tensor d_hidden = torch::empty({n, hidden.size(1)}, f32);
+    // A frozen weight (LoRA's base) gets no gradient: no (V, H) buffer and half the GEMMs.
+    const bool want_weight = ctx->needs_input_grad(1);
     // The first chunk writes the valid rows' gradient (mm_out), later chunks add to it: no zero
     // fill and no extra read of the (V, H) gradient. Rows past valid_vocab get no gradient: zeros.
-    at::Tensor d_weight = torch::empty(weight.sizes(), f32);
-    at::Tensor d_valid = d_weight.narrow(0, 0, w32.size(0));
-    if (w32.size(0) < d_weight.size(0)) d_weight.narrow(0, w32.size(0), d_weight.size(0) - w32.size(0)).zero_();
-    if (n == 0) d_valid.zero_();
+    at::Tensor d_weight, d_valid;
+    if (want_weight) {
+      d_weight = torch::empty(weight.sizes(), f32);
+      d_valid = d_weight.narrow(0, 0, w32.size(0));
+      if (w32.size(0) < d_weight.size(0)) d_weight.narrow(0, w32.size(0), d_weight.size(0) - w32.size(0)).zero_();
+      if (n == 0) d_valid.zero_();
+    }
     at::Tensor buf = use_kept ? at::Tensor() : chunk_buffer(n, chunk, w32.size(0), f32);
     for (int64_t s = 0; s < n; s += chunk) {
       int64_t e = std::min(n, s + chunk);
@@ -174,12 +179,14 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
         // Weight-dtype GEMMs (in_weight_dtype): dz and h in that dtype, products into the fp32 gradients.
         const at::Tensor dz_w = dz.to(w32.scalar_type()), h_w = hidden.slice(0, s, e).to(w32.scalar_type());
         dh.copy_(torch::mm(dz_w, w32));
+        if (!want_weight) continue;
         at::Tensor dw = w32.is_cuda() ? torch::mm(dz_w.t(), h_w, torch::kFloat32) : torch::mm(dz_w.t(), h_w).to(torch::kFloat32);
         if (s == 0) d_valid.copy_(dw);
         else d_valid.add_(dw);
         continue;
       }
       torch::mm_out(dh, dz, w32);
+      if (!want_weight) continue;
       if (s == 0) torch::mm_out(d_valid, dz.t(), h);
       else d_valid.addmm_(dz.t(), h);
     }
@@ -187,13 +194,14 @@ struct LmHeadLogProbs : public torch::autograd::Function<LmHeadLogProbs> {
       if (w32.scalar_type() != torch::kFloat32) {
         const at::Tensor dz_w = kept.to(w32.scalar_type()), h_w = hidden.to(w32.scalar_type());
         d_hidden.copy_(torch::mm(dz_w, w32));
-        d_valid.copy_(w32.is_cuda() ? torch::mm(dz_w.t(), h_w, torch::kFloat32) : torch::mm(dz_w.t(), h_w));
+        if (want_weight)
+          d_valid.copy_(w32.is_cuda() ? torch::mm(dz_w.t(), h_w, torch::kFloat32) : torch::mm(dz_w.t(), h_w));
       } else {
         torch::mm_out(d_hidden, kept, w32);
-        torch::mm_out(d_valid, kept.t(), hidden.to(torch::kFloat32));
+        if (want_weight) torch::mm_out(d_valid, kept.t(), hidden.to(torch::kFloat32));
       }
     }
-    return {d_hidden.to(hidden.scalar_type()), d_weight.to(weight.scalar_type()), at::Tensor(), at::Tensor(),
+    return {d_hidden.to(hidden.scalar_type()), want_weight ? d_weight.to(weight.scalar_type()) : at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

@@ -251,13 +251,14 @@ Qwen2Model Lora::base_of(const Qwen2Model& model) const {
   return m;
 }
 
-Qwen2Model Lora::merged(const Qwen2Model& model) const {
+Qwen2Model Lora::merged(const Qwen2Model& model, std::optional<at::Device> where) const {
   at::NoGradGuard ng;
   Qwen2Model m = model;
   m.clear_adapters();
   for (const auto& e : entries_) {
     at::Tensor& w = weight_of(m.layers_[static_cast<size_t>(e.layer)], e.id);
-    w = (w.detach().to(at::kFloat) + e.adapter->delta().to(w.device())).to(w.scalar_type());
+    const at::Device dev = where.value_or(w.device());
+    w = (w.detach().to(dev, at::kFloat) + e.adapter->delta().to(dev)).to(w.scalar_type());
   }
   return m;  // the merged weights are new tensors without grad; the rest are model's own
 }

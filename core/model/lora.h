@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -84,8 +85,8 @@ class Lora {
   // shares the base tensors (no copy), e.g. DPO's and GRPO's reference model.
   Qwen2Model base_of(const Qwen2Model& model) const;
   // `model` with the adapters merged: each adapted weight becomes W + s·B A (new tensors, computed in
-  // float32, stored in W's dtype); the other tensors are shared. No adapters.
-  Qwen2Model merged(const Qwen2Model& model) const;
+  // float32, stored in W's dtype, on `where` or W's device); the other tensors are shared. No adapters.
+  Qwen2Model merged(const Qwen2Model& model, std::optional<at::Device> where = std::nullopt) const;
 
  private:
   struct Entry {

@@ -910,7 +910,8 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
         const auto& a = holder->adapters[i];
         if (!a) continue;
         const size_t n = a->parameters().size();
-        rebuilt.back()[i] = a->with_parameters(std::vector<at::Tensor>(leaves.begin() + next, leaves.begin() + next + n));
+        // An adapter without tensors trains nothing: itself again.
+        rebuilt.back()[i] = n == 0 ? a : a->with_parameters(std::vector<at::Tensor>(leaves.begin() + next, leaves.begin() + next + n));
         PTK_CHECK(rebuilt.back()[i] != nullptr, "activation checkpointing: a linear adapter without with_parameters()");
         next += n;
       }

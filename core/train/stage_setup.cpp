@@ -81,7 +81,24 @@ void make_trainable(Policy& p, const config::TrainingRecipe& r, const std::strin
     for (int64_t i = 0; i < static_cast<int64_t>(p.model.layers_.size()); ++i)
       for (size_t k = 0; k < model::kLayerLinears; ++k)
         if (p.model.adapter(i, static_cast<model::LinearId>(k)) && i == 0) have.push_back(model::lora_linear_names()[k]);
+    if (c.task_type != task_type)
+      throw Error("model.adapter=" + r.model.adapter + " is a " + c.task_type + " adapter; this stage trains a " +
+                  (task_type == "SEQ_CLS" ? "reward model (SEQ_CLS, with its score head)" : "causal LM (CAUSAL_LM)") +
+                  "\n---> HINT: start from an adapter of the same kind, or use model.path=" + r.model.adapter +
+                  " to start from the model it makes (merged)");
     std::string diff;
+    if (c.lora_dropout != L.dropout) diff += " dropout " + std::to_string(c.lora_dropout) + " (recipe " + std::to_string(L.dropout) + ")";
+    {
+      std::vector<std::string> saved = L.modules_to_save, have_saved = c.modules_to_save;
+      if (task_type == "SEQ_CLS" && std::find(saved.begin(), saved.end(), "score") == saved.end()) saved.push_back("score");
+      std::sort(saved.begin(), saved.end());
+      std::sort(have_saved.begin(), have_saved.end());
+      if (saved != have_saved) {
+        diff += " modules_to_save [";
+        for (size_t i = 0; i < have_saved.size(); ++i) diff += (i ? ", " : "") + have_saved[i];
+        diff += "]";
+      }
+    }
     if (c.r != L.rank) diff += " rank " + std::to_string(c.r) + " (recipe " + std::to_string(L.rank) + ")";
     if (c.lora_alpha != L.alpha) diff += " alpha " + std::to_string(c.lora_alpha) + " (recipe " + std::to_string(L.alpha) + ")";
     if (c.use_rslora != L.rslora) diff += std::string(" rslora ") + (c.use_rslora ? "true" : "false");
@@ -92,7 +109,8 @@ void make_trainable(Policy& p, const config::TrainingRecipe& r, const std::strin
     }
     if (!diff.empty())
       throw Error("model.adapter=" + r.model.adapter + " differs from model.lora:" + diff +
-                  "\n---> HINT: set model.lora.rank / alpha / targets / rslora to the adapter's (its adapter_config.json)");
+                  "\n---> HINT: set model.lora.rank / alpha / dropout / targets / rslora / modules_to_save to the adapter's "
+                  "(its adapter_config.json)");
   } else {
     model::LoraOptions o;
     o.rank = L.rank;
@@ -192,7 +210,12 @@ double decoder_flops_per_token(const model::Qwen2Model& m, int64_t seq_len, doub
   const double a = 6.0 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * static_cast<double>(seq_len) / 2.0;
   if (attn) *attn = a;
   if (decoder_params) *decoder_params = n_params;
-  if (lora) return 4.0 * n_params + 6.0 * static_cast<double>(lora->numel()) + a;
+  if (lora) {
+    double adapters = 0;  // A and B only: a module to save (score, embeddings, lm_head) is outside N too
+    for (const auto& [name, t] : lora->named_parameters())
+      if (name.find(".lora_") != std::string::npos) adapters += static_cast<double>(t.numel());
+    return 4.0 * n_params + 6.0 * adapters + a;
+  }
   return 6.0 * n_params + a;
 }
 
@@ -212,7 +235,8 @@ void save_merged_final(const Policy& p, const config::TrainingRecipe& r, const s
   so.source_dir = p.tok_dir;
   so.chat_template = p.chat_template;
   so.max_shard_bytes = r.checkpoint.max_shard_bytes();
-  p.lora->merged(p.model).save_pretrained(run_dir + "/final-merged", so);
+  // Merged on the CPU: a second copy of every adapted weight may not fit beside the run on a GPU.
+  p.lora->merged(p.model, at::kCPU).save_pretrained(run_dir + "/final-merged", so);
 }
 
 at::Tensor to_device(const at::Tensor& host, const at::Device& device) {

@@ -260,6 +260,7 @@ struct Trainer::Impl {
       double held = 0;
       for (const auto& [name, p] : params)
         if (p.device() == device()) held += static_cast<double>(p.numel()) * p.element_size();
+      held += stage.frozen_bytes();  // a frozen LoRA base is on the device too, and in the estimate
       budget = static_cast<double>(free_bytes) + held;
     }
     if (budget <= 0) {
@@ -271,6 +272,12 @@ struct Trainer::Impl {
     double need = training_state_bytes(params, comm.world_size(), opt.zero1) + stage.frozen_bytes();
     int64_t n = 0;
     for (const auto& [name, p] : params) n += p.numel();
+    if (need > budget && stage.frozen_bytes() > 0)
+      throw Error("a frozen base of " + format_bytes(stage.frozen_bytes()) + " and " + std::to_string(n) +
+                  " trained LoRA parameters with their gradients and AdamW state need " + format_bytes(need) +
+                  " per rank (activations not counted), more than the " + format_bytes(budget) +
+                  " available.\n---> HINT: every rank holds the whole base (ZeRO-1 does not shard it): use a smaller "
+                  "model or a device with more memory; weight sharding and 4-bit bases (QLoRA) are not implemented yet.");
     if (need > budget)
       throw Error("this model has " + std::to_string(n / 1000000) + "M parameters: weights, gradients and AdamW state need " +
                   format_bytes(need) + " per rank (activations not counted), more than the " + format_bytes(budget) +
@@ -464,7 +471,12 @@ struct Trainer::Impl {
       try {
         stage.save_model(tmp);
         replace_dir_atomic(tmp, opt.run_dir + "/final");
-        stage.after_final(opt.run_dir);
+        try {
+          stage.after_final(opt.run_dir);
+        } catch (const std::exception& e) {
+          // final/ is complete: what goes beside it (final-merged/) must not fail the run.
+          log::warn(std::string("after writing final/: ") + e.what());
+        }
       } catch (...) {
         checkpoint::discard_partial_write(tmp, "final/");
         throw;

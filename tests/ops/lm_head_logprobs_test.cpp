@@ -110,5 +110,28 @@ TEST(LmHeadLogProbs, OnlyLogprobGradient) {
   EXPECT_LT((w.grad() - w2.grad()).abs().max().item<double>(), 1e-5);
 }
 
+// A frozen weight (LoRA's base): no weight gradient is made, and the hidden gradient is the same, with
+// the logits kept and recomputed, in fp32 and bf16.
+TEST(LmHeadLogProbs, FrozenWeightGetsNoGradientAndTheSameHiddenGradient) {
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    for (int64_t keep : {int64_t{1} << 30, int64_t{0}}) {
+      torch::manual_seed(5);
+      auto h0 = torch::randn({11, 8}).to(dtype), w0 = (torch::randn({30, 8}) * 0.5).to(dtype);
+      auto t = torch::randint(0, 30, {11}, torch::kInt64);
+      LogProbOptions o;
+      o.chunk_rows = 4;
+      o.keep_logits_bytes = keep;
+      auto h1 = h0.clone().requires_grad_(true), w1 = w0.clone().requires_grad_(true);
+      auto out1 = lm_head_logprobs(h1, w1, t, o);
+      ((out1.logprobs * 1.5).sum() + out1.entropy.sum()).backward();
+      auto h2 = h0.clone().requires_grad_(true), w2 = w0.clone();  // frozen
+      auto out2 = lm_head_logprobs(h2, w2, t, o);
+      ((out2.logprobs * 1.5).sum() + out2.entropy.sum()).backward();
+      EXPECT_FALSE(w2.grad().defined());
+      EXPECT_TRUE(torch::equal(h1.grad(), h2.grad())) << c10::toString(dtype) << " keep " << keep;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace ptk::model

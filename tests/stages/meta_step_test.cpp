@@ -139,6 +139,7 @@ TEST(MetaStep, SftLoraWithCheckpointingAndDropout) {
                     "model.activation_checkpointing=true"}));
   parallel::Comm comm;
   auto stage = sft::make_sft_stage(r, r.run.dir, comm);
+  EXPECT_EQ(stage->parameters().size(), 28u);  // 2 layers x 7 linears x (A, B)
   for (auto& [name, p] : stage->parameters()) EXPECT_NE(name.find("lora_"), std::string::npos) << name;
   one_step(*stage, 2);
 }
