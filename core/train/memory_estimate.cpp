@@ -531,9 +531,14 @@ std::string memory_refusal(const MemoryPlan& p, const AvailableMemory& avail) {
     for (const auto& t : e.resident) state += t.bytes;
     msg += "no batch or length key makes this fit: what stays resident (weights, gradients, AdamW state" +
            std::string(p.live_reference && !p.lora ? ", the reference" : "") + ") needs ~" + format_bytes(state) +
-           " of the " + format_bytes(avail.bytes) + "; use a smaller model, model.dtype=bfloat16, " +
-           (p.lora ? "a lower model.lora.rank, " : "model.lora.enabled=true (LoRA: no gradients or AdamW state for the base), ") +
-           "or train.zero1=true over more ranks.";
+           " of the " + format_bytes(avail.bytes) + "; ";
+    if (p.lora)
+      msg += "with LoRA the frozen base (" + format_bytes(e.parameters * act_bytes(p)) +
+             ") is whole on every rank (train.zero1 shards only the adapters' optimizer state, and ptk has no QLoRA "
+             "4-bit base): use a smaller model" + (p.bf16 ? "" : " or model.dtype=bfloat16") + ".";
+    else
+      msg += "use a smaller model, model.dtype=bfloat16, model.lora.enabled=true (LoRA: no gradients or AdamW state "
+             "for the base), or train.zero1=true over more ranks.";
   }
   msg += " train.memory_check=false skips this check (the estimate is deliberately a little high).";
   return msg;

@@ -37,6 +37,18 @@ TEST(PlanCli, SevenBFullDoesNotFitEightyGibLoraDoes) {
   EXPECT_EQ(lora.out.find("frozen reference"), std::string::npos) << lora.out;
 }
 
+// 72B: even LoRA's frozen bf16 base (135 GiB) exceeds one 80 GiB GPU; the hint says what does not help.
+TEST(PlanCli, SeventyTwoBLoraSaysTheBaseIsTooLarge) {
+  test::TempDir d;
+  const std::string r = d.write("p.json", "{\"model\": {\"config\": \"" + test::source_dir() +
+                                               "/bench/shapes/qwen2.5-72b.json\"}, \"data\": {\"max_seq_len\": 4096}}\n");
+  auto out = test::run(test::ptk_binary() + " plan --recipe " + r + " --gpu-memory 80 model.lora.enabled=true");
+  EXPECT_EQ(out.exit_code, 1) << out.out;
+  for (const char* want : {"72.71B parameters", "needs ~135.43 GiB for frozen base weights",
+                           "with LoRA the frozen base (135.43 GiB) is whole on every rank", "no QLoRA"})
+    EXPECT_NE(out.out.find(want), std::string::npos) << want << "\n" << out.out;
+}
+
 TEST(PlanCli, DpoUnderLoraHasNoReferenceCopy) {
   test::TempDir d;
   auto r = test::run(test::ptk_binary() + " plan --stage dpo --recipe " + recipe(d) +
