@@ -105,7 +105,7 @@ int cmd_plan(int argc, char** argv) {
       "with --gpu-memory GiB: a CUDA device of that size (model.dtype=auto then means bfloat16). The same\n"
       "estimate the stages check before loading (train.memory_check; README, \"Memory estimate\"). Exit\n"
       "status 0 when the plan fits, 1 when it does not (the refusal the stage would print follows).\n"
-      "Recipe sections are the --stage's (the list below is sft's unless --stage is given first).");
+      "The recipe keys listed below are the --stage's (`ptk plan --stage dpo --help` lists dpo's).");
   cl.flags().add_options()("stage", po::value<std::string>()->default_value("sft"),
                            "the stage whose recipe this is: sft | dpo | rm | grpo")(
       "gpu-memory", po::value<double>(),
