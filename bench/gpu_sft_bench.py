@@ -20,6 +20,12 @@ whose name holds "mem"). Each side runs as its own process under --timeout secon
 (out of memory, a timeout) is reported as such and the other still runs.
 
     python3 bench/gpu_sft_bench.py --ptk .gpu/bin/ptk --shape 0.5b --out OUT/bench-0.5b [--sides ptk,torch]
+
+--lora R: ptk trains LoRA adapters of rank R on all linears (model.lora.enabled=true, alpha 2R, the bf16
+base frozen); the torch loop has no LoRA, so use --sides ptk. MFU then counts 4 FLOPs per frozen base
+parameter and token (forward and the input gradients, no weight gradients) + 6 per adapter parameter,
+attention as before:
+    python3 bench/gpu_sft_bench.py --shape 7b --lora 16 --checkpointing --sides ptk --out OUT/bench-7b-lora
 """
 import argparse
 import importlib.util
@@ -107,9 +113,21 @@ def fmt(prog, a, res):
            "peak memory n/a"]
     for k, v in sorted(res.get("self_reported_memory", {}).items()):
         mem.append(f"{k} {v:.2f} GiB")
-    return (f"{prog}: shape {a.shape} seq {a.seq} x {a.micro_batch} rows x {a.grad_accum} accum, bf16, "
+    what = f"LoRA r{a.lora} all-linear (bf16 base frozen)" if a.lora and prog == "ptk sft" else "bf16"
+    return (f"{prog}: shape {a.shape} seq {a.seq} x {a.micro_batch} rows x {a.grad_accum} accum, {what}, "
             f"{a.steps} steps after {a.warmup} warm-up | tokens/s {res['tokens_per_s']:.0f} "
             f"(min {res['tokens_per_s_min']:.0f}, max {res['tokens_per_s_max']:.0f}) | {mfu} | {', '.join(mem)}")
+
+
+def lora_flops_per_token(cfg, seq, rank):
+    """(causal, MosaicML-style) training FLOPs per token with LoRA of `rank` on every decoder linear:
+    the frozen linears and the output layer 4 per parameter, the adapters 6, causal attention 6 L q T."""
+    H, d, L, I, V = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    matmul = L * (H * q + 2 * H * kv + q * H + 3 * H * I)
+    adapters = L * rank * ((H + q) + 2 * (H + kv) + (q + H) + 3 * (H + I))
+    causal = 4.0 * (matmul + V * H) + 6.0 * adapters + 6.0 * L * q * seq
+    return causal, causal, adapters
 
 
 def bench_ptk(a, out, flops, peak):
@@ -137,6 +155,8 @@ def bench_ptk(a, out, flops, peak):
         "optim": {"lr": 1e-5, "warmup_steps": 0, "schedule": "constant"},
         "checkpoint": {"every": 0},
     }
+    if a.lora:
+        recipe["model"]["lora"] = {"enabled": True, "rank": a.lora, "alpha": 2 * a.lora, "targets": ["all-linear"]}
     (out / "sft.json").write_text(json.dumps(recipe, indent=1))
     with GpuMemory() as mem:
         rc, secs = run_logged([a.ptk, "sft", "--threads", os.cpu_count() or 16, "--recipe", out / "sft.json"],
@@ -201,6 +221,7 @@ def main():
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--timeout", type=float, default=240, help="seconds for each side")
     ap.add_argument("--sides", default="ptk,torch")
+    ap.add_argument("--lora", type=int, default=0, help="ptk trains LoRA adapters of this rank (all linears); 0 = full")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     out = Path(a.out)
@@ -210,9 +231,11 @@ def main():
     import torch
     cfg = b.Qwen2Config(json.loads(a.config.read_text()))
     flops = b.model_flops_per_token(cfg, a.seq)
+    if a.lora:
+        flops = lora_flops_per_token(cfg, a.seq, a.lora)[:2]
     peak = a.peak_tflops if a.peak_tflops is not None else b.default_peak_tflops(torch.device(a.device))
     results = {"shape": a.shape, "seq": a.seq, "micro_batch": a.micro_batch, "grad_accum": a.grad_accum,
-               "steps": a.steps, "warmup": a.warmup, "checkpointing": a.checkpointing,
+               "steps": a.steps, "warmup": a.warmup, "checkpointing": a.checkpointing, "lora_rank": a.lora,
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", "sides": {}}
     lines = []
     for side in a.sides.split(","):
@@ -224,7 +247,7 @@ def main():
         lines.append(line)
     s = results["sides"]
     if all(k in s and s[k].get("tokens_per_s") for k in ("ptk", "torch")):
-        line = f"ptk / torch tokens/s at {a.shape}: {s['ptk']['tokens_per_s'] / s['torch']['tokens_per_s']:.2f}x"
+        line = f"ptk{' (LoRA)' if a.lora else ''} / torch (full) tokens/s at {a.shape}: {s['ptk']['tokens_per_s'] / s['torch']['tokens_per_s']:.2f}x"
         print(line)
         lines.append(line)
     (out / "result.json").write_text(json.dumps(results, indent=1))

@@ -13,11 +13,20 @@
 // --attention-sweep 64,128,f48,f96 likewise times only the float32 attention (forward + backward of
 // the 24 layers' attention at the 0.5B heads, D 64): N = causal_block_attention with blocks of N
 // query positions, fN = causal_flash_attention with blocks of N query rows, then exits.
+// --lora R trains LoRA adapters of rank R on all seven linears of every layer instead (alpha 2R, the
+// base frozen: model.lora.enabled=true's setup, core/train/stage_setup.cpp make_trainable); model FLOPs
+// per token then count 4N for the frozen base (no weight gradients) + 6N_lora.
+// --compare-lora ROUNDS runs full fine-tuning and --lora 16 (or --lora R given with it) alternately in
+// ROUNDS pairs of child processes of this binary (the same --seq/--steps/--layers/--checkpointing), and
+// prints tokens/s and peak RSS (the child's VmHWM) side by side with their ratio. Peak RSS is per process,
+// hence children; alternating spreads the shared machine's load over both.
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/profiler_legacy.h>
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cmath>
+#include <memory>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -31,6 +40,7 @@
 
 #include "core/kernels/cpu/causal_attention.h"
 #include "core/model/lm_head_logprobs.h"
+#include "core/model/lora.h"
 #include "core/model/qwen2.h"
 #include "core/optim/adamw.h"
 #include "core/runtime/cpu_allocator.h"
@@ -204,20 +214,91 @@ std::vector<int64_t> int_list(const std::string& list) {
   return out;
 }
 
+
+// This process's peak resident set (VmHWM of /proc/self/status), bytes; -1 when unreadable.
+double peak_rss_bytes() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) * 1024.0;
+  return -1;
+}
+
+// The value after `key` on the child's "RESULT ..." lines; NaN when absent.
+double result_field(const std::string& out, const std::string& key) {
+  const auto at = out.find(key);
+  if (at == std::string::npos) return std::nan("");
+  return std::stod(out.substr(at + key.size()));
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? std::nan("") : v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+}
+
+// --compare-lora: full and LoRA children alternated `rounds` times; prints both and the ratio.
+int compare_lora(const std::string& self, const std::string& common, int64_t rank, int64_t rounds) {
+  struct Mode {
+    std::string name, flags;
+    std::vector<double> tok_s, rss;
+  };
+  std::vector<Mode> modes{{"full fine-tuning", "", {}, {}},
+                          {"LoRA r" + std::to_string(rank) + " all-linear", " --lora " + std::to_string(rank), {}, {}}};
+  for (int64_t r = 0; r < rounds; ++r) {
+    for (auto& m : modes) {
+      const std::string cmd = self + common + m.flags + " --no-profile 2>&1";
+      std::FILE* f = ::popen(cmd.c_str(), "r");
+      if (!f) {
+        std::fprintf(stderr, "cannot run %s\n", cmd.c_str());
+        return 1;
+      }
+      std::string out;
+      char buf[4096];
+      size_t n;
+      while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
+      const int rc = ::pclose(f);
+      const double tok = result_field(out, "RESULT tokens/s "), rss = result_field(out, "RESULT peak RSS ");
+      if (rc != 0 || std::isnan(tok) || std::isnan(rss)) {
+        std::fprintf(stderr, "child `%s` failed (status %d):\n%s\n", cmd.c_str(), rc, out.c_str());
+        return 1;
+      }
+      m.tok_s.push_back(tok);
+      m.rss.push_back(rss);
+      std::printf("round %lld, %-24s %7.1f tokens/s, peak RSS %6.2f GiB | load %s\n", static_cast<long long>(r + 1),
+                  m.name.c_str(), tok, rss / 1024.0, loadavg().c_str());
+      std::fflush(stdout);
+    }
+  }
+  std::printf("\n%-26s %-30s %-26s\n", "", "tokens/s (median; min-max)", "peak RSS (median; min-max)");
+  for (auto& m : modes) {
+    std::printf("%-26s %7.1f (%.1f-%.1f)            %6.2f GiB (%.2f-%.2f)\n", m.name.c_str(), median(m.tok_s),
+                *std::min_element(m.tok_s.begin(), m.tok_s.end()), *std::max_element(m.tok_s.begin(), m.tok_s.end()),
+                median(m.rss) / 1024.0, *std::min_element(m.rss.begin(), m.rss.end()) / 1024.0,
+                *std::max_element(m.rss.begin(), m.rss.end()) / 1024.0);
+  }
+  std::printf("RESULT LoRA / full: tokens/s x%.2f, peak RSS x%.2f (%.2f GiB less) | %lld rounds\n",
+              median(modes[1].tok_s) / median(modes[0].tok_s), median(modes[1].rss) / median(modes[0].rss),
+              (median(modes[0].rss) - median(modes[1].rss)) / 1024.0, static_cast<long long>(rounds));
+  return 0;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
   int64_t T = 1024, steps = 2, layers = 24;
   bool checkpointing = false, profile = true;
+  int64_t lora_rank = 0, compare_rounds = 0;
+  std::string common;  // the flags --compare-lora passes on to its children
   std::vector<int64_t> sweep_mib;
   std::vector<std::string> sweep_kernels;
   ptk::model::LogProbOptions lp_options;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if (a == "--seq" && i + 1 < argc) T = std::stoll(argv[++i]);
-    else if (a == "--steps" && i + 1 < argc) steps = std::stoll(argv[++i]);
-    else if (a == "--layers" && i + 1 < argc) layers = std::stoll(argv[++i]);
-    else if (a == "--checkpointing") checkpointing = true;
+    if (a == "--seq" && i + 1 < argc) T = std::stoll(argv[++i]), common += " --seq " + std::to_string(T);
+    else if (a == "--steps" && i + 1 < argc) steps = std::stoll(argv[++i]), common += " --steps " + std::to_string(steps);
+    else if (a == "--layers" && i + 1 < argc) layers = std::stoll(argv[++i]), common += " --layers " + std::to_string(layers);
+    else if (a == "--checkpointing") checkpointing = true, common += " --checkpointing";
+    else if (a == "--lora" && i + 1 < argc) lora_rank = std::stoll(argv[++i]);
+    else if (a == "--compare-lora" && i + 1 < argc) compare_rounds = std::stoll(argv[++i]);
     else if (a == "--no-profile") profile = false;
     else if (a == "--chunk-mib" && i + 1 < argc) lp_options.chunk_bytes = std::stoll(argv[++i]) << 20;
     else if (a == "--chunk-rows" && i + 1 < argc) lp_options.chunk_rows = std::stoll(argv[++i]);
@@ -226,11 +307,14 @@ int main(int argc, char** argv) {
     else {
       std::fprintf(stderr,
                    "usage: %s [--seq N] [--steps N] [--layers N] [--checkpointing] [--no-profile] "
-                   "[--chunk-mib N | --chunk-rows N] [--lm-head-sweep MIB,MIB,...] [--attention-sweep N,fN,...]\n",
+                   "[--chunk-mib N | --chunk-rows N] [--lm-head-sweep MIB,MIB,...] [--attention-sweep N,fN,...] "
+                   "[--lora R] [--compare-lora ROUNDS]\n",
                    argv[0]);
       return 2;
     }
   }
+  if (compare_rounds > 0)
+    return compare_lora(std::string("'") + argv[0] + "'", common, lora_rank > 0 ? lora_rank : 16, compare_rounds);
   auto info = ptk::runtime::init_and_announce(0);
   std::printf("load average at start: %s\n", loadavg().c_str());
 
@@ -264,17 +348,35 @@ int main(int argc, char** argv) {
   }
 
   auto m = ptk::model::Qwen2Model::from_config(c, 1);
-  m.set_requires_grad(true);
   int64_t n_params = 0;
   for (const auto& [n, t] : m.named_parameters()) n_params += t.numel();
-  ptk::optim::AdamW opt(m.named_parameters(), {});
+  std::shared_ptr<ptk::model::Lora> lora;
+  double trained = static_cast<double>(n_params), base_factor = 6.0;
+  if (lora_rank > 0) {
+    m.set_requires_grad(false);  // the base: frozen, as make_trainable does
+    ptk::model::LoraOptions lo;
+    lo.rank = lora_rank;
+    lo.alpha = 2.0 * static_cast<double>(lora_rank);
+    lora = std::make_shared<ptk::model::Lora>(ptk::model::Lora::attach(m, lo, 1));
+    for (auto& [n, t] : lora->named_parameters()) t.set_requires_grad(true);
+    trained = static_cast<double>(lora->numel());
+    base_factor = 4.0;
+  } else {
+    m.set_requires_grad(true);
+  }
+  ptk::optim::AdamW opt(lora ? lora->named_parameters() : m.named_parameters(), {});
   // Model FLOPs per token: 6N (tied embedding counted once, as the lm_head matmul) + causal
-  // attention 6 L T (nh D) (QK^T and AV, forward and backward, half the pairs masked).
-  const double flops_per_token =
-      6.0 * n_params + 6.0 * c.num_hidden_layers * static_cast<double>(T) * c.num_attention_heads * c.head_dim;
-  std::printf("model: %lld layers, %.1fM parameters, sequence %lld, %s; %.3f GFLOP per token\n",
+  // attention 6 L T (nh D) (QK^T and AV, forward and backward, half the pairs masked). With LoRA the
+  // frozen base costs 4N (no weight gradients) and the adapters 6 N_lora.
+  const double flops_per_token = base_factor * n_params + (lora ? 6.0 * trained : 0.0) +
+                                 6.0 * c.num_hidden_layers * static_cast<double>(T) * c.num_attention_heads * c.head_dim;
+  std::printf("model: %lld layers, %.1fM parameters, sequence %lld, %s; %s; %.3f GFLOP per token\n",
               static_cast<long long>(layers), n_params / 1e6, static_cast<long long>(T),
-              checkpointing ? "activation checkpointing" : "no checkpointing", flops_per_token / 1e9);
+              checkpointing ? "activation checkpointing" : "no checkpointing",
+              lora ? ("LoRA rank " + std::to_string(lora_rank) + " on all linears, " + std::to_string(lora->numel()) +
+                      " trained parameters, base frozen").c_str()
+                   : "full fine-tuning",
+              flops_per_token / 1e9);
   const int64_t vocab = m.lm_head_weight().size(0);
   const int64_t chunk_rows =
       lp_options.chunk_rows > 0 ? lp_options.chunk_rows : std::max<int64_t>(1, lp_options.chunk_bytes / (vocab * 4));
@@ -378,6 +480,7 @@ int main(int argc, char** argv) {
     print_sorted(by_scope, "by phase", 20);
     print_sorted(self, "by phase / op", 40);
   }
+  std::printf("RESULT peak RSS %.1f MiB (VmHWM)\n", peak_rss_bytes() / (1024.0 * 1024.0));
   std::printf("load average at end: %s\n", loadavg().c_str());
   return 0;
 }

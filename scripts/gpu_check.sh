@@ -13,14 +13,21 @@
 #   4. the benchmark (bench/gpu_sft_bench.py): `ptk sft` at the Qwen2.5-0.5B and 3B shapes, random
 #      init, bf16 with fp32 master weights, packed rows of 4096 tokens, 4 micro-batches a step, 2
 #      warm-up + 5 measured steps: tokens/s, MFU against 989 TFLOP/s (H100 SXM / H200 bf16 dense) and
-#      peak GPU memory, beside the same step in plain PyTorch (bench/torch_sft_baseline.py).
+#      peak GPU memory, beside the same step in plain PyTorch (bench/torch_sft_baseline.py);
+#      then a LoRA step at the shapes of PTK_GPU_CHECK_LORA (default "7b"): `ptk sft` with
+#      model.lora.enabled=true, rank 16 on all linears, the bf16 base frozen, 1 x 4096 packed, 4
+#      micro-batches a step, activation checkpointing, 1 warm-up + 3 measured steps (tokens/s, MFU
+#      counting 4N + 6N_lora, peak memory); ptk only (the torch loop has no LoRA), in bench.json as
+#      "bench-<shape>-lora". With the default budget it runs only if the parts before left time:
+#      PTK_GPU_CHECK_SHAPES=none scripts/gpu_check.sh OUT runs the tests and then the LoRA step only.
 # What comes back (the device tool returns at most 8 files): OUT/summary.txt (what ran, each figure,
 # what did not run and why; written as it goes), OUT/bench.json (both shapes' results), and
 # OUT/logs.tar.gz (every part's log, the tests' XML, the benchmark's metrics; refreshed after each
 # part, so a run stopped at its limit still returns what it did). The whole run stays under
 # PTK_GPU_CHECK_BUDGET seconds (default 540: the device tool allows 600 a command).
 #   scripts/gpu_check.sh OUT_DIR      env: PTK_TORCH_DIR (default: python3's torch),
-#                                     PTK_GPU_CHECK_BUDGET, PTK_GPU_CHECK_SHAPES (default "0.5b 3b")
+#                                     PTK_GPU_CHECK_BUDGET, PTK_GPU_CHECK_SHAPES (default "0.5b 3b"; none),
+#                                     PTK_GPU_CHECK_LORA (default "7b"; "" for none)
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -30,6 +37,8 @@ ROOT=$(pwd)
 start=$(date +%s)
 BUDGET=${PTK_GPU_CHECK_BUDGET:-540}
 SHAPES=${PTK_GPU_CHECK_SHAPES:-"0.5b 3b"}
+[ "$SHAPES" = none ] && SHAPES=
+LORA_SHAPES=${PTK_GPU_CHECK_LORA-"7b"}
 SUMMARY=$OUT/summary.txt
 : > "$SUMMARY"
 
@@ -124,12 +133,23 @@ test_part generate_cmd_test 60
 
 # 4. benchmark
 bench_ok=yes
-[ "$gpu" = yes ] || { say "bench: not run (no usable GPU: nvidia-smi -L failed)"; SHAPES=; bench_ok=no; }
-for shape in $SHAPES; do
-  cap=$([ "$shape" = 3b ] && echo 230 || echo 150)
-  side_cap=$(( (cap - 20) / 2 ))
-  part "bench-$shape" "$cap" python3 bench/gpu_sft_bench.py --ptk "$BIN/ptk" --shape "$shape" --seq 4096 \
-    --grad-accum 4 --steps 5 --warmup 2 --timeout "$side_cap" --out "$WORK/bench-$shape"
+[ "$gpu" = yes ] || { say "bench: not run (no usable GPU: nvidia-smi -L failed)"; SHAPES=; LORA_SHAPES=; bench_ok=no; }
+runs=""
+for shape in $SHAPES; do runs="$runs $shape"; done
+for shape in $LORA_SHAPES; do runs="$runs $shape-lora"; done
+for shape in $runs; do
+  if [ "${shape%-lora}" != "$shape" ]; then
+    # LoRA r16 on all linears, ptk only: 1 warm-up + 3 steps of 4 x 4096 tokens (a 7B random init takes a while).
+    cap=200
+    part "bench-$shape" "$cap" python3 bench/gpu_sft_bench.py --ptk "$BIN/ptk" --shape "${shape%-lora}" --lora 16 \
+      --checkpointing --seq 4096 --grad-accum 4 --steps 3 --warmup 1 --sides ptk --timeout $(( cap - 20 )) \
+      --out "$WORK/bench-$shape"
+  else
+    cap=$([ "$shape" = 3b ] && echo 230 || echo 150)
+    side_cap=$(( (cap - 20) / 2 ))
+    part "bench-$shape" "$cap" python3 bench/gpu_sft_bench.py --ptk "$BIN/ptk" --shape "$shape" --seq 4096 \
+      --grad-accum 4 --steps 5 --warmup 2 --timeout "$side_cap" --out "$WORK/bench-$shape"
+  fi
   [ "$rc" = 0 ] || bench_ok=no
   if [ -f "$WORK/bench-$shape/result.txt" ]; then
     sed 's/^/  /' "$WORK/bench-$shape/result.txt" >> "$SUMMARY"

@@ -21,6 +21,7 @@ int cmd_sweep(int argc, char** argv);
 int cmd_plot(int argc, char** argv);
 int cmd_info(int argc, char** argv);
 int cmd_merge_lora(int argc, char** argv);
+int cmd_plan(int argc, char** argv);
 
 // Keep docs/DESIGN.md's order.
 const std::vector<Command>& commands() {
@@ -43,6 +44,7 @@ const std::vector<Command>& commands() {
       {"sweep", "run a grid of recipe overrides and compare them", cmd_sweep},
       {"plot", "plot metrics of one or more runs as SVG", cmd_plot},
       {"merge-lora", "merge a PEFT LoRA adapter folder into its base: a plain HF model folder", cmd_merge_lora},
+      {"plan", "print a training recipe's memory plan (full or LoRA) and whether it fits, without training", cmd_plan},
       {"info", "print the runtime (LibTorch, threads, BLAS) and measure matmul GFLOP/s", cmd_info},
   };
   return kCommands;

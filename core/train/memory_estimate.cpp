@@ -112,6 +112,28 @@ std::string eval_key(const MemoryPlan& p, const char* leaf) { return std::string
 
 }  // namespace
 
+double lora_parameter_count(const checkpoint::Qwen2Config& c, int64_t rank, const std::vector<std::string>& targets,
+                            const std::vector<std::string>& modules_to_save, StageKind stage) {
+  const Shape s = shape_of(c);
+  const double r = static_cast<double>(rank);
+  // (in + out) of each linear PEFT can adapt in a Qwen2 decoder layer.
+  const std::vector<std::pair<std::string, double>> linears = {
+      {"q_proj", s.H + s.Q},     {"k_proj", s.H + s.KV}, {"v_proj", s.H + s.KV}, {"o_proj", s.Q + s.H},
+      {"gate_proj", s.H + s.I},  {"up_proj", s.H + s.I}, {"down_proj", s.I + s.H}};
+  const bool all = std::find(targets.begin(), targets.end(), "all-linear") != targets.end();
+  double per_layer = 0;
+  for (const auto& [name, in_out] : linears)
+    if (all || std::find(targets.begin(), targets.end(), name) != targets.end()) per_layer += r * in_out;
+  double n = s.L * per_layer;
+  bool score = stage == StageKind::kRm;
+  for (const auto& m : modules_to_save) {
+    if (m == "score") score = true;
+    else if (m == "embed_tokens" || m == "lm_head") n += s.V * s.H;
+  }
+  if (score) n += s.H * std::max<int64_t>(1, c.num_labels);
+  return n;
+}
+
 const char* stage_name(StageKind s) {
   switch (s) {
     case StageKind::kSft: return "sft";
@@ -131,22 +153,49 @@ MemoryEstimate estimate_memory(const MemoryPlan& p) {
   e.parameters = P;
 
   // Resident through the run.
-  char count[32];
-  std::snprintf(count, sizeof count, P >= 1e7 ? "%.0fM" : "%.2fM", P / 1e6);  // 494M, 0.39M
-  const std::string params = std::string(count) + " parameters, " + dtype;
-  e.resident.push_back({"weights", p.model_key, P * b, params});
-  e.resident.push_back({"gradients", p.model_key, P * b, params});
-  double adam = P * (8 + (p.bf16 ? 4 : 0));
-  std::string adam_keys = "train.zero1=" + b2s(p.zero1);
-  if (p.zero1 && p.world_size > 1) {
-    adam /= static_cast<double>(p.world_size);
-    adam_keys += " over " + std::to_string(p.world_size) + " ranks";
+  auto millions = [](double n) {
+    char count[32];
+    std::snprintf(count, sizeof count, n >= 1e7 ? "%.0fM" : "%.2fM", n / 1e6);  // 494M, 0.39M
+    return std::string(count);
+  };
+  const std::string params = millions(P) + " parameters, " + dtype;
+  // The trained parameters' gradients and AdamW state (moments, and fp32 masters with bf16).
+  auto optimizer_state = [&](double n, const std::string& keys, const std::string& note) {
+    e.resident.push_back({p.lora ? "LoRA gradients" : "gradients", keys, n * b, note});
+    double adam = n * (8 + (p.bf16 ? 4 : 0));
+    std::string adam_keys = "train.zero1=" + b2s(p.zero1);
+    if (p.zero1 && p.world_size > 1) {
+      adam /= static_cast<double>(p.world_size);
+      adam_keys += " over " + std::to_string(p.world_size) + " ranks";
+    }
+    e.resident.push_back({std::string(p.lora ? "LoRA " : "") +
+                              (p.bf16 ? "AdamW moments + fp32 master weights" : "AdamW moments"),
+                          adam_keys, adam});
+  };
+  if (p.lora) {
+    const double Pl = lora_parameter_count(p.model, p.lora_rank, p.lora_targets, p.lora_modules_to_save, p.stage);
+    e.trainable_parameters = Pl;
+    std::string targets;
+    for (const auto& t : p.lora_targets) targets += (targets.empty() ? "" : ",") + t;
+    std::string lkeys = "model.lora.rank=" + std::to_string(p.lora_rank) + " on " + targets;
+    if (!p.lora_modules_to_save.empty()) {
+      std::string m;
+      for (const auto& t : p.lora_modules_to_save) m += (m.empty() ? "" : ",") + t;
+      lkeys += " + modules_to_save " + m;
+    }
+    const std::string lnote = millions(Pl) + " parameters, " + dtype;
+    e.resident.push_back({"frozen base weights", p.model_key, P * b, params + ", no gradients or optimizer state"});
+    e.resident.push_back({"LoRA weights", lkeys, Pl * b, lnote});
+    optimizer_state(Pl, lkeys, lnote);
+  } else {
+    e.trainable_parameters = P;
+    e.resident.push_back({"weights", p.model_key, P * b, params});
+    optimizer_state(P, p.model_key, params);
+    if (p.live_reference)
+      e.resident.push_back({"frozen reference model",
+                            p.stage == StageKind::kGrpo ? "grpo.beta != 0" : "dpo.precompute_ref_log_probs=false or auto",
+                            P * b});
   }
-  e.resident.push_back({p.bf16 ? "AdamW moments + fp32 master weights" : "AdamW moments", adam_keys, adam});
-  if (p.live_reference)
-    e.resident.push_back({"frozen reference model",
-                          p.stage == StageKind::kGrpo ? "grpo.beta != 0" : "dpo.precompute_ref_log_probs=false or auto",
-                          P * b});
   if (!p.cuda) e.resident.push_back({"LibTorch, MKL and ptk", "", kRuntimeBytes});
 
   // Phases: the run peaks in the largest.
@@ -481,9 +530,15 @@ std::string memory_refusal(const MemoryPlan& p, const AvailableMemory& avail) {
     double state = 0;
     for (const auto& t : e.resident) state += t.bytes;
     msg += "no batch or length key makes this fit: what stays resident (weights, gradients, AdamW state" +
-           std::string(p.live_reference ? ", the reference" : "") + ") needs ~" + format_bytes(state) + " of the " +
-           format_bytes(avail.bytes) +
-           "; use a smaller model, model.dtype=bfloat16, or train.zero1=true over more ranks.";
+           std::string(p.live_reference && !p.lora ? ", the reference" : "") + ") needs ~" + format_bytes(state) +
+           " of the " + format_bytes(avail.bytes) + "; ";
+    if (p.lora)
+      msg += "with LoRA the frozen base (" + format_bytes(e.parameters * act_bytes(p)) +
+             ") is whole on every rank (train.zero1 shards only the adapters' optimizer state, and ptk has no QLoRA "
+             "4-bit base): use a smaller model" + (p.bf16 ? "" : " or model.dtype=bfloat16") + ".";
+    else
+      msg += "use a smaller model, model.dtype=bfloat16, model.lora.enabled=true (LoRA: no gradients or AdamW state "
+             "for the base), or train.zero1=true over more ranks.";
   }
   msg += " train.memory_check=false skips this check (the estimate is deliberately a little high).";
   return msg;
@@ -519,6 +574,10 @@ std::optional<MemoryPlan> memory_plan_from_recipe(const config::TrainingRecipe& 
   p.decode_packing = kernels::cpu::cpu_has_avx512f();
   if (const char* ws = std::getenv("WORLD_SIZE")) p.world_size = std::max(1L, std::strtol(ws, nullptr, 10));
   p.zero1 = r.train.zero1;
+  p.lora = r.lora.enabled;
+  p.lora_rank = r.lora.rank;
+  p.lora_targets = r.lora.targets;
+  p.lora_modules_to_save = r.lora.modules_to_save;
   // On a GPU (run.device, auto included) the plan is compared with that device's memory.
   const int cuda_index = runtime::cuda_index_of(r.run.device);
   p.cuda = cuda_index >= 0;

@@ -9,6 +9,11 @@
 //   resident  = weights P·b + gradients P·b + AdamW moments 8P (+ fp32 master 4P with bf16; / ranks
 //               with train.zero1) + a live frozen reference P·b (dpo live, grpo beta != 0)
 //               + 0.5 GiB for LibTorch, MKL and ptk themselves (CPU)
+//   with LoRA (model.lora.enabled): the frozen base P·b (no gradients, no AdamW state, no fp32
+//               master) + the adapters' Pl parameters with gradients, moments and masters as above
+//               (Pl = r·(in + out) per adapted linear and layer, plus modules_to_save, which are
+//               trainable copies beside the base's originals); no live reference (DPO's and GRPO's
+//               reference is the base with the adapters off)
 //   peak      = resident + the largest phase of:
 //     training step: activations + the lm_head op (sft, dpo, grpo) or score head (rm)
 //       activations per decoder layer and token = b·(6H + 3Q + 2KV + 4I) (the tensors autograd keeps:
@@ -65,7 +70,19 @@ struct MemoryPlan {
   // grpo
   int64_t completion_len = 0;         // grpo.max_completion_length
   int64_t slots = 0;                  // rollout.slots
+  // LoRA (model.lora.enabled): the base frozen, the adapters trained
+  bool lora = false;
+  int64_t lora_rank = 16;                                // model.lora.rank
+  std::vector<std::string> lora_targets{"all-linear"};  // model.lora.targets
+  std::vector<std::string> lora_modules_to_save;         // model.lora.modules_to_save (rm adds score)
 };
+
+// The trainable parameters of LoRA rank `rank` on `targets` (q_proj ... down_proj or all-linear) of
+// every decoder layer of `model`, plus `modules_to_save` (score: num_labels x H, always for the rm
+// stage; embed_tokens, lm_head: V x H). Unknown names count nothing (the stage refuses them).
+double lora_parameter_count(const checkpoint::Qwen2Config& model, int64_t rank,
+                            const std::vector<std::string>& targets,
+                            const std::vector<std::string>& modules_to_save, StageKind stage);
 
 struct MemoryTerm {
   std::string what;  // "activations"
@@ -75,7 +92,8 @@ struct MemoryTerm {
 };
 
 struct MemoryEstimate {
-  double parameters = 0;             // of the trained model
+  double parameters = 0;             // of the trained model (the base's, with LoRA)
+  double trainable_parameters = 0;   // = parameters, or the adapters' (and modules_to_save) with LoRA
   std::vector<MemoryTerm> resident;  // held through the run
   std::string phase;                 // the phase that peaks: "training step", "eval", "generation", ...
   std::vector<MemoryTerm> peak;      // that phase's own terms

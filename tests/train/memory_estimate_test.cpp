@@ -126,6 +126,95 @@ TEST(MemoryEstimate, TermsFollowTheRecipe) {
   EXPECT_DOUBLE_EQ(term(g.peak, "KV cache"), 4096.0 * 1024 * 24 * 2 * 128 * 4);
 }
 
+// LoRA (issue 28): r·(in + out) per adapted linear and layer, as PEFT counts them (its
+// print_trainable_parameters for Qwen2.5-0.5B, r=16, all-linear: 8,798,208), modules_to_save beside.
+TEST(MemoryEstimate, CountsLoraParametersAsPeft) {
+  const auto c = test::qwen25_05b_config();
+  EXPECT_EQ(lora_parameter_count(c, 16, {"all-linear"}, {}, StageKind::kSft), 8798208.0);
+  // PEFT's default targets for Qwen2 (q_proj, v_proj): 24 x 16 x ((896 + 896) + (896 + 128)).
+  EXPECT_EQ(lora_parameter_count(c, 16, {"q_proj", "v_proj"}, {}, StageKind::kSft), 24.0 * 16 * (1792 + 1024));
+  EXPECT_EQ(lora_parameter_count(c, 8, {"down_proj"}, {}, StageKind::kSft), 24.0 * 8 * (4864 + 896));
+  // The rm stage always trains the (1, H) score head; embed_tokens is a V x H copy.
+  EXPECT_EQ(lora_parameter_count(c, 16, {"all-linear"}, {}, StageKind::kRm), 8798208.0 + 896);
+  EXPECT_EQ(lora_parameter_count(c, 16, {"all-linear"}, {"embed_tokens"}, StageKind::kSft), 8798208.0 + 151936.0 * 896);
+  // Qwen2.5-32B's published count (32,763,876,352) from bench/shapes' config values.
+  checkpoint::Qwen2Config q32 = c;
+  q32.vocab_size = 152064;
+  q32.hidden_size = 5120;
+  q32.intermediate_size = 27648;
+  q32.num_hidden_layers = 64;
+  q32.num_attention_heads = 40;
+  q32.num_key_value_heads = 8;
+  q32.head_dim = 128;
+  q32.tie_word_embeddings = false;
+  MemoryPlan p = plan_05b(StageKind::kSft);
+  p.model = q32;
+  EXPECT_EQ(estimate_memory(p).parameters, 32763876352.0);
+}
+
+// Under LoRA the base is resident once, frozen (no gradients, moments or masters); the adapters
+// carry the optimizer state; DPO's and GRPO's reference is the base with adapters off (no copy).
+TEST(MemoryEstimate, LoraKeepsOnlyTheAdaptersOptimizerState) {
+  MemoryPlan full = plan_05b(StageKind::kDpo);
+  full.bf16 = true;
+  full.cuda = true;
+  full.live_reference = true;
+  full.max_seq_len = 1024;
+  MemoryPlan lora = full;
+  lora.lora = true;
+  lora.lora_rank = 16;
+  const auto f = estimate_memory(full), l = estimate_memory(lora);
+  const double P = f.parameters, Pl = 8798208.0;
+  EXPECT_EQ(l.parameters, P);
+  EXPECT_EQ(l.trainable_parameters, Pl);
+  EXPECT_EQ(f.trainable_parameters, P);
+  EXPECT_DOUBLE_EQ(term(l.resident, "frozen base weights"), 2 * P);
+  EXPECT_DOUBLE_EQ(term(l.resident, "LoRA weights"), 2 * Pl);
+  EXPECT_DOUBLE_EQ(term(l.resident, "LoRA gradients"), 2 * Pl);
+  EXPECT_DOUBLE_EQ(term(l.resident, "LoRA AdamW moments + fp32 master weights"), 12 * Pl);
+  for (const auto& t : l.resident) {
+    EXPECT_NE(t.what, "frozen reference model") << "a live reference under LoRA is the base with adapters off";
+    EXPECT_NE(t.what, "gradients");
+  }
+  EXPECT_DOUBLE_EQ(term(f.resident, "frozen reference model"), 2 * P);
+  // Activations as without LoRA; the difference is exactly the state.
+  EXPECT_DOUBLE_EQ(term(l.peak, "activations"), term(f.peak, "activations"));
+  EXPECT_DOUBLE_EQ(f.total_bytes - l.total_bytes, (2 * P + 2 * P + 12 * P) - (2 * Pl + 2 * Pl + 12 * Pl));
+  // ZeRO-1 shards the adapters' optimizer state as it does the full model's.
+  lora.zero1 = true;
+  lora.world_size = 4;
+  EXPECT_DOUBLE_EQ(term(estimate_memory(lora).resident, "LoRA AdamW moments + fp32 master weights"), 3 * Pl);
+}
+
+// The plans the README quotes: Qwen2.5-7B on one 80 GB GPU, bf16, 1 x 4096 checkpointed. Full
+// fine-tuning's state (2 + 2 + 12 bytes a parameter: ~114 GiB) cannot fit; LoRA r16 on all linears
+// leaves the frozen 14.2 GiB base and ~0.6 GiB of adapter state, with room for activations.
+TEST(MemoryEstimate, LoraFitsSevenBOnOneEightyGigabyteGpu) {
+  MemoryPlan p = plan_05b(StageKind::kSft);
+  p.model.vocab_size = 152064;
+  p.model.hidden_size = 3584;
+  p.model.intermediate_size = 18944;
+  p.model.num_hidden_layers = 28;
+  p.model.num_attention_heads = 28;
+  p.model.num_key_value_heads = 4;
+  p.model.head_dim = 128;
+  p.model.tie_word_embeddings = false;
+  p.bf16 = true;
+  p.cuda = true;
+  p.max_seq_len = 4096;
+  p.activation_checkpointing = true;
+  const AvailableMemory gpu{80e9, "--gpu-memory 80 GB"};
+  EXPECT_NEAR(estimate_memory(p).parameters, 7.6156e9, 0.001e9);  // Qwen2.5-7B: 7.62B
+  const std::string full = memory_refusal(p, gpu);
+  EXPECT_NE(full.find("no batch or length key makes this fit"), std::string::npos) << full;
+  EXPECT_NE(full.find("model.lora.enabled=true"), std::string::npos) << full;
+  p.lora = true;
+  EXPECT_EQ(memory_refusal(p, gpu), "");
+  const auto e = estimate_memory(p);
+  EXPECT_NEAR(e.trainable_parameters, 40370176.0, 0.5);  // PEFT: 40,370,176 for r=16 all-linear
+  EXPECT_LT(e.total_bytes, 30 * kGiB);
+}
+
 // issue 24: train.micro_batch_size=1e9 met the OOM killer. The refusal names the key and value,
 // the model, the estimate and what is available with units, and the largest value that fits.
 TEST(MemoryEstimate, RefusesAHugeMicroBatchNamingTheKey) {
