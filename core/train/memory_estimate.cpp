@@ -74,10 +74,20 @@ double activation_bytes(const MemoryPlan& p, const Shape& s, double rows, double
   return layers + N * 2 * s.H * b;  // + the final norm
 }
 
-// The fused lm_head + log-softmax op over `scored` rows (module comment); fp32 logits.
-double lm_head_bytes(const Shape& s, double scored) {
+// The fused lm_head + log-softmax op over `scored` rows (module comment); fp32 logits. The (V, H)
+// fp32 weight gradient only when the weight trains (a frozen LoRA base's gets none).
+double lm_head_bytes(const Shape& s, double scored, bool weight_grad) {
   const double logits = scored * s.V * 4;
-  return std::min(logits, kKeepLogitsBytes) + std::min(logits, 2 * kChunkBytes) + s.V * s.H * 4;
+  return std::min(logits, kKeepLogitsBytes) + std::min(logits, 2 * kChunkBytes) + (weight_grad ? s.V * s.H * 4 : 0);
+}
+
+// Whether the output layer's weight trains: always without LoRA; with it, when it is a module to save
+// (lm_head, or embed_tokens on an untied model: the tied case is refused).
+bool lm_head_trains(const MemoryPlan& p) {
+  if (!p.lora) return true;
+  for (const auto& m : p.lora_modules_to_save)
+    if (m == "lm_head" || m == "embed_tokens") return true;
+  return false;
 }
 
 // A forward without grad over `rows` x T: its largest layer transient plus one lm_head chunk.
@@ -225,7 +235,7 @@ MemoryEstimate estimate_memory(const MemoryPlan& p) {
     if (p.stage == StageKind::kRm)
       ph.terms.push_back({"score head", keys, rows * len * s.H * b});
     else
-      ph.terms.push_back({"lm_head log-probs (fused op)", keys, lm_head_bytes(s, scored)});
+      ph.terms.push_back({"lm_head log-probs (fused op)", keys, lm_head_bytes(s, scored, lm_head_trains(p))});
     phases.push_back(std::move(ph));
   }
   if (p.eval_micro_batch_size > 0) {

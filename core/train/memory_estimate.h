@@ -24,6 +24,7 @@
 //       (no AVX-512, bf16, head size not a multiple of 16), the kept probabilities rows·heads·T²/2·4
 //       (fp32 block path) or rows·heads·T²·(4+b) (the full square);
 //       lm_head op: min(rows·V·4, 1 GiB) kept logits + two 256 MiB chunks + the (V, H) fp32 gradient
+//       (not under LoRA, where the output layer is frozen, unless it is a module to save)
 //     eval / reference pass (no grad): N·b·(3H + 3I) + one 256 MiB chunk
 //     generation (grpo; held-out accuracy): KV cache slots·len·L·2·KV·b + the decode copies of the
 //       lm_head (V·H·4) and of the layers (when they take <= 2 GiB), on AVX-512 fp32
