@@ -12,7 +12,9 @@
 #include <filesystem>
 #include <map>
 
+#include "core/checkpoint/adapter_config.h"
 #include "core/checkpoint/checkpoint.h"
+#include "core/checkpoint/model_folder.h"
 #include "core/model/lm_head_logprobs.h"
 #include "core/runtime/log.h"
 #include "core/tokenizer/tokenizer.h"
@@ -48,7 +50,8 @@ void DpoSection::visit(config::Visitor& v) {
         "dpo: LD-DPO weight in [0, 1] of the reply tokens past the shorter reply, in the policy's and the reference's sums "
         "(not the sft term's); 1.0 = plain sums");
   v.opt(ref_path, "ref_path", "",
-        "dpo: HF folder of the frozen reference; \"\" = model.path (the policy's starting point)");
+        "dpo: HF folder (or PEFT adapter folder) of the frozen reference; \"\" = model.path (the policy's starting "
+        "point; with model.lora.enabled, the policy with its adapters switched off: no second copy)");
   v.choice(precompute_ref_log_probs, "precompute_ref_log_probs", "auto", {"auto", "true", "false"},
            "dpo: true = compute reference log-probs once (data.train and data.eval) and cache them beside the "
            "prepared shards (keyed by reference checkpoint + data), then free the reference; false = a live "
@@ -251,17 +254,22 @@ at::Tensor compute_ref_logps(const model::Qwen2Model& reference, const data::Pre
 namespace {
 
 // What identifies a reference checkpoint without reading its weights: config.json's bytes and,
-// per weight/index file, name, size and modification time (a rewritten file gets a new key).
-std::string checkpoint_identity(const std::string& dir) {
+// per weight/index file, name, size and modification time (a rewritten file gets a new key). A PEFT
+// adapter folder (the model is its base with the adapter merged): adapter_config.json's bytes, its
+// files' as above, then its base's identity (a chain of adapters, each in turn).
+std::string checkpoint_identity(const std::string& dir, int depth = 0) {
+  const bool adapter = checkpoint::is_adapter_folder(dir);
+  if (adapter && depth >= 8) throw Error("dpo reference " + dir + ": a chain of more than 8 adapter folders");
+  const std::string config = adapter ? "adapter_config.json" : "config.json";
   std::vector<std::string> names;
   for (auto& e : fs::directory_iterator(dir)) {
     std::string n = e.path().filename().string();
-    if (n == "config.json" || (n.size() > 12 && n.substr(n.size() - 12) == ".safetensors") ||
+    if (n == config || (n.size() > 12 && n.substr(n.size() - 12) == ".safetensors") ||
         n == "model.safetensors.index.json")
       names.push_back(n);
   }
   std::sort(names.begin(), names.end());
-  std::string id = "folder\n" + read_file(dir + "/config.json") + "\n";
+  std::string id = (adapter ? "adapter\n" : "folder\n") + read_file(dir + "/" + config) + "\n";
   for (auto& n : names) {
     struct stat st {};
     std::string p = dir + "/" + n;
@@ -269,6 +277,7 @@ std::string checkpoint_identity(const std::string& dir) {
     id += n + " " + std::to_string(st.st_size) + " " + std::to_string(st.st_mtim.tv_sec) + "." +
           std::to_string(st.st_mtim.tv_nsec) + "\n";
   }
+  if (adapter) id += "base\n" + checkpoint_identity(checkpoint::adapter_base_dir(dir), depth + 1);
   return id;
 }
 
@@ -317,14 +326,23 @@ struct DpoStage::Impl {
     world_size = comm.world_size();
     p = train::load_policy(r, train::run_device(r), "the SFT stage's final/ folder");
     heldout = eval::Heldout(r.dpo.heldout, p.tokenizer);
-    policy.set_requires_grad(true);
-    // Reference: dpo.ref_path, else the policy's starting point.
+    // Every parameter, or with model.lora the adapters on a frozen base.
+    train::make_trainable(p, r, run_dir, comm, "CAUSAL_LM");
+    // Reference: dpo.ref_path, else the policy's starting point (with LoRA: the policy with its
+    // adapters off, which is model.path's model, or model.config's random init).
     if (!r.dpo.is_cpo()) {
       ref_dir = !r.dpo.ref_path.empty() ? r.dpo.ref_path : r.model.path;
+      if (rank == 0 && p.lora && r.dpo.ref_path.empty())
+        log::info("dpo: the reference is the policy with its LoRA adapters off (no second copy)" +
+                  std::string(r.model.adapter.empty() ? ""
+                                                      : ": model.path without model.adapter; set dpo.ref_path=" +
+                                                            r.model.adapter + " to compare against the adapter's model"));
       if (!ref_dir.empty()) {
-        if (!path_exists(ref_dir + "/config.json"))
+        const std::string problem = checkpoint::model_folder_problem(ref_dir);
+        if (!problem.empty())
           throw Error("dpo reference \"" + ref_dir + "\" (" + (r.dpo.ref_path.empty() ? "model.path" : "dpo.ref_path") +
-                      ") has no config.json\n---> HINT: point it at an HF folder, e.g. runs/sft/final");
+                      ") is not a model folder: " + problem +
+                      "\n---> HINT: point it at an HF folder or a PEFT adapter folder, e.g. runs/sft/final");
         ref_identity = checkpoint_identity(ref_dir);
       } else {
         ref_identity = "random-init\n" + read_file(r.model.config) + "\nseed " + std::to_string(r.run.seed) + "\n";
@@ -340,9 +358,8 @@ struct DpoStage::Impl {
     }
     double attn = 0;
     int64_t n_params = 0;
-    train::decoder_flops_per_token(policy, r.data.max_seq_len, &attn, &n_params);
-    // Policy forward+backward (6N), plus a live reference forward (2N) when there is one.
-    flops_per_token = 6.0 * n_params + attn;
+    // Policy forward+backward (6N; with LoRA 4N + 6N_lora), plus a live reference forward (2N) when there is one.
+    flops_per_token = train::decoder_flops_per_token(policy, r.data.max_seq_len, &attn, &n_params, p.lora.get());
     if (!r.dpo.is_cpo() && !precompute) flops_per_token += 2.0 * n_params + attn / 3.0;
   }
 
@@ -390,6 +407,10 @@ struct DpoStage::Impl {
 
   void load_reference() {
     if (reference.embed_tokens_.defined()) return;
+    if (p.lora && r.dpo.ref_path.empty()) {
+      reference = *train::adapters_off(p);  // shares the frozen base: nothing loaded, nothing copied
+      return;
+    }
     // The policy's start: ref_dir (dpo.ref_path, else model.path), or the same random init from
     // model.config and the seed when neither is set.
     config::ModelSection m = r.model;
@@ -546,7 +567,7 @@ void DpoStage::set_rank(int rank, int world_size) {
   impl_->ensure_reference();  // rank 0 computes a missing cache while the others wait
 }
 
-optim::NamedTensors DpoStage::parameters() { return impl_->policy.named_parameters(); }
+optim::NamedTensors DpoStage::parameters() { return train::trainable_parameters(impl_->p); }
 int64_t DpoStage::micro_batches_per_epoch() const { return impl_->loader->batches_per_epoch(); }
 
 PairBatch DpoStage::next_batch(int64_t* targets, int64_t* tokens) {
@@ -607,6 +628,8 @@ void DpoStage::evaluate_pairs(Metrics* out) {
 }
 
 void DpoStage::save_model(const std::string& dir) { train::save_policy_model(impl_->policy, impl_->p, impl_->r, dir); }
+void DpoStage::after_final(const std::string& run_dir) { train::save_merged_final(impl_->p, impl_->r, run_dir); }
+double DpoStage::frozen_bytes() const { return train::frozen_bytes(impl_->p); }
 
 double DpoStage::flops_per_token() const { return impl_->flops_per_token; }
 const model::Qwen2Model& DpoStage::policy() const { return impl_->policy; }
@@ -625,10 +648,12 @@ std::string run_dpo(DpoRecipe& r, const std::string& recipe_file, const std::str
   bool live_fits = true;
   if (auto plan = train::memory_plan_from_recipe(r, train::StageKind::kDpo)) {
     const bool reference = !r.dpo.is_cpo();
+    // With LoRA the reference is the policy with its adapters off (unless dpo.ref_path loads one): no second copy.
+    const bool reference_copy = reference && !(r.lora.enabled && r.dpo.ref_path.empty());
     const std::string& mode = r.dpo.precompute_ref_log_probs;
     plan->eval_micro_batch_size = !data::has_eval_data(r.data) ? 0 : r.dpo.eval_micro_batch_size;
     plan->heldout_new_tokens = r.dpo.heldout.prompts.empty() ? 0 : r.dpo.heldout.max_new_tokens;
-    if (reference && mode == "auto" && r.train.memory_check) {
+    if (reference_copy && mode == "auto" && r.train.memory_check) {
       // auto goes live only where a second model fits beside the policy (every rank agrees).
       train::MemoryPlan live = *plan;
       live.live_reference = true;
@@ -636,7 +661,7 @@ std::string run_dpo(DpoRecipe& r, const std::string& recipe_file, const std::str
       if (options.comm.world_size() > 1) refused = options.comm.all_reduce(refused, parallel::ReduceOp::kSum);
       live_fits = refused == 0;
     }
-    plan->live_reference = reference && (mode == "false" || (mode == "auto" && live_fits));
+    plan->live_reference = reference_copy && (mode == "false" || (mode == "auto" && live_fits));
     plan->reference_pass_pairs = reference && mode != "false" ? r.dpo.precompute_ref_batch_size : 0;
     train::check_memory_estimate(r, *plan, options.comm);  // before the models, data or batches exist
   }

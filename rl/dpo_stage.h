@@ -128,12 +128,17 @@ class DpoStage : public train::TypedStage<PairBatch> {
   // Held-out accuracy before the first step of a fresh run (dpo.eval_at_start), logged and written
   // to run_dir/eval_start.json.
   void heldout_at_start(bool fresh);
+  // final/ and checkpoints: the HF folder, or with model.lora the PEFT adapter folder (CAUSAL_LM);
+  // after_final writes final-merged/ with model.lora.save_merged.
   void save_model(const std::string& dir) override;
+  void after_final(const std::string& run_dir) override;
+  double frozen_bytes() const override;
   double flops_per_token() const override;
 
   // For tests and tools.
   const model::Qwen2Model& policy() const;
-  // The live reference (undefined model when precomputed after the pass, or for cpo).
+  // The live reference (undefined model when precomputed after the pass, or for cpo). With
+  // model.lora and no dpo.ref_path: the policy with its adapters off (its frozen base, not a copy).
   const model::Qwen2Model& reference() const;
   // Reference log-probs of prepared training rows: (P, 2), from the cache or the live model.
   at::Tensor ref_logps(const PairBatch& batch);

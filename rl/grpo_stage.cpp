@@ -59,7 +59,9 @@ void GrpoSection::visit(config::Visitor& v) {
            "aggregation over tokens (FORMULAS 4.4); dapo = token mean over the optimizer step");
   v.choice(importance_sampling_level, "importance_sampling_level", "token", {"token", "sequence"},
            "ratio per token, or one per completion (GSPO)");
-  v.opt(beta, "beta", 0.0, "k3 KL weight to a frozen copy of the start model; 0 loads no reference (less memory)");
+  v.opt(beta, "beta", 0.0,
+        "k3 KL weight to a frozen copy of the start model (with model.lora.enabled: the policy with its adapters "
+        "off, no copy); 0 loads no reference (less memory)");
   v.opt(epsilon, "epsilon", 0.2, "lower clip: ratio >= 1 - epsilon");
   v.opt(epsilon_high, "epsilon_high", 0.0, "upper clip 1 + epsilon_high (DAPO 0.28; cispo: absolute cap); 0 = epsilon");
   v.opt(delta, "delta", 0.0, "two-sided clip: ratio capped at delta (INTELLECT-2, > 1 + epsilon_high); 0 = off");
@@ -289,6 +291,15 @@ struct GrpoStage::Impl {
   GrpoLossInputs last;
   std::map<std::string, std::pair<double, double>> remote_logs;  // server extra_logs: sum, count this batch
 
+  // Whether the optimizer updates a weight that the rollout engine packs for decode (a layer's
+  // linear or the LM head).
+  bool packed_weights_trained() const {
+    if (policy.lm_head_weight().requires_grad()) return true;
+    for (const auto& [name, t] : policy.named_parameters())
+      if (t.requires_grad() && name.find("_proj.weight") != std::string::npos) return true;
+    return false;
+  }
+
   Impl(GrpoRecipe& rec, const std::string& dir, parallel::Comm c, std::vector<RewardFunction> extra)
       : r(rec), run_dir(dir), comm(std::move(c)) {
     r.check();
@@ -323,15 +334,25 @@ struct GrpoStage::Impl {
     if (stop_ids.empty())
       throw Error(tok_path + ": the tokenizer names no eos token (tokenizer_config.json eos_token) nor <|im_end|>; "
                   "GRPO needs one to end completions");
+    // Every parameter, or with model.lora the adapters on a frozen base.
+    train::make_trainable(p, r, run_dir, comm, "CAUSAL_LM");
     if (g.beta != 0) {
-      reference = policy.clone();
-      reference.set_requires_grad(false);
+      if (auto off = train::adapters_off(p)) {
+        reference = *off;  // LoRA: the policy with its adapters off, sharing the frozen base (no copy)
+      } else {
+        reference = policy.clone();
+        reference.set_requires_grad(false);
+      }
       has_ref = true;
     }
-    policy.set_requires_grad(true);
     rollout::EngineOptions eo;
     eo.slots = r.rollout.slots;
     eo.vocab_limit = static_cast<int64_t>(tok->vocab_size());
+    // LoRA on a frozen base: the decode copies of the base weights (the packed linears and LM head
+    // on AVX-512 CPUs) stay valid for the whole run, since the adapters apply after the packed
+    // product and are read live; pack them once, not per generation batch. Not when a weight the
+    // engine packs is trained (model.lora.modules_to_save with lm_head, or embed_tokens tied to it).
+    eo.keep_packed = p.lora && !packed_weights_trained();
     engine = std::make_unique<rollout::Engine>(policy, eo);
     // Data
     auto popt = data::prepare_options_from_recipe(r.data, r.tokenizer, r.model, r.run.seed, data::Format::kRl);
@@ -891,6 +912,7 @@ struct GrpoStage::Impl {
         eo.prompt_seeds = seeds;
       }
       engine->free_cache();  // evaluate() brings its own engine and cache
+      engine->drop_packed();  // and its own packed copies (keep_packed: one copy at a time; repacked after)
       return eval::evaluate_across_ranks(policy, *tok, eval_prompts, eo, &comm);
     };
     auto greedy = score(1, true);
@@ -986,7 +1008,7 @@ void GrpoStage::set_rank(int rank, int world_size) {
   impl_->world = world_size;
   impl_->start_epoch();
 }
-optim::NamedTensors GrpoStage::parameters() { return impl_->policy.named_parameters(); }
+optim::NamedTensors GrpoStage::parameters() { return train::trainable_parameters(impl_->p); }
 int64_t GrpoStage::micro_batches_per_epoch() const { return impl_->gens_per_epoch() * impl_->K * impl_->mu; }
 MbData GrpoStage::next_batch(int64_t* targets, int64_t* tokens) {
   auto& s = *impl_;
@@ -1008,6 +1030,9 @@ void GrpoStage::evaluate_accuracy(Metrics* out) {
   impl_->evaluate_accuracy(out);
 }
 void GrpoStage::save_model(const std::string& dir) { train::save_policy_model(impl_->policy, impl_->p, impl_->r, dir); }
+void GrpoStage::after_final(const std::string& run_dir) { train::save_merged_final(impl_->p, impl_->r, run_dir); }
+double GrpoStage::frozen_bytes() const { return train::frozen_bytes(impl_->p); }
+const rollout::Stats& GrpoStage::last_rollout_stats() const { return impl_->engine->last_stats(); }
 train::MicroBatch GrpoStage::prepared_micro_batch(const std::vector<std::vector<int64_t>>& prompts,
                                                   const std::vector<std::vector<int64_t>>& completions,
                                                   const std::vector<double>& advantages) {
@@ -1045,7 +1070,7 @@ std::string run_grpo(GrpoRecipe& r, const std::string& recipe_file, const std::s
   torch::manual_seed(static_cast<uint64_t>(r.run.seed));
   auto opts = train::trainer_options(r, run_dir, resolved, "grpo");
   if (auto plan = train::memory_plan_from_recipe(r, train::StageKind::kGrpo)) {
-    plan->live_reference = r.grpo.beta != 0;
+    plan->live_reference = r.grpo.beta != 0 && !r.lora.enabled;  // LoRA: the adapters-off policy, no copy
     plan->completion_len = r.grpo.max_completion_length;
     plan->slots = r.rollout.slots;
     train::check_memory_estimate(r, *plan, opts.comm);  // before the models, engine or data exist

@@ -16,6 +16,7 @@
 #include "core/parallel/comm.h"        // Comm
 #include "core/train/trainer.h"    // Stage
 #include "rl/grpo_loss.h"          // GrpoMicroBatch, GrpoLossOptions, GrpoScaling
+#include "rollout/engine.h"        // Stats
 
 namespace ptk::model {
 class Qwen2Model;
@@ -119,7 +120,8 @@ struct GrpoMicroBatchData {
 class GrpoStage : public train::TypedStage<GrpoMicroBatchData> {
  public:
   // `comm`: the data-parallel group (rewards are gathered over it so advantages see the global
-  // batch). Loads the policy (model.path or model.config) and, when beta != 0, a frozen clone.
+  // batch). Loads the policy (model.path or model.config) and, when beta != 0, a frozen clone
+  // (with model.lora: the policy with its adapters off, sharing the frozen base).
   // `extra_rewards`: C++ reward sources grpo.reward_funcs may name (verifier names win).
   GrpoStage(GrpoRecipe& recipe, const std::string& run_dir, parallel::Comm comm = {},
             std::vector<RewardFunction> extra_rewards = {});
@@ -134,7 +136,11 @@ class GrpoStage : public train::TypedStage<GrpoMicroBatchData> {
   void restore_cursor(const std::string& json) override;
   train::LossOut batch_loss(const GrpoMicroBatchData& batch, double step_targets) override;
   void evaluate(Metrics* out) override;
+  // final/ and checkpoints: the HF folder, or with model.lora the PEFT adapter folder (CAUSAL_LM);
+  // after_final writes final-merged/ with model.lora.save_merged.
   void save_model(const std::string& dir) override;
+  void after_final(const std::string& run_dir) override;
+  double frozen_bytes() const override;
 
   // Greedy held-out accuracy on data.eval (grpo.eval_verifier), summed over ranks; fills
   // accuracy and completions/mean_length, and with grpo.eval_num_samples > 0 also
@@ -151,6 +157,8 @@ class GrpoStage : public train::TypedStage<GrpoMicroBatchData> {
   optim::NamedTensors reference_parameters() const;
   const model::Qwen2Model& policy() const;
   const GrpoLossInputs& last_loss_inputs() const;
+  // The rollout engine's figures for the last generation call (tests: packed weights kept under LoRA).
+  const rollout::Stats& last_rollout_stats() const;
 
  private:
   struct Impl;

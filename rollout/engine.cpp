@@ -66,6 +66,8 @@ Engine::~Engine() = default;
 
 void Engine::free_cache() { cache_.reset(); }
 
+void Engine::drop_packed() { packed_.reset(); }
+
 size_t Engine::cache_bytes() const { return cache_ ? cache_->bytes() : 0; }
 
 std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& requests, const ProgressFn& progress) {
@@ -137,9 +139,15 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
   // The LM head's and the layers' weights repacked once for this call (model::PackedLinear):
   // OpenBLAS would repack them on every decode step. A copy of the current parameters, dropped
   // when the call returns. The trunk only while its copy stays within pack_max_bytes.
+  // With keep_packed, the previous call's copies when there are any (the caller keeps those weights fixed).
   auto tp = Clock::now();
-  const model::PackedDecodeWeights packed =
-      model_.pack_for_decode(options_.pack_lm_head, options_.pack_trunk ? options_.pack_max_bytes : 0);
+  stats_.packed_reused = options_.keep_packed && packed_ != nullptr;
+  std::shared_ptr<const model::PackedDecodeWeights> packed_ptr =
+      stats_.packed_reused ? packed_
+                           : std::make_shared<const model::PackedDecodeWeights>(model_.pack_for_decode(
+                                 options_.pack_lm_head, options_.pack_trunk ? options_.pack_max_bytes : 0));
+  if (options_.keep_packed) packed_ = packed_ptr;
+  const model::PackedDecodeWeights& packed = *packed_ptr;
   stats_.pack_s = since(tp);
   stats_.packed_lm_head = packed.lm_head.has_value();
   stats_.packed_trunk = !packed.layers.empty();

@@ -22,7 +22,7 @@
 // policy's current parameters on every call, under no-grad) and owns its KV cache. The one
 // exception is a layout copy: on AVX-512 CPUs each call repacks the LM head's and (for models up
 // to EngineOptions::pack_max_bytes) the layers' weights once, and drops them when the call
-// returns. One thread at a time; do not change the parameters during generate(). The model must
+// returns (or keeps them for the next call with EngineOptions::keep_packed, for a frozen base). One thread at a time; do not change the parameters during generate(). The model must
 // outlive the engine.
 #pragma once
 #include <cstdint>
@@ -36,6 +36,7 @@
 namespace ptk::model {
 class Qwen2Model;
 class KVCache;
+struct PackedDecodeWeights;
 }  // namespace ptk::model
 
 namespace ptk::rollout {
@@ -94,6 +95,12 @@ struct EngineOptions {
   // is over the default and decodes through at::linear).
   bool pack_trunk = true;
   int64_t pack_max_bytes = int64_t{2} << 30;
+  // Keep the packed copies from one generate() call to the next instead of dropping them when the
+  // call returns: for a model whose packed weights never change between calls (GRPO with LoRA: the
+  // base is frozen, and the adapters, which the layers apply after the packed product, are read
+  // live on every call). The caller promises that; drop_packed() frees the copies (the next call
+  // packs again). Costs the copies' memory between calls.
+  bool keep_packed = false;
 };
 
 // Where the time of the last generate() went (seconds, wall clock; on GPU the split between
@@ -111,6 +118,7 @@ struct Stats {
   bool packed_lm_head = false;   // whether decode steps used the packed LM head
   bool packed_trunk = false;     // ... and the packed layers
   int64_t packed_bytes = 0;      // what the packed copies held during the call
+  bool packed_reused = false;    // EngineOptions::keep_packed: this call used the previous call's copies (pack_s 0)
   int64_t slots = 0;
   double occupancy() const { return decode_steps ? double(decode_rows) / double(decode_steps * slots) : 0.0; }
   double tokens_per_s() const { return total_s > 0 ? generated_tokens / total_s : 0.0; }
@@ -135,6 +143,8 @@ class Engine {
   void free_cache();
   // Bytes the KV cache holds now (0 when freed).
   size_t cache_bytes() const;
+  // Frees the packed weight copies kept by EngineOptions::keep_packed (the next generate() repacks).
+  void drop_packed();
 
   const Stats& last_stats() const { return stats_; }
   const EngineOptions& options() const { return options_; }
@@ -143,6 +153,7 @@ class Engine {
   const model::Qwen2Model& model_;
   EngineOptions options_;
   std::unique_ptr<model::KVCache> cache_;
+  std::shared_ptr<const model::PackedDecodeWeights> packed_;  // kept between calls (EngineOptions::keep_packed)
   Stats stats_;
 };
 

@@ -8,6 +8,7 @@
 #include <map>
 #include <set>
 
+#include "core/model/lora.h"
 #include "core/model/packed_linear.h"
 #include "core/model/qwen2.h"
 #include "core/tokenizer/tokenizer.h"
@@ -404,6 +405,50 @@ TEST(Engine, PackedWeightsSampleLikeTheUnpackedOnes) {
       ASSERT_EQ(a[i][g].logprobs.size(), b[i][g].logprobs.size());
       for (size_t t = 0; t < a[i][g].logprobs.size(); ++t) EXPECT_NEAR(a[i][g].logprobs[t], b[i][g].logprobs[t], 1e-5);
     }
+}
+
+// EngineOptions::keep_packed (GRPO with LoRA): the base's packed copies made by the first call serve
+// the later ones, while LoRA adapters updated in place between calls (as the optimizer does) apply
+// live: a later call samples like a fresh engine on the updated model. drop_packed() repacks.
+TEST(Engine, KeptPackedWeightsServeLaterCallsWithLiveAdapters) {
+  at::set_num_threads(1);
+  auto m = load("tiny-tied");
+  torch::NoGradGuard ng;
+  model::LoraOptions lo;
+  lo.rank = 4;
+  auto lora = model::Lora::attach(m, lo, 5);
+  std::vector<Request> reqs(1);
+  reqs[0].prompt = {3, 4, 5};
+  reqs[0].samples = 3;
+  reqs[0].seed = 7;
+  reqs[0].max_new_tokens = 12;
+  auto keep_opts = slots(3);
+  keep_opts.keep_packed = true;
+  Engine keep(m, keep_opts);
+  keep.generate(reqs);
+  EXPECT_FALSE(keep.last_stats().packed_reused);
+  torch::manual_seed(1);
+  for (auto& [name, t] : lora.named_parameters())
+    if (name.find("lora_B") != std::string::npos) t.add_(torch::randn_like(t) * 0.5);  // an update, in place
+  auto a = keep.generate(reqs);
+  EXPECT_TRUE(keep.last_stats().packed_reused);
+  Engine fresh(m, slots(3));
+  auto b = fresh.generate(reqs);
+  EXPECT_FALSE(fresh.last_stats().packed_reused);
+  const auto merged = lora.merged(m);
+  for (size_t g = 0; g < a[0].size(); ++g) {
+    EXPECT_EQ(a[0][g].ids, b[0][g].ids) << "sample " << g;
+    ASSERT_EQ(a[0][g].logprobs.size(), b[0][g].logprobs.size());
+    auto full = full_logprobs(merged, reqs[0].prompt, a[0][g].ids, 1.0);
+    for (size_t t = 0; t < a[0][g].logprobs.size(); ++t) {
+      EXPECT_NEAR(a[0][g].logprobs[t], b[0][g].logprobs[t], 1e-5);
+      EXPECT_NEAR(a[0][g].logprobs[t], full[static_cast<int64_t>(t)][a[0][g].ids[t]].item<float>(), 1e-4)
+          << "the kept engine did not see the updated adapters";
+    }
+  }
+  keep.drop_packed();
+  keep.generate(reqs);
+  EXPECT_FALSE(keep.last_stats().packed_reused);
 }
 
 TEST(Engine, BadRequestsSayWhichAndWhy) {
