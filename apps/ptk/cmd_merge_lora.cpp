@@ -102,18 +102,32 @@ int cmd_merge_lora(int argc, char** argv) {
   if (base.empty()) base = checkpoint::adapter_base_dir(adapter);
   checkpoint::require_model_folder(base, "--model");
   const std::string out_c = canonical_or_self(output);
-  for (const std::string& in : {adapter, base})
+  // Every folder the merge reads: the adapter, its base and, when the base is an adapter folder, the
+  // chain down to the model folder (replacing one would change the models built on it).
+  std::vector<std::string> inputs{adapter};
+  for (std::string d = base;; d = checkpoint::adapter_base_dir(d)) {
+    inputs.push_back(d);
+    if (!checkpoint::is_adapter_folder(d) || inputs.size() > 10) break;
+  }
+  for (const std::string& in : inputs)
     if (out_c == canonical_or_self(in))
       throw UsageError("ptk merge-lora: --output " + output + " is an input folder (" + in + "); give a new folder");
+  if (checkpoint::is_adapter_folder(output))
+    throw Error("--output " + output + " is an adapter folder\n---> HINT: give a new folder; merge-lora only replaces "
+                "a model folder");
   if (path_exists(output) && !checkpoint::model_folder_problem(output).empty() && !fs::is_empty(output))
     throw Error("--output " + output + " exists and is not a model folder (" + checkpoint::model_folder_problem(output) +
                 ")\n---> HINT: give a new folder; merge-lora only replaces a model folder");
 
   const checkpoint::Qwen2Config base_cfg = checkpoint::read_config(base);
+  // The base at its stored dtype, the adapters in fp32 (as PEFT's merge_and_unload), W + s·BA in fp32,
+  // then one cast to the output dtype: nothing is rounded twice.
+  auto dtype_of = [](const std::string& n) {
+    return n == "bfloat16" ? at::kBFloat16 : n == "float16" ? at::kHalf : at::kFloat;
+  };
   model::LoadOptions lo;
-  lo.dtype = at::kFloat;
-  if (dtype_name == "bfloat16" || (dtype_name == "auto" && base_cfg.torch_dtype == "bfloat16")) lo.dtype = at::kBFloat16;
-  if (dtype_name == "auto" && base_cfg.torch_dtype == "float16") lo.dtype = at::kHalf;
+  lo.dtype = dtype_of(base_cfg.torch_dtype);
+  const at::ScalarType out_dtype = dtype_name == "auto" ? lo.dtype : dtype_of(dtype_name);
   std::cout << "merge-lora: base " << base << " (" << base_cfg.torch_dtype << "), adapter " << adapter << std::endl;
 
   model::Qwen2Model m = model::Qwen2Model::from_pretrained(base, lo);
@@ -123,7 +137,7 @@ int cmd_merge_lora(int argc, char** argv) {
     torch::NoGradGuard ng;
     model::Lora L = [&] {
       try {
-        return model::Lora::load(m, adapter);
+        return model::Lora::load(m, adapter, at::kFloat);
       } catch (const Error& e) {
         throw Error("the adapter " + adapter + " does not fit the base " + base + ": " + e.what() +
                     "\n---> HINT: --model must be the model the adapter was trained on (its adapter_config.json "
@@ -131,7 +145,9 @@ int cmd_merge_lora(int argc, char** argv) {
       }
     }();
     adapted = L.numel();
-    merged = L.merged(m);
+    L.merge_into(m);
+    merged = m;
+    if (out_dtype != lo.dtype) merged.to(at::kCPU, out_dtype);
   }
 
   checkpoint::SaveOptions so;
@@ -149,7 +165,7 @@ int cmd_merge_lora(int argc, char** argv) {
   std::error_code ec;
   fs::remove_all(staging, ec);
   std::cout << "merge-lora: wrote " << output << " (" << merged.config().architecture << ", "
-            << checkpoint::torch_dtype_name(lo.dtype) << "; " << adapted << " adapter parameters merged"
+            << checkpoint::torch_dtype_name(out_dtype) << "; " << adapted << " adapter parameters merged"
             << (tok_dir.empty() ? "; no tokenizer files found" : "; tokenizer from " + tok_dir) << ")" << std::endl;
   return 0;
 }

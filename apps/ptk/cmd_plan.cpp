@@ -32,7 +32,7 @@ void add_rm(const reward::RmRecipe& r, train::MemoryPlan* p) {
   p->eval_micro_batch_size = !data::has_eval_data(r.data) ? 0 : r.rm.eval_micro_batch_size;
 }
 void add_grpo(const rl::GrpoRecipe& r, train::MemoryPlan* p) {
-  p->live_reference = r.grpo.beta != 0;
+  p->live_reference = r.grpo.beta != 0 && !r.lora.enabled;  // LoRA: the adapters-off policy (grpo_stage.cpp)
   p->completion_len = r.grpo.max_completion_length;
   p->slots = r.rollout.slots;
 }
@@ -40,19 +40,21 @@ void add_grpo(const rl::GrpoRecipe& r, train::MemoryPlan* p) {
 // `avail` is what the plan is compared with.
 std::string add_dpo(const rl::DpoRecipe& r, train::MemoryPlan* p, const train::AvailableMemory& avail) {
   const bool reference = !r.dpo.is_cpo();
+  // A second model only without LoRA or with dpo.ref_path (dpo_stage.cpp's reference_copy).
+  const bool reference_copy = reference && !(r.lora.enabled && r.dpo.ref_path.empty());
   const std::string& mode = r.dpo.precompute_ref_log_probs;
   p->eval_micro_batch_size = !data::has_eval_data(r.data) ? 0 : r.dpo.eval_micro_batch_size;
   p->heldout_new_tokens = r.dpo.heldout.prompts.empty() ? 0 : r.dpo.heldout.max_new_tokens;
   bool live_fits = true;
-  if (reference && mode == "auto") {
+  if (reference_copy && mode == "auto") {
     train::MemoryPlan live = *p;
     live.live_reference = true;
     live_fits = train::memory_refusal(live, avail).empty();
   }
-  p->live_reference = reference && (mode == "false" || (mode == "auto" && live_fits));
+  p->live_reference = reference_copy && (mode == "false" || (mode == "auto" && live_fits));
   p->reference_pass_pairs = reference && mode != "false" ? r.dpo.precompute_ref_batch_size : 0;
   if (!reference) return "no reference (dpo.algorithm=cpo)";
-  if (p->lora) return "reference = the base with the adapters off (LoRA: no second copy)";
+  if (!reference_copy) return "reference = the base with the adapters off (LoRA: no second copy)";
   if (mode == "auto")
     return std::string("dpo.precompute_ref_log_probs=auto: ") +
            (live_fits ? "a live reference fits (the stage may still precompute when the run covers the data)"

@@ -157,7 +157,7 @@ Lora Lora::attach(Qwen2Model& model, const LoraOptions& o, uint64_t seed) {
   return L;
 }
 
-Lora Lora::load(Qwen2Model& model, const std::string& dir) {
+Lora Lora::load(Qwen2Model& model, const std::string& dir, std::optional<at::ScalarType> adapter_dtype) {
   if (model.has_adapters()) throw Error(dir + ": the model already has adapters");
   Lora L;
   L.config_ = checkpoint::read_adapter_config(dir);
@@ -166,7 +166,7 @@ Lora Lora::load(Qwen2Model& model, const std::string& dir) {
   auto tensors = checkpoint::read_checkpoint_tensors(dir);
   std::set<std::string> used;
   const at::Tensor& ref = model.embed_tokens_;
-  auto take = [&](const std::string& name, const std::vector<int64_t>& shape) {
+  auto take = [&](const std::string& name, const std::vector<int64_t>& shape, bool adapter) {
     auto it = tensors.find(name);
     if (it == tensors.end())
       throw Error(file + ": no tensor " + name + ", which adapter_config.json's target_modules / modules_to_save require");
@@ -177,15 +177,16 @@ Lora Lora::load(Qwen2Model& model, const std::string& dir) {
       throw Error(file + ": tensor " + name + " has non-floating dtype " + c10::toString(it->second.scalar_type()));
     used.insert(name);
     // Own storage (the file is mapped): the optimizer may update it in place.
-    return it->second.to(ref.device(), ref.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+    const at::ScalarType dtype = adapter && adapter_dtype ? *adapter_dtype : ref.scalar_type();
+    return it->second.to(ref.device(), dtype, /*non_blocking=*/false, /*copy=*/true);
   };
   for (int64_t i = 0; i < static_cast<int64_t>(model.layers_.size()); ++i) {
     for (size_t k = 0; k < kLayerLinears; ++k) {
       const auto id = static_cast<LinearId>(k);
       if (!c.targets(lora_module_name(i, id))) continue;
       const at::Tensor& w = weight_of(model.layers_[static_cast<size_t>(i)], id);
-      at::Tensor a = take(tensor_name(i, id, "A"), {c.r, w.size(1)});
-      at::Tensor b = take(tensor_name(i, id, "B"), {w.size(0), c.r});
+      at::Tensor a = take(tensor_name(i, id, "A"), {c.r, w.size(1)}, true);
+      at::Tensor b = take(tensor_name(i, id, "B"), {w.size(0), c.r}, true);
       auto adapter = std::make_shared<const LoraLinear>(a, b, c.scaling(), c.lora_dropout);
       model.set_adapter(i, id, adapter);
       L.entries_.push_back({i, id, adapter});
@@ -209,7 +210,7 @@ Lora Lora::load(Qwen2Model& model, const std::string& dir) {
     }
     check_saved_module(model, m, dir + "/adapter_config.json");
     at::Tensor& field = saved_field(model, m);
-    at::Tensor t = take(name, std::vector<int64_t>(field.sizes().begin(), field.sizes().end()));
+    at::Tensor t = take(name, std::vector<int64_t>(field.sizes().begin(), field.sizes().end()), false);
     L.originals_[m] = field;
     field = t;
     L.saved_.emplace_back(name, field);
@@ -251,22 +252,26 @@ Qwen2Model Lora::base_of(const Qwen2Model& model) const {
   return m;
 }
 
-Qwen2Model Lora::merged(const Qwen2Model& model, std::optional<at::Device> where) const {
+void Lora::merge_into(Qwen2Model& m, std::optional<at::Device> where) const {
   at::NoGradGuard ng;
-  Qwen2Model m = model;
   m.clear_adapters();
   for (const auto& e : entries_) {
     at::Tensor& w = weight_of(m.layers_[static_cast<size_t>(e.layer)], e.id);
     const at::Device dev = where.value_or(w.device());
     w = (w.detach().to(dev, at::kFloat) + e.adapter->delta().to(dev)).to(w.scalar_type());
   }
+}
+
+Qwen2Model Lora::merged(const Qwen2Model& model, std::optional<at::Device> where) const {
+  Qwen2Model m = model;
+  merge_into(m, where);
   return m;  // the merged weights are new tensors without grad; the rest are model's own
 }
 
 Qwen2Model load_merged_adapter(const std::string& dir, const LoadOptions& options) {
   Qwen2Model m = Qwen2Model::from_pretrained(checkpoint::adapter_base_dir(dir), options);
-  Lora L = Lora::load(m, dir);
-  return L.merged(m);
+  Lora::load(m, dir, at::kFloat).merge_into(m);  // fp32 adapters, as PEFT's merge
+  return m;
 }
 
 }  // namespace ptk::model

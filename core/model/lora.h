@@ -70,7 +70,9 @@ class Lora {
   // The adapter of PEFT folder `dir` on `model` (targets, rank and scaling from its
   // adapter_config.json); a missing, extra or mis-shaped tensor is refused by name. Its
   // modules_to_save replace `model`'s (a score head is added to a causal LM for SEQ_CLS adapters).
-  static Lora load(Qwen2Model& model, const std::string& dir);
+  // `adapter_dtype`: A and B in that dtype instead of the model's (float32 for a merge: PEFT keeps
+  // adapters in fp32; such an adapter is for merging, not for the model's forward).
+  static Lora load(Qwen2Model& model, const std::string& dir, std::optional<at::ScalarType> adapter_dtype = std::nullopt);
 
   const checkpoint::AdapterConfig& config() const { return config_; }
   // The trained tensors under PEFT's names: lora_A/lora_B of every adapted linear (layer order, then
@@ -87,6 +89,9 @@ class Lora {
   // `model` with the adapters merged: each adapted weight becomes W + s·B A (new tensors, computed in
   // float32, stored in W's dtype, on `where` or W's device); the other tensors are shared. No adapters.
   Qwen2Model merged(const Qwen2Model& model, std::optional<at::Device> where = std::nullopt) const;
+  // The same on `model` itself: each adapted weight is replaced (the old one released at once, so a
+  // model loaded for merging never holds two copies of its linears); its adapters are removed.
+  void merge_into(Qwen2Model& model, std::optional<at::Device> where = std::nullopt) const;
 
  private:
   struct Entry {

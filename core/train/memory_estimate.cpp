@@ -201,10 +201,22 @@ MemoryEstimate estimate_memory(const MemoryPlan& p) {
     e.trainable_parameters = P;
     e.resident.push_back({"weights", p.model_key, P * b, params});
     optimizer_state(P, p.model_key, params);
-    if (p.live_reference)
-      e.resident.push_back({"frozen reference model",
-                            p.stage == StageKind::kGrpo ? "grpo.beta != 0" : "dpo.precompute_ref_log_probs=false or auto",
-                            P * b});
+  }
+  // A second model beside the policy. The stages set live_reference only for a real copy: under LoRA
+  // the reference is the base with the adapters off, unless dpo.ref_path loads another model.
+  if (p.live_reference)
+    e.resident.push_back({"frozen reference model",
+                          p.stage == StageKind::kGrpo ? "grpo.beta != 0"
+                          : p.lora                    ? "dpo.ref_path with model.lora.enabled"
+                                                      : "dpo.precompute_ref_log_probs=false or auto",
+                          P * b});
+  // GRPO under LoRA keeps the base's AVX-512 decode copies between generations (the base never
+  // changes; rollout::EngineOptions::keep_packed) unless the output layer trains.
+  const bool packs_kept = p.lora && p.stage == StageKind::kGrpo && p.decode_packing && !p.bf16 && !p.cuda && !lm_head_trains(p);
+  if (packs_kept) {
+    const double trunk = s.L * layer_linear_params(s) * 4;
+    e.resident.push_back({"decode copies of the weights", "model.lora.enabled", s.V * s.H * 4 + (trunk <= kPackMaxBytes ? trunk : 0),
+                          "AVX-512 packed layout of the frozen base, kept between generations"});
   }
   if (!p.cuda) e.resident.push_back({"LibTorch, MKL and ptk", "", kRuntimeBytes});
 
@@ -258,7 +270,7 @@ MemoryEstimate estimate_memory(const MemoryPlan& p) {
   auto generation = [&](const std::string& name, double slots, double len, const std::string& keys) {
     Phase ph{name, {}};
     ph.terms.push_back({"KV cache", keys, slots * len * s.L * 2 * s.KV * b});
-    if (p.decode_packing && !p.bf16 && !p.cuda) {
+    if (p.decode_packing && !p.bf16 && !p.cuda && !packs_kept) {
       const double trunk = s.L * layer_linear_params(s) * 4;
       ph.terms.push_back({"decode copies of the weights", "", s.V * s.H * 4 + (trunk <= kPackMaxBytes ? trunk : 0),
                           "AVX-512 packed layout, freed after each generation"});

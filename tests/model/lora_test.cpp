@@ -112,6 +112,8 @@ TEST(Lora, AdaptedForwardEqualsMergedWeights) {
     KVCache c3(m.config(), 2, 16, at::kFloat, at::kCPU);
     m.forward_cached(ids, {0, 1}, {6, 6}, c3);
     const auto packed = m.pack_for_decode(true, int64_t{1} << 30);
+    // Packed wherever PackedLinear serves (AVX-512 float32); elsewhere this repeats the check above.
+    EXPECT_EQ(packed.layers.size(), kernels::cpu::PackedLinear::supported(m.layers_[0].q_proj_w) ? 2u : 0u);
     auto next = in.input_ids.narrow(1, 6, 1);
     const auto want_next = merged.forward_cached(next, {0, 1}, {1, 1}, c2);
     EXPECT_LT(max_rel_err(m.forward_cached(next, {0, 1}, {1, 1}, c1), want_next), 1e-5);

@@ -2,14 +2,12 @@
 // "overrides" (here given on the command line, overrides.model.lora.enabled=true) reach every stage.
 // - recipes/tiny/pipeline.json with it passes --dry-run (every stage's recipe takes model.lora.*), and
 //   a misspelt top-level key is refused by each of the four stages (so each got it);
-// - SFT -> RM -> GRPO on the tiny stage recipes (a few steps each) with LoRA: sft/final and rm/final
-//   are PEFT adapter folders whose chains of bases resolve (rm's: onto sft/final, itself an adapter
-//   onto sft/base, the random-init base), the RM's a SEQ_CLS adapter; the later stages take them as
-//   model.path; GRPO's reward server serves rm/final (an adapter folder) and scored every step with
-//   it; a rerun skips every stage (adapter folders count as complete).
-// DPO is left out of the run until its stage takes an adapter folder as its reference's model.path
-// (its own change in issue #28); then run recipes/tiny/pipeline.json as tiny_pipeline_test does and
-// add "dpo" and "grpo" to kLoraStages once they train adapters.
+// - SFT -> DPO (from a kept SFT checkpoint, itself an adapter folder) -> RM -> GRPO (from DPO) on the
+//   tiny stage recipes (a few steps each) with LoRA: every final/ is a PEFT adapter folder whose chain
+//   of bases resolves (dpo's: onto sft/checkpoints/step-2, onto sft/base, the random-init base), the
+//   RM's a SEQ_CLS adapter; the later stages take them as model.path; GRPO's reward server serves
+//   rm/final (an adapter folder) and scored every step with it; a rerun skips every stage (adapter
+//   folders count as complete).
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -28,7 +26,7 @@ namespace {
 namespace fs = std::filesystem;
 
 // The stages whose final/ must be an adapter folder with model.lora.enabled.
-const std::set<std::string> kLoraStages = {"sft", "rm"};
+const std::set<std::string> kLoraStages = {"sft", "dpo", "rm", "grpo"};
 const int kGrpoSteps = 2;
 
 const char* kPipeline = R"({
@@ -37,10 +35,12 @@ const char* kPipeline = R"({
   "eval": {"data": "data/arith/rl_eval.jsonl", "verifier": "math", "max_new_tokens": 24, "limit": 4},
   "stages": [
     {"name": "sft", "command": "sft", "recipe": "recipes/tiny/sft.json",
-     "overrides": {"train.max_steps": 3, "train.eval_every": 3, "sft.eval_max_prompts": 4}},
+     "overrides": {"train.max_steps": 3, "train.eval_every": 3, "sft.eval_max_prompts": 4, "checkpoint.every": 2}},
+    {"name": "dpo", "command": "dpo", "recipe": "recipes/tiny/dpo.json", "model_from": "sft@step-2",
+     "overrides": {"train.max_steps": 2, "train.eval_every": 2, "dpo.eval_max_prompts": 4}},
     {"name": "rm", "command": "rm", "recipe": "recipes/tiny/rm.json", "model_from": "sft",
      "overrides": {"train.max_steps": 2, "train.eval_every": 2}},
-    {"name": "grpo", "command": "grpo", "recipe": "recipes/tiny/grpo.json", "model_from": "sft",
+    {"name": "grpo", "command": "grpo", "recipe": "recipes/tiny/grpo.json", "model_from": "dpo",
      "overrides": {"grpo.reward_funcs": [], "grpo.reward_weights": [], "grpo.scale_rewards": "none",
                    "train.max_steps": 2, "train.grad_accum": 1, "train.eval_every": 2, "grpo.eval_max_prompts": 4,
                    "grpo.eval_num_samples": 2},
@@ -88,7 +88,7 @@ TEST_F(LoraPipeline, EveryStageWritesAnAdapterFolderAndTheServerServesTheAdapter
   auto r = test::run(cmd);
   ASSERT_EQ(r.exit_code, 0) << r.out;
   const std::string runs = d_.file("runs/lora_pipeline");
-  for (const char* name : {"sft", "rm", "grpo"}) {
+  for (const char* name : {"sft", "dpo", "rm", "grpo"}) {
     SCOPED_TRACE(name);
     const std::string dir = runs + "/" + name, fin = dir + "/final";
     EXPECT_NE(r.out.find("| " + std::string(name) + " | " + name + " | ran |"), std::string::npos) << r.out;
@@ -101,14 +101,14 @@ TEST_F(LoraPipeline, EveryStageWritesAnAdapterFolderAndTheServerServesTheAdapter
       EXPECT_TRUE(path_exists(fin + "/adapter_model.safetensors"));
       EXPECT_EQ(checkpoint::read_adapter_config(fin).r, 4);
     }
-    if (checkpoint::is_adapter_folder(fin)) {
-      const std::string root = checkpoint::model_root_dir(fin);  // the chain of bases ends in a model folder
-      EXPECT_TRUE(path_exists(root + "/config.json")) << root;
-      EXPECT_FALSE(checkpoint::is_adapter_folder(root)) << root;
-    } else {
-      EXPECT_TRUE(path_exists(fin + "/model.safetensors")) << fin;
-    }
+    const std::string root = checkpoint::model_root_dir(fin);  // the chain of bases ends in a model folder
+    EXPECT_TRUE(path_exists(root + "/config.json")) << root;
+    EXPECT_FALSE(checkpoint::is_adapter_folder(root)) << root;
   }
+  // DPO from a kept SFT checkpoint (an adapter folder), GRPO from DPO's final/.
+  EXPECT_EQ(checkpoint::read_adapter_config(runs + "/dpo/final").base_model, runs + "/sft/checkpoints/step-2");
+  EXPECT_EQ(checkpoint::read_adapter_config(runs + "/grpo/final").base_model, runs + "/dpo/final");
+  EXPECT_EQ(checkpoint::model_root_dir(runs + "/grpo/final"), runs + "/sft/base");
   // sft: random init (recipes/tiny/model.json), so its base is written to sft/base.
   EXPECT_EQ(checkpoint::read_adapter_config(runs + "/sft/final").base_model, runs + "/sft/base");
   // The RM: a SEQ_CLS adapter (with its score head) onto sft/final, itself an adapter folder.
@@ -128,12 +128,12 @@ TEST_F(LoraPipeline, EveryStageWritesAnAdapterFolderAndTheServerServesTheAdapter
     ++scored;
   }
   EXPECT_EQ(scored, kGrpoSteps);
-  for (const char* name : {"sft", "grpo"})
+  for (const char* name : {"sft", "dpo", "grpo"})
     EXPECT_NE(r.out.find(std::string("held-out accuracy after ") + name + ": "), std::string::npos) << r.out;
   // Rerun: every stage is complete and skipped.
   auto again = test::run(cmd);
   ASSERT_EQ(again.exit_code, 0) << again.out;
-  EXPECT_EQ(test::count(again.out, "is complete for this recipe; skipping"), 3u) << again.out;
+  EXPECT_EQ(test::count(again.out, "is complete for this recipe; skipping"), 4u) << again.out;
   EXPECT_EQ(again.out.find("starting its reward server"), std::string::npos) << again.out;
 }
 

@@ -163,6 +163,7 @@ TEST(MemoryEstimate, LoraKeepsOnlyTheAdaptersOptimizerState) {
   MemoryPlan lora = full;
   lora.lora = true;
   lora.lora_rank = 16;
+  lora.live_reference = false;  // what the stages set under LoRA without dpo.ref_path (adapters off)
   const auto f = estimate_memory(full), l = estimate_memory(lora);
   const double P = f.parameters, Pl = 8798208.0;
   EXPECT_EQ(l.parameters, P);
@@ -177,6 +178,12 @@ TEST(MemoryEstimate, LoraKeepsOnlyTheAdaptersOptimizerState) {
     EXPECT_NE(t.what, "gradients");
   }
   EXPECT_DOUBLE_EQ(term(f.resident, "frozen reference model"), 2 * P);
+  {
+    // dpo.ref_path under LoRA loads a real second model: counted.
+    MemoryPlan with_ref = lora;
+    with_ref.live_reference = true;
+    EXPECT_DOUBLE_EQ(term(estimate_memory(with_ref).resident, "frozen reference model"), 2 * P);
+  }
   // Activations as without LoRA; the difference is exactly the state and the frozen output layer's
   // (V, H) fp32 gradient, which the fused lm_head op makes only for a trained weight.
   EXPECT_DOUBLE_EQ(term(l.peak, "activations"), term(f.peak, "activations"));
