@@ -338,6 +338,10 @@ struct GrpoStage::Impl {
     train::make_trainable(p, r, run_dir, comm, "CAUSAL_LM");
     if (g.beta != 0) {
       if (auto off = train::adapters_off(p)) {
+        if (comm.rank() == 0)
+          log::info("grpo: the KL reference is the policy with its LoRA adapters off (no second copy)" +
+                    std::string(r.model.adapter.empty() ? ""
+                                                        : ": model.path without model.adapter, not the adapter's model"));
         reference = *off;  // LoRA: the policy with its adapters off, sharing the frozen base (no copy)
       } else {
         reference = policy.clone();

@@ -8,6 +8,8 @@
 //   equal the trainer's forward (importance weights 1) while the policy is measurably away from the
 //   base, and the engine reused its packed decode weights (the base never changes) instead of
 //   repacking them;
+// - with a trained weight the engine packs (an untied lm_head in modules_to_save) nothing is reused,
+//   and the rollouts still come from the updated policy;
 // - a run killed mid-run resumes bit for bit (losses, adapter tensors), LoRA dropout on.
 // GRPO without LoRA: grpo_stage_test / grpo_invariants_test.
 #include <gtest/gtest.h>
@@ -18,6 +20,7 @@
 
 #include "core/checkpoint/adapter_config.h"
 #include "core/config/recipe.h"
+#include "core/kernels/cpu/packed_linear.h"
 #include "core/model/qwen2.h"
 #include "core/train/from_recipe.h"
 #include "core/train/trainer.h"
@@ -125,6 +128,10 @@ TEST(GrpoLora, AdaptersOffReferenceAndRolloutsWithTheUpdatedAdapters) {
   // from step 1's generation and the adapters read live.
   const rollout::Stats& st = stage.last_rollout_stats();
   EXPECT_TRUE(st.packed_reused);
+  // Where the CPU packs at all (AVX-512, fp32), what was reused is real packed weights.
+  if (kernels::cpu::PackedLinear::supported(stage.policy().lm_head_weight())) {
+    EXPECT_TRUE(st.packed_lm_head);
+  }
   const GrpoLossInputs& in = stage.last_loss_inputs();  // step 2, pass 0
   const at::Tensor mask = in.batch.mask;
   ASSERT_GT(mask.sum().item<double>(), 0);
@@ -150,6 +157,29 @@ TEST(GrpoLora, AdaptersOffReferenceAndRolloutsWithTheUpdatedAdapters) {
   EXPECT_EQ(cfg.task_type, "CAUSAL_LM");
   EXPECT_EQ(cfg.base_model, r->run.dir + "/base");
   EXPECT_EQ(test::final_params(r->run.dir).size(), 28u);
+}
+
+// A trained weight the engine packs (here the untied lm_head as a module to save) must be re-packed for
+// every generation batch: the rollouts then still sample from the updated policy.
+TEST(GrpoLora, ATrainedOutputLayerIsRepackedEveryBatch) {
+  at::set_num_threads(1);
+  Fixture f;
+  std::string untied = test::kTinyByteModelJson;
+  const std::string tied = "\"tie_word_embeddings\": true";
+  ASSERT_NE(untied.find(tied), std::string::npos);
+  untied.replace(untied.find(tied), tied.size(), "\"tie_word_embeddings\": false");
+  f.d.write("untied.json", untied);
+  auto r = f.recipe("untied", {"model.config=" + f.d.file("untied.json"), "model.lora.modules_to_save=[\"lm_head\"]",
+                               "grpo.vllm_importance_sampling_mode=\"token_truncate\"",
+                               "grpo.vllm_importance_sampling_clip_max=100"});
+  GrpoStage stage(*r, r->run.dir, {}, letters());
+  EXPECT_EQ(stage.parameters().size(), 29u);  // 28 A/B + lm_head
+  train::Trainer(stage, options_for(*r)).run();
+  EXPECT_FALSE(stage.last_rollout_stats().packed_reused) << "a trained lm_head's packed copy was reused";
+  const GrpoLossInputs& in = stage.last_loss_inputs();
+  ASSERT_TRUE(in.batch.is_weights.defined());
+  EXPECT_LT(((in.batch.is_weights - 1) * in.batch.mask).abs().max().item<double>(), 1e-4)
+      << "the rollouts' log-probs are not the updated policy's";
 }
 
 TEST(GrpoLora, KilledAndResumedEqualsUninterrupted) {
