@@ -87,6 +87,25 @@ const std::vector<std::string>& lora_linear_names() {
   return names;
 }
 
+std::vector<std::string> lora_target_names(const std::vector<std::string>& targets) {
+  std::set<std::string> wanted;
+  for (const auto& t : targets) {
+    if (t == "all-linear") {
+      wanted.insert(lora_linear_names().begin(), lora_linear_names().end());
+    } else if (std::find(lora_linear_names().begin(), lora_linear_names().end(), t) != lora_linear_names().end()) {
+      wanted.insert(t);
+    } else {
+      throw Error("model.lora.targets holds \"" + t + "\"; Qwen2's linears are q_proj, k_proj, v_proj, o_proj, "
+                  "gate_proj, up_proj, down_proj (or all-linear for all seven)");
+    }
+  }
+  if (wanted.empty()) throw Error("model.lora.targets is empty: name the linears to adapt (or all-linear)");
+  std::vector<std::string> out;
+  for (const auto& n : lora_linear_names())
+    if (wanted.count(n)) out.push_back(n);
+  return out;
+}
+
 std::string lora_module_name(int64_t layer, LinearId id) {
   return "model.layers." + std::to_string(layer) + "." + linear_name(id);
 }
@@ -106,21 +125,7 @@ Lora Lora::attach(Qwen2Model& model, const LoraOptions& o, uint64_t seed) {
   c.lora_dropout = o.dropout;
   c.use_rslora = o.rslora;
   c.init_lora_weights = o.init == "default" ? "true" : "gaussian";
-  // Targets: the short names, in the model's order, as PEFT would match them.
-  std::set<std::string> wanted;
-  for (const auto& t : o.targets) {
-    if (t == "all-linear") {
-      wanted.insert(lora_linear_names().begin(), lora_linear_names().end());
-    } else if (std::find(lora_linear_names().begin(), lora_linear_names().end(), t) != lora_linear_names().end()) {
-      wanted.insert(t);
-    } else {
-      throw Error("model.lora.targets holds \"" + t + "\"; Qwen2's linears are q_proj, k_proj, v_proj, o_proj, "
-                  "gate_proj, up_proj, down_proj (or all-linear for all seven)");
-    }
-  }
-  if (wanted.empty()) throw Error("model.lora.targets is empty: name the linears to adapt (or all-linear)");
-  for (const auto& n : lora_linear_names())
-    if (wanted.count(n)) c.target_modules.push_back(n);
+  c.target_modules = lora_target_names(o.targets);  // the short names, as PEFT matches them
 
   for (const auto& m : o.modules_to_save) check_saved_module(model, m, "model.lora");
   const at::Tensor& ref = model.embed_tokens_;

@@ -59,6 +59,9 @@ struct LoraOptions {
 
 // The linears "all-linear" means for Qwen2 (PEFT's expansion: every linear but the output layer).
 const std::vector<std::string>& lora_linear_names();
+// LoraOptions::targets as the short names it selects, in the model's order (all-linear expanded);
+// throws on an unknown name or an empty list.
+std::vector<std::string> lora_target_names(const std::vector<std::string>& targets);
 
 class Lora {
  public:

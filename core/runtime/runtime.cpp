@@ -1,6 +1,7 @@
 #include "core/runtime/runtime.h"
 
 #include "core/runtime/cpu_allocator.h"
+#include "core/util/strings.h"
 
 #include <dlfcn.h>
 #include <link.h>
@@ -55,12 +56,6 @@ std::vector<std::string> loaded_libs(std::vector<std::string> needles) {
   LoadedLibs l{std::move(needles), {}};
   dl_iterate_phdr(loaded_lib_cb, &l);
   return l.found;
-}
-
-std::string join(const std::vector<std::string>& v, const char* sep) {
-  std::string out;
-  for (const auto& x : v) out += (out.empty() ? "" : sep) + x;
-  return out;
 }
 
 // "key=value" out of at::show_config()'s "Build settings: A=1, B=2, ..." line.

@@ -185,14 +185,8 @@ MemoryEstimate estimate_memory(const MemoryPlan& p) {
   if (p.lora) {
     const double Pl = lora_parameter_count(p.model, p.lora_rank, p.lora_targets, p.lora_modules_to_save, p.stage);
     e.trainable_parameters = Pl;
-    std::string targets;
-    for (const auto& t : p.lora_targets) targets += (targets.empty() ? "" : ",") + t;
-    std::string lkeys = "model.lora.rank=" + std::to_string(p.lora_rank) + " on " + targets;
-    if (!p.lora_modules_to_save.empty()) {
-      std::string m;
-      for (const auto& t : p.lora_modules_to_save) m += (m.empty() ? "" : ",") + t;
-      lkeys += " + modules_to_save " + m;
-    }
+    std::string lkeys = "model.lora.rank=" + std::to_string(p.lora_rank) + " on " + join(p.lora_targets, ",");
+    if (!p.lora_modules_to_save.empty()) lkeys += " + modules_to_save " + join(p.lora_modules_to_save, ",");
     const std::string lnote = millions(Pl) + " parameters, " + dtype;
     e.resident.push_back({"frozen base weights", p.model_key, P * b, params + ", no gradients or optimizer state"});
     e.resident.push_back({"LoRA weights", lkeys, Pl * b, lnote});

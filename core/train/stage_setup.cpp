@@ -10,6 +10,7 @@
 #include "core/runtime/log.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
+#include "core/util/strings.h"
 
 namespace ptk::train {
 
@@ -38,6 +39,63 @@ Policy load_policy(const config::TrainingRecipe& r, const at::Device& device, co
   return p;
 }
 
+namespace {
+
+// How a policy's folders are saved: its tokenizer files and chat template, the recipe's shard size.
+checkpoint::SaveOptions policy_save_options(const Policy& p, const config::TrainingRecipe& r) {
+  checkpoint::SaveOptions so;
+  so.source_dir = p.tok_dir;
+  so.chat_template = p.chat_template;
+  so.max_shard_bytes = r.checkpoint.max_shard_bytes();
+  return so;
+}
+
+// model.lora as the model's options for a stage training `task_type`.
+model::LoraOptions lora_options(const config::LoraSection& L, const std::string& task_type) {
+  model::LoraOptions o;
+  o.rank = L.rank;
+  o.alpha = L.alpha;
+  o.dropout = L.dropout;
+  o.targets = L.targets;
+  o.rslora = L.rslora;
+  o.init = L.init;
+  o.modules_to_save = L.modules_to_save;
+  o.task_type = task_type;
+  // PEFT trains and saves a sequence classifier's head with the adapter (modules_to_save).
+  if (task_type == "SEQ_CLS" && std::find(o.modules_to_save.begin(), o.modules_to_save.end(), "score") == o.modules_to_save.end())
+    o.modules_to_save.push_back("score");
+  return o;
+}
+
+// Refuses model.adapter (loaded as `c`, its adapters on `m`) unless it is what `o` would train.
+void check_adapter_matches(const std::string& dir, const checkpoint::AdapterConfig& c, const model::Qwen2Model& m,
+                           const model::LoraOptions& o) {
+  if (c.task_type != o.task_type)
+    throw Error("model.adapter=" + dir + " is a " + c.task_type + " adapter; this stage trains a " +
+                (o.task_type == "SEQ_CLS" ? "reward model (SEQ_CLS, with its score head)" : "causal LM (CAUSAL_LM)") +
+                "\n---> HINT: start from an adapter of the same kind, or use model.path=" + dir +
+                " to start from the model it makes (merged)");
+  std::string diff;
+  if (c.lora_dropout != o.dropout) diff += " dropout " + std::to_string(c.lora_dropout) + " (recipe " + std::to_string(o.dropout) + ")";
+  std::vector<std::string> saved = o.modules_to_save, have_saved = c.modules_to_save;
+  std::sort(saved.begin(), saved.end());
+  std::sort(have_saved.begin(), have_saved.end());
+  if (saved != have_saved) diff += " modules_to_save [" + join(have_saved, ", ") + "]";
+  if (c.r != o.rank) diff += " rank " + std::to_string(c.r) + " (recipe " + std::to_string(o.rank) + ")";
+  if (c.lora_alpha != o.alpha) diff += " alpha " + std::to_string(c.lora_alpha) + " (recipe " + std::to_string(o.alpha) + ")";
+  if (c.use_rslora != o.rslora) diff += std::string(" rslora ") + (c.use_rslora ? "true" : "false");
+  std::vector<std::string> have;  // the linears the adapter adapts in layer 0
+  for (size_t k = 0; k < model::kLayerLinears; ++k)
+    if (m.adapter(0, static_cast<model::LinearId>(k))) have.push_back(model::lora_linear_names()[k]);
+  if (have != model::lora_target_names(o.targets)) diff += " targets [" + join(have, ", ") + "] in layer 0";
+  if (!diff.empty())
+    throw Error("model.adapter=" + dir + " differs from model.lora:" + diff +
+                "\n---> HINT: set model.lora.rank / alpha / dropout / targets / rslora / modules_to_save to the adapter's "
+                "(its adapter_config.json)");
+}
+
+}  // namespace
+
 void make_trainable(Policy& p, const config::TrainingRecipe& r, const std::string& run_dir, parallel::Comm& comm,
                     const std::string& task_type) {
   const auto& L = r.lora;
@@ -58,72 +116,15 @@ void make_trainable(Policy& p, const config::TrainingRecipe& r, const std::strin
     // A random-init base exists nowhere else: the adapter needs a folder to go onto.
     base = std::filesystem::absolute(run_dir + "/base").lexically_normal().string();
     // (The meta device of the tests has no values to write.)
-    if (comm.rank() == 0 && !p.device.is_meta() && !path_exists(base + "/config.json")) {
-      checkpoint::SaveOptions so;
-      so.source_dir = p.tok_dir;
-      so.chat_template = p.chat_template;
-      so.max_shard_bytes = r.checkpoint.max_shard_bytes();
-      p.model.save_pretrained(base, so);
-    }
+    if (comm.rank() == 0 && !p.device.is_meta() && !path_exists(base + "/config.json"))
+      p.model.save_pretrained(base, policy_save_options(p, r));
     comm.barrier();
   }
+  const model::LoraOptions o = lora_options(L, task_type);
   if (!r.model.adapter.empty()) {
     p.lora = std::make_shared<model::Lora>(model::Lora::load(p.model, r.model.adapter));
-    const auto& c = p.lora->config();
-    std::vector<std::string> want;
-    for (const auto& n : model::lora_linear_names())
-      for (const auto& t : L.targets)
-        if (t == n || t == "all-linear") {
-          want.push_back(n);
-          break;
-        }
-    std::vector<std::string> have;
-    for (int64_t i = 0; i < static_cast<int64_t>(p.model.layers_.size()); ++i)
-      for (size_t k = 0; k < model::kLayerLinears; ++k)
-        if (p.model.adapter(i, static_cast<model::LinearId>(k)) && i == 0) have.push_back(model::lora_linear_names()[k]);
-    if (c.task_type != task_type)
-      throw Error("model.adapter=" + r.model.adapter + " is a " + c.task_type + " adapter; this stage trains a " +
-                  (task_type == "SEQ_CLS" ? "reward model (SEQ_CLS, with its score head)" : "causal LM (CAUSAL_LM)") +
-                  "\n---> HINT: start from an adapter of the same kind, or use model.path=" + r.model.adapter +
-                  " to start from the model it makes (merged)");
-    std::string diff;
-    if (c.lora_dropout != L.dropout) diff += " dropout " + std::to_string(c.lora_dropout) + " (recipe " + std::to_string(L.dropout) + ")";
-    {
-      std::vector<std::string> saved = L.modules_to_save, have_saved = c.modules_to_save;
-      if (task_type == "SEQ_CLS" && std::find(saved.begin(), saved.end(), "score") == saved.end()) saved.push_back("score");
-      std::sort(saved.begin(), saved.end());
-      std::sort(have_saved.begin(), have_saved.end());
-      if (saved != have_saved) {
-        diff += " modules_to_save [";
-        for (size_t i = 0; i < have_saved.size(); ++i) diff += (i ? ", " : "") + have_saved[i];
-        diff += "]";
-      }
-    }
-    if (c.r != L.rank) diff += " rank " + std::to_string(c.r) + " (recipe " + std::to_string(L.rank) + ")";
-    if (c.lora_alpha != L.alpha) diff += " alpha " + std::to_string(c.lora_alpha) + " (recipe " + std::to_string(L.alpha) + ")";
-    if (c.use_rslora != L.rslora) diff += std::string(" rslora ") + (c.use_rslora ? "true" : "false");
-    if (have != want) {
-      diff += " targets [";
-      for (size_t i = 0; i < have.size(); ++i) diff += (i ? ", " : "") + have[i];
-      diff += "] in layer 0";
-    }
-    if (!diff.empty())
-      throw Error("model.adapter=" + r.model.adapter + " differs from model.lora:" + diff +
-                  "\n---> HINT: set model.lora.rank / alpha / dropout / targets / rslora / modules_to_save to the adapter's "
-                  "(its adapter_config.json)");
+    check_adapter_matches(r.model.adapter, p.lora->config(), p.model, o);
   } else {
-    model::LoraOptions o;
-    o.rank = L.rank;
-    o.alpha = L.alpha;
-    o.dropout = L.dropout;
-    o.targets = L.targets;
-    o.rslora = L.rslora;
-    o.init = L.init;
-    o.modules_to_save = L.modules_to_save;
-    o.task_type = task_type;
-    // PEFT trains and saves a sequence classifier's head with the adapter (modules_to_save).
-    if (task_type == "SEQ_CLS" && std::find(o.modules_to_save.begin(), o.modules_to_save.end(), "score") == o.modules_to_save.end())
-      o.modules_to_save.push_back("score");
     // Its own stream: the adapters' initial values do not depend on anything drawn before.
     p.lora = std::make_shared<model::Lora>(model::Lora::attach(p.model, o, static_cast<uint64_t>(r.run.seed) + 0x10A4));
   }
@@ -133,8 +134,7 @@ void make_trainable(Policy& p, const config::TrainingRecipe& r, const std::strin
     int64_t total = 0;
     for (const auto& [name, t] : p.model.named_parameters()) total += t.numel();
     const auto& c = p.lora->config();
-    std::string targets;
-    for (const auto& t : c.target_modules) targets += (targets.empty() ? "" : ",") + t;
+    const std::string targets = join(c.target_modules, ",");
     char buf[512];
     std::snprintf(buf, sizeof buf,
                   "LoRA: rank %lld, alpha %g (scaling %.4g), dropout %g on %s%s: %lld trainable parameters "
@@ -221,22 +221,15 @@ double decoder_flops_per_token(const model::Qwen2Model& m, int64_t seq_len, doub
 
 void save_policy_model(const model::Qwen2Model& model, const Policy& p, const config::TrainingRecipe& r,
                        const std::string& dir) {
-  checkpoint::SaveOptions so;
-  so.source_dir = p.tok_dir;
-  so.chat_template = p.chat_template;
-  so.max_shard_bytes = r.checkpoint.max_shard_bytes();
+  const checkpoint::SaveOptions so = policy_save_options(p, r);
   if (p.lora) p.lora->save(dir, so);
   else model.save_pretrained(dir, so);
 }
 
 void save_merged_final(const Policy& p, const config::TrainingRecipe& r, const std::string& run_dir) {
   if (!p.lora || !r.lora.save_merged) return;
-  checkpoint::SaveOptions so;
-  so.source_dir = p.tok_dir;
-  so.chat_template = p.chat_template;
-  so.max_shard_bytes = r.checkpoint.max_shard_bytes();
   // Merged on the CPU: a second copy of every adapted weight may not fit beside the run on a GPU.
-  p.lora->merged(p.model, at::kCPU).save_pretrained(run_dir + "/final-merged", so);
+  p.lora->merged(p.model, at::kCPU).save_pretrained(run_dir + "/final-merged", policy_save_options(p, r));
 }
 
 at::Tensor to_device(const at::Tensor& host, const at::Device& device) {

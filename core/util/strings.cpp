@@ -60,4 +60,13 @@ std::string format_duration(double s) {
   return buf;
 }
 
+std::string join(const std::vector<std::string>& v, std::string_view sep) {
+  std::string out;
+  for (const auto& x : v) {
+    if (!out.empty()) out += sep;
+    out += x;
+  }
+  return out;
+}
+
 }  // namespace ptk
