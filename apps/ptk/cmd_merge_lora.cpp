@@ -1,12 +1,11 @@
 // `ptk merge-lora --adapter DIR --output DIR [--model BASE] [--dtype auto|float32|bfloat16]`: a PEFT
 // adapter folder (a ptk LoRA stage's final/ or checkpoint, or PEFT's save_pretrained) merged into its
 // base and written as a plain Hugging Face folder (PEFT's merge_and_unload + save_pretrained).
-// The merge itself is model::Lora::merged (W + s·B A in float32, stored in the output dtype).
+// The merge itself is model::Lora::merge_into (W + s·B A in float32, fp32 adapters, one cast to the output dtype).
 #include <torch/torch.h>
 
 #include <filesystem>
 #include <iostream>
-#include <unistd.h>
 
 #include "apps/ptk/cli.h"
 #include "core/checkpoint/adapter_config.h"
@@ -33,28 +32,6 @@ std::string canonical_or_self(const std::string& p) {
 bool has_tokenizer(const std::string& dir) {
   return path_exists(dir + "/tokenizer.json") || path_exists(dir + "/tokenizer_config.json") ||
          path_exists(dir + "/vocab.json");
-}
-
-// The folder save_checkpoint copies tokenizer files and generation_config.json from: symlinks to the
-// tokenizer files of `tok_dir` and to the generation_config.json of `gen_dir` (else `tok_dir`'s).
-std::string stage_sources(const std::string& staging, const std::string& tok_dir, const std::string& gen_dir) {
-  std::error_code ec;
-  fs::remove_all(staging, ec);
-  fs::create_directories(staging);
-  if (!tok_dir.empty())
-    for (const auto& e : fs::directory_iterator(tok_dir)) {
-      const std::string name = e.path().filename().string();
-      if (!e.is_regular_file() || name == "generation_config.json" || name.find(".safetensors") != std::string::npos ||
-          name == "config.json" || name == "adapter_config.json")
-        continue;
-      fs::create_symlink(fs::absolute(e.path()), staging + "/" + name);
-    }
-  for (const std::string& d : {gen_dir, tok_dir})
-    if (!d.empty() && path_exists(d + "/generation_config.json")) {
-      fs::create_symlink(fs::absolute(d + "/generation_config.json"), staging + "/generation_config.json");
-      break;
-    }
-  return staging;
 }
 
 }  // namespace
@@ -150,20 +127,14 @@ int cmd_merge_lora(int argc, char** argv) {
     if (out_dtype != lo.dtype) merged.to(at::kCPU, out_dtype);
   }
 
+  // Tokenizer files from the adapter folder (else its bases); the generation config from the model
+  // folder at the end of the chain (else the tokenizer's folder).
   checkpoint::SaveOptions so;
   const std::string base_root = checkpoint::model_root_dir(base);
   std::string tok_dir = has_tokenizer(adapter) ? adapter : has_tokenizer(base) ? base : has_tokenizer(base_root) ? base_root : "";
-  const std::string staging = output + ".sources-" + std::to_string(getpid());
-  so.source_dir = stage_sources(staging, tok_dir, base_root);
-  try {
-    merged.save_pretrained(output, so);
-  } catch (...) {
-    std::error_code ec;
-    fs::remove_all(staging, ec);
-    throw;
-  }
-  std::error_code ec;
-  fs::remove_all(staging, ec);
+  so.source_dir = tok_dir;
+  so.generation_config_dir = base_root;
+  merged.save_pretrained(output, so);
   std::cout << "merge-lora: wrote " << output << " (" << merged.config().architecture << ", "
             << checkpoint::torch_dtype_name(out_dtype) << "; " << adapted << " adapter parameters merged"
             << (tok_dir.empty() ? "; no tokenizer files found" : "; tokenizer from " + tok_dir) << ")" << std::endl;

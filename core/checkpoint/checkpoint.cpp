@@ -412,12 +412,13 @@ void save_checkpoint(const std::string& dir, const Qwen2Config& config, const Na
     Qwen2Config c = config;
     c.torch_dtype = torch_dtype_name(tensors.front().second.scalar_type());
     write_text("config.json", config_to_json(c));
-    const std::string src = options.source_dir;
-    if (!src.empty() && path_exists(src + "/generation_config.json")) {
-      write_text("generation_config.json", read_file(src + "/generation_config.json"));
-    } else {
-      write_text("generation_config.json", default_generation_config_json(c));
-    }
+    std::string gen;
+    for (const std::string& d : {options.generation_config_dir, options.source_dir})
+      if (!d.empty() && path_exists(d + "/generation_config.json")) {
+        gen = read_file(d + "/generation_config.json");
+        break;
+      }
+    write_text("generation_config.json", gen.empty() ? default_generation_config_json(c) : gen);
   });
 }
 

@@ -79,6 +79,9 @@ struct SaveOptions {
   // tokenizer_config.json, vocab.json, merges.txt, special_tokens_map.json, added_tokens.json);
   // "" for none. Without a generation_config.json one is derived from the config.
   std::string source_dir;
+  // Where generation_config.json is looked for first, before source_dir ("" = source_dir only): a
+  // merged adapter takes its tokenizer from the adapter folder and its generation config from the base.
+  std::string generation_config_dir;
   // The chat template the run rendered with when it is not the source folder's own
   // (tokenizer.chat_template set; Tokenizer::chat_template_overridden()): written into the copied
   // tokenizer_config.json's "chat_template" (the list form's "default" entry), and into
