@@ -19,6 +19,7 @@
 #include "datasets/byte_tokenizer.h"
 #include "datasets/prepare.h"
 #include "rl/dpo_stage.h"
+#include "tests/dpo/dpo_test_support.h"
 #include "tests/support/crashing_stage.h"
 #include "tests/support/test_util.h"
 #include "tests/support/tiny_qwen2.h"
@@ -26,30 +27,8 @@
 namespace ptk::rl {
 namespace {
 
-// A temp folder with the byte tokenizer, a random-init "SFT final" HF folder and a few pairs of
-// different lengths (plain text, so the prompt/reply split is exact).
-struct Fixture {
-  test::TempDir dir;
-  std::string model_dir, train_file, eval_file;
-  Fixture() {
-    model_dir = dir.file("sft-final");
-    make_dirs(model_dir);
-    tasks::write_byte_tokenizer(model_dir);
-    auto m = model::Qwen2Model::from_config(test::tiny_byte_qwen2_config(), 7);
-    checkpoint::SaveOptions so;
-    so.source_dir = model_dir;
-    m.save_pretrained(model_dir, so);
-    std::string train, eval;
-    for (int i = 0; i < 12; ++i) {
-      int a = 3 + 7 * i, b = 11 + 5 * i;
-      std::string line = "{\"prompt\": \"What is " + std::to_string(a) + " + " + std::to_string(b) +
-                         "? \", \"chosen\": \"" + std::to_string(a + b) + (i % 3 ? "." : ", surely.") +
-                         "\", \"rejected\": \"" + std::to_string(a + b + 10 * (1 + i % 4)) + "\"}\n";
-      (i < 9 ? train : eval) += line;
-    }
-    train_file = dir.write("train.jsonl", train);
-    eval_file = dir.write("eval.jsonl", eval);
-  }
+// The byte tokenizer, a random-init "SFT final" HF folder and 12 pairs (dpo_test_support.h).
+struct Fixture : test_support::SftFolderAndPairs {
   // A recipe bound from JSON (the same path `ptk dpo` takes) plus key=value overrides.
   void bind(DpoRecipe& r, const std::string& run, std::vector<std::string> overrides = {}) const {
     std::string recipe = dir.write("recipe.json", "{\"model\": {\"path\": \"" + model_dir + "\"},\n"

@@ -28,6 +28,7 @@
 #include "core/util/json.h"
 #include "datasets/byte_tokenizer.h"
 #include "rl/grpo_stage.h"
+#include "tests/grpo/grpo_test_support.h"
 #include "tests/support/crashing_stage.h"
 #include "tests/support/run_folders.h"
 #include "tests/support/test_util.h"
@@ -35,6 +36,10 @@
 
 namespace ptk::rl {
 namespace {
+
+using test_support::letters;
+using test_support::options_for;
+using test_support::plain_logprobs;
 
 // Tokenizer, random-init model config (model.config), 12 prompts; LoRA rank 4 on every linear.
 struct Fixture {
@@ -64,37 +69,6 @@ struct Fixture {
     return r;
   }
 };
-
-std::vector<RewardFunction> letters() {
-  return {{"letters", [](const std::string& c, const std::string&) {
-             if (c.empty()) return 0.0;
-             double n = 0;
-             for (unsigned char ch : c) n += (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z');
-             return n / static_cast<double>(c.size());
-           }}};
-}
-
-train::TrainerOptions options_for(GrpoRecipe& r) {
-  auto o = train::trainer_options(r, r.run.dir, "{}\n", "test");
-  o.peak_flops = 1e10;
-  return o;
-}
-
-// ℓ per completion token from plain full logits / T (0 at padding), as grpo_stage_test computes it.
-at::Tensor plain_logprobs(const model::Qwen2Model& m, const GrpoLossInputs& in, double T) {
-  torch::NoGradGuard ng;
-  model::ForwardInput fi;
-  fi.input_ids = in.input_ids;
-  fi.attention_mask = in.attention_mask;
-  auto lsm = torch::log_softmax(m.forward(fi).logits.to(torch::kFloat64) / T, -1);  // (B, L, V)
-  const int64_t B = in.completion_ids.size(0), Tc = in.completion_ids.size(1);
-  auto lp = torch::zeros({B, Tc}, torch::kFloat64);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t lc = in.attention_mask[b].sum().item<int64_t>() - in.prompt_lengths[b];
-    for (int64_t t = 0; t < lc; ++t) lp[b][t] = lsm[b][in.prompt_lengths[b] - 1 + t][in.completion_ids[b][t].item<int64_t>()];
-  }
-  return lp.to(torch::kFloat32);
-}
 
 std::vector<double> losses(const std::string& run_dir) {
   std::vector<double> out;
@@ -139,7 +113,7 @@ TEST(GrpoLora, AdaptersOffReferenceAndRolloutsWithTheUpdatedAdapters) {
   // The policy step 2's batch was generated and scored with: step 1's checkpoint (base + adapter).
   auto base = model::Qwen2Model::from_pretrained(r->run.dir + "/base");
   auto step1 = model::Qwen2Model::from_pretrained(r->run.dir + "/checkpoints/step-1");
-  at::Tensor lp_base = plain_logprobs(base, in, T), lp_policy = plain_logprobs(step1, in, T);
+  at::Tensor lp_base = plain_logprobs(base, in, T).first, lp_policy = plain_logprobs(step1, in, T).first;
   EXPECT_LT(((in.batch.logps.detach() - lp_policy) * mask).abs().max().item<double>(), 2e-5);
   EXPECT_LT(((in.batch.ref_logps - lp_base) * mask).abs().max().item<double>(), 2e-5) << "the reference is not the base";
   EXPECT_GT(((lp_policy - lp_base) * mask).abs().max().item<double>(), 1e-3) << "one step did not move the policy";

@@ -22,6 +22,7 @@
 #include "rl/grpo_loss.h"
 #include "reward/reward_server.h"
 #include "rl/grpo_stage.h"
+#include "tests/grpo/grpo_test_support.h"
 #include "tests/support/crashing_stage.h"
 #include "tests/support/reward_server_thread.h"
 #include "tests/support/test_util.h"
@@ -29,6 +30,10 @@
 
 namespace ptk::rl {
 namespace {
+
+using test_support::letters;
+using test_support::options_for;
+using test_support::plain_logprobs;
 
 // A fixture folder: tokenizer, model config, 12 training and 4 eval prompts.
 struct Fixture {
@@ -62,44 +67,6 @@ struct Fixture {
     return r;
   }
 };
-
-// A reward with spread on random text: the share of ASCII letters in the completion.
-std::vector<RewardFunction> letters() {
-  return {{"letters", [](const std::string& c, const std::string&) {
-             if (c.empty()) return 0.0;
-             double n = 0;
-             for (unsigned char ch : c) n += (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z');
-             return n / static_cast<double>(c.size());
-           }}};
-}
-
-train::TrainerOptions options_for(GrpoRecipe& r) {
-  auto o = train::trainer_options(r, r.run.dir, "{}\n", "test");
-  o.peak_flops = 1e10;
-  return o;
-}
-
-// ℓ and H recomputed the plain way: full (B, L, V) logits / T, log_softmax, gathered per token.
-std::pair<at::Tensor, at::Tensor> plain_logprobs(const model::Qwen2Model& m, const GrpoLossInputs& in, double T) {
-  torch::NoGradGuard ng;
-  model::ForwardInput fi;
-  fi.input_ids = in.input_ids;
-  fi.attention_mask = in.attention_mask;
-  auto logits = m.forward(fi).logits.to(torch::kFloat64) / T;  // (B, L, V)
-  auto lsm = torch::log_softmax(logits, -1);
-  const int64_t B = in.completion_ids.size(0), Tc = in.completion_ids.size(1);
-  auto lp = torch::zeros({B, Tc}, torch::kFloat64), ent = torch::zeros({B, Tc}, torch::kFloat64);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t lc = in.attention_mask[b].sum().item<int64_t>() - in.prompt_lengths[b];
-    for (int64_t t = 0; t < lc; ++t) {
-      int64_t pos = in.prompt_lengths[b] - 1 + t;  // logits at pos score token pos + 1
-      auto row = lsm[b][pos];
-      lp[b][t] = row[in.completion_ids[b][t].item<int64_t>()];
-      ent[b][t] = -(row.exp() * row).sum();
-    }
-  }
-  return {lp.to(torch::kFloat32), ent.to(torch::kFloat32)};
-}
 
 TEST(GrpoStage, LossEqualsGrpoLossOnPlainLogprobs) {
   at::set_num_threads(1);

@@ -24,6 +24,7 @@
 #include "core/model/qwen2.h"
 #include "core/util/error.h"
 #include "tests/support/test_util.h"
+#include "tests/support/tiny_qwen2.h"
 
 namespace ptk {
 namespace {
@@ -248,28 +249,13 @@ TEST(Dispatch, RecipeSectionParsesAndConfigures) {
 
 // ---- the model on the meta device -----------------------------------------------------------------
 
-checkpoint::Qwen2Config tiny_config() {
-  checkpoint::Qwen2Config c;
-  c.vocab_size = 97;
-  c.hidden_size = 64;
-  c.intermediate_size = 96;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 16;
-  c.max_position_embeddings = 512;
-  c.rope_theta = 1e6;
-  c.tie_word_embeddings = true;
-  return c;
-}
-
 TEST(MetaDevice, ForwardPaddedPackedAndCachedRunThroughRefKernels) {
   for (auto dtype : {at::kFloat, at::kBFloat16}) {
     SCOPED_TRACE(c10::toString(dtype));
     model::LoadOptions lo;
     lo.device = at::kMeta;
     lo.dtype = dtype;
-    auto m = model::Qwen2Model::from_config(tiny_config(), 1, lo);
+    auto m = model::Qwen2Model::from_config(test::small_qwen2_config(), 1, lo);
     ASSERT_TRUE(m.embed_tokens_.is_meta());
     m.set_requires_grad(true);
     const int64_t B = 3, T = 12;
@@ -324,7 +310,7 @@ struct DeltaAdapter : model::LinearAdapter {
 
 TEST(LinearAdapter, WrapsOneLinearInTrainingAndCachedForwards) {
   at::NoGradGuard no_grad;
-  auto m = model::Qwen2Model::from_config(tiny_config(), 3);
+  auto m = model::Qwen2Model::from_config(test::small_qwen2_config(), 3);
   auto edited = m.clone();
   torch::manual_seed(4);
   auto adapter = std::make_shared<DeltaAdapter>();

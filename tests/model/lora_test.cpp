@@ -18,24 +18,10 @@
 #include "core/util/error.h"
 #include "core/util/fs.h"
 #include "tests/support/test_util.h"
+#include "tests/support/tiny_qwen2.h"
 
 namespace ptk::model {
 namespace {
-
-checkpoint::Qwen2Config small_config(bool tied = true) {
-  checkpoint::Qwen2Config c;
-  c.vocab_size = 97;
-  c.hidden_size = 64;
-  c.intermediate_size = 96;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 16;
-  c.max_position_embeddings = 512;
-  c.rope_theta = 1e6;
-  c.tie_word_embeddings = tied;
-  return c;
-}
 
 double max_rel_err(const at::Tensor& a, const at::Tensor& b) {
   return (a - b).abs().max().item<double>() / std::max(b.abs().max().item<double>(), 1e-30);
@@ -57,7 +43,7 @@ ForwardInput packed_input(int64_t vocab) {
 
 TEST(Lora, ZeroInitBLeavesLogitsUnchanged) {
   torch::manual_seed(0);
-  auto base = Qwen2Model::from_config(small_config(), 3);
+  auto base = Qwen2Model::from_config(test::small_qwen2_config(), 3);
   auto m = base;
   LoraOptions o;
   o.rank = 4;
@@ -84,7 +70,7 @@ TEST(Lora, ZeroInitBLeavesLogitsUnchanged) {
 TEST(Lora, AdaptedForwardEqualsMergedWeights) {
   torch::manual_seed(1);
   for (bool rslora : {false, true}) {
-    auto m = Qwen2Model::from_config(small_config(false), 5);
+    auto m = Qwen2Model::from_config(test::small_qwen2_config(false), 5);
     LoraOptions o;
     o.rank = 3;
     o.alpha = 7;
@@ -124,7 +110,7 @@ TEST(Lora, AdaptedForwardEqualsMergedWeights) {
 
 TEST(Lora, BaseOfSwitchesAdaptersOffWithoutCopying) {
   torch::manual_seed(2);
-  auto base = Qwen2Model::from_config(small_config(), 5);
+  auto base = Qwen2Model::from_config(test::small_qwen2_config(), 5);
   base.add_score_head(9, 0);
   auto m = base;
   LoraOptions o;
@@ -190,7 +176,7 @@ TEST(Lora, ModelGradientsOfAAndBFollowTheMergedWeightsGradient) {
   // In the whole model: with G = dL/dW of the merged model (W' = W + s·B A), dL/dB = s·G Aᵀ and
   // dL/dA = s·Bᵀ G, for every adapted linear.
   torch::manual_seed(3);
-  auto m = Qwen2Model::from_config(small_config(), 6);
+  auto m = Qwen2Model::from_config(test::small_qwen2_config(), 6);
   m.set_requires_grad(false);
   LoraOptions o;
   o.rank = 2;
@@ -225,7 +211,7 @@ TEST(Lora, ModelGradientsOfAAndBFollowTheMergedWeightsGradient) {
 TEST(Lora, ActivationCheckpointingGivesThePlainGradientsDropoutIncluded) {
   torch::manual_seed(4);
   for (double dropout : {0.0, 0.3}) {
-    auto m = Qwen2Model::from_config(small_config(), 8);
+    auto m = Qwen2Model::from_config(test::small_qwen2_config(), 8);
     m.set_requires_grad(false);
     LoraOptions o;
     o.rank = 4;
@@ -262,7 +248,7 @@ TEST(Lora, ActivationCheckpointingGivesThePlainGradientsDropoutIncluded) {
 TEST(Lora, SavedFolderLoadsBackAndThroughFromPretrained) {
   test::TempDir tmp;
   torch::manual_seed(5);
-  auto base = Qwen2Model::from_config(small_config(false), 7);
+  auto base = Qwen2Model::from_config(test::small_qwen2_config(false), 7);
   const std::string base_dir = tmp.path() + "/base", adapter_dir = tmp.path() + "/adapter";
   base.save_pretrained(base_dir);
   auto m = base;
@@ -302,7 +288,7 @@ TEST(Lora, SavedFolderLoadsBackAndThroughFromPretrained) {
 
 TEST(Lora, RefusesWhatItCannotLoad) {
   test::TempDir tmp;
-  auto m = Qwen2Model::from_config(small_config(), 7);
+  auto m = Qwen2Model::from_config(test::small_qwen2_config(), 7);
   LoraOptions o;
   o.targets = {"qkv_proj"};
   EXPECT_THROW(Lora::attach(m, o, 1), Error);
@@ -344,7 +330,7 @@ TEST(Lora, RefusesWhatItCannotLoad) {
   // A tensor missing from the file, or one too many, is refused by name.
   L.set_base_model(tmp.path() + "/nowhere");
   L.save(tmp.path() + "/a", {});
-  auto other = Qwen2Model::from_config(small_config(), 7);
+  auto other = Qwen2Model::from_config(test::small_qwen2_config(), 7);
   auto cfg_text = read_file(tmp.path() + "/a/adapter_config.json");
   write_file_atomic(tmp.path() + "/a/adapter_config.json",
                     std::string(cfg_text).replace(cfg_text.find("\"r\": 16"), 7, "\"r\": 8"));

@@ -22,6 +22,23 @@ inline checkpoint::Qwen2Config tiny_qwen2_config(int64_t vocab, int64_t max_posi
   return c;
 }
 
+// A small Qwen2 shape with 16-wide heads (the CPU kernels' and packed decode layout's width): 2 layers,
+// hidden 64, 4 query / 2 K/V heads, MLP 96, vocabulary 97, RoPE base 1e6.
+inline checkpoint::Qwen2Config small_qwen2_config(bool tied = true) {
+  checkpoint::Qwen2Config c;
+  c.vocab_size = 97;
+  c.hidden_size = 64;
+  c.intermediate_size = 96;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 16;
+  c.max_position_embeddings = 512;
+  c.rope_theta = 1e6;
+  c.tie_word_embeddings = tied;
+  return c;
+}
+
 // The same over make-data's byte tokenizer: 256 bytes + 3 ChatML specials (pad 256, eos 258).
 inline checkpoint::Qwen2Config tiny_byte_qwen2_config() {
   auto c = tiny_qwen2_config(259, 128);
