@@ -162,6 +162,57 @@ TEST(MetaStep, DpoLiveReferenceAndCpo) {
   }
 }
 
+// LoRA in the other stages: DPO's live reference and GRPO's are the policy with its adapters off;
+// the RM trains its score head with the adapters.
+TEST(MetaStep, LoraDpoRmAndGrpo) {
+  Fixture f;
+  const std::vector<std::string> lora{"model.lora.enabled=true", "model.lora.rank=4"};
+  auto with = [&](std::vector<std::string> more) {
+    more.insert(more.end(), lora.begin(), lora.end());
+    return more;
+  };
+  {
+    rl::DpoRecipe r;
+    f.bind(r, f.keys("dpo-lora", "pairs.jsonl", with({"dpo.precompute_ref_log_probs=false"})));
+    rl::DpoStage stage(r, r.run.dir);
+    ASSERT_FALSE(stage.precomputes_reference());
+    EXPECT_FALSE(stage.reference().has_adapters());
+    EXPECT_TRUE(stage.policy().has_adapters());
+    EXPECT_EQ(stage.parameters().size(), 28u);
+    one_step(stage, 2);
+  }
+  {
+    reward::RmRecipe r;
+    f.bind(r, f.keys("rm-lora", "pairs.jsonl", with({})));
+    auto stage = reward::make_rm_stage(r, r.run.dir, parallel::Comm());
+    EXPECT_EQ(stage->parameters().size(), 29u);  // 28 A/B + the score head
+    one_step(*stage, 2);
+  }
+  {
+    rl::GrpoRecipe r;
+    f.bind(r, f.keys("grpo-lora", "prompts.jsonl",
+                     with({"train.micro_batch_size=4", "train.grad_accum=1", "grpo.num_generations=4", "grpo.beta=0.04",
+                           "grpo.max_completion_length=8", "grpo.reward_funcs=[\"math\"]"})));
+    rl::GrpoStage stage(r, r.run.dir);
+    ASSERT_TRUE(stage.has_reference());
+    auto params = stage.parameters();
+    EXPECT_EQ(params.size(), 28u);
+    optim::AdamW adamw(params, optim::AdamWOptions{});
+    train::MicroBatch mb = stage.prepared_micro_batch({{72, 105, 63}, {72, 105, 63}, {50, 43, 50, 61}, {50, 43, 50, 61}},
+                                                      {{52, 258}, {53, 53, 46}, {52, 258}, {120}},
+                                                      {0.5, -0.5, 1.0, -1.0});
+    train::LossOut out = stage.loss(mb, static_cast<double>(mb.targets));
+    expect_meta(out.loss, "the loss");
+    out.loss.backward();
+    int with_grad = 0;
+    for (auto& [name, p] : params)
+      if (p.grad().defined()) expect_meta(p.grad(), name + ".grad"), ++with_grad;
+    EXPECT_GT(with_grad, 0);
+    adamw.step(1e-3);
+    for (auto& [name, p] : params) expect_meta(p, name);
+  }
+}
+
 // The cache is written by a CPU run of the same recipe (its key is the reference and the data, not
 // the device); the meta stage reads it and moves it to its device.
 TEST(MetaStep, DpoCachedReference) {
