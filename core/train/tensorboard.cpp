@@ -2,6 +2,9 @@
 
 #include <unistd.h>
 
+#include <dirent.h>
+
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -130,6 +133,28 @@ std::string session_start_event(double wall_time, int64_t step) {
   return e;
 }
 
+// TensorBoard reads a folder's event files in name order, and a resumed run's SessionLog START only
+// drops what was read before it: a new file must sort after every earlier one. Names carry whole
+// seconds, so two starts within one second (or a pid that sorts lower as text) would misorder them;
+// the seconds field is therefore max(now, the largest one already in `dir` + 1), ten digits wide.
+int64_t next_file_seconds(const std::string& dir, int64_t now) {
+  static const std::string prefix = "events.out.tfevents.";
+  int64_t next = now;
+  if (DIR* d = opendir(dir.c_str())) {
+    while (dirent* e = readdir(d)) {
+      const std::string name = e->d_name;
+      if (name.rfind(prefix, 0) != 0) continue;
+      int64_t secs = 0;
+      size_t i = prefix.size();
+      for (; i < name.size() && name[i] >= '0' && name[i] <= '9' && i < prefix.size() + 18; ++i)
+        secs = secs * 10 + (name[i] - '0');
+      if (i > prefix.size()) next = std::max(next, secs + 1);
+    }
+    closedir(d);
+  }
+  return next;
+}
+
 std::string tag_of(const std::string& metric) {
   if (metric.rfind("eval/", 0) == 0 || metric.rfind("test/", 0) == 0) return metric;
   return "train/" + metric;
@@ -138,8 +163,10 @@ std::string tag_of(const std::string& metric) {
 EventWriter::EventWriter(const std::string& dir, int64_t start_step) {
   make_dirs(dir);
   const double t = now_s();
-  path_ = dir + "/events.out.tfevents." + std::to_string(static_cast<int64_t>(t)) + "." + hostname() + "." +
-          std::to_string(static_cast<long>(getpid()));
+  char secs[32];
+  std::snprintf(secs, sizeof secs, "%010lld",
+                static_cast<long long>(next_file_seconds(dir, static_cast<int64_t>(t))));
+  path_ = dir + "/events.out.tfevents." + secs + "." + hostname() + "." + std::to_string(static_cast<long>(getpid()));
   f_ = std::fopen(path_.c_str(), "ab");
   if (!f_) throw Error("cannot open " + path_ + " for writing: " + std::strerror(errno) +
                        "\n---> HINT: make the run folder writable, or set train.tensorboard=false");

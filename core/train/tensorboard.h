@@ -35,7 +35,8 @@ std::string session_start_event(double wall_time, int64_t step);
 // TRL's logs: "eval/..." and "test/..." kept, anything else under "train/".
 std::string tag_of(const std::string& metric);
 
-// One event file per process start: `dir`/events.out.tfevents.<unix seconds>.<host>.<pid>, opened
+// One event file per process start: `dir`/events.out.tfevents.<unix seconds>.<host>.<pid>, where the
+// seconds (ten digits) are raised past any earlier file's so that name order is start order; opened
 // with the file_version event, then a SessionLog START at `start_step` + 1 (the first step this process
 // trains: a resumed run's redone steps, or a resume=never rerun's, replace those of earlier files).
 // Each write() appends one Event of scalars and flushes it to the OS.

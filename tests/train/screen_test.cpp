@@ -4,6 +4,7 @@
 // is computed against.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -248,6 +249,25 @@ TEST(TensorBoard, WriterFramesEveryEventAndSkipsNaN) {
     ++records;
   }
   EXPECT_EQ(records, 3);
+}
+
+TEST(TensorBoard, EachNewFileSortsAfterTheEarlierOnes) {
+  // TensorBoard reads a folder's files in name order; a resumed run's file must come last even when
+  // it starts in the same second as the one before, or an earlier file's name carries a later time.
+  test::TempDir d;
+  make_dirs(d.file("tb"));
+  write_file_atomic(d.file("tb/events.out.tfevents.4000000000.otherhost.99999"), "");
+  std::vector<std::string> made;
+  for (int i = 0; i < 3; ++i) {
+    tb::EventWriter w(d.file("tb"), i);
+    made.push_back(std::filesystem::path(w.path()).filename().string());
+  }
+  EXPECT_EQ(made[0].substr(0, 31), "events.out.tfevents.4000000001.");
+  EXPECT_EQ(made[2].substr(0, 31), "events.out.tfevents.4000000003.");
+  std::vector<std::string> sorted = made;
+  std::sort(sorted.begin(), sorted.end());
+  EXPECT_EQ(sorted, made);
+  EXPECT_GT(made[0], "events.out.tfevents.4000000000.otherhost.99999");
 }
 
 TEST(PeakFlops, TheoreticalPeakFromCpuinfo) {
