@@ -442,7 +442,9 @@ TEST(Engine, KeptPackedWeightsServeLaterCallsWithLiveAdapters) {
     auto full = full_logprobs(merged, reqs[0].prompt, a[0][g].ids, 1.0);
     for (size_t t = 0; t < a[0][g].logprobs.size(); ++t) {
       EXPECT_NEAR(a[0][g].logprobs[t], b[0][g].logprobs[t], 1e-5);
-      EXPECT_NEAR(a[0][g].logprobs[t], full[static_cast<int64_t>(t)][a[0][g].ids[t]].item<float>(), 1e-4)
+      // The merged weights round differently from base + separate adapter products (up to 1.2e-4 on
+      // AVX-512's packed path); stale adapters would be off by the update's effect, ~0.1 and more.
+      EXPECT_NEAR(a[0][g].logprobs[t], full[static_cast<int64_t>(t)][a[0][g].ids[t]].item<float>(), 1e-3)
           << "the kept engine did not see the updated adapters";
     }
   }
