@@ -241,7 +241,8 @@ const std::vector<DeviceLoop::Row>& DeviceLoop::step(int64_t n) {
       auto graph = std::make_unique<at::cuda::CUDAGraph>();
       {
         c10::cuda::CUDAStreamGuard guard(side);
-        graph->capture_begin(graphs_->pool);
+        // Thread-local: other threads' CUDA calls (NCCL's watchdog, data loaders) do not break it.
+        graph->capture_begin(graphs_->pool, cudaStreamCaptureModeThreadLocal);
         body(n);
         graph->capture_end();
       }

@@ -8,7 +8,10 @@
 // others one by one, so little compute goes to padding) and copied into its samples' slots, or
 // copied from a live sample of the same request; (2) one decode step over every busy slot (a new
 // sample feeds its prompt's last token); (3) the sampler chain picks one token per slot; finished
-// samples free their slots.
+// samples free their slots. Steps (2) and (3) run either on the host (ids, positions and sampling
+// parameters built each step; the packed AVX-512 path on CPUs) or, with EngineOptions::device_loop
+// (the default on CUDA), as one fixed-shape step on the device (rollout/device_loop.h) whose state
+// stays there: one host->device and one device->host copy per step, CUDA graphs.
 //
 // Reproducibility: sample g of a request seeded s draws with the uniform sample_uniform(s, g,
 // step), so its stream does not depend on the batch. On CPU (float32) the logits of a row equal
@@ -133,7 +136,7 @@ struct Stats {
   int64_t decode_steps = 0;         // forward calls of one token per busy slot
   int64_t decode_rows = 0;          // sum over steps of busy slots
   int64_t prefills = 0, prefix_copies = 0;
-  double prefill_s = 0, decode_s = 0, sample_s = 0, bookkeeping_s = 0, total_s = 0;
+  double prefill_s = 0, decode_s = 0, sample_s = 0, bookkeeping_s = 0, total_s = 0;  // device loop: sampling in decode_s
   double pack_s = 0;             // packing weights (EngineOptions::pack_lm_head / pack_trunk), in total_s
   bool packed_lm_head = false;   // whether decode steps used the packed LM head
   bool packed_trunk = false;     // ... and the packed layers
