@@ -222,6 +222,8 @@ const std::vector<DeviceLoop::Row>& DeviceLoop::step(int64_t n) {
   bool ran = false;
 #if PTK_TORCH_CUDA
   if (graphs_on_) {
+    const c10::DeviceIndex dev = model_.embed_tokens_.device().index();
+    c10::cuda::CUDAGuard device_guard(dev);  // replay and capture on the model's device
     auto it = graphs_->by_n.find(n);
     if (it != graphs_->by_n.end()) {
       it->second->replay();  // on the current stream
@@ -232,7 +234,6 @@ const std::vector<DeviceLoop::Row>& DeviceLoop::step(int64_t n) {
       // allocated), then the same body is captured on a side stream, which executes nothing.
       body(n);
       ran = true;
-      const c10::DeviceIndex dev = model_.embed_tokens_.device().index();
       auto current = c10::cuda::getCurrentCUDAStream(dev);
       auto side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, dev);
       c10::cuda::CUDAEvent ready;
