@@ -230,10 +230,9 @@ const std::vector<DeviceLoop::Row>& DeviceLoop::step(int64_t n) {
       ++graph_replays;
       ran = true;
     } else {
-      // First use of n: this step runs eagerly (it is also the warm-up: kernels chosen, workspaces
-      // allocated), then the same body is captured on a side stream, which executes nothing.
-      body(n);
-      ran = true;
+      // First use of n: the step runs eagerly on the side stream the capture will use (the real
+      // step, and the warm-up PyTorch asks for: per-stream state such as cuBLAS workspaces is made
+      // there before capture), then the same body is captured there, which executes nothing.
       auto current = c10::cuda::getCurrentCUDAStream(dev);
       auto side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, dev);
       c10::cuda::CUDAEvent ready;
@@ -242,14 +241,16 @@ const std::vector<DeviceLoop::Row>& DeviceLoop::step(int64_t n) {
       auto graph = std::make_unique<at::cuda::CUDAGraph>();
       {
         c10::cuda::CUDAStreamGuard guard(side);
+        body(n);
         // Thread-local: other threads' CUDA calls (NCCL's watchdog, data loaders) do not break it.
         graph->capture_begin(graphs_->pool, cudaStreamCaptureModeThreadLocal);
         body(n);
         graph->capture_end();
       }
+      ran = true;
       c10::cuda::CUDAEvent captured;
       captured.record(side);
-      captured.block(current);
+      captured.block(current);  // the device->host copy below, on `current`, waits for the step
       if (graphs_->by_n.empty()) graphs_->pool = graph->pool();
       graphs_->by_n.emplace(n, std::move(graph));
       ++graph_captures;
