@@ -145,10 +145,19 @@ void GrpoSection::validate(config::Errors& e) const {
 void RolloutSection::visit(config::Visitor& v) {
   v.opt(slots, "slots", 64,
         "sequences the engine decodes together; more = faster generation until compute-bound, more KV-cache memory");
+  v.opt(gpu_memory_fraction, "gpu_memory_fraction", 0.9,
+        "CUDA: the KV cache fits in this fraction of the GPU's memory minus what is in use when it is allocated "
+        "(as vLLM's gpu_memory_utilization); fewer than rollout.slots slots run when they do not fit (logged), an "
+        "error when not one does. 0 = rollout.slots whatever the memory. Ignored on the CPU");
+  v.opt(cuda_graphs, "cuda_graphs", true,
+        "CUDA: capture each slot-count bucket's decode step as a CUDA graph once per generation batch and replay "
+        "it (fewer kernel launches); false = eager decode steps (profiling, debugging). Ignored on the CPU");
 }
 
 void RolloutSection::validate(config::Errors& e) const {
   if (slots < 1) e.add("rollout.slots must be >= 1");
+  if (!(gpu_memory_fraction >= 0.0 && gpu_memory_fraction <= 1.0))
+    e.add("rollout.gpu_memory_fraction must be in [0, 1] (0 = off; got " + std::to_string(gpu_memory_fraction) + ")");
 }
 
 void GrpoRecipe::check() const {
@@ -351,6 +360,8 @@ struct GrpoStage::Impl {
     }
     rollout::EngineOptions eo;
     eo.slots = r.rollout.slots;
+    eo.gpu_memory_fraction = r.rollout.gpu_memory_fraction;
+    eo.cuda_graphs = r.rollout.cuda_graphs;
     eo.vocab_limit = static_cast<int64_t>(tok->vocab_size());
     // LoRA on a frozen base: the decode copies of the base weights (the packed linears and LM head
     // on AVX-512 CPUs) stay valid for the whole run, since the adapters apply after the packed

@@ -65,6 +65,8 @@ struct GrpoSection : config::Section {
 // The `rollout` recipe section: engine settings that do not change the algorithm.
 struct RolloutSection : config::Section {
   int64_t slots;
+  double gpu_memory_fraction;
+  bool cuda_graphs;
   const char* name() const override { return "rollout"; }
   const char* help() const override { return "the generation engine (KV-cache slots)"; }
   void visit(config::Visitor& v) override;

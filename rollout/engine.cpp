@@ -12,7 +12,10 @@
 #include "core/model/kv_cache.h"
 #include "core/model/packed_linear.h"
 #include "core/model/qwen2.h"
+#include "core/runtime/device_memory.h"
+#include "core/runtime/log.h"
 #include "core/util/error.h"
+#include "rollout/device_loop.h"
 
 namespace ptk::rollout {
 namespace {
@@ -42,6 +45,18 @@ void copy_prefix(model::KVCache& cache, int64_t src, int64_t dst, int64_t n) {
   cache.set_length(dst, n);
 }
 
+// Bytes of a decode step's logits and sampling temporaries per slot and vocabulary entry (logits,
+// scaled float32 copy, weights, float64 CDF, and with top-k / top-p the sorted row and its float64
+// masses), for the memory sizing: an estimate on the high side.
+constexpr int64_t kStepBytesPerVocab = 64;
+
+// The device loop's bucket: the smallest power of two covering slots [0, highest busy], within S.
+int64_t bucket_of(int64_t highest_busy, int64_t S) {
+  int64_t n = 1;
+  while (n < highest_busy + 1) n *= 2;
+  return std::min(n, S);
+}
+
 int64_t cap_of(const Request& r, int64_t g) {
   return r.sample_max_new_tokens.empty() ? r.max_new_tokens : r.sample_max_new_tokens[g];
 }
@@ -60,6 +75,9 @@ Engine::Engine(const model::Qwen2Model& model, EngineOptions options) : model_(m
                 "or 0 for every row");
   PTK_CHECK(options_.prefill_padding_factor >= 1.0, "rollout engine: prefill_padding_factor must be >= 1");
   PTK_CHECK(options_.prefill_max_tokens >= 1, "rollout engine: prefill_max_tokens must be >= 1");
+  if (!(options_.gpu_memory_fraction >= 0.0 && options_.gpu_memory_fraction <= 1.0))
+    throw Error("rollout engine: gpu_memory_fraction " + std::to_string(options_.gpu_memory_fraction) +
+                " outside [0, 1] (0 = off)");
 }
 
 Engine::~Engine() = default;
@@ -74,9 +92,9 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
   const auto t_start = Clock::now();
   at::NoGradGuard no_grad;
   const auto& cfg = model_.config();
-  const int64_t V = cfg.vocab_size, S = options_.slots;
+  const int64_t V = cfg.vocab_size;
+  int64_t S = options_.slots;
   stats_ = Stats{};
-  stats_.slots = S;
   stats_.requests = static_cast<int64_t>(requests.size());
 
   // ---- validate, size the cache ----
@@ -121,11 +139,30 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
   if (total == 0) return out;
 
   const int64_t max_len = options_.max_len > 0 ? options_.max_len : need_len;
-  if (!cache_ || cache_->max_len() < max_len || cache_->slots() != S) {
-    cache_.reset();  // free before allocating the new one
-    cache_ = std::make_unique<model::KVCache>(cfg, S, max_len, model_.embed_tokens_.scalar_type(),
-                                              model_.embed_tokens_.device());
+  const at::Device device = model_.embed_tokens_.device();
+  const at::ScalarType dtype = model_.embed_tokens_.scalar_type();
+  // On CUDA the slots are sized from memory: a kept cache serves while it is long enough and no
+  // larger than asked (its slot count was what fitted when it was made).
+  const bool size_from_memory = device.is_cuda() && options_.gpu_memory_fraction > 0;
+  if (cache_ && cache_->max_len() >= max_len && (size_from_memory ? cache_->slots() <= S : cache_->slots() == S)) {
+    S = cache_->slots();
+  } else {
+    cache_.reset();  // free before allocating the new one (and before measuring free memory)
+    size_t free_b = 0, total_b = 0;
+    if (size_from_memory && runtime::cuda_free_memory(device.index(), &free_b, &total_b)) {
+      const int64_t kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * max_len * cfg.head_dim *
+                         static_cast<int64_t>(c10::elementSize(dtype));
+      const int64_t wanted = S;
+      S = cache_slots_that_fit(wanted, kv + V * kStepBytesPerVocab, options_.gpu_memory_fraction, free_b, total_b);
+      log::info("rollout engine: " + std::to_string(S) + " of " + std::to_string(wanted) + " KV-cache slots (" +
+                std::to_string(max_len) + " tokens, " + std::to_string((kv + V * kStepBytesPerVocab) >> 20) +
+                " MiB each) within gpu_memory_fraction " + std::to_string(options_.gpu_memory_fraction).substr(0, 4) +
+                " of " + std::to_string(total_b >> 20) + " MiB (" + std::to_string((total_b - free_b) >> 20) +
+                " MiB in use)");
+    }
+    cache_ = std::make_unique<model::KVCache>(cfg, S, max_len, dtype, device);
   }
+  stats_.slots = S;
   model::KVCache& cache = *cache_;
   for (int64_t s = 0; s < S; ++s) cache.reset(s);
 
@@ -140,13 +177,23 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
   // OpenBLAS would repack them on every decode step. A copy of the current parameters, dropped
   // when the call returns. The trunk only while its copy stays within pack_max_bytes.
   // With keep_packed, the previous call's copies when there are any (the caller keeps those weights fixed).
+  using Mode = EngineOptions::DeviceLoopMode;
+  const bool on_device =
+      options_.device_loop == Mode::kOn || (options_.device_loop == Mode::kAuto && device.is_cuda());
+  stats_.device_loop = on_device;
+  bool filters = false;  // whether any row may use top-k / top-p (the device step sorts only then)
+  for (const auto& r : requests)
+    filters = filters || (!r.sampling.greedy() && (r.sampling.top_k > 0 || r.sampling.top_p < 1.0));
+  std::unique_ptr<DeviceLoop> dloop;
+  if (on_device) dloop = std::make_unique<DeviceLoop>(model_, cache, options_.vocab_limit, filters, options_.cuda_graphs);
   auto tp = Clock::now();
-  stats_.packed_reused = options_.keep_packed && packed_ != nullptr;
+  stats_.packed_reused = !on_device && options_.keep_packed && packed_ != nullptr;
   std::shared_ptr<const model::PackedDecodeWeights> packed_ptr =
       stats_.packed_reused ? packed_
+      : on_device          ? std::make_shared<const model::PackedDecodeWeights>()  // the device step packs nothing
                            : std::make_shared<const model::PackedDecodeWeights>(model_.pack_for_decode(
                                  options_.pack_lm_head, options_.pack_trunk ? options_.pack_max_bytes : 0));
-  if (options_.keep_packed) packed_ = packed_ptr;
+  if (options_.keep_packed && !on_device) packed_ = packed_ptr;
   const model::PackedDecodeWeights& packed = *packed_ptr;
   stats_.pack_s = since(tp);
   stats_.packed_lm_head = packed.lm_head.has_value();
@@ -181,6 +228,7 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
         jobs.push_back({ri, slot, n, {}});
       }
       live[ri].push_back(slot);
+      if (dloop) dloop->admit(slot, r.prompt.back(), n, r.seed, g, 0, r.sampling);
     }
     stats_.bookkeeping_s += since(t0);
 
@@ -233,33 +281,49 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
         tokens.push_back(seq[s].pending);
       }
     const int64_t R = static_cast<int64_t>(rows.size());
-    auto logits = model_.forward_cached(at::tensor(tokens, at::kLong).view({R, 1}), rows,
-                                        std::vector<int64_t>(static_cast<size_t>(R), 1), cache,
-                                        model::AttentionBackend::kAuto, &logits_buf,
-                                        &packed);  // (R, V), in logits_buf
-    ++stats_.decode_steps;
-    stats_.decode_rows += R;
-    auto t3 = Clock::now();
-    stats_.decode_s += std::chrono::duration<double>(t3 - t2).count();
+    std::vector<int64_t> id_v(static_cast<size_t>(R));
+    std::vector<float> lp_v(static_cast<size_t>(R));
+    if (dloop) {
+      // The device loop: slots [0, n) in one fixed-shape step, sampling included (sample_s stays 0).
+      const auto& got = dloop->step(bucket_of(rows.back(), S));
+      for (int64_t k = 0; k < R; ++k) {
+        id_v[k] = got[rows[k]].id;
+        lp_v[k] = static_cast<float>(got[rows[k]].logprob);
+      }
+      ++stats_.decode_steps;
+      stats_.decode_rows += R;
+      stats_.decode_s += since(t2);
+    } else {
+      auto logits = model_.forward_cached(at::tensor(tokens, at::kLong).view({R, 1}), rows,
+                                          std::vector<int64_t>(static_cast<size_t>(R), 1), cache,
+                                          model::AttentionBackend::kAuto, &logits_buf,
+                                          &packed);  // (R, V), in logits_buf
+      ++stats_.decode_steps;
+      stats_.decode_rows += R;
+      auto t3 = Clock::now();
+      stats_.decode_s += std::chrono::duration<double>(t3 - t2).count();
 
-    // ---- (3) sample ----
-    std::vector<SamplingParams> params(static_cast<size_t>(R));
-    std::vector<double> uniforms(static_cast<size_t>(R));
-    for (int64_t k = 0; k < R; ++k) {
-      const Seq& q = seq[rows[k]];
-      const Request& r = requests[q.req];
-      params[k] = r.sampling;
-      uniforms[k] = sample_uniform(r.seed, q.idx, static_cast<int64_t>(out[q.req][q.idx].ids.size()));
+      // ---- (3) sample ----
+      std::vector<SamplingParams> params(static_cast<size_t>(R));
+      std::vector<double> uniforms(static_cast<size_t>(R));
+      for (int64_t k = 0; k < R; ++k) {
+        const Seq& q = seq[rows[k]];
+        const Request& r = requests[q.req];
+        params[k] = r.sampling;
+        uniforms[k] = sample_uniform(r.seed, q.idx, static_cast<int64_t>(out[q.req][q.idx].ids.size()));
+      }
+      Drawn d = sample_rows(logits, params, uniforms, options_.vocab_limit);
+      auto ids = d.ids.to(at::kCPU).contiguous();
+      auto lps = d.logprobs.to(at::kCPU).contiguous();
+      std::copy(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + R, id_v.begin());
+      std::copy(lps.data_ptr<float>(), lps.data_ptr<float>() + R, lp_v.begin());
+      stats_.sample_s += since(t3);
     }
-    Drawn d = sample_rows(logits, params, uniforms, options_.vocab_limit);
-    auto ids = d.ids.to(at::kCPU).contiguous();
-    auto lps = d.logprobs.to(at::kCPU).contiguous();
     auto t4 = Clock::now();
-    stats_.sample_s += std::chrono::duration<double>(t4 - t3).count();
 
     // ---- (4) bookkeeping: append, stop checks, free finished slots ----
-    const int64_t* id_p = ids.data_ptr<int64_t>();
-    const float* lp_p = lps.data_ptr<float>();
+    const int64_t* id_p = id_v.data();
+    const float* lp_p = lp_v.data();
     for (int64_t k = 0; k < R; ++k) {
       const int64_t slot = rows[k], t = id_p[k];
       Seq& q = seq[slot];
@@ -295,13 +359,24 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
         busy[slot] = 0;
         --n_busy;
         cache.reset(slot);
+        if (dloop) dloop->release(slot);
         auto& lv = live[q.req];
         lv.erase(std::find(lv.begin(), lv.end(), slot));
         ++done;
         if (progress) progress(done, total, stats_.generated_tokens);
+      } else if (dloop) {
+        // The device advanced the slot's length; the host's copy follows (the prompt but its last
+        // token, and every token fed since).
+        cache.set_length(slot, static_cast<int64_t>(r.prompt.size()) - 1 + static_cast<int64_t>(o.ids.size()));
       }
     }
     stats_.bookkeeping_s += since(t4);
+  }
+  if (dloop) {
+    stats_.h2d_copies = dloop->h2d_copies;
+    stats_.d2h_copies = dloop->d2h_copies;
+    stats_.graph_captures = dloop->graph_captures;
+    stats_.graph_replays = dloop->graph_replays;
   }
   stats_.total_s = since(t_start);
   return out;

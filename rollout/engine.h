@@ -8,7 +8,10 @@
 // others one by one, so little compute goes to padding) and copied into its samples' slots, or
 // copied from a live sample of the same request; (2) one decode step over every busy slot (a new
 // sample feeds its prompt's last token); (3) the sampler chain picks one token per slot; finished
-// samples free their slots.
+// samples free their slots. Steps (2) and (3) run either on the host (ids, positions and sampling
+// parameters built each step; the packed AVX-512 path on CPUs) or, with EngineOptions::device_loop
+// (the default on CUDA), as one fixed-shape step on the device (rollout/device_loop.h) whose state
+// stays there: one host->device and one device->host copy per step, CUDA graphs.
 //
 // Reproducibility: sample g of a request seeded s draws with the uniform sample_uniform(s, g,
 // step), so its stream does not depend on the batch. On CPU (float32) the logits of a row equal
@@ -101,6 +104,26 @@ struct EngineOptions {
   // live on every call). The caller promises that; drop_packed() frees the copies (the next call
   // packs again). Costs the copies' memory between calls.
   bool keep_packed = false;
+  // Where the decode loop runs. kOn: rollout::DeviceLoop (rollout/device_loop.h): every slot's
+  // token, position and sampling state in persistent buffers on the model's device, one fixed-shape
+  // step over the lowest n slots (n a power of two covering the busy ones), sampling by tensor ops,
+  // one host->device copy (admissions' changes) and one device->host copy (ids + log-probs) per
+  // step, CUDA graphs (cuda_graphs). kOff: the host loop (ids, positions and sampling parameters
+  // built on the host each step; on AVX-512 CPUs the packed weights above, faster there). kAuto: kOn
+  // when the model is on CUDA, else kOff. The packed copies are not made with the device loop.
+  enum class DeviceLoopMode { kAuto, kOn, kOff };
+  DeviceLoopMode device_loop = DeviceLoopMode::kAuto;
+  // With the device loop on CUDA: capture each slot-count bucket's decode step once per generate()
+  // call as a CUDA graph and replay it (fewer kernel launches; the graphs and their memory pool are
+  // released when the call returns). false = eager steps (debugging, profiling). Ignored elsewhere.
+  bool cuda_graphs = true;
+  // On CUDA: the KV cache takes at most this fraction of the GPU's total memory, less what is in
+  // use when it is allocated (weights, optimizer state, LibTorch's live tensors), as vLLM's
+  // gpu_memory_utilization; the engine then runs min(slots, what fits) slots (logged) and throws
+  // when not even one fits. Each slot counts its KV (max_len positions) plus ~64 bytes per
+  // vocabulary entry for the decode step's logits and sampling. 0 = slots as given, whatever the
+  // memory. Ignored on the CPU.
+  double gpu_memory_fraction = 0.9;
 };
 
 // Where the time of the last generate() went (seconds, wall clock; on GPU the split between
@@ -113,13 +136,18 @@ struct Stats {
   int64_t decode_steps = 0;         // forward calls of one token per busy slot
   int64_t decode_rows = 0;          // sum over steps of busy slots
   int64_t prefills = 0, prefix_copies = 0;
-  double prefill_s = 0, decode_s = 0, sample_s = 0, bookkeeping_s = 0, total_s = 0;
+  double prefill_s = 0, decode_s = 0, sample_s = 0, bookkeeping_s = 0, total_s = 0;  // device loop: sampling in decode_s
   double pack_s = 0;             // packing weights (EngineOptions::pack_lm_head / pack_trunk), in total_s
   bool packed_lm_head = false;   // whether decode steps used the packed LM head
   bool packed_trunk = false;     // ... and the packed layers
   int64_t packed_bytes = 0;      // what the packed copies held during the call
   bool packed_reused = false;    // EngineOptions::keep_packed: this call used the previous call's copies (pack_s 0)
-  int64_t slots = 0;
+  int64_t slots = 0;              // S of this call (on CUDA possibly fewer than asked: gpu_memory_fraction)
+  bool device_loop = false;       // whether the decode loop ran on the device (EngineOptions::device_loop)
+  // Device loop: transfers and CUDA graphs over the call. A step makes one device->host copy and at
+  // most one host->device copy (only when slots were admitted or freed since the last step).
+  int64_t h2d_copies = 0, d2h_copies = 0;
+  int64_t graph_captures = 0, graph_replays = 0;
   double occupancy() const { return decode_steps ? double(decode_rows) / double(decode_steps * slots) : 0.0; }
   double tokens_per_s() const { return total_s > 0 ? generated_tokens / total_s : 0.0; }
 };

@@ -200,6 +200,15 @@ int cmd_generate(int argc, char** argv) {
                 st.tokens_per_s(), st.prefill_s, static_cast<long long>(st.prompt_tokens), st.decode_s, st.sample_s,
                 st.bookkeeping_s, 100.0 * st.occupancy(), static_cast<long long>(st.slots), out_path.c_str());
   std::cerr << buf;
+  if (st.device_loop) {  // EngineOptions::device_loop (the default on CUDA): its transfers per step
+    std::snprintf(buf, sizeof buf,
+                  "ptk generate: device decode loop: %lld steps, %lld host->device and %lld device->host copies, "
+                  "%lld CUDA graphs captured, %lld replays\n",
+                  static_cast<long long>(st.decode_steps), static_cast<long long>(st.h2d_copies),
+                  static_cast<long long>(st.d2h_copies), static_cast<long long>(st.graph_captures),
+                  static_cast<long long>(st.graph_replays));
+    std::cerr << buf;
+  }
   return 0;
 }
 

@@ -1085,6 +1085,36 @@ class CachedAttention : public AttentionStep {
   kernels::ref::DecodePlan plan_;
 };
 
+// Decode over slots [0, n) for Qwen2Model::decode_step: row r's key / value go to position
+// positions[r] of slot r (one scatter per layer), and its query attends the slot's keys [0,
+// positions[r]] through SDPA. The G = heads / kv_heads query heads of one kv head are laid out as
+// G query rows of that head, so SDPA reads the cache view (n, kv, T_max, D) as it is: no repeat of
+// K / V, no gather.
+class SlotDecodeAttention : public AttentionStep {
+ public:
+  SlotDecodeAttention(KVCache& cache, const at::Tensor& positions) : cache_(cache), n_(positions.size(0)) {
+    const int64_t Tm = cache.max_len();
+    mask_ = at::arange(Tm, positions.options()).unsqueeze(0).le(positions.unsqueeze(1)).view({n_, 1, 1, Tm});
+    pos_ = positions.reshape({n_, 1, 1, 1});
+  }
+  at::Tensor operator()(int64_t li, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const override {
+    const int64_t nh = q.size(1), nkv = k.size(1), D = q.size(3);
+    auto K = cache_.keys(li).narrow(0, 0, n_), V = cache_.values(li).narrow(0, 0, n_);  // (n, nkv, T_max, D)
+    const auto idx = pos_.expand({n_, nkv, 1, D});
+    K.scatter_(2, idx, k);  // k, v (n, nkv, 1, D)
+    V.scatter_(2, idx, v);
+    auto qg = q.reshape({n_, nkv, nh / nkv, D});  // query head h reads kv head h / G, as repeat_kv
+    auto o = at::scaled_dot_product_attention(qg, K, V, mask_);  // (n, nkv, G, D)
+    return o.reshape({n_, nh, 1, D});
+  }
+
+ private:
+  KVCache& cache_;
+  int64_t n_;
+  at::Tensor mask_;  // (n, 1, 1, T_max) bool: key t visible to row r when t <= positions[r]
+  at::Tensor pos_;   // (n, 1, 1, 1)
+};
+
 }  // namespace
 
 at::Tensor Qwen2Model::forward_cached(const at::Tensor& ids, const std::vector<int64_t>& slots,
@@ -1160,6 +1190,33 @@ at::Tensor Qwen2Model::forward_cached_hidden(const at::Tensor& ids_in, const std
   auto last = at::tensor(n_new, at::kLong).to(dev) - 1;
   auto h_last = x.index({at::arange(R, ids.options()), last});  // (R, H)
   return rms_norm(h_last, norm_, c.rms_norm_eps);
+}
+
+at::Tensor Qwen2Model::decode_step(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& inv_freq,
+                                  double rope_scale, KVCache& cache) const {
+  at::NoGradGuard no_grad;
+  const auto& c = config_;
+  const int64_t n = ids.size(0);
+  PTK_CHECK(ids.dim() == 1 && positions.dim() == 1 && positions.size(0) == n && n >= 1 && n <= cache.slots(),
+            "decode_step: ids and positions must be (n) with 1 <= n <= the cache's slots");
+  PTK_CHECK(cache.num_layers() == c.num_hidden_layers, "decode_step: the cache was built for another config");
+  // RoPE as rope_cos_sin computes it, from the device positions: (n, 1, D).
+  auto freqs = positions.to(at::kFloat).view({n, 1, 1}) * inv_freq;
+  auto emb = at::cat({freqs, freqs}, -1);
+  auto cos = emb.cos(), sin = emb.sin();
+  if (rope_scale != 1.0) {
+    cos = cos * rope_scale;
+    sin = sin * rope_scale;
+  }
+  const SlotDecodeAttention attention(cache, positions);
+  at::Tensor x = embed(embed_tokens_, ids.unsqueeze(1), false);  // (n, 1, H)
+  for (int64_t li = 0; li < c.num_hidden_layers; ++li) {
+    const auto& l = layers_[li];
+    const auto lin = linears_of(l, nullptr, adapters_at(adapters_.empty() ? nullptr : &adapters_, static_cast<size_t>(li)));
+    x = layer_body(l, lin, x, cos, sin, c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads, c.head_dim, li,
+                   attention);
+  }
+  return logits(rms_norm(x.select(1, 0), norm_, c.rms_norm_eps));  // (n, V)
 }
 
 PackedDecodeWeights Qwen2Model::pack_for_decode(bool lm_head, int64_t max_trunk_bytes) const {

@@ -29,6 +29,8 @@ const char* const kNeutralKeys[] = {
     "kernels.",                          // which kernels compute the same math: speed (not bit for bit)
     "data.eval",                         // held-out data: measured, not trained
     "rollout.slots",                     // GRPO's decode batch: speed (seeds are per prompt row)
+    "rollout.gpu_memory_fraction",       // how many of those slots fit: speed
+    "rollout.cuda_graphs",               // the same decode step, replayed or launched: speed
     "grpo.log_rollouts_every",           // rollouts/*.jsonl
     "grpo.reward_urls",                  // where the reward server listens (a pipeline's port changes)
     "grpo.reward_timeout_s",             // connection settings
