@@ -97,8 +97,25 @@ std::vector<int64_t> random_ids(std::mt19937_64& rng, int64_t n, int64_t vocab) 
 }  // namespace
 }  // namespace ptk
 
+namespace ptk {
+namespace {
+int run(int argc, char** argv);
+}
+}  // namespace ptk
+
 int main(int argc, char** argv) {
-  using namespace ptk;
+  try {
+    return ptk::run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "decode_bench: error: %s\n", e.what());
+    return 1;
+  }
+}
+
+namespace ptk {
+namespace {
+
+int run(int argc, char** argv) {
   const std::string shape = arg(argc, argv, "shape", "");
   if (shape.empty() || !path_exists(shape)) {
     std::fprintf(stderr, "decode_bench: --shape <config.json> (e.g. bench/shapes/qwen2.5-1.5b.json) is required\n");
@@ -235,3 +252,6 @@ int main(int argc, char** argv) {
   if (!jf.empty()) write_file_atomic(jf, json);
   return 0;
 }
+
+}  // namespace
+}  // namespace ptk

@@ -244,6 +244,8 @@ def main():
         rc = 1 if problems else 0
     else:
         {"decode": part_decode, "rollout": part_rollout, "grpo": part_grpo}[a.part](a, out, lines, res)
+        # A side that did not give its figures fails the part (gpu_check.sh: "benchmark incomplete").
+        rc = 1 if any(w in l for l in lines for w in ("did not finish", "not run", "no steps", "failed")) else 0
     (out / "result.txt").write_text("\n".join(lines) + "\n")
     (out / "result.json").write_text(json.dumps(res, indent=1) + "\n")
     print("\n".join(lines))
