@@ -174,11 +174,14 @@ def part_grpo(a, out, lines, res):
     other = step_s - sum(v for v in split.values() if v == v)
     gap = [m.get("sampling/sampling_logp_difference/mean") for m in steps]
     gap_max = [m.get("sampling/sampling_logp_difference/max") for m in steps]
+    mean_len = med("completions/mean_length")
     res.update({"steps": len(steps), "step_s": step_s, "phases_s": split, "other_s": other, "exit": rc,
+                "completion_mean_length": mean_len,
                 "logp_gap_mean": gap, "logp_gap_max": gap_max,
                 "peak_allocated_gib": max([m.get("memory/peak_allocated_gib", 0) for m in steps] or [0])})
     lines.append(f"grpo {a.shape} ({a.model_dtype}, {a.device}, reference_device={a.reference_device}): {B} prompts x "
-                 f"{G} samples x <= {a.new_tokens} tokens a step, {len(steps)} steps (exit {rc}): {step_s:.2f} s/step "
+                 f"{G} samples x <= {a.new_tokens} tokens a step (mean completion {mean_len:.0f}), {len(steps)} steps "
+                 f"(exit {rc}): {step_s:.2f} s/step "
                  f"(median after the first) = " + " + ".join(f"{k} {v:.2f}" for k, v in split.items()) +
                  f" + other {other:.2f} (AdamW, the loop); peak allocated {res['peak_allocated_gib']:.1f} GiB")
     lines.append("grpo sampler/trainer log-prob gap per step (mean | max): " +
