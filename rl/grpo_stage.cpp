@@ -17,11 +17,11 @@
 
 #include "core/model/lm_head_logprobs.h"
 #include "core/model/qwen2.h"
-#include "core/train/memory_estimate.h"
 #include "core/runtime/device.h"
 #include "core/runtime/log.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/train/from_recipe.h"
+#include "core/train/memory_estimate.h"
 #include "core/train/stage_setup.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
