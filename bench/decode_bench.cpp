@@ -82,8 +82,9 @@ rollout::EngineOptions engine_options(int64_t slots, int64_t vocab) {
   rollout::EngineOptions eo;
   eo.slots = slots;
   eo.vocab_limit = vocab;
-  // ENGINE BRANCH (switch on after merging it): the device-resident decode loop and CUDA graphs.
-  // eo.device_loop = true; eo.cuda_graphs = true;
+  // ENGINE BRANCH: once it is merged its defaults apply here (EngineOptions::device_loop = kAuto, the
+  // device-resident loop on CUDA; cuda_graphs = true). To pin them, switch on this line:
+  // eo.device_loop = rollout::DeviceLoopMode::kOn; eo.cuda_graphs = true;
   return eo;
 }
 
@@ -220,7 +221,7 @@ int run(int argc, char** argv) {
                   "batch: %lld prompts x %lld samples x %lld new tokens (slots %lld): %lld tokens in %.2f s = %.0f "
                   "tokens/s (prefill %.2f s, decode %.2f s, sampling %.2f s, %lld decode steps)",
                   static_cast<long long>(P), static_cast<long long>(G), static_cast<long long>(new_tokens),
-                  static_cast<long long>(P * G), static_cast<long long>(st.generated_tokens), st.total_s,
+                  static_cast<long long>(st.slots), static_cast<long long>(st.generated_tokens), st.total_s,
                   st.tokens_per_s(), st.prefill_s, st.decode_s, st.sample_s, static_cast<long long>(st.decode_steps));
     summary.push_back(line);
     // The KV cache the batch used, made again after free_cache(): what releasing it before each GRPO
