@@ -17,9 +17,11 @@
 
 #include "core/model/lm_head_logprobs.h"
 #include "core/model/qwen2.h"
+#include "core/runtime/device.h"
 #include "core/runtime/log.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/train/from_recipe.h"
+#include "core/train/memory_estimate.h"
 #include "core/train/stage_setup.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
@@ -98,6 +100,13 @@ void GrpoSection::visit(config::Visitor& v) {
         "top_p, top_k) and log their mean verifier reward as eval/sampled_accuracy (TRL evaluates with "
         "sampling); each prompt's seed is fixed, so every eval scores the same draws; 0 = greedy only");
   v.opt(eval_at_start, "eval_at_start", true, "log the held-out accuracy before the first step (fresh runs)");
+  v.choice(reference_device, "reference_device", "same", {"same", "host"},
+           "where the frozen reference copy of full fine-tuning (beta != 0) lives: same = on the policy's device "
+           "for the whole run (one more model's memory there); host = in (pinned) host memory, copied to the device "
+           "once per generation batch for its reference pass and freed after, so the update and the KV cache never "
+           "share the device with it (OpenRLHF's --ref_reward_offload, verl's ref param_offload); costs one "
+           "host-to-device copy of the weights per generation batch. No effect under model.lora (the reference is "
+           "the policy with its adapters off) or on the CPU (host memory is the device's)");
 }
 
 void GrpoSection::validate(config::Errors& e) const {
@@ -201,6 +210,37 @@ uint64_t mix64(uint64_t x) {  // splitmix64 finalizer
   return x ^ (x >> 31);
 }
 
+// Points every weight of `m` at f(weight): the fields Qwen2Model::named_parameters lists.
+template <class F>
+void map_weights(model::Qwen2Model& m, F&& f) {
+  m.embed_tokens_ = f(m.embed_tokens_);
+  for (auto& l : m.layers_)
+    for (at::Tensor* t : {&l.input_layernorm, &l.q_proj_w, &l.q_proj_b, &l.k_proj_w, &l.k_proj_b, &l.v_proj_w,
+                          &l.v_proj_b, &l.o_proj_w, &l.post_attention_layernorm, &l.gate_proj_w, &l.up_proj_w,
+                          &l.down_proj_w})
+      *t = f(*t);
+  m.norm_ = f(m.norm_);
+  if (m.lm_head_.defined()) m.lm_head_ = f(m.lm_head_);
+  if (m.score_.defined()) m.score_ = f(m.score_);
+}
+
+double weight_bytes(const model::Qwen2Model& m) {
+  double b = 0;
+  for (const auto& [name, t] : m.named_parameters()) b += static_cast<double>(t.numel()) * static_cast<double>(t.element_size());
+  return b;
+}
+std::string gib_text(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f GiB", bytes / (1024.0 * 1024.0 * 1024.0));
+  return buf;
+}
+
+// Waits for the device's queued work where it runs asynchronously (CUDA), so a phase's wall time is
+// its own; nothing on the CPU or meta.
+void sync_for_timing(const at::Device& d) {
+  if (d.is_cuda()) torch::cuda::synchronize(d.has_index() ? d.index() : -1);
+}
+
 }  // namespace
 
 // The generation batch's pieces (outside the anonymous namespace: GrpoSlice, named in the header, holds them).
@@ -278,8 +318,13 @@ struct GrpoStage::Impl {
   int64_t pad_id = 0;
   std::vector<int64_t> stop_ids;
   model::Qwen2Model& policy = p.model;
-  model::Qwen2Model reference;  // on the policy's device
+  model::Qwen2Model reference;  // on the policy's device, or (ref_on_host) a copy in host memory
   bool has_ref = false;
+  bool ref_on_host = false;       // grpo.reference_device=host with a full-fine-tuning copy
+  int64_t reference_uploads = 0;  // host -> device copies of the reference (tests)
+  // time/update_s: from the end of the step's generation and reference phases (or, on a step
+  // without them, its first micro-batch) to the step's one read (its last micro-batch's read_back).
+  Clock::time_point update_t0 = Clock::now();
   std::unique_ptr<rollout::Engine> engine;
   std::unique_ptr<data::PreparedSet> train_set, eval_set;
   GrpoLossOptions loss_opt;
@@ -352,9 +397,31 @@ struct GrpoStage::Impl {
                     std::string(r.model.adapter.empty() ? ""
                                                         : ": model.path without model.adapter, not the adapter's model"));
         reference = *off;  // LoRA: the policy with its adapters off, sharing the frozen base (no copy)
+      } else if (g.reference_device == "host") {
+        // A copy straight from the policy's weights into host memory (never a second device copy);
+        // pinned when the policy is on a GPU, so each reference pass uploads it asynchronously.
+        const bool pin = p.device.is_cuda();
+        reference = policy;  // the handle (config, layers), then every weight replaced by a host copy
+        reference.clear_adapters();
+        map_weights(reference, [&](const at::Tensor& t) {
+          auto h = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(pin).requires_grad(false));
+          if (!t.is_meta()) h.copy_(t.detach());  // meta (tests) holds shapes, no numbers to copy
+          return h;
+        });
+        ref_on_host = true;
+        if (comm.rank() == 0)
+          log::info("grpo: the KL reference is a frozen copy in " + std::string(pin ? "pinned " : "") +
+                    "host memory (grpo.reference_device=host, " + gib_text(weight_bytes(policy)) + ")" +
+                    (p.device.is_cpu() ? std::string(", where the CPU policy reads it in place")
+                                       : ", copied to " + runtime::device_name(p.device) +
+                                             " for each generation batch's reference pass and freed after it"));
       } else {
         reference = policy.clone();
         reference.set_requires_grad(false);
+        if (comm.rank() == 0)
+          log::info("grpo: the KL reference is a frozen copy on " + runtime::device_name(p.device) +
+                    " beside the policy (" + gib_text(weight_bytes(policy)) +
+                    "; grpo.reference_device=host keeps it in host memory between steps)");
       }
       has_ref = true;
     }
@@ -695,6 +762,15 @@ struct GrpoStage::Impl {
       for (int64_t i : rows_) micro_batch_of[i] = k;
       slices.push_back(make_slice(gen, rows_));
     }
+    // The reference phase: every slice's reference log-probs, before the update (the reference is
+    // frozen, so they are the values pass 0 of each micro-batch would compute).
+    if (has_ref) {
+      const auto t_ref = Clock::now();
+      reference_pass(slices);
+      double ref_s = seconds_since(t_ref);
+      if (world > 1) ref_s = comm.all_reduce(ref_s, parallel::ReduceOp::kMax);
+      m.add("time/reference_s", ref_s);
+    }
     // Rollouts file.
     if (g.log_rollouts_every > 0 && generations % g.log_rollouts_every == 0)
       write_rollouts(*gen, micro_batch_of, step);
@@ -702,7 +778,7 @@ struct GrpoStage::Impl {
     buffer_next = 0;
     for (int64_t p = 0; p < mu; ++p) {
       for (int64_t k = 0; k < K; ++k) {
-        buffer.push_back({slices[k], p, p == 0 && k == 0});
+        buffer.push_back({slices[k], p, p == 0 && k == 0, k == K - 1});
       }
     }
     ++generations;
@@ -757,6 +833,22 @@ struct GrpoStage::Impl {
     return s;
   }
 
+  // Fills each slice's ref_logps (no gradients). With the reference in host memory: copies it to the
+  // policy's device (asynchronously from pinned memory, ordered before the forwards on the current
+  // stream), runs the slices, and drops the device copy (its blocks go back to the caching allocator
+  // for the update; the stream order makes that safe without a sync). Ends with one device sync on
+  // CUDA so the phase's time is its own.
+  void reference_pass(const std::vector<std::shared_ptr<Slice>>& slices) {
+    torch::NoGradGuard ng;
+    model::Qwen2Model ref = reference;  // a handle; with ref_on_host its weights are replaced below
+    if (ref_on_host) {
+      map_weights(ref, [&](const at::Tensor& t) { return t.to(p.device, t.scalar_type(), /*non_blocking=*/true); });
+      ++reference_uploads;
+    }
+    for (const auto& s : slices) s->ref_logps = token_logprobs(ref, *s).first;
+    sync_for_timing(p.device);
+  }
+
   // ℓ and H of every completion token, (B, Tc) each (0 at padding), for `m` (policy or reference).
   std::pair<at::Tensor, at::Tensor> token_logprobs(const model::Qwen2Model& m, const Slice& s) const {
     model::ForwardInput in;
@@ -791,10 +883,7 @@ struct GrpoStage::Impl {
     if (d.pass == 0) {
       // Pass 0 runs before any update of this generation batch: the detached ℓ IS ℓ^old.
       s.old_logps = logps.detach();
-      if (has_ref) {
-        torch::NoGradGuard ng;
-        s.ref_logps = token_logprobs(reference, s).first;
-      }
+      PTK_CHECK(!has_ref || s.ref_logps.defined(), "grpo: a micro-batch reached the loss without its reference pass");
       if (r.grpo.vllm_importance_sampling_correction) {
         auto w = grpo_importance_weights(s.old_logps, s.sampler_logps, s.mask, is_opt, /*read_metrics=*/false);
         s.is_weights = w.weights;
@@ -822,7 +911,12 @@ struct GrpoStage::Impl {
     // batch; per-micro-batch gmeans as ratios.
     std::shared_ptr<GenBatch> gen = d.first_of_generation ? s.gen : nullptr;
     std::function<NamedValues()> is_metrics = d.pass == 0 ? s.is_metrics : nullptr;
-    out.read_back = [gen, is_metrics, read = std::move(res.read_metrics)](train::LossOut& o) {
+    // The update phase ends at the step's one read, which runs the last micro-batch's read_back
+    // after every backward and the clipping (AdamW comes after it, outside).
+    const bool last_of_step = d.last_of_step;
+    const Clock::time_point t_update = update_t0;
+    out.read_back = [gen, is_metrics, last_of_step, t_update, read = std::move(res.read_metrics)](train::LossOut& o) {
+      if (last_of_step) o.metrics.add("time/update_s", seconds_since(t_update));
       if (gen)
         for (auto& [k, v] : gen->metrics.values()) o.metrics.add(k, v);
       if (is_metrics)
@@ -1028,6 +1122,7 @@ int64_t GrpoStage::micro_batches_per_epoch() const { return impl_->gens_per_epoc
 MbData GrpoStage::next_batch(int64_t* targets, int64_t* tokens) {
   auto& s = *impl_;
   if (s.buffer_next >= s.buffer.size()) s.generate_batch();
+  if (s.buffer_next % static_cast<size_t>(s.K) == 0) s.update_t0 = Clock::now();  // a step's first micro-batch
   const MbData& d = s.buffer[s.buffer_next++];
   *targets = d.slice->active_tokens;
   *tokens = d.slice->tokens;
@@ -1069,25 +1164,33 @@ train::MicroBatch GrpoStage::prepared_micro_batch(const std::vector<std::vector<
     rows.push_back(static_cast<int64_t>(i));
   }
   auto slice = impl_->make_slice(gen, rows);
-  auto d = std::make_shared<MbData>(MbData{slice, 0, false});
+  if (impl_->has_ref) impl_->reference_pass({slice});
+  auto d = std::make_shared<MbData>(MbData{slice, 0, false, false});
   return {d, slice->active_tokens, slice->tokens, &typeid(MbData)};
 }
 
 bool GrpoStage::has_reference() const { return impl_->has_ref; }
+bool GrpoStage::reference_on_host() const { return impl_->ref_on_host; }
+int64_t GrpoStage::reference_uploads() const { return impl_->reference_uploads; }
 optim::NamedTensors GrpoStage::reference_parameters() const {
   return impl_->has_ref ? impl_->reference.named_parameters() : optim::NamedTensors{};
 }
 const model::Qwen2Model& GrpoStage::policy() const { return impl_->policy; }
 const GrpoLossInputs& GrpoStage::last_loss_inputs() const { return impl_->last; }
 
+void add_memory_plan(const GrpoRecipe& r, train::MemoryPlan* plan) {
+  plan->live_reference = r.grpo.beta != 0 && !r.lora.enabled;  // LoRA: the adapters-off policy, no copy
+  plan->reference_on_host = plan->live_reference && r.grpo.reference_device == "host";
+  plan->completion_len = r.grpo.max_completion_length;
+  plan->slots = r.rollout.slots;
+}
+
 std::string run_grpo(GrpoRecipe& r, const std::string& recipe_file, const std::string& resolved) {
   std::string run_dir = train::run_dir_of(r, recipe_file);  // made by trainer_options, after the rerun check
   torch::manual_seed(static_cast<uint64_t>(r.run.seed));
   auto opts = train::trainer_options(r, run_dir, resolved, "grpo");
   if (auto plan = train::memory_plan_from_recipe(r, train::StageKind::kGrpo)) {
-    plan->live_reference = r.grpo.beta != 0 && !r.lora.enabled;  // LoRA: the adapters-off policy, no copy
-    plan->completion_len = r.grpo.max_completion_length;
-    plan->slots = r.rollout.slots;
+    add_memory_plan(r, &*plan);
     train::check_memory_estimate(r, *plan, opts.comm);  // before the models, engine or data exist
   }
   GrpoStage stage(r, run_dir, opts.comm);

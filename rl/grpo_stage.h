@@ -21,6 +21,9 @@
 namespace ptk::model {
 class Qwen2Model;
 }
+namespace ptk::train {
+struct MemoryPlan;  // core/train/memory_estimate.h
+}
 
 namespace ptk::rl {
 
@@ -55,6 +58,8 @@ struct GrpoSection : config::Section {
   int64_t log_rollouts_every, eval_max_prompts, eval_max_new_tokens, eval_num_samples;
   std::string eval_verifier;
   bool eval_at_start;
+  // Placement (full fine-tuning with beta != 0): where the frozen reference copy lives between steps
+  std::string reference_device;
 
   const char* name() const override { return "grpo"; }
   const char* help() const override { return "GRPO: sampling, rewards, advantages, clipped objective (TRL names)"; }
@@ -114,6 +119,7 @@ struct GrpoMicroBatchData {
   std::shared_ptr<GrpoSlice> slice;
   int64_t pass = 0;
   bool first_of_generation = false;
+  bool last_of_step = false;  // the optimizer step's last micro-batch (it logs time/update_s)
 };
 
 // One rank's GRPO stage. Generation batch per rank = train.micro_batch_size * train.grad_accum
@@ -123,7 +129,10 @@ class GrpoStage : public train::TypedStage<GrpoMicroBatchData> {
  public:
   // `comm`: the data-parallel group (rewards are gathered over it so advantages see the global
   // batch). Loads the policy (model.path or model.config) and, when beta != 0, a frozen clone
-  // (with model.lora: the policy with its adapters off, sharing the frozen base).
+  // (with model.lora: the policy with its adapters off, sharing the frozen base; with
+  // grpo.reference_device=host: a copy in host memory). The reference log-probs of a generation
+  // batch are computed right after it is generated and scored, before its first update (a step's
+  // phases: time/generate_s, time/score_s, time/reference_s, time/update_s in metrics.jsonl).
   // `extra_rewards`: C++ reward sources grpo.reward_funcs may name (verifier names win).
   GrpoStage(GrpoRecipe& recipe, const std::string& run_dir, parallel::Comm comm = {},
             std::vector<RewardFunction> extra_rewards = {});
@@ -156,7 +165,13 @@ class GrpoStage : public train::TypedStage<GrpoMicroBatchData> {
                                          const std::vector<std::vector<int64_t>>& completions,
                                          const std::vector<double>& advantages);
   bool has_reference() const;
+  // The reference's stored weights (with grpo.reference_device=host: the host copy, not a device one).
   optim::NamedTensors reference_parameters() const;
+  // grpo.reference_device=host took effect (a full-fine-tuning reference kept in host memory).
+  bool reference_on_host() const;
+  // How many times the host reference was copied to the policy's device (once per reference pass:
+  // each generation batch, each prepared_micro_batch); 0 when it lives on the device.
+  int64_t reference_uploads() const;
   const model::Qwen2Model& policy() const;
   const GrpoLossInputs& last_loss_inputs() const;
   // The rollout engine's figures for the last generation call (tests: packed weights kept under LoRA).
@@ -166,6 +181,10 @@ class GrpoStage : public train::TypedStage<GrpoMicroBatchData> {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// The GRPO terms of the memory plan (`ptk plan` and run_grpo's check): the live reference (a copy
+// only without LoRA), where it lives (grpo.reference_device), completion length and KV-cache slots.
+void add_memory_plan(const GrpoRecipe& recipe, train::MemoryPlan* plan);
 
 // Runs the whole stage and writes run_dir/final. Returns the run folder.
 // Besides the run folder every stage writes, GRPO writes rollouts/step-N.jsonl (N: the first

@@ -10,7 +10,16 @@
 #      and cuda_stages_test (`ptk sft` 50 steps run.device=cuda (bf16) vs cpu (fp32) within bf16
 #      tolerance; DPO, RM, GRPO steps vs the CPU), the commands that place models on a GPU (forward,
 #      generate), then the HF fixture tests on this machine's CPU (qwen2_test) if time is left;
-#   4. the benchmark (bench/gpu_sft_bench.py): `ptk sft` at the Qwen2.5-0.5B and 3B shapes, random
+#   4. the RL benchmarks (bench/gpu_rl_bench.py, parts in PTK_GPU_CHECK_RL, default "decode rollout grpo"):
+#      decode: bench/decode_bench at the 0.5B and 1.5B shapes, bf16, batch 1: the engine's decode
+#      tokens/s against the memory-bandwidth bound (weight bytes / the measured device-to-device copy
+#      rate; goal >= 60%); rollout: 64 prompts x 8 samples x 512 new tokens at the 1.5B shape, the
+#      engine beside transformers' generate re-written in plain PyTorch (bench/hf_generate_baseline.py:
+#      no transformers here), same prompts, same GPU (goal >= 5x); grpo: `ptk grpo` at the 1.5B shape,
+#      random init, bf16, 8 prompts x 8 samples x 256 tokens a step, beta 0.04 with the reference in
+#      host memory (grpo.reference_device=host), 3 steps: seconds per step and its phase split, the
+#      sampler/trainer log-prob gap per step. In bench.json as "bench-rl-<part>";
+#   5. the SFT benchmark (bench/gpu_sft_bench.py): `ptk sft` at the Qwen2.5-0.5B and 3B shapes, random
 #      init, bf16 with fp32 master weights, packed rows of 4096 tokens, 4 micro-batches a step, 2
 #      warm-up + 5 measured steps: tokens/s, MFU against 989 TFLOP/s (H100 SXM / H200 bf16 dense) and
 #      peak GPU memory, beside the same step in plain PyTorch (bench/torch_sft_baseline.py);
@@ -27,7 +36,8 @@
 # PTK_GPU_CHECK_BUDGET seconds (default 540: the device tool allows 600 a command).
 #   scripts/gpu_check.sh OUT_DIR      env: PTK_TORCH_DIR (default: python3's torch),
 #                                     PTK_GPU_CHECK_BUDGET, PTK_GPU_CHECK_SHAPES (default "0.5b 3b"; none),
-#                                     PTK_GPU_CHECK_LORA (default "7b"; "" for none)
+#                                     PTK_GPU_CHECK_LORA (default "7b"; "" for none),
+#                                     PTK_GPU_CHECK_RL (default "decode rollout grpo"; "" for none)
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -39,6 +49,7 @@ BUDGET=${PTK_GPU_CHECK_BUDGET:-540}
 SHAPES=${PTK_GPU_CHECK_SHAPES:-"0.5b 3b"}
 [ "$SHAPES" = none ] && SHAPES=
 LORA_SHAPES=${PTK_GPU_CHECK_LORA-"7b"}
+RL_PARTS=${PTK_GPU_CHECK_RL-"decode rollout grpo"}
 SUMMARY=$OUT/summary.txt
 : > "$SUMMARY"
 
@@ -131,9 +142,44 @@ test_part cuda_stages_test 180
 test_part forward_cmd_test 60
 test_part generate_cmd_test 60
 
-# 4. benchmark
+# 4. RL benchmarks (tests first, then these: the figures issue 29 asks for), then 5. SFT
 bench_ok=yes
-[ "$gpu" = yes ] || { say "bench: not run (no usable GPU: nvidia-smi -L failed)"; SHAPES=; LORA_SHAPES=; bench_ok=no; }
+[ "$gpu" = yes ] || { say "bench: not run (no usable GPU: nvidia-smi -L failed)"; SHAPES=; LORA_SHAPES=; RL_PARTS=; bench_ok=no; }
+# Results of every bench-* folder into OUT/bench.json.
+collect() {
+  python3 - "$WORK" "$OUT/bench.json" <<'EOF' 2>/dev/null
+import glob, json, os, sys
+res = {}
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "bench-*", "result.json"))):
+    res[os.path.basename(os.path.dirname(f))] = json.load(open(f))
+json.dump(res, open(sys.argv[2], "w"), indent=1)
+EOF
+}
+for rl in $RL_PARTS; do
+  case "$rl" in
+    decode) cap=90; extra=(--shapes "0.5b 1.5b" --decode-tokens 512) ;;
+    rollout) cap=200; extra=(--shape 1.5b --prompts 64 --samples 8 --new-tokens 512) ;;
+    grpo) cap=150; extra=(--shape 1.5b --prompts-per-step 8 --samples 8 --new-tokens 256 --steps 3 --reference-device host) ;;
+    *) say "bench-rl-$rl: unknown part (decode, rollout, grpo)"; continue ;;
+  esac
+  # Each side's own limit: the rollout part runs two (the engine, then the baseline).
+  side=$([ "$rl" = rollout ] && echo $(( (cap - 20) / 2 )) || echo $(( cap - 20 )))
+  part "bench-rl-$rl" "$cap" python3 bench/gpu_rl_bench.py "$rl" --bin "$BIN" --out "$WORK/bench-rl-$rl" \
+    --timeout "$side" "${extra[@]}"
+  [ "$rc" = 0 ] || bench_ok=no
+  if [ -s "$WORK/bench-rl-$rl/result.txt" ]; then
+    sed 's/^/  /' "$WORK/bench-rl-$rl/result.txt" >> "$SUMMARY"
+  else
+    say "  bench-rl-$rl: no result ($(tail -n 3 "$LOGS/bench-rl-$rl.log" 2>/dev/null | tr '\n' ' '))"
+  fi
+  mkdir -p "$LOGS/bench-rl-$rl"
+  (cd "$WORK/bench-rl-$rl" 2>/dev/null &&
+    find . \( -name '*.log' -o -name '*.json' -o -name 'metrics.jsonl' -o -name 'result.txt' \) -size -2M \
+      -not -path './run/final/*' -not -path './data/*' -not -name 'prompts.json' -exec cp --parents {} "$LOGS/bench-rl-$rl/" \;)
+  collect
+  pack
+  rm -rf "$WORK/bench-rl-$rl/run/final" "$WORK/bench-rl-$rl/run/checkpoints"  # a 1.5B final/ is 3 GB
+done
 runs=""
 for shape in $SHAPES; do runs="$runs $shape"; done
 for shape in $LORA_SHAPES; do runs="$runs $shape-lora"; done
@@ -161,13 +207,7 @@ for shape in $runs; do
   (cd "$WORK/bench-$shape" 2>/dev/null &&
     find . \( -name '*.log' -o -name '*.json' -o -name 'metrics.jsonl' -o -name 'result.txt' \) -size -2M \
       -not -path './*/run/final/*' -not -path './*/data/*' -exec cp --parents {} "$LOGS/bench-$shape/" \;)
-  python3 - "$WORK" "$OUT/bench.json" <<'EOF' 2>/dev/null
-import glob, json, os, sys
-res = {}
-for f in sorted(glob.glob(os.path.join(sys.argv[1], "bench-*", "result.json"))):
-    res[os.path.basename(os.path.dirname(f))] = json.load(open(f))
-json.dump(res, open(sys.argv[2], "w"), indent=1)
-EOF
+  collect
   pack
   rm -rf "$WORK/bench-$shape/ptk/run/final" "$WORK/bench-$shape/ptk/run/checkpoints"  # disk: a 3B final/ is 6 GB
 done

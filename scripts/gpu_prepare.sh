@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stages what scripts/gpu_check.sh runs on a GPU machine into .gpu/ (git-ignored): ptk, the tests
-# that exercise CUDA and the HF fixtures, built here against the same torch==2.11.0 wheel the GPU
-# machines have installed, and the non-LibTorch shared libraries they load (Boost.Program_options,
+# that exercise CUDA and the HF fixtures, and bench/decode_bench (the RL benchmark; its Python
+# drivers are files of the tree, carried with it), built here against the same torch==2.11.0 wheel
+# the GPU machines have installed, and the non-LibTorch shared libraries they load (Boost.Program_options,
 # abseil, PCRE2, utf8proc, OpenSSL's libcrypto; libstdc++ as a fallback). The GPU machines have no
 # network and none of Debian's -dev packages, and building there would spend most of the check's
 # minutes compiling: this is the "carry a ptk built here" route. Pass `.gpu` in the device tool's
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 BUILD_DIR=${PTK_BUILD_DIR:-build}
 # The binaries gpu_check.sh runs, as paths in the build folder; the ninja target is the file name.
 BINARIES=(bin/ptk tests/cuda/cuda_test tests/cuda/cuda_stages_test tests/model/qwen2_test tests/model/forward_cmd_test
-          tests/rollout/generate_cmd_test)
+          tests/rollout/generate_cmd_test bench/decode_bench)
 scripts/build.sh "$@" >/dev/null
 ninja -C "$BUILD_DIR" "${BINARIES[@]##*/}" >/dev/null
 

@@ -31,11 +31,7 @@ void add_sft(const sft::SftRecipe& r, train::MemoryPlan* p) {
 void add_rm(const reward::RmRecipe& r, train::MemoryPlan* p) {
   p->eval_micro_batch_size = !data::has_eval_data(r.data) ? 0 : r.rm.eval_micro_batch_size;
 }
-void add_grpo(const rl::GrpoRecipe& r, train::MemoryPlan* p) {
-  p->live_reference = r.grpo.beta != 0 && !r.lora.enabled;  // LoRA: the adapters-off policy (grpo_stage.cpp)
-  p->completion_len = r.grpo.max_completion_length;
-  p->slots = r.rollout.slots;
-}
+void add_grpo(const rl::GrpoRecipe& r, train::MemoryPlan* p) { rl::add_memory_plan(r, p); }
 // dpo.precompute_ref_log_probs=auto goes live where a second model fits beside the policy (run_dpo);
 // `avail` is what the plan is compared with.
 std::string add_dpo(const rl::DpoRecipe& r, train::MemoryPlan* p, const train::AvailableMemory& avail) {

@@ -198,7 +198,9 @@ MemoryEstimate estimate_memory(const MemoryPlan& p) {
   }
   // A second model beside the policy. The stages set live_reference only for a real copy: under LoRA
   // the reference is the base with the adapters off, unless dpo.ref_path loads another model.
-  if (p.live_reference)
+  // grpo.reference_device=host on a GPU: in host memory between passes (a phase below, not resident).
+  const bool ref_uploaded = p.live_reference && p.reference_on_host && p.cuda;
+  if (p.live_reference && !ref_uploaded)
     e.resident.push_back({"frozen reference model",
                           p.stage == StageKind::kGrpo ? "grpo.beta != 0"
                           : p.lora                    ? "dpo.ref_path with model.lora.enabled"
@@ -260,6 +262,17 @@ MemoryEstimate estimate_memory(const MemoryPlan& p) {
                       {{"reference forward without gradients",
                         kv("dpo.precompute_ref_batch_size", pairs) + " pairs x " + kv("data.max_seq_len", T),
                         no_grad_forward_bytes(p, s, 2 * pairs, T, true)}}});
+  }
+  if (ref_uploaded) {
+    // The copy uploaded for the pass, with every slice's forward (one micro-batch at a time): the KV
+    // cache is freed before it and the update's activations come after it.
+    const double len = T + static_cast<double>(p.completion_len);
+    phases.push_back({"reference log-prob pass",
+                      {{"frozen reference model (uploaded from host memory)", "grpo.reference_device=host", P * b},
+                       {"reference forward without gradients",
+                        kv("train.micro_batch_size", mb) + " x (" + kv("data.max_seq_len", T) + " + " +
+                            kv("grpo.max_completion_length", static_cast<double>(p.completion_len)) + ")",
+                        no_grad_forward_bytes(p, s, mb, len, true)}}});
   }
   auto generation = [&](const std::string& name, double slots, double len, const std::string& keys) {
     Phase ph{name, {}};

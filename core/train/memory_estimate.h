@@ -9,6 +9,8 @@
 //   resident  = weights P·b + gradients P·b + AdamW moments 8P (+ fp32 master 4P with bf16; / ranks
 //               with train.zero1) + a live frozen reference P·b (dpo live, grpo beta != 0)
 //               + 0.5 GiB for LibTorch, MKL and ptk themselves (CPU)
+//               (grpo.reference_device=host on CUDA: the reference is not resident on the device; it is
+//               a phase of its own, "reference log-prob pass": P·b + its forward without gradients)
 //   with LoRA (model.lora.enabled): the frozen base P·b (no gradients, no AdamW state, no fp32
 //               master) + the adapters' Pl parameters with gradients, moments and masters as above
 //               (Pl = r·(in + out) per adapted linear and layer, plus modules_to_save, which are
@@ -67,6 +69,8 @@ struct MemoryPlan {
   int64_t heldout_new_tokens = 0;     // <stage>.eval_max_new_tokens when eval_prompts is set; 0 = none
   // dpo
   bool live_reference = false;        // a frozen reference beside the policy for the whole run (dpo, grpo)
+  bool reference_on_host = false;     // grpo.reference_device=host: that reference sits in host memory and
+                                      // is on a CUDA device only for its pass (no effect on the CPU)
   int64_t reference_pass_pairs = 0;   // dpo.precompute_ref_batch_size when the reference pass runs
   // grpo
   int64_t completion_len = 0;         // grpo.max_completion_length

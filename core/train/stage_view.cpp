@@ -194,7 +194,9 @@ StageView stage_view(const std::string& stage) {
     v.plots = {"loss", "eval/loss", "accuracy", "eval/accuracy", "margin", "eval/margin"};
     v.table = {"loss", "accuracy", "margin", "learning_rate", "grad_norm", "tokens_per_s"};
   } else if (stage == "grpo") {
-    v.progress = {"reward", "reward_std", "kl", "clip_ratio/region_mean", "entropy", "completions/mean_length"};
+    // The phases of a step (rollout, its scoring, the reference pass, the update) close the line.
+    v.progress = {"reward", "reward_std", "kl", "clip_ratio/region_mean", "entropy", "completions/mean_length",
+                  "time/generate_s", "time/score_s", "time/reference_s", "time/update_s"};
     v.eval = {"accuracy", "sampled_accuracy", "completions/mean_length"};
     v.plots = {"reward",         "reward_std", "eval/accuracy", "eval/sampled_accuracy",
                "kl",             "entropy",    "clip_ratio/region_mean", "completions/mean_length",

@@ -392,5 +392,59 @@ TEST(GrpoStage, ResumeAfterAKillIsBitForBit) {
   for (auto& [name, t] : a) EXPECT_TRUE(torch::equal(t, b.at(name))) << name;
 }
 
+// grpo.reference_device=host: the reference lives in host memory and is uploaded for each
+// generation batch's reference pass. On the CPU host memory is the device's, so the run must be the
+// same number for number as with the reference on the device; the upload path is taken once per
+// generation batch (mu = 2: 2 batches in 4 steps). Every step logs its phases; the reference phase
+// comes with the generation batch, the update with every step.
+TEST(GrpoStage, ReferenceOnHostGivesTheSameRun) {
+  at::set_num_threads(1);
+  Fixture f;
+  std::vector<std::string> ov = {"grpo.beta=0.1", "train.max_steps=4", "grpo.num_iterations=2", "train.eval_every=0"};
+  std::map<std::string, std::string> dirs;
+  for (const char* where : {"same", "host"}) {
+    SCOPED_TRACE(where);
+    auto o = ov;
+    o.push_back(std::string("grpo.reference_device=") + where);
+    auto r = f.recipe(std::string("ref-") + where, o);
+    GrpoStage stage(*r, r->run.dir, {}, letters());
+    ASSERT_TRUE(stage.has_reference());
+    EXPECT_EQ(stage.reference_on_host(), std::string(where) == "host");
+    train::Trainer(stage, options_for(*r)).run();
+    EXPECT_EQ(stage.reference_uploads(), std::string(where) == "host" ? 2 : 0);
+    for (auto& [n, t] : stage.reference_parameters()) EXPECT_TRUE(t.device().is_cpu()) << n;
+    dirs[where] = r->run.dir;
+  }
+  auto rows = [](const std::string& dir) {
+    std::vector<std::string> out;
+    std::istringstream in(read_file(dir + "/metrics.jsonl"));
+    std::string line;
+    while (std::getline(in, line)) out.push_back(line);
+    return out;
+  };
+  auto same = rows(dirs["same"]), host = rows(dirs["host"]);
+  ASSERT_EQ(same.size(), 4u);
+  ASSERT_EQ(host.size(), 4u);
+  for (size_t i = 0; i < same.size(); ++i) {
+    auto a = json::parse(same[i], "same"), b = json::parse(host[i], "host");
+    const bool generation_step = i % 2 == 0;
+    std::vector<const char*> keys = {"loss", "kl", "grad_norm", "entropy"};
+    if (generation_step) keys.push_back("reward");
+    for (const char* k : keys) {
+      ASSERT_TRUE(a.HasMember(k) && b.HasMember(k)) << k << " at step " << i + 1;
+      EXPECT_EQ(a[k].GetDouble(), b[k].GetDouble()) << k << " at step " << i + 1;
+    }
+    if (i > 0) EXPECT_GT(a["kl"].GetDouble(), 0) << "step " << i + 1 << ": the policy has moved from the reference";
+    for (const auto* d : {&a, &b}) {
+      EXPECT_TRUE(d->HasMember("time/update_s")) << "step " << i + 1;
+      EXPECT_EQ(d->HasMember("time/reference_s"), generation_step) << "step " << i + 1;
+      EXPECT_EQ(d->HasMember("time/generate_s"), generation_step) << "step " << i + 1;
+    }
+  }
+  auto pa = checkpoint::read_checkpoint_tensors(dirs["same"] + "/final");
+  auto pb = checkpoint::read_checkpoint_tensors(dirs["host"] + "/final");
+  for (auto& [name, t] : pa) EXPECT_TRUE(torch::equal(t, pb.at(name))) << name;
+}
+
 }  // namespace
 }  // namespace ptk::rl

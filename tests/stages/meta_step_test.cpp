@@ -270,5 +270,29 @@ TEST(MetaStep, GrpoLossOnAPreparedBatch) {
   }
 }
 
+// grpo.reference_device=host: the reference stays on the CPU (host memory) while the policy is on
+// meta; the prepared batch's reference pass uploads it to the policy's device and its log-probs are
+// made there (a CPU forward mixed with the meta batch would fail); the host copy stays on the CPU.
+TEST(MetaStep, GrpoReferenceOnHost) {
+  Fixture f;
+  rl::GrpoRecipe r;
+  f.bind(r, f.keys("grpo-host", "prompts.jsonl",
+                   {"train.micro_batch_size=4", "train.grad_accum=1", "grpo.num_generations=4", "grpo.beta=0.04",
+                    "grpo.max_completion_length=8", "grpo.reward_funcs=[\"math\"]", "grpo.reference_device=host"}));
+  rl::GrpoStage stage(r, r.run.dir);
+  ASSERT_TRUE(stage.has_reference());
+  ASSERT_TRUE(stage.reference_on_host());
+  for (auto& [name, t] : stage.reference_parameters()) EXPECT_TRUE(t.device().is_cpu()) << name << " is on " << t.device();
+  for (auto& [name, t] : stage.parameters()) expect_meta(t, name);
+  EXPECT_EQ(stage.reference_uploads(), 0);
+  train::MicroBatch mb = stage.prepared_micro_batch({{72, 105, 63}, {72, 105, 63}, {50, 43, 50, 61}, {50, 43, 50, 61}},
+                                                    {{52, 258}, {53, 53, 46}, {52, 258}, {120}}, {0.5, -0.5, 1.0, -1.0});
+  EXPECT_EQ(stage.reference_uploads(), 1);
+  train::LossOut out = stage.loss(mb, static_cast<double>(mb.targets));
+  expect_meta(out.loss, "the loss");
+  expect_meta(stage.last_loss_inputs().batch.ref_logps, "the reference log-probs");
+  for (auto& [name, t] : stage.reference_parameters()) EXPECT_TRUE(t.device().is_cpu()) << name;
+}
+
 }  // namespace
 }  // namespace ptk

@@ -126,6 +126,43 @@ TEST(MemoryEstimate, TermsFollowTheRecipe) {
   EXPECT_DOUBLE_EQ(term(g.peak, "KV cache"), 4096.0 * 1024 * 24 * 2 * 128 * 4);
 }
 
+// grpo.reference_device=host on a GPU: the reference copy leaves the device's resident terms and
+// becomes a phase of its own (the copy uploaded for the pass + its forward without gradients); the
+// run then peaks at the largest of the training step, the generation and that pass, so the estimate
+// drops by the reference's P·b exactly when the pass is not the peak. On the CPU host memory is the
+// device's: nothing changes.
+TEST(MemoryEstimate, GrpoReferenceOnHostLeavesTheDevice) {
+  MemoryPlan same = plan_05b(StageKind::kGrpo);
+  same.bf16 = true;
+  same.cuda = true;
+  same.live_reference = true;
+  same.micro_batch_size = 8;
+  same.max_seq_len = 256;
+  same.completion_len = 512;
+  same.slots = 64;
+  MemoryPlan host = same;
+  host.reference_on_host = true;
+  const auto a = estimate_memory(same), b = estimate_memory(host);
+  const double P = a.parameters;
+  EXPECT_DOUBLE_EQ(term(a.resident, "frozen reference model"), 2 * P);
+  for (const auto& t : b.resident) EXPECT_NE(t.what, "frozen reference model");
+  // Here the training step (8 x 768 tokens of activations) is larger than the reference pass.
+  EXPECT_EQ(b.phase, "training step");
+  EXPECT_DOUBLE_EQ(a.total_bytes - b.total_bytes, 2 * P);
+  // One row of 64 tokens: the pass (the uploaded copy) is the peak, and the estimate says so.
+  MemoryPlan small = host;
+  small.micro_batch_size = 1;
+  small.max_seq_len = 32;
+  small.completion_len = 32;
+  small.slots = 1;
+  const auto c = estimate_memory(small);
+  EXPECT_EQ(c.phase, "reference log-prob pass");
+  EXPECT_DOUBLE_EQ(term(c.peak, "frozen reference model (uploaded from host memory)"), 2 * P);
+  // The CPU: the same estimate either way.
+  same.cuda = host.cuda = false;
+  EXPECT_DOUBLE_EQ(estimate_memory(same).total_bytes, estimate_memory(host).total_bytes);
+}
+
 // LoRA (issue 28): r·(in + out) per adapted linear and layer, as PEFT counts them (its
 // print_trainable_parameters for Qwen2.5-0.5B, r=16, all-linear: 8,798,208), modules_to_save beside.
 TEST(MemoryEstimate, CountsLoraParametersAsPeft) {

@@ -55,6 +55,11 @@ TEST(StageView, ProgressLineShowsEachStagesMetricsWithUnits) {
   EXPECT_EQ(progress_metrics(stage_view("grpo"), grpo),
             "reward 1.127 | reward_std 0.43 | kl 0.00123 nats | clip_ratio/region_mean 0.5% | "
             "completions/mean_length 18.2 tok | 1,234,567 tok/s");
+  // A generation step's phases close GRPO's line, in step order (absent ones, e.g. no reference, skipped).
+  grpo.add("time/update_s", 2.5).add("time/generate_s", 12.25).add("time/score_s", 0.5);
+  EXPECT_EQ(progress_metrics(stage_view("grpo"), grpo),
+            "reward 1.127 | reward_std 0.43 | kl 0.00123 nats | clip_ratio/region_mean 0.5% | "
+            "completions/mean_length 18.2 tok | time/generate_s 12.2s | time/score_s 0.5s | time/update_s 2.5s | 1,234,567 tok/s");
   // A NaN (no target in the step) says so instead of printing "nan".
   Metrics nan;
   nan.add("loss", std::nan(""));
