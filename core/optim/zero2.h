@@ -48,10 +48,14 @@ class Zero2AdamW {
   // ranks), as a 0-dim tensor on the parameters' device (float64); scales the shard by
   // min(1, max_norm / (norm + 1e-6)) when max_norm > 0, as clip_grad_norm_tensor does for a whole
   // gradient, and leaves it as it is when the norm is not finite. On the CPU the decision is taken on
-  // the host; on CUDA it stays a device scalar (no host read). First call of a step: one small host
-  // all-reduce of which parameters had a gradient on any rank (as GradSync's).
+  // the host; on CUDA the norm, its all-reduce and the scaling stay on the device (no host read). But
+  // the first call of a step (or step()) makes one small host all-reduce of which parameters had a
+  // gradient on any rank (as GradSync does), so that AdamW skips those none had, as on one rank: on
+  // NCCL that one waits for the device.
   at::Tensor clip_grad_norm(double max_norm);
-  // Updates this rank's chunks from the gradient shard, then all-gathers the parameters.
+  // Updates this rank's chunks from the gradient shard, then all-gathers the parameters: one
+  // collective over a transient (world x shard_numel) buffer, the size of the parameters (ZeRO-1 keeps
+  // such a buffer for the whole run); on NCCL it blocks the host until done, as ZeRO-1's does.
   void step(double lr);
   // Clears the gradient shard (and any .grad left by a backward outside begin/end_backward).
   void zero_grad();
