@@ -567,6 +567,12 @@ int64_t Trainer::run() {
     if (main) log::info("wrote " + o.run_dir + "/final (step " + std::to_string(s.step) + ")");
     return 0;
   }
+  if (main && (comm.world_size() > 1 || s.sharding != "none")) {
+    std::string what = "data parallel: " + std::to_string(comm.world_size()) + " rank" +
+                       (comm.world_size() == 1 ? "" : "s") + " over " + comm.backend() + ", train.sharding=" + s.sharding;
+    if (s.zero2) what += " (" + std::to_string(s.zero2->num_buckets()) + " gradient buckets, reduce-scattered)";
+    log::info(what);
+  }
   s.run_start = Clock::now();
   s.run_start_step = s.step;
   std::unique_ptr<MetricsWriter> metrics;
