@@ -163,7 +163,12 @@ void TrainSection::visit(Visitor& v) {
   v.opt(log_every, "log_every", 1, "steps between progress lines (metrics.jsonl gets every step)");
   v.opt(zero1, "zero1", false,
         "ZeRO-1: each rank keeps 1/N of the optimizer state (less memory, one all-gather a step); "
-        "resume needs the same number of ranks");
+        "resume needs the same number of ranks. The older spelling of train.sharding=zero1");
+  v.choice(sharding, "sharding", "none", {"none", "zero1", "zero2"},
+           "what the N data-parallel ranks split: none | zero1 (AdamW moments and fp32 masters: 1/N each, one "
+           "all-gather of the weights a step) | zero2 (also the gradients: each micro-batch's are reduce-scattered "
+           "during backward, so a rank holds 1/N of them; grad_accum reduce-scatters a step); weights stay whole on "
+           "every rank. Resume needs the same mode and number of ranks; train.zero1=true means zero1");
   v.opt(memory_check, "memory_check", true,
         "before loading anything, estimate the run's peak memory (weights, gradients, AdamW state, "
         "activations, logits, KV cache) and refuse the recipe when it exceeds the memory available here, "
@@ -184,6 +189,9 @@ void TrainSection::validate(Errors& e) const {
   if (grad_accum < 1) e.add("train.grad_accum must be >= 1, got " + std::to_string(grad_accum));
   if (eval_every < 0) e.add("train.eval_every must be >= 0, got " + std::to_string(eval_every));
   if (log_every < 1) e.add("train.log_every must be >= 1, got " + std::to_string(log_every));
+  if (zero1 && sharding != "none" && sharding != "zero1")
+    e.add("train.zero1=true (the older spelling of train.sharding=zero1) conflicts with train.sharding=" + q(sharding) +
+          ": drop train.zero1, or set train.sharding=zero1");
 }
 
 void OptimSection::visit(Visitor& v) {
@@ -254,7 +262,9 @@ void CheckpointSection::validate(Errors& e) const {
 void DistSection::visit(Visitor& v) {
   v.opt(timeout_s, "timeout_s", 300.0,
         "every collective fails after this many seconds (a dead rank stops the others); raise it for huge checkpoints");
-  v.choice(backend, "backend", "auto", {"auto", "gloo", "nccl"}, "auto = NCCL on CUDA builds with GPUs, else Gloo");
+  v.choice(backend, "backend", "auto", {"auto", "gloo", "nccl"},
+           "auto = NCCL when run.device puts the model on a GPU (on builds with NCCL), else Gloo (a CPU run stays "
+           "on Gloo even where GPUs exist)");
 }
 void DistSection::validate(Errors& e) const {
   if (!(timeout_s > 0)) e.add("dist.timeout_s must be > 0, got " + std::to_string(timeout_s));

@@ -75,7 +75,11 @@ struct DataSection : Section {
 
 struct TrainSection : Section {
   int64_t epochs, max_steps, micro_batch_size, grad_accum, eval_every, log_every;
-  bool zero1;
+  bool zero1;            // the older spelling of sharding = "zero1"
+  std::string sharding;  // none | zero1 | zero2 (issue #30 adds full); sharding_mode() resolves zero1
+  // The mode the run uses: "zero1" when train.zero1 is true, else train.sharding (validate() refuses
+  // train.zero1=true beside zero2).
+  std::string sharding_mode() const { return zero1 ? "zero1" : sharding; }
   bool memory_check;  // refuse a recipe whose memory estimate exceeds this machine (core/train/memory_estimate.h)
   bool tensorboard;   // TensorBoard event files in run.dir/tb (core/train/tensorboard.h)
   const char* name() const override { return "train"; }

@@ -1,6 +1,6 @@
 // Comm over c10d: TCPStore rendezvous and a Gloo (or NCCL) process group, used as a c10d::Backend
-// directly (no ProcessGroup wrapper: one backend per Comm). Gloo has no AVG (nor reduce-scatter,
-// which ptk does not use): AVG is a sum, then a division.
+// directly (no ProcessGroup wrapper: one backend per Comm). Gloo has no AVG: AVG is a sum, then a
+// division; its reduce-scatter is emulated here by an in-place all-reduce (see Comm::reduce_scatter).
 #include "core/parallel/comm.h"
 
 #include <torch/torch.h>
@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 
 #include "core/runtime/device.h"
 #include "core/util/error.h"
@@ -95,6 +96,21 @@ Env env_from_environment() {
   return e;
 }
 
+bool nccl_built() {
+#if PTK_HAVE_C10D_NCCL
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::string choose_backend(const std::string& requested, bool cuda) {
+  if (requested == "auto") return cuda && nccl_built() ? "nccl" : "gloo";
+  if (requested != "gloo" && requested != "nccl")
+    throw Error("dist: backend `" + requested + "` is unknown; use auto, gloo or nccl");
+  return requested;
+}
+
 struct Comm::Impl {
   Env env;
   CommOptions opt;
@@ -127,7 +143,10 @@ struct Comm::Work::Impl {
 #if PTK_HAVE_C10D
   c10::intrusive_ptr<c10d::Work> work;
 #endif
-  at::Tensor tensor, staged;  // staged: the device copy of a host tensor (NCCL)
+  // After the collective: the result put in place (a staged device copy copied back to the host
+  // tensor, Gloo's reduce-scatter chunk copied out). Holds the tensors it needs.
+  std::function<void()> then;
+  const char* what = "all_reduce";
   std::shared_ptr<Comm::Impl> comm;
 };
 
@@ -154,12 +173,17 @@ void Comm::Work::wait() {
 #if PTK_HAVE_C10D
   if (!pending()) return;
   auto w = std::move(impl_->work);
+  auto then = std::move(impl_->then);
+  impl_->then = nullptr;
   try {
-    w->wait(impl_->comm->timeout());
+    // NCCL with a timeout would block the host until the collective is done (WorkNCCL::wait); without
+    // one (c10d's global kNoTimeout) it only orders the current stream after it, and the watchdog enforces
+    // options.timeout.
+    w->wait(impl_->comm->nccl ? ::kNoTimeout : impl_->comm->timeout());
   } catch (const std::exception& e) {
-    impl_->comm->fail("all_reduce", e);
+    impl_->comm->fail(impl_->what, e);
   }
-  if (impl_->staged.defined()) impl_->tensor.copy_(impl_->staged);
+  if (then) then();
 #endif
 }
 
@@ -182,16 +206,7 @@ Comm Comm::connect(const Env& env, const CommOptions& options) {
               "---> HINT: install libgloo-dev (Debian) and reconfigure, or run with one rank");
 #else
   Impl& s = *c.impl_;
-  std::string backend = options.backend;
-  if (backend == "auto") {
-#if PTK_HAVE_C10D_NCCL
-    backend = torch::cuda::is_available() ? "nccl" : "gloo";
-#else
-    backend = "gloo";
-#endif
-  }
-  if (backend != "gloo" && backend != "nccl")
-    throw Error("dist: backend `" + backend + "` is unknown; use auto, gloo or nccl");
+  const std::string backend = choose_backend(options.backend, options.cuda);
   s.backend = backend;
   try {
     c10d::TCPStoreOptions so;
@@ -279,9 +294,8 @@ Comm::Work Comm::all_reduce_async(const at::Tensor& t) {
   PTK_CHECK(t.is_contiguous(), "dist: all_reduce_async needs a contiguous tensor");
   w.impl_ = std::make_unique<Work::Impl>();
   w.impl_->comm = impl_;
-  w.impl_->tensor = t;
   at::Tensor d = impl_->on_device(t);
-  if (!d.is_same(t)) w.impl_->staged = d;
+  if (!d.is_same(t)) w.impl_->then = [t, d] { t.copy_(d); };
   std::vector<at::Tensor> ts{d};
   c10d::AllreduceOptions o;
   o.reduceOp = c10d::ReduceOp::SUM;
@@ -294,6 +308,51 @@ Comm::Work Comm::all_reduce_async(const at::Tensor& t) {
 #endif
   return w;
 }
+
+Comm::Work Comm::reduce_scatter_async(const at::Tensor& in, const at::Tensor& out) {
+  PTK_CHECK(in.is_contiguous() && out.is_contiguous(), "dist: reduce_scatter needs contiguous tensors");
+  PTK_CHECK(in.numel() == out.numel() * world_size(),
+            "dist: reduce_scatter's input has " + std::to_string(in.numel()) + " elements, not world size " +
+                std::to_string(world_size()) + " x the output's " + std::to_string(out.numel()));
+  PTK_CHECK(in.scalar_type() == out.scalar_type() && in.device() == out.device(),
+            "dist: reduce_scatter's input and output differ in dtype or device");
+  Work w;
+  if (world_size() == 1) {
+    if (!out.is_same(in)) out.view(-1).copy_(in.view(-1));
+    return w;
+  }
+#if PTK_HAVE_C10D
+  w.impl_ = std::make_unique<Work::Impl>();
+  w.impl_->comm = impl_;
+  w.impl_->what = "reduce_scatter";
+  const int64_t n = out.numel();
+  try {
+    if (impl_->nccl) {
+      at::Tensor d_in = impl_->on_device(in).view(-1);
+      at::Tensor d_out = out.is_cuda() ? out.view(-1) : at::empty({n}, d_in.options());
+      c10d::ReduceScatterOptions o;
+      o.reduceOp = c10d::ReduceOp::SUM;
+      o.timeout = impl_->timeout();
+      w.impl_->work = impl_->group->_reduce_scatter_base(d_out, d_in, o);
+      if (!out.is_cuda()) w.impl_->then = [out, d_out, d_in] { out.view(-1).copy_(d_out); };
+    } else {
+      // Gloo: sum everything in place, keep this rank's chunk.
+      std::vector<at::Tensor> ts{in.view(-1)};
+      c10d::AllreduceOptions o;
+      o.reduceOp = c10d::ReduceOp::SUM;
+      o.timeout = impl_->timeout();
+      w.impl_->work = impl_->group->allreduce(ts, o);
+      const int64_t at = static_cast<int64_t>(rank()) * n;
+      w.impl_->then = [in, out, at, n] { out.view(-1).copy_(in.view(-1).narrow(0, at, n)); };
+    }
+  } catch (const std::exception& e) {
+    impl_->fail("reduce_scatter", e);
+  }
+#endif
+  return w;
+}
+
+void Comm::reduce_scatter(const at::Tensor& in, const at::Tensor& out) { reduce_scatter_async(in, out).wait(); }
 
 void Comm::all_gather(const at::Tensor& in, const std::vector<at::Tensor>& out) {
   PTK_CHECK(static_cast<int>(out.size()) == world_size(), "dist: all_gather needs one output tensor per rank");

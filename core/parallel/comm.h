@@ -1,4 +1,4 @@
-// ptk::parallel::Comm — the few collectives ptk needs (all-reduce, all-gather, broadcast, barrier) over a
+// ptk::parallel::Comm — the few collectives ptk needs (all-reduce, reduce-scatter, all-gather, broadcast, barrier) over a
 // c10d process group (Gloo on CPU, NCCL on GPU builds), with rendezvous through c10d's TCPStore from
 // torchrun's environment. Not a data-parallel trainer (core/train does that) nor a launcher (`ptk launch`).
 #pragma once
@@ -16,9 +16,20 @@ struct CommOptions {
   // Every collective, and the rendezvous, fails with ptk::Error after this long (Gloo's own
   // default is 30 minutes: a dead peer would otherwise hang the run that long).
   double timeout_s = 300;
-  // "auto" (NCCL when built with PTK_NCCL and CUDA is available, else Gloo), "gloo" or "nccl".
+  // "auto" (NCCL when built with PTK_NCCL and the run's tensors are on CUDA, else Gloo), "gloo" or
+  // "nccl". See choose_backend().
   std::string backend = "auto";
+  // The run's tensors live on a CUDA device (run.device): what backend "auto" follows. A CPU run on a
+  // machine with GPUs stays on Gloo (NCCL would copy every host tensor to the GPU and back).
+  bool cuda = false;
 };
+
+// The process-group backend for `requested` ("auto" | "gloo" | "nccl") when the collectives' tensors
+// are CUDA tensors (`cuda`) or host tensors: auto = "nccl" for CUDA tensors on a build with NCCL
+// (nccl_built()), else "gloo"; gloo and nccl as asked. Throws ptk::Error for another spelling.
+std::string choose_backend(const std::string& requested, bool cuda);
+// Whether this build has c10d's NCCL process group (PTK_NCCL=ON).
+bool nccl_built();
 
 // The environment torchrun (and `ptk launch`) gives each rank.
 struct Env {
@@ -57,6 +68,9 @@ class Comm {
   double timeout_s() const;
 
   // An outstanding asynchronous collective; wait() throws ptk::Error if it failed or timed out.
+  // NCCL: wait() makes the current CUDA stream wait for the collective and returns without blocking
+  // the host (c10d's watchdog enforces the timeout there, ending the process with its error); Gloo:
+  // it blocks until the collective is done or the timeout passes.
   class Work {
    public:
     Work();
@@ -77,6 +91,15 @@ class Comm {
   // Starts a sum all-reduce in place and returns at once (Gloo and NCCL run it on their own threads
   // or streams); used to overlap gradient buckets with backward.
   Work all_reduce_async(const at::Tensor& t);
+  // Sum over ranks of `in` (contiguous, world_size() equal chunks of out.numel() elements along its
+  // flattened order), this rank's chunk written to `out` (contiguous, in's dtype and device). NCCL:
+  // c10d's native reduce-scatter. Gloo (whose c10d reduce-scatter is itself an all-reduce of a clone
+  // plus a copy): an all-reduce of `in` in place, then this rank's chunk copied out; the same traffic as
+  // an all-reduce and no clone. `in` is scratch: its contents are unspecified afterwards.
+  void reduce_scatter(const at::Tensor& in, const at::Tensor& out);
+  // The same, started and returned at once (overlapping backward); neither tensor may be touched
+  // until the Work is waited on.
+  Work reduce_scatter_async(const at::Tensor& in, const at::Tensor& out);
   // `out` must hold world_size() tensors shaped like `in` (views into one buffer are fine);
   // out[r] receives rank r's `in`.
   void all_gather(const at::Tensor& in, const std::vector<at::Tensor>& out);

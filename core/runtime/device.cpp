@@ -32,6 +32,12 @@ int env_local_rank() {
 }
 
 at::Device resolve_device(const std::string& spec, const std::string& key, bool allow_meta) {
+  // The GPU count only where the spelling can need it: cpu and meta never touch the CUDA runtime.
+  const bool needs_gpus = valid_device_spec(spec) && spec != "cpu" && spec != "meta";
+  return resolve_device_for(spec, needs_gpus ? gpu_count() : 0, key, allow_meta);
+}
+
+at::Device resolve_device_for(const std::string& spec, int gpus, const std::string& key, bool allow_meta) {
   if (!valid_device_spec(spec))
     throw Error(key + " = `" + spec + "` is not a device\n---> HINT: auto | cpu | cuda | cuda:N (a GPU index)");
   if (spec == "cpu") return at::Device(at::kCPU);
@@ -40,7 +46,7 @@ at::Device resolve_device(const std::string& spec, const std::string& key, bool 
     throw Error(key + " = meta places tensors without data: it is for tests, a command computes nothing there"
                       "\n---> HINT: auto | cpu | cuda | cuda:N");
   }
-  const int n = gpu_count();
+  const int n = gpus;
   if (spec == "auto" && n == 0) return at::Device(at::kCPU);
   if (n == 0)
     throw Error(key + " = " + spec + " but " +

@@ -17,6 +17,10 @@ namespace ptk::runtime {
 // machine without a GPU, when N (or the local rank) is not a GPU of this machine, and for `meta`
 // unless `allow_meta` (tests build stages on meta; a command computes nothing there).
 at::Device resolve_device(const std::string& spec, const std::string& key = "run.device", bool allow_meta = false);
+// resolve_device on a machine with `gpus` CUDA GPUs (resolve_device passes this machine's count): the
+// choice itself, including cuda:LOCAL_RANK under `ptk launch` and torchrun, testable without a GPU.
+at::Device resolve_device_for(const std::string& spec, int gpus, const std::string& key = "run.device",
+                              bool allow_meta = false);
 
 // This process's local rank: LOCAL_RANK, else RANK, else 0 — the GPU a rank takes (parallel::Comm
 // reads it here too). Throws a ptk::Error naming the variable when its value is not a non-negative

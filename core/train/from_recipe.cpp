@@ -89,11 +89,13 @@ TrainerOptions trainer_options(const config::TrainingRecipe& r, const std::strin
   o.keep_last = r.checkpoint.keep_last;
   o.label = label;
   o.zero1 = r.train.zero1;
+  o.sharding = r.train.sharding;
   if (!r.train.memory_check) o.memory_budget_bytes = std::numeric_limits<double>::infinity();
   // World size 1 (no process group) unless torchrun's environment names more ranks.
   parallel::CommOptions co;
   co.timeout_s = r.dist.timeout_s;
   co.backend = r.dist.backend;
+  co.cuda = device.is_cuda();  // backend auto: NCCL only for a model on a GPU
   o.comm = parallel::Comm::from_environment(co);
   if (o.comm.world_size() > 1) {
     // Each rank's model on the GPU its process group uses: cuda:N would put every rank on one GPU.

@@ -171,12 +171,18 @@ MemoryEstimate estimate_memory(const MemoryPlan& p) {
   const std::string params = millions(P) + " parameters, " + dtype;
   // The trained parameters' gradients and AdamW state (moments, and fp32 masters with bf16).
   auto optimizer_state = [&](double n, const std::string& keys, const std::string& note) {
-    e.resident.push_back({p.lora ? "LoRA gradients" : "gradients", keys, n * b, note});
+    const bool sharded = (p.zero1 || p.zero2) && p.world_size > 1;
+    const std::string ranks = " over " + std::to_string(p.world_size) + " ranks";
+    if (p.zero2 && p.world_size > 1)  // each rank keeps its shard of the summed gradient
+      e.resident.push_back({p.lora ? "LoRA gradients" : "gradients", "train.sharding=zero2" + ranks,
+                            n * b / static_cast<double>(p.world_size), note});
+    else
+      e.resident.push_back({p.lora ? "LoRA gradients" : "gradients", keys, n * b, note});
     double adam = n * (8 + (p.bf16 ? 4 : 0));
-    std::string adam_keys = "train.zero1=" + b2s(p.zero1);
-    if (p.zero1 && p.world_size > 1) {
+    std::string adam_keys = p.zero2 ? std::string("train.sharding=zero2") : "train.zero1=" + b2s(p.zero1);
+    if (sharded) {
       adam /= static_cast<double>(p.world_size);
-      adam_keys += " over " + std::to_string(p.world_size) + " ranks";
+      adam_keys += ranks;
     }
     e.resident.push_back({std::string(p.lora ? "LoRA " : "") +
                               (p.bf16 ? "AdamW moments + fp32 master weights" : "AdamW moments"),
@@ -567,7 +573,7 @@ std::string memory_refusal(const MemoryPlan& p, const AvailableMemory& avail) {
              "4-bit base): use a smaller model" + (p.bf16 ? "" : " or model.dtype=bfloat16") + ".";
     else
       msg += "use a smaller model, model.dtype=bfloat16, model.lora.enabled=true (LoRA: no gradients or AdamW state "
-             "for the base), or train.zero1=true over more ranks.";
+             "for the base), or train.sharding=zero2 (or zero1) over more ranks.";
   }
   msg += " train.memory_check=false skips this check (the estimate is deliberately a little high).";
   return msg;
@@ -602,7 +608,8 @@ std::optional<MemoryPlan> memory_plan_from_recipe(const config::TrainingRecipe& 
                       (kernel == "cpu_flash" || (kernel == "auto" && !env_off));
   p.decode_packing = kernels::cpu::cpu_has_avx512f();
   if (const char* ws = std::getenv("WORLD_SIZE")) p.world_size = std::max(1L, std::strtol(ws, nullptr, 10));
-  p.zero1 = r.train.zero1;
+  p.zero1 = r.train.sharding_mode() == "zero1";
+  p.zero2 = r.train.sharding_mode() == "zero2";
   p.lora = r.lora.enabled;
   p.lora_rank = r.lora.rank;
   p.lora_targets = r.lora.targets;

@@ -6,8 +6,9 @@
 // (trainer.h: memory_budget_bytes) and not a measurement.
 //
 // Model (per rank, bytes; b = 4 for float32 and 2 for bfloat16, N = rows x sequence tokens):
-//   resident  = weights P·b + gradients P·b + AdamW moments 8P (+ fp32 master 4P with bf16; / ranks
-//               with train.zero1) + a live frozen reference P·b (dpo live, grpo beta != 0)
+//   resident  = weights P·b + gradients P·b (/ ranks with train.sharding=zero2) + AdamW moments 8P
+//               (+ fp32 master 4P with bf16; / ranks with train.sharding=zero1 or zero2, or
+//               train.zero1) + a live frozen reference P·b (dpo live, grpo beta != 0)
 //               + 0.5 GiB for LibTorch, MKL and ptk themselves (CPU)
 //               (grpo.reference_device=host on CUDA: the reference is not resident on the device; it is
 //               a phase of its own, "reference log-prob pass": P·b + its forward without gradients)
@@ -64,7 +65,8 @@ struct MemoryPlan {
   bool flash_attention = true;    // ptk's fp32 flash kernel runs here (AVX-512, PTK_ATTENTION_FLASH unset)
   bool decode_packing = true;     // generation copies weights into the AVX-512 decode layout
   int64_t world_size = 1;
-  bool zero1 = false;
+  bool zero1 = false;               // train.sharding=zero1 (or train.zero1): AdamW state / ranks
+  bool zero2 = false;               // train.sharding=zero2: gradients and AdamW state / ranks
   int64_t eval_micro_batch_size = 0;  // <stage>.eval_micro_batch_size when data.eval is set; 0 = no eval pass
   int64_t heldout_new_tokens = 0;     // <stage>.eval_max_new_tokens when eval_prompts is set; 0 = none
   // dpo

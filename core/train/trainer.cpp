@@ -19,6 +19,7 @@
 #include "core/checkpoint/checkpoint.h"
 #include "core/parallel/grad_sync.h"
 #include "core/optim/zero1.h"
+#include "core/optim/zero2.h"
 #include "core/optim/clip.h"
 #include "core/optim/schedule.h"
 #include "core/runtime/device.h"
@@ -173,14 +174,31 @@ double measure_matmul_flops() {
   return 2.0 * n * n * n / best;
 }
 
-double training_state_bytes(const optim::NamedTensors& params, int world_size, bool zero1) {
-  double weights = 0, optimizer = 0;
+std::string sharding_mode(const TrainerOptions& o) {
+  if (o.sharding != "none" && o.sharding != "zero1" && o.sharding != "zero2")
+    throw Error("train.sharding = `" + o.sharding + "` is not a sharding mode: none | zero1 | zero2");
+  if (o.zero1 && o.sharding == "zero2")
+    throw Error("train.zero1=true (the older spelling of train.sharding=zero1) conflicts with train.sharding=" +
+                o.sharding + "\n---> HINT: drop train.zero1, or set train.sharding=zero1");
+  return o.zero1 ? "zero1" : o.sharding;
+}
+
+double training_state_bytes(const optim::NamedTensors& params, int world_size, const std::string& sharding) {
+  double weights = 0, grads = 0, optimizer = 0;
   for (const auto& [name, p] : params) {
     double n = static_cast<double>(p.numel());
-    weights += 2 * n * p.element_size();                                    // weights + gradients
+    weights += n * p.element_size();
+    grads += n * p.element_size();
     optimizer += n * (8 + (p.scalar_type() == torch::kFloat32 ? 0 : 4));    // moments (+ fp32 master)
   }
-  return weights + (zero1 ? optimizer / std::max(1, world_size) : optimizer);
+  const double w = std::max(1, world_size);
+  if (sharding == "zero2") grads /= w;
+  if (sharding == "zero1" || sharding == "zero2") optimizer /= w;
+  return weights + grads + optimizer;
+}
+
+double training_state_bytes(const optim::NamedTensors& params, int world_size, bool zero1) {
+  return training_state_bytes(params, world_size, std::string(zero1 ? "zero1" : "none"));
 }
 
 struct Trainer::Impl {
@@ -190,7 +208,9 @@ struct Trainer::Impl {
   optim::NamedTensors params;
   std::unique_ptr<optim::AdamW> adamw;      // without ZeRO-1
   std::unique_ptr<optim::Zero1AdamW> zero1;  // with ZeRO-1
-  std::unique_ptr<parallel::GradSync> grad_sync;  // world size > 1
+  std::unique_ptr<optim::Zero2AdamW> zero2;  // with ZeRO-2 (it reduce-scatters the gradients itself)
+  std::unique_ptr<parallel::GradSync> grad_sync;  // world size > 1, without ZeRO-2
+  std::string sharding;                           // sharding_mode(opt): none | zero1 | zero2
   optim::Schedule schedule;
   optim::NanGuard guard;
   int64_t step = 0;
@@ -204,6 +224,7 @@ struct Trainer::Impl {
 
   Impl(Stage& s, TrainerOptions o)
       : stage(s), opt(std::move(o)), comm(opt.comm), guard(opt.max_bad_steps), view(stage_view(opt.label)) {
+    sharding = sharding_mode(opt);
     stage.set_rank(comm.rank(), comm.world_size());
     params = stage.parameters();
     check_memory();
@@ -218,9 +239,10 @@ struct Trainer::Impl {
         if (!buf.is_same(p)) p.detach().copy_(buf);
       }
     }
-    if (opt.zero1) zero1 = std::make_unique<optim::Zero1AdamW>(comm, params, opt.adamw);
+    if (sharding == "zero1") zero1 = std::make_unique<optim::Zero1AdamW>(comm, params, opt.adamw);
+    else if (sharding == "zero2") zero2 = std::make_unique<optim::Zero2AdamW>(comm, params, opt.adamw, opt.bucket_mb);
     else adamw = std::make_unique<optim::AdamW>(params, opt.adamw);
-    if (comm.world_size() > 1) grad_sync = std::make_unique<parallel::GradSync>(comm, params, opt.bucket_mb);
+    if (comm.world_size() > 1 && !zero2) grad_sync = std::make_unique<parallel::GradSync>(comm, params, opt.bucket_mb);
     int64_t mbpe = stage.micro_batches_per_epoch();
     PTK_CHECK(mbpe > 0, "the training data has no micro-batches (empty dataset?)");
     check_same_on_all_ranks(comm, mbpe, "the number of micro-batches per epoch",
@@ -269,7 +291,7 @@ struct Trainer::Impl {
       if (const char* lws = std::getenv("LOCAL_WORLD_SIZE")) local = std::max(1, std::atoi(lws));
       budget = static_cast<double>(pages) * page / local;
     }
-    double need = training_state_bytes(params, comm.world_size(), opt.zero1) + stage.frozen_bytes();
+    double need = training_state_bytes(params, comm.world_size(), sharding) + stage.frozen_bytes();
     int64_t n = 0;
     for (const auto& [name, p] : params) n += p.numel();
     if (need > budget && stage.frozen_bytes() > 0)
@@ -281,9 +303,9 @@ struct Trainer::Impl {
     if (need > budget)
       throw Error("this model has " + std::to_string(n / 1000000) + "M parameters: weights, gradients and AdamW state need " +
                   format_bytes(need) + " per rank (activations not counted), more than the " + format_bytes(budget) +
-                  " available" + (opt.zero1 ? "" : " (ZeRO-1 off)") +
-                  ".\n---> HINT: use more ranks with train.zero1=true, a smaller model, or a machine with more memory; "
-                  "sharding of weights and gradients (needed for 14B-72B) is not implemented yet.");
+                  " available (train.sharding=" + sharding +
+                  ").\n---> HINT: use more ranks with train.sharding=zero2 (or zero1), a smaller model, or a machine "
+                  "with more memory; sharding of the weights themselves (needed for 14B-72B) is not implemented yet.");
   }
 
   std::string ckpt_root() const { return opt.run_dir + "/checkpoints"; }
@@ -291,18 +313,20 @@ struct Trainer::Impl {
     return stem + "-rank-" + std::to_string(comm.rank()) + ext;
   }
 
-  int64_t optimizer_steps() const { return zero1 ? zero1->steps() : adamw->steps(); }
+  int64_t optimizer_steps() const { return zero1 ? zero1->steps() : zero2 ? zero2->steps() : adamw->steps(); }
   void optimizer_step(double lr) {
     if (zero1) zero1->step(lr);
+    else if (zero2) zero2->step(lr);
     else adamw->step(lr);
   }
   void zero_grad() {
     if (zero1) zero1->zero_grad();
+    else if (zero2) zero2->zero_grad();
     else adamw->zero_grad();
   }
 
-  // Rank 0 writes the model, state.json and (without ZeRO-1) the optimizer; with ZeRO-1 every rank
-  // writes its optimizer shard, and ranks > 0 their RNG and data cursor. Rank 0 commits last.
+  // Rank 0 writes the model, state.json and (without ZeRO) the optimizer; with ZeRO-1 or ZeRO-2 every
+  // rank writes its optimizer shard, and ranks > 0 their RNG and data cursor. Rank 0 commits last.
   // A failed write (a full disk, say) removes its partial temporary folder on rank 0, so that the
   // space comes back and the next run starts clean; the error goes on.
   void save_checkpoint() {
@@ -332,11 +356,12 @@ struct Trainer::Impl {
     std::string ts = tmp + "/trainer_state";
     const auto rng = rng_state(device());  // torch_cpu, and torch_cuda on a GPU
     if (zero1) checkpoint::write_safetensors(ts + "/" + rank_file("optimizer", ".safetensors"), zero1->state());
+    if (zero2) checkpoint::write_safetensors(ts + "/" + rank_file("optimizer", ".safetensors"), zero2->state());
     if (!main()) {
       checkpoint::write_safetensors(ts + "/" + rank_file("rng", ".safetensors"), rng);
       write_file_atomic(ts + "/" + rank_file("cursor", ".json"), "{\"cursor\":" + stage.cursor_json() + "}\n");
     } else {
-      if (!zero1) checkpoint::write_safetensors(ts + "/optimizer.safetensors", adamw->state());
+      if (adamw) checkpoint::write_safetensors(ts + "/optimizer.safetensors", adamw->state());
       checkpoint::write_safetensors(ts + "/rng.safetensors", rng);
       rapidjson::StringBuffer buf;
       rapidjson::Writer<rapidjson::StringBuffer> w(buf);
@@ -358,7 +383,9 @@ struct Trainer::Impl {
       w.Key("world_size");
       w.Int(comm.world_size());
       w.Key("zero1");
-      w.Bool(opt.zero1);
+      w.Bool(sharding == "zero1");
+      w.Key("sharding");
+      w.String(sharding.c_str());
       w.Key("cursor");
       w.RawValue(stage.cursor_json().c_str(), stage.cursor_json().size(), rapidjson::kObjectType);
       w.EndObject();
@@ -389,25 +416,34 @@ struct Trainer::Impl {
     auto state = json::parse_file(ts + "/state.json");
     const int saved_world = state.HasMember("world_size") ? state["world_size"].GetInt() : 1;
     const bool saved_zero1 = state.HasMember("zero1") && state["zero1"].GetBool();
+    // Checkpoints from before train.sharding have only "zero1".
+    const std::string saved_sharding = state.HasMember("sharding") ? std::string(state["sharding"].GetString())
+                                                                   : saved_zero1 ? "zero1" : "none";
     const int world = comm.world_size();
-    if (saved_zero1 != opt.zero1)
-      throw Error("checkpoint " + from + " was written with train.zero1=" + (saved_zero1 ? "true" : "false") +
-                  ", this run has train.zero1=" + (opt.zero1 ? "true" : "false") +
-                  ": its optimizer state is laid out differently\n---> HINT: resume with train.zero1=" +
-                  (saved_zero1 ? "true" : "false") + (saved_zero1 ? " and " + std::to_string(saved_world) + " ranks" : "") +
+    auto spelled = [](const std::string& mode) {
+      return "train.sharding=" + mode + (mode == "zero1" ? " (train.zero1=true)" : mode == "none" ? " (train.zero1=false)" : "");
+    };
+    if (saved_sharding != sharding)
+      throw Error("checkpoint " + from + " was written with " + spelled(saved_sharding) + ", this run has " +
+                  spelled(sharding) + ": its optimizer state is laid out differently\n---> HINT: resume with " +
+                  spelled(saved_sharding) +
+                  (saved_sharding != "none" ? " and " + std::to_string(saved_world) + " ranks" : std::string()) +
                   ", or resume=never to start over");
-    if (opt.zero1 && saved_world != world)
-      throw Error("checkpoint " + from + " holds ZeRO-1 optimizer shards for " + std::to_string(saved_world) +
+    if (sharding != "none" && saved_world != world)
+      throw Error("checkpoint " + from + " holds " + (sharding == "zero1" ? "ZeRO-1" : "ZeRO-2") +
+                  " optimizer shards for " + std::to_string(saved_world) +
                   " ranks, this run has " + std::to_string(world) +
                   " ranks; the shards cannot be re-cut\n---> HINT: resume with `ptk launch -n " +
                   std::to_string(saved_world) + "` (WORLD_SIZE=" + std::to_string(saved_world) +
                   "), or load its weights with model.path=" + from + " and resume=never (fresh optimizer)");
     load_weights_into(params, from);
-    if (zero1) {
+    if (zero1 || zero2) {
       std::string f = ts + "/" + rank_file("optimizer", ".safetensors");
       if (!path_exists(f)) throw Error("checkpoint " + from + " has no " + rank_file("optimizer", ".safetensors"));
       auto shard = checkpoint::read_safetensors(f);
-      zero1->load_state(optim::NamedTensors(shard.begin(), shard.end()), state["optimizer_steps"].GetInt64());
+      const optim::NamedTensors named(shard.begin(), shard.end());
+      if (zero1) zero1->load_state(named, state["optimizer_steps"].GetInt64());
+      else zero2->load_state(named, state["optimizer_steps"].GetInt64());
     } else {
       auto opt_state = checkpoint::read_safetensors(ts + "/optimizer.safetensors");
       adamw->load_state(optim::NamedTensors(opt_state.begin(), opt_state.end()), state["optimizer_steps"].GetInt64());
@@ -506,7 +542,7 @@ Trainer::~Trainer() = default;
 int64_t Trainer::step() const { return impl_->step; }
 int64_t Trainer::total_steps() const { return impl_->total_steps; }
 const optim::AdamW& Trainer::optimizer() const {
-  return impl_->zero1 ? impl_->zero1->local() : *impl_->adamw;
+  return impl_->zero1 ? impl_->zero1->local() : impl_->zero2 ? impl_->zero2->local() : *impl_->adamw;
 }
 
 int64_t Trainer::run() {
@@ -530,6 +566,12 @@ int64_t Trainer::run() {
     s.write_final();
     if (main) log::info("wrote " + o.run_dir + "/final (step " + std::to_string(s.step) + ")");
     return 0;
+  }
+  if (main && (comm.world_size() > 1 || s.sharding != "none")) {
+    std::string what = "data parallel: " + std::to_string(comm.world_size()) + " rank" +
+                       (comm.world_size() == 1 ? "" : "s") + " over " + comm.backend() + ", train.sharding=" + s.sharding;
+    if (s.zero2) what += " (" + std::to_string(s.zero2->num_buckets()) + " gradient buckets, reduce-scattered)";
+    log::info(what);
   }
   s.run_start = Clock::now();
   s.run_start_step = s.step;
@@ -638,9 +680,11 @@ int64_t Trainer::run() {
     for (size_t k = 0; k < mbs.size(); ++k) {
       const bool last_mb = k + 1 == mbs.size();
       LossOut out = s.stage.loss(mbs[k], static_cast<double>(std::max<int64_t>(n_targets, 1)));
-      if (last_mb && s.grad_sync) s.grad_sync->arm();  // earlier micro-batches accumulate locally
+      if (s.zero2) s.zero2->begin_backward();  // ZeRO-2: every micro-batch reduce-scattered into the shard
+      else if (last_mb && s.grad_sync) s.grad_sync->arm();  // earlier micro-batches accumulate locally
       out.loss.backward();
-      if (last_mb && s.grad_sync) s.grad_sync->finish();
+      if (s.zero2) s.zero2->end_backward();
+      else if (last_mb && s.grad_sync) s.grad_sync->finish();
       reads.add_loss(out.loss);
       // Filled after the step's one read below (LossOut::read_back): no host read per micro-batch.
       if (out.read_back) deferred.emplace_back(k, std::move(out.read_back));
@@ -650,7 +694,9 @@ int64_t Trainer::run() {
     }
     // Clipping before the read: the norm joins the one copy to the host of this step, and the NaN
     // guard decides on it (the same on every rank: the gradients are summed) before AdamW runs.
-    at::Tensor norm_t = optim::clip_grad_norm_tensor(param_tensors, o.clip_grad_norm);
+    // ZeRO-2: the norm of the whole gradient from the shards' squared norms summed over ranks.
+    at::Tensor norm_t = s.zero2 ? s.zero2->clip_grad_norm(o.clip_grad_norm)
+                                : optim::clip_grad_norm_tensor(param_tensors, o.clip_grad_norm);
     double loss_sum = 0, norm = 0;
     reads.read(norm_t, &loss_sum, &norm, &sums, &counts, &ratio_nd);
     // The stages' read_back closures, in micro-batch order on every rank (some all-reduce): the device

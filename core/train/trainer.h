@@ -2,7 +2,7 @@
 // the step's target count, clipping, the NaN guard, the schedule, metrics.jsonl, the progress line,
 // periodic eval, crash-safe checkpoints (HF folder + trainer_state/), keep-last-K, final/, and exact
 // resume, and data parallelism over a parallel::Comm (global target count, bucketed gradient sum,
-// optional ZeRO-1; rank 0 writes). Not a stage: data, loss and model saving come from a Stage.
+// optional ZeRO-1 or ZeRO-2; rank 0 writes). Not a stage: data, loss and model saving come from a Stage.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -151,7 +151,13 @@ struct TrainerOptions {
   // the parameters only (less memory), at the cost of an all-gather of the parameters per step.
   // Checkpoints then hold one optimizer shard per rank: resume needs the same world size.
   bool zero1 = false;
-  // Gradient all-reduce bucket size in MiB (DDP's bucket_cap_mb): smaller overlaps more, larger
+  // Sharding over the data-parallel ranks (recipe key train.sharding): "none" | "zero1" (as zero1
+  // above) | "zero2" (gradients too: each rank keeps only its shard of the summed gradient, reduce-
+  // scattered bucket by bucket during every micro-batch's backward; core/optim/zero2.h). zero1 = true
+  // means "zero1" and conflicts with "zero2" (sharding_mode()). Checkpoints of zero1 and zero2 hold one
+  // optimizer shard per rank: resume needs the same world size and mode.
+  std::string sharding = "none";
+  // Gradient all-reduce (ZeRO-2: reduce-scatter) bucket size in MiB (DDP's bucket_cap_mb): smaller overlaps more, larger
   // costs fewer collectives.
   double bucket_mb = 25;
 };
@@ -170,7 +176,7 @@ class Trainer {
 
   int64_t step() const;
   int64_t total_steps() const;
-  // The AdamW this rank runs (with ZeRO-1: over its slice of the parameters only).
+  // The AdamW this rank runs (with ZeRO-1 or ZeRO-2: over its slices of the parameters only).
   const optim::AdamW& optimizer() const;
 
  private:
@@ -178,9 +184,15 @@ class Trainer {
   std::unique_ptr<Impl> impl_;
 };
 
+// The sharding a Trainer runs: options.sharding, or "zero1" for options.zero1; throws ptk::Error for
+// zero1 = true with sharding "zero2" (or an unknown name), naming both keys.
+std::string sharding_mode(const TrainerOptions& options);
+
 // Bytes one rank needs for weights + gradients (parameter dtype) + AdamW moments and fp32 master
-// weights (split across ranks with ZeRO-1). Activations are not included.
+// weights (split across ranks with ZeRO-1; gradients too with ZeRO-2). Activations are not included.
 double training_state_bytes(const optim::NamedTensors& params, int world_size, bool zero1);
+// `sharding`: "none" | "zero1" | "zero2".
+double training_state_bytes(const optim::NamedTensors& params, int world_size, const std::string& sharding);
 
 // Copies the tensors of an HF folder into `params` by name (in place, so optimizer references
 // stay valid); refuses a missing or mis-shaped tensor.

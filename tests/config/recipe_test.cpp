@@ -190,6 +190,29 @@ TEST(Recipe, MaxStepsIsMinusOneOrPositive) {
   }
 }
 
+// train.sharding: none (default) | zero1 | zero2; train.zero1=true is the older spelling of zero1 and
+// keeps meaning it, beside zero2 it is refused naming both keys; another mode is refused as a choice.
+TEST(Recipe, ShardingModeAndTheOlderZeroOneSpelling) {
+  TrainingRecipe r;
+  EXPECT_EQ(bind_error("", {}, &r), "");
+  EXPECT_EQ(r.train.sharding, "none");
+  EXPECT_EQ(r.train.sharding_mode(), "none");
+  EXPECT_EQ(bind_error("", {"train.zero1=true"}, &r), "");
+  EXPECT_EQ(r.train.sharding_mode(), "zero1");
+  EXPECT_EQ(bind_error("", {"train.zero1=true", "train.sharding=zero1"}, &r), "");
+  EXPECT_EQ(r.train.sharding_mode(), "zero1");
+  EXPECT_EQ(bind_error("", {"train.sharding=zero2"}, &r), "");
+  EXPECT_EQ(r.train.sharding_mode(), "zero2");
+  std::string err = bind_error("", {"train.zero1=true", "train.sharding=zero2"}, &r);
+  EXPECT_NE(err.find("train.zero1=true (the older spelling of train.sharding=zero1) conflicts with "
+                     "train.sharding=\"zero2\""),
+            std::string::npos)
+      << err;
+  err = bind_error("", {"train.sharding=zero3"}, &r);
+  EXPECT_NE(err.find("train.sharding"), std::string::npos) << err;
+  EXPECT_NE(err.find("zero2"), std::string::npos) << err;  // the choices are listed
+}
+
 // checkpoint.max_shard_size reads sizes as transformers' max_shard_size does: KB/MB/GB are powers of 10,
 // KiB/MiB/GiB of 2, a bare number is bytes; the default is transformers' 5GB.
 TEST(Recipe, MaxShardSizeUnits) {

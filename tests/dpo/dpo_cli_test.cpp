@@ -152,7 +152,21 @@ TEST_F(DpoCli, TwoRanksEqualOneRank) {
     ASSERT_EQ(r.exit_code, 0) << r.out;
     r = test::run(test::ptk_binary() + " launch -n 2 -- " + dpo(common + "train.micro_batch_size=1", two));
     ASSERT_EQ(r.exit_code, 0) << r.out;
+    // ZeRO-2 (gradient shards reduce-scattered each micro-batch): 2 ranks x 1 pair x grad_accum 2 (the
+    // recipe's) against 1 rank accumulating the same 4 pairs a step over 4 micro-batches.
+    const std::string accum = live ? "accum-live" : "accum-pre", zero2 = live ? "zero2-live" : "zero2-pre";
+    r = test::run(dpo(common + "train.micro_batch_size=1 train.grad_accum=4", accum));
+    ASSERT_EQ(r.exit_code, 0) << r.out;
+    r = test::run(test::ptk_binary() + " launch -n 2 -- " +
+                  dpo(common + "train.micro_batch_size=1 train.sharding=zero2", zero2));
+    ASSERT_EQ(r.exit_code, 0) << r.out;
+    const double zero2_diff = test::max_param_diff(test::final_params(d_.file(accum)), test::final_params(d_.file(zero2)));
+    std::printf("dpo %s reference: 2 ranks zero2 x 1 pair x grad_accum 2 vs 1 rank x 1 pair x grad_accum 4: "
+                "max |param diff| %.3g\n",
+                live ? "live" : "precomputed", zero2_diff);
+    EXPECT_LE(zero2_diff, 1e-5);
     auto p1 = test::final_params(d_.file(one));
+    EXPECT_LE(test::max_param_diff(p1, test::final_params(d_.file(zero2))), 1e-5) << "zero2 vs 1 rank x 2 pairs x 2";
     double diff = test::max_param_diff(p1, test::final_params(d_.file(two)));
     double moved = test::max_moved(test::final_params(d_.file("sft")), p1);
     std::printf("dpo %s reference: 2 ranks x 1 pair vs 1 rank x 2 pairs after 3 steps: max |param diff| %.3g "

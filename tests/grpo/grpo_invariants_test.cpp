@@ -553,13 +553,23 @@ TEST(GrpoInvariants, TwoRanksEqualOneRank) {
   const std::string common = " --recipe " + recipe + " --threads 1 grpo.reward_funcs=" + shell_quote("[\"math\"]") +
                              " data.train=" + shell_quote("[\"" + f.d.file("sevens.jsonl") + "\"]") +
                              " grpo.max_completion_length=12 train.micro_batch_size=4";
-  for (const std::string lt : {"dapo", "grpo"}) {
-    const std::string one = f.d.file("one-" + lt), two = f.d.file("two-" + lt);
-    auto r1 = test::run(test::ptk_binary() + " grpo" + common + " grpo.loss_type=" + lt + " train.grad_accum=2 run.dir=" + one);
-    ASSERT_EQ(r1.exit_code, 0) << r1.out;
+  // The update with ZeRO-2 (train.sharding=zero2: gradients reduce-scattered into per-rank shards,
+  // AdamW on the shards): dapo only, the same comparison.
+  for (const std::string lt : {"dapo", "grpo", "dapo-zero2"}) {
+    const bool zero2 = lt == "dapo-zero2";
+    const std::string loss = zero2 ? "dapo" : lt;
+    const std::string one = f.d.file("one-" + loss), two = f.d.file("two-" + lt);  // zero2: dapo's 1-rank run
+    if (!zero2) {
+      auto r1 = test::run(test::ptk_binary() + " grpo" + common + " grpo.loss_type=" + loss + " train.grad_accum=2 run.dir=" + one);
+      ASSERT_EQ(r1.exit_code, 0) << r1.out;
+    }
     auto r2 = test::run(test::ptk_binary() + " launch -n 2 -- " + test::ptk_binary() + " grpo" + common +
-                        " grpo.loss_type=" + lt + " train.grad_accum=1 run.dir=" + two);
+                        " grpo.loss_type=" + loss + " train.grad_accum=1 run.dir=" + two +
+                        (zero2 ? " train.sharding=zero2" : ""));
     ASSERT_EQ(r2.exit_code, 0) << r2.out;
+    EXPECT_NE(r2.out.find(zero2 ? "data parallel: 2 ranks over gloo, train.sharding=zero2 (" : "train.sharding=none"),
+              std::string::npos)
+        << r2.out;
     auto m1 = test::metric_docs(one), m2 = test::metric_docs(two);
     ASSERT_EQ(m1.size(), 2u);
     ASSERT_EQ(m2.size(), 2u);

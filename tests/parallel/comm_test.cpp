@@ -1,6 +1,7 @@
 // ptk::parallel::Comm on loopback: world size 1 without a process group, torchrun environment parsing,
-// every collective with 2 Gloo ranks (each rank is this binary re-run as a child), and a peer that
-// dies making the survivor fail with a clear error within the timeout instead of hanging.
+// every collective with 2 Gloo ranks (each rank is this binary re-run as a child), reduce-scatter with
+// 2 and 3, the choice of backend, and a peer that dies making the survivor fail with a clear error
+// within the timeout instead of hanging.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -206,6 +207,101 @@ std::vector<int> run_ranks(const std::string& name, double timeout, test::TempDi
   for (auto& k : kids) codes.push_back(test::wait_child(k, timeout + 60));
   for (int r = 0; r < 2; ++r) logs->push_back(read_file(d.file(name + "-rank" + std::to_string(r) + ".log")));
   return codes;
+}
+
+// Reduce-scatter on any number of ranks (children of Comm.ReduceScatterWith*GlooRanks): each rank's
+// input is a known function of its rank, so the summed chunk is known exactly (small integers in
+// float32 and float64 add without rounding).
+TEST(DistWorker, ReduceScatter) {
+  at::set_num_threads(1);
+  CommOptions o;
+  o.timeout_s = std::atof(std::getenv("PTK_DIST_TIMEOUT"));
+  Comm c = Comm::from_environment(o);
+  const int r = c.rank(), w = c.world_size();
+  ASSERT_EQ(w, std::atoi(std::getenv("PTK_DIST_WORLD")));
+  ASSERT_EQ(c.backend(), "gloo");
+  const double tri = w * (w + 1) / 2.0;  // sum over ranks q of (q + 1)
+  for (auto dtype : {torch::kFloat32, torch::kFloat64}) {
+    const int64_t n = 7;
+    auto in = torch::arange(w * n, torch::TensorOptions().dtype(dtype)) * (r + 1);
+    auto out = torch::full({n}, -1.0, torch::TensorOptions().dtype(dtype));
+    c.reduce_scatter(in, out);
+    auto expect = torch::arange(r * n, (r + 1) * n, torch::TensorOptions().dtype(dtype)) * tri;
+    EXPECT_TRUE(torch::equal(out, expect)) << "rank " << r << ": " << out << " vs " << expect;
+  }
+  // Several in flight at once, waited in order (ZeRO-2's buckets), into views of one shard buffer.
+  const int64_t sizes[3] = {1, 1000, 33};
+  auto shard = torch::zeros({1 + 1000 + 33});
+  std::vector<at::Tensor> ins;
+  std::vector<Comm::Work> works;
+  int64_t at = 0;
+  for (int k = 0; k < 3; ++k) {
+    ins.push_back(torch::full({w * sizes[k]}, float(k + 1)) + torch::arange(w * sizes[k]).to(torch::kFloat) * r);
+    works.push_back(c.reduce_scatter_async(ins.back(), shard.narrow(0, at, sizes[k])));
+    at += sizes[k];
+  }
+  for (auto& wk : works) wk.wait();
+  at = 0;
+  for (int k = 0; k < 3; ++k) {
+    // sum_q (k + 1 + i * q) for global index i = r * size + j: w (k + 1) + i w (w - 1) / 2
+    auto i = torch::arange(r * sizes[k], (r + 1) * sizes[k]).to(torch::kFloat);
+    auto expect = float(w * (k + 1)) + i * float(w * (w - 1) / 2);
+    EXPECT_TRUE(torch::equal(shard.narrow(0, at, sizes[k]), expect)) << "bucket " << k << " rank " << r;
+    at += sizes[k];
+  }
+  // A size that does not split into world-size chunks is refused before anything is sent.
+  EXPECT_THROW(c.reduce_scatter(torch::zeros({w * 3 + 1}), torch::zeros({3})), Error);
+  c.barrier();
+}
+
+std::vector<int> run_world(const std::string& filter, int world, double timeout, test::TempDir& d,
+                           std::vector<std::string>* logs) {
+  int port = test::free_port();
+  std::vector<test::Child> kids;
+  for (int r = 0; r < world; ++r) {
+    auto env = test::rank_env(r, world, port);
+    env.push_back("PTK_DIST_TIMEOUT=" + std::to_string(timeout));
+    env.push_back("PTK_DIST_WORLD=" + std::to_string(world));
+    kids.push_back(test::spawn_worker(filter, env, d.file("rank" + std::to_string(r) + ".log")));
+  }
+  std::vector<int> codes;
+  for (auto& k : kids) codes.push_back(test::wait_child(k, timeout + 60));
+  for (int r = 0; r < world; ++r) logs->push_back(read_file(d.file("rank" + std::to_string(r) + ".log")));
+  return codes;
+}
+
+TEST(Comm, ReduceScatterWithTwoAndThreeGlooRanks) {
+  for (int world : {2, 3}) {
+    test::TempDir d;
+    std::vector<std::string> logs;
+    auto codes = run_world("DistWorker.ReduceScatter", world, 60, d, &logs);
+    for (int r = 0; r < world; ++r) EXPECT_EQ(codes[r], 0) << world << " ranks, rank " << r << " log:\n" << logs[r];
+  }
+}
+
+TEST(Comm, ReduceScatterOfOneRankIsACopy) {
+  Comm c;
+  auto in = torch::tensor({1.0f, 2.0f, 3.0f}), out = torch::zeros({3});
+  c.reduce_scatter(in, out);
+  EXPECT_TRUE(torch::equal(out, in));
+  out.zero_();
+  c.reduce_scatter_async(in, out).wait();
+  EXPECT_TRUE(torch::equal(out, in));
+}
+
+// dist.backend=auto follows where the run's tensors are (run.device), not whether a GPU exists: a CPU
+// run on a GPU machine stays on Gloo (NCCL would stage every host tensor through the GPU).
+TEST(Comm, AutoBackendFollowsTheRunsDevice) {
+  EXPECT_EQ(choose_backend("auto", /*cuda=*/false), "gloo");
+  EXPECT_EQ(choose_backend("auto", /*cuda=*/true), nccl_built() ? "nccl" : "gloo");
+  EXPECT_EQ(choose_backend("gloo", true), "gloo");
+  EXPECT_EQ(choose_backend("nccl", false), "nccl");  // asked for by name: as asked
+  try {
+    choose_backend("mpi", false);
+    ADD_FAILURE() << "backend mpi accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("use auto, gloo or nccl"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Comm, CollectivesWithTwoGlooRanks) {

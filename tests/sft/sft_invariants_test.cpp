@@ -17,6 +17,7 @@
 #include <map>
 #include <string>
 
+#include "core/util/fs.h"
 #include "core/util/json.h"
 #include "tests/support/run_folders.h"
 #include "tests/support/test_util.h"
@@ -103,15 +104,24 @@ TEST_P(SftSplits, MicroBatchAccumulationSplitsAndTwoRanksGiveTheSameParameters) 
 
   struct Split {
     int ranks, micro, accum;
+    const char* sharding;
   };
   // Two ranks: 2 rows each in one micro-batch (packed), 1 row each in two micro-batches (unpacked:
-  // the step's N then sums 2 micro-batches on each of 2 ranks).
+  // the step's N then sums 2 micro-batches on each of 2 ranks). ZeRO-2: 2 ranks x 1 row x 2 micro-
+  // batches, each micro-batch's gradient reduce-scattered into the ranks' shards, against 1 rank
+  // accumulating (1x4, 2x2) or not (4x1).
   const bool packed = std::string(GetParam()) == "packed";
-  for (Split s : {Split{1, 2, 2}, Split{1, 1, 4}, packed ? Split{2, 2, 1} : Split{2, 1, 2}}) {
-    const std::string name = std::to_string(s.ranks) + "rank-" + std::to_string(s.micro) + "x" + std::to_string(s.accum);
+  for (Split s : {Split{1, 2, 2, "none"}, Split{1, 1, 4, "none"}, packed ? Split{2, 2, 1, "none"} : Split{2, 1, 2, "none"},
+                  Split{2, 1, 2, "zero2"}}) {
+    const std::string name = std::to_string(s.ranks) + "rank-" + std::to_string(s.micro) + "x" + std::to_string(s.accum) +
+                             (std::string(s.sharding) == "none" ? "" : std::string("-") + s.sharding);
     SCOPED_TRACE(name + " vs 1 rank 4x1, " + GetParam() + " rows");
     ASSERT_NO_FATAL_FAILURE(train(name, base + " train.micro_batch_size=" + std::to_string(s.micro) +
-                                            " train.grad_accum=" + std::to_string(s.accum), s.ranks));
+                                            " train.grad_accum=" + std::to_string(s.accum) +
+                                            " train.sharding=" + s.sharding, s.ranks));
+    if (std::string(s.sharding) == "zero2")  // each rank wrote its own optimizer shard: ZeRO-2 ran
+      for (const char* f : {"optimizer-rank-0.safetensors", "optimizer-rank-1.safetensors"})
+        EXPECT_TRUE(path_exists(d_.file(name + "/checkpoints/step-4/trainer_state/") + f)) << f;
     const double diff = test::max_param_diff(final_params(name), ref);
     std::printf("%s rows, %s vs 1 rank 4x1 after 4 steps: max |param diff| %.3g (moved %.3g)\n", GetParam(),
                 name.c_str(), diff, moved);

@@ -115,6 +115,15 @@ TEST(MemoryEstimate, TermsFollowTheRecipe) {
   z.zero1 = true;
   z.world_size = 4;
   EXPECT_DOUBLE_EQ(term(estimate_memory(z).resident, "AdamW moments"), 2 * P);
+  EXPECT_DOUBLE_EQ(term(estimate_memory(z).resident, "gradients"), 4 * P) << "ZeRO-1 keeps whole gradients";
+  // ZeRO-2 over 4 ranks: a quarter of the gradients as well.
+  MemoryPlan z2 = sft;
+  z2.zero2 = true;
+  z2.world_size = 4;
+  const auto e2 = estimate_memory(z2);
+  EXPECT_DOUBLE_EQ(term(e2.resident, "AdamW moments"), 2 * P);
+  EXPECT_DOUBLE_EQ(term(e2.resident, "gradients"), P);
+  EXPECT_NEAR(estimate_memory(z).total_bytes - e2.total_bytes, 3 * P, 1.0);
   // GRPO's generation phase: a KV cache of slots x (prompt + completion) x layers x K and V.
   MemoryPlan grpo = plan_05b(StageKind::kGrpo);
   grpo.micro_batch_size = 1;
