@@ -62,7 +62,7 @@ EvalResult evaluate(const model::Qwen2Model& model, const tokenizer::Tokenizer& 
     throw Error("eval: " + std::to_string(o.prompt_seeds.size()) + " prompt_seeds for " +
                 std::to_string(prompts.size()) + " prompts; give one each or none");
   auto t0 = std::chrono::steady_clock::now();
-  rollout::EngineOptions eo;
+  rollout::EngineOptions eo = o.engine;
   eo.slots = o.slots;
   eo.vocab_limit = std::min<int64_t>(static_cast<int64_t>(tok.vocab_size()), model.config().vocab_size);
   rollout::Engine engine(model, eo);

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "rollout/engine.h"    // EngineOptions
 #include "rollout/sampling.h"  // SamplingParams
 
 namespace ptk {
@@ -49,6 +50,9 @@ struct EvalOptions {
   uint64_t seed = 0;                              // prompt i samples with seed + i ...
   std::vector<uint64_t> prompt_seeds;             // ... or with prompt_seeds[i] (one per prompt) when given
   int64_t slots = 64;
+  // The engine's other options (device loop, CUDA graphs, memory share); slots and vocab_limit are
+  // set from the fields above and the tokenizer.
+  rollout::EngineOptions engine;
   // A Qwen2ForSequenceClassification model scoring prompt + completion ("" = none).
   const model::Qwen2Model* reward_model = nullptr;
 };

@@ -158,6 +158,10 @@ void RolloutSection::visit(config::Visitor& v) {
         "CUDA: the KV cache fits in this fraction of the GPU's memory minus what is in use when it is allocated "
         "(as vLLM's gpu_memory_utilization); fewer than rollout.slots slots run when they do not fit (logged), an "
         "error when not one does. 0 = rollout.slots whatever the memory. Ignored on the CPU");
+  v.choice(device_loop, "device_loop", "auto", {"auto", "on", "off"},
+           "where the decode loop runs: auto = on the device for CUDA (state and sampling there, one copy each way "
+           "a step, CUDA graphs), the host loop on the CPU (its AVX-512 packed weights are faster there); off = the "
+           "host loop everywhere (each step's ids, positions and sampling built on the host)");
   v.opt(cuda_graphs, "cuda_graphs", true,
         "CUDA: capture each slot-count bucket's decode step as a CUDA graph once per generation batch and replay "
         "it (fewer kernel launches); false = eager decode steps (profiling, debugging). Ignored on the CPU");
@@ -208,6 +212,17 @@ uint64_t mix64(uint64_t x) {  // splitmix64 finalizer
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
   return x ^ (x >> 31);
+}
+
+// The engine's options a recipe's rollout section sets (slots, device loop, graphs, memory share).
+rollout::EngineOptions engine_options(const RolloutSection& s) {
+  rollout::EngineOptions eo;
+  eo.slots = s.slots;
+  eo.gpu_memory_fraction = s.gpu_memory_fraction;
+  eo.cuda_graphs = s.cuda_graphs;
+  using Mode = rollout::EngineOptions::DeviceLoopMode;
+  eo.device_loop = s.device_loop == "on" ? Mode::kOn : s.device_loop == "off" ? Mode::kOff : Mode::kAuto;
+  return eo;
 }
 
 // Points every weight of `m` at f(weight): the fields Qwen2Model::named_parameters lists.
@@ -425,10 +440,7 @@ struct GrpoStage::Impl {
       }
       has_ref = true;
     }
-    rollout::EngineOptions eo;
-    eo.slots = r.rollout.slots;
-    eo.gpu_memory_fraction = r.rollout.gpu_memory_fraction;
-    eo.cuda_graphs = r.rollout.cuda_graphs;
+    rollout::EngineOptions eo = engine_options(r.rollout);
     eo.vocab_limit = static_cast<int64_t>(tok->vocab_size());
     // LoRA on a frozen base: the decode copies of the base weights (the packed linears and LM head
     // on AVX-512 CPUs) stay valid for the whole run, since the adapters apply after the packed
@@ -1016,6 +1028,7 @@ struct GrpoStage::Impl {
       eo.max_new_tokens = g.eval_max_new_tokens > 0 ? g.eval_max_new_tokens : g.max_completion_length;
       eo.samples = samples;
       eo.slots = r.rollout.slots;
+      eo.engine = engine_options(r.rollout);
       if (!greedy) {
         eo.sampling = rollout::SamplingParams{g.temperature, g.top_p, g.top_k};
         eo.prompt_seeds = seeds;

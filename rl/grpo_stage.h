@@ -72,6 +72,7 @@ struct RolloutSection : config::Section {
   int64_t slots;
   double gpu_memory_fraction;
   bool cuda_graphs;
+  std::string device_loop;  // auto | on | off
   const char* name() const override { return "rollout"; }
   const char* help() const override { return "the generation engine (KV-cache slots)"; }
   void visit(config::Visitor& v) override;

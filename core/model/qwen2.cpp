@@ -237,7 +237,11 @@ std::pair<at::Tensor, double> rope_inv_freq(const Qwen2Config& c) {
 
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const Qwen2Config& c, const at::Tensor& positions) {
   auto [inv_freq, scale] = rope_inv_freq(c);
-  auto freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq.to(positions.device());  // (P..., D/2)
+  return rope_cos_sin(inv_freq.to(positions.device()), scale, positions);
+}
+
+std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, double scale, const at::Tensor& positions) {
+  auto freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq;  // (P..., D/2)
   auto emb = at::cat({freqs, freqs}, -1);
   auto cos = emb.cos(), sin = emb.sin();
   if (scale != 1.0) {
@@ -1200,14 +1204,8 @@ at::Tensor Qwen2Model::decode_step(const at::Tensor& ids, const at::Tensor& posi
   PTK_CHECK(ids.dim() == 1 && positions.dim() == 1 && positions.size(0) == n && n >= 1 && n <= cache.slots(),
             "decode_step: ids and positions must be (n) with 1 <= n <= the cache's slots");
   PTK_CHECK(cache.num_layers() == c.num_hidden_layers, "decode_step: the cache was built for another config");
-  // RoPE as rope_cos_sin computes it, from the device positions: (n, 1, D).
-  auto freqs = positions.to(at::kFloat).view({n, 1, 1}) * inv_freq;
-  auto emb = at::cat({freqs, freqs}, -1);
-  auto cos = emb.cos(), sin = emb.sin();
-  if (rope_scale != 1.0) {
-    cos = cos * rope_scale;
-    sin = sin * rope_scale;
-  }
+  // RoPE from the device positions: (n, 1, D).
+  auto [cos, sin] = rope_cos_sin(inv_freq, rope_scale, positions.view({n, 1}));
   const SlotDecodeAttention attention(cache, positions);
   at::Tensor x = embed(embed_tokens_, ids.unsqueeze(1), false);  // (n, 1, H)
   for (int64_t li = 0; li < c.num_hidden_layers; ++li) {

@@ -209,6 +209,8 @@ class Qwen2Model {
 std::pair<at::Tensor, double> rope_inv_freq(const Qwen2Config& config);
 // cos and sin tables for positions (any shape P...) -> (P..., D) float32, layout cat(freqs, freqs).
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const Qwen2Config& config, const at::Tensor& positions);
+// The same from rope_inv_freq's pair, inv_freq already on the positions' device (no host copy).
+std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, double scale, const at::Tensor& positions);
 // x*cos + rotate_half(x)*sin. x (B, heads, T, D); cos/sin (B, T, D).
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 // Derived positions for an attention mask: cumsum(mask) - 1, padding set to 1 (HF generate). (B, T)

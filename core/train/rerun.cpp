@@ -31,7 +31,9 @@ const char* const kNeutralKeys[] = {
     "rollout.slots",                     // GRPO's decode batch: speed (seeds are per prompt row)
     "rollout.gpu_memory_fraction",       // how many of those slots fit: speed
     "rollout.cuda_graphs",               // the same decode step, replayed or launched: speed
+    "rollout.device_loop",               // the same step on the host or the device: speed
     "grpo.log_rollouts_every",           // rollouts/*.jsonl
+    "grpo.reference_device",             // where the frozen reference lives: the same log-probs
     "grpo.reward_urls",                  // where the reward server listens (a pipeline's port changes)
     "grpo.reward_timeout_s",             // connection settings
     "grpo.reward_max_attempts",

@@ -446,5 +446,29 @@ TEST(GrpoStage, ReferenceOnHostGivesTheSameRun) {
   for (auto& [name, t] : pa) EXPECT_TRUE(torch::equal(t, pb.at(name))) << name;
 }
 
+// rollout.device_loop reaches the engine: on (the device loop, here on the CPU) and off (the host
+// loop) draw the same rollouts for the same seeds, so the first step's rewards and losses agree.
+TEST(GrpoStage, DeviceLoopKeyPicksTheEnginesLoop) {
+  at::set_num_threads(1);
+  Fixture f;
+  std::map<std::string, std::string> dirs;
+  for (const char* loop : {"off", "on"}) {
+    SCOPED_TRACE(loop);
+    auto r = f.recipe(std::string("loop-") + loop,
+                      {"train.max_steps=1", "train.eval_every=0", std::string("rollout.device_loop=") + loop});
+    GrpoStage stage(*r, r->run.dir, {}, letters());
+    train::Trainer(stage, options_for(*r)).run();
+    EXPECT_EQ(stage.last_rollout_stats().device_loop, std::string(loop) == "on");
+    if (std::string(loop) == "on") EXPECT_EQ(stage.last_rollout_stats().d2h_copies, stage.last_rollout_stats().decode_steps);
+    dirs[loop] = r->run.dir;
+  }
+  auto off = json::parse(read_file(dirs["off"] + "/metrics.jsonl"), "off");
+  auto on = json::parse(read_file(dirs["on"] + "/metrics.jsonl"), "on");
+  for (const char* k : {"reward", "loss"}) {
+    ASSERT_TRUE(off.HasMember(k) && on.HasMember(k)) << k;
+    EXPECT_NEAR(off[k].GetDouble(), on[k].GetDouble(), 1e-5) << k;
+  }
+}
+
 }  // namespace
 }  // namespace ptk::rl

@@ -104,7 +104,15 @@ TEST_F(RmLora, FinalIsASeqClsAdapterWithTheScoreHead) {
 TEST_F(RmLora, AdapterFolderLoadsAsTheTrainedRewardModel) {
   at::Tensor a = scores(d_->file("rm/final"), "adapter"), m = scores(d_->file("rm/final-merged"), "stage-merged");
   ASSERT_TRUE(a.defined() && m.defined());
-  EXPECT_EQ((a - m).abs().max().item<double>(), 0.0) << a << m;
+  // The same merge (Lora::merge_into) either way; the scores may still differ in the last bit, since
+  // the merged folder's weights are read from mmap'ed files and MKL's kernels on AVX-512 round by
+  // the data's alignment (5.96e-08 measured). The tolerance still tells models apart: two steps less
+  // training (the step-2 checkpoint) moves the scores far more.
+  const double ulps = 1e-6;
+  EXPECT_LE((a - m).abs().max().item<double>(), ulps) << a << m;
+  at::Tensor s2 = scores(d_->file("rm/checkpoints/step-2"), "step2");
+  ASSERT_TRUE(s2.defined());
+  EXPECT_GT((a - s2).abs().max().item<double>(), 100 * ulps) << a << s2;
   EXPECT_EQ(checkpoint::read_config(d_->file("rm/final-merged")).architecture, "Qwen2ForSequenceClassification");
   auto r = test::run(test::ptk_binary() + " merge-lora --threads 1 --adapter " + d_->file("rm/final") + " --output " +
                      d_->file("merged"));
@@ -112,7 +120,7 @@ TEST_F(RmLora, AdapterFolderLoadsAsTheTrainedRewardModel) {
   EXPECT_EQ(checkpoint::read_config(d_->file("merged")).architecture, "Qwen2ForSequenceClassification");
   at::Tensor g = scores(d_->file("merged"), "merged");
   ASSERT_TRUE(g.defined());
-  EXPECT_EQ((a - g).abs().max().item<double>(), 0.0) << a << g;
+  EXPECT_LE((a - g).abs().max().item<double>(), ulps) << a << g;
 
   // ptk eval scores samples with the adapter RM as with its merged folder.
   auto eval = [&](const std::string& rm, const std::string& out) {
@@ -125,7 +133,7 @@ TEST_F(RmLora, AdapterFolderLoadsAsTheTrainedRewardModel) {
   };
   const double ra = eval(d_->file("rm/final"), "ea.json"), rm = eval(d_->file("rm/final-merged"), "em.json");
   EXPECT_TRUE(std::isfinite(ra));
-  EXPECT_EQ(ra, rm);
+  EXPECT_NEAR(ra, rm, ulps);
 }
 
 }  // namespace
