@@ -123,10 +123,11 @@ export PTK_SOURCE_DIR=$ROOT PTK_BINARY=$BIN/ptk OMP_WAIT_POLICY=PASSIVE
 # On a machine with a working GPU a test that would skip for want of one fails instead (PTK_SKIP_WITHOUT).
 [ "$gpu" = yes ] && export PTK_REQUIRE=gpu
 status=0
-test_part() {  # test_part BINARY CAP
-  local t=$1
+test_part() {  # test_part BINARY CAP [gtest arguments]
+  local t=$1 cap=$2
+  shift 2
   if [ ! -x "$BIN/$t" ]; then say "$t: not run (not in .gpu/bin: rerun scripts/gpu_prepare.sh)"; status=1; return; fi
-  part "$t" "$2" "$BIN/$t" --gtest_output="xml:$LOGS/$t.xml"
+  part "$t" "$cap" "$BIN/$t" --gtest_output="xml:$LOGS/$t.xml" "$@"
   local line skipped
   line=$(grep -E "^\[  (PASSED|FAILED)  \]|tests? ran" "$LOGS/$t.log" | tail -n 2 | tr '\n' ' ')
   skipped=$(grep -oE "^\[  SKIPPED \] [0-9]+ tests?," "$LOGS/$t.log" | grep -oE "[0-9]+" || echo 0)
@@ -141,6 +142,10 @@ test_part cuda_test 90
 test_part cuda_stages_test 180
 test_part forward_cmd_test 60
 test_part generate_cmd_test 60
+test_part loop_device_test 60 --gtest_filter='*Cuda*'
+test_part zero2_test 60
+# NCCL on one GPU: a process group of one rank through every collective ptk calls.
+test_part comm_test 60 --gtest_filter='Comm.*OfOneRank*'
 
 # 4. RL benchmarks (tests first, then these: the figures issue 29 asks for), then 5. SFT
 bench_ok=yes

@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 BUILD_DIR=${PTK_BUILD_DIR:-build}
 # The binaries gpu_check.sh runs, as paths in the build folder; the ninja target is the file name.
 BINARIES=(bin/ptk tests/cuda/cuda_test tests/cuda/cuda_stages_test tests/model/qwen2_test tests/model/forward_cmd_test
-          tests/rollout/generate_cmd_test bench/decode_bench)
+          tests/rollout/generate_cmd_test tests/train/loop_device_test tests/optim/zero2_test tests/parallel/comm_test
+          bench/decode_bench)
 scripts/build.sh "$@" >/dev/null
 ninja -C "$BUILD_DIR" "${BINARIES[@]##*/}" >/dev/null
 

@@ -121,6 +121,15 @@ struct Comm::Impl {
 #endif
   bool nccl = false;
 
+  // No process group: world size 1 (without CommOptions::group_for_one_rank); collectives are the identity.
+  bool solo() const {
+#if PTK_HAVE_C10D
+    return !group;
+#else
+    return true;
+#endif
+  }
+
   std::chrono::milliseconds timeout() const {
     return std::chrono::milliseconds(static_cast<int64_t>(opt.timeout_s * 1000));
   }
@@ -198,7 +207,7 @@ Comm Comm::connect(const Env& env, const CommOptions& options) {
   Comm c;
   c.impl_->env = env;
   c.impl_->opt = options;
-  if (env.world_size <= 1) return c;
+  if (env.world_size <= 1 && !options.group_for_one_rank) return c;
   PTK_CHECK(options.timeout_s > 0, "dist: timeout_s must be positive");
 #if !PTK_HAVE_C10D
   throw Error("WORLD_SIZE=" + std::to_string(env.world_size) +
@@ -266,7 +275,7 @@ std::string Comm::backend() const { return impl_->backend; }
 double Comm::timeout_s() const { return impl_->opt.timeout_s; }
 
 void Comm::all_reduce(const at::Tensor& t, ReduceOp op) {
-  if (world_size() == 1) return;
+  if (impl_->solo()) return;
 #if PTK_HAVE_C10D
   PTK_CHECK(t.is_contiguous(), "dist: all_reduce needs a contiguous tensor");
   at::Tensor d = impl_->on_device(t);
@@ -289,7 +298,7 @@ void Comm::all_reduce(const at::Tensor& t, ReduceOp op) {
 
 Comm::Work Comm::all_reduce_async(const at::Tensor& t) {
   Work w;
-  if (world_size() == 1) return w;
+  if (impl_->solo()) return w;
 #if PTK_HAVE_C10D
   PTK_CHECK(t.is_contiguous(), "dist: all_reduce_async needs a contiguous tensor");
   w.impl_ = std::make_unique<Work::Impl>();
@@ -317,7 +326,7 @@ Comm::Work Comm::reduce_scatter_async(const at::Tensor& in, const at::Tensor& ou
   PTK_CHECK(in.scalar_type() == out.scalar_type() && in.device() == out.device(),
             "dist: reduce_scatter's input and output differ in dtype or device");
   Work w;
-  if (world_size() == 1) {
+  if (impl_->solo()) {
     if (!out.is_same(in)) out.view(-1).copy_(in.view(-1));
     return w;
   }
@@ -359,7 +368,7 @@ void Comm::all_gather(const at::Tensor& in, const std::vector<at::Tensor>& out) 
   for (auto& o : out)
     PTK_CHECK(o.sizes() == in.sizes() && o.scalar_type() == in.scalar_type(),
               "dist: all_gather outputs must match the input's shape and dtype");
-  if (world_size() == 1) {
+  if (impl_->solo()) {
     if (!out[0].is_same(in)) out[0].copy_(in);
     return;
   }
@@ -391,7 +400,7 @@ at::Tensor Comm::all_gather(const at::Tensor& in) {
 
 void Comm::broadcast(const at::Tensor& t, int root) {
   PTK_CHECK(root >= 0 && root < world_size(), "dist: broadcast root out of range");
-  if (world_size() == 1) return;
+  if (impl_->solo()) return;
 #if PTK_HAVE_C10D
   PTK_CHECK(t.is_contiguous(), "dist: broadcast needs a contiguous tensor");
   at::Tensor d = impl_->on_device(t);
@@ -409,7 +418,7 @@ void Comm::broadcast(const at::Tensor& t, int root) {
 }
 
 void Comm::barrier() {
-  if (world_size() == 1) return;
+  if (impl_->solo()) return;
 #if PTK_HAVE_C10D
   c10d::BarrierOptions o;
   o.timeout = impl_->timeout();
@@ -422,14 +431,14 @@ void Comm::barrier() {
 }
 
 double Comm::all_reduce(double v, ReduceOp op) {
-  if (world_size() == 1) return v;
+  if (impl_->solo()) return v;
   at::Tensor t = at::full({1}, v, at::TensorOptions().dtype(at::kDouble));
   all_reduce(t, op);
   return t.item<double>();
 }
 
 std::string Comm::broadcast(const std::string& s, int root) {
-  if (world_size() == 1) return s;
+  if (impl_->solo()) return s;
   at::Tensor n = at::full({1}, static_cast<int64_t>(s.size()), at::TensorOptions().dtype(at::kLong));
   broadcast(n, root);
   int64_t len = n.item<int64_t>();

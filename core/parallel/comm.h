@@ -22,6 +22,9 @@ struct CommOptions {
   // The run's tensors live on a CUDA device (run.device): what backend "auto" follows. A CPU run on a
   // machine with GPUs stays on Gloo (NCCL would copy every host tensor to the GPU and back).
   bool cuda = false;
+  // Make the process group even at world size 1 (whose collectives are otherwise the identity, with no
+  // group): what checks the NCCL path on a machine with one GPU (tests/parallel/comm_test).
+  bool group_for_one_rank = false;
 };
 
 // The process-group backend for `requested` ("auto" | "gloo" | "nccl") when the collectives' tensors
@@ -54,7 +57,8 @@ class Comm {
   Comm& operator=(const Comm&);
 
   // Rendezvous at env.master_addr:env.master_port (rank 0 hosts the TCPStore) and creates the
-  // process group. World size 1 returns the default Comm without any networking.
+  // process group. World size 1 returns the default Comm without any networking (unless
+  // options.group_for_one_rank).
   static Comm connect(const Env& env, const CommOptions& options = {});
   // connect(env_from_environment(), options): what a command run under torchrun / `ptk launch` calls.
   static Comm from_environment(const CommOptions& options = {});

@@ -42,6 +42,53 @@ TEST(Comm, WorldSizeOneIsTheIdentity) {
   EXPECT_EQ(c.broadcast(std::string("abc")), "abc");
 }
 
+// A process group of one rank runs every collective through c10d: Gloo here, NCCL on a GPU machine
+// (the one way a single GPU checks ptk's NCCL calls: scripts/gpu_check.sh runs this binary).
+void collectives_of_one_rank(const std::string& backend, const at::Device& dev) {
+  Env env;
+  env.master_port = test::free_port();
+  CommOptions o;
+  o.backend = backend;
+  o.cuda = dev.is_cuda();
+  o.group_for_one_rank = true;
+  o.timeout_s = 60;
+  Comm c = Comm::connect(env, o);
+  EXPECT_EQ(c.backend(), backend);
+  EXPECT_EQ(c.world_size(), 1);
+  const auto f = torch::TensorOptions().dtype(torch::kFloat).device(dev);
+  auto t = torch::arange(6, f);
+  c.all_reduce(t, ReduceOp::kSum);
+  EXPECT_TRUE(torch::equal(t.cpu(), torch::arange(6, torch::kFloat)));
+  c.all_reduce(t, ReduceOp::kMax);
+  c.all_reduce_async(t).wait();
+  EXPECT_TRUE(torch::equal(t.cpu(), torch::arange(6, torch::kFloat)));
+  auto out = torch::zeros({6}, f);
+  c.reduce_scatter(t, out);
+  EXPECT_TRUE(torch::equal(out.cpu(), torch::arange(6, torch::kFloat)));
+  auto out2 = torch::zeros({6}, f);
+  c.reduce_scatter_async(t, out2).wait();
+  EXPECT_TRUE(torch::equal(out2.cpu(), torch::arange(6, torch::kFloat)));
+  auto g = c.all_gather(t);
+  EXPECT_EQ(g.sizes(), (std::vector<int64_t>{1, 6}));
+  EXPECT_TRUE(torch::equal(g[0].cpu(), t.cpu()));
+  c.broadcast(t);
+  c.barrier();
+  EXPECT_EQ(c.all_reduce(2.5, ReduceOp::kSum), 2.5);
+  EXPECT_EQ(c.broadcast(std::string("xyz")), "xyz");
+  // Host tensors on an NCCL group travel through the device and come back.
+  auto h = torch::tensor({1.0, 2.0}, torch::kDouble);
+  c.all_reduce(h, ReduceOp::kSum);
+  EXPECT_TRUE(torch::equal(h, torch::tensor({1.0, 2.0}, torch::kDouble)));
+}
+
+TEST(Comm, GlooGroupOfOneRank) { collectives_of_one_rank("gloo", at::Device(at::kCPU)); }
+
+TEST(Comm, NcclGroupOfOneRankOnTheGpu) {
+  if (!nccl_built()) GTEST_SKIP() << "this build has no NCCL process group";
+  if (!torch::cuda::is_available()) PTK_SKIP_WITHOUT("gpu") << "no usable CUDA GPU on this machine";
+  collectives_of_one_rank("nccl", at::Device(at::kCUDA, 0));
+}
+
 TEST(Comm, EnvironmentParsing) {
   auto set = [](const char* k, const char* v) {
     if (v) setenv(k, v, 1);
