@@ -18,6 +18,7 @@
 #include "core/model/lm_head_logprobs.h"
 #include "core/model/qwen2.h"
 #include "core/runtime/device.h"
+#include "core/runtime/device_memory.h"
 #include "core/runtime/log.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/train/from_recipe.h"
@@ -415,14 +416,40 @@ struct GrpoStage::Impl {
       } else if (g.reference_device == "host") {
         // A copy straight from the policy's weights into host memory (never a second device copy);
         // pinned when the policy is on a GPU, so each reference pass uploads it asynchronously.
-        const bool pin = p.device.is_cuda();
+        // On a GPU the copies are views into one page-locked buffer per dtype, allocated at its exact
+        // size (runtime::pinned_host_bytes): LibTorch's pinned allocator would round each weight up
+        // to a power of two, ~1.8x the weights at 7B.
+        bool pin = false;
         reference = policy;  // the handle (config, layers), then every weight replaced by a host copy
         reference.clear_adapters();
-        map_weights(reference, [&](const at::Tensor& t) {
-          auto h = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(pin).requires_grad(false));
-          if (!t.is_meta()) h.copy_(t.detach());  // meta (tests) holds shapes, no numbers to copy
-          return h;
-        });
+        if (p.device.is_cuda()) {
+          std::map<at::ScalarType, int64_t> bytes;  // per dtype, each weight 64-byte aligned
+          auto aligned = [](int64_t b) { return (b + 63) / 64 * 64; };
+          for (const auto& [name, t] : policy.named_parameters()) bytes[t.scalar_type()] += aligned(t.nbytes());
+          std::map<at::ScalarType, std::pair<at::Tensor, int64_t>> buffers;  // buffer, next free byte
+          pin = true;
+          for (const auto& [dtype, b] : bytes) {
+            bool pinned = false;
+            buffers[dtype] = {runtime::pinned_host_bytes(b, &pinned), 0};
+            pin = pin && pinned;
+          }
+          map_weights(reference, [&](const at::Tensor& t) {
+            auto& [buf, at_byte] = buffers.at(t.scalar_type());
+            auto h = buf.narrow(0, at_byte, t.nbytes()).view(t.scalar_type()).view(t.sizes());
+            at_byte += aligned(t.nbytes());
+            h.copy_(t.detach());
+            return h;
+          });
+          if (!pin && comm.rank() == 0)
+            log::warn("grpo: the reference's host copy could not be page-locked (cudaHostRegister failed; "
+                      "`ulimit -l`?): its uploads are synchronous copies from pageable memory");
+        } else {
+          map_weights(reference, [&](const at::Tensor& t) {
+            auto h = at::empty(t.sizes(), t.options().device(at::kCPU).requires_grad(false));
+            if (!t.is_meta()) h.copy_(t.detach());  // meta (tests) holds shapes, no numbers to copy
+            return h;
+          });
+        }
         ref_on_host = true;
         if (comm.rank() == 0)
           log::info("grpo: the KL reference is a frozen copy in " + std::string(pin ? "pinned " : "") +

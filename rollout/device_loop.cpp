@@ -11,6 +11,7 @@
 
 #include "core/model/kv_cache.h"
 #include "core/model/qwen2.h"
+#include "core/runtime/log.h"
 #include "core/util/error.h"
 
 #if PTK_TORCH_CUDA
@@ -18,6 +19,7 @@
 #include <c10/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #endif
 
 namespace ptk::rollout {
@@ -239,21 +241,42 @@ const std::vector<DeviceLoop::Row>& DeviceLoop::step(int64_t n) {
       ready.record(current);
       ready.block(side);
       auto graph = std::make_unique<at::cuda::CUDAGraph>();
+      bool captured_ok = false;
       {
         c10::cuda::CUDAStreamGuard guard(side);
         body(n);
-        // Thread-local: other threads' CUDA calls (NCCL's watchdog, data loaders) do not break it.
-        graph->capture_begin(graphs_->pool, cudaStreamCaptureModeThreadLocal);
-        body(n);
-        graph->capture_end();
+        ran = true;  // the real step ran; the capture below executes nothing
+        try {
+          // Thread-local: other threads' CUDA calls (NCCL's watchdog, data loaders) do not break it.
+          graph->capture_begin(graphs_->pool, cudaStreamCaptureModeThreadLocal);
+          try {
+            body(n);
+          } catch (...) {
+            try {
+              graph->capture_end();  // ends the capture and the allocator's routing into its pool
+            } catch (...) {
+            }
+            throw;
+          }
+          graph->capture_end();
+          captured_ok = true;
+        } catch (const std::exception& e) {
+          // Something in the step cannot be captured on this GPU / LibTorch: decode eagerly from now
+          // on (the results are the same; only launch overhead is lost).
+          cudaGetLastError();  // clear a sticky capture error for the next CUDA call
+          graphs_on_ = false;
+          log::warn(std::string("rollout engine: CUDA graph capture failed, decoding without graphs "
+                                "(rollout.cuda_graphs=false silences this): ") + e.what());
+        }
       }
-      ran = true;
       c10::cuda::CUDAEvent captured;
       captured.record(side);
       captured.block(current);  // the device->host copy below, on `current`, waits for the step
-      if (graphs_->by_n.empty()) graphs_->pool = graph->pool();
-      graphs_->by_n.emplace(n, std::move(graph));
-      ++graph_captures;
+      if (captured_ok) {
+        if (graphs_->by_n.empty()) graphs_->pool = graph->pool();
+        graphs_->by_n.emplace(n, std::move(graph));
+        ++graph_captures;
+      }
     }
   }
 #endif

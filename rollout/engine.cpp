@@ -46,9 +46,12 @@ void copy_prefix(model::KVCache& cache, int64_t src, int64_t dst, int64_t n) {
 }
 
 // Bytes of a decode step's logits and sampling temporaries per slot and vocabulary entry (logits,
-// scaled float32 copy, weights, float64 CDF, and with top-k / top-p the sorted row and its float64
-// masses), for the memory sizing: an estimate on the high side.
-constexpr int64_t kStepBytesPerVocab = 64;
+// scaled float32 copy, weights, float64 CDF, and with top-k / top-p the sort's values, int64 indices
+// and scratch and the float64 masses), for the memory sizing: an estimate on the high side.
+constexpr int64_t kStepBytesPerVocab = 128;
+// Kept free beside the cache: prefill activations (up to prefill_max_tokens), the CUDA graphs' pool,
+// and room for the allocator's fragmentation.
+constexpr int64_t kSizingReserveBytes = int64_t{1} << 30;
 
 // The device loop's bucket: the smallest power of two covering slots [0, highest busy], within S.
 int64_t bucket_of(int64_t highest_busy, int64_t S) {
@@ -95,6 +98,7 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
   const int64_t V = cfg.vocab_size;
   int64_t S = options_.slots;
   stats_ = Stats{};
+  stats_.slots = S;  // what the call runs: fewer on CUDA when the memory sizing says so (below)
   stats_.requests = static_cast<int64_t>(requests.size());
 
   // ---- validate, size the cache ----
@@ -153,7 +157,8 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
       const int64_t kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * max_len * cfg.head_dim *
                          static_cast<int64_t>(c10::elementSize(dtype));
       const int64_t wanted = S;
-      S = cache_slots_that_fit(wanted, kv + V * kStepBytesPerVocab, options_.gpu_memory_fraction, free_b, total_b);
+      const size_t usable = free_b > static_cast<size_t>(kSizingReserveBytes) ? free_b - kSizingReserveBytes : 0;
+      S = cache_slots_that_fit(wanted, kv + V * kStepBytesPerVocab, options_.gpu_memory_fraction, usable, total_b);
       log::info("rollout engine: " + std::to_string(S) + " of " + std::to_string(wanted) + " KV-cache slots (" +
                 std::to_string(max_len) + " tokens, " + std::to_string((kv + V * kStepBytesPerVocab) >> 20) +
                 " MiB each) within gpu_memory_fraction " + std::to_string(options_.gpu_memory_fraction).substr(0, 4) +

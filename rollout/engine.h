@@ -120,9 +120,10 @@ struct EngineOptions {
   // On CUDA: the KV cache takes at most this fraction of the GPU's total memory, less what is in
   // use when it is allocated (weights, optimizer state, LibTorch's live tensors), as vLLM's
   // gpu_memory_utilization; the engine then runs min(slots, what fits) slots (logged) and throws
-  // when not even one fits. Each slot counts its KV (max_len positions) plus ~64 bytes per
-  // vocabulary entry for the decode step's logits and sampling. 0 = slots as given, whatever the
-  // memory. Ignored on the CPU.
+  // when not even one fits. Each slot counts its KV (max_len positions) plus ~128 bytes per
+  // vocabulary entry for the decode step's logits and sampling, and 1 GiB stays free beside the
+  // cache (prefill activations, the CUDA graphs' pool). 0 = slots as given, whatever the memory.
+  // Ignored on the CPU.
   double gpu_memory_fraction = 0.9;
 };
 

@@ -263,11 +263,12 @@ at::Tensor draw(const at::Tensor& x, const std::vector<SamplingParams>& params, 
   }
   auto argmax = any_greedy ? x.argmax(1) : at::Tensor();  // (R)
   if (all_greedy) return argmax;
-  // Inverse CDF: the first column whose cumulative (unnormalised) mass reaches u * total.
+  // Inverse CDF: the first column whose cumulative (unnormalised) mass reaches u * total, summed in
+  // float64 as the plain rows' scan and the device loop's sampler do (a float32 running sum over
+  // 152k columns drifts enough to move some draws by a token).
   auto w = (x - std::get<0>(x.max(1, /*keepdim=*/true))).exp();  // (R, V), 0 where -inf
-  auto cdf = w.cumsum(1);
-  std::vector<float> u(uniforms.begin(), uniforms.end());
-  auto target = at::tensor(u, at::kFloat).to(x.device()).unsqueeze(1) * cdf.narrow(1, cdf.size(1) - 1, 1);  // (R, 1)
+  auto cdf = w.to(at::kDouble).cumsum(1);
+  auto target = at::tensor(uniforms, at::kDouble).to(x.device()).unsqueeze(1) * cdf.narrow(1, cdf.size(1) - 1, 1);  // (R, 1)
   auto picked = at::searchsorted(cdf, target).squeeze(1).clamp_max(x.size(1) - 1);  // (R)
   if (!any_greedy) return picked;
   std::vector<uint8_t> g(R);

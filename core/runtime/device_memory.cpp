@@ -1,6 +1,9 @@
 #include "core/runtime/device_memory.h"
 
 #include "core/runtime/device.h"
+#include "core/util/error.h"
+
+#include <cstdlib>
 
 #include <torch/torch.h>
 #if PTK_TORCH_CUDA
@@ -32,6 +35,31 @@ bool cuda_free_memory(int device, size_t* free_bytes, size_t* total_bytes) {
   (void)device, (void)free_bytes, (void)total_bytes;
   return false;
 #endif
+}
+
+at::Tensor pinned_host_bytes(int64_t bytes, bool* pinned) {
+  PTK_CHECK(bytes >= 0, "pinned_host_bytes: a negative size");
+  const size_t n = static_cast<size_t>(std::max<int64_t>(bytes, 1));
+  void* p = nullptr;
+  if (posix_memalign(&p, 4096, n) != 0)
+    throw Error("cannot allocate " + std::to_string(bytes) + " bytes of host memory");
+  bool registered = false;
+#if PTK_TORCH_CUDA
+  if (torch::cuda::is_available()) {
+    registered = cudaHostRegister(p, n, cudaHostRegisterDefault) == cudaSuccess;
+    if (!registered) cudaGetLastError();  // e.g. over the locked-memory limit: pageable, still correct
+  }
+#endif
+  if (pinned) *pinned = registered;
+  auto release = [registered](void* q) {
+#if PTK_TORCH_CUDA
+    if (registered) cudaHostUnregister(q);
+#else
+    (void)registered;
+#endif
+    std::free(q);
+  };
+  return at::from_blob(p, {bytes}, release, at::TensorOptions().dtype(at::kByte));
 }
 
 int cuda_index_of(const std::string& spec, const std::string& key) {

@@ -1,7 +1,10 @@
 // Free memory of a CUDA device, for checks that run before anything is placed on it (the training
 // stages' memory estimate). Compiles and answers "no" on builds and machines without CUDA.
 #pragma once
+#include <ATen/core/Tensor.h>
+
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 namespace ptk::runtime {
@@ -24,5 +27,12 @@ struct CudaMemoryStats {
 // (so the next call's peaks cover the time between the two calls). Reads host-side counters: no
 // synchronisation with the device. False (and *out untouched) on builds and machines without it.
 bool cuda_memory_stats(int device, CudaMemoryStats* out, bool reset_peak);
+
+// A CPU tensor of exactly `bytes` bytes (uint8, page-aligned) whose pages are locked for
+// asynchronous copies to CUDA devices (cudaHostRegister) when this build and machine have CUDA and
+// the registration succeeds (*pinned says whether it did); unregistered and freed with the tensor.
+// Unlike LibTorch's pinned allocator, which rounds every block up to a power of two (a 1.09 GB
+// embedding would take 2 GiB), it costs the bytes asked for.
+at::Tensor pinned_host_bytes(int64_t bytes, bool* pinned = nullptr);
 
 }  // namespace ptk::runtime

@@ -179,7 +179,7 @@ MemoryEstimate estimate_memory(const MemoryPlan& p) {
     else
       e.resident.push_back({p.lora ? "LoRA gradients" : "gradients", keys, n * b, note});
     double adam = n * (8 + (p.bf16 ? 4 : 0));
-    std::string adam_keys = p.zero2 ? std::string("train.sharding=zero2") : "train.zero1=" + b2s(p.zero1);
+    std::string adam_keys = std::string("train.sharding=") + (p.zero2 ? "zero2" : p.zero1 ? "zero1" : "none");
     if (sharded) {
       adam /= static_cast<double>(p.world_size);
       adam_keys += ranks;

@@ -105,8 +105,19 @@ std::string training_neutral_keys() {
   return s + ", and every *.eval_* key";
 }
 
+// train.zero1=true is the older spelling of train.sharding=zero1: compared as the mode it means, so a
+// run started with one spelling resumes under the other.
+void resolve_sharding_spelling(std::map<std::string, std::string>* m) {
+  auto z = m->find("train.zero1");
+  if (z == m->end() || z->second != "true") return;
+  z->second = "false";
+  (*m)["train.sharding"] = "\"zero1\"";
+}
+
 std::vector<RecipeChange> recipe_changes(const std::string& saved_json, const std::string& now_json) {
   auto saved = flat(saved_json, "saved recipe"), now = flat(now_json, "this run's recipe");
+  resolve_sharding_spelling(&saved);
+  resolve_sharding_spelling(&now);
   std::vector<RecipeChange> out;
   for (const auto& [key, value] : saved) {
     auto it = now.find(key);

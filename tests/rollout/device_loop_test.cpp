@@ -5,6 +5,8 @@
 // one device->host copy per step; the memory sizing of the KV cache.
 // Not CUDA graphs (they need a GPU: tests/cuda/) and not the host loop alone (engine_test).
 #include <gtest/gtest.h>
+
+#include <limits>
 #include <torch/torch.h>
 
 #include <cstring>
@@ -126,6 +128,44 @@ TEST(DeviceLoop, TensorSamplerEqualsSampleRows) {
   Drawn got_plain = sample_rows_tensor(logits, rs, lim, /*filters=*/false);
   EXPECT_TRUE(torch::equal(got_plain.ids, want_plain.ids));
   EXPECT_LT((got_plain.logprobs - want_plain.logprobs).abs().max().item<double>(), 1e-5);
+}
+
+// At Qwen2.5's vocabulary a row keeps up to ~150k columns after top-k / top-p, each ~1e-5 of the
+// mass: both samplers sum the inverse CDF in float64 (CUDA's float32 cumsum accumulates in float32
+// and drifts by more than a column's width; the CPU's accumulates in double either way). Each row's
+// uniform aims at the middle of one late column: both samplers must draw exactly that column.
+TEST(DeviceLoop, TensorSamplerEqualsSampleRowsAtTheFullVocabulary) {
+  at::set_num_threads(1);
+  torch::manual_seed(5);
+  const int64_t R = 8, V = 151936, lim = 151665, k = lim - 1;  // top-k: every column but the smallest
+  auto logits = torch::randn({R, V}) * 0.5;
+  std::vector<SamplingParams> params(R);
+  std::vector<double> uniforms;
+  std::vector<int64_t> aimed;
+  for (int64_t r = 0; r < R; ++r) {
+    params[r].temperature = 1.0;
+    params[r].top_k = k;
+    auto x = logits[r].narrow(0, 0, lim).clone();
+    const float thr = std::get<0>(x.sort(0, /*descending=*/true))[k - 1].item<float>();
+    x.masked_fill_(x < thr, -std::numeric_limits<float>::infinity());
+    auto cdf = (x - x.max()).exp().to(torch::kDouble).cumsum(0);
+    const int64_t j = lim - 1000 - 3000 * r;  // a late column, kept (the smallest is the only one cut)
+    const double lo = cdf[j - 1].item<double>(), hi = cdf[j].item<double>(), total = cdf[lim - 1].item<double>();
+    ASSERT_GT(hi, lo);
+    uniforms.push_back((lo + 0.5 * (hi - lo)) / total);
+    aimed.push_back(j);
+  }
+  Drawn want = sample_rows(logits, params, uniforms, lim);
+  RowSampling rs;
+  rs.inv_temperature = torch::ones({R}, torch::kFloat);
+  rs.greedy = torch::zeros({R}, torch::kBool);
+  rs.top_k = torch::full({R}, k, torch::kLong);
+  rs.top_p = torch::ones({R}, torch::kDouble);
+  rs.uniform = torch::tensor(uniforms, torch::kDouble);
+  Drawn got = sample_rows_tensor(logits, rs, lim, /*filters=*/true);
+  EXPECT_TRUE(torch::equal(want.ids, torch::tensor(aimed))) << want.ids;
+  EXPECT_TRUE(torch::equal(got.ids, torch::tensor(aimed))) << got.ids;
+  EXPECT_LT((got.logprobs - want.logprobs).abs().max().item<double>(), 1e-5);
 }
 
 class DeviceLoopFixture : public ::testing::TestWithParam<std::string> {

@@ -99,6 +99,24 @@ TEST(RngState, CudaRoundTrip) {
   EXPECT_NE(restore_rng_state(m, dev, "rng.safetensors").find("no torch_cuda"), std::string::npos);
 }
 
+// runtime::pinned_host_bytes: exactly the bytes asked for, writable, page-locked where there is a GPU
+// (then a non_blocking upload of a view of it arrives intact), plain memory elsewhere.
+TEST(CudaPinnedHostBytes, ExactSizeLockedOnAGpu) {
+  bool pinned = true;
+  at::Tensor b = runtime::pinned_host_bytes(1000003, &pinned);
+  EXPECT_EQ(b.numel(), 1000003);
+  EXPECT_EQ(b.scalar_type(), at::kByte);
+  EXPECT_TRUE(b.device().is_cpu());
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(b.data_ptr()) % 4096, 0u);
+  auto f = b.narrow(0, 64, 4 * 1000).view(at::kFloat);
+  f.copy_(torch::arange(1000, torch::kFloat));
+  EXPECT_EQ(pinned, gpu());
+  if (!gpu()) return;
+  EXPECT_TRUE(b.is_pinned());
+  auto d = f.to(at::Device(at::kCUDA, 0), at::kFloat, /*non_blocking=*/true);
+  EXPECT_TRUE(torch::equal(d.cpu(), torch::arange(1000, torch::kFloat)));
+}
+
 // On a GPU: the multi-tensor AdamW on CUDA (fp32, and bf16 with fp32 masters) against the reference
 // path on the CPU, and the _foreach clip against the CPU's.
 TEST(CudaLoop, AdamWAndClipMatchTheCpu) {

@@ -74,6 +74,21 @@ TEST(RecipeChanges, ColumnMappingComparedWhole) {
   EXPECT_TRUE(changes_training("data.columns"));
 }
 
+// train.zero1=true and train.sharding=zero1 are one mode: a run started with either spelling (or
+// before train.sharding existed) resumes under the other; another mode is a change.
+TEST(RecipeChanges, ZeroOneSpellingsAreTheSameMode) {
+  const char* old_run = R"({"train": {"zero1": true}})";
+  const char* old_new = R"({"train": {"zero1": true, "sharding": "none"}})";
+  const char* now = R"({"train": {"zero1": false, "sharding": "zero1"}})";
+  EXPECT_TRUE(recipe_changes(old_run, now).empty());
+  EXPECT_TRUE(recipe_changes(old_new, now).empty());
+  EXPECT_TRUE(recipe_changes(now, old_new).empty());
+  auto c = recipe_changes(old_new, R"({"train": {"zero1": false, "sharding": "zero2"}})");
+  ASSERT_EQ(c.size(), 1u);
+  EXPECT_EQ(c[0].key, "train.sharding");
+  EXPECT_EQ(recipe_changes(R"({"train": {"zero1": false, "sharding": "none"}})", now).size(), 1u);
+}
+
 TEST(RecipeChanges, WhatBlocksAResume) {
   for (const char* k : {"optim.lr", "data.max_seq_len", "data.train", "model.path", "train.micro_batch_size",
                         "train.grad_accum", "run.seed", "dpo.beta", "grpo.num_generations", "tokenizer.chat_template",
