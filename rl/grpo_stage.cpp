@@ -164,7 +164,7 @@ void RolloutSection::visit(config::Visitor& v) {
            "a step, CUDA graphs), the host loop on the CPU (its AVX-512 packed weights are faster there); off = the "
            "host loop everywhere (each step's ids, positions and sampling built on the host)");
   v.opt(cuda_graphs, "cuda_graphs", true,
-        "CUDA: capture each slot-count bucket's decode step as a CUDA graph once per generation batch and replay "
+        "CUDA: capture each (slot-count, key-length) bucket's decode step as a CUDA graph once per generation batch and replay "
         "it (fewer kernel launches); false = eager decode steps (profiling, debugging). Ignored on the CPU");
 }
 

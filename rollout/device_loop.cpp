@@ -122,7 +122,7 @@ int64_t cache_slots_that_fit(int64_t wanted, int64_t bytes_per_slot, double frac
 
 #if PTK_TORCH_CUDA
 struct DeviceLoop::Graphs {
-  std::map<int64_t, std::unique_ptr<at::cuda::CUDAGraph>> by_n;
+  std::map<std::pair<int64_t, int64_t>, std::unique_ptr<at::cuda::CUDAGraph>> by_shape;  // (n, kv_len)
   c10::MempoolId_t pool{0, 0};  // the first graph's pool, shared by the later ones
 };
 #else
@@ -196,11 +196,11 @@ void DeviceLoop::apply_staged() {
   staged_ = 0;
 }
 
-void DeviceLoop::body(int64_t n) {
+void DeviceLoop::body(int64_t n, int64_t kv_len) {
   auto st = state_.narrow(0, 0, n);  // (n, kFields)
   auto token = st.select(1, kToken), pos = st.select(1, kPos), active = st.select(1, kActive);
   auto step = st.select(1, kStep);
-  auto logits = model_.decode_step(token, pos, inv_freq_, rope_scale_, cache_);  // (n, V)
+  auto logits = model_.decode_step(token, pos, inv_freq_, rope_scale_, cache_, kv_len);  // (n, V)
   RowSampling rs;
   rs.inv_temperature = st.select(1, kInvTemp).view(at::kDouble).to(at::kFloat);
   rs.greedy = st.select(1, kGreedy).ne(0);
@@ -217,8 +217,10 @@ void DeviceLoop::body(int64_t n) {
   out.select(1, 1).copy_(d.logprobs.to(at::kDouble).view(at::kLong));
 }
 
-const std::vector<DeviceLoop::Row>& DeviceLoop::step(int64_t n) {
+const std::vector<DeviceLoop::Row>& DeviceLoop::step(int64_t n, int64_t kv_len) {
   PTK_CHECK(n >= 1 && n <= S_, "DeviceLoop::step: n must be in [1, slots]");
+  if (kv_len == 0) kv_len = cache_.max_len();
+  PTK_CHECK(kv_len >= 1 && kv_len <= cache_.max_len(), "DeviceLoop::step: kv_len must be in [1, max_len]");
   at::NoGradGuard no_grad;
   apply_staged();
   bool ran = false;
@@ -226,8 +228,8 @@ const std::vector<DeviceLoop::Row>& DeviceLoop::step(int64_t n) {
   if (graphs_on_) {
     const c10::DeviceIndex dev = model_.embed_tokens_.device().index();
     c10::cuda::CUDAGuard device_guard(dev);  // replay and capture on the model's device
-    auto it = graphs_->by_n.find(n);
-    if (it != graphs_->by_n.end()) {
+    auto it = graphs_->by_shape.find({n, kv_len});
+    if (it != graphs_->by_shape.end()) {
       it->second->replay();  // on the current stream
       ++graph_replays;
       ran = true;
@@ -244,13 +246,13 @@ const std::vector<DeviceLoop::Row>& DeviceLoop::step(int64_t n) {
       bool captured_ok = false;
       {
         c10::cuda::CUDAStreamGuard guard(side);
-        body(n);
+        body(n, kv_len);
         ran = true;  // the real step ran; the capture below executes nothing
         try {
           // Thread-local: other threads' CUDA calls (NCCL's watchdog, data loaders) do not break it.
           graph->capture_begin(graphs_->pool, cudaStreamCaptureModeThreadLocal);
           try {
-            body(n);
+            body(n, kv_len);
           } catch (...) {
             try {
               graph->capture_end();  // ends the capture and the allocator's routing into its pool
@@ -273,14 +275,14 @@ const std::vector<DeviceLoop::Row>& DeviceLoop::step(int64_t n) {
       captured.record(side);
       captured.block(current);  // the device->host copy below, on `current`, waits for the step
       if (captured_ok) {
-        if (graphs_->by_n.empty()) graphs_->pool = graph->pool();
-        graphs_->by_n.emplace(n, std::move(graph));
+        if (graphs_->by_shape.empty()) graphs_->pool = graph->pool();
+        graphs_->by_shape.emplace(std::make_pair(n, kv_len), std::move(graph));
         ++graph_captures;
       }
     }
   }
 #endif
-  if (!ran) body(n);
+  if (!ran) body(n, kv_len);
   // The one device->host copy of a step; it waits for the step (and makes the host wait).
   auto host = out_host_.narrow(0, 0, n);
   host.copy_(out_dev_.narrow(0, 0, n));

@@ -3,7 +3,7 @@
 // [0, n) with fixed shapes (Qwen2Model::decode_step), samples by tensor ops (sample_rows_tensor) and
 // advances the state on the device. Per step at most one host->device copy (the admissions'
 // changes, packed into one staging buffer) and one device->host copy (ids + log-probs, packed). On
-// CUDA each n's step is captured once as a CUDA graph and replayed.
+// CUDA each (n, kv_len) shape's step is captured once as a CUDA graph and replayed.
 // Not the scheduler (engine.cpp admits, checks stops and frees slots) and not prefill.
 //
 // Threading and ownership: one thread; a DeviceLoop lives for one Engine::generate() call and
@@ -56,7 +56,7 @@ int64_t cache_slots_that_fit(int64_t wanted, int64_t bytes_per_slot, double frac
 class DeviceLoop {
  public:
   // Buffers for the cache's slots on the model's device. vocab_limit as EngineOptions'; filters:
-  // whether any row of this call may use top-k / top-p; cuda_graphs: capture and replay each n's
+  // whether any row of this call may use top-k / top-p; cuda_graphs: capture and replay each (n, kv_len)'s
   // step (CUDA only; ignored elsewhere).
   DeviceLoop(const model::Qwen2Model& model, model::KVCache& cache, int64_t vocab_limit, bool filters, bool cuda_graphs);
   ~DeviceLoop();
@@ -76,14 +76,16 @@ class DeviceLoop {
     double logprob;
   };
   // Host results per slot [0, n) (those of idle slots meaningless): valid until the next step.
-  const std::vector<Row>& step(int64_t n);
+  // kv_len: the cache positions the step reads (0 = all max_len); above every active slot's position.
+  // Each (n, kv_len) is one shape: one CUDA graph.
+  const std::vector<Row>& step(int64_t n, int64_t kv_len = 0);
 
   int64_t h2d_copies = 0, d2h_copies = 0;  // what step() copied, in total
   int64_t graph_captures = 0, graph_replays = 0;
 
  private:
   void apply_staged();
-  void body(int64_t n);  // the step on the device: what a graph captures, what eager mode runs
+  void body(int64_t n, int64_t kv_len);  // the step on the device: what a graph captures, what eager mode runs
 
   const model::Qwen2Model& model_;
   model::KVCache& cache_;

@@ -113,7 +113,7 @@ struct EngineOptions {
   // when the model is on CUDA, else kOff. The packed copies are not made with the device loop.
   enum class DeviceLoopMode { kAuto, kOn, kOff };
   DeviceLoopMode device_loop = DeviceLoopMode::kAuto;
-  // With the device loop on CUDA: capture each slot-count bucket's decode step once per generate()
+  // With the device loop on CUDA: capture each (slot-count, key-length) bucket's decode step once per generate()
   // call as a CUDA graph and replay it (fewer kernel launches; the graphs and their memory pool are
   // released when the call returns). false = eager steps (debugging, profiling). Ignored elsewhere.
   bool cuda_graphs = true;

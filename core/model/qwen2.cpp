@@ -1096,14 +1096,15 @@ class CachedAttention : public AttentionStep {
 // K / V, no gather.
 class SlotDecodeAttention : public AttentionStep {
  public:
-  SlotDecodeAttention(KVCache& cache, const at::Tensor& positions) : cache_(cache), n_(positions.size(0)) {
-    const int64_t Tm = cache.max_len();
-    mask_ = at::arange(Tm, positions.options()).unsqueeze(0).le(positions.unsqueeze(1)).view({n_, 1, 1, Tm});
+  SlotDecodeAttention(KVCache& cache, const at::Tensor& positions, int64_t kv_len)
+      : cache_(cache), n_(positions.size(0)), len_(kv_len) {
+    mask_ = at::arange(len_, positions.options()).unsqueeze(0).le(positions.unsqueeze(1)).view({n_, 1, 1, len_});
     pos_ = positions.reshape({n_, 1, 1, 1});
   }
   at::Tensor operator()(int64_t li, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) const override {
     const int64_t nh = q.size(1), nkv = k.size(1), D = q.size(3);
-    auto K = cache_.keys(li).narrow(0, 0, n_), V = cache_.values(li).narrow(0, 0, n_);  // (n, nkv, T_max, D)
+    // (n, nkv, kv_len, D): views of the cache's first kv_len positions (strided, no copy).
+    auto K = cache_.keys(li).narrow(0, 0, n_).narrow(2, 0, len_), V = cache_.values(li).narrow(0, 0, n_).narrow(2, 0, len_);
     const auto idx = pos_.expand({n_, nkv, 1, D});
     K.scatter_(2, idx, k);  // k, v (n, nkv, 1, D)
     V.scatter_(2, idx, v);
@@ -1114,8 +1115,8 @@ class SlotDecodeAttention : public AttentionStep {
 
  private:
   KVCache& cache_;
-  int64_t n_;
-  at::Tensor mask_;  // (n, 1, 1, T_max) bool: key t visible to row r when t <= positions[r]
+  int64_t n_, len_;
+  at::Tensor mask_;  // (n, 1, 1, kv_len) bool: key t visible to row r when t <= positions[r]
   at::Tensor pos_;   // (n, 1, 1, 1)
 };
 
@@ -1197,16 +1198,18 @@ at::Tensor Qwen2Model::forward_cached_hidden(const at::Tensor& ids_in, const std
 }
 
 at::Tensor Qwen2Model::decode_step(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& inv_freq,
-                                  double rope_scale, KVCache& cache) const {
+                                  double rope_scale, KVCache& cache, int64_t kv_len) const {
   at::NoGradGuard no_grad;
   const auto& c = config_;
   const int64_t n = ids.size(0);
   PTK_CHECK(ids.dim() == 1 && positions.dim() == 1 && positions.size(0) == n && n >= 1 && n <= cache.slots(),
             "decode_step: ids and positions must be (n) with 1 <= n <= the cache's slots");
   PTK_CHECK(cache.num_layers() == c.num_hidden_layers, "decode_step: the cache was built for another config");
+  if (kv_len == 0) kv_len = cache.max_len();
+  PTK_CHECK(kv_len >= 1 && kv_len <= cache.max_len(), "decode_step: kv_len outside [1, max_len]");
   // RoPE from the device positions: (n, 1, D).
   auto [cos, sin] = rope_cos_sin(inv_freq, rope_scale, positions.view({n, 1}));
-  const SlotDecodeAttention attention(cache, positions);
+  const SlotDecodeAttention attention(cache, positions, kv_len);
   at::Tensor x = embed(embed_tokens_, ids.unsqueeze(1), false);  // (n, 1, H)
   for (int64_t li = 0; li < c.num_hidden_layers; ++li) {
     const auto& l = layers_[li];

@@ -160,17 +160,19 @@ class Qwen2Model {
   // One decode step of fixed shape for a device-resident loop (rollout/device_loop.h): row r feeds
   // ids[r] to cache slot r (slots [0, n), n = ids.size(0)) at position positions[r], writes its key
   // and value there and attends to keys [0, positions[r]] of that slot (a mask built from the
-  // positions on the device; grouped-query SDPA reading the cache in place, no K/V copies). RoPE
+  // positions on the device; grouped-query SDPA reading the cache in place, no K/V copies), reading
+  // only the first kv_len positions of each slot (0 = all max_len; every row's position must be
+  // below kv_len: the caller buckets it so that few shapes cover a generation). RoPE
   // from the device positions with inv_freq = rope_inv_freq(config()).first already on the model's
   // device and rope_scale its .second. Returns the logits (n, V) in the model's dtype.
   // Everything stays on the device: no host synchronisation, no host->device copy, shapes fixed by
-  // n and the cache, so a CUDA graph can capture it. Leaves the cache's host-side lengths alone (the
+  // n, kv_len and the cache, so a CUDA graph can capture it. Leaves the cache's host-side lengths alone (the
   // caller keeps them). Rows of idle slots need a valid id and a position < max_len (their output
   // is meaningless; their KV write lands in their own slot at that position). ids, positions (n)
   // int64 on the model's device; n <= cache.slots(). Adapters apply as in forward_cached; packed
   // weights are not used.
   at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& inv_freq,
-                         double rope_scale, KVCache& cache) const;
+                         double rope_scale, KVCache& cache, int64_t kv_len = 0) const;
   // Copies of this model's weights in model::PackedLinear's layout for forward_cached's decode
   // steps: the LM head when `lm_head`, every layer's linears when their copy takes at most
   // `max_trunk_bytes` (0: never), each only where PackedLinear::supported (float32 on an AVX-512

@@ -263,6 +263,30 @@ TEST_P(DeviceLoopFixture, SampledIdsEqualTheHostLoopWithRefillsAndSharedPrompts)
 
 INSTANTIATE_TEST_SUITE_P(HF, DeviceLoopFixture, ::testing::Values("tiny-tied", "tiny-untied"));
 
+// A long cache (max_len 300) read in key-length buckets (64, then 128 as the samples pass position
+// 63): the same samples as the host loop, which reads each slot's own length.
+TEST_P(DeviceLoopFixture, KeyLengthBucketsGiveTheHostLoopsSamples) {
+  auto m = load(GetParam());
+  std::vector<Request> reqs(2);
+  reqs[0].prompt = {3, 4, 5, 6, 7};
+  reqs[0].samples = 3;
+  reqs[0].seed = 21;
+  reqs[0].max_new_tokens = 90;
+  reqs[1].prompt = {9};
+  reqs[1].samples = 2;
+  reqs[1].seed = 22;
+  reqs[1].sampling.temperature = 0.0;
+  reqs[1].max_new_tokens = 70;
+  auto on = opts(4, Mode::kOn), off = opts(4, Mode::kOff);
+  on.max_len = off.max_len = 300;
+  Engine dev(m, on), host(m, off);
+  auto a = dev.generate(reqs);
+  auto b = host.generate(reqs);
+  EXPECT_EQ(a[0][0].ids.size(), 90u);
+  const double worst = expect_same_samples(a, b, 1e-4);
+  std::printf("  key-length buckets, device vs host loop: max |logprob diff| %.2e\n", worst);
+}
+
 TEST(DeviceLoop, StopStringsCutWhereTheHostLoopCuts) {
   at::set_num_threads(1);
   auto m = load("tiny-tied");
