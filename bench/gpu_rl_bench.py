@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.dont_write_bytecode = True  # no __pycache__ beside the sources
+sys.path.insert(0, str(ROOT / "bench"))
+from gpu_sft_bench import run_logged, tail  # noqa: E402  (one subprocess runner for both GPU benchmarks)
 
 TINY = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 512, "hidden_size": 64,
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -47,27 +50,6 @@ def shape_path(shape, out):
         p.write_text(json.dumps(TINY))
         return p
     return Path(shape).resolve() if shape.endswith(".json") else ROOT / "bench" / "shapes" / f"qwen2.5-{shape}.json"
-
-
-def run_logged(cmd, log, timeout, env=None):
-    """Runs cmd with its output in `log`; returns (exit code or 'timeout', seconds)."""
-    t = time.time()
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(map(str, cmd)) + "\n")
-        f.flush()
-        try:
-            rc = subprocess.run(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                                env=env).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    return rc, time.time() - t
-
-
-def tail(path, n=4):
-    try:
-        return " | ".join(Path(path).read_text(errors="replace").strip().splitlines()[-n:])
-    except OSError:
-        return ""
 
 
 def read_json(p):
@@ -86,7 +68,7 @@ def part_decode(a, out, lines, res):
                               out / f"decode-{shape}.log", a.timeout)
         r = read_json(js) if rc == 0 else None
         if not r:
-            lines.append(f"decode {shape}: did not finish (exit {rc}, {secs:.0f} s): {tail(out / f'decode-{shape}.log')}")
+            lines.append(f"decode {shape}: did not finish (exit {rc}, {secs:.0f} s): {tail(out / f'decode-{shape}.log', 4)}")
             continue
         res[f"decode-{shape}"] = r
         lines.append(f"decode {shape} batch 1 ({r['dtype']}, {r['device']}): {r['decode_tokens_per_s']:.1f} tokens/s = "
@@ -110,7 +92,7 @@ def part_rollout(a, out, lines, res):
                      f"{a.shape} ({p['dtype']}, {p['device']}): {p['batch_tokens']} tokens in {p['batch_s']:.2f} s = "
                      f"{p['batch_tokens_per_s']:.0f} tokens/s; KV cache re-made in {p['kv_alloc_s']:.4f} s")
     else:
-        lines.append(f"rollout ptk engine: did not finish (exit {rc}, {secs:.0f} s): {tail(out / 'ptk-rollout.log')}")
+        lines.append(f"rollout ptk engine: did not finish (exit {rc}, {secs:.0f} s): {tail(out / 'ptk-rollout.log', 4)}")
     if not prompts.exists():
         lines.append("rollout baseline: not run (no prompts from decode_bench)")
         return
@@ -123,7 +105,7 @@ def part_rollout(a, out, lines, res):
         lines.append(f"rollout baseline (transformers' generate in plain PyTorch, same prompts): {h['tokens']} tokens "
                      f"in {h['seconds']:.2f} s = {h['tokens_per_s']:.0f} tokens/s")
     else:
-        lines.append(f"rollout baseline: did not finish (exit {rc}, {secs:.0f} s): {tail(out / 'hf-rollout.log')}")
+        lines.append(f"rollout baseline: did not finish (exit {rc}, {secs:.0f} s): {tail(out / 'hf-rollout.log', 4)}")
     if p and h:
         ratio = p["batch_tokens_per_s"] / h["tokens_per_s"]
         res["ratio"] = ratio
@@ -138,7 +120,7 @@ def part_grpo(a, out, lines, res):
     rc, _ = run_logged([a.bin / "ptk", "make-data", "arithmetic", "--out", data, "--train", 64, "--eval", 2,
                         "--tokenizer", "bytes"], out / "make-data.log", 120)
     if rc != 0:
-        lines.append(f"grpo: make-data failed ({rc}): {tail(out / 'make-data.log')}")
+        lines.append(f"grpo: make-data failed ({rc}): {tail(out / 'make-data.log', 4)}")
         return
     G, B = a.samples, a.prompts_per_step
     recipe = {
@@ -160,7 +142,7 @@ def part_grpo(a, out, lines, res):
     mp = out / "run" / "metrics.jsonl"
     steps = [json.loads(l) for l in mp.read_text().splitlines() if l.strip()] if mp.exists() else []
     if not steps:
-        lines.append(f"grpo: no steps (exit {rc}, {secs:.0f} s): {tail(out / 'ptk-grpo.log')}")
+        lines.append(f"grpo: no steps (exit {rc}, {secs:.0f} s): {tail(out / 'ptk-grpo.log', 4)}")
         return
     measured = steps[1:] or steps
     phases = ["time/generate_s", "time/score_s", "time/reference_s", "time/update_s"]
