@@ -104,9 +104,16 @@ else
   if [ "$rc" != 0 ]; then say "gpu_check: build failed (logs.tar.gz: build.log)"; exit 1; fi
 fi
 BIN=$ROOT/.gpu/bin
-LIBS=$ROOT/.gpu/lib:$TORCH_DIR/lib
+LIBDIR=$ROOT/.gpu
+if [ -f .gpu/libs.tar.xz ]; then  # gpu_prepare.sh packs the libraries; unpack them beside the work files
+  LIBDIR=$WORK/gpu-libs
+  mkdir -p "$LIBDIR"
+  python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' .gpu/libs.tar.xz "$LIBDIR" ||
+    { say "gpu_check: cannot unpack .gpu/libs.tar.xz"; exit 1; }
+fi
+LIBS=$LIBDIR/lib:$TORCH_DIR/lib
 # Debian 12's libstdc++ only where this machine's is older than what the binaries need.
-if ldd "$BIN/ptk" 2>&1 | grep -q "GLIBCXX.*not found"; then LIBS=$LIBS:$ROOT/.gpu/lib-fallback; fi
+if ldd "$BIN/ptk" 2>&1 | grep -q "GLIBCXX.*not found"; then LIBS=$LIBS:$LIBDIR/lib-fallback; fi
 export LD_LIBRARY_PATH=$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 if ldd "$BIN/ptk" | grep -q "not found"; then
   ldd "$BIN/ptk" | grep "not found" | tee -a "$SUMMARY"

@@ -35,6 +35,10 @@ ldd .gpu/bin/* | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u |
       *) cp -L "$lib" .gpu/lib/ ;;
     esac
   done
+# The libraries travel packed (xz): Arrow and Parquet alone are 62 MB of the 64 MiB the device tool
+# carries. gpu_check.sh unpacks them (Python's tarfile: no xz binary needed there).
+tar -C .gpu -cf - lib lib-fallback | xz -T0 -6 > .gpu/libs.tar.xz
+rm -rf .gpu/lib .gpu/lib-fallback
 git rev-parse HEAD > .gpu/commit
 {
   echo "built $(date -u +%FT%TZ) on $(. /etc/os-release && echo "$PRETTY_NAME"), $(ldd --version | head -n1)"
