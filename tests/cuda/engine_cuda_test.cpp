@@ -21,11 +21,7 @@ bool gpu() { return torch::cuda::is_available(); }
 #define PTK_NEED_GPU() \
   if (!gpu()) PTK_SKIP_WITHOUT("gpu") << "no usable CUDA GPU on this machine (ptk info says why); runs on a GPU machine"
 
-std::vector<int64_t> ints(const rapidjson::Value& v) {
-  std::vector<int64_t> out;
-  for (const auto& x : v.GetArray()) out.push_back(x.GetInt64());
-  return out;
-}
+using test::ints;
 
 Qwen2Model load(const std::string& cfg, at::Device dev, at::ScalarType dtype) {
   model::LoadOptions lo;

@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <string>
+#include <vector>
 
 #include "core/checkpoint/checkpoint.h"
 #include "core/util/fs.h"
@@ -37,6 +38,13 @@ inline Batch load_batch(const std::string& config, const std::string& which) {
   const auto& b = doc[which.c_str()];
   return {int_matrix(b["input_ids"]), int_matrix(b["attention_mask"]), int_matrix(b["labels"]),
           int_matrix(b["position_ids"])};
+}
+
+// A JSON array of ids (expected.json's prompt_ids, new_ids; `ptk generate`'s output) as a vector.
+inline std::vector<int64_t> ints(const rapidjson::Value& v) {
+  std::vector<int64_t> out;
+  for (const auto& x : v.GetArray()) out.push_back(x.GetInt64());
+  return out;
 }
 
 inline rapidjson::Document expected_json(const std::string& config) {

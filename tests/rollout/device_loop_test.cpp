@@ -5,11 +5,10 @@
 // one device->host copy per step; the memory sizing of the KV cache.
 // Not CUDA graphs (they need a GPU: tests/cuda/) and not the host loop alone (engine_test).
 #include <gtest/gtest.h>
-
-#include <limits>
 #include <torch/torch.h>
 
 #include <cstring>
+#include <limits>
 
 #include "core/model/lora.h"
 #include "core/model/qwen2.h"
@@ -17,22 +16,18 @@
 #include "rollout/device_loop.h"
 #include "rollout/engine.h"
 #include "tests/model/hf_fixture.h"
+#include "tests/rollout/engine_test_support.h"
 #include "tests/support/test_util.h"
 
 namespace ptk::rollout {
 namespace {
 
 using model::Qwen2Model;
-using test::fixture_dir;
 using Mode = EngineOptions::DeviceLoopMode;
 
-Qwen2Model load(const std::string& cfg) { return Qwen2Model::from_pretrained(fixture_dir(cfg) + "/checkpoint"); }
-
-std::vector<int64_t> ints(const rapidjson::Value& v) {
-  std::vector<int64_t> out;
-  for (const auto& x : v.GetArray()) out.push_back(x.GetInt64());
-  return out;
-}
+using test::ints;
+using test_support::load;
+using test_support::mixed_requests;
 
 EngineOptions opts(int64_t slots, Mode mode) {
   EngineOptions o;
@@ -214,24 +209,7 @@ TEST_P(DeviceLoopFixture, GreedyIdsEqualTransformersAndTheHostLoop) {
 // top-k, top-p, stop ids, a vocabulary limit.
 TEST_P(DeviceLoopFixture, SampledIdsEqualTheHostLoopWithRefillsAndSharedPrompts) {
   auto m = load(GetParam());
-  auto e = test::expected_json(GetParam());
-  std::vector<Request> reqs;
-  int i = 0;
-  for (const auto& g : e["generation"].GetArray()) {
-    Request r;
-    r.prompt = ints(g["prompt_ids"]);
-    r.samples = 3;
-    r.seed = 100 + i;
-    r.sampling.temperature = i == 0 ? 0.0 : (i == 1 ? 0.7 : 1.3);
-    if (i == 2) r.sampling.top_k = 20;
-    if (i == 1) r.sampling.top_p = 0.9;
-    r.max_new_tokens = 6 + 3 * i;
-    reqs.push_back(r);
-    ++i;
-  }
-  reqs.push_back(reqs[1]);
-  reqs.back().prompt = {7};
-  reqs.back().samples = 2;
+  auto reqs = mixed_requests(GetParam());
   reqs.back().sampling = {1.0, 0.8, 5};
   reqs.back().max_new_tokens = 14;
   // A stop id that the unconstrained samples hit: the first sampled token of request 2's sample 0.

@@ -16,21 +16,17 @@
 #include "rollout/engine.h"
 #include "rollout/token_bytes.h"
 #include "tests/model/hf_fixture.h"
+#include "tests/rollout/engine_test_support.h"
 #include "tests/support/test_util.h"
 
 namespace ptk::rollout {
 namespace {
 
 using model::Qwen2Model;
-using test::fixture_dir;
 
-Qwen2Model load(const std::string& cfg) { return Qwen2Model::from_pretrained(fixture_dir(cfg) + "/checkpoint"); }
-
-std::vector<int64_t> ints(const rapidjson::Value& v) {
-  std::vector<int64_t> out;
-  for (const auto& x : v.GetArray()) out.push_back(x.GetInt64());
-  return out;
-}
+using test::ints;
+using test_support::load;
+using test_support::mixed_requests;
 
 // log_softmax(logits / T) of a full forward over prompt + ids, at the positions that predicted
 // each id: (n, V) float32.
@@ -88,24 +84,7 @@ TEST_P(Fixture, GreedyIdsEqualTransformersAloneAndBatched) {
 // the whole sequence gives: the cache, the prefix copies and the refills change nothing.
 TEST_P(Fixture, CachedEqualsUncachedWithRefillsAndSharedPrompts) {
   auto m = load(GetParam());
-  auto e = test::expected_json(GetParam());
-  std::vector<Request> reqs;
-  int i = 0;
-  for (const auto& g : e["generation"].GetArray()) {
-    Request r;
-    r.prompt = ints(g["prompt_ids"]);
-    r.samples = 3;
-    r.seed = 100 + i;
-    r.sampling.temperature = i == 0 ? 0.0 : (i == 1 ? 0.7 : 1.3);
-    if (i == 2) r.sampling.top_k = 20;
-    if (i == 1) r.sampling.top_p = 0.9;
-    r.max_new_tokens = 6 + 3 * i;
-    reqs.push_back(r);
-    ++i;
-  }
-  reqs.push_back(reqs[1]);
-  reqs.back().prompt = {7};  // a one-token prompt: nothing to prefill
-  reqs.back().samples = 2;
+  auto reqs = mixed_requests(GetParam());
   Engine eng(m, slots(4));  // 11 samples through 4 slots: refills and late prefix copies
   auto got = eng.generate(reqs);
   EXPECT_GT(eng.last_stats().prefix_copies, 0);

@@ -21,11 +21,7 @@ std::vector<std::string> lines_of(const std::string& path) {
   return out;
 }
 
-std::vector<int64_t> ints(const rapidjson::Value& v) {
-  std::vector<int64_t> out;
-  for (const auto& x : v.GetArray()) out.push_back(x.GetInt64());
-  return out;
-}
+using test::ints;
 
 TEST(GenerateCommand, GreedyIdsEqualTransformers) {
   test::TempDir tmp;
