@@ -32,6 +32,7 @@
 #include "core/util/json.h"
 #include "datasets/byte_tokenizer.h"
 #include "rl/grpo_stage.h"
+#include "tests/grpo/grpo_test_support.h"
 #include "tests/support/crashing_stage.h"
 #include "tests/support/run_folders.h"
 #include "tests/support/test_util.h"
@@ -75,11 +76,7 @@ struct Fixture {
   Fixture() {
     tasks::write_byte_tokenizer(d.file("tok"));
     write_biased_model(d.file("model"), d.file("tok"));
-    std::string train;
-    for (int i = 0; i < 12; ++i)
-      train += "{\"prompt\": [{\"role\": \"user\", \"content\": \"What is " + std::to_string(i) + " + 1?\"}], "
-               "\"answer\": \"" + std::to_string(i + 1) + "\"}\n";
-    d.write("train.jsonl", train);
+    d.write("train.jsonl", test_support::what_is_prompts());
     std::string sevens;
     for (int i = 0; i < 8; ++i)
       sevens += "{\"prompt\": \"What is " + std::to_string(i) + " + " + std::to_string(7 - i) + "?\", \"answer\": \"7\"}\n";
@@ -103,9 +100,7 @@ struct Fixture {
   // 1.8e-6 at lr 1e-3, 5.5e-6 at 3e-3, beside moves of ~lr a step.
   std::unique_ptr<GrpoRecipe> recipe(const std::string& run, std::vector<std::string> overrides) {
     overrides.push_back("run.dir=" + d.file(run));
-    auto r = std::make_unique<GrpoRecipe>();
-    config::bind_recipe(config::load_recipe(recipe_file(), overrides), r->all_sections());
-    return r;
+    return test_support::bind_recipe(recipe_file(), overrides);
   }
 };
 
@@ -135,11 +130,7 @@ std::vector<RewardFunction> rewards() {
            }}};
 }
 
-train::TrainerOptions options_for(GrpoRecipe& r) {
-  auto o = train::trainer_options(r, r.run.dir, "{}\n", "test");
-  o.peak_flops = 1e10;
-  return o;
-}
+using test_support::options_for;
 
 // Runs the stage to train.max_steps in this process; returns its parameters (copies).
 std::map<std::string, at::Tensor> train_in_process(GrpoRecipe& r) {

@@ -47,11 +47,7 @@ struct Fixture {
   Fixture() {
     tasks::write_byte_tokenizer(d.file("tok"));
     d.write("model.json", test::kTinyByteModelJson);
-    std::string train;
-    for (int i = 0; i < 12; ++i)
-      train += "{\"prompt\": [{\"role\": \"user\", \"content\": \"What is " + std::to_string(i) + " + 1?\"}], "
-               "\"answer\": \"" + std::to_string(i + 1) + "\"}\n";
-    d.write("train.jsonl", train);
+    d.write("train.jsonl", test_support::what_is_prompts());
   }
   std::unique_ptr<GrpoRecipe> recipe(const std::string& run, std::vector<std::string> overrides) {
     std::string file = d.write("grpo.json", "{\n"
@@ -64,9 +60,7 @@ struct Fixture {
         "\"optim\": {\"lr\": 2e-2, \"warmup_steps\": 0},\n"
         "\"grpo\": {\"num_generations\": 4, \"max_completion_length\": 6, \"temperature\": 1.5, \"beta\": 0.04,\n"
         "           \"reward_funcs\": [\"letters\"]}\n}\n");
-    auto r = std::make_unique<GrpoRecipe>();
-    config::bind_recipe(config::load_recipe(file, overrides), r->all_sections());
-    return r;
+    return test_support::bind_recipe(file, overrides);
   }
 };
 

@@ -41,10 +41,7 @@ struct Fixture {
   Fixture() {
     tasks::write_byte_tokenizer(d.file("tok"));
     d.write("model.json", test::kTinyByteModelJson);
-    std::string train, eval;
-    for (int i = 0; i < 12; ++i)
-      train += "{\"prompt\": [{\"role\": \"user\", \"content\": \"What is " + std::to_string(i) + " + 1?\"}], "
-               "\"answer\": \"" + std::to_string(i + 1) + "\"}\n";
+    std::string train = test_support::what_is_prompts(), eval;
     for (int i = 0; i < 4; ++i)
       eval += "{\"prompt\": \"" + std::to_string(i) + " + 2 =\", \"answer\": \"" + std::to_string(i + 2) + "\"}\n";
     d.write("train.jsonl", train);
@@ -62,9 +59,7 @@ struct Fixture {
         "\"optim\": {\"lr\": 1e-2, \"warmup_steps\": 0},\n"
         "\"grpo\": {\"num_generations\": 4, \"max_completion_length\": 6, \"temperature\": 1.5,\n"
         "           \"reward_funcs\": [\"letters\"], \"eval_max_prompts\": 4}\n}\n");
-    auto r = std::make_unique<GrpoRecipe>();
-    config::bind_recipe(config::load_recipe(file, overrides), r->all_sections());
-    return r;
+    return test_support::bind_recipe(file, overrides);
   }
 };
 

@@ -1,18 +1,38 @@
-// What the GRPO stage tests share (grpo_stage_test, grpo_lora_test): a reward with spread on random
-// text, the trainer options they run with, and per-token log-probs and entropies recomputed the plain
-// way from full logits. Test code only.
+// What the GRPO stage tests share (grpo_stage_test, grpo_lora_test, grpo_invariants_test): their
+// training prompts, a recipe bound from a file, a reward with spread on random text, the trainer
+// options they run with, and per-token log-probs and entropies recomputed the plain way from full
+// logits. Test code only.
 #pragma once
 #include <torch/torch.h>
 
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "core/config/recipe.h"
 
 #include "core/model/qwen2.h"
 #include "core/train/from_recipe.h"
 #include "rl/grpo_stage.h"
 
 namespace ptk::rl::test_support {
+
+// JSONL of 12 chat prompts "What is i + 1?" with answer i + 1 (i = 0..11).
+inline std::string what_is_prompts() {
+  std::string out;
+  for (int i = 0; i < 12; ++i)
+    out += "{\"prompt\": [{\"role\": \"user\", \"content\": \"What is " + std::to_string(i) + " + 1?\"}], "
+           "\"answer\": \"" + std::to_string(i + 1) + "\"}\n";
+  return out;
+}
+
+// The GRPO recipe in `file` with `overrides` applied (key=value, as on the command line).
+inline std::unique_ptr<GrpoRecipe> bind_recipe(const std::string& file, const std::vector<std::string>& overrides) {
+  auto r = std::make_unique<GrpoRecipe>();
+  config::bind_recipe(config::load_recipe(file, overrides), r->all_sections());
+  return r;
+}
 
 // A reward with spread on random text: the share of ASCII letters in the completion.
 inline std::vector<RewardFunction> letters() {
