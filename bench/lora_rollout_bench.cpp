@@ -33,16 +33,6 @@ namespace {
 using bench::Clock;
 using bench::seconds_since;
 
-std::string shape_json(const std::string& shape) {
-  const bool big = shape == "0.5b";
-  // 0.5b: Qwen2.5-0.5B's shape. small: the same vocabulary, a narrow 4-layer trunk (rollout_bench's).
-  return std::string(R"({"architectures":["Qwen2ForCausalLM"],"model_type":"qwen2","vocab_size":151936,)") +
-         (big ? R"("hidden_size":896,"intermediate_size":4864,"num_hidden_layers":24,"num_attention_heads":14,)"
-              : R"("hidden_size":256,"intermediate_size":704,"num_hidden_layers":4,"num_attention_heads":4,)") +
-         R"("num_key_value_heads":2,"max_position_embeddings":32768,"rope_theta":1000000.0,"rms_norm_eps":1e-6,)"
-         R"("tie_word_embeddings":true,"initializer_range":0.02,"torch_dtype":"float32"})";
-}
-
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -80,7 +70,7 @@ int main(int argc, char** argv) {
   }
   at::set_num_threads(static_cast<int>(threads));
   torch::NoGradGuard ng;
-  auto cfg = checkpoint::parse_config(shape_json(shape), shape);
+  auto cfg = checkpoint::parse_config(bench::rollout_shape_json(shape), shape);
   model::Qwen2Model base = model::Qwen2Model::from_config(cfg, 1);
   model::Qwen2Model live = base;  // a handle on the same tensors; the adapters go on it only
   model::LoraOptions lo;

@@ -45,17 +45,6 @@ struct Work {
   int64_t useful = 0;                         // sum of lengths
 };
 
-std::string shape_json(const std::string& shape) {
-  const bool big = shape == "0.5b";
-  // 0.5b: Qwen2.5-0.5B's shape. small: same vocabulary (so the LM head and sampling cost are real),
-  // a narrow 4-layer trunk.
-  return std::string(R"({"architectures":["Qwen2ForCausalLM"],"model_type":"qwen2","vocab_size":151936,)") +
-         (big ? R"("hidden_size":896,"intermediate_size":4864,"num_hidden_layers":24,"num_attention_heads":14,)"
-              : R"("hidden_size":256,"intermediate_size":704,"num_hidden_layers":4,"num_attention_heads":4,)") +
-         R"("num_key_value_heads":2,"max_position_embeddings":32768,"rope_theta":1000000.0,"rms_norm_eps":1e-6,)"
-         R"("tie_word_embeddings":true,"initializer_range":0.02,"torch_dtype":"float32"})";
-}
-
 rollout::SamplingParams sampling() { return {1.0, 1.0, 0}; }
 
 // (b) HF-generate style: batches of S samples in order (each prompt repeated G times), every row
@@ -219,7 +208,7 @@ Work load_work(const std::string& gsm8k, const tokenizer::Tokenizer& tok, int64_
 
 void run_shape(const std::string& shape, const tokenizer::Tokenizer& tok, const std::string& gsm8k, int64_t prompts,
                int64_t g, int64_t S, double a_budget) {
-  auto cfg = checkpoint::parse_config(shape_json(shape), shape + " config");
+  auto cfg = checkpoint::parse_config(bench::rollout_shape_json(shape), shape + " config");
   auto m = model::Qwen2Model::from_config(cfg, 1);
   const int64_t vocab = static_cast<int64_t>(tok.vocab_size());
   Work w = load_work(gsm8k, tok, prompts, g);
@@ -324,7 +313,7 @@ void run_shape(const std::string& shape, const tokenizer::Tokenizer& tok, const 
 // then the layers' linears: at::mm (OpenBLAS, which repacks the weight on every call) against
 // model::PackedLinear (packed once), best of several per row count, alternated in one process.
 void lm_head_bench(const std::string& shape) {
-  auto cfg = checkpoint::parse_config(shape_json(shape), shape + " config");
+  auto cfg = checkpoint::parse_config(bench::rollout_shape_json(shape), shape + " config");
   const int64_t V = cfg.vocab_size, H = cfg.hidden_size;
   auto W = torch::randn({V, H});
   if (!model::PackedLinear::supported(W)) {
@@ -394,7 +383,7 @@ void lm_head_bench(const std::string& shape) {
 // whole cache, with each layout of forward_cached's decode attention forced (PTK_DECODE_ATTENTION):
 // which measures faster.
 void decode_attention_bench(const std::string& shape, int64_t S, int64_t R, int64_t ctx) {
-  auto cfg = checkpoint::parse_config(shape_json(shape), shape + " config");
+  auto cfg = checkpoint::parse_config(bench::rollout_shape_json(shape), shape + " config");
   auto m = model::Qwen2Model::from_config(cfg, 1);
   model::KVCache cache(m.config(), S, ctx + 1, at::kFloat, at::kCPU);
   m.forward_cached(torch::randint(3, 1000, {1, ctx}, torch::kLong), {0}, {ctx}, cache);
