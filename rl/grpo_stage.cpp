@@ -26,6 +26,7 @@
 #include "core/train/stage_setup.h"
 #include "core/util/error.h"
 #include "core/util/fs.h"
+#include "core/util/strings.h"
 #include "core/util/json.h"
 #include "datasets/loader.h"
 #include "datasets/prepare.h"
@@ -245,11 +246,6 @@ double weight_bytes(const model::Qwen2Model& m) {
   for (const auto& [name, t] : m.named_parameters()) b += static_cast<double>(t.numel()) * static_cast<double>(t.element_size());
   return b;
 }
-std::string gib_text(double bytes) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.2f GiB", bytes / (1024.0 * 1024.0 * 1024.0));
-  return buf;
-}
 
 // Waits for the device's queued work where it runs asynchronously (CUDA), so a phase's wall time is
 // its own; nothing on the CPU or meta.
@@ -425,7 +421,10 @@ struct GrpoStage::Impl {
         if (p.device.is_cuda()) {
           std::map<at::ScalarType, int64_t> bytes;  // per dtype, each weight 64-byte aligned
           auto aligned = [](int64_t b) { return (b + 63) / 64 * 64; };
-          for (const auto& [name, t] : policy.named_parameters()) bytes[t.scalar_type()] += aligned(t.nbytes());
+          map_weights(reference, [&](const at::Tensor& t) {  // the weights the copy below replaces
+            bytes[t.scalar_type()] += aligned(t.nbytes());
+            return t;
+          });
           std::map<at::ScalarType, std::pair<at::Tensor, int64_t>> buffers;  // buffer, next free byte
           pin = true;
           for (const auto& [dtype, b] : bytes) {
@@ -453,7 +452,7 @@ struct GrpoStage::Impl {
         ref_on_host = true;
         if (comm.rank() == 0)
           log::info("grpo: the KL reference is a frozen copy in " + std::string(pin ? "pinned " : "") +
-                    "host memory (grpo.reference_device=host, " + gib_text(weight_bytes(policy)) + ")" +
+                    "host memory (grpo.reference_device=host, " + format_bytes(weight_bytes(policy)) + ")" +
                     (p.device.is_cpu() ? std::string(", where the CPU policy reads it in place")
                                        : ", copied to " + runtime::device_name(p.device) +
                                              " for each generation batch's reference pass and freed after it"));
@@ -462,7 +461,7 @@ struct GrpoStage::Impl {
         reference.set_requires_grad(false);
         if (comm.rank() == 0)
           log::info("grpo: the KL reference is a frozen copy on " + runtime::device_name(p.device) +
-                    " beside the policy (" + gib_text(weight_bytes(policy)) +
+                    " beside the policy (" + format_bytes(weight_bytes(policy)) +
                     "; grpo.reference_device=host keeps it in host memory between steps)");
       }
       has_ref = true;
