@@ -13,6 +13,7 @@
 #include "core/model/qwen2.h"
 #include "core/runtime/log.h"
 #include "core/util/error.h"
+#include "core/util/strings.h"
 
 #if PTK_TORCH_CUDA
 #include <ATen/cuda/CUDAGraph.h>
@@ -107,11 +108,10 @@ int64_t cache_slots_that_fit(int64_t wanted, int64_t bytes_per_slot, double frac
   const double budget = fraction * static_cast<double>(total_bytes) - in_use;
   const double fit = budget > 0 ? std::floor(budget / static_cast<double>(bytes_per_slot)) : 0.0;
   if (fit < 1.0) {
-    auto gib = [](double b) { return std::to_string(b / double(int64_t{1} << 30)).substr(0, 6) + " GiB"; };
     throw Error("rollout engine: not even one KV-cache slot fits: rollout.gpu_memory_fraction " +
-                std::to_string(fraction).substr(0, 5) + " x " + gib(static_cast<double>(total_bytes)) + " total - " +
-                gib(in_use) + " in use leaves " + gib(budget > 0 ? budget : 0) + ", one slot needs " +
-                gib(static_cast<double>(bytes_per_slot)) +
+                std::to_string(fraction).substr(0, 5) + " x " + format_bytes(static_cast<double>(total_bytes)) + " total - " +
+                format_bytes(in_use) + " in use leaves " + format_bytes(budget > 0 ? budget : 0) + ", one slot needs " +
+                format_bytes(static_cast<double>(bytes_per_slot)) +
                 "\n---> HINT: raise rollout.gpu_memory_fraction, shorten max_prompt_length + max_completion_length, "
                 "or free GPU memory (a smaller micro-batch, LoRA, a CPU reference)");
   }

@@ -15,6 +15,7 @@
 #include "core/runtime/device_memory.h"
 #include "core/runtime/log.h"
 #include "core/util/error.h"
+#include "core/util/strings.h"
 #include "rollout/device_loop.h"
 
 namespace ptk::rollout {
@@ -169,10 +170,10 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
       const size_t usable = free_b > static_cast<size_t>(kSizingReserveBytes) ? free_b - kSizingReserveBytes : 0;
       S = cache_slots_that_fit(wanted, kv + V * kStepBytesPerVocab, options_.gpu_memory_fraction, usable, total_b);
       log::info("rollout engine: " + std::to_string(S) + " of " + std::to_string(wanted) + " KV-cache slots (" +
-                std::to_string(max_len) + " tokens, " + std::to_string((kv + V * kStepBytesPerVocab) >> 20) +
-                " MiB each) within gpu_memory_fraction " + std::to_string(options_.gpu_memory_fraction).substr(0, 4) +
-                " of " + std::to_string(total_b >> 20) + " MiB (" + std::to_string((total_b - free_b) >> 20) +
-                " MiB in use)");
+                std::to_string(max_len) + " tokens, " + format_bytes(static_cast<double>(kv + V * kStepBytesPerVocab)) +
+                " each) within gpu_memory_fraction " + std::to_string(options_.gpu_memory_fraction).substr(0, 4) +
+                " of " + format_bytes(static_cast<double>(total_b)) + " (" +
+                format_bytes(static_cast<double>(total_b - free_b)) + " in use)");
     }
     cache_ = std::make_unique<model::KVCache>(cfg, S, max_len, dtype, device);
   }
