@@ -4,8 +4,8 @@
 
 #include <torch/torch.h>
 
-#include <unordered_map>
 
+#include "core/optim/shard_state.h"
 #include "core/util/error.h"
 
 namespace ptk::optim {
@@ -19,6 +19,7 @@ struct Zero1AdamW::Impl {
   NamedTensors params;
   std::vector<int64_t> offsets;  // flat offset of each parameter
   std::vector<Segment> segments;
+  std::vector<ShardSlice> slices() const;  // the segments as the checkpoint names them
   NamedTensors views;  // (end - begin,) views into the parameters, AdamW's "parameters"
   std::unique_ptr<AdamW> adamw;
   int64_t total = 0, chunk = 0, begin = 0, end = 0;
@@ -98,38 +99,18 @@ int64_t Zero1AdamW::shard_begin() const { return impl_->begin; }
 int64_t Zero1AdamW::shard_end() const { return impl_->end; }
 const AdamW& Zero1AdamW::local() const { return *impl_->adamw; }
 
-NamedTensors Zero1AdamW::state() const {
-  const Impl& s = *impl_;
-  NamedTensors out = s.adamw->state();
-  for (const auto& seg : s.segments)
-    out.emplace_back("zero1.range." + s.params[seg.param].first, at::tensor({seg.begin, seg.end}, at::kLong));
+std::vector<ShardSlice> Zero1AdamW::Impl::slices() const {
+  std::vector<ShardSlice> out;
+  for (const auto& seg : segments) out.push_back({params[seg.param].first, seg.begin, seg.end});
   return out;
 }
 
+NamedTensors Zero1AdamW::state() const { return shard_state(impl_->adamw->state(), "zero1", impl_->slices()); }
+
 void Zero1AdamW::load_state(const NamedTensors& tensors, int64_t step) {
-  const Impl& s = *impl_;
-  std::unordered_map<std::string, const at::Tensor*> by_name;
-  for (auto& [n, t] : tensors) by_name[n] = &t;
-  int ranges = 0;
-  for (auto& [n, t] : tensors) ranges += n.rfind("zero1.range.", 0) == 0;
-  for (const auto& seg : s.segments) {
-    const std::string& name = s.params[seg.param].first;
-    auto it = by_name.find("zero1.range." + name);
-    bool same = it != by_name.end() && it->second->numel() == 2 && (*it->second)[0].item<int64_t>() == seg.begin &&
-                (*it->second)[1].item<int64_t>() == seg.end;
-    if (!same)
-      throw Error("ZeRO-1 optimizer shard of rank " + std::to_string(s.comm.rank()) + " was cut for another layout (" +
-                  name + " elements " + std::to_string(seg.begin) + ".." + std::to_string(seg.end) +
-                  " expected)\n---> HINT: resume with the world size and model the checkpoint was written with");
-  }
-  if (ranges != static_cast<int>(s.segments.size()))
-    throw Error("ZeRO-1 optimizer shard of rank " + std::to_string(s.comm.rank()) + " holds " + std::to_string(ranges) +
-                " parameter slices, this rank owns " + std::to_string(s.segments.size()) +
-                "\n---> HINT: resume with the world size and model the checkpoint was written with");
-  NamedTensors moments;
-  for (auto& [n, t] : tensors)
-    if (n.rfind("zero1.range.", 0) != 0) moments.emplace_back(n, t);
-  impl_->adamw->load_state(moments, step);
+  impl_->adamw->load_state(shard_moments(tensors, "zero1", impl_->slices(), "ZeRO-1", impl_->comm.rank(),
+                                         "\n---> HINT: resume with the world size and model the checkpoint was written with"),
+                           step);
 }
 
 }  // namespace ptk::optim

@@ -13,8 +13,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <unordered_map>
 
+#include "core/optim/shard_state.h"
 #include "core/util/error.h"
 
 namespace ptk::optim {
@@ -56,6 +56,7 @@ struct Zero2AdamW::Impl {
   std::vector<Slot> slots;
   std::vector<Bucket> buckets;
   std::vector<Segment> segments;
+  std::vector<ShardSlice> slices() const;  // the segments as the checkpoint names them
   NamedTensors views;  // (end - begin,) views into the parameters, AdamW's "parameters"
   std::unique_ptr<AdamW> adamw;
   at::Tensor shard;    // (shard_numel,) this rank's chunks of the summed gradient, the parameters' dtype
@@ -310,38 +311,18 @@ int Zero2AdamW::num_buckets() const { return static_cast<int>(impl_->buckets.siz
 int Zero2AdamW::launched_during_backward() const { return impl_->launched_early; }
 const AdamW& Zero2AdamW::local() const { return *impl_->adamw; }
 
-NamedTensors Zero2AdamW::state() const {
-  const Impl& s = *impl_;
-  NamedTensors out = s.adamw->state();
-  for (const auto& seg : s.segments)
-    out.emplace_back("zero2.range." + s.params[seg.slot].first, at::tensor({seg.begin, seg.end}, at::kLong));
+std::vector<ShardSlice> Zero2AdamW::Impl::slices() const {
+  std::vector<ShardSlice> out;
+  for (const auto& seg : segments) out.push_back({params[seg.slot].first, seg.begin, seg.end});
   return out;
 }
 
+NamedTensors Zero2AdamW::state() const { return shard_state(impl_->adamw->state(), "zero2", impl_->slices()); }
+
 void Zero2AdamW::load_state(const NamedTensors& tensors, int64_t step) {
-  const Impl& s = *impl_;
-  std::unordered_map<std::string, const at::Tensor*> by_name;
-  for (auto& [n, t] : tensors) by_name[n] = &t;
-  int ranges = 0;
-  for (auto& [n, t] : tensors) ranges += n.rfind("zero2.range.", 0) == 0;
-  const std::string hint =
-      "\n---> HINT: resume with the world size, model and train.sharding the checkpoint was written with";
-  for (const auto& seg : s.segments) {
-    const std::string& name = s.params[seg.slot].first;
-    auto it = by_name.find("zero2.range." + name);
-    bool same = it != by_name.end() && it->second->numel() == 2 && (*it->second)[0].item<int64_t>() == seg.begin &&
-                (*it->second)[1].item<int64_t>() == seg.end;
-    if (!same)
-      throw Error("ZeRO-2 optimizer shard of rank " + std::to_string(s.comm.rank()) + " was cut for another layout (" +
-                  name + " elements " + std::to_string(seg.begin) + ".." + std::to_string(seg.end) + " expected)" + hint);
-  }
-  if (ranges != static_cast<int>(s.segments.size()))
-    throw Error("ZeRO-2 optimizer shard of rank " + std::to_string(s.comm.rank()) + " holds " + std::to_string(ranges) +
-                " parameter slices, this rank owns " + std::to_string(s.segments.size()) + hint);
-  NamedTensors moments;
-  for (auto& [n, t] : tensors)
-    if (n.rfind("zero2.range.", 0) != 0) moments.emplace_back(n, t);
-  impl_->adamw->load_state(moments, step);
+  impl_->adamw->load_state(shard_moments(tensors, "zero2", impl_->slices(), "ZeRO-2", impl_->comm.rank(),
+                                         "\n---> HINT: resume with the world size, model and train.sharding the checkpoint was written with"),
+                           step);
 }
 
 }  // namespace ptk::optim
