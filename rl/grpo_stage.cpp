@@ -227,20 +227,6 @@ rollout::EngineOptions engine_options(const RolloutSection& s) {
   return eo;
 }
 
-// Points every weight of `m` at f(weight): the fields Qwen2Model::named_parameters lists.
-template <class F>
-void map_weights(model::Qwen2Model& m, F&& f) {
-  m.embed_tokens_ = f(m.embed_tokens_);
-  for (auto& l : m.layers_)
-    for (at::Tensor* t : {&l.input_layernorm, &l.q_proj_w, &l.q_proj_b, &l.k_proj_w, &l.k_proj_b, &l.v_proj_w,
-                          &l.v_proj_b, &l.o_proj_w, &l.post_attention_layernorm, &l.gate_proj_w, &l.up_proj_w,
-                          &l.down_proj_w})
-      *t = f(*t);
-  m.norm_ = f(m.norm_);
-  if (m.lm_head_.defined()) m.lm_head_ = f(m.lm_head_);
-  if (m.score_.defined()) m.score_ = f(m.score_);
-}
-
 double weight_bytes(const model::Qwen2Model& m) {
   double b = 0;
   for (const auto& [name, t] : m.named_parameters()) b += static_cast<double>(t.numel()) * static_cast<double>(t.element_size());
@@ -416,15 +402,10 @@ struct GrpoStage::Impl {
         // size (runtime::pinned_host_bytes): LibTorch's pinned allocator would round each weight up
         // to a power of two, ~1.8x the weights at 7B.
         bool pin = false;
-        reference = policy;  // the handle (config, layers), then every weight replaced by a host copy
-        reference.clear_adapters();
         if (p.device.is_cuda()) {
           std::map<at::ScalarType, int64_t> bytes;  // per dtype, each weight 64-byte aligned
           auto aligned = [](int64_t b) { return (b + 63) / 64 * 64; };
-          map_weights(reference, [&](const at::Tensor& t) {  // the weights the copy below replaces
-            bytes[t.scalar_type()] += aligned(t.nbytes());
-            return t;
-          });
+          for (const auto& [name, t] : policy.named_parameters()) bytes[t.scalar_type()] += aligned(t.nbytes());
           std::map<at::ScalarType, std::pair<at::Tensor, int64_t>> buffers;  // buffer, next free byte
           pin = true;
           for (const auto& [dtype, b] : bytes) {
@@ -432,7 +413,7 @@ struct GrpoStage::Impl {
             buffers[dtype] = {runtime::pinned_host_bytes(b, &pinned), 0};
             pin = pin && pinned;
           }
-          map_weights(reference, [&](const at::Tensor& t) {
+          reference = policy.map_weights([&](const at::Tensor& t) {  // the weights named_parameters() lists
             auto& [buf, at_byte] = buffers.at(t.scalar_type());
             auto h = buf.narrow(0, at_byte, t.nbytes()).view(t.scalar_type()).view(t.sizes());
             at_byte += aligned(t.nbytes());
@@ -443,7 +424,7 @@ struct GrpoStage::Impl {
             log::warn("grpo: the reference's host copy could not be page-locked (cudaHostRegister failed; "
                       "`ulimit -l`?): its uploads are synchronous copies from pageable memory");
         } else {
-          map_weights(reference, [&](const at::Tensor& t) {
+          reference = policy.map_weights([&](const at::Tensor& t) {
             auto h = at::empty(t.sizes(), t.options().device(at::kCPU).requires_grad(false));
             if (!t.is_meta()) h.copy_(t.detach());  // meta (tests) holds shapes, no numbers to copy
             return h;
@@ -878,9 +859,10 @@ struct GrpoStage::Impl {
   // CUDA so the phase's time is its own.
   void reference_pass(const std::vector<std::shared_ptr<Slice>>& slices) {
     torch::NoGradGuard ng;
-    model::Qwen2Model ref = reference;  // a handle; with ref_on_host its weights are replaced below
+    model::Qwen2Model ref = reference;  // a handle; with ref_on_host a copy on the policy's device
     if (ref_on_host) {
-      map_weights(ref, [&](const at::Tensor& t) { return t.to(p.device, t.scalar_type(), /*non_blocking=*/true); });
+      ref = reference.map_weights(
+          [&](const at::Tensor& t) { return t.to(p.device, t.scalar_type(), /*non_blocking=*/true); });
       ++reference_uploads;
     }
     for (const auto& s : slices) s->ref_logps = token_logprobs(ref, *s).first;

@@ -428,13 +428,16 @@ void Qwen2Model::add_score_head(uint64_t seed, int64_t pad_token_id) {
 }
 
 Qwen2Model Qwen2Model::clone() const {
+  return map_weights([](const at::Tensor& t) { return t.detach().clone(); });
+}
+
+Qwen2Model Qwen2Model::map_weights(const std::function<at::Tensor(const at::Tensor&)>& f) const {
   Qwen2Model m = *this;
-  m.adapters_.clear();  // the adapters' tensors are not copied: a copy that kept them would share them
-  auto src = named_parameters();
-  std::map<std::string, at::Tensor> copies;
-  for (const auto& [name, t] : src) copies[name] = t.detach().clone();
+  m.adapters_.clear();  // the adapters' tensors are not mapped: a copy that kept them would share them
+  std::map<std::string, at::Tensor> mapped;
+  for (const auto& [name, t] : named_parameters()) mapped[name] = f(t);
   assign_all(m, config_.num_hidden_layers, lm_head_.defined(), score_.defined(),
-             [&](const std::string& name) { return copies.at(name); });
+             [&](const std::string& name) { return mapped.at(name); });
   return m;
 }
 

@@ -14,6 +14,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
@@ -123,6 +124,9 @@ class Qwen2Model {
   void add_score_head(uint64_t seed, int64_t pad_token_id);
   // Deep copy (new storage); the copy has no grad, no shared tensors with this one and no adapters.
   Qwen2Model clone() const;
+  // A copy whose every weight (those named_parameters() lists) is f(this model's weight), with no
+  // adapters: e.g. the weights copied to another device or into host memory.
+  Qwen2Model map_weights(const std::function<at::Tensor(const at::Tensor&)>& f) const;
   // Moves / casts every parameter.
   void to(at::Device device, at::ScalarType dtype);
 
