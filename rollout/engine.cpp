@@ -54,20 +54,14 @@ constexpr int64_t kStepBytesPerVocab = 128;
 // and room for the allocator's fragmentation.
 constexpr int64_t kSizingReserveBytes = int64_t{1} << 30;
 
-// The device loop's key-length bucket: the smallest power of two (at least 64) above every busy
-// slot's next position, within max_len: a step reads that much of each slot's cache (few shapes for
-// the CUDA graphs, and a short generation does not read the whole max_len).
-int64_t kv_bucket_of(int64_t longest, int64_t max_len) {
-  int64_t n = 64;
-  while (n < longest + 1) n *= 2;
-  return std::min(n, max_len);
-}
-
-// The device loop's bucket: the smallest power of two covering slots [0, highest busy], within S.
-int64_t bucket_of(int64_t highest_busy, int64_t S) {
-  int64_t n = 1;
-  while (n < highest_busy + 1) n *= 2;
-  return std::min(n, S);
+// The device loop's buckets (few shapes for the CUDA graphs): the smallest power of two, at least
+// `least`, covering [0, index], within `cap`. Slots: [0, the highest busy slot] within S. Keys: every
+// busy slot's next position (at least 64) within max_len, so a short generation does not read the
+// whole max_len of each slot's cache.
+int64_t bucket_of(int64_t index, int64_t cap, int64_t least = 1) {
+  int64_t n = least;
+  while (n < index + 1) n *= 2;
+  return std::min(n, cap);
 }
 
 int64_t cap_of(const Request& r, int64_t g) {
@@ -302,7 +296,7 @@ std::vector<std::vector<Sample>> Engine::generate(const std::vector<Request>& re
       // The device loop: slots [0, n) in one fixed-shape step, sampling included (sample_s stays 0).
       int64_t longest = 0;  // the highest position a busy slot writes this step
       for (int64_t s : rows) longest = std::max(longest, cache.length(s));
-      const auto& got = dloop->step(bucket_of(rows.back(), S), kv_bucket_of(longest, cache.max_len()));
+      const auto& got = dloop->step(bucket_of(rows.back(), S), bucket_of(longest, cache.max_len(), 64));
       for (int64_t k = 0; k < R; ++k) {
         id_v[k] = got[rows[k]].id;
         lp_v[k] = static_cast<float>(got[rows[k]].logprob);
