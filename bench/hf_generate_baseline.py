@@ -25,7 +25,6 @@ Prints one result line: generated tokens, seconds (a warm-up call first, then on
 device sync at its end) and tokens/s.
 """
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -35,13 +34,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def model_module():
-    spec = importlib.util.spec_from_file_location("torch_sft_baseline", ROOT / "bench" / "torch_sft_baseline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+sys.dont_write_bytecode = True  # no __pycache__ beside the sources
+sys.path.insert(0, str(ROOT / "bench"))
+from gpu_sft_bench import baseline_module as model_module  # noqa: E402  (bench/torch_sft_baseline.py's Qwen2)
 
 
 def layer_step(mod, layer, x, cos, sin, cache, mask):
