@@ -162,8 +162,16 @@ TEST(MetaStep, DpoLiveReferenceAndCpo) {
   }
 }
 
+// GRPO's prepared micro-batch for the meta-device steps: two prompts x two completions with their
+// advantages (the stage fills log-probs and the reference's on its device).
+train::MicroBatch grpo_batch(rl::GrpoStage& stage) {
+  return stage.prepared_micro_batch({{72, 105, 63}, {72, 105, 63}, {50, 43, 50, 61}, {50, 43, 50, 61}},
+                                    {{52, 258}, {53, 53, 46}, {52, 258}, {120}}, {0.5, -0.5, 1.0, -1.0});
+}
+
 // LoRA in the other stages: DPO's live reference and GRPO's are the policy with its adapters off;
 // the RM trains its score head with the adapters.
+
 TEST(MetaStep, LoraDpoRmAndGrpo) {
   Fixture f;
   const std::vector<std::string> lora{"model.lora.enabled=true", "model.lora.rank=4"};
@@ -198,9 +206,7 @@ TEST(MetaStep, LoraDpoRmAndGrpo) {
     auto params = stage.parameters();
     EXPECT_EQ(params.size(), 28u);
     optim::AdamW adamw(params, optim::AdamWOptions{});
-    train::MicroBatch mb = stage.prepared_micro_batch({{72, 105, 63}, {72, 105, 63}, {50, 43, 50, 61}, {50, 43, 50, 61}},
-                                                      {{52, 258}, {53, 53, 46}, {52, 258}, {120}},
-                                                      {0.5, -0.5, 1.0, -1.0});
+    train::MicroBatch mb = grpo_batch(stage);
     train::LossOut out = stage.loss(mb, static_cast<double>(mb.targets));
     expect_meta(out.loss, "the loss");
     out.loss.backward();
@@ -257,9 +263,7 @@ TEST(MetaStep, GrpoLossOnAPreparedBatch) {
     ASSERT_TRUE(stage.has_reference());
     auto params = stage.parameters();
     optim::AdamW adamw(params, optim::AdamWOptions{});
-    train::MicroBatch mb = stage.prepared_micro_batch({{72, 105, 63}, {72, 105, 63}, {50, 43, 50, 61}, {50, 43, 50, 61}},
-                                                      {{52, 258}, {53, 53, 46}, {52, 258}, {120}},
-                                                      {0.5, -0.5, 1.0, -1.0});
+    train::MicroBatch mb = grpo_batch(stage);
     train::LossOut out = stage.loss(mb, static_cast<double>(mb.targets));
     expect_meta(out.loss, "the loss");
     out.loss.backward();
@@ -285,8 +289,7 @@ TEST(MetaStep, GrpoReferenceOnHost) {
   for (auto& [name, t] : stage.reference_parameters()) EXPECT_TRUE(t.device().is_cpu()) << name << " is on " << t.device();
   for (auto& [name, t] : stage.parameters()) expect_meta(t, name);
   EXPECT_EQ(stage.reference_uploads(), 0);
-  train::MicroBatch mb = stage.prepared_micro_batch({{72, 105, 63}, {72, 105, 63}, {50, 43, 50, 61}, {50, 43, 50, 61}},
-                                                    {{52, 258}, {53, 53, 46}, {52, 258}, {120}}, {0.5, -0.5, 1.0, -1.0});
+  train::MicroBatch mb = grpo_batch(stage);
   EXPECT_EQ(stage.reference_uploads(), 1);
   train::LossOut out = stage.loss(mb, static_cast<double>(mb.targets));
   expect_meta(out.loss, "the loss");
