@@ -16,9 +16,11 @@
 #include <vector>
 
 #include "core/config/recipe.h"
+#include "core/model/kv_cache.h"
 #include "core/model/qwen2.h"
 #include "core/optim/adamw.h"
 #include "core/optim/clip.h"
+#include "core/optim/zero2.h"
 #include "core/parallel/comm.h"
 #include "core/train/trainer.h"
 #include "core/util/fs.h"
@@ -26,6 +28,7 @@
 #include "reward/rm_stage.h"
 #include "rl/dpo_stage.h"
 #include "rl/grpo_stage.h"
+#include "rollout/device_loop.h"
 #include "sft/sft_stage.h"
 #include "tests/support/meta_kernels.h"
 #include "tests/support/test_util.h"
@@ -128,6 +131,32 @@ TEST(MetaStep, SftPaddedAndPacked) {
     auto stage = sft::make_sft_stage(r, r.run.dir, comm);
     one_step(*stage, 2);
   }
+}
+
+// ZeRO-2's step (train.sharding=zero2) at world size 1: gradients moved into buckets by its hooks,
+// the shard, its norm and clipping, AdamW on the shard and the weights written back, all on the
+// device.
+TEST(MetaStep, SftWithZeroTwo) {
+  Fixture f;
+  sft::SftRecipe r;
+  f.bind(r, f.keys("sft-zero2", "sft.jsonl", {"data.packing=true"}));
+  parallel::Comm comm;
+  auto stage = sft::make_sft_stage(r, r.run.dir, comm);
+  auto params = stage->parameters();
+  optim::Zero2AdamW zero2(comm, params, optim::AdamWOptions{}, /*bucket_mb=*/0.01);
+  std::vector<train::MicroBatch> mbs{stage->next_micro_batch(), stage->next_micro_batch()};
+  const double targets = static_cast<double>(std::max<int64_t>(mbs[0].targets + mbs[1].targets, 1));
+  for (auto& mb : mbs) {
+    zero2.begin_backward();
+    train::LossOut out = stage->loss(mb, targets);
+    expect_meta(out.loss, "the loss");
+    out.loss.backward();
+    zero2.end_backward();
+  }
+  EXPECT_GT(zero2.num_buckets(), 1);
+  expect_meta(zero2.clip_grad_norm(1.0), "the gradient norm");
+  zero2.step(1e-3);
+  for (auto& [name, p] : params) expect_meta(p, name + " after the update");
 }
 
 // LoRA: the adapters (and the frozen base) on the device, and only the adapters trained.
@@ -250,6 +279,36 @@ TEST(MetaStep, RewardModel) {
 // Rollouts need real numbers: the micro-batch is a prepared one (prompt and completion ids,
 // advantages), as generation would hand it to the loss; with a reference (beta) and the
 // importance-sampling correction (on by default).
+// The rollout engine's device-loop step (rollout::DeviceLoop's body): the fixed-shape decode step over
+// the KV cache and the tensor-op sampler with top-k / top-p, everything on the model's device.
+TEST(MetaStep, DeviceLoopDecodeStepAndSampling) {
+  Fixture f;
+  rl::GrpoRecipe r;
+  f.bind(r, f.keys("grpo-decode", "prompts.jsonl", {"grpo.num_generations=4", "grpo.reward_funcs=[\"math\"]"}));
+  rl::GrpoStage stage(r, r.run.dir);
+  const model::Qwen2Model& m = stage.policy();
+  const at::Device meta(at::kMeta);
+  const int64_t n = 4;
+  model::KVCache cache(m.config(), 8, 64, m.embed_tokens_.scalar_type(), meta);
+  auto [inv_freq, scale] = model::rope_inv_freq(m.config());
+  const auto longs = torch::TensorOptions().dtype(torch::kLong).device(meta);
+  at::Tensor logits = m.decode_step(torch::empty({n}, longs), torch::empty({n}, longs), inv_freq.to(meta), scale, cache,
+                                    /*kv_len=*/32);
+  expect_meta(logits, "the decode step's logits");
+  EXPECT_EQ(logits.sizes(), (std::vector<int64_t>{n, m.config().vocab_size}));
+  rollout::RowSampling rs;
+  rs.inv_temperature = torch::empty({n}, torch::TensorOptions().dtype(torch::kFloat).device(meta));
+  rs.greedy = torch::empty({n}, torch::TensorOptions().dtype(torch::kBool).device(meta));
+  rs.top_k = torch::empty({n}, longs);
+  rs.top_p = torch::empty({n}, torch::TensorOptions().dtype(torch::kDouble).device(meta));
+  rs.uniform = rollout::sample_uniform_tensor(torch::empty({n}, longs), torch::empty({n}, longs),
+                                              torch::empty({n}, longs));
+  expect_meta(rs.uniform, "the uniforms");
+  rollout::Drawn d = rollout::sample_rows_tensor(logits, rs, m.config().vocab_size - 3, /*filters=*/true);
+  expect_meta(d.ids, "the drawn ids");
+  expect_meta(d.logprobs, "the drawn log-probs");
+}
+
 TEST(MetaStep, GrpoLossOnAPreparedBatch) {
   Fixture f;
   rl::GrpoRecipe r;

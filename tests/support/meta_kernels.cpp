@@ -48,6 +48,28 @@ at::Tensor where_meta(const at::Tensor& cond, const at::Tensor& self, const at::
   return at::empty(shape, self.options().dtype(at::result_type(self, other)).device(at::kMeta));
 }
 
+// where.self_out(condition, self, other, out): out resized to the broadcast shape.
+at::Tensor& where_out_meta(const at::Tensor& cond, const at::Tensor& self, const at::Tensor& other, at::Tensor& out) {
+  for (const auto* t : {&cond, &self, &other}) require_meta(*t, "where", "an argument");
+  out.resize_(at::infer_size(at::infer_size(cond.sizes(), self.sizes()), other.sizes()));
+  return out;
+}
+
+// logical_not.out(self, out): out resized to self's shape.
+at::Tensor& logical_not_out_meta(const at::Tensor& self, at::Tensor& out) {
+  require_meta(self, "logical_not", "self");
+  out.resize_(self.sizes());
+  return out;
+}
+
+// searchsorted(sorted_sequence, self, ...): self's shape, int64 (int32 with out_int32).
+at::Tensor searchsorted_meta(const at::Tensor& sorted, const at::Tensor& self, bool out_int32, bool /*right*/,
+                             std::optional<c10::string_view> /*side*/, const std::optional<at::Tensor>& sorter) {
+  require_meta(sorted, "searchsorted", "sorted_sequence");
+  if (sorter) require_meta(*sorter, "searchsorted", "sorter");
+  return at::empty(self.sizes(), self.options().dtype(out_int32 ? at::kInt : at::kLong).device(at::kMeta));
+}
+
 // logical_and.out(self, other, out): out resized to the broadcast shape.
 at::Tensor& logical_and_out_meta(const at::Tensor& self, const at::Tensor& other, at::Tensor& out) {
   require_meta(self, "logical_and", "self");
@@ -75,7 +97,10 @@ void register_meta_kernels() {
     library->impl("index_select", TORCH_FN(index_select_meta));
     library->impl("embedding_dense_backward", TORCH_FN(embedding_dense_backward_meta));
     library->impl("where.self", TORCH_FN(where_meta));
+    library->impl("where.self_out", TORCH_FN(where_out_meta));
     library->impl("logical_and.out", TORCH_FN(logical_and_out_meta));
+    library->impl("logical_not.out", TORCH_FN(logical_not_out_meta));
+    library->impl("searchsorted.Tensor", TORCH_FN(searchsorted_meta));
     library->impl("abs.out", TORCH_FN(abs_out_meta));
   });
 }
